@@ -1,0 +1,18 @@
+"""zygote_client: ask a zygote daemon for sandboxed children and stream their output.
+
+Pure Python. The public names are re-exported here from underscored modules; tests pin this list.
+"""
+
+from ._async import DEVNULL, PIPE, AsyncChild, AsyncClient, open_client, open_embedded
+from ._blocking import ChildProcess, Client, CompletedChild
+from ._config import ExitStatus, NetworkConfig, SandboxConfig
+from ._errors import (BrokenError, ClosedError, DaemonError, ProtocolError, RemoteError, SandboxError,
+                      SandboxUnavailable, ZygoteError)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncChild", "AsyncClient", "BrokenError", "ChildProcess", "Client", "ClosedError", "CompletedChild",
+    "DEVNULL", "DaemonError", "ExitStatus", "NetworkConfig", "PIPE", "ProtocolError", "RemoteError",
+    "SandboxConfig", "SandboxError", "SandboxUnavailable", "ZygoteError", "open_client", "open_embedded",
+]

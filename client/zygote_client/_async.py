@@ -1,0 +1,374 @@
+"""The one client implementation, on anyio (so it runs under trio and asyncio).
+
+``AsyncClient`` owns one connection: a reader task decodes frames, completes pending requests by
+``req`` id, and records exit events on the children. The blocking face (``_blocking.py``) drives this
+same code through an anyio blocking portal.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import subprocess
+import sys
+from typing import Any, Callable
+
+import anyio
+import cloudpickle
+import pickle
+from anyio.abc import UNIXSocketStream
+
+from . import _protocol as P
+from ._config import ExitStatus, SandboxConfig
+from ._errors import (BrokenError, ClosedError, DaemonError, ProtocolError, SandboxError,
+                      SandboxUnavailable, ZygoteError)
+
+PIPE = subprocess.PIPE
+DEVNULL = subprocess.DEVNULL
+
+
+class _Pending:
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.msg: Any = None
+        self.fds: list[int] = []
+        self.error: BaseException | None = None
+
+
+class AsyncChild:
+    """A running child (no public constructor). Popen-like: ``returncode`` is None until it ends,
+    negative -N when signal N ended it."""
+
+    def __init__(self, client: "AsyncClient", msg: P.Spawned, fds: list[int]) -> None:
+        self._client = client
+        self.id: str = msg.child
+        self.pid: int = msg.pid
+        fds = list(fds)
+        self.stdin_fd: int | None = fds.pop(0) if msg.has_stdin else None
+        self.stdout_fd: int | None = fds.pop(0) if fds else None
+        self.stderr_fd: int | None = fds.pop(0) if fds else None
+        self.status: ExitStatus | None = None
+        self._exited = anyio.Event()
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.status is None else self.status.returncode
+
+    def _set_status(self, status: ExitStatus) -> None:
+        self.status = status
+        self._exited.set()
+
+    async def wait(self) -> ExitStatus:
+        """Wait for the child to end and be reaped; returns its ExitStatus."""
+        if self.status is None:
+            await self._client._wait_exit(self)
+        assert self.status is not None
+        return self.status
+
+    async def send_signal(self, signum: int) -> None:
+        if self.status is not None:
+            return
+        await self._client._request(lambda req: P.Signal(req, self.id, int(signum)))
+
+    async def terminate(self) -> None:
+        import signal
+        await self.send_signal(signal.SIGTERM)
+
+    async def kill(self) -> None:
+        import signal
+        await self.send_signal(signal.SIGKILL)
+
+
+class AsyncClient:
+    """A connection to a zygote daemon. Use ``open_client`` / ``open_embedded`` to make one."""
+
+    def __init__(self, stream: UNIXSocketStream, welcome: P.Welcome, proc: subprocess.Popen | None) -> None:
+        self._stream = stream
+        self.welcome = welcome
+        self._proc = proc
+        self._decoder = P.client_decoder()
+        self._pending: dict[int, _Pending] = {}
+        self._children: dict[str, AsyncChild] = {}
+        self._early_exits: dict[str, ExitStatus] = {}
+        self._req = itertools.count(1)
+        self._send_lock = anyio.Lock()
+        self._broken: BaseException | None = None
+        self._closed = False
+        self._tg: Any = None
+        self._reader_done = anyio.Event()
+
+    # ---- construction --------------------------------------------------------------------------
+
+    @classmethod
+    async def _from_socket(cls, sock: socket.socket, proc: subprocess.Popen | None = None) -> "AsyncClient":
+        stream = await UNIXSocketStream.from_socket(sock)
+        decoder = P.client_decoder()
+        try:
+            await stream.send(P.encode(P.Hello(P.VERSION, "zygote_client")))
+            while True:
+                try:
+                    data, fds = await stream.receive_fds(1 << 16, P.MAX_FDS + 1)
+                except anyio.EndOfStream:
+                    raise BrokenError(_proc_reason(proc) or "the daemon closed the connection during the handshake") from None
+                decoder.feed(data, fds)
+                item = decoder.next()
+                if item is not None:
+                    break
+        except BaseException:
+            await stream.aclose()
+            raise
+        msg, fds = item
+        for fd in fds:
+            os.close(fd)
+        if isinstance(msg, P.Error):
+            await stream.aclose()
+            raise DaemonError(msg.message, code=msg.code)
+        if not isinstance(msg, P.Welcome):
+            await stream.aclose()
+            raise ProtocolError(f"expected welcome, got {type(msg).__name__}")
+        self = cls(stream, msg, proc)
+        self._decoder = decoder
+        return self
+
+    async def __aenter__(self) -> "AsyncClient":
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._reader)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._closed = True
+        await self._stream.aclose()
+        if self._tg is not None:
+            tg, self._tg = self._tg, None
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+        await self._finish()
+
+    async def aclose(self) -> None:
+        """Close the connection: the daemon kills this connection's (non-detached) children."""
+        if self._tg is not None:
+            raise RuntimeError("use 'async with' to close a client that was entered with 'async with'")
+        self._closed = True
+        await self._stream.aclose()
+        await self._finish()
+
+    async def _finish(self) -> None:
+        with anyio.CancelScope(shield=True):
+            self._decoder.close_fds()
+            if self._proc is not None:
+                proc, self._proc = self._proc, None
+                await anyio.to_thread.run_sync(_reap_embedded, proc)
+
+    # ---- the reader ----------------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        try:
+            while True:
+                try:
+                    data, fds = await self._stream.receive_fds(1 << 18, P.MAX_FDS + 1)
+                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError) as e:
+                    raise BrokenError(_proc_reason(self._proc) or "the daemon closed the connection") from e
+                self._decoder.feed(data, fds)
+                while (item := self._decoder.next()) is not None:
+                    self._deliver(*item)
+        except BaseException as e:  # noqa: BLE001 - every waiter must learn why
+            self._broken = e if isinstance(e, ZygoteError) else BrokenError(str(e) or type(e).__name__)
+            for p in self._pending.values():
+                p.error = self._broken
+                p.event.set()
+            for c in self._children.values():
+                c._exited.set()
+            self._reader_done.set()
+            if not isinstance(e, (ZygoteError, anyio.get_cancelled_exc_class())):
+                raise
+
+    def _deliver(self, msg: Any, fds: list[int]) -> None:
+        if isinstance(msg, P.Exited):
+            for fd in fds:
+                os.close(fd)
+            child = self._children.pop(msg.child, None)
+            if child is None:
+                self._early_exits[msg.child] = msg.status
+            else:
+                child._set_status(msg.status)
+            return
+        req = getattr(msg, "req", 0)
+        p = self._pending.pop(req, None)
+        if p is None:
+            for fd in fds:
+                os.close(fd)
+            if isinstance(msg, P.Error) and req == 0:
+                raise DaemonError(msg.message, code=msg.code)
+            return
+        p.msg, p.fds = msg, fds
+        p.event.set()
+
+    async def _request(self, make: Callable[[int], Any], fds: list[int] = ()) -> tuple[Any, list[int]]:
+        if self._closed:
+            raise ClosedError("the client is closed")
+        if self._broken is not None:
+            raise self._broken
+        req = next(self._req)
+        msg = make(req)
+        p = _Pending()
+        self._pending[req] = p
+        data = P.encode(msg, len(fds))
+        try:
+            async with self._send_lock:
+                if fds:
+                    await self._stream.send_fds(data[:P.HEADER.size], fds)
+                    data = data[P.HEADER.size:]
+                await self._stream.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as e:
+            self._pending.pop(req, None)
+            raise BrokenError(f"cannot send to the daemon: {e}") from None
+        await p.event.wait()
+        if p.error is not None:
+            raise p.error
+        if isinstance(p.msg, P.Error):
+            raise DaemonError(p.msg.message, code=p.msg.code)
+        return p.msg, p.fds
+
+    async def _wait_exit(self, child: AsyncChild) -> None:
+        await child._exited.wait()
+        if child.status is None:
+            raise self._broken or BrokenError("connection lost before the child's exit was reported")
+
+    # ---- the API -------------------------------------------------------------------------------
+
+    async def spawn_child(self, target: Callable[..., Any] | str | None = None, args: tuple = (),
+                          kwargs: dict | None = None, *, process_name: str | None = None,
+                          sandbox_config: SandboxConfig | None = None, stdin: Any = PIPE,
+                          env: dict[str, str] | None = None, pool: str | None = None,
+                          timeout: float | None = None,
+                          _argv: list[str] | None = None, _script: bytes | None = None,
+                          _stdio_fds: tuple[int, int, int] | None = None,
+                          _test_fail_step: str | None = None) -> AsyncChild:
+        """Start a confined child running ``target(*args, **kwargs)``; returns once it is ready.
+
+        ``target``: a callable (sent with cloudpickle; closures and lambdas work), a
+        ``"module:function"`` string, or None for the pool's child_main.
+
+        Raises:
+            SandboxError: a confinement step failed (``err.step`` names it); nothing ran.
+            DaemonError: the request was refused (bad input, limits); ``retriable`` if worth retrying.
+        """
+        kwargs = dict(kwargs or {})
+        payload = b""
+        tgt = None
+        if _argv is not None:
+            kind = "exec" if _script is None else "script"
+            payload = _script or b""
+        elif target is None:
+            kind = "child_main"
+            payload = pickle.dumps((tuple(args), kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+        elif isinstance(target, str):
+            kind, tgt = "target", target
+            payload = pickle.dumps((tuple(args), kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+        elif callable(target):
+            kind = "callable"
+            payload = cloudpickle.dumps((target, tuple(args), kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+        else:
+            raise TypeError(f"target must be a callable, 'module:function' or None, not {type(target).__name__}")
+        if stdin not in (PIPE, DEVNULL, None):
+            raise ValueError("stdin must be PIPE, DEVNULL or None")
+        fds = list(_stdio_fds) if _stdio_fds else []
+
+        def make(req: int) -> P.Spawn:
+            return P.Spawn(req=req, kind=kind, payload=payload, target=tgt, argv=_argv, pool=pool,
+                           process_name=process_name, env=env, sandbox=sandbox_config,
+                           stdin=stdin == PIPE, stdio="fds" if fds else "pipe", timeout=timeout,
+                           test_fail_step=_test_fail_step)
+
+        msg, rfds = await self._request(make, fds)
+        if isinstance(msg, P.SpawnFailed):
+            for fd in rfds:
+                os.close(fd)
+            if msg.code in ("sandbox", "unavailable"):
+                cls = SandboxUnavailable if msg.code == "unavailable" else SandboxError
+                raise cls(msg.step or "spawn", msg.message, errno=msg.errno, hint=msg.hint)
+            raise DaemonError(msg.message, code=msg.code, retriable=msg.code == "retry")
+        if not isinstance(msg, P.Spawned):
+            for fd in rfds:
+                os.close(fd)
+            raise ProtocolError(f"unexpected reply {type(msg).__name__} to spawn")
+        child = AsyncChild(self, msg, rfds)
+        early = self._early_exits.pop(child.id, None)
+        if early is not None:
+            child._set_status(early)
+        else:
+            self._children[child.id] = child
+        return child
+
+
+def _proc_reason(proc: subprocess.Popen | None) -> str:
+    if proc is None or proc.poll() is None:
+        return ""
+    return f"the embedded daemon exited with status {proc.returncode}"
+
+
+def _reap_embedded(proc: subprocess.Popen) -> None:
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def embedded_command(*, preload_imports=(), child_main=None, executable=None, test_hooks=False) -> list[str]:
+    cmd = [sys.executable, "-m", "zygote", "serve", "--python", executable or sys.executable]
+    for m in preload_imports:
+        cmd += ["--preload", m]
+    if child_main:
+        cmd += ["--child-main", child_main]
+    if test_hooks:
+        cmd += ["--test-hooks"]
+    return cmd
+
+
+def start_embedded(*, preload_imports=(), environment=None, child_main=None, executable=None,
+                   test_hooks=False) -> tuple[socket.socket, subprocess.Popen]:
+    """Start a private daemon (+ zygote) connected by a socketpair. Needs the ``zygote`` package."""
+    import json
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    env_r, env_w = os.pipe2(os.O_CLOEXEC)
+    cmd = embedded_command(preload_imports=preload_imports, child_main=child_main, executable=executable,
+                           test_hooks=test_hooks)
+    cmd += ["--inherit-fd", str(theirs.fileno())]
+    if environment is not None:
+        cmd += ["--env-fd", str(env_r)]
+    try:
+        proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno(), env_r], stdin=subprocess.DEVNULL)
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+        os.close(env_r)
+    with os.fdopen(env_w, "w") as f:
+        if environment is not None:
+            json.dump(dict(environment), f)
+    return ours, proc
+
+
+async def open_client(path: str) -> AsyncClient:
+    """Connect to a daemon's socket. Use as ``async with await open_client(path) as client``."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        await anyio.to_thread.run_sync(sock.connect, path)
+    except OSError as e:
+        sock.close()
+        raise BrokenError(f"cannot connect to {path}: {e.strerror}") from None
+    return await AsyncClient._from_socket(sock)
+
+
+async def open_embedded(**kwargs: Any) -> AsyncClient:
+    """Start a private daemon + zygote and connect to it (see ``Client.embedded``)."""
+    sock, proc = start_embedded(**kwargs)
+    try:
+        return await AsyncClient._from_socket(sock, proc)
+    except BaseException:
+        proc.wait()
+        raise

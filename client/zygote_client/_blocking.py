@@ -1,0 +1,246 @@
+"""The blocking face: the async implementation driven through an anyio blocking portal.
+
+One portal thread per Client runs an event loop; every call crosses into it with ``portal.call``.
+No event loop is ever nested in the caller's thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import anyio
+import anyio.from_thread
+
+from ._async import DEVNULL, PIPE, AsyncChild, AsyncClient, open_client, open_embedded
+from ._config import ExitStatus, SandboxConfig
+from ._errors import ClosedError
+
+
+@dataclass(frozen=True)
+class CompletedChild:
+    """What ``Client.run`` returns: like subprocess.CompletedProcess, plus the full ExitStatus."""
+
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    status: ExitStatus
+
+    def check_returncode(self) -> None:
+        if self.returncode:
+            raise subprocess.CalledProcessError(self.returncode, "zygote child", self.stdout, self.stderr)
+
+
+class ChildProcess:
+    """A confined child, Popen-shaped. Made only by ``Client.spawn_child``.
+
+    ``stdin`` is a writable binary file, ``stdout``/``stderr`` readable binary files: the pipes
+    themselves, so output streams while the child runs.
+    """
+
+    def __init__(self, client: "Client", achild: AsyncChild) -> None:
+        self._client = client
+        self._achild = achild
+        self.id = achild.id
+        self.pid = achild.pid
+        self.stdin = open(achild.stdin_fd, "wb") if achild.stdin_fd is not None else None
+        self.stdout = open(achild.stdout_fd, "rb") if achild.stdout_fd is not None else None
+        self.stderr = open(achild.stderr_fd, "rb") if achild.stderr_fd is not None else None
+
+    def __repr__(self) -> str:
+        return f"<ChildProcess id={self.id} pid={self.pid} returncode={self.returncode}>"
+
+    @property
+    def returncode(self) -> int | None:
+        return self._achild.returncode
+
+    @property
+    def status(self) -> ExitStatus | None:
+        return self._achild.status
+
+    def poll(self) -> int | None:
+        return self._achild.returncode
+
+    def wait(self, timeout: float | None = None) -> ExitStatus:
+        """Wait until the child ends. Raises subprocess.TimeoutExpired after ``timeout`` seconds
+        (the child keeps running, as with Popen.wait)."""
+        if self._achild.status is not None:
+            return self._achild.status
+
+        async def waiter() -> ExitStatus | None:
+            with anyio.move_on_after(timeout):
+                return await self._achild.wait()
+            return None
+
+        st = self._client._call(waiter)
+        if st is None:
+            raise subprocess.TimeoutExpired(f"zygote child {self.id}", timeout)
+        return st
+
+    def send_signal(self, signum: int) -> None:
+        self._client._call(self._achild.send_signal, signum)
+
+    def terminate(self) -> None:
+        self._client._call(self._achild.terminate)
+
+    def kill(self) -> None:
+        self._client._call(self._achild.kill)
+
+    def __enter__(self) -> "ChildProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for f in (self.stdin, self.stdout, self.stderr):
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()
+        self.wait()
+
+    def communicate(self, input: bytes = b"") -> tuple[bytes, bytes]:
+        """Feed ``input`` to stdin, read stdout and stderr to EOF without deadlock."""
+        return _communicate(self.stdin, self.stdout, self.stderr, input)
+
+
+class Client:
+    """A blocking client. ``Client.connect(path)`` or ``Client.embedded(...)``; a context manager."""
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self._portal_cm = anyio.from_thread.start_blocking_portal("asyncio")
+        self._portal = self._portal_cm.__enter__()
+        try:
+            self._session_cm = self._portal.wrap_async_context_manager(_session(factory))
+            self._aclient: AsyncClient = self._session_cm.__enter__()
+        except BaseException:
+            self._portal_cm.__exit__(*sys.exc_info())
+            raise
+        self._closed = False
+
+    @classmethod
+    def connect(cls, path: str) -> "Client":
+        """Connect to the daemon listening on ``path``."""
+        return cls(lambda: open_client(path))
+
+    @classmethod
+    def embedded(cls, preload_imports: tuple[str, ...] | list[str] = (), environment: dict[str, str] | None = None,
+                 child_main: str | None = None, executable: str = sys.executable, **kwargs: Any) -> "Client":
+        """Start a private daemon + zygote (the ``zygote`` distribution must be installed) and
+        connect to it over a socketpair. Works for any user that can create user namespaces.
+
+        Args:
+            preload_imports: modules imported once in the zygote (every child starts with them).
+            environment: the exact environment of children (default: PATH, LANG, HOME=/tmp).
+            child_main: "module:function" run when spawn_child gets no target.
+            executable: the zygote's interpreter.
+        """
+        return cls(lambda: open_embedded(preload_imports=tuple(preload_imports), environment=environment,
+                                         child_main=child_main, executable=executable, **kwargs))
+
+    @property
+    def welcome(self):
+        return self._aclient.welcome
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._closed:
+            raise ClosedError("the client is closed")
+        return self._portal.call(fn, *args)
+
+    def spawn_child(self, target: Callable[..., Any] | str | None = None, args: tuple = (),
+                    kwargs: dict | None = None, *, process_name: str | None = None,
+                    sandbox_config: SandboxConfig | None = None, stdin: Any = PIPE,
+                    env: dict[str, str] | None = None, timeout: float | None = None,
+                    pool: str | None = None, **private: Any) -> ChildProcess:
+        """Start a confined child; returns once it reported "ready" (see AsyncClient.spawn_child)."""
+        async def go() -> AsyncChild:
+            return await self._aclient.spawn_child(target, args, kwargs, process_name=process_name,
+                                                   sandbox_config=sandbox_config, stdin=stdin, env=env,
+                                                   timeout=timeout, pool=pool, **private)
+        return ChildProcess(self, self._call(go))
+
+    def run(self, target: Callable[..., Any] | str | None = None, args: tuple = (), *, kwargs: dict | None = None,
+            input: bytes = b"", timeout: float | None = None, sandbox_config: SandboxConfig | None = None,
+            env: dict[str, str] | None = None, **private: Any) -> CompletedChild:
+        """Run a child to completion, feeding ``input`` and collecting both streams.
+
+        ``timeout`` is enforced by the daemon (SIGKILL of the whole tree); the result then has
+        ``status.timed_out`` set and returncode -9 — it does not raise.
+        """
+        child = self.spawn_child(target, args, kwargs, sandbox_config=sandbox_config, env=env,
+                                 timeout=timeout, **private)
+        out, err = child.communicate(input)
+        status = child.wait()
+        return CompletedChild(status.returncode, out, err, status)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._session_cm.__exit__(None, None, None)
+        finally:
+            self._portal_cm.__exit__(None, None, None)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.asynccontextmanager
+async def _session(factory: Callable[[], Any]):
+    client = await factory()
+    async with client:
+        yield client
+
+
+def _communicate(stdin, stdout, stderr, data: bytes) -> tuple[bytes, bytes]:
+    out: dict[int, list[bytes]] = {}
+    sel = selectors.DefaultSelector()
+    view = memoryview(data or b"")
+    try:
+        if stdin is not None:
+            stdin.flush()
+            if view:
+                os.set_blocking(stdin.fileno(), False)
+                sel.register(stdin.fileno(), selectors.EVENT_WRITE)
+            else:
+                stdin.close()
+        for f in (stdout, stderr):
+            if f is not None:
+                out[f.fileno()] = []
+                sel.register(f.fileno(), selectors.EVENT_READ)
+        while sel.get_map():
+            for key, _ in sel.select():
+                fd = key.fd
+                if stdin is not None and not stdin.closed and fd == stdin.fileno():
+                    try:
+                        n = os.write(fd, view[:65536])
+                        view = view[n:]
+                    except BlockingIOError:
+                        continue
+                    except BrokenPipeError:
+                        view = view[:0]
+                    if not view:
+                        sel.unregister(fd)
+                        stdin.close()
+                else:
+                    chunk = os.read(fd, 1 << 16)
+                    if chunk:
+                        out[fd].append(chunk)
+                    else:
+                        sel.unregister(fd)
+    finally:
+        sel.close()
+        if stdin is not None and not stdin.closed:
+            with contextlib.suppress(OSError):
+                stdin.close()
+    res = [b"".join(out.get(f.fileno(), [])) if f is not None else b"" for f in (stdout, stderr)]
+    for f in (stdout, stderr):
+        if f is not None:
+            f.close()
+    return res[0], res[1]

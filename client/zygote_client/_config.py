@@ -1,0 +1,193 @@
+"""The sandbox configuration a request carries: one frozen, typed, validated tree.
+
+Every field says its unit, default, limit and security consequence. The daemon applies a pool's
+policy ceiling on top: a request may tighten what its pool allows, never loosen it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Literal
+
+import msgspec
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB]?)\s*$")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.@+-]{1,64}$")
+
+
+def parse_size(value: int | str | None, field: str) -> int | None:
+    """Turn ``1048576``, ``"64M"`` or ``"1.5GiB"`` into bytes (powers of 1024); None stays None.
+
+    Raises:
+        ValueError: naming ``field`` when the value is not a positive size.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{field}: expected a size such as 268435456 or '256M', got {value!r}")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _SIZE_RE.match(str(value))
+        if not m:
+            raise ValueError(f"{field}: expected a size such as 268435456 or '256M', got {value!r}")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise ValueError(f"{field}: must be positive, got {value!r}")
+    return n
+
+
+def _check_abs(path: str, field: str) -> None:
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+        raise ValueError(f"{field}: expected an absolute path, got {path!r}")
+    if any(part == ".." for part in path.split("/")):
+        raise ValueError(f"{field}: '..' is not allowed in {path!r}")
+
+
+class NetworkConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Opt-in network access through a veth pair (see docs/architecture.md, "Network").
+
+    Attributes:
+        allow: destination networks the child may reach, as ``"CIDR"`` or ``"CIDR:PORT"``; empty
+            means whatever the pool allows. A request may only narrow the pool's list.
+    """
+
+    allow: tuple[str, ...] = ()
+
+
+class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How one child is confined and limited. Defaults are the strictest useful settings.
+
+    Attributes:
+        chroot_dir: host directory used as the child's root instead of the generated tmpfs root.
+            Default None. Security: everything under it is visible to the child (read-only).
+        ro_binds: host path -> sandbox path, bound read-only. Default none. Security: the child can
+            read everything under each host path.
+        rw_binds: host path -> sandbox path, bound read-write. Default none. Security: the child can
+            change these host files (as an unprivileged, unmapped-on-host uid).
+        workdir: the child's working directory inside the sandbox. Default "/" (or "/tmp").
+        tmpfs_size: size cap of the generated root and of /tmp, bytes or "64M". Default "64M".
+        seccomp_profile: a name in seccomp-profiles/ ("default", "strict") or a JSON file path.
+            Default "default". Only a pool may turn it off ("unconfined").
+        landlock: "auto" (use where the kernel has it), "required" (fail if it does not), "off"
+            (pool-level only). Default "auto".
+        uid, gid: the unprivileged ids the payload runs as inside the sandbox. Default 65534.
+        hostname: the UTS hostname inside. Default "zygote".
+        dev_pts: mount a private devpts at /dev/pts. Default False.
+        proc: mount a fresh /proc (the child's own pid namespace only). Default True for the
+            generated root, ignored for chroot_dir unless set explicitly.
+        memory: cgroup memory limit, bytes or "256M"; swap is 0. Default None (pool's).
+        pids: cgroup limit on tasks (processes + threads). Default None (pool's).
+        cpu: CPU bandwidth in cores (0.5 = half a core). Default None.
+        cpu_time: RLIMIT_CPU in seconds. Default None.
+        timeout: wall-clock seconds, enforced by the daemon (SIGKILL of the whole tree). Default None.
+        timeout_grace: seconds between SIGTERM and SIGKILL on timeout. Default None (SIGKILL at once).
+        file_size: RLIMIT_FSIZE in bytes or "10M". Default None.
+        open_files: RLIMIT_NOFILE. Default None.
+        max_output_bytes: stdout+stderr bytes the daemon relays before it stops and kills the child.
+            Default None.
+        network: None (an empty network namespace with only lo) or a NetworkConfig.
+    """
+
+    chroot_dir: str | None = None
+    ro_binds: dict[str, str] = {}
+    rw_binds: dict[str, str] = {}
+    workdir: str | None = None
+    tmpfs_size: int | str = "64M"
+    seccomp_profile: str = "default"
+    landlock: Literal["auto", "required", "off"] = "auto"
+    uid: int = 65534
+    gid: int = 65534
+    hostname: str = "zygote"
+    dev_pts: bool = False
+    proc: bool | None = None
+    memory: int | str | None = None
+    pids: int | None = None
+    cpu: float | None = None
+    cpu_time: float | None = None
+    timeout: float | None = None
+    timeout_grace: float | None = None
+    file_size: int | str | None = None
+    open_files: int | None = None
+    max_output_bytes: int | str | None = None
+    network: NetworkConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.chroot_dir is not None:
+            _check_abs(self.chroot_dir, "chroot_dir")
+        for field in ("ro_binds", "rw_binds"):
+            for src, dst in getattr(self, field).items():
+                _check_abs(src, f"{field} source")
+                _check_abs(dst, f"{field} destination")
+                if dst == "/":
+                    raise ValueError(f"{field}: cannot bind over the sandbox root ({src!r} -> '/')")
+        if self.workdir is not None:
+            _check_abs(self.workdir, "workdir")
+        parse_size(self.tmpfs_size, "tmpfs_size")
+        parse_size(self.memory, "memory")
+        parse_size(self.file_size, "file_size")
+        parse_size(self.max_output_bytes, "max_output_bytes")
+        for name in ("uid", "gid"):
+            v = getattr(self, name)
+            if not 1 <= v <= 65534:
+                raise ValueError(f"{name}: must be an unprivileged id in 1..65534, got {v!r}")
+        if not _NAME_RE.match(self.hostname):
+            raise ValueError(f"hostname: expected 1-64 of [A-Za-z0-9_.@+-], got {self.hostname!r}")
+        if not self.seccomp_profile or "\0" in self.seccomp_profile:
+            raise ValueError("seccomp_profile: expected a profile name or an absolute JSON path")
+        if self.pids is not None and not 1 <= self.pids <= 1 << 22:
+            raise ValueError(f"pids: must be in 1..4194304, got {self.pids!r}")
+        if self.open_files is not None and not 3 <= self.open_files <= 1 << 20:
+            raise ValueError(f"open_files: must be in 3..1048576, got {self.open_files!r}")
+        for name in ("cpu", "cpu_time", "timeout", "timeout_grace"):
+            v = getattr(self, name)
+            if v is not None and (not math.isfinite(v) or v <= 0):
+                raise ValueError(f"{name}: must be a positive number of seconds/cores, got {v!r}")
+
+    # Sizes in bytes, parsed once the config validated.
+    @property
+    def tmpfs_bytes(self) -> int:
+        return parse_size(self.tmpfs_size, "tmpfs_size")  # type: ignore[return-value]
+
+    @property
+    def memory_bytes(self) -> int | None:
+        return parse_size(self.memory, "memory")
+
+    @property
+    def file_size_bytes(self) -> int | None:
+        return parse_size(self.file_size, "file_size")
+
+    @property
+    def max_output(self) -> int | None:
+        return parse_size(self.max_output_bytes, "max_output_bytes")
+
+
+class ExitStatus(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How a child ended, and why.
+
+    Attributes:
+        returncode: the payload's exit code; negative -N when signal N ended it (as subprocess).
+        timed_out: the daemon killed it at the wall-clock ``timeout``.
+        memory_exceeded: the cgroup's OOM killer fired.
+        pids_exceeded: a fork/clone failed at the ``pids`` limit.
+        cpu_time_exceeded: RLIMIT_CPU ended it (SIGXCPU/SIGKILL).
+        output_exceeded: it wrote more than ``max_output_bytes``.
+        wall_time: seconds from clone to reaping.
+        cpu_user, cpu_system: CPU seconds of the child and everything it started.
+        peak_memory: peak memory in bytes from the cgroup, None where there is no cgroup.
+        enforcement: limit name -> mechanism that enforced it (e.g. ``"memory": "cgroup-v1"``).
+    """
+
+    returncode: int
+    timed_out: bool = False
+    memory_exceeded: bool = False
+    pids_exceeded: bool = False
+    cpu_time_exceeded: bool = False
+    output_exceeded: bool = False
+    wall_time: float = 0.0
+    cpu_user: float = 0.0
+    cpu_system: float = 0.0
+    peak_memory: int | None = None
+    enforcement: dict[str, str] = {}

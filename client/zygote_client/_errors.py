@@ -1,0 +1,74 @@
+"""Exceptions raised by the client and, by name, by the daemon.
+
+Every error that concerns confinement names the layer or step that failed, so callers can branch on
+``err.step`` / ``err.errno`` and never on message text.
+"""
+
+from __future__ import annotations
+
+
+class ZygoteError(Exception):
+    """Base class of every error this package raises."""
+
+
+class ProtocolError(ZygoteError):
+    """A frame could not be decoded, or the peer broke the protocol."""
+
+
+class ClosedError(ZygoteError):
+    """The client (or one of its children's handles) was closed by this side."""
+
+
+class BrokenError(ZygoteError):
+    """The connection to the daemon was lost (the daemon or its socket went away)."""
+
+
+class DaemonError(ZygoteError):
+    """The daemon refused a request (bad input, not allowed, unknown child).
+
+    Attributes:
+        code: a short machine-readable code such as ``"bad-request"`` or ``"unknown-child"``.
+        retriable: True when the same request may succeed if sent again (e.g. a zygote restarted).
+    """
+
+    def __init__(self, message: str, *, code: str = "error", retriable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retriable = retriable
+
+
+class SandboxError(ZygoteError):
+    """A confinement step could not be established; the payload never ran.
+
+    Attributes:
+        step: the pipeline step or layer that failed, e.g. ``"userns"``, ``"mounts"``, ``"seccomp"``.
+        errno: the kernel's errno for the failing call, or 0 when none applies.
+        hint: what to change on the host or in the request to make the step work.
+    """
+
+    def __init__(self, step: str, message: str, *, errno: int = 0, hint: str = "") -> None:
+        self.step = step
+        self.layer = step
+        self.errno = errno
+        self.hint = hint
+        text = f"sandbox step {step!r} failed: {message}"
+        if hint:
+            text += f" (fix: {hint})"
+        super().__init__(text)
+
+
+class SandboxUnavailable(SandboxError):
+    """The host cannot enforce a requested layer at all (kernel, sysctl, capability, delegation)."""
+
+
+class RemoteError(ZygoteError):
+    """The payload raised; carries the remote exception's type name, message and traceback text.
+
+    The exception object itself is never unpickled by default (see ``trusted_results``).
+    """
+
+    def __init__(self, type_name: str, message: str, traceback_text: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.remote_message = message
+        self.traceback_text = traceback_text

@@ -1,0 +1,241 @@
+"""The wire protocol, sans I/O: messages, framing and the fd bookkeeping of SCM_RIGHTS.
+
+Used unchanged by the trio daemon and by both client faces; nothing here touches a socket.
+
+A frame is an 8-byte header followed by a msgpack body::
+
+    b"ZG" | version: u8 | nfds: u8 | length: u32 (big endian) | body (length bytes)
+
+The body is one tagged message (``{"type": "spawn", ...}``) decoded strictly: unknown fields, wrong
+types and unknown tags are errors. File descriptors ride on the ``sendmsg`` that carries the frame's
+first byte; the receiver counts them against ``nfds``. Payloads (pickles) are opaque ``bytes``
+fields: nothing outside a confined child ever unpickles them.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Literal, Union
+
+import msgspec
+
+from ._config import ExitStatus, SandboxConfig
+from ._errors import ProtocolError
+
+VERSION = 1
+MAGIC = b"ZG"
+HEADER = struct.Struct("!2sBBI")
+MAX_FRAME = 256 << 20  # payloads (cloudpickled closures with data) can be large
+MAX_FDS = 4
+
+
+class _Msg(msgspec.Struct, frozen=True, tag_field="type", forbid_unknown_fields=True):
+    pass
+
+
+# ---- client -> daemon -------------------------------------------------------------------------
+
+
+class Hello(_Msg, tag="hello"):
+    """First message of a connection. The daemon answers Welcome or Error and closes."""
+
+    version: int
+    client: str = ""
+
+
+class Spawn(_Msg, tag="spawn"):
+    """Ask for a child.
+
+    ``kind`` says what ``payload`` holds (all pickles are opened only inside the confined child):
+    ``"callable"``: cloudpickle of (func, args, kwargs); ``"target"``: ``target`` is
+    "module:function" and payload is a pickle of (args, kwargs); ``"child_main"``: the pool's
+    child_main with payload (args, kwargs); ``"exec"``: ``argv`` is exec'd after confinement.
+    """
+
+    req: int
+    kind: Literal["callable", "target", "child_main", "exec", "script"]
+    payload: bytes = b""
+    target: str | None = None
+    argv: list[str] | None = None
+    pool: str | None = None
+    process_name: str | None = None
+    env: dict[str, str] | None = None
+    sandbox: SandboxConfig | None = None
+    stdin: bool = True
+    stdio: str = "pipe"  # "pipe": the daemon makes pipes; "fds": the frame carries stdin/out/err
+    timeout: float | None = None  # wall-clock seconds; the stricter of this and sandbox.timeout wins
+    test_fail_step: str | None = None  # honoured only by a daemon started with --test-hooks
+
+
+class Signal(_Msg, tag="signal"):
+    """Send ``signum`` to one of this connection's children (the whole tree for SIGKILL)."""
+
+    req: int
+    child: str
+    signum: int
+
+
+# ---- daemon -> client -------------------------------------------------------------------------
+
+
+class Welcome(_Msg, tag="welcome"):
+    version: int
+    daemon_pid: int
+    pools: list[str]
+
+
+class Spawned(_Msg, tag="spawned"):
+    """The child is confined and running its payload. fds: stdin writer (if asked), stdout and
+    stderr readers, in that order."""
+
+    req: int
+    child: str
+    pid: int
+    has_stdin: bool
+
+
+class SpawnFailed(_Msg, tag="spawn-failed"):
+    """The spawn did not happen; ``step`` names the confinement step when one failed."""
+
+    req: int
+    message: str
+    step: str = ""
+    errno: int = 0
+    hint: str = ""
+    code: str = "sandbox"  # "sandbox" | "unavailable" | "bad-request" | "retry" | "limit"
+
+
+class Ok(_Msg, tag="ok"):
+    req: int
+
+
+class Error(_Msg, tag="error"):
+    """A request was refused; ``req`` is 0 when the error is about the connection itself."""
+
+    req: int
+    code: str
+    message: str
+
+
+class Exited(_Msg, tag="exited"):
+    """A child of this connection ended and was reaped."""
+
+    child: str
+    status: ExitStatus
+
+
+ClientMessage = Union[Hello, Spawn, Signal]
+DaemonMessage = Union[Welcome, Spawned, SpawnFailed, Ok, Error, Exited]
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg: _Msg, nfds: int = 0) -> bytes:
+    """Frame one message; the caller sends exactly ``nfds`` fds with the frame's first byte."""
+    if not 0 <= nfds <= MAX_FDS:
+        raise ValueError(f"at most {MAX_FDS} fds per frame")
+    body = _encoder.encode(msg)
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(f"frame of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit")
+    return HEADER.pack(MAGIC, VERSION, nfds, len(body)) + body
+
+
+class FrameDecoder:
+    """Turns received bytes (and the fds that came with them) into messages.
+
+    Feed what each ``recvmsg`` returned; fds received in one call belong to the frame holding the
+    last byte of that call (the kernel stops a stream read right after the skb that carried fds).
+    Any violation raises ProtocolError; the decoder is then unusable and ``close_fds`` releases
+    every fd it still holds.
+    """
+
+    def __init__(self, message_type: object, *, max_frame: int = MAX_FRAME) -> None:
+        self._decoder = msgspec.msgpack.Decoder(message_type)
+        self._max_frame = max_frame
+        self._buf = bytearray()
+        self._base = 0  # stream offset of self._buf[0]
+        self._fd_batches: list[tuple[int, list[int]]] = []  # (stream offset of last byte, fds)
+        self._broken = False
+
+    def feed(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
+        if fds:
+            if not data:
+                self._fd_batches.append((self._base + len(self._buf), list(fds)))
+                self._broken = True
+                raise ProtocolError("fds received without data")
+            self._fd_batches.append((self._base + len(self._buf) + len(data) - 1, list(fds)))
+        self._buf += data
+
+    def next(self) -> tuple[object, list[int]] | None:
+        """Return the next complete (message, fds), or None if more bytes are needed."""
+        if self._broken:
+            raise ProtocolError("decoder is broken after an earlier error")
+        if len(self._buf) < HEADER.size:
+            return None
+        magic, version, nfds, length = HEADER.unpack_from(self._buf)
+        try:
+            if magic != MAGIC:
+                raise ProtocolError("bad frame magic (not a zygote peer?)")
+            if version != VERSION:
+                raise ProtocolError(f"protocol version {version} not supported (this side speaks {VERSION})")
+            if length > self._max_frame:
+                raise ProtocolError(f"frame of {length} bytes exceeds the {self._max_frame}-byte limit")
+            if nfds > MAX_FDS:
+                raise ProtocolError(f"frame declares {nfds} fds, more than {MAX_FDS}")
+        except ProtocolError:
+            self._broken = True
+            raise
+        end = HEADER.size + length
+        if len(self._buf) < end:
+            return None
+        start_off, end_off = self._base, self._base + end
+        fds: list[int] = []
+        rest = []
+        for off, batch in self._fd_batches:
+            if start_off <= off < end_off:
+                fds.extend(batch)
+            else:
+                rest.append((off, batch))
+        self._fd_batches = rest
+        body = bytes(self._buf[HEADER.size:end])
+        del self._buf[:end]
+        self._base = end_off
+        if len(fds) != nfds:
+            _close_all(fds)
+            self._broken = True
+            raise ProtocolError(f"frame declares {nfds} fds but {len(fds)} arrived")
+        try:
+            msg = self._decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            _close_all(fds)
+            self._broken = True
+            raise ProtocolError(f"undecodable frame: {exc}") from None
+        return msg, fds
+
+    @property
+    def pending_bytes(self) -> int:
+        return len(self._buf)
+
+    def close_fds(self) -> None:
+        for _, batch in self._fd_batches:
+            _close_all(batch)
+        self._fd_batches.clear()
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def client_decoder() -> FrameDecoder:
+    """A decoder for what a client receives."""
+    return FrameDecoder(DaemonMessage)
+
+
+def daemon_decoder(max_frame: int = MAX_FRAME) -> FrameDecoder:
+    """A decoder for what the daemon receives."""
+    return FrameDecoder(ClientMessage, max_frame=max_frame)

@@ -1,0 +1,3 @@
+from zygote.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""Messages between the daemon and one child, over the child's two private pipes.
+
+The daemon writes one ChildPlan on the child's control pipe ("go": everything the child needs to
+confine itself, then the opaque payload). The child answers on its status pipe with Ready or Failed,
+and its PID 1 later with ExitReport. Frames are a 4-byte big-endian length and a msgpack body; the
+child never sees a pickle until it is fully confined, and the daemon never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgspec
+
+LEN = struct.Struct("!I")
+MAX_STATUS_FRAME = 1 << 20
+
+
+class MountSpec(msgspec.Struct, frozen=True, array_like=True):
+    """One bind: host source (opened inside the child's mount namespace), target, read-only flag,
+    and whether a missing source is an error."""
+
+    source: str
+    target: str
+    readonly: bool = True
+    required: bool = True
+
+
+class ChildPlan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    kind: str
+    payload: bytes = b""
+    target: str | None = None
+    argv: list[str] | None = None
+    env: dict[str, str] = {}
+    process_name: str | None = None
+    hostname: str = "zygote"
+    cwd: str | None = None
+    # mounts: None keeps the host tree (only /proc is replaced); otherwise a generated root
+    root: str = "host"  # "host" | "tmpfs" | "chroot"
+    chroot_dir: str | None = None
+    tmpfs_bytes: int = 64 << 20
+    binds: list[MountSpec] = []
+    proc: bool = True
+    dev_pts: bool = False
+    etc_files: dict[str, bytes] = {}
+    rlimits: list[tuple[int, int, int]] = []
+    landlock: str = "off"  # "off" | "auto" | "required"
+    landlock_ro: list[str] = []
+    landlock_rw: list[str] = []
+    landlock_net: bool = False  # deny TCP bind/connect where the ABI has it
+    uid: int = 0
+    gid: int = 0
+    drop_privileges: bool = False
+    seccomp_bpf: bytes = b""
+    test_fail_step: str | None = None
+
+
+class Ready(msgspec.Struct, frozen=True, tag="ready"):
+    landlock_abi: int = 0
+    payload_pid: int = 0
+
+
+class Failed(msgspec.Struct, frozen=True, tag="failed"):
+    step: str
+    errno: int
+    message: str
+    hint: str = ""
+
+
+class ExitReport(msgspec.Struct, frozen=True, tag="exit"):
+    """The payload process's raw wait status, as seen by PID 1."""
+
+    wait_status: int
+
+
+StatusMessage = Ready | Failed | ExitReport
+
+_enc = msgspec.msgpack.Encoder()
+plan_decoder = msgspec.msgpack.Decoder(ChildPlan)
+status_decoder = msgspec.msgpack.Decoder(StatusMessage)
+
+
+def frame(msg: msgspec.Struct) -> bytes:
+    body = _enc.encode(msg)
+    return LEN.pack(len(body)) + body

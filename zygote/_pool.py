@@ -1,0 +1,215 @@
+"""Pools of zygote processes, from the daemon's side (trio).
+
+A Zygote is one exec'd interpreter (zygote/_zygote.py) behind a SOCK_SEQPACKET socket. The daemon
+asks it to clone; the reply is the child's pid (the child is the daemon's own, by CLONE_PARENT).
+A zygote that dies is restarted by its pool; requests in flight fail with a retriable error.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import msgspec
+import trio
+
+from zygote_client import SandboxConfig
+
+from ._zygote import NFDS, REP, REQ
+
+THREAD_CAPS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "NUMEXPR_NUM_THREADS": "1", "VECLIB_MAXIMUM_THREADS": "1"}
+DEFAULT_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """One named pool.
+
+    Attributes:
+        name: the pool's name in requests ("default").
+        python: the interpreter the zygote runs (must have the ``zygote`` package importable).
+        preload: modules imported once in the zygote; every child has them in sys.modules.
+        env: the exact environment of children (and of the zygote, plus thread caps).
+        child_main: "module:function" run when a request names no target.
+        allow_callables: whether clients may send cloudpickled callables (code) to run.
+        zygotes: zygote processes in this pool.
+        sandbox: the pool's default SandboxConfig.
+    """
+
+    name: str = "default"
+    python: str = sys.executable
+    preload: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ENV))
+    child_main: str | None = None
+    allow_callables: bool = True
+    zygotes: int = 1
+    sandbox: SandboxConfig = SandboxConfig()
+
+
+class ZygoteDied(Exception):
+    """The zygote died or broke protocol while a request was in flight (retriable)."""
+
+
+class PoolStartError(Exception):
+    """A zygote could not start (preload failed, bad interpreter); the message says why."""
+
+
+class Zygote:
+    def __init__(self, pool: PoolConfig, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.proc: subprocess.Popen | None = None
+        self.sock: trio.socket.SocketType | None = None
+        self.info: dict = {}
+        self._lock = trio.Lock()
+        self._req = itertools.count(1)
+        self.dead = trio.Event()
+
+    async def start(self, timeout: float = 300.0) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        env = dict(self.pool.env)
+        for k, v in THREAD_CAPS.items():
+            env.setdefault(k, v)
+        try:
+            # Popen from the trio thread itself (not a worker thread): children created by
+            # CLONE_PARENT get this thread as their real parent, and PDEATHSIG follows it.
+            self.proc = subprocess.Popen(
+                [self.pool.python, "-m", "zygote._zygote", str(child.fileno()), *self.pool.preload],
+                pass_fds=[child.fileno()], env=env, stdin=subprocess.DEVNULL, close_fds=True,
+            )
+        except OSError as e:
+            parent.close()
+            raise PoolStartError(f"cannot start interpreter {self.pool.python!r}: {e.strerror}") from None
+        finally:
+            child.close()
+        self.sock = trio.socket.from_stdlib_socket(parent)
+        try:
+            with trio.fail_after(timeout):
+                first = await self.sock.recv(1 << 20)
+        except trio.TooSlowError:
+            await self.stop()
+            raise PoolStartError(f"zygote of pool {self.pool.name!r} did not become ready in {timeout}s") from None
+        if first[:1] == b"R":
+            self.info = msgspec.msgpack.decode(first[1:], type=dict)
+            return
+        await self.stop()
+        text = first[1:].decode(errors="replace") if first else "the zygote exited during startup"
+        raise PoolStartError(f"pool {self.pool.name!r}: {text}")
+
+    async def clone(self, fds: list[int], flags: int) -> int:
+        """Clone one child holding ``fds``; returns its pid. Raises ZygoteDied or OSError."""
+        async with self._lock:
+            if self.sock is None or self.dead.is_set():
+                raise ZygoteDied("zygote is not running")
+            req = next(self._req)
+            try:
+                await self.sock.sendmsg([REQ.pack(req, flags)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                                 _fd_array(fds))])
+                rep = await self.sock.recv(64)
+            except OSError as e:
+                self.dead.set()
+                raise ZygoteDied(f"zygote connection failed: {e}") from None
+            if len(rep) != REP.size:
+                self.dead.set()
+                raise ZygoteDied("zygote died while cloning")
+            rreq, pid, err = REP.unpack(rep)
+            if rreq != req:
+                self.dead.set()
+                raise ZygoteDied("zygote answered out of order")
+            if pid <= 0:
+                raise OSError(err, f"clone failed: {os.strerror(err)}")
+            return pid
+
+    async def stop(self) -> None:
+        self.dead.set()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGKILL)
+            await _wait_proc(self.proc)
+
+
+async def _wait_proc(proc: subprocess.Popen) -> None:
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except ProcessLookupError:
+        proc.wait()
+        return
+    try:
+        while proc.poll() is None:
+            await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)
+
+
+def _fd_array(fds: list[int]) -> bytes:
+    import array
+    assert len(fds) == NFDS
+    return array.array("i", fds).tobytes()
+
+
+class Pool:
+    """Runs ``config.zygotes`` zygotes and restarts any that dies."""
+
+    def __init__(self, config: PoolConfig) -> None:
+        self.config = config
+        self.zygotes: list[Zygote] = []
+        self._rr = itertools.count()
+        self.restarts = 0
+        self._changed = trio.Condition()
+
+    async def start(self) -> None:
+        for i in range(self.config.zygotes):
+            z = Zygote(self.config, i)
+            await z.start()
+            self.zygotes.append(z)
+
+    async def supervise(self) -> None:
+        """Restart dead zygotes forever (run in the daemon's nursery)."""
+        async with trio.open_nursery() as n:
+            for i in range(len(self.zygotes)):
+                n.start_soon(self._watch, i)
+
+    async def _watch(self, i: int) -> None:
+        while True:
+            z = self.zygotes[i]
+            async with trio.open_nursery() as n:
+                n.start_soon(self._wait_exit, z, n.cancel_scope)
+                await z.dead.wait()
+                n.cancel_scope.cancel()
+            await z.stop()
+            while True:
+                nz = Zygote(self.config, i)
+                try:
+                    await nz.start()
+                    break
+                except PoolStartError:
+                    await trio.sleep(1.0)
+            self.restarts += 1
+            self.zygotes[i] = nz
+            async with self._changed:
+                self._changed.notify_all()
+
+    @staticmethod
+    async def _wait_exit(z: Zygote, scope: trio.CancelScope) -> None:
+        assert z.proc is not None
+        await _wait_proc(z.proc)
+        z.dead.set()
+
+    def pick(self) -> Zygote:
+        live = [z for z in self.zygotes if not z.dead.is_set()]
+        if not live:
+            raise ZygoteDied(f"no zygote of pool {self.config.name!r} is running (restarting)")
+        return live[next(self._rr) % len(live)]
+
+    async def stop(self) -> None:
+        for z in self.zygotes:
+            await z.stop()

@@ -1,0 +1,112 @@
+"""The zygote: a warm, single-threaded interpreter that clones children on request.
+
+Started by the daemon with exec (``python -m zygote._zygote FD``), never forked from the trio
+process. Talks to the daemon over one SOCK_SEQPACKET socket (fd FD):
+
+    zygote -> daemon   b"R" + msgpack(info)          ready, after preloading
+                       b"E" + text                    preload/startup failed; then exit 3
+    daemon -> zygote   REQ(req_id, flags) + 5 fds     clone one child with these stdio/ctl/status fds
+    zygote -> daemon   REP(req_id, pid, errno)        pid > 0, or errno of the failed clone
+
+Globals, each with what it means for security (every child gets a copy of this memory):
+    _sock    the daemon socket. SECURITY: closed in the child before anything else runs.
+    _cloner  the clone3 wrapper (no secrets).
+The zygote holds no secrets: no credentials, no client data beyond the request it is serving.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import os
+import socket
+import struct
+import sys
+
+REQ = struct.Struct("!QQ")
+REP = struct.Struct("!Qqi")
+NFDS = 5
+
+_sock: socket.socket | None = None
+_cloner = None
+
+
+def _fail(text: str) -> None:
+    try:
+        _sock.send(b"E" + text.encode()[:60000])  # type: ignore[union-attr]
+    finally:
+        os._exit(3)
+
+
+def main(argv: list[str]) -> None:
+    global _sock, _cloner
+    fd = int(argv[0])
+    preload = [m for m in argv[1:] if m]
+    _sock = socket.socket(fileno=fd)
+    os.set_inheritable(fd, False)
+    try:
+        # Supplementary groups survive setgroups=deny in the child: drop the host's here.
+        if os.geteuid() == 0:
+            os.setgroups([])
+        import msgspec  # noqa: F401  (child protocol)
+        import cloudpickle  # noqa: F401  (so payload unpickling never imports it per child)
+        from zygote import child
+        from zygote._clone import ALL_NAMESPACES, CLONE_PARENT, Cloner, thread_count
+    except BaseException as e:  # noqa: BLE001
+        _fail(f"zygote startup failed: {type(e).__name__}: {e}")
+    for mod in preload:
+        try:
+            importlib.import_module(mod)
+        except BaseException as e:  # noqa: BLE001
+            import traceback
+            _fail(f"preload of {mod!r} failed: {type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}")
+    n = thread_count()
+    if n != 1:
+        _fail(f"the preloads left {n - 1} extra thread(s) running; a zygote must be single-threaded "
+              "(set OMP_NUM_THREADS=1/OPENBLAS_NUM_THREADS=1 in the pool's environment, or stop the "
+              "module from starting threads at import)")
+    try:
+        _cloner = Cloner()
+    except OSError as e:
+        _fail(str(e))
+    gc.collect()
+    gc.freeze()  # keep the preloaded heap out of the collector's reach: children stay copy-on-write
+    import msgspec
+    info = {"pid": os.getpid(), "executable": sys.executable, "prefix": sys.prefix,
+            "base_prefix": sys.base_prefix, "version": list(sys.version_info[:3]), "path": sys.path,
+            "preloaded": preload}
+    _sock.send(b"R" + msgspec.msgpack.encode(info))
+    flags_allowed = ALL_NAMESPACES | CLONE_PARENT
+    while True:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(_sock, REQ.size, NFDS)
+        except InterruptedError:
+            continue
+        if not msg:
+            os._exit(0)  # the daemon went away
+        if len(msg) != REQ.size or len(fds) != NFDS:
+            for f in fds:
+                os.close(f)
+            os._exit(4)  # the daemon never sends this: treat as corruption
+        req, flags = REQ.unpack(msg)
+        flags &= flags_allowed
+        sys.stdout.flush()
+        sys.stderr.flush()
+        err = 0
+        try:
+            pid = _cloner.clone(flags)
+        except OSError as e:
+            pid, err = -1, e.errno or 0
+        if pid == 0:
+            try:
+                _sock.close()
+                child.run(fds)
+            finally:
+                os._exit(125)
+        for f in fds:
+            os.close(f)
+        _sock.send(REP.pack(req, pid, err))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,266 @@
+"""The child: everything that runs between clone() and the payload, in one visible order.
+
+Runs in a fresh clone of the zygote, which already imported this module (no imports happen here
+before the payload's own). The clone is PID 1 of new user, pid, mount, ipc, uts, net and cgroup
+namespaces. Nothing returns from ``run``: every path ends in os._exit.
+
+fds on entry (moved here first thing): 0/1/2 the child's stdio, 3 the control pipe (ChildPlan +
+payload, from the daemon), 4 the status pipe (Ready/Failed/ExitReport, to the daemon).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import io
+import os
+import signal
+import sys
+import traceback
+
+from ._childproto import LEN, ExitReport, Failed, Ready, frame, plan_decoder
+from .layers import SetupError, mounts, netns, rlimits, userns, uts
+from .layers import _sys
+
+CTL_FD = 3
+STATUS_FD = 4
+EXIT_SETUP_FAILED = 125
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+              signal.SIGUSR2, signal.SIGCONT, signal.SIGWINCH, signal.SIGALRM)
+
+
+def run(fds: list[int]) -> None:
+    """Entry point in the clone. ``fds``: stdin, stdout, stderr, control, status (any numbers)."""
+    try:
+        _arrange_fds(fds)
+        plan = _read_plan()
+        if plan is None:
+            os._exit(EXIT_SETUP_FAILED)  # EOF without "go": abort, never run
+        try:
+            payload_pid = confine(plan)
+        except SetupError as e:
+            _report(Failed(e.step, e.errno, e.message, e.hint))
+            os._exit(EXIT_SETUP_FAILED)
+        _reaper(payload_pid)
+    except BaseException:  # never return into the zygote's loop
+        try:
+            _report(Failed("internal", 0, traceback.format_exc(limit=5)))
+        finally:
+            os._exit(EXIT_SETUP_FAILED)
+
+
+def confine(plan) -> int:
+    """The confinement pipeline. Order matters; each line says why it sits where it does."""
+    _inject(plan, "userns")
+    userns.apply()                           # first: nothing else may run as an unmapped id
+    _inject(plan, "mounts")
+    mounts.apply(plan)                       # needs CAP_SYS_ADMIN in the userns (dropped later)
+    _inject(plan, "netns")
+    netns.apply()                            # lo up needs CAP_NET_ADMIN, also dropped later
+    _inject(plan, "rlimits")
+    rlimits.apply(plan.rlimits)              # before the drop: raising hard limits needs a cap
+    _inject(plan, "uts")
+    uts.apply(plan.hostname, plan.process_name)
+    _inject(plan, "fds")
+    _set_pdeathsig()                         # the daemon is our parent (CLONE_PARENT)
+    _inject(plan, "payload")
+    try:
+        pid = os.fork()                      # the payload is PID 2 under a tiny PID-1 reaper
+    except OSError as e:
+        raise SetupError("fork", f"cannot start the payload process: {e.strerror}", e.errno or 0) from None
+    if pid == 0:
+        _payload(plan)                       # never returns
+    _report(Ready(payload_pid=pid))
+    return pid
+
+
+def _inject(plan, step: str) -> None:
+    # Test hook: the daemon only sets test_fail_step when started with --test-hooks.
+    if plan.test_fail_step == step:
+        raise SetupError(step, "failure injected by the test suite", _errno.ECANCELED)
+
+
+def _arrange_fds(fds: list[int]) -> None:
+    # Move the five to high numbers first so dup2 onto 0..4 can never clobber one of them.
+    high = [os.dup2(fd, 500 + i, inheritable=False) for i, fd in enumerate(fds)]
+    for i, fd in enumerate(high):
+        os.dup2(fd, i, inheritable=(i < 3))
+    # Every other fd of the zygote (its socket to the daemon, anything a preload opened) goes.
+    os.closerange(5, 1 << 20)
+
+
+def _read_plan():
+    hdr = _read_exact(CTL_FD, LEN.size)
+    if hdr is None:
+        return None
+    (n,) = LEN.unpack(hdr)
+    body = _read_exact(CTL_FD, n)
+    if body is None:
+        return None
+    os.close(CTL_FD)
+    return plan_decoder.decode(body)
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    chunks = []
+    while n:
+        b = os.read(fd, min(n, 1 << 20))
+        if not b:
+            return None
+        chunks.append(b)
+        n -= len(b)
+    return b"".join(chunks)
+
+
+def _report(msg) -> None:
+    data = frame(msg)
+    while data:
+        data = data[os.write(STATUS_FD, data):]
+
+
+def _set_pdeathsig() -> None:
+    _sys.libc.prctl(_sys.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 0:  # parent already gone (getppid is 0 outside our pid namespace's view)
+        pass
+
+
+# ---- PID 1 -------------------------------------------------------------------------------------
+
+def _reaper(payload_pid: int) -> None:
+    """Forward signals to the payload, reap every orphan, report the payload's status, exit.
+
+    PID 1 of a pid namespace ignores signals it has no handler for (even from the daemon), so a
+    payload that is PID 2 gets subprocess-like signal semantics. When PID 1 exits, the kernel
+    SIGKILLs everything left in the namespace: nothing the payload started outlives it.
+    """
+    def forward(signum, _frame):
+        try:
+            os.kill(payload_pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in _FORWARDED:
+        signal.signal(sig, forward)
+    for fd in (0, 1, 2):
+        os.close(fd)
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            os._exit(EXIT_SETUP_FAILED)
+        if pid == payload_pid:
+            _report(ExitReport(status))
+            os._exit(0)
+
+
+# ---- PID 2: the payload ------------------------------------------------------------------------
+
+def _payload(plan) -> None:
+    code = 1
+    try:
+        for sig in _FORWARDED:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.close(STATUS_FD)
+        os.environ.clear()
+        os.environ.update(plan.env)
+        _reopen_stdio()
+        if plan.cwd:
+            os.chdir(plan.cwd)
+        code = _run_payload(plan)
+    except SystemExit as e:
+        code = _exit_code(e)
+    except KeyboardInterrupt:
+        _flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    except BaseException as e:
+        try:
+            tb = e.__traceback__
+            while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+                tb = tb.tb_next  # the payload's traceback starts at the payload, not at our frames
+            traceback.print_exception(type(e), e, tb)
+        except BaseException:
+            pass
+        code = 1
+    _flush()
+    os._exit(code)
+
+
+def _reopen_stdio() -> None:
+    # Unbuffered binary + write-through text: print(), sys.__stdout__.write and os.write(1, ...)
+    # reach the pipe in the order they were called, and nothing is lost if the payload crashes.
+    def text(fd: int, mode: str):
+        raw = io.FileIO(fd, mode, closefd=False)
+        if mode == "rb":
+            return io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8", errors="strict")
+        return io.TextIOWrapper(raw, encoding="utf-8", errors="backslashreplace", write_through=True,
+                                line_buffering=True)
+
+    sys.stdin = sys.__stdin__ = text(0, "rb")
+    sys.stdout = sys.__stdout__ = text(1, "wb")
+    sys.stderr = sys.__stderr__ = text(2, "wb")
+
+
+def _flush() -> None:
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except BaseException:
+            pass
+
+
+def _exit_code(e: SystemExit) -> int:
+    c = e.code
+    if c is None:
+        return 0
+    if isinstance(c, int):
+        return c & 0xFF
+    try:
+        print(c, file=sys.stderr)
+    except BaseException:
+        pass
+    return 1
+
+
+def _run_payload(plan) -> int:
+    import importlib
+    import pickle
+
+    kind = plan.kind
+    if kind == "exec":
+        argv = plan.argv or []
+        # Python ignores SIGPIPE and SIGXFSZ; a program we exec must get the defaults back.
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)
+        try:
+            os.execvpe(argv[0], argv, dict(plan.env))
+        except FileNotFoundError:
+            print(f"zygote: {argv[0]}: command not found", file=sys.stderr)
+            return 127
+        except PermissionError as e:
+            print(f"zygote: {argv[0]}: {e.strerror}", file=sys.stderr)
+            return 126
+        except OSError as e:
+            print(f"zygote: {argv[0]}: {e.strerror}", file=sys.stderr)
+            return 126
+    if kind == "script":
+        import __main__ as _main  # noqa: F401
+        sys.argv = list(plan.argv or ["-"])
+        code = compile(plan.payload, sys.argv[0], "exec")
+        globs = {"__name__": "__main__", "__file__": sys.argv[0], "__builtins__": __builtins__}
+        exec(code, globs)
+        return 0
+    if kind == "callable":
+        func, args, kwargs = pickle.loads(plan.payload)
+    elif kind in ("target", "child_main"):
+        modname, _, qual = (plan.target or "").partition(":")
+        obj = importlib.import_module(modname)
+        for part in qual.split("."):
+            obj = getattr(obj, part)
+        func = obj
+        args, kwargs = pickle.loads(plan.payload) if plan.payload else ((), {})
+    else:
+        print(f"zygote: unknown payload kind {kind!r}", file=sys.stderr)
+        return 1
+    func(*args, **kwargs)
+    return 0

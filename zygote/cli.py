@@ -1,0 +1,178 @@
+"""The ``zygote`` command: serve, run, doctor.
+
+Exit statuses of ``zygote run`` follow the shell's conventions: the child's own code, 128+N when
+signal N ended it, 124 when killed at its timeout, 125 when the sandbox could not be made,
+127 when the program was not found (126 when it could not be executed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+
+EXIT_TIMEOUT = 124
+EXIT_SANDBOX = 125
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run the daemon")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", metavar="PATH", help="listen on this Unix socket path")
+    where.add_argument("--inherit-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
+    p.add_argument("--python", default=sys.executable, help="the pool's interpreter (default: this one)")
+    p.add_argument("--preload", action="append", default=[], metavar="MOD", help="import MOD in the zygote")
+    p.add_argument("--child-main", metavar="MOD:FUNC", help="what children run when a request names no target")
+    p.add_argument("--env-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--allow-uid", type=int, action="append", default=[], help="peer uid allowed to connect")
+    p.add_argument("--test-hooks", action="store_true", help=argparse.SUPPRESS)
+
+
+def _run_parser(sub) -> None:
+    p = sub.add_parser("run", help="run a program or a Python file in a confined child of an embedded zygote")
+    p.add_argument("--preload", action="append", default=[], metavar="MOD")
+    p.add_argument("--timeout", type=float, metavar="S", help="wall-clock limit in seconds (exit 124)")
+    p.add_argument("--python", dest="pyfile", metavar="FILE", help="run this Python file in a warm child")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="child environment entry")
+    p.add_argument("argv", nargs=argparse.REMAINDER, help="-- PROGRAM ARGS (or ARGS for --python)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="zygote", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    _serve_parser(sub)
+    _run_parser(sub)
+    d = sub.add_parser("doctor", help="which confinement layers this host supports, and how to fix the rest")
+    d.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    if args.cmd == "serve":
+        return serve(args)
+    if args.cmd == "run":
+        return run(args)
+    if args.cmd == "doctor":
+        from .doctor import main as doctor_main
+        return doctor_main(json_out=args.json)
+    return 2
+
+
+def serve(args) -> int:
+    import trio
+
+    from ._pool import PoolConfig, PoolStartError, DEFAULT_ENV
+    from .daemon import Daemon, DaemonConfig
+
+    env = dict(DEFAULT_ENV)
+    if args.env_fd is not None:
+        with os.fdopen(args.env_fd) as f:
+            data = f.read()
+        if data:
+            env = {str(k): str(v) for k, v in json.loads(data).items()}
+    pool = PoolConfig(python=args.python, preload=tuple(args.preload), env=env, child_main=args.child_main)
+    cfg = DaemonConfig(socket_path=args.socket, pools={"default": pool}, allowed_uids=tuple(args.allow_uid),
+                       test_hooks=args.test_hooks)
+    daemon = Daemon(cfg)
+    listen = None
+    if args.socket:
+        listen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        if os.path.exists(args.socket) and _is_stale_socket(args.socket):
+            os.unlink(args.socket)
+        old = os.umask(0o177)
+        try:
+            listen.bind(args.socket)
+        finally:
+            os.umask(old)
+        os.chmod(args.socket, cfg.socket_mode)
+        listen.listen(128)
+
+    async def main_task() -> None:
+        async with trio.open_nursery() as n:
+            n.start_soon(_stop_on_signals, n.cancel_scope)
+            await daemon.run(listen_sock=listen, inherit_fd=args.inherit_fd)
+            n.cancel_scope.cancel()
+
+    try:
+        trio.run(main_task)
+    except PoolStartError as e:
+        print(f"zygote serve: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if args.socket and listen is not None:
+            listen.close()
+            try:
+                os.unlink(args.socket)
+            except FileNotFoundError:
+                pass
+    return 0
+
+
+async def _stop_on_signals(scope) -> None:
+    import trio
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+        async for _ in sigs:
+            scope.cancel()
+            return
+
+
+def _is_stale_socket(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+    raise SystemExit(f"zygote serve: {path} is in use by a running daemon")
+
+
+def run(args) -> int:
+    from zygote_client import Client, DaemonError, SandboxError, ZygoteError
+
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
+    for item in args.env:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            print(f"zygote run: --env expects NAME=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        env[k] = v
+    script = None
+    if args.pyfile:
+        try:
+            with open(args.pyfile, "rb") as f:
+                script = f.read()
+        except OSError as e:
+            print(f"zygote run: {args.pyfile}: {e.strerror}", file=sys.stderr)
+            return 2
+        argv = [args.pyfile, *argv]
+    elif not argv:
+        print("zygote run: nothing to run (use -- PROGRAM ARGS or --python FILE)", file=sys.stderr)
+        return 2
+    sys.stdout.flush()
+    try:
+        with Client.embedded(preload_imports=args.preload, environment=env) as client:
+            child = client.spawn_child(_argv=argv, _script=script, _stdio_fds=(0, 1, 2), env=env,
+                                       timeout=args.timeout)
+            status = child.wait()
+    except SandboxError as e:
+        print(f"zygote run: {e}", file=sys.stderr)
+        return EXIT_SANDBOX
+    except (DaemonError, ZygoteError) as e:
+        print(f"zygote run: {e}", file=sys.stderr)
+        return EXIT_SANDBOX
+    if status.timed_out:
+        return EXIT_TIMEOUT
+    rc = status.returncode
+    return 128 - rc if rc < 0 else rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

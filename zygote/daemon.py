@@ -1,0 +1,515 @@
+"""The daemon (trio): serves the protocol, orchestrates spawns, owns and reaps every child.
+
+Per spawn: make the child's pipes; ask a zygote to clone (the child is ours by CLONE_PARENT);
+pidfd_open it; write its uid/gid maps; send "go" (the ChildPlan with the payload); wait for Ready or
+Failed on its status pipe; hand the client its stdio fds. A watcher task then enforces the
+deadline, reaps the child through its pidfd (wait4 for rusage) and reports Exited.
+"""
+
+from __future__ import annotations
+
+import array
+import errno as _errno
+import itertools
+import os
+import secrets
+import signal
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+import trio
+
+from zygote_client import ExitStatus, SandboxConfig
+from zygote_client import _protocol as P
+from zygote_client._errors import ProtocolError
+
+from . import _childproto as C
+from ._clone import ALL_NAMESPACES, CLONE_PARENT
+from ._pool import Pool, PoolConfig, PoolStartError, ZygoteDied
+from .layers import rlimits, userns
+
+SPAWN_STEPS = ("userns", "mounts", "netns", "rlimits", "uts", "fds", "payload")
+
+
+@dataclass
+class DaemonConfig:
+    """Daemon-wide settings (issue 6 brings the TOML file; these mirror its fields).
+
+    Attributes:
+        socket_path: where to listen (mode 0600 unless socket_mode says otherwise).
+        pools: the pools, by name; requests without a pool use "default".
+        allowed_uids: peer uids allowed to connect besides root and the daemon's own uid.
+        id_base: first host uid/gid of the range sandbox ids 0..65535 map to (root daemon only).
+        test_hooks: accept test-only request fields (failure injection). Never in production.
+        max_children: running children allowed at once (all clients).
+    """
+
+    socket_path: str | None = None
+    pools: dict[str, PoolConfig] = field(default_factory=lambda: {"default": PoolConfig()})
+    allowed_uids: tuple[int, ...] = ()
+    id_base: int = userns.DEFAULT_ID_BASE
+    test_hooks: bool = False
+    max_children: int = 1024
+    socket_mode: int = 0o600
+
+
+@dataclass(eq=False)
+class Child:
+    id: str
+    pid: int
+    pidfd: int
+    conn: "Connection | None"
+    started: float
+    timeout: float | None
+    timeout_grace: float | None
+    status_stream: trio.lowlevel.FdStream
+    report: C.ExitReport | None = None
+    timed_out: bool = False
+    exited: trio.Event = field(default_factory=trio.Event)
+    status: ExitStatus | None = None
+    first: object = None  # the first status message: Ready or Failed
+    ready_seen: bool = False
+    first_event: trio.Event = field(default_factory=trio.Event)
+    status_done: trio.Event = field(default_factory=trio.Event)
+
+
+class Connection:
+    def __init__(self, daemon: "Daemon", sock: trio.socket.SocketType, peer: tuple[int, int, int]) -> None:
+        self.daemon = daemon
+        self.sock = sock
+        self.peer_pid, self.peer_uid, self.peer_gid = peer
+        self.children: dict[str, Child] = {}
+        self._send_lock = trio.Lock()
+        self.closed = False
+
+    async def send(self, msg, fds: list[int] = ()) -> None:
+        data = P.encode(msg, len(fds))
+        async with self._send_lock:
+            if self.closed:
+                return
+            try:
+                if fds:
+                    n = await self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                          array.array("i", fds).tobytes())])
+                    data = data[n:]
+                while data:
+                    n = await self.sock.send(data)
+                    data = data[n:]
+            except OSError:
+                self.closed = True
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.pools: dict[str, Pool] = {}
+        self.children: dict[str, Child] = {}
+        self._nursery: trio.Nursery | None = None
+        self._ids = itertools.count(1)
+        self._prefix = secrets.token_hex(3)
+        self.uid_map, self.gid_map = userns.map_lines(config.id_base, os.getuid(), os.getgid())
+        self.spawns_total = 0
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start_pools(self) -> None:
+        for name, pc in self.config.pools.items():
+            pool = Pool(pc)
+            await pool.start()
+            self.pools[name] = pool
+
+    async def run(self, *, listen_sock: socket.socket | None = None, inherit_fd: int | None = None,
+                  task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled (or, with inherit_fd, until that one connection closes)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                await self.start_pools()
+            except PoolStartError as e:
+                if inherit_fd is not None:
+                    sock = trio.socket.from_stdlib_socket(socket.socket(fileno=inherit_fd))
+                    conn = Connection(self, sock, (0, os.getuid(), os.getgid()))
+                    await conn.send(P.Error(0, "pool-failed", str(e)))
+                    sock.close()
+                raise
+            for pool in self.pools.values():
+                nursery.start_soon(pool.supervise)
+            task_status.started()
+            try:
+                if inherit_fd is not None:
+                    s = socket.socket(fileno=inherit_fd)
+                    await self._serve_conn(trio.socket.from_stdlib_socket(s), embedded=True)
+                else:
+                    assert listen_sock is not None
+                    lsock = trio.socket.from_stdlib_socket(listen_sock)
+                    while True:
+                        s, _ = await lsock.accept()
+                        nursery.start_soon(self._serve_conn, s)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.shutdown()
+                nursery.cancel_scope.cancel()
+
+    async def shutdown(self) -> None:
+        for child in list(self.children.values()):
+            self._kill(child, signal.SIGKILL)
+        with trio.move_on_after(5):
+            for child in list(self.children.values()):
+                await child.exited.wait()
+        for pool in self.pools.values():
+            await pool.stop()
+
+    # ---- connections -------------------------------------------------------------------------
+
+    def _peer_allowed(self, uid: int) -> bool:
+        return uid == 0 or uid == os.getuid() or uid in self.config.allowed_uids
+
+    async def _serve_conn(self, sock: trio.socket.SocketType, embedded: bool = False) -> None:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        conn = Connection(self, sock, struct.unpack("3i", creds))
+        decoder = P.daemon_decoder()
+        try:
+            if not self._peer_allowed(conn.peer_uid):
+                await conn.send(P.Error(0, "not-allowed", f"uid {conn.peer_uid} may not use this daemon"))
+                return
+            async with trio.open_nursery() as nursery:
+                hello = False
+                while True:
+                    try:
+                        data, anc, flags, _ = await sock.recvmsg(1 << 18, socket.CMSG_SPACE(4 * (P.MAX_FDS + 1)))
+                    except OSError:
+                        break
+                    fds = _fds_from(anc)
+                    if flags & socket.MSG_CTRUNC:
+                        _close(fds)
+                        await conn.send(P.Error(0, "protocol", "too many fds in one message"))
+                        break
+                    if not data:
+                        _close(fds)
+                        break
+                    try:
+                        decoder.feed(data, fds)
+                        while (item := decoder.next()) is not None:
+                            msg, mfds = item
+                            if not hello:
+                                _close(mfds)
+                                if not isinstance(msg, P.Hello):
+                                    raise ProtocolError("the first message must be hello")
+                                if msg.version != P.VERSION:
+                                    raise ProtocolError(f"protocol version {msg.version} not supported")
+                                hello = True
+                                await conn.send(P.Welcome(P.VERSION, os.getpid(), list(self.pools)))
+                                continue
+                            await self._dispatch(conn, msg, mfds, nursery)
+                    except ProtocolError as e:
+                        await conn.send(P.Error(0, "protocol", str(e)))
+                        break
+                nursery.cancel_scope.cancel()
+        finally:
+            decoder.close_fds()
+            conn.closed = True
+            for child in list(conn.children.values()):
+                self._kill(child, signal.SIGKILL)
+            sock.close()
+
+    async def _dispatch(self, conn: Connection, msg, fds: list[int], nursery: trio.Nursery) -> None:
+        if isinstance(msg, P.Spawn):
+            nursery.start_soon(self._spawn_request, conn, msg, fds)
+        elif isinstance(msg, P.Signal):
+            _close(fds)
+            child = conn.children.get(msg.child)
+            if child is None:
+                await conn.send(P.Error(msg.req, "unknown-child", f"no child {msg.child!r} on this connection"))
+            elif not 1 <= msg.signum < signal.NSIG:
+                await conn.send(P.Error(msg.req, "bad-request", f"bad signal number {msg.signum}"))
+            else:
+                self._kill(child, msg.signum)
+                await conn.send(P.Ok(msg.req))
+        else:
+            _close(fds)
+            await conn.send(P.Error(getattr(msg, "req", 0), "bad-request", f"unexpected {type(msg).__name__}"))
+
+    # ---- spawning ----------------------------------------------------------------------------
+
+    async def _spawn_request(self, conn: Connection, msg: P.Spawn, fds: list[int]) -> None:
+        try:
+            reply, out_fds = await self.spawn(conn, msg, fds)
+        except Exception as e:  # a bug must not take the daemon down; the client gets the text
+            reply, out_fds = P.SpawnFailed(msg.req, f"internal error: {type(e).__name__}: {e}", "internal",
+                                           code="internal"), []
+        finally:
+            _close(fds)
+        try:
+            await conn.send(reply, out_fds)
+        finally:
+            _close(out_fds)
+
+    def _plan(self, pool: Pool, msg: P.Spawn, cfg: SandboxConfig) -> C.ChildPlan:
+        pc = pool.config
+        kind, target = msg.kind, msg.target
+        if kind == "callable" and not pc.allow_callables:
+            raise _Refused("bad-request", f"pool {pc.name!r} does not accept callables from clients")
+        if kind == "child_main":
+            if not pc.child_main:
+                raise _Refused("bad-request", f"pool {pc.name!r} has no child_main and no target was given")
+            target = pc.child_main
+        if kind == "target" and (not target or ":" not in target):
+            raise _Refused("bad-request", f"target must be 'module:function', got {target!r}")
+        if kind == "exec" and not msg.argv:
+            raise _Refused("bad-request", "exec needs a non-empty argv")
+        if msg.stdio not in ("pipe", "fds"):
+            raise _Refused("bad-request", "stdio must be 'pipe' or 'fds'")
+        if msg.test_fail_step is not None and not self.config.test_hooks:
+            raise _Refused("bad-request", "test_fail_step needs a daemon started with --test-hooks")
+        env = dict(pc.env if msg.env is None else msg.env)
+        return C.ChildPlan(
+            kind=kind, payload=msg.payload, target=target, argv=msg.argv, env=env,
+            process_name=msg.process_name, hostname=cfg.hostname, cwd=cfg.workdir,
+            rlimits=rlimits.plan(cpu_time=cfg.cpu_time, file_size=cfg.file_size_bytes,
+                                 open_files=cfg.open_files),
+            test_fail_step=msg.test_fail_step,
+        )
+
+    async def spawn(self, conn: Connection, msg: P.Spawn, client_fds: list[int]):
+        pool = self.pools.get(msg.pool or "default")
+        if pool is None:
+            return P.SpawnFailed(msg.req, f"no pool named {msg.pool!r}", code="bad-request"), []
+        if len(self.children) >= self.config.max_children:
+            return P.SpawnFailed(msg.req, f"the daemon runs {len(self.children)} children, its maximum",
+                                 code="limit"), []
+        cfg = msg.sandbox or pool.config.sandbox
+        timeout = cfg.timeout
+        if msg.timeout is not None:
+            if not (msg.timeout > 0 and msg.timeout < 1e9):
+                return P.SpawnFailed(msg.req, f"timeout must be positive, got {msg.timeout!r}", code="bad-request"), []
+            timeout = msg.timeout if timeout is None else min(timeout, msg.timeout)
+        try:
+            plan = self._plan(pool, msg, cfg)
+        except _Refused as r:
+            return P.SpawnFailed(msg.req, r.message, code=r.code), []
+        # The child's pipes. Ours are CLOEXEC; the zygote hands its copies to the clone.
+        mine: list[int] = []
+        theirs: list[int] = []
+        try:
+            if msg.stdio == "fds":
+                if len(client_fds) != 3:
+                    return P.SpawnFailed(msg.req, "stdio='fds' needs exactly 3 fds", code="bad-request"), []
+                theirs += client_fds
+                out = []
+            else:
+                if client_fds:
+                    return P.SpawnFailed(msg.req, "unexpected fds with stdio='pipe'", code="bad-request"), []
+                if msg.stdin:
+                    r, w = os.pipe2(os.O_CLOEXEC)
+                    theirs.append(r); mine.append(w)
+                else:
+                    theirs.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+                for _ in range(2):
+                    r, w = os.pipe2(os.O_CLOEXEC)
+                    theirs.append(w); mine.append(r)
+                out = list(mine)
+            ctl_r, ctl_w = os.pipe2(os.O_CLOEXEC)
+            st_r, st_w = os.pipe2(os.O_CLOEXEC)
+            theirs += [ctl_r, st_w]
+            mine += [ctl_w, st_r]
+            try:
+                zyg = pool.pick()
+                pid = await zyg.clone(theirs, ALL_NAMESPACES | CLONE_PARENT)
+            except ZygoteDied as e:
+                return P.SpawnFailed(msg.req, str(e), "clone", code="retry"), []
+            except OSError as e:
+                return P.SpawnFailed(msg.req, str(e), "clone", e.errno or 0,
+                                     _clone_hint(e.errno), code="unavailable"), []
+            finally:
+                if msg.stdio == "fds":
+                    theirs = theirs[3:]  # the client's fds are closed by our caller
+                _close(theirs)
+                theirs = []
+            pidfd = os.pidfd_open(pid)
+            child = Child(id=f"{self._prefix}-{next(self._ids)}", pid=pid, pidfd=pidfd, conn=conn,
+                          started=time.monotonic(), timeout=timeout, timeout_grace=cfg.timeout_grace,
+                          status_stream=trio.lowlevel.FdStream(st_r))
+            mine.remove(st_r)
+            self.children[child.id] = child
+            conn.children[child.id] = child
+            self.spawns_total += 1
+            self._nursery.start_soon(self._watch, child)
+            ctl = trio.lowlevel.FdStream(ctl_w)
+            mine.remove(ctl_w)
+            failure = await self._setup_outside(child, ctl, plan, msg)
+            if failure is not None:
+                self._kill(child, signal.SIGKILL)
+                _close(out)
+                return failure, []
+            return P.Spawned(msg.req, child.id, pid, msg.stdio == "pipe" and msg.stdin), out
+        except BaseException:
+            _close(mine)
+            raise
+
+    async def _setup_outside(self, child: Child, ctl: trio.lowlevel.FdStream, plan: C.ChildPlan,
+                             msg: P.Spawn) -> P.SpawnFailed | None:
+        """Everything the daemon does to the child's pid before "go", then go, then the handshake."""
+        try:
+            try:
+                userns.outside(child.pid, self.uid_map, self.gid_map)
+            except OSError as e:
+                return P.SpawnFailed(msg.req, f"writing uid/gid maps: {e.strerror}", "userns", e.errno or 0,
+                                     "the daemon needs CAP_SETUID/CAP_SETGID over the child's user namespace",
+                                     code="unavailable")
+            try:
+                await ctl.send_all(C.frame(plan))
+            except (trio.BrokenResourceError, OSError):
+                pass  # the child died before go; its status pipe/exit tells why
+        finally:
+            await ctl.aclose()
+        first = await child_first_status(child)
+        if isinstance(first, C.Ready):
+            return None
+        if isinstance(first, C.Failed):
+            code = "unavailable" if first.errno in (_errno.ENOSYS, _errno.EOPNOTSUPP, _errno.EPERM) else "sandbox"
+            return P.SpawnFailed(msg.req, first.message, first.step, first.errno, first.hint, code=code)
+        await child.exited.wait()
+        rc = child.status.returncode if child.status else None
+        return P.SpawnFailed(msg.req, f"the child died during setup (returncode {rc})", "setup", code="sandbox")
+
+    # ---- watching and reaping ----------------------------------------------------------------
+
+    def _kill(self, child: Child, signum: int) -> None:
+        if child.exited.is_set():
+            return
+        try:
+            signal.pidfd_send_signal(child.pidfd, signum)
+        except ProcessLookupError:
+            pass
+
+    async def _watch(self, child: Child) -> None:
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(self._read_status, child)
+                n.start_soon(self._deadline, child, n.cancel_scope)
+                await _wait_pidfd(child.pidfd)
+                await child.status_done.wait()
+                n.cancel_scope.cancel()
+            _, wstatus, ru = os.wait4(child.pid, 0)
+        finally:
+            os.close(child.pidfd)
+            with trio.CancelScope(shield=True):
+                await child.status_stream.aclose()
+        child.status = self._exit_status(child, wstatus, ru)
+        child.exited.set()
+        self.children.pop(child.id, None)
+        conn = child.conn
+        if conn is not None:
+            conn.children.pop(child.id, None)
+            if not conn.closed and child.ready_seen:
+                await conn.send(P.Exited(child.id, child.status))
+
+    async def _deadline(self, child: Child, scope: trio.CancelScope) -> None:
+        if child.timeout is None:
+            return
+        await trio.sleep_until(child.started + child.timeout)
+        child.timed_out = True
+        if child.timeout_grace:
+            self._kill(child, signal.SIGTERM)
+            await trio.sleep(child.timeout_grace)
+        self._kill(child, signal.SIGKILL)
+
+    async def _read_status(self, child: Child) -> None:
+        buf = bytearray()
+        try:
+            while True:
+                try:
+                    data = await child.status_stream.receive_some(65536)
+                except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
+                    data = b""
+                if not data:
+                    break
+                buf += data
+                while len(buf) >= C.LEN.size:
+                    (n,) = C.LEN.unpack_from(buf)
+                    if n > C.MAX_STATUS_FRAME:
+                        self._kill(child, signal.SIGKILL)  # a child speaking garbage is ended
+                        return
+                    if len(buf) < C.LEN.size + n:
+                        break
+                    body = bytes(buf[C.LEN.size:C.LEN.size + n])
+                    del buf[:C.LEN.size + n]
+                    try:
+                        m = C.status_decoder.decode(body)
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        self._kill(child, signal.SIGKILL)
+                        return
+                    if isinstance(m, C.ExitReport):
+                        child.report = m
+                    elif child.first is None:
+                        child.first = m
+                        if isinstance(m, C.Ready):
+                            child.ready_seen = True
+                        child.first_event.set()
+        finally:
+            child.first_event.set()
+            child.status_done.set()
+
+    def _exit_status(self, child: Child, wstatus: int, ru) -> ExitStatus:
+        if os.WIFSIGNALED(wstatus):
+            rc = -os.WTERMSIG(wstatus)
+        else:
+            rc = os.WEXITSTATUS(wstatus)
+            if rc == 0 and child.report is not None:
+                try:
+                    rc = os.waitstatus_to_exitcode(child.report.wait_status)
+                except ValueError:
+                    rc = 1
+        enforcement = {"timeout": "daemon"} if child.timeout else {}
+        return ExitStatus(
+            returncode=rc, timed_out=child.timed_out, wall_time=time.monotonic() - child.started,
+            cpu_user=ru.ru_utime, cpu_system=ru.ru_stime, enforcement=enforcement,
+        )
+
+
+async def child_first_status(child: Child):
+    await child.first_event.wait()
+    return child.first
+
+
+async def _wait_pidfd(pidfd: int) -> None:
+    await trio.lowlevel.wait_readable(pidfd)
+
+
+class _Refused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _clone_hint(err: int | None) -> str:
+    if err in (_errno.EPERM, _errno.ENOSPC, _errno.EUSERS):
+        return ("user namespaces are restricted here: check sysctl user.max_user_namespaces, "
+                "kernel.unprivileged_userns_clone=1, kernel.apparmor_restrict_unprivileged_userns=0; "
+                "in Docker use --security-opt seccomp=docker/seccomp-zygote.json")
+    if err == _errno.EINVAL:
+        return "the kernel lacks one of the namespace kinds (user, pid, mount, ipc, uts, net, cgroup)"
+    return ""
+
+
+def _fds_from(anc) -> list[int]:
+    fds: list[int] = []
+    for level, typ, data in anc:
+        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+            a = array.array("i")
+            a.frombytes(data[: len(data) - (len(data) % a.itemsize)])
+            fds.extend(a)
+    return fds
+
+
+def _close(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -1,0 +1,66 @@
+"""Raw syscalls the child pipeline needs, through ctypes.
+
+Raw, not glibc wrappers, where glibc would consult state the clone did not refresh: glibc's
+setresuid/setresgid broadcast to every thread it believes exists (nptl "setxid"), which hangs in a
+clone of a process that ever had threads. Everything here is resolved at import, in the zygote.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+_ARCH = platform.machine()
+NR = {
+    "x86_64": dict(setresuid=117, setresgid=119, setgroups=116, pivot_root=155, seccomp=317,
+                   landlock_create_ruleset=444, landlock_add_rule=445, landlock_restrict_self=446,
+                   close_range=436, mount_setattr=442, capset=126, prctl=157),
+    "aarch64": dict(setresuid=147, setresgid=149, setgroups=159, pivot_root=41, seccomp=277,
+                    landlock_create_ruleset=444, landlock_add_rule=445, landlock_restrict_self=446,
+                    close_range=436, mount_setattr=442, capset=91, prctl=167),
+}[_ARCH]
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+
+def check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def syscall(name: str, *args: int | ctypes.c_void_p | None) -> int:
+    return check(libc.syscall(NR[name], *args), name)
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    enc = lambda s: s.encode() if s is not None else None  # noqa: E731
+    check(libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)), f"mount {target}")
+
+
+def umount2(target: str, flags: int) -> None:
+    check(libc.umount2(target.encode(), flags), f"umount {target}")
+
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MNT_DETACH = 2
+
+PR_SET_NAME = 15
+PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_DUMPABLE = 4

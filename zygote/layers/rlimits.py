@@ -1,0 +1,42 @@
+"""Resource limits, child side: setrlimit for each (resource, soft, hard) the daemon computed.
+
+Always includes RLIMIT_CORE = 0 (no core files with the sandbox's memory). Limits are set before the
+privilege drop because raising a hard limit needs CAP_SYS_RESOURCE; lowering never does.
+"""
+
+from __future__ import annotations
+
+import resource
+
+from . import SetupError
+
+NAMES = {
+    resource.RLIMIT_AS: "address space", resource.RLIMIT_CPU: "cpu_time", resource.RLIMIT_FSIZE: "file_size",
+    resource.RLIMIT_NOFILE: "open_files", resource.RLIMIT_NPROC: "processes", resource.RLIMIT_CORE: "core",
+}
+
+
+def plan(*, cpu_time: float | None = None, file_size: int | None = None, open_files: int | None = None,
+         address_space: int | None = None) -> list[tuple[int, int, int]]:
+    """Daemon side: the rlimit triples for a request."""
+    out = [(resource.RLIMIT_CORE, 0, 0)]
+    if cpu_time is not None:
+        # soft at the limit (SIGXCPU), hard one second later (SIGKILL): both mean cpu_time_exceeded
+        secs = max(1, int(-(-cpu_time // 1)))
+        out.append((resource.RLIMIT_CPU, secs, secs + 1))
+    if file_size is not None:
+        out.append((resource.RLIMIT_FSIZE, file_size, file_size))
+    if open_files is not None:
+        out.append((resource.RLIMIT_NOFILE, open_files, open_files))
+    if address_space is not None:
+        out.append((resource.RLIMIT_AS, address_space, address_space))
+    return out
+
+
+def apply(limits: list[tuple[int, int, int]]) -> None:
+    for res, soft, hard in limits:
+        try:
+            resource.setrlimit(res, (soft, hard))
+        except (OSError, ValueError) as e:
+            raise SetupError("rlimits", f"setrlimit({NAMES.get(res, res)}, {soft}, {hard}): {e}",
+                             getattr(e, "errno", 0) or 0) from None
