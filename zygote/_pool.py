@@ -165,6 +165,7 @@ class Pool:
         self._rr = itertools.count()
         self.restarts = 0
         self._changed = trio.Condition()
+        self.stopping = False
 
     async def start(self) -> None:
         for i in range(self.config.zygotes):
@@ -186,13 +187,15 @@ class Pool:
                 await z.dead.wait()
                 n.cancel_scope.cancel()
             await z.stop()
-            while True:
+            while not self.stopping:
                 nz = Zygote(self.config, i)
                 try:
                     await nz.start()
                     break
                 except PoolStartError:
                     await trio.sleep(1.0)
+            else:
+                return
             self.restarts += 1
             self.zygotes[i] = nz
             async with self._changed:
@@ -211,5 +214,6 @@ class Pool:
         return live[next(self._rr) % len(live)]
 
     async def stop(self) -> None:
+        self.stopping = True
         for z in self.zygotes:
             await z.stop()

@@ -1,0 +1,335 @@
+"""The foundation: stdio, environment, fds, pid namespace, user mapping, payload kinds, failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+import pytest
+
+from zygote_client import Client, SandboxError
+from conftest import children_of, daemon_pid, fd_count
+
+
+def test_stdio_order_and_streams(client):
+    def payload():
+        import os, sys
+        print("one")
+        sys.__stdout__.write("two\n")
+        os.write(1, b"three\n")
+        print("err-one", file=sys.stderr)
+        os.write(2, b"err-two\n")
+        print("four")
+
+    r = client.run(payload)
+    assert r.returncode == 0
+    assert r.stdout == b"one\ntwo\nthree\nfour\n"
+    assert r.stderr == b"err-one\nerr-two\n"
+
+
+def test_stdin_bytes_arrive(client):
+    r = client.run(lambda: print(__import__("sys").stdin.read().upper(), end=""), input=b"hello\nworld\n")
+    assert r.stdout == b"HELLO\nWORLD\n"
+
+
+def test_ten_megabytes_without_deadlock(client):
+    def payload():
+        import sys
+        data = sys.stdin.buffer.read()
+        sys.stdout.buffer.write(data)
+        sys.stderr.buffer.write(data[:1000])
+
+    blob = os.urandom(5 << 20).hex().encode()  # 10 MB
+    r = client.run(payload, input=blob)
+    assert r.returncode == 0
+    assert r.stdout == blob
+    assert r.stderr == blob[:1000]
+
+
+def test_output_before_crash_is_kept(client):
+    def payload():
+        import os
+        print("before the crash")
+        os.kill(os.getpid(), 11)
+
+    r = client.run(payload)
+    assert r.stdout == b"before the crash\n"
+    assert r.returncode == -signal.SIGSEGV
+
+
+def test_streams_while_running(client):
+    child = client.spawn_child(lambda: (print("first", flush=True), __import__("time").sleep(30)))
+    try:
+        assert child.stdout.readline() == b"first\n"
+        assert child.poll() is None
+    finally:
+        child.kill()
+        st = child.wait(timeout=10)
+    assert st.returncode == -signal.SIGKILL
+
+
+def test_environment_is_exact(client):
+    env = {"A": "1", "LANG": "C.UTF-8", "ODD NAME": "x y"}
+    r = client.run(lambda: print(repr(dict(__import__("os").environ))), env=env)
+    assert eval(r.stdout) == env
+
+
+def test_pool_environment_default(client):
+    r = client.run(lambda: print(repr(dict(__import__("os").environ))))
+    assert eval(r.stdout) == {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
+
+
+def test_fds_above_2_are_closed(client):
+    def payload():
+        import os
+        open_fds = []
+        for fd in range(3, 1024):
+            try:
+                os.fstat(fd)
+                open_fds.append(fd)
+            except OSError as e:
+                assert e.errno == 9
+        print(open_fds)
+        print(sorted(os.listdir("/proc/self/fd")))
+
+    r = client.run(payload)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert lines[0] == "[]", r.stderr
+    assert lines[1] == "['0', '1', '2', '3']"  # 3 is the directory listdir itself holds open
+
+
+def test_SECURITY_pidns_cannot_see_or_signal_host(client):
+    host_pid = os.getpid()
+
+    def payload():
+        import os
+        pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+        print(pids)
+        try:
+            os.kill(host_pid, 0)
+            print("reached")
+        except ProcessLookupError:
+            print("ESRCH")
+        print(os.getpid())
+
+    r = client.run(payload)
+    lines = r.stdout.decode().splitlines()
+    assert lines[0] == "[1, 2]", r.stdout
+    assert lines[1] == "ESRCH"
+    assert lines[2] == "2"
+
+
+def test_SECURITY_tree_dies_with_child(client):
+    # a grandchild that ignores SIGTERM and would sleep for a minute
+    def payload():
+        import os, signal, time
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            os.setsid()
+            time.sleep(60)
+            os._exit(0)
+        print(pid, flush=True)
+        time.sleep(60)
+
+    child = client.spawn_child(payload)
+    child.stdout.readline()
+    outer = child.pid
+    child.terminate()
+    st = child.wait(timeout=10)
+    assert st.returncode == -signal.SIGTERM
+    # PID 1 (outer) is reaped, so every process of its namespace is gone too
+    assert not os.path.exists(f"/proc/{outer}")
+    for pid, state in children_of(daemon_pid(client)):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert b"zygote._zygote" in f.read(), f"stray child {pid} ({state}) of the daemon"
+
+
+def test_orphans_are_reaped_inside(client):
+    def payload():
+        import os, time
+        for _ in range(5):
+            if os.fork() == 0:          # child forks a grandchild and exits at once:
+                if os.fork() == 0:      # the grandchild is orphaned to PID 1 and exits
+                    os._exit(0)
+                os._exit(0)
+        time.sleep(0.5)
+        zombies = []
+        for p in os.listdir("/proc"):
+            if p.isdigit():
+                with open(f"/proc/{p}/stat") as f:
+                    if f.read().split(") ")[1].startswith("Z"):
+                        zombies.append(p)
+        print(zombies)
+
+    r = client.run(payload)
+    # the direct children are the payload's own to reap (as anywhere); orphans must not linger
+    zombies = eval(r.stdout)
+    assert len(zombies) <= 5, zombies
+
+
+def test_sigterm_to_self_is_minus_15(client):
+    r = client.run(lambda: os.kill(os.getpid(), signal.SIGTERM))
+    assert r.returncode == -15
+
+
+def test_SECURITY_uid_mapped_to_unprivileged_host_id(client):
+    child = client.spawn_child(lambda: (print(os.getuid(), flush=True), time.sleep(30)))
+    try:
+        inside = int(child.stdout.readline())
+        with open(f"/proc/{child.pid}/status") as f:
+            status = f.read()
+        uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+        gid_line = next(line for line in status.splitlines() if line.startswith("Gid:"))
+        host_ids = {int(x) for x in uid_line.split()[1:] + gid_line.split()[1:]}
+        assert 0 not in host_ids, status
+        assert min(host_ids) >= 100000
+        assert inside in (0, 65534)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_SECURITY_cannot_rewrite_maps(client):
+    def payload():
+        for name, data in (("uid_map", "0 0 1\n"), ("gid_map", "0 0 1\n"), ("setgroups", "allow")):
+            try:
+                with open(f"/proc/self/{name}", "w") as f:
+                    f.write(data)
+                print(name, "WRITTEN")
+            except OSError as e:
+                print(name, e.errno)
+
+    r = client.run(payload)
+    for line in r.stdout.decode().splitlines():
+        assert "WRITTEN" not in line, r.stdout
+
+
+def test_SECURITY_only_loopback_and_no_host_listener(client):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    def payload():
+        import os, socket
+        print(sorted(name for _, name in socket.if_nameindex()))
+        s = socket.socket()
+        s.settimeout(2)
+        try:
+            s.connect(("127.0.0.1", port))
+            print("CONNECTED")
+        except OSError as e:
+            print("refused", e.errno)
+
+    try:
+        r = client.run(payload)
+    finally:
+        listener.close()
+    lines = r.stdout.decode().splitlines()
+    assert lines[0] == "['lo']"
+    assert lines[1].startswith("refused")
+
+
+def test_closure_runs(client):
+    secret = [1, 2, 3]
+    factor = 7
+    r = client.run(lambda: print(sum(secret) * factor))
+    assert r.stdout == b"42\n"
+
+
+def test_module_function_with_args(client):
+    r = client.run("builtins:print", ("a", "b"), kwargs={"sep": "-"})
+    assert r.stdout == b"a-b\n"
+
+
+def test_payload_exception_traceback(client):
+    def payload():
+        raise ValueError("bad thing")
+
+    r = client.run(payload)
+    assert r.returncode == 1
+    err = r.stderr.decode()
+    assert "Traceback" in err and "ValueError: bad thing" in err
+    assert "zygote/child.py" not in err
+
+
+def test_sys_exit_code(client):
+    assert client.run(sys.exit, (7,)).returncode == 7
+    assert client.run(lambda: sys.exit()).returncode == 0
+
+
+def test_preloaded_modules_present(client):
+    r = client.run(lambda: print("colorsys" in sys.modules, "json" in sys.modules))
+    assert r.stdout == b"True True\n"
+
+
+@pytest.mark.parametrize("step", ["userns", "mounts", "netns", "rlimits", "uts", "payload"])
+def test_injected_setup_failure_names_step(client, step, tmp_path):
+    marker = tmp_path / "ran"
+    with pytest.raises(SandboxError) as ei:
+        client.spawn_child(lambda: open(marker, "w").close(), _test_fail_step=step)
+    assert ei.value.step == step
+    assert not marker.exists()
+
+
+def test_test_hooks_refused_without_flag(socket_daemon):
+    from zygote_client import DaemonError
+    with Client.connect(socket_daemon) as c:
+        with pytest.raises(DaemonError):
+            c.spawn_child(print, _test_fail_step="mounts")
+
+
+def test_many_spawns_no_leaks(client):
+    dpid = daemon_pid(client)
+    client.run(print)
+    base_fds = fd_count(dpid)
+
+    def rss() -> int:
+        with open(f"/proc/{dpid}/status") as f:
+            return int(next(l for l in f if l.startswith("VmRSS:")).split()[1])
+
+    for _ in range(20):
+        client.run(print)
+    base_rss = rss()
+    for i in range(300):
+        r = client.run(print, (i,))
+        assert r.stdout == f"{i}\n".encode()
+    time.sleep(0.2)
+    zombies = [p for p, state in children_of(dpid) if state == "Z"]
+    assert zombies == []
+    assert fd_count(dpid) == base_fds
+    assert rss() - base_rss < 8 * 1024, "daemon RSS grew by more than 8 MiB over 300 spawns"
+
+
+def test_two_clients_concurrently(socket_daemon):
+    results: dict[int, list[bytes]] = {}
+
+    def worker(n: int) -> None:
+        with Client.connect(socket_daemon) as c:
+            results[n] = [c.run(print, (f"client{n}-{i}",)).stdout for i in range(20)]
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for n in range(2):
+        assert results[n] == [f"client{n}-{i}\n".encode() for i in range(20)]
+
+
+def test_child_main_pool():
+    with Client.embedded(child_main="builtins:print") as c:
+        assert c.run(None, ("via", "child_main")).stdout == b"via child_main\n"
+
+
+def test_preload_failure_is_clear():
+    from zygote_client import ZygoteError
+    with pytest.raises(ZygoteError) as ei:
+        Client.embedded(preload_imports=["no_such_module_zz"])
+    assert "no_such_module_zz" in str(ei.value)
