@@ -411,7 +411,8 @@ class Daemon:
     async def _deadline(self, child: Child, scope: trio.CancelScope) -> None:
         if child.timeout is None:
             return
-        await trio.sleep_until(child.started + child.timeout)
+        # child.started is time.monotonic(); trio's clock has its own origin
+        await trio.sleep(max(0.0, child.started + child.timeout - time.monotonic()))
         child.timed_out = True
         if child.timeout_grace:
             self._kill(child, signal.SIGTERM)

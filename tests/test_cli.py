@@ -1,0 +1,52 @@
+"""`zygote run`: exit statuses follow the shell's conventions; stdio passes straight through."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+ZYGOTE = [sys.executable, "-m", "zygote"]
+
+
+def run(*args: str, input: bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*ZYGOTE, "run", *args], input=input, capture_output=True, timeout=timeout)
+
+
+def test_echo():
+    r = run("--", "/bin/echo", "hi")
+    assert (r.returncode, r.stdout) == (0, b"hi\n")
+
+
+def test_exit_code():
+    assert run("--", "sh", "-c", "exit 3").returncode == 3
+
+
+def test_sigsegv_is_139():
+    assert run("--", "sh", "-c", "kill -SEGV $$").returncode == 139
+
+
+def test_missing_program_is_127():
+    r = run("--", "/no/such/program")
+    assert r.returncode == 127
+    assert b"not found" in r.stderr
+
+
+def test_timeout_is_124():
+    r = run("--timeout", "1", "--", "sleep", "30", timeout=20)
+    assert r.returncode == 124
+
+
+def test_stdin_passes_through():
+    assert run("--", "cat", input=b"through\n").stdout == b"through\n"
+
+
+def test_python_file(tmp_path):
+    f = tmp_path / "prog.py"
+    f.write_text("import sys\nprint('args', sys.argv[1:])\nsys.exit(4)\n")
+    r = run("--preload", "json", "--python", str(f), "x", "y")
+    assert r.returncode == 4
+    assert r.stdout == b"args ['x', 'y']\n"
+
+
+def test_nothing_to_run_is_usage_error():
+    assert run().returncode == 2

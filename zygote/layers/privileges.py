@@ -1,0 +1,165 @@
+"""Privileges, child side: become an unprivileged uid/gid with no capabilities, for good.
+
+Runs after the last step that needs a capability (mounts, lo up, rlimits). On entry the child is
+(usually) uid 0 inside its user namespace with every capability *in that namespace*; those
+capabilities mean nothing to the host, but inside they allow mount, setuid, CAP_DAC_OVERRIDE on
+files the namespace's ids own, and so on. The order below is forced by capabilities(7):
+
+1. supplementary groups, bounding set, securebits: each needs CAP_SETGID / CAP_SETPCAP, so they
+   go before setresuid (which is the step that could take capabilities away).
+2. setresgid before setresuid: changing gids needs CAP_SETGID, which uid 0 holds.
+3. With SECBIT_NO_SETUID_FIXUP set, setresuid does not clear the capability sets (the kernel's
+   "root → non-root" fixup is off), so we empty effective/permitted/inheritable explicitly.
+4. no_new_privs, so neither a setuid binary nor file capabilities grant anything on execve.
+5. Verify with syscalls (not /proc: Landlock, applied earlier, may not allow /proc).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as _errno
+import os
+
+import prctl
+
+from . import SetupError
+from . import _sys
+
+# include/uapi/linux/securebits.h and prctl.h
+SECBIT_NOROOT = 1 << 0
+SECBIT_NOROOT_LOCKED = 1 << 1
+SECBIT_NO_SETUID_FIXUP = 1 << 2
+SECBIT_NO_SETUID_FIXUP_LOCKED = 1 << 3
+SECBIT_KEEP_CAPS = 1 << 4
+SECBIT_KEEP_CAPS_LOCKED = 1 << 5
+SECBIT_NO_CAP_AMBIENT_RAISE = 1 << 6
+SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED = 1 << 7
+# KEEP_CAPS stays off and locked off; everything else on and locked.
+SECUREBITS = (SECBIT_NOROOT | SECBIT_NOROOT_LOCKED | SECBIT_NO_SETUID_FIXUP | SECBIT_NO_SETUID_FIXUP_LOCKED
+              | SECBIT_KEEP_CAPS_LOCKED | SECBIT_NO_CAP_AMBIENT_RAISE | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED)
+
+PR_CAPBSET_READ = 23
+PR_CAPBSET_DROP = 24
+PR_GET_SECUREBITS = 27
+PR_SET_SECUREBITS = 28
+PR_GET_NO_NEW_PRIVS = 39
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_IS_SET = 1
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+_CAP_V3 = 0x20080522  # _LINUX_CAPABILITY_VERSION_3: two 32-bit words per set
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+# glibc's capget is a plain syscall wrapper (no cross-thread broadcast, unlike its setxid family).
+_sys.libc.capget.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
+
+_KNOWN_CAPS = frozenset(prctl.ALL_CAPS)
+_HINT_CAPS = ("the child needs CAP_SETPCAP/CAP_SETUID/CAP_SETGID in its user namespace at this step; "
+              "a seccomp profile or an earlier step may have removed them")
+
+
+def apply(uid: int, gid: int) -> None:
+    """Switch to ``uid``/``gid`` (ids inside the child's user namespace) and drop every privilege.
+
+    Empties the effective, permitted, inheritable, bounding and ambient capability sets, clears
+    supplementary groups where the namespace allows it, locks the securebits (no root semantics, no
+    setuid fixup, no ambient raise) and sets no_new_privs. Irreversible for this process and all its
+    descendants.
+
+    Raises:
+        SetupError("privileges", ...): a step failed or the final check found anything left.
+    """
+    try:
+        _sys.syscall("setgroups", 0, None)
+    except OSError as e:
+        # A user namespace whose setgroups file says "deny" (user_namespaces(7); the daemon writes
+        # it so the sandbox can never shed a group that a host ACL denies) refuses setgroups with
+        # EPERM for its whole life. The groups we keep were fixed by the zygote and are not ours
+        # to widen either, so this is not a privilege left behind.
+        if e.errno != _errno.EPERM:
+            raise SetupError("privileges", f"setgroups([]): {e.strerror}", e.errno or 0) from None
+
+    _step("clear the ambient set", _prctl_raw, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    # PR_CAPBSET_DROP needs CAP_SETPCAP, which the capset below removes: bounding set first.
+    for cap in _all_caps():
+        if _prctl_raw(PR_CAPBSET_READ, cap) == 1:
+            if cap in _KNOWN_CAPS:
+                _step(f"drop capability {cap} from the bounding set", prctl.capbset_drop, cap)
+            else:  # newer than this python-prctl build: it would refuse the number
+                _step(f"drop capability {cap} from the bounding set", _prctl_raw, PR_CAPBSET_DROP, cap)
+    # PR_SET_SECUREBITS needs CAP_SETPCAP too. python-prctl (1.8) only accepts bits 0-5 and we also
+    # lock NO_CAP_AMBIENT_RAISE (bits 6-7), so this one is a raw prctl: one call, all bits at once.
+    if _prctl_raw(PR_GET_SECUREBITS) != SECUREBITS:
+        _step("lock securebits", _prctl_raw, PR_SET_SECUREBITS, SECUREBITS)
+
+    _step(f"setresgid({gid})", _sys.syscall, "setresgid", gid, gid, gid)
+    _step(f"setresuid({uid})", _sys.syscall, "setresuid", uid, uid, uid)
+    # Lowering capability sets never needs a capability (capset(2)); NO_SETUID_FIXUP kept them.
+    _step("empty the capability sets", prctl.set_caps, (prctl.ALL_CAPS, prctl.ALL_FLAGS, False))
+    _step("set no_new_privs", prctl.set_no_new_privs, 1)
+    _verify(uid, gid)
+
+
+def _step(what: str, fn, *args) -> None:
+    try:
+        fn(*args)
+    except OSError as e:
+        hint = _HINT_CAPS if e.errno == _errno.EPERM else ""
+        raise SetupError("privileges", f"{what}: {e.strerror}", e.errno or 0, hint) from None
+
+
+def _prctl_raw(option: int, arg2: int = 0) -> int:
+    ret = _sys.libc.prctl(option, arg2, 0, 0, 0)
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ret
+
+
+def _all_caps() -> range:
+    """0..the kernel's last capability: PR_CAPBSET_READ answers EINVAL past it (no /proc needed)."""
+    cap = 0
+    while cap < 64:
+        if _sys.libc.prctl(PR_CAPBSET_READ, cap, 0, 0, 0) < 0 and ctypes.get_errno() == _errno.EINVAL:
+            break
+        cap += 1
+    return range(cap)
+
+
+def _verify(uid: int, gid: int) -> None:
+    left = []
+    if os.getresuid() != (uid, uid, uid):
+        left.append(f"uids {os.getresuid()}")
+    if os.getresgid() != (gid, gid, gid):
+        left.append(f"gids {os.getresgid()}")
+    hdr = _CapHeader(_CAP_V3, 0)
+    data = (_CapData * 2)()
+    if _sys.libc.capget(ctypes.byref(hdr), data) < 0:
+        left.append(f"capget: {os.strerror(ctypes.get_errno())}")
+    elif any(d.effective or d.permitted or d.inheritable for d in data):
+        left.append("capabilities " + ", ".join(
+            f"{n}={(getattr(data[1], n) << 32) | getattr(data[0], n):#x}"
+            for n in ("effective", "permitted", "inheritable")))
+    bounding = [c for c in _all_caps() if _sys.libc.prctl(PR_CAPBSET_READ, c, 0, 0, 0) != 0]
+    if bounding:
+        left.append(f"bounding set {bounding}")
+    ambient = [c for c in _all_caps()
+               if _sys.libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_IS_SET, c, 0, 0) != 0]
+    if ambient:
+        left.append(f"ambient set {ambient}")
+    bits = _sys.libc.prctl(PR_GET_SECUREBITS, 0, 0, 0, 0)
+    if bits != SECUREBITS:
+        left.append(f"securebits {bits:#x} (want {SECUREBITS:#x})")
+    if _sys.libc.prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) != 1:
+        left.append("no_new_privs not set")
+    if left:
+        raise SetupError("privileges", "privileges left after the drop: " + "; ".join(left), _errno.EPERM)
