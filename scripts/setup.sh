@@ -87,13 +87,16 @@ stamp() {
 venv_ok() {
     [[ -x "$VENV/bin/python" ]] || return 1
     [[ -f "$STAMP" && "$(cat "$STAMP")" == "$(stamp)" ]] || return 1
-    # The editable installs must point at this checkout (a copied tree would import the original).
-    "$VENV/bin/python" - "$ROOT" <<EOF >/dev/null 2>&1
-import os, sys
-import $IMPORTS
+    # Locate (not import: that costs seconds) every module; the editable installs must point at
+    # this checkout (a copied tree would otherwise import the original's code).
+    "$VENV/bin/python" - "$ROOT" "$IMPORTS" <<'EOF' >/dev/null 2>&1
+import importlib.util, os, sys
 root = os.path.realpath(sys.argv[1])
-for mod in (zygote, zygote_client):
-    assert os.path.realpath(mod.__file__).startswith(root + os.sep), mod.__file__
+for name in sys.argv[2].replace(",", " ").split():
+    spec = importlib.util.find_spec(name)
+    assert spec is not None, name
+    if name.startswith("zygote"):
+        assert os.path.realpath(spec.origin).startswith(root + os.sep), spec.origin
 EOF
 }
 
@@ -102,24 +105,42 @@ if [[ "${ZYGOTE_SETUP_FORCE:-0}" != 1 ]] && venv_ok; then
     exit 0
 fi
 
-# Recreate when missing or made from another interpreter (gone, or a machine with another pyenv).
-if [[ ! -x "$VENV/bin/python" || "$(realpath "$VENV/bin/python")" != "$(realpath "$PY")" ]]; then
+make_venv() {
     say "creating virtualenv .venv with $PY"
     rm -rf "$VENV"
     "$PY" -m venv "$VENV"
-fi
+}
 
-say "installing the project and its dependencies into .venv (pip)"
-rm -f "$STAMP"
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check --no-input -q)
-"${PIP[@]}" install -e ./client -e '.[test,demo]'
+pip_install() {
+    say "installing the project and its dependencies into .venv (pip)"
+    rm -f "$STAMP"
+    # The grep drops pip's notes about file:// index locations some machines configure but leave empty.
+    "$VENV/bin/python" -m pip --disable-pip-version-check --no-input -q \
+        install -e ./client -e '.[test,demo]' 2>&1 \
+        | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
 
-"$VENV/bin/python" - "$ROOT" <<EOF || die "the venv was installed but an import failed (see above)"
+imports_work() {  # really import everything once, after an install
+    "$VENV/bin/python" - "$ROOT" <<EOF
 import os, sys
 import $IMPORTS
 root = os.path.realpath(sys.argv[1])
 for mod in (zygote, zygote_client):
     assert os.path.realpath(mod.__file__).startswith(root + os.sep), f"{mod.__name__} imports from {mod.__file__}"
 EOF
+}
+
+# Recreate when missing or made from another interpreter (gone, or a machine with another pyenv).
+if [[ ! -x "$VENV/bin/python" || "$(realpath "$VENV/bin/python")" != "$(realpath "$PY")" ]]; then
+    make_venv
+fi
+pip_install
+if ! imports_work; then
+    # pip trusts its metadata: a package whose files were damaged counts as installed. Start over once.
+    say "an import failed after pip install; recreating .venv from scratch"
+    make_venv
+    pip_install
+    imports_work || die "the venv was installed but an import failed (see above)"
+fi
 stamp >"$STAMP"
 say "virtualenv .venv: ready ($("$VENV/bin/python" -c 'import sys; print(sys.version.split()[0])'))"

@@ -73,6 +73,8 @@ class Child:
     status: ExitStatus | None = None
     first: object = None  # the first status message: Ready or Failed
     ready_seen: bool = False
+    output_exceeded: bool = False
+    cpu_time: float | None = None
     first_event: trio.Event = field(default_factory=trio.Event)
     status_done: trio.Event = field(default_factory=trio.Event)
 
@@ -295,10 +297,19 @@ class Daemon:
         mine: list[int] = []
         theirs: list[int] = []
         try:
+            relays: list[tuple[int, int, bool]] = []  # (read end from the child, write end to the client, ours?)
+            limit = cfg.max_output
             if msg.stdio == "fds":
                 if len(client_fds) != 3:
                     return P.SpawnFailed(msg.req, "stdio='fds' needs exactly 3 fds", code="bad-request"), []
-                theirs += client_fds
+                theirs.append(client_fds[0])
+                for cfd in client_fds[1:]:
+                    if limit is None:
+                        theirs.append(cfd)
+                    else:  # the daemon counts what passes (max_output_bytes) and writes it on
+                        r, w = os.pipe2(os.O_CLOEXEC)
+                        theirs.append(w); mine.append(r)
+                        relays.append((r, os.dup(cfd), False))
                 out = []
             else:
                 if client_fds:
@@ -311,6 +322,11 @@ class Daemon:
                 for _ in range(2):
                     r, w = os.pipe2(os.O_CLOEXEC)
                     theirs.append(w); mine.append(r)
+                    if limit is not None:
+                        r2, w2 = os.pipe2(os.O_CLOEXEC)
+                        mine.remove(r)
+                        relays.append((r, w2, True))
+                        mine.append(r2)
                 out = list(mine)
             ctl_r, ctl_w = os.pipe2(os.O_CLOEXEC)
             st_r, st_w = os.pipe2(os.O_CLOEXEC)
@@ -325,14 +341,13 @@ class Daemon:
                 return P.SpawnFailed(msg.req, str(e), "clone", e.errno or 0,
                                      _clone_hint(e.errno), code="unavailable"), []
             finally:
-                if msg.stdio == "fds":
-                    theirs = theirs[3:]  # the client's fds are closed by our caller
-                _close(theirs)
+                # the client's own fds are closed by our caller
+                _close([fd for fd in theirs if fd not in client_fds])
                 theirs = []
             pidfd = os.pidfd_open(pid)
             child = Child(id=f"{self._prefix}-{next(self._ids)}", pid=pid, pidfd=pidfd, conn=conn,
                           started=time.monotonic(), timeout=timeout, timeout_grace=cfg.timeout_grace,
-                          status_stream=trio.lowlevel.FdStream(st_r))
+                          status_stream=trio.lowlevel.FdStream(st_r), cpu_time=cfg.cpu_time)
             mine.remove(st_r)
             self.children[child.id] = child
             conn.children[child.id] = child
@@ -344,7 +359,12 @@ class Daemon:
             if failure is not None:
                 self._kill(child, signal.SIGKILL)
                 _close(out)
+                _close([fd for r, w, _ in relays for fd in (r, w)])
                 return failure, []
+            if relays:
+                box = [0]
+                for r, w, ours in relays:
+                    self._nursery.start_soon(self._relay, child, r, w, ours, limit, box)
             return P.Spawned(msg.req, child.id, pid, msg.stdio == "pipe" and msg.stdin), out
         except BaseException:
             _close(mine)
@@ -408,6 +428,69 @@ class Daemon:
             if not conn.closed and child.ready_seen:
                 await conn.send(P.Exited(child.id, child.status))
 
+    async def _relay(self, child: Child, src: int, dst: int, ours: bool, limit: int, box: list[int]) -> None:
+        """Copy a child's output to its reader, counting it against max_output_bytes.
+
+        The daemon reads eagerly (buffering at most ``limit`` bytes), so a child never blocks on a
+        full pipe; past the limit it stops relaying, kills the child and flags output_exceeded.
+        """
+        instream = trio.lowlevel.FdStream(src)
+        outstream = trio.lowlevel.FdStream(dst) if ours else None
+        buf = bytearray()
+        more = trio.Event()
+        done = False
+
+        async def reader() -> None:
+            nonlocal done, more
+            try:
+                while True:
+                    data = await instream.receive_some(65536)
+                    if not data:
+                        break
+                    if box[0] + len(data) > limit:
+                        buf.extend(data[: max(0, limit - box[0])])
+                        box[0] = limit
+                        child.output_exceeded = True
+                        self._kill(child, signal.SIGKILL)
+                        break
+                    box[0] += len(data)
+                    buf.extend(data)
+                    more.set()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+            finally:
+                done = True
+                more.set()
+
+        async def writer() -> None:
+            nonlocal more
+            try:
+                while True:
+                    await more.wait()
+                    more = trio.Event()
+                    while buf:
+                        chunk = bytes(buf[:65536])
+                        del buf[:len(chunk)]
+                        if outstream is not None:
+                            await outstream.send_all(chunk)
+                        else:
+                            await trio.to_thread.run_sync(_write_all, dst, chunk, abandon_on_cancel=True)
+                    if done:
+                        return
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return
+
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(reader)
+                n.start_soon(writer)
+        finally:
+            await instream.aclose()
+            if outstream is not None:
+                await outstream.aclose()
+            else:
+                os.close(dst)
+
     async def _deadline(self, child: Child, scope: trio.CancelScope) -> None:
         if child.timeout is None:
             return
@@ -466,8 +549,18 @@ class Daemon:
                 except ValueError:
                     rc = 1
         enforcement = {"timeout": "daemon"} if child.timeout else {}
+        cpu_exceeded = False
+        if child.cpu_time is not None:
+            enforcement["cpu_time"] = "rlimit"
+            used = ru.ru_utime + ru.ru_stime
+            # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL at the hard one (setrlimit(2))
+            cpu_exceeded = rc == -signal.SIGXCPU or (rc == -signal.SIGKILL and not child.timed_out
+                                                      and used >= child.cpu_time * 0.95)
+        if child.output_exceeded:
+            enforcement["max_output_bytes"] = "daemon"
         return ExitStatus(
-            returncode=rc, timed_out=child.timed_out, wall_time=time.monotonic() - child.started,
+            returncode=rc, timed_out=child.timed_out, output_exceeded=child.output_exceeded,
+            cpu_time_exceeded=cpu_exceeded, wall_time=time.monotonic() - child.started,
             cpu_user=ru.ru_utime, cpu_system=ru.ru_stime, enforcement=enforcement,
         )
 
@@ -496,6 +589,11 @@ def _clone_hint(err: int | None) -> str:
     if err == _errno.EINVAL:
         return "the kernel lacks one of the namespace kinds (user, pid, mount, ipc, uts, net, cgroup)"
     return ""
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def _fds_from(anc) -> list[int]:

@@ -1,0 +1,354 @@
+"""zygote.layers.cgroups against the real kernel: limits hold, accounting is right, nothing leaks.
+
+Runs on the host (cgroup v1 hybrid) and, for the tests marked ``cgroupv2``, in the vmrun guest
+(pure cgroup v2). Every process here is started by the test, attached, and killed by pid.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from zygote.layers import SetupError, cgroups
+
+PY = sys.executable
+MiB = 1 << 20
+NAME = f"zygote-test-{os.getpid()}"  # our own base: never touches a real daemon's `zygote/`
+
+
+def _leftovers(host: cgroups.CgroupHost) -> list[str]:
+    out = []
+    for base in set(host.available()["controllers"].values()):
+        out += [os.path.join(base, d.name) for d in os.scandir(base)
+                if d.is_dir() and d.name != cgroups.DAEMON_LEAF]
+    return out
+
+
+@pytest.fixture(scope="module")
+def host():
+    h = cgroups.detect(NAME)
+    yield h
+    # the final check: every test removed what it made, then close() removes the base itself
+    left = _leftovers(h)
+    h.close()
+    bases = set(h.available()["controllers"].values())
+    assert left == []
+    assert not any(os.path.exists(b) for b in bases)
+
+
+@pytest.fixture
+def ids():
+    n = iter(range(10**6))
+    return lambda: f"{os.getpid():x}t-{next(n)}"
+
+
+def gated(code: str, **kw) -> subprocess.Popen:
+    """A Python process that waits for one byte on stdin before running `code` (attach in between)."""
+    return subprocess.Popen([PY, "-c", "import sys; sys.stdin.buffer.read(1)\n" + textwrap.dedent(code)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, **kw)
+
+
+def go(p: subprocess.Popen) -> None:
+    p.stdin.write(b"g")
+    p.stdin.close()
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.cgroupv2
+def test_detect(host):
+    info = host.available()
+    assert info["version"] == (2 if os.path.exists("/sys/fs/cgroup/cgroup.controllers") else 1)
+    assert {"memory", "pids", "cpu"} <= set(info["controllers"])
+    # a second daemon on the same base would kill our children in cleanup_stale: refused
+    with pytest.raises(SetupError) as ei:
+        cgroups.detect(NAME)
+    assert ei.value.step == "cgroup" and "another zygote daemon" in str(ei.value)
+
+
+@pytest.mark.cgroupv2
+def test_memory_limit_oom_kills(host, ids):
+    cg = host.create(ids(), memory=50 * MiB)
+    p = gated("""
+        b = bytearray(200 << 20)
+        for i in range(0, len(b), 4096):  # touch every page: charged to the cgroup
+            b[i] = 1
+        print("survived", flush=True)
+    """)
+    try:
+        cg.attach(p.pid)
+        go(p)
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == -signal.SIGKILL and b"survived" not in out
+        st = cg.stats(p.returncode)
+        assert st["memory_exceeded"] is True
+        assert st["pids_exceeded"] in (False, None)
+        assert 45 * MiB <= st["peak_memory"] <= 52 * MiB, st["peak_memory"]
+        assert st["enforcement"] == {"memory": f"cgroup-v{host.version}"}
+    finally:
+        p.kill()
+        p.wait()
+        cg.kill()
+        cg.remove()
+    assert not any(os.path.exists(d) for d in cg.paths)
+
+
+def test_no_limits_still_accounts(host, ids):
+    cg = host.create(ids())
+    p = gated("b = bytearray(20 << 20); print(len(b), flush=True)")
+    try:
+        cg.attach(p.pid)
+        go(p)
+        p.communicate(timeout=30)
+        assert p.returncode == 0
+        st = cg.stats(p.returncode)
+        assert st["memory_exceeded"] is False and st["enforcement"] == {}
+        assert st["peak_memory"] >= 20 * MiB
+    finally:
+        cg.kill()
+        cg.remove()
+
+
+@pytest.mark.cgroupv2
+def test_pids_limit_stops_fork_bomb(host, ids):
+    cg = host.create(ids(), pids=32)
+    p = gated("""
+        import os, time
+        n = 0
+        try:
+            while n < 500:
+                if os.fork() == 0:
+                    time.sleep(600)
+                    os._exit(0)
+                n += 1
+        except OSError as e:
+            print(n, e.errno, flush=True)
+        time.sleep(600)
+    """)
+    try:
+        cg.attach(p.pid)
+        go(p)
+        n, err = map(int, p.stdout.readline().split())
+        assert (n, err) == (31, 11)  # 31 children + the parent = 32 tasks; fork() fails with EAGAIN
+        assert len(cg.pids()) == 32
+        assert cg.stats()["pids_exceeded"] is True
+        members = cg.pids()
+        cg.kill()
+        assert cg.pids() == []
+        p.wait(timeout=10)
+        assert p.returncode == -signal.SIGKILL
+        assert all(gone(pid) for pid in members)
+        cg.remove()
+        assert not any(os.path.exists(d) for d in cg.paths)
+    finally:
+        p.kill()
+        p.wait()
+        cg.kill()
+        cg.remove()
+
+
+def test_cpu_quota(host, ids):
+    cg = host.create(ids(), cpu=0.5)
+    p = gated("""
+        import time
+        t = time.monotonic()
+        while time.monotonic() - t < 2.0:
+            pass
+    """)
+    try:
+        cg.attach(p.pid)
+        go(p)
+        p.wait(timeout=30)
+        st = cg.stats(p.returncode)
+        used = st["cpu_user"] + st["cpu_system"]
+        assert 0.75 <= used <= 1.25, st
+        assert st["enforcement"] == {"cpu": f"cgroup-v{host.version}"}
+    finally:
+        p.kill()
+        p.wait()
+        cg.kill()
+        cg.remove()
+
+
+def test_kill_reaches_grandchildren_ignoring_sigterm(host, ids):
+    cg = host.create(ids())
+    p = gated("""
+        import signal, subprocess, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # the shell and its sleeps inherit the ignored SIGTERM (signal(7): ignored stays ignored across execve)
+        subprocess.Popen(["sh", "-c", "sleep 600 & sleep 600 & wait"])
+        print("up", flush=True)
+        time.sleep(600)
+    """)
+    try:
+        cg.attach(p.pid)
+        go(p)
+        assert p.stdout.readline() == b"up\n"
+        deadline = time.monotonic() + 10
+        while len(cg.pids()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        members = cg.pids()
+        assert len(members) == 4, members  # python, sh, 2 × sleep
+        for pid in members:
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.2)
+        assert not any(gone(pid) for pid in members)  # SIGTERM alone does nothing here
+        cg.kill()
+        assert cg.pids() == []
+        p.wait(timeout=10)
+        assert p.returncode == -signal.SIGKILL
+        deadline = time.monotonic() + 5
+        while not all(gone(pid) for pid in members) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert all(gone(pid) for pid in members)
+    finally:
+        p.kill()
+        p.wait()
+        cg.kill()
+        cg.remove()
+
+
+def test_cycles_leave_nothing(host):
+    base = set(host.available()["controllers"].values())
+    for i in range(100):
+        cg = host.create(f"cyc{os.getpid():x}-{i}", memory=64 * MiB, pids=16, cpu=1.0)
+        p = subprocess.Popen(["sleep", "600"])
+        try:
+            cg.attach(p.pid)
+            cg.kill()
+            assert p.wait(timeout=10) == -signal.SIGKILL
+        finally:
+            p.kill()
+            p.wait()
+        cg.remove()
+    assert [d for b in base for d in os.listdir(b) if d.startswith("cyc")] == []
+
+
+def test_pool_create(host, ids):
+    host.prepare_pool(3)
+    cg = host.create(ids(), memory=32 * MiB, pids=8)
+    try:
+        assert all(os.path.isdir(d) for d in cg.paths)
+        assert cg.stats()["enforcement"] == {"memory": f"cgroup-v{host.version}", "pids": f"cgroup-v{host.version}"}
+    finally:
+        cg.remove()
+
+
+def test_cleanup_stale_kills_and_removes(host):
+    stale = f"dead{os.getpid():x}-1"
+    dirs = [os.path.join(b, stale) for b in set(host.available()["controllers"].values())]
+    p = subprocess.Popen(["sleep", "600"])
+    try:
+        for d in dirs:  # what a crashed predecessor leaves: directories with a live task in them
+            os.mkdir(d)
+            with open(os.path.join(d, "cgroup.procs"), "w") as f:
+                f.write(str(p.pid))
+        assert stale in host.cleanup_stale()
+        assert p.wait(timeout=10) == -signal.SIGKILL
+        assert not any(os.path.exists(d) for d in dirs)
+    finally:
+        p.kill()
+        p.wait()
+        for d in dirs:
+            if os.path.isdir(d):
+                os.rmdir(d)
+
+
+def test_unprivileged_fails_closed_with_hint():
+    # An unprivileged user (a fresh user namespace, mapped root only inside) cannot write the
+    # host's cgroupfs: detect() must say so and name the delegation fix.
+    code = textwrap.dedent(f"""
+        from zygote.layers import SetupError, cgroups
+        try:
+            cgroups.detect("zygote-unpriv-{os.getpid()}")
+        except SetupError as e:
+            print(e.step, e.errno, e.hint)
+        else:
+            print("no error")
+    """)
+    r = subprocess.run(["unshare", "--user", "--map-root-user", PY, "-c", code],
+                       capture_output=True, text=True, timeout=30)
+    assert r.stdout.startswith("cgroup "), (r.stdout, r.stderr)
+    step, err, hint = r.stdout.split(" ", 2)
+    assert int(err) in (13, 1, 30)  # EACCES / EPERM / EROFS
+    assert "Delegate=yes" in hint and "--cgroupns=private" in hint
+
+
+V2_DELEGATION = """
+import os, subprocess, sys
+from zygote.layers import SetupError, cgroups
+outer = sys.argv[1]
+with open(outer + "/cgroup.procs", "w") as f:   # we now run in a non-root cgroup with a process in it
+    f.write(str(os.getpid()))
+mine = lambda: open("/proc/self/cgroup").read().strip()
+before = mine()
+mode = sys.argv[2]
+if mode == "foreign":
+    try:
+        cgroups.detect("zygote")
+    except SetupError as e:
+        print("refused", e.errno, flush=True)
+    sys.exit(0)
+h = cgroups.detect("zygote")
+assert h.available()["daemon_moved"], h.available()
+assert mine() == before + "/zygote/daemon", mine()
+assert set(open(outer + "/cgroup.subtree_control").read().split()) >= {"memory", "pids", "cpu"}
+cg = h.create("d1e2f3-1", memory=32 << 20, pids=8)
+fd = cg.fd()
+assert isinstance(fd, int) and fd >= 0
+p = subprocess.Popen(["sleep", "600"])
+cg.attach(p.pid)
+assert cg.pids() == [p.pid]
+cg.kill()
+assert p.wait() == -9
+cg.remove()
+h.close()
+assert mine() == before, mine()
+assert not os.path.exists(outer + "/zygote")
+assert open(outer + "/cgroup.subtree_control").read().split() == []
+print("ok", flush=True)
+"""
+
+
+@pytest.mark.cgroupv2
+@pytest.mark.parametrize("mode", ["alone", "foreign"])
+def test_v2_moves_daemon_into_leaf(host, mode):
+    if host.version != 2:
+        pytest.skip("cgroup v2 only (the no-internal-processes rule)")
+    outer = os.path.join(os.path.dirname(host.base), f"zygote-deleg-{os.getpid()}-{mode}")
+    os.mkdir(outer)
+    other = None
+    try:
+        if mode == "foreign":  # a process that is not the daemon shares its cgroup
+            other = subprocess.Popen(["sleep", "600"])
+            with open(outer + "/cgroup.procs", "w") as f:
+                f.write(str(other.pid))
+        r = subprocess.run([PY, "-c", V2_DELEGATION, outer, mode], capture_output=True, text=True, timeout=300)
+        expected = "ok" if mode == "alone" else "refused 16"  # EBUSY
+        assert r.stdout.strip() == expected, (r.stdout, r.stderr)
+        if other is not None:
+            assert cgroups._procs(outer) == [other.pid]  # not moved: not ours
+    finally:
+        if other is not None:
+            other.kill()
+            other.wait()
+        deadline = time.monotonic() + 5
+        while os.path.exists(outer):
+            try:
+                os.rmdir(outer)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
