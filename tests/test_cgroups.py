@@ -26,7 +26,7 @@ def _leftovers(host: cgroups.CgroupHost) -> list[str]:
     out = []
     for base in set(host.available()["controllers"].values()):
         out += [os.path.join(base, d.name) for d in os.scandir(base)
-                if d.is_dir() and d.name != cgroups.DAEMON_LEAF]
+                if d.is_dir() and d.name != cgroups.DAEMON_LEAF and not d.name.startswith(cgroups.POOL_PREFIX)]
     return out
 
 
@@ -56,7 +56,7 @@ def gated(code: str, **kw) -> subprocess.Popen:
 
 def go(p: subprocess.Popen) -> None:
     p.stdin.write(b"g")
-    p.stdin.close()
+    p.stdin.flush()
 
 
 def gone(pid: int) -> bool:
@@ -267,23 +267,34 @@ def test_cleanup_stale_kills_and_removes(host):
 
 
 def test_unprivileged_fails_closed_with_hint():
-    # An unprivileged user (a fresh user namespace, mapped root only inside) cannot write the
-    # host's cgroupfs: detect() must say so and name the delegation fix.
+    # A daemon running as an unprivileged user cannot write the host's cgroupfs (root-owned, 0755):
+    # detect() must refuse and name the delegation fix. The process imports first, then drops to
+    # nobody, so it needs no access to the interpreter's files afterwards.
+    name = f"zygote-unpriv-{os.getpid()}"
     code = textwrap.dedent(f"""
+        import os
         from zygote.layers import SetupError, cgroups
+        os.setgroups([])
+        os.setresgid(65534, 65534, 65534)
+        os.setresuid(65534, 65534, 65534)
         try:
-            cgroups.detect("zygote-unpriv-{os.getpid()}")
+            cgroups.detect({name!r})
         except SetupError as e:
             print(e.step, e.errno, e.hint)
         else:
             print("no error")
     """)
-    r = subprocess.run(["unshare", "--user", "--map-root-user", PY, "-c", code],
-                       capture_output=True, text=True, timeout=30)
-    assert r.stdout.startswith("cgroup "), (r.stdout, r.stderr)
-    step, err, hint = r.stdout.split(" ", 2)
-    assert int(err) in (13, 1, 30)  # EACCES / EPERM / EROFS
-    assert "Delegate=yes" in hint and "--cgroupns=private" in hint
+    try:
+        r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=30)
+        assert r.stdout.startswith("cgroup "), (r.stdout, r.stderr)
+        step, err, hint = r.stdout.split(" ", 2)
+        assert int(err) in (13, 1, 30)  # EACCES / EPERM / EROFS
+        assert "Delegate=yes" in hint and "--cgroupns=private" in hint
+    finally:
+        for fstype, root, mnt, _ in cgroups._mounts():  # only if the test failed: nothing was made
+            for dirpath, _, _ in os.walk(mnt):
+                if os.path.basename(dirpath) == name:
+                    os.rmdir(dirpath)
 
 
 V2_DELEGATION = """

@@ -43,6 +43,10 @@ class ChildPlan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     proc: bool = True
     dev_pts: bool = False
     etc_files: dict[str, bytes] = {}
+    symlinks: dict[str, str] = {}  # path in the new root -> link text (e.g. /bin -> usr/bin)
+    scratch: str = "/mnt"  # existing host dir the new root is assembled on (hidden only for the child)
+    dev: bool = True  # minimal /dev (chroot mode: only where the chroot has a /dev directory)
+    tmp: bool = True  # capped /tmp tmpfs (chroot mode: only where the chroot has a /tmp directory)
     rlimits: list[tuple[int, int, int]] = []
     landlock: str = "off"  # "off" | "auto" | "required"
     landlock_ro: list[str] = []

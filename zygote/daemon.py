@@ -30,6 +30,7 @@ from zygote_client._errors import ProtocolError
 from . import _childproto as C
 from ._clone import ALL_NAMESPACES, CLONE_PARENT
 from ._pool import Pool, PoolConfig, PoolStartError, ZygoteDied
+from . import policy
 from .layers import rlimits, userns
 
 SPAWN_STEPS = ("userns", "mounts", "netns", "rlimits", "uts", "fds", "payload")
@@ -283,7 +284,11 @@ class Daemon:
         if len(self.children) >= self.config.max_children:
             return P.SpawnFailed(msg.req, f"the daemon runs {len(self.children)} children, its maximum",
                                  code="limit"), []
-        cfg = msg.sandbox or pool.config.sandbox
+        try:
+            cfg = policy.effective(pool.config.sandbox, msg.sandbox)
+            policy.check_peer_paths(cfg, pool.config.sandbox, conn.peer_uid, conn.peer_gid)
+        except policy.PolicyError as e:
+            return P.SpawnFailed(msg.req, str(e), code="policy"), []
         timeout = cfg.timeout
         if msg.timeout is not None:
             if not (msg.timeout > 0 and msg.timeout < 1e9):

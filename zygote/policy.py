@@ -1,0 +1,121 @@
+"""The pool's policy ceiling: a request may tighten what its pool allows, never loosen it.
+
+``effective(pool, request)`` merges a request's SandboxConfig into the pool's default, refusing
+(``PolicyError``) anything looser: a larger limit, a layer turned down or off, network where the
+pool has none, an allow-list wider than the pool's. Turning a layer off is a pool-level decision.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import msgspec
+
+from zygote_client import SandboxConfig
+
+LIMITS = ("memory", "pids", "cpu", "cpu_time", "timeout", "timeout_grace", "file_size", "open_files",
+          "max_output_bytes", "tmpfs_size")
+_SIZES = {"memory", "file_size", "max_output_bytes", "tmpfs_size"}
+_LANDLOCK_RANK = {"off": 0, "auto": 1, "required": 2}
+_SECCOMP_RANK = {"unconfined": 0, "default": 1, "strict": 2}
+
+
+class PolicyError(Exception):
+    """The request asks for more than its pool allows; the message names the field."""
+
+
+def _num(cfg: SandboxConfig, name: str):
+    v = getattr(cfg, name)
+    if v is None:
+        return None
+    if name in _SIZES:
+        from zygote_client._config import parse_size
+        return parse_size(v, name)
+    return v
+
+
+def effective(pool: SandboxConfig, req: SandboxConfig | None) -> SandboxConfig:
+    if req is None:
+        return pool
+    changes: dict = {}
+    for name in LIMITS:
+        p, r = _num(pool, name), _num(req, name)
+        if r is None:
+            if name == "tmpfs_size":
+                changes[name] = pool.tmpfs_size
+            else:
+                changes[name] = getattr(pool, name)
+        elif p is not None and r > p:
+            raise PolicyError(f"{name}={getattr(req, name)!r} exceeds the pool's ceiling {getattr(pool, name)!r}")
+    if _LANDLOCK_RANK[req.landlock] < _LANDLOCK_RANK[pool.landlock]:
+        raise PolicyError(f"landlock={req.landlock!r} is looser than the pool's {pool.landlock!r} "
+                          "(turning a layer down is a pool-level decision)")
+    if req.seccomp_profile != pool.seccomp_profile:
+        pr, rr = _SECCOMP_RANK.get(pool.seccomp_profile), _SECCOMP_RANK.get(req.seccomp_profile)
+        if pr is None or rr is None or rr < pr:
+            raise PolicyError(f"seccomp_profile={req.seccomp_profile!r} is not allowed under the pool's "
+                              f"{pool.seccomp_profile!r} (custom or looser profiles are set per pool)")
+    if req.dev_pts and not pool.dev_pts:
+        raise PolicyError("dev_pts=True is not allowed by the pool")
+    if req.network is not None:
+        if pool.network is None:
+            raise PolicyError("network access is not allowed by the pool")
+        if pool.network.allow and not set(req.network.allow) <= set(pool.network.allow) and req.network.allow:
+            raise PolicyError("the request's network allow-list must be a subset of the pool's")
+        if pool.network.allow and not req.network.allow:
+            changes["network"] = pool.network
+    if req.chroot_dir is None and pool.chroot_dir is not None:
+        changes["chroot_dir"] = pool.chroot_dir
+    elif req.chroot_dir is not None and pool.chroot_dir is not None and req.chroot_dir != pool.chroot_dir:
+        raise PolicyError("chroot_dir differs from the pool's")
+    ro = dict(pool.ro_binds)
+    ro.update(req.ro_binds)
+    rw = dict(pool.rw_binds)
+    rw.update(req.rw_binds)
+    changes["ro_binds"], changes["rw_binds"] = ro, rw
+    return msgspec.structs.replace(req, **changes)
+
+
+def check_peer_paths(cfg: SandboxConfig, pool: SandboxConfig, uid: int, gid: int) -> None:
+    """Refuse binds/chroot the connecting user could not reach on the host themselves.
+
+    The child opens bind sources while it still carries the daemon's host credentials, so without
+    this a client could bind any file the daemon can read. Root and the daemon's own uid pass.
+    """
+    if uid == 0 or uid == os.getuid():
+        return
+    for field, write in (("ro_binds", False), ("rw_binds", True)):
+        for src in getattr(cfg, field):
+            if src in getattr(pool, field):
+                continue
+            if not _may_access(src, uid, gid, write):
+                raise PolicyError(f"{field}: uid {uid} may not {'write' if write else 'read'} {src!r} on the host")
+    if cfg.chroot_dir and cfg.chroot_dir != pool.chroot_dir and not _may_access(cfg.chroot_dir, uid, gid, False):
+        raise PolicyError(f"chroot_dir: uid {uid} may not read {cfg.chroot_dir!r} on the host")
+
+
+def _may_access(path: str, uid: int, gid: int, write: bool) -> bool:
+    def ok(st: os.stat_result, bit_r: bool, bit_w: bool, bit_x: bool) -> bool:
+        if st.st_uid == uid:
+            shift = 6
+        elif st.st_gid == gid:
+            shift = 3
+        else:
+            shift = 0
+        mode = st.st_mode >> shift
+        return (not bit_r or mode & 4) and (not bit_w or mode & 2) and (not bit_x or mode & 1)
+
+    real = os.path.realpath(path)
+    parts = real.split("/")
+    cur = "/"
+    try:
+        for part in parts[1:-1]:
+            cur = os.path.join(cur, part)
+            if not ok(os.stat(cur), False, False, True):
+                return False
+        st = os.stat(real)
+    except OSError:
+        return False
+    is_dir = stat.S_ISDIR(st.st_mode)
+    return bool(ok(st, True, write, is_dir))
