@@ -56,6 +56,7 @@ class ChildPlan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     gid: int = 0
     drop_privileges: bool = False
     seccomp_bpf: bytes = b""
+    cgroupns: bool = False  # re-root the cgroup namespace at the child's own cgroup (attached by now)
     test_fail_step: str | None = None
 
 

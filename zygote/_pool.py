@@ -80,7 +80,7 @@ class Zygote:
             # Popen from the trio thread itself (not a worker thread): children created by
             # CLONE_PARENT get this thread as their real parent, and PDEATHSIG follows it.
             self.proc = subprocess.Popen(
-                [self.pool.python, "-m", "zygote._zygote", str(child.fileno()), *self.pool.preload],
+                [self.pool.python, "-P", "-m", "zygote._zygote", str(child.fileno()), *self.pool.preload],
                 pass_fds=[child.fileno()], env=env, stdin=subprocess.DEVNULL, close_fds=True,
             )
         except OSError as e:

@@ -18,7 +18,7 @@ import sys
 import traceback
 
 from ._childproto import LEN, ExitReport, Failed, Ready, frame, plan_decoder
-from .layers import SetupError, mounts, netns, rlimits, userns, uts
+from .layers import SetupError, landlock, mounts, netns, privileges, rlimits, seccomp, userns, uts
 from .layers import _sys
 
 CTL_FD = 3
@@ -50,18 +50,29 @@ def run(fds: list[int]) -> None:
 
 def confine(plan) -> int:
     """The confinement pipeline. Order matters; each line says why it sits where it does."""
-    _inject(plan, "userns")
-    userns.apply()                           # first: nothing else may run as an unmapped id
     _inject(plan, "mounts")
-    mounts.apply(plan)                       # needs CAP_SYS_ADMIN in the userns (dropped later)
+    sources = mounts.open_sources(plan)      # before userns: walk to bind sources as the daemon's uid
+    _inject(plan, "userns")
+    userns.apply()                           # then take the mapped ids; nothing runs unmapped after
+    if plan.cgroupns:                        # the daemon attached us to our cgroup before "go":
+        _cgroupns()                          # make it the root of what we can see
+    mounts.apply(plan, sources)              # needs CAP_SYS_ADMIN in the userns (dropped below)
     _inject(plan, "netns")
-    netns.apply()                            # lo up needs CAP_NET_ADMIN, also dropped later
+    netns.apply()                            # lo up needs CAP_NET_ADMIN, also dropped below
     _inject(plan, "rlimits")
     rlimits.apply(plan.rlimits)              # before the drop: raising hard limits needs a cap
     _inject(plan, "uts")
-    uts.apply(plan.hostname, plan.process_name)
-    _inject(plan, "fds")
-    _set_pdeathsig()                         # the daemon is our parent (CLONE_PARENT)
+    uts.apply(plan.hostname, plan.process_name)  # sethostname needs CAP_SYS_ADMIN; comm needs /proc
+    _inject(plan, "landlock")
+    abi = landlock.apply(plan.landlock_ro, plan.landlock_rw, deny_tcp=plan.landlock_net,
+                         mode=plan.landlock) if plan.landlock != "off" else 0  # opens rule paths: before the drop
+    _inject(plan, "privileges")
+    if plan.drop_privileges:
+        privileges.apply(plan.uid, plan.gid)  # the last privileged step is behind us
+    _set_pdeathsig()                         # after the uid change, which clears it (prctl(2))
+    _inject(plan, "seccomp")
+    if plan.seccomp_bpf:
+        seccomp.apply(plan.seccomp_bpf)      # last: nothing after this needs a denied call
     _inject(plan, "payload")
     try:
         pid = os.fork()                      # the payload is PID 2 under a tiny PID-1 reaper
@@ -69,8 +80,15 @@ def confine(plan) -> int:
         raise SetupError("fork", f"cannot start the payload process: {e.strerror}", e.errno or 0) from None
     if pid == 0:
         _payload(plan)                       # never returns
-    _report(Ready(payload_pid=pid))
+    _report(Ready(landlock_abi=abi, payload_pid=pid))
     return pid
+
+
+def _cgroupns() -> None:
+    try:
+        _sys.unshare(0x02000000)  # CLONE_NEWCGROUP
+    except OSError as e:
+        raise SetupError("cgroup", f"unshare(CLONE_NEWCGROUP): {e.strerror}", e.errno or 0) from None
 
 
 def _inject(plan, step: str) -> None:
@@ -119,8 +137,6 @@ def _report(msg) -> None:
 
 def _set_pdeathsig() -> None:
     _sys.libc.prctl(_sys.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() == 0:  # parent already gone (getppid is 0 outside our pid namespace's view)
-        pass
 
 
 # ---- PID 1 -------------------------------------------------------------------------------------

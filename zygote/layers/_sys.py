@@ -29,6 +29,13 @@ libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
 
+libc.unshare.argtypes = [ctypes.c_int]
+
+
+def unshare(flags: int) -> None:
+    check(libc.unshare(flags), "unshare")
+
+
 def check(ret: int, what: str) -> int:
     if ret < 0:
         err = ctypes.get_errno()

@@ -338,6 +338,12 @@ class CgroupHost:
                 h.lock_fd = -1
         for h in self._hiers:
             _rmdir(h.base)
+            parent = os.path.dirname(h.base)
+            if os.path.basename(parent) == "zygote" and os.path.dirname(parent) == h.own.rstrip("/"):
+                try:  # the shared parent goes when the last daemon instance leaves it
+                    os.rmdir(parent)
+                except OSError:
+                    pass
         self._closed = True
 
     def __enter__(self) -> CgroupHost:
@@ -546,7 +552,8 @@ def detect(name: str = "zygote") -> CgroupHost:
         SetupError("cgroup", ...): no usable hierarchy, a controller missing, or not writable;
         the hint names the delegation fix.
     """
-    if not name or "/" in name or name in (".", ".."):
+    # "zygote" or "zygote/<instance>": one shared, visible parent; one leaf per daemon instance
+    if not name or name.count("/") > 1 or any(p in ("", ".", "..") for p in name.split("/")):
         raise ValueError(f"bad cgroup directory name {name!r}")
     try:
         mounts = _mounts()
@@ -610,6 +617,8 @@ def _detect_v2(name: str, own: str, ctrls: set[str], already: bool) -> CgroupHos
                        E.EBUSY, "start the daemon alone in its cgroup (systemd: its own unit with Delegate=yes; "
                        "Docker: as the container's only process, --cgroupns=private)")
         if procs:
+            if "/" in name:
+                _mkbase(os.path.dirname(base))
             _mkbase(base)
             leaf = os.path.join(base, DAEMON_LEAF)
             _mkbase(leaf)
@@ -621,6 +630,13 @@ def _detect_v2(name: str, own: str, ctrls: set[str], already: bool) -> CgroupHos
     try:
         if need:
             _write(subtree, " ".join("+" + c for c in need))
+        if "/" in name:
+            mid = os.path.dirname(base)
+            _mkbase(mid)
+            msub = os.path.join(mid, "cgroup.subtree_control")
+            mneed = [c for c in CONTROLLERS if c not in _read(msub).split()]
+            if mneed:
+                _write(msub, " ".join("+" + c for c in mneed))
         _mkbase(base)
         bsub = os.path.join(base, "cgroup.subtree_control")
         bneed = [c for c in CONTROLLERS if c not in _read(bsub).split()]
@@ -664,6 +680,8 @@ def _detect_v1(name: str, mounts: list, own: dict[str, str]) -> CgroupHost:
             except OSError:
                 continue
         else:
+            if "/" in name:
+                _mkbase(os.path.dirname(base))
             _mkbase(base)
         hiers[mnt] = _Hier(frozenset({c}), d, base)
     host = CgroupHost(1, list(hiers.values()))
@@ -676,3 +694,52 @@ def _detect_v1(name: str, mounts: list, own: dict[str, str]) -> CgroupHost:
                 os.close(h.lock_fd)
         raise
     return host
+
+
+def remove_dead_instances(host: CgroupHost) -> list[str]:
+    """Remove ``zygote/d<pid>`` trees left by daemons that died without cleaning up.
+
+    A live daemon holds an flock on its directory; a dead one's directory is taken over only when
+    its pid no longer exists and the lock can be had. Processes still inside are SIGKILLed.
+    """
+    removed = []
+    for h in host._hiers:
+        parent = os.path.dirname(h.base)
+        if os.path.basename(parent) != "zygote":
+            continue
+        try:
+            entries = [e for e in os.scandir(parent) if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            continue
+        for e in entries:
+            if e.path == h.base or not e.name.startswith("d") or not e.name[1:].isdigit():
+                continue
+            if os.path.exists(f"/proc/{e.name[1:]}"):
+                continue
+            try:
+                fd = os.open(e.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue
+            try:
+                for root, dirs, _files in os.walk(e.path, topdown=False):
+                    for _ in range(50):
+                        try:
+                            pids = _procs(root)
+                        except OSError:
+                            break
+                        if not pids:
+                            break
+                        ChildCgroup._signal(pids)
+                        time.sleep(0.01)
+                    _rmdir(root)
+                removed.append(e.path)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    return removed

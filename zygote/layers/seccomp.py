@@ -46,8 +46,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pyseccomp as _sc
-
 from . import SetupError
 from . import _sys
 
@@ -95,23 +93,26 @@ _KNOWN_ARCHES = {
     "SCMP_ARCH_SH", "SCMP_ARCH_SHEB",
 }
 
-# name -> (needs an errno, libseccomp action constructor)
-_ACTIONS: dict[str, Any] = {
-    "SCMP_ACT_ALLOW": lambda e: _sc.ALLOW,
-    "SCMP_ACT_ERRNO": lambda e: _sc.ERRNO(e),
-    "SCMP_ACT_KILL": lambda e: _sc.KILL_PROCESS,  # see the module docstring
-    "SCMP_ACT_KILL_PROCESS": lambda e: _sc.KILL_PROCESS,
-    "SCMP_ACT_KILL_THREAD": lambda e: _sc.KILL_THREAD,
-    "SCMP_ACT_TRAP": lambda e: _sc.TRAP,
-    "SCMP_ACT_LOG": lambda e: _sc.LOG,
+# Action values are the kernel's SECCOMP_RET_* (include/uapi/linux/seccomp.h), which libseccomp
+# passes through unchanged; defining them here keeps libseccomp out of processes that only apply().
+_RET_KILL_PROCESS, _RET_KILL_THREAD, _RET_TRAP = 0x80000000, 0x00000000, 0x00030000
+_RET_ERRNO, _RET_LOG, _RET_ALLOW = 0x00050000, 0x7FFC0000, 0x7FFF0000
+_ACTIONS: dict[str, Any] = {  # name -> action value for a given errno
+    "SCMP_ACT_ALLOW": lambda e: _RET_ALLOW,
+    "SCMP_ACT_ERRNO": lambda e: _RET_ERRNO | (e & 0xFFFF),
+    "SCMP_ACT_KILL": lambda e: _RET_KILL_PROCESS,  # see the module docstring
+    "SCMP_ACT_KILL_PROCESS": lambda e: _RET_KILL_PROCESS,
+    "SCMP_ACT_KILL_THREAD": lambda e: _RET_KILL_THREAD,
+    "SCMP_ACT_TRAP": lambda e: _RET_TRAP,
+    "SCMP_ACT_LOG": lambda e: _RET_LOG,
 }
 _REFUSED_ACTIONS = {
     "SCMP_ACT_TRACE": "nothing ptraces a zygote child, so the call would fail with ENOSYS",
     "SCMP_ACT_NOTIFY": "zygote has no seccomp user-notification listener",
 }
-_OPS = {
-    "SCMP_CMP_NE": _sc.NE, "SCMP_CMP_LT": _sc.LT, "SCMP_CMP_LE": _sc.LE, "SCMP_CMP_EQ": _sc.EQ,
-    "SCMP_CMP_GE": _sc.GE, "SCMP_CMP_GT": _sc.GT, "SCMP_CMP_MASKED_EQ": _sc.MASKED_EQ,
+_OPS = {  # libseccomp's enum scmp_compare (seccomp.h), part of its stable ABI
+    "SCMP_CMP_NE": 1, "SCMP_CMP_LT": 2, "SCMP_CMP_LE": 3, "SCMP_CMP_EQ": 4,
+    "SCMP_CMP_GE": 5, "SCMP_CMP_GT": 6, "SCMP_CMP_MASKED_EQ": 7,
 }
 
 # Syscalls newer than what libseccomp 2.5.4 (Debian 12) can name. Since Linux 5.1 every
@@ -132,10 +133,19 @@ if _ARCH == "x86_64":
 _NR_SCMP_ERROR = -1  # libseccomp's answer for a name it does not know on any architecture
 
 
+def _libseccomp():
+    """pyseccomp, imported on first use by the daemon: a zygote or child that imports this module
+    only to apply() never loads libseccomp (nor runs the ldconfig that ctypes.util.find_library
+    spawns to locate it)."""
+    import pyseccomp
+    return pyseccomp
+
+
 def _resolve(name: str) -> int | None:
     """The native syscall number; None when the name exists only on other architectures; raises
     KeyError when nobody knows it."""
-    nr = _sc.resolve_syscall(_sc.Arch.NATIVE, name)
+    sc = _libseccomp()
+    nr = sc.resolve_syscall(sc.Arch.NATIVE, name)
     if nr >= 0:
         return nr
     if name in _NEW_SYSCALLS:
@@ -150,6 +160,21 @@ def _resolve(name: str) -> int | None:
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 
 
+def _profile_path(name_or_path: str) -> Path:
+    if os.path.isabs(name_or_path):
+        return Path(name_or_path)
+    if _NAME_RE.match(name_or_path) and not name_or_path.endswith(".json"):
+        for d in _profile_dirs():
+            if (d / f"{name_or_path}.json").is_file():
+                return d / f"{name_or_path}.json"
+        known = sorted({p.stem for d in _profile_dirs() for p in d.glob("*.json")})
+        raise ProfileError(f"unknown seccomp profile {name_or_path!r}",
+                           f"use one of {', '.join(known) or '(none installed)'} or an absolute "
+                           f"path to a JSON profile")
+    raise ProfileError(f"seccomp profile {name_or_path!r}: expected a profile name (no '.json', "
+                       f"no '/') or an absolute path to a JSON file")
+
+
 def load_profile(name_or_path: str) -> dict:
     """Read and validate a profile; return it normalised (see ``normalize``).
 
@@ -161,19 +186,7 @@ def load_profile(name_or_path: str) -> dict:
         ProfileError (a ValueError): unknown name, unreadable file, invalid JSON, or an invalid
             profile (unknown action, operator, architecture or syscall name, ...).
     """
-    if os.path.isabs(name_or_path):
-        path = Path(name_or_path)
-    elif _NAME_RE.match(name_or_path) and not name_or_path.endswith(".json"):
-        path = next((d / f"{name_or_path}.json" for d in _profile_dirs()
-                     if (d / f"{name_or_path}.json").is_file()), PROFILE_DIR / f"{name_or_path}.json")
-        if not path.is_file():
-            known = sorted({p.stem for d in _profile_dirs() for p in d.glob("*.json")})
-            raise ProfileError(f"unknown seccomp profile {name_or_path!r}",
-                               f"use one of {', '.join(known) or '(none installed)'} or an absolute "
-                               f"path to a JSON profile")
-    else:
-        raise ProfileError(f"seccomp profile {name_or_path!r}: expected a profile name (no '.json', "
-                           f"no '/') or an absolute path to a JSON file")
+    path = _profile_path(name_or_path)
     try:
         text = path.read_bytes()
     except OSError as e:
@@ -312,7 +325,7 @@ def normalize(profile: Any) -> dict:
                          "valueTwo": _int(a.get("valueTwo", 0), f"{aw}.valueTwo"), "op": a["op"]})
         if not _applies(rule, where):
             continue
-        allows = _ACTIONS[action](0) in (_sc.ALLOW, _sc.LOG)
+        allows = _ACTIONS[action](0) in (_RET_ALLOW, _RET_LOG)
         kept = []
         for n in names:
             try:
@@ -341,10 +354,11 @@ def compile_profile(profile: dict) -> bytes:
         ProfileError: the profile is invalid or libseccomp refused a rule.
     """
     p = normalize(profile)
+    sc = _libseccomp()
     default = _ACTIONS[p["defaultAction"]](p["defaultErrnoRet"])
     try:
-        filt = _sc.SyscallFilter(default)
-        filt.set_attr(_sc.Attr.ACT_BADARCH, _sc.KILL_PROCESS)
+        filt = sc.SyscallFilter(default)
+        filt.set_attr(sc.Attr.ACT_BADARCH, _RET_KILL_PROCESS)
     except OSError as e:
         raise ProfileError(f"libseccomp refused the default action: {e.strerror}",
                            errno=e.errno or 0) from None
@@ -352,7 +366,7 @@ def compile_profile(profile: dict) -> bytes:
         action = _ACTIONS[rule["action"]](rule["errnoRet"])
         if action == default:
             continue  # libseccomp refuses these (EACCES); they change nothing
-        conds = [_sc.Arg(a["index"], _OPS[a["op"]], a["value"], a["valueTwo"]) for a in rule["args"]]
+        conds = [sc.Arg(a["index"], _OPS[a["op"]], a["value"], a["valueTwo"]) for a in rule["args"]]
         for name in rule["names"]:
             nr = _resolve(name)
             if nr is None:
@@ -385,12 +399,12 @@ _cache: dict[tuple, bytes] = {}
 
 def compile_cached(name_or_path: str) -> bytes:
     """``compile_profile(load_profile(name_or_path))``, remembered per file (path, size, mtime)."""
+    path = _profile_path(name_or_path)
     try:
-        st = os.stat(name_or_path if os.path.isabs(name_or_path)
-                     else PROFILE_DIR / f"{name_or_path}.json")
-        key = (name_or_path, st.st_size, st.st_mtime_ns, st.st_ino)
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
     except OSError:
-        key = (name_or_path,)
+        key = (str(path),)
     bpf = _cache.get(key)
     if bpf is None:
         bpf = _cache[key] = compile_profile(load_profile(name_or_path))

@@ -1,0 +1,485 @@
+"""zygote benchmarks: spawn latency, throughput and memory against the alternatives, on this host.
+
+    .venv/bin/python benchmarks/run.py            # ~2-3 minutes
+    .venv/bin/python benchmarks/run.py --quick    # ~30 seconds, fewer samples
+
+Prints a table, the ratios and the project's targets as PASS/FAIL lines, and writes everything
+(raw samples included) to benchmarks/results/latest.json. See benchmarks/README.md for what each
+row measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import steps  # noqa: E402  (benchmarks/steps.py)
+
+from zygote_client import DEVNULL, Client, NetworkConfig, SandboxConfig  # noqa: E402
+
+if __name__ != "__main__":
+    # Payloads below are sent by value: the zygote cannot import this file.
+    import cloudpickle
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+MiB = 1 << 20
+perf = time.perf_counter
+
+
+# ---- payloads (run inside the confined child) ----------------------------------------------------
+
+def byte_payload() -> None:
+    """Print one byte and exit."""
+    print("x", end="", flush=True)
+
+
+def sleep_payload() -> None:
+    """Say "ready", then sleep until killed (for the memory measurement)."""
+    import time as _t
+    print("r", end="", flush=True)
+    _t.sleep(120)
+
+
+def net_payload() -> None:
+    """Print the names of the child's network interfaces."""
+    import socket as _s
+    print(",".join(name for _, name in _s.if_nameindex()), end="", flush=True)
+
+
+# ---- statistics ---------------------------------------------------------------------------------
+
+def pct(s: list[float], p: float) -> float:
+    """Nearest-rank percentile of sorted samples."""
+    return s[max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))]
+
+
+def summary(samples: list[float]) -> dict:
+    s = sorted(samples)
+    return {"n": len(s), "median_ms": statistics.median(s) * 1e3, "p90_ms": pct(s, 90) * 1e3,
+            "p99_ms": pct(s, 99) * 1e3, "min_ms": s[0] * 1e3, "max_ms": s[-1] * 1e3,
+            "samples_ms": [round(x * 1e3, 4) for x in samples]}
+
+
+# ---- (a), (b): zygote ---------------------------------------------------------------------------
+
+def zygote_sample(client: Client, cfg: SandboxConfig | None = None) -> tuple[float, float, float]:
+    """One spawn: (first byte, spawn_child returned, reaped), seconds from calling spawn_child."""
+    t0 = perf()
+    child = client.spawn_child(byte_payload, sandbox_config=cfg, stdin=DEVNULL)
+    t_ready = perf()
+    b = os.read(child.stdout.fileno(), 1)
+    t_first = perf()
+    child.stdout.close()
+    child.stderr.close()
+    st = child.wait()
+    t_reaped = perf()
+    if b != b"x" or st.returncode != 0:
+        raise RuntimeError(f"unexpected child output {b!r} / status {st}")
+    return t_first - t0, t_ready - t0, t_reaped - t0
+
+
+def bench_zygote(client: Client, n: int, cfg: SandboxConfig | None = None) -> dict:
+    for _ in range(10):
+        zygote_sample(client, cfg)  # warm: first spawns fault in the daemon's and client's paths
+    first, ready, reaped = [], [], []
+    for _ in range(n):
+        f, r, x = zygote_sample(client, cfg)
+        first.append(f)
+        ready.append(r)
+        reaped.append(x)
+    return {"first_byte": summary(first), "ready": summary(ready), "reaped": summary(reaped)}
+
+
+def bench_idle(client: Client, n: int, idle: float = 1.0) -> dict:
+    first = []
+    for _ in range(n):
+        time.sleep(idle)
+        first.append(zygote_sample(client)[0])
+    return {"first_byte": summary(first), "idle_s": idle}
+
+
+def network_available(client: Client) -> tuple[bool, str]:
+    """Whether the daemon really gives a child a network (not just accepts the field)."""
+    cfg = SandboxConfig(network=NetworkConfig())
+    try:
+        done = client.run(net_payload, sandbox_config=cfg, timeout=30)
+    except Exception as e:  # noqa: BLE001 - any refusal means "not available"
+        return False, f"{type(e).__name__}: {e}"
+    names = done.stdout.decode(errors="replace").split(",")
+    if done.returncode != 0:
+        return False, f"the networked child exited {done.returncode}: {done.stderr[-200:]!r}"
+    if [n for n in names if n and n != "lo"]:
+        return True, "interfaces: " + ",".join(names)
+    return False, "the daemon accepts network=NetworkConfig() but the child has only lo"
+
+
+# ---- memory ---------------------------------------------------------------------------------------
+
+def smaps(pid: int) -> dict:
+    """Rss, Pss and private (Private_Clean + Private_Dirty) of a process, in bytes."""
+    out = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
+                out[parts[0][:-1]] = int(parts[1]) * 1024
+    return {"rss": out.get("Rss", 0), "pss": out.get("Pss", 0),
+            "private": out.get("Private_Clean", 0) + out.get("Private_Dirty", 0)}
+
+
+def children_of(pid: int) -> list[int]:
+    kids = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids += [int(x) for x in f.read().split()]
+    except FileNotFoundError:
+        pass
+    return kids
+
+
+def find_zygote(client: Client, exclude: set[int] = frozenset()) -> int | None:
+    daemon = client._aclient._proc.pid
+    for pid in children_of(daemon):
+        if pid in exclude:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"zygote._zygote" in f.read():
+                    return pid
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def bench_memory(client: Client) -> dict:
+    zpid = find_zygote(client)
+    res: dict = {"zygote_pid": zpid}
+    if zpid is not None:
+        res["zygote"] = smaps(zpid)
+    child = client.spawn_child(sleep_payload, stdin=DEVNULL)
+    try:
+        if os.read(child.stdout.fileno(), 1) != b"r":
+            raise RuntimeError("the memory child did not report ready")
+        time.sleep(0.2)  # let the payload settle after its write
+        payload = children_of(child.pid)
+        res["reaper"] = smaps(child.pid)
+        if payload:
+            res["payload"] = smaps(payload[0])
+        res["child_private"] = res["reaper"]["private"] + res.get("payload", {}).get("private", 0)
+    finally:
+        child.kill()
+        child.stdout.close()
+        child.stderr.close()
+        child.wait()
+    return res
+
+
+# ---- throughput -----------------------------------------------------------------------------------
+
+def bench_throughput(clients: list[Client], duration: float) -> dict:
+    """One thread per client, each calling client.run(byte_payload) until the deadline."""
+    counts = [0] * len(clients)
+    errors: list[str] = []
+    start = threading.Barrier(len(clients) + 1)
+    stop_at = [0.0]
+
+    def worker(i: int, c: Client) -> None:
+        start.wait()
+        try:
+            while perf() < stop_at[0]:
+                c.run(byte_payload)
+                counts[i] += 1
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=worker, args=(i, c)) for i, c in enumerate(clients)]
+    for t in threads:
+        t.start()
+    stop_at[0] = perf() + duration
+    t0 = perf()
+    start.wait()
+    for t in threads:
+        t.join()
+    elapsed = perf() - t0
+    return {"requesters": len(clients), "completed": sum(counts), "seconds": elapsed,
+            "per_second": sum(counts) / elapsed, "errors": errors[:3]}
+
+
+# ---- (c), (e): cold processes ----------------------------------------------------------------------
+
+COLD_CODE = "import pandas; print(1)"
+
+
+def first_byte_of(cmd: list[str]) -> tuple[float, int, bytes]:
+    t0 = perf()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    b = p.stdout.read(1)
+    t1 = perf()
+    _, err = p.communicate()
+    return t1 - t0, p.returncode, err
+
+
+def bench_cold(cmd: list[str], n: int) -> dict:
+    _, rc, err = first_byte_of(cmd)  # warm the page cache; also checks the command works
+    if rc != 0:
+        return {"error": f"exit {rc}: {err.decode(errors='replace')[-300:]}"}
+    return {"first_byte": summary([first_byte_of(cmd)[0] for _ in range(n)])}
+
+
+def bwrap_cmd() -> list[str] | None:
+    bw = shutil.which("bwrap")
+    if bw is None:
+        return None
+    # As root, --unshare-all (user namespace included, "-try") works with a read-only host root.
+    return [bw, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "--dev", "/dev",
+            "--proc", "/proc", sys.executable, "-c", COLD_CODE]
+
+
+# ---- (d), (f): baselines in a separate small process ---------------------------------------------
+
+def bench_baseline(mode: str, n: int) -> dict:
+    env = dict(os.environ)
+    for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(k, "1")
+    p = subprocess.run([sys.executable, os.path.join(HERE, "_baselines.py"), mode, str(n)],
+                       capture_output=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
+    if p.returncode != 0:
+        return {"error": f"exit {p.returncode}: {p.stderr.decode(errors='replace')[-500:]}"}
+    raw = json.loads(p.stdout)
+    return {k: summary(v) for k, v in raw.items()}
+
+
+# ---- report ---------------------------------------------------------------------------------------
+
+def machine_info() -> dict:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"kernel": platform.release(), "cpu": cpu, "cpus": os.cpu_count(),
+            "python": sys.version.split()[0], "executable": sys.executable,
+            "loadavg_start": os.getloadavg()}
+
+
+def fmt_row(name: str, r: dict | None, key: str = "first_byte", note: str = "") -> str:
+    if r is None or "error" in r or r.get(key) is None:
+        why = (r or {}).get("error") or (r or {}).get("skipped") or note or "not measured"
+        return f"  {name:<58} {'':>5} {'n/a':>9}                       {why}"
+    s = r[key]
+    return (f"  {name:<58} {s['n']:>5} {s['median_ms']:>9.2f} {s['p90_ms']:>9.2f} {s['p99_ms']:>9.2f}"
+            + (f"  {note}" if note else ""))
+
+
+def med(r: dict | None, key: str = "first_byte") -> float | None:
+    if not r or "error" in r or key not in r:
+        return None
+    return r[key]["median_ms"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="zygote spawn benchmarks (see benchmarks/README.md)")
+    ap.add_argument("--quick", action="store_true", help="fewer samples: about 30 s instead of 2-3 min")
+    ap.add_argument("-n", "--samples", type=int, default=None, help="warm zygote spawns (default 200, quick 50)")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"), help="JSON output path")
+    ap.add_argument("--no-steps", action="store_true", help="skip the per-step table (steps.py)")
+    a = ap.parse_args(argv)
+    q = a.quick
+    n_warm = a.samples or (50 if q else 200)
+    n_idle = 5 if q else 20
+    n_cold = 5 if q else 20
+    n_fs = 30 if q else 100
+    n_fork = 50 if q else 200
+    tp_secs = 2.0 if q else 5.0
+
+    t_start = perf()
+    info = machine_info()
+    res: dict = {"machine": info, "args": {"quick": q, "warm_samples": n_warm, "idle_samples": n_idle,
+                                           "cold_samples": n_cold, "forkserver_samples": n_fs,
+                                           "fork_samples": n_fork, "throughput_seconds": tp_secs},
+                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if info["loadavg_start"][0] > 0.5 * (os.cpu_count() or 1):
+        print(f"warning: load average {info['loadavg_start'][0]:.1f} on {os.cpu_count()} CPUs: "
+              "other work on this host will inflate and spread the numbers", file=sys.stderr)
+
+    def say(msg: str) -> None:
+        print(f"[{perf() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    clients: list[Client] = []
+    try:
+        say("starting an embedded daemon + zygote with pandas preloaded")
+        t0 = perf()
+        ca = Client.embedded(preload_imports=["pandas"])
+        clients.append(ca)
+        res["embedded_start_s"] = perf() - t0
+
+        say(f"(a) zygote, default confinement: {n_warm} warm spawns")
+        res["a_zygote"] = bench_zygote(ca, n_warm)
+        say(f"(a) first spawn after 1 s idle: {n_idle} samples")
+        res["a_idle"] = bench_idle(ca, n_idle)
+
+        say("memory: zygote and one sleeping child")
+        try:
+            res["memory"] = bench_memory(ca)
+        except Exception as e:  # noqa: BLE001
+            res["memory"] = {"error": f"{type(e).__name__}: {e}"}
+
+        ok, why = network_available(ca)
+        if ok:
+            say(f"(b) networked: {n_warm // 2} spawns ({why})")
+            res["b_network"] = bench_zygote(ca, n_warm // 2, SandboxConfig(network=NetworkConfig()))
+        else:
+            say(f"(b) networked: not available yet ({why})")
+            res["b_network"] = {"skipped": f"not available yet: {why}"}
+
+        say(f"throughput: 1 requester, {tp_secs:.0f} s")
+        res["throughput_1"] = bench_throughput([ca], tp_secs)
+        say("throughput: 2 requesters, each with its own Client.embedded")
+        cb = Client.embedded(preload_imports=["pandas"])
+        clients.append(cb)
+        zygote_sample(cb)
+        res["throughput_2"] = bench_throughput([ca, cb], tp_secs)
+        say("throughput: 2 requesters sharing one client (one daemon)")
+        res["throughput_2_shared"] = bench_throughput([ca, ca], tp_secs)
+    finally:
+        for c in clients:
+            try:
+                c.close()
+            except Exception as e:  # noqa: BLE001
+                print(f"closing a client: {e}", file=sys.stderr)
+
+    say(f"(c) cold python -c {COLD_CODE!r}: {n_cold} samples")
+    res["c_cold"] = bench_cold([sys.executable, "-c", COLD_CODE], n_cold)
+    say(f"(d) multiprocessing forkserver, pandas preloaded: {n_fs} samples")
+    res["d_forkserver"] = bench_baseline("forkserver", n_fs)
+    cmd = bwrap_cmd()
+    if cmd is None:
+        say("(e) bubblewrap: skipped (bwrap not installed; run benchmarks/setup.sh)")
+        res["e_bwrap"] = {"skipped": "bwrap not installed (benchmarks/setup.sh installs it)"}
+    else:
+        say(f"(e) bubblewrap + python + pandas: {n_cold} samples")
+        res["e_bwrap"] = bench_cold(cmd, n_cold)
+        res["e_bwrap"]["command"] = " ".join(cmd)
+    say(f"(f) os.fork of a warm pandas process: {n_fork} samples")
+    res["f_fork"] = bench_baseline("fork", n_fork)
+
+    if not a.no_steps:
+        say("per-step costs (steps.py)")
+        res["steps"] = steps.measure(quick=q)
+    res["machine"]["loadavg_end"] = os.getloadavg()
+    res["elapsed_s"] = perf() - t_start
+
+    report(res)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"\nwrote {os.path.relpath(a.out)} ({res['elapsed_s']:.0f} s)")
+    return 0
+
+
+def report(res: dict) -> None:
+    m = res["machine"]
+    print(f"\nzygote benchmarks — {m['cpu']} ×{m['cpus']}, kernel {m['kernel']}, Python {m['python']}, "
+          f"load {m['loadavg_start'][0]:.1f} → {m['loadavg_end'][0]:.1f}")
+    print(f"\n  {'spawn → first byte the child prints (ms)':<58} {'n':>5} {'median':>9} {'p90':>9} {'p99':>9}")
+    a, idle = res["a_zygote"], res["a_idle"]
+    print(fmt_row("(a) zygote, default confinement, pandas preloaded", a))
+    print(fmt_row("    ... spawn_child returned (child reported ready)", a, "ready"))
+    print(fmt_row("    ... spawn → exit reported (wait returned)", a, "reaped"))
+    print(fmt_row(f"(a) first spawn after {idle['idle_s']:.0f} s idle", idle))
+    print(fmt_row("(b) zygote + network (veth)", res["b_network"]))
+    print(fmt_row("(c) cold `python -c \"import pandas; print(1)\"`", res["c_cold"]))
+    print(fmt_row("(d) multiprocessing forkserver, pandas preloaded", res["d_forkserver"]))
+    print(fmt_row("(e) bubblewrap --unshare-all + python + pandas", res["e_bwrap"]))
+    print(fmt_row("(f) os.fork() of a warm pandas process", res["f_fork"]))
+    print(fmt_row("    ... fork → reaped", res["f_fork"], "reaped"))
+
+    print("\n  sustained spawn+exit (client.run of a one-byte payload)")
+    for key, label in (("throughput_1", "1 requester"), ("throughput_2", "2 requesters, own Client.embedded each"),
+                       ("throughput_2_shared", "2 requesters sharing one Client (one daemon)")):
+        t = res.get(key)
+        if t:
+            err = f"  errors: {t['errors']}" if t["errors"] else ""
+            print(f"  {label:<58} {t['per_second']:>8.1f} /s  ({t['completed']} in {t['seconds']:.1f} s){err}")
+
+    mem = res.get("memory", {})
+    print("\n  memory (smaps_rollup)                                          Rss        Pss    Private")
+    if "error" in mem:
+        print(f"  n/a: {mem['error']}")
+    for key, label in (("zygote", "zygote process (pandas preloaded)"), ("reaper", "child: PID-1 reaper"),
+                       ("payload", "child: payload process (sleeping)")):
+        if key in mem:
+            s = mem[key]
+            print(f"  {label:<58} {s['rss'] / MiB:>8.1f}M {s['pss'] / MiB:>8.1f}M {s['private'] / MiB:>8.2f}M")
+    if "child_private" in mem:
+        print(f"  {'child total private (reaper + payload)':<58} {'':>19} {mem['child_private'] / MiB:>8.2f}M")
+
+    a_m = med(a)
+    ratios = {}
+    print("\n  ratios of medians (first byte)")
+    for key, label in (("c_cold", "a/c"), ("d_forkserver", "a/d"), ("e_bwrap", "a/e"), ("f_fork", "a/f")):
+        x = med(res[key])
+        if a_m and x:
+            ratios[label] = a_m / x
+            print(f"  {label} = {a_m:.2f} / {x:.2f} ms = {a_m / x:.3f}   ({x / a_m:.1f}× the zygote's latency)")
+        else:
+            print(f"  {label} = n/a")
+    b_m = med(res["b_network"])
+    if a_m and b_m:
+        ratios["b/a"] = b_m / a_m
+    res["ratios"] = ratios
+
+    targets = []
+
+    def target(label: str, value: float | None, ok: bool | None, shown: str) -> None:
+        verdict = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
+        targets.append({"target": label, "verdict": verdict, "value": value})
+        print(f"  {verdict}  {label:<62} {shown}")
+
+    print("\n  targets")
+    f_m, c_m, d_m, e_m = med(res["f_fork"]), med(res["c_cold"]), med(res["d_forkserver"]), med(res["e_bwrap"])
+    i_m = med(idle)
+    target("confined spawn→first byte median ≤ 1.5× os.fork (f)", a_m / f_m if f_m else None,
+           a_m <= 1.5 * f_m if f_m else None, f"{a_m:.2f} ms vs 1.5 × {f_m:.2f} ms" if f_m else "(f) n/a")
+    target("≥ 80× faster than cold python + pandas (c)", c_m / a_m if c_m else None,
+           c_m / a_m >= 80 if c_m else None, f"{c_m / a_m:.1f}×" if c_m else "(c) n/a")
+    target("≥ 80× faster than bubblewrap + python + pandas (e)", e_m / a_m if e_m else None,
+           e_m / a_m >= 80 if e_m else None, f"{e_m / a_m:.1f}×" if e_m else "(e) n/a")
+    target("≤ 0.6× forkserver with pandas preloaded (d)", a_m / d_m if d_m else None,
+           a_m <= 0.6 * d_m if d_m else None, f"{a_m / d_m:.2f}×" if d_m else "(d) n/a")
+    target("first spawn after 1 s idle ≤ 2× warm median", i_m / a_m, i_m <= 2 * a_m,
+           f"{i_m:.2f} ms vs 2 × {a_m:.2f} ms")
+    t2 = res.get("throughput_2", {}).get("per_second")
+    target("≥ 150 spawn+exit per second with 2 requesters", t2, t2 >= 150 if t2 is not None else None,
+           f"{t2:.1f} /s" if t2 is not None else "n/a")
+    target("networked spawn ≤ 3× default", b_m / a_m if b_m else None, b_m <= 3 * a_m if b_m else None,
+           f"{b_m / a_m:.2f}×" if b_m else "networked children not available yet")
+    cp = mem.get("child_private")
+    target("each child's private memory ≤ 2 MB beyond its payload", cp,
+           cp <= 2 * MiB if cp is not None else None,
+           f"{cp / MiB:.2f} MiB (reaper + sleeping payload)" if cp is not None else "n/a")
+    res["targets"] = targets
+
+    if "steps" in res:
+        print("\n  per-step costs (benchmarks/steps.py; µs; medians unless noted)\n")
+        print(steps.format_table(res["steps"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""The mounts layer, standalone, in real user + mount + pid namespaces (no daemon).
+
+Each probe forks; the child unshares user, mount and pid namespaces, waits for us to write its
+uid/gid maps (as the daemon does), then forks the grandchild that is PID 1 of the new pid namespace.
+The grandchild opens the bind sources (still with host uid 0 for the path walk), switches to
+sandbox uid 0 (host uid ID_BASE), applies the plan from ``mounts.prepare`` and runs the check inside
+the new root; the result comes back as JSON on a pipe.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+
+import pytest
+
+from zygote._childproto import ChildPlan
+from zygote.layers import SetupError, _sys, mounts, userns
+from zygote_client._config import SandboxConfig
+
+ID_BASE = userns.DEFAULT_ID_BASE
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+INFO = {"executable": sys.executable, "prefix": sys.prefix, "base_prefix": sys.base_prefix,
+        "path": list(sys.path), "version": list(sys.version_info[:3])}
+
+
+def make_plan(cfg: SandboxConfig | None = None, **override) -> ChildPlan:
+    fields = mounts.prepare(cfg or SandboxConfig(), INFO)
+    fields.update(override)
+    return ChildPlan(kind="exec", **fields)
+
+
+def _send(fd: int, obj) -> None:
+    data = json.dumps(obj).encode()
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def in_sandbox(plan: ChildPlan, check, pre=None, timeout: float = 30.0, fallback: bool = False):
+    """Run ``check()`` inside ``plan``'s root as PID 1 of fresh namespaces; return its result.
+
+    ``pre()`` runs in the child as host root before it unshares (e.g. to add mounts in a private
+    namespace that the user namespace then inherits locked). Raises AssertionError with the
+    child's traceback, or returns {"setup_error": ...} when apply() raised SetupError.
+    """
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    res_r, res_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            os.close(ready_r)
+            os.close(go_w)
+            os.close(res_r)
+            if pre is not None:
+                pre()
+            if _libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID) != 0:
+                raise OSError(ctypes.get_errno(), "unshare")
+            os.write(ready_w, b"u")
+            if os.read(go_r, 1) != b"g":
+                os._exit(3)
+            gc = os.fork()
+            if gc == 0:
+                try:
+                    mounts._use_mount_setattr = not fallback
+                    t0 = time.perf_counter()
+                    srcs = mounts.open_sources(plan)  # before the uid switch, as the pipeline should
+                    userns.apply()
+                    t1 = time.perf_counter()
+                    mounts.apply(plan, srcs)
+                    t2 = time.perf_counter()
+                    out = {"ok": True, "open_ms": (t1 - t0) * 1e3, "apply_ms": (t2 - t1) * 1e3,
+                           "result": check()}
+                except SetupError as e:
+                    out = {"ok": True, "setup_error": [e.step, e.errno, e.message, e.hint]}
+                except BaseException:
+                    out = {"ok": False, "error": traceback.format_exc()}
+                try:
+                    _send(res_w, out)
+                finally:
+                    os._exit(0)
+            _, status = os.waitpid(gc, 0)
+            code = os.waitstatus_to_exitcode(status)
+        except BaseException:
+            _send(res_w, {"ok": False, "error": traceback.format_exc()})
+        finally:
+            os._exit(code & 0xFF)
+    os.close(ready_w)
+    os.close(go_r)
+    os.close(res_w)
+    try:
+        if os.read(ready_r, 1) != b"u":
+            pytest.fail("child died before unsharing")
+        userns.outside(pid, *userns.map_lines(ID_BASE, 0, 0))
+        os.write(go_w, b"g")
+        chunks = []
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([res_r], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                pytest.fail("sandbox probe timed out")
+            b = os.read(res_r, 1 << 16)
+            if not b:
+                break
+            chunks.append(b)
+    finally:
+        for fd in (ready_r, go_w, res_r):
+            os.close(fd)
+        os.waitpid(pid, 0)
+    out = json.loads(b"".join(chunks) or b'{"ok": false, "error": "no result"}')
+    assert out["ok"], out["error"]
+    return out
+
+
+def result(plan, check, **kw):
+    out = in_sandbox(plan, check, **kw)
+    assert "setup_error" not in out, out["setup_error"]
+    return out["result"]
+
+
+@pytest.fixture
+def hostdir():
+    """A host directory named for the project, removed afterwards."""
+    dirs = []
+
+    def make(owner: int | None = None) -> str:
+        d = tempfile.mkdtemp(prefix="zygote-mounts-", dir="/tmp")
+        os.chmod(d, 0o755)
+        if owner is not None:
+            os.chown(d, owner, owner)
+        dirs.append(d)
+        return d
+
+    yield make
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _errno_of(fn) -> int:
+    try:
+        fn()
+    except OSError as e:
+        return e.errno
+    return 0
+
+
+def _write_file(path: str, data: bytes = b"x") -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+# ---- prepare (daemon side) -----------------------------------------------------------------------
+
+def test_prepare_default_root():
+    p = mounts.prepare(SandboxConfig(), INFO)
+    assert p["root"] == "tmpfs" and p["proc"] and p["dev"] and p["tmp"]
+    targets = {b.target for b in p["binds"]}
+    assert "/usr" in targets and sys.base_prefix in targets
+    for secret in ("/etc/passwd", "/etc/group", "/etc/shadow", "/etc/hosts"):
+        assert secret not in targets
+    assert b"sandbox:x:65534:65534:sandbox:/tmp:/bin/sh" in p["etc_files"]["/etc/passwd"]
+    assert p["etc_files"]["/etc/hostname"] == b"zygote\n"
+    if os.path.islink("/bin"):
+        assert p["symlinks"]["/bin"] == os.readlink("/bin")
+
+
+@pytest.mark.parametrize("binds, match", [
+    ({"/nonexistent-zygote": "/x"}, "does not exist"),
+    ({"/etc": "/proc/x"}, "/proc"),
+    ({"/etc": "/dev/foo"}, "/dev"),
+    ({"/etc": "/usr"}, "would hide /usr"),
+    ({"/proc/self": "/x"}, "kernel interface"),
+    ({"/etc": "/usr/zygote-nonexistent"}, "must already exist"),
+])
+def test_prepare_rejects_bad_binds(binds, match):
+    with pytest.raises(ValueError, match=match):
+        mounts.prepare(SandboxConfig(ro_binds=binds), INFO)
+
+
+def test_prepare_rejects_root_bind():
+    with pytest.raises(ValueError):  # caught by SandboxConfig itself, or by prepare
+        mounts.prepare(SandboxConfig(rw_binds={"/tmp": "/"}), INFO)
+
+
+# ---- security ------------------------------------------------------------------------------------
+
+def test_SECURITY_mounts_no_host_secrets():
+    secret_dir = tempfile.mkdtemp(prefix="zygote-secret-", dir="/root")
+    secret = os.path.join(secret_dir, "secret.txt")
+    _write_file(secret, b"host secret")
+    os.chmod(secret_dir, 0o755)
+    os.chmod(secret, 0o644)
+    try:
+        plan = make_plan()
+
+        def probe():
+            def visible(p):
+                try:
+                    with open(p, "rb"):
+                        return True
+                except OSError:
+                    return False
+            info = open("/proc/self/mountinfo").read().splitlines()
+            return {"shadow": visible("/etc/shadow"), "secret": visible(secret),
+                    "via_proc1": visible("/proc/1/root/etc/shadow"),
+                    "via_proc1_secret": visible("/proc/1/root" + secret),
+                    "root": sorted(os.listdir("/")), "root_home": sorted(os.listdir("/root")),
+                    "sys": os.path.exists("/sys"), "mnt": os.path.exists("/mnt"),
+                    "pids": sorted(d for d in os.listdir("/proc") if d.isdigit()),
+                    "mountinfo": [line.split(" ")[3:5] for line in info],
+                    "passwd": open("/etc/passwd").read()}
+
+        r = result(plan, probe)
+        assert not r["shadow"] and not r["secret"]
+        assert not r["via_proc1"] and not r["via_proc1_secret"]
+        expected_top = {t.split("/")[1] for t in [*(b.target for b in plan.binds), *plan.etc_files,
+                                                 *plan.symlinks]} | {"tmp", "dev", "proc"}
+        assert set(r["root"]) == expected_top
+        if sys.base_prefix.startswith("/root/"):
+            assert r["root_home"] == [".pyenv"]  # /root holds only the interpreter's mountpoint
+        assert not r["sys"] and not r["mnt"]
+        assert r["pids"] == ["1"]
+        assert "root:x:0:0" in r["passwd"] and "shadow" not in r["passwd"]
+        sources = [b.source for b in plan.binds]
+        dev_roots = {f"/{n}" for n in mounts._DEV_NODES}
+        for root, mountpoint in r["mountinfo"]:
+            assert (root == "/" or root in dev_roots or any(mounts._under(root, s) for s in sources)), root
+            assert not mounts._under(mountpoint, "/sys")
+        # Control: without the new root the same probe sees the host's secrets.
+        # (The secret itself stays out of reach there too: /root is 0700 for the sandbox's host uid.)
+        host = result(make_plan(root="host"),
+                      lambda: [os.path.exists(p) for p in ("/etc/shadow", "/sys/kernel")])
+        assert host == [True, True]
+    finally:
+        shutil.rmtree(secret_dir)
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["mount_setattr", "remount"])
+def test_SECURITY_mounts_readonly(hostdir, fallback):
+    ro = hostdir(owner=ID_BASE)  # sandbox root owns it: only the read-only mount stops writes
+    os.mkdir(os.path.join(ro, "sub"))
+    os.chown(os.path.join(ro, "sub"), ID_BASE, ID_BASE)
+    rw = hostdir(owner=ID_BASE)
+    cfg = SandboxConfig(ro_binds={ro: "/data/ro"}, rw_binds={rw: "/data/rw"})
+    plan = make_plan(cfg)
+    token = uuid.uuid4().hex
+
+    def pre():
+        # A mount below the ro bind's source, made in a private namespace so the user namespace
+        # inherits it locked: the read-only flag must reach it too.
+        if _libc.unshare(CLONE_NEWNS) != 0:
+            raise OSError(ctypes.get_errno(), "unshare")
+        _sys.mount(None, "/", None, _sys.MS_REC | _sys.MS_PRIVATE)
+        _sys.mount("zygote-sub", os.path.join(ro, "sub"), "tmpfs", 0, "size=64k,mode=0777")
+
+    def probe():
+        def w(p):
+            return _errno_of(lambda: _write_file(p))
+        out = {p: w(p) for p in ("/usr/zg", "/zg", "/etc/zg", "/etc/passwd", "/data/ro/zg",
+                                 "/data/ro/sub/zg", sys.base_prefix + "/zg", "/dev/zg", "/tmp/zg",
+                                 f"/data/rw/{token}")}
+        out["mkdir_root"] = _errno_of(lambda: os.mkdir("/zgdir"))
+        out["devnull"] = _errno_of(lambda: _write_file("/dev/null"))
+        return out
+
+    r = result(plan, probe, pre=pre, fallback=fallback)
+    for p in ("/usr/zg", "/zg", "/etc/zg", "/etc/passwd", "/data/ro/zg", "/data/ro/sub/zg",
+              sys.base_prefix + "/zg", "/dev/zg", "mkdir_root"):
+        assert r[p] in (errno.EROFS, errno.EACCES), (p, r[p])
+    assert r["/data/ro/sub/zg"] == errno.EROFS
+    assert r["/data/ro/zg"] == errno.EROFS
+    assert r["/tmp/zg"] == 0 and r["devnull"] == 0
+    assert r[f"/data/rw/{token}"] == 0
+    assert os.path.exists(os.path.join(rw, token)), "the rw bind's write did not reach the host"
+    assert os.listdir(ro) == ["sub"]
+    # Control: a writable bind of the same directory is writable, so EROFS above is the layer's.
+    plan2 = make_plan(SandboxConfig(rw_binds={ro: "/data/ro"}))
+    assert result(plan2, lambda: _errno_of(lambda: _write_file("/data/ro/zg"))) == 0
+    os.unlink(os.path.join(ro, "zg"))
+
+
+def test_SECURITY_mounts_tmp_capped():
+    size = 1 << 20
+    plan = make_plan(SandboxConfig(tmpfs_size=size))
+    name = f"zygote-fill-{uuid.uuid4().hex}"
+
+    def probe():
+        written, err = 0, 0
+        chunk = b"\0" * 65536
+        fd = os.open(f"/tmp/{name}", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while written < 8 * size:
+                written += os.write(fd, chunk)
+        except OSError as e:
+            err = e.errno
+        finally:
+            os.close(fd)
+        return {"written": written, "errno": err}
+
+    r = result(plan, probe)
+    assert r["errno"] == errno.ENOSPC
+    assert size // 2 <= r["written"] <= size
+    assert not os.path.exists(f"/tmp/{name}")
+
+
+# ---- function ------------------------------------------------------------------------------------
+
+def test_mounts_python_works():
+    fresh = [m for m in ("decimal", "ssl", "sqlite3", "csv", "zoneinfo", "uuid", "fractions")
+             if m not in sys.modules]
+    plan = make_plan(SandboxConfig(uid=1000, gid=1000, hostname="zg-test", dev_pts=True))
+
+    def probe():
+        import importlib
+        import pwd
+        for m in fresh:
+            importlib.import_module(m)
+        import ssl
+        ctx = ssl.create_default_context()
+        sh = subprocess.run(["/bin/sh", "-c", "echo hi"], capture_output=True, text=True)
+        py = subprocess.run([sys.executable, "-c", "import sys, json; print(sys.prefix)"],
+                            capture_output=True, text=True)
+        return {"sh": sh.stdout, "py": py.stdout.strip(), "py_err": py.stderr[-2000:],
+                "cas": ctx.cert_store_stats()["x509_ca"] + len(ctx.get_ca_certs()) or
+                os.path.exists("/etc/ssl/certs/ca-certificates.crt"),
+                "user": pwd.getpwuid(1000).pw_name, "home": pwd.getpwnam("sandbox").pw_dir,
+                "hostname": open("/etc/hostname").read().strip(), "cwd": os.getcwd(),
+                "tz": time.strftime("%Z"), "ptmx": os.path.exists("/dev/ptmx"),
+                "urandom": len(open("/dev/urandom", "rb").read(8))}
+
+    r = result(plan, probe)
+    assert fresh, "every probe module was already imported; pick others"
+    assert r["sh"] == "hi\n"
+    assert r["py"] == sys.prefix, r["py_err"]
+    assert r["user"] == "sandbox" and r["home"] == "/tmp"
+    assert r["hostname"] == "zg-test" and r["cwd"] == "/"
+    assert r["ptmx"] and r["urandom"] == 8
+    assert r["cas"]
+
+
+def test_mounts_chroot_dir(hostdir):
+    root = hostdir()
+    for d in ("bin", "dev", "tmp"):
+        os.mkdir(os.path.join(root, d))
+    busybox = shutil.which("busybox")
+    if busybox is None or b"statically linked" not in subprocess.run(
+            ["file", "-L", busybox], capture_output=True).stdout:
+        src = os.path.join(root, "hello.c")
+        _write_file(src, b'#include <stdio.h>\nint main(){puts("hello");return 0;}\n')
+        if shutil.which("gcc") is None or subprocess.run(
+                ["gcc", "-static", "-O2", "-o", os.path.join(root, "bin", "hello"), src]).returncode:
+            pytest.skip("needs a static busybox or gcc with a static libc")
+        argv = ["/bin/hello"]
+        want = "hello"
+    else:
+        shutil.copy(busybox, os.path.join(root, "bin", "busybox"))
+        argv = ["/bin/busybox", "sh", "-c", "echo hello; /bin/busybox ls /"]
+        want = "hello"
+    plan = make_plan(SandboxConfig(chroot_dir=root))
+    assert plan.root == "chroot" and not plan.proc and plan.binds == []
+
+    def probe():
+        run = subprocess.run(argv, capture_output=True, text=True)
+        return {"out": run.stdout, "rc": run.returncode, "cwd": os.getcwd(), "root": sorted(os.listdir("/")),
+                "proc": os.path.exists("/proc"), "sys": os.path.exists("/sys"),
+                "write_root": _errno_of(lambda: _write_file("/zg")),
+                "write_tmp": _errno_of(lambda: _write_file("/tmp/zg")),
+                "dev": sorted(os.listdir("/dev"))}
+
+    r = result(plan, probe)
+    assert r["rc"] == 0 and r["out"].startswith(want), r
+    assert r["cwd"] == "/"
+    assert not r["proc"] and not r["sys"]
+    assert set(r["root"]) >= {"bin", "dev", "tmp"} and "usr" not in r["root"]
+    assert r["write_root"] in (errno.EROFS, errno.EACCES) and r["write_tmp"] == 0
+    assert "null" in r["dev"]
+    assert not os.path.exists(os.path.join(root, "tmp", "zg")), "the chroot's /tmp was written"
+
+
+def test_mounts_missing_required_source_fails_closed(hostdir):
+    d = hostdir()
+    plan = make_plan(SandboxConfig(ro_binds={d: "/data"}))
+    os.rmdir(d)  # gone between prepare and the child
+    out = in_sandbox(plan, lambda: None)
+    step, err, message, _hint = out["setup_error"]
+    assert step == "mounts" and err == errno.ENOENT and d in message
+
+
+def test_mounts_cost():
+    plan = make_plan()
+    runs = [in_sandbox(plan, lambda: None) for _ in range(50)]
+    apply_ms = statistics.median(r["apply_ms"] for r in runs)
+    open_ms = statistics.median(r["open_ms"] for r in runs)
+    print(f"\nmounts: {len(plan.binds)} binds; median open_sources+setresuid {open_ms:.3f} ms, "
+          f"apply {apply_ms:.3f} ms over {len(runs)} runs")
