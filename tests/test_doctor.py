@@ -162,3 +162,21 @@ def test_without_capabilities_points_at_the_fix():
     assert layers["cap-net-admin"]["status"] == "missing"
     assert "--cap-add NET_ADMIN" in layers["cap-net-admin"]["fix"]
     assert layers["nft"]["status"] == "partial"
+
+
+def test_overmounted_proc_names_systempaths():
+    """Docker masks /proc paths with bind mounts; the kernel then refuses a fresh proc in a user
+    namespace (mount_too_revealing). Reproduced in a private mount namespace of our own."""
+    unshare = subprocess.run(["which", "unshare"], capture_output=True, text=True).stdout.strip()
+    if os.geteuid() != 0 or not unshare or not os.path.exists("/proc/keys"):
+        pytest.skip("needs root, unshare(1) and /proc/keys")
+    cmd = "mount --bind /dev/null /proc/keys && exec " + " ".join([*ZYGOTE, "--json"])
+    r = subprocess.run([unshare, "-m", "--propagation", "private", "sh", "-c", cmd],
+                       capture_output=True, text=True, timeout=60)
+    out = json.loads(r.stdout)
+    layers = {la["name"]: la for la in out["layers"]}
+    assert r.returncode == 1 and out["ok"] is False
+    assert layers["proc-mount"]["status"] == "missing"
+    assert "EPERM" in layers["proc-mount"]["detail"]
+    assert "systempaths=unconfined" in layers["proc-mount"]["fix"]
+    assert [la["name"] for la in out["layers"] if la["status"] != "available"] == ["proc-mount"]

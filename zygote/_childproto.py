@@ -51,6 +51,7 @@ class ChildPlan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     landlock: str = "off"  # "off" | "auto" | "required"
     landlock_ro: list[str] = []
     landlock_rw: list[str] = []
+    landlock_abi: int = 1  # the lowest ABI "required" accepts
     landlock_net: bool = False  # deny TCP bind/connect where the ABI has it
     uid: int = 0
     gid: int = 0

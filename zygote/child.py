@@ -65,22 +65,34 @@ def confine(plan) -> int:
     uts.apply(plan.hostname, plan.process_name)  # sethostname needs CAP_SYS_ADMIN; comm needs /proc
     _inject(plan, "landlock")
     abi = landlock.apply(plan.landlock_ro, plan.landlock_rw, deny_tcp=plan.landlock_net,
-                         mode=plan.landlock) if plan.landlock != "off" else 0  # opens rule paths: before the drop
+                         mode=plan.landlock, required_abi=plan.landlock_abi) if plan.landlock != "off" else 0  # opens rule paths: before the drop
     _inject(plan, "privileges")
     if plan.drop_privileges:
         privileges.apply(plan.uid, plan.gid)  # the last privileged step is behind us
     _set_pdeathsig()                         # after the uid change, which clears it (prctl(2))
-    _inject(plan, "seccomp")
-    if plan.seccomp_bpf:
-        seccomp.apply(plan.seccomp_bpf)      # last: nothing after this needs a denied call
     _inject(plan, "payload")
     try:
         pid = os.fork()                      # the payload is PID 2 under a tiny PID-1 reaper
     except OSError as e:
         raise SetupError("fork", f"cannot start the payload process: {e.strerror}", e.errno or 0) from None
+    # seccomp last, in both processes, after the fork (the strict profile has no fork at all):
+    # the payload process reports Ready itself, only once its filter is loaded.
     if pid == 0:
+        try:
+            _inject(plan, "seccomp")
+            if plan.seccomp_bpf:
+                seccomp.apply(plan.seccomp_bpf)
+        except SetupError as e:
+            _report(Failed(e.step, e.errno, e.message, e.hint))
+            os._exit(EXIT_SETUP_FAILED)
+        _report(Ready(landlock_abi=abi, payload_pid=os.getpid()))
         _payload(plan)                       # never returns
-    _report(Ready(landlock_abi=abi, payload_pid=pid))
+    if plan.seccomp_bpf:
+        try:
+            seccomp.apply(plan.seccomp_bpf)
+        except SetupError:
+            os.kill(pid, signal.SIGKILL)
+            raise
     return pid
 
 

@@ -286,7 +286,7 @@ class Daemon:
             raise _Refused("bad-request", "exec needs a non-empty argv")
         if msg.stdio not in ("pipe", "fds"):
             raise _Refused("bad-request", "stdio must be 'pipe' or 'fds'")
-        if (msg.test_fail_step is not None or msg.test_relax_mounts) and not self.config.test_hooks:
+        if (msg.test_fail_step is not None or msg.test_relax_mounts or msg.test_landlock_abi) and not self.config.test_hooks:
             raise _Refused("bad-request", "test_fail_step needs a daemon started with --test-hooks")
         env = dict(pc.env if msg.env is None else msg.env)
         info = pool.zygotes[0].info if pool.zygotes else {}
@@ -306,7 +306,7 @@ class Daemon:
             process_name=msg.process_name, hostname=cfg.hostname, cwd=cfg.workdir,
             rlimits=rlimits.plan(cpu_time=cfg.cpu_time, file_size=cfg.file_size_bytes,
                                  open_files=cfg.open_files),
-            landlock=cfg.landlock, landlock_ro=ro, landlock_rw=rw,
+            landlock=cfg.landlock, landlock_ro=ro, landlock_abi=max(1, msg.test_landlock_abi), landlock_rw=rw,
             landlock_net=cfg.network is None, uid=cfg.uid, gid=cfg.gid, drop_privileges=True,
             seccomp_bpf=bpf, test_fail_step=msg.test_fail_step,
             **{k: v for k, v in fs.items() if k in C.ChildPlan.__struct_fields__},

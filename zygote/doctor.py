@@ -114,6 +114,10 @@ def _errname(err: int) -> str:
     return f"{E.errorcode.get(err, f'errno {err}')} ({os.strerror(err)})"
 
 
+def _left(deadline: float) -> float:
+    return max(0.1, deadline - time.monotonic())
+
+
 def _fail(what: str, err: int | None = None) -> None:
     err = ctypes.get_errno() if err is None else err
     raise OSError(err, f"{what}: {_errname(err)}")
@@ -284,7 +288,7 @@ def _probe_clone3() -> dict:
     return {"clone3_errno": clone3, "all_ns_error": all_ns}
 
 
-def _probe_proc() -> dict:
+def _probe_proc(deadline: float) -> dict:
     _own_userns(CLONE_NEWNS | CLONE_NEWPID, "unshare(CLONE_NEWUSER|CLONE_NEWNS|CLONE_NEWPID)")
 
     def pid1() -> dict:
@@ -301,7 +305,8 @@ def _probe_proc() -> dict:
             _fail("mount -t proc proc /proc", e.errno)
         return {"self": os.readlink("/proc/self")}
 
-    return _reraise(_fork(pid1).result(time.monotonic() + 2.0))
+    # a little before the parent's deadline, so our answer still reaches it
+    return _reraise(_fork(pid1).result(deadline - 0.2))
 
 
 def _probe_tmpfs() -> dict:
@@ -356,13 +361,14 @@ def _probe_pivot() -> dict:
     return {}
 
 
-def _probe_uidmap_child(ready_w: int, go_r: int, parents: tuple[int, int]) -> Callable[[], dict]:
+def _probe_uidmap_child(ready_w: int, go_r: int, parents: tuple[int, int], deadline: float
+                        ) -> Callable[[], dict]:
     def fn() -> dict:
         for fd in parents:  # the parent's ends: holding go's write end ourselves would hide its EOF
             os.close(fd)
         _unshare(CLONE_NEWUSER, "unshare(CLONE_NEWUSER)")
         os.write(ready_w, b"r")
-        if not select.select([go_r], [], [], 3.0)[0] or os.read(go_r, 1) != b"g":
+        if not select.select([go_r], [], [], _left(deadline))[0] or os.read(go_r, 1) != b"g":
             raise OSError(0, "the parent could not write our maps")
         with open("/proc/self/uid_map") as f:
             uid_map = " ".join(f.read().split())
@@ -427,10 +433,6 @@ def _probe_libseccomp() -> dict:
         raise OSError(E.ENOENT, "libseccomp not found (ctypes.util.find_library)")
     import pyseccomp  # noqa: F401 - the daemon compiles profiles through it
     return {"lib": lib}
-
-
-def _left(deadline: float) -> float:
-    return max(0.1, deadline - time.monotonic())
 
 
 def _probe_veth(ifname: str, deadline: float) -> Callable[[], dict]:
@@ -539,7 +541,11 @@ def _uidmap(deadline: float) -> Layer:
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
     try:
-        p = _fork(_probe_uidmap_child(ready_w, go_r, (ready_r, go_w)))
+        p = _fork(_probe_uidmap_child(ready_w, go_r, (ready_r, go_w), deadline))
+    except OSError:
+        os.close(ready_r)
+        os.close(go_w)
+        raise
     finally:
         os.close(ready_w)
         os.close(go_r)
@@ -555,7 +561,7 @@ def _uidmap(deadline: float) -> Layer:
     finally:
         os.close(ready_r)
         os.close(go_w)  # EOF releases the child whatever happened
-    res = p.result(deadline)
+        res = p.result(deadline)  # always reaped, even when the code above raised
     if problem:
         return Layer("uid-map", "missing", problem, fix)
     if not res.get("ok"):
@@ -724,15 +730,15 @@ def _veth_layer(res: dict) -> Layer:
 # public
 
 
-def probe(timeout: float = TIMEOUT) -> list[dict]:
+def probe(timeout: float | None = None) -> list[dict]:
     """Probe every layer; one dict per layer, in LAYER_NAMES order.
 
     Each dict has ``name``, ``status`` ("available", "partial" or "missing"), ``detail``, ``fix``
     (empty when available) and ``required`` (the default configuration needs it). Never raises for
     a failing probe: the failure is the answer. A probe still running after ``timeout`` seconds
-    (counted from the start) is killed and reported missing.
+    (counted from the start; default TIMEOUT) is killed and reported missing.
     """
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + (TIMEOUT if timeout is None else timeout)
     pending: dict[str, _Pending] = {}
     troubles: dict[str, str] = {}
 
@@ -749,7 +755,7 @@ def probe(timeout: float = TIMEOUT) -> list[dict]:
     for kind, flag, _ in NAMESPACES:
         spawn(f"ns-{kind}", _probe_ns(flag))
     spawn("clone3", _probe_clone3)
-    spawn("proc-mount", _probe_proc)
+    spawn("proc-mount", lambda: _probe_proc(deadline))
     spawn("tmpfs-mount", _probe_tmpfs)
     spawn("bind-mount", _probe_bind)
     spawn("pivot-root", _probe_pivot)
@@ -761,7 +767,7 @@ def probe(timeout: float = TIMEOUT) -> list[dict]:
     def res(key: str) -> dict:
         if key in troubles:
             return {"ok": False, "errno": 0, "error": troubles[key]}
-        return pending[key].result(deadline)
+        return pending.pop(key).result(deadline)  # collected (and reaped) exactly once
 
     judges: dict[str, Callable[[], Layer]] = {
         **{f"ns-{kind}": (lambda kind=kind, flag=flag, cfg=cfg: _ns_layer(kind, flag, cfg, res(f"ns-{kind}")))
@@ -803,7 +809,7 @@ def probe(timeout: float = TIMEOUT) -> list[dict]:
             layer.required = name in REQUIRED
             layers.append(layer)
     finally:
-        for p in pending.values():  # anything not collected (an exception above): reap it now
+        for p in pending.values():  # never collected (an exception above), so never reaped: our child still
             try:
                 os.kill(p.pid, signal.SIGKILL)
                 os.waitpid(p.pid, 0)

@@ -245,7 +245,8 @@ class AsyncClient:
                           timeout: float | None = None,
                           _argv: list[str] | None = None, _script: bytes | None = None,
                           _stdio_fds: tuple[int, int, int] | None = None,
-                          _test_fail_step: str | None = None, _test_relax_mounts: bool = False) -> AsyncChild:
+                          _test_fail_step: str | None = None, _test_relax_mounts: bool = False,
+                          _test_landlock_abi: int = 0) -> AsyncChild:
         """Start a confined child running ``target(*args, **kwargs)``; returns once it is ready.
 
         ``target``: a callable (sent with cloudpickle; closures and lambdas work), a
@@ -280,7 +281,8 @@ class AsyncClient:
             return P.Spawn(req=req, kind=kind, payload=payload, target=tgt, argv=_argv, pool=pool,
                            process_name=process_name, env=env, sandbox=sandbox_config,
                            stdin=stdin == PIPE, stdio="fds" if fds else "pipe", timeout=timeout,
-                           test_fail_step=_test_fail_step, test_relax_mounts=_test_relax_mounts)
+                           test_fail_step=_test_fail_step, test_relax_mounts=_test_relax_mounts,
+                           test_landlock_abi=_test_landlock_abi)
 
         msg, rfds = await self._request(make, fds)
         if isinstance(msg, P.SpawnFailed):

@@ -65,6 +65,7 @@ class Spawn(_Msg, tag="spawn"):
     stdin: bool = True
     stdio: str = "pipe"  # "pipe": the daemon makes pipes; "fds": the frame carries stdin/out/err
     timeout: float | None = None  # wall-clock seconds; the stricter of this and sandbox.timeout wins
+    test_landlock_abi: int = 0  # test-only: require this Landlock ABI (simulates an older kernel)
     test_relax_mounts: bool = False  # test-only: host mount tree (to test Landlock alone)
     test_fail_step: str | None = None  # honoured only by a daemon started with --test-hooks
 

@@ -166,7 +166,8 @@ def _add_path(ruleset: int, path: str, access: int) -> None:
     try:
         # O_PATH: the rule needs only a reference to the inode, not read permission on it.
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):
+        # A path the sandbox cannot even reach gets no rule: skipping only denies more.
         return
     except OSError as e:
         raise SetupError("landlock", f"open {path!r} for a rule: {e.strerror}", e.errno or 0) from None
