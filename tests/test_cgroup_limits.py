@@ -1,0 +1,103 @@
+"""cgroup limits end to end through the daemon (v1 here; the cgroupv2 subset also runs in the guest)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+
+import pytest
+
+from zygote_client import Client, SandboxConfig
+from conftest import children_of, daemon_pid, fd_count
+
+
+def _zygote_dirs(pid: int) -> list[str]:
+    return [d for d in glob.glob(f"/sys/fs/cgroup/**/zygote/d{pid}/*", recursive=True) if os.path.isdir(d)]
+
+
+@pytest.fixture(scope="module")
+def cg_client():
+    with Client.embedded() as c:
+        yield c
+
+
+@pytest.mark.cgroupv2
+def test_memory_limit_kills_and_daemon_keeps_serving(cg_client):
+    def hog():
+        b = bytearray(200 << 20)
+        for i in range(0, len(b), 4096):
+            b[i] = 1
+        print("survived")
+
+    r = cg_client.run(hog, sandbox_config=SandboxConfig(memory="50M", timeout=60))
+    assert r.status.memory_exceeded, r.status
+    assert r.returncode == -9
+    assert b"survived" not in r.stdout
+    assert 40 << 20 <= r.status.peak_memory <= 52 << 20, r.status.peak_memory
+    assert r.status.enforcement.get("memory", "").startswith("cgroup")
+    assert cg_client.run(print, ("still serving",)).stdout == b"still serving\n"
+
+
+@pytest.mark.cgroupv2
+def test_pids_limit_stops_fork_bomb(cg_client):
+    def bomb():
+        import os, time
+        n = 0
+        while True:
+            try:
+                if os.fork() == 0:
+                    time.sleep(60)
+                    os._exit(0)
+                n += 1
+            except OSError:
+                print(n, flush=True)
+                break
+        time.sleep(0.2)
+
+    child = cg_client.spawn_child(bomb, sandbox_config=SandboxConfig(pids=32, timeout=60))
+    n = int(child.stdout.readline())
+    st = child.wait(timeout=60)
+    assert n <= 30  # 32 tasks: PID-1 reaper + payload + 30 forks
+    assert st.pids_exceeded, st
+    assert [p for p, _ in children_of(daemon_pid(cg_client))
+            if b"zygote._zygote" not in open(f"/proc/{p}/cmdline", "rb").read()] == []
+
+
+def test_cpu_quota(cg_client):
+    def busy():
+        import time
+        end = time.monotonic() + 2
+        while time.monotonic() < end:
+            pass
+
+    r = cg_client.run(busy, sandbox_config=SandboxConfig(cpu=0.5, timeout=30))
+    used = r.status.cpu_user + r.status.cpu_system
+    assert 0.75 <= used <= 1.25, r.status
+
+
+@pytest.mark.cgroupv2
+def test_timeout_with_limits(cg_client):
+    t0 = time.monotonic()
+    def spin():
+        while True:
+            pass
+
+    r = cg_client.run(spin, sandbox_config=SandboxConfig(timeout=1, memory="100M"))
+    assert r.status.timed_out and time.monotonic() - t0 < 3
+
+
+def test_many_spawns_with_limits_leave_nothing(cg_client):
+    dpid = daemon_pid(cg_client)
+    cfg = SandboxConfig(memory="64M", pids=16)
+    cg_client.run(print, sandbox_config=cfg)
+    base = fd_count(dpid)
+    for i in range(500):
+        r = cg_client.run(print, (i,), sandbox_config=cfg)
+        assert r.returncode == 0
+    deadline = time.monotonic() + 10
+    while _zygote_dirs(dpid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _zygote_dirs(dpid) == []
+    assert [p for p, s in children_of(dpid) if s == "Z"] == []
+    assert fd_count(dpid) == base
