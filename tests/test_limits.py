@@ -44,7 +44,11 @@ def test_timeout_grace_sends_sigterm_first(client):
 
 
 def test_cpu_time_exceeded(client):
-    r = client.run(_spin, sandbox_config=SandboxConfig(cpu_time=1, timeout=20))
+    def spin():
+        while True:
+            pass
+
+    r = client.run(spin, sandbox_config=SandboxConfig(cpu_time=1, timeout=20))
     assert r.status.cpu_time_exceeded, r.status
     assert not r.status.timed_out
     assert r.returncode in (-signal.SIGXCPU, -signal.SIGKILL)
@@ -109,8 +113,3 @@ def test_open_files_limit(client):
     r = client.run(payload, sandbox_config=SandboxConfig(open_files=20))
     n, err = r.stdout.split()
     assert int(n) <= 17 and int(err) == 24
-
-
-def _spin():
-    while True:
-        pass
