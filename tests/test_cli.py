@@ -50,3 +50,12 @@ def test_python_file(tmp_path):
 
 def test_nothing_to_run_is_usage_error():
     assert run().returncode == 2
+
+
+def test_memory_flag_kills_hog():
+    r = run("--memory", "50M", "--", "python3", "-c", "b = bytearray(200 << 20); print('survived')")
+    assert r.returncode == 137 and b"survived" not in r.stdout
+
+
+def test_bad_limit_is_usage_error():
+    assert run("--memory", "lots", "--", "/bin/true").returncode == 2

@@ -35,6 +35,19 @@ def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="run a program or a Python file in a confined child of an embedded zygote")
     p.add_argument("--preload", action="append", default=[], metavar="MOD")
     p.add_argument("--timeout", type=float, metavar="S", help="wall-clock limit in seconds (exit 124)")
+    p.add_argument("--timeout-grace", type=float, metavar="S", help="SIGTERM this long before SIGKILL at the timeout")
+    p.add_argument("--memory", metavar="SIZE", help="cgroup memory limit, e.g. 256M (swap 0)")
+    p.add_argument("--pids", type=int, metavar="N", help="cgroup limit on processes+threads")
+    p.add_argument("--cpu", type=float, metavar="CORES", help="CPU bandwidth in cores, e.g. 0.5")
+    p.add_argument("--cpu-time", type=float, metavar="S", help="RLIMIT_CPU seconds")
+    p.add_argument("--file-size", metavar="SIZE", help="RLIMIT_FSIZE")
+    p.add_argument("--open-files", type=int, metavar="N", help="RLIMIT_NOFILE")
+    p.add_argument("--max-output", metavar="SIZE", help="stdout+stderr bytes before the child is killed")
+    p.add_argument("--ro-bind", action="append", default=[], metavar="SRC[:DST]", help="bind a host path read-only")
+    p.add_argument("--rw-bind", action="append", default=[], metavar="SRC[:DST]", help="bind a host path read-write")
+    p.add_argument("--chroot", metavar="DIR", help="use DIR as the child's root instead of the generated one")
+    p.add_argument("--seccomp-profile", metavar="NAME", help="default, strict, or a JSON file")
+    p.add_argument("--workdir", metavar="DIR", help="working directory inside the sandbox")
     p.add_argument("--python", dest="pyfile", metavar="FILE", help="run this Python file in a warm child")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="child environment entry")
     p.add_argument("argv", nargs=argparse.REMAINDER, help="-- PROGRAM ARGS (or ARGS for --python)")
@@ -156,11 +169,16 @@ def run(args) -> int:
     elif not argv:
         print("zygote run: nothing to run (use -- PROGRAM ARGS or --python FILE)", file=sys.stderr)
         return 2
+    try:
+        cfg = _sandbox_config(args)
+    except ValueError as e:
+        print(f"zygote run: {e}", file=sys.stderr)
+        return 2
     sys.stdout.flush()
     try:
         with Client.embedded(preload_imports=args.preload, environment=env) as client:
             child = client.spawn_child(_argv=argv, _script=script, _stdio_fds=(0, 1, 2), env=env,
-                                       timeout=args.timeout)
+                                       timeout=args.timeout, sandbox_config=cfg)
             status = child.wait()
     except SandboxError as e:
         print(f"zygote run: {e}", file=sys.stderr)
@@ -172,6 +190,25 @@ def run(args) -> int:
         return EXIT_TIMEOUT
     rc = status.returncode
     return 128 - rc if rc < 0 else rc
+
+
+def _sandbox_config(args):
+    from zygote_client import SandboxConfig
+
+    def binds(items):
+        out = {}
+        for item in items:
+            src, _, dst = item.partition(":")
+            out[os.path.abspath(src)] = dst or os.path.abspath(src)
+        return out
+
+    kw = dict(memory=args.memory, pids=args.pids, cpu=args.cpu, cpu_time=args.cpu_time, file_size=args.file_size,
+              open_files=args.open_files, max_output_bytes=args.max_output, timeout_grace=args.timeout_grace,
+              ro_binds=binds(args.ro_bind), rw_binds=binds(args.rw_bind), workdir=args.workdir,
+              chroot_dir=os.path.abspath(args.chroot) if args.chroot else None)
+    if args.seccomp_profile:
+        kw["seccomp_profile"] = args.seccomp_profile
+    return SandboxConfig(**{k: v for k, v in kw.items() if v not in (None, {}, "")})
 
 
 if __name__ == "__main__":
