@@ -108,8 +108,11 @@ def serve(args) -> int:
 
     try:
         trio.run(main_task)
-    except PoolStartError as e:
-        print(f"zygote serve: {e}", file=sys.stderr)
+    except (PoolStartError, BaseExceptionGroup) as e:
+        err = _find(e, PoolStartError)
+        if err is None:
+            raise
+        print(f"zygote serve: {err}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         pass
@@ -121,6 +124,18 @@ def serve(args) -> int:
             except FileNotFoundError:
                 pass
     return 0
+
+
+def _find(exc: BaseException, kind: type) -> BaseException | None:
+    """The first ``kind`` in ``exc`` or, for an exception group, anywhere inside it."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = _find(sub, kind)
+            if found is not None:
+                return found
+    return None
 
 
 async def _stop_on_signals(scope) -> None:

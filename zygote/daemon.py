@@ -148,6 +148,8 @@ class Daemon:
                 await self.start_cgroups()
                 await self.start_pools()
             except PoolStartError as e:
+                with trio.CancelScope(shield=True):
+                    await self.shutdown()  # the cgroup directory made above must not outlive us
                 if inherit_fd is not None:
                     sock = trio.socket.from_stdlib_socket(socket.socket(fileno=inherit_fd))
                     conn = Connection(self, sock, (0, os.getuid(), os.getgid()))
