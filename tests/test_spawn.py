@@ -333,3 +333,8 @@ def test_preload_failure_is_clear():
     with pytest.raises(ZygoteError) as ei:
         Client.embedded(preload_imports=["no_such_module_zz"])
     assert "no_such_module_zz" in str(ei.value)
+
+
+def test_process_name(client):
+    r = client.run(lambda: print(open("/proc/self/comm").read().strip()), process_name="my-worker")
+    assert r.stdout == b"my-worker\n", r.stderr
