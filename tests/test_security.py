@@ -178,13 +178,34 @@ def test_seccomp_default_keeps_fork_and_threads(client):
     assert client.run(payload).stdout == b"sub\n"
 
 
-def test_SECURITY_landlock_alone_denies(client, secret):
-    # the mount layer relaxed (host tree, test-only switch): Landlock must still deny the path
-    r = client.run(_probe_read([secret, "/etc/shadow"]), _test_relax_mounts=True)
-    assert r.returncode == 0, r.stderr
-    assert b"READ" not in r.stdout
-    # control: without Landlock too, the secret (mode 0644 under a 0755 tmp dir) would be readable
-    os.chmod(os.path.dirname(secret), 0o755)
+def test_SECURITY_landlock_alone_denies(client):
+    # A secret the sandbox's host uid could read by plain file permissions (0755 dir, 0644 file).
+    import tempfile
+    d = tempfile.mkdtemp(prefix="zg-landlock-", dir="/var/tmp")  # /tmp has a write rule
+    try:
+        os.chmod(d, 0o755)
+        secret = os.path.join(d, "token")
+        with open(secret, "w") as f:
+            f.write("hunter2")
+        os.chmod(secret, 0o644)
+        # control: the child's host uid (id base + 65534) passes DAC, so only Landlock can deny it
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setgroups([])
+                os.setresgid(1_000_065_534, 1_000_065_534, 1_000_065_534)
+                os.setresuid(1_000_065_534, 1_000_065_534, 1_000_065_534)
+                open(secret).read()
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+        assert os.waitpid(pid, 0)[1] == 0, "control: the secret should be readable without Landlock"
+        # the mount layer relaxed (host tree, test-only switch): Landlock must still deny the path
+        r = client.run(_probe_read([secret]), _test_relax_mounts=True)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == f"{secret} 13\n".encode(), r.stdout
+    finally:
+        shutil.rmtree(d)
 
 
 def test_relaxed_mounts_refused_without_test_hooks(socket_daemon):
