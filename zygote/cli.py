@@ -20,14 +20,23 @@ EXIT_SANDBOX = 125
 
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="run the daemon")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--socket", metavar="PATH", help="listen on this Unix socket path")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket", metavar="PATH", help="listen on this Unix socket path (or the config's; "
+                       "under systemd socket activation, the inherited socket)")
     where.add_argument("--inherit-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
-    p.add_argument("--python", default=sys.executable, help="the pool's interpreter (default: this one)")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration (see zygote/config.py); flags override "
+                   "its daemon settings and its default pool; SIGHUP re-reads it")
+    p.add_argument("--python", help="the default pool's interpreter (default: this one)")
     p.add_argument("--preload", action="append", default=[], metavar="MOD", help="import MOD in the zygote")
     p.add_argument("--child-main", metavar="MOD:FUNC", help="what children run when a request names no target")
+    p.add_argument("--zygotes", type=int, metavar="N", help="zygote processes in the default pool")
     p.add_argument("--env-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--allow-uid", type=int, action="append", default=[], help="peer uid allowed to connect")
+    p.add_argument("--allow-gid", type=int, action="append", default=[], help="peer primary gid allowed to connect")
+    p.add_argument("--max-children", type=int, metavar="N", help="running children at once, all clients")
+    p.add_argument("--max-children-per-client", type=int, metavar="N", help="running children per connection")
+    p.add_argument("--socket-mode", metavar="OCTAL", help="the socket file's mode (default 0600)")
+    p.add_argument("--socket-group", metavar="GROUP", help="the socket file's group (name or gid)")
     p.add_argument("--test-hooks", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -71,40 +80,133 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def serve(args) -> int:
-    import trio
+def _config_from_args(args):
+    """DaemonConfig from --config (if any) with the flags applied on top. Raises ConfigError."""
+    import dataclasses
 
-    from ._pool import PoolConfig, PoolStartError, DEFAULT_ENV
-    from .daemon import Daemon, DaemonConfig
+    from . import config as config_file
+    from ._pool import DEFAULT_ENV, PoolConfig
+    from .daemon import DaemonConfig
 
-    env = dict(DEFAULT_ENV)
+    if args.config:
+        cfg = config_file.load(args.config, default_python=sys.executable)
+    else:
+        cfg = DaemonConfig(pools={"default": PoolConfig(python=sys.executable, env=dict(DEFAULT_ENV))})
+    pool = cfg.pools.get("default") or PoolConfig(python=sys.executable, env=dict(DEFAULT_ENV))
+    pool_changes: dict = {}
+    if args.python:
+        pool_changes["python"] = args.python
+    if args.preload:
+        pool_changes["preload"] = tuple(args.preload)
+    if args.child_main:
+        pool_changes["child_main"] = args.child_main
+    if args.zygotes is not None:
+        if not 1 <= args.zygotes <= 64:
+            raise config_file.ConfigError(f"--zygotes must be 1..64, got {args.zygotes}")
+        pool_changes["zygotes"] = args.zygotes
     if args.env_fd is not None:
         with os.fdopen(args.env_fd) as f:
             data = f.read()
         if data:
-            env = {str(k): str(v) for k, v in json.loads(data).items()}
-    pool = PoolConfig(python=args.python, preload=tuple(args.preload), env=env, child_main=args.child_main)
-    cfg = DaemonConfig(socket_path=args.socket, pools={"default": pool}, allowed_uids=tuple(args.allow_uid),
-                       test_hooks=args.test_hooks)
-    daemon = Daemon(cfg)
-    listen = None
+            pool_changes["env"] = {str(k): str(v) for k, v in json.loads(data).items()}
+    changes: dict = {"test_hooks": args.test_hooks,
+                     "allowed_uids": cfg.allowed_uids + tuple(args.allow_uid),
+                     "allowed_gids": cfg.allowed_gids + tuple(args.allow_gid)}
+    if pool_changes or "default" not in cfg.pools:
+        changes["pools"] = {**cfg.pools, "default": dataclasses.replace(pool, **pool_changes)}
     if args.socket:
+        changes["socket_path"] = args.socket
+    if args.max_children is not None:
+        changes["max_children"] = args.max_children
+    if args.max_children_per_client is not None:
+        changes["max_children_per_client"] = args.max_children_per_client
+    if args.socket_mode is not None:
+        try:
+            changes["socket_mode"] = int(args.socket_mode, 8)
+        except ValueError:
+            raise config_file.ConfigError(f"--socket-mode must be octal, got {args.socket_mode!r}") from None
+    if args.socket_group is not None:
+        changes["socket_group"] = config_file._gid("--socket-group",
+                                                   int(args.socket_group) if args.socket_group.isdigit()
+                                                   else args.socket_group)
+    return dataclasses.replace(cfg, **changes)
+
+
+def _activated_socket() -> socket.socket | None:
+    """The listening socket systemd passed (socket activation: LISTEN_PID/LISTEN_FDS), if any."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1":
+        return None
+    for k in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(k, None)
+    s = socket.socket(fileno=3)
+    os.set_inheritable(3, False)
+    if s.family != socket.AF_UNIX or s.type != socket.SOCK_STREAM:
+        raise SystemExit("zygote serve: the socket systemd passed is not a Unix stream socket")
+    return s
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd our state (READY=1, RELOADING=1, STOPPING=1) when it asked (NOTIFY_SOCKET)."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        try:
+            s.connect(addr)
+            s.send(state.encode())
+        except OSError as e:
+            print(f"zygote serve: sd_notify {state!r}: {e}", file=sys.stderr)
+
+
+def serve(args) -> int:
+    import trio
+
+    from .config import ConfigError
+    from ._pool import PoolStartError
+    from .daemon import Daemon
+
+    try:
+        cfg = _config_from_args(args)
+    except ConfigError as e:
+        print(f"zygote serve: {e}", file=sys.stderr)
+        return 2
+    listen = _activated_socket() if args.inherit_fd is None else None
+    own_socket = False
+    if listen is None and args.inherit_fd is None:
+        if not cfg.socket_path:
+            print("zygote serve: no socket: give --socket PATH or daemon.socket in --config", file=sys.stderr)
+            return 2
         listen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        if os.path.exists(args.socket) and _is_stale_socket(args.socket):
-            os.unlink(args.socket)
+        if os.path.exists(cfg.socket_path) and _is_stale_socket(cfg.socket_path):
+            os.unlink(cfg.socket_path)
         old = os.umask(0o177)
         try:
-            listen.bind(args.socket)
+            listen.bind(cfg.socket_path)
         finally:
             os.umask(old)
-        os.chmod(args.socket, cfg.socket_mode)
+        own_socket = True
+        if cfg.socket_group is not None:
+            os.chown(cfg.socket_path, -1, cfg.socket_group)
+        os.chmod(cfg.socket_path, cfg.socket_mode)
         listen.listen(128)
+    elif listen is not None:
+        listen.listen(128)
+    daemon = Daemon(cfg)
 
     async def main_task() -> None:
         async with trio.open_nursery() as n:
             n.start_soon(_stop_on_signals, n.cancel_scope)
-            await daemon.run(listen_sock=listen, inherit_fd=args.inherit_fd)
-            n.cancel_scope.cancel()
+
+            async def run_daemon(task_status=trio.TASK_STATUS_IGNORED) -> None:
+                await daemon.run(listen_sock=listen, inherit_fd=args.inherit_fd, task_status=task_status)
+                n.cancel_scope.cancel()  # the embedded connection closed
+
+            await n.start(run_daemon)
+            sd_notify("READY=1")  # only now: every pool's zygote has preloaded
+            if args.config:
+                n.start_soon(_reload_on_hup, daemon, args)
 
     try:
         trio.run(main_task)
@@ -117,13 +219,33 @@ def serve(args) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        if args.socket and listen is not None:
+        sd_notify("STOPPING=1")
+        if listen is not None:
             listen.close()
+        if own_socket:
             try:
-                os.unlink(args.socket)
+                os.unlink(cfg.socket_path)
             except FileNotFoundError:
                 pass
     return 0
+
+
+async def _reload_on_hup(daemon, args) -> None:
+    import trio
+
+    from .config import ConfigError
+    from ._pool import PoolStartError
+
+    with trio.open_signal_receiver(signal.SIGHUP) as sigs:
+        async for _ in sigs:
+            sd_notify("RELOADING=1")
+            try:
+                changes = await daemon.reload(_config_from_args(args))
+                print(f"zygote serve: reloaded {args.config}: {'; '.join(changes) or 'no pool changed'}",
+                      file=sys.stderr)
+            except (ConfigError, PoolStartError) as e:
+                print(f"zygote serve: reload refused, the old configuration stays: {e}", file=sys.stderr)
+            sd_notify("READY=1")
 
 
 def _find(exc: BaseException, kind: type) -> BaseException | None:

@@ -9,6 +9,7 @@ deadline, reaps the child through its pidfd (wait4 for rusage) and reports Exite
 from __future__ import annotations
 
 import array
+import dataclasses
 import errno as _errno
 import itertools
 import os
@@ -44,18 +45,24 @@ class DaemonConfig:
         socket_path: where to listen (mode 0600 unless socket_mode says otherwise).
         pools: the pools, by name; requests without a pool use "default".
         allowed_uids: peer uids allowed to connect besides root and the daemon's own uid.
+        allowed_gids: peers whose primary gid (SO_PEERCRED) is listed may connect too.
         id_base: first host uid/gid of the range sandbox ids 0..65535 map to (root daemon only).
         test_hooks: accept test-only request fields (failure injection). Never in production.
         max_children: running children allowed at once (all clients).
+        max_children_per_client: running children one connection may have (None: no own cap).
+        socket_mode, socket_group: the listening socket file's mode and group (None: unchanged).
     """
 
     socket_path: str | None = None
     pools: dict[str, PoolConfig] = field(default_factory=lambda: {"default": PoolConfig()})
     allowed_uids: tuple[int, ...] = ()
+    allowed_gids: tuple[int, ...] = ()
     id_base: int = userns.DEFAULT_ID_BASE
     test_hooks: bool = False
     max_children: int = 1024
+    max_children_per_client: int | None = None
     socket_mode: int = 0o600
+    socket_group: int | None = None
     always_cgroup: bool = False  # a cgroup (accounting, peak_memory) even for children without limits
 
 
@@ -174,6 +181,41 @@ class Daemon:
                     await self.shutdown()
                 nursery.cancel_scope.cancel()
 
+    async def reload(self, config: DaemonConfig) -> list[str]:
+        """Adopt a re-read configuration (SIGHUP) without touching running children.
+
+        New and changed pools are started first; if one fails, nothing changes and PoolStartError
+        propagates. Then they replace the old ones, whose zygotes are stopped (children are the
+        daemon's, not the zygote's, so they run on). Access rules and child limits apply to the next
+        connection or spawn. The socket, id_base and test_hooks stay as they were at start.
+        Returns a line per change.
+        """
+        keep = dataclasses.replace(config, socket_path=self.config.socket_path, id_base=self.config.id_base,
+                                   test_hooks=self.config.test_hooks)
+        started: dict[str, Pool] = {}
+        try:
+            for name, pc in keep.pools.items():
+                old = self.pools.get(name)
+                if old is None or old.config != pc:
+                    pool = Pool(pc)
+                    started[name] = pool
+                    await pool.start()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                for pool in started.values():
+                    await pool.stop()
+            raise
+        changes = [f"pool {n!r} {'restarted' if n in self.pools else 'added'}" for n in started]
+        retired = [p for n, p in self.pools.items() if n not in keep.pools or n in started]
+        changes += [f"pool {n!r} removed" for n in self.pools if n not in keep.pools]
+        self.pools = {n: started.get(n) or self.pools[n] for n in keep.pools}
+        self.config = keep
+        for pool in started.values():
+            self._nursery.start_soon(pool.supervise)
+        for pool in retired:
+            await pool.stop()
+        return changes
+
     async def shutdown(self) -> None:
         for child in list(self.children.values()):
             self._kill(child, signal.SIGKILL)
@@ -190,15 +232,16 @@ class Daemon:
 
     # ---- connections -------------------------------------------------------------------------
 
-    def _peer_allowed(self, uid: int) -> bool:
-        return uid == 0 or uid == os.getuid() or uid in self.config.allowed_uids
+    def _peer_allowed(self, uid: int, gid: int) -> bool:
+        return (uid == 0 or uid == os.getuid() or uid in self.config.allowed_uids
+                or gid in self.config.allowed_gids)
 
     async def _serve_conn(self, sock: trio.socket.SocketType, embedded: bool = False) -> None:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         conn = Connection(self, sock, struct.unpack("3i", creds))
         decoder = P.daemon_decoder()
         try:
-            if not self._peer_allowed(conn.peer_uid):
+            if not self._peer_allowed(conn.peer_uid, conn.peer_gid):
                 await conn.send(P.Error(0, "not-allowed", f"uid {conn.peer_uid} may not use this daemon"))
                 return
             async with trio.open_nursery() as nursery:
@@ -321,6 +364,10 @@ class Daemon:
         if len(self.children) >= self.config.max_children:
             return P.SpawnFailed(msg.req, f"the daemon runs {len(self.children)} children, its maximum",
                                  code="limit"), []
+        per_client = self.config.max_children_per_client
+        if per_client is not None and len(conn.children) >= per_client:
+            return P.SpawnFailed(msg.req, f"this connection runs {len(conn.children)} children, the "
+                                 f"per-client maximum", code="limit"), []
         try:
             cfg = policy.effective(pool.config.sandbox, msg.sandbox)
             policy.check_peer_paths(cfg, pool.config.sandbox, conn.peer_uid, conn.peer_gid)

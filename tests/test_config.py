@@ -1,0 +1,305 @@
+"""The TOML configuration, access lists, per-client limits, SIGHUP reload, systemd integration."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import pytest
+
+from zygote.config import ConfigError, load
+from zygote_client import Client, DaemonError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write(path, text: str) -> str:
+    with open(path, "w") as f:
+        f.write(textwrap.dedent(text))
+    return str(path)
+
+
+def test_load_example(tmp_path):
+    cfg = load(_write(tmp_path / "z.toml", f"""
+        [daemon]
+        socket = "/run/zg-test.sock"
+        socket_mode = "0660"
+        allowed_uids = [1000]
+        allowed_gids = [1001]
+        max_children = 10
+        max_children_per_client = 2
+
+        [pools.default]
+        preload = ["json"]
+        zygotes = 2
+
+        [pools.default.sandbox]
+        memory = "256M"
+        pids = 32
+
+        [pools.other]
+        python = "{sys.executable}"
+        env = {{ PATH = "/usr/bin" }}
+        allow_callables = false
+        child_main = "json:dumps"
+        """), default_python=sys.executable)
+    assert cfg.socket_path == "/run/zg-test.sock" and cfg.socket_mode == 0o660
+    assert cfg.allowed_uids == (1000,) and cfg.allowed_gids == (1001,)
+    assert cfg.max_children == 10 and cfg.max_children_per_client == 2
+    assert cfg.pools["default"].preload == ("json",) and cfg.pools["default"].zygotes == 2
+    assert cfg.pools["default"].sandbox.memory == "256M" and cfg.pools["default"].sandbox.pids == 32
+    assert cfg.pools["other"].env == {"PATH": "/usr/bin"} and not cfg.pools["other"].allow_callables
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[daemon]\nsockt = 'x'\n", ["sockt"]),
+    ("[pools.default]\nzygotes = 'two'\n", ["zygotes"]),
+    ("[pools.default]\nzygotes = 0\n", ["zygotes", "1..64"]),
+    ("[pools.default.sandbox]\nmemory = 'lots'\n", ["memory"]),
+    ("[pools.default.sandbox]\nmemroy = '1G'\n", ["memroy"]),
+    ("[daemon]\nsocket_mode = '0666'\n", ["socket_mode", "others"]),
+    ("[daemon]\nsocket_group = 'zg-no-such-group'\n", ["zg-no-such-group"]),
+    ("[pools.default]\npython = 'python3'\n", ["python", "absolute"]),
+    ("[pools.default]\nchild_main = 'nocolon'\n", ["child_main"]),
+    ("[daemon\n", ["TOML"]),
+])
+def test_bad_config_names_the_key(tmp_path, text, words):
+    path = _write(tmp_path / "bad.toml", text)
+    with pytest.raises(ConfigError) as e:
+        load(path, default_python=sys.executable)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+    # and `zygote serve` refuses to start with it, exit 2, the same message
+    r = subprocess.run([sys.executable, "-m", "zygote", "serve", "--config", path, "--socket", str(tmp_path / "s")],
+                       capture_output=True, timeout=60)
+    assert r.returncode == 2 and words[0].encode() in r.stderr, r.stderr
+
+
+def _wait_socket(path: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(path)
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"daemon did not start: {proc.poll()}")
+            time.sleep(0.05)
+        finally:
+            s.close()
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory other uids can reach (pytest's tmp_path is root-only)."""
+    d = tempfile.mkdtemp(prefix="zg-cfg-")
+    os.chmod(d, 0o755)
+    yield d
+    for name in os.listdir(d):
+        os.unlink(os.path.join(d, name))
+    os.rmdir(d)
+
+
+def _serve(config: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--config", config, *extra],
+                            stderr=subprocess.PIPE)
+
+
+def _stop(proc: subprocess.Popen) -> bytes:
+    proc.terminate()
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    return err
+
+
+def _hello_as(uid: int, gid: int, sock_path: str) -> str:
+    """Connect as uid/gid (a forked child that only does socket I/O) and return the daemon's first
+    answer: "welcome" or "error:<code>". (The venv's interpreter lives under /root, which other
+    uids cannot execute, so no subprocess as another user.)"""
+    from zygote_client import _protocol as P
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(30)
+            s.connect(sock_path)
+            s.sendall(P.encode(P.Hello(P.VERSION), 0))
+            dec = P.client_decoder()
+            item = None
+            while item is None:
+                data = s.recv(1 << 16)
+                if not data:
+                    break
+                dec.feed(data, [])
+                item = dec.next()
+            msg = item[0] if item else None
+            out = "welcome" if isinstance(msg, P.Welcome) else f"error:{getattr(msg, 'code', None)}"
+            os.write(w, out.encode())
+        except BaseException as e:
+            os.write(w, f"exception:{e!r}".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    os.waitpid(pid, 0)
+    return out
+
+
+def test_SECURITY_auth_clients_see_only_their_own_children(shared_dir):
+    sock = os.path.join(shared_dir, "z.sock")
+    cfg = _write(os.path.join(shared_dir, "z.toml"), f'[daemon]\nsocket = "{sock}"\n')
+    proc = _serve(cfg)
+    try:
+        _wait_socket(sock, proc)
+        with Client.connect(sock) as a:
+            child = a.spawn_child(_sleeper(), stdin=None)
+            with pytest.raises(DaemonError) as e:
+                _raw_signal(sock, child.id)
+            assert e.value.code == "unknown-child"
+            assert child.poll() is None  # untouched by b
+            child.kill()
+            assert child.wait().returncode == -9
+    finally:
+        _stop(proc)
+
+
+def _sleeper():
+    def sleep():
+        import time
+        time.sleep(60)
+    return sleep
+
+
+def _raw_signal(sock_path: str, child_id: str) -> None:
+    """Send a Signal for another connection's child over a fresh raw connection."""
+    from zygote_client import _protocol as P
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock_path)
+    try:
+        s.sendall(P.encode(P.Hello(P.VERSION), 0))
+        dec = P.client_decoder()
+        replies = []
+        while len(replies) < 2:
+            data = s.recv(1 << 16)
+            assert data
+            dec.feed(data, [])
+            while (item := dec.next()) is not None:
+                replies.append(item[0])
+                if len(replies) == 1:
+                    s.sendall(P.encode(P.Signal(7, child_id, signal.SIGKILL), 0))
+        if isinstance(replies[1], P.Error):
+            raise DaemonError(replies[1].message, code=replies[1].code)
+    finally:
+        s.close()
+
+
+def test_max_children_per_client(shared_dir):
+    sock = os.path.join(shared_dir, "z.sock")
+    cfg = _write(os.path.join(shared_dir, "z.toml"), f'[daemon]\nsocket = "{sock}"\nmax_children_per_client = 2\n')
+    proc = _serve(cfg)
+    try:
+        _wait_socket(sock, proc)
+        with Client.connect(sock) as a, Client.connect(sock) as b:
+            kids = [a.spawn_child(_sleeper(), stdin=None) for _ in range(2)]
+            with pytest.raises(DaemonError) as e:
+                a.spawn_child(_sleeper(), stdin=None)
+            assert e.value.code == "limit" and "per-client" in str(e.value)
+            assert b.run(print, ("b",)).stdout == b"b\n"  # another client is not affected
+            for k in kids:
+                k.kill()
+                k.wait()
+    finally:
+        _stop(proc)
+
+
+def test_sighup_reload_keeps_running_children(shared_dir):
+    sock = os.path.join(shared_dir, "z.sock")
+    cfg = os.path.join(shared_dir, "z.toml")
+    _write(cfg, f'[daemon]\nsocket = "{sock}"\n[pools.default]\npreload = ["json"]\n')
+    proc = _serve(cfg)
+    try:
+        _wait_socket(sock, proc)
+        with Client.connect(sock) as c:
+            def slow():
+                import sys, time
+                print("before", flush=True)
+                time.sleep(3)
+                print("after", "colorsys" in sys.modules)
+            child = c.spawn_child(slow, stdin=None)
+            assert child.stdout.readline() == b"before\n"
+            _write(cfg, f'[daemon]\nsocket = "{sock}"\n[pools.default]\npreload = ["json", "colorsys"]\n'
+                        '[pools.extra]\npreload = ["colorsys"]\n')
+            os.kill(proc.pid, signal.SIGHUP)
+            assert child.stdout.read() == b"after False\n"  # the old child ran on, from the old zygote
+            assert child.wait().returncode == 0
+
+        def has_colorsys():
+            import sys
+            print("colorsys" in sys.modules)
+        deadline = time.monotonic() + 60
+        while True:  # the reload finishes in the background
+            with Client.connect(sock) as c:
+                if "extra" in c.welcome.pools:
+                    assert c.spawn_child(has_colorsys, stdin=None, pool="extra").stdout.read() == b"True\n"
+                    assert c.spawn_child(has_colorsys, stdin=None).stdout.read() == b"True\n"
+                    break
+            assert time.monotonic() < deadline, "reload did not happen"
+            time.sleep(0.2)
+        # a broken file is refused and the daemon keeps serving with what it had
+        _write(cfg, "[pools.default]\nzygotes = 'many'\n")
+        os.kill(proc.pid, signal.SIGHUP)
+        time.sleep(0.5)
+        with Client.connect(sock) as c:
+            assert "extra" in c.welcome.pools and c.run(print, ("ok",)).stdout == b"ok\n"
+    finally:
+        err = _stop(proc)
+    assert b"reloaded" in err and b"reload refused" in err, err
+
+
+def test_systemd_socket_activation_and_notify(tmp_path):
+    """A socket passed as fd 3 with LISTEN_PID/LISTEN_FDS is served; READY=1 arrives on
+    NOTIFY_SOCKET only after the zygote has preloaded, STOPPING=1 at SIGTERM."""
+    path = str(tmp_path / "act.sock")
+    listen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listen.bind(path)
+    listen.listen(8)
+    notify_path = str(tmp_path / "notify")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.settimeout(60)
+    fd = listen.fileno()
+    script = (f"export LISTEN_PID=$$ LISTEN_FDS=1 NOTIFY_SOCKET={notify_path}; exec 3<&{fd}; "
+              f"exec {sys.executable} -m zygote serve --preload json")
+    proc = subprocess.Popen(["bash", "-c", script], pass_fds=[fd], stderr=subprocess.PIPE)
+    listen.close()
+    try:
+        assert notify.recv(64) == b"READY=1"
+        with Client.connect(path) as c:
+            assert c.run(print, ("activated",)).stdout == b"activated\n"
+    finally:
+        _stop(proc)
+    assert notify.recv(64) == b"STOPPING=1"
+    notify.close()
+    assert os.path.exists(path), "the daemon removed a socket systemd owns"
+
+
+def test_systemd_units_name_the_daemon():
+    import configparser
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read([os.path.join(REPO, "systemd", "zygote.service"), os.path.join(REPO, "systemd", "zygote.socket")])
+    assert unit["Service"]["Type"] == "notify" and "zygote serve" in unit["Service"]["ExecStart"]
+    assert unit["Service"]["Delegate"] == "yes"
+    assert unit["Socket"]["ListenStream"].endswith(".sock")

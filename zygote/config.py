@@ -1,0 +1,136 @@
+"""The daemon's TOML configuration file (``zygote serve --config FILE``).
+
+The file is decoded strictly (unknown keys, wrong types and bad values are errors naming the key)
+into the same ``DaemonConfig`` / ``PoolConfig`` the flags build, so a flag and a file line mean the
+same thing. Example::
+
+    [daemon]
+    socket = "/run/zygote/zygote.sock"
+    socket_mode = "0660"          # octal string; the group below may connect
+    socket_group = "zygote"
+    allowed_uids = [1000]         # besides root and the daemon's own uid
+    allowed_gids = [1001]         # any peer whose primary gid is listed
+    max_children = 512
+    max_children_per_client = 64
+
+    [pools.default]
+    python = "/opt/pandas-venv/bin/python"   # must have the zygote distribution installed
+    preload = ["pandas"]
+    env = { PATH = "/usr/bin:/bin", LANG = "C.UTF-8" }
+    allow_callables = true
+    zygotes = 2
+
+    [pools.default.sandbox]      # the pool's default and ceiling: requests may only tighten it
+    memory = "512M"
+    pids = 64
+    timeout = 60
+
+SIGHUP makes a running daemon re-read the file: pools that changed are started afresh and swapped
+in, running children are left alone (see ``Daemon.reload``).
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import tomllib
+
+import msgspec
+
+from zygote_client import SandboxConfig
+
+from ._pool import DEFAULT_ENV, PoolConfig
+
+
+class ConfigError(ValueError):
+    """The configuration file is unreadable or invalid; the message names the file and the key."""
+
+
+class _DaemonSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    socket: str | None = None
+    socket_mode: str = "0600"
+    socket_group: str | int | None = None
+    allowed_uids: list[int] = []
+    allowed_gids: list[int] = []
+    max_children: int = 1024
+    max_children_per_client: int | None = None
+    id_base: int | None = None
+    always_cgroup: bool = False
+
+
+class _PoolSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    python: str | None = None
+    preload: list[str] = []
+    env: dict[str, str] | None = None
+    child_main: str | None = None
+    allow_callables: bool = True
+    zygotes: int = 1
+    sandbox: SandboxConfig = SandboxConfig()
+
+
+class _File(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    daemon: _DaemonSection = _DaemonSection()
+    pools: dict[str, _PoolSection] = {}
+
+
+def load(path: str, *, default_python: str):
+    """Read ``path`` and return a DaemonConfig (socket not yet created). Raises ConfigError."""
+    from .daemon import DaemonConfig  # the daemon module imports trio; keep this module light
+
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    try:
+        parsed = msgspec.convert(raw, _File)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except ValueError as e:  # SandboxConfig's own checks (sizes, ranges) raise ValueError
+        raise ConfigError(f"{path}: {e}") from None
+
+    d = parsed.daemon
+    try:
+        mode = int(d.socket_mode, 8)
+    except ValueError:
+        raise ConfigError(f"{path}: daemon.socket_mode must be an octal string such as \"0660\", "
+                          f"got {d.socket_mode!r}") from None
+    if mode & ~0o777 or mode & 0o007:
+        raise ConfigError(f"{path}: daemon.socket_mode {d.socket_mode!r}: only owner and group bits "
+                          "(others may never connect; list their uids instead)")
+    group = _gid(path, d.socket_group)
+    if d.max_children < 1 or (d.max_children_per_client is not None and d.max_children_per_client < 1):
+        raise ConfigError(f"{path}: daemon.max_children and max_children_per_client must be >= 1")
+    pools = {}
+    for name, p in (parsed.pools or {"default": _PoolSection()}).items():
+        where = f"{path}: pools.{name}"
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"{where}: a pool name is letters, digits, '-' and '_'")
+        if not 1 <= p.zygotes <= 64:
+            raise ConfigError(f"{where}.zygotes must be 1..64, got {p.zygotes}")
+        if p.child_main is not None and ":" not in p.child_main:
+            raise ConfigError(f"{where}.child_main must be 'module:function', got {p.child_main!r}")
+        python = p.python or default_python
+        if not (os.path.isabs(python) and os.access(python, os.X_OK)):
+            raise ConfigError(f"{where}.python {python!r} is not an absolute path to an executable")
+        pools[name] = PoolConfig(name=name, python=python, preload=tuple(p.preload),
+                                 env=dict(DEFAULT_ENV if p.env is None else p.env), child_main=p.child_main,
+                                 allow_callables=p.allow_callables, zygotes=p.zygotes, sandbox=p.sandbox)
+    kw = {}
+    if d.id_base is not None:
+        kw["id_base"] = d.id_base
+    return DaemonConfig(socket_path=d.socket, pools=pools, allowed_uids=tuple(d.allowed_uids),
+                        allowed_gids=tuple(d.allowed_gids), max_children=d.max_children,
+                        max_children_per_client=d.max_children_per_client, socket_mode=mode,
+                        socket_group=group, always_cgroup=d.always_cgroup, **kw)
+
+
+def _gid(path: str, group: str | int | None) -> int | None:
+    if group is None or isinstance(group, int):
+        return group
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"{path}: daemon.socket_group {group!r}: no such group") from None
