@@ -135,7 +135,10 @@ def _hello_as(uid: int, gid: int, sock_path: str) -> str:
             s = socket.socket(socket.AF_UNIX)
             s.settimeout(30)
             s.connect(sock_path)
-            s.sendall(P.encode(P.Hello(P.VERSION), 0))
+            try:
+                s.sendall(P.encode(P.Hello(P.VERSION), 0))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # refused peers get their error at once and the connection closes: read it
             dec = P.client_decoder()
             item = None
             while item is None:
@@ -146,6 +149,13 @@ def _hello_as(uid: int, gid: int, sock_path: str) -> str:
                 item = dec.next()
             msg = item[0] if item else None
             out = "welcome" if isinstance(msg, P.Welcome) else f"error:{getattr(msg, 'code', None)}"
+            if out == "welcome":  # what does this peer see of the daemon's children?
+                s.sendall(P.encode(P.Status(1), 0))
+                item = dec.next()
+                while item is None:
+                    dec.feed(s.recv(1 << 16), [])
+                    item = dec.next()
+                out += f" running={item[0].running} visible={len(item[0].children)}"
             os.write(w, out.encode())
         except BaseException as e:
             os.write(w, f"exception:{e!r}".encode())
@@ -156,6 +166,34 @@ def _hello_as(uid: int, gid: int, sock_path: str) -> str:
         out = f.read().decode()
     os.waitpid(pid, 0)
     return out
+
+
+def test_SECURITY_auth_unlisted_uid_refused_listed_uid_served(shared_dir):
+    """The socket is reachable by group 4242 (mode 0660); only uid 4001 is listed: uid 4002 of the
+    same group connects at the socket level and is refused by SO_PEERCRED."""
+    sock = os.path.join(shared_dir, "z.sock")
+    cfg = _write(os.path.join(shared_dir, "z.toml"), f"""
+        [daemon]
+        socket = "{sock}"
+        socket_mode = "0660"
+        socket_group = 4242
+        allowed_uids = [4001]
+        """)
+    proc = _serve(cfg)
+    try:
+        _wait_socket(sock, proc)
+        assert os.stat(sock).st_gid == 4242 and os.stat(sock).st_mode & 0o777 == 0o660
+        with Client.connect(sock) as root_client:
+            child = root_client.spawn_child(_sleeper(), stdin=None)
+            # uid 4001 may use the daemon but does not see root's child in `status`
+            assert _hello_as(4001, 4242, sock) == "welcome running=1 visible=0"
+            assert len(root_client.status().children) == 1
+            child.kill()
+            child.wait()
+        assert _hello_as(4002, 4242, sock) == "error:not-allowed"
+        assert _hello_as(4003, 4343, sock).startswith("exception:PermissionError")  # not in the group
+    finally:
+        _stop(proc)
 
 
 def test_SECURITY_auth_clients_see_only_their_own_children(shared_dir):

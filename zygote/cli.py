@@ -37,7 +37,19 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-children-per-client", type=int, metavar="N", help="running children per connection")
     p.add_argument("--socket-mode", metavar="OCTAL", help="the socket file's mode (default 0600)")
     p.add_argument("--socket-group", metavar="GROUP", help="the socket file's group (name or gid)")
+    p.add_argument("--log-format", choices=("json", "console"), default="json",
+                   help="one event per spawn and per exit on stderr (default: JSON lines)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   help="default info (error for an embedded daemon)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (0: any free port, printed)")
     p.add_argument("--test-hooks", action="store_true", help=argparse.SUPPRESS)
+
+
+def _status_parser(sub) -> None:
+    p = sub.add_parser("status", help="pools, zygotes, running children and counters of a daemon")
+    p.add_argument("--socket", required=True, metavar="PATH")
+    p.add_argument("--json", action="store_true", help="print the reply as JSON")
 
 
 def _run_parser(sub) -> None:
@@ -67,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     _serve_parser(sub)
     _run_parser(sub)
+    _status_parser(sub)
     d = sub.add_parser("doctor", help="which confinement layers this host supports, and how to fix the rest")
     d.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -74,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args)
     if args.cmd == "run":
         return run(args)
+    if args.cmd == "status":
+        return status(args)
     if args.cmd == "doctor":
         from .doctor import main as doctor_main
         return doctor_main(json_out=args.json)
@@ -193,7 +208,16 @@ def serve(args) -> int:
         listen.listen(128)
     elif listen is not None:
         listen.listen(128)
+    from . import observe
+    observe.configure_logging(args.log_format, args.log_level or ("error" if args.inherit_fd is not None else "info"))
     daemon = Daemon(cfg)
+    if args.metrics_port is not None:
+        try:
+            port = daemon.observer.serve_metrics(args.metrics_port)
+        except OSError as e:
+            print(f"zygote serve: metrics port {args.metrics_port}: {e.strerror}", file=sys.stderr)
+            return 2
+        print(f"zygote serve: metrics on http://127.0.0.1:{port}/metrics", file=sys.stderr, flush=True)
 
     async def main_task() -> None:
         async with trio.open_nursery() as n:
@@ -220,6 +244,7 @@ def serve(args) -> int:
         pass
     finally:
         sd_notify("STOPPING=1")
+        daemon.observer.close()
         if listen is not None:
             listen.close()
         if own_socket:
@@ -227,6 +252,30 @@ def serve(args) -> int:
                 os.unlink(cfg.socket_path)
             except FileNotFoundError:
                 pass
+    return 0
+
+
+def status(args) -> int:
+    import msgspec
+
+    from zygote_client import Client, ZygoteError
+
+    try:
+        with Client.connect(args.socket) as c:
+            st = c.status()
+    except (OSError, ZygoteError) as e:
+        print(f"zygote status: {args.socket}: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(msgspec.json.encode(st).decode())
+        return 0
+    print(f"daemon pid {st.daemon_pid}, up {st.uptime:.0f} s, {st.running} children running")
+    for p in st.pools:
+        print(f"  pool {p.name}: {p.zygotes_running}/{p.zygotes} zygotes, {p.restarts} restarts, "
+              f"python {p.python}, preload {', '.join(p.preload) or '-'}")
+    for c in st.children:
+        print(f"  child {c.id}: pool {c.pool}, pid {c.pid}, uid {c.peer_uid}, {c.age:.1f} s")
+    print("  " + ", ".join(f"{k} {v}" for k, v in sorted(st.counters.items())))
     return 0
 
 

@@ -31,7 +31,7 @@ from zygote_client._errors import ProtocolError
 from . import _childproto as C
 from ._clone import ALL_NAMESPACES, CLONE_PARENT
 from ._pool import Pool, PoolConfig, PoolStartError, ZygoteDied
-from . import policy
+from . import observe, policy
 from .layers import SetupError, cgroups, mounts, rlimits, seccomp, userns
 
 SPAWN_STEPS = ("userns", "mounts", "netns", "rlimits", "uts", "fds", "payload")
@@ -87,6 +87,8 @@ class Child:
     cgroup: object = None
     first_event: trio.Event = field(default_factory=trio.Event)
     status_done: trio.Event = field(default_factory=trio.Event)
+    pool: str = "default"
+    peer_uid: int = -1
 
 
 class Connection:
@@ -128,6 +130,8 @@ class Daemon:
         self.cleaning = 0
         self.cgroups: cgroups.CgroupHost | None = None
         self.cgroup_error: SetupError | None = None
+        self.observer = observe.Observer()
+        self.observer.watch_pools(lambda: self.pools)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -240,6 +244,7 @@ class Daemon:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         conn = Connection(self, sock, struct.unpack("3i", creds))
         decoder = P.daemon_decoder()
+        self.observer.connection(+1)
         try:
             if not self._peer_allowed(conn.peer_uid, conn.peer_gid):
                 await conn.send(P.Error(0, "not-allowed", f"uid {conn.peer_uid} may not use this daemon"))
@@ -283,6 +288,7 @@ class Daemon:
             for child in list(conn.children.values()):
                 self._kill(child, signal.SIGKILL)
             sock.close()
+            self.observer.connection(-1)
 
     async def _dispatch(self, conn: Connection, msg, fds: list[int], nursery: trio.Nursery) -> None:
         if isinstance(msg, P.Spawn):
@@ -297,13 +303,29 @@ class Daemon:
             else:
                 self._kill(child, msg.signum)
                 await conn.send(P.Ok(msg.req))
+        elif isinstance(msg, P.Status):
+            _close(fds)
+            await conn.send(self.status(msg.req, conn.peer_uid))
         else:
             _close(fds)
             await conn.send(P.Error(getattr(msg, "req", 0), "bad-request", f"unexpected {type(msg).__name__}"))
 
+    def status(self, req: int, peer_uid: int) -> P.StatusReply:
+        now = time.monotonic()
+        pools = [P.PoolStatus(name=n, python=p.config.python, preload=list(p.config.preload),
+                              zygotes=p.config.zygotes,
+                              zygotes_running=sum(1 for z in p.zygotes if not z.dead.is_set()),
+                              restarts=p.restarts) for n, p in self.pools.items()]
+        mine = [P.ChildStatus(id=c.id, pool=c.pool, pid=c.pid, peer_uid=c.peer_uid, age=now - c.started)
+                for c in self.children.values() if peer_uid == 0 or c.peer_uid == peer_uid]
+        return P.StatusReply(req=req, daemon_pid=os.getpid(), uptime=now - self.observer.started, pools=pools,
+                             running=len(self.children), children=mine,
+                             counters=dict(self.observer.counters, spawns_total=self.spawns_total))
+
     # ---- spawning ----------------------------------------------------------------------------
 
     async def _spawn_request(self, conn: Connection, msg: P.Spawn, fds: list[int]) -> None:
+        t0 = time.monotonic()
         try:
             reply, out_fds = await self.spawn(conn, msg, fds)
         except Exception as e:  # a bug must not take the daemon down; the client gets the text
@@ -311,6 +333,14 @@ class Daemon:
                                            code="internal"), []
         finally:
             _close(fds)
+        if isinstance(reply, P.Spawned):
+            self.observer.spawned(outcome="ok", seconds=time.monotonic() - t0, child=reply.child,
+                                  pool=msg.pool or "default", peer_uid=conn.peer_uid, running=len(self.children),
+                                  kind=msg.kind)
+        else:
+            self.observer.spawned(outcome=reply.code, seconds=time.monotonic() - t0, child=None,
+                                  pool=msg.pool or "default", peer_uid=conn.peer_uid, running=len(self.children),
+                                  kind=msg.kind, step=reply.step, message=reply.message)
         try:
             await conn.send(reply, out_fds)
         finally:
@@ -436,7 +466,8 @@ class Daemon:
             pidfd = os.pidfd_open(pid)
             child = Child(id=f"{self._prefix}-{next(self._ids)}", pid=pid, pidfd=pidfd, conn=conn,
                           started=time.monotonic(), timeout=timeout, timeout_grace=cfg.timeout_grace,
-                          status_stream=trio.lowlevel.FdStream(st_r), cpu_time=cfg.cpu_time)
+                          status_stream=trio.lowlevel.FdStream(st_r), cpu_time=cfg.cpu_time,
+                          pool=pool.config.name, peer_uid=conn.peer_uid)
             mine.remove(st_r)
             self.children[child.id] = child
             conn.children[child.id] = child
@@ -528,6 +559,9 @@ class Daemon:
             child.status = await trio.to_thread.run_sync(self._cgroup_stats, cg, child.status)
         child.exited.set()
         self.children.pop(child.id, None)
+        if child.ready_seen:
+            self.observer.exited(child=child.id, pool=child.pool, peer_uid=child.peer_uid, status=child.status,
+                                 running=len(self.children))
         conn = child.conn
         if conn is not None:
             conn.children.pop(child.id, None)

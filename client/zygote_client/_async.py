@@ -205,6 +205,15 @@ class AsyncClient:
         p.msg, p.fds = msg, fds
         p.event.set()
 
+    async def status(self) -> "P.StatusReply":
+        """The daemon's pools, counters and this peer's running children."""
+        msg, fds = await self._request(lambda req: P.Status(req))
+        for fd in fds:
+            os.close(fd)
+        if isinstance(msg, P.Error):
+            raise DaemonError(msg.message, code=msg.code)
+        return msg
+
     async def _request(self, make: Callable[[int], Any], fds: list[int] = ()) -> tuple[Any, list[int]]:
         if self._closed:
             raise ClosedError("the client is closed")

@@ -149,6 +149,10 @@ class Client:
             raise ClosedError("the client is closed")
         return self._portal.call(fn, *args)
 
+    def status(self):
+        """The daemon's pools, counters and this peer's running children (a StatusReply)."""
+        return self._call(self._aclient.status)
+
     def spawn_child(self, target: Callable[..., Any] | str | None = None, args: tuple = (),
                     kwargs: dict | None = None, *, process_name: str | None = None,
                     sandbox_config: SandboxConfig | None = None, stdin: Any = PIPE,

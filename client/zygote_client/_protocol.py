@@ -78,6 +78,12 @@ class Signal(_Msg, tag="signal"):
     signum: int
 
 
+class Status(_Msg, tag="status"):
+    """Ask for the daemon's state (``zygote status``)."""
+
+    req: int
+
+
 # ---- daemon -> client -------------------------------------------------------------------------
 
 
@@ -127,8 +133,38 @@ class Exited(_Msg, tag="exited"):
     status: ExitStatus
 
 
-ClientMessage = Union[Hello, Spawn, Signal]
-DaemonMessage = Union[Welcome, Spawned, SpawnFailed, Ok, Error, Exited]
+class PoolStatus(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    python: str
+    preload: list[str]
+    zygotes: int  # configured
+    zygotes_running: int
+    restarts: int
+
+
+class ChildStatus(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    id: str
+    pool: str
+    pid: int
+    peer_uid: int
+    age: float  # seconds since the spawn
+
+
+class StatusReply(_Msg, tag="status-reply"):
+    """The daemon's state. ``children`` lists only the asking peer's own (root sees all);
+    ``running`` counts every child."""
+
+    req: int
+    daemon_pid: int
+    uptime: float
+    pools: list[PoolStatus]
+    running: int
+    children: list[ChildStatus]
+    counters: dict[str, int]
+
+
+ClientMessage = Union[Hello, Spawn, Signal, Status]
+DaemonMessage = Union[Welcome, Spawned, SpawnFailed, Ok, Error, Exited, StatusReply]
 
 _encoder = msgspec.msgpack.Encoder()
 

@@ -1,0 +1,79 @@
+"""Observability: a structured log line per spawn and per exit, `zygote status`, Prometheus metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+
+from zygote_client import Client, DaemonError, SandboxError
+
+from test_config import _wait_socket
+
+
+def test_logs_status_and_metrics(tmp_path):
+    sock = str(tmp_path / "z.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--socket", sock, "--metrics-port", "0"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert "metrics on http://127.0.0.1:" in line, line
+        url = line.split()[-1]
+        _wait_socket(sock, proc)
+        with Client.connect(sock) as c:
+            assert c.run(print, ("a",)).returncode == 0
+            try:
+                c.spawn_child("not-a-target", stdin=None)
+            except (DaemonError, SandboxError):
+                pass
+
+            def spin():
+                while True:
+                    pass
+            r = c.run(spin, timeout=0.5)
+            assert r.status.timed_out
+            def sleep():
+                import time
+                time.sleep(60)
+            sleeper = c.spawn_child(sleep, stdin=None)
+            st = c.status()
+            assert st.running == 1 and [ch.id for ch in st.children] == [sleeper.id]
+            assert st.pools[0].name == "default" and st.pools[0].zygotes_running == 1
+            assert st.counters["spawns_ok"] == 3 and st.counters["exits_timeout"] == 1
+
+            out = subprocess.run([sys.executable, "-m", "zygote", "status", "--socket", sock, "--json"],
+                                 capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            data = json.loads(out.stdout)
+            # root sees every child (other peers only their own: test_config's auth test)
+            assert data["running"] == 1 and [ch["id"] for ch in data["children"]] == [sleeper.id]
+            text = subprocess.run([sys.executable, "-m", "zygote", "status", "--socket", sock],
+                                  capture_output=True, text=True, timeout=60).stdout
+            assert "pool default: 1/1 zygotes" in text
+
+            metrics = urllib.request.urlopen(url, timeout=10).read().decode()
+            sleeper.kill()
+            sleeper.wait()
+        assert 'zygote_spawns_total{outcome="ok"} 3.0' in metrics
+        assert 'zygote_spawns_total{outcome="bad-request"} 1.0' in metrics
+        assert 'zygote_exits_total{reason="timeout"} 1.0' in metrics
+        assert 'zygote_spawn_duration_seconds_count{outcome="ok"} 3.0' in metrics
+        assert 'zygote_zygotes_running{pool="default"} 1.0' in metrics
+        assert "zygote_children_running 1.0" in metrics
+        assert sleeper.id not in metrics  # no per-child labels
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    events = [json.loads(l) for l in err.splitlines() if l.startswith("{")]
+    spawns = [e for e in events if e["event"] == "spawn"]
+    exits = [e for e in events if e["event"] == "exit"]
+    assert [e["outcome"] for e in spawns] == ["ok", "bad-request", "ok", "ok"], spawns
+    assert all(e["pool"] == "default" and e["peer_uid"] == os.getuid() and e["spawn_ms"] > 0 for e in spawns)
+    assert {e["child"] for e in spawns if e["outcome"] == "ok"} == {e["child"] for e in exits}
+    timeout_exit = [e for e in exits if e["reason"] == "timeout"]
+    assert len(timeout_exit) == 1 and timeout_exit[0]["limits_hit"] == ["timeout"]
+    assert all("wall_s" in e and "returncode" in e for e in exits)
+

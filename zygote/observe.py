@@ -1,0 +1,131 @@
+"""What the daemon tells operators: one structured log line per spawn and per exit, counters for
+``zygote status``, and Prometheus metrics on an optional local port.
+
+Logs go through structlog to stderr (JSON lines by default, ``console`` for people), so journald
+or a collector gets one parseable event per spawn and per exit. Metrics use prometheus-client with
+a registry of the daemon's own (never the process-global one) and no per-child labels: label values
+come from small fixed sets (outcome, reason, pool), so the series count stays bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import Counter
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter as PCounter, Gauge, Histogram
+from prometheus_client import start_http_server
+
+_SPAWN_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+def configure_logging(fmt: str = "json", level: str = "info", stream=None) -> None:
+    """Route the daemon's events to ``stream`` (stderr) as JSON lines or console text."""
+    renderer = (structlog.processors.JSONRenderer() if fmt == "json"
+                else structlog.dev.ConsoleRenderer(colors=False))
+    structlog.configure(
+        processors=[structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+_LIMIT_FLAGS = (("timed_out", "timeout"), ("memory_exceeded", "memory"), ("pids_exceeded", "pids"),
+                ("cpu_time_exceeded", "cpu_time"), ("output_exceeded", "output"))
+
+
+def limits_hit(status) -> list[str]:
+    return [word for flag, word in _LIMIT_FLAGS if getattr(status, flag, False)]
+
+
+def exit_reason(status) -> str:
+    """One word for why a child ended (a bounded label value)."""
+    hit = limits_hit(status)
+    if hit:
+        return hit[0]
+    if status.returncode == 0:
+        return "ok"
+    return "signal" if status.returncode < 0 else "error"
+
+
+class Observer:
+    """Counters and metrics of one daemon; ``log`` is its structlog logger."""
+
+    def __init__(self) -> None:
+        self.log = structlog.get_logger("zygote")
+        self.started = time.monotonic()
+        self.counters: Counter[str] = Counter()
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._spawns = PCounter("zygote_spawns", "Spawn requests by outcome",
+                                ["outcome"], registry=self.registry)
+        self._spawn_seconds = Histogram("zygote_spawn_duration_seconds",
+                                        "From request to ready (or failure), seconds",
+                                        ["outcome"], buckets=_SPAWN_BUCKETS, registry=self.registry)
+        self._exits = PCounter("zygote_exits", "Children reaped, by why they ended",
+                               ["reason"], registry=self.registry)
+        self._running = Gauge("zygote_children_running", "Children alive now", registry=self.registry)
+        self._connections = Gauge("zygote_connections", "Client connections open now", registry=self.registry)
+        self._server = None
+
+    def watch_pools(self, pools) -> None:
+        """Report zygote restarts per pool from ``pools()`` (name -> Pool) at each scrape."""
+        self.registry.register(_PoolCollector(pools))
+
+    def serve_metrics(self, port: int, addr: str = "127.0.0.1") -> int:
+        """Expose /metrics on addr:port (a prometheus-client thread); returns the bound port."""
+        self._server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        return self._server.server_address[1]
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def connection(self, delta: int) -> None:
+        self._connections.inc(delta)
+
+    def spawned(self, *, outcome: str, seconds: float, child: str | None, pool: str, peer_uid: int,
+                running: int, **fields) -> None:
+        self.counters[f"spawns_{outcome}"] += 1
+        self._spawns.labels(outcome).inc()
+        self._spawn_seconds.labels(outcome).observe(seconds)
+        self._running.set(running)
+        level = self.log.info if outcome == "ok" else self.log.warning
+        level("spawn", outcome=outcome, child=child, pool=pool, peer_uid=peer_uid,
+              spawn_ms=round(seconds * 1000, 3), **fields)
+
+    def exited(self, *, child: str, pool: str, peer_uid: int, status, running: int) -> None:
+        reason = exit_reason(status)
+        self.counters[f"exits_{reason}"] += 1
+        self._exits.labels(reason).inc()
+        self._running.set(running)
+        limits = limits_hit(status)
+        self.log.info("exit", child=child, pool=pool, peer_uid=peer_uid, reason=reason,
+                      returncode=status.returncode, wall_s=round(status.wall_time, 4),
+                      cpu_user_s=status.cpu_user, cpu_system_s=status.cpu_system,
+                      peak_memory=status.peak_memory, limits_hit=limits)
+
+
+class _PoolCollector:
+    def __init__(self, pools) -> None:
+        self._pools = pools
+
+    def describe(self):
+        return []  # unknown until collected: pools come and go with SIGHUP
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+        restarts = GaugeMetricFamily("zygote_zygote_restarts", "Zygote restarts since the pool started",
+                                     labels=["pool"])
+        running = GaugeMetricFamily("zygote_zygotes_running", "Zygote processes alive", labels=["pool"])
+        for name, pool in list(self._pools().items()):
+            restarts.add_metric([name], pool.restarts)
+            running.add_metric([name], sum(1 for z in pool.zygotes if not z.dead.is_set()))
+        yield restarts
+        yield running
