@@ -12,6 +12,8 @@ import struct
 
 import msgspec
 
+from zygote_client._workspace import Entry
+
 LEN = struct.Struct("!I")
 MAX_STATUS_FRAME = 1 << 20
 
@@ -24,6 +26,17 @@ class MountSpec(msgspec.Struct, frozen=True, array_like=True):
     target: str
     readonly: bool = True
     required: bool = True
+
+
+class TmpfsSpec(msgspec.Struct, frozen=True, array_like=True):
+    """A size-capped tmpfs of the child's own at ``target`` (workspace, export), owned by the
+    sandbox uid/gid; ``inodes`` 0 leaves the kernel's default."""
+
+    target: str
+    size: int
+    inodes: int = 0
+    uid: int = 0
+    gid: int = 0
 
 
 class ChildPlan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -58,6 +71,11 @@ class ChildPlan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     drop_privileges: bool = False
     seccomp_bpf: bytes = b""
     cgroupns: bool = False  # re-root the cgroup namespace at the child's own cgroup (attached by now)
+    tmpfs: list[TmpfsSpec] = []  # extra tmpfs mounts in the generated root (workspace, export)
+    workspace_path: str | None = None  # where workspace_entries are unpacked (a TmpfsSpec target)
+    workspace_entries: list[Entry] = []  # validated by the daemon, parents first
+    export_path: str | None = None  # PID 1 packs this directory after the payload ended
+    export_limits: tuple[int, int, int] = (0, 0, 0)  # (files, bytes per file, bytes): PID 1 reads no further
     test_fail_step: str | None = None
 
 
@@ -79,7 +97,30 @@ class ExitReport(msgspec.Struct, frozen=True, tag="exit"):
     wait_status: int
 
 
-StatusMessage = Ready | Failed | ExitReport
+class Out(msgspec.Struct, frozen=True, tag="out"):
+    """One export entry from PID 1: a directory, or a chunk of a file (consecutive chunks of one
+    path append). Untrusted: the daemon checks names, kinds and limits."""
+
+    path: str
+    kind: str
+    mode: int = 0o644
+    data: bytes = b""
+
+
+class OutSkip(msgspec.Struct, frozen=True, tag="out-skip"):
+    """An entry PID 1 did not export (symlink, fifo, device, socket, unreadable, over a limit)."""
+
+    path: str
+    reason: str
+
+
+class OutEnd(msgspec.Struct, frozen=True, tag="out-end"):
+    """PID 1 finished packing (``error``: why it could not)."""
+
+    error: str = ""
+
+
+StatusMessage = Ready | Failed | ExitReport | Out | OutSkip | OutEnd
 
 _enc = msgspec.msgpack.Encoder()
 plan_decoder = msgspec.msgpack.Decoder(ChildPlan)

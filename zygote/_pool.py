@@ -40,6 +40,9 @@ class PoolConfig:
         allow_callables: whether clients may send cloudpickled callables (code) to run.
         zygotes: zygote processes in this pool.
         sandbox: the pool's default SandboxConfig.
+        forbid_secret_env: refuse requests whose environment has a secret-looking name
+            (policy.SECRET_ENV: *_TOKEN, *SECRET*, *PASSWORD*, AWS_*, *_API_KEY, ...).
+        env_allow: names accepted despite forbid_secret_env.
     """
 
     name: str = "default"
@@ -50,6 +53,8 @@ class PoolConfig:
     allow_callables: bool = True
     zygotes: int = 1
     sandbox: SandboxConfig = SandboxConfig()
+    forbid_secret_env: bool = False
+    env_allow: tuple[str, ...] = ()
 
 
 class ZygoteDied(Exception):

@@ -17,8 +17,8 @@ import signal
 import sys
 import traceback
 
-from ._childproto import LEN, ExitReport, Failed, Ready, frame, plan_decoder
-from .layers import SetupError, landlock, mounts, netns, privileges, rlimits, seccomp, userns, uts
+from ._childproto import LEN, ExitReport, Failed, OutEnd, Ready, frame, plan_decoder
+from .layers import SetupError, landlock, mounts, netns, privileges, rlimits, seccomp, userns, uts, workspace
 from .layers import _sys
 
 CTL_FD = 3
@@ -40,7 +40,7 @@ def run(fds: list[int]) -> None:
         except SetupError as e:
             _report(Failed(e.step, e.errno, e.message, e.hint))
             os._exit(EXIT_SETUP_FAILED)
-        _reaper(payload_pid)
+        _reaper(payload_pid, plan)
     except BaseException:  # never return into the zygote's loop
         try:
             _report(Failed("internal", 0, traceback.format_exc(limit=5)))
@@ -57,6 +57,8 @@ def confine(plan) -> int:
     if plan.cgroupns:                        # the daemon attached us to our cgroup before "go":
         _cgroupns()                          # make it the root of what we can see
     mounts.apply(plan, sources)              # needs CAP_SYS_ADMIN in the userns (dropped below)
+    _inject(plan, "workspace")
+    workspace.apply(plan)                    # into its own tmpfs, chown to the sandbox uid: before the drop
     _inject(plan, "netns")
     netns.apply()                            # lo up needs CAP_NET_ADMIN, also dropped below
     _inject(plan, "rlimits")
@@ -153,12 +155,13 @@ def _set_pdeathsig() -> None:
 
 # ---- PID 1 -------------------------------------------------------------------------------------
 
-def _reaper(payload_pid: int) -> None:
+def _reaper(payload_pid: int, plan) -> None:
     """Forward signals to the payload, reap every orphan, report the payload's status, exit.
 
     PID 1 of a pid namespace ignores signals it has no handler for (even from the daemon), so a
     payload that is PID 2 gets subprocess-like signal semantics. When PID 1 exits, the kernel
-    SIGKILLs everything left in the namespace: nothing the payload started outlives it.
+    SIGKILLs everything left in the namespace: nothing the payload started outlives it. With an
+    export, PID 1 kills the rest itself first, so nothing changes the directory while it is packed.
     """
     def forward(signum, _frame):
         try:
@@ -176,8 +179,28 @@ def _reaper(payload_pid: int) -> None:
         except ChildProcessError:
             os._exit(EXIT_SETUP_FAILED)
         if pid == payload_pid:
+            if plan.export_path is not None:
+                _export(plan)
             _report(ExitReport(status))
             os._exit(0)
+
+
+def _export(plan) -> None:
+    for sig in _FORWARDED:
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        os.kill(-1, signal.SIGKILL)  # every process of the namespace but PID 1 (kill(2))
+    except ProcessLookupError:
+        pass
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+    try:
+        workspace.pack(plan, _report)
+    except Exception as e:  # PID 1 must still report the payload's status
+        _report(OutEnd(f"packing the export failed: {type(e).__name__}"))
 
 
 # ---- PID 2: the payload ------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The ``zygote`` command: serve, run, doctor.
 
 Exit statuses of ``zygote run`` follow the shell's conventions: the child's own code, 128+N when
-signal N ended it, 124 when killed at its timeout, 125 when the sandbox could not be made,
-127 when the program was not found (126 when it could not be executed).
+signal N ended it, 124 when killed at its timeout, 125 when the sandbox could not be made (or its
+--export was refused), 127 when the program was not found (126 when it could not be executed).
 """
 
 from __future__ import annotations
@@ -44,6 +44,10 @@ def _serve_parser(sub) -> None:
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (0: any free port, printed)")
     p.add_argument("--test-hooks", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--forbid-secret-env", action="store_true",
+                   help="refuse requests whose environment has secret-looking names (*_TOKEN, *SECRET*, AWS_*, ...)")
+    p.add_argument("--allow-env", action="append", default=[], metavar="NAME",
+                   help="a name accepted despite --forbid-secret-env")
 
 
 def _status_parser(sub) -> None:
@@ -69,6 +73,13 @@ def _run_parser(sub) -> None:
     p.add_argument("--chroot", metavar="DIR", help="use DIR as the child's root instead of the generated one")
     p.add_argument("--seccomp-profile", metavar="NAME", help="default, strict, or a JSON file")
     p.add_argument("--workdir", metavar="DIR", help="working directory inside the sandbox")
+    p.add_argument("--workspace", metavar="DIR", help="copy DIR into a writable /workspace (the working directory)")
+    p.add_argument("--workspace-allow", action="append", default=[], metavar="NAME",
+                   help="stage this secret-looking name (e.g. .env) anyway")
+    p.add_argument("--export", metavar="DIR", help="after the child ends, write what it put in /out to DIR (new)")
+    p.add_argument("--export-max", metavar="SIZE", help="bytes /out may hold (default 64M)")
+    p.add_argument("--export-truncate", action="store_true",
+                   help="drop what is over the limits (and symlinks, fifos) instead of refusing the export")
     p.add_argument("--python", dest="pyfile", metavar="FILE", help="run this Python file in a warm child")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="child environment entry")
     p.add_argument("argv", nargs=argparse.REMAINDER, help="-- PROGRAM ARGS (or ARGS for --python)")
@@ -124,6 +135,10 @@ def _config_from_args(args):
             data = f.read()
         if data:
             pool_changes["env"] = {str(k): str(v) for k, v in json.loads(data).items()}
+    if args.forbid_secret_env:
+        pool_changes["forbid_secret_env"] = True
+    if args.allow_env:
+        pool_changes["env_allow"] = tuple(pool.env_allow) + tuple(args.allow_env)
     changes: dict = {"test_hooks": args.test_hooks,
                      "allowed_uids": cfg.allowed_uids + tuple(args.allow_uid),
                      "allowed_gids": cfg.allowed_gids + tuple(args.allow_gid)}
@@ -331,7 +346,7 @@ def _is_stale_socket(path: str) -> bool:
 
 
 def run(args) -> int:
-    from zygote_client import Client, DaemonError, SandboxError, ZygoteError
+    from zygote_client import Client, DaemonError, SandboxError, WorkspaceError, ZygoteError
 
     argv = list(args.argv)
     if argv and argv[0] == "--":
@@ -357,8 +372,11 @@ def run(args) -> int:
         return 2
     try:
         cfg = _sandbox_config(args)
-    except ValueError as e:
+    except (ValueError, WorkspaceError) as e:
         print(f"zygote run: {e}", file=sys.stderr)
+        return 2
+    if args.export and os.path.lexists(args.export):
+        print(f"zygote run: --export {args.export}: already exists", file=sys.stderr)
         return 2
     sys.stdout.flush()
     try:
@@ -366,6 +384,11 @@ def run(args) -> int:
             child = client.spawn_child(_argv=argv, _script=script, _stdio_fds=(0, 1, 2), env=env,
                                        timeout=args.timeout, sandbox_config=cfg)
             status = child.wait()
+            if args.export:
+                child.export(args.export)
+    except WorkspaceError as e:
+        print(f"zygote run: {e}", file=sys.stderr)
+        return EXIT_SANDBOX
     except SandboxError as e:
         print(f"zygote run: {e}", file=sys.stderr)
         return EXIT_SANDBOX
@@ -379,7 +402,8 @@ def run(args) -> int:
 
 
 def _sandbox_config(args):
-    from zygote_client import SandboxConfig
+    from zygote_client import Export, SandboxConfig, Workspace
+    from zygote_client._config import parse_size
 
     def binds(items):
         out = {}
@@ -394,6 +418,13 @@ def _sandbox_config(args):
               chroot_dir=os.path.abspath(args.chroot) if args.chroot else None)
     if args.seccomp_profile:
         kw["seccomp_profile"] = args.seccomp_profile
+    if args.workspace:
+        kw["workspace"] = Workspace.from_dir(args.workspace, allow=tuple(args.workspace_allow))
+    if args.export:
+        ex = {"on_exceed": "truncate" if args.export_truncate else "refuse"}
+        if args.export_max:
+            ex["max_bytes"] = parse_size(args.export_max, "--export-max")
+        kw["export"] = Export(**ex)
     return SandboxConfig(**{k: v for k, v in kw.items() if v not in (None, {}, "")})
 
 

@@ -19,6 +19,8 @@ same thing. Example::
     env = { PATH = "/usr/bin:/bin", LANG = "C.UTF-8" }
     allow_callables = true
     zygotes = 2
+    forbid_secret_env = true      # refuse requests carrying *_TOKEN, *SECRET*, AWS_*, ... unless:
+    env_allow = ["HF_TOKEN"]
 
     [pools.default.sandbox]      # the pool's default and ceiling: requests may only tighten it
     memory = "512M"
@@ -65,6 +67,8 @@ class _PoolSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     child_main: str | None = None
     allow_callables: bool = True
     zygotes: int = 1
+    forbid_secret_env: bool = False
+    env_allow: list[str] = []
     sandbox: SandboxConfig = SandboxConfig()
 
 
@@ -117,7 +121,8 @@ def load(path: str, *, default_python: str):
             raise ConfigError(f"{where}.python {python!r} is not an absolute path to an executable")
         pools[name] = PoolConfig(name=name, python=python, preload=tuple(p.preload),
                                  env=dict(DEFAULT_ENV if p.env is None else p.env), child_main=p.child_main,
-                                 allow_callables=p.allow_callables, zygotes=p.zygotes, sandbox=p.sandbox)
+                                 allow_callables=p.allow_callables, zygotes=p.zygotes, sandbox=p.sandbox,
+                                 forbid_secret_env=p.forbid_secret_env, env_allow=tuple(p.env_allow))
     kw = {}
     if d.id_base is not None:
         kw["id_base"] = d.id_base

@@ -27,12 +27,13 @@ import trio
 from zygote_client import ExitStatus, SandboxConfig
 from zygote_client import _protocol as P
 from zygote_client._errors import ProtocolError
+from zygote_client._workspace import ExportResult, WorkspaceError
 
 from . import _childproto as C
 from ._clone import ALL_NAMESPACES, CLONE_PARENT
 from ._pool import Pool, PoolConfig, PoolStartError, ZygoteDied
 from . import observe, policy
-from .layers import SetupError, cgroups, mounts, rlimits, seccomp, userns
+from .layers import SetupError, cgroups, mounts, rlimits, seccomp, userns, workspace
 
 SPAWN_STEPS = ("userns", "mounts", "netns", "rlimits", "uts", "fds", "payload")
 
@@ -89,6 +90,7 @@ class Child:
     status_done: trio.Event = field(default_factory=trio.Event)
     pool: str = "default"
     peer_uid: int = -1
+    collector: workspace.Collector | None = None  # the export being received from PID 1
 
 
 class Connection:
@@ -366,10 +368,16 @@ class Daemon:
         env = dict(pc.env if msg.env is None else msg.env)
         info = pool.zygotes[0].info if pool.zygotes else {}
         try:
-            fs = mounts.prepare(cfg, info)
+            files = workspace.prepare(cfg)
+        except WorkspaceError as e:
+            raise _Refused("workspace", e.reason, e.path) from None
+        try:
+            fs = mounts.prepare(cfg, info, files.pop("tmpfs"))
         except ValueError as e:
             raise _Refused("bad-request", str(e)) from None
         if msg.test_relax_mounts:  # test-only: keep the host tree so Landlock alone can be tested
+            if fs.get("tmpfs"):
+                raise _Refused("bad-request", "test_relax_mounts cannot stage a workspace or an export")
             fs = dict(root="host", binds=list(fs.get("binds", [])), proc=True)
         ro, rw = _landlock_paths(fs, cfg)
         try:
@@ -378,12 +386,13 @@ class Daemon:
             raise _Refused("bad-request", f"seccomp_profile: {e}") from None
         return C.ChildPlan(
             kind=kind, payload=msg.payload, target=target, argv=msg.argv, env=env,
-            process_name=msg.process_name, hostname=cfg.hostname, cwd=cfg.workdir,
+            process_name=msg.process_name, hostname=cfg.hostname,
+            cwd=cfg.workdir or files.get("workspace_path"),
             rlimits=rlimits.plan(cpu_time=cfg.cpu_time, file_size=cfg.file_size_bytes,
                                  open_files=cfg.open_files),
             landlock=cfg.landlock, landlock_ro=ro, landlock_abi=max(1, msg.test_landlock_abi), landlock_rw=rw,
             landlock_net=cfg.network is None, uid=cfg.uid, gid=cfg.gid, drop_privileges=True,
-            seccomp_bpf=bpf, test_fail_step=msg.test_fail_step,
+            seccomp_bpf=bpf, test_fail_step=msg.test_fail_step, **files,
             **{k: v for k, v in fs.items() if k in C.ChildPlan.__struct_fields__},
         )
 
@@ -401,6 +410,8 @@ class Daemon:
         try:
             cfg = policy.effective(pool.config.sandbox, msg.sandbox)
             policy.check_peer_paths(cfg, pool.config.sandbox, conn.peer_uid, conn.peer_gid)
+            if pool.config.forbid_secret_env and msg.env is not None:
+                policy.check_env(msg.env, pool.config.env_allow)
         except policy.PolicyError as e:
             return P.SpawnFailed(msg.req, str(e), code="policy"), []
         timeout = cfg.timeout
@@ -411,7 +422,7 @@ class Daemon:
         try:
             plan = self._plan(pool, msg, cfg)
         except _Refused as r:
-            return P.SpawnFailed(msg.req, r.message, code=r.code), []
+            return P.SpawnFailed(msg.req, r.message, code=r.code, path=r.path), []
         # The child's pipes. Ours are CLOEXEC; the zygote hands its copies to the clone.
         mine: list[int] = []
         theirs: list[int] = []
@@ -469,6 +480,8 @@ class Daemon:
                           status_stream=trio.lowlevel.FdStream(st_r), cpu_time=cfg.cpu_time,
                           pool=pool.config.name, peer_uid=conn.peer_uid)
             mine.remove(st_r)
+            if cfg.export is not None:
+                child.collector = workspace.Collector(cfg.export)
             self.children[child.id] = child
             conn.children[child.id] = child
             self.spawns_total += 1
@@ -542,6 +555,13 @@ class Daemon:
 
     async def _watch(self, child: Child) -> None:
         try:
+            await self._watch_and_reap(child)
+        finally:
+            if child.collector is not None:
+                child.collector.close()  # an export nobody will receive (cancelled, or already sent)
+
+    async def _watch_and_reap(self, child: Child) -> None:
+        try:
             async with trio.open_nursery() as n:
                 n.start_soon(self._read_status, child)
                 n.start_soon(self._deadline, child, n.cancel_scope)
@@ -557,16 +577,23 @@ class Daemon:
         cg, child.cgroup = child.cgroup, None
         if cg is not None:
             child.status = await trio.to_thread.run_sync(self._cgroup_stats, cg, child.status)
+        export, export_fds = None, []
+        if child.collector is not None:
+            fields, fd = child.collector.finish()
+            export, export_fds = ExportResult(**fields), [fd] if fd is not None else []
         child.exited.set()
         self.children.pop(child.id, None)
         if child.ready_seen:
             self.observer.exited(child=child.id, pool=child.pool, peer_uid=child.peer_uid, status=child.status,
                                  running=len(self.children))
         conn = child.conn
-        if conn is not None:
-            conn.children.pop(child.id, None)
-            if not conn.closed and child.ready_seen:
-                await conn.send(P.Exited(child.id, child.status))
+        try:
+            if conn is not None:
+                conn.children.pop(child.id, None)
+                if not conn.closed and child.ready_seen:
+                    await conn.send(P.Exited(child.id, child.status, export), export_fds)
+        finally:
+            _close(export_fds)
         if cg is not None:  # after the report: removal may wait for the kernel to let go (EBUSY)
             self.cleaning += 1
             try:
@@ -707,6 +734,9 @@ class Daemon:
                         return
                     if isinstance(m, C.ExitReport):
                         child.report = m
+                    elif isinstance(m, (C.Out, C.OutSkip, C.OutEnd)):
+                        if child.collector is not None and child.ready_seen:
+                            child.collector.feed(m)
                     elif child.first is None:
                         child.first = m
                         if isinstance(m, C.Ready):
@@ -753,10 +783,11 @@ async def _wait_pidfd(pidfd: int) -> None:
 
 
 class _Refused(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, path: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.path = path
 
 
 def _landlock_paths(fs: dict, cfg: SandboxConfig) -> tuple[list[str], list[str]]:
@@ -768,6 +799,7 @@ def _landlock_paths(fs: dict, cfg: SandboxConfig) -> tuple[list[str], list[str]]
         ro = sorted({b.target for b in fs.get("binds", []) if b.readonly} | {"/etc", "/dev", "/proc"})
     rw = ["/tmp", "/dev/shm", "/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"]
     rw += [b.target for b in fs.get("binds", []) if not b.readonly]
+    rw += [t.target for t in fs.get("tmpfs", [])]
     if cfg.dev_pts:
         rw += ["/dev/pts", "/dev/ptmx"]
     return ro, sorted(set(rw))

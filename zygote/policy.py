@@ -7,18 +7,27 @@ pool has none, an allow-list wider than the pool's. Turning a layer off is a poo
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import stat
 
 import msgspec
 
 from zygote_client import SandboxConfig
+from zygote_client._workspace import Export
 
 LIMITS = ("memory", "pids", "cpu", "cpu_time", "timeout", "timeout_grace", "file_size", "open_files",
           "max_output_bytes", "tmpfs_size")
 _SIZES = {"memory", "file_size", "max_output_bytes", "tmpfs_size"}
 _LANDLOCK_RANK = {"off": 0, "auto": 1, "required": 2}
 _SECCOMP_RANK = {"unconfined": 0, "default": 1, "strict": 2}
+# The ceiling on a request's Export where the pool's SandboxConfig has none.
+EXPORT_CEILING = Export(max_files=100_000, max_bytes=1 << 30)
+# Environment names that look like credentials (matched case-insensitively); a pool with
+# forbid_secret_env refuses requests carrying one unless its env_allow names it.
+SECRET_ENV = ("*_TOKEN", "TOKEN", "*_TOKEN_*", "*SECRET*", "*PASSWORD*", "*PASSWD*", "AWS_*", "*_API_KEY",
+              "API_KEY", "*_APIKEY", "*_ACCESS_KEY*", "*_PRIVATE_KEY*", "*CREDENTIAL*", "AZURE_*_KEY",
+              "*_AUTH_TOKEN", "*_SESSION_KEY", "DATABASE_URL", "*_DSN")
 
 
 class PolicyError(Exception):
@@ -65,6 +74,15 @@ def effective(pool: SandboxConfig, req: SandboxConfig | None) -> SandboxConfig:
             raise PolicyError("the request's network allow-list must be a subset of the pool's")
         if pool.network.allow and not req.network.allow:
             changes["network"] = pool.network
+    if req.export is None:
+        changes["export"] = pool.export
+    else:
+        top = pool.export or EXPORT_CEILING
+        for name, r, p in (("max_files", req.export.max_files, top.max_files),
+                           ("max_bytes", req.export.max_bytes, top.max_bytes),
+                           ("max_file_bytes", req.export.file_bytes, top.file_bytes)):
+            if r > p:
+                raise PolicyError(f"export.{name}={r} exceeds the pool's ceiling {p}")
     if req.chroot_dir is None and pool.chroot_dir is not None:
         changes["chroot_dir"] = pool.chroot_dir
     elif req.chroot_dir is not None and pool.chroot_dir is not None and req.chroot_dir != pool.chroot_dir:
@@ -75,6 +93,22 @@ def effective(pool: SandboxConfig, req: SandboxConfig | None) -> SandboxConfig:
     rw.update(req.rw_binds)
     changes["ro_binds"], changes["rw_binds"] = ro, rw
     return msgspec.structs.replace(req, **changes)
+
+
+def check_env(env: dict[str, str], allow: tuple[str, ...] = ()) -> None:
+    """Refuse a request environment holding a secret-looking name (SECRET_ENV) not in ``allow``.
+
+    Children run untrusted code; a token passed in by habit (a CI job's GITHUB_TOKEN) is a token
+    handed to it. The pool decides which names are expected.
+    """
+    for name in env:
+        if name in allow:
+            continue
+        up = name.upper()
+        for pat in SECRET_ENV:
+            if fnmatch.fnmatchcase(up, pat):
+                raise PolicyError(f"environment variable {name!r} looks like a secret (matches {pat!r}); "
+                                  "the pool forbids those (allow it by name with --allow-env)")
 
 
 def check_peer_paths(cfg: SandboxConfig, pool: SandboxConfig, uid: int, gid: int) -> None:

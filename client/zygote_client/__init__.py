@@ -8,11 +8,13 @@ from ._blocking import ChildProcess, Client, CompletedChild
 from ._config import ExitStatus, NetworkConfig, SandboxConfig
 from ._errors import (BrokenError, ClosedError, DaemonError, ProtocolError, RemoteError, SandboxError,
                       SandboxUnavailable, ZygoteError)
+from ._workspace import Export, ExportError, ExportResult, Workspace, WorkspaceError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncChild", "AsyncClient", "BrokenError", "ChildProcess", "Client", "ClosedError", "CompletedChild",
-    "DEVNULL", "DaemonError", "ExitStatus", "NetworkConfig", "PIPE", "ProtocolError", "RemoteError",
-    "SandboxConfig", "SandboxError", "SandboxUnavailable", "ZygoteError", "open_client", "open_embedded",
+    "DEVNULL", "DaemonError", "ExitStatus", "Export", "ExportError", "ExportResult", "NetworkConfig", "PIPE",
+    "ProtocolError", "RemoteError", "SandboxConfig", "SandboxError", "SandboxUnavailable", "Workspace",
+    "WorkspaceError", "ZygoteError", "open_client", "open_embedded",
 ]

@@ -23,6 +23,7 @@ from . import _protocol as P
 from ._config import ExitStatus, SandboxConfig
 from ._errors import (BrokenError, ClosedError, DaemonError, ProtocolError, SandboxError,
                       SandboxUnavailable, ZygoteError)
+from ._workspace import ExportError, ExportResult, WorkspaceError, unpack_archive
 
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
@@ -49,15 +50,52 @@ class AsyncChild:
         self.stdout_fd: int | None = fds.pop(0) if fds else None
         self.stderr_fd: int | None = fds.pop(0) if fds else None
         self.status: ExitStatus | None = None
+        self.export_result: ExportResult | None = None
+        self._export_fd: int | None = None
         self._exited = anyio.Event()
 
     @property
     def returncode(self) -> int | None:
         return None if self.status is None else self.status.returncode
 
-    def _set_status(self, status: ExitStatus) -> None:
+    def _set_status(self, status: ExitStatus, export: ExportResult | None = None, fds: list[int] = ()) -> None:
         self.status = status
+        self.export_result = export
+        fds = list(fds)
+        if export is not None and export.error is None and len(fds) == 1:
+            self._export_fd = fds.pop()
+        for fd in fds:
+            os.close(fd)
         self._exited.set()
+
+    async def export(self, dest: str | os.PathLike) -> list[str]:
+        """Wait for the child to end, then write its export directory into ``dest``.
+
+        ``dest`` must not exist (or be an empty directory); it is written as a temporary sibling
+        and renamed into place, so it is either complete or untouched. May be called again (to
+        another destination) until ``close_export``.
+
+        Returns the relative paths of the files written.
+
+        Raises:
+            ExportError: the child had no ``SandboxConfig.export``, the daemon refused the export
+                (``err.path`` names the offending entry), or ``dest`` could not be written.
+        """
+        await self.wait()
+        res = self.export_result
+        if res is None:
+            raise ExportError("this child has no export directory (set SandboxConfig.export)")
+        if res.error is not None:
+            raise ExportError(f"the export was refused: {res.error}", path=res.error_path)
+        if self._export_fd is None:
+            raise ExportError("the export was released (close_export)")
+        return await anyio.to_thread.run_sync(unpack_archive, self._export_fd, dest)
+
+    def close_export(self) -> None:
+        """Release the export archive (a memfd held by this process)."""
+        fd, self._export_fd = self._export_fd, None
+        if fd is not None:
+            os.close(fd)
 
     async def wait(self) -> ExitStatus:
         """Wait for the child to end and be reaped; returns its ExitStatus."""
@@ -90,7 +128,8 @@ class AsyncClient:
         self._decoder = P.client_decoder()
         self._pending: dict[int, _Pending] = {}
         self._children: dict[str, AsyncChild] = {}
-        self._early_exits: dict[str, ExitStatus] = {}
+        self._early_exits: dict[str, tuple[ExitStatus, ExportResult | None, list[int]]] = {}
+        self._exported: list[AsyncChild] = []  # children whose export archive this client holds
         self._req = itertools.count(1)
         self._send_lock = anyio.Lock()
         self._broken: BaseException | None = None
@@ -157,6 +196,12 @@ class AsyncClient:
     async def _finish(self) -> None:
         with anyio.CancelScope(shield=True):
             self._decoder.close_fds()
+            for child in self._exported:
+                child.close_export()
+            for _, _, fds in self._early_exits.values():
+                for fd in fds:
+                    os.close(fd)
+            self._early_exits.clear()
             if self._proc is not None:
                 proc, self._proc = self._proc, None
                 await anyio.to_thread.run_sync(_reap_embedded, proc)
@@ -186,13 +231,11 @@ class AsyncClient:
 
     def _deliver(self, msg: Any, fds: list[int]) -> None:
         if isinstance(msg, P.Exited):
-            for fd in fds:
-                os.close(fd)
             child = self._children.pop(msg.child, None)
             if child is None:
-                self._early_exits[msg.child] = msg.status
+                self._early_exits[msg.child] = (msg.status, msg.export, fds)
             else:
-                child._set_status(msg.status)
+                self._exit(child, msg.status, msg.export, fds)
             return
         req = getattr(msg, "req", 0)
         p = self._pending.pop(req, None)
@@ -239,6 +282,11 @@ class AsyncClient:
         if isinstance(p.msg, P.Error):
             raise DaemonError(p.msg.message, code=p.msg.code)
         return p.msg, p.fds
+
+    def _exit(self, child: AsyncChild, status: ExitStatus, export: ExportResult | None, fds: list[int]) -> None:
+        child._set_status(status, export, fds)
+        if child._export_fd is not None:
+            self._exported.append(child)
 
     async def _wait_exit(self, child: AsyncChild) -> None:
         await child._exited.wait()
@@ -297,6 +345,8 @@ class AsyncClient:
         if isinstance(msg, P.SpawnFailed):
             for fd in rfds:
                 os.close(fd)
+            if msg.code == "workspace":
+                raise WorkspaceError(msg.message, path=msg.path)
             if msg.code in ("sandbox", "unavailable"):
                 cls = SandboxUnavailable if msg.code == "unavailable" else SandboxError
                 raise cls(msg.step or "spawn", msg.message, errno=msg.errno, hint=msg.hint)
@@ -308,7 +358,7 @@ class AsyncClient:
         child = AsyncChild(self, msg, rfds)
         early = self._early_exits.pop(child.id, None)
         if early is not None:
-            child._set_status(early)
+            self._exit(child, *early)
         else:
             self._children[child.id] = child
         return child
@@ -328,8 +378,13 @@ def _reap_embedded(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def embedded_command(*, preload_imports=(), child_main=None, executable=None, test_hooks=False) -> list[str]:
+def embedded_command(*, preload_imports=(), child_main=None, executable=None, test_hooks=False,
+                     forbid_secret_env=False, allow_env=()) -> list[str]:
     cmd = [sys.executable, "-m", "zygote", "serve", "--python", executable or sys.executable]
+    if forbid_secret_env:
+        cmd += ["--forbid-secret-env"]
+    for name in allow_env:
+        cmd += ["--allow-env", name]
     for m in preload_imports:
         cmd += ["--preload", m]
     if child_main:
@@ -340,13 +395,13 @@ def embedded_command(*, preload_imports=(), child_main=None, executable=None, te
 
 
 def start_embedded(*, preload_imports=(), environment=None, child_main=None, executable=None,
-                   test_hooks=False) -> tuple[socket.socket, subprocess.Popen]:
+                   test_hooks=False, forbid_secret_env=False, allow_env=()) -> tuple[socket.socket, subprocess.Popen]:
     """Start a private daemon (+ zygote) connected by a socketpair. Needs the ``zygote`` package."""
     import json
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     env_r, env_w = os.pipe2(os.O_CLOEXEC)
     cmd = embedded_command(preload_imports=preload_imports, child_main=child_main, executable=executable,
-                           test_hooks=test_hooks)
+                           test_hooks=test_hooks, forbid_secret_env=forbid_secret_env, allow_env=allow_env)
     cmd += ["--inherit-fd", str(theirs.fileno())]
     if environment is not None:
         cmd += ["--env-fd", str(env_r)]

@@ -7,11 +7,11 @@ No event loop is ever nested in the caller's thread.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import selectors
 import subprocess
 import sys
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import anyio
@@ -20,16 +20,23 @@ import anyio.from_thread
 from ._async import DEVNULL, PIPE, AsyncChild, AsyncClient, open_client, open_embedded
 from ._config import ExitStatus, SandboxConfig
 from ._errors import ClosedError
+from ._workspace import ExportError, ExportResult
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class CompletedChild:
-    """What ``Client.run`` returns: like subprocess.CompletedProcess, plus the full ExitStatus."""
+    """What ``Client.run`` returns: like subprocess.CompletedProcess, plus the full ExitStatus.
+
+    ``export`` is the daemon's account of the child's export directory (files, bytes, what was
+    skipped or cut), ``export_dir`` where ``run(..., export_to=...)`` wrote it.
+    """
 
     returncode: int
     stdout: bytes
     stderr: bytes
     status: ExitStatus
+    export: ExportResult | None = None
+    export_dir: str | None = None
 
     def check_returncode(self) -> None:
         if self.returncode:
@@ -81,6 +88,14 @@ class ChildProcess:
         if st is None:
             raise subprocess.TimeoutExpired(f"zygote child {self.id}", timeout)
         return st
+
+    @property
+    def export_result(self) -> ExportResult | None:
+        return self._achild.export_result
+
+    def export(self, dest: str | os.PathLike) -> list[str]:
+        """Wait for the child, then write its export directory into ``dest`` (see AsyncChild.export)."""
+        return self._client._call(self._achild.export, dest)
 
     def send_signal(self, signum: int) -> None:
         self._client._call(self._achild.send_signal, signum)
@@ -136,6 +151,8 @@ class Client:
             environment: the exact environment of children (default: PATH, LANG, HOME=/tmp).
             child_main: "module:function" run when spawn_child gets no target.
             executable: the zygote's interpreter.
+            forbid_secret_env: refuse requests whose ``env`` has secret-looking names
+                (``GITHUB_TOKEN``, ``AWS_*``, ...); ``allow_env`` names exceptions.
         """
         return cls(lambda: open_embedded(preload_imports=tuple(preload_imports), environment=environment,
                                          child_main=child_main, executable=executable, **kwargs))
@@ -167,17 +184,39 @@ class Client:
 
     def run(self, target: Callable[..., Any] | str | None = None, args: tuple = (), *, kwargs: dict | None = None,
             input: bytes = b"", timeout: float | None = None, sandbox_config: SandboxConfig | None = None,
-            env: dict[str, str] | None = None, **private: Any) -> CompletedChild:
+            env: dict[str, str] | None = None, export_to: str | os.PathLike | None = None,
+            **private: Any) -> CompletedChild:
         """Run a child to completion, feeding ``input`` and collecting both streams.
 
         ``timeout`` is enforced by the daemon (SIGKILL of the whole tree); the result then has
         ``status.timed_out`` set and returncode -9 — it does not raise.
+
+        ``export_to``: write the child's export directory (``SandboxConfig.export``, "/out" by
+        default when this is given) there; it must not exist or be empty.
+
+        Raises:
+            ExportError: the export was refused or could not be written (``err.completed`` holds
+                the CompletedChild; ``export_to`` is untouched).
         """
+        if export_to is not None and (sandbox_config is None or sandbox_config.export is None):
+            import msgspec
+            from ._workspace import Export
+            sandbox_config = msgspec.structs.replace(sandbox_config or SandboxConfig(), export=Export())
         child = self.spawn_child(target, args, kwargs, sandbox_config=sandbox_config, env=env,
                                  timeout=timeout, **private)
         out, err = child.communicate(input)
         status = child.wait()
-        return CompletedChild(status.returncode, out, err, status)
+        done = CompletedChild(status.returncode, out, err, status, child.export_result)
+        if export_to is None:
+            return done
+        try:
+            child.export(export_to)
+        except ExportError as e:
+            e.completed = done
+            raise
+        finally:
+            child._achild.close_export()
+        return dataclasses.replace(done, export_dir=os.path.abspath(export_to))
 
     def close(self) -> None:
         if self._closed:

@@ -12,6 +12,8 @@ from typing import Literal
 
 import msgspec
 
+from ._workspace import Export, Workspace
+
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB]?)\s*$")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.@+-]{1,64}$")
@@ -57,7 +59,7 @@ class NetworkConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     allow: tuple[str, ...] = ()
 
 
-class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """How one child is confined and limited. Defaults are the strictest useful settings.
 
     Attributes:
@@ -89,6 +91,12 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         max_output_bytes: stdout+stderr bytes the daemon relays before it stops and kills the child.
             Default None.
         network: None (an empty network namespace with only lo) or a NetworkConfig.
+        workspace: a Workspace (``Workspace.from_dir``/``from_files``) copied into a fresh tmpfs at
+            its ``path`` (default "/workspace", also the working directory unless workdir is set),
+            owned by the sandbox uid. Default None. Security: the source is read by the client
+            with its own permissions and never touched; the child writes only to its copy.
+        export: an Export: a capped tmpfs (default "/out") the caller gets back after the child
+            ended (``child.export(dest)``). Default None.
     """
 
     chroot_dir: str | None = None
@@ -113,6 +121,8 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     open_files: int | None = None
     max_output_bytes: int | str | None = None
     network: NetworkConfig | None = None
+    workspace: Workspace | None = None
+    export: Export | None = None
 
     def __post_init__(self) -> None:
         if self.chroot_dir is not None:
@@ -125,6 +135,10 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
                     raise ValueError(f"{field}: cannot bind over the sandbox root ({src!r} -> '/')")
         if self.workdir is not None:
             _check_abs(self.workdir, "workdir")
+        if self.workspace is not None and self.export is not None:
+            a, b = self.workspace.path, self.export.path
+            if a == b or a.startswith(b + "/") or b.startswith(a + "/"):
+                raise ValueError(f"workspace path {a!r} and export path {b!r} must not overlap")
         parse_size(self.tmpfs_size, "tmpfs_size")
         parse_size(self.memory, "memory")
         parse_size(self.file_size, "file_size")

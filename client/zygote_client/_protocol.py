@@ -22,6 +22,7 @@ import msgspec
 
 from ._config import ExitStatus, SandboxConfig
 from ._errors import ProtocolError
+from ._workspace import ExportResult
 
 VERSION = 1
 MAGIC = b"ZG"
@@ -103,15 +104,17 @@ class Spawned(_Msg, tag="spawned"):
     has_stdin: bool
 
 
-class SpawnFailed(_Msg, tag="spawn-failed"):
-    """The spawn did not happen; ``step`` names the confinement step when one failed."""
+class SpawnFailed(_Msg, tag="spawn-failed", omit_defaults=True):
+    """The spawn did not happen; ``step`` names the confinement step when one failed, ``path`` the
+    refused workspace entry (code "workspace")."""
 
     req: int
     message: str
     step: str = ""
     errno: int = 0
     hint: str = ""
-    code: str = "sandbox"  # "sandbox" | "unavailable" | "bad-request" | "retry" | "limit"
+    code: str = "sandbox"  # "sandbox" | "unavailable" | "bad-request" | "retry" | "limit" | "workspace"
+    path: str | None = None
 
 
 class Ok(_Msg, tag="ok"):
@@ -126,11 +129,17 @@ class Error(_Msg, tag="error"):
     message: str
 
 
-class Exited(_Msg, tag="exited"):
-    """A child of this connection ended and was reaped."""
+class Exited(_Msg, tag="exited", omit_defaults=True):
+    """A child of this connection ended and was reaped.
+
+    ``export`` is present only for a child with ``SandboxConfig.export`` (so older clients never
+    see the field); when it has no ``error`` the frame carries one fd: a sealed memfd holding the
+    export archive (see ``_workspace``).
+    """
 
     child: str
     status: ExitStatus
+    export: ExportResult | None = None
 
 
 class PoolStatus(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

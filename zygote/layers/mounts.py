@@ -32,7 +32,7 @@ import os
 import re
 import stat
 
-from .._childproto import MountSpec
+from .._childproto import MountSpec, TmpfsSpec
 from . import SetupError
 from . import _sys
 
@@ -223,22 +223,26 @@ def _user_binds(cfg, layers: list[tuple[str, str | None]], protected: list[str],
     return out
 
 
-def prepare(cfg, zygote_info: dict) -> dict:
+def prepare(cfg, zygote_info: dict, tmpfs: list[TmpfsSpec] = ()) -> dict:
     """ChildPlan field values for the mount layer of one child.
 
     Args:
         cfg: the request's SandboxConfig.
         zygote_info: the zygote's ready info (executable, prefix, base_prefix, path, version;
             optional extra_paths: more import roots to bind read-only).
+        tmpfs: extra tmpfs mounts of the child's own (workspace, export) to place in the root.
 
     Returns:
-        root, chroot_dir, tmpfs_bytes, binds, proc, dev_pts, etc_files, symlinks, scratch, dev, tmp.
+        root, chroot_dir, tmpfs_bytes, binds, proc, dev_pts, etc_files, symlinks, scratch, dev, tmp,
+        tmpfs.
 
     Raises:
-        ValueError: a bind or chroot_dir that cannot work or would weaken the sandbox (message names
-            the field and the path).
+        ValueError: a bind, tmpfs target or chroot_dir that cannot work or would weaken the sandbox
+            (message names the field and the path).
     """
     if cfg.chroot_dir is not None:
+        if tmpfs:
+            raise ValueError(f"{tmpfs[0].target}: a workspace or export needs the generated root, not chroot_dir")
         return _prepare_chroot(cfg)
     binds, links = _interpreter_layout(
         zygote_info["executable"], zygote_info["prefix"], zygote_info["base_prefix"],
@@ -250,9 +254,32 @@ def prepare(cfg, zygote_info: dict) -> dict:
     protected = [b.target for b in binds] + list(etc_files) + list(symlinks)
     user = _user_binds(cfg, layers, protected, symlinks, {b.target for b in binds})
     all_binds = sorted([*binds, *user], key=lambda b: b.target)  # parents before what they hold
+    _check_tmpfs(tmpfs, all_binds, protected, symlinks)
     return dict(root="tmpfs", chroot_dir=None, tmpfs_bytes=cfg.tmpfs_bytes, binds=all_binds,
                 proc=cfg.proc is not False, dev_pts=cfg.dev_pts, etc_files=etc_files,
-                symlinks=symlinks, scratch=_choose_scratch([]), dev=True, tmp=True)
+                symlinks=symlinks, scratch=_choose_scratch([]), dev=True, tmp=True, tmpfs=list(tmpfs))
+
+
+def _check_tmpfs(tmpfs, binds: list[MountSpec], protected: list[str], symlinks: dict[str, str]) -> None:
+    """Extra tmpfs mounts go on directories of the root's own tmpfs (or /tmp): never inside a
+    host bind (no mountpoint is made in a host directory), never over what the sandbox needs."""
+    for i, t in enumerate(tmpfs):
+        p = t.target
+        what = f"{p}: the workspace/export directory"
+        if p == "/" or any(_under(p, k) for k in _GENERATED_TREES):
+            raise ValueError(f"{what} cannot be / or under /proc or /dev")
+        for link in symlinks:
+            if _under(p, link):
+                raise ValueError(f"{what} lies under {link}, a symlink in the sandbox root")
+        for b in binds:
+            if _under(p, b.target) or _under(b.target, p):
+                raise ValueError(f"{what} overlaps the bind at {b.target}")
+        for q in protected:
+            if _under(q, p):
+                raise ValueError(f"{what} would hide {q}, which the sandbox needs")
+        for other in tmpfs[:i]:
+            if _under(p, other.target) or _under(other.target, p):
+                raise ValueError(f"{what} overlaps {other.target}")
 
 
 def _prepare_chroot(cfg) -> dict:
@@ -460,6 +487,14 @@ def _build(plan, srcs: dict[str, int]) -> None:
         except OSError as e:
             raise _err(f"bind {spec.source} on {spec.target}", e) from None
         made.add(spec.target)
+    for t in plan.tmpfs:
+        # The workspace and the export directory: capped, owned by the sandbox uid (tmpfs(5)).
+        _mkdirs(R, t.target, made)
+        opts = f"size={t.size},mode=0755,uid={t.uid},gid={t.gid}" + (f",nr_inodes={t.inodes}" if t.inodes else "")
+        try:
+            _sys.mount("zygote-files", R + t.target, "tmpfs", _NS, opts)
+        except OSError as e:
+            raise _err(f"mount a tmpfs on {t.target}", e) from None
     for path, text in plan.symlinks.items():
         # Made last: no mountpoint above was created through one of them.
         _mkdirs(R, path.rpartition("/")[0], made)

@@ -1,0 +1,522 @@
+"""Files in and out: staged workspaces, bounded exports, and environment hygiene (issue 8)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import msgspec
+import pytest
+
+from zygote_client import (Client, DaemonError, Export, ExportError, SandboxConfig, Workspace, WorkspaceError)
+from zygote_client._workspace import Entry, record, unpack_archive
+from zygote.layers.workspace import Collector
+from zygote._childproto import Out, OutEnd, OutSkip
+from conftest import daemon_pid, fd_count
+
+
+def _tree(root) -> dict[str, bytes | None]:
+    """relative path -> content (None for directories), without following symlinks."""
+    out: dict[str, bytes | None] = {}
+    for d, dirs, files in os.walk(root):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(d, name), root)] = None
+        for name in files:
+            p = os.path.join(d, name)
+            out[os.path.relpath(p, root)] = (b"->" + os.readlink(p).encode()) if os.path.islink(p) else open(p, "rb").read()
+    return out
+
+
+def _serial(client) -> int:
+    """The daemon's clone counter, read from a fresh child's id (prefix-N)."""
+    child = client.spawn_child(lambda: None, stdin=None)
+    with child:
+        pass
+    return int(child.id.rsplit("-", 1)[1])
+
+
+@pytest.fixture
+def source(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub" / "deep").mkdir(parents=True)
+    (src / "data.csv").write_bytes(b"a,b\n1,2\n")
+    (src / "sub" / "deep" / "x.bin").write_bytes(bytes(range(256)))
+    (src / "run.sh").write_text("#!/bin/sh\necho ran\n")
+    (src / "run.sh").chmod(0o755)
+    (src / "empty").mkdir()
+    os.symlink("sub/deep/x.bin", src / "link")
+    return src
+
+
+# ---- staging --------------------------------------------------------------------------------------
+
+def test_workspace_visible_writable_and_source_unchanged(client, source):
+    before = _tree(source)
+    mtimes = {p: os.lstat(os.path.join(source, p)).st_mtime_ns for p in before}
+
+    def payload():
+        import os
+        print(os.getcwd())
+        print(sorted(os.listdir(".")))
+        print(open("link", "rb").read() == bytes(range(256)), os.stat("data.csv").st_uid == os.getuid())
+        with open("data.csv", "a") as f:
+            f.write("3,4\n")
+        open("new.txt", "w").write("new")
+        os.mkdir("empty/made")
+        os.unlink("sub/deep/x.bin")
+        print(open("data.csv").read().count("\n"))
+        os.execv("/bin/sh", ["sh", "./run.sh"])
+
+    r = client.run(payload, sandbox_config=SandboxConfig(workspace=Workspace.from_dir(source)))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert lines[0] == "/workspace"
+    assert lines[1] == str(sorted(["data.csv", "empty", "link", "run.sh", "sub"]))
+    assert lines[2:] == ["True True", "3", "ran"]
+    assert _tree(source) == before
+    assert {p: os.lstat(os.path.join(source, p)).st_mtime_ns for p in before} == mtimes
+
+
+def test_workspace_from_files_custom_path_and_workdir(client):
+    ws = Workspace.from_files({"a/b/c.txt": b"abc", "top.txt": "top"}, path="/job")
+
+    def payload():
+        import os
+        print(os.getcwd(), open("/job/a/b/c.txt").read(), open("/job/top.txt").read())
+
+    r = client.run(payload, sandbox_config=SandboxConfig(workspace=ws, workdir="/tmp"))
+    assert r.stdout == b"/tmp abc top\n", r.stderr
+
+
+def test_workspace_secret_allowed_by_name(client, tmp_path):
+    (tmp_path / ".env").write_text("A=1\n")
+    ws = Workspace.from_dir(tmp_path, allow=(".env",))
+    r = client.run(lambda: print(open(".env").read(), end=""), sandbox_config=SandboxConfig(workspace=ws))
+    assert r.stdout == b"A=1\n"
+
+
+def _refusal_cases(tmp_path):
+    def outside_abs(d):
+        os.symlink("/etc/passwd", d / "passwd")
+        return "passwd", {}
+
+    def outside_rel(d):
+        (d / "sub").mkdir()
+        os.symlink("../../x", d / "sub" / "up")
+        return "sub/up", {}
+
+    def fifo(d):
+        os.mkfifo(d / "pipe")
+        return "pipe", {}
+
+    def device(d):
+        os.mknod(d / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+        return "null", {}
+
+    def sock(d):
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(d / "sock"))
+        s.close()
+        return "sock", {}
+
+    def secret(name, blamed=None):
+        def make(d):
+            p = d / name
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text("secret")
+            return blamed or name, {}
+        return make
+
+    def too_many(d):
+        for i in range(5):
+            (d / f"f{i}").write_text("x")
+        return "f3", {"max_files": 3}
+
+    def too_large(d):
+        (d / "big").write_bytes(b"x" * 2000)
+        return "big", {"max_file_bytes": 1000}
+
+    def total_large(d):
+        for i in range(4):
+            (d / f"f{i}").write_bytes(b"x" * 400)
+        return "f2", {"max_bytes": 1000}
+
+    return {"outside-symlink": outside_abs, "outside-relative-symlink": outside_rel, "fifo": fifo,
+            "device": device, "socket": sock, ".env": secret(".env"), "id_rsa": secret("id_rsa"),
+            "pem": secret("tls/server.pem"), "ssh": secret(".ssh/known_hosts", ".ssh"),
+            "aws": secret(".aws/credentials", ".aws"), "git-config": secret("repo/.git/config"),
+            "netrc": secret(".netrc"), "too-many-files": too_many, "too-large": too_large,
+            "total-too-large": total_large}
+
+
+@pytest.mark.parametrize("kind", list(_refusal_cases(None)))
+def test_workspace_refusals_name_the_path(kind, tmp_path):
+    d = tmp_path / "src"
+    d.mkdir()
+    path, kw = _refusal_cases(tmp_path)[kind](d)
+    with pytest.raises(WorkspaceError) as ei:
+        Workspace.from_dir(d, **kw)
+    assert ei.value.path == path
+    assert path in str(ei.value)
+
+
+@pytest.mark.parametrize("entries,kw,path", [
+    ([Entry("../x", "file", 0o644, b"x")], {}, "../x"),
+    ([Entry("/etc/cron.d/x", "file", 0o644, b"x")], {}, "/etc/cron.d/x"),
+    ([Entry("a", "symlink", 0o777, b"/etc/shadow")], {}, "a"),
+    ([Entry("d", "dir"), Entry("d/l", "symlink", 0o777, b"../../..")], {}, "d/l"),
+    ([Entry("l", "symlink", 0o777, b"."), Entry("l/x", "file", 0o644, b"x")], {}, "l/x"),
+    ([Entry(".env", "file", 0o644, b"T=1")], {}, ".env"),
+    ([Entry("id_rsa", "file", 0o600, b"k")], {}, "id_rsa"),
+    ([Entry("a", "file", 0o644, b"1"), Entry("b", "file", 0o644, b"2")], {"max_files": 1}, "b"),
+    ([Entry("a", "file", 0o644, b"12")], {"max_file_bytes": 1}, "a"),
+])
+def test_SECURITY_workspace_daemon_rechecks(client, entries, kw, path):
+    """A client that skips its own checks (a Workspace built by hand) is refused by the daemon,
+    naming the path, before anything is cloned."""
+    n = _serial(client)
+    with pytest.raises(WorkspaceError) as ei:
+        client.run(lambda: print("ran"), sandbox_config=SandboxConfig(workspace=Workspace(entries=tuple(entries), **kw)))
+    assert ei.value.path == path
+    assert _serial(client) == n + 1  # no clone in between
+
+
+def test_workspace_daemon_ceiling(client):
+    ws = Workspace(entries=(Entry("a", "file", 0o644, b"x" * 10),), max_file_bytes=1 << 40, max_bytes=1 << 40)
+    r = client.run(lambda: print(open("a").read()), sandbox_config=SandboxConfig(workspace=ws))
+    assert r.stdout == b"xxxxxxxxxx\n"  # the client's own generous limits stay under the ceiling
+
+
+# ---- export ---------------------------------------------------------------------------------------
+
+def test_export_returns_exactly_the_files_in_out(client, tmp_path):
+    def payload():
+        import os
+        os.makedirs("/out/a/b")
+        os.makedirs("/out/emptydir")
+        open("/out/a/b/c.txt", "w").write("c")
+        open("/out/empty", "w").close()
+        open("/out/big.bin", "wb").write(bytes(range(256)) * 4096)  # 1 MiB: several chunks
+        open("/out/weird ...\nname", "w").write("w")
+        open("/tmp/not-exported", "w").write("no")
+
+    dest = tmp_path / "dest"
+    r = client.run(payload, sandbox_config=SandboxConfig(export=Export()), export_to=dest)
+    assert r.returncode == 0, r.stderr
+    assert r.export_dir == str(dest)
+    assert r.export.files == 4 and not r.export.truncated
+    assert _tree(dest) == {"a": None, "a/b": None, "a/b/c.txt": b"c", "emptydir": None, "empty": b"",
+                           "big.bin": bytes(range(256)) * 4096, "weird ...\nname": b"w"}
+    assert os.listdir(tmp_path) == ["dest"]  # no temporary sibling left
+
+
+def test_export_via_async_child_twice_and_close(client, tmp_path):
+    child = client.spawn_child(lambda: open("/results/x", "w").write("x"), stdin=None,
+                               sandbox_config=SandboxConfig(export=Export(path="/results")))
+    with child:
+        pass
+    assert child.export(tmp_path / "one") == ["x"]
+    assert child.export(tmp_path / "two") == ["x"]
+    child._achild.close_export()
+    with pytest.raises(ExportError):
+        child.export(tmp_path / "three")
+    assert not (tmp_path / "three").exists()
+
+
+def _planted(kind: str):
+    def payload():
+        import os
+        open("/out/good.txt", "w").write("good")
+        if kind == "symlink":
+            os.symlink("/etc/passwd", "/out/passwd")
+        elif kind == "fifo":
+            os.mkfifo("/out/fifo")
+        elif kind == "socket":
+            import socket
+            socket.socket(socket.AF_UNIX).bind("/out/sock")
+        elif kind == "zeros":
+            fd = os.open("/out/zeros", os.O_WRONLY | os.O_CREAT)
+            chunk = bytes(1 << 20)
+            try:
+                for _ in range(10 << 10):  # 10 GB, if nothing stopped it
+                    os.write(fd, chunk)
+            except OSError as e:
+                print("stopped:", e.errno)
+        elif kind == "sparse":
+            with open("/out/zeros", "wb") as f:
+                f.truncate(10 << 30)
+        elif kind == "many":
+            for i in range(50):
+                open(f"/out/m{i:02}", "w").write("x")
+    return payload
+
+
+_PLANTED_PATH = {"symlink": "passwd", "fifo": "fifo", "socket": "sock", "zeros": "zeros", "sparse": "zeros",
+                 "many": "m04"}
+
+
+@pytest.mark.parametrize("kind", list(_PLANTED_PATH))
+def test_SECURITY_export_planted_refused(client, tmp_path, kind):
+    dest = tmp_path / "dest"
+    t = time.monotonic()
+    cfg = SandboxConfig(export=Export(max_bytes=4 << 20, max_files=5 if kind == "many" else 1000))
+    with pytest.raises(ExportError) as ei:
+        client.run(_planted(kind), sandbox_config=cfg, export_to=dest)
+    assert time.monotonic() - t < 30
+    assert ei.value.path == _PLANTED_PATH[kind], ei.value
+    assert ei.value.completed.returncode == 0
+    assert os.listdir(tmp_path) == []  # nothing at dest, no temporary sibling
+
+
+@pytest.mark.parametrize("kind", list(_PLANTED_PATH))
+def test_SECURITY_export_planted_truncated(client, tmp_path, kind):
+    dest = tmp_path / "dest"
+    cfg = SandboxConfig(export=Export(max_bytes=4 << 20, max_files=5 if kind == "many" else 1000,
+                                      on_exceed="truncate"))
+    r = client.run(_planted(kind), sandbox_config=cfg, export_to=dest)
+    got = _tree(dest)
+    assert os.listdir(tmp_path) == ["dest"]
+    assert r.export.truncated and any(s.startswith(_PLANTED_PATH[kind]) for s in r.export.skipped), r.export
+    assert got["good.txt"] == b"good"
+    if kind in ("zeros", "sparse"):
+        assert got["zeros"] == bytes((4 << 20) - 4)  # cut where the total reaches max_bytes
+    elif kind == "many":
+        assert len(got) == 5
+    else:
+        assert set(got) == {"good.txt"}
+    for p in got:  # never a symlink, fifo or anything but files and directories
+        st = os.lstat(dest / p)
+        assert stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
+
+
+def test_export_under_strict_seccomp(client, tmp_path):
+    cfg = SandboxConfig(export=Export(), seccomp_profile="strict")
+    r = client.run(lambda: open("/out/x", "w").write("strict"), sandbox_config=cfg, export_to=tmp_path / "d")
+    assert _tree(tmp_path / "d") == {"x": b"strict"}, r.stderr
+
+
+def test_export_of_a_killed_child_is_refused(client, tmp_path):
+    def payload():
+        open("/out/x", "w").write("x")
+        import time
+        time.sleep(60)
+
+    with pytest.raises(ExportError) as ei:
+        client.run(payload, sandbox_config=SandboxConfig(export=Export()), timeout=1, export_to=tmp_path / "d")
+    assert "killed" in str(ei.value)
+    assert ei.value.completed.status.timed_out
+    assert not (tmp_path / "d").exists()
+
+
+def test_export_orphans_are_stopped_before_packing(client, tmp_path):
+    def payload():
+        import os
+        if os.fork() == 0:  # keeps writing after the payload returned
+            import time
+            for i in range(10 ** 6):
+                open(f"/out/late{i}", "w").close()
+                time.sleep(0.001)
+        open("/out/x", "w").write("x")
+
+    r = client.run(payload, sandbox_config=SandboxConfig(export=Export(on_exceed="truncate")),
+                   export_to=tmp_path / "d")
+    assert "x" in _tree(tmp_path / "d") and r.export.files < 1000
+
+
+def test_export_destination_must_be_new_or_empty(client, tmp_path):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "keep").write_text("mine")
+    with pytest.raises(ExportError) as ei:
+        client.run(lambda: open("/out/x", "w").write("x"), sandbox_config=SandboxConfig(export=Export()),
+                   export_to=dest)
+    assert ei.value.path == str(dest)
+    assert _tree(dest) == {"keep": b"mine"}
+    (dest / "keep").unlink()
+    client.run(lambda: open("/out/x", "w").write("x"), sandbox_config=SandboxConfig(export=Export()), export_to=dest)
+    assert _tree(dest) == {"x": b"x"}
+
+
+def test_export_without_config_errors(client, tmp_path):
+    child = client.spawn_child(lambda: None, stdin=None)
+    with child:
+        pass
+    with pytest.raises(ExportError, match="no export"):
+        child.export(tmp_path / "d")
+
+
+def test_export_policy_ceiling(client):
+    with pytest.raises(DaemonError, match="max_bytes"):
+        client.run(lambda: None, sandbox_config=SandboxConfig(export=Export(max_bytes=1 << 40)))
+
+
+def test_export_nothing_leaks(client, tmp_path):
+    """Per-child tmpfs mounts live in the child's mount namespace; the daemon's memfds are
+    closed once sent; the client's once released."""
+    dpid = daemon_pid(client)
+    mounts_before = open("/proc/self/mountinfo").read().count("zygote-files")
+    client.run(lambda: None, sandbox_config=SandboxConfig(export=Export()), export_to=tmp_path / "warm")
+    fds_daemon, fds_self = fd_count(dpid), fd_count(os.getpid())
+    for i in range(10):
+        client.run(lambda: open("/out/x", "w").write("x"), sandbox_config=SandboxConfig(export=Export()),
+                   export_to=tmp_path / f"d{i}")
+        with pytest.raises(ExportError):
+            client.run(lambda: os.symlink("/", "/out/root"), sandbox_config=SandboxConfig(export=Export()),
+                       export_to=tmp_path / f"e{i}")
+    assert fd_count(dpid) <= fds_daemon  # (a previous child may still have been closing)
+    assert fd_count(os.getpid()) <= fds_self
+    assert open("/proc/self/mountinfo").read().count("zygote-files") == mounts_before == 0
+    assert open(f"/proc/{dpid}/mountinfo").read().count("zygote-files") == 0
+
+
+# ---- the two unpackers, with crafted input --------------------------------------------------------
+
+def _collect(msgs, **kw):
+    c = Collector(Export(**kw))
+    for m in msgs:
+        c.feed(m)
+    fields, fd = c.finish()
+    if fd is not None:
+        os.close(fd)
+    return fields
+
+
+@pytest.mark.parametrize("bad", ["../../x", "/etc/passwd", "a/../../x", "a//b", "./x", "x\0y"])
+def test_SECURITY_collector_refuses_escaping_names(bad):
+    """What PID 1 sends is untrusted: an escaping name is refused (or skipped) by the daemon."""
+    msgs = [Out("a", "dir", 0o755), Out(bad, "file", 0o644, b"pwned"), OutEnd()]
+    refused = _collect(msgs)
+    assert refused["error_path"] in (bad, repr(bad)), refused
+    kept = _collect(msgs, on_exceed="truncate")
+    assert kept["files"] == 0 and kept["truncated"]
+
+
+def test_SECURITY_collector_limits_and_kinds():
+    assert _collect([Out("l", "symlink", 0o777, b"/etc/passwd"), OutEnd()])["error_path"] == "l"
+    assert _collect([OutSkip("f", "fifo"), OutEnd()])["error_path"] == "f"
+    assert _collect([Out("x/y", "file", 0, b""), OutEnd()])["error_path"] == "x/y"  # parent never listed
+    big = [Out("z", "file", 0o644, bytes(1000)), Out("z", "file", 0o644, bytes(1000)), OutEnd()]
+    assert _collect(big, max_bytes=1500)["error_path"] == "z"
+    cut = _collect(big, max_bytes=1500, on_exceed="truncate")
+    assert (cut["bytes"], cut["truncated"]) == (1500, True)
+    assert "killed" in _collect([Out("a", "file", 0o644, b"x")])["error"]  # no OutEnd
+
+
+def _archive(entries) -> int:
+    fd = os.memfd_create("t")
+    os.write(fd, b"".join(record(e) for e in entries))
+    return fd
+
+
+@pytest.mark.parametrize("entries,path", [
+    ([Entry("../../x", "file", 0o644, b"pwned")], "../../x"),
+    ([Entry("/tmp/zg-pwned", "file", 0o644, b"pwned")], "/tmp/zg-pwned"),
+    ([Entry("l", "symlink", 0o777, b"/etc")], "l"),
+    ([Entry("a", "file", 0o644, b"1"), Entry("b", "file", 0o644, b"2"), Entry("a", "file", 0o644, b"3")], "a"),
+    ([Entry("d/x", "file", 0o644, b"1")], "d/x"),
+])
+def test_SECURITY_client_unpacker_refuses_crafted_archives(tmp_path, entries, path):
+    """Even a lying daemon cannot make the client write outside the destination."""
+    box = tmp_path / "box"
+    box.mkdir()
+    fd = _archive([Entry("ok", "file", 0o644, b"ok"), *entries])
+    try:
+        with pytest.raises(ExportError) as ei:
+            unpack_archive(fd, box / "dest")
+    finally:
+        os.close(fd)
+    assert ei.value.path == path
+    assert os.listdir(box) == []  # no dest, no temporary sibling
+    assert not os.path.exists("/tmp/zg-pwned") and not (tmp_path / "x").exists()
+
+
+def test_client_unpacker_refuses_garbage(tmp_path):
+    fd = os.memfd_create("t")
+    os.write(fd, b"\x00\x00\x00\x05hello")
+    try:
+        with pytest.raises(ExportError, match="malformed"):
+            unpack_archive(fd, tmp_path / "dest")
+    finally:
+        os.close(fd)
+    assert os.listdir(tmp_path) == []
+
+
+# ---- environment hygiene --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def strict_env_client():
+    with Client.embedded(forbid_secret_env=True, allow_env=("MY_PUBLIC_TOKEN",)) as c:
+        yield c
+
+
+@pytest.mark.parametrize("name", ["GITHUB_TOKEN", "AWS_ACCESS_KEY_ID", "DB_PASSWORD", "OPENAI_API_KEY",
+                                  "client_secret", "SECRET_KEY"])
+def test_SECURITY_env_secret_names_refused(strict_env_client, name):
+    n = _serial(strict_env_client)
+    with pytest.raises(DaemonError) as ei:
+        strict_env_client.run(lambda: print("ran"), env={"PATH": "/usr/bin", name: "x"})
+    assert name in str(ei.value) and ei.value.code == "policy"
+    assert _serial(strict_env_client) == n + 1
+
+
+def test_env_allowed_names_pass(strict_env_client, client):
+    env = {"PATH": "/usr/bin", "MY_PUBLIC_TOKEN": "t", "TOKENIZERS_PARALLELISM": "false"}
+    r = strict_env_client.run(lambda: print(__import__("os").environ["MY_PUBLIC_TOKEN"]), env=env)
+    assert r.stdout == b"t\n"
+    # a pool without the option passes everything through
+    assert client.run(lambda: print(__import__("os").environ["GITHUB_TOKEN"]),
+                      env={"GITHUB_TOKEN": "g"}).stdout == b"g\n"
+
+
+# ---- the CLI ----------------------------------------------------------------------------------------
+
+def test_cli_workspace_and_export(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "in.txt").write_text("input\n")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "zygote", "run", "--workspace", str(src), "--export", str(out), "--",
+                        "sh", "-c", "cat in.txt; echo more >> in.txt; tr a-z A-Z < in.txt > /out/result.txt"],
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"input\n"
+    assert _tree(out) == {"result.txt": b"INPUT\nMORE\n"}
+    assert (src / "in.txt").read_text() == "input\n"
+
+
+def test_cli_workspace_refusal(tmp_path):
+    (tmp_path / "id_rsa").write_text("k")
+    r = subprocess.run([sys.executable, "-m", "zygote", "run", "--workspace", str(tmp_path), "--", "true"],
+                       capture_output=True, timeout=60)
+    assert r.returncode == 2 and b"id_rsa" in r.stderr
+
+
+@pytest.mark.parametrize("path", ["relative", "/", "/usr/lib", "/proc/x", "/a/../b"])
+def test_workspace_bad_sandbox_path_refused(client, path):
+    ws = Workspace(entries=(Entry("a", "file", 0o644, b"x"),), path=path)
+    with pytest.raises((WorkspaceError, DaemonError)) as ei:
+        client.run(lambda: None, sandbox_config=SandboxConfig(workspace=ws))
+    assert path in str(ei.value)
+
+
+def test_many_directories_in_and_out(client, tmp_path):
+    """More directories than RLIMIT_NOFILE: neither side keeps an fd per directory."""
+    files = {f"d{i}/x": b"x" for i in range(1500)}
+    ws = Workspace.from_files(files)
+
+    def payload():
+        import os
+        for i in range(1500):
+            os.makedirs(f"/out/e{i}")
+        os.makedirs("/out/" + "/".join(["n"] * 100))  # deeper than PID 1 packs
+        print(len(os.listdir(".")))
+
+    cfg = SandboxConfig(workspace=ws, export=Export(max_files=5000, on_exceed="truncate"), open_files=512)
+    r = client.run(payload, sandbox_config=cfg, export_to=tmp_path / "d")
+    assert r.stdout == b"1500\n", r.stderr
+    assert len(os.listdir(tmp_path / "d")) == 1501
+    assert any("deeper" in s for s in r.export.skipped)
