@@ -18,6 +18,18 @@ EXIT_TIMEOUT = 124
 EXIT_SANDBOX = 125
 
 
+def _result_cap(text: str) -> int:
+    from zygote_client._config import parse_size
+    from zygote_client._protocol import MAX_FRAME
+    try:
+        n = parse_size(text, "--max-result-bytes")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if n > MAX_FRAME - (1 << 20):  # the result rides in one Exited frame
+        raise argparse.ArgumentTypeError(f"at most {(MAX_FRAME >> 20) - 1}M (one protocol frame)")
+    return n  # type: ignore[return-value]
+
+
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="run the daemon")
     where = p.add_mutually_exclusive_group(required=True)
@@ -28,6 +40,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--child-main", metavar="MOD:FUNC", help="what children run when a request names no target")
     p.add_argument("--env-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--allow-uid", type=int, action="append", default=[], help="peer uid allowed to connect")
+    p.add_argument("--max-result-bytes", type=_result_cap, default=16 << 20, metavar="SIZE",
+                   help="largest return value relayed to a client (default 16M); more is dropped")
     p.add_argument("--test-hooks", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -85,7 +99,7 @@ def serve(args) -> int:
             env = {str(k): str(v) for k, v in json.loads(data).items()}
     pool = PoolConfig(python=args.python, preload=tuple(args.preload), env=env, child_main=args.child_main)
     cfg = DaemonConfig(socket_path=args.socket, pools={"default": pool}, allowed_uids=tuple(args.allow_uid),
-                       test_hooks=args.test_hooks)
+                       test_hooks=args.test_hooks, max_result_bytes=args.max_result_bytes)
     daemon = Daemon(cfg)
     listen = None
     if args.socket:
