@@ -75,7 +75,7 @@ fi
 # What the venv must be able to import once set up: the two editable packages and what the layers,
 # tests and demo use. Any failure here (or a changed dependency file) means pip runs again.
 IMPORTS="zygote, zygote_client, trio, anyio, msgspec, cloudpickle, prctl, pyseccomp, pyroute2, structlog, \
-numpy, pandas, pytest, pytest_trio, pytest_timeout, hypothesis"
+numpy, pandas, pytest, pytest_trio, pytest_timeout, hypothesis, distributed"
 
 stamp() {
     {

@@ -90,19 +90,18 @@ def test_timeout_with_limits(cg_client):
 def test_many_spawns_with_limits_leave_nothing(cg_client):
     dpid = daemon_pid(cg_client)
     cfg = SandboxConfig(memory="64M", pids=16)
+    def settle():  # the daemon removes a cgroup after reporting the exit: wait for that to end
+        deadline = time.monotonic() + 10
+        while _zygote_dirs(dpid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
     cg_client.run(print, sandbox_config=cfg)
-    # The daemon removes a child's cgroup after it reports the exit: let that finish before
-    # counting, or the base includes a directory fd that is about to close.
-    deadline = time.monotonic() + 10
-    while _zygote_dirs(dpid) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    settle()
     base = fd_count(dpid)
     for i in range(500):
         r = cg_client.run(print, (i,), sandbox_config=cfg)
         assert r.returncode == 0
-    deadline = time.monotonic() + 10
-    while _zygote_dirs(dpid) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    settle()
     assert _zygote_dirs(dpid) == []
     assert [p for p, s in children_of(dpid) if s == "Z"] == []
     assert fd_count(dpid) == base

@@ -4,6 +4,11 @@ The daemon writes one ChildPlan on the child's control pipe ("go": everything th
 confine itself, then the opaque payload). The child answers on its status pipe with Ready or Failed,
 and its PID 1 later with ExitReport. Frames are a 4-byte big-endian length and a msgpack body; the
 child never sees a pickle until it is fully confined, and the daemon never unpickles anything.
+
+The payload process (PID 2) alone holds a third pipe, the result pipe: one record, a kind byte and
+an 8-byte length, then the encoded return value (or the exception's description). It is separate
+from the status pipe so the payload can never forge a Ready or an ExitReport. The daemon checks only
+the kind byte and the length, and forwards the bytes unopened.
 """
 
 from __future__ import annotations
@@ -16,6 +21,14 @@ from zygote_client._workspace import Entry
 
 LEN = struct.Struct("!I")
 MAX_STATUS_FRAME = 1 << 20
+RESULT_HEADER = struct.Struct("!cQ")  # kind, length of the body that follows
+# result-pipe kind byte -> the kind name the client sees in Exited.result_kind
+RESULT_KINDS = {
+    b"j": "json",         # the return value, JSON text
+    b"p": "pickle",       # the return value, cloudpickle (only when the plan says result_pickle)
+    b"e": "error",        # the payload raised: JSON {"type", "message", "traceback"}
+    b"u": "unencodable",  # the value could not be encoded: JSON {"type", "message"}
+}
 
 
 class MountSpec(msgspec.Struct, frozen=True, array_like=True):
@@ -76,6 +89,7 @@ class ChildPlan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     workspace_entries: list[Entry] = []  # validated by the daemon, parents first
     export_path: str | None = None  # PID 1 packs this directory after the payload ended
     export_limits: tuple[int, int, int] = (0, 0, 0)  # (files, bytes per file, bytes): PID 1 reads no further
+    result_pickle: bool = False  # encode the return value with cloudpickle (the client's trusted_results)
     test_fail_step: str | None = None
 
 

@@ -5,7 +5,7 @@ process. Talks to the daemon over one SOCK_SEQPACKET socket (fd FD):
 
     zygote -> daemon   b"R" + msgpack(info)          ready, after preloading
                        b"E" + text                    preload/startup failed; then exit 3
-    daemon -> zygote   REQ(req_id, flags) + 5 fds     clone one child with these stdio/ctl/status fds
+    daemon -> zygote   REQ(req_id, flags) + 6 fds     clone one child with these stdio/ctl/status/result fds
     zygote -> daemon   REP(req_id, pid, errno)        pid > 0, or errno of the failed clone
 
 Globals, each with what it means for security (every child gets a copy of this memory):
@@ -25,7 +25,7 @@ import sys
 
 REQ = struct.Struct("!QQ")
 REP = struct.Struct("!Qqi")
-NFDS = 5
+NFDS = 6  # stdin, stdout, stderr, control, status, result
 
 _sock: socket.socket | None = None
 _cloner = None

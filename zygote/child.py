@@ -5,31 +5,34 @@ before the payload's own). The clone is PID 1 of new user, pid, mount, ipc, uts,
 namespaces. Nothing returns from ``run``: every path ends in os._exit.
 
 fds on entry (moved here first thing): 0/1/2 the child's stdio, 3 the control pipe (ChildPlan +
-payload, from the daemon), 4 the status pipe (Ready/Failed/ExitReport, to the daemon).
+payload, from the daemon), 4 the status pipe (Ready/Failed/ExitReport, to the daemon), 5 the result
+pipe (the payload's return value or exception, to the daemon; only PID 2 keeps it).
 """
 
 from __future__ import annotations
 
 import errno as _errno
 import io
+import json
 import os
 import signal
 import sys
 import traceback
 
-from ._childproto import LEN, ExitReport, Failed, OutEnd, Ready, frame, plan_decoder
+from ._childproto import LEN, RESULT_HEADER, ExitReport, Failed, OutEnd, Ready, frame, plan_decoder
 from .layers import SetupError, landlock, mounts, netns, privileges, rlimits, seccomp, userns, uts, workspace
 from .layers import _sys
 
 CTL_FD = 3
 STATUS_FD = 4
+RESULT_FD = 5
 EXIT_SETUP_FAILED = 125
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
               signal.SIGUSR2, signal.SIGCONT, signal.SIGWINCH, signal.SIGALRM)
 
 
 def run(fds: list[int]) -> None:
-    """Entry point in the clone. ``fds``: stdin, stdout, stderr, control, status (any numbers)."""
+    """Entry point in the clone. ``fds``: stdin, stdout, stderr, control, status, result (any numbers)."""
     try:
         _arrange_fds(fds)
         plan = _read_plan()
@@ -112,12 +115,12 @@ def _inject(plan, step: str) -> None:
 
 
 def _arrange_fds(fds: list[int]) -> None:
-    # Move the five to high numbers first so dup2 onto 0..4 can never clobber one of them.
+    # Move the six to high numbers first so dup2 onto 0..5 can never clobber one of them.
     high = [os.dup2(fd, 500 + i, inheritable=False) for i, fd in enumerate(fds)]
     for i, fd in enumerate(high):
-        os.dup2(fd, i, inheritable=(i < 3))
+        os.dup2(fd, i, inheritable=(i < 3))  # control/status/result stay close-on-exec
     # Every other fd of the zygote (its socket to the daemon, anything a preload opened) goes.
-    os.closerange(5, 1 << 20)
+    os.closerange(RESULT_FD + 1, 1 << 20)
 
 
 def _read_plan():
@@ -171,7 +174,7 @@ def _reaper(payload_pid: int, plan) -> None:
 
     for sig in _FORWARDED:
         signal.signal(sig, forward)
-    for fd in (0, 1, 2):
+    for fd in (0, 1, 2, RESULT_FD):  # the result pipe is the payload's alone
         os.close(fd)
     while True:
         try:
@@ -230,6 +233,8 @@ def _payload(plan) -> None:
             while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
                 tb = tb.tb_next  # the payload's traceback starts at the payload, not at our frames
             traceback.print_exception(type(e), e, tb)
+            if plan.kind in _RESULT_KINDS:
+                _send_error(e, tb)
         except BaseException:
             pass
         code = 1
@@ -313,5 +318,57 @@ def _run_payload(plan) -> int:
     else:
         print(f"zygote: unknown payload kind {kind!r}", file=sys.stderr)
         return 1
-    func(*args, **kwargs)
+    _send_result(func(*args, **kwargs), plan.result_pickle)
     return 0
+
+
+# ---- the result pipe (PID 2 only) --------------------------------------------------------------
+
+_RESULT_KINDS = ("callable", "target", "child_main")  # exec and script have no return value
+
+
+def _send_result(value, use_pickle: bool) -> None:
+    """Encode the return value: JSON unless the client trusts pickles (trusted_results)."""
+    try:
+        if use_pickle:
+            import cloudpickle  # already imported by the zygote, so this costs nothing
+            kind, body = b"p", cloudpickle.dumps(value)
+        else:
+            kind, body = b"j", json.dumps(value, ensure_ascii=False).encode()
+    except BaseException as e:  # noqa: BLE001 - an unencodable value is a result, not a crash
+        kind, body = b"u", _describe(type(value), f"the return value could not be encoded "
+                                     f"({'cloudpickle' if use_pickle else 'JSON'}): {_text(e)}")
+    _write_result(kind, body)
+
+
+def _send_error(exc: BaseException, tb) -> None:
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    _write_result(b"e", _describe(type(exc), _text(exc), text))
+
+
+def _describe(cls: type, message: str, tb_text: str | None = None) -> bytes:
+    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    doc = {"type": name, "message": message}
+    if tb_text is not None:
+        doc["traceback"] = tb_text
+    return json.dumps(doc).encode()
+
+
+def _text(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except BaseException:  # noqa: BLE001 - a hostile __str__ must not lose the result
+        return f"<{type(exc).__name__} with an unprintable message>"
+
+
+def _write_result(kind: bytes, body: bytes) -> None:
+    # EPIPE means the daemon stopped reading (the result exceeded its cap): the daemon already
+    # knows, and the payload's exit code stays its own. Python ignores SIGPIPE, so this raises.
+    try:
+        for chunk in (RESULT_HEADER.pack(kind, len(body)), body):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(RESULT_FD, view):]
+        os.close(RESULT_FD)
+    except OSError:
+        pass

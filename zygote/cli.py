@@ -18,6 +18,18 @@ EXIT_TIMEOUT = 124
 EXIT_SANDBOX = 125
 
 
+def _result_cap(text: str) -> int:
+    from zygote_client._config import parse_size
+    from zygote_client._protocol import MAX_FRAME
+    try:
+        n = parse_size(text, "--max-result-bytes")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if n > MAX_FRAME - (1 << 20):  # the result rides in one Exited frame
+        raise argparse.ArgumentTypeError(f"at most {(MAX_FRAME >> 20) - 1}M (one protocol frame)")
+    return n  # type: ignore[return-value]
+
+
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="run the daemon")
     where = p.add_mutually_exclusive_group()
@@ -43,6 +55,8 @@ def _serve_parser(sub) -> None:
                    help="default info (error for an embedded daemon)")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (0: any free port, printed)")
+    p.add_argument("--max-result-bytes", type=_result_cap, metavar="SIZE",
+                   help="largest return value relayed to a client (default 16M); more is dropped")
     p.add_argument("--test-hooks", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--forbid-secret-env", action="store_true",
                    help="refuse requests whose environment has secret-looking names (*_TOKEN, *SECRET*, AWS_*, ...)")
@@ -146,6 +160,8 @@ def _config_from_args(args):
         changes["pools"] = {**cfg.pools, "default": dataclasses.replace(pool, **pool_changes)}
     if args.socket:
         changes["socket_path"] = args.socket
+    if args.max_result_bytes is not None:
+        changes["max_result_bytes"] = args.max_result_bytes
     if args.max_children is not None:
         changes["max_children"] = args.max_children
     if args.max_children_per_client is not None:

@@ -12,6 +12,7 @@ same thing. Example::
     allowed_gids = [1001]         # any peer whose primary gid is listed
     max_children = 512
     max_children_per_client = 64
+    max_result_bytes = "16M"      # largest return value relayed to a client
 
     [pools.default]
     python = "/opt/pandas-venv/bin/python"   # must have the zygote distribution installed
@@ -58,6 +59,7 @@ class _DaemonSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_children_per_client: int | None = None
     id_base: int | None = None
     always_cgroup: bool = False
+    max_result_bytes: str | int | None = None
 
 
 class _PoolSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -124,6 +126,15 @@ def load(path: str, *, default_python: str):
                                  allow_callables=p.allow_callables, zygotes=p.zygotes, sandbox=p.sandbox,
                                  forbid_secret_env=p.forbid_secret_env, env_allow=tuple(p.env_allow))
     kw = {}
+    if d.max_result_bytes is not None:
+        from zygote_client._config import parse_size
+        from zygote_client._protocol import MAX_FRAME
+        try:
+            kw["max_result_bytes"] = parse_size(d.max_result_bytes, "daemon.max_result_bytes")
+        except ValueError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        if kw["max_result_bytes"] > MAX_FRAME - (1 << 20):
+            raise ConfigError(f"{path}: daemon.max_result_bytes: at most {(MAX_FRAME >> 20) - 1}M (one frame)")
     if d.id_base is not None:
         kw["id_base"] = d.id_base
     return DaemonConfig(socket_path=d.socket, pools=pools, allowed_uids=tuple(d.allowed_uids),

@@ -3,7 +3,8 @@
 Per spawn: make the child's pipes; ask a zygote to clone (the child is ours by CLONE_PARENT);
 pidfd_open it; write its uid/gid maps; send "go" (the ChildPlan with the payload); wait for Ready or
 Failed on its status pipe; hand the client its stdio fds. A watcher task then enforces the
-deadline, reaps the child through its pidfd (wait4 for rusage) and reports Exited.
+deadline, reads the payload's result pipe (capped, never unpickled), reaps the child through its
+pidfd (wait4 for rusage) and reports Exited with the result's raw bytes.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class DaemonConfig:
         max_children: running children allowed at once (all clients).
         max_children_per_client: running children one connection may have (None: no own cap).
         socket_mode, socket_group: the listening socket file's mode and group (None: unchanged).
+        max_result_bytes: largest encoded return value relayed to a client; the daemon buffers at
+            most this much per child. A larger result is dropped (``result_kind="too-large"``)
+            and the child's writes fail, so it cannot block on the pipe.
     """
 
     socket_path: str | None = None
@@ -65,6 +69,7 @@ class DaemonConfig:
     socket_mode: int = 0o600
     socket_group: int | None = None
     always_cgroup: bool = False  # a cgroup (accounting, peak_memory) even for children without limits
+    max_result_bytes: int = 16 << 20
 
 
 @dataclass(eq=False)
@@ -77,6 +82,7 @@ class Child:
     timeout: float | None
     timeout_grace: float | None
     status_stream: trio.lowlevel.FdStream
+    result_stream: trio.lowlevel.FdStream
     report: C.ExitReport | None = None
     timed_out: bool = False
     exited: trio.Event = field(default_factory=trio.Event)
@@ -91,6 +97,9 @@ class Child:
     pool: str = "default"
     peer_uid: int = -1
     collector: workspace.Collector | None = None  # the export being received from PID 1
+    result_kind: str = ""  # "" (none), a C.RESULT_KINDS value, "too-large" or "invalid"
+    result: bytes = b""
+    result_done: trio.Event = field(default_factory=trio.Event)
 
 
 class Connection:
@@ -386,6 +395,7 @@ class Daemon:
             raise _Refused("bad-request", f"seccomp_profile: {e}") from None
         return C.ChildPlan(
             kind=kind, payload=msg.payload, target=target, argv=msg.argv, env=env,
+            result_pickle=msg.trusted_results,
             process_name=msg.process_name, hostname=cfg.hostname,
             cwd=cfg.workdir or files.get("workspace_path"),
             rlimits=rlimits.plan(cpu_time=cfg.cpu_time, file_size=cfg.file_size_bytes,
@@ -460,8 +470,9 @@ class Daemon:
                 out = list(mine)
             ctl_r, ctl_w = os.pipe2(os.O_CLOEXEC)
             st_r, st_w = os.pipe2(os.O_CLOEXEC)
-            theirs += [ctl_r, st_w]
-            mine += [ctl_w, st_r]
+            res_r, res_w = os.pipe2(os.O_CLOEXEC)
+            theirs += [ctl_r, st_w, res_w]
+            mine += [ctl_w, st_r, res_r]
             try:
                 zyg = pool.pick()
                 pid = await zyg.clone(theirs, ALL_NAMESPACES | CLONE_PARENT)
@@ -477,9 +488,11 @@ class Daemon:
             pidfd = os.pidfd_open(pid)
             child = Child(id=f"{self._prefix}-{next(self._ids)}", pid=pid, pidfd=pidfd, conn=conn,
                           started=time.monotonic(), timeout=timeout, timeout_grace=cfg.timeout_grace,
-                          status_stream=trio.lowlevel.FdStream(st_r), cpu_time=cfg.cpu_time,
+                          status_stream=trio.lowlevel.FdStream(st_r),
+                          result_stream=trio.lowlevel.FdStream(res_r), cpu_time=cfg.cpu_time,
                           pool=pool.config.name, peer_uid=conn.peer_uid)
             mine.remove(st_r)
+            mine.remove(res_r)
             if cfg.export is not None:
                 child.collector = workspace.Collector(cfg.export)
             self.children[child.id] = child
@@ -564,15 +577,18 @@ class Daemon:
         try:
             async with trio.open_nursery() as n:
                 n.start_soon(self._read_status, child)
+                n.start_soon(self._read_result, child)
                 n.start_soon(self._deadline, child, n.cancel_scope)
                 await _wait_pidfd(child.pidfd)
                 await child.status_done.wait()
+                await child.result_done.wait()  # every writer died with the pid namespace: EOF
                 n.cancel_scope.cancel()
             _, wstatus, ru = os.wait4(child.pid, 0)
         finally:
             os.close(child.pidfd)
             with trio.CancelScope(shield=True):
                 await child.status_stream.aclose()
+                await child.result_stream.aclose()
         child.status = self._exit_status(child, wstatus, ru)
         cg, child.cgroup = child.cgroup, None
         if cg is not None:
@@ -591,7 +607,8 @@ class Daemon:
             if conn is not None:
                 conn.children.pop(child.id, None)
                 if not conn.closed and child.ready_seen:
-                    await conn.send(P.Exited(child.id, child.status, export), export_fds)
+                    await conn.send(P.Exited(child.id, child.status, export=export, result_kind=child.result_kind,
+                                             result=child.result), export_fds)
         finally:
             _close(export_fds)
         if cg is not None:  # after the report: removal may wait for the kernel to let go (EBUSY)
@@ -706,6 +723,45 @@ class Daemon:
             self._kill(child, signal.SIGTERM)
             await trio.sleep(child.timeout_grace)
         self._kill(child, signal.SIGKILL)
+
+    async def _read_result(self, child: Child) -> None:
+        """Collect the payload's one result record, at most ``max_result_bytes`` of it.
+
+        Only the record's kind byte and length are looked at; the body goes to the client as it
+        came (it may be a pickle: nothing here ever loads it). Past the cap the daemon stops
+        reading and closes its end, so the child's write fails instead of blocking.
+        """
+        cap = min(self.config.max_result_bytes, P.MAX_FRAME - (1 << 20))  # it must fit one Exited frame
+        hdr = C.RESULT_HEADER
+        buf = bytearray()
+        try:
+            while True:
+                try:
+                    data = await child.result_stream.receive_some(1 << 16)
+                except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
+                    data = b""
+                if not data:
+                    break
+                buf += data
+                if len(buf) >= hdr.size:
+                    kind, length = hdr.unpack_from(buf)
+                    if kind not in C.RESULT_KINDS or len(buf) > hdr.size + length:
+                        child.result_kind = "invalid"  # not ours, or more than the one record
+                        return
+                    if length > cap:
+                        child.result_kind = "too-large"
+                        return
+            if not buf:
+                return  # no result: sys.exit, a signal, or a kind without a return value
+            kind, length = hdr.unpack_from(buf) if len(buf) >= hdr.size else (b"", -1)
+            if len(buf) != hdr.size + length:
+                child.result_kind = "invalid"  # cut short (killed mid-write)
+                return
+            child.result_kind, child.result = C.RESULT_KINDS[kind], bytes(buf[hdr.size:])
+        finally:
+            with trio.CancelScope(shield=True):
+                await child.result_stream.aclose()
+            child.result_done.set()
 
     async def _read_status(self, child: Child) -> None:
         buf = bytearray()

@@ -24,6 +24,7 @@ from ._config import ExitStatus, SandboxConfig
 from ._errors import (BrokenError, ClosedError, DaemonError, ProtocolError, SandboxError,
                       SandboxUnavailable, ZygoteError)
 from ._workspace import ExportError, ExportResult, WorkspaceError, unpack_archive
+from ._results import Outcome
 
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
@@ -41,8 +42,12 @@ class AsyncChild:
     """A running child (no public constructor). Popen-like: ``returncode`` is None until it ends,
     negative -N when signal N ended it."""
 
-    def __init__(self, client: "AsyncClient", msg: P.Spawned, fds: list[int]) -> None:
+    def __init__(self, client: "AsyncClient", msg: P.Spawned, fds: list[int], *, trusted: bool = False,
+                 has_result: bool = False) -> None:
         self._client = client
+        self._trusted = trusted
+        self._has_result = has_result
+        self._outcome: Outcome | None = None
         self.id: str = msg.child
         self.pid: int = msg.pid
         fds = list(fds)
@@ -58,11 +63,12 @@ class AsyncChild:
     def returncode(self) -> int | None:
         return None if self.status is None else self.status.returncode
 
-    def _set_status(self, status: ExitStatus, export: ExportResult | None = None, fds: list[int] = ()) -> None:
-        self.status = status
-        self.export_result = export
+    def _set_exit(self, msg: P.Exited, fds: list[int] = ()) -> None:
+        self.status = msg.status
+        self._outcome = Outcome(msg.result_kind, msg.result, msg.status, self._trusted, self._has_result)
+        self.export_result = msg.export
         fds = list(fds)
-        if export is not None and export.error is None and len(fds) == 1:
+        if msg.export is not None and msg.export.error is None and len(fds) == 1:
             self._export_fd = fds.pop()
         for fd in fds:
             os.close(fd)
@@ -104,6 +110,23 @@ class AsyncChild:
         assert self.status is not None
         return self.status
 
+    async def result(self) -> Any:
+        """Wait for the child to end; return what its payload returned.
+
+        The value comes back as JSON (so: dict, list, str, int, float, bool, None; tuples arrive
+        as lists), or as a cloudpickle loaded here when the spawn said ``trusted_results=True``.
+
+        Raises:
+            RemoteError: the payload raised (type name, message and the remote traceback).
+            ChildFailed: the child ended without returning: a limit killed it (``reason`` says
+                which, e.g. ``"memory"``), a signal, or the payload called sys.exit/os._exit.
+            ResultError: the value could not be sent back (not JSON-compatible, too large), or
+                the child was an exec/script child, which has no return value.
+        """
+        await self.wait()
+        assert self._outcome is not None
+        return self._outcome.value()
+
     async def send_signal(self, signum: int) -> None:
         if self.status is not None:
             return
@@ -128,7 +151,7 @@ class AsyncClient:
         self._decoder = P.client_decoder()
         self._pending: dict[int, _Pending] = {}
         self._children: dict[str, AsyncChild] = {}
-        self._early_exits: dict[str, tuple[ExitStatus, ExportResult | None, list[int]]] = {}
+        self._early_exits: dict[str, tuple[P.Exited, list[int]]] = {}
         self._exported: list[AsyncChild] = []  # children whose export archive this client holds
         self._req = itertools.count(1)
         self._send_lock = anyio.Lock()
@@ -233,9 +256,9 @@ class AsyncClient:
         if isinstance(msg, P.Exited):
             child = self._children.pop(msg.child, None)
             if child is None:
-                self._early_exits[msg.child] = (msg.status, msg.export, fds)
+                self._early_exits[msg.child] = (msg, fds)
             else:
-                self._exit(child, msg.status, msg.export, fds)
+                self._exit(child, msg, fds)
             return
         req = getattr(msg, "req", 0)
         p = self._pending.pop(req, None)
@@ -283,8 +306,8 @@ class AsyncClient:
             raise DaemonError(p.msg.message, code=p.msg.code)
         return p.msg, p.fds
 
-    def _exit(self, child: AsyncChild, status: ExitStatus, export: ExportResult | None, fds: list[int]) -> None:
-        child._set_status(status, export, fds)
+    def _exit(self, child: AsyncChild, msg: P.Exited, fds: list[int]) -> None:
+        child._set_exit(msg, fds)
         if child._export_fd is not None:
             self._exported.append(child)
 
@@ -299,7 +322,7 @@ class AsyncClient:
                           kwargs: dict | None = None, *, process_name: str | None = None,
                           sandbox_config: SandboxConfig | None = None, stdin: Any = PIPE,
                           env: dict[str, str] | None = None, pool: str | None = None,
-                          timeout: float | None = None,
+                          timeout: float | None = None, trusted_results: bool = False,
                           _argv: list[str] | None = None, _script: bytes | None = None,
                           _stdio_fds: tuple[int, int, int] | None = None,
                           _test_fail_step: str | None = None, _test_relax_mounts: bool = False,
@@ -307,7 +330,10 @@ class AsyncClient:
         """Start a confined child running ``target(*args, **kwargs)``; returns once it is ready.
 
         ``target``: a callable (sent with cloudpickle; closures and lambdas work), a
-        ``"module:function"`` string, or None for the pool's child_main.
+        ``"module:function"`` string, or None for the pool's child_main. Its return value is
+        available from ``child.result()``: JSON by default; with ``trusted_results=True`` the
+        child cloudpickles it and this process unpickles it, so only set that when you trust
+        the code that ran there as much as your own (a pickle can run anything when loaded).
 
         Raises:
             SandboxError: a confinement step failed (``err.step`` names it); nothing ran.
@@ -338,6 +364,7 @@ class AsyncClient:
             return P.Spawn(req=req, kind=kind, payload=payload, target=tgt, argv=_argv, pool=pool,
                            process_name=process_name, env=env, sandbox=sandbox_config,
                            stdin=stdin == PIPE, stdio="fds" if fds else "pipe", timeout=timeout,
+                           trusted_results=bool(trusted_results),
                            test_fail_step=_test_fail_step, test_relax_mounts=_test_relax_mounts,
                            test_landlock_abi=_test_landlock_abi)
 
@@ -355,13 +382,61 @@ class AsyncClient:
             for fd in rfds:
                 os.close(fd)
             raise ProtocolError(f"unexpected reply {type(msg).__name__} to spawn")
-        child = AsyncChild(self, msg, rfds)
+        child = AsyncChild(self, msg, rfds, trusted=bool(trusted_results), has_result=kind not in ("exec", "script"))
         early = self._early_exits.pop(child.id, None)
         if early is not None:
             self._exit(child, *early)
         else:
             self._children[child.id] = child
         return child
+
+
+    async def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` in a fresh confined child and return its (JSON) value.
+
+        The child's stdout and stderr are copied to this process's. Cancelling the call kills the
+        child. For a sandbox config, a pool or ``trusted_results``, use ``spawn_child`` and
+        ``result()``.
+
+        Raises:
+            RemoteError: ``fn`` raised; see AsyncChild.result for the others.
+        """
+        return await self._call(fn, args, kwargs)
+
+    async def _call(self, fn: Callable[..., Any], args: tuple, kwargs: dict, **options: Any) -> Any:
+        child = await self.spawn_child(fn, args, kwargs, stdin=DEVNULL, **options)
+        try:
+            async with anyio.create_task_group() as tg:
+                for fd, name in ((child.stdout_fd, "stdout"), (child.stderr_fd, "stderr")):
+                    if fd is not None:
+                        tg.start_soon(_forward, fd, name)
+                child.stdout_fd = child.stderr_fd = None  # owned by the forwarders now
+                await child.wait()  # not result(): its exception would cancel the forwarders early
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                if child.status is None and not self._closed and self._broken is None:
+                    await child.kill()
+            raise
+        return await child.result()
+
+
+async def _forward(fd: int, name: str) -> None:
+    """Copy a child's output pipe to this process's sys.stdout/sys.stderr until EOF.
+
+    A thread does the blocking reads: the pipe ends at the child's exit, which cancellation of
+    the caller brings about (it kills the child).
+    """
+    def pump() -> None:
+        import codecs
+        dec = codecs.getincrementaldecoder("utf-8")("replace")
+        with open(fd, "rb", buffering=0) as f:
+            while chunk := f.read(1 << 16):
+                text = dec.decode(chunk)
+                if text:
+                    stream = getattr(sys, name)
+                    stream.write(text)
+                    stream.flush()
+    await anyio.to_thread.run_sync(pump, abandon_on_cancel=True)
 
 
 def _proc_reason(proc: subprocess.Popen | None) -> str:

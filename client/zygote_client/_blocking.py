@@ -21,11 +21,13 @@ from ._async import DEVNULL, PIPE, AsyncChild, AsyncClient, open_client, open_em
 from ._config import ExitStatus, SandboxConfig
 from ._errors import ClosedError
 from ._workspace import ExportError, ExportResult
+from ._results import Outcome
 
 
 @dataclasses.dataclass(frozen=True)
 class CompletedChild:
-    """What ``Client.run`` returns: like subprocess.CompletedProcess, plus the full ExitStatus.
+    """What ``Client.run`` returns: like subprocess.CompletedProcess, plus the full ExitStatus
+    and the payload's return value (``value``).
 
     ``export`` is the daemon's account of the child's export directory (files, bytes, what was
     skipped or cut), ``export_dir`` where ``run(..., export_to=...)`` wrote it.
@@ -37,6 +39,14 @@ class CompletedChild:
     status: ExitStatus
     export: ExportResult | None = None
     export_dir: str | None = None
+    _outcome: Outcome | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def value(self) -> Any:
+        """The payload's return value (decoded on each access); raises as ``ChildProcess.result``."""
+        if self._outcome is None:
+            raise ValueError("this CompletedChild was not made by Client.run")
+        return self._outcome.value()
 
     def check_returncode(self) -> None:
         if self.returncode:
@@ -96,6 +106,22 @@ class ChildProcess:
     def export(self, dest: str | os.PathLike) -> list[str]:
         """Wait for the child, then write its export directory into ``dest`` (see AsyncChild.export)."""
         return self._client._call(self._achild.export, dest)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the child (as ``wait``), then return its payload's return value.
+
+        Read stdout/stderr first (or use ``communicate``) if the child writes more than a pipe
+        holds, as with Popen.wait.
+
+        Raises:
+            RemoteError: the payload raised; ``str(err)`` shows the remote traceback.
+            ChildFailed: the child ended without returning (a limit, a signal, sys.exit).
+            ResultError: the value could not be sent back, or an exec/script child.
+            subprocess.TimeoutExpired: still running after ``timeout`` seconds.
+        """
+        self.wait(timeout)
+        assert self._achild._outcome is not None
+        return self._achild._outcome.value()
 
     def send_signal(self, signum: int) -> None:
         self._client._call(self._achild.send_signal, signum)
@@ -174,22 +200,24 @@ class Client:
                     kwargs: dict | None = None, *, process_name: str | None = None,
                     sandbox_config: SandboxConfig | None = None, stdin: Any = PIPE,
                     env: dict[str, str] | None = None, timeout: float | None = None,
-                    pool: str | None = None, **private: Any) -> ChildProcess:
+                    pool: str | None = None, trusted_results: bool = False, **private: Any) -> ChildProcess:
         """Start a confined child; returns once it reported "ready" (see AsyncClient.spawn_child)."""
         async def go() -> AsyncChild:
             return await self._aclient.spawn_child(target, args, kwargs, process_name=process_name,
                                                    sandbox_config=sandbox_config, stdin=stdin, env=env,
-                                                   timeout=timeout, pool=pool, **private)
+                                                   timeout=timeout, pool=pool, trusted_results=trusted_results,
+                                                   **private)
         return ChildProcess(self, self._call(go))
 
     def run(self, target: Callable[..., Any] | str | None = None, args: tuple = (), *, kwargs: dict | None = None,
             input: bytes = b"", timeout: float | None = None, sandbox_config: SandboxConfig | None = None,
             env: dict[str, str] | None = None, export_to: str | os.PathLike | None = None,
-            **private: Any) -> CompletedChild:
+            trusted_results: bool = False, **private: Any) -> CompletedChild:
         """Run a child to completion, feeding ``input`` and collecting both streams.
 
         ``timeout`` is enforced by the daemon (SIGKILL of the whole tree); the result then has
-        ``status.timed_out`` set and returncode -9 — it does not raise.
+        ``status.timed_out`` set and returncode -9 — it does not raise. Neither does a payload
+        that raised: ``.value`` does, when read.
 
         ``export_to``: write the child's export directory (``SandboxConfig.export``, "/out" by
         default when this is given) there; it must not exist or be empty.
@@ -203,10 +231,11 @@ class Client:
             from ._workspace import Export
             sandbox_config = msgspec.structs.replace(sandbox_config or SandboxConfig(), export=Export())
         child = self.spawn_child(target, args, kwargs, sandbox_config=sandbox_config, env=env,
-                                 timeout=timeout, **private)
+                                 timeout=timeout, trusted_results=trusted_results, **private)
         out, err = child.communicate(input)
         status = child.wait()
-        done = CompletedChild(status.returncode, out, err, status, child.export_result)
+        done = CompletedChild(status.returncode, out, err, status, export=child.export_result,
+                              _outcome=child._achild._outcome)
         if export_to is None:
             return done
         try:
@@ -217,6 +246,11 @@ class Client:
         finally:
             child._achild.close_export()
         return dataclasses.replace(done, export_dir=os.path.abspath(export_to))
+
+    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` in a fresh confined child; return its value or raise
+        ``RemoteError`` (see AsyncClient.call: output goes to this process's stdout/stderr)."""
+        return self._call(self._aclient._call, fn, args, kwargs)
 
     def close(self) -> None:
         if self._closed:

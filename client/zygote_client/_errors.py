@@ -64,11 +64,48 @@ class SandboxUnavailable(SandboxError):
 class RemoteError(ZygoteError):
     """The payload raised; carries the remote exception's type name, message and traceback text.
 
-    The exception object itself is never unpickled by default (see ``trusted_results``).
+    The exception object itself is never unpickled (not even with ``trusted_results``): what
+    comes back is its description, so catching it never runs code from the child. ``str()`` shows
+    the remote traceback.
+
+    Attributes:
+        type_name: the exception's class, ``"ValueError"`` or ``"module.QualName"``.
+        message: ``str()`` of the remote exception.
+        traceback_text: the remote traceback, formatted as Python prints it.
     """
 
     def __init__(self, type_name: str, message: str, traceback_text: str) -> None:
-        super().__init__(f"{type_name}: {message}")
+        text = f"{type_name}: {message}" if message else type_name
+        if traceback_text:
+            text += "\n\nRemote traceback:\n" + traceback_text.rstrip()
+        super().__init__(text)
         self.type_name = type_name
-        self.remote_message = message
+        self.message = message
         self.traceback_text = traceback_text
+
+
+class ResultError(ZygoteError):
+    """The payload finished but its return value cannot be had.
+
+    Attributes:
+        reason: ``"unencodable"`` (not JSON-compatible, or cloudpickle failed with
+            ``trusted_results``), ``"too-large"`` (over the daemon's ``max_result_bytes``),
+            ``"invalid"`` (the child wrote a malformed record), ``"undecodable"`` (this side could
+            not decode it), ``"no-result"`` (an exec or script child), or, for ChildFailed, why
+            the child ended without one.
+        status: the child's ExitStatus.
+    """
+
+    def __init__(self, message: str, *, reason: str, status: object = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
+
+
+class ChildFailed(ResultError):
+    """The child ended without returning: killed by a limit or a signal, or it exited.
+
+    ``reason`` is the first that applies of ``"memory"`` (cgroup OOM kill, ``status.memory_exceeded``),
+    ``"pids"``, ``"timeout"``, ``"cpu-time"``, ``"output"``, ``"signal"`` and ``"exit"`` (sys.exit or
+    os._exit in the payload). ``status`` has the details.
+    """

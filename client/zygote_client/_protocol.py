@@ -10,6 +10,9 @@ The body is one tagged message (``{"type": "spawn", ...}``) decoded strictly: un
 types and unknown tags are errors. File descriptors ride on the ``sendmsg`` that carries the frame's
 first byte; the receiver counts them against ``nfds``. Payloads (pickles) are opaque ``bytes``
 fields: nothing outside a confined child ever unpickles them.
+
+Fields left at their default are not sent (``omit_defaults``), so a field added to version 1 with a
+default changes nothing on the wire until it is used: a peer that predates it decodes the frame.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ MAX_FRAME = 256 << 20  # payloads (cloudpickled closures with data) can be large
 MAX_FDS = 4
 
 
-class _Msg(msgspec.Struct, frozen=True, tag_field="type", forbid_unknown_fields=True):
+class _Msg(msgspec.Struct, frozen=True, tag_field="type", forbid_unknown_fields=True, omit_defaults=True):
     pass
 
 
@@ -52,6 +55,9 @@ class Spawn(_Msg, tag="spawn"):
     ``"callable"``: cloudpickle of (func, args, kwargs); ``"target"``: ``target`` is
     "module:function" and payload is a pickle of (args, kwargs); ``"child_main"``: the pool's
     child_main with payload (args, kwargs); ``"exec"``: ``argv`` is exec'd after confinement.
+
+    ``trusted_results``: the child returns its value as a cloudpickle (which the client will load)
+    instead of JSON. The daemon only relays it.
     """
 
     req: int
@@ -66,6 +72,7 @@ class Spawn(_Msg, tag="spawn"):
     stdin: bool = True
     stdio: str = "pipe"  # "pipe": the daemon makes pipes; "fds": the frame carries stdin/out/err
     timeout: float | None = None  # wall-clock seconds; the stricter of this and sandbox.timeout wins
+    trusted_results: bool = False
     test_landlock_abi: int = 0  # test-only: require this Landlock ABI (simulates an older kernel)
     test_relax_mounts: bool = False  # test-only: host mount tree (to test Landlock alone)
     test_fail_step: str | None = None  # honoured only by a daemon started with --test-hooks
@@ -135,11 +142,21 @@ class Exited(_Msg, tag="exited", omit_defaults=True):
     ``export`` is present only for a child with ``SandboxConfig.export`` (so older clients never
     see the field); when it has no ``error`` the frame carries one fd: a sealed memfd holding the
     export archive (see ``_workspace``).
+
+    ``result_kind`` says what ``result`` holds, the payload's outcome as the child encoded it
+    (the daemon never decodes it): ``""`` no result (exec/script kinds, sys.exit, killed);
+    ``"json"`` the return value as JSON text; ``"pickle"`` the return value as a cloudpickle
+    (only for a Spawn with ``trusted_results``); ``"error"`` the payload raised: JSON
+    ``{"type", "message", "traceback"}``; ``"unencodable"`` the value could not be encoded: JSON
+    ``{"type", "message"}``; ``"too-large"`` over the daemon's ``max_result_bytes`` (no bytes);
+    ``"invalid"`` the child wrote something that is not one complete record (no bytes).
     """
 
     child: str
     status: ExitStatus
     export: ExportResult | None = None
+    result_kind: str = ""
+    result: bytes = b""
 
 
 class PoolStatus(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

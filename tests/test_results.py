@@ -1,0 +1,249 @@
+"""The result channel: return values, remote exceptions, trusted pickles, caps, and who unpickles."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import anyio
+import pytest
+
+from zygote_client import ChildFailed, Client, RemoteError, ResultError, SandboxConfig, open_embedded
+
+
+@pytest.mark.parametrize("value", [
+    {"a": 1, "nested": {"list": [1, 2.5, None, True, False], "text": "héllo ☃"}},
+    [1, "two", 3.0, [], {}],
+    "a string",
+    -(2 ** 62),
+    3.25,
+    True,
+    None,
+])
+def test_json_values_round_trip(client, value):
+    assert client.call(lambda: value) == value
+
+
+def test_args_kwargs_and_tuples_arrive_as_lists(client):
+    def f(a, b, *, c):
+        return (a, b, c)
+
+    assert client.call(f, 1, "x", c={"k": [1]}) == [1, "x", {"k": [1]}]
+
+
+def test_non_json_value_is_a_result_error_not_a_crash(client):
+    r = client.run(lambda: {1, 2, 3})
+    assert r.returncode == 0, r.stderr
+    with pytest.raises(ResultError) as ei:
+        r.value
+    assert ei.value.reason == "unencodable"
+    assert "set" in str(ei.value) and "trusted_results" in str(ei.value)
+    assert not isinstance(ei.value, (RemoteError, ChildFailed))
+    assert client.call(lambda: 7) == 7  # the daemon is fine
+
+
+def test_trusted_results_round_trip_a_custom_object(client):
+    class Point:
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+    def make():
+        return Point(3, {4, 5})
+
+    child = client.spawn_child(make, trusted_results=True)
+    p = child.result(timeout=60)
+    assert type(p).__name__ == "Point" and (p.x, p.y) == (3, {4, 5})
+    assert client.run(make, trusted_results=True).value.x == 3
+
+
+def test_raise_is_remote_error_with_the_remote_traceback(client):
+    class QuotaError(Exception):
+        pass
+
+    def compute_the_answer(n):
+        if n > 1:
+            raise QuotaError(f"too many: {n}")
+
+    with pytest.raises(RemoteError) as ei:
+        client.call(compute_the_answer, 5)
+    err = ei.value
+    assert err.type_name.endswith("QuotaError")
+    assert err.message == "too many: 5"
+    assert "compute_the_answer" in err.traceback_text
+    assert err.traceback_text.rstrip().endswith("QuotaError: too many: 5")
+    assert "compute_the_answer" in str(err)  # the remote traceback is what the caller sees
+    assert "zygote/child.py" not in err.traceback_text  # it starts at the payload
+
+
+@pytest.mark.parametrize("profile", ["default", "strict"])
+def test_results_under_every_seccomp_profile(client, profile):
+    cfg = SandboxConfig(seccomp_profile=profile)
+    assert client.run(lambda: {"ok": [1]}, sandbox_config=cfg).value == {"ok": [1]}
+    with pytest.raises(RemoteError):
+        client.run(lambda: 1 / 0, sandbox_config=cfg).value
+
+
+def test_run_does_not_raise_value_does(client):
+    r = client.run(lambda: 1 / 0)
+    assert r.returncode == 1
+    assert b"ZeroDivisionError" in r.stderr  # stderr still shows it, as before
+    with pytest.raises(RemoteError) as ei:
+        r.value
+    assert ei.value.type_name == "ZeroDivisionError"
+
+
+def test_builtin_exception_with_a_hostile_str(client):
+    class Weird(Exception):
+        def __str__(self):
+            raise RuntimeError("no str for you")
+
+    def payload():
+        raise Weird()
+
+    with pytest.raises(RemoteError) as ei:
+        client.call(payload)
+    assert ei.value.type_name.endswith("Weird")
+    assert "unprintable" in ei.value.message
+
+
+def test_sys_exit_has_no_result_and_keeps_the_code(client):
+    r = client.run(lambda: sys.exit(3))
+    assert r.returncode == 3
+    with pytest.raises(ChildFailed) as ei:
+        r.value
+    assert ei.value.reason == "exit" and ei.value.status.returncode == 3
+    with pytest.raises(ChildFailed):
+        client.call(lambda: os._exit(0))
+
+
+def test_killed_child_has_no_result(client):
+    child = client.spawn_child(lambda: __import__("time").sleep(60))
+    child.kill()
+    with pytest.raises(ChildFailed) as ei:
+        child.result(timeout=30)
+    assert ei.value.reason == "signal" and ei.value.status.returncode == -9
+
+
+def test_exec_child_has_no_result(client):
+    child = client.spawn_child(_argv=[sys.executable, "-c", "pass"], stdin=None)
+    with pytest.raises(ResultError) as ei:
+        child.result(timeout=60)
+    assert ei.value.reason == "no-result" and ei.value.status.returncode == 0
+
+
+def test_garbage_on_the_result_pipe_is_invalid_and_harmless(client):
+    def payload():
+        import os
+        os.write(5, b"not a result record at all")
+        os._exit(0)
+
+    with pytest.raises(ResultError) as ei:
+        client.call(payload)
+    assert ei.value.reason == "invalid"
+    assert client.call(lambda: "still serving") == "still serving"
+
+
+def test_oversize_result_is_dropped_and_the_child_is_not_blocked(client):
+    t0 = time.monotonic()
+    r = client.run(lambda: "x" * (17 << 20))  # past the default 16 MiB cap
+    assert time.monotonic() - t0 < 30
+    with pytest.raises(ResultError) as ei:
+        r.value
+    assert ei.value.reason == "too-large"
+    assert client.call(lambda: [1]) == [1]
+
+
+@pytest.fixture
+def capped_client(tmp_path):
+    """A socket daemon whose result cap is 4 KiB (``--max-result-bytes``)."""
+    path = str(tmp_path / "z.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--socket", path, "--max-result-bytes", "4K"])
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(path):
+            assert proc.poll() is None and time.monotonic() < deadline, "daemon did not start"
+            time.sleep(0.05)
+        with Client.connect(path) as c:
+            yield c
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_result_cap_is_configurable(capped_client):
+    assert capped_client.call(lambda: "y" * 4000) == "y" * 4000
+    # A payload that keeps writing after the cap: its write fails (EPIPE), it does not hang.
+    def flood():
+        import os
+        os.write(5, b"j" + (1 << 40).to_bytes(8, "big"))
+        while True:
+            os.write(5, b"z" * 65536)
+
+    with pytest.raises(ResultError) as ei:
+        capped_client.call(lambda: "y" * 5000)
+    assert ei.value.reason == "too-large"
+    child = capped_client.spawn_child(flood, stdin=None)
+    with pytest.raises(ResultError) as ei:
+        child.result(timeout=30)
+    assert ei.value.reason == "too-large"
+    assert child.returncode == 1  # BrokenPipeError in the payload once the daemon stopped reading
+
+
+def test_SECURITY_results_daemon_never_unpickles(client, tmp_path):
+    """Pickled result bytes pass the daemon unopened; a default client refuses them; only a client
+    that opted in (trusted_results) loads them, in its own process."""
+    marker = tmp_path / "unpickled-by"
+    code = f"import os; open({str(marker)!r}, 'a').write(str(os.getpid()) + '\\n')"
+
+    class Bomb:
+        def __reduce__(self):
+            return (exec, (code,))
+
+    def forged_pickle():  # a hostile child writes a pickle record although nobody asked for one
+        import os, pickle, struct
+        body = pickle.dumps(Bomb())
+        os.write(5, struct.pack("!cQ", b"p", len(body)) + body)
+        os._exit(0)
+
+    with pytest.raises(ResultError) as ei:
+        client.call(forged_pickle)
+    assert ei.value.reason == "undecodable"
+    assert not marker.exists(), "a pickle from the child was loaded without trusted_results"
+
+    # Opted in: the one process that loads the pickle is this one (never the daemon, pid differs).
+    client.run(lambda: Bomb(), trusted_results=True).value
+    assert marker.read_text().split() == [str(os.getpid())]
+    from conftest import daemon_pid
+    assert str(daemon_pid(client)) not in marker.read_text()
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_async_call_and_result(backend):
+    async def main():
+        async with await open_embedded() as c:
+            assert await c.call(lambda x: {"sq": x * x}, 7) == {"sq": 49}
+            with pytest.raises(RemoteError) as ei:
+                await c.call(lambda: [][1])
+            assert ei.value.type_name == "IndexError"
+            child = await c.spawn_child(lambda: 5)
+            assert await child.result() == 5
+            # cancelling a call kills its child
+            with anyio.move_on_after(0.5):
+                await c.call(lambda: __import__("time").sleep(60))
+            assert await c.call(lambda: "after") == "after"
+
+    anyio.run(main, backend=backend)
+
+
+def test_call_forwards_output(client, capfd):
+    def chatty():
+        print("to stdout")
+        print("to stderr", file=sys.stderr)
+        return 1
+
+    assert client.call(chatty) == 1
+    out, err = capfd.readouterr()
+    assert "to stdout" in out and "to stderr" in err
