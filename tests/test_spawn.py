@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from zygote_client import Client, SandboxError
+from zygote_client import Client, DaemonError, SandboxError
 from conftest import children_of, daemon_pid, fd_count
 
 
@@ -339,3 +339,50 @@ def test_preload_failure_is_clear():
 def test_process_name(client):
     r = client.run(lambda: print(open("/proc/self/comm").read().strip()), process_name="my-worker")
     assert r.stdout == b"my-worker\n", r.stderr
+
+
+def test_zygote_killed_during_burst_retriable_and_recovers():
+    """kill -9 of the zygote while 4 threads spawn: the failures are retriable DaemonErrors, the
+    pool restarts its zygote, later spawns work, and the daemon has no more fds than before."""
+    import signal
+    import threading
+
+    with Client.embedded(preload_imports=["json"]) as c:
+        dpid = daemon_pid(c)
+        c.run(print)
+        time.sleep(0.3)
+        base = fd_count(dpid)
+        zygotes = [p for p, _ in children_of(dpid) if b"zygote._zygote" in open(f"/proc/{p}/cmdline", "rb").read()]
+        assert len(zygotes) == 1
+        errors: list[BaseException] = []
+        ok = [0]
+        stop = threading.Event()
+
+        def burst():
+            while not stop.is_set():
+                try:
+                    r = c.run(print, ("x",))
+                    assert r.stdout == b"x\n"
+                    ok[0] += 1
+                except DaemonError as e:
+                    errors.append(e)
+
+        threads = [threading.Thread(target=burst) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        os.kill(zygotes[0], signal.SIGKILL)
+        time.sleep(1.5)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert errors, "no spawn saw the zygote die"
+        assert all(e.retriable and e.code == "retry" for e in errors), errors
+        assert c.run(print, ("after",)).stdout == b"after\n"
+        new = [p for p, _ in children_of(dpid) if b"zygote._zygote" in open(f"/proc/{p}/cmdline", "rb").read()]
+        assert len(new) == 1 and new != zygotes
+        deadline = time.monotonic() + 10
+        while fd_count(dpid) > base and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert fd_count(dpid) <= base
+        assert [p for p, s in children_of(dpid) if s == "Z"] == []

@@ -476,9 +476,14 @@ class Daemon:
             try:
                 zyg = pool.pick()
                 pid = await zyg.clone(theirs, ALL_NAMESPACES | CLONE_PARENT)
-            except ZygoteDied as e:
-                return P.SpawnFailed(msg.req, str(e), "clone", code="retry"), []
-            except OSError as e:
+            except (ZygoteDied, OSError) as e:
+                # No child: our ends of its pipes (and any relay pipes) go now, or every failed
+                # clone in a burst would leak a handful of fds.
+                _close(mine)
+                _close([fd for r, w, _ in relays for fd in (r, w)])
+                mine = []
+                if isinstance(e, ZygoteDied):
+                    return P.SpawnFailed(msg.req, str(e), "clone", code="retry"), []
                 return P.SpawnFailed(msg.req, str(e), "clone", e.errno or 0,
                                      _clone_hint(e.errno), code="unavailable"), []
             finally:
