@@ -29,6 +29,14 @@ def _serve_parser(sub) -> None:
     p.add_argument("--env-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--allow-uid", type=int, action="append", default=[], help="peer uid allowed to connect")
     p.add_argument("--test-hooks", action="store_true", help=argparse.SUPPRESS)
+    n = p.add_argument_group("network (opt-in per child; needs CAP_NET_ADMIN and nftables)")
+    n.add_argument("--network", action="store_true", help="let children ask for a veth (SandboxConfig.network)")
+    n.add_argument("--network-allow", action="append", default=[], metavar="CIDR[:PORT]",
+                   help="the pool's allow-list: children may reach only these (implies --network)")
+    n.add_argument("--network-pool", metavar="CIDR", help="IPv4 network children's /30s come from (default 10.213.0.0/16)")
+    n.add_argument("--network-dns", action="append", default=[], metavar="ADDR",
+                   help="nameserver for children's resolv.conf (reachable on port 53)")
+    n.add_argument("--network-masquerade", metavar="IFNAME", help="masquerade children's traffic out of this uplink")
 
 
 def _run_parser(sub) -> None:
@@ -50,6 +58,9 @@ def _run_parser(sub) -> None:
     p.add_argument("--workdir", metavar="DIR", help="working directory inside the sandbox")
     p.add_argument("--python", dest="pyfile", metavar="FILE", help="run this Python file in a warm child")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="child environment entry")
+    p.add_argument("--network", action="store_true", help="give the child a veth (public IPv4 destinations only)")
+    p.add_argument("--allow", action="append", default=[], metavar="CIDR[:PORT]",
+                   help="with --network: reach only these networks (may include private ranges)")
     p.add_argument("argv", nargs=argparse.REMAINDER, help="-- PROGRAM ARGS (or ARGS for --python)")
 
 
@@ -74,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
 def serve(args) -> int:
     import trio
 
+    from zygote_client import NetworkConfig, SandboxConfig
+
     from ._pool import PoolConfig, PoolStartError, DEFAULT_ENV
     from .daemon import Daemon, DaemonConfig
+    from .layers.network import DEFAULT_POOL, NetworkHost
 
     env = dict(DEFAULT_ENV)
     if args.env_fd is not None:
@@ -83,9 +97,19 @@ def serve(args) -> int:
             data = f.read()
         if data:
             env = {str(k): str(v) for k, v in json.loads(data).items()}
-    pool = PoolConfig(python=args.python, preload=tuple(args.preload), env=env, child_main=args.child_main)
+    sandbox = SandboxConfig()
+    try:
+        if args.network or args.network_allow:
+            sandbox = SandboxConfig(network=NetworkConfig(allow=tuple(args.network_allow)))
+        NetworkHost(args.network_pool or DEFAULT_POOL, tuple(args.network_dns))  # validates, touches nothing
+    except ValueError as e:
+        print(f"zygote serve: {e}", file=sys.stderr)
+        return 2
+    pool = PoolConfig(python=args.python, preload=tuple(args.preload), env=env, child_main=args.child_main,
+                      sandbox=sandbox)
     cfg = DaemonConfig(socket_path=args.socket, pools={"default": pool}, allowed_uids=tuple(args.allow_uid),
-                       test_hooks=args.test_hooks)
+                       test_hooks=args.test_hooks, network_pool=args.network_pool or DEFAULT_POOL,
+                       network_dns=tuple(args.network_dns), network_masquerade=args.network_masquerade)
     daemon = Daemon(cfg)
     listen = None
     if args.socket:
@@ -191,7 +215,8 @@ def run(args) -> int:
         return 2
     sys.stdout.flush()
     try:
-        with Client.embedded(preload_imports=args.preload, environment=env) as client:
+        daemon_args = ["--network"] if cfg.network is not None else []
+        with Client.embedded(preload_imports=args.preload, environment=env, daemon_args=daemon_args) as client:
             child = client.spawn_child(_argv=argv, _script=script, _stdio_fds=(0, 1, 2), env=env,
                                        timeout=args.timeout, sandbox_config=cfg)
             status = child.wait()
@@ -208,7 +233,7 @@ def run(args) -> int:
 
 
 def _sandbox_config(args):
-    from zygote_client import SandboxConfig
+    from zygote_client import NetworkConfig, SandboxConfig
 
     def binds(items):
         out = {}
@@ -223,6 +248,10 @@ def _sandbox_config(args):
               chroot_dir=os.path.abspath(args.chroot) if args.chroot else None)
     if args.seccomp_profile:
         kw["seccomp_profile"] = args.seccomp_profile
+    if args.allow and not args.network:
+        raise ValueError("--allow needs --network")
+    if args.network:
+        kw["network"] = NetworkConfig(allow=tuple(args.allow))
     return SandboxConfig(**{k: v for k, v in kw.items() if v not in (None, {}, "")})
 
 

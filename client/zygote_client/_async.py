@@ -319,8 +319,10 @@ def _reap_embedded(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def embedded_command(*, preload_imports=(), child_main=None, executable=None, test_hooks=False) -> list[str]:
-    cmd = [sys.executable, "-m", "zygote", "serve", "--python", executable or sys.executable]
+def embedded_command(*, preload_imports=(), child_main=None, executable=None, test_hooks=False,
+                     daemon_args=()) -> list[str]:
+    """``daemon_args``: more ``zygote serve`` flags, e.g. ``["--network"]``."""
+    cmd = [sys.executable, "-m", "zygote", "serve", "--python", executable or sys.executable, *daemon_args]
     for m in preload_imports:
         cmd += ["--preload", m]
     if child_main:
@@ -331,13 +333,13 @@ def embedded_command(*, preload_imports=(), child_main=None, executable=None, te
 
 
 def start_embedded(*, preload_imports=(), environment=None, child_main=None, executable=None,
-                   test_hooks=False) -> tuple[socket.socket, subprocess.Popen]:
+                   test_hooks=False, daemon_args=()) -> tuple[socket.socket, subprocess.Popen]:
     """Start a private daemon (+ zygote) connected by a socketpair. Needs the ``zygote`` package."""
     import json
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     env_r, env_w = os.pipe2(os.O_CLOEXEC)
     cmd = embedded_command(preload_imports=preload_imports, child_main=child_main, executable=executable,
-                           test_hooks=test_hooks)
+                           test_hooks=test_hooks, daemon_args=daemon_args)
     cmd += ["--inherit-fd", str(theirs.fileno())]
     if environment is not None:
         cmd += ["--env-fd", str(env_r)]
