@@ -324,7 +324,11 @@ def test_SECURITY_mounts_tmp_capped():
 # ---- function ------------------------------------------------------------------------------------
 
 def test_mounts_python_works():
-    fresh = [m for m in ("decimal", "ssl", "sqlite3", "csv", "zoneinfo", "uuid", "fractions")
+    # Modules the test process has not imported yet, so the child loads them from its own root.
+    # (The list is long: the suite's other imports, e.g. prometheus_client, load many of them.)
+    fresh = [m for m in ("decimal", "ssl", "sqlite3", "csv", "zoneinfo", "uuid", "fractions", "mailbox",
+                         "wave", "plistlib", "imaplib", "xml.dom.minidom", "lzma", "bz2", "smtplib",
+                         "sqlite3.dump", "curses.ascii", "dbm.dumb")
              if m not in sys.modules]
     plan = make_plan(SandboxConfig(uid=1000, gid=1000, hostname="zg-test", dev_pts=True))
 

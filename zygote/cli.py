@@ -63,6 +63,15 @@ def _serve_parser(sub) -> None:
     p.add_argument("--allow-env", action="append", default=[], metavar="NAME",
                    help="a name accepted despite --forbid-secret-env")
 
+    n = p.add_argument_group("network (opt-in per child; needs CAP_NET_ADMIN and nftables)")
+    n.add_argument("--network", action="store_true", help="let children ask for a veth (SandboxConfig.network)")
+    n.add_argument("--network-allow", action="append", default=[], metavar="CIDR[:PORT]",
+                   help="the pool's allow-list: children may reach only these (implies --network)")
+    n.add_argument("--network-pool", metavar="CIDR", help="IPv4 network children's /30s come from (default 10.213.0.0/16)")
+    n.add_argument("--network-dns", action="append", default=[], metavar="ADDR",
+                   help="nameserver for children's resolv.conf (reachable on port 53)")
+    n.add_argument("--network-masquerade", metavar="IFNAME", help="masquerade children's traffic out of this uplink")
+
 
 def _status_parser(sub) -> None:
     p = sub.add_parser("status", help="pools, zygotes, running children and counters of a daemon")
@@ -96,6 +105,9 @@ def _run_parser(sub) -> None:
                    help="drop what is over the limits (and symlinks, fifos) instead of refusing the export")
     p.add_argument("--python", dest="pyfile", metavar="FILE", help="run this Python file in a warm child")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="child environment entry")
+    p.add_argument("--network", action="store_true", help="give the child a veth (public IPv4 destinations only)")
+    p.add_argument("--allow", action="append", default=[], metavar="CIDR[:PORT]",
+                   help="with --network: reach only these networks (may include private ranges)")
     p.add_argument("argv", nargs=argparse.REMAINDER, help="-- PROGRAM ARGS (or ARGS for --python)")
 
 
@@ -124,9 +136,14 @@ def _config_from_args(args):
     """DaemonConfig from --config (if any) with the flags applied on top. Raises ConfigError."""
     import dataclasses
 
+    import msgspec
+
+    from zygote_client import NetworkConfig
+
     from . import config as config_file
     from ._pool import DEFAULT_ENV, PoolConfig
     from .daemon import DaemonConfig
+    from .layers.network import NetworkHost
 
     if args.config:
         cfg = config_file.load(args.config, default_python=sys.executable)
@@ -153,6 +170,9 @@ def _config_from_args(args):
         pool_changes["forbid_secret_env"] = True
     if args.allow_env:
         pool_changes["env_allow"] = tuple(pool.env_allow) + tuple(args.allow_env)
+    if args.network or args.network_allow:
+        pool_changes["sandbox"] = msgspec.structs.replace(
+            pool_changes.get("sandbox", pool.sandbox), network=NetworkConfig(allow=tuple(args.network_allow)))
     changes: dict = {"test_hooks": args.test_hooks,
                      "allowed_uids": cfg.allowed_uids + tuple(args.allow_uid),
                      "allowed_gids": cfg.allowed_gids + tuple(args.allow_gid)}
@@ -162,6 +182,16 @@ def _config_from_args(args):
         changes["socket_path"] = args.socket
     if args.max_result_bytes is not None:
         changes["max_result_bytes"] = args.max_result_bytes
+    if args.network_pool:
+        changes["network_pool"] = args.network_pool
+    if args.network_dns:
+        changes["network_dns"] = tuple(args.network_dns)
+    if args.network_masquerade:
+        changes["network_masquerade"] = args.network_masquerade
+    try:  # validates the address pool and nameservers, touches nothing
+        NetworkHost(changes.get("network_pool", cfg.network_pool), changes.get("network_dns", cfg.network_dns))
+    except ValueError as e:
+        raise config_file.ConfigError(str(e)) from None
     if args.max_children is not None:
         changes["max_children"] = args.max_children
     if args.max_children_per_client is not None:
@@ -396,7 +426,8 @@ def run(args) -> int:
         return 2
     sys.stdout.flush()
     try:
-        with Client.embedded(preload_imports=args.preload, environment=env) as client:
+        daemon_args = ["--network"] if cfg.network is not None else []
+        with Client.embedded(preload_imports=args.preload, environment=env, daemon_args=daemon_args) as client:
             child = client.spawn_child(_argv=argv, _script=script, _stdio_fds=(0, 1, 2), env=env,
                                        timeout=args.timeout, sandbox_config=cfg)
             status = child.wait()
@@ -418,7 +449,7 @@ def run(args) -> int:
 
 
 def _sandbox_config(args):
-    from zygote_client import Export, SandboxConfig, Workspace
+    from zygote_client import Export, NetworkConfig, SandboxConfig, Workspace
     from zygote_client._config import parse_size
 
     def binds(items):
@@ -441,6 +472,10 @@ def _sandbox_config(args):
         if args.export_max:
             ex["max_bytes"] = parse_size(args.export_max, "--export-max")
         kw["export"] = Export(**ex)
+    if args.allow and not args.network:
+        raise ValueError("--allow needs --network")
+    if args.network:
+        kw["network"] = NetworkConfig(allow=tuple(args.allow))
     return SandboxConfig(**{k: v for k, v in kw.items() if v not in (None, {}, "")})
 
 

@@ -13,6 +13,8 @@ same thing. Example::
     max_children = 512
     max_children_per_client = 64
     max_result_bytes = "16M"      # largest return value relayed to a client
+    network_pool = "10.213.0.0/16"  # networked children's /30s (only for pools allowing network)
+    network_dns = ["192.0.2.53"]
 
     [pools.default]
     python = "/opt/pandas-venv/bin/python"   # must have the zygote distribution installed
@@ -27,6 +29,7 @@ same thing. Example::
     memory = "512M"
     pids = 64
     timeout = 60
+    network = { allow = ["198.51.100.0/24:443"] }  # a ceiling: children ask for it per request
 
 SIGHUP makes a running daemon re-read the file: pools that changed are started afresh and swapped
 in, running children are left alone (see ``Daemon.reload``).
@@ -60,6 +63,9 @@ class _DaemonSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     id_base: int | None = None
     always_cgroup: bool = False
     max_result_bytes: str | int | None = None
+    network_pool: str | None = None
+    network_dns: list[str] = []
+    network_masquerade: str | None = None
 
 
 class _PoolSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -137,6 +143,12 @@ def load(path: str, *, default_python: str):
             raise ConfigError(f"{path}: daemon.max_result_bytes: at most {(MAX_FRAME >> 20) - 1}M (one frame)")
     if d.id_base is not None:
         kw["id_base"] = d.id_base
+    if d.network_pool is not None:
+        kw["network_pool"] = d.network_pool
+    if d.network_dns:
+        kw["network_dns"] = tuple(d.network_dns)
+    if d.network_masquerade is not None:
+        kw["network_masquerade"] = d.network_masquerade
     return DaemonConfig(socket_path=d.socket, pools=pools, allowed_uids=tuple(d.allowed_uids),
                         allowed_gids=tuple(d.allowed_gids), max_children=d.max_children,
                         max_children_per_client=d.max_children_per_client, socket_mode=mode,

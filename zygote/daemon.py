@@ -34,7 +34,7 @@ from . import _childproto as C
 from ._clone import ALL_NAMESPACES, CLONE_PARENT
 from ._pool import Pool, PoolConfig, PoolStartError, ZygoteDied
 from . import observe, policy
-from .layers import SetupError, cgroups, mounts, rlimits, seccomp, userns, workspace
+from .layers import SetupError, cgroups, mounts, network, rlimits, seccomp, userns, workspace
 
 SPAWN_STEPS = ("userns", "mounts", "netns", "rlimits", "uts", "fds", "payload")
 
@@ -56,6 +56,12 @@ class DaemonConfig:
         max_result_bytes: largest encoded return value relayed to a client; the daemon buffers at
             most this much per child. A larger result is dropped (``result_kind="too-large"``)
             and the child's writes fail, so it cannot block on the pipe.
+        network_pool: IPv4 network the veths of networked children get their /30s from (only used
+            when a pool allows network). Security: children can never reach it (nor each other).
+        network_dns: nameservers written to networked children's resolv.conf; children may reach
+            them on port 53 (TCP and UDP) whatever their allow-list says.
+        network_masquerade: uplink interface to masquerade children's traffic behind; None
+            (default) routes their pool addresses as they are.
     """
 
     socket_path: str | None = None
@@ -70,6 +76,9 @@ class DaemonConfig:
     socket_group: int | None = None
     always_cgroup: bool = False  # a cgroup (accounting, peak_memory) even for children without limits
     max_result_bytes: int = 16 << 20
+    network_pool: str = network.DEFAULT_POOL
+    network_dns: tuple[str, ...] = ()
+    network_masquerade: str | None = None
 
 
 @dataclass(eq=False)
@@ -92,6 +101,8 @@ class Child:
     output_exceeded: bool = False
     cpu_time: float | None = None
     cgroup: object = None
+    lease: network.Lease | None = None  # its veth and address, while it has them
+    net_allow: bool = False  # it has a per-child allow chain
     first_event: trio.Event = field(default_factory=trio.Event)
     status_done: trio.Event = field(default_factory=trio.Event)
     pool: str = "default"
@@ -143,6 +154,8 @@ class Daemon:
         self.cgroup_error: SetupError | None = None
         self.observer = observe.Observer()
         self.observer.watch_pools(lambda: self.pools)
+        self.network: network.NetworkHost | None = None
+        self.network_error: SetupError | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -154,6 +167,19 @@ class Daemon:
             self.cgroups, self.cgroup_error = None, e
             return
         await trio.to_thread.run_sync(cgroups.remove_dead_instances, self.cgroups)
+
+    async def start_network(self) -> None:
+        """Install the egress ruleset when some pool allows network; otherwise touch nothing."""
+        if all(pc.sandbox.network is None for pc in self.config.pools.values()):
+            return
+        host = network.NetworkHost(self.config.network_pool, self.config.network_dns,
+                                   self.config.network_masquerade)
+        try:
+            await trio.to_thread.run_sync(host.start)
+        except SetupError as e:
+            self.network_error = e
+            return
+        self.network = host
 
     async def start_pools(self) -> None:
         for name, pc in self.config.pools.items():
@@ -168,6 +194,7 @@ class Daemon:
             self._nursery = nursery
             try:
                 await self.start_cgroups()
+                await self.start_network()
                 await self.start_pools()
             except PoolStartError as e:
                 with trio.CancelScope(shield=True):
@@ -239,6 +266,9 @@ class Daemon:
                 await child.exited.wait()
         for pool in self.pools.values():
             await pool.stop()
+        if self.network is not None:  # after the children: their veths and rules go with the table
+            net, self.network = self.network, None
+            await trio.to_thread.run_sync(net.close)
         if self.cgroups is not None:
             try:
                 await trio.to_thread.run_sync(self.cgroups.close)
@@ -376,12 +406,13 @@ class Daemon:
             raise _Refused("bad-request", "test_fail_step needs a daemon started with --test-hooks")
         env = dict(pc.env if msg.env is None else msg.env)
         info = pool.zygotes[0].info if pool.zygotes else {}
+        etc = {"/etc/resolv.conf": network.resolv_conf(self.config.network_dns)} if cfg.network else None
         try:
             files = workspace.prepare(cfg)
         except WorkspaceError as e:
             raise _Refused("workspace", e.reason, e.path) from None
         try:
-            fs = mounts.prepare(cfg, info, files.pop("tmpfs"))
+            fs = mounts.prepare(cfg, info, files.pop("tmpfs"), etc)
         except ValueError as e:
             raise _Refused("bad-request", str(e)) from None
         if msg.test_relax_mounts:  # test-only: keep the host tree so Landlock alone can be tested
@@ -545,6 +576,12 @@ class Daemon:
                                      "cgroup", e.errno if e else 0, e.hint if e else "", code="unavailable")
             if child.cgroup is not None:
                 plan = msgspec.structs.replace(plan, cgroupns=True)
+            if cfg.network is not None:
+                try:
+                    await self._network_for(child, cfg)
+                except SetupError as e:
+                    code = "unavailable" if e.errno in (_errno.EPERM, _errno.ENOENT) else "sandbox"
+                    return P.SpawnFailed(msg.req, e.message, "network", e.errno, e.hint, code=code)
             try:
                 await ctl.send_all(C.frame(plan))
             except (trio.BrokenResourceError, OSError):
@@ -560,6 +597,40 @@ class Daemon:
         await child.exited.wait()
         rc = child.status.returncode if child.status else None
         return P.SpawnFailed(msg.req, f"the child died during setup (returncode {rc})", "setup", code="sandbox")
+
+    async def _network_for(self, child: Child, cfg: SandboxConfig) -> None:
+        """The child's veth, address and rules (network.py), before "go"; SetupError fails it."""
+        net = self.network
+        if net is None:
+            e = self.network_error
+            raise e if e is not None else SetupError(
+                "network", "networking was not started", _errno.ENOENT, network.HINT_CAP)
+        assert cfg.network is not None
+        allow = network.parse_allow(cfg.network.allow)
+        if cfg.network.allow and not allow:
+            raise SetupError("network", "the allow-list names only IPv6 networks; children get IPv4 only",
+                             _errno.EINVAL, "add an IPv4 network to network.allow")
+        lease = net.pool.acquire()
+        try:
+            await trio.to_thread.run_sync(net.attach, lease, os.dup(child.pidfd), child.pid, allow)
+        except BaseException:
+            net.pool.release(lease)  # attach undid its own work
+            raise
+        child.lease, child.net_allow = lease, bool(allow)
+        if child.exited.is_set():  # reaped while we worked: its watcher found no lease to release
+            await self._network_release(child)
+
+    async def _network_release(self, child: Child) -> None:
+        lease, child.lease = child.lease, None
+        net = self.network
+        if lease is None or net is None:
+            return
+        self.cleaning += 1
+        try:
+            await trio.to_thread.run_sync(net.detach, lease, child.net_allow)
+        finally:
+            self.cleaning -= 1
+            net.pool.release(lease)
 
     # ---- watching and reaping ----------------------------------------------------------------
 
@@ -616,6 +687,7 @@ class Daemon:
                                              result=child.result), export_fds)
         finally:
             _close(export_fds)
+        await self._network_release(child)  # after the report, like the cgroup: ≈30 ms per veth
         if cg is not None:  # after the report: removal may wait for the kernel to let go (EBUSY)
             self.cleaning += 1
             try:

@@ -15,6 +15,7 @@ import msgspec
 
 from zygote_client import SandboxConfig
 from zygote_client._workspace import Export
+from zygote_client._config import parse_allow
 
 LIMITS = ("memory", "pids", "cpu", "cpu_time", "timeout", "timeout_grace", "file_size", "open_files",
           "max_output_bytes", "tmpfs_size")
@@ -46,7 +47,8 @@ def _num(cfg: SandboxConfig, name: str):
 
 def effective(pool: SandboxConfig, req: SandboxConfig | None) -> SandboxConfig:
     if req is None:
-        return pool
+        # A pool's network is a ceiling, not a default: a child has network only when it asks.
+        return msgspec.structs.replace(pool, network=None) if pool.network is not None else pool
     changes: dict = {}
     for name in LIMITS:
         p, r = _num(pool, name), _num(req, name)
@@ -70,8 +72,11 @@ def effective(pool: SandboxConfig, req: SandboxConfig | None) -> SandboxConfig:
     if req.network is not None:
         if pool.network is None:
             raise PolicyError("network access is not allowed by the pool")
-        if pool.network.allow and not set(req.network.allow) <= set(pool.network.allow) and req.network.allow:
-            raise PolicyError("the request's network allow-list must be a subset of the pool's")
+        if pool.network.allow and req.network.allow:
+            for item in req.network.allow:
+                if not _allow_covered(item, pool.network.allow):
+                    raise PolicyError(f"network.allow: {item!r} is not within the pool's allow-list "
+                                      f"{list(pool.network.allow)!r} (a request may only narrow it)")
         if pool.network.allow and not req.network.allow:
             changes["network"] = pool.network
     if req.export is None:
@@ -109,6 +114,16 @@ def check_env(env: dict[str, str], allow: tuple[str, ...] = ()) -> None:
             if fnmatch.fnmatchcase(up, pat):
                 raise PolicyError(f"environment variable {name!r} looks like a secret (matches {pat!r}); "
                                   "the pool forbids those (allow it by name with --allow-env)")
+
+
+def _allow_covered(item: str, pool_allow: tuple[str, ...]) -> bool:
+    """Whether every destination ``item`` admits is admitted by one entry of the pool's list."""
+    net, port = parse_allow(item)
+    for p in pool_allow:
+        pnet, pport = parse_allow(p)
+        if net.version == pnet.version and net.subnet_of(pnet) and (pport is None or pport == port):
+            return True
+    return False
 
 
 def check_peer_paths(cfg: SandboxConfig, pool: SandboxConfig, uid: int, gid: int) -> None:

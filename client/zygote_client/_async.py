@@ -454,8 +454,9 @@ def _reap_embedded(proc: subprocess.Popen) -> None:
 
 
 def embedded_command(*, preload_imports=(), child_main=None, executable=None, test_hooks=False,
-                     forbid_secret_env=False, allow_env=()) -> list[str]:
-    cmd = [sys.executable, "-m", "zygote", "serve", "--python", executable or sys.executable]
+                     forbid_secret_env=False, allow_env=(), daemon_args=()) -> list[str]:
+    """``daemon_args``: more ``zygote serve`` flags, e.g. ``["--network"]``."""
+    cmd = [sys.executable, "-m", "zygote", "serve", "--python", executable or sys.executable, *daemon_args]
     if forbid_secret_env:
         cmd += ["--forbid-secret-env"]
     for name in allow_env:
@@ -470,13 +471,15 @@ def embedded_command(*, preload_imports=(), child_main=None, executable=None, te
 
 
 def start_embedded(*, preload_imports=(), environment=None, child_main=None, executable=None,
-                   test_hooks=False, forbid_secret_env=False, allow_env=()) -> tuple[socket.socket, subprocess.Popen]:
+                   test_hooks=False, forbid_secret_env=False, allow_env=(),
+                   daemon_args=()) -> tuple[socket.socket, subprocess.Popen]:
     """Start a private daemon (+ zygote) connected by a socketpair. Needs the ``zygote`` package."""
     import json
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     env_r, env_w = os.pipe2(os.O_CLOEXEC)
     cmd = embedded_command(preload_imports=preload_imports, child_main=child_main, executable=executable,
-                           test_hooks=test_hooks, forbid_secret_env=forbid_secret_env, allow_env=allow_env)
+                           test_hooks=test_hooks, forbid_secret_env=forbid_secret_env, allow_env=allow_env,
+                           daemon_args=daemon_args)
     cmd += ["--inherit-fd", str(theirs.fileno())]
     if environment is not None:
         cmd += ["--env-fd", str(env_r)]

@@ -6,6 +6,7 @@ policy ceiling on top: a request may tighten what its pool allows, never loosen 
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from typing import Literal
@@ -48,15 +49,50 @@ def _check_abs(path: str, field: str) -> None:
         raise ValueError(f"{field}: '..' is not allowed in {path!r}")
 
 
+def parse_allow(item: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None]:
+    """Parse one allow-list entry: ``"198.51.100.0/24"``, ``"10.0.0.5:443"``, ``"2001:db8::/32:443"``.
+
+    The port follows the last ``:`` when what precedes it is an IPv4 network or has a ``/``
+    prefix (so a bare IPv6 address is never mistaken for one with a port).
+
+    Raises:
+        ValueError: naming the entry.
+    """
+    if not isinstance(item, str):
+        raise ValueError(f"network.allow: expected 'CIDR' or 'CIDR:PORT', got {item!r}")
+    head, sep, tail = item.rpartition(":")
+    port = None
+    if sep and tail.isdigit() and ("/" in head or ":" not in head):
+        item, port = head, int(tail)
+        if not 1 <= port <= 65535:
+            raise ValueError(f"network.allow: port {port} is not in 1..65535")
+    try:
+        return ipaddress.ip_network(item), port
+    except ValueError as e:
+        raise ValueError(f"network.allow: {e}") from None
+
+
 class NetworkConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Opt-in network access through a veth pair (see docs/architecture.md, "Network").
 
+    With a NetworkConfig the child gets an address from the daemon's pool and a default route; it
+    can never reach the daemon's host itself, nor (unless an allow-list names them) private,
+    link-local (cloud metadata), multicast or reserved ranges. Only IPv4 is routed.
+
     Attributes:
-        allow: destination networks the child may reach, as ``"CIDR"`` or ``"CIDR:PORT"``; empty
-            means whatever the pool allows. A request may only narrow the pool's list.
+        allow: destination networks the child may reach, as ``"CIDR"`` or ``"CIDR:PORT"`` (the
+            port for TCP and UDP). Empty (default): any public IPv4 destination, or the pool's
+            list when it has one. Non-empty: exactly these, even inside the private ranges; a
+            request may only narrow the pool's list. At most 64 entries.
     """
 
     allow: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.allow) > 64:
+            raise ValueError(f"network.allow: at most 64 entries, got {len(self.allow)}")
+        for item in self.allow:
+            parse_allow(item)
 
 
 class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):

@@ -30,10 +30,15 @@ libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ul
 
 
 libc.unshare.argtypes = [ctypes.c_int]
+libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 
 
 def unshare(flags: int) -> None:
     check(libc.unshare(flags), "unshare")
+
+
+def setns(fd: int, nstype: int) -> None:
+    check(libc.setns(fd, nstype), "setns")
 
 
 def check(ret: int, what: str) -> int:

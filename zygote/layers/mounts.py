@@ -223,7 +223,7 @@ def _user_binds(cfg, layers: list[tuple[str, str | None]], protected: list[str],
     return out
 
 
-def prepare(cfg, zygote_info: dict, tmpfs: list[TmpfsSpec] = ()) -> dict:
+def prepare(cfg, zygote_info: dict, tmpfs: list[TmpfsSpec] = (), etc_extra: dict[str, bytes] | None = None) -> dict:
     """ChildPlan field values for the mount layer of one child.
 
     Args:
@@ -231,6 +231,8 @@ def prepare(cfg, zygote_info: dict, tmpfs: list[TmpfsSpec] = ()) -> dict:
         zygote_info: the zygote's ready info (executable, prefix, base_prefix, path, version;
             optional extra_paths: more import roots to bind read-only).
         tmpfs: extra tmpfs mounts of the child's own (workspace, export) to place in the root.
+        etc_extra: more generated files under /etc (e.g. resolv.conf for a networked child);
+            ignored with chroot_dir, whose /etc is the user's.
 
     Returns:
         root, chroot_dir, tmpfs_bytes, binds, proc, dev_pts, etc_files, symlinks, scratch, dev, tmp,
@@ -248,7 +250,7 @@ def prepare(cfg, zygote_info: dict, tmpfs: list[TmpfsSpec] = ()) -> dict:
         zygote_info["executable"], zygote_info["prefix"], zygote_info["base_prefix"],
         tuple(zygote_info.get("path") or ()), tuple(zygote_info.get("extra_paths") or ()))
     symlinks = dict(links)
-    etc_files = _etc_files(cfg)
+    etc_files = {**_etc_files(cfg), **(etc_extra or {})}
     layers: list[tuple[str, str | None]] = [("/", None), ("/tmp", None)]
     layers += [(b.target, b.source) for b in binds]
     protected = [b.target for b in binds] + list(etc_files) + list(symlinks)

@@ -1,0 +1,588 @@
+"""Networking end to end, each test in a world of its own.
+
+A world is two throwaway network namespaces: ``zgt-host-<n>``, where a ``zygote serve --network``
+daemon runs (its children's veths appear there), and ``zgt-inet-<n>``, the "internet": TCP and
+UDP echo servers on every address it has (198.51.100.10, a "private" 10.99.0.10, the metadata
+address 169.254.169.254, a CGNAT 100.64.0.10), wired to the host namespace by a veth this file
+makes. The host namespace has its own TCP/UDP listeners on every address, to prove children cannot
+reach them. Nothing addresses anything outside these namespaces.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import itertools
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from zygote_client import BrokenError, Client, DaemonError, NetworkConfig, SandboxConfig, SandboxError
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/sbin/nft"),
+                                reason="needs root and nftables")
+
+CLONE_NEWNET = 0x40000000
+IP_PKTINFO = 8  # <linux/in.h>; the socket module lacks it
+_libc = ctypes.CDLL(None, use_errno=True)
+_counter = itertools.count()
+ECHO = "198.51.100.10"
+PRIVATE = "10.99.0.10"
+METADATA = "169.254.169.254"
+CGNAT = "100.64.0.10"
+HOST_UPLINK = "203.0.113.1"
+INET_UPLINK = "203.0.113.2"
+PORTS = (7, 80, 8080, 8081)
+NET = SandboxConfig(network=NetworkConfig())
+
+
+def _ip(ns: str, *args: str) -> None:
+    subprocess.run(["ip", "-n", ns, *args], check=True, capture_output=True)
+
+
+def _ns_socket(ns: str, family: int, kind: int) -> socket.socket:
+    """A socket made inside netns ``ns`` (by a thread that setns()es, then ends)."""
+    box: list = []
+
+    def make() -> None:
+        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+        try:
+            if _libc.setns(fd, CLONE_NEWNET) != 0:
+                box.append(OSError(ctypes.get_errno(), "setns"))
+                return
+            box.append(socket.socket(family, kind))
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=make)
+    t.start()
+    t.join()
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
+
+
+class Servers:
+    """TCP and UDP echo servers on every address of one namespace; records who reached them."""
+
+    def __init__(self, ns: str, ports=PORTS, v6: bool = False) -> None:
+        self.seen: list[tuple[str, str, str]] = []  # (proto, local address, peer address)
+        self.socks: list[socket.socket] = []
+        self.stop = False
+        families = [socket.AF_INET] + ([socket.AF_INET6] if v6 else [])
+        for fam in families:
+            for port in ports:
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    s = _ns_socket(ns, fam, kind)
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if fam == socket.AF_INET6:
+                        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    s.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", port))
+                    if kind == socket.SOCK_DGRAM:
+                        if fam == socket.AF_INET:  # each datagram's destination: which address was reached
+                            s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+                    else:
+                        s.listen(128)
+                    s.settimeout(0.2)
+                    self.socks.append(s)
+                    threading.Thread(target=self._tcp if kind == socket.SOCK_STREAM else self._udp,
+                                     args=(s,), daemon=True).start()
+
+    def _tcp(self, s: socket.socket) -> None:
+        while not self.stop:
+            try:
+                c, peer = s.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            self.seen.append(("tcp", c.getsockname()[0], peer[0]))
+            threading.Thread(target=self._echo, args=(c,), daemon=True).start()
+
+    @staticmethod
+    def _echo(c: socket.socket) -> None:
+        c.settimeout(10)
+        with c:
+            try:
+                while data := c.recv(4096):
+                    c.sendall(data)
+            except OSError:
+                pass
+
+    def _udp(self, s: socket.socket) -> None:
+        while not self.stop:
+            try:
+                data, anc, _, peer = s.recvmsg(4096, 256)
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            local = "?"
+            for level, typ, cdata in anc:
+                if level == socket.IPPROTO_IP and typ == IP_PKTINFO:
+                    local = socket.inet_ntoa(cdata[8:12])  # struct in_pktinfo: ifindex, spec_dst, addr
+            self.seen.append(("udp", local, peer[0]))
+            # reply from the address that was asked (a socket on 0.0.0.0 would pick its own)
+            anc = [] if local == "?" else [(socket.IPPROTO_IP, IP_PKTINFO,
+                                            struct.pack("i4s4s", 0, socket.inet_aton(local), bytes(4)))]
+            try:
+                s.sendmsg([data], anc, 0, peer)
+            except OSError:
+                pass
+
+    def peers(self, proto: str | None = None) -> set[str]:
+        return {p for k, _, p in self.seen if proto in (None, k)}
+
+    def close(self) -> None:
+        self.stop = True
+        time.sleep(0.3)
+        for s in self.socks:
+            s.close()
+
+
+class World:
+    def __init__(self) -> None:
+        n = f"{os.getpid() % 100000}-{next(_counter)}"
+        self.host, self.inet = f"zgt-host-{n}", f"zgt-inet-{n}"
+        self.daemon: subprocess.Popen | None = None
+        self.sock_path = ""
+        self.inet_servers = self.host_servers = None
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        subprocess.run(["ip", "netns", "add", self.host], check=True)
+        subprocess.run(["ip", "netns", "add", self.inet], check=True)
+        h, i = self.host, self.inet
+        _ip(h, "link", "add", "uplink", "type", "veth", "peer", "name", "inet0", "netns", i)
+        for ns, dev, addr in ((h, "uplink", HOST_UPLINK), (i, "inet0", INET_UPLINK)):
+            _ip(ns, "addr", "add", f"{addr}/24", "dev", dev)
+            _ip(ns, "link", "set", dev, "up")
+            _ip(ns, "link", "set", "lo", "up")
+        _ip(h, "route", "add", "default", "via", INET_UPLINK)
+        for addr in (ECHO, PRIVATE, METADATA, CGNAT):
+            _ip(i, "addr", "add", f"{addr}/32", "dev", "lo")
+        _ip(i, "route", "add", "10.213.0.0/16", "via", HOST_UPLINK)  # the way back to the children
+        # No reverse-path filter in the host namespace: only the nft rules may stop a forged source.
+        subprocess.run(["ip", "netns", "exec", h, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0",
+                        "net.ipv4.conf.default.rp_filter=0"], check=True)
+        self.inet_servers: Servers = Servers(i)
+        self.host_servers: Servers = Servers(h, ports=(7,), v6=True)
+
+    def start(self, tmp_path, *args: str, test_hooks: bool = True, preexec=None) -> str:
+        self.sock_path = str(tmp_path / "zygote.sock")
+        cmd = ["nsenter", f"--net=/run/netns/{self.host}", sys.executable, "-m", "zygote", "serve",
+               "--socket", self.sock_path, "--preload", "json", "--network", *args]
+        if test_hooks:
+            cmd.append("--test-hooks")
+        self.daemon = subprocess.Popen(cmd, preexec_fn=preexec)
+        deadline = time.monotonic() + 60
+        while True:
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(self.sock_path)
+                # the socket listens before the daemon is ready: its Welcome says it is
+                Client.connect(self.sock_path).close()
+                return self.sock_path
+            except (OSError, BrokenError):
+                if self.daemon.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the daemon did not start")
+                time.sleep(0.05)
+            finally:
+                s.close()
+
+    def stop_daemon(self) -> int:
+        assert self.daemon is not None
+        self.daemon.send_signal(signal.SIGTERM)
+        try:
+            return self.daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.daemon.kill()
+            return self.daemon.wait()
+
+    def run(self, *cmd: str) -> str:
+        return subprocess.run(["ip", "netns", "exec", self.host, *cmd], check=True, capture_output=True,
+                              text=True).stdout
+
+    def links(self) -> list[str]:
+        return [link["ifname"] for link in json.loads(self.run("ip", "-j", "link", "show"))]
+
+    def addresses(self) -> list[str]:
+        return [a["local"] for link in json.loads(self.run("ip", "-j", "addr", "show"))
+                for a in link.get("addr_info", [])]
+
+    def nft(self) -> str:
+        return self.run("nft", "list", "ruleset")
+
+    def close(self) -> None:
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.stop_daemon()
+        for servers in (self.inet_servers, self.host_servers):
+            if servers is not None:
+                servers.close()
+        for ns in (self.host, self.inet):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.fixture
+def world():
+    w = World()
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def _probe(targets, timeout=1.0):
+    """A payload: try each (proto, host, port) (targets None: a JSON list read from stdin); print
+    JSON {"target": "ok" | errno name}, the child's own IPv4 address and its interfaces."""
+    def payload():
+        import errno
+        import json
+        import socket
+        import sys
+        import time
+        out = {}
+        nonlocal targets
+        if targets is None:
+            targets = json.loads(sys.stdin.readline())
+        for proto, host, port in targets:
+            key = f"{proto}:{host}:{port}"
+            fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+            addr = (host, port)
+            if "%" in host:  # link-local: the scope is an interface index
+                ip, _, dev = host.partition("%")
+                addr = (ip, port, 0, socket.if_nametoindex(dev))
+            try:
+                for attempt in range(30):
+                    s = socket.socket(fam, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
+                    s.settimeout(timeout)
+                    try:
+                        s.connect(addr)
+                        break
+                    except OSError as e:  # our link-local address is still tentative (DAD)
+                        s.close()
+                        if e.errno != errno.EADDRNOTAVAIL or attempt == 29:
+                            raise
+                        time.sleep(0.1)
+                with s:
+                    s.send(b"hello")
+                    out[key] = "ok" if s.recv(100) == b"hello" else "garbled"
+            except (TimeoutError, socket.timeout):
+                out[key] = "timeout"
+            except OSError as e:
+                out[key] = errno.errorcode.get(e.errno, str(e.errno))
+        me = None
+        try:
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            u.connect(("198.51.100.10", 7))
+            me = u.getsockname()[0]
+        except OSError:
+            pass
+        print(json.dumps({"results": out, "me": me, "ifaces": [n for _, n in socket.if_nameindex()]}))
+    return payload
+
+
+def _run_probe(client: Client, targets, sandbox=NET, timeout=1.0) -> dict:
+    r = client.run(_probe(targets, timeout), sandbox_config=sandbox, timeout=60)
+    assert r.returncode == 0, r.stderr.decode()
+    return json.loads(r.stdout)
+
+
+def test_no_network_by_default(world, tmp_path):
+    with Client.connect(world.start(tmp_path)) as c:
+        out = _run_probe(c, [("udp", ECHO, 7), ("tcp", ECHO, 7)], sandbox=None)
+    assert out["ifaces"] == ["lo"]
+    assert out["results"][f"udp:{ECHO}:7"] == "ENETUNREACH"
+    # TCP: Landlock denies connect() first where the kernel has its network rules, else no route
+    assert out["results"][f"tcp:{ECHO}:7"] in ("ENETUNREACH", "EACCES")
+    assert out["me"] is None
+    assert world.inet_servers.seen == []
+
+
+def test_network_echo_tcp_and_udp(world, tmp_path):
+    with Client.connect(world.start(tmp_path)) as c:
+        out = _run_probe(c, [("tcp", ECHO, 7), ("udp", ECHO, 7)])
+    assert out["results"] == {f"tcp:{ECHO}:7": "ok", f"udp:{ECHO}:7": "ok"}, out
+    assert sorted(out["ifaces"]) == ["eth0", "lo"]
+    assert out["me"].startswith("10.213.")
+    assert world.inet_servers.peers("tcp") == {out["me"]} == world.inet_servers.peers("udp")
+
+
+def test_SECURITY_network_host_addresses_refused(world, tmp_path):
+    """Every address of the daemon's namespace, any port, TCP and UDP: nothing answers."""
+    with Client.connect(world.start(tmp_path)) as c:
+        child = c.spawn_child(_probe(None, timeout=0.5), sandbox_config=NET)
+        addrs = []  # while the child runs: its veth's host end is one of them
+        for link in json.loads(world.run("ip", "-j", "addr", "show")):
+            for a in link.get("addr_info", []):
+                if a["local"].startswith("127.") or a["local"] == "::1":
+                    continue  # the child's own loopback has these
+                addrs.append(a["local"] + ("%eth0" if a["local"].startswith("fe80") else ""))
+        assert HOST_UPLINK in addrs and "10.213.0.1" in addrs, addrs
+        assert any(a.startswith("fe80") for a in addrs), addrs
+        targets = [(p, a, 7) for a in addrs for p in ("tcp", "udp")]
+        out, err = child.communicate(json.dumps(targets).encode() + b"\n")
+    out = json.loads(out)
+    assert len(out["results"]) == len(targets), err
+    for t, res in out["results"].items():
+        assert res != "ok", (t, out)
+    assert world.host_servers.seen == [], world.host_servers.seen
+    assert out["me"] == "10.213.0.2"  # the child had a network: the refusals are the policy's
+
+
+def test_SECURITY_network_private_and_special_refused(world, tmp_path):
+    with Client.connect(world.start(tmp_path)) as c:
+        out = _run_probe(c, [(p, a, port) for a, port in ((PRIVATE, 8080), (METADATA, 80), (CGNAT, 80))
+                             for p in ("tcp", "udp")] + [("tcp", ECHO, 7)], timeout=0.5)
+    res = out["results"]
+    assert res.pop(f"tcp:{ECHO}:7") == "ok", out
+    assert all(v != "ok" for v in res.values()), out
+    assert world.inet_servers.peers() == {out["me"]}
+    assert {local for _, local, _ in world.inet_servers.seen} == {ECHO}
+
+
+def test_network_allow_list_admits_exactly(world, tmp_path):
+    path = world.start(tmp_path, "--network-allow", f"{ECHO}/32:7", "--network-allow", "10.99.0.0/24:8080")
+    targets = [("tcp", ECHO, 7), ("udp", ECHO, 7), ("tcp", ECHO, 80), ("tcp", PRIVATE, 8080),
+               ("udp", PRIVATE, 8080), ("tcp", PRIVATE, 8081), ("tcp", INET_UPLINK, 7), ("tcp", METADATA, 80)]
+    with Client.connect(path) as c:
+        pool_list = _run_probe(c, targets, timeout=0.5)["results"]
+        narrowed = _run_probe(c, targets, timeout=0.5, sandbox=SandboxConfig(
+            network=NetworkConfig(allow=("10.99.0.10/32:8080",))))["results"]
+        for wider in (("0.0.0.0/0",), ("10.99.0.0/24",), ("10.99.0.0/16:8080",), (f"{ECHO}/32:8",)):
+            with pytest.raises(DaemonError, match="allow-list"):
+                c.run(_probe([]), sandbox_config=SandboxConfig(network=NetworkConfig(allow=wider)))
+    ok = {k for k, v in pool_list.items() if v == "ok"}
+    assert ok == {f"tcp:{ECHO}:7", f"udp:{ECHO}:7", f"tcp:{PRIVATE}:8080", f"udp:{PRIVATE}:8080"}, pool_list
+    ok = {k for k, v in narrowed.items() if v == "ok"}
+    assert ok == {f"tcp:{PRIVATE}:8080", f"udp:{PRIVATE}:8080"}, narrowed
+
+
+def test_SECURITY_network_forged_source_dropped(world, tmp_path):
+    """The child sends from an address that is not its own (a neighbour's): dropped on the way out.
+
+    The test adds the address to the child's eth0 from outside (the child has no capability to),
+    then the child sends UDP from it; a control datagram from its own address gets through.
+    """
+    def payload():
+        import json
+        import socket
+        import sys
+        forged = sys.stdin.readline().strip()
+        out = {}
+        for src in (forged, None):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(1.0)
+            if src:
+                s.bind((src, 0))
+            s.sendto(b"spoof" if src else b"real", ("198.51.100.10", 7))
+            try:
+                out[src or "own"] = s.recv(100).decode()
+            except OSError as e:
+                out[src or "own"] = type(e).__name__
+        print(json.dumps(out))
+
+    with Client.connect(world.start(tmp_path)) as c:
+        child = c.spawn_child(payload, sandbox_config=NET)
+        forged = "10.213.0.6"  # the address the next child would get
+        subprocess.run(["nsenter", f"--net=/proc/{child.pid}/ns/net", "ip", "addr", "add", f"{forged}/32",
+                        "dev", "eth0"], check=True)
+        out, err = child.communicate(f"{forged}\n".encode())
+    res = json.loads(out)
+    assert res["own"] == "real", (res, err)
+    assert res[forged] != "spoof", res
+    assert forged not in world.inet_servers.peers(), world.inet_servers.seen
+
+
+def test_network_fifty_children_at_once(world, tmp_path):
+    def payload():
+        import json
+        import socket
+        import sys
+        sys.stdin.readline()  # all 50 exist before any connects
+        s = socket.create_connection(("198.51.100.10", 7), timeout=10)
+        s.sendall(b"x")
+        assert s.recv(1) == b"x"
+        print(json.dumps(s.getsockname()[0]))
+
+    with Client.connect(world.start(tmp_path)) as c:
+        children = [c.spawn_child(payload, sandbox_config=NET) for _ in range(50)]
+        assert len([n for n in world.links() if re.fullmatch(r"zg[0-9a-f]{8}", n)]) == 50
+        for ch in children:
+            ch.stdin.write(b"go\n")
+            ch.stdin.flush()
+        addrs = []
+        for ch in children:
+            out, err = ch.communicate()
+            assert ch.wait().returncode == 0, err
+            addrs.append(json.loads(out))
+    assert len(set(addrs)) == 50
+    assert world.inet_servers.peers("tcp") == set(addrs)
+
+
+def _leftovers(world: World) -> tuple[list[str], list[str], str]:
+    links = [n for n in world.links() if n.startswith("zg")]
+    addrs = [a for a in world.addresses() if a.startswith("10.213.")]
+    return links, addrs, world.nft()
+
+
+def _wait_no_links(world: World) -> None:
+    deadline = time.monotonic() + 30
+    while _leftovers(world)[0] and time.monotonic() < deadline:  # veths go after each Exited report
+        time.sleep(0.1)
+    time.sleep(0.2)  # and the address is released right after the veth
+
+
+def test_network_many_spawns_leave_nothing(world, tmp_path):
+    path = world.start(tmp_path, "--network-allow", "198.51.100.0/24")  # per-child chains too
+    daemon = world.daemon.pid
+
+    def payload():
+        print("x")
+
+    with Client.connect(path) as c:
+        lock = threading.Lock()
+        count = [0]
+
+        def worker() -> None:
+            while True:
+                with lock:
+                    if count[0] >= 200:
+                        return
+                    count[0] += 1
+                r = c.run(payload, sandbox_config=NET)
+                assert r.returncode == 0 and r.stdout == b"x\n", r.stderr
+
+        c.run(payload, sandbox_config=NET)
+        _wait_no_links(world)
+        fds_before = len(os.listdir(f"/proc/{daemon}/fd"))
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert count[0] == 200
+        _wait_no_links(world)
+        links, addrs, rules = _leftovers(world)
+        assert links == [] and addrs == [], (links, addrs)
+        assert "zg" not in rules.replace(f"zygote-10.213.0.0-16", ""), rules  # no per-child element or chain
+        assert "allow-" not in rules
+        assert len(os.listdir(f"/proc/{daemon}/fd")) <= fds_before
+    assert world.stop_daemon() == 0
+    assert world.nft().strip() == ""
+
+
+def test_daemon_removes_crashed_predecessors_leftovers(world, tmp_path):
+    world.start(tmp_path, "--network-allow", "198.51.100.0/24")
+    with Client.connect(world.sock_path) as c:
+        child = c.spawn_child(_probe(None), sandbox_config=NET)
+        world.daemon.kill()  # no cleanup at all
+        world.daemon.wait()
+        child.stdin.close()
+    # what it left: its table with the child's chain; its veth (stand-in: the kernel may beat us to
+    # the real one); another pool's link, which is not ours to remove
+    assert "allow-zg0ad50001" in world.nft()
+    world.run("ip", "link", "add", "zg0ad50005", "type", "veth", "peer", "name", "tp5")
+    world.run("ip", "link", "add", "zg0b000001", "type", "veth", "peer", "name", "tp1")
+    world.start(tmp_path)
+    links, _, rules = _leftovers(world)
+    assert links == ["zg0b000001"]
+    assert rules.count("table inet") == 1 and "allow-" not in rules
+    with Client.connect(world.sock_path) as c:
+        out = _run_probe(c, [("tcp", ECHO, 7)])
+    assert out["results"][f"tcp:{ECHO}:7"] == "ok"
+
+
+def test_network_refused_by_pool_without_network(client):
+    with pytest.raises(DaemonError, match="network"):
+        client.run(_probe([]), sandbox_config=NET)
+
+
+def test_network_without_cap_net_admin_fails_closed(world, tmp_path):
+    import prctl
+
+    def drop() -> None:
+        prctl.capbset_drop(prctl.CAP_NET_ADMIN)
+        prctl.cap_effective.net_admin = False
+        prctl.cap_permitted.net_admin = False
+
+    with Client.connect(world.start(tmp_path, preexec=drop)) as c:
+        with pytest.raises(SandboxError) as info:
+            c.run(_probe([]), sandbox_config=NET)
+        assert info.value.layer == "network"
+        assert "CAP_NET_ADMIN" in str(info.value)
+        assert c.run(_probe([])).returncode == 0  # children without network still run
+    assert world.nft().strip() == ""
+
+
+def test_cli_run_network(world, tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text("import socket\n"
+                      "s = socket.create_connection(('198.51.100.10', 7), timeout=3)\n"
+                      "s.sendall(b'hi')\n"
+                      "print(s.recv(2).decode())\n")
+    base = ["nsenter", f"--net=/run/netns/{world.host}", sys.executable, "-m", "zygote", "run"]
+    r = subprocess.run([*base, "--network", "--python", str(script)], capture_output=True, timeout=120)
+    assert (r.returncode, r.stdout) == (0, b"hi\n"), r.stderr.decode()
+    r = subprocess.run([*base, "--network", "--allow", "10.99.0.0/24:8080", "--python", str(script)],
+                       capture_output=True, timeout=120)
+    assert r.returncode == 1 and b"No route to host" in r.stderr, r.stderr.decode()  # the allow chain's reject
+    r = subprocess.run([*base, "--python", str(script)], capture_output=True, timeout=120)
+    assert r.returncode == 1 and (b"unreachable" in r.stderr or b"Permission denied" in r.stderr), r.stderr
+    r = subprocess.run([*base, "--allow", "10.0.0.0/8", "--python", str(script)], capture_output=True, timeout=120)
+    assert r.returncode == 2 and b"--allow needs --network" in r.stderr
+    assert world.nft().strip() == ""  # each embedded daemon removed its table
+
+
+def test_allow_entries_parse_and_narrow():
+    from zygote.policy import PolicyError, effective
+    from zygote_client._config import parse_allow
+
+    assert parse_allow("10.0.0.0/8:443") == (ipaddress.ip_network("10.0.0.0/8"), 443)
+    assert parse_allow("198.51.100.7") == (ipaddress.ip_network("198.51.100.7/32"), None)
+    assert parse_allow("2001:db8::10") == (ipaddress.ip_network("2001:db8::10/128"), None)
+    assert parse_allow("2001:db8::/32:53") == (ipaddress.ip_network("2001:db8::/32"), 53)
+    for bad in ("10.0.0.1/8", "10.0.0.0/8:0", "10.0.0.0/8:70000", "example.org", "10.0.0.0/33"):
+        with pytest.raises(ValueError):
+            NetworkConfig(allow=(bad,))
+    pool = SandboxConfig(network=NetworkConfig(allow=("10.0.0.0/8:443", "198.51.100.0/24")))
+    assert effective(pool, None).network is None  # network is a ceiling, never a default
+    assert effective(pool, NET).network == pool.network  # no list: the pool's
+    for narrower in (("10.1.0.0/16:443",), ("198.51.100.7",), ("198.51.100.0/25:80", "10.0.0.1/32:443")):
+        effective(pool, SandboxConfig(network=NetworkConfig(allow=narrower)))
+    for wider in (("10.0.0.0/8",), ("10.0.0.0/7:443",), ("198.51.0.0/16",), ("0.0.0.0/0",), ("2001:db8::/32",)):
+        with pytest.raises(PolicyError):
+            effective(pool, SandboxConfig(network=NetworkConfig(allow=wider)))
+    with pytest.raises(PolicyError):
+        effective(SandboxConfig(), NET)
+
+
+def test_address_pool():
+    from zygote.layers.network import AddressPool
+    from zygote.layers import SetupError
+
+    pool = AddressPool("10.213.0.0/29")
+    a, b = pool.acquire(), pool.acquire()
+    assert (a.host, a.child, a.ifname) == ("10.213.0.1", "10.213.0.2", "zg0ad50001")
+    assert (b.host, b.child) == ("10.213.0.5", "10.213.0.6")
+    with pytest.raises(SetupError, match="exhausted"):
+        pool.acquire()
+    pool.release(a)
+    assert pool.acquire() == a
+    assert pool.owns_link("zg0ad50005") and not pool.owns_link("zg0ad50006") and not pool.owns_link("zg0b000001")
+    for bad in ("10.213.0.0/31", "fd00::/64", "10.213.0.1/16"):
+        with pytest.raises(ValueError):
+            AddressPool(bad)

@@ -1,0 +1,186 @@
+"""The egress firewall, behind one module: nftables rules as JSON, fed to ``nft -j -f -``.
+
+One table (family inet) per address pool, made in one atomic batch at daemon start and deleted at
+shutdown. Per-child state is a few set/map elements (and a chain for a child with an allow-list),
+added and removed in one small batch each, so the ruleset is never rewritten while children run::
+
+    set links   {ifname}                  host ends of our veths
+    set peers4  {ifname . ipv4_addr}      (host end, the child's address): anti-spoofing
+    set dns4    {ipv4_addr}               nameservers children may query on port 53
+    set deny4   {ipv4_addr interval}      private and special ranges
+    map allow   {ifname : verdict}        children with an allow-list -> goto allow-<ifname>
+
+    input:    iifname @links reject                 nothing of the host itself, any address/port
+    forward:  iifname @links jump egress
+              oifname @links ct state established,related accept; oifname @links drop
+    egress:   not IPv4 -> drop; (iifname . saddr) not in @peers4 -> drop; oifname @links -> reject
+              (child to child); DNS -> accept; iifname vmap @allow; daddr @deny4 -> reject; accept
+    postrouting (with masquerade): iifname @links oifname <uplink> masquerade
+
+Traffic to any address of the host (its uplink, the veth's host end, link-local) is routed to the
+input hook, never to forward, which is why input drops everything our links send.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+DENY4 = (
+    "0.0.0.0/8",        # "this network"
+    "10.0.0.0/8",       # RFC 1918
+    "100.64.0.0/10",    # carrier-grade NAT (RFC 6598)
+    "127.0.0.0/8",      # loopback
+    "169.254.0.0/16",   # link-local, including the 169.254.169.254 cloud metadata service
+    "172.16.0.0/12",    # RFC 1918
+    "192.0.0.0/24",     # IETF protocol assignments
+    "192.168.0.0/16",   # RFC 1918
+    "198.18.0.0/15",    # benchmarking (RFC 2544)
+    "224.0.0.0/4",      # multicast
+    "240.0.0.0/4",      # reserved, and the limited broadcast 255.255.255.255
+)
+
+_REJECT = {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}
+
+
+class NftError(Exception):
+    """``nft`` refused a batch (or is missing); the message is nft's own."""
+
+
+def path() -> str | None:
+    """Where the ``nft`` tool is, or None."""
+    return shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
+
+
+def apply(cmds: list[dict]) -> None:
+    """Run one batch atomically (nft applies all of it or nothing)."""
+    exe = path()
+    if exe is None:
+        raise NftError("the nft tool is not installed")
+    p = subprocess.run([exe, "-j", "-f", "-"], input=json.dumps({"nftables": cmds}).encode(),
+                       capture_output=True)
+    if p.returncode != 0:
+        raise NftError(p.stderr.decode(errors="replace").strip() or f"nft exited {p.returncode}")
+
+
+def table_name(pool: str) -> str:
+    """The table of one address pool: two daemons with disjoint pools never touch each other's."""
+    return "zygote-" + pool.replace("/", "-")
+
+
+def _t(table: str) -> dict:
+    return {"family": "inet", "table": table}
+
+
+def _meta(key: str) -> dict:
+    return {"meta": {"key": key}}
+
+
+def _ip(field: str) -> dict:
+    return {"payload": {"protocol": "ip", "field": field}}
+
+
+def _match(left, right, op: str = "==") -> dict:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _prefix(cidr: str):
+    addr, _, plen = cidr.partition("/")
+    return {"prefix": {"addr": addr, "len": int(plen)}} if plen else addr
+
+
+def _rule(table: str, chain: str, *expr: dict) -> dict:
+    return {"add": {"rule": {**_t(table), "chain": chain, "expr": list(expr)}}}
+
+
+def ruleset(table: str, *, dns: tuple[str, ...] = (), masquerade: str | None = None) -> list[dict]:
+    """The whole table as one batch; it first deletes a table of that name a crashed predecessor
+    may have left ("add" then "delete" works whether or not it exists)."""
+    t = _t(table)
+    cmds: list[dict] = [
+        {"add": {"table": {"family": "inet", "name": table}}},
+        {"delete": {"table": {"family": "inet", "name": table}}},
+        {"add": {"table": {"family": "inet", "name": table}}},
+        {"add": {"set": {**t, "name": "links", "type": "ifname"}}},
+        {"add": {"set": {**t, "name": "peers4", "type": ["ifname", "ipv4_addr"]}}},
+        {"add": {"set": {**t, "name": "deny4", "type": "ipv4_addr", "flags": ["interval"],
+                         "elem": [_prefix(c) for c in DENY4]}}},
+        {"add": {"set": {**t, "name": "dns4", "type": "ipv4_addr"}}},
+        {"add": {"map": {**t, "name": "allow", "type": "ifname", "map": "verdict"}}},
+        {"add": {"chain": {**t, "name": "input", "type": "filter", "hook": "input", "prio": 0,
+                           "policy": "accept"}}},
+        {"add": {"chain": {**t, "name": "forward", "type": "filter", "hook": "forward", "prio": 0,
+                           "policy": "accept"}}},
+        {"add": {"chain": {**t, "name": "egress"}}},
+        _rule(table, "input", _match(_meta("iifname"), "@links"), _REJECT),
+        _rule(table, "forward", _match(_meta("iifname"), "@links"), {"jump": {"target": "egress"}}),
+        _rule(table, "forward", _match(_meta("oifname"), "@links"),
+              _match({"ct": {"key": "state"}}, ["established", "related"], "in"), {"accept": None}),
+        _rule(table, "forward", _match(_meta("oifname"), "@links"), {"drop": None}),
+        # IPv6 is not routed to children (no IPv6 pool): none of it leaves them.
+        _rule(table, "egress", _match(_meta("nfproto"), "ipv4", "!="), {"drop": None}),
+        _rule(table, "egress", _match({"concat": [_meta("iifname"), _ip("saddr")]}, "@peers4", "!="),
+              {"drop": None}),
+        _rule(table, "egress", _match(_meta("oifname"), "@links"), _REJECT),
+        _rule(table, "egress", _match(_ip("daddr"), "@dns4"),
+              _match(_meta("l4proto"), {"set": ["tcp", "udp"]}),
+              _match({"payload": {"protocol": "th", "field": "dport"}}, 53), {"accept": None}),
+        _rule(table, "egress", {"vmap": {"key": _meta("iifname"), "data": "@allow"}}),
+        _rule(table, "egress", _match(_ip("daddr"), "@deny4"), _REJECT),
+        _rule(table, "egress", {"accept": None}),
+    ]
+    if dns:
+        cmds.append({"add": {"element": {**t, "name": "dns4", "elem": list(dns)}}})
+    if masquerade:
+        cmds += [
+            {"add": {"chain": {**t, "name": "postrouting", "type": "nat", "hook": "postrouting",
+                               "prio": 100, "policy": "accept"}}},
+            _rule(table, "postrouting", _match(_meta("iifname"), "@links"),
+                  _match(_meta("oifname"), masquerade), {"masquerade": None}),
+        ]
+    return cmds
+
+
+def child_add(table: str, ifname: str, addr: str, allow: list[tuple[str, int | None]]) -> list[dict]:
+    """One child's elements (and its allow chain when it has an allow-list), as one batch.
+
+    ``allow``: (CIDR, port or None) pairs; non-empty means only these destinations (TCP/UDP to
+    the port when one is given), even inside the denied ranges; DNS stays allowed.
+    """
+    t = _t(table)
+    cmds: list[dict] = [
+        {"add": {"element": {**t, "name": "peers4", "elem": [{"concat": [ifname, addr]}]}}},
+        {"add": {"element": {**t, "name": "links", "elem": [ifname]}}},
+    ]
+    if allow:
+        chain = f"allow-{ifname}"
+        cmds.append({"add": {"chain": {**t, "name": chain}}})
+        for cidr, port in allow:
+            expr = [_match(_ip("daddr"), _prefix(cidr))]
+            if port is not None:
+                expr += [_match(_meta("l4proto"), {"set": ["tcp", "udp"]}),
+                         _match({"payload": {"protocol": "th", "field": "dport"}}, port)]
+            cmds.append(_rule(table, chain, *expr, {"accept": None}))
+        cmds.append(_rule(table, chain, _REJECT))
+        cmds.append({"add": {"element": {**t, "name": "allow", "elem": [[ifname, {"goto": {"target": chain}}]]}}})
+    return cmds
+
+
+def child_del(table: str, ifname: str, addr: str, has_allow: bool) -> list[dict]:
+    """The inverse of child_add, as one batch."""
+    t = _t(table)
+    cmds: list[dict] = []
+    if has_allow:
+        chain = f"allow-{ifname}"
+        cmds += [{"delete": {"element": {**t, "name": "allow", "elem": [ifname]}}},
+                 {"flush": {"chain": {**t, "name": chain}}},
+                 {"delete": {"chain": {**t, "name": chain}}}]
+    cmds += [{"delete": {"element": {**t, "name": "links", "elem": [ifname]}}},
+             {"delete": {"element": {**t, "name": "peers4", "elem": [{"concat": [ifname, addr]}]}}}]
+    return cmds
+
+
+def delete_table(table: str) -> list[dict]:
+    return [{"add": {"table": {"family": "inet", "name": table}}},
+            {"delete": {"table": {"family": "inet", "name": table}}}]
