@@ -91,6 +91,25 @@ class ChildPlan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     export_limits: tuple[int, int, int] = (0, 0, 0)  # (files, bytes per file, bytes): PID 1 reads no further
     result_pickle: bool = False  # encode the return value with cloudpickle (the client's trusted_results)
     test_fail_step: str | None = None
+    # A reserve child (pool reserve): confined with the pool's default config and no request; its
+    # payload process reports Ready, then waits on the control pipe for one Job.
+    deferred: bool = False
+
+
+class Job(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The per-request half of a plan, sent to a deferred (reserve) child when a request takes it:
+    only what the payload process applies itself, after every confinement step."""
+
+    kind: str
+    payload: bytes = b""
+    target: str | None = None
+    argv: list[str] | None = None
+    env: dict[str, str] = {}
+    process_name: str | None = None
+    result_pickle: bool = False
+
+
+JOB_FIELDS = tuple(Job.__struct_fields__)
 
 
 class Ready(msgspec.Struct, frozen=True, tag="ready"):
@@ -138,6 +157,7 @@ StatusMessage = Ready | Failed | ExitReport | Out | OutSkip | OutEnd
 
 _enc = msgspec.msgpack.Encoder()
 plan_decoder = msgspec.msgpack.Decoder(ChildPlan)
+job_decoder = msgspec.msgpack.Decoder(Job)
 status_decoder = msgspec.msgpack.Decoder(StatusMessage)
 
 

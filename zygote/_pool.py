@@ -39,6 +39,8 @@ class PoolConfig:
         child_main: "module:function" run when a request names no target.
         allow_callables: whether clients may send cloudpickled callables (code) to run.
         zygotes: zygote processes in this pool.
+        reserve: children kept cloned and confined with ``sandbox`` ahead of requests; a request
+            with exactly that config takes one and skips clone and confinement (0: none).
         sandbox: the pool's default SandboxConfig.
         forbid_secret_env: refuse requests whose environment has a secret-looking name
             (policy.SECRET_ENV: *_TOKEN, *SECRET*, *PASSWORD*, AWS_*, *_API_KEY, ...).
@@ -52,6 +54,7 @@ class PoolConfig:
     child_main: str | None = None
     allow_callables: bool = True
     zygotes: int = 1
+    reserve: int = 0
     sandbox: SandboxConfig = SandboxConfig()
     forbid_secret_env: bool = False
     env_allow: tuple[str, ...] = ()
@@ -171,6 +174,8 @@ class Pool:
         self.restarts = 0
         self._changed = trio.Condition()
         self.stopping = False
+        self.reserve: list = []  # the daemon's confined children waiting for a request (daemon.Child)
+        self.reserve_wake = trio.Event()
 
     async def start(self) -> None:
         for i in range(self.config.zygotes):

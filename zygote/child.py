@@ -19,7 +19,10 @@ import signal
 import sys
 import traceback
 
-from ._childproto import LEN, RESULT_HEADER, ExitReport, Failed, OutEnd, Ready, frame, plan_decoder
+import msgspec
+
+from ._childproto import (JOB_FIELDS, LEN, RESULT_HEADER, ExitReport, Failed, OutEnd, Ready, frame, job_decoder,
+                          plan_decoder)
 from .layers import SetupError, landlock, mounts, netns, privileges, rlimits, seccomp, userns, uts, workspace
 from .layers import _sys
 
@@ -91,7 +94,11 @@ def confine(plan) -> int:
             _report(Failed(e.step, e.errno, e.message, e.hint))
             os._exit(EXIT_SETUP_FAILED)
         _report(Ready(landlock_abi=abi, payload_pid=os.getpid()))
+        if plan.deferred:                    # a reserve child: confined, now wait for a request
+            plan = _await_job(plan)
         _payload(plan)                       # never returns
+    if plan.deferred:
+        os.close(CTL_FD)                     # the Job is the payload process's alone
     if plan.seccomp_bpf:
         try:
             seccomp.apply(plan.seccomp_bpf)
@@ -99,6 +106,21 @@ def confine(plan) -> int:
             os.kill(pid, signal.SIGKILL)
             raise
     return pid
+
+
+def _await_job(plan):
+    """In a confined reserve child's payload process: read the one Job; EOF means the daemon
+    discarded this child (shutdown, pool reload), so exit without running anything."""
+    job = _read_frame(CTL_FD, job_decoder)
+    if job is None:
+        os._exit(0)
+    os.close(CTL_FD)
+    if job.process_name:
+        try:  # this process only (PID 1 keeps the pool's name); cosmetic, never worth failing for
+            uts.set_process_name(job.process_name)
+        except SetupError:
+            pass
+    return msgspec.structs.replace(plan, deferred=False, **{k: getattr(job, k) for k in JOB_FIELDS})
 
 
 def _cgroupns() -> None:
@@ -124,15 +146,21 @@ def _arrange_fds(fds: list[int]) -> None:
 
 
 def _read_plan():
-    hdr = _read_exact(CTL_FD, LEN.size)
+    plan = _read_frame(CTL_FD, plan_decoder)
+    if plan is not None and not plan.deferred:
+        os.close(CTL_FD)
+    return plan
+
+
+def _read_frame(fd: int, decoder):
+    hdr = _read_exact(fd, LEN.size)
     if hdr is None:
         return None
     (n,) = LEN.unpack(hdr)
-    body = _read_exact(CTL_FD, n)
+    body = _read_exact(fd, n)
     if body is None:
         return None
-    os.close(CTL_FD)
-    return plan_decoder.decode(body)
+    return decoder.decode(body)
 
 
 def _read_exact(fd: int, n: int) -> bytes | None:

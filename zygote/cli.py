@@ -42,6 +42,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--preload", action="append", default=[], metavar="MOD", help="import MOD in the zygote")
     p.add_argument("--child-main", metavar="MOD:FUNC", help="what children run when a request names no target")
     p.add_argument("--zygotes", type=int, metavar="N", help="zygote processes in the default pool")
+    p.add_argument("--reserve", type=int, metavar="N",
+                   help="children of the default pool kept confined ahead of requests (default 0)")
     p.add_argument("--env-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--allow-uid", type=int, action="append", default=[], help="peer uid allowed to connect")
     p.add_argument("--allow-gid", type=int, action="append", default=[], help="peer primary gid allowed to connect")
@@ -161,6 +163,10 @@ def _config_from_args(args):
         if not 1 <= args.zygotes <= 64:
             raise config_file.ConfigError(f"--zygotes must be 1..64, got {args.zygotes}")
         pool_changes["zygotes"] = args.zygotes
+    if args.reserve is not None:
+        if not 0 <= args.reserve <= 256:
+            raise config_file.ConfigError(f"--reserve must be 0..256, got {args.reserve}")
+        pool_changes["reserve"] = args.reserve
     if args.env_fd is not None:
         with os.fdopen(args.env_fd) as f:
             data = f.read()

@@ -22,6 +22,7 @@ same thing. Example::
     env = { PATH = "/usr/bin:/bin", LANG = "C.UTF-8" }
     allow_callables = true
     zygotes = 2
+    reserve = 4                   # children confined ahead of requests with the sandbox below
     forbid_secret_env = true      # refuse requests carrying *_TOKEN, *SECRET*, AWS_*, ... unless:
     env_allow = ["HF_TOKEN"]
 
@@ -75,6 +76,7 @@ class _PoolSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     child_main: str | None = None
     allow_callables: bool = True
     zygotes: int = 1
+    reserve: int = 0
     forbid_secret_env: bool = False
     env_allow: list[str] = []
     sandbox: SandboxConfig = SandboxConfig()
@@ -122,6 +124,8 @@ def load(path: str, *, default_python: str):
             raise ConfigError(f"{where}: a pool name is letters, digits, '-' and '_'")
         if not 1 <= p.zygotes <= 64:
             raise ConfigError(f"{where}.zygotes must be 1..64, got {p.zygotes}")
+        if not 0 <= p.reserve <= 256:
+            raise ConfigError(f"{where}.reserve must be 0..256, got {p.reserve}")
         if p.child_main is not None and ":" not in p.child_main:
             raise ConfigError(f"{where}.child_main must be 'module:function', got {p.child_main!r}")
         python = p.python or default_python
@@ -129,7 +133,7 @@ def load(path: str, *, default_python: str):
             raise ConfigError(f"{where}.python {python!r} is not an absolute path to an executable")
         pools[name] = PoolConfig(name=name, python=python, preload=tuple(p.preload),
                                  env=dict(DEFAULT_ENV if p.env is None else p.env), child_main=p.child_main,
-                                 allow_callables=p.allow_callables, zygotes=p.zygotes, sandbox=p.sandbox,
+                                 allow_callables=p.allow_callables, zygotes=p.zygotes, reserve=p.reserve, sandbox=p.sandbox,
                                  forbid_secret_env=p.forbid_secret_env, env_allow=tuple(p.env_allow))
     kw = {}
     if d.max_result_bytes is not None:

@@ -111,6 +111,9 @@ class Child:
     result_kind: str = ""  # "" (none), a C.RESULT_KINDS value, "too-large" or "invalid"
     result: bytes = b""
     result_done: trio.Event = field(default_factory=trio.Event)
+    ctl: trio.lowlevel.FdStream | None = None  # a reserve child's control pipe, until its Job
+    reserved: bool = False  # waiting in its pool's reserve (not yet any client's)
+    reserve_fds: list[int] = field(default_factory=list)  # its stdin writer, stdout/stderr readers meanwhile
 
 
 class Connection:
@@ -152,6 +155,8 @@ class Daemon:
         self.cleaning = 0
         self.cgroups: cgroups.CgroupHost | None = None
         self.cgroup_error: SetupError | None = None
+        self._reserve_conn = Connection(self, None, (0, -1, -1))  # owns children waiting in reserves
+        self._reserve_conn.closed = True  # nothing is ever sent to it
         self.observer = observe.Observer()
         self.observer.watch_pools(lambda: self.pools)
         self.network: network.NetworkHost | None = None
@@ -207,6 +212,8 @@ class Daemon:
                 raise
             for pool in self.pools.values():
                 nursery.start_soon(pool.supervise)
+                if pool.config.reserve:
+                    nursery.start_soon(self._fill_reserve, pool)
             task_status.started()
             try:
                 if inherit_fd is not None:
@@ -254,8 +261,11 @@ class Daemon:
         self.config = keep
         for pool in started.values():
             self._nursery.start_soon(pool.supervise)
+            if pool.config.reserve:
+                self._nursery.start_soon(self._fill_reserve, pool)
         for pool in retired:
             await pool.stop()
+            self._discard_reserve(pool)
         return changes
 
     async def shutdown(self) -> None:
@@ -358,9 +368,9 @@ class Daemon:
                               zygotes_running=sum(1 for z in p.zygotes if not z.dead.is_set()),
                               restarts=p.restarts) for n, p in self.pools.items()]
         mine = [P.ChildStatus(id=c.id, pool=c.pool, pid=c.pid, peer_uid=c.peer_uid, age=now - c.started)
-                for c in self.children.values() if peer_uid == 0 or c.peer_uid == peer_uid]
+                for c in self.children.values() if not c.reserved and (peer_uid == 0 or c.peer_uid == peer_uid)]
         return P.StatusReply(req=req, daemon_pid=os.getpid(), uptime=now - self.observer.started, pools=pools,
-                             running=len(self.children), children=mine,
+                             running=sum(1 for c in self.children.values() if not c.reserved), children=mine,
                              counters=dict(self.observer.counters, spawns_total=self.spawns_total))
 
     # ---- spawning ----------------------------------------------------------------------------
@@ -387,7 +397,8 @@ class Daemon:
         finally:
             _close(out_fds)
 
-    def _plan(self, pool: Pool, msg: P.Spawn, cfg: SandboxConfig) -> C.ChildPlan:
+    def _check_request(self, pool: Pool, msg: P.Spawn) -> tuple[str, str | None, dict[str, str]]:
+        """The request's own fields, checked against its pool: (kind, target, env). Raises _Refused."""
         pc = pool.config
         kind, target = msg.kind, msg.target
         if kind == "callable" and not pc.allow_callables:
@@ -404,7 +415,13 @@ class Daemon:
             raise _Refused("bad-request", "stdio must be 'pipe' or 'fds'")
         if (msg.test_fail_step is not None or msg.test_relax_mounts or msg.test_landlock_abi) and not self.config.test_hooks:
             raise _Refused("bad-request", "test_fail_step needs a daemon started with --test-hooks")
-        env = dict(pc.env if msg.env is None else msg.env)
+        return kind, target, dict(pc.env if msg.env is None else msg.env)
+
+    def _plan(self, pool: Pool, msg: P.Spawn, cfg: SandboxConfig, deferred: bool = False) -> C.ChildPlan:
+        if deferred:  # a reserve child: no request yet (see _take_reserved)
+            kind, target, env = "deferred", None, {}
+        else:
+            kind, target, env = self._check_request(pool, msg)
         info = pool.zygotes[0].info if pool.zygotes else {}
         etc = {"/etc/resolv.conf": network.resolv_conf(self.config.network_dns)} if cfg.network else None
         try:
@@ -433,7 +450,7 @@ class Daemon:
                                  open_files=cfg.open_files),
             landlock=cfg.landlock, landlock_ro=ro, landlock_abi=max(1, msg.test_landlock_abi), landlock_rw=rw,
             landlock_net=cfg.network is None, uid=cfg.uid, gid=cfg.gid, drop_privileges=True,
-            seccomp_bpf=bpf, test_fail_step=msg.test_fail_step, **files,
+            seccomp_bpf=bpf, test_fail_step=msg.test_fail_step, deferred=deferred, **files,
             **{k: v for k, v in fs.items() if k in C.ChildPlan.__struct_fields__},
         )
 
@@ -445,7 +462,7 @@ class Daemon:
             return P.SpawnFailed(msg.req, f"the daemon runs {len(self.children)} children, its maximum",
                                  code="limit"), []
         per_client = self.config.max_children_per_client
-        if per_client is not None and len(conn.children) >= per_client:
+        if per_client is not None and conn is not self._reserve_conn and len(conn.children) >= per_client:
             return P.SpawnFailed(msg.req, f"this connection runs {len(conn.children)} children, the "
                                  f"per-client maximum", code="limit"), []
         try:
@@ -460,8 +477,15 @@ class Daemon:
             if not (msg.timeout > 0 and msg.timeout < 1e9):
                 return P.SpawnFailed(msg.req, f"timeout must be positive, got {msg.timeout!r}", code="bad-request"), []
             timeout = msg.timeout if timeout is None else min(timeout, msg.timeout)
+        if conn is not self._reserve_conn and self._reserve_fits(pool, msg, cfg):
+            try:
+                taken = await self._take_reserved(pool, conn, msg, timeout)
+            except _Refused as r:
+                return P.SpawnFailed(msg.req, r.message, code=r.code, path=r.path), []
+            if taken is not None:
+                return taken
         try:
-            plan = self._plan(pool, msg, cfg)
+            plan = self._plan(pool, msg, cfg, deferred=conn is self._reserve_conn)
         except _Refused as r:
             return P.SpawnFailed(msg.req, r.message, code=r.code, path=r.path), []
         # The child's pipes. Ours are CLOEXEC; the zygote hands its copies to the clone.
@@ -552,6 +576,97 @@ class Daemon:
             _close(mine)
             raise
 
+    # ---- the pool reserve: children confined ahead of requests ---------------------------------
+
+    def _reserve_fits(self, pool: Pool, msg: P.Spawn, cfg: SandboxConfig) -> bool:
+        """A request can take a reserve child when it asks for exactly what the reserve was built
+        with: the pool's default SandboxConfig, daemon-made pipes, no test hooks."""
+        return (pool.config.reserve > 0 and msg.stdio == "pipe"
+                and cfg == policy.effective(pool.config.sandbox, None)
+                and msg.test_fail_step is None and not msg.test_relax_mounts and not msg.test_landlock_abi)
+
+    async def _take_reserved(self, pool: Pool, conn: Connection, msg: P.Spawn, timeout: float | None):
+        """Hand a waiting reserve child this request: its Job on the control pipe, its pipes to the
+        client. None when the reserve is empty (the caller clones as usual). Raises _Refused."""
+        kind, target, env = self._check_request(pool, msg)
+        job = C.frame(C.Job(kind=kind, payload=msg.payload, target=target, argv=msg.argv, env=env,
+                            process_name=msg.process_name, result_pickle=msg.trusted_results))
+        while pool.reserve:
+            child = pool.reserve.pop(0)
+            pool.reserve_wake.set()
+            ctl, child.ctl = child.ctl, None
+            fds, child.reserve_fds = child.reserve_fds, []
+            if child.exited.is_set() or ctl is None:
+                _close(fds)
+                if ctl is not None:
+                    await ctl.aclose()
+                continue
+            # It is this client's from now on: an exit from here on is reported to it.
+            self._reserve_conn.children.pop(child.id, None)
+            child.reserved = False
+            child.conn, child.peer_uid = conn, conn.peer_uid
+            child.started, child.timeout = time.monotonic(), timeout
+            conn.children[child.id] = child
+            try:
+                await ctl.send_all(job)
+            except (trio.BrokenResourceError, OSError):  # it died while waiting: try the next one
+                conn.children.pop(child.id, None)
+                child.conn = None
+                _close(fds)
+                continue
+            finally:
+                await ctl.aclose()
+            if timeout is not None:
+                self._nursery.start_soon(self._deadline_until_exit, child)
+            if not msg.stdin:
+                os.close(fds.pop(0))  # the child reads EOF, as from /dev/null
+            return P.Spawned(msg.req, child.id, child.pid, msg.stdin), fds
+        return None
+
+    async def _deadline_until_exit(self, child: Child) -> None:
+        async with trio.open_nursery() as n:
+            async def on_exit() -> None:
+                await child.exited.wait()
+                n.cancel_scope.cancel()
+            n.start_soon(on_exit)
+            await self._deadline(child, n.cancel_scope)
+            n.cancel_scope.cancel()
+
+    async def _fill_reserve(self, pool: Pool) -> None:
+        """Keep ``pool.config.reserve`` confined children waiting for requests (one task per pool).
+
+        Each is cloned and confined with the pool's default SandboxConfig by the ordinary spawn
+        path (cgroup, veth and all), then waits for one Job; none is ever used twice.
+        """
+        failures = 0
+        while not pool.stopping:
+            if len(pool.reserve) >= pool.config.reserve or len(self.children) >= self.config.max_children:
+                pool.reserve_wake = trio.Event()
+                with trio.move_on_after(0.5 if pool.reserve else 5):
+                    await pool.reserve_wake.wait()
+                continue
+            msg = P.Spawn(req=0, kind="exec", argv=["reserve"], pool=pool.config.name, stdin=True)
+            reply, fds = await self.spawn(self._reserve_conn, msg, [])
+            child = self.children.get(reply.child) if isinstance(reply, P.Spawned) else None
+            if child is None or pool.stopping:
+                _close(fds)
+                if child is not None:
+                    self._kill(child, signal.SIGKILL)
+                if isinstance(reply, P.SpawnFailed):
+                    failures += 1
+                    self.observer.log.warning("reserve", pool=pool.config.name, step=reply.step,
+                                              message=reply.message)
+                    await trio.sleep(min(30.0, 0.25 * 2 ** min(failures, 7)))
+                continue
+            failures = 0
+            child.reserved, child.reserve_fds = True, fds
+            pool.reserve.append(child)
+
+    def _discard_reserve(self, pool: Pool) -> None:
+        pool.reserve_wake.set()
+        for child in pool.reserve:
+            self._kill(child, signal.SIGKILL)
+
     async def _setup_outside(self, child: Child, ctl: trio.lowlevel.FdStream, plan: C.ChildPlan,
                              msg: P.Spawn, cfg: SandboxConfig) -> P.SpawnFailed | None:
         """Everything the daemon does to the child's pid before "go", then go, then the handshake."""
@@ -587,7 +702,10 @@ class Daemon:
             except (trio.BrokenResourceError, OSError):
                 pass  # the child died before go; its status pipe/exit tells why
         finally:
-            await ctl.aclose()
+            if plan.deferred and not child.exited.is_set():
+                child.ctl = ctl  # the Job goes here when a request takes this reserve child
+            else:
+                await ctl.aclose()
         first = await child_first_status(child)
         if isinstance(first, C.Ready):
             return None
@@ -646,6 +764,12 @@ class Daemon:
         try:
             await self._watch_and_reap(child)
         finally:
+            _close(child.reserve_fds)  # a reserve child that ended unused
+            child.reserve_fds = []
+            if child.ctl is not None:
+                with trio.CancelScope(shield=True):
+                    await child.ctl.aclose()
+                child.ctl = None
             if child.collector is not None:
                 child.collector.close()  # an export nobody will receive (cancelled, or already sent)
 

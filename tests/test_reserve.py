@@ -1,0 +1,184 @@
+"""The pool reserve: children confined ahead of requests, each used by exactly one request."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from zygote_client import Client, SandboxConfig
+
+from conftest import children_of, daemon_pid
+from test_config import _stop, _wait_socket, _write
+
+
+def _tick() -> float:
+    return os.sysconf("SC_CLK_TCK")
+
+
+def _boottime() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def _pid1_started():
+    """Payload: when the child's PID 1 (its reaper, the clone) started, in boot-time seconds."""
+    def probe():
+        import os
+        with open("/proc/1/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        print(int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    return probe
+
+
+@pytest.fixture(scope="module")
+def reserve_client():
+    with Client.embedded(preload_imports=["json"], daemon_args=["--reserve", "2"]) as c:
+        yield c
+
+
+def _in_own_pidns(pid: int) -> bool:
+    """A child (PID 1 of its own pid namespace), not the zygote (same cmdline: children are its clones)."""
+    with open(f"/proc/{pid}/status") as f:
+        return len(next(line for line in f if line.startswith("NSpid:")).split()) > 2
+
+
+def _wait_reserve(c: Client, n: int) -> list[int]:
+    """Pids of the daemon's children waiting in the reserve (not running for any client)."""
+    dpid = daemon_pid(c)
+    deadline = time.monotonic() + 30
+    while True:
+        running = {ch.pid for ch in c.status().children}
+        kids = [p for p, _ in children_of(dpid) if p not in running and _in_own_pidns(p)]
+        if len(kids) >= n or time.monotonic() > deadline:
+            return kids
+        time.sleep(0.05)
+
+
+def test_request_takes_a_child_confined_before_it(reserve_client):
+    c = reserve_client
+    assert len(_wait_reserve(c, 2)) == 2
+    time.sleep(0.5)
+    asked = _boottime()
+    r = c.run(_pid1_started())
+    assert r.returncode == 0, r.stderr
+    started = float(r.stdout)
+    # the child's PID 1 existed well before the request: it came from the reserve
+    assert started < asked - 0.3, (started, asked)
+    # and the reserve is refilled with new children
+    assert len(_wait_reserve(c, 2)) == 2
+
+
+def test_reserve_children_are_never_reused(reserve_client):
+    c = reserve_client
+
+    def leave_traces():
+        import os
+        print(os.path.exists("/tmp/trace"), os.environ.get("MARK"), os.getpid(), flush=True)
+        open("/tmp/trace", "w").write("x")
+        os.environ["MARK"] = "set"
+
+    seen = set()
+    for i in range(12):
+        child = c.spawn_child(leave_traces, env={"PATH": "/usr/bin:/bin", "N": str(i)}, stdin=None)
+        out = child.stdout.read()
+        exists, mark, pid = out.split()
+        assert (exists, mark) == (b"False", b"None"), out
+        assert child.wait().returncode == 0
+        seen.add(child.pid)
+    assert len(seen) == 12  # a fresh clone for every request
+
+
+def test_reserve_request_fields(reserve_client):
+    c = reserve_client
+    _wait_reserve(c, 2)
+
+    def probe(a, b=0):
+        import os
+        import sys
+        with open("/proc/self/comm") as f:
+            comm = f.read().strip()
+        print(os.environ.get("X"), comm, sys.stdin.read(), a + b)
+        return {"sum": a + b}
+
+    child = c.spawn_child(probe, (1,), {"b": 2}, env={"X": "env-ok"}, process_name="zg-named")
+    out, err = child.communicate(b"from-stdin")
+    assert out == b"env-ok zg-named from-stdin 3\n", err
+    assert child.result() == {"sum": 3}
+    # DEVNULL stdin reads EOF at once
+    r = c.run(lambda: print(repr(__import__("sys").stdin.read())))
+    assert r.stdout == b"''\n"
+    # an exec kind through the reserve
+    child = c.spawn_child(None, _argv=["/bin/sh", "-c", "echo exec-ok"], stdin=None)
+    assert child.stdout.read() == b"exec-ok\n"
+    child.wait()
+
+
+def test_reserve_deadline_counts_from_the_request(reserve_client):
+    c = reserve_client
+    _wait_reserve(c, 2)
+    time.sleep(1.0)  # the reserve children are a second old: their deadline must not be
+
+    def spin():
+        while True:
+            pass
+    t = time.monotonic()
+    r = c.run(spin, timeout=0.7)
+    took = time.monotonic() - t
+    assert r.status.timed_out and 0.6 < r.status.wall_time < 3, r.status
+    assert took >= 0.6
+
+
+def test_request_with_other_config_clones_as_usual(reserve_client):
+    c = reserve_client
+    _wait_reserve(c, 2)
+    time.sleep(0.3)
+    asked = _boottime()
+    r = c.run(_pid1_started(), sandbox_config=SandboxConfig(hostname="other"))
+    assert float(r.stdout) >= asked - 0.05, "a request with its own config must not take a reserve child"
+
+
+def test_reserve_children_go_with_the_daemon():
+    with Client.embedded(daemon_args=["--reserve", "3"]) as c:
+        kids = _wait_reserve(c, 3)
+        assert len(kids) == 3
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{p}") for p in kids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in kids if os.path.exists(f"/proc/{p}")]
+
+
+@pytest.mark.cgroupv2
+def test_reserve_with_pool_limits_has_cgroups(tmp_path):
+    sock = str(tmp_path / "z.sock")
+    cfg = _write(tmp_path / "z.toml", f"""
+        [daemon]
+        socket = "{sock}"
+        [pools.default]
+        reserve = 2
+        [pools.default.sandbox]
+        memory = "256M"
+        pids = 32
+        """)
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--config", cfg], stderr=subprocess.PIPE)
+    try:
+        _wait_socket(sock, proc)
+        with Client.connect(sock) as c:
+            time.sleep(1.0)
+            asked = _boottime()
+            r = c.run(_pid1_started())
+            assert float(r.stdout) < asked - 0.3  # from the reserve
+            assert r.status.peak_memory is not None and r.status.enforcement.get("memory", "").startswith("cgroup"), r.status
+
+            def hog():
+                b = bytearray(400 << 20)
+                print(len(b))
+            r = c.run(hog)
+            assert r.status.memory_exceeded, r.status
+            # a tighter request is allowed, and clones its own child
+            r = c.run(print, ("tight",), sandbox_config=SandboxConfig(memory="128M", pids=32))
+            assert r.stdout == b"tight\n"
+    finally:
+        _stop(proc)
