@@ -176,6 +176,7 @@ class Pool:
         self.stopping = False
         self.reserve: list = []  # the daemon's confined children waiting for a request (daemon.Child)
         self.reserve_wake = trio.Event()
+        self.last_take = 0.0  # time.monotonic() of the last request that took a reserve child
 
     async def start(self) -> None:
         for i in range(self.config.zygotes):

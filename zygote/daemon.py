@@ -36,6 +36,7 @@ from ._pool import Pool, PoolConfig, PoolStartError, ZygoteDied
 from . import observe, policy
 from .layers import SetupError, cgroups, mounts, network, rlimits, seccomp, userns, workspace
 
+RESERVE_QUIET = 0.025  # seconds without a take before a reserve that is not empty is refilled
 SPAWN_STEPS = ("userns", "mounts", "netns", "rlimits", "uts", "fds", "payload")
 
 
@@ -593,6 +594,7 @@ class Daemon:
                             process_name=msg.process_name, result_pickle=msg.trusted_results))
         while pool.reserve:
             child = pool.reserve.pop(0)
+            pool.last_take = time.monotonic()
             pool.reserve_wake.set()
             ctl, child.ctl = child.ctl, None
             fds, child.reserve_fds = child.reserve_fds, []
@@ -644,6 +646,12 @@ class Daemon:
                 pool.reserve_wake = trio.Event()
                 with trio.move_on_after(0.5 if pool.reserve else 5):
                     await pool.reserve_wake.wait()
+                continue
+            quiet = pool.last_take + RESERVE_QUIET - time.monotonic()
+            if pool.reserve and quiet > 0:
+                # Refill in a quiet moment: a clone now would compete for the CPU with the child
+                # that was just handed out. An empty reserve is refilled at once.
+                await trio.sleep(quiet)
                 continue
             msg = P.Spawn(req=0, kind="exec", argv=["reserve"], pool=pool.config.name, stdin=True)
             reply, fds = await self.spawn(self._reserve_conn, msg, [])
