@@ -168,3 +168,175 @@ def test_live_daemon_fuzz(socket_daemon):
         finally:
             s.close()
     _alive(socket_daemon)
+
+
+# ---- property-based fuzzing of a live daemon -------------------------------------------------------
+
+_SPAWN_FIELDS = list(P.Spawn.__struct_fields__)
+_msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2 ** 63), 2 ** 64 - 1) | st.floats() | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
+
+
+def _frame(body: bytes, *, magic: bytes = P.MAGIC, version: int = P.VERSION, nfds: int = 0,
+           length: int | None = None) -> bytes:
+    return P.HEADER.pack(magic, version, nfds, len(body) if length is None else length) + body
+
+
+def _packed(obj) -> bytes:
+    import msgspec
+    return msgspec.msgpack.encode(obj)
+
+
+@st.composite
+def _garbage_spawn(draw) -> dict:
+    """A Spawn-shaped dict: right tag, then wrong types, unknown kinds, bad values; its pool never
+    exists, so a frame that decodes is refused before anything is cloned."""
+    doc = {"type": "spawn", "req": draw(st.integers(0, 2 ** 31)),
+           "kind": draw(st.sampled_from(["callable", "target", "child_main", "exec", "script"]) | st.text(max_size=8)),
+           "pool": "fz-" + draw(st.text(max_size=8))}
+    for name in draw(st.lists(st.sampled_from(_SPAWN_FIELDS + ["evil", "sandbox"]), max_size=4)):
+        if name == "sandbox":
+            doc[name] = draw(st.dictionaries(st.sampled_from(["memory", "pids", "uid", "timeout", "cpu", "network",
+                                                              "binds", "x"]), _msgpack_values, max_size=3))
+        elif name not in ("type", "pool"):
+            doc[name] = draw(_msgpack_values)
+    return doc
+
+
+_valid_requests = st.one_of(
+    st.builds(P.Status, req=st.integers(0, 2 ** 31)),
+    st.builds(P.Signal, req=st.integers(0, 2 ** 31), child=st.text(max_size=12), signum=st.integers(-5, 200)),
+    st.builds(P.Attach, req=st.integers(0, 2 ** 31), child=st.text(max_size=12), offset=st.integers(-10, 2 ** 40)),
+    st.builds(P.Spawn, req=st.integers(0, 2 ** 31), kind=st.just("exec"), argv=st.just([]),
+              pool=st.just("default")),  # refused: exec needs an argv
+    st.builds(P.Spawn, req=st.integers(0, 2 ** 31), kind=st.just("target"), target=st.text(max_size=8)
+              .filter(lambda t: ":" not in t)),  # refused: not module:function
+    st.builds(P.Spawn, req=st.integers(0, 2 ** 31), kind=st.just("exec"), argv=st.just(["/x"]),
+              timeout=st.floats(max_value=0) | st.just(float("nan"))),  # refused: bad timeout
+)
+
+_frames = st.one_of(
+    st.binary(max_size=64),                                                        # noise
+    st.builds(lambda b, m, v, n, l: _frame(b, magic=m, version=v, nfds=n, length=l),  # any header
+              st.binary(max_size=32), st.binary(min_size=2, max_size=2), st.integers(0, 255),
+              st.integers(0, 255), st.none() | st.integers(0, 2 ** 32 - 1)),
+    st.builds(lambda v: _frame(_packed(v)), _msgpack_values),                      # msgpack, wrong shape
+    st.builds(lambda d: _frame(_packed(d)), _garbage_spawn()),                     # spawn, garbage fields
+    st.builds(lambda m: P.encode(m), _valid_requests),                             # valid, refused requests
+    st.builds(lambda m, cut: P.encode(m)[:cut], _valid_requests, st.integers(0, 12)),  # truncated
+    st.builds(lambda v: _frame(_packed({"type": "hello", "version": 1}), version=v),
+              st.integers(0, 255).filter(lambda v: v != P.VERSION)),               # wrong version byte
+    st.just(P.HEADER.pack(P.MAGIC, P.VERSION, 0, P.MAX_FRAME + 1)),                # oversized
+)
+
+
+@pytest.fixture(scope="module")
+def fuzz_daemon(tmp_path_factory):
+    import subprocess
+    import sys
+    import time
+    path = str(tmp_path_factory.mktemp("fuzz") / "z.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--socket", path, "--log-level", "error"])
+    deadline = time.monotonic() + 60
+    while True:
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(path)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    raise RuntimeError("daemon did not start")
+                time.sleep(0.05)
+    try:
+        yield path, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        assert proc.returncode == 0
+
+
+def _exchange(path: str, hello: bool, frames: list[tuple[bytes, int]], fd: int) -> None:
+    """One connection: (hello), each frame with ``n`` copies of ``fd`` riding on it, then EOF;
+    read to the end. Every byte the daemon sent must decode as a reply; fds in replies are closed."""
+    s = _raw(path)
+    dec = P.client_decoder()
+    try:
+        try:
+            if hello:
+                s.sendall(P.encode(P.Hello(P.VERSION)))
+            for data, nfds in frames:
+                if nfds and data:
+                    n = s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd] * nfds).tobytes())])
+                    s.sendall(data[n:])
+                else:
+                    s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the daemon already gave up on this connection: allowed
+        while True:
+            try:
+                data, anc, _, _ = s.recvmsg(1 << 16, socket.CMSG_SPACE(4 * 8))
+            except ConnectionResetError:
+                break
+            fds = [x for level, kind, blob in anc if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+                   for x in memoryview(blob).cast("i")]
+            if not data:
+                for x in fds:
+                    os.close(x)
+                break
+            dec.feed(data, fds)
+            while (item := dec.next()) is not None:  # raises if the daemon sent garbage
+                for x in item[1]:
+                    os.close(x)
+    finally:
+        dec.close_fds()
+        s.close()
+
+
+def test_live_daemon_property_fuzz(fuzz_daemon):
+    """Thousands of hostile frames over real connections (noise, bad magic/version, oversized and
+    truncated frames, msgpack of the wrong shape, Spawns with garbage fields, unexpected fds): each
+    connection ends with error replies or a close; the daemon never dies, still spawns, and its fd
+    count returns to where it was."""
+    path, proc = fuzz_daemon
+    with Client.connect(path) as c:
+        dpid = c.welcome.daemon_pid
+        assert c.run(print, ("warm",)).stdout == b"warm\n"
+    base = _settled_fds(dpid, None)
+    r, w = os.pipe()
+    sent = [0]
+
+    @settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(st.booleans(), st.lists(st.tuples(_frames, st.integers(0, 6) | st.just(0)), min_size=1, max_size=10))
+    def one_connection(hello, frames):
+        _exchange(path, hello, frames, r)
+        sent[0] += len(frames)
+        assert proc.poll() is None, "the daemon died"
+
+    try:
+        one_connection()
+    finally:
+        os.close(r)
+        os.close(w)
+    assert sent[0] >= 2000
+    with Client.connect(path) as c:
+        assert c.run(print, ("still serving",)).stdout == b"still serving\n"
+    assert _settled_fds(dpid, base) <= base
+
+
+def _settled_fds(pid: int, target: int | None) -> int:
+    """The daemon's fd count once it stops changing (or reaches ``target``)."""
+    import time
+    deadline = time.monotonic() + 10
+    n = len(os.listdir(f"/proc/{pid}/fd"))
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        m = len(os.listdir(f"/proc/{pid}/fd"))
+        if (target is not None and m <= target) or (target is None and m == n):
+            return m
+        n = m
+    return n

@@ -30,6 +30,17 @@ def _result_cap(text: str) -> int:
     return n  # type: ignore[return-value]
 
 
+def _ring_size(text: str) -> int:
+    from zygote_client._config import parse_size
+    try:
+        n = parse_size(text, "--detached-buffer-bytes")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1 byte")
+    return n  # type: ignore[return-value]
+
+
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="run the daemon")
     where = p.add_mutually_exclusive_group()
@@ -59,6 +70,10 @@ def _serve_parser(sub) -> None:
                    help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (0: any free port, printed)")
     p.add_argument("--max-result-bytes", type=_result_cap, metavar="SIZE",
                    help="largest return value relayed to a client (default 16M); more is dropped")
+    p.add_argument("--detached-buffer-bytes", type=_ring_size, metavar="SIZE",
+                   help="output kept per stream of a detached child for later attaches (default 1M)")
+    p.add_argument("--detached-keep-seconds", type=float, metavar="S",
+                   help="how long an ended, never attached detached child stays attachable (default 600)")
     p.add_argument("--test-hooks", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--forbid-secret-env", action="store_true",
                    help="refuse requests whose environment has secret-looking names (*_TOKEN, *SECRET*, AWS_*, ...)")
@@ -198,6 +213,10 @@ def _config_from_args(args):
         NetworkHost(changes.get("network_pool", cfg.network_pool), changes.get("network_dns", cfg.network_dns))
     except ValueError as e:
         raise config_file.ConfigError(str(e)) from None
+    if args.detached_buffer_bytes is not None:
+        changes["detached_buffer_bytes"] = args.detached_buffer_bytes
+    if args.detached_keep_seconds is not None:
+        changes["detached_keep_seconds"] = args.detached_keep_seconds
     if args.max_children is not None:
         changes["max_children"] = args.max_children
     if args.max_children_per_client is not None:

@@ -15,6 +15,9 @@ same thing. Example::
     max_result_bytes = "16M"      # largest return value relayed to a client
     network_pool = "10.213.0.0/16"  # networked children's /30s (only for pools allowing network)
     network_dns = ["192.0.2.53"]
+    detached_buffer_bytes = "1M"  # output kept per stream of a detached child (oldest dropped)
+    detached_keep_seconds = 600   # an ended detached child stays attachable this long ...
+    detached_keep_max = 64        # ... and at most this many of them
 
     [pools.default]
     python = "/opt/pandas-venv/bin/python"   # must have the zygote distribution installed
@@ -67,6 +70,9 @@ class _DaemonSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     network_pool: str | None = None
     network_dns: list[str] = []
     network_masquerade: str | None = None
+    detached_buffer_bytes: str | int | None = None
+    detached_keep_seconds: float = 600.0
+    detached_keep_max: int = 64
 
 
 class _PoolSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -145,6 +151,18 @@ def load(path: str, *, default_python: str):
             raise ConfigError(f"{path}: {e}") from None
         if kw["max_result_bytes"] > MAX_FRAME - (1 << 20):
             raise ConfigError(f"{path}: daemon.max_result_bytes: at most {(MAX_FRAME >> 20) - 1}M (one frame)")
+    if d.detached_buffer_bytes is not None:
+        from zygote_client._config import parse_size
+        try:
+            kw["detached_buffer_bytes"] = parse_size(d.detached_buffer_bytes, "daemon.detached_buffer_bytes")
+        except ValueError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        if kw["detached_buffer_bytes"] < 1:
+            raise ConfigError(f"{path}: daemon.detached_buffer_bytes must be at least 1 byte")
+    if d.detached_keep_seconds < 0 or d.detached_keep_max < 0:
+        raise ConfigError(f"{path}: daemon.detached_keep_seconds and detached_keep_max must be >= 0")
+    kw["detached_keep_seconds"] = d.detached_keep_seconds
+    kw["detached_keep_max"] = d.detached_keep_max
     if d.id_base is not None:
         kw["id_base"] = d.id_base
     if d.network_pool is not None:

@@ -33,7 +33,7 @@ from zygote_client._workspace import ExportResult, WorkspaceError
 from . import _childproto as C
 from ._clone import ALL_NAMESPACES, CLONE_PARENT
 from ._pool import Pool, PoolConfig, PoolStartError, ZygoteDied
-from . import observe, policy
+from . import detach, observe, policy
 from .layers import SetupError, cgroups, mounts, network, rlimits, seccomp, userns, workspace
 
 RESERVE_QUIET = 0.025  # seconds without a take before a reserve that is not empty is refilled
@@ -63,6 +63,13 @@ class DaemonConfig:
             them on port 53 (TCP and UDP) whatever their allow-list says.
         network_masquerade: uplink interface to masquerade children's traffic behind; None
             (default) routes their pool addresses as they are.
+        detached_buffer_bytes: per stream (stdout, stderr) of a detached child, the bytes the
+            daemon keeps for readers that attach later (default 1 MiB); older bytes are dropped
+            and readers are told where their stream starts. Memory: twice this per detached child.
+        detached_keep_seconds, detached_keep_max: a detached child that ends before anyone
+            attached to it (its spawner does not count) keeps its exit status, result and buffers
+            for this long (default 600 s) or until attached once; at most this many such records
+            (default 64, oldest dropped).
     """
 
     socket_path: str | None = None
@@ -80,6 +87,9 @@ class DaemonConfig:
     network_pool: str = network.DEFAULT_POOL
     network_dns: tuple[str, ...] = ()
     network_masquerade: str | None = None
+    detached_buffer_bytes: int = 1 << 20
+    detached_keep_seconds: float = 600.0
+    detached_keep_max: int = 64
 
 
 @dataclass(eq=False)
@@ -115,6 +125,21 @@ class Child:
     ctl: trio.lowlevel.FdStream | None = None  # a reserve child's control pipe, until its Job
     reserved: bool = False  # waiting in its pool's reserve (not yet any client's)
     reserve_fds: list[int] = field(default_factory=list)  # its stdin writer, stdout/stderr readers meanwhile
+    detached: bool = False
+    has_result: bool = True
+    rings: tuple[detach.Ring, detach.Ring] | None = None  # stdout, stderr of a detached child
+    watchers: list["Connection"] = field(default_factory=list)  # told of the exit: spawner, attachers
+    scope: trio.CancelScope | None = None  # the watcher's (shielded) scope
+
+
+@dataclass
+class _Kept:
+    """A detached child that ended with nobody attached: what an attach still gets."""
+
+    child: Child
+    exited: P.Exited
+    fds: list[int]  # the export archive's memfd, if any
+    expires: float
 
 
 class Connection:
@@ -122,9 +147,13 @@ class Connection:
         self.daemon = daemon
         self.sock = sock
         self.peer_pid, self.peer_uid, self.peer_gid = peer
-        self.children: dict[str, Child] = {}
+        self.children: dict[str, Child] = {}  # spawned here, or attached to from here
         self._send_lock = trio.Lock()
         self.closed = False
+        self.nursery: trio.Nursery | None = None  # the connection's tasks (taps die with it)
+
+    def spawned(self) -> int:
+        return sum(1 for c in self.children.values() if c.conn is self)
 
     async def send(self, msg, fds: list[int] = ()) -> None:
         data = P.encode(msg, len(fds))
@@ -148,6 +177,8 @@ class Daemon:
         self.config = config
         self.pools: dict[str, Pool] = {}
         self.children: dict[str, Child] = {}
+        self.kept: dict[str, _Kept] = {}  # ended detached children not yet attached (oldest first)
+        self.watching = 0  # watcher tasks still running (shutdown waits for them)
         self._nursery: trio.Nursery | None = None
         self._ids = itertools.count(1)
         self._prefix = secrets.token_hex(3)
@@ -270,11 +301,19 @@ class Daemon:
         return changes
 
     async def shutdown(self) -> None:
+        """Kill every child, detached ones too, and wait until each is reaped and its cgroup gone
+        (the watchers are shielded from the daemon's own cancellation for exactly this)."""
         for child in list(self.children.values()):
             self._kill(child, signal.SIGKILL)
-        with trio.move_on_after(5):
-            for child in list(self.children.values()):
-                await child.exited.wait()
+        with trio.move_on_after(15):
+            while self.watching:
+                await trio.sleep(0.01)
+        for child in list(self.children.values()):
+            if child.scope is not None:
+                child.scope.cancel()  # a child that would not die: stop waiting, its pidfd closes
+        for kept in self.kept.values():
+            _close(kept.fds)
+        self.kept.clear()
         for pool in self.pools.values():
             await pool.stop()
         if self.network is not None:  # after the children: their veths and rules go with the table
@@ -302,6 +341,7 @@ class Daemon:
                 await conn.send(P.Error(0, "not-allowed", f"uid {conn.peer_uid} may not use this daemon"))
                 return
             async with trio.open_nursery() as nursery:
+                conn.nursery = nursery
                 hello = False
                 while True:
                     try:
@@ -338,7 +378,11 @@ class Daemon:
             decoder.close_fds()
             conn.closed = True
             for child in list(conn.children.values()):
-                self._kill(child, signal.SIGKILL)
+                if child.detached:
+                    if conn in child.watchers:
+                        child.watchers.remove(conn)
+                else:
+                    self._kill(child, signal.SIGKILL)
             sock.close()
             self.observer.connection(-1)
 
@@ -355,6 +399,9 @@ class Daemon:
             else:
                 self._kill(child, msg.signum)
                 await conn.send(P.Ok(msg.req))
+        elif isinstance(msg, P.Attach):
+            _close(fds)
+            await self._attach(conn, msg)
         elif isinstance(msg, P.Status):
             _close(fds)
             await conn.send(self.status(msg.req, conn.peer_uid))
@@ -463,9 +510,12 @@ class Daemon:
             return P.SpawnFailed(msg.req, f"the daemon runs {len(self.children)} children, its maximum",
                                  code="limit"), []
         per_client = self.config.max_children_per_client
-        if per_client is not None and conn is not self._reserve_conn and len(conn.children) >= per_client:
-            return P.SpawnFailed(msg.req, f"this connection runs {len(conn.children)} children, the "
+        if per_client is not None and conn is not self._reserve_conn and conn.spawned() >= per_client:
+            return P.SpawnFailed(msg.req, f"this connection runs {conn.spawned()} children, the "
                                  f"per-client maximum", code="limit"), []
+        if msg.detached and msg.stdio != "pipe":
+            return P.SpawnFailed(msg.req, "a detached child needs stdio='pipe' (the daemon keeps its output)",
+                                 code="bad-request"), []
         try:
             cfg = policy.effective(pool.config.sandbox, msg.sandbox)
             policy.check_peer_paths(cfg, pool.config.sandbox, conn.peer_uid, conn.peer_gid)
@@ -494,6 +544,7 @@ class Daemon:
         theirs: list[int] = []
         try:
             relays: list[tuple[int, int, bool]] = []  # (read end from the child, write end to the client, ours?)
+            detached: list[tuple[int, int]] = []  # (read end from the child, write end of the spawner's tap)
             limit = cfg.max_output
             if msg.stdio == "fds":
                 if len(client_fds) != 3:
@@ -518,7 +569,12 @@ class Daemon:
                 for _ in range(2):
                     r, w = os.pipe2(os.O_CLOEXEC)
                     theirs.append(w); mine.append(r)
-                    if limit is not None:
+                    if msg.detached:  # the daemon reads the child's pipe; the spawner reads a tap
+                        tr, tw = os.pipe2(os.O_CLOEXEC)
+                        mine.remove(r)
+                        detached.append((r, tw))
+                        mine.append(tr)
+                    elif limit is not None:
                         r2, w2 = os.pipe2(os.O_CLOEXEC)
                         mine.remove(r)
                         relays.append((r, w2, True))
@@ -536,7 +592,7 @@ class Daemon:
                 # No child: our ends of its pipes (and any relay pipes) go now, or every failed
                 # clone in a burst would leak a handful of fds.
                 _close(mine)
-                _close([fd for r, w, _ in relays for fd in (r, w)])
+                _close([fd for r, w, _ in relays for fd in (r, w)] + [fd for pair in detached for fd in pair])
                 mine = []
                 if isinstance(e, ZygoteDied):
                     return P.SpawnFailed(msg.req, str(e), "clone", code="retry"), []
@@ -551,7 +607,8 @@ class Daemon:
                           started=time.monotonic(), timeout=timeout, timeout_grace=cfg.timeout_grace,
                           status_stream=trio.lowlevel.FdStream(st_r),
                           result_stream=trio.lowlevel.FdStream(res_r), cpu_time=cfg.cpu_time,
-                          pool=pool.config.name, peer_uid=conn.peer_uid)
+                          pool=pool.config.name, peer_uid=conn.peer_uid, detached=msg.detached,
+                          has_result=msg.kind not in ("exec", "script"), watchers=[conn])
             mine.remove(st_r)
             mine.remove(res_r)
             if cfg.export is not None:
@@ -566,8 +623,10 @@ class Daemon:
             if failure is not None:
                 self._kill(child, signal.SIGKILL)
                 _close(out)
-                _close([fd for r, w, _ in relays for fd in (r, w)])
+                _close([fd for r, w, _ in relays for fd in (r, w)] + [fd for pair in detached for fd in pair])
                 return failure, []
+            if detached:
+                self._start_detached(child, conn, detached, limit)
             if relays:
                 box = [0]
                 for r, w, ours in relays:
@@ -582,7 +641,7 @@ class Daemon:
     def _reserve_fits(self, pool: Pool, msg: P.Spawn, cfg: SandboxConfig) -> bool:
         """A request can take a reserve child when it asks for exactly what the reserve was built
         with: the pool's default SandboxConfig, daemon-made pipes, no test hooks."""
-        return (pool.config.reserve > 0 and msg.stdio == "pipe"
+        return (pool.config.reserve > 0 and msg.stdio == "pipe" and not msg.detached
                 and cfg == policy.effective(pool.config.sandbox, None)
                 and msg.test_fail_step is None and not msg.test_relax_mounts and not msg.test_landlock_abi)
 
@@ -606,14 +665,15 @@ class Daemon:
             # It is this client's from now on: an exit from here on is reported to it.
             self._reserve_conn.children.pop(child.id, None)
             child.reserved = False
-            child.conn, child.peer_uid = conn, conn.peer_uid
+            child.conn, child.peer_uid, child.watchers = conn, conn.peer_uid, [conn]
             child.started, child.timeout = time.monotonic(), timeout
+            child.has_result = kind not in ("exec", "script")
             conn.children[child.id] = child
             try:
                 await ctl.send_all(job)
             except (trio.BrokenResourceError, OSError):  # it died while waiting: try the next one
                 conn.children.pop(child.id, None)
-                child.conn = None
+                child.conn, child.watchers = None, []
                 _close(fds)
                 continue
             finally:
@@ -674,6 +734,80 @@ class Daemon:
         pool.reserve_wake.set()
         for child in pool.reserve:
             self._kill(child, signal.SIGKILL)
+
+    def _start_detached(self, child: Child, conn: Connection, pipes: list[tuple[int, int]],
+                        limit: int | None) -> None:
+        """Pump the child's stdout/stderr into rings (counting max_output_bytes across both) and
+        tap them for the spawner from offset 0."""
+        child.rings = (detach.Ring(self.config.detached_buffer_bytes), detach.Ring(self.config.detached_buffer_bytes))
+        total = [0]
+
+        def count(n: int) -> bool:
+            total[0] += n
+            if limit is not None and total[0] > limit:
+                child.output_exceeded = True
+                self._kill(child, signal.SIGKILL)
+                return False
+            return True
+
+        for ring, (r, tw) in zip(child.rings, pipes):
+            self._nursery.start_soon(detach.pump, r, ring, count)
+            self._start_tap(conn, ring, tw, 0)
+
+    def _start_tap(self, conn: Connection, ring: detach.Ring, fd: int, pos: int) -> None:
+        if conn.nursery is None or conn.closed:
+            _close([fd])
+            return
+        conn.nursery.start_soon(detach.tap, ring, fd, pos)
+
+    async def _attach(self, conn: Connection, msg: P.Attach) -> None:
+        """Attach ``conn`` to a detached child of the same peer uid (root: any), running or kept."""
+        self._expire_kept()
+        kept = self.kept.get(msg.child)
+        child = kept.child if kept is not None else self.children.get(msg.child)
+        if child is None or not (conn.peer_uid == 0 or conn.peer_uid == child.peer_uid):
+            # the same answer as for a made-up id: other peers learn nothing about the child
+            await conn.send(P.Error(msg.req, "unknown-child", f"no child {msg.child!r} for this peer"))
+            return
+        if not child.detached or child.rings is None:
+            await conn.send(P.Error(msg.req, "bad-request", f"child {msg.child!r} was not spawned detached=True"))
+            return
+        if msg.offset < 0:
+            await conn.send(P.Error(msg.req, "bad-request", f"offset must be >= 0, got {msg.offset}"))
+            return
+        starts = [max(msg.offset, ring.start) for ring in child.rings]
+        pipes = [os.pipe2(os.O_CLOEXEC) for _ in child.rings]
+        try:
+            await conn.send(P.Attached(msg.req, child.id, child.pid, starts[0], starts[1], child.has_result),
+                            [r for r, _ in pipes])
+        finally:
+            _close([r for r, _ in pipes])
+        if conn.closed:
+            _close([w for _, w in pipes])
+            return
+        for ring, (_, w), pos in zip(child.rings, pipes, starts):
+            self._start_tap(conn, ring, w, pos)
+        if kept is not None:  # ended already: the exit follows at once, and the record goes
+            del self.kept[child.id]
+            try:
+                await conn.send(kept.exited, kept.fds)
+            finally:
+                _close(kept.fds)
+        elif conn not in child.watchers:
+            child.watchers.append(conn)
+            conn.children[child.id] = child
+
+    def _keep(self, child: Child, exited: P.Exited, fds: list[int]) -> None:
+        self.kept[child.id] = _Kept(child, exited, [os.dup(fd) for fd in fds],
+                                    time.monotonic() + self.config.detached_keep_seconds)
+        self._expire_kept()
+        while len(self.kept) > self.config.detached_keep_max:
+            _close(self.kept.pop(next(iter(self.kept))).fds)
+
+    def _expire_kept(self) -> None:
+        now = time.monotonic()
+        for cid in [cid for cid, k in self.kept.items() if k.expires <= now]:
+            _close(self.kept.pop(cid).fds)
 
     async def _setup_outside(self, child: Child, ctl: trio.lowlevel.FdStream, plan: C.ChildPlan,
                              msg: P.Spawn, cfg: SandboxConfig) -> P.SpawnFailed | None:
@@ -769,8 +903,13 @@ class Daemon:
             pass
 
     async def _watch(self, child: Child) -> None:
+        """Watch one child to its reaping. Shielded: the daemon's own cancellation (SIGTERM)
+        must not leave a child unreaped or its cgroup behind; ``shutdown`` kills the children,
+        and only a child that will not die gets its ``scope`` cancelled."""
+        self.watching += 1
         try:
-            await self._watch_and_reap(child)
+            with trio.CancelScope(shield=True) as child.scope:
+                await self._watch_and_reap(child)
         finally:
             _close(child.reserve_fds)  # a reserve child that ended unused
             child.reserve_fds = []
@@ -778,6 +917,7 @@ class Daemon:
                 with trio.CancelScope(shield=True):
                     await child.ctl.aclose()
                 child.ctl = None
+            self.watching -= 1
             if child.collector is not None:
                 child.collector.close()  # an export nobody will receive (cancelled, or already sent)
 
@@ -810,13 +950,17 @@ class Daemon:
         if child.ready_seen:
             self.observer.exited(child=child.id, pool=child.pool, peer_uid=child.peer_uid, status=child.status,
                                  running=len(self.children))
-        conn = child.conn
+        exited = P.Exited(child.id, child.status, export=export, result_kind=child.result_kind,
+                          result=child.result)
+        attached = False  # an attacher (not the spawner) was told of the exit
         try:
-            if conn is not None:
+            for conn in child.watchers:
                 conn.children.pop(child.id, None)
                 if not conn.closed and child.ready_seen:
-                    await conn.send(P.Exited(child.id, child.status, export=export, result_kind=child.result_kind,
-                                             result=child.result), export_fds)
+                    await conn.send(exited, export_fds)
+                    attached = attached or (conn is not child.conn and not conn.closed)
+            if child.detached and child.ready_seen and not attached:
+                self._keep(child, exited, export_fds)
         finally:
             _close(export_fds)
         await self._network_release(child)  # after the report, like the cgroup: ≈30 ms per veth

@@ -25,6 +25,7 @@ from ._errors import (BrokenError, ClosedError, DaemonError, ProtocolError, Sand
                       SandboxUnavailable, ZygoteError)
 from ._workspace import ExportError, ExportResult, WorkspaceError, unpack_archive
 from ._results import Outcome
+from ._streams import PipeReceiveStream, PipeSendStream
 
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
@@ -40,24 +41,63 @@ class _Pending:
 
 class AsyncChild:
     """A running child (no public constructor). Popen-like: ``returncode`` is None until it ends,
-    negative -N when signal N ended it."""
+    negative -N when signal N ended it.
 
-    def __init__(self, client: "AsyncClient", msg: P.Spawned, fds: list[int], *, trusted: bool = False,
-                 has_result: bool = False) -> None:
+    ``stdout``/``stderr`` are anyio byte receive streams (``async for chunk in child.stdout``),
+    ``stdin`` a byte send stream (``aclose`` it for EOF); each is None when not piped.
+    ``stdout_offset``/``stderr_offset``: the position in the child's whole output of the first
+    byte the stream delivers: 0 for a spawn; for ``attach(..., offset=N)`` at least N, more when
+    the daemon's ring buffer had already dropped bytes (those ``offset - N`` bytes were missed).
+
+    ``async with child:`` closes the streams on exit and waits for the child; leaving the block
+    by an exception or a cancellation kills it first (see ``wait``).
+    """
+
+    def __init__(self, client: "AsyncClient", msg: P.Spawned | P.Attached, fds: list[int], *, trusted: bool = False,
+                 has_result: bool = False, detached: bool = False) -> None:
         self._client = client
         self._trusted = trusted
         self._has_result = has_result
         self._outcome: Outcome | None = None
         self.id: str = msg.child
         self.pid: int = msg.pid
+        self.detached = detached
         fds = list(fds)
-        self.stdin_fd: int | None = fds.pop(0) if msg.has_stdin else None
-        self.stdout_fd: int | None = fds.pop(0) if fds else None
-        self.stderr_fd: int | None = fds.pop(0) if fds else None
+        has_stdin = isinstance(msg, P.Spawned) and msg.has_stdin
+        self.stdin: PipeSendStream | None = PipeSendStream(fds.pop(0)) if has_stdin else None
+        self.stdout: PipeReceiveStream | None = PipeReceiveStream(fds.pop(0)) if fds else None
+        self.stderr: PipeReceiveStream | None = PipeReceiveStream(fds.pop(0)) if fds else None
+        self.stdout_offset = getattr(msg, "stdout_offset", 0)
+        self.stderr_offset = getattr(msg, "stderr_offset", 0)
         self.status: ExitStatus | None = None
         self.export_result: ExportResult | None = None
         self._export_fd: int | None = None
         self._exited = anyio.Event()
+
+    def _detach_stdio(self) -> tuple[int | None, int | None, int | None]:
+        """Hand the raw (blocking) fds to the blocking face; the streams are gone afterwards."""
+        fds = tuple(s.detach() if s is not None else None for s in (self.stdin, self.stdout, self.stderr))
+        self.stdin = self.stdout = self.stderr = None
+        return fds
+
+    async def aclose(self) -> None:
+        """Close this side's ends of the child's stdio (the child sees EOF / EPIPE)."""
+        for s in (self.stdin, self.stdout, self.stderr):
+            if s is not None:
+                await s.aclose()
+
+    async def __aenter__(self) -> "AsyncChild":
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc is not None:  # the block's exception (or cancellation) goes on once the child is reaped
+            with anyio.CancelScope(shield=True):
+                await self.aclose()
+                if not self.detached:
+                    await self._kill_and_reap()
+            return
+        await self.aclose()
+        await self.wait()
 
     @property
     def returncode(self) -> int | None:
@@ -104,11 +144,35 @@ class AsyncChild:
             os.close(fd)
 
     async def wait(self) -> ExitStatus:
-        """Wait for the child to end and be reaped; returns its ExitStatus."""
-        if self.status is None:
-            await self._client._wait_exit(self)
+        """Wait for the child to end and be reaped; returns its ExitStatus.
+
+        Cancelling the caller kills the child (SIGKILL of its whole tree) and waits, shielded,
+        until the daemon has reaped it, as trio's ``run_process`` does; then the cancellation
+        goes on. A ``detached`` child is left running instead.
+        """
+        try:
+            await self._wait_quietly()
+        except anyio.get_cancelled_exc_class():
+            if not self.detached:
+                with anyio.CancelScope(shield=True):
+                    await self._kill_and_reap()
+            raise
         assert self.status is not None
         return self.status
+
+    async def _wait_quietly(self) -> None:
+        """Wait for the exit; a cancellation leaves the child alone (Popen.wait(timeout))."""
+        if self.status is None:
+            await self._client._wait_exit(self)
+
+    async def _kill_and_reap(self) -> None:
+        if self.status is not None or self._client._closed or self._client._broken is not None:
+            return
+        try:
+            await self.kill()
+            await self._exited.wait()
+        except ZygoteError:
+            pass  # the connection went away: the daemon kills a non-detached child itself
 
     async def result(self) -> Any:
         """Wait for the child to end; return what its payload returned.
@@ -150,7 +214,7 @@ class AsyncClient:
         self._proc = proc
         self._decoder = P.client_decoder()
         self._pending: dict[int, _Pending] = {}
-        self._children: dict[str, AsyncChild] = {}
+        self._children: dict[str, list[AsyncChild]] = {}  # by id: a spawn and attaches may share one
         self._early_exits: dict[str, tuple[P.Exited, list[int]]] = {}
         self._exported: list[AsyncChild] = []  # children whose export archive this client holds
         self._req = itertools.count(1)
@@ -246,19 +310,22 @@ class AsyncClient:
             for p in self._pending.values():
                 p.error = self._broken
                 p.event.set()
-            for c in self._children.values():
-                c._exited.set()
+            for same in self._children.values():
+                for c in same:
+                    c._exited.set()
             self._reader_done.set()
             if not isinstance(e, (ZygoteError, anyio.get_cancelled_exc_class())):
                 raise
 
     def _deliver(self, msg: Any, fds: list[int]) -> None:
         if isinstance(msg, P.Exited):
-            child = self._children.pop(msg.child, None)
-            if child is None:
+            same = self._children.pop(msg.child, None)
+            if same is None:
                 self._early_exits[msg.child] = (msg, fds)
             else:
-                self._exit(child, msg, fds)
+                for extra in same[1:]:  # each gets its own copy of the export fd
+                    self._exit(extra, msg, [os.dup(fd) for fd in fds])
+                self._exit(same[0], msg, fds)
             return
         req = getattr(msg, "req", 0)
         p = self._pending.pop(req, None)
@@ -323,7 +390,7 @@ class AsyncClient:
                           sandbox_config: SandboxConfig | None = None, stdin: Any = PIPE,
                           env: dict[str, str] | None = None, pool: str | None = None,
                           timeout: float | None = None, trusted_results: bool = False,
-                          _argv: list[str] | None = None, _script: bytes | None = None,
+                          detached: bool = False, _argv: list[str] | None = None, _script: bytes | None = None,
                           _stdio_fds: tuple[int, int, int] | None = None,
                           _test_fail_step: str | None = None, _test_relax_mounts: bool = False,
                           _test_landlock_abi: int = 0) -> AsyncChild:
@@ -334,6 +401,11 @@ class AsyncClient:
         available from ``child.result()``: JSON by default; with ``trusted_results=True`` the
         child cloudpickles it and this process unpickles it, so only set that when you trust
         the code that ran there as much as your own (a pickle can run anything when loaded).
+
+        ``detached=True``: the child outlives this connection (otherwise closing the client kills
+        it). The daemon keeps its stdout/stderr in a bounded ring buffer; ``attach(child.id)``
+        from any connection of the same user follows it again. Cancelling ``wait()`` leaves a
+        detached child running.
 
         Raises:
             SandboxError: a confinement step failed (``err.step`` names it); nothing ran.
@@ -364,7 +436,7 @@ class AsyncClient:
             return P.Spawn(req=req, kind=kind, payload=payload, target=tgt, argv=_argv, pool=pool,
                            process_name=process_name, env=env, sandbox=sandbox_config,
                            stdin=stdin == PIPE, stdio="fds" if fds else "pipe", timeout=timeout,
-                           trusted_results=bool(trusted_results),
+                           trusted_results=bool(trusted_results), detached=bool(detached),
                            test_fail_step=_test_fail_step, test_relax_mounts=_test_relax_mounts,
                            test_landlock_abi=_test_landlock_abi)
 
@@ -382,13 +454,38 @@ class AsyncClient:
             for fd in rfds:
                 os.close(fd)
             raise ProtocolError(f"unexpected reply {type(msg).__name__} to spawn")
-        child = AsyncChild(self, msg, rfds, trusted=bool(trusted_results), has_result=kind not in ("exec", "script"))
+        child = AsyncChild(self, msg, rfds, trusted=bool(trusted_results), has_result=kind not in ("exec", "script"),
+                           detached=bool(detached))
+        return self._track(child)
+
+    def _track(self, child: AsyncChild) -> AsyncChild:
         early = self._early_exits.pop(child.id, None)
         if early is not None:
             self._exit(child, *early)
         else:
-            self._children[child.id] = child
+            self._children.setdefault(child.id, []).append(child)
         return child
+
+    async def attach(self, child_id: str, offset: int = 0, *, trusted_results: bool = False) -> AsyncChild:
+        """Follow a child spawned with ``detached=True`` (by this user, from any connection).
+
+        The returned child's ``stdout``/``stderr`` stream the child's output from byte ``offset``
+        of each stream, as far as the daemon's ring buffer still holds it: ``child.stdout_offset``
+        says where the stream really starts (``stdout_offset - offset`` bytes were dropped). It has
+        no stdin. ``wait()``/``result()`` report the exit, also for a child that ended before the
+        attach (the daemon keeps that for a while). ``trusted_results``: as for ``spawn_child``.
+
+        Raises:
+            DaemonError: ``code="unknown-child"`` for an id that is not (or no longer) there or
+                that belongs to another user; ``"bad-request"`` for a child that is not detached.
+        """
+        msg, fds = await self._request(lambda req: P.Attach(req, str(child_id), int(offset)))
+        if not isinstance(msg, P.Attached) or len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError(f"unexpected reply {type(msg).__name__} to attach")
+        child = AsyncChild(self, msg, fds, trusted=bool(trusted_results), has_result=msg.has_result, detached=True)
+        return self._track(child)
 
 
     async def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
@@ -405,38 +502,25 @@ class AsyncClient:
 
     async def _call(self, fn: Callable[..., Any], args: tuple, kwargs: dict, **options: Any) -> Any:
         child = await self.spawn_child(fn, args, kwargs, stdin=DEVNULL, **options)
-        try:
+        async with child:  # an exception or a cancellation here kills the child
             async with anyio.create_task_group() as tg:
-                for fd, name in ((child.stdout_fd, "stdout"), (child.stderr_fd, "stderr")):
-                    if fd is not None:
-                        tg.start_soon(_forward, fd, name)
-                child.stdout_fd = child.stderr_fd = None  # owned by the forwarders now
+                for stream, name in ((child.stdout, "stdout"), (child.stderr, "stderr")):
+                    if stream is not None:
+                        tg.start_soon(_forward, stream, name)
                 await child.wait()  # not result(): its exception would cancel the forwarders early
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                if child.status is None and not self._closed and self._broken is None:
-                    await child.kill()
-            raise
         return await child.result()
 
 
-async def _forward(fd: int, name: str) -> None:
-    """Copy a child's output pipe to this process's sys.stdout/sys.stderr until EOF.
-
-    A thread does the blocking reads: the pipe ends at the child's exit, which cancellation of
-    the caller brings about (it kills the child).
-    """
-    def pump() -> None:
-        import codecs
-        dec = codecs.getincrementaldecoder("utf-8")("replace")
-        with open(fd, "rb", buffering=0) as f:
-            while chunk := f.read(1 << 16):
-                text = dec.decode(chunk)
-                if text:
-                    stream = getattr(sys, name)
-                    stream.write(text)
-                    stream.flush()
-    await anyio.to_thread.run_sync(pump, abandon_on_cancel=True)
+async def _forward(stream: PipeReceiveStream, name: str) -> None:
+    """Copy a child's output stream to this process's sys.stdout/sys.stderr until EOF."""
+    import codecs
+    dec = codecs.getincrementaldecoder("utf-8")("replace")
+    async for chunk in stream:
+        text = dec.decode(chunk)
+        if text:
+            out = getattr(sys, name)
+            out.write(text)
+            out.flush()
 
 
 def _proc_reason(proc: subprocess.Popen | None) -> str:

@@ -65,9 +65,13 @@ class ChildProcess:
         self._achild = achild
         self.id = achild.id
         self.pid = achild.pid
-        self.stdin = open(achild.stdin_fd, "wb") if achild.stdin_fd is not None else None
-        self.stdout = open(achild.stdout_fd, "rb") if achild.stdout_fd is not None else None
-        self.stderr = open(achild.stderr_fd, "rb") if achild.stderr_fd is not None else None
+        stdin, stdout, stderr = achild._detach_stdio()
+        self.stdin = open(stdin, "wb") if stdin is not None else None
+        self.stdout = open(stdout, "rb") if stdout is not None else None
+        self.stderr = open(stderr, "rb") if stderr is not None else None
+        self.stdout_offset = achild.stdout_offset
+        self.stderr_offset = achild.stderr_offset
+        self.detached = achild.detached
 
     def __repr__(self) -> str:
         return f"<ChildProcess id={self.id} pid={self.pid} returncode={self.returncode}>"
@@ -91,7 +95,8 @@ class ChildProcess:
 
         async def waiter() -> ExitStatus | None:
             with anyio.move_on_after(timeout):
-                return await self._achild.wait()
+                await self._achild._wait_quietly()  # a timeout leaves the child running
+                return self._achild.status
             return None
 
         st = self._client._call(waiter)
@@ -200,13 +205,20 @@ class Client:
                     kwargs: dict | None = None, *, process_name: str | None = None,
                     sandbox_config: SandboxConfig | None = None, stdin: Any = PIPE,
                     env: dict[str, str] | None = None, timeout: float | None = None,
-                    pool: str | None = None, trusted_results: bool = False, **private: Any) -> ChildProcess:
+                    pool: str | None = None, trusted_results: bool = False, detached: bool = False,
+                    **private: Any) -> ChildProcess:
         """Start a confined child; returns once it reported "ready" (see AsyncClient.spawn_child)."""
         async def go() -> AsyncChild:
             return await self._aclient.spawn_child(target, args, kwargs, process_name=process_name,
                                                    sandbox_config=sandbox_config, stdin=stdin, env=env,
                                                    timeout=timeout, pool=pool, trusted_results=trusted_results,
-                                                   **private)
+                                                   detached=detached, **private)
+        return ChildProcess(self, self._call(go))
+
+    def attach(self, child_id: str, offset: int = 0, *, trusted_results: bool = False) -> ChildProcess:
+        """Follow a detached child from this connection (see AsyncClient.attach)."""
+        async def go() -> AsyncChild:
+            return await self._aclient.attach(child_id, offset, trusted_results=trusted_results)
         return ChildProcess(self, self._call(go))
 
     def run(self, target: Callable[..., Any] | str | None = None, args: tuple = (), *, kwargs: dict | None = None,

@@ -58,6 +58,10 @@ class Spawn(_Msg, tag="spawn"):
 
     ``trusted_results``: the child returns its value as a cloudpickle (which the client will load)
     instead of JSON. The daemon only relays it.
+
+    ``detached``: the child is not killed when this connection closes. The daemon reads its
+    stdout/stderr into a bounded ring buffer per stream (``Attach`` reads it from an offset); the
+    spawner's stdout/stderr fds are fed from that buffer. Needs ``stdio="pipe"``.
     """
 
     req: int
@@ -73,6 +77,7 @@ class Spawn(_Msg, tag="spawn"):
     stdio: str = "pipe"  # "pipe": the daemon makes pipes; "fds": the frame carries stdin/out/err
     timeout: float | None = None  # wall-clock seconds; the stricter of this and sandbox.timeout wins
     trusted_results: bool = False
+    detached: bool = False  # outlives this connection; output kept in the daemon's ring buffer
     test_landlock_abi: int = 0  # test-only: require this Landlock ABI (simulates an older kernel)
     test_relax_mounts: bool = False  # test-only: host mount tree (to test Landlock alone)
     test_fail_step: str | None = None  # honoured only by a daemon started with --test-hooks
@@ -84,6 +89,16 @@ class Signal(_Msg, tag="signal"):
     req: int
     child: str
     signum: int
+
+
+class Attach(_Msg, tag="attach"):
+    """Follow a detached child from this connection: its output from ``offset`` (in bytes of each
+    stream) and its exit. Allowed for the peer uid that spawned it, and for root; anyone else gets
+    ``Error(code="unknown-child")``, as for an id that does not exist."""
+
+    req: int
+    child: str
+    offset: int = 0
 
 
 class Status(_Msg, tag="status"):
@@ -109,6 +124,21 @@ class Spawned(_Msg, tag="spawned"):
     child: str
     pid: int
     has_stdin: bool
+
+
+class Attached(_Msg, tag="attached"):
+    """Reply to Attach. fds: stdout and stderr readers, fed from the daemon's ring buffers, which
+    reach EOF after the child ended and everything kept was delivered. ``stdout_offset`` /
+    ``stderr_offset``: the stream position of their first byte (above the asked offset when the
+    buffer had already dropped older bytes). ``has_result``: a payload kind with a return value.
+    An ``Exited`` for the child follows on this connection when it ends (at once if it has)."""
+
+    req: int
+    child: str
+    pid: int
+    stdout_offset: int = 0
+    stderr_offset: int = 0
+    has_result: bool = True
 
 
 class SpawnFailed(_Msg, tag="spawn-failed", omit_defaults=True):
@@ -189,8 +219,8 @@ class StatusReply(_Msg, tag="status-reply"):
     counters: dict[str, int]
 
 
-ClientMessage = Union[Hello, Spawn, Signal, Status]
-DaemonMessage = Union[Welcome, Spawned, SpawnFailed, Ok, Error, Exited, StatusReply]
+ClientMessage = Union[Hello, Spawn, Signal, Attach, Status]
+DaemonMessage = Union[Welcome, Spawned, Attached, SpawnFailed, Ok, Error, Exited, StatusReply]
 
 _encoder = msgspec.msgpack.Encoder()
 

@@ -1,0 +1,68 @@
+"""The ring buffer behind detached children (zygote/detach.py), without a daemon."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+
+from zygote.detach import BLOCK, Ring, pump, tap
+
+
+def _all_from(ring: Ring, pos: int) -> bytes:
+    out = bytearray()
+    while chunk := ring.read(pos + len(out)):
+        out += chunk
+    return bytes(out)
+
+
+def test_ring_keeps_the_newest_capacity_bytes_and_counts_the_rest():
+    ring = Ring(100_000)
+    stream = bytes(i % 251 for i in range(1_000_003))
+    for i in range(0, len(stream), 777):  # writes of an odd size, across block boundaries
+        ring.append(stream[i:i + 777])
+    assert ring.end == len(stream)
+    assert ring.start == ring.dropped == len(stream) - 100_000
+    assert _all_from(ring, ring.start) == stream[-100_000:]
+    assert _all_from(ring, len(stream) - 10) == stream[-10:]
+    with pytest.raises(ValueError):
+        ring.read(ring.start - 1)
+    assert ring.read(ring.end) == b"" and ring.read(ring.end + 5) == b""
+
+
+def test_ring_memory_is_bounded():
+    ring = Ring(3 * BLOCK)
+    for _ in range(1000):
+        ring.append(b"x" * 1000)
+    assert sum(len(b) for b in ring._blocks) <= 4 * BLOCK
+
+
+def test_pump_and_tap_move_everything_in_order():
+    """A writer through pump into a small ring, a tap out of it: a reader that keeps up loses
+    nothing, and both ends are closed at EOF."""
+    data = os.urandom(300_000)
+
+    async def main():
+        ring = Ring(1 << 20)
+        src_r, src_w = os.pipe()
+        dst_r, dst_w = os.pipe()
+        got = bytearray()
+
+        async def write():
+            async with trio.lowlevel.FdStream(src_w) as s:
+                await s.send_all(data)
+
+        async def read():
+            async with trio.lowlevel.FdStream(dst_r) as s:
+                while chunk := await s.receive_some(1 << 16):
+                    got.extend(chunk)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(pump, src_r, ring, lambda size: True)
+            n.start_soon(tap, ring, dst_w, 0)
+            n.start_soon(write)
+            n.start_soon(read)
+        assert bytes(got) == data and ring.eof
+
+    trio.run(main)

@@ -1,0 +1,450 @@
+"""Lifecycle: async streams under trio and asyncio, cancellation kills, many concurrent clients,
+disconnects, detached children and re-attach, and SIGTERM to the daemon.
+
+Async tests run each coroutine under both backends with ``anyio.run(..., backend=backend)``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import anyio
+import pytest
+
+from zygote_client import Client, DaemonError, SandboxConfig, open_client, open_embedded
+from zygote_client import _protocol as P
+from conftest import children_of, fd_count
+
+BACKENDS = pytest.mark.parametrize("backend", ["trio", "asyncio"])
+
+
+def _gone(pid: int) -> bool:
+    """The process is neither running nor a zombie (its parent reaped it)."""
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def _wait_for(cond, timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _zygote_dirs(daemon_pid: int) -> list[str]:
+    return [d for d in glob.glob(f"/sys/fs/cgroup/**/zygote/d{daemon_pid}", recursive=True) if os.path.isdir(d)]
+
+
+def _child_cgroups(daemon_pid: int, child_id: str) -> list[str]:
+    return [d for d in glob.glob(f"/sys/fs/cgroup/**/zygote/d{daemon_pid}/{child_id}", recursive=True)
+            if os.path.isdir(d)]
+
+
+def _serve(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "zygote", "serve", *args], stderr=subprocess.PIPE)
+
+
+def _wait_socket(path: str, proc: subprocess.Popen) -> None:
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(path)
+                return True
+            except OSError:
+                return False
+    _wait_for(up, 60, "the daemon's socket")
+
+
+def _ticker(n: int, delay: float):
+    def tick():
+        import sys, time
+        for i in range(n):
+            print(f"tick {i:04d}", flush=True)
+            print(f"err {i}", file=sys.stderr, flush=True)
+            time.sleep(delay)
+        return n
+    return tick
+
+
+def _ticks(n: int) -> bytes:
+    return b"".join(b"tick %04d\n" % i for i in range(n))
+
+
+# ---- async streams and cancellation ---------------------------------------------------------------
+
+
+@BACKENDS
+def test_async_streams_stdin_stdout_stderr(backend):
+    def echo():
+        import sys
+        for line in sys.stdin:
+            sys.stdout.write(line.upper())
+            sys.stdout.flush()
+            print(len(line), file=sys.stderr, flush=True)
+        return "done"
+
+    async def main():
+        async with await open_embedded() as client:
+            child = await client.spawn_child(echo)
+            async with child:
+                got = []
+                for word in (b"alpha\n", b"beta\n"):
+                    await child.stdin.send(word)
+                    got.append(await child.stdout.receive())  # streams while the child runs
+                await child.stdin.aclose()
+                assert got == [b"ALPHA\n", b"BETA\n"]
+                assert await child.stdout.read_all() == b""
+                assert await child.stderr.read_all() == b"6\n5\n"
+                status = await child.wait()
+            assert status.returncode == 0 and await child.result() == "done"
+
+    anyio.run(main, backend=backend)
+
+
+@BACKENDS
+def test_cancelled_wait_kills_and_reaps(backend):
+    async def main():
+        async with await open_embedded() as client:
+            child = await client.spawn_child(lambda: __import__("time").sleep(60), stdin=None)
+            with anyio.move_on_after(0.3) as scope:
+                await child.wait()
+            assert scope.cancelled_caught
+            # deliver_cancel: by the time the cancellation went on, the child was killed and reaped
+            assert child.status is not None and child.returncode == -signal.SIGKILL
+            assert _gone(child.pid)
+
+    anyio.run(main, backend=backend)
+
+
+@BACKENDS
+def test_cancelled_async_with_block_kills(backend):
+    async def main():
+        async with await open_embedded() as client:
+            child = await client.spawn_child(_ticker(10_000, 0.01), stdin=None)
+            seen = []
+            with anyio.move_on_after(0.5):
+                async with child:
+                    async for chunk in child.stdout:
+                        seen.append(chunk)
+            assert b"".join(seen).startswith(b"tick 0000\n")
+            assert child.returncode == -signal.SIGKILL and _gone(child.pid)
+            # a block left normally closes the streams and waits: the child is not killed
+            child = await client.spawn_child(lambda: __import__("time").sleep(0.3), stdin=None)
+            async with child:
+                pass
+            assert child.returncode == 0 and child.status.wall_time >= 0.3
+
+    anyio.run(main, backend=backend)
+
+
+@BACKENDS
+def test_100_concurrent_spawns_from_10_clients(socket_daemon, backend):
+    def echo(token):
+        print(token)
+        return token
+
+    async def one_client(k: int, results: dict) -> None:
+        async with await open_client(socket_daemon) as client:
+            async def one(i: int) -> None:
+                token = f"client{k}-child{i}-{os.urandom(4).hex()}"
+                child = await client.spawn_child(echo, (token,), stdin=None)
+                async with child:
+                    out = await child.stdout.read_all()
+                    results[token] = (out, await child.result())
+            async with anyio.create_task_group() as tg:
+                for i in range(10):
+                    tg.start_soon(one, i)
+
+    async def main():
+        results: dict = {}
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                for k in range(10):
+                    tg.start_soon(one_client, k, results)
+        assert len(results) == 100
+        for token, (out, value) in results.items():
+            assert out == token.encode() + b"\n" and value == token
+
+    anyio.run(main, backend=backend)
+
+
+# ---- disconnects ----------------------------------------------------------------------------------
+
+_STREAMING_CLIENT = textwrap.dedent("""
+    import sys
+    from zygote_client import Client, SandboxConfig
+
+    def stream():
+        import time
+        i = 0
+        while True:
+            print("chunk", i, flush=True)
+            i += 1
+            time.sleep(0.01)
+
+    c = Client.connect(sys.argv[1])
+    child = c.spawn_child(stream, stdin=None, sandbox_config=SandboxConfig(memory="128M"))
+    print(child.pid, child.id, flush=True)
+    while True:
+        sys.stdout.buffer.write(child.stdout.readline())
+        sys.stdout.flush()
+""")
+
+
+def test_disconnect_mid_stream_kills_reaps_and_cleans(socket_daemon):
+    """A client killed while its child streams: the daemon kills the child, reaps it (no zombie),
+    removes its cgroup, and its fd count returns to what it was."""
+    with Client.connect(socket_daemon) as c:
+        dpid = c.welcome.daemon_pid
+        c.run(print, sandbox_config=SandboxConfig(memory="128M"))
+    _wait_for(lambda: not _child_cgroups(dpid, "*"), what="the warm-up child's cgroup to go")
+    base = fd_count(dpid)
+    proc = subprocess.Popen([sys.executable, "-c", _STREAMING_CLIENT, socket_daemon], stdout=subprocess.PIPE)
+    try:
+        pid_s, child_id = proc.stdout.readline().split()
+        pid = int(pid_s)
+        for _ in range(5):  # it streams
+            assert proc.stdout.readline().startswith(b"chunk")
+        assert _child_cgroups(dpid, child_id.decode()), "the child should have a cgroup (memory limit)"
+        proc.kill()  # abrupt: no goodbye, the socket just closes
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    _wait_for(lambda: _gone(pid), what="the child to be reaped")
+    _wait_for(lambda: not _child_cgroups(dpid, child_id.decode()), what="the child's cgroup to go")
+    assert [p for p, state in children_of(dpid) if state == "Z"] == []
+    _wait_for(lambda: fd_count(dpid) <= base, what=f"daemon fds back to {base}")
+
+
+def test_closing_a_connection_kills_only_its_children(socket_daemon):
+    with Client.connect(socket_daemon) as keep:
+        survivor = keep.spawn_child(lambda: __import__("time").sleep(60), stdin=None)
+        with Client.connect(socket_daemon) as gone:
+            doomed = gone.spawn_child(lambda: __import__("time").sleep(60), stdin=None)
+        _wait_for(lambda: _gone(doomed.pid), what="the closed connection's child to die")
+        assert survivor.poll() is None and not _gone(survivor.pid)
+        survivor.kill()
+        assert survivor.wait().returncode == -signal.SIGKILL
+
+
+# ---- detached children ----------------------------------------------------------------------------
+
+
+def test_detached_child_survives_and_reattaches_with_complete_output(socket_daemon):
+    n = 60
+    with Client.connect(socket_daemon) as a:
+        child = a.spawn_child(_ticker(n, 0.02), stdin=None, detached=True)
+        cid, pid = child.id, child.pid
+        assert child.stdout.readline() == b"tick 0000\n"  # the spawner reads it live, too
+    # the spawner's connection is gone; the child is not
+    time.sleep(0.2)
+    assert not _gone(pid)
+    with Client.connect(socket_daemon) as b:
+        assert [c.id for c in b.status().children] == [cid]
+        whole = b.attach(cid)
+        late = b.attach(cid, offset=len(_ticks(10)))
+        assert whole.stdout_offset == 0 and late.stdout_offset == len(_ticks(10))
+        assert whole.stdout.read() == _ticks(n)  # complete from offset 0, though nobody read it
+        assert late.stdout.read() == _ticks(n)[len(_ticks(10)):]  # a later offset: the suffix
+        assert whole.stderr.read() == b"".join(b"err %d\n" % i for i in range(n))
+        assert whole.wait().returncode == 0 and whole.result() == n
+        assert late.result() == n
+        # it was attached and seen to end: the record is gone
+        with pytest.raises(DaemonError) as e:
+            b.attach(cid)
+        assert e.value.code == "unknown-child"
+
+
+def test_detached_child_that_ended_is_kept_until_attached(socket_daemon):
+    with Client.connect(socket_daemon) as a:
+        child = a.spawn_child(_ticker(5, 0), stdin=None, detached=True)
+        cid = child.id
+        child.stdout.close()  # the spawner drops its streams at once
+        child.stderr.close()
+    time.sleep(0.5)  # it ends with nobody attached
+    with Client.connect(socket_daemon) as b:
+        again = b.attach(cid)
+        assert again.stdout.read() == _ticks(5)
+        assert again.wait().returncode == 0 and again.result() == 5
+    with Client.connect(socket_daemon) as c, pytest.raises(DaemonError) as e:
+        c.attach(cid)
+    assert e.value.code == "unknown-child"
+
+
+def test_detached_ring_keeps_the_newest_bytes_and_never_blocks_the_child(tmp_path):
+    """A 64 KiB ring and a child writing 1 MiB that nobody reads: the child finishes (the daemon
+    reads eagerly); an attach from 0 starts where the ring starts and says so."""
+    sock = str(tmp_path / "z.sock")
+    proc = _serve("--socket", sock, "--detached-buffer-bytes", "64K")
+    try:
+        _wait_socket(sock, proc)
+
+        def flood():
+            import os
+            for i in range(1024):
+                os.write(1, b"%07d" % i + b"." * 1017)  # 1 KiB records, numbered
+            return "flooded"
+
+        with Client.connect(sock) as a:
+            child = a.spawn_child(flood, stdin=None, detached=True)
+            cid = child.id
+            assert child.wait(timeout=30).returncode == 0  # though its spawner reads nothing
+            again = a.attach(cid)
+            data = again.stdout.read()
+            assert again.stdout_offset == (1 << 20) - (64 << 10)  # what was dropped is known
+            assert len(data) == 64 << 10 and data.startswith(b"%07d" % (1024 - 64))
+            assert again.result() == "flooded"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+def test_attach_refuses_non_detached_and_unknown(socket_daemon):
+    with Client.connect(socket_daemon) as a:
+        child = a.spawn_child(lambda: __import__("time").sleep(60), stdin=None)
+        with Client.connect(socket_daemon) as b:
+            with pytest.raises(DaemonError) as e:
+                b.attach(child.id)
+            assert e.value.code == "bad-request"
+            with pytest.raises(DaemonError) as e:
+                b.attach("no-such-child")
+            assert e.value.code == "unknown-child"
+        child.kill()
+        child.wait()
+
+
+def _as_uid(uid: int, gid: int, sock_path: str, requests: list) -> list[str]:
+    """In a forked process running as uid/gid, connect, say hello and send each request; return
+    the reply's tag (and code) per request. Replies' fds are closed unread. (The venv interpreter
+    lives under /root, so a subprocess as another uid cannot start; a fork can.)"""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(30)
+            s.connect(sock_path)
+            dec = P.client_decoder()
+
+            def reply():
+                while (item := dec.next()) is None:
+                    data, anc, _, _ = s.recvmsg(1 << 16, socket.CMSG_SPACE(4 * 8))
+                    if not data:
+                        return None
+                    fds = []
+                    for level, kind, blob in anc:
+                        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                            fds += list(memoryview(blob).cast("i"))
+                    dec.feed(data, fds)
+                for fd in item[1]:
+                    os.close(fd)
+                return item[0]
+
+            s.sendall(P.encode(P.Hello(P.VERSION)))
+            out = [type(reply()).__name__]
+            for req in requests:
+                s.sendall(P.encode(req))
+                m = reply()
+                while isinstance(m, P.Exited):
+                    m = reply()
+                out.append(f"{type(m).__name__}:{getattr(m, 'code', '')}:{getattr(m, 'child', '')}")
+            os.write(w, "\n".join(out).encode())
+        except BaseException as e:
+            os.write(w, f"exception:{e!r}".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode().split("\n")
+    os.waitpid(pid, 0)
+    return out
+
+
+@pytest.fixture
+def shared_dir():
+    d = tempfile.mkdtemp(prefix="zg-life-")
+    os.chmod(d, 0o755)
+    yield d
+    for name in os.listdir(d):
+        os.unlink(os.path.join(d, name))
+    os.rmdir(d)
+
+
+def test_SECURITY_detached_child_attachable_only_by_its_uid(shared_dir):
+    """uid 4001 spawns a detached child and leaves; 4001 re-attaches from a new connection, 4002
+    (allowed to use the daemon, same group) gets the answer a made-up id gets; root may attach."""
+    sock = os.path.join(shared_dir, "z.sock")
+    proc = _serve("--socket", sock, "--socket-mode", "0660", "--socket-group", "4242",
+                  "--allow-uid", "4001", "--allow-uid", "4002")
+    try:
+        _wait_socket(sock, proc)
+        spawn = P.Spawn(req=1, kind="exec", argv=["/bin/sh", "-c", "echo secret-output; exec sleep 60"],
+                        stdin=False, detached=True)
+        out = _as_uid(4001, 4242, sock, [spawn])
+        assert out[0] == "Welcome" and out[1].startswith("Spawned"), out
+        cid = out[1].rsplit(":", 1)[1]
+        assert _as_uid(4001, 4242, sock, [P.Attach(req=1, child=cid)]) == ["Welcome", f"Attached::{cid}"]
+        assert _as_uid(4002, 4242, sock, [P.Attach(req=1, child=cid)]) == ["Welcome", "Error:unknown-child:"]
+        assert _as_uid(4002, 4242, sock, [P.Attach(req=1, child="nope-1")]) == ["Welcome", "Error:unknown-child:"]
+        assert _as_uid(4002, 4242, sock, [P.Signal(req=1, child=cid, signum=9)]) == ["Welcome",
+                                                                                     "Error:unknown-child:"]
+        with Client.connect(sock) as root:
+            child = root.attach(cid)
+            assert child.stdout.readline() == b"secret-output\n"
+            child.kill()
+            assert child.wait().returncode == -signal.SIGKILL
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+# ---- SIGTERM --------------------------------------------------------------------------------------
+
+
+def test_sigterm_leaves_no_child_cgroup_or_socket(tmp_path):
+    sock = str(tmp_path / "z.sock")
+    proc = _serve("--socket", sock)
+    _wait_socket(sock, proc)
+    limits = SandboxConfig(memory="128M", pids=32)
+    sleeper = lambda: __import__("time").sleep(120)  # noqa: E731
+    with Client.connect(sock) as leaver:
+        detached = leaver.spawn_child(sleeper, stdin=None, detached=True, sandbox_config=limits)
+    c = Client.connect(sock)
+    try:
+        dpid = c.welcome.daemon_pid
+        running = [c.spawn_child(sleeper, stdin=None, sandbox_config=limits) for _ in range(3)]
+        running.append(c.spawn_child(sleeper, stdin=None))  # and one without a cgroup
+        pids = [detached.pid] + [ch.pid for ch in running]
+        assert all(not _gone(p) for p in pids)
+        assert _zygote_dirs(dpid), "the daemon should have its cgroup directory"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    finally:
+        c.close()
+    assert not os.path.exists(sock)
+    assert [p for p in pids if not _gone(p)] == []
+    assert _zygote_dirs(dpid) == []
+    # the daemon reaped each one itself (one exit event per child), not init after it left
+    exits = [json.loads(line) for line in err.decode().splitlines() if '"exit"' in line]
+    assert sorted(e["child"] for e in exits) == sorted([detached.id] + [ch.id for ch in running])

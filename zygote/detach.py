@@ -1,0 +1,128 @@
+"""Detached children: their output kept in bounded ring buffers, replayed to whoever attaches.
+
+A detached child writes its stdout/stderr into pipes only the daemon reads. ``pump`` reads each
+pipe eagerly into a ``Ring`` (so the child never blocks on a full pipe, whoever is or is not
+attached), dropping the oldest bytes past the ring's capacity and counting them. ``tap`` feeds one
+reader's pipe from a ring, from a stream offset on, until the child's end of the stream closed and
+everything kept was written. Readers see positions in the child's whole output: a reader that asks
+for an offset the ring has already dropped starts at ``Ring.start`` and learns how much it missed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import trio
+
+BLOCK = 1 << 16
+
+
+class Ring:
+    """The last ``capacity`` bytes (at least) of one output stream.
+
+    Kept as fixed-size blocks so appending and reading cost O(bytes) whatever the writes' sizes;
+    the memory held is at most ``capacity + BLOCK``.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("a ring buffer needs a positive capacity")
+        self.capacity = capacity
+        self._blocks: list[bytearray] = []
+        self._base = 0  # stream offset of _blocks[0][0]
+        self.start = 0  # first offset still held: everything before it was dropped
+        self.end = 0  # total bytes the stream produced
+        self.eof = False
+        self._changed = trio.Event()
+
+    @property
+    def dropped(self) -> int:
+        return self.start
+
+    def append(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if not self._blocks or len(self._blocks[-1]) == BLOCK:
+                self._blocks.append(bytearray())
+            last = self._blocks[-1]
+            n = min(BLOCK - len(last), len(view))
+            last += view[:n]
+            view = view[n:]
+        self.end += len(data)
+        while len(self._blocks) > 1 and self.end - (self._base + BLOCK) >= self.capacity:
+            del self._blocks[0]
+            self._base += BLOCK
+        self.start = max(self.start, self._base, self.end - self.capacity)
+        self._wake()
+
+    def close(self) -> None:
+        """The writer's end is closed: no byte will follow ``end``."""
+        self.eof = True
+        self._wake()
+
+    def read(self, pos: int, n: int = BLOCK) -> bytes:
+        """Up to ``n`` bytes from stream offset ``pos`` (``start <= pos``); b"" at or past ``end``."""
+        if pos < self.start:
+            raise ValueError(f"offset {pos} was dropped (the ring starts at {self.start})")
+        if pos >= self.end:
+            return b""
+        i, j = divmod(pos - self._base, BLOCK)
+        return bytes(self._blocks[i][j:j + n])
+
+    async def wait_past(self, pos: int) -> None:
+        """Return once there is a byte at ``pos`` or the stream ended."""
+        while self.end <= pos and not self.eof:
+            await self._changed.wait()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+
+async def pump(fd: int, ring: Ring, count: Callable[[int], bool]) -> None:
+    """Read a detached child's output pipe into ``ring`` until EOF.
+
+    ``count(n)`` is told every chunk's size and returns False to stop reading (the output cap
+    killed the child); the ring is closed either way.
+    """
+    stream = trio.lowlevel.FdStream(fd)
+    try:
+        while True:
+            data = await stream.receive_some(BLOCK)
+            if not data:
+                break
+            ring.append(data)
+            if not count(len(data)):
+                break
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    finally:
+        ring.close()
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+
+
+async def tap(ring: Ring, fd: int, pos: int) -> None:
+    """Write ``ring`` from ``pos`` into pipe ``fd`` (a reader's), then close it.
+
+    A reader slower than the ring (the child wrote more than ``capacity`` since) skips what was
+    dropped meanwhile. A reader that closed its end just ends the tap.
+    """
+    stream = trio.lowlevel.FdStream(fd)
+    try:
+        while True:
+            pos = max(pos, ring.start)
+            data = ring.read(pos)
+            if data:
+                await stream.send_all(data)
+                pos += len(data)
+            elif ring.eof and pos >= ring.end:
+                return
+            else:
+                await ring.wait_past(pos)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    finally:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+
