@@ -586,3 +586,32 @@ def test_address_pool():
     for bad in ("10.213.0.0/31", "fd00::/64", "10.213.0.1/16"):
         with pytest.raises(ValueError):
             AddressPool(bad)
+
+
+def test_sigterm_with_running_networked_children_leaves_nothing(world, tmp_path):
+    """SIGTERM while networked children (one with a cgroup) run: exit 0, and no child process,
+    veth, address, nft table, cgroup directory or socket file is left."""
+    import glob
+
+    path = world.start(tmp_path, "--network-allow", "198.51.100.0/24")
+    daemon = world.daemon.pid
+
+    def sleeper():
+        import time
+        print("up", flush=True)
+        time.sleep(60)
+
+    with Client.connect(path) as c:
+        kids = [c.spawn_child(sleeper, sandbox_config=NET, stdin=None) for _ in range(3)]
+        kids.append(c.spawn_child(sleeper, sandbox_config=SandboxConfig(network=NetworkConfig(), memory="64M"),
+                                  stdin=None))
+        for k in kids:
+            assert k.stdout.readline() == b"up\n"
+        pids = [k.pid for k in kids]
+        assert world.stop_daemon() == 0
+    assert not [p for p in pids if os.path.exists(f"/proc/{p}")]
+    links, addrs, _ = _leftovers(world)
+    assert links == [] and addrs == [], (links, addrs)
+    assert world.nft().strip() == ""
+    assert glob.glob(f"/sys/fs/cgroup/**/zygote/d{daemon}", recursive=True) == []
+    assert not os.path.exists(path)
