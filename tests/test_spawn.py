@@ -371,6 +371,9 @@ def test_zygote_killed_during_burst_retriable_and_recovers():
         for t in threads:
             t.start()
         time.sleep(0.5)
+        # Stop it first so the burst's next clone requests are surely in flight, then kill it.
+        os.kill(zygotes[0], signal.SIGSTOP)
+        time.sleep(0.3)
         os.kill(zygotes[0], signal.SIGKILL)
         time.sleep(1.5)
         stop.set()
@@ -385,4 +388,6 @@ def test_zygote_killed_during_burst_retriable_and_recovers():
         while fd_count(dpid) > base and time.monotonic() < deadline:
             time.sleep(0.1)
         assert fd_count(dpid) <= base
+        while [p for p, s in children_of(dpid) if s == "Z"] and time.monotonic() < deadline:
+            time.sleep(0.1)  # the killed zygote and the last children are reaped asynchronously
         assert [p for p, s in children_of(dpid) if s == "Z"] == []

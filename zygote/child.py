@@ -56,6 +56,7 @@ def run(fds: list[int]) -> None:
 
 def confine(plan) -> int:
     """The confinement pipeline. Order matters; each line says why it sits where it does."""
+    global _payload_pid
     _inject(plan, "mounts")
     sources = mounts.open_sources(plan)      # before userns: walk to bind sources as the daemon's uid
     _inject(plan, "userns")
@@ -79,10 +80,14 @@ def confine(plan) -> int:
         privileges.apply(plan.uid, plan.gid)  # the last privileged step is behind us
     _set_pdeathsig()                         # after the uid change, which clears it (prctl(2))
     _inject(plan, "payload")
+    for sig in _FORWARDED:                   # PID 1's handlers, before the fork: PID 1 then touches
+        signal.signal(sig, _forward)         # fewer pages of its own (less private memory per child)
     try:
         pid = os.fork()                      # the payload is PID 2 under a tiny PID-1 reaper
     except OSError as e:
         raise SetupError("fork", f"cannot start the payload process: {e.strerror}", e.errno or 0) from None
+    if pid:
+        _payload_pid = pid
     # seccomp last, in both processes, after the fork (the strict profile has no fork at all):
     # the payload process reports Ready itself, only once its filter is loaded.
     if pid == 0:
@@ -95,7 +100,9 @@ def confine(plan) -> int:
             os._exit(EXIT_SETUP_FAILED)
         _report(Ready(landlock_abi=abi, payload_pid=os.getpid()))
         if plan.deferred:                    # a reserve child: confined, now wait for a request
-            plan = _await_job(plan)
+            _prepare_payload_process()
+            _prewarm()
+            _payload(_await_job(plan), prepared=True)
         _payload(plan)                       # never returns
     if plan.deferred:
         os.close(CTL_FD)                     # the Job is the payload process's alone
@@ -106,6 +113,22 @@ def confine(plan) -> int:
             os.kill(pid, signal.SIGKILL)
             raise
     return pid
+
+
+def _prewarm() -> None:
+    """Take, before the request arrives, the copy-on-write faults every payload start would
+    take: the stdio objects, unpickling a closure, encoding a result. The pages become this
+    process's own now instead of on the request's path."""
+    import pickle
+
+    import cloudpickle
+    try:
+        x = 1
+        fn, args, kwargs = pickle.loads(cloudpickle.dumps((lambda: x, (), {})))
+        json.dumps(fn())
+        msgspec.msgpack.decode(msgspec.msgpack.encode({"a": [1]}))
+    except Exception:
+        pass
 
 
 def _await_job(plan):
@@ -186,6 +209,19 @@ def _set_pdeathsig() -> None:
 
 # ---- PID 1 -------------------------------------------------------------------------------------
 
+_payload_pid = 0  # in PID 1, once the payload process exists
+
+
+def _forward(signum, _frame) -> None:
+    """PID 1's handler: pass the signal on to the payload (PID 2 resets its own to the defaults;
+    until then _payload_pid is 0 there and nothing is sent: kill(0) would mean the process group)."""
+    if _payload_pid > 0:
+        try:
+            os.kill(_payload_pid, signum)
+        except ProcessLookupError:
+            pass
+
+
 def _reaper(payload_pid: int, plan) -> None:
     """Forward signals to the payload, reap every orphan, report the payload's status, exit.
 
@@ -194,14 +230,6 @@ def _reaper(payload_pid: int, plan) -> None:
     SIGKILLs everything left in the namespace: nothing the payload started outlives it. With an
     export, PID 1 kills the rest itself first, so nothing changes the directory while it is packed.
     """
-    def forward(signum, _frame):
-        try:
-            os.kill(payload_pid, signum)
-        except ProcessLookupError:
-            pass
-
-    for sig in _FORWARDED:
-        signal.signal(sig, forward)
     for fd in (0, 1, 2, RESULT_FD):  # the result pipe is the payload's alone
         os.close(fd)
     while True:
@@ -236,16 +264,23 @@ def _export(plan) -> None:
 
 # ---- PID 2: the payload ------------------------------------------------------------------------
 
-def _payload(plan) -> None:
+def _prepare_payload_process() -> None:
+    """What every payload process does first, whatever the request: default signals, no status
+    pipe (the payload must never write a status message), Python's stdio on fds 0/1/2."""
+    for sig in _FORWARDED:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.close(STATUS_FD)
+    _reopen_stdio()
+
+
+def _payload(plan, prepared: bool = False) -> None:
     code = 1
     try:
-        for sig in _FORWARDED:
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        os.close(STATUS_FD)
+        if not prepared:
+            _prepare_payload_process()
         os.environ.clear()
         os.environ.update(plan.env)
-        _reopen_stdio()
         if plan.cwd:
             os.chdir(plan.cwd)
         code = _run_payload(plan)

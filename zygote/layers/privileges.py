@@ -42,6 +42,7 @@ PR_CAPBSET_READ = 23
 PR_CAPBSET_DROP = 24
 PR_GET_SECUREBITS = 27
 PR_SET_SECUREBITS = 28
+PR_SET_NO_NEW_PRIVS = 38
 PR_GET_NO_NEW_PRIVS = 39
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_IS_SET = 1
@@ -61,6 +62,7 @@ class _CapData(ctypes.Structure):
 
 # glibc's capget is a plain syscall wrapper (no cross-thread broadcast, unlike its setxid family).
 _sys.libc.capget.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
+_sys.libc.capset.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
 
 _KNOWN_CAPS = frozenset(prctl.ALL_CAPS)
 _HINT_CAPS = ("the child needs CAP_SETPCAP/CAP_SETUID/CAP_SETGID in its user namespace at this step; "
@@ -90,12 +92,11 @@ def apply(uid: int, gid: int) -> None:
 
     _step("clear the ambient set", _prctl_raw, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     # PR_CAPBSET_DROP needs CAP_SETPCAP, which the capset below removes: bounding set first.
+    # Raw prctl calls: python-prctl refuses capability numbers newer than its build, and each of
+    # its calls costs more than the syscall (this step runs on every spawn).
     for cap in _all_caps():
         if _prctl_raw(PR_CAPBSET_READ, cap) == 1:
-            if cap in _KNOWN_CAPS:
-                _step(f"drop capability {cap} from the bounding set", prctl.capbset_drop, cap)
-            else:  # newer than this python-prctl build: it would refuse the number
-                _step(f"drop capability {cap} from the bounding set", _prctl_raw, PR_CAPBSET_DROP, cap)
+            _step(f"drop capability {cap} from the bounding set", _prctl_raw, PR_CAPBSET_DROP, cap)
     # PR_SET_SECUREBITS needs CAP_SETPCAP too. python-prctl (1.8) only accepts bits 0-5 and we also
     # lock NO_CAP_AMBIENT_RAISE (bits 6-7), so this one is a raw prctl: one call, all bits at once.
     if _prctl_raw(PR_GET_SECUREBITS) != SECUREBITS:
@@ -104,8 +105,8 @@ def apply(uid: int, gid: int) -> None:
     _step(f"setresgid({gid})", _sys.syscall, "setresgid", gid, gid, gid)
     _step(f"setresuid({uid})", _sys.syscall, "setresuid", uid, uid, uid)
     # Lowering capability sets never needs a capability (capset(2)); NO_SETUID_FIXUP kept them.
-    _step("empty the capability sets", prctl.set_caps, (prctl.ALL_CAPS, prctl.ALL_FLAGS, False))
-    _step("set no_new_privs", prctl.set_no_new_privs, 1)
+    _step("empty the capability sets", _capset_empty)
+    _step("set no_new_privs", _prctl_raw, PR_SET_NO_NEW_PRIVS, 1)
     _verify(uid, gid)
 
 
@@ -125,14 +126,37 @@ def _prctl_raw(option: int, arg2: int = 0) -> int:
     return ret
 
 
-def _all_caps() -> range:
-    """0..the kernel's last capability: PR_CAPBSET_READ answers EINVAL past it (no /proc needed)."""
+def _capset_empty() -> None:
+    """capset(2) with every set empty: lowering needs no capability (one syscall, no libcap)."""
+    hdr = _CapHeader(_CAP_V3, 0)
+    data = (_CapData * 2)()
+    if _sys.libc.capset(ctypes.byref(hdr), data) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _count_caps() -> int:
     cap = 0
     while cap < 64:
         if _sys.libc.prctl(PR_CAPBSET_READ, cap, 0, 0, 0) < 0 and ctypes.get_errno() == _errno.EINVAL:
             break
         cap += 1
-    return range(cap)
+    return cap
+
+
+_N_CAPS: int | None = None
+
+
+def _all_caps() -> range:
+    """0..the kernel's last capability: PR_CAPBSET_READ answers EINVAL past it (no /proc needed).
+    Probed once per process image (the zygote's import), so each child skips the ~40 calls."""
+    global _N_CAPS
+    if _N_CAPS is None:
+        _N_CAPS = _count_caps()
+    return range(_N_CAPS)
+
+
+_all_caps()  # in the zygote, at import: the kernel's number of capabilities does not change
 
 
 def _verify(uid: int, gid: int) -> None:
