@@ -20,8 +20,6 @@ import ctypes
 import errno as _errno
 import os
 
-import prctl
-
 from . import SetupError
 from . import _sys
 
@@ -64,7 +62,6 @@ class _CapData(ctypes.Structure):
 _sys.libc.capget.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
 _sys.libc.capset.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
 
-_KNOWN_CAPS = frozenset(prctl.ALL_CAPS)
 _HINT_CAPS = ("the child needs CAP_SETPCAP/CAP_SETUID/CAP_SETGID in its user namespace at this step; "
               "a seccomp profile or an earlier step may have removed them")
 
