@@ -36,6 +36,7 @@ _CAP_NAMES = ["CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "K
 
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT, _MS_BIND = 1, 2, 4, 8, 32, 4096
 _ST_RDONLY = 1
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 
 
 def remount_cgroup_rw(path: str = "/sys/fs/cgroup") -> bool:
@@ -53,7 +54,12 @@ def remount_cgroup_rw(path: str = "/sys/fs/cgroup") -> bool:
 
 
 def drop_to(keep: set[str]) -> None:
-    """Cut the bounding set to ``keep``; root's next exec then starts with exactly these."""
+    """Cut the bounding set to ``keep`` and empty the inheritable and ambient sets; root's next
+    exec then starts with exactly these.
+
+    The inheritable set matters: at exec, root gets inheritable | (bounding & all), so a
+    capability left inheritable survives the bounding cut (runtimes before the CVE-2022-24769
+    fixes, e.g. Docker < 20.10.14, put the container's capabilities there)."""
     unknown = keep - set(_CAP_NAMES)
     if unknown:
         raise ValueError(f"unknown capabilities: {sorted(unknown)}")
@@ -61,6 +67,10 @@ def drop_to(keep: set[str]) -> None:
     for number, name in enumerate(_CAP_NAMES[: last + 1]):
         if name not in keep:
             prctl.capbset.drop(number)
+    prctl.cap_inheritable.limit()  # no arguments: none kept
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "PR_CAP_AMBIENT_CLEAR_ALL")
 
 
 def main(argv: list[str]) -> None:

@@ -89,6 +89,9 @@ import importlib.util, os, sys
 from zygote.layers import seccomp
 spec = importlib.util.spec_from_file_location("ep", sys.argv[1]); ep = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ep)
+if os.environ.get("ZG_TEST_INHERIT"):  # an old runtime: the container's caps also inheritable
+    import prctl
+    prctl.cap_inheritable.sys_admin = True
 ep.drop_to(set(sys.argv[2].split(",")))
 seccomp.apply(seccomp.compile_profile(seccomp.load_profile(sys.argv[3])))
 os.execv(sys.executable, [sys.executable, "-m", "zygote", "run", *sys.argv[4:]])
@@ -108,6 +111,14 @@ def test_daemon_runs_with_exactly_the_entrypoint_caps_under_the_profile():
     r = _run_contained(caps)
     assert r.returncode == 0, r.stderr.decode()
     assert r.stdout == b"contained\n"
+    # Even when the runtime left capabilities in the inheritable set, the daemon gets only these.
+    r = subprocess.run([sys.executable, "-c", _LAUNCH.replace(
+        'os.execv(sys.executable, [sys.executable, "-m", "zygote", "run", *sys.argv[4:]])',
+        'os.execv("/bin/grep", ["grep", "CapEff", "/proc/self/status"])'),
+        os.path.join(DOCKER, "entrypoint.py"), ",".join(sorted(caps)), PROFILE],
+        capture_output=True, timeout=60, env={**os.environ, "ZG_TEST_INHERIT": "1"})
+    eff = int(r.stdout.split()[1], 16)
+    assert eff & (1 << 21) == 0, f"CAP_SYS_ADMIN survived the entrypoint: {r.stdout!r} {r.stderr!r}"
     # Controls: each uid/gid map capability is really needed (so the run above proves the set works).
     for missing in ("SETUID", "SETGID"):
         r = _run_contained(caps - {missing})

@@ -448,3 +448,58 @@ def test_sigterm_leaves_no_child_cgroup_or_socket(tmp_path):
     # the daemon reaped each one itself (one exit event per child), not init after it left
     exits = [json.loads(line) for line in err.decode().splitlines() if '"exit"' in line]
     assert sorted(e["child"] for e in exits) == sorted([detached.id] + [ch.id for ch in running])
+
+
+def test_SECURITY_client_that_stops_reading_is_dropped(tmp_path):
+    """A client that sends spawns whose results are large and never reads its socket must not
+    grow the daemon without bound: past the per-connection queue cap it is dropped, its children
+    are killed, and the daemon serves others."""
+    import pickle
+    import socket as _socket
+    import subprocess
+    import sys
+
+    from test_config import _stop, _wait_socket, _write
+    from zygote_client import _protocol as P
+
+    sock = str(tmp_path / "z.sock")
+    cfg = _write(tmp_path / "z.toml", f'[daemon]\nsocket = "{sock}"\nmax_children = 8\n')
+    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--config", cfg], stderr=subprocess.PIPE)
+    try:
+        _wait_socket(sock, proc)
+        s = _socket.socket(_socket.AF_UNIX)
+        s.connect(sock)
+        s.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, 4096)
+        s.sendall(P.encode(P.Hello(P.VERSION), 0))
+        payload = pickle.dumps((("x", 12_000_000), {}))  # each child returns a 12 MB string
+        for i in range(1, 41):
+            s.sendall(P.encode(P.Spawn(req=i, kind="target", target="builtins:str.__mul__", payload=payload,
+                                       stdin=False), 0))
+        # never read: 40 results of 12 MB would be 480 MB held for us. Bounded instead by
+        # max_children results being read (8 x 12 MB) plus the connection's queue cap (64 MiB).
+        deadline = time.monotonic() + 60
+        peak = 0
+        dropped = False
+        while time.monotonic() < deadline:
+            with open(f"/proc/{proc.pid}/status") as f:
+                rss = int(next(l for l in f if l.startswith("VmRSS:")).split()[1]) * 1024
+            peak = max(peak, rss)
+            with Client.connect(sock) as other:
+                st = other.status()
+            if st.running == 0 and st.counters.get("spawns_ok", 0) >= 3:
+                dropped = True
+                break
+            time.sleep(0.2)
+        assert dropped, "the silent client's children kept running"
+        assert peak < 300 << 20, f"daemon RSS reached {peak >> 20} MiB"
+        # the daemon gave up on us: what it had sent is readable, then EOF (not 40 x 12 MB)
+        s.settimeout(30)
+        got = 0
+        while chunk := s.recv(1 << 20):
+            got += len(chunk)
+        assert got < 100 << 20, got
+        with Client.connect(sock) as other:
+            assert other.run(print, ("still serving",)).stdout == b"still serving\n"
+        s.close()
+    finally:
+        _stop(proc)

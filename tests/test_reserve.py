@@ -182,3 +182,46 @@ def test_reserve_with_pool_limits_has_cgroups(tmp_path):
             assert r.stdout == b"tight\n"
     finally:
         _stop(proc)
+
+
+def test_pool_timeout_counts_from_the_request_not_the_reserve(tmp_path):
+    """A pool whose default has a timeout: a reserve child older than that timeout still gets the
+    whole timeout for its request (the deadline is armed at handout, not when it was made)."""
+    import subprocess
+    import sys
+    sock = str(tmp_path / "z.sock")
+    cfg = _write(tmp_path / "z.toml", f"""
+        [daemon]
+        socket = "{sock}"
+        [pools.default]
+        reserve = 1
+        [pools.default.sandbox]
+        timeout = 1.5
+        """)
+    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--config", cfg], stderr=subprocess.PIPE)
+    try:
+        _wait_socket(sock, proc)
+        with Client.connect(sock) as c:
+            time.sleep(2.5)  # the reserve child is now older than the pool's timeout
+            asked = _boottime()
+
+            def slow():
+                import os
+                import time
+                with open("/proc/1/stat") as f:
+                    print(int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK"), flush=True)
+                time.sleep(1.0)
+                print("done")
+            r = c.run(slow)
+            started, done = r.stdout.split()
+            assert float(started) < asked - 1.0  # it did come from the reserve
+            assert done == b"done" and not r.status.timed_out, r.status
+            assert 0.9 < r.status.wall_time < 1.5
+
+            def spin():
+                while True:
+                    pass
+            r = c.run(spin)  # and the pool's timeout still applies to a reserve child
+            assert r.status.timed_out and 1.4 < r.status.wall_time < 3, r.status
+    finally:
+        _stop(proc)

@@ -399,10 +399,16 @@ def test_SECURITY_collector_limits_and_kinds():
     assert _collect([Out("l", "symlink", 0o777, b"/etc/passwd"), OutEnd()])["error_path"] == "l"
     assert _collect([OutSkip("f", "fifo"), OutEnd()])["error_path"] == "f"
     assert _collect([Out("x/y", "file", 0, b""), OutEnd()])["error_path"] == "x/y"  # parent never listed
-    big = [Out("z", "file", 0o644, bytes(1000)), Out("z", "file", 0o644, bytes(1000)), OutEnd()]
-    assert _collect(big, max_bytes=1500)["error_path"] == "z"
-    cut = _collect(big, max_bytes=1500, on_exceed="truncate")
-    assert (cut["bytes"], cut["truncated"]) == (1500, True)
+    from zygote_client._workspace import CHUNK
+    big = [Out("z", "file", 0o644, bytes(CHUNK)), Out("z", "file", 0o644, bytes(1000)), OutEnd()]
+    assert _collect(big, max_bytes=CHUNK + 500)["error_path"] == "z"
+    cut = _collect(big, max_bytes=CHUNK + 500, on_exceed="truncate")
+    assert (cut["bytes"], cut["truncated"]) == (CHUNK + 500, True)
+    # each piece repeats the path: tiny pieces, or pieces larger than the packer makes, are refused
+    tiny = [Out("t", "file", 0o644, b"x")] + [Out("t", "file", 0o644, b"x")] * 3 + [OutEnd()]
+    assert "short piece" in _collect(tiny, on_exceed="truncate")["error"]
+    huge = [Out("h", "file", 0o644, bytes(CHUNK + 1)), OutEnd()]
+    assert _collect(huge, on_exceed="truncate")["error_path"] == "h"
     assert "killed" in _collect([Out("a", "file", 0o644, b"x")])["error"]  # no OutEnd
 
 

@@ -24,6 +24,8 @@ from ._zygote import NFDS, REP, REQ
 
 THREAD_CAPS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "NUMEXPR_NUM_THREADS": "1", "VECLIB_MAXIMUM_THREADS": "1"}
+CLONE_REPLY_TIMEOUT = 30.0  # seconds a zygote may take to answer one clone request
+
 DEFAULT_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
 
 
@@ -116,16 +118,25 @@ class Zygote:
             if self.sock is None or self.dead.is_set():
                 raise ZygoteDied("zygote is not running")
             req = next(self._req)
-            try:
-                await self.sock.sendmsg([REQ.pack(req, flags)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                                 _fd_array(fds))])
-                rep = await self.sock.recv(64)
-            except OSError as e:
-                self.dead.set()
-                raise ZygoteDied(f"zygote connection failed: {e}") from None
+            # Shielded: once the request is sent the zygote clones, so the reply must be read even
+            # if the requester goes away (a cancelled read would leave the child untracked and the
+            # next request reading this reply: "out of order", a needless zygote restart). The
+            # time limit only guards against a zygote that stopped answering.
+            rep = b""
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(CLONE_REPLY_TIMEOUT):
+                    try:
+                        await self.sock.sendmsg([REQ.pack(req, flags)],
+                                                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(fds))])
+                        rep = await self.sock.recv(64)
+                    except OSError as e:
+                        self.dead.set()
+                        raise ZygoteDied(f"zygote connection failed: {e}") from None
             if len(rep) != REP.size:
                 self.dead.set()
-                raise ZygoteDied("zygote died while cloning")
+                if self.proc is not None and self.proc.poll() is None:
+                    self.proc.send_signal(signal.SIGKILL)  # silent for CLONE_REPLY_TIMEOUT: replace it
+                raise ZygoteDied("zygote died (or stopped answering) while cloning")
             rreq, pid, err = REP.unpack(rep)
             if rreq != req:
                 self.dead.set()

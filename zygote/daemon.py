@@ -36,6 +36,8 @@ from ._pool import Pool, PoolConfig, PoolStartError, ZygoteDied
 from . import detach, observe, policy
 from .layers import SetupError, cgroups, mounts, network, rlimits, seccomp, userns, workspace
 
+SEND_TIMEOUT = 30.0  # seconds one message may wait for a client to read before it is dropped
+SEND_QUEUE_BYTES = 64 << 20  # bytes waiting for one connection before it is dropped
 RESERVE_QUIET = 0.025  # seconds without a take before a reserve that is not empty is refilled
 RESERVE_PARALLEL = 2  # reserve children being made at once, per pool
 SPAWN_STEPS = ("userns", "mounts", "netns", "rlimits", "uts", "fds", "payload")
@@ -151,26 +153,57 @@ class Connection:
         self.children: dict[str, Child] = {}  # spawned here, or attached to from here
         self._send_lock = trio.Lock()
         self.closed = False
+        self.queued = 0  # bytes of messages waiting to be sent
+        self.spawning = 0  # spawns of this connection in flight (not yet a child or a failure)
         self.nursery: trio.Nursery | None = None  # the connection's tasks (taps die with it)
 
     def spawned(self) -> int:
         return sum(1 for c in self.children.values() if c.conn is self)
 
     async def send(self, msg, fds: list[int] = ()) -> None:
+        """Send one message; never blocks the daemon on a client that stops reading.
+
+        Bytes waiting for this connection are capped (SEND_QUEUE_BYTES: results and exports are
+        large) and each send has SEND_TIMEOUT; past either the connection is dropped, which kills
+        its children like any disconnect and frees what their reports held.
+        """
+        if self.closed:
+            return
         data = P.encode(msg, len(fds))
-        async with self._send_lock:
-            if self.closed:
+        size = len(data)
+        self.queued += size
+        try:
+            if self.queued > SEND_QUEUE_BYTES:
+                self.drop()
                 return
+            async with self._send_lock:
+                if self.closed:
+                    return
+                with trio.move_on_after(SEND_TIMEOUT) as scope:
+                    view = memoryview(data)  # slices of a view: no copy of a large frame per send
+                    try:
+                        if fds:
+                            n = await self.sock.sendmsg([view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                                  array.array("i", fds).tobytes())])
+                            view = view[n:]
+                        while view:
+                            n = await self.sock.send(view)
+                            view = view[n:]
+                    except OSError:
+                        self.closed = True
+                if scope.cancelled_caught:
+                    self.drop()
+        finally:
+            self.queued -= size
+
+    def drop(self) -> None:
+        """Give up on this client: its reader loop ends and its children are killed."""
+        self.closed = True
+        if self.sock is not None:
             try:
-                if fds:
-                    n = await self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                          array.array("i", fds).tobytes())])
-                    data = data[n:]
-                while data:
-                    n = await self.sock.send(data)
-                    data = data[n:]
+                self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
-                self.closed = True
+                pass
 
 
 class Daemon:
@@ -178,6 +211,7 @@ class Daemon:
         self.config = config
         self.pools: dict[str, Pool] = {}
         self.children: dict[str, Child] = {}
+        self.spawning = 0  # spawns in flight, counted against max_children with the children
         self.kept: dict[str, _Kept] = {}  # ended detached children not yet attached (oldest first)
         self.watching = 0  # watcher tasks still running (shutdown waits for them)
         self._nursery: trio.Nursery | None = None
@@ -507,13 +541,25 @@ class Daemon:
         pool = self.pools.get(msg.pool or "default")
         if pool is None:
             return P.SpawnFailed(msg.req, f"no pool named {msg.pool!r}", code="bad-request"), []
-        if len(self.children) >= self.config.max_children:
-            return P.SpawnFailed(msg.req, f"the daemon runs {len(self.children)} children, its maximum",
-                                 code="limit"), []
+        # Spawns in flight count too: a burst of requests would otherwise all pass the check before
+        # the first clone registers its child.
+        if len(self.children) + self.spawning >= self.config.max_children:
+            return P.SpawnFailed(msg.req, f"the daemon runs {len(self.children) + self.spawning} children, "
+                                 "its maximum", code="limit"), []
         per_client = self.config.max_children_per_client
-        if per_client is not None and conn is not self._reserve_conn and conn.spawned() >= per_client:
-            return P.SpawnFailed(msg.req, f"this connection runs {conn.spawned()} children, the "
-                                 f"per-client maximum", code="limit"), []
+        if (per_client is not None and conn is not self._reserve_conn
+                and conn.spawned() + conn.spawning >= per_client):
+            return P.SpawnFailed(msg.req, f"this connection runs {conn.spawned() + conn.spawning} children, "
+                                 "the per-client maximum", code="limit"), []
+        self.spawning += 1
+        conn.spawning += 1
+        try:
+            return await self._spawn(pool, conn, msg, client_fds)
+        finally:
+            self.spawning -= 1
+            conn.spawning -= 1
+
+    async def _spawn(self, pool: Pool, conn: Connection, msg: P.Spawn, client_fds: list[int]):
         if msg.detached and msg.stdio != "pipe":
             return P.SpawnFailed(msg.req, "a detached child needs stdio='pipe' (the daemon keeps its output)",
                                  code="bad-request"), []
@@ -536,6 +582,8 @@ class Daemon:
                 return P.SpawnFailed(msg.req, r.message, code=r.code, path=r.path), []
             if taken is not None:
                 return taken
+        if conn is self._reserve_conn:
+            timeout = None  # a reserve child's deadline is armed when a request takes it
         try:
             plan = self._plan(pool, msg, cfg, deferred=conn is self._reserve_conn)
         except _Refused as r:
@@ -543,9 +591,9 @@ class Daemon:
         # The child's pipes. Ours are CLOEXEC; the zygote hands its copies to the clone.
         mine: list[int] = []
         theirs: list[int] = []
+        relays: list[tuple[int, int, bool]] = []  # (read end from the child, write end to the client, ours?)
+        detached: list[tuple[int, int]] = []  # (read end from the child, write end of the spawner's tap)
         try:
-            relays: list[tuple[int, int, bool]] = []  # (read end from the child, write end to the client, ours?)
-            detached: list[tuple[int, int]] = []  # (read end from the child, write end of the spawner's tap)
             limit = cfg.max_output
             if msg.stdio == "fds":
                 if len(client_fds) != 3:
@@ -634,7 +682,10 @@ class Daemon:
                     self._nursery.start_soon(self._relay, child, r, w, ours, limit, box)
             return P.Spawned(msg.req, child.id, pid, msg.stdio == "pipe" and msg.stdin), out
         except BaseException:
+            # Cancelled (the connection closed) or a bug: nothing handed our pipe ends on yet.
+            # A child already registered is killed by the connection's own cleanup.
             _close(mine)
+            _close([fd for r, w, _ in relays for fd in (r, w)] + [fd for pair in detached for fd in pair])
             raise
 
     # ---- the pool reserve: children confined ahead of requests ---------------------------------
@@ -677,8 +728,12 @@ class Daemon:
                 child.conn, child.watchers = None, []
                 _close(fds)
                 continue
+            except BaseException:  # cancelled: the connection's cleanup kills the child
+                _close(fds)
+                raise
             finally:
-                await ctl.aclose()
+                with trio.CancelScope(shield=True):
+                    await ctl.aclose()
             if timeout is not None:
                 self._nursery.start_soon(self._deadline_until_exit, child)
             if not msg.stdin:
@@ -911,7 +966,8 @@ class Daemon:
     # ---- watching and reaping ----------------------------------------------------------------
 
     def _kill(self, child: Child, signum: int) -> None:
-        if child.exited.is_set():
+        # pidfd is -1 once reaped: its number may already belong to another file.
+        if child.exited.is_set() or child.pidfd < 0:
             return
         try:
             signal.pidfd_send_signal(child.pidfd, signum)
@@ -950,6 +1006,7 @@ class Daemon:
             _, wstatus, ru = os.wait4(child.pid, 0)
         finally:
             os.close(child.pidfd)
+            child.pidfd = -1  # reaped: _kill must not signal whatever reuses the number
             with trio.CancelScope(shield=True):
                 await child.status_stream.aclose()
                 await child.result_stream.aclose()
@@ -1126,7 +1183,7 @@ class Daemon:
             if len(buf) != hdr.size + length:
                 child.result_kind = "invalid"  # cut short (killed mid-write)
                 return
-            child.result_kind, child.result = C.RESULT_KINDS[kind], bytes(buf[hdr.size:])
+            child.result_kind, child.result = C.RESULT_KINDS[kind], bytes(memoryview(buf)[hdr.size:])
         finally:
             with trio.CancelScope(shield=True):
                 await child.result_stream.aclose()

@@ -359,10 +359,11 @@ class AsyncClient:
         data = P.encode(msg, len(fds))
         try:
             async with self._send_lock:
+                view = memoryview(data)  # a payload may be many MiB: no copies of it
                 if fds:
-                    await self._stream.send_fds(data[:P.HEADER.size], fds)
-                    data = data[P.HEADER.size:]
-                await self._stream.send(data)
+                    await self._stream.send_fds(bytes(view[:P.HEADER.size]), fds)
+                    view = view[P.HEADER.size:]
+                await self._stream.send(view)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as e:
             self._pending.pop(req, None)
             raise BrokenError(f"cannot send to the daemon: {e}") from None

@@ -225,14 +225,19 @@ DaemonMessage = Union[Welcome, Spawned, Attached, SpawnFailed, Ok, Error, Exited
 _encoder = msgspec.msgpack.Encoder()
 
 
-def encode(msg: _Msg, nfds: int = 0) -> bytes:
+def encode(msg: _Msg, nfds: int = 0) -> bytearray:
     """Frame one message; the caller sends exactly ``nfds`` fds with the frame's first byte."""
     if not 0 <= nfds <= MAX_FDS:
         raise ValueError(f"at most {MAX_FDS} fds per frame")
-    body = _encoder.encode(msg)
-    if len(body) > MAX_FRAME:
-        raise ProtocolError(f"frame of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit")
-    return HEADER.pack(MAGIC, VERSION, nfds, len(body)) + body
+    # One buffer, header first: a frame may carry a result or payload of many MiB, so no copy
+    # for the concatenation.
+    frame = bytearray(HEADER.size)
+    _encoder.encode_into(msg, frame, HEADER.size)
+    n = len(frame) - HEADER.size
+    if n > MAX_FRAME:
+        raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
+    HEADER.pack_into(frame, 0, MAGIC, VERSION, nfds, n)
+    return frame
 
 
 class FrameDecoder:

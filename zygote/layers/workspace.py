@@ -256,6 +256,7 @@ class Collector:
         self.current: str | None = None  # the file whose chunks are arriving
         self.cut: str | None = None  # a file being dropped past a limit
         self.files = self.bytes = self.file_bytes = 0
+        self.last_piece = 0  # size of the current file's last data piece
         self.skipped: list[str] = []
         self.dropped = 0
         self.error: tuple[str, str | None] | None = None
@@ -272,7 +273,14 @@ class Collector:
         if isinstance(m, OutSkip):
             self._over(m.path, m.reason)
             return
+        if m.kind == "file" and isinstance(m.data, (bytes, bytearray)) and len(m.data) > CHUNK:
+            return self._refuse(f"a record of {len(m.data)} bytes (the packer sends at most {CHUNK})", m.path)
         if m.kind == "file" and m.path in (self.current, self.cut):
+            # Continuation pieces follow full ones only: each piece repeats the path, so a stream of
+            # tiny pieces would grow the archive far past max_bytes.
+            if self.last_piece < CHUNK:
+                return self._refuse("a continuation after a short piece (the stream is malformed)", m.path)
+            self.last_piece = len(m.data)
             if m.path == self.current:
                 self._data(m.path, m.data)
             return
@@ -298,7 +306,7 @@ class Collector:
             self._write(Entry(m.path, "dir", mode))
             return
         self.files += 1
-        self.current, self.file_bytes = m.path, 0
+        self.current, self.file_bytes, self.last_piece = m.path, 0, len(m.data)
         self._write(Entry(m.path, "file", mode))
         self._data(m.path, m.data)
 
