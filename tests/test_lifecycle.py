@@ -503,3 +503,50 @@ def test_SECURITY_client_that_stops_reading_is_dropped(tmp_path):
         s.close()
     finally:
         _stop(proc)
+
+
+def test_SECURITY_clients_leaving_mid_spawn_leave_nothing(tmp_path):
+    """50 clients each send a spawn and hang up ~5 ms later (while the zygote is cloning): the
+    zygote is never restarted, no child is left (zombie or alive), the daemon's fds return."""
+    import pickle
+    import socket as _socket
+    import subprocess
+    import sys
+
+    from conftest import children_of, fd_count
+    from test_config import _stop, _wait_socket
+    from zygote_client import _protocol as P
+
+    sock = str(tmp_path / "z.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--socket", sock], stderr=subprocess.PIPE)
+    try:
+        _wait_socket(sock, proc)
+        with Client.connect(sock) as c:
+            c.run(print)
+        time.sleep(0.3)
+        base = fd_count(proc.pid)
+        payload = pickle.dumps((("x",), {}))
+        for i in range(50):
+            s = _socket.socket(_socket.AF_UNIX)
+            s.connect(sock)
+            s.sendall(P.encode(P.Hello(P.VERSION), 0))
+            s.sendall(P.encode(P.Spawn(req=1, kind="target", target="builtins:print", payload=payload,
+                                       stdin=False, detached=(i % 2 == 0),
+                                       sandbox=None), 0))
+            time.sleep(0.005 if i % 3 else 0.0)
+            s.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            kids = [(p, st) for p, st in children_of(proc.pid)
+                    if b"zygote._zygote" not in open(f"/proc/{p}/cmdline", "rb").read() or st == "Z"]
+            if not kids and fd_count(proc.pid) <= base:
+                break
+            time.sleep(0.1)
+        with Client.connect(sock) as c:
+            st = c.status()
+            assert c.run(print, ("ok",)).stdout == b"ok\n"
+        assert st.pools[0].restarts == 0, "a cancelled spawn desynchronised the zygote"
+        assert kids == [], kids
+        assert fd_count(proc.pid) <= base
+    finally:
+        _stop(proc)
