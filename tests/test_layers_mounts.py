@@ -415,3 +415,20 @@ def test_mounts_cost():
     open_ms = statistics.median(r["open_ms"] for r in runs)
     print(f"\nmounts: {len(plan.binds)} binds; median open_sources+setresuid {open_ms:.3f} ms, "
           f"apply {apply_ms:.3f} ms over {len(runs)} runs")
+
+
+def test_SECURITY_bind_source_swapped_to_symlink_is_refused(tmp_path):
+    """The daemon checks a bind source against the peer's permissions by its canonical path; the
+    child opens that path later. A component swapped for a symlink in between must not be
+    followed (it could point at what the peer may not read)."""
+    import errno as _errno
+    from zygote.layers import SetupError
+    from zygote.layers import mounts as _mounts
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "f").write_text("x")
+    os.symlink(str(real), tmp_path / "swapped")
+    os.close(_mounts._open_path(str(real / "f")))
+    with pytest.raises(SetupError) as e:
+        _mounts._open_path(str(tmp_path / "swapped" / "f"))
+    assert e.value.errno == _errno.ELOOP

@@ -187,6 +187,9 @@ class Pool:
         self.stopping = False
         self.reserve: list = []  # the daemon's confined children waiting for a request (daemon.Child)
         self.reserve_wake = trio.Event()
+        # Called after a zygote died: a clone it made but never reported is the daemon's
+        # (CLONE_PARENT) child that nobody tracks; the daemon reaps such strays.
+        self.on_zygote_death = None
         self.last_take = 0.0  # time.monotonic() of the last request that took a reserve child
 
     async def start(self) -> None:
@@ -209,6 +212,8 @@ class Pool:
                 await z.dead.wait()
                 n.cancel_scope.cancel()
             await z.stop()
+            if self.on_zygote_death is not None:
+                self.on_zygote_death()
             while not self.stopping:
                 nz = Zygote(self.config, i)
                 try:

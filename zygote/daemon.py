@@ -255,9 +255,30 @@ class Daemon:
 
     async def start_pools(self) -> None:
         for name, pc in self.config.pools.items():
-            pool = Pool(pc)
+            pool = self._new_pool(pc)
             await pool.start()
             self.pools[name] = pool
+
+    def _new_pool(self, pc: PoolConfig) -> Pool:
+        pool = Pool(pc)
+        pool.on_zygote_death = lambda: self._nursery.start_soon(self._reap_strays)
+        return pool
+
+    async def _reap_strays(self) -> None:
+        """Reap children a dead zygote cloned but never reported (their pid never reached us).
+
+        Such a child gets EOF on its control pipe (we closed our end with the failed request)
+        and exits; nobody waits for it. Only zombies in a pid namespace of their own (sandbox
+        children, never a zygote or a helper such as nft) that no Child record owns are reaped.
+        """
+        for delay in (0.05, 0.5, 2.0):
+            await trio.sleep(delay)
+            known = {c.pid for c in self.children.values()}
+            for pid in _stray_zombies(known):
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
 
     async def run(self, *, listen_sock: socket.socket | None = None, inherit_fd: int | None = None,
                   task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -313,7 +334,7 @@ class Daemon:
             for name, pc in keep.pools.items():
                 old = self.pools.get(name)
                 if old is None or old.config != pc:
-                    pool = Pool(pc)
+                    pool = self._new_pool(pc)
                     started[name] = pool
                     await pool.start()
         except BaseException:
@@ -1258,6 +1279,30 @@ class Daemon:
 async def child_first_status(child: Child):
     await child.first_event.wait()
     return child.first
+
+
+def _stray_zombies(known: set[int]) -> list[int]:
+    """Zombie children of this process, in a pid namespace of their own, not in ``known``."""
+    out = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids = [int(p) for p in f.read().split()]
+        except OSError:
+            continue
+        for pid in pids:
+            if pid in known:
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+                with open(f"/proc/{pid}/status") as f:
+                    nspid = next((line.split()[1:] for line in f if line.startswith("NSpid:")), [])
+            except (OSError, StopIteration):
+                continue
+            if state == "Z" and len(nspid) > 1:
+                out.append(pid)
+    return out
 
 
 async def _wait_pidfd(pidfd: int) -> None:

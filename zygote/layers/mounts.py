@@ -380,11 +380,39 @@ def open_sources(plan) -> dict[str, int]:
     return fds
 
 
+class _OpenHow(ctypes.Structure):  # struct open_how, openat2(2)
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_RESOLVE_NO_MAGICLINKS, _RESOLVE_NO_SYMLINKS = 0x02, 0x04
+_use_openat2 = True
+
+
 def _open_path(path: str) -> int:
+    """O_PATH fd of a bind source, following no symlink on the way.
+
+    Every source in a plan is the daemon's canonical path (realpath when the request was checked
+    against the peer's permissions). A symlink found here means a component was swapped after
+    that check: refuse (ELOOP) rather than bind whatever it now points to. openat2 needs Linux
+    5.6; before that the plain open is the fallback.
+    """
+    global _use_openat2
     try:
+        if _use_openat2:
+            how = _OpenHow(os.O_PATH | os.O_CLOEXEC, 0, _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
+            fd = _sys.libc.syscall(_sys.NR["openat2"], -100, path.encode(), ctypes.byref(how),  # AT_FDCWD
+                                   ctypes.sizeof(how))
+            if fd >= 0:
+                return fd
+            err = ctypes.get_errno()
+            if err != _errno.ENOSYS:
+                raise OSError(err, os.strerror(err), path)
+            _use_openat2 = False
         return os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError as e:
-        raise _err(f"open bind source {path}", e, _HINT_SOURCE if e.errno == _errno.EACCES else "") from None
+        hint = _HINT_SOURCE if e.errno == _errno.EACCES else (
+            "a path component became a symlink after the request was checked" if e.errno == _errno.ELOOP else "")
+        raise _err(f"open bind source {path}", e, hint) from None
 
 
 def _close_all(fds: dict[str, int]) -> None:
