@@ -225,3 +225,41 @@ def test_pool_timeout_counts_from_the_request_not_the_reserve(tmp_path):
             assert r.status.timed_out and 1.4 < r.status.wall_time < 3, r.status
     finally:
         _stop(proc)
+
+
+def test_reload_replaces_the_reserve(tmp_path):
+    """SIGHUP with a changed pool: the old reserve children go (they exit without running
+    anything), the new pool fills its own reserve, requests work throughout."""
+    import signal as _signal
+    import subprocess
+    import sys
+    sock = str(tmp_path / "z.sock")
+    path = tmp_path / "z.toml"
+    _write(path, f'[daemon]\nsocket = "{sock}"\n[pools.default]\nreserve = 2\n')
+    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--config", str(path)],
+                            stderr=subprocess.PIPE)
+    try:
+        _wait_socket(sock, proc)
+
+        def reserve_pids() -> set[int]:
+            return {p for p, _ in children_of(proc.pid) if _in_own_pidns(p)}
+
+        deadline = time.monotonic() + 20
+        while len(reserve_pids()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        old = reserve_pids()
+        assert len(old) == 2
+        _write(path, f'[daemon]\nsocket = "{sock}"\n[pools.default]\nreserve = 3\npreload = ["colorsys"]\n')
+        proc.send_signal(_signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            now = reserve_pids()
+            if len(now) == 3 and not now & old:
+                break
+            time.sleep(0.05)
+        assert len(now) == 3 and not now & old, (old, now)
+        with Client.connect(sock) as c:
+            r = c.run(lambda: print(__import__("sys").modules.get("colorsys") is not None))
+            assert r.stdout == b"True\n"  # from the new pool (it preloads colorsys)
+    finally:
+        _stop(proc)
