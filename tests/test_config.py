@@ -341,3 +341,71 @@ def test_systemd_units_name_the_daemon():
     assert unit["Service"]["Type"] == "notify" and "zygote serve" in unit["Service"]["ExecStart"]
     assert unit["Service"]["Delegate"] == "yes"
     assert unit["Socket"]["ListenStream"].endswith(".sock")
+
+
+def _spawns_as(uid: int, gid: int, sock_path: str, plan: list[int]) -> list[str]:
+    """As uid/gid (a forked process doing only socket I/O): open len(plan) connections and send
+    plan[i] sleeping spawns on connection i, one after another; the answers' types, in order."""
+    import pickle
+    from zygote_client import _protocol as P
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            out = []
+            conns = []
+            for n in plan:
+                s = socket.socket(socket.AF_UNIX)
+                s.settimeout(30)
+                s.connect(sock_path)
+                conns.append(s)
+                dec = P.client_decoder()
+                s.sendall(P.encode(P.Hello(P.VERSION), 0))
+                for i in range(n + 1):  # +1: the hello's welcome
+                    if i:
+                        s.sendall(P.encode(P.Spawn(req=i, kind="target", target="time:sleep",
+                                                   payload=pickle.dumps(((30,), {})), stdin=False), 0))
+                    item = dec.next()
+                    while item is None:
+                        data, anc, _, _ = s.recvmsg(1 << 16, socket.CMSG_SPACE(64))
+                        fds = [fd for lvl, typ, d in anc for fd in __import__("array").array("i", d)]
+                        dec.feed(data, fds)
+                        item = dec.next()
+                    for fd in item[1]:
+                        os.close(fd)
+                    if i:
+                        out.append(type(item[0]).__name__ + ":" + getattr(item[0], "code", ""))
+            os.write(w, ",".join(out).encode())
+        except BaseException as e:
+            os.write(w, f"exception:{e!r}".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    os.waitpid(pid, 0)
+    return out.split(",")
+
+
+def test_SECURITY_per_client_cap_counts_a_uid_over_its_connections(shared_dir):
+    """max_children_per_client is per peer uid: a second connection of the same uid buys no more."""
+    sock = os.path.join(shared_dir, "z.sock")
+    cfg = _write(os.path.join(shared_dir, "z.toml"), f"""
+        [daemon]
+        socket = "{sock}"
+        socket_mode = "0660"
+        socket_group = 4242
+        allowed_uids = [4001]
+        max_children_per_client = 2
+        """)
+    proc = _serve(cfg)
+    try:
+        _wait_socket(sock, proc)
+        got = _spawns_as(4001, 4242, sock, [2, 1])
+        assert got == ["Spawned:", "Spawned:", "SpawnFailed:limit"], got
+    finally:
+        _stop(proc)

@@ -11,7 +11,7 @@ same thing. Example::
     allowed_uids = [1000]         # besides root and the daemon's own uid
     allowed_gids = [1001]         # any peer whose primary gid is listed
     max_children = 512
-    max_children_per_client = 64
+    max_children_per_client = 64  # per peer uid, over all its connections (root: per connection)
     max_result_bytes = "16M"      # largest return value relayed to a client
     network_pool = "10.213.0.0/16"  # networked children's /30s (only for pools allowing network)
     network_dns = ["192.0.2.53"]

@@ -55,7 +55,8 @@ class DaemonConfig:
         id_base: first host uid/gid of the range sandbox ids 0..65535 map to (root daemon only).
         test_hooks: accept test-only request fields (failure injection). Never in production.
         max_children: running children allowed at once (all clients).
-        max_children_per_client: running children one connection may have (None: no own cap).
+        max_children_per_client: running children one peer uid may have over all its connections,
+            detached ones included (root: per connection); None: no own cap.
         socket_mode, socket_group: the listening socket file's mode and group (None: unchanged).
         max_result_bytes: largest encoded return value relayed to a client; the daemon buffers at
             most this much per child. A larger result is dropped (``result_kind="too-large"``)
@@ -212,6 +213,7 @@ class Daemon:
         self.pools: dict[str, Pool] = {}
         self.children: dict[str, Child] = {}
         self.spawning = 0  # spawns in flight, counted against max_children with the children
+        self.spawning_by_uid: dict[int, int] = {}  # the same per peer uid (max_children_per_client)
         self.kept: dict[str, _Kept] = {}  # ended detached children not yet attached (oldest first)
         self.watching = 0  # watcher tasks still running (shutdown waits for them)
         self._nursery: trio.Nursery | None = None
@@ -568,17 +570,32 @@ class Daemon:
             return P.SpawnFailed(msg.req, f"the daemon runs {len(self.children) + self.spawning} children, "
                                  "its maximum", code="limit"), []
         per_client = self.config.max_children_per_client
-        if (per_client is not None and conn is not self._reserve_conn
-                and conn.spawned() + conn.spawning >= per_client):
-            return P.SpawnFailed(msg.req, f"this connection runs {conn.spawned() + conn.spawning} children, "
-                                 "the per-client maximum", code="limit"), []
+        if per_client is not None and conn is not self._reserve_conn:
+            n, who = self._client_load(conn)
+            if n >= per_client:
+                return P.SpawnFailed(msg.req, f"{who} runs {n} children, the per-client maximum",
+                                     code="limit"), []
         self.spawning += 1
         conn.spawning += 1
+        self.spawning_by_uid[conn.peer_uid] = self.spawning_by_uid.get(conn.peer_uid, 0) + 1
         try:
             return await self._spawn(pool, conn, msg, client_fds)
         finally:
             self.spawning -= 1
             conn.spawning -= 1
+            self.spawning_by_uid[conn.peer_uid] -= 1
+            if not self.spawning_by_uid[conn.peer_uid]:
+                del self.spawning_by_uid[conn.peer_uid]
+
+    def _client_load(self, conn: Connection) -> tuple[int, str]:
+        """Children (and spawns in flight) counted against max_children_per_client: per peer uid,
+        over all its connections and its detached children, so more connections buy no more; for
+        root (the administrator) per connection, as a guard against one runaway client."""
+        if conn.peer_uid == 0:
+            return conn.spawned() + conn.spawning, "this connection"
+        uid = conn.peer_uid
+        n = sum(1 for c in self.children.values() if c.peer_uid == uid and not c.reserved)
+        return n + self.spawning_by_uid.get(uid, 0), f"uid {uid}"
 
     async def _spawn(self, pool: Pool, conn: Connection, msg: P.Spawn, client_fds: list[int]):
         if msg.detached and msg.stdio != "pipe":
