@@ -76,3 +76,61 @@ def socket_daemon(tmp_path):
             proc.wait()
         assert proc.returncode == 0, f"daemon exited {proc.returncode} on SIGTERM"
         assert not os.path.exists(path), "daemon left its socket file"
+
+
+def run_as(uid: int, gid: int, fn) -> str:
+    """``fn()`` (returning a str) in a forked process with uid/gid and no supplementary groups;
+    its result, or "exception:<repr>". For socket-level tests as another user: the venv's
+    interpreter lives under /root, so a subprocess as another uid cannot even start."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            out = fn()
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            out = f"exception:{e!r}"
+        try:
+            os.write(w, out.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    os.waitpid(pid, 0)
+    return out
+
+
+class RawConn:
+    """A bare protocol connection (no client library): send messages, read replies one by one;
+    fds that come with a reply are closed unread."""
+
+    def __init__(self, path: str) -> None:
+        from zygote_client import _protocol as P
+        self.P = P
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(30)
+        self.sock.connect(path)
+        self.dec = P.client_decoder()
+
+    def send(self, msg) -> None:
+        try:
+            self.sock.sendall(self.P.encode(msg))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # a refused peer gets its error at once and the connection closes: read it
+
+    def reply(self):
+        """The next message, or None at EOF."""
+        while (item := self.dec.next()) is None:
+            data, anc, _, _ = self.sock.recvmsg(1 << 16, socket.CMSG_SPACE(4 * 8))
+            if not data:
+                return None
+            fds = [fd for level, kind, blob in anc if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+                   for fd in memoryview(blob).cast("i")]
+            self.dec.feed(data, fds)
+        for fd in item[1]:
+            os.close(fd)
+        return item[0]

@@ -16,6 +16,8 @@ import pytest
 from zygote.config import ConfigError, load
 from zygote_client import Client, DaemonError
 
+from conftest import RawConn, run_as
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -120,52 +122,18 @@ def _stop(proc: subprocess.Popen) -> bytes:
 
 
 def _hello_as(uid: int, gid: int, sock_path: str) -> str:
-    """Connect as uid/gid (a forked child that only does socket I/O) and return the daemon's first
-    answer: "welcome" or "error:<code>". (The venv's interpreter lives under /root, which other
-    uids cannot execute, so no subprocess as another user.)"""
-    from zygote_client import _protocol as P
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-            s = socket.socket(socket.AF_UNIX)
-            s.settimeout(30)
-            s.connect(sock_path)
-            try:
-                s.sendall(P.encode(P.Hello(P.VERSION), 0))
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # refused peers get their error at once and the connection closes: read it
-            dec = P.client_decoder()
-            item = None
-            while item is None:
-                data = s.recv(1 << 16)
-                if not data:
-                    break
-                dec.feed(data, [])
-                item = dec.next()
-            msg = item[0] if item else None
-            out = "welcome" if isinstance(msg, P.Welcome) else f"error:{getattr(msg, 'code', None)}"
-            if out == "welcome":  # what does this peer see of the daemon's children?
-                s.sendall(P.encode(P.Status(1), 0))
-                item = dec.next()
-                while item is None:
-                    dec.feed(s.recv(1 << 16), [])
-                    item = dec.next()
-                out += f" running={item[0].running} visible={len(item[0].children)}"
-            os.write(w, out.encode())
-        except BaseException as e:
-            os.write(w, f"exception:{e!r}".encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        out = f.read().decode()
-    os.waitpid(pid, 0)
-    return out
+    """As uid/gid: the daemon's first answer ("welcome" or "error:<code>"); after a welcome, what
+    a Status shows this peer of the daemon's children."""
+    def talk() -> str:
+        c = RawConn(sock_path)
+        c.send(c.P.Hello(c.P.VERSION))
+        msg = c.reply()
+        if not isinstance(msg, c.P.Welcome):
+            return f"error:{getattr(msg, 'code', None)}"
+        c.send(c.P.Status(1))
+        st = c.reply()
+        return f"welcome running={st.running} visible={len(st.children)}"
+    return run_as(uid, gid, talk)
 
 
 def test_SECURITY_auth_unlisted_uid_refused_listed_uid_served(shared_dir):
@@ -344,51 +312,24 @@ def test_systemd_units_name_the_daemon():
 
 
 def _spawns_as(uid: int, gid: int, sock_path: str, plan: list[int]) -> list[str]:
-    """As uid/gid (a forked process doing only socket I/O): open len(plan) connections and send
-    plan[i] sleeping spawns on connection i, one after another; the answers' types, in order."""
+    """As uid/gid: open len(plan) connections and send plan[i] sleeping spawns on connection i,
+    one after another; the answers' types (and codes), in order."""
     import pickle
-    from zygote_client import _protocol as P
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-            out = []
-            conns = []
-            for n in plan:
-                s = socket.socket(socket.AF_UNIX)
-                s.settimeout(30)
-                s.connect(sock_path)
-                conns.append(s)
-                dec = P.client_decoder()
-                s.sendall(P.encode(P.Hello(P.VERSION), 0))
-                for i in range(n + 1):  # +1: the hello's welcome
-                    if i:
-                        s.sendall(P.encode(P.Spawn(req=i, kind="target", target="time:sleep",
-                                                   payload=pickle.dumps(((30,), {})), stdin=False), 0))
-                    item = dec.next()
-                    while item is None:
-                        data, anc, _, _ = s.recvmsg(1 << 16, socket.CMSG_SPACE(64))
-                        fds = [fd for lvl, typ, d in anc for fd in __import__("array").array("i", d)]
-                        dec.feed(data, fds)
-                        item = dec.next()
-                    for fd in item[1]:
-                        os.close(fd)
-                    if i:
-                        out.append(type(item[0]).__name__ + ":" + getattr(item[0], "code", ""))
-            os.write(w, ",".join(out).encode())
-        except BaseException as e:
-            os.write(w, f"exception:{e!r}".encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        out = f.read().decode()
-    os.waitpid(pid, 0)
-    return out.split(",")
+
+    def talk() -> str:
+        out, conns = [], []
+        for n in plan:
+            c = RawConn(sock_path)
+            conns.append(c)  # kept open: closing one would kill its children
+            c.send(c.P.Hello(c.P.VERSION))
+            c.reply()
+            for i in range(1, n + 1):
+                c.send(c.P.Spawn(req=i, kind="target", target="time:sleep", payload=pickle.dumps(((30,), {})),
+                                 stdin=False))
+                m = c.reply()
+                out.append(f"{type(m).__name__}:{getattr(m, 'code', '')}")
+        return ",".join(out)
+    return run_as(uid, gid, talk).split(",")
 
 
 def test_SECURITY_per_client_cap_counts_a_uid_over_its_connections(shared_dir):

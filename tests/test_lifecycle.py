@@ -22,7 +22,7 @@ import pytest
 
 from zygote_client import Client, DaemonError, SandboxConfig, open_client, open_embedded
 from zygote_client import _protocol as P
-from conftest import children_of, fd_count
+from conftest import RawConn, children_of, fd_count, run_as
 
 BACKENDS = pytest.mark.parametrize("backend", ["trio", "asyncio"])
 
@@ -329,54 +329,20 @@ def test_attach_refuses_non_detached_and_unknown(socket_daemon):
 
 
 def _as_uid(uid: int, gid: int, sock_path: str, requests: list) -> list[str]:
-    """In a forked process running as uid/gid, connect, say hello and send each request; return
-    the reply's tag (and code) per request. Replies' fds are closed unread. (The venv interpreter
-    lives under /root, so a subprocess as another uid cannot start; a fork can.)"""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-            s = socket.socket(socket.AF_UNIX)
-            s.settimeout(30)
-            s.connect(sock_path)
-            dec = P.client_decoder()
-
-            def reply():
-                while (item := dec.next()) is None:
-                    data, anc, _, _ = s.recvmsg(1 << 16, socket.CMSG_SPACE(4 * 8))
-                    if not data:
-                        return None
-                    fds = []
-                    for level, kind, blob in anc:
-                        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                            fds += list(memoryview(blob).cast("i"))
-                    dec.feed(data, fds)
-                for fd in item[1]:
-                    os.close(fd)
-                return item[0]
-
-            s.sendall(P.encode(P.Hello(P.VERSION)))
-            out = [type(reply()).__name__]
-            for req in requests:
-                s.sendall(P.encode(req))
-                m = reply()
-                while isinstance(m, P.Exited):
-                    m = reply()
-                out.append(f"{type(m).__name__}:{getattr(m, 'code', '')}:{getattr(m, 'child', '')}")
-            os.write(w, "\n".join(out).encode())
-        except BaseException as e:
-            os.write(w, f"exception:{e!r}".encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        out = f.read().decode().split("\n")
-    os.waitpid(pid, 0)
-    return out
+    """As uid/gid: connect, say hello and send each request; the reply's tag (and code, child)
+    per request, Exited messages skipped."""
+    def talk() -> str:
+        c = RawConn(sock_path)
+        c.send(P.Hello(P.VERSION))
+        out = [type(c.reply()).__name__]
+        for req in requests:
+            c.send(req)
+            m = c.reply()
+            while isinstance(m, P.Exited):
+                m = c.reply()
+            out.append(f"{type(m).__name__}:{getattr(m, 'code', '')}:{getattr(m, 'child', '')}")
+        return "\n".join(out)
+    return run_as(uid, gid, talk).split("\n")
 
 
 @pytest.fixture
