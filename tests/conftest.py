@@ -134,3 +134,12 @@ class RawConn:
         for fd in item[1]:
             os.close(fd)
         return item[0]
+
+
+def cmdline(pid: int) -> bytes:
+    """/proc/PID/cmdline, or b"" for a process that is gone (or a zombie) by the time we look."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""

@@ -22,7 +22,7 @@ import pytest
 
 from zygote_client import Client, DaemonError, SandboxConfig, open_client, open_embedded
 from zygote_client import _protocol as P
-from conftest import RawConn, children_of, fd_count, run_as
+from conftest import RawConn, children_of, cmdline, fd_count, run_as
 
 BACKENDS = pytest.mark.parametrize("backend", ["trio", "asyncio"])
 
@@ -504,7 +504,7 @@ def test_SECURITY_clients_leaving_mid_spawn_leave_nothing(tmp_path):
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             kids = [(p, st) for p, st in children_of(proc.pid)
-                    if b"zygote._zygote" not in open(f"/proc/{p}/cmdline", "rb").read() or st == "Z"]
+                    if b"zygote._zygote" not in cmdline(p) or st == "Z"]
             if not kids and fd_count(proc.pid) <= base:
                 break
             time.sleep(0.1)

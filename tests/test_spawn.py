@@ -12,7 +12,7 @@ import time
 import pytest
 
 from zygote_client import Client, DaemonError, SandboxError
-from conftest import children_of, daemon_pid, fd_count
+from conftest import children_of, cmdline, daemon_pid, fd_count
 
 
 def test_stdio_order_and_streams(client):
@@ -352,7 +352,7 @@ def test_zygote_killed_during_burst_retriable_and_recovers():
         c.run(print)
         time.sleep(0.3)
         base = fd_count(dpid)
-        zygotes = [p for p, _ in children_of(dpid) if b"zygote._zygote" in open(f"/proc/{p}/cmdline", "rb").read()]
+        zygotes = [p for p, _ in children_of(dpid) if b"zygote._zygote" in cmdline(p)]
         assert len(zygotes) == 1
         errors: list[BaseException] = []
         ok = [0]
@@ -382,7 +382,7 @@ def test_zygote_killed_during_burst_retriable_and_recovers():
         assert errors, "no spawn saw the zygote die"
         assert all(e.retriable and e.code == "retry" for e in errors), errors
         assert c.run(print, ("after",)).stdout == b"after\n"
-        new = [p for p, _ in children_of(dpid) if b"zygote._zygote" in open(f"/proc/{p}/cmdline", "rb").read()]
+        new = [p for p, _ in children_of(dpid) if b"zygote._zygote" in cmdline(p)]
         assert len(new) == 1 and new != zygotes
         deadline = time.monotonic() + 10
         while fd_count(dpid) > base and time.monotonic() < deadline:
