@@ -39,8 +39,11 @@ def reserve_client():
 
 def _in_own_pidns(pid: int) -> bool:
     """A child (PID 1 of its own pid namespace), not the zygote (same cmdline: children are its clones)."""
-    with open(f"/proc/{pid}/status") as f:
-        return len(next(line for line in f if line.startswith("NSpid:")).split()) > 2
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return len(next(line for line in f if line.startswith("NSpid:")).split()) > 2
+    except OSError:  # gone since it was listed
+        return False
 
 
 def _wait_reserve(c: Client, n: int) -> list[int]:

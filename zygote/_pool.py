@@ -171,7 +171,7 @@ async def _wait_proc(proc: subprocess.Popen) -> None:
 
 def _fd_array(fds: list[int]) -> bytes:
     import array
-    assert len(fds) == NFDS
+    assert len(fds) in (NFDS, NFDS + 1)  # + the cgroup fd for CLONE_INTO_CGROUP
     return array.array("i", fds).tobytes()
 
 

@@ -6,6 +6,7 @@ process. Talks to the daemon over one SOCK_SEQPACKET socket (fd FD):
     zygote -> daemon   b"R" + msgpack(info)          ready, after preloading
                        b"E" + text                    preload/startup failed; then exit 3
     daemon -> zygote   REQ(req_id, flags) + 6 fds     clone one child with these stdio/ctl/status/result fds
+                       (+ a 7th, its cgroup, when flags has CLONE_INTO_CGROUP: cgroup v2)
     zygote -> daemon   REP(req_id, pid, errno)        pid > 0, or errno of the failed clone
 
 Globals, each with what it means for security (every child gets a copy of this memory):
@@ -51,7 +52,7 @@ def main(argv: list[str]) -> None:
         import msgspec  # noqa: F401  (child protocol)
         import cloudpickle  # noqa: F401  (so payload unpickling never imports it per child)
         from zygote import child
-        from zygote._clone import ALL_NAMESPACES, CLONE_PARENT, Cloner, thread_count
+        from zygote._clone import ALL_NAMESPACES, CLONE_INTO_CGROUP, CLONE_PARENT, Cloner, thread_count
     except BaseException as e:  # noqa: BLE001
         _fail(f"zygote startup failed: {type(e).__name__}: {e}")
     for mod in preload:
@@ -79,30 +80,35 @@ def main(argv: list[str]) -> None:
     flags_allowed = ALL_NAMESPACES | CLONE_PARENT
     while True:
         try:
-            msg, fds, _flags, _addr = socket.recv_fds(_sock, REQ.size, NFDS)
+            msg, fds, _flags, _addr = socket.recv_fds(_sock, REQ.size, NFDS + 1)
         except InterruptedError:
             continue
         if not msg:
             os._exit(0)  # the daemon went away
-        if len(msg) != REQ.size or len(fds) != NFDS:
+        req, flags = REQ.unpack(msg) if len(msg) == REQ.size else (0, 0)
+        # CLONE_INTO_CGROUP (cgroup v2): a seventh fd, the child's cgroup, which it is born in.
+        into = bool(flags & CLONE_INTO_CGROUP)
+        if len(msg) != REQ.size or len(fds) != NFDS + into:
             for f in fds:
                 os.close(f)
             os._exit(4)  # the daemon never sends this: treat as corruption
-        req, flags = REQ.unpack(msg)
+        cgroup_fd = fds.pop() if into else -1
         flags &= flags_allowed
         sys.stdout.flush()
         sys.stderr.flush()
         err = 0
         try:
-            pid = _cloner.clone(flags)
+            pid = _cloner.clone(flags, cgroup_fd)
         except OSError as e:
             pid, err = -1, e.errno or 0
         if pid == 0:
             try:
                 _sock.close()
-                child.run(fds)
+                child.run(fds)  # closes every fd but its six, the cgroup fd included
             finally:
                 os._exit(125)
+        if cgroup_fd >= 0:
+            os.close(cgroup_fd)
         for f in fds:
             os.close(f)
         _sock.send(REP.pack(req, pid, err))

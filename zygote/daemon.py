@@ -31,7 +31,7 @@ from zygote_client._errors import ProtocolError
 from zygote_client._workspace import ExportResult, WorkspaceError
 
 from . import _childproto as C
-from ._clone import ALL_NAMESPACES, CLONE_PARENT
+from ._clone import ALL_NAMESPACES, CLONE_INTO_CGROUP, CLONE_PARENT
 from ._pool import Pool, PoolConfig, PoolStartError, ZygoteDied
 from . import detach, observe, policy
 from .layers import SetupError, cgroups, mounts, network, rlimits, seccomp, userns, workspace
@@ -224,6 +224,7 @@ class Daemon:
         self.cleaning = 0
         self.cgroups: cgroups.CgroupHost | None = None
         self.cgroup_error: SetupError | None = None
+        self._into_cgroup = False  # clone children straight into their cgroup (set for v2 hosts)
         self._reserve_conn = Connection(self, None, (0, -1, -1))  # owns children waiting in reserves
         self._reserve_conn.closed = True  # nothing is ever sent to it
         self.observer = observe.Observer()
@@ -240,6 +241,7 @@ class Daemon:
         except SetupError as e:
             self.cgroups, self.cgroup_error = None, e
             return
+        self._into_cgroup = self.cgroups.version == 2  # clone3(CLONE_INTO_CGROUP): Linux >= 5.7, v2 only
         await trio.to_thread.run_sync(cgroups.remove_dead_instances, self.cgroups)
 
     async def start_network(self) -> None:
@@ -626,6 +628,15 @@ class Daemon:
             plan = self._plan(pool, msg, cfg, deferred=conn is self._reserve_conn)
         except _Refused as r:
             return P.SpawnFailed(msg.req, r.message, code=r.code, path=r.path), []
+        cid = f"{self._prefix}-{next(self._ids)}"
+        # cgroup v2: make the child's cgroup first and clone it straight into it
+        # (CLONE_INTO_CGROUP): no migration of a running task at all. v1 attaches after the clone.
+        born_in = None
+        if self._into_cgroup and self._wants_cgroup(cfg):
+            try:
+                born_in = await trio.to_thread.run_sync(self._make_cgroup, cid, cfg)
+            except SetupError as e:
+                return P.SpawnFailed(msg.req, e.message, "cgroup", e.errno, e.hint, code="unavailable"), []
         # The child's pipes. Ours are CLOEXEC; the zygote hands its copies to the clone.
         mine: list[int] = []
         theirs: list[int] = []
@@ -674,13 +685,23 @@ class Daemon:
             mine += [ctl_w, st_r, res_r]
             try:
                 zyg = pool.pick()
-                pid = await zyg.clone(theirs, ALL_NAMESPACES | CLONE_PARENT)
+                if born_in is not None:
+                    pid = await zyg.clone(theirs + [born_in.fd()], ALL_NAMESPACES | CLONE_PARENT | CLONE_INTO_CGROUP)
+                else:
+                    pid = await zyg.clone(theirs, ALL_NAMESPACES | CLONE_PARENT)
             except (ZygoteDied, OSError) as e:
                 # No child: our ends of its pipes (and any relay pipes) go now, or every failed
                 # clone in a burst would leak a handful of fds.
                 _close(mine)
                 _close([fd for r, w, _ in relays for fd in (r, w)] + [fd for pair in detached for fd in pair])
                 mine = []
+                if born_in is not None:
+                    cg, born_in = born_in, None
+                    await trio.to_thread.run_sync(self._cgroup_remove, cg)
+                    if isinstance(e, OSError) and e.errno in (_errno.EINVAL, _errno.EOPNOTSUPP, _errno.ENOSYS):
+                        self._into_cgroup = False  # this kernel cannot: attach after the clone from now on
+                        return P.SpawnFailed(msg.req, f"{e} (CLONE_INTO_CGROUP is now off; retry)", "clone",
+                                             e.errno or 0, code="retry"), []
                 if isinstance(e, ZygoteDied):
                     return P.SpawnFailed(msg.req, str(e), "clone", code="retry"), []
                 return P.SpawnFailed(msg.req, str(e), "clone", e.errno or 0,
@@ -690,12 +711,13 @@ class Daemon:
                 _close([fd for fd in theirs if fd not in client_fds])
                 theirs = []
             pidfd = os.pidfd_open(pid)
-            child = Child(id=f"{self._prefix}-{next(self._ids)}", pid=pid, pidfd=pidfd, conn=conn,
+            child = Child(id=cid, pid=pid, pidfd=pidfd, conn=conn,
                           started=time.monotonic(), timeout=timeout, timeout_grace=cfg.timeout_grace,
                           status_stream=trio.lowlevel.FdStream(st_r),
                           result_stream=trio.lowlevel.FdStream(res_r), cpu_time=cfg.cpu_time,
                           pool=pool.config.name, peer_uid=conn.peer_uid, detached=msg.detached,
                           has_result=msg.kind not in ("exec", "script"), watchers=[conn])
+            child.cgroup, born_in = born_in, None  # the child owns it now (removed after reaping)
             mine.remove(st_r)
             mine.remove(res_r)
             if cfg.export is not None:
@@ -724,6 +746,9 @@ class Daemon:
             # A child already registered is killed by the connection's own cleanup.
             _close(mine)
             _close([fd for r, w, _ in relays for fd in (r, w)] + [fd for pair in detached for fd in pair])
+            if born_in is not None:  # made for a child that never came to be
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._cgroup_remove, born_in)
             raise
 
     # ---- the pool reserve: children confined ahead of requests ---------------------------------
@@ -931,7 +956,9 @@ class Daemon:
             wants_cg = cfg.memory is not None or cfg.pids is not None or cfg.cpu is not None
             # Only children with cgroup limits get a cgroup: on cgroup v1 each attach waits for an RCU
             # grace period per hierarchy (≈35 ms measured here for 4 hierarchies), see cgroups.py.
-            if self.cgroups is not None and (wants_cg or self.config.always_cgroup):
+            if child.cgroup is not None:
+                pass  # cgroup v2: born in it (CLONE_INTO_CGROUP)
+            elif self.cgroups is not None and (wants_cg or self.config.always_cgroup):
                 try:
                     child.cgroup = await trio.to_thread.run_sync(self._cgroup_for, child, cfg)
                 except SetupError as e:
@@ -1081,6 +1108,21 @@ class Daemon:
                 await trio.to_thread.run_sync(self._cgroup_remove, cg)
             finally:
                 self.cleaning -= 1
+
+    def _wants_cgroup(self, cfg: SandboxConfig) -> bool:
+        return self.cgroups is not None and (cfg.memory is not None or cfg.pids is not None
+                                             or cfg.cpu is not None or self.config.always_cgroup)
+
+    def _make_cgroup(self, cid: str, cfg: SandboxConfig):
+        assert self.cgroups is not None
+        cg = self.cgroups.create(cid, memory=cfg.memory_bytes, pids=cfg.pids, cpu=cfg.cpu)
+        try:
+            cg.fd()
+        except OSError as e:
+            cg.remove()
+            raise SetupError("cgroup", f"opening the child's cgroup for CLONE_INTO_CGROUP: {e.strerror}",
+                             e.errno or 0) from None
+        return cg
 
     def _cgroup_for(self, child: Child, cfg: SandboxConfig):
         assert self.cgroups is not None
