@@ -516,3 +516,50 @@ def test_SECURITY_clients_leaving_mid_spawn_leave_nothing(tmp_path):
         assert fd_count(proc.pid) <= base
     finally:
         _stop(proc)
+
+
+def test_SECURITY_kept_detached_records_bounded_by_bytes_and_attaches_capped(tmp_path):
+    """Ended detached children keep their results for a later attach, but only up to the
+    daemon's byte budget (oldest dropped); and one connection cannot attach without end."""
+    from test_config import _stop, _wait_socket, _write
+    sock = str(tmp_path / "z.sock")
+    cfg = _write(tmp_path / "z.toml", f"""
+        [daemon]
+        socket = "{sock}"
+        detached_keep_bytes = "3M"
+        max_attaches = 3
+        """)
+    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--config", cfg], stderr=subprocess.PIPE)
+    try:
+        _wait_socket(sock, proc)
+
+        def big(i):
+            return str(i) * (2 << 20)  # a 2 MB result each
+
+        ids = []
+        with Client.connect(sock) as a:
+            for i in range(3):
+                ch = a.spawn_child(big, (i,), stdin=None, detached=True)
+                ids.append(ch.id)
+        time.sleep(1.0)  # all three end with nobody attached
+        with Client.connect(sock) as b:
+            for cid in ids[:2]:  # 3 x 2 MB > 3M: only the newest is still kept
+                with pytest.raises(DaemonError) as e:
+                    b.attach(cid)
+                assert e.value.code == "unknown-child"
+            assert b.attach(ids[2]).result() == "2" * (2 << 20)
+
+            def sleeper():
+                import time
+                time.sleep(30)
+            live = b.spawn_child(sleeper, stdin=None, detached=True)
+        with Client.connect(sock) as c:
+            for _ in range(3):
+                c.attach(live.id)
+            with pytest.raises(DaemonError) as e:
+                c.attach(live.id)
+            assert e.value.code == "limit"
+            live_again = c  # the connection still works for everything else
+            assert live_again.run(print, ("ok",)).stdout == b"ok\n"
+    finally:
+        _stop(proc)

@@ -18,6 +18,8 @@ same thing. Example::
     detached_buffer_bytes = "1M"  # output kept per stream of a detached child (oldest dropped)
     detached_keep_seconds = 600   # an ended detached child stays attachable this long ...
     detached_keep_max = 64        # ... and at most this many of them
+    detached_keep_bytes = "256M"  # ... holding at most this much output and results together
+    max_attaches = 256            # Attach requests per connection
 
     [pools.default]
     python = "/opt/pandas-venv/bin/python"   # must have the zygote distribution installed
@@ -73,6 +75,8 @@ class _DaemonSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     detached_buffer_bytes: str | int | None = None
     detached_keep_seconds: float = 600.0
     detached_keep_max: int = 64
+    detached_keep_bytes: str | int | None = None
+    max_attaches: int = 256
 
 
 class _PoolSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -163,6 +167,15 @@ def load(path: str, *, default_python: str):
         raise ConfigError(f"{path}: daemon.detached_keep_seconds and detached_keep_max must be >= 0")
     kw["detached_keep_seconds"] = d.detached_keep_seconds
     kw["detached_keep_max"] = d.detached_keep_max
+    if d.max_attaches < 1:
+        raise ConfigError(f"{path}: daemon.max_attaches must be >= 1")
+    kw["max_attaches"] = d.max_attaches
+    if d.detached_keep_bytes is not None:
+        from zygote_client._config import parse_size
+        try:
+            kw["detached_keep_bytes"] = parse_size(d.detached_keep_bytes, "daemon.detached_keep_bytes")
+        except ValueError as e:
+            raise ConfigError(f"{path}: {e}") from None
     if d.id_base is not None:
         kw["id_base"] = d.id_base
     if d.network_pool is not None:

@@ -74,6 +74,9 @@ class DaemonConfig:
             attached to it (its spawner does not count) keeps its exit status, result and buffers
             for this long (default 600 s) or until attached once; at most this many such records
             (default 64, oldest dropped).
+        detached_keep_bytes: the results and output those kept records hold, together (default
+            256 MiB; oldest dropped first, the newest always kept).
+        max_attaches: Attach requests one connection may make (each costs two pipes and two tasks).
     """
 
     socket_path: str | None = None
@@ -94,6 +97,8 @@ class DaemonConfig:
     detached_buffer_bytes: int = 1 << 20
     detached_keep_seconds: float = 600.0
     detached_keep_max: int = 64
+    detached_keep_bytes: int = 256 << 20
+    max_attaches: int = 256
 
 
 @dataclass(eq=False)
@@ -156,6 +161,7 @@ class Connection:
         self.closed = False
         self.queued = 0  # bytes of messages waiting to be sent
         self.spawning = 0  # spawns of this connection in flight (not yet a child or a failure)
+        self.attaches = 0  # Attach requests served on this connection (capped: max_attaches)
         self.nursery: trio.Nursery | None = None  # the connection's tasks (taps die with it)
 
     def spawned(self) -> int:
@@ -909,6 +915,11 @@ class Daemon:
         if msg.offset < 0:
             await conn.send(P.Error(msg.req, "bad-request", f"offset must be >= 0, got {msg.offset}"))
             return
+        if conn.attaches >= self.config.max_attaches:  # each costs two pipes and two tasks here
+            await conn.send(P.Error(msg.req, "limit",
+                                    f"this connection already made {self.config.max_attaches} attaches"))
+            return
+        conn.attaches += 1
         starts = [max(msg.offset, ring.start) for ring in child.rings]
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in child.rings]
         try:
@@ -935,7 +946,10 @@ class Daemon:
         self.kept[child.id] = _Kept(child, exited, [os.dup(fd) for fd in fds],
                                     time.monotonic() + self.config.detached_keep_seconds)
         self._expire_kept()
-        while len(self.kept) > self.config.detached_keep_max:
+        # Oldest first out, by count and by the bytes held (results and output rings): a peer
+        # leaving many large detached results behind cannot pin the daemon's memory.
+        while len(self.kept) > self.config.detached_keep_max or (
+                len(self.kept) > 1 and sum(_kept_bytes(k) for k in self.kept.values()) > self.config.detached_keep_bytes):
             _close(self.kept.pop(next(iter(self.kept))).fds)
 
     def _expire_kept(self) -> None:
@@ -1338,6 +1352,11 @@ class Daemon:
 async def child_first_status(child: Child):
     await child.first_event.wait()
     return child.first
+
+
+def _kept_bytes(k: "_Kept") -> int:
+    rings = k.child.rings or ()
+    return len(k.exited.result) + sum(r.end - r.start for r in rings)
 
 
 def _stray_zombies(known: set[int]) -> list[int]:
