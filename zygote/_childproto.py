@@ -52,13 +52,24 @@ class TmpfsSpec(msgspec.Struct, frozen=True, array_like=True):
     gid: int = 0
 
 
-class ChildPlan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Job(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The per-request part of a plan: only what the payload process applies itself, after every
+    confinement step. A ChildPlan is a Job plus the confinement; a reserve child gets its plan
+    first (``deferred``) and one Job later, when a request takes it."""
+
     kind: str
     payload: bytes = b""
     target: str | None = None
     argv: list[str] | None = None
     env: dict[str, str] = {}
     process_name: str | None = None
+    result_pickle: bool = False  # encode the return value with cloudpickle (the client's trusted_results)
+
+
+JOB_FIELDS = tuple(Job.__struct_fields__)
+
+
+class ChildPlan(Job, frozen=True, kw_only=True, forbid_unknown_fields=True):
     hostname: str = "zygote"
     cwd: str | None = None
     # mounts: None keeps the host tree (only /proc is replaced); otherwise a generated root
@@ -89,27 +100,12 @@ class ChildPlan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     workspace_entries: list[Entry] = []  # validated by the daemon, parents first
     export_path: str | None = None  # PID 1 packs this directory after the payload ended
     export_limits: tuple[int, int, int] = (0, 0, 0)  # (files, bytes per file, bytes): PID 1 reads no further
-    result_pickle: bool = False  # encode the return value with cloudpickle (the client's trusted_results)
     test_fail_step: str | None = None
     # A reserve child (pool reserve): confined with the pool's default config and no request; its
     # payload process reports Ready, then waits on the control pipe for one Job.
     deferred: bool = False
 
 
-class Job(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """The per-request half of a plan, sent to a deferred (reserve) child when a request takes it:
-    only what the payload process applies itself, after every confinement step."""
-
-    kind: str
-    payload: bytes = b""
-    target: str | None = None
-    argv: list[str] | None = None
-    env: dict[str, str] = {}
-    process_name: str | None = None
-    result_pickle: bool = False
-
-
-JOB_FIELDS = tuple(Job.__struct_fields__)
 
 
 class Ready(msgspec.Struct, frozen=True, tag="ready"):

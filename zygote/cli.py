@@ -199,28 +199,21 @@ def _config_from_args(args):
                      "allowed_gids": cfg.allowed_gids + tuple(args.allow_gid)}
     if pool_changes or "default" not in cfg.pools:
         changes["pools"] = {**cfg.pools, "default": dataclasses.replace(pool, **pool_changes)}
-    if args.socket:
-        changes["socket_path"] = args.socket
-    if args.max_result_bytes is not None:
-        changes["max_result_bytes"] = args.max_result_bytes
-    if args.network_pool:
-        changes["network_pool"] = args.network_pool
+    # Flags that set a DaemonConfig field as they are, when given (empty lists count as not given).
+    for flag, field in (("socket", "socket_path"), ("max_result_bytes", "max_result_bytes"),
+                        ("network_pool", "network_pool"), ("network_masquerade", "network_masquerade"),
+                        ("detached_buffer_bytes", "detached_buffer_bytes"),
+                        ("detached_keep_seconds", "detached_keep_seconds"), ("max_children", "max_children"),
+                        ("max_children_per_client", "max_children_per_client")):
+        value = getattr(args, flag)
+        if value is not None and value != "":
+            changes[field] = value
     if args.network_dns:
         changes["network_dns"] = tuple(args.network_dns)
-    if args.network_masquerade:
-        changes["network_masquerade"] = args.network_masquerade
     try:  # validates the address pool and nameservers, touches nothing
         NetworkHost(changes.get("network_pool", cfg.network_pool), changes.get("network_dns", cfg.network_dns))
     except ValueError as e:
         raise config_file.ConfigError(str(e)) from None
-    if args.detached_buffer_bytes is not None:
-        changes["detached_buffer_bytes"] = args.detached_buffer_bytes
-    if args.detached_keep_seconds is not None:
-        changes["detached_keep_seconds"] = args.detached_keep_seconds
-    if args.max_children is not None:
-        changes["max_children"] = args.max_children
-    if args.max_children_per_client is not None:
-        changes["max_children_per_client"] = args.max_children_per_client
     if args.socket_mode is not None:
         try:
             changes["socket_mode"] = int(args.socket_mode, 8)

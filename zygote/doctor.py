@@ -221,12 +221,7 @@ def _unshare(flags: int, what: str) -> None:
         _fail(what)
 
 
-def _write(path: str, data: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, data.encode())
-    finally:
-        os.close(fd)
+_write = _sys.write_once
 
 
 def _own_userns(extra: int, what: str) -> None:

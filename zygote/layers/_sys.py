@@ -48,6 +48,16 @@ def check(ret: int, what: str) -> int:
     return ret
 
 
+def write_once(path: str, data: str | bytes) -> None:
+    """One write(2) to a kernel control file (cgroupfs, /proc/PID/uid_map, ...): each write is
+    parsed as one command and its errno is the answer, so no buffering and no retry."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data.encode() if isinstance(data, str) else data)
+    finally:
+        os.close(fd)
+
+
 def syscall(name: str, *args: int | ctypes.c_void_p | None) -> int:
     return check(libc.syscall(NR[name], *args), name)
 

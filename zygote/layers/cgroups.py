@@ -33,6 +33,7 @@ import signal
 import time
 
 from . import SetupError
+from . import _sys
 
 STEP = "cgroup"
 CONTROLLERS = ("memory", "pids", "cpu")  # what every child gets, limited or not
@@ -57,13 +58,7 @@ def _read(path: str) -> str:
         return f.read()
 
 
-def _write(path: str, data: str) -> None:
-    # One write(2) per value: cgroupfs parses each write as one command, and its errno is the answer.
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, data.encode())
-    finally:
-        os.close(fd)
+_write = _sys.write_once  # one write(2) per value: cgroupfs parses each as one command
 
 
 def _keyed(path: str) -> dict[str, int]:

@@ -33,11 +33,7 @@ def outside(pid: int, uid_map: bytes, gid_map: bytes) -> None:
     """Write setgroups=deny, gid_map, uid_map of ``pid``. Raises OSError with the kernel's errno."""
     base = f"/proc/{pid}/"
     for name, data in (("setgroups", b"deny"), ("gid_map", gid_map), ("uid_map", uid_map)):
-        fd = os.open(base + name, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
+        _sys.write_once(base + name, data)
 
 
 def apply() -> None:
