@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -47,34 +48,59 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def write_text(path, text: str) -> str:
+    """Write ``text`` (dedented) to ``path``; returns the path as a string."""
+    with open(path, "w") as f:
+        f.write(textwrap.dedent(text))
+    return str(path)
+
+
+def start_daemon(*args: str) -> subprocess.Popen:
+    """``zygote serve ARGS`` in its own process, stderr piped (its log)."""
+    return subprocess.Popen([sys.executable, "-m", "zygote", "serve", *args], stderr=subprocess.PIPE)
+
+
+def wait_socket(path: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Until ``path`` accepts a connection; a daemon that exits first fails with its log's tail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(path)
+                return
+            except OSError:
+                pass
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
+            raise RuntimeError(f"daemon exited {proc.returncode}: {err}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("daemon did not start")
+        time.sleep(0.05)
+
+
+def stop_daemon(proc: subprocess.Popen) -> bytes:
+    """SIGTERM; the daemon must exit 0 within 30 s. Returns its log."""
+    proc.terminate()
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    assert proc.returncode == 0, err
+    return err or b""
+
+
 @pytest.fixture
 def socket_daemon(tmp_path):
     """A `zygote serve --socket` daemon in its own process; yields the socket path."""
     path = str(tmp_path / "zygote.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--socket", path, "--preload", "json"])
-    deadline = time.monotonic() + 60
-    while True:
-        s = socket.socket(socket.AF_UNIX)
-        try:
-            s.connect(path)
-            s.close()
-            break
-        except OSError:
-            s.close()
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("daemon did not start")
-            time.sleep(0.05)
+    proc = start_daemon("--socket", path, "--preload", "json")
+    wait_socket(path, proc)
     try:
         yield path
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        assert proc.returncode == 0, f"daemon exited {proc.returncode} on SIGTERM"
+        stop_daemon(proc)
         assert not os.path.exists(path), "daemon left its socket file"
 
 

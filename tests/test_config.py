@@ -16,19 +16,13 @@ import pytest
 from zygote.config import ConfigError, load
 from zygote_client import Client, DaemonError
 
-from conftest import RawConn, run_as
+from conftest import RawConn, run_as, start_daemon, stop_daemon, wait_socket, write_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _write(path, text: str) -> str:
-    with open(path, "w") as f:
-        f.write(textwrap.dedent(text))
-    return str(path)
-
-
 def test_load_example(tmp_path):
-    cfg = load(_write(tmp_path / "z.toml", f"""
+    cfg = load(write_text(tmp_path / "z.toml", f"""
         [daemon]
         socket = "/run/zg-test.sock"
         socket_mode = "0660"
@@ -72,7 +66,7 @@ def test_load_example(tmp_path):
     ("[daemon\n", ["TOML"]),
 ])
 def test_bad_config_names_the_key(tmp_path, text, words):
-    path = _write(tmp_path / "bad.toml", text)
+    path = write_text(tmp_path / "bad.toml", text)
     with pytest.raises(ConfigError) as e:
         load(path, default_python=sys.executable)
     for w in words:
@@ -81,21 +75,6 @@ def test_bad_config_names_the_key(tmp_path, text, words):
     r = subprocess.run([sys.executable, "-m", "zygote", "serve", "--config", path, "--socket", str(tmp_path / "s")],
                        capture_output=True, timeout=60)
     assert r.returncode == 2 and words[0].encode() in r.stderr, r.stderr
-
-
-def _wait_socket(path: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        s = socket.socket(socket.AF_UNIX)
-        try:
-            s.connect(path)
-            return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"daemon did not start: {proc.poll()}")
-            time.sleep(0.05)
-        finally:
-            s.close()
 
 
 @pytest.fixture
@@ -107,18 +86,6 @@ def shared_dir():
     for name in os.listdir(d):
         os.unlink(os.path.join(d, name))
     os.rmdir(d)
-
-
-def _serve(config: str, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--config", config, *extra],
-                            stderr=subprocess.PIPE)
-
-
-def _stop(proc: subprocess.Popen) -> bytes:
-    proc.terminate()
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
-    return err
 
 
 def _hello_as(uid: int, gid: int, sock_path: str) -> str:
@@ -140,16 +107,16 @@ def test_SECURITY_auth_unlisted_uid_refused_listed_uid_served(shared_dir):
     """The socket is reachable by group 4242 (mode 0660); only uid 4001 is listed: uid 4002 of the
     same group connects at the socket level and is refused by SO_PEERCRED."""
     sock = os.path.join(shared_dir, "z.sock")
-    cfg = _write(os.path.join(shared_dir, "z.toml"), f"""
+    cfg = write_text(os.path.join(shared_dir, "z.toml"), f"""
         [daemon]
         socket = "{sock}"
         socket_mode = "0660"
         socket_group = 4242
         allowed_uids = [4001]
         """)
-    proc = _serve(cfg)
+    proc = start_daemon("--config", cfg)
     try:
-        _wait_socket(sock, proc)
+        wait_socket(sock, proc)
         assert os.stat(sock).st_gid == 4242 and os.stat(sock).st_mode & 0o777 == 0o660
         with Client.connect(sock) as root_client:
             child = root_client.spawn_child(_sleeper(), stdin=None)
@@ -161,15 +128,15 @@ def test_SECURITY_auth_unlisted_uid_refused_listed_uid_served(shared_dir):
         assert _hello_as(4002, 4242, sock) == "error:not-allowed"
         assert _hello_as(4003, 4343, sock).startswith("exception:PermissionError")  # not in the group
     finally:
-        _stop(proc)
+        stop_daemon(proc)
 
 
 def test_SECURITY_auth_clients_see_only_their_own_children(shared_dir):
     sock = os.path.join(shared_dir, "z.sock")
-    cfg = _write(os.path.join(shared_dir, "z.toml"), f'[daemon]\nsocket = "{sock}"\n')
-    proc = _serve(cfg)
+    cfg = write_text(os.path.join(shared_dir, "z.toml"), f'[daemon]\nsocket = "{sock}"\n')
+    proc = start_daemon("--config", cfg)
     try:
-        _wait_socket(sock, proc)
+        wait_socket(sock, proc)
         with Client.connect(sock) as a:
             child = a.spawn_child(_sleeper(), stdin=None)
             with pytest.raises(DaemonError) as e:
@@ -179,7 +146,7 @@ def test_SECURITY_auth_clients_see_only_their_own_children(shared_dir):
             child.kill()
             assert child.wait().returncode == -9
     finally:
-        _stop(proc)
+        stop_daemon(proc)
 
 
 def _sleeper():
@@ -214,10 +181,10 @@ def _raw_signal(sock_path: str, child_id: str) -> None:
 
 def test_max_children_per_client(shared_dir):
     sock = os.path.join(shared_dir, "z.sock")
-    cfg = _write(os.path.join(shared_dir, "z.toml"), f'[daemon]\nsocket = "{sock}"\nmax_children_per_client = 2\n')
-    proc = _serve(cfg)
+    cfg = write_text(os.path.join(shared_dir, "z.toml"), f'[daemon]\nsocket = "{sock}"\nmax_children_per_client = 2\n')
+    proc = start_daemon("--config", cfg)
     try:
-        _wait_socket(sock, proc)
+        wait_socket(sock, proc)
         with Client.connect(sock) as a, Client.connect(sock) as b:
             kids = [a.spawn_child(_sleeper(), stdin=None) for _ in range(2)]
             with pytest.raises(DaemonError) as e:
@@ -228,16 +195,16 @@ def test_max_children_per_client(shared_dir):
                 k.kill()
                 k.wait()
     finally:
-        _stop(proc)
+        stop_daemon(proc)
 
 
 def test_sighup_reload_keeps_running_children(shared_dir):
     sock = os.path.join(shared_dir, "z.sock")
     cfg = os.path.join(shared_dir, "z.toml")
-    _write(cfg, f'[daemon]\nsocket = "{sock}"\n[pools.default]\npreload = ["json"]\n')
-    proc = _serve(cfg)
+    write_text(cfg, f'[daemon]\nsocket = "{sock}"\n[pools.default]\npreload = ["json"]\n')
+    proc = start_daemon("--config", cfg)
     try:
-        _wait_socket(sock, proc)
+        wait_socket(sock, proc)
         with Client.connect(sock) as c:
             def slow():
                 import sys, time
@@ -246,7 +213,7 @@ def test_sighup_reload_keeps_running_children(shared_dir):
                 print("after", "colorsys" in sys.modules)
             child = c.spawn_child(slow, stdin=None)
             assert child.stdout.readline() == b"before\n"
-            _write(cfg, f'[daemon]\nsocket = "{sock}"\n[pools.default]\npreload = ["json", "colorsys"]\n'
+            write_text(cfg, f'[daemon]\nsocket = "{sock}"\n[pools.default]\npreload = ["json", "colorsys"]\n'
                         '[pools.extra]\npreload = ["colorsys"]\n')
             os.kill(proc.pid, signal.SIGHUP)
             assert child.stdout.read() == b"after False\n"  # the old child ran on, from the old zygote
@@ -265,13 +232,13 @@ def test_sighup_reload_keeps_running_children(shared_dir):
             assert time.monotonic() < deadline, "reload did not happen"
             time.sleep(0.2)
         # a broken file is refused and the daemon keeps serving with what it had
-        _write(cfg, "[pools.default]\nzygotes = 'many'\n")
+        write_text(cfg, "[pools.default]\nzygotes = 'many'\n")
         os.kill(proc.pid, signal.SIGHUP)
         time.sleep(0.5)
         with Client.connect(sock) as c:
             assert "extra" in c.welcome.pools and c.run(print, ("ok",)).stdout == b"ok\n"
     finally:
-        err = _stop(proc)
+        err = stop_daemon(proc)
     assert b"reloaded" in err and b"reload refused" in err, err
 
 
@@ -296,7 +263,7 @@ def test_systemd_socket_activation_and_notify(tmp_path):
         with Client.connect(path) as c:
             assert c.run(print, ("activated",)).stdout == b"activated\n"
     finally:
-        _stop(proc)
+        stop_daemon(proc)
     assert notify.recv(64) == b"STOPPING=1"
     notify.close()
     assert os.path.exists(path), "the daemon removed a socket systemd owns"
@@ -335,7 +302,7 @@ def _spawns_as(uid: int, gid: int, sock_path: str, plan: list[int]) -> list[str]
 def test_SECURITY_per_client_cap_counts_a_uid_over_its_connections(shared_dir):
     """max_children_per_client is per peer uid: a second connection of the same uid buys no more."""
     sock = os.path.join(shared_dir, "z.sock")
-    cfg = _write(os.path.join(shared_dir, "z.toml"), f"""
+    cfg = write_text(os.path.join(shared_dir, "z.toml"), f"""
         [daemon]
         socket = "{sock}"
         socket_mode = "0660"
@@ -343,10 +310,10 @@ def test_SECURITY_per_client_cap_counts_a_uid_over_its_connections(shared_dir):
         allowed_uids = [4001]
         max_children_per_client = 2
         """)
-    proc = _serve(cfg)
+    proc = start_daemon("--config", cfg)
     try:
-        _wait_socket(sock, proc)
+        wait_socket(sock, proc)
         got = _spawns_as(4001, 4242, sock, [2, 1])
         assert got == ["Spawned:", "Spawned:", "SpawnFailed:limit"], got
     finally:
-        _stop(proc)
+        stop_daemon(proc)

@@ -22,7 +22,8 @@ import pytest
 
 from zygote_client import Client, DaemonError, SandboxConfig, open_client, open_embedded
 from zygote_client import _protocol as P
-from conftest import RawConn, children_of, cmdline, fd_count, run_as
+from conftest import (RawConn, children_of, cmdline, fd_count, run_as, start_daemon, stop_daemon, wait_socket,
+                      write_text)
 
 BACKENDS = pytest.mark.parametrize("backend", ["trio", "asyncio"])
 
@@ -47,23 +48,6 @@ def _zygote_dirs(daemon_pid: int) -> list[str]:
 def _child_cgroups(daemon_pid: int, child_id: str) -> list[str]:
     return [d for d in glob.glob(f"/sys/fs/cgroup/**/zygote/d{daemon_pid}/{child_id}", recursive=True)
             if os.path.isdir(d)]
-
-
-def _serve(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "zygote", "serve", *args], stderr=subprocess.PIPE)
-
-
-def _wait_socket(path: str, proc: subprocess.Popen) -> None:
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"daemon exited {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
-        with socket.socket(socket.AF_UNIX) as s:
-            try:
-                s.connect(path)
-                return True
-            except OSError:
-                return False
-    _wait_for(up, 60, "the daemon's socket")
 
 
 def _ticker(n: int, delay: float):
@@ -289,9 +273,9 @@ def test_detached_ring_keeps_the_newest_bytes_and_never_blocks_the_child(tmp_pat
     """A 64 KiB ring and a child writing 1 MiB that nobody reads: the child finishes (the daemon
     reads eagerly); an attach from 0 starts where the ring starts and says so."""
     sock = str(tmp_path / "z.sock")
-    proc = _serve("--socket", sock, "--detached-buffer-bytes", "64K")
+    proc = start_daemon("--socket", sock, "--detached-buffer-bytes", "64K")
     try:
-        _wait_socket(sock, proc)
+        wait_socket(sock, proc)
 
         def flood():
             import os
@@ -359,10 +343,10 @@ def test_SECURITY_detached_child_attachable_only_by_its_uid(shared_dir):
     """uid 4001 spawns a detached child and leaves; 4001 re-attaches from a new connection, 4002
     (allowed to use the daemon, same group) gets the answer a made-up id gets; root may attach."""
     sock = os.path.join(shared_dir, "z.sock")
-    proc = _serve("--socket", sock, "--socket-mode", "0660", "--socket-group", "4242",
+    proc = start_daemon("--socket", sock, "--socket-mode", "0660", "--socket-group", "4242",
                   "--allow-uid", "4001", "--allow-uid", "4002")
     try:
-        _wait_socket(sock, proc)
+        wait_socket(sock, proc)
         spawn = P.Spawn(req=1, kind="exec", argv=["/bin/sh", "-c", "echo secret-output; exec sleep 60"],
                         stdin=False, detached=True)
         out = _as_uid(4001, 4242, sock, [spawn])
@@ -389,8 +373,8 @@ def test_SECURITY_detached_child_attachable_only_by_its_uid(shared_dir):
 
 def test_sigterm_leaves_no_child_cgroup_or_socket(tmp_path):
     sock = str(tmp_path / "z.sock")
-    proc = _serve("--socket", sock)
-    _wait_socket(sock, proc)
+    proc = start_daemon("--socket", sock)
+    wait_socket(sock, proc)
     limits = SandboxConfig(memory="128M", pids=32)
     sleeper = lambda: __import__("time").sleep(120)  # noqa: E731
     with Client.connect(sock) as leaver:
@@ -424,15 +408,13 @@ def test_SECURITY_client_that_stops_reading_is_dropped(tmp_path):
     import socket as _socket
     import subprocess
     import sys
-
-    from test_config import _stop, _wait_socket, _write
     from zygote_client import _protocol as P
 
     sock = str(tmp_path / "z.sock")
-    cfg = _write(tmp_path / "z.toml", f'[daemon]\nsocket = "{sock}"\nmax_children = 8\n')
-    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--config", cfg], stderr=subprocess.PIPE)
+    cfg = write_text(tmp_path / "z.toml", f'[daemon]\nsocket = "{sock}"\nmax_children = 8\n')
+    proc = start_daemon("--config", cfg)
     try:
-        _wait_socket(sock, proc)
+        wait_socket(sock, proc)
         s = _socket.socket(_socket.AF_UNIX)
         s.connect(sock)
         s.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, 4096)
@@ -468,7 +450,7 @@ def test_SECURITY_client_that_stops_reading_is_dropped(tmp_path):
             assert other.run(print, ("still serving",)).stdout == b"still serving\n"
         s.close()
     finally:
-        _stop(proc)
+        stop_daemon(proc)
 
 
 def test_SECURITY_clients_leaving_mid_spawn_leave_nothing(tmp_path):
@@ -480,13 +462,12 @@ def test_SECURITY_clients_leaving_mid_spawn_leave_nothing(tmp_path):
     import sys
 
     from conftest import children_of, fd_count
-    from test_config import _stop, _wait_socket
     from zygote_client import _protocol as P
 
     sock = str(tmp_path / "z.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--socket", sock], stderr=subprocess.PIPE)
+    proc = start_daemon("--socket", sock)
     try:
-        _wait_socket(sock, proc)
+        wait_socket(sock, proc)
         with Client.connect(sock) as c:
             c.run(print)
         time.sleep(0.3)
@@ -515,23 +496,22 @@ def test_SECURITY_clients_leaving_mid_spawn_leave_nothing(tmp_path):
         assert kids == [], kids
         assert fd_count(proc.pid) <= base
     finally:
-        _stop(proc)
+        stop_daemon(proc)
 
 
 def test_SECURITY_kept_detached_records_bounded_by_bytes_and_attaches_capped(tmp_path):
     """Ended detached children keep their results for a later attach, but only up to the
     daemon's byte budget (oldest dropped); and one connection cannot attach without end."""
-    from test_config import _stop, _wait_socket, _write
     sock = str(tmp_path / "z.sock")
-    cfg = _write(tmp_path / "z.toml", f"""
+    cfg = write_text(tmp_path / "z.toml", f"""
         [daemon]
         socket = "{sock}"
         detached_keep_bytes = "3M"
         max_attaches = 3
         """)
-    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--config", cfg], stderr=subprocess.PIPE)
+    proc = start_daemon("--config", cfg)
     try:
-        _wait_socket(sock, proc)
+        wait_socket(sock, proc)
 
         def big(i):
             return str(i) * (2 << 20)  # a 2 MB result each
@@ -562,4 +542,4 @@ def test_SECURITY_kept_detached_records_bounded_by_bytes_and_attaches_capped(tmp
             live_again = c  # the connection still works for everything else
             assert live_again.run(print, ("ok",)).stdout == b"ok\n"
     finally:
-        _stop(proc)
+        stop_daemon(proc)

@@ -10,7 +10,7 @@ import urllib.request
 
 from zygote_client import Client, DaemonError, SandboxError
 
-from test_config import _wait_socket
+from conftest import wait_socket
 
 
 def test_logs_status_and_metrics(tmp_path):
@@ -21,7 +21,7 @@ def test_logs_status_and_metrics(tmp_path):
         line = proc.stderr.readline()
         assert "metrics on http://127.0.0.1:" in line, line
         url = line.split()[-1]
-        _wait_socket(sock, proc)
+        wait_socket(sock, proc)
         with Client.connect(sock) as c:
             assert c.run(print, ("a",)).returncode == 0
             try:

@@ -9,25 +9,25 @@ import pytest
 
 from zygote_client import Client, SandboxConfig
 
-from conftest import children_of, daemon_pid
-from test_config import _stop, _wait_socket, _write
-
-
-def _tick() -> float:
-    return os.sysconf("SC_CLK_TCK")
+from conftest import children_of, daemon_pid, start_daemon, stop_daemon, wait_socket, write_text
 
 
 def _boottime() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
-def _pid1_started():
-    """Payload: when the child's PID 1 (its reaper, the clone) started, in boot-time seconds."""
+def _pid1_started(then_sleep: float = 0.0):
+    """Payload: print when the child's PID 1 (its reaper, the clone) started, in boot-time
+    seconds; then sleep ``then_sleep`` seconds and print "done"."""
     def probe():
         import os
+        import time
         with open("/proc/1/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        print(int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+        print(int(fields[19]) / os.sysconf("SC_CLK_TCK"), flush=True)
+        if then_sleep:
+            time.sleep(then_sleep)
+            print("done")
     return probe
 
 
@@ -154,7 +154,7 @@ def test_reserve_children_go_with_the_daemon():
 @pytest.mark.cgroupv2
 def test_reserve_with_pool_limits_has_cgroups(tmp_path):
     sock = str(tmp_path / "z.sock")
-    cfg = _write(tmp_path / "z.toml", f"""
+    cfg = write_text(tmp_path / "z.toml", f"""
         [daemon]
         socket = "{sock}"
         [pools.default]
@@ -163,11 +163,9 @@ def test_reserve_with_pool_limits_has_cgroups(tmp_path):
         memory = "256M"
         pids = 32
         """)
-    import subprocess
-    import sys
-    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--config", cfg], stderr=subprocess.PIPE)
+    proc = start_daemon("--config", cfg)
     try:
-        _wait_socket(sock, proc)
+        wait_socket(sock, proc)
         with Client.connect(sock) as c:
             time.sleep(1.0)
             asked = _boottime()
@@ -184,16 +182,14 @@ def test_reserve_with_pool_limits_has_cgroups(tmp_path):
             r = c.run(print, ("tight",), sandbox_config=SandboxConfig(memory="128M", pids=32))
             assert r.stdout == b"tight\n"
     finally:
-        _stop(proc)
+        stop_daemon(proc)
 
 
 def test_pool_timeout_counts_from_the_request_not_the_reserve(tmp_path):
     """A pool whose default has a timeout: a reserve child older than that timeout still gets the
     whole timeout for its request (the deadline is armed at handout, not when it was made)."""
-    import subprocess
-    import sys
     sock = str(tmp_path / "z.sock")
-    cfg = _write(tmp_path / "z.toml", f"""
+    cfg = write_text(tmp_path / "z.toml", f"""
         [daemon]
         socket = "{sock}"
         [pools.default]
@@ -201,21 +197,13 @@ def test_pool_timeout_counts_from_the_request_not_the_reserve(tmp_path):
         [pools.default.sandbox]
         timeout = 1.5
         """)
-    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--config", cfg], stderr=subprocess.PIPE)
+    proc = start_daemon("--config", cfg)
     try:
-        _wait_socket(sock, proc)
+        wait_socket(sock, proc)
         with Client.connect(sock) as c:
             time.sleep(2.5)  # the reserve child is now older than the pool's timeout
             asked = _boottime()
-
-            def slow():
-                import os
-                import time
-                with open("/proc/1/stat") as f:
-                    print(int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK"), flush=True)
-                time.sleep(1.0)
-                print("done")
-            r = c.run(slow)
+            r = c.run(_pid1_started(then_sleep=1.0))
             started, done = r.stdout.split()
             assert float(started) < asked - 1.0  # it did come from the reserve
             assert done == b"done" and not r.status.timed_out, r.status
@@ -227,22 +215,19 @@ def test_pool_timeout_counts_from_the_request_not_the_reserve(tmp_path):
             r = c.run(spin)  # and the pool's timeout still applies to a reserve child
             assert r.status.timed_out and 1.4 < r.status.wall_time < 3, r.status
     finally:
-        _stop(proc)
+        stop_daemon(proc)
 
 
 def test_reload_replaces_the_reserve(tmp_path):
     """SIGHUP with a changed pool: the old reserve children go (they exit without running
     anything), the new pool fills its own reserve, requests work throughout."""
     import signal as _signal
-    import subprocess
-    import sys
     sock = str(tmp_path / "z.sock")
     path = tmp_path / "z.toml"
-    _write(path, f'[daemon]\nsocket = "{sock}"\n[pools.default]\nreserve = 2\n')
-    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--config", str(path)],
-                            stderr=subprocess.PIPE)
+    write_text(path, f'[daemon]\nsocket = "{sock}"\n[pools.default]\nreserve = 2\n')
+    proc = start_daemon("--config", str(path))
     try:
-        _wait_socket(sock, proc)
+        wait_socket(sock, proc)
 
         def reserve_pids() -> set[int]:
             return {p for p, _ in children_of(proc.pid) if _in_own_pidns(p)}
@@ -252,7 +237,7 @@ def test_reload_replaces_the_reserve(tmp_path):
             time.sleep(0.05)
         old = reserve_pids()
         assert len(old) == 2
-        _write(path, f'[daemon]\nsocket = "{sock}"\n[pools.default]\nreserve = 3\npreload = ["colorsys"]\n')
+        write_text(path, f'[daemon]\nsocket = "{sock}"\n[pools.default]\nreserve = 3\npreload = ["colorsys"]\n')
         proc.send_signal(_signal.SIGHUP)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -265,4 +250,4 @@ def test_reload_replaces_the_reserve(tmp_path):
             r = c.run(lambda: print(__import__("sys").modules.get("colorsys") is not None))
             assert r.stdout == b"True\n"  # from the new pool (it preloads colorsys)
     finally:
-        _stop(proc)
+        stop_daemon(proc)
