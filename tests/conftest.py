@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import select
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -56,8 +60,20 @@ def write_text(path, text: str) -> str:
 
 
 def start_daemon(*args: str) -> subprocess.Popen:
-    """``zygote serve ARGS`` in its own process, stderr piped (its log)."""
-    return subprocess.Popen([sys.executable, "-m", "zygote", "serve", *args], stderr=subprocess.PIPE)
+    """``zygote serve ARGS`` in its own process. Its log (stderr) goes to a temporary file, not a
+    pipe: a pipe nobody drains would stall a daemon that logs every spawn."""
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", *args], stderr=log)
+    proc.log = log
+    return proc
+
+
+def _log(proc: subprocess.Popen) -> bytes:
+    log = getattr(proc, "log", None)
+    if log is None:
+        return b""
+    log.seek(0)
+    return log.read()
 
 
 def wait_socket(path: str, proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -71,8 +87,7 @@ def wait_socket(path: str, proc: subprocess.Popen, timeout: float = 60) -> None:
             except OSError:
                 pass
         if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
-            raise RuntimeError(f"daemon exited {proc.returncode}: {err}")
+            raise RuntimeError(f"daemon exited {proc.returncode}: {_log(proc).decode(errors='replace')[-2000:]}")
         if time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError("daemon did not start")
@@ -83,12 +98,13 @@ def stop_daemon(proc: subprocess.Popen) -> bytes:
     """SIGTERM; the daemon must exit 0 within 30 s. Returns its log."""
     proc.terminate()
     try:
-        _, err = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
-        _, err = proc.communicate()
+        proc.wait()
+    err = _log(proc)
     assert proc.returncode == 0, err
-    return err or b""
+    return err
 
 
 @pytest.fixture
@@ -169,3 +185,31 @@ def cmdline(pid: int) -> bytes:
             return f.read()
     except OSError:
         return b""
+
+
+def drive_userns_child(pid: int, ready_r: int, go_w: int, res_r: int, timeout: float, id_base: int) -> dict:
+    """The parent's half of a layer test in a forked child that unshares a user namespace: wait
+    for "u" (unshared), write its maps as the daemon does (sandbox 0.. -> ``id_base``..), send "g",
+    read its JSON report within ``timeout``, reap it. Closes the three fds."""
+    from zygote.layers import userns
+    try:
+        if os.read(ready_r, 1) != b"u":
+            pytest.fail("child died before unsharing")
+        userns.outside(pid, *userns.map_lines(id_base, 0, 0))
+        os.write(go_w, b"g")
+        chunks = []
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([res_r], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                pytest.fail("child timed out")
+            b = os.read(res_r, 1 << 16)
+            if not b:
+                break
+            chunks.append(b)
+    finally:
+        for fd in (ready_r, go_w, res_r):
+            os.close(fd)
+        os.waitpid(pid, 0)
+    return json.loads(b"".join(chunks) or b'{"ok": false, "error": "the child reported nothing"}')

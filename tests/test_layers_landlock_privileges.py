@@ -11,20 +11,19 @@ import ctypes
 import errno
 import json
 import os
-import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 import traceback
 
 import prctl
 import pytest
 
 from zygote.layers import SetupError, _sys, landlock, privileges, userns
+
+from conftest import drive_userns_child
 
 ID_BASE = userns.DEFAULT_ID_BASE  # sandbox uid 0 is this host uid
 NOBODY = 65534
@@ -75,30 +74,7 @@ def in_userns(check, setup=None, timeout: float = 30.0):
     os.close(ready_w)
     os.close(go_r)
     os.close(res_w)
-    try:
-        if os.read(ready_r, 1) != b"u":
-            pytest.fail("child died before unsharing")
-        uid_map, gid_map = userns.map_lines(ID_BASE, 0, 0)  # "0 1000000000 65536"
-        userns.outside(pid, uid_map, gid_map)
-        os.write(go_w, b"g")
-        chunks = []
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([res_r], [], [], left)[0]:
-                os.kill(pid, signal.SIGKILL)
-                pytest.fail("child timed out")
-            b = os.read(res_r, 65536)
-            if not b:
-                break
-            chunks.append(b)
-    finally:
-        for fd in (ready_r, go_w, res_r):
-            os.close(fd)
-        os.waitpid(pid, 0)
-    if not chunks:
-        pytest.fail("child reported nothing")
-    out = json.loads(b"".join(chunks))
+    out = drive_userns_child(pid, ready_r, go_w, res_r, timeout, ID_BASE)
     if not out["ok"]:
         pytest.fail("child failed:\n" + out["error"])
     return out["result"]

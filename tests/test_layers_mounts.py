@@ -13,9 +13,7 @@ import ctypes
 import errno
 import json
 import os
-import select
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -29,6 +27,8 @@ import pytest
 from zygote._childproto import ChildPlan
 from zygote.layers import SetupError, _sys, mounts, userns
 from zygote_client._config import SandboxConfig
+
+from conftest import drive_userns_child
 
 ID_BASE = userns.DEFAULT_ID_BASE
 CLONE_NEWNS = 0x00020000
@@ -105,27 +105,7 @@ def in_sandbox(plan: ChildPlan, check, pre=None, timeout: float = 30.0, fallback
     os.close(ready_w)
     os.close(go_r)
     os.close(res_w)
-    try:
-        if os.read(ready_r, 1) != b"u":
-            pytest.fail("child died before unsharing")
-        userns.outside(pid, *userns.map_lines(ID_BASE, 0, 0))
-        os.write(go_w, b"g")
-        chunks = []
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([res_r], [], [], left)[0]:
-                os.kill(pid, signal.SIGKILL)
-                pytest.fail("sandbox probe timed out")
-            b = os.read(res_r, 1 << 16)
-            if not b:
-                break
-            chunks.append(b)
-    finally:
-        for fd in (ready_r, go_w, res_r):
-            os.close(fd)
-        os.waitpid(pid, 0)
-    out = json.loads(b"".join(chunks) or b'{"ok": false, "error": "no result"}')
+    out = drive_userns_child(pid, ready_r, go_w, res_r, timeout, ID_BASE)
     assert out["ok"], out["error"]
     return out
 

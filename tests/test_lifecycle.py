@@ -293,9 +293,7 @@ def test_detached_ring_keeps_the_newest_bytes_and_never_blocks_the_child(tmp_pat
             assert len(data) == 64 << 10 and data.startswith(b"%07d" % (1024 - 64))
             assert again.result() == "flooded"
     finally:
-        proc.terminate()
-        proc.communicate(timeout=30)
-    assert proc.returncode == 0
+        stop_daemon(proc)
 
 
 def test_attach_refuses_non_detached_and_unknown(socket_daemon):
@@ -363,9 +361,7 @@ def test_SECURITY_detached_child_attachable_only_by_its_uid(shared_dir):
             child.kill()
             assert child.wait().returncode == -signal.SIGKILL
     finally:
-        proc.terminate()
-        proc.communicate(timeout=30)
-    assert proc.returncode == 0
+        stop_daemon(proc)
 
 
 # ---- SIGTERM --------------------------------------------------------------------------------------
@@ -387,9 +383,7 @@ def test_sigterm_leaves_no_child_cgroup_or_socket(tmp_path):
         pids = [detached.pid] + [ch.pid for ch in running]
         assert all(not _gone(p) for p in pids)
         assert _zygote_dirs(dpid), "the daemon should have its cgroup directory"
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-        assert proc.returncode == 0, err.decode()[-2000:]
+        err = stop_daemon(proc)  # SIGTERM, exit 0
     finally:
         c.close()
     assert not os.path.exists(sock)

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from zygote_client import Client, ProtocolError, SandboxConfig
 from zygote_client import _protocol as P
 
+from conftest import start_daemon, stop_daemon, wait_socket
+
 
 def test_roundtrip_all_message_kinds():
     msgs = [
@@ -235,28 +237,13 @@ _frames = st.one_of(
 
 @pytest.fixture(scope="module")
 def fuzz_daemon(tmp_path_factory):
-    import subprocess
-    import sys
-    import time
     path = str(tmp_path_factory.mktemp("fuzz") / "z.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--socket", path, "--log-level", "error"])
-    deadline = time.monotonic() + 60
-    while True:
-        with socket.socket(socket.AF_UNIX) as s:
-            try:
-                s.connect(path)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    proc.kill()
-                    raise RuntimeError("daemon did not start")
-                time.sleep(0.05)
+    proc = start_daemon("--socket", path, "--log-level", "error")
+    wait_socket(path, proc)
     try:
         yield path, proc
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        assert proc.returncode == 0
+        stop_daemon(proc)
 
 
 def _exchange(path: str, hello: bool, frames: list[tuple[bytes, int]], fd: int) -> None:

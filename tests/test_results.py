@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 import time
 
@@ -12,6 +10,8 @@ import anyio
 import pytest
 
 from zygote_client import ChildFailed, Client, RemoteError, ResultError, SandboxConfig, open_embedded
+
+from conftest import start_daemon, stop_daemon, wait_socket
 
 
 @pytest.mark.parametrize("value", [
@@ -160,17 +160,13 @@ def test_oversize_result_is_dropped_and_the_child_is_not_blocked(client):
 def capped_client(tmp_path):
     """A socket daemon whose result cap is 4 KiB (``--max-result-bytes``)."""
     path = str(tmp_path / "z.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--socket", path, "--max-result-bytes", "4K"])
+    proc = start_daemon("--socket", path, "--max-result-bytes", "4K")
     try:
-        deadline = time.monotonic() + 60
-        while not os.path.exists(path):
-            assert proc.poll() is None and time.monotonic() < deadline, "daemon did not start"
-            time.sleep(0.05)
+        wait_socket(path, proc)
         with Client.connect(path) as c:
             yield c
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        stop_daemon(proc)
 
 
 def test_result_cap_is_configurable(capped_client):
