@@ -95,16 +95,21 @@ def fork_memory(_n: int) -> dict:
     try:
         os.read(r, 1)
         time.sleep(0.2)
-        out = {}
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
-                    out[parts[0][:-1]] = int(parts[1]) * 1024
+        return smaps(pid)
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         os.close(r)
+
+
+def smaps(pid: int) -> dict:
+    """Rss, Pss and private (Private_Clean + Private_Dirty) of a process, in bytes."""
+    out = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
+                out[parts[0][:-1]] = int(parts[1]) * 1024
     return {"rss": out.get("Rss", 0), "pss": out.get("Pss", 0),
             "private": out.get("Private_Clean", 0) + out.get("Private_Dirty", 0)}
 

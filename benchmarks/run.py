@@ -28,6 +28,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import steps  # noqa: E402  (benchmarks/steps.py)
+from _baselines import smaps  # noqa: E402  (light to import: pandas only inside its functions)
 
 from zygote_client import DEVNULL, Client, NetworkConfig, SandboxConfig  # noqa: E402
 
@@ -134,18 +135,6 @@ def network_available(client: Client) -> tuple[bool, str]:
 
 
 # ---- memory ---------------------------------------------------------------------------------------
-
-def smaps(pid: int) -> dict:
-    """Rss, Pss and private (Private_Clean + Private_Dirty) of a process, in bytes."""
-    out = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
-                out[parts[0][:-1]] = int(parts[1]) * 1024
-    return {"rss": out.get("Rss", 0), "pss": out.get("Pss", 0),
-            "private": out.get("Private_Clean", 0) + out.get("Private_Dirty", 0)}
-
 
 def children_of(pid: int) -> list[int]:
     kids = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -105,6 +106,15 @@ def stop_daemon(proc: subprocess.Popen) -> bytes:
     err = _log(proc)
     assert proc.returncode == 0, err
     return err
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory other uids can reach (pytest's tmp_path is root-only), removed afterwards."""
+    d = tempfile.mkdtemp(prefix="zg-shared-")
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 
@@ -75,17 +74,6 @@ def test_bad_config_names_the_key(tmp_path, text, words):
     r = subprocess.run([sys.executable, "-m", "zygote", "serve", "--config", path, "--socket", str(tmp_path / "s")],
                        capture_output=True, timeout=60)
     assert r.returncode == 2 and words[0].encode() in r.stderr, r.stderr
-
-
-@pytest.fixture
-def shared_dir():
-    """A directory other uids can reach (pytest's tmp_path is root-only)."""
-    d = tempfile.mkdtemp(prefix="zg-cfg-")
-    os.chmod(d, 0o755)
-    yield d
-    for name in os.listdir(d):
-        os.unlink(os.path.join(d, name))
-    os.rmdir(d)
 
 
 def _hello_as(uid: int, gid: int, sock_path: str) -> str:

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 
@@ -325,16 +324,6 @@ def _as_uid(uid: int, gid: int, sock_path: str, requests: list) -> list[str]:
             out.append(f"{type(m).__name__}:{getattr(m, 'code', '')}:{getattr(m, 'child', '')}")
         return "\n".join(out)
     return run_as(uid, gid, talk).split("\n")
-
-
-@pytest.fixture
-def shared_dir():
-    d = tempfile.mkdtemp(prefix="zg-life-")
-    os.chmod(d, 0o755)
-    yield d
-    for name in os.listdir(d):
-        os.unlink(os.path.join(d, name))
-    os.rmdir(d)
 
 
 def test_SECURITY_detached_child_attachable_only_by_its_uid(shared_dir):
