@@ -90,6 +90,21 @@ def _raw(path: str) -> socket.socket:
     return s
 
 
+def _send_and_drain(path: str, data: bytes) -> None:
+    """Send ``data`` on a fresh connection, close our side, read whatever comes back until the
+    daemon closes (an error reply or nothing); OS errors count as a closed connection."""
+    s = _raw(path)
+    try:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        while s.recv(65536):
+            pass
+    except OSError:
+        pass
+    finally:
+        s.close()
+
+
 def _alive(path: str) -> None:
     with Client.connect(path) as c:
         assert c.run(print, ("alive",)).stdout == b"alive\n"
@@ -106,16 +121,7 @@ def test_live_daemon_survives_garbage(socket_daemon):
         P.encode(P.Hello(P.VERSION)) + b"\x00" * 100,          # garbage after hello
     ]
     for data in cases:
-        s = _raw(socket_daemon)
-        try:
-            s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
-            while s.recv(65536):
-                pass
-        except OSError:
-            pass
-        finally:
-            s.close()
+        _send_and_drain(socket_daemon, data)
     _alive(socket_daemon)
 
 
@@ -154,21 +160,11 @@ def test_live_daemon_fuzz(socket_daemon):
     import random
     rng = random.Random(1234)
     for batch in range(20):
-        s = _raw(socket_daemon)
-        try:
-            s.sendall(P.encode(P.Hello(P.VERSION)))
-            frames = []
-            for _ in range(100):
-                body = bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 40)))
-                frames.append(P.HEADER.pack(P.MAGIC, P.VERSION, 0, len(body)) + body)
-            s.sendall(b"".join(frames))
-            s.shutdown(socket.SHUT_WR)
-            while s.recv(65536):
-                pass
-        except OSError:
-            pass
-        finally:
-            s.close()
+        frames = [bytes(P.encode(P.Hello(P.VERSION)))]
+        for _ in range(100):
+            body = bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 40)))
+            frames.append(P.HEADER.pack(P.MAGIC, P.VERSION, 0, len(body)) + body)
+        _send_and_drain(socket_daemon, b"".join(frames))
     _alive(socket_daemon)
 
 
