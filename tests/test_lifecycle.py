@@ -131,6 +131,59 @@ def test_cancelled_async_with_block_kills(backend):
     anyio.run(main, backend=backend)
 
 
+def test_blocking_close_from_another_thread_ends_a_waiting_call():
+    """A call blocked in one thread (run of a long child) returns with an error, not a hang,
+    when another thread closes the client; the child is killed with the connection."""
+    import threading
+    from zygote_client import ZygoteError
+    client = Client.embedded()
+    seen: list = []
+    pids: list = []
+
+    def waiter() -> None:
+        try:
+            child = client.spawn_child(lambda: __import__("time").sleep(60), stdin=None)
+            pids.append(child.pid)
+            child.wait()
+            seen.append("returned")
+        except ZygoteError as e:
+            seen.append(e)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    _wait_for(lambda: pids, what="the child to start")
+    client.close()
+    t.join(timeout=15)
+    assert not t.is_alive(), "the waiting call hung after close()"
+    assert len(seen) == 1 and isinstance(seen[0], ZygoteError), seen
+    _wait_for(lambda: _gone(pids[0]), what="the child to be killed")
+
+
+@pytest.mark.parametrize("how", ["call", "run"])
+def test_blocking_call_interrupted_kills_its_child(how):
+    """Ctrl-C (KeyboardInterrupt) in the calling thread: ``call`` cancels its task on the
+    client's loop, and cancellation kills the child; ``run`` kills it as subprocess.run does.
+    Either way the client stays usable."""
+    import threading
+    with Client.embedded() as client:
+        def slow():
+            import time
+            print("started", flush=True)
+            time.sleep(60)
+        # a real SIGINT to the main thread, as Ctrl-C would be (interrupt_main only sets a flag)
+        timer = threading.Timer(1.0, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+        timer.start()
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                getattr(client, how)(slow)
+        finally:
+            timer.cancel()
+        assert time.monotonic() - t0 < 30
+        _wait_for(lambda: client.status().running == 0, what="the child to be killed")
+        assert client.run(lambda: print("still usable")).stdout == b"still usable\n"
+
+
 @BACKENDS
 def test_100_concurrent_spawns_from_10_clients(socket_daemon, backend):
     def echo(token):

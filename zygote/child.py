@@ -21,8 +21,8 @@ import traceback
 
 import msgspec
 
-from ._childproto import (JOB_FIELDS, LEN, RESULT_HEADER, ExitReport, Failed, OutEnd, Ready, frame, job_decoder,
-                          plan_decoder)
+from ._childproto import (JOB_FIELDS, LEN, RESULT_HEADER, ExitReport, Failed, Job, OutEnd, Ready, frame,
+                          job_decoder, plan_decoder)
 from .layers import SetupError, landlock, mounts, netns, privileges, rlimits, seccomp, userns, uts, workspace
 from .layers import _sys
 
@@ -101,7 +101,7 @@ def confine(plan) -> int:
         _report(Ready(landlock_abi=abi, payload_pid=os.getpid()))
         if plan.deferred:                    # a reserve child: confined, now wait for a request
             _prepare_payload_process()
-            _prewarm()
+            _prewarm(plan)
             _payload(_await_job(plan), prepared=True)
         _payload(plan)                       # never returns
     if plan.deferred:
@@ -115,29 +115,45 @@ def confine(plan) -> int:
     return pid
 
 
-def _prewarm() -> None:
-    """Take, before the request arrives, the copy-on-write faults every payload start would
-    take: the stdio objects, unpickling a closure, encoding a result. The pages become this
-    process's own now instead of on the request's path."""
-    import pickle
-
+def _prewarm(plan) -> None:
+    """Take, before the request arrives, the copy-on-write faults every payload start would take,
+    by running the request path itself on a harmless Job of our own: its decoding, the pool's
+    environment, unpickling a closure, printing through a text stream like the payload's stdout
+    (into a pipe of its own), encoding a result. The pages become this process's own now instead
+    of on the request's path; a request with the pool's environment then finds it in place."""
     import cloudpickle
+    os.environ.clear()
+    os.environ.update(plan.env)
+    r, w = os.pipe()
     try:
         x = 1
-        fn, args, kwargs = pickle.loads(cloudpickle.dumps((lambda: x, (), {})))
-        json.dumps(fn())
-        msgspec.msgpack.decode(msgspec.msgpack.encode({"a": [1]}))
+        body = msgspec.msgpack.encode(Job(kind="callable", env=plan.env,
+                                          payload=cloudpickle.dumps((lambda: x / 2, (), {}))))
+        fake = _apply_job(plan, body)
+        func, args, kwargs = _load(fake)
+        out = io.TextIOWrapper(io.FileIO(w, "wb", closefd=False), encoding="utf-8",
+                               errors="backslashreplace", write_through=True, line_buffering=True)
+        print(repr(func(*args, **kwargs)), end="", file=out, flush=True)
+        _encode_result(func(*args, **kwargs), False)
     except Exception:
         pass
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def _await_job(plan):
     """In a confined reserve child's payload process: read the one Job; EOF means the daemon
     discarded this child (shutdown, pool reload), so exit without running anything."""
-    job = _read_frame(CTL_FD, job_decoder)
-    if job is None:
+    body = _read_frame(CTL_FD)
+    if body is None:
         os._exit(0)
     os.close(CTL_FD)
+    return _apply_job(plan, body)
+
+
+def _apply_job(plan, body: bytes):
+    job = job_decoder.decode(body)
     if job.process_name:
         try:  # this process only (PID 1 keeps the pool's name); cosmetic, never worth failing for
             uts.set_process_name(job.process_name)
@@ -169,21 +185,21 @@ def _arrange_fds(fds: list[int]) -> None:
 
 
 def _read_plan():
-    plan = _read_frame(CTL_FD, plan_decoder)
-    if plan is not None and not plan.deferred:
+    body = _read_frame(CTL_FD)
+    if body is None:
+        return None
+    plan = plan_decoder.decode(body)
+    if not plan.deferred:
         os.close(CTL_FD)
     return plan
 
 
-def _read_frame(fd: int, decoder):
+def _read_frame(fd: int) -> bytes | None:
     hdr = _read_exact(fd, LEN.size)
     if hdr is None:
         return None
     (n,) = LEN.unpack(hdr)
-    body = _read_exact(fd, n)
-    if body is None:
-        return None
-    return decoder.decode(body)
+    return _read_exact(fd, n)
 
 
 def _read_exact(fd: int, n: int) -> bytes | None:
@@ -279,8 +295,9 @@ def _payload(plan, prepared: bool = False) -> None:
     try:
         if not prepared:
             _prepare_payload_process()
-        os.environ.clear()
-        os.environ.update(plan.env)
+        if os.environ != plan.env:           # a reserve child often has exactly this one already
+            os.environ.clear()
+            os.environ.update(plan.env)
         if plan.cwd:
             os.chdir(plan.cwd)
         code = _run_payload(plan)
@@ -342,9 +359,6 @@ def _exit_code(e: SystemExit) -> int:
 
 
 def _run_payload(plan) -> int:
-    import importlib
-    import pickle
-
     kind = plan.kind
     if kind == "exec":
         argv = plan.argv or []
@@ -369,20 +383,27 @@ def _run_payload(plan) -> int:
         globs = {"__name__": "__main__", "__file__": sys.argv[0], "__builtins__": __builtins__}
         exec(code, globs)
         return 0
-    if kind == "callable":
-        func, args, kwargs = pickle.loads(plan.payload)
-    elif kind in ("target", "child_main"):
-        modname, _, qual = (plan.target or "").partition(":")
-        obj = importlib.import_module(modname)
-        for part in qual.split("."):
-            obj = getattr(obj, part)
-        func = obj
-        args, kwargs = pickle.loads(plan.payload) if plan.payload else ((), {})
-    else:
+    if kind not in _RESULT_KINDS:
         print(f"zygote: unknown payload kind {kind!r}", file=sys.stderr)
         return 1
+    func, args, kwargs = _load(plan)
     _send_result(func(*args, **kwargs), plan.result_pickle)
     return 0
+
+
+def _load(plan):
+    """The callable of a callable/target/child_main plan, with its arguments."""
+    import importlib
+    import pickle
+
+    if plan.kind == "callable":
+        return pickle.loads(plan.payload)
+    modname, _, qual = (plan.target or "").partition(":")
+    obj = importlib.import_module(modname)
+    for part in qual.split("."):
+        obj = getattr(obj, part)
+    args, kwargs = pickle.loads(plan.payload) if plan.payload else ((), {})
+    return obj, args, kwargs
 
 
 # ---- the result pipe (PID 2 only) --------------------------------------------------------------
@@ -391,6 +412,10 @@ _RESULT_KINDS = ("callable", "target", "child_main")  # exec and script have no 
 
 
 def _send_result(value, use_pickle: bool) -> None:
+    _write_result(*_encode_result(value, use_pickle))
+
+
+def _encode_result(value, use_pickle: bool) -> tuple[bytes, bytes]:
     """Encode the return value: JSON unless the client trusts pickles (trusted_results)."""
     try:
         if use_pickle:
@@ -401,7 +426,7 @@ def _send_result(value, use_pickle: bool) -> None:
     except BaseException as e:  # noqa: BLE001 - an unencodable value is a result, not a crash
         kind, body = b"u", _describe(type(value), f"the return value could not be encoded "
                                      f"({'cloudpickle' if use_pickle else 'JSON'}): {_text(e)}")
-    _write_result(kind, body)
+    return kind, body
 
 
 def _send_error(exc: BaseException, tb) -> None:

@@ -498,18 +498,19 @@ class Daemon:
                                            code="internal"), []
         finally:
             _close(fds)
-        if isinstance(reply, P.Spawned):
-            self.observer.spawned(outcome="ok", seconds=time.monotonic() - t0, child=reply.child,
-                                  pool=msg.pool or "default", peer_uid=conn.peer_uid, running=len(self.children),
-                                  kind=msg.kind)
-        else:
-            self.observer.spawned(outcome=reply.code, seconds=time.monotonic() - t0, child=None,
-                                  pool=msg.pool or "default", peer_uid=conn.peer_uid, running=len(self.children),
-                                  kind=msg.kind, step=reply.step, message=reply.message)
         try:
-            await conn.send(reply, out_fds)
+            await conn.send(reply, out_fds)  # the client first: the event below is not on its path
         finally:
             _close(out_fds)
+            if isinstance(reply, P.Spawned):
+                self.observer.spawned(outcome="ok", seconds=time.monotonic() - t0, child=reply.child,
+                                      pool=msg.pool or "default", peer_uid=conn.peer_uid,
+                                      running=len(self.children), kind=msg.kind)
+            else:
+                self.observer.spawned(outcome=reply.code, seconds=time.monotonic() - t0, child=None,
+                                      pool=msg.pool or "default", peer_uid=conn.peer_uid,
+                                      running=len(self.children), kind=msg.kind, step=reply.step,
+                                      message=reply.message)
 
     def _check_request(self, pool: Pool, msg: P.Spawn) -> tuple[str, str | None, dict[str, str]]:
         """The request's own fields, checked against its pool: (kind, target, env). Raises _Refused."""
@@ -791,7 +792,14 @@ class Daemon:
             child.has_result = kind not in ("exec", "script")
             conn.children[child.id] = child
             try:
-                await ctl.send_all(job)
+                # The pipe is empty and a Job frame is small: one non-blocking write, no scheduling
+                # round on the request's path (send_all only for what a large payload leaves).
+                try:
+                    rest = job[os.write(ctl.fileno(), job):]
+                except BlockingIOError:
+                    rest = job
+                if rest:
+                    await ctl.send_all(rest)
             except (trio.BrokenResourceError, OSError):  # it died while waiting: try the next one
                 conn.children.pop(child.id, None)
                 child.conn, child.watchers = None, []
@@ -801,8 +809,7 @@ class Daemon:
                 _close(fds)
                 raise
             finally:
-                with trio.CancelScope(shield=True):
-                    await ctl.aclose()
+                ctl.close()
             if timeout is not None:
                 self._nursery.start_soon(self._deadline_until_exit, child)
             if not msg.stdin:

@@ -6,12 +6,15 @@ No event loop is ever nested in the caller's thread.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import os
 import selectors
 import subprocess
 import sys
+import threading
 from typing import Any, Callable
 
 import anyio
@@ -164,7 +167,21 @@ class Client:
         except BaseException:
             self._portal_cm.__exit__(*sys.exc_info())
             raise
+        self._loop: asyncio.AbstractEventLoop = self._portal.call(asyncio.get_running_loop)
+        self._tasks: set[asyncio.Task] = set()  # _call's tasks (touched only on the loop's thread)
+        self._calls: set[concurrent.futures.Future] = set()  # their callers' futures, any thread
+        self._calls_lock = threading.Lock()
         self._closed = False
+
+    def _forget_call(self, done: concurrent.futures.Future) -> None:
+        with self._calls_lock:
+            self._calls.discard(done)
+
+    async def _cancel_calls(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     @classmethod
     def connect(cls, path: str) -> "Client":
@@ -193,9 +210,53 @@ class Client:
         return self._aclient.welcome
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` (a coroutine function) on the portal's event loop and wait for it.
+
+        A plain task started with ``call_soon_threadsafe`` rather than ``portal.call``: the same
+        thread hop at well under half the cost (anyio's portal makes a task group entry and a
+        cancel scope per call; that is ~0.1 ms on every spawn). If this thread is interrupted
+        (KeyboardInterrupt) while waiting, the task is cancelled and waited for, so nothing it
+        started (a child, a pending request) is left half-done behind the caller's back.
+        """
         if self._closed:
             raise ClosedError("the client is closed")
-        return self._portal.call(fn, *args)
+        loop = self._loop
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        tasks: list[asyncio.Task] = []
+        with self._calls_lock:
+            self._calls.add(done)
+        done.add_done_callback(self._forget_call)
+
+        def settle(task: asyncio.Task) -> None:
+            self._tasks.discard(task)
+            if task.cancelled():  # by close() or by an interrupted caller
+                done.set_exception(ClosedError("the call was cancelled (client closed or caller interrupted)"))
+            elif task.exception() is not None:
+                done.set_exception(task.exception())
+            else:
+                done.set_result(task.result())
+
+        def start() -> None:
+            if done.set_running_or_notify_cancel():
+                task = loop.create_task(fn(*args))
+                tasks.append(task)
+                self._tasks.add(task)
+                task.add_done_callback(settle)
+
+        try:
+            loop.call_soon_threadsafe(start)
+        except RuntimeError:  # the loop is closed: the client was closed by another thread
+            done.cancel()
+        try:
+            return done.result()
+        except concurrent.futures.CancelledError:
+            raise ClosedError("the client was closed during the call") from None
+        except BaseException:
+            if not done.done():  # interrupted here (KeyboardInterrupt): cancel it, wait for it
+                loop.call_soon_threadsafe(lambda: tasks[0].cancel() if tasks else done.cancel())
+                with contextlib.suppress(BaseException):
+                    concurrent.futures.wait([done])
+            raise
 
     def status(self):
         """The daemon's pools, counters and this peer's running children (a StatusReply)."""
@@ -244,8 +305,13 @@ class Client:
             sandbox_config = msgspec.structs.replace(sandbox_config or SandboxConfig(), export=Export())
         child = self.spawn_child(target, args, kwargs, sandbox_config=sandbox_config, env=env,
                                  timeout=timeout, trusted_results=trusted_results, **private)
-        out, err = child.communicate(input)
-        status = child.wait()
+        try:
+            out, err = child.communicate(input)
+            status = child.wait()
+        except BaseException:  # as subprocess.run: an interrupted run (Ctrl-C) kills its child
+            with contextlib.suppress(Exception):
+                child.kill()
+            raise
         done = CompletedChild(status.returncode, out, err, status, export=child.export_result,
                               _outcome=child._achild._outcome)
         if export_to is None:
@@ -271,7 +337,14 @@ class Client:
         try:
             self._session_cm.__exit__(None, None, None)
         finally:
-            self._portal_cm.__exit__(None, None, None)
+            try:
+                self._portal.call(self._cancel_calls)  # calls still running in other threads
+            finally:
+                self._portal_cm.__exit__(None, None, None)
+                with self._calls_lock:
+                    left = list(self._calls)
+                for done in left:  # queued but never started: the loop is gone
+                    done.cancel()
 
     def __enter__(self) -> "Client":
         return self
