@@ -27,7 +27,7 @@ def test_each_task_is_a_fresh_confined_child(client):
 
     with SandboxExecutor(client, max_workers=2) as ex:
         rows = list(ex.map(probe, range(6)))
-    assert all(r == [2, True, False] for r in rows), rows  # pid 2 of its own namespace, no state kept
+    assert all(r == [1, True, False] for r in rows), rows  # PID 1 of its own namespace, no state kept
 
 
 def test_task_exception_is_remote_error_with_traceback(client):
@@ -147,7 +147,7 @@ def test_dask_worker_runs_tasks_in_the_sandbox():
             confined = dc.gather(dc.map(where, range(10)))
             bad = dc.submit(fails, 1)
         plain = dc.gather(dc.map(where, range(100, 102)))
-        assert confined == [[x * 10, 2] for x in range(10)]  # pid 2: each in its own pid namespace
+        assert confined == [[x * 10, 1] for x in range(10)]  # PID 1: each in its own pid namespace
         assert plain == [[x * 10, os.getpid()] for x in range(100, 102)]
         with pytest.raises(KeyError, match="inside the sandbox"):
             bad.result(timeout=60)

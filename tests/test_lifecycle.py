@@ -170,15 +170,33 @@ def test_blocking_call_interrupted_kills_its_child(how):
             import time
             print("started", flush=True)
             time.sleep(60)
-        # a real SIGINT to the main thread, as Ctrl-C would be (interrupt_main only sets a flag)
-        timer = threading.Timer(1.0, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
-        timer.start()
+        # Real SIGINTs to the main thread, as Ctrl-C would send (interrupt_main only sets a flag),
+        # from once the child runs until the call gave up (one could land between two waits).
+        raised = threading.Event()
+
+        def interrupt() -> None:
+            for _ in range(100):
+                if raised.wait(0.2):
+                    return
+                if client.status().running:
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+        def once(*_):  # Python's own handler, but only the first SIGINT counts
+            if not raised.is_set():
+                raised.set()
+                raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGINT, once)
+        sender = threading.Thread(target=interrupt)
         t0 = time.monotonic()
+        sender.start()
         try:
             with pytest.raises(KeyboardInterrupt):
                 getattr(client, how)(slow)
         finally:
-            timer.cancel()
+            raised.set()
+            sender.join()
+            signal.signal(signal.SIGINT, previous)
         assert time.monotonic() - t0 < 30
         _wait_for(lambda: client.status().running == 0, what="the child to be killed")
         assert client.run(lambda: print("still usable")).stdout == b"still usable\n"

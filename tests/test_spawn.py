@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from zygote_client import Client, DaemonError, SandboxError
+from zygote_client import Client, DaemonError, SandboxConfig, SandboxError
 from conftest import children_of, cmdline, daemon_pid, fd_count
 
 
@@ -52,9 +52,9 @@ def test_ten_megabytes_without_deadlock(client):
 
 def test_output_before_crash_is_kept(client):
     def payload():
-        import os
+        import ctypes
         print("before the crash")
-        os.kill(os.getpid(), 11)
+        ctypes.string_at(0)  # a real segfault: the kernel's SIGSEGV kills even a PID 1
 
     r = client.run(payload)
     assert r.stdout == b"before the crash\n"
@@ -104,7 +104,8 @@ def test_fds_above_2_are_closed(client):
     assert lines[1] == "['0', '1', '2', '3', '5']"  # 3 is the directory listdir itself holds open
 
 
-def test_SECURITY_pidns_cannot_see_or_signal_host(client):
+@pytest.mark.parametrize("reaper", [False, True])
+def test_SECURITY_pidns_cannot_see_or_signal_host(client, reaper):
     host_pid = os.getpid()
 
     def payload():
@@ -118,11 +119,12 @@ def test_SECURITY_pidns_cannot_see_or_signal_host(client):
             print("ESRCH")
         print(os.getpid())
 
-    r = client.run(payload)
+    r = client.run(payload, sandbox_config=SandboxConfig(reaper=reaper))
     lines = r.stdout.decode().splitlines()
-    assert lines[0] == "[1, 2]", r.stdout
+    # the payload is PID 1 itself, or PID 2 under the reaper: nothing else is visible
+    assert lines[0] == ("[1, 2]" if reaper else "[1]"), r.stdout
     assert lines[1] == "ESRCH"
-    assert lines[2] == "2"
+    assert lines[2] == ("2" if reaper else "1")
 
 
 def test_SECURITY_tree_dies_with_child(client):
@@ -151,7 +153,7 @@ def test_SECURITY_tree_dies_with_child(client):
             assert b"zygote._zygote" in f.read(), f"stray child {pid} ({state}) of the daemon"
 
 
-def test_orphans_are_reaped_inside(client):
+def test_orphans_are_reaped_inside_with_a_reaper(client):
     def payload():
         import os, time
         for _ in range(5):
@@ -168,15 +170,107 @@ def test_orphans_are_reaped_inside(client):
                         zombies.append(p)
         print(zombies)
 
-    r = client.run(payload)
+    r = client.run(payload, sandbox_config=SandboxConfig(reaper=True))
     # the direct children are the payload's own to reap (as anywhere); orphans must not linger
     zombies = eval(r.stdout)
     assert len(zombies) <= 5, zombies
 
 
-def test_sigterm_to_self_is_minus_15(client):
-    r = client.run(lambda: os.kill(os.getpid(), signal.SIGTERM))
+def test_without_reaper_orphans_die_with_the_payload(client):
+    """The payload is PID 1: orphans it adopts are its zombies (it does not reap what it did not
+    start), but nothing outlives it: the kernel ends the namespace with it."""
+    def payload():
+        import os, time
+        for _ in range(3):
+            if os.fork() == 0:
+                if os.fork() == 0:      # orphaned to PID 1 (the payload); this one sleeps on
+                    time.sleep(60)
+                    os._exit(0)
+                os._exit(0)
+        time.sleep(0.3)
+        print(os.getpid(), sum(1 for p in os.listdir("/proc") if p.isdigit()), flush=True)
+
+    r = client.run(payload)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == b"1"
+    assert int(r.stdout.split()[1]) >= 4  # itself, 3 orphans (and zombies of their parents)
+    for pid, state in children_of(daemon_pid(client)):
+        assert b"zygote._zygote" in cmdline(pid), f"stray child {pid} ({state}) of the daemon"
+
+
+def test_children_start_with_no_signal_blocked():
+    """The signal mask is inherited through fork and exec: a daemon started from a thread that
+    blocked signals must not hand that on to its children (they would not die of SIGTERM)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+    try:
+        with Client.embedded() as c:  # its portal thread, so its daemon, inherit the mask
+            r = c.run(lambda: print(open("/proc/self/status").read()))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    blk = [line for line in r.stdout.decode().splitlines() if line.startswith("SigBlk:")]
+    assert blk and int(blk[0].split()[1], 16) == 0, blk
+
+
+def test_sigterm_to_self_is_minus_15_with_a_reaper(client):
+    r = client.run(lambda: os.kill(os.getpid(), signal.SIGTERM), sandbox_config=SandboxConfig(reaper=True))
     assert r.returncode == -15
+
+
+@pytest.mark.parametrize("reaper", [False, True])
+def test_signals_from_the_client_act_as_on_a_subprocess(client, reaper):
+    """terminate()/send_signal() give subprocess results whether the payload is PID 1 (which the
+    kernel shields from unhandled signals: the daemon delivers them) or PID 2 under a reaper:
+    default actions kill with the signal's number, handlers run, SIGINT is KeyboardInterrupt,
+    SIGSTOP/SIGCONT pause and resume, default-ignored signals change nothing."""
+    cfg = SandboxConfig(reaper=reaper)
+
+    def handles_usr1():
+        import signal, sys, time
+        signal.signal(signal.SIGUSR1, lambda *_: (print("got usr1", flush=True), sys.exit(7)))
+        print("ready", flush=True)
+        time.sleep(60)
+
+    def sleeper():
+        import time
+        print("ready", flush=True)
+        time.sleep(60)
+
+    def counter():
+        import time
+        print("ready", flush=True)
+        while True:
+            print(time.monotonic(), flush=True)
+            time.sleep(0.02)
+
+    for sig, expect in ((signal.SIGTERM, -signal.SIGTERM), (signal.SIGHUP, -signal.SIGHUP),
+                        (signal.SIGUSR2, -signal.SIGUSR2), (signal.SIGINT, -signal.SIGINT)):
+        child = client.spawn_child(sleeper, sandbox_config=cfg, stdin=None)
+        assert child.stdout.readline() == b"ready\n"
+        child.send_signal(signal.SIGWINCH)  # default: ignored
+        child.send_signal(sig)
+        st = child.wait(timeout=10)
+        child.stdout.close(), child.stderr.close()
+        assert st.returncode == expect, (sig, st)
+    child = client.spawn_child(handles_usr1, sandbox_config=cfg, stdin=None)
+    assert child.stdout.readline() == b"ready\n"
+    child.send_signal(signal.SIGUSR1)
+    assert child.wait(timeout=10).returncode == 7
+    assert child.stdout.read() == b"got usr1\n"
+    child.stdout.close(), child.stderr.close()
+    child = client.spawn_child(counter, sandbox_config=cfg, stdin=None)
+    assert child.stdout.readline() == b"ready\n"
+    child.send_signal(signal.SIGTSTP)  # default: stop (delivered as SIGSTOP to a PID-1 payload)
+    time.sleep(0.3)
+    os.set_blocking(child.stdout.fileno(), False)
+    child.stdout.read()  # drain what it printed before it stopped
+    time.sleep(0.3)
+    assert child.stdout.read() is None, "the stopped child kept printing"
+    child.send_signal(signal.SIGCONT)
+    time.sleep(0.3)
+    assert child.stdout.read(), "the continued child printed nothing"
+    child.kill()
+    assert child.wait(timeout=10).returncode == -signal.SIGKILL
+    child.stdout.close(), child.stderr.close()
 
 
 def test_SECURITY_uid_mapped_to_unprivileged_host_id(client):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import importlib
 import os
+import signal
 import socket
 import struct
 import sys
@@ -45,6 +46,9 @@ def main(argv: list[str]) -> None:
     preload = [m for m in argv[1:] if m]
     _sock = socket.socket(fileno=fd)
     os.set_inheritable(fd, False)
+    # Children inherit the signal mask: whatever started the daemon may have blocked signals
+    # (threads often do), and a child must be interruptible like any fresh process.
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
     try:
         # Supplementary groups survive setgroups=deny in the child: drop the host's here.
         if os.geteuid() == 0:

@@ -31,7 +31,8 @@ STATUS_FD = 4
 RESULT_FD = 5
 EXIT_SETUP_FAILED = 125
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-              signal.SIGUSR2, signal.SIGCONT, signal.SIGWINCH, signal.SIGALRM)
+              signal.SIGUSR2, signal.SIGCONT, signal.SIGWINCH, signal.SIGALRM, signal.SIGTSTP,
+              signal.SIGTTIN, signal.SIGTTOU)
 
 
 def run(fds: list[int]) -> None:
@@ -80,6 +81,8 @@ def confine(plan) -> int:
         privileges.apply(plan.uid, plan.gid)  # the last privileged step is behind us
     _set_pdeathsig()                         # after the uid change, which clears it (prctl(2))
     _inject(plan, "payload")
+    if not plan.reaper:                      # the payload is PID 1 itself: no second process
+        _payload_process(plan, abi)          # (see _payload_process; never returns)
     for sig in _FORWARDED:                   # PID 1's handlers, before the fork: PID 1 then touches
         signal.signal(sig, _forward)         # fewer pages of its own (less private memory per child)
     try:
@@ -91,19 +94,7 @@ def confine(plan) -> int:
     # seccomp last, in both processes, after the fork (the strict profile has no fork at all):
     # the payload process reports Ready itself, only once its filter is loaded.
     if pid == 0:
-        try:
-            _inject(plan, "seccomp")
-            if plan.seccomp_bpf:
-                seccomp.apply(plan.seccomp_bpf)
-        except SetupError as e:
-            _report(Failed(e.step, e.errno, e.message, e.hint))
-            os._exit(EXIT_SETUP_FAILED)
-        _report(Ready(landlock_abi=abi, payload_pid=os.getpid()))
-        if plan.deferred:                    # a reserve child: confined, now wait for a request
-            _prepare_payload_process()
-            _prewarm(plan)
-            _payload(_await_job(plan), prepared=True)
-        _payload(plan)                       # never returns
+        _payload_process(plan, abi)
     if plan.deferred:
         os.close(CTL_FD)                     # the Job is the payload process's alone
     if plan.seccomp_bpf:
@@ -113,6 +104,29 @@ def confine(plan) -> int:
             os.kill(pid, signal.SIGKILL)
             raise
     return pid
+
+
+def _payload_process(plan, abi: int) -> None:
+    """The payload process (PID 2 under a reaper, or PID 1 itself): seccomp, Ready, the payload.
+
+    Without a reaper, PID 1 is the payload. Its exit status is the daemon's own wait status of
+    the clone (nothing to forge), the kernel still kills whatever it leaves in the namespace when
+    it ends, and the daemon delivers signals with subprocess semantics (PID 1 would ignore a
+    signal it has no handler for; see Daemon._kill). Orphans it adopts stay zombies until it ends.
+    """
+    try:
+        _inject(plan, "seccomp")
+        if plan.seccomp_bpf:
+            seccomp.apply(plan.seccomp_bpf)
+    except SetupError as e:
+        _report(Failed(e.step, e.errno, e.message, e.hint))
+        os._exit(EXIT_SETUP_FAILED)
+    _report(Ready(landlock_abi=abi, payload_pid=os.getpid()))
+    if plan.deferred:                        # a reserve child: confined, now wait for a request
+        _prepare_payload_process()
+        _prewarm(plan)
+        _payload(_await_job(plan), prepared=True)
+    _payload(plan)                           # never returns
 
 
 def _prewarm(plan) -> None:
@@ -306,7 +320,8 @@ def _payload(plan, prepared: bool = False) -> None:
     except KeyboardInterrupt:
         _flush()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # ends PID 2 "by SIGINT"; PID 1 ignores its own signal:
+        code = 128 + signal.SIGINT           # it exits 130, which the daemon reports as -SIGINT
     except BaseException as e:
         try:
             tb = e.__traceback__

@@ -139,6 +139,9 @@ class Child:
     rings: tuple[detach.Ring, detach.Ring] | None = None  # stdout, stderr of a detached child
     watchers: list["Connection"] = field(default_factory=list)  # told of the exit: spawner, attachers
     scope: trio.CancelScope | None = None  # the watcher's (shielded) scope
+    direct: bool = False  # the payload is PID 1 itself (no reaper): see _kill and _exit_status
+    delivered: set[int] = field(default_factory=set)  # signals sent to a direct child as themselves
+    emulated: int = 0  # a signal a direct child died of by default, delivered as SIGKILL
 
 
 @dataclass
@@ -533,8 +536,8 @@ class Daemon:
         return kind, target, dict(pc.env if msg.env is None else msg.env)
 
     def _plan(self, pool: Pool, msg: P.Spawn, cfg: SandboxConfig, deferred: bool = False) -> C.ChildPlan:
-        if deferred:  # a reserve child: no request yet (see _take_reserved)
-            kind, target, env = "deferred", None, {}
+        if deferred:  # a reserve child: no request yet (see _take_reserved); the pool's environment
+            kind, target, env = "deferred", None, dict(pool.config.env)  # is what most requests get
         else:
             kind, target, env = self._check_request(pool, msg)
         info = pool.zygotes[0].info if pool.zygotes else {}
@@ -565,7 +568,8 @@ class Daemon:
                                  open_files=cfg.open_files),
             landlock=cfg.landlock, landlock_ro=ro, landlock_abi=max(1, msg.test_landlock_abi), landlock_rw=rw,
             landlock_net=cfg.network is None, uid=cfg.uid, gid=cfg.gid, drop_privileges=True,
-            seccomp_bpf=bpf, test_fail_step=msg.test_fail_step, deferred=deferred, **files,
+            seccomp_bpf=bpf, test_fail_step=msg.test_fail_step, deferred=deferred,
+            reaper=_needs_reaper(cfg, kind), **files,
             **{k: v for k, v in fs.items() if k in C.ChildPlan.__struct_fields__},
         )
 
@@ -723,7 +727,8 @@ class Daemon:
                           status_stream=trio.lowlevel.FdStream(st_r),
                           result_stream=trio.lowlevel.FdStream(res_r), cpu_time=cfg.cpu_time,
                           pool=pool.config.name, peer_uid=conn.peer_uid, detached=msg.detached,
-                          has_result=msg.kind not in ("exec", "script"), watchers=[conn])
+                          has_result=msg.kind not in ("exec", "script"), watchers=[conn],
+                          direct=not plan.reaper)
             child.cgroup, born_in = born_in, None  # the child owns it now (removed after reaping)
             mine.remove(st_r)
             mine.remove(res_r)
@@ -763,8 +768,9 @@ class Daemon:
     def _reserve_fits(self, pool: Pool, msg: P.Spawn, cfg: SandboxConfig) -> bool:
         """A request can take a reserve child when it asks for exactly what the reserve was built
         with: the pool's default SandboxConfig, daemon-made pipes, no test hooks."""
-        return (pool.config.reserve > 0 and msg.stdio == "pipe" and not msg.detached
-                and cfg == policy.effective(pool.config.sandbox, None)
+        default = policy.effective(pool.config.sandbox, None)
+        return (pool.config.reserve > 0 and msg.stdio == "pipe" and not msg.detached and cfg == default
+                and _needs_reaper(cfg, msg.kind) == _needs_reaper(default, "deferred")
                 and msg.test_fail_step is None and not msg.test_relax_mounts and not msg.test_landlock_abi)
 
     async def _take_reserved(self, pool: Pool, conn: Connection, msg: P.Spawn, timeout: float | None):
@@ -1055,10 +1061,39 @@ class Daemon:
         # pidfd is -1 once reaped: its number may already belong to another file.
         if child.exited.is_set() or child.pidfd < 0:
             return
+        if child.direct and signum not in (signal.SIGKILL, signal.SIGSTOP):
+            signum = self._direct_signal(child, signum)
         try:
             signal.pidfd_send_signal(child.pidfd, signum)
         except ProcessLookupError:
             pass
+
+    @staticmethod
+    def _direct_signal(child: Child, signum: int) -> int:
+        """What to send a child whose payload is PID 1 so that ``signum`` acts as on a subprocess.
+
+        The kernel drops a signal sent to a pid namespace's init from outside unless init has a
+        handler for it (only SIGKILL and SIGSTOP are forced). So: a caught or ignored signal goes
+        as itself; one whose default action is to stop goes as SIGSTOP; one whose default is to
+        terminate goes as SIGKILL and the exit is reported as ``-signum``. The dispositions come
+        from /proc (the pid is our unreaped child: it cannot be reused meanwhile)."""
+        if signum in _DEFAULT_IGNORED:
+            return signum
+        try:
+            with open(f"/proc/{child.pid}/status", "rb") as f:
+                fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+            bit = 1 << (signum - 1)
+            handled = (int(fields[b"SigCgt"], 16) | int(fields[b"SigIgn"], 16)) & bit
+        except (OSError, KeyError, ValueError):
+            handled = 0  # gone: nothing to deliver to anyway
+        if handled:
+            child.delivered.add(signum)
+            return signum
+        if signum in _DEFAULT_STOPS:
+            return signal.SIGSTOP
+        if not child.emulated:
+            child.emulated = signum
+        return signal.SIGKILL
 
     async def _watch(self, child: Child) -> None:
         """Watch one child to its reaping. Shielded: the daemon's own cancellation (SIGTERM)
@@ -1316,7 +1351,8 @@ class Daemon:
                         self._kill(child, signal.SIGKILL)
                         return
                     if isinstance(m, C.ExitReport):
-                        child.report = m
+                        if not child.direct:  # a payload that is PID 1 has no reaper to report for it
+                            child.report = m
                     elif isinstance(m, (C.Out, C.OutSkip, C.OutEnd)):
                         if child.collector is not None and child.ready_seen:
                             child.collector.feed(m)
@@ -1332,6 +1368,12 @@ class Daemon:
     def _exit_status(self, child: Child, wstatus: int, ru) -> ExitStatus:
         if os.WIFSIGNALED(wstatus):
             rc = -os.WTERMSIG(wstatus)
+            if child.direct and rc == -signal.SIGKILL and child.emulated:
+                rc = -child.emulated  # a default-action signal, delivered as SIGKILL (_direct_signal)
+        elif child.direct:
+            rc = os.WEXITSTATUS(wstatus)
+            if rc == 128 + signal.SIGINT and signal.SIGINT in child.delivered:
+                rc = -signal.SIGINT  # Python's KeyboardInterrupt exit as PID 1 (it cannot kill itself)
         else:
             rc = os.WEXITSTATUS(wstatus)
             if rc == 0 and child.report is not None:
@@ -1359,6 +1401,19 @@ class Daemon:
 async def child_first_status(child: Child):
     await child.first_event.wait()
     return child.first
+
+
+def _needs_reaper(cfg: SandboxConfig, kind: str) -> bool:
+    """Whether the child gets a PID-1 reaper in front of its payload (ChildPlan.reaper): when
+    asked (SandboxConfig.reaper), for an export (PID 1 packs it after the payload ended), and for
+    an exec'd program: shells and the like expect an init that reaps the orphans they leave and
+    lets them die of their own signals (``kill -SEGV $$``), which a pid namespace's PID 1 cannot."""
+    return cfg.reaper or cfg.export is not None or kind == "exec"
+
+
+# Default dispositions (signal(7)): ignored by default, or stopping the process.
+_DEFAULT_IGNORED = frozenset({signal.SIGCHLD, signal.SIGURG, signal.SIGWINCH, signal.SIGCONT})
+_DEFAULT_STOPS = frozenset({signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 
 
 def _kept_bytes(k: "_Kept") -> int:

@@ -67,6 +67,8 @@ def effective(pool: SandboxConfig, req: SandboxConfig | None) -> SandboxConfig:
         if pr is None or rr is None or rr < pr:
             raise PolicyError(f"seccomp_profile={req.seccomp_profile!r} is not allowed under the pool's "
                               f"{pool.seccomp_profile!r} (custom or looser profiles are set per pool)")
+    if pool.reaper and not req.reaper:
+        changes["reaper"] = True  # a pool that wants its orphans reaped wants it for every child
     if req.dev_pts and not pool.dev_pts:
         raise PolicyError("dev_pts=True is not allowed by the pool")
     if req.network is not None:

@@ -133,6 +133,14 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             with its own permissions and never touched; the child writes only to its copy.
         export: an Export: a capped tmpfs (default "/out") the caller gets back after the child
             ended (``child.export(dest)``). Default None.
+        reaper: put a small reaper in front of the payload: PID 1 of the child's pid namespace
+            forwards signals and reaps orphans, the payload runs as PID 2 (bubblewrap's and
+            ``docker --init``'s layout). Default False: the payload is PID 1 itself (nsjail's
+            layout), one process per child instead of two: faster to start and to end, ~1.5 MiB
+            less memory. Signals still behave as for a subprocess (the daemon delivers them); but
+            orphaned grandchildren (``cmd &`` in a shell) stay zombies until the payload exits, so
+            pools that run shells or daemons may want it. A pool's True holds for every request;
+            an export always gets one (PID 1 packs the export after the payload ended).
     """
 
     chroot_dir: str | None = None
@@ -159,6 +167,7 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     network: NetworkConfig | None = None
     workspace: Workspace | None = None
     export: Export | None = None
+    reaper: bool = False
 
     def __post_init__(self) -> None:
         if self.chroot_dir is not None:
