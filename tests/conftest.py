@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import contextlib
 import os
 import select
 import shutil
@@ -106,6 +107,20 @@ def stop_daemon(proc: subprocess.Popen) -> bytes:
     err = _log(proc)
     assert proc.returncode == 0, err
     return err
+
+
+@contextlib.contextmanager
+def config_daemon(tmp_path, toml: str):
+    """A daemon run from a TOML file: ``[daemon] socket`` in ``tmp_path`` plus ``toml`` (the pools);
+    yields the socket path once it listens, stops the daemon afterwards."""
+    sock = str(tmp_path / "z.sock")
+    cfg = write_text(tmp_path / "z.toml", f'[daemon]\nsocket = "{sock}"\n' + textwrap.dedent(toml))
+    proc = start_daemon("--config", cfg)
+    try:
+        wait_socket(sock, proc)
+        yield sock
+    finally:
+        stop_daemon(proc)
 
 
 @pytest.fixture

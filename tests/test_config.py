@@ -15,7 +15,7 @@ import pytest
 from zygote.config import ConfigError, load
 from zygote_client import Client, DaemonError, SandboxConfig
 
-from conftest import RawConn, run_as, start_daemon, stop_daemon, wait_socket, write_text
+from conftest import RawConn, config_daemon, run_as, start_daemon, stop_daemon, wait_socket, write_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -310,24 +310,15 @@ def test_SECURITY_per_client_cap_counts_a_uid_over_its_connections(shared_dir):
 def test_pool_reaper_holds_for_every_request(tmp_path):
     """A pool with ``reaper = true`` (say, one that runs shells) puts a reaper in front of every
     payload, also of requests that pass their own SandboxConfig, and its reserve children too."""
-    sock = str(tmp_path / "z.sock")
-    cfg = write_text(tmp_path / "z.toml", f"""
-        [daemon]
-        socket = "{sock}"
-        [pools.default]
-        reserve = 1
-        [pools.default.sandbox]
-        reaper = true
-        """)
-    proc = start_daemon("--config", cfg)
-    try:
-        wait_socket(sock, proc)
-        with Client.connect(sock) as c:
-            def where():
-                import os
-                print(os.getpid(), sorted(int(p) for p in os.listdir("/proc") if p.isdigit()))
-            for sandbox in (None, SandboxConfig(), SandboxConfig(reaper=False), SandboxConfig(memory="64M")):
-                r = c.run(where, sandbox_config=sandbox)
-                assert r.stdout == b"2 [1, 2]\n", (sandbox, r.stdout, r.stderr)
-    finally:
-        stop_daemon(proc)
+    with config_daemon(tmp_path, """
+            [pools.default]
+            reserve = 1
+            [pools.default.sandbox]
+            reaper = true
+            """) as sock, Client.connect(sock) as c:
+        def where():
+            import os
+            print(os.getpid(), sorted(int(p) for p in os.listdir("/proc") if p.isdigit()))
+        for sandbox in (None, SandboxConfig(), SandboxConfig(reaper=False), SandboxConfig(memory="64M")):
+            r = c.run(where, sandbox_config=sandbox)
+            assert r.stdout == b"2 [1, 2]\n", (sandbox, r.stdout, r.stderr)

@@ -9,7 +9,7 @@ import pytest
 
 from zygote_client import Client, SandboxConfig
 
-from conftest import children_of, daemon_pid, start_daemon, stop_daemon, wait_socket, write_text
+from conftest import children_of, config_daemon, daemon_pid, start_daemon, stop_daemon, wait_socket, write_text
 
 
 def _boottime() -> float:
@@ -17,7 +17,7 @@ def _boottime() -> float:
 
 
 def _pid1_started(then_sleep: float = 0.0):
-    """Payload: print when the child's PID 1 (its reaper, the clone) started, in boot-time
+    """Payload: print when the child's PID 1 (the clone: the payload itself, or its reaper) started, in boot-time
     seconds; then sleep ``then_sleep`` seconds and print "done"."""
     def probe():
         import os
@@ -153,69 +153,51 @@ def test_reserve_children_go_with_the_daemon():
 
 @pytest.mark.cgroupv2
 def test_reserve_with_pool_limits_has_cgroups(tmp_path):
-    sock = str(tmp_path / "z.sock")
-    cfg = write_text(tmp_path / "z.toml", f"""
-        [daemon]
-        socket = "{sock}"
-        [pools.default]
-        reserve = 2
-        [pools.default.sandbox]
-        memory = "256M"
-        pids = 32
-        """)
-    proc = start_daemon("--config", cfg)
-    try:
-        wait_socket(sock, proc)
-        with Client.connect(sock) as c:
-            time.sleep(1.0)
-            asked = _boottime()
-            r = c.run(_pid1_started())
-            assert float(r.stdout) < asked - 0.3  # from the reserve
-            assert r.status.peak_memory is not None and r.status.enforcement.get("memory", "").startswith("cgroup"), r.status
+    with config_daemon(tmp_path, """
+            [pools.default]
+            reserve = 2
+            [pools.default.sandbox]
+            memory = "256M"
+            pids = 32
+            """) as sock, Client.connect(sock) as c:
+        time.sleep(1.0)
+        asked = _boottime()
+        r = c.run(_pid1_started())
+        assert float(r.stdout) < asked - 0.3  # from the reserve
+        assert r.status.peak_memory is not None and r.status.enforcement.get("memory", "").startswith("cgroup"), r.status
 
-            def hog():
-                b = bytearray(400 << 20)
-                print(len(b))
-            r = c.run(hog)
-            assert r.status.memory_exceeded, r.status
-            # a tighter request is allowed, and clones its own child
-            r = c.run(print, ("tight",), sandbox_config=SandboxConfig(memory="128M", pids=32))
-            assert r.stdout == b"tight\n"
-    finally:
-        stop_daemon(proc)
+        def hog():
+            b = bytearray(400 << 20)
+            print(len(b))
+        r = c.run(hog)
+        assert r.status.memory_exceeded, r.status
+        # a tighter request is allowed, and clones its own child
+        r = c.run(print, ("tight",), sandbox_config=SandboxConfig(memory="128M", pids=32))
+        assert r.stdout == b"tight\n"
 
 
 def test_pool_timeout_counts_from_the_request_not_the_reserve(tmp_path):
     """A pool whose default has a timeout: a reserve child older than that timeout still gets the
     whole timeout for its request (the deadline is armed at handout, not when it was made)."""
-    sock = str(tmp_path / "z.sock")
-    cfg = write_text(tmp_path / "z.toml", f"""
-        [daemon]
-        socket = "{sock}"
-        [pools.default]
-        reserve = 1
-        [pools.default.sandbox]
-        timeout = 1.5
-        """)
-    proc = start_daemon("--config", cfg)
-    try:
-        wait_socket(sock, proc)
-        with Client.connect(sock) as c:
-            time.sleep(2.5)  # the reserve child is now older than the pool's timeout
-            asked = _boottime()
-            r = c.run(_pid1_started(then_sleep=1.0))
-            started, done = r.stdout.split()
-            assert float(started) < asked - 1.0  # it did come from the reserve
-            assert done == b"done" and not r.status.timed_out, r.status
-            assert 0.9 < r.status.wall_time < 1.5
+    with config_daemon(tmp_path, """
+            [pools.default]
+            reserve = 1
+            [pools.default.sandbox]
+            timeout = 1.5
+            """) as sock, Client.connect(sock) as c:
+        time.sleep(2.5)  # the reserve child is now older than the pool's timeout
+        asked = _boottime()
+        r = c.run(_pid1_started(then_sleep=1.0))
+        started, done = r.stdout.split()
+        assert float(started) < asked - 1.0  # it did come from the reserve
+        assert done == b"done" and not r.status.timed_out, r.status
+        assert 0.9 < r.status.wall_time < 1.5
 
-            def spin():
-                while True:
-                    pass
-            r = c.run(spin)  # and the pool's timeout still applies to a reserve child
-            assert r.status.timed_out and 1.4 < r.status.wall_time < 3, r.status
-    finally:
-        stop_daemon(proc)
+        def spin():
+            while True:
+                pass
+        r = c.run(spin)  # and the pool's timeout still applies to a reserve child
+        assert r.status.timed_out and 1.4 < r.status.wall_time < 3, r.status
 
 
 def test_reload_replaces_the_reserve(tmp_path):
