@@ -615,3 +615,26 @@ def test_sigterm_with_running_networked_children_leaves_nothing(world, tmp_path)
     assert world.nft().strip() == ""
     assert glob.glob(f"/sys/fs/cgroup/**/zygote/d{daemon}", recursive=True) == []
     assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize("through", ["libnftables", "nft tool"])
+def test_nft_batches_through_the_library_and_the_tool(through, monkeypatch):
+    """The daemon applies its nft batches through libnftables, or the nft tool where the library
+    does not load: the same batch works both ways, and a refused batch raises nft's message."""
+    from zygote import _nft
+    if through == "nft tool":
+        monkeypatch.setattr(_nft, "_library", lambda: None)
+    else:
+        assert _nft._library() is not None, "libnftables did not load (package libnftables1)"
+    table = f"zygote-test-{os.getpid()}"
+    t = {"family": "inet", "name": table}
+    _nft.apply([{"add": {"table": t}}, {"add": {"chain": {**t, "table": table, "name": "c"}}}])
+    try:
+        listed = subprocess.run(["nft", "-j", "list", "tables"], capture_output=True, check=True).stdout
+        assert table in listed.decode()
+        with pytest.raises(_nft.NftError) as e:  # a chain that is not there
+            _nft.apply([{"delete": {"chain": {"family": "inet", "table": table, "name": "nope"}}}])
+        assert str(e.value)
+    finally:
+        _nft.apply([{"delete": {"table": t}}])
+    assert table not in subprocess.run(["nft", "-j", "list", "tables"], capture_output=True).stdout.decode()

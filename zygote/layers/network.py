@@ -192,8 +192,8 @@ class NetworkHost:
         """
         if not has_cap_net_admin():
             raise SetupError(STEP, "the daemon lacks CAP_NET_ADMIN", E.EPERM, HINT_CAP)
-        if _nft.path() is None:
-            raise SetupError(STEP, "the nft tool is missing", E.ENOENT, HINT_NFT)
+        if not _nft.available():
+            raise SetupError(STEP, "nftables (the nft tool or libnftables) is missing", E.ENOENT, HINT_NFT)
         self._remove_links(self.pool.owns_link)
         try:
             _nft.apply(_nft.ruleset(self.table, dns=self.dns, masquerade=self.masquerade))
@@ -259,7 +259,6 @@ class NetworkHost:
             try:
                 with IPRoute(use_socket=_socket_in(nsfd)) as inner:
                     (idx,) = inner.link_lookup(ifname=CHILD_IFNAME)
-                    inner.link("set", index=1, state="up")  # lo is always ifindex 1 in a new namespace
                     inner.addr("add", index=idx, address=lease.child, prefixlen=lease.prefixlen)
                     inner.link("set", index=idx, state="up")
                     inner.route("add", dst="0.0.0.0/0", gateway=lease.host)
