@@ -172,10 +172,10 @@ def bench_memory(client: Client) -> dict:
             raise RuntimeError("the memory child did not report ready")
         time.sleep(0.2)  # let the payload settle after its write
         payload = children_of(child.pid)
-        res["reaper"] = smaps(child.pid)
+        res["pid1"] = smaps(child.pid)  # the payload itself (default) or, with a reaper, the reaper
         if payload:
             res["payload"] = smaps(payload[0])
-        res["child_private"] = res["reaper"]["private"] + res.get("payload", {}).get("private", 0)
+        res["child_private"] = res["pid1"]["private"] + res.get("payload", {}).get("private", 0)
     finally:
         child.kill()
         child.stdout.close()
@@ -458,14 +458,15 @@ def report(res: dict) -> None:
     print("\n  memory (smaps_rollup)                                          Rss        Pss    Private")
     if "error" in mem:
         print(f"  n/a: {mem['error']}")
-    for key, label in (("zygote", "zygote process (pandas preloaded)"), ("reaper", "child: PID-1 reaper"),
-                       ("payload", "child: payload process (sleeping)"),
+    for key, label in (("zygote", "zygote process (pandas preloaded)"),
+                       ("pid1", "child: PID 1 (the payload itself; default: no reaper)"),
+                       ("payload", "child: payload process under a reaper (sleeping)"),
                        ("fork_baseline", "baseline: os.fork child, same payload, no zygote")):
         if key in mem:
             s = mem[key]
             print(f"  {label:<58} {s['rss'] / MiB:>8.1f}M {s['pss'] / MiB:>8.1f}M {s['private'] / MiB:>8.2f}M")
     if "child_private" in mem:
-        print(f"  {'child total private (reaper + payload)':<58} {'':>19} {mem['child_private'] / MiB:>8.2f}M")
+        print(f"  {'child total private (all its processes)':<58} {'':>19} {mem['child_private'] / MiB:>8.2f}M")
     if "child_overhead" in mem:
         print(f"  {'child overhead beyond the payload (total - baseline)':<58} {'':>19} "
               f"{mem['child_overhead'] / MiB:>8.2f}M")
@@ -516,12 +517,12 @@ def report(res: dict) -> None:
            f"{t2:.1f} /s" if t2 is not None else "n/a")
     target("networked spawn ≤ 3× default", b_m / a_m if b_m else None, b_m <= 3 * a_m if b_m else None,
            f"{b_m / a_m:.2f}×" if b_m else "networked children not available yet")
-    # "Beyond its payload": the child's private memory (reaper + payload process) minus what the same
+    # "Beyond its payload": the child's private memory (all its processes) minus what the same
     # trivial payload dirties in a plain fork of a warm pandas process (the forkmem baseline).
     co = mem.get("child_overhead")
     target("each child's private memory ≤ 2 MB beyond its payload", co,
            co <= 2 * MiB if co is not None else None,
-           f"{co / MiB:.2f} MiB = {mem['child_private'] / MiB:.2f} (reaper + payload) - "
+           f"{co / MiB:.2f} MiB = {mem['child_private'] / MiB:.2f} (the child) - "
            f"{mem['fork_baseline']['private'] / MiB:.2f} (plain fork, same payload)" if co is not None else "n/a")
     res["targets"] = targets
 
