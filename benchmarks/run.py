@@ -383,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(1.0)  # let the reserve fill
         res["a_reserve"] = bench_zygote(cr, n_warm)
         res["a_reserve_idle"] = bench_idle(cr, n_idle)
+        say("throughput with a reserve: 2 requesters sharing one daemon (the production shape)")
+        time.sleep(1.0)
+        res["throughput_2_reserve_shared"] = bench_throughput([cr, cr], tp_secs)
         say("throughput with reserves: 2 requesters, each with its own Client.embedded")
         cr2 = Client.embedded(preload_imports=["pandas"], daemon_args=["--reserve", str(RESERVE)])
         clients.append(cr2)
@@ -448,6 +451,7 @@ def report(res: dict) -> None:
     print("\n  sustained spawn+exit (client.run of a one-byte payload)")
     for key, label in (("throughput_1", "1 requester"), ("throughput_2", "2 requesters, own Client.embedded each"),
                        ("throughput_2_shared", "2 requesters sharing one Client (one daemon)"),
+                       ("throughput_2_reserve_shared", f"2 requesters sharing one daemon, reserve {RESERVE}"),
                        ("throughput_2_reserve", f"2 requesters, own Client.embedded each, reserve {RESERVE}")):
         t = res.get(key)
         if t:
@@ -512,7 +516,8 @@ def report(res: dict) -> None:
            best <= 0.6 * d_m if d_m else None, f"{best / d_m:.2f}×" if d_m else "(d) n/a")
     target("first spawn after 1 s idle ≤ 2× warm median  [r]", i_m / best, i_m <= 2 * best,
            f"{i_m:.2f} ms vs 2 × {best:.2f} ms")
-    t2 = (res.get("throughput_2_reserve") or res.get("throughput_2", {})).get("per_second")
+    # One daemon serving both requesters, as a host runs it (the rows above show the others).
+    t2 = (res.get("throughput_2_reserve_shared") or res.get("throughput_2", {})).get("per_second")
     target("≥ 150 spawn+exit per second with 2 requesters  [r]", t2, t2 >= 150 if t2 is not None else None,
            f"{t2:.1f} /s" if t2 is not None else "n/a")
     target("networked spawn ≤ 3× default", b_m / a_m if b_m else None, b_m <= 3 * a_m if b_m else None,
