@@ -575,8 +575,9 @@ def test_SECURITY_kept_detached_records_bounded_by_bytes_and_attaches_capped(tmp
             for i in range(3):
                 ch = a.spawn_child(big, (i,), stdin=None, detached=True)
                 ids.append(ch.id)
-        time.sleep(1.0)  # all three end with nobody attached
         with Client.connect(sock) as b:
+            # all three end with nobody attached (the daemon stops listing them as running)
+            _wait_for(lambda: not {c.id for c in b.status().children} & set(ids), what="the three to end")
             for cid in ids[:2]:  # 3 x 2 MB > 3M: only the newest is still kept
                 with pytest.raises(DaemonError) as e:
                     b.attach(cid)
