@@ -149,13 +149,30 @@ def test_blocking_close_from_another_thread_ends_a_waiting_call():
         except ZygoteError as e:
             seen.append(e)
 
+    hammered: list = []
+
+    def hammer() -> None:  # calls racing close(): each must end, with ClosedError at the latest
+        try:
+            while True:
+                client.status()
+        except ZygoteError as e:
+            hammered.append(e)
+
     t = threading.Thread(target=waiter)
     t.start()
     _wait_for(lambda: pids, what="the child to start")
+    hammers = [threading.Thread(target=hammer) for _ in range(3)]
+    for h in hammers:
+        h.start()
+    time.sleep(0.2)
     client.close()
     t.join(timeout=15)
     assert not t.is_alive(), "the waiting call hung after close()"
     assert len(seen) == 1 and isinstance(seen[0], ZygoteError), seen
+    for h in hammers:
+        h.join(timeout=15)
+        assert not h.is_alive(), "a call racing close() hung"
+    assert len(hammered) == 3, hammered
     _wait_for(lambda: _gone(pids[0]), what="the child to be killed")
 
 

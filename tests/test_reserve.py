@@ -233,3 +233,20 @@ def test_reload_replaces_the_reserve(tmp_path):
             assert r.stdout == b"True\n"  # from the new pool (it preloads colorsys)
     finally:
         stop_daemon(proc)
+
+
+def test_reserve_with_a_tight_open_files_limit(tmp_path):
+    """A pool whose children may hold only their six fds: the reserve still serves
+    (the prewarm that needs a spare pipe is skipped, not fatal to the waiting child), and
+    confinement itself copes (the limit is set after the steps that open fds)."""
+    with config_daemon(tmp_path, """
+            [pools.default]
+            reserve = 1
+            [pools.default.sandbox]
+            open_files = 6
+            """) as sock, Client.connect(sock) as c:
+        time.sleep(1.0)
+        asked = _boottime()
+        r = c.run(_pid1_started())
+        assert r.returncode == 0, r.stderr
+        assert float(r.stdout) < asked - 0.3  # from the reserve

@@ -211,6 +211,24 @@ def test_children_start_with_no_signal_blocked():
     assert blk and int(blk[0].split()[1], 16) == 0, blk
 
 
+@pytest.mark.parametrize("reaper", [False, True])
+def test_blocked_signal_reaches_sigwait(client, reaper):
+    """A payload that blocks SIGTERM and waits for it with sigwait gets it from terminate(), as a
+    subprocess would: a blocked signal is delivered as itself, never turned into a kill."""
+    def waits():
+        import signal
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        print("ready", flush=True)
+        print("got", signal.sigwait({signal.SIGTERM}), flush=True)
+
+    child = client.spawn_child(waits, sandbox_config=SandboxConfig(reaper=reaper), stdin=None)
+    assert child.stdout.readline() == b"ready\n"
+    child.terminate()
+    assert child.wait(timeout=10).returncode == 0
+    assert child.stdout.read() == f"got {int(signal.SIGTERM)}\n".encode()
+    child.stdout.close(), child.stderr.close()
+
+
 def test_sigterm_to_self_is_minus_15_with_a_reaper(client):
     r = client.run(lambda: os.kill(os.getpid(), signal.SIGTERM), sandbox_config=SandboxConfig(reaper=True))
     assert r.returncode == -15

@@ -28,6 +28,7 @@ import ctypes.util
 import functools
 import json
 import shutil
+import socket
 import subprocess
 import threading
 
@@ -116,8 +117,18 @@ class _Libnftables:
             raise NftError(err or f"libnftables returned {rc}")
 
 
+_NETLINK_NETFILTER = 12
+
+
 @functools.lru_cache(maxsize=1)
 def _library() -> _Libnftables | None:
+    # libnftables calls exit() when it cannot open its netfilter netlink socket (no nf_tables,
+    # out of fds): in the daemon that would end every child. Only use it where that socket opens;
+    # elsewhere the nft tool fails on its own, in its own process.
+    try:
+        socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_NETFILTER).close()
+    except OSError:
+        return None
     name = ctypes.util.find_library("nftables") or "libnftables.so.1"
     try:
         return _Libnftables(ctypes.CDLL(name))

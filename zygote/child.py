@@ -2,11 +2,14 @@
 
 Runs in a fresh clone of the zygote, which already imported this module (no imports happen here
 before the payload's own). The clone is PID 1 of new user, pid, mount, ipc, uts, net and cgroup
-namespaces. Nothing returns from ``run``: every path ends in os._exit.
+namespaces. Nothing returns from ``run``: every path ends in os._exit. By default the clone
+becomes the payload itself once confined; with ``plan.reaper`` it forks the payload (PID 2) and
+stays as its reaper (``_reaper``).
 
 fds on entry (moved here first thing): 0/1/2 the child's stdio, 3 the control pipe (ChildPlan +
-payload, from the daemon), 4 the status pipe (Ready/Failed/ExitReport, to the daemon), 5 the result
-pipe (the payload's return value or exception, to the daemon; only PID 2 keeps it).
+payload, from the daemon), 4 the status pipe (Ready/Failed, and a reaper's ExitReport, to the
+daemon; the payload process closes it before any payload code), 5 the result pipe (the payload's
+return value or exception, to the daemon; a reaper closes its copy).
 """
 
 from __future__ import annotations
@@ -69,13 +72,14 @@ def confine(plan) -> int:
     workspace.apply(plan)                    # into its own tmpfs, chown to the sandbox uid: before the drop
     _inject(plan, "netns")
     netns.apply()                            # lo up needs CAP_NET_ADMIN, also dropped below
-    _inject(plan, "rlimits")
-    rlimits.apply(plan.rlimits)              # before the drop: raising hard limits needs a cap
     _inject(plan, "uts")
     uts.apply(plan.hostname, plan.process_name)  # sethostname needs CAP_SYS_ADMIN; comm needs /proc
     _inject(plan, "landlock")
     abi = landlock.apply(plan.landlock_ro, plan.landlock_rw, deny_tcp=plan.landlock_net,
                          mode=plan.landlock, required_abi=plan.landlock_abi) if plan.landlock != "off" else 0  # opens rule paths: before the drop
+    _inject(plan, "rlimits")
+    rlimits.apply(plan.rlimits)              # before the drop (raising hard limits needs a cap),
+                                             # after the steps that open fds (a tight open_files)
     _inject(plan, "privileges")
     if plan.drop_privileges:
         privileges.apply(plan.uid, plan.gid)  # the last privileged step is behind us
@@ -138,7 +142,10 @@ def _prewarm(plan) -> None:
     import cloudpickle
     os.environ.clear()
     os.environ.update(plan.env)
-    r, w = os.pipe()
+    try:
+        r, w = os.pipe()  # may fail (a pool's open_files limit): then this child just skips it
+    except OSError:
+        return
     try:
         x = 1
         body = msgspec.msgpack.encode(Job(kind="callable", env=plan.env,

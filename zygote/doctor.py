@@ -700,9 +700,12 @@ def _cap_net_admin() -> Layer:
 
 
 def _nft(deadline: float) -> Layer:
+    from . import _nft as nftlib
     nft = shutil.which("nft") or next((p for p in ("/usr/sbin/nft", "/sbin/nft") if os.path.exists(p)), None)
     if not nft:
-        return Layer("nft", "missing", "nft not found on PATH", "apt-get install nftables")
+        if nftlib._library() is not None:  # what the daemon uses first anyway
+            return Layer("nft", "available", "libnftables (the nft tool itself is not installed)")
+        return Layer("nft", "missing", "neither the nft tool nor libnftables is usable", "apt-get install nftables")
     try:
         r = subprocess.run([nft, "list", "tables"], capture_output=True, text=True, timeout=_left(deadline))
     except (OSError, subprocess.TimeoutExpired) as e:

@@ -168,7 +168,9 @@ class Client:
             self._portal_cm.__exit__(*sys.exc_info())
             raise
         self._loop: asyncio.AbstractEventLoop = self._portal.call(asyncio.get_running_loop)
+        self._loop_thread: int = self._portal.call(threading.get_ident)
         self._tasks: set[asyncio.Task] = set()  # _call's tasks (touched only on the loop's thread)
+        self._stopping = False  # set on the loop's thread once close() cancelled the calls
         self._calls: set[concurrent.futures.Future] = set()  # their callers' futures, any thread
         self._calls_lock = threading.Lock()
         self._closed = False
@@ -178,6 +180,7 @@ class Client:
             self._calls.discard(done)
 
     async def _cancel_calls(self) -> None:
+        self._stopping = True
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -218,44 +221,59 @@ class Client:
         (KeyboardInterrupt) while waiting, the task is cancelled and waited for, so nothing it
         started (a child, a pending request) is left half-done behind the caller's back.
         """
-        if self._closed:
-            raise ClosedError("the client is closed")
         loop = self._loop
+        if self._loop_thread == threading.get_ident():
+            raise RuntimeError("a blocking Client cannot be called from its own event loop's thread")
         done: concurrent.futures.Future = concurrent.futures.Future()
         tasks: list[asyncio.Task] = []
-        with self._calls_lock:
+        with self._calls_lock:  # registered under the lock close() takes: none slips past it
+            if self._closed:
+                raise ClosedError("the client is closed")
             self._calls.add(done)
         done.add_done_callback(self._forget_call)
+
+        def fail(exc: BaseException) -> None:
+            if not done.done():
+                done.set_exception(exc)
 
         def settle(task: asyncio.Task) -> None:
             self._tasks.discard(task)
             if task.cancelled():  # by close() or by an interrupted caller
-                done.set_exception(ClosedError("the call was cancelled (client closed or caller interrupted)"))
+                fail(ClosedError("the call was cancelled (client closed or caller interrupted)"))
             elif task.exception() is not None:
-                done.set_exception(task.exception())
-            else:
+                fail(task.exception())
+            elif not done.done():
                 done.set_result(task.result())
 
         def start() -> None:
-            if done.set_running_or_notify_cancel():
+            if not done.set_running_or_notify_cancel():
+                return
+            if self._stopping:  # close() already cancelled the calls: start nothing new
+                fail(ClosedError("the client is closed"))
+                return
+            try:
                 task = loop.create_task(fn(*args))
-                tasks.append(task)
-                self._tasks.add(task)
-                task.add_done_callback(settle)
+            except BaseException as e:  # noqa: BLE001 - the caller must hear of it, not hang
+                fail(e)
+                return
+            tasks.append(task)
+            self._tasks.add(task)
+            task.add_done_callback(settle)
 
         try:
             loop.call_soon_threadsafe(start)
         except RuntimeError:  # the loop is closed: the client was closed by another thread
-            done.cancel()
+            fail(ClosedError("the client is closed"))
         try:
             return done.result()
         except concurrent.futures.CancelledError:
             raise ClosedError("the client was closed during the call") from None
         except BaseException:
             if not done.done():  # interrupted here (KeyboardInterrupt): cancel it, wait for it
-                loop.call_soon_threadsafe(lambda: tasks[0].cancel() if tasks else done.cancel())
-                with contextlib.suppress(BaseException):
-                    concurrent.futures.wait([done])
+                with contextlib.suppress(RuntimeError):  # unless the loop is already gone
+                    loop.call_soon_threadsafe(lambda: tasks[0].cancel() if tasks else done.cancel())
+                    with contextlib.suppress(BaseException):
+                        concurrent.futures.wait([done])
             raise
 
     def status(self):
@@ -311,6 +329,10 @@ class Client:
         except BaseException:  # as subprocess.run: an interrupted run (Ctrl-C) kills its child
             with contextlib.suppress(Exception):
                 child.kill()
+            for f in (child.stdin, child.stdout, child.stderr):
+                if f is not None:
+                    with contextlib.suppress(OSError):
+                        f.close()
             raise
         done = CompletedChild(status.returncode, out, err, status, export=child.export_result,
                               _outcome=child._achild._outcome)
@@ -331,9 +353,10 @@ class Client:
         return self._call(self._aclient._call, fn, args, kwargs)
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        with self._calls_lock:
+            if self._closed:
+                return
+            self._closed = True
         try:
             self._session_cm.__exit__(None, None, None)
         finally:
@@ -343,8 +366,9 @@ class Client:
                 self._portal_cm.__exit__(None, None, None)
                 with self._calls_lock:
                     left = list(self._calls)
-                for done in left:  # queued but never started: the loop is gone
-                    done.cancel()
+                for done in left:  # queued but never finished: the loop is gone
+                    with contextlib.suppress(concurrent.futures.InvalidStateError):
+                        done.set_exception(ClosedError("the client was closed during the call"))
 
     def __enter__(self) -> "Client":
         return self

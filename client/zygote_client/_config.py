@@ -137,10 +137,15 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             forwards signals and reaps orphans, the payload runs as PID 2 (bubblewrap's and
             ``docker --init``'s layout). Default False: the payload is PID 1 itself (nsjail's
             layout), one process per child instead of two: faster to start and to end, ~1.5 MiB
-            less memory. Signals still behave as for a subprocess (the daemon delivers them); but
-            orphaned grandchildren (``cmd &`` in a shell) stay zombies until the payload exits, so
-            pools that run shells or daemons may want it. A pool's True holds for every request;
-            an export always gets one (PID 1 packs the export after the payload ended).
+            less memory. Signals sent through the client (``terminate``, ``send_signal``, the
+            timeout) still act as on a subprocess: the daemon delivers them. What a PID 1 does
+            not get unless it has a handler: signals it raises against itself
+            (``os.kill(os.getpid(), ...)``; ``abort()`` ends as SIGSEGV), signals from its own
+            subprocesses, SIGXCPU at the ``cpu_time`` soft limit (it dies at the hard limit, a
+            second later) and SIGALRM from ``alarm()``; orphaned grandchildren (``cmd &`` in a
+            shell) stay zombies until it exits. Code that relies on those wants the reaper. A
+            pool's True holds for every request; an export and an exec'd program (``zygote run
+            --``) always get one.
     """
 
     chroot_dir: str | None = None
