@@ -853,9 +853,11 @@ class Daemon:
                         await pool.reserve_wake.wait()
                     continue
                 quiet = pool.last_take + RESERVE_QUIET - time.monotonic()
-                if pool.reserve and quiet > 0:
+                if 2 * (len(pool.reserve) + filling[0]) >= pool.config.reserve and quiet > 0:
                     # Refill in a quiet moment: a clone now would compete for the CPU with the
-                    # child that was just handed out. An empty reserve is refilled at once.
+                    # child that was just handed out. A reserve down to less than half is
+                    # refilled at once: under a steady stream of requests there is no quiet
+                    # moment, and waiting for one would let it drain to nothing.
                     await trio.sleep(quiet)
                     continue
                 filling[0] += 1
