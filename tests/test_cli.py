@@ -25,6 +25,17 @@ def test_sigsegv_is_139():
     assert run("--", "sh", "-c", "kill -SEGV $$").returncode == 139
 
 
+def test_python_file_signalling_itself(tmp_path):
+    """A script is PID 1 of its namespace by default (its own SIGTERM does not end it);
+    --reaper puts a reaper in front and the script dies of the signal (exit 128+15)."""
+    script = tmp_path / "self.py"
+    script.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\nprint('still here')\n")
+    plain = run("--python", str(script))
+    assert (plain.returncode, plain.stdout) == (0, b"still here\n"), plain.stderr
+    reaped = run("--reaper", "--python", str(script))
+    assert (reaped.returncode, reaped.stdout) == (143, b""), reaped.stderr
+
+
 def test_missing_program_is_127():
     r = run("--", "/no/such/program")
     assert r.returncode == 127

@@ -121,6 +121,9 @@ def _run_parser(sub) -> None:
     p.add_argument("--export-truncate", action="store_true",
                    help="drop what is over the limits (and symlinks, fifos) instead of refusing the export")
     p.add_argument("--python", dest="pyfile", metavar="FILE", help="run this Python file in a warm child")
+    p.add_argument("--reaper", action="store_true",
+                   help="a PID-1 reaper in front of the payload (always for -- PROGRAM): orphans are "
+                        "reaped and a payload that signals itself dies of it")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="child environment entry")
     p.add_argument("--network", action="store_true", help="give the child a veth (public IPv4 destinations only)")
     p.add_argument("--allow", action="append", default=[], metavar="CIDR[:PORT]",
@@ -480,7 +483,7 @@ def _sandbox_config(args):
     kw = dict(memory=args.memory, pids=args.pids, cpu=args.cpu, cpu_time=args.cpu_time, file_size=args.file_size,
               open_files=args.open_files, max_output_bytes=args.max_output, timeout_grace=args.timeout_grace,
               ro_binds=binds(args.ro_bind), rw_binds=binds(args.rw_bind), workdir=args.workdir,
-              chroot_dir=os.path.abspath(args.chroot) if args.chroot else None)
+              chroot_dir=os.path.abspath(args.chroot) if args.chroot else None, reaper=args.reaper or None)
     if args.seccomp_profile:
         kw["seccomp_profile"] = args.seccomp_profile
     if args.workspace:
