@@ -5,10 +5,12 @@ confine itself, then the opaque payload). The child answers on its status pipe w
 and its PID 1 later with ExitReport. Frames are a 4-byte big-endian length and a msgpack body; the
 child never sees a pickle until it is fully confined, and the daemon never unpickles anything.
 
-The payload process (PID 2) alone holds a third pipe, the result pipe: one record, a kind byte and
-an 8-byte length, then the encoded return value (or the exception's description). It is separate
-from the status pipe so the payload can never forge a Ready or an ExitReport. The daemon checks only
-the kind byte and the length, and forwards the bytes unopened.
+The payload process (PID 1, or PID 2 under a reaper) alone holds a third pipe, the result pipe:
+one record, a kind byte and an 8-byte length, then the encoded return value (or the exception's
+description). It is separate from the status pipe, which the payload process closes before any
+payload code runs, so the payload can never forge a Ready or an ExitReport (and the daemon ignores
+an ExitReport from a child without a reaper). The daemon checks only the kind byte and the length,
+and forwards the bytes unopened.
 """
 
 from __future__ import annotations

@@ -299,7 +299,7 @@ def _export(plan) -> None:
         _report(OutEnd(f"packing the export failed: {type(e).__name__}"))
 
 
-# ---- PID 2: the payload ------------------------------------------------------------------------
+# ---- the payload process (PID 1 itself, or PID 2 under a reaper) --------------------------------
 
 def _prepare_payload_process() -> None:
     """What every payload process does first, whatever the request: default signals, no status
@@ -428,7 +428,7 @@ def _load(plan):
     return obj, args, kwargs
 
 
-# ---- the result pipe (PID 2 only) --------------------------------------------------------------
+# ---- the result pipe (the payload process only) ------------------------------------------------
 
 _RESULT_KINDS = ("callable", "target", "child_main")  # exec and script have no return value
 
