@@ -493,7 +493,8 @@ def _worker(iterations: int, preload: str) -> dict:
          results, False)
     emit("total", "end to end: clone -> first byte", "all layers: clone -> payload's first byte", "parent",
          results, False, "no daemon, client or protocol")
-    emit("total", "end to end: clone -> reaped", "all layers: clone -> reaped", "parent", results, False)
+    emit("total", "end to end: clone -> reaped", "all layers: clone -> reaped (incl. the reaper probe)", "parent",
+         results, False)
     for name in ("landlock", "privileges", "seccomp", "cgroups", "network"):
         if name in missing:
             row(name, f"zygote.layers.{name}", "-", None, missing[name])
