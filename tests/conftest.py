@@ -110,11 +110,12 @@ def stop_daemon(proc: subprocess.Popen) -> bytes:
 
 
 @contextlib.contextmanager
-def config_daemon(tmp_path, toml: str):
-    """A daemon run from a TOML file: ``[daemon] socket`` in ``tmp_path`` plus ``toml`` (the pools);
-    yields the socket path once it listens, stops the daemon afterwards."""
-    sock = str(tmp_path / "z.sock")
-    cfg = write_text(tmp_path / "z.toml", f'[daemon]\nsocket = "{sock}"\n' + textwrap.dedent(toml))
+def config_daemon(directory, toml: str = ""):
+    """A daemon run from a TOML file: ``[daemon] socket`` in ``directory`` plus ``toml`` (more
+    ``[daemon]`` keys first, then pools); yields the socket path once it listens, stops the
+    daemon afterwards."""
+    sock = os.path.join(directory, "z.sock")
+    cfg = write_text(os.path.join(directory, "z.toml"), f'[daemon]\nsocket = "{sock}"\n' + textwrap.dedent(toml))
     proc = start_daemon("--config", cfg)
     try:
         wait_socket(sock, proc)

@@ -94,17 +94,11 @@ def _hello_as(uid: int, gid: int, sock_path: str) -> str:
 def test_SECURITY_auth_unlisted_uid_refused_listed_uid_served(shared_dir):
     """The socket is reachable by group 4242 (mode 0660); only uid 4001 is listed: uid 4002 of the
     same group connects at the socket level and is refused by SO_PEERCRED."""
-    sock = os.path.join(shared_dir, "z.sock")
-    cfg = write_text(os.path.join(shared_dir, "z.toml"), f"""
-        [daemon]
-        socket = "{sock}"
-        socket_mode = "0660"
-        socket_group = 4242
-        allowed_uids = [4001]
-        """)
-    proc = start_daemon("--config", cfg)
-    try:
-        wait_socket(sock, proc)
+    with config_daemon(shared_dir, """
+            socket_mode = "0660"
+            socket_group = 4242
+            allowed_uids = [4001]
+            """) as sock:
         assert os.stat(sock).st_gid == 4242 and os.stat(sock).st_mode & 0o777 == 0o660
         with Client.connect(sock) as root_client:
             child = root_client.spawn_child(_sleeper(), stdin=None)
@@ -115,16 +109,10 @@ def test_SECURITY_auth_unlisted_uid_refused_listed_uid_served(shared_dir):
             child.wait()
         assert _hello_as(4002, 4242, sock) == "error:not-allowed"
         assert _hello_as(4003, 4343, sock).startswith("exception:PermissionError")  # not in the group
-    finally:
-        stop_daemon(proc)
 
 
 def test_SECURITY_auth_clients_see_only_their_own_children(shared_dir):
-    sock = os.path.join(shared_dir, "z.sock")
-    cfg = write_text(os.path.join(shared_dir, "z.toml"), f'[daemon]\nsocket = "{sock}"\n')
-    proc = start_daemon("--config", cfg)
-    try:
-        wait_socket(sock, proc)
+    with config_daemon(shared_dir) as sock:
         with Client.connect(sock) as a:
             child = a.spawn_child(_sleeper(), stdin=None)
             with pytest.raises(DaemonError) as e:
@@ -133,8 +121,6 @@ def test_SECURITY_auth_clients_see_only_their_own_children(shared_dir):
             assert child.poll() is None  # untouched by b
             child.kill()
             assert child.wait().returncode == -9
-    finally:
-        stop_daemon(proc)
 
 
 def _sleeper():
@@ -168,11 +154,7 @@ def _raw_signal(sock_path: str, child_id: str) -> None:
 
 
 def test_max_children_per_client(shared_dir):
-    sock = os.path.join(shared_dir, "z.sock")
-    cfg = write_text(os.path.join(shared_dir, "z.toml"), f'[daemon]\nsocket = "{sock}"\nmax_children_per_client = 2\n')
-    proc = start_daemon("--config", cfg)
-    try:
-        wait_socket(sock, proc)
+    with config_daemon(shared_dir, "max_children_per_client = 2\n") as sock:
         with Client.connect(sock) as a, Client.connect(sock) as b:
             kids = [a.spawn_child(_sleeper(), stdin=None) for _ in range(2)]
             with pytest.raises(DaemonError) as e:
@@ -182,8 +164,6 @@ def test_max_children_per_client(shared_dir):
             for k in kids:
                 k.kill()
                 k.wait()
-    finally:
-        stop_daemon(proc)
 
 
 def test_sighup_reload_keeps_running_children(shared_dir):
@@ -289,22 +269,14 @@ def _spawns_as(uid: int, gid: int, sock_path: str, plan: list[int]) -> list[str]
 
 def test_SECURITY_per_client_cap_counts_a_uid_over_its_connections(shared_dir):
     """max_children_per_client is per peer uid: a second connection of the same uid buys no more."""
-    sock = os.path.join(shared_dir, "z.sock")
-    cfg = write_text(os.path.join(shared_dir, "z.toml"), f"""
-        [daemon]
-        socket = "{sock}"
-        socket_mode = "0660"
-        socket_group = 4242
-        allowed_uids = [4001]
-        max_children_per_client = 2
-        """)
-    proc = start_daemon("--config", cfg)
-    try:
-        wait_socket(sock, proc)
+    with config_daemon(shared_dir, """
+            socket_mode = "0660"
+            socket_group = 4242
+            allowed_uids = [4001]
+            max_children_per_client = 2
+            """) as sock:
         got = _spawns_as(4001, 4242, sock, [2, 1])
         assert got == ["Spawned:", "Spawned:", "SpawnFailed:limit"], got
-    finally:
-        stop_daemon(proc)
 
 
 def test_pool_reaper_holds_for_every_request(tmp_path):

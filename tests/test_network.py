@@ -10,7 +10,6 @@ reach them. Nothing addresses anything outside these namespaces.
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import itertools
 import json
@@ -31,9 +30,7 @@ from zygote_client import BrokenError, Client, DaemonError, NetworkConfig, Sandb
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/sbin/nft"),
                                 reason="needs root and nftables")
 
-CLONE_NEWNET = 0x40000000
 IP_PKTINFO = 8  # <linux/in.h>; the socket module lacks it
-_libc = ctypes.CDLL(None, use_errno=True)
 _counter = itertools.count()
 ECHO = "198.51.100.10"
 PRIVATE = "10.99.0.10"
@@ -50,25 +47,13 @@ def _ip(ns: str, *args: str) -> None:
 
 
 def _ns_socket(ns: str, family: int, kind: int) -> socket.socket:
-    """A socket made inside netns ``ns`` (by a thread that setns()es, then ends)."""
-    box: list = []
-
-    def make() -> None:
-        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-        try:
-            if _libc.setns(fd, CLONE_NEWNET) != 0:
-                box.append(OSError(ctypes.get_errno(), "setns"))
-                return
-            box.append(socket.socket(family, kind))
-        finally:
-            os.close(fd)
-
-    t = threading.Thread(target=make)
-    t.start()
-    t.join()
-    if isinstance(box[0], Exception):
-        raise box[0]
-    return box[0]
+    """A socket made inside netns ``ns`` (the daemon's own helper: a thread setns()es, then ends)."""
+    from zygote.layers.network import _socket_in
+    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return _socket_in(fd, family, kind, 0)
+    finally:
+        os.close(fd)
 
 
 class Servers:

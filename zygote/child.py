@@ -176,7 +176,7 @@ def _await_job(plan):
 def _apply_job(plan, body: bytes):
     job = job_decoder.decode(body)
     if job.process_name:
-        try:  # this process only (PID 1 keeps the pool's name); cosmetic, never worth failing for
+        try:  # cosmetic, never worth failing for
             uts.set_process_name(job.process_name)
         except SetupError:
             pass
@@ -316,7 +316,7 @@ def _payload(plan, prepared: bool = False) -> None:
     try:
         if not prepared:
             _prepare_payload_process()
-        if os.environ != plan.env:           # a reserve child often has exactly this one already
+        if not prepared or os.environ != plan.env:  # a reserve child often has this one already
             os.environ.clear()
             os.environ.update(plan.env)
         if plan.cwd:

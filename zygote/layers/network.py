@@ -144,8 +144,9 @@ def _netlink_err(what: str, e: Exception) -> SetupError:
     return SetupError(STEP, f"{what}: {os.strerror(code) if code else e}", code, hint)
 
 
-def _socket_in(nsfd: int) -> socket.socket:
-    """A NETLINK_ROUTE socket of the network namespace ``nsfd``.
+def _socket_in(nsfd: int, family: int = socket.AF_NETLINK, kind: int = socket.SOCK_DGRAM,
+               proto: int = socket.NETLINK_ROUTE) -> socket.socket:
+    """A socket of the network namespace ``nsfd`` (by default NETLINK_ROUTE, for pyroute2).
 
     A socket belongs to the namespace it was created in. A short-lived thread setns()es (a
     thread's namespace is its own) and ends: no thread of the daemon is ever left in a child's
@@ -156,8 +157,7 @@ def _socket_in(nsfd: int) -> socket.socket:
     def make() -> None:
         try:
             _sys.setns(nsfd, CLONE_NEWNET)
-            box.append(socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
-                                     socket.NETLINK_ROUTE))
+            box.append(socket.socket(family, kind | socket.SOCK_CLOEXEC, proto))
         except OSError as e:
             box.append(e)
 
