@@ -83,6 +83,31 @@ def test_pool_environment_default(client):
     assert eval(r.stdout) == {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
 
 
+def test_preload_signal_handlers_and_env_caps_do_not_reach_children(tmp_path):
+    """The zygote drops the thread caps it set for its preloads unless the pool's environment
+    has them, and a payload gets fresh signal handlers even when a preload installed its own."""
+    (tmp_path / "zg_sig_preload.py").write_text(
+        "import signal\n"
+        "signal.signal(signal.SIGTERM, lambda *a: None)\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n")
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "4"}
+
+    def payload():
+        import os, signal, sys
+        print(repr((dict(os.environ), signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
+                    signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+                    "zg_sig_preload" in sys.modules)), flush=True)
+        sys.stdin.read()
+
+    with Client.embedded(preload_imports=["zg_sig_preload"], environment=env) as c:
+        child = c.spawn_child(payload)
+        seen = eval(child.stdout.readline())
+        child.terminate()
+        st = child.wait(timeout=10)
+    assert seen == (env, True, True, True)  # OMP_NUM_THREADS stays: the pool's environment has it
+    assert st.returncode == -signal.SIGTERM
+
+
 def test_fds_above_2_are_closed(client):
     def payload():
         import os

@@ -86,6 +86,9 @@ class Zygote:
         env = dict(self.pool.env)
         for k, v in THREAD_CAPS.items():
             env.setdefault(k, v)
+        # The zygote drops the caps it does not share with the pool's environment once its
+        # preloads ran: it then holds exactly what children get, and they need not change it.
+        env["ZYGOTE_UNSET_AFTER_PRELOAD"] = ",".join(k for k in THREAD_CAPS if k not in self.pool.env)
         try:
             # Popen from the trio thread itself (not a worker thread): children created by
             # CLONE_PARENT get this thread as their real parent, and PDEATHSIG follows it.

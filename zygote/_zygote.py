@@ -74,6 +74,12 @@ def main(argv: list[str]) -> None:
         _cloner = Cloner()
     except OSError as e:
         _fail(str(e))
+    # What a preload printed goes out now, once: the loop below never writes to stdout/stderr,
+    # so a clone never inherits unflushed output.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    unset = os.environ.pop("ZYGOTE_UNSET_AFTER_PRELOAD", "")
+    child.zygote_ready([name for name in unset.split(",") if name])
     gc.collect()
     gc.freeze()  # keep the preloaded heap out of the collector's reach: children stay copy-on-write
     import msgspec
@@ -98,8 +104,6 @@ def main(argv: list[str]) -> None:
             os._exit(4)  # the daemon never sends this: treat as corruption
         cgroup_fd = fds.pop() if into else -1
         flags &= flags_allowed
-        sys.stdout.flush()
-        sys.stderr.flush()
         err = 0
         try:
             pid = _cloner.clone(flags, cgroup_fd)

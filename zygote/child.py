@@ -127,7 +127,7 @@ def _payload_process(plan, abi: int) -> None:
         os._exit(EXIT_SETUP_FAILED)
     _report(Ready(landlock_abi=abi, payload_pid=os.getpid()))
     if plan.deferred:                        # a reserve child: confined, now wait for a request
-        _prepare_payload_process()
+        _prepare_payload_process(reset_signals=plan.reaper or not _zygote_signals_fresh)
         _prewarm(plan)
         _payload(_await_job(plan), prepared=True)
     _payload(plan)                           # never returns
@@ -140,8 +140,7 @@ def _prewarm(plan) -> None:
     (into a pipe of its own), encoding a result. The pages become this process's own now instead
     of on the request's path; a request with the pool's environment then finds it in place."""
     import cloudpickle
-    os.environ.clear()
-    os.environ.update(plan.env)
+    _set_environ(plan.env)
     try:
         r, w = os.pipe()  # may fail (a pool's open_files limit): then this child just skips it
     except OSError:
@@ -301,24 +300,56 @@ def _export(plan) -> None:
 
 # ---- the payload process (PID 1 itself, or PID 2 under a reaper) --------------------------------
 
-def _prepare_payload_process() -> None:
+# Set in the zygote by zygote_ready(), so every clone inherits them:
+_zygote_env: dict[str, str] | None = None  # the zygote's environment once its preloads ran
+_zygote_signals_fresh = False  # its handlers of _FORWARDED are a fresh interpreter's
+
+
+def zygote_ready(unset: list[str]) -> None:
+    """In the zygote, after its preloads and before its first clone: drop the environment
+    variables that only capped the preloads' thread pools (``unset``), then note what a clone
+    inherits, so a payload process that already has the right environment and signal handlers
+    does not set them again (each setting costs copy-on-write page faults in every child)."""
+    global _zygote_env, _zygote_signals_fresh
+    for name in unset:
+        os.environ.pop(name, None)
+    _zygote_env = dict(os.environ)
+    _zygote_signals_fresh = all(
+        signal.getsignal(sig) == (signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+        for sig in _FORWARDED)
+
+
+def _prepare_payload_process(reset_signals: bool = True) -> None:
     """What every payload process does first, whatever the request: default signals, no status
-    pipe (the payload must never write a status message), Python's stdio on fds 0/1/2."""
-    for sig in _FORWARDED:
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    pipe (the payload must never write a status message), Python's stdio on fds 0/1/2.
+    ``reset_signals`` False: the handlers are the zygote's and those are already the defaults."""
+    if reset_signals:
+        for sig in _FORWARDED:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     os.close(STATUS_FD)
     _reopen_stdio()
+
+
+def _set_environ(env: dict[str, str]) -> None:
+    """Make os.environ exactly ``env``, touching only what differs."""
+    cur = os.environ
+    for name in [name for name in cur if name not in env]:
+        del cur[name]
+    for name, value in env.items():
+        if cur.get(name) != value:
+            cur[name] = value
 
 
 def _payload(plan, prepared: bool = False) -> None:
     code = 1
     try:
         if not prepared:
-            _prepare_payload_process()
-        if not prepared or os.environ != plan.env:  # a reserve child often has this one already
-            os.environ.clear()
-            os.environ.update(plan.env)
+            _prepare_payload_process(reset_signals=plan.reaper or not _zygote_signals_fresh)
+            if plan.env != _zygote_env:  # the zygote's own (the pool's) is the usual one
+                _set_environ(plan.env)
+        elif os.environ != plan.env:  # a reserve child often has this one already
+            _set_environ(plan.env)
         if plan.cwd:
             os.chdir(plan.cwd)
         code = _run_payload(plan)
