@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -377,6 +379,97 @@ def test_SECURITY_only_loopback_and_no_host_listener(client):
     lines = r.stdout.decode().splitlines()
     assert lines[0] == "['lo']"
     assert lines[1].startswith("refused")
+
+
+NS_GET_USERNS = 0xB701  # ioctl_ns(2): the user namespace that owns a namespace
+
+
+def _netns_owner_and_inode(pid: int) -> tuple[int, int]:
+    fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        owner = fcntl.ioctl(fd, NS_GET_USERNS)
+        try:
+            return os.fstat(owner).st_ino, os.fstat(fd).st_ino
+        finally:
+            os.close(owner)
+    finally:
+        os.close(fd)
+
+
+def test_SECURITY_netns_not_owned_by_the_child(client):
+    """The child's network namespace is made ahead by the zygote and owned by the host's user
+    namespace, not the child's: not even the child's root (before the drop) could reconfigure it.
+    Each child still gets its own, with lo up."""
+    def payload():
+        import socket, sys
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:  # (Landlock may deny TCP)
+            u.bind(("127.0.0.1", 0))
+            u.sendto(b"ping", u.getsockname())  # ENETUNREACH unless lo is up
+            print("lo ok" if u.recv(10) == b"ping" else "lo?", flush=True)
+        sys.stdin.read()
+
+    host_user = os.stat("/proc/self/ns/user").st_ino
+    host_net = os.stat("/proc/self/ns/net").st_ino
+    kids, seen = [], set()
+    try:
+        for _ in range(3):
+            time.sleep(0.2)  # the zygote makes the next namespace while it is idle
+            child = client.spawn_child(payload)
+            kids.append(child)
+            assert child.stdout.readline() == b"lo ok\n"
+            owner, net = _netns_owner_and_inode(child.pid)
+            own_user = os.stat(f"/proc/{child.pid}/ns/user").st_ino
+            assert owner == host_user and owner != own_user
+            assert net != host_net and net not in seen
+            seen.add(net)
+    finally:
+        for child in kids:
+            child.kill()
+            child.wait(timeout=10)
+
+
+def test_zygote_netns_ahead_and_fallback():
+    """Driven directly: a clone after an idle moment gets the namespace made ahead (host-owned);
+    a request already waiting behind another gets CLONE_NEWNET (owned by the child's user
+    namespace) rather than waiting for one to be made; the zygote leaves each handed-on one."""
+    from zygote._zygote import REP, REQ
+    from zygote._clone import ALL_NAMESPACES, CLONE_PARENT
+    parent, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "zygote._zygote", str(theirs.fileno()), "json"],
+                            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+    theirs.close()
+    keep, pids = [], []
+    try:
+        parent.settimeout(60)
+        assert parent.recv(65536)[:1] == b"R"
+        time.sleep(0.3)  # idle: the zygote makes a namespace ahead
+        sent = []
+        for req in (1, 2):
+            null = os.open(os.devnull, os.O_RDWR)
+            pipes = [os.pipe() for _ in range(3)]  # control, status, result
+            fds = [null, null, null, pipes[0][0], pipes[1][1], pipes[2][1]]
+            socket.send_fds(parent, [REQ.pack(req, ALL_NAMESPACES | CLONE_PARENT)], fds)
+            sent += [null] + [p[0] for p in pipes[1:]] + [pipes[0][0], pipes[1][1], pipes[2][1]]
+            keep.append(pipes[0][1])  # the control pipe's write end: the child waits on it
+        for fd in sent:
+            os.close(fd)
+        for req in (1, 2):
+            rreq, pid, err = REP.unpack(parent.recv(64))
+            assert (rreq, err) == (req, 0) and pid > 0
+            pids.append(pid)
+        host_user = os.stat("/proc/self/ns/user").st_ino
+        (owner1, net1), (owner2, net2) = (_netns_owner_and_inode(p) for p in pids)
+        assert owner1 == host_user                                  # made ahead
+        assert owner2 == os.stat(f"/proc/{pids[1]}/ns/user").st_ino  # CLONE_NEWNET: no waiting
+        assert net1 != net2
+        assert os.stat(f"/proc/{proc.pid}/ns/net").st_ino not in (net1, net2)
+    finally:
+        for fd in keep:
+            os.close(fd)  # EOF on the control pipe: each child exits without running anything
+        for pid in pids:
+            os.waitpid(pid, 0)  # CLONE_PARENT: they are ours
+        parent.close()
+        proc.wait(timeout=30)
 
 
 def test_closure_runs(client):

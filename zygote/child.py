@@ -71,7 +71,9 @@ def confine(plan) -> int:
     _inject(plan, "workspace")
     workspace.apply(plan)                    # into its own tmpfs, chown to the sandbox uid: before the drop
     _inject(plan, "netns")
-    netns.apply()                            # lo up needs CAP_NET_ADMIN, also dropped below
+    if not netns_ready:                      # (a namespace the zygote made ahead has lo up and
+        netns.apply()                        # is not ours to change) lo up needs CAP_NET_ADMIN,
+                                             # also dropped below
     _inject(plan, "uts")
     uts.apply(plan.hostname, plan.process_name)  # sethostname needs CAP_SYS_ADMIN; comm needs /proc
     _inject(plan, "landlock")
@@ -300,6 +302,9 @@ def _export(plan) -> None:
 
 # ---- the payload process (PID 1 itself, or PID 2 under a reaper) --------------------------------
 
+# Set in the zygote before each clone: the clone was given a network namespace the zygote made
+# ahead of time, lo already up (see _zygote._NetnsAhead), instead of CLONE_NEWNET.
+netns_ready = False
 # Set in the zygote by zygote_ready(), so every clone inherits them:
 _zygote_env: dict[str, str] | None = None  # the zygote's environment once its preloads ran
 _zygote_signals_fresh = False  # its handlers of _FORWARDED are a fresh interpreter's
