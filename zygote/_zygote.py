@@ -57,6 +57,9 @@ class _NetnsAhead:
         self.ready = False
         try:
             self._home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            # The way back must work before we ever leave: setns into the namespace we are in
+            # needs the same privilege (and seccomp's leave) as the return trip after a clone.
+            self._setns(self._home, CLONE_NEWNET)
             self.enabled = True
         except OSError:
             self.enabled = False
