@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from zygote_client import Client, SandboxConfig
+from zygote_client import Client, SandboxConfig, SandboxError
 
 from conftest import children_of, config_daemon, daemon_pid, start_daemon, stop_daemon, wait_socket, write_text
 
@@ -152,7 +152,7 @@ def test_reserve_children_go_with_the_daemon():
 
 
 @pytest.mark.cgroupv2
-def test_reserve_with_pool_limits_has_cgroups(tmp_path):
+def test_SECURITY_reserve_with_pool_limits_and_tighter_requests(tmp_path):
     with config_daemon(tmp_path, """
             [pools.default]
             reserve = 2
@@ -171,9 +171,28 @@ def test_reserve_with_pool_limits_has_cgroups(tmp_path):
             print(len(b))
         r = c.run(hog)
         assert r.status.memory_exceeded, r.status
-        # a tighter request is allowed, and clones its own child
-        r = c.run(print, ("tight",), sandbox_config=SandboxConfig(memory="128M", pids=32))
-        assert r.stdout == b"tight\n"
+
+        # A request with tighter limits takes a reserve child too (no clone, no cgroup attach on
+        # the request's path): the daemon writes its limits into the child's cgroup first.
+        def tight():
+            import os
+            with open("/proc/1/stat") as f:
+                print(int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK"), flush=True)
+            b = bytearray(200 << 20)  # fits the pool's 256M, not the request's 128M
+            print(len(b))
+        time.sleep(1.0)
+        asked = _boottime()
+        r = c.run(tight, sandbox_config=SandboxConfig(memory="128M", pids=32))
+        assert float(r.stdout.split()[0]) < asked - 0.3, "expected a reserve child"
+        assert r.status.memory_exceeded, r.status
+        # A limit below what a waiting child already uses: the kernel refuses it, that child is
+        # discarded and the request clones (which cannot start in 256K either); the reserve lives on.
+        with pytest.raises(SandboxError):
+            c.run(print, ("no",), sandbox_config=SandboxConfig(memory="256K", pids=32))
+        time.sleep(1.0)
+        asked = _boottime()
+        r = c.run(_pid1_started())
+        assert float(r.stdout) < asked - 0.3, "the reserve was refilled"
 
 
 def test_pool_timeout_counts_from_the_request_not_the_reserve(tmp_path):

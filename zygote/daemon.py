@@ -629,7 +629,7 @@ class Daemon:
             timeout = msg.timeout if timeout is None else min(timeout, msg.timeout)
         if conn is not self._reserve_conn and self._reserve_fits(pool, msg, cfg):
             try:
-                taken = await self._take_reserved(pool, conn, msg, timeout)
+                taken = await self._take_reserved(pool, conn, msg, timeout, cfg)
             except _Refused as r:
                 return P.SpawnFailed(msg.req, r.message, code=r.code, path=r.path), []
             if taken is not None:
@@ -767,14 +767,41 @@ class Daemon:
     # ---- the pool reserve: children confined ahead of requests ---------------------------------
 
     def _reserve_fits(self, pool: Pool, msg: P.Spawn, cfg: SandboxConfig) -> bool:
-        """A request can take a reserve child when it asks for exactly what the reserve was built
-        with: the pool's default SandboxConfig, daemon-made pipes, no test hooks."""
+        """A request can take a reserve child when it asks for what the reserve was built with:
+        the pool's default SandboxConfig, daemon-made pipes, no test hooks. Its cgroup limits
+        (memory, pids, cpu) may differ when the reserve children have a cgroup: the daemon writes
+        the request's limits into it before the Job (policy already made them no looser than the
+        pool's), so a request with its own limits skips the clone and, on cgroup v1, the attach
+        stall too."""
+        if not (pool.config.reserve > 0 and msg.stdio == "pipe" and not msg.detached
+                and msg.test_fail_step is None and not msg.test_relax_mounts and not msg.test_landlock_abi):
+            return False
         default = policy.effective(pool.config.sandbox, None)
-        return (pool.config.reserve > 0 and msg.stdio == "pipe" and not msg.detached and cfg == default
-                and _needs_reaper(cfg, msg.kind) == _needs_reaper(default, "deferred")
-                and msg.test_fail_step is None and not msg.test_relax_mounts and not msg.test_landlock_abi)
+        if cfg != default and not (
+                self._wants_cgroup(default)
+                and msgspec.structs.replace(cfg, memory=default.memory, pids=default.pids, cpu=default.cpu) == default):
+            return False
+        return _needs_reaper(cfg, msg.kind) == _needs_reaper(default, "deferred")
 
-    async def _take_reserved(self, pool: Pool, conn: Connection, msg: P.Spawn, timeout: float | None):
+    @staticmethod
+    async def _limits_for(child: Child, cfg: SandboxConfig) -> bool:
+        """Give a reserve child's cgroup the request's limits (before its Job). False: it cannot
+        take them (no cgroup, or the kernel refused one, e.g. a memory limit below what it
+        already uses: then the child is discarded and the request clones as usual)."""
+        want = {k: v for k, v in (("memory", cfg.memory_bytes), ("pids", cfg.pids), ("cpu", cfg.cpu))
+                if v is not None}
+        if child.cgroup is None:
+            return not want
+        if child.cgroup.limits == want:
+            return True
+        try:  # a worker thread: lowering a memory limit makes the kernel reclaim first
+            await trio.to_thread.run_sync(child.cgroup.set_limits, cfg.memory_bytes, cfg.pids, cfg.cpu)
+        except SetupError:
+            return False
+        return True
+
+    async def _take_reserved(self, pool: Pool, conn: Connection, msg: P.Spawn, timeout: float | None,
+                             cfg: SandboxConfig):
         """Hand a waiting reserve child this request: its Job on the control pipe, its pipes to the
         client. None when the reserve is empty (the caller clones as usual). Raises _Refused."""
         kind, target, env = self._check_request(pool, msg)
@@ -786,10 +813,10 @@ class Daemon:
             pool.reserve_wake.set()
             ctl, child.ctl = child.ctl, None
             fds, child.reserve_fds = child.reserve_fds, []
-            if child.exited.is_set() or ctl is None:
+            if child.exited.is_set() or ctl is None or not await self._limits_for(child, cfg):
                 _close(fds)
                 if ctl is not None:
-                    await ctl.aclose()
+                    await ctl.aclose()  # EOF: a live child that could not take the limits exits
                 continue
             # It is this client's from now on: an exit from here on is reported to it.
             self._reserve_conn.children.pop(child.id, None)

@@ -359,6 +359,12 @@ class ChildCgroup:
         self.limits: dict[str, object] = {}
         self._fd = -1
 
+    def set_limits(self, memory: int | None, pids: int | None, cpu: float | None) -> None:
+        """Write these limits (a reserve child taken by a request with its own; each no looser
+        than what the pool allows). Raises SetupError("cgroup", ...) if the kernel refuses one,
+        e.g. a memory limit below what the cgroup already uses."""
+        self._limit(memory, pids, cpu)
+
     def _limit(self, memory: int | None, pids: int | None, cpu: float | None) -> None:
         v2 = self.host.version == 2
         mem, pid, cpud = self.dirs.get("memory"), self.dirs.get("pids"), self.dirs.get("cpu")
