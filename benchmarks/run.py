@@ -20,6 +20,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -146,6 +147,9 @@ def bench_idle(client: Client, n: int, idle: float = 1.0, cfg: SandboxConfig | N
 # Limits put the child in a cgroup of its own (default children get none): the same spawn with
 # memory and pids limits shows what the cgroup costs, including the v1 attach stall after idle.
 LIMITS = SandboxConfig(memory="256M", pids=64)
+# A pool whose default (its ceiling) has limits keeps reserve children with a cgroup; a request
+# with tighter limits (LIMITS) takes one and gets its limits written in: no clone, no attach.
+RESERVE_LIMITS_TOML = 'memory = "512M"; pids = 128'
 
 
 def network_available(client: Client) -> tuple[bool, str]:
@@ -425,6 +429,24 @@ def main(argv: list[str] | None = None) -> int:
         clients.append(cr2)
         time.sleep(1.0)
         res["throughput_2_reserve"] = bench_throughput([cr, cr2], tp_secs)
+        for c in (cr, cr2):
+            c.close()
+        clients.clear()
+
+        say(f"(a) + limits with a reserve (pool default {RESERVE_LIMITS_TOML!r}): {n_cg} warm, {n_cg_idle} after 1 s idle")
+        try:
+            with tempfile.TemporaryDirectory(prefix="zg-bench-") as d:
+                toml = os.path.join(d, "pool.toml")
+                with open(toml, "w") as f:
+                    f.write("[pools.default.sandbox]\n" + RESERVE_LIMITS_TOML.replace("; ", "\n") + "\n")
+                crl = Client.embedded(preload_imports=["pandas"],
+                                      daemon_args=["--reserve", str(RESERVE), "--config", toml])
+            clients.append(crl)
+            time.sleep(1.0)
+            res["a_cgroup_reserve"] = bench_zygote(crl, n_cg, LIMITS)
+            res["a_cgroup_reserve_idle"] = bench_idle(crl, n_cg_idle, cfg=LIMITS)
+        except Exception as e:  # noqa: BLE001 - e.g. no usable cgroup hierarchy on this host
+            res["a_cgroup_reserve"] = res["a_cgroup_reserve_idle"] = {"error": f"{type(e).__name__}: {e}"[:200]}
     finally:
         for c in clients:
             try:
@@ -473,6 +495,8 @@ def report(res: dict) -> None:
     print(fmt_row(f"(a) first spawn after {idle['idle_s']:.0f} s idle", idle))
     print(fmt_row("(a) + memory/pids limits (cgroup per child)", res.get("a_cgroup")))
     print(fmt_row("    ... first spawn after 1 s idle", res.get("a_cgroup_idle")))
+    print(fmt_row(f"    ... with a reserve of {RESERVE} (pool default 512M/128)", res.get("a_cgroup_reserve")))
+    print(fmt_row("        ... first spawn after 1 s idle", res.get("a_cgroup_reserve_idle")))
     print(fmt_row(f"(a) with a reserve of {RESERVE} pre-confined children", res.get("a_reserve")))
     print(fmt_row("    ... first spawn after 1 s idle", res.get("a_reserve_idle")))
     print(fmt_row("    ... async client, 30 ms apart (no thread hop)", res.get("a_reserve_async")))
