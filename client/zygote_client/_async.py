@@ -73,6 +73,13 @@ class AsyncChild:
         self.export_result: ExportResult | None = None
         self._export_fd: int | None = None
         self._exited = anyio.Event()
+        self._exit_callbacks: list[Callable[[], None]] = []  # the blocking face's thread wake-up
+
+    def _mark_exited(self) -> None:
+        """The exit is known (or the connection is gone): wake every waiter, on any thread."""
+        self._exited.set()
+        for cb in self._exit_callbacks:
+            cb()
 
     def _detach_stdio(self) -> tuple[int | None, int | None, int | None]:
         """Hand the raw (blocking) fds to the blocking face; the streams are gone afterwards."""
@@ -112,7 +119,7 @@ class AsyncChild:
             self._export_fd = fds.pop()
         for fd in fds:
             os.close(fd)
-        self._exited.set()
+        self._mark_exited()
 
     async def export(self, dest: str | os.PathLike) -> list[str]:
         """Wait for the child to end, then write its export directory into ``dest``.
@@ -312,7 +319,7 @@ class AsyncClient:
                 p.event.set()
             for same in self._children.values():
                 for c in same:
-                    c._exited.set()
+                    c._mark_exited()
             self._reader_done.set()
             if not isinstance(e, (ZygoteError, anyio.get_cancelled_exc_class())):
                 raise

@@ -22,7 +22,7 @@ import anyio.from_thread
 
 from ._async import DEVNULL, PIPE, AsyncChild, AsyncClient, open_client, open_embedded
 from ._config import ExitStatus, SandboxConfig
-from ._errors import ClosedError
+from ._errors import BrokenError, ClosedError
 from ._workspace import ExportError, ExportResult
 from ._results import Outcome
 
@@ -75,6 +75,13 @@ class ChildProcess:
         self.stdout_offset = achild.stdout_offset
         self.stderr_offset = achild.stderr_offset
         self.detached = achild.detached
+        # Set from the loop's thread when the exit arrives: wait() sleeps on it in the calling
+        # thread, without a round trip through the event loop. Registered first, checked second:
+        # an exit that raced the registration is seen either way.
+        self._ended = threading.Event()
+        achild._exit_callbacks.append(self._ended.set)
+        if achild._exited.is_set():
+            self._ended.set()
 
     def __repr__(self) -> str:
         return f"<ChildProcess id={self.id} pid={self.pid} returncode={self.returncode}>"
@@ -95,17 +102,13 @@ class ChildProcess:
         (the child keeps running, as with Popen.wait)."""
         if self._achild.status is not None:
             return self._achild.status
-
-        async def waiter() -> ExitStatus | None:
-            with anyio.move_on_after(timeout):
-                await self._achild._wait_quietly()  # a timeout leaves the child running
-                return self._achild.status
-            return None
-
-        st = self._client._call(waiter)
-        if st is None:
+        if not self._ended.wait(timeout):  # a timeout leaves the child running
             raise subprocess.TimeoutExpired(f"zygote child {self.id}", timeout)
-        return st
+        if self._achild.status is None:  # woken because the connection is gone
+            if self._client._closed:
+                raise ClosedError("the client was closed before the child's exit was reported")
+            raise self._client._aclient._broken or BrokenError("connection lost before the child's exit was reported")
+        return self._achild.status
 
     @property
     def export_result(self) -> ExportResult | None:
