@@ -111,6 +111,9 @@ def test_reserve_request_fields(reserve_client):
     # DEVNULL stdin reads EOF at once
     r = c.run(lambda: print(repr(__import__("sys").stdin.read())))
     assert r.stdout == b"''\n"
+    # no env: exactly the pool's (the reserve child set it up ahead; nothing of the zygote's)
+    r = c.run(lambda: print(repr(dict(__import__("os").environ))))
+    assert eval(r.stdout) == {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
     # an exec kind through the reserve
     child = c.spawn_child(None, _argv=["/bin/sh", "-c", "echo exec-ok"], stdin=None)
     assert child.stdout.read() == b"exec-ok\n"
