@@ -467,7 +467,8 @@ def _worker(iterations: int, preload: str) -> dict:
     else:
         emit("mounts", "mounts:host", "apply: make / private + fresh /proc", "child", results, True,
              "tmpfs root: " + missing.get("mounts(tmpfs root)", "not measured"))
-    emit("netns", "netns", "apply: lo up", "child", results, True)
+    emit("netns", "netns", "apply: lo up", "child", results, True,
+         "only when the clone made the netns: the zygote makes one ahead while idle")
     emit("rlimits", "rlimits", f"apply: {len(rlimit_list)} setrlimit", "child", results, True)
     emit("uts", "uts", "apply: sethostname (no process name)", "child", results, True)
     emit("landlock", "landlock", f"apply: ruleset, {len(ll_ro) + len(ll_rw)} path rules, restrict", "child",
