@@ -784,21 +784,22 @@ class Daemon:
         return _needs_reaper(cfg, msg.kind) == _needs_reaper(default, "deferred")
 
     @staticmethod
-    async def _limits_for(child: Child, cfg: SandboxConfig) -> bool:
-        """Give a reserve child's cgroup the request's limits (before its Job). False: it cannot
-        take them (no cgroup, or the kernel refused one, e.g. a memory limit below what it
-        already uses: then the child is discarded and the request clones as usual)."""
+    async def _limits_for(child: Child, cfg: SandboxConfig) -> str:
+        """Give a reserve child's cgroup the request's limits (before its Job): "ok"; "skip" when
+        it cannot take them as it is (no cgroup, or a memory limit not above what it already
+        uses: the child stays in the reserve, the request clones); "broken" when the kernel
+        refused a write (the child is discarded)."""
         want = {k: v for k, v in (("memory", cfg.memory_bytes), ("pids", cfg.pids), ("cpu", cfg.cpu))
                 if v is not None}
         if child.cgroup is None:
-            return not want
+            return "skip" if want else "ok"
         if child.cgroup.limits == want:
-            return True
+            return "ok"
         try:  # a worker thread: lowering a memory limit makes the kernel reclaim first
-            await trio.to_thread.run_sync(child.cgroup.set_limits, cfg.memory_bytes, cfg.pids, cfg.cpu)
+            done = await trio.to_thread.run_sync(child.cgroup.set_limits, cfg.memory_bytes, cfg.pids, cfg.cpu)
         except SetupError:
-            return False
-        return True
+            return "broken"
+        return "ok" if done else "skip"
 
     async def _take_reserved(self, pool: Pool, conn: Connection, msg: P.Spawn, timeout: float | None,
                              cfg: SandboxConfig):
@@ -811,12 +812,19 @@ class Daemon:
             child = pool.reserve.pop(0)
             pool.last_take = time.monotonic()
             pool.reserve_wake.set()
+            if not child.exited.is_set() and child.ctl is not None:
+                fit = await self._limits_for(child, cfg)
+                if fit == "skip":  # (every reserve child of the pool is alike) keep it; clone
+                    pool.reserve.insert(0, child)
+                    return None
+            else:
+                fit = "broken"
             ctl, child.ctl = child.ctl, None
             fds, child.reserve_fds = child.reserve_fds, []
-            if child.exited.is_set() or ctl is None or not await self._limits_for(child, cfg):
+            if fit != "ok":
                 _close(fds)
                 if ctl is not None:
-                    await ctl.aclose()  # EOF: a live child that could not take the limits exits
+                    await ctl.aclose()  # EOF: a live child whose cgroup refused the limits exits
                 continue
             # It is this client's from now on: an exit from here on is reported to it.
             self._reserve_conn.children.pop(child.id, None)

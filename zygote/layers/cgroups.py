@@ -359,11 +359,21 @@ class ChildCgroup:
         self.limits: dict[str, object] = {}
         self._fd = -1
 
-    def set_limits(self, memory: int | None, pids: int | None, cpu: float | None) -> None:
+    def set_limits(self, memory: int | None, pids: int | None, cpu: float | None) -> bool:
         """Write these limits (a reserve child taken by a request with its own; each no looser
-        than what the pool allows). Raises SetupError("cgroup", ...) if the kernel refuses one,
-        e.g. a memory limit below what the cgroup already uses."""
+        than what the pool allows). False, writing nothing, when ``memory`` is not above what the
+        cgroup already uses (v1 would refuse it, v2 would OOM-kill the child). Raises
+        SetupError("cgroup", ...) if the kernel refuses a write."""
+        mem = self.dirs.get("memory")
+        if memory is not None and mem is not None:
+            name = "memory.current" if self.host.version == 2 else "memory.usage_in_bytes"
+            try:
+                if int(_read(f"{mem}/{name}")) >= memory:
+                    return False
+            except (OSError, ValueError) as e:
+                raise _err(f"reading {name} of {self.child_id}: {e}", getattr(e, "errno", 0) or 0) from None
         self._limit(memory, pids, cpu)
+        return True
 
     def _limit(self, memory: int | None, pids: int | None, cpu: float | None) -> None:
         v2 = self.host.version == 2
