@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import signal
@@ -108,6 +109,26 @@ def test_preload_signal_handlers_and_env_caps_do_not_reach_children(tmp_path):
         st = child.wait(timeout=10)
     assert seen == (env, True, True, True)  # OMP_NUM_THREADS stays: the pool's environment has it
     assert st.returncode == -signal.SIGTERM
+
+
+def test_preload_c_level_signal_handler_does_not_reach_children(tmp_path):
+    """A handler installed below Python (faulthandler.register: signal.getsignal still says
+    SIG_DFL) must not survive into a payload: it dies of SIGUSR1 as a fresh process would."""
+    (tmp_path / "zg_fh_preload.py").write_text(
+        "import faulthandler, signal\nfaulthandler.register(signal.SIGUSR1)\n")
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": str(tmp_path)}
+
+    def payload():
+        import sys
+        print("up", flush=True)
+        sys.stdin.read()
+
+    with Client.embedded(preload_imports=["zg_fh_preload"], environment=env) as c:
+        child = c.spawn_child(payload)
+        assert child.stdout.readline() == b"up\n"
+        child.send_signal(signal.SIGUSR1)
+        st = child.wait(timeout=10)
+    assert st.returncode == -signal.SIGUSR1
 
 
 def test_fds_above_2_are_closed(client):
@@ -396,6 +417,7 @@ def _netns_owner_and_inode(pid: int) -> tuple[int, int]:
         os.close(fd)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="a rootless zygote cannot make namespaces ahead (CLONE_NEWNET then)")
 def test_SECURITY_netns_not_owned_by_the_child(client):
     """The child's network namespace is made ahead by the zygote and owned by the host's user
     namespace, not the child's: not even the child's root (before the drop) could reconfigure it.
@@ -428,6 +450,43 @@ def test_SECURITY_netns_not_owned_by_the_child(client):
             child.wait(timeout=10)
 
 
+def test_zygote_netns_ahead_goes_home_after_each_handout():
+    """The bookkeeping of _NetnsAhead with recorded calls: ready only after unshare and lo up;
+    home after every handout; disabled for good when unsharing is not permitted; a failing lo up
+    goes home and disables it."""
+    from zygote._zygote import CLONE_NEWNET, _NetnsAhead
+    calls: list = []
+
+    def unshare(flags):
+        calls.append(("unshare", flags))
+
+    def setns(fd, nstype):
+        calls.append(("setns", nstype))
+
+    ns = _NetnsAhead(lambda: calls.append("lo"), unshare, setns)
+    assert ns.enabled and calls == [("setns", CLONE_NEWNET)]  # the way home is tried first
+    calls.clear()
+    ns.prepare()
+    assert ns.ready and calls == [("unshare", CLONE_NEWNET), "lo"]
+    calls.clear()
+    ns.go_home()
+    assert not ns.ready and calls == [("setns", CLONE_NEWNET)]
+
+    def refuse(flags):
+        raise OSError(errno.EPERM, "no")
+    ns = _NetnsAhead(lambda: None, refuse, setns)
+    ns.prepare()
+    assert not ns.enabled and not ns.ready
+
+    def bad_lo():
+        raise OSError(errno.EPERM, "no")
+    calls.clear()
+    ns = _NetnsAhead(bad_lo, unshare, setns)
+    ns.prepare()
+    assert not ns.enabled and not ns.ready and calls[-1] == ("setns", CLONE_NEWNET)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a rootless zygote cannot make namespaces ahead (CLONE_NEWNET then)")
 def test_zygote_netns_ahead_and_fallback():
     """Driven directly: a clone after an idle moment gets the namespace made ahead (host-owned);
     a request already waiting behind another gets CLONE_NEWNET (owned by the child's user

@@ -148,7 +148,7 @@ def main(argv: list[str]) -> None:
     _netns = _NetnsAhead(netns.apply, _sys.unshare, _sys.setns)
     while True:
         if _netns.enabled and not _netns.ready and not select.select([_sock], [], [], 0)[0]:
-            _netns.prepare()  # only when no request is waiting: a request never waits for it
+            _netns.prepare()  # only when no request is waiting (one arriving meanwhile waits for it)
         try:
             msg, fds, _flags, _addr = socket.recv_fds(_sock, REQ.size, NFDS + 1)
         except InterruptedError:

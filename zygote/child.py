@@ -319,9 +319,9 @@ def zygote_ready(unset: list[str]) -> None:
     for name in unset:
         os.environ.pop(name, None)
     _environ_is = dict(os.environ)
-    _zygote_signals_fresh = all(
-        signal.getsignal(sig) == (signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
-        for sig in _FORWARDED)
+    # The kernel's view, not Python's: a preload may have installed a handler from C
+    # (faulthandler.register, an extension's sigaction) that signal.getsignal does not show.
+    _zygote_signals_fresh = all(_sys.handler_is_default(sig) for sig in _FORWARDED if sig != signal.SIGINT)
 
 
 def _prepare_payload_process(reset_signals: bool = True) -> None:
@@ -331,7 +331,7 @@ def _prepare_payload_process(reset_signals: bool = True) -> None:
     if reset_signals:
         for sig in _FORWARDED:
             signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # always: Ctrl-C is KeyboardInterrupt
     os.close(STATUS_FD)
     _reopen_stdio()
 

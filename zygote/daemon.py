@@ -786,9 +786,9 @@ class Daemon:
     @staticmethod
     async def _limits_for(child: Child, cfg: SandboxConfig) -> str:
         """Give a reserve child's cgroup the request's limits (before its Job): "ok"; "skip" when
-        it cannot take them as it is (no cgroup, or a memory limit not above what it already
-        uses: the child stays in the reserve, the request clones); "broken" when the kernel
-        refused a write (the child is discarded)."""
+        it cannot take them as it is (no cgroup, or a memory limit without headroom over what it
+        already uses: the child stays in the reserve, the request clones); "refused" when the
+        kernel refused a write (the child is discarded, the request clones)."""
         want = {k: v for k, v in (("memory", cfg.memory_bytes), ("pids", cfg.pids), ("cpu", cfg.cpu))
                 if v is not None}
         if child.cgroup is None:
@@ -798,7 +798,7 @@ class Daemon:
         try:  # a worker thread: lowering a memory limit makes the kernel reclaim first
             done = await trio.to_thread.run_sync(child.cgroup.set_limits, cfg.memory_bytes, cfg.pids, cfg.cpu)
         except SetupError:
-            return "broken"
+            return "refused"
         return "ok" if done else "skip"
 
     async def _take_reserved(self, pool: Pool, conn: Connection, msg: P.Spawn, timeout: float | None,
@@ -812,19 +812,27 @@ class Daemon:
             child = pool.reserve.pop(0)
             pool.last_take = time.monotonic()
             pool.reserve_wake.set()
+            fit = "gone"
             if not child.exited.is_set() and child.ctl is not None:
                 fit = await self._limits_for(child, cfg)
-                if fit == "skip":  # (every reserve child of the pool is alike) keep it; clone
+                # The write awaited: the pool may have been replaced (a reload discarded the list
+                # this child was out of) and the child may have died meanwhile.
+                if pool.stopping or self.pools.get(pool.config.name) is not pool:
+                    self._kill(child, signal.SIGKILL)
+                    fit = "refused"
+                elif child.exited.is_set() or child.ctl is None:
+                    fit = "gone"
+                elif fit == "skip":  # (every reserve child of the pool is alike) keep it; clone
                     pool.reserve.insert(0, child)
                     return None
-            else:
-                fit = "broken"
             ctl, child.ctl = child.ctl, None
             fds, child.reserve_fds = child.reserve_fds, []
             if fit != "ok":
                 _close(fds)
                 if ctl is not None:
                     await ctl.aclose()  # EOF: a live child whose cgroup refused the limits exits
+                if fit == "refused":  # the next one would refuse them too: clone, which reports why
+                    return None
                 continue
             # It is this client's from now on: an exit from here on is reported to it.
             self._reserve_conn.children.pop(child.id, None)

@@ -472,6 +472,8 @@ class AsyncClient:
             self._exit(child, *early)
         else:
             self._children.setdefault(child.id, []).append(child)
+            if self._broken is not None:  # the reader ended after the reply: no exit will come
+                child._mark_exited()
         return child
 
     async def attach(self, child_id: str, offset: int = 0, *, trusted_results: bool = False) -> AsyncChild:

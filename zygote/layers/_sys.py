@@ -33,6 +33,19 @@ libc.unshare.argtypes = [ctypes.c_int]
 libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 
 
+libc.sigaction.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+_SIGACTION_SIZE = 256  # more than glibc's struct sigaction on any architecture (152 on x86_64)
+
+
+def handler_is_default(sig: int) -> bool:
+    """Whether the process's handler for ``sig`` is SIG_DFL, as the kernel has it (sa_handler is
+    the first member of struct sigaction; SIG_DFL is 0)."""
+    buf = ctypes.create_string_buffer(_SIGACTION_SIZE)
+    if libc.sigaction(sig, None, buf) != 0:
+        return False
+    return ctypes.c_void_p.from_buffer(buf).value is None
+
+
 def unshare(flags: int) -> None:
     check(libc.unshare(flags), "unshare")
 

@@ -42,6 +42,7 @@ CPU_PERIOD_US = 100_000
 DAEMON_LEAF = "daemon"
 POOL_PREFIX = "zgpool-"
 USER_HZ = os.sysconf("SC_CLK_TCK")
+RESERVE_HEADROOM = 4 << 20  # bytes a reserve child keeps under a request's memory limit, at least
 
 HINT_DELEGATE = (
     "run the daemon as root, or in a systemd unit with Delegate=yes; in Docker: --cgroupns=private "
@@ -361,14 +362,15 @@ class ChildCgroup:
 
     def set_limits(self, memory: int | None, pids: int | None, cpu: float | None) -> bool:
         """Write these limits (a reserve child taken by a request with its own; each no looser
-        than what the pool allows). False, writing nothing, when ``memory`` is not above what the
-        cgroup already uses (v1 would refuse it, v2 would OOM-kill the child). Raises
+        than what the pool allows). False, writing nothing, when ``memory`` leaves less headroom
+        over what the cgroup already uses than RESERVE_HEADROOM (v1 would refuse a limit below
+        the usage, v2 would OOM-kill the child; a reserve child may still be warming up). Raises
         SetupError("cgroup", ...) if the kernel refuses a write."""
         mem = self.dirs.get("memory")
         if memory is not None and mem is not None:
             name = "memory.current" if self.host.version == 2 else "memory.usage_in_bytes"
             try:
-                if int(_read(f"{mem}/{name}")) >= memory:
+                if memory - int(_read(f"{mem}/{name}")) < max(RESERVE_HEADROOM, memory // 10):
                     return False
             except (OSError, ValueError) as e:
                 raise _err(f"reading {name} of {self.child_id}: {e}", getattr(e, "errno", 0) or 0) from None
