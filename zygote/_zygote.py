@@ -88,7 +88,6 @@ class _NetnsAhead:
             os._exit(5)  # never serve another child from a namespace that is not ours: restart
 
 
-
 def _fail(text: str) -> None:
     try:
         _sock.send(b"E" + text.encode()[:60000])  # type: ignore[union-attr]

@@ -71,9 +71,8 @@ def confine(plan) -> int:
     _inject(plan, "workspace")
     workspace.apply(plan)                    # into its own tmpfs, chown to the sandbox uid: before the drop
     _inject(plan, "netns")
-    if not netns_ready:                      # (a namespace the zygote made ahead has lo up and
-        netns.apply()                        # is not ours to change) lo up needs CAP_NET_ADMIN,
-                                             # also dropped below
+    if not netns_ready:                      # lo up needs CAP_NET_ADMIN, dropped below (a netns
+        netns.apply()                        # the zygote made ahead has lo up, and is not ours)
     _inject(plan, "uts")
     uts.apply(plan.hostname, plan.process_name)  # sethostname needs CAP_SYS_ADMIN; comm needs /proc
     _inject(plan, "landlock")
