@@ -188,6 +188,31 @@ def test_SECURITY_reserve_with_pool_limits_and_tighter_requests(tmp_path):
         r = c.run(tight, sandbox_config=SandboxConfig(memory="128M", pids=32))
         assert float(r.stdout.split()[0]) < asked - 0.3, "expected a reserve child"
         assert r.status.memory_exceeded, r.status
+        # A pids-only tightening too: the payload cannot have more than 4 tasks (pool: 32).
+        def forks():
+            import os
+            with open("/proc/1/stat") as f:
+                print(int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK"), flush=True)
+            kids = []
+            try:
+                for _ in range(8):
+                    pid = os.fork()
+                    if pid == 0:
+                        import time
+                        time.sleep(30)
+                        os._exit(0)
+                    kids.append(pid)
+            except OSError:
+                pass
+            print(len(kids), flush=True)
+            for pid in kids:
+                os.kill(pid, 9)
+        time.sleep(1.0)
+        asked = _boottime()
+        r = c.run(forks, sandbox_config=SandboxConfig(memory="256M", pids=4))
+        started, n = r.stdout.split()
+        assert float(started) < asked - 0.3, "expected a reserve child"
+        assert int(n) == 3, r  # the payload itself and 3 more
         # A memory limit below what a waiting child already uses (v1 would refuse the write, v2
         # OOM-kill the child): the reserve is left alone and the request clones, which cannot
         # start in 256K either; the next request still finds the reserve.
