@@ -149,7 +149,7 @@ def bench_idle(client: Client, n: int, idle: float = 1.0, cfg: SandboxConfig | N
 LIMITS = SandboxConfig(memory="256M", pids=64)
 # A pool whose default (its ceiling) has limits keeps reserve children with a cgroup; a request
 # with tighter limits (LIMITS) takes one and gets its limits written in: no clone, no attach.
-RESERVE_LIMITS_TOML = 'memory = "512M"; pids = 128'
+RESERVE_LIMITS = {"memory": "512M", "pids": 128}
 
 
 def network_available(client: Client) -> tuple[bool, str]:
@@ -433,12 +433,12 @@ def main(argv: list[str] | None = None) -> int:
             c.close()
         clients.clear()
 
-        say(f"(a) + limits with a reserve (pool default {RESERVE_LIMITS_TOML!r}): {n_cg} warm, {n_cg_idle} after 1 s idle")
+        say(f"(a) + limits with a reserve (pool default {RESERVE_LIMITS}): {n_cg} warm, {n_cg_idle} after 1 s idle")
         try:
             with tempfile.TemporaryDirectory(prefix="zg-bench-") as d:
                 toml = os.path.join(d, "pool.toml")
                 with open(toml, "w") as f:
-                    f.write("[pools.default.sandbox]\n" + RESERVE_LIMITS_TOML.replace("; ", "\n") + "\n")
+                    f.write("[pools.default.sandbox]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in RESERVE_LIMITS.items()))
                 crl = Client.embedded(preload_imports=["pandas"],
                                       daemon_args=["--reserve", str(RESERVE), "--config", toml])
             clients.append(crl)
@@ -495,7 +495,8 @@ def report(res: dict) -> None:
     print(fmt_row(f"(a) first spawn after {idle['idle_s']:.0f} s idle", idle))
     print(fmt_row("(a) + memory/pids limits (cgroup per child)", res.get("a_cgroup")))
     print(fmt_row("    ... first spawn after 1 s idle", res.get("a_cgroup_idle")))
-    print(fmt_row(f"    ... with a reserve of {RESERVE} (pool default 512M/128)", res.get("a_cgroup_reserve")))
+    print(fmt_row(f"    ... with a reserve of {RESERVE} (pool default {'/'.join(map(str, RESERVE_LIMITS.values()))})",
+                  res.get("a_cgroup_reserve")))
     print(fmt_row("        ... first spawn after 1 s idle", res.get("a_cgroup_reserve_idle")))
     print(fmt_row(f"(a) with a reserve of {RESERVE} pre-confined children", res.get("a_reserve")))
     print(fmt_row("    ... first spawn after 1 s idle", res.get("a_reserve_idle")))

@@ -451,10 +451,11 @@ def test_SECURITY_netns_not_owned_by_the_child(client):
 
 
 def test_zygote_netns_ahead_goes_home_after_each_handout():
-    """The bookkeeping of _NetnsAhead with recorded calls: ready only after unshare and lo up;
+    """The bookkeeping of netns.Ahead with recorded calls: ready only after unshare and lo up;
     home after every handout; disabled for good when unsharing is not permitted; a failing lo up
     goes home and disables it."""
-    from zygote._zygote import CLONE_NEWNET, _NetnsAhead
+    from zygote._clone import CLONE_NEWNET
+    from zygote.layers.netns import Ahead
     calls: list = []
 
     def unshare(flags):
@@ -463,7 +464,7 @@ def test_zygote_netns_ahead_goes_home_after_each_handout():
     def setns(fd, nstype):
         calls.append(("setns", nstype))
 
-    ns = _NetnsAhead(lambda: calls.append("lo"), unshare, setns)
+    ns = Ahead(lambda: calls.append("lo"), unshare, setns)
     assert ns.enabled and calls == [("setns", CLONE_NEWNET)]  # the way home is tried first
     calls.clear()
     ns.prepare()
@@ -474,14 +475,14 @@ def test_zygote_netns_ahead_goes_home_after_each_handout():
 
     def refuse(flags):
         raise OSError(errno.EPERM, "no")
-    ns = _NetnsAhead(lambda: None, refuse, setns)
+    ns = Ahead(lambda: None, refuse, setns)
     ns.prepare()
     assert not ns.enabled and not ns.ready
 
     def bad_lo():
         raise OSError(errno.EPERM, "no")
     calls.clear()
-    ns = _NetnsAhead(bad_lo, unshare, setns)
+    ns = Ahead(bad_lo, unshare, setns)
     ns.prepare()
     assert not ns.enabled and not ns.ready and calls[-1] == ("setns", CLONE_NEWNET)
 

@@ -115,7 +115,6 @@ class ChildPlan(Job, frozen=True, kw_only=True, forbid_unknown_fields=True):
 
 class Ready(msgspec.Struct, frozen=True, tag="ready"):
     landlock_abi: int = 0
-    payload_pid: int = 0
 
 
 class Failed(msgspec.Struct, frozen=True, tag="failed"):

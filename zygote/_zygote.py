@@ -12,14 +12,13 @@ process. Talks to the daemon over one SOCK_SEQPACKET socket (fd FD):
 Globals, each with what it means for security (every child gets a copy of this memory):
     _sock    the daemon socket. SECURITY: closed in the child before anything else runs.
     _cloner  the clone3 wrapper (no secrets).
-    _netns   the network namespace made ahead for the next child (an empty one, lo up), if any;
-             the zygote itself sits in it until that child is cloned, then goes home.
+    _netns   the network namespace made ahead for the next child (an empty one, lo up), if any
+             (layers/netns.py: Ahead); the zygote sits in it until that child is cloned.
 The zygote holds no secrets: no credentials, no client data beyond the request it is serving.
 """
 
 from __future__ import annotations
 
-import errno
 import gc
 import importlib
 import os
@@ -33,59 +32,9 @@ REQ = struct.Struct("!QQ")
 REP = struct.Struct("!Qqi")
 NFDS = 6  # stdin, stdout, stderr, control, status, result
 
-CLONE_NEWNET = 0x40000000
-
 _sock: socket.socket | None = None
 _cloner = None
 _netns = None
-
-
-class _NetnsAhead:
-    """A fresh network namespace for the next child, made while the zygote waits for requests.
-
-    CLONE_NEWNET costs ~0.4 ms inside clone3 and the child then brings ``lo`` up itself; made
-    here ahead of time, both leave the request path. The namespace is made by unshare() in the
-    zygote (so it is owned by the zygote's user namespace, not the child's: the child holds no
-    capability over it at any point, not even before it drops privileges), ``lo`` is brought up,
-    and the next clone inherits it instead of asking for CLONE_NEWNET. Right after that clone
-    the zygote setns()es back to its own namespace: each prepared namespace serves one child.
-    Without the privilege to unshare (a rootless daemon) every clone keeps CLONE_NEWNET.
-    """
-
-    def __init__(self, lo_up, unshare, setns) -> None:
-        self._lo_up, self._unshare, self._setns = lo_up, unshare, setns
-        self.ready = False
-        try:
-            self._home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            # The way back must work before we ever leave: setns into the namespace we are in
-            # needs the same privilege (and seccomp's leave) as the return trip after a clone.
-            self._setns(self._home, CLONE_NEWNET)
-            self.enabled = True
-        except OSError:
-            self.enabled = False
-
-    def prepare(self) -> None:
-        try:
-            self._unshare(CLONE_NEWNET)
-        except OSError as e:
-            if e.errno in (errno.EPERM, errno.EINVAL, errno.ENOSYS):
-                self.enabled = False  # no privilege for it here: clones make their own from now on
-            return  # otherwise (ENOSPC: user.max_net_namespaces, ENOMEM) try again when idle
-        try:
-            self._lo_up()
-        except Exception:  # noqa: BLE001 - the clone-made namespace is the fallback
-            self.enabled = False
-            self.go_home()
-            return
-        self.ready = True
-
-    def go_home(self) -> None:
-        """Leave the namespace just handed to a child (or one that failed to set up)."""
-        self.ready = False
-        try:
-            self._setns(self._home, CLONE_NEWNET)
-        except OSError:
-            os._exit(5)  # never serve another child from a namespace that is not ours: restart
 
 
 def _fail(text: str) -> None:
@@ -111,8 +60,8 @@ def main(argv: list[str]) -> None:
         import msgspec  # noqa: F401  (child protocol)
         import cloudpickle  # noqa: F401  (so payload unpickling never imports it per child)
         from zygote import child
-        from zygote.layers import _sys, netns
-        from zygote._clone import ALL_NAMESPACES, CLONE_INTO_CGROUP, CLONE_PARENT, Cloner, thread_count
+        from zygote.layers import netns
+        from zygote._clone import ALL_NAMESPACES, CLONE_INTO_CGROUP, CLONE_NEWNET, CLONE_PARENT, Cloner, thread_count
     except BaseException as e:  # noqa: BLE001
         _fail(f"zygote startup failed: {type(e).__name__}: {e}")
     for mod in preload:
@@ -144,7 +93,7 @@ def main(argv: list[str]) -> None:
             "preloaded": preload}
     _sock.send(b"R" + msgspec.msgpack.encode(info))
     flags_allowed = ALL_NAMESPACES | CLONE_PARENT
-    _netns = _NetnsAhead(netns.apply, _sys.unshare, _sys.setns)
+    _netns = netns.Ahead()
     while True:
         if _netns.enabled and not _netns.ready and not select.select([_sock], [], [], 0)[0]:
             _netns.prepare()  # only when no request is waiting (one arriving meanwhile waits for it)

@@ -126,7 +126,7 @@ def _payload_process(plan, abi: int) -> None:
     except SetupError as e:
         _report(Failed(e.step, e.errno, e.message, e.hint))
         os._exit(EXIT_SETUP_FAILED)
-    _report(Ready(landlock_abi=abi, payload_pid=os.getpid()))
+    _report(Ready(landlock_abi=abi))
     if plan.deferred:                        # a reserve child: confined, now wait for a request
         _prepare_payload_process(reset_signals=plan.reaper or not _zygote_signals_fresh)
         _prewarm(plan)
@@ -302,7 +302,7 @@ def _export(plan) -> None:
 # ---- the payload process (PID 1 itself, or PID 2 under a reaper) --------------------------------
 
 # Set in the zygote before each clone: the clone was given a network namespace the zygote made
-# ahead of time, lo already up (see _zygote._NetnsAhead), instead of CLONE_NEWNET.
+# ahead of time, lo already up (see layers/netns.py: Ahead), instead of CLONE_NEWNET.
 netns_ready = False
 # Set in the zygote by zygote_ready(), so every clone inherits them:
 _environ_is: dict[str, str] | None = None  # what os.environ holds, as we last made it (None: unknown)

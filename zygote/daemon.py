@@ -141,7 +141,7 @@ class Child:
     watchers: list["Connection"] = field(default_factory=list)  # told of the exit: spawner, attachers
     scope: trio.CancelScope | None = None  # the watcher's (shielded) scope
     direct: bool = False  # the payload is PID 1 itself (no reaper): see _kill and _exit_status
-    delivered: set[int] = field(default_factory=set)  # signals sent to a direct child as themselves
+    sigint_delivered: bool = False  # a direct child got SIGINT as itself (see _exit_status)
     emulated: int = 0  # a signal a direct child died of by default, delivered as SIGKILL
 
 
@@ -789,8 +789,7 @@ class Daemon:
         it cannot take them as it is (no cgroup, or a memory limit without headroom over what it
         already uses: the child stays in the reserve, the request clones); "refused" when the
         kernel refused a write (the child is discarded, the request clones)."""
-        want = {k: v for k, v in (("memory", cfg.memory_bytes), ("pids", cfg.pids), ("cpu", cfg.cpu))
-                if v is not None}
+        want = cgroups.limits(cfg.memory_bytes, cfg.pids, cfg.cpu)
         if child.cgroup is None:
             return "skip" if want else "ok"
         if child.cgroup.limits == want:
@@ -1144,7 +1143,7 @@ class Daemon:
             except OSError:
                 pass
         if handled:
-            child.delivered.add(signum)
+            child.sigint_delivered |= signum == signal.SIGINT
             return signum
         if signum in _DEFAULT_STOPS:
             return signal.SIGSTOP
@@ -1429,7 +1428,7 @@ class Daemon:
                 rc = -child.emulated  # a default-action signal, delivered as SIGKILL (_direct_signal)
         elif child.direct:
             rc = os.WEXITSTATUS(wstatus)
-            if rc == 128 + signal.SIGINT and signal.SIGINT in child.delivered:
+            if rc == 128 + signal.SIGINT and child.sigint_delivered:
                 rc = -signal.SIGINT  # Python's KeyboardInterrupt exit as PID 1 (it cannot kill itself)
         else:
             rc = os.WEXITSTATUS(wstatus)

@@ -50,6 +50,11 @@ HINT_DELEGATE = (
 )
 
 
+def limits(memory: int | None, pids: int | None, cpu: float | None) -> dict[str, object]:
+    """The limits a cgroup has after ``_limit(memory, pids, cpu)`` (``ChildCgroup.limits``)."""
+    return {k: v for k, v in (("memory", memory), ("pids", pids), ("cpu", cpu)) if v is not None}
+
+
 def _err(message: str, err: int = 0, hint: str = HINT_DELEGATE) -> SetupError:
     return SetupError(STEP, message, err, hint)
 
@@ -405,7 +410,7 @@ class ChildCgroup:
                     _write(f"{cpud}/cpu.cfs_quota_us", str(max(1000, round(cpu * CPU_PERIOD_US))))
         except OSError as e:
             raise _err(f"writing {e.filename or 'limit'} in {self.child_id}: {e.strerror}", e.errno or 0) from None
-        self.limits = {k: v for k, v in (("memory", memory), ("pids", pids), ("cpu", cpu)) if v is not None}
+        self.limits = limits(memory, pids, cpu)
 
     def attach(self, pid: int) -> None:
         """Move process `pid` (all its threads) into this cgroup in every hierarchy."""
