@@ -150,6 +150,7 @@ LIMITS = SandboxConfig(memory="256M", pids=64)
 # A pool whose default (its ceiling) has limits keeps reserve children with a cgroup; a request
 # with tighter limits (LIMITS) takes one and gets its limits written in: no clone, no attach.
 RESERVE_LIMITS = {"memory": "512M", "pids": 128}
+NET = SandboxConfig(network=NetworkConfig())  # the (b) rows: the pool's network (--network: no allow-list)
 
 
 def network_available(client: Client) -> tuple[bool, str]:
@@ -392,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         ok, why = network_available(ca)
         if ok:
             say(f"(b) networked: {n_warm // 2} spawns ({why})")
-            res["b_network"] = bench_zygote(ca, n_warm // 2, SandboxConfig(network=NetworkConfig()))
+            res["b_network"] = bench_zygote(ca, n_warm // 2, NET)
         else:
             say(f"(b) networked: not available yet ({why})")
             res["b_network"] = {"skipped": f"not available yet: {why}"}
@@ -432,6 +433,20 @@ def main(argv: list[str] | None = None) -> int:
         for c in (cr, cr2):
             c.close()
         clients.clear()
+
+        if ok:
+            say(f"(b) with a networked reserve of {RESERVE}: {n_warm // 2} warm, {n_idle} after 1 s idle")
+            try:
+                cn = Client.embedded(preload_imports=["pandas"],
+                                     daemon_args=["--network", "--reserve-network", str(RESERVE)])
+                clients.append(cn)
+                time.sleep(1.0)  # let the reserve fill
+                res["b_network_reserve"] = bench_zygote(cn, n_warm // 2, NET)
+                res["b_network_reserve_idle"] = bench_idle(cn, n_idle, cfg=NET)
+                cn.close()
+                clients.remove(cn)
+            except Exception as e:  # noqa: BLE001 - a row, not the run
+                res["b_network_reserve"] = {"error": f"{type(e).__name__}: {e}"[:200]}
 
         say(f"(a) + limits with a reserve (pool default {RESERVE_LIMITS}): {n_cg} warm, {n_cg_idle} after 1 s idle")
         try:
@@ -502,6 +517,8 @@ def report(res: dict) -> None:
     print(fmt_row("    ... first spawn after 1 s idle", res.get("a_reserve_idle")))
     print(fmt_row("    ... async client, 30 ms apart (no thread hop)", res.get("a_reserve_async")))
     print(fmt_row("(b) zygote + network (veth)", res["b_network"]))
+    print(fmt_row(f"    ... with a networked reserve of {RESERVE} (veths made ahead)", res.get("b_network_reserve")))
+    print(fmt_row("        ... first spawn after 1 s idle", res.get("b_network_reserve_idle")))
     print(fmt_row("(c) cold `python -c \"import pandas; print(1)\"`", res["c_cold"]))
     print(fmt_row("(d) multiprocessing forkserver, pandas preloaded", res["d_forkserver"]))
     print(fmt_row("(e) bubblewrap --unshare-all + python + pandas", res["e_bwrap"]))

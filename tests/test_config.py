@@ -62,6 +62,8 @@ def test_load_example(tmp_path):
     ("[daemon]\nsocket_group = 'zg-no-such-group'\n", ["zg-no-such-group"]),
     ("[pools.default]\npython = 'python3'\n", ["python", "absolute"]),
     ("[pools.default]\nchild_main = 'nocolon'\n", ["child_main"]),
+    ("[pools.default]\nreserve = 257\n", ["reserve", "0..256"]),
+    ("[pools.default]\nreserve_network = 2\n", ["reserve_network", "network"]),
     ("[daemon\n", ["TOML"]),
 ])
 def test_bad_config_names_the_key(tmp_path, text, words):
@@ -74,6 +76,14 @@ def test_bad_config_names_the_key(tmp_path, text, words):
     r = subprocess.run([sys.executable, "-m", "zygote", "serve", "--config", path, "--socket", str(tmp_path / "s")],
                        capture_output=True, timeout=60)
     assert r.returncode == 2 and words[0].encode() in r.stderr, r.stderr
+
+
+def test_reserve_network_flag_needs_network(tmp_path):
+    sock = str(tmp_path / "s")
+    r = subprocess.run([sys.executable, "-m", "zygote", "serve", "--socket", sock, "--reserve-network", "1"],
+                       capture_output=True, timeout=60)
+    assert r.returncode == 2 and b"reserve_network needs a pool that allows network" in r.stderr, r.stderr
+    assert not os.path.exists(sock)
 
 
 def _hello_as(uid: int, gid: int, sock_path: str) -> str:

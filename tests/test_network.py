@@ -491,6 +491,60 @@ def test_daemon_removes_crashed_predecessors_leftovers(world, tmp_path):
     assert out["results"][f"tcp:{ECHO}:7"] == "ok"
 
 
+def test_network_reserve_children_have_their_veth_before_the_request(world, tmp_path):
+    """--reserve-network: children confined ahead with the pool's network (veth, address, the
+    pool's allow-list rules); a request for exactly that network takes one, a narrower one clones."""
+    path = world.start(tmp_path, "--reserve-network", "2", "--network-allow", f"{ECHO}/32:7",
+                       "--network-allow", "10.99.0.0/24:8080")
+    daemon = world.daemon.pid
+    targets = [("tcp", ECHO, 7), ("udp", ECHO, 7), ("tcp", ECHO, 80), ("tcp", PRIVATE, 8080),
+               ("tcp", METADATA, 80), ("tcp", HOST_UPLINK, 7), ("tcp", "10.213.0.1", 7)]
+    probe = _probe(targets, timeout=0.5)
+
+    def probe_started():
+        import os
+        with open("/proc/1/stat") as f:  # when this child's PID 1 (the clone itself) started
+            fields = f.read().rsplit(")", 1)[1].split()
+        print(int(fields[19]) / os.sysconf("SC_CLK_TCK"), flush=True)
+        probe()
+
+    def veths() -> list[str]:
+        return [n for n in world.links() if re.fullmatch(r"zg[0-9a-f]{8}", n)]
+
+    with Client.connect(path) as c:
+        deadline = time.monotonic() + 30  # made ahead, no request yet (and none being confined)
+        while (len(veths()) < 2 or c.status().running) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(veths()) == 2 and c.status().running == 0
+        time.sleep(0.5)
+        for narrowed in (None, SandboxConfig(network=NetworkConfig(allow=(f"{ECHO}/32:7",)))):
+            asked = time.clock_gettime(time.CLOCK_BOOTTIME)
+            r = c.run(probe_started, sandbox_config=narrowed or NET, timeout=60)
+            assert r.returncode == 0, r.stderr.decode()
+            started, out = r.stdout.split(b"\n", 1)
+            res = json.loads(out)["results"]
+            ok = {k for k, v in res.items() if v == "ok"}
+            if narrowed is None:  # the pool's network as it is: from the reserve, with its rules
+                assert float(started) < asked - 0.3, (started, asked)
+                assert ok == {f"tcp:{ECHO}:7", f"udp:{ECHO}:7", f"tcp:{PRIVATE}:8080"}, res
+            else:  # narrower than the reserve's rules: cloned, with the narrower list
+                assert float(started) >= asked - 0.05, (started, asked)
+                assert ok == {f"tcp:{ECHO}:7", f"udp:{ECHO}:7"}, res
+            time.sleep(0.3)
+        # a request without network never takes a networked child
+        out = _run_probe(c, [("udp", ECHO, 7)], sandbox=None)
+        assert out["ifaces"] == ["lo"] and out["me"] is None, out
+        # each networked request got a child of its own: the reserve refills with fresh veths
+        deadline = time.monotonic() + 30
+        while len(veths()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(veths()) == 2
+    assert world.stop_daemon() == 0
+    links, addrs, rules = _leftovers(world)
+    assert links == [] and addrs == [] and rules.strip() == "", (links, addrs, rules)
+    assert not os.path.exists(f"/proc/{daemon}")
+
+
 def test_network_refused_by_pool_without_network(client):
     with pytest.raises(DaemonError, match="network"):
         client.run(_probe([]), sandbox_config=NET)

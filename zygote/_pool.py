@@ -43,6 +43,9 @@ class PoolConfig:
         zygotes: zygote processes in this pool.
         reserve: children kept cloned and confined with ``sandbox`` ahead of requests; a request
             with exactly that config takes one and skips clone and confinement (0: none).
+        reserve_network: children kept confined the same way but with the network ``sandbox``
+            allows (its veth, address and egress rules made ahead): a request asking for exactly
+            the pool's network takes one (0: none; needs ``sandbox.network``).
         sandbox: the pool's default SandboxConfig.
         forbid_secret_env: refuse requests whose environment has a secret-looking name
             (policy.SECRET_ENV: *_TOKEN, *SECRET*, *PASSWORD*, AWS_*, *_API_KEY, ...).
@@ -57,9 +60,21 @@ class PoolConfig:
     allow_callables: bool = True
     zygotes: int = 1
     reserve: int = 0
+    reserve_network: int = 0
     sandbox: SandboxConfig = SandboxConfig()
     forbid_secret_env: bool = False
     env_allow: tuple[str, ...] = ()
+
+
+class Reserve:
+    """A pool's children confined ahead of requests with one SandboxConfig (the daemon fills it)."""
+
+    def __init__(self, size: int, *, network: bool) -> None:
+        self.size = size
+        self.network = network  # built with the pool's network ceiling, as a networked request asks
+        self.children: list = []  # confined, waiting for a request (daemon.Child)
+        self.wake = trio.Event()
+        self.last_take = 0.0  # time.monotonic() of the last request that took one
 
 
 class ZygoteDied(Exception):
@@ -188,12 +203,10 @@ class Pool:
         self.restarts = 0
         self._changed = trio.Condition()
         self.stopping = False
-        self.reserve: list = []  # the daemon's confined children waiting for a request (daemon.Child)
-        self.reserve_wake = trio.Event()
+        self.reserves = [Reserve(config.reserve, network=False), Reserve(config.reserve_network, network=True)]
         # Called after a zygote died: a clone it made but never reported is the daemon's
         # (CLONE_PARENT) child that nobody tracks; the daemon reaps such strays.
         self.on_zygote_death = None
-        self.last_take = 0.0  # time.monotonic() of the last request that took a reserve child
 
     async def start(self) -> None:
         for i in range(self.config.zygotes):

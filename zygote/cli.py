@@ -55,6 +55,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--zygotes", type=int, metavar="N", help="zygote processes in the default pool")
     p.add_argument("--reserve", type=int, metavar="N",
                    help="children of the default pool kept confined ahead of requests (default 0)")
+    p.add_argument("--reserve-network", type=int, metavar="N",
+                   help="children of the default pool kept confined with its network (veth and rules "
+                   "made ahead) for requests asking for exactly that network (default 0; needs --network)")
     p.add_argument("--env-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--allow-uid", type=int, action="append", default=[], help="peer uid allowed to connect")
     p.add_argument("--allow-gid", type=int, action="append", default=[], help="peer primary gid allowed to connect")
@@ -182,9 +185,9 @@ def _config_from_args(args):
             raise config_file.ConfigError(f"--zygotes must be 1..64, got {args.zygotes}")
         pool_changes["zygotes"] = args.zygotes
     if args.reserve is not None:
-        if not 0 <= args.reserve <= 256:
-            raise config_file.ConfigError(f"--reserve must be 0..256, got {args.reserve}")
         pool_changes["reserve"] = args.reserve
+    if args.reserve_network is not None:
+        pool_changes["reserve_network"] = args.reserve_network
     if args.env_fd is not None:
         with os.fdopen(args.env_fd) as f:
             data = f.read()
@@ -202,6 +205,7 @@ def _config_from_args(args):
                      "allowed_gids": cfg.allowed_gids + tuple(args.allow_gid)}
     if pool_changes or "default" not in cfg.pools:
         changes["pools"] = {**cfg.pools, "default": dataclasses.replace(pool, **pool_changes)}
+        config_file.check_reserves(changes["pools"]["default"], "the default pool (--reserve, --reserve-network)")
     # Flags that set a DaemonConfig field as they are, when given (empty lists count as not given).
     for flag, field in (("socket", "socket_path"), ("max_result_bytes", "max_result_bytes"),
                         ("network_pool", "network_pool"), ("network_masquerade", "network_masquerade"),

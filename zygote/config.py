@@ -28,6 +28,7 @@ same thing. Example::
     allow_callables = true
     zygotes = 2
     reserve = 4                   # children confined ahead of requests with the sandbox below
+    reserve_network = 2           # ... and with its network (for requests asking for exactly it)
     forbid_secret_env = true      # refuse requests carrying *_TOKEN, *SECRET*, AWS_*, ... unless:
     env_allow = ["HF_TOKEN"]
 
@@ -87,6 +88,7 @@ class _PoolSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     allow_callables: bool = True
     zygotes: int = 1
     reserve: int = 0
+    reserve_network: int = 0
     forbid_secret_env: bool = False
     env_allow: list[str] = []
     sandbox: SandboxConfig = SandboxConfig()
@@ -95,6 +97,17 @@ class _PoolSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 class _File(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     daemon: _DaemonSection = _DaemonSection()
     pools: dict[str, _PoolSection] = {}
+
+
+def check_reserves(pool: PoolConfig, where: str) -> None:
+    """A pool's reserve sizes are 0..256, and a networked reserve needs a pool that allows network.
+    ``where`` names the pool in the message ("FILE: pools.NAME", "the default pool")."""
+    for name in ("reserve", "reserve_network"):
+        if not 0 <= getattr(pool, name) <= 256:
+            raise ConfigError(f"{where}: {name} must be 0..256, got {getattr(pool, name)}")
+    if pool.reserve_network and pool.sandbox.network is None:
+        raise ConfigError(f"{where}: reserve_network needs a pool that allows network "
+                          "(sandbox.network in its TOML table, or --network)")
 
 
 def load(path: str, *, default_python: str):
@@ -134,8 +147,6 @@ def load(path: str, *, default_python: str):
             raise ConfigError(f"{where}: a pool name is letters, digits, '-' and '_'")
         if not 1 <= p.zygotes <= 64:
             raise ConfigError(f"{where}.zygotes must be 1..64, got {p.zygotes}")
-        if not 0 <= p.reserve <= 256:
-            raise ConfigError(f"{where}.reserve must be 0..256, got {p.reserve}")
         if p.child_main is not None and ":" not in p.child_main:
             raise ConfigError(f"{where}.child_main must be 'module:function', got {p.child_main!r}")
         python = p.python or default_python
@@ -143,8 +154,10 @@ def load(path: str, *, default_python: str):
             raise ConfigError(f"{where}.python {python!r} is not an absolute path to an executable")
         pools[name] = PoolConfig(name=name, python=python, preload=tuple(p.preload),
                                  env=dict(DEFAULT_ENV if p.env is None else p.env), child_main=p.child_main,
-                                 allow_callables=p.allow_callables, zygotes=p.zygotes, reserve=p.reserve, sandbox=p.sandbox,
+                                 allow_callables=p.allow_callables, zygotes=p.zygotes, reserve=p.reserve,
+                                 reserve_network=p.reserve_network, sandbox=p.sandbox,
                                  forbid_secret_env=p.forbid_secret_env, env_allow=tuple(p.env_allow))
+        check_reserves(pools[name], where)
     kw = {}
     if d.max_result_bytes is not None:
         from zygote_client._config import parse_size

@@ -33,7 +33,7 @@ from zygote_client._workspace import ExportResult, WorkspaceError
 
 from . import _childproto as C
 from ._clone import ALL_NAMESPACES, CLONE_INTO_CGROUP, CLONE_PARENT
-from ._pool import Pool, PoolConfig, PoolStartError, ZygoteDied
+from ._pool import Pool, PoolConfig, PoolStartError, Reserve, ZygoteDied
 from . import detach, observe, policy
 from .layers import SetupError, cgroups, mounts, network, rlimits, seccomp, userns, workspace
 
@@ -314,8 +314,7 @@ class Daemon:
                 raise
             for pool in self.pools.values():
                 nursery.start_soon(pool.supervise)
-                if pool.config.reserve:
-                    nursery.start_soon(self._fill_reserve, pool)
+                self._start_reserves(pool)
             task_status.started()
             try:
                 if inherit_fd is not None:
@@ -363,8 +362,7 @@ class Daemon:
         self.config = keep
         for pool in started.values():
             self._nursery.start_soon(pool.supervise)
-            if pool.config.reserve:
-                self._nursery.start_soon(self._fill_reserve, pool)
+            self._start_reserves(pool)
         for pool in retired:
             await pool.stop()
             self._discard_reserve(pool)
@@ -627,9 +625,10 @@ class Daemon:
             if not (msg.timeout > 0 and msg.timeout < 1e9):
                 return P.SpawnFailed(msg.req, f"timeout must be positive, got {msg.timeout!r}", code="bad-request"), []
             timeout = msg.timeout if timeout is None else min(timeout, msg.timeout)
-        if conn is not self._reserve_conn and self._reserve_fits(pool, msg, cfg):
+        reserve = self._reserve_fits(pool, msg, cfg) if conn is not self._reserve_conn else None
+        if reserve is not None:
             try:
-                taken = await self._take_reserved(pool, conn, msg, timeout, cfg)
+                taken = await self._take_reserved(pool, reserve, conn, msg, timeout, cfg)
             except _Refused as r:
                 return P.SpawnFailed(msg.req, r.message, code=r.code, path=r.path), []
             if taken is not None:
@@ -766,22 +765,33 @@ class Daemon:
 
     # ---- the pool reserve: children confined ahead of requests ---------------------------------
 
-    def _reserve_fits(self, pool: Pool, msg: P.Spawn, cfg: SandboxConfig) -> bool:
-        """A request can take a reserve child when it asks for what the reserve was built with:
-        the pool's default SandboxConfig, daemon-made pipes, no test hooks. Its cgroup limits
-        (memory, pids, cpu) may differ when the reserve children have a cgroup: the daemon writes
-        the request's limits into it before the Job (policy already made them no looser than the
-        pool's), so a request with its own limits skips the clone and, on cgroup v1, the attach
-        stall too."""
-        if not (pool.config.reserve > 0 and msg.stdio == "pipe" and not msg.detached
+    @staticmethod
+    def _reserve_request(pool: Pool, reserve: Reserve) -> SandboxConfig | None:
+        """What a reserve's children are requested with: nothing (the pool's default), or for the
+        networked reserve the pool's own SandboxConfig, network ceiling included."""
+        return pool.config.sandbox if reserve.network else None
+
+    def _reserve_fits(self, pool: Pool, msg: P.Spawn, cfg: SandboxConfig) -> Reserve | None:
+        """The reserve a request can take a child from: one built with exactly the request's
+        effective SandboxConfig (the pool's default, or with ``reserve_network`` the default plus
+        the pool's network), daemon-made pipes, no test hooks. Its cgroup limits (memory, pids,
+        cpu) may differ when the reserve children have a cgroup: the daemon writes the request's
+        limits into it before the Job (policy already made them no looser than the pool's), so a
+        request with its own limits skips the clone and, on cgroup v1, the attach stall too."""
+        if not (msg.stdio == "pipe" and not msg.detached
                 and msg.test_fail_step is None and not msg.test_relax_mounts and not msg.test_landlock_abi):
-            return False
-        default = policy.effective(pool.config.sandbox, None)
-        if cfg != default and not (
-                self._wants_cgroup(default)
-                and msgspec.structs.replace(cfg, memory=default.memory, pids=default.pids, cpu=default.cpu) == default):
-            return False
-        return _needs_reaper(cfg, msg.kind) == _needs_reaper(default, "deferred")
+            return None
+        for reserve in pool.reserves:
+            if reserve.size == 0 or (cfg.network is not None) != reserve.network:
+                continue
+            built = policy.effective(pool.config.sandbox, self._reserve_request(pool, reserve))
+            if cfg != built and not (
+                    self._wants_cgroup(built)
+                    and msgspec.structs.replace(cfg, memory=built.memory, pids=built.pids, cpu=built.cpu) == built):
+                continue
+            if _needs_reaper(cfg, msg.kind) == _needs_reaper(built, "deferred"):
+                return reserve
+        return None
 
     @staticmethod
     async def _limits_for(child: Child, cfg: SandboxConfig) -> str:
@@ -800,17 +810,17 @@ class Daemon:
             return "refused"
         return "ok" if done else "skip"
 
-    async def _take_reserved(self, pool: Pool, conn: Connection, msg: P.Spawn, timeout: float | None,
-                             cfg: SandboxConfig):
+    async def _take_reserved(self, pool: Pool, reserve: Reserve, conn: Connection, msg: P.Spawn,
+                             timeout: float | None, cfg: SandboxConfig):
         """Hand a waiting reserve child this request: its Job on the control pipe, its pipes to the
         client. None when the reserve is empty (the caller clones as usual). Raises _Refused."""
         kind, target, env = self._check_request(pool, msg)
         job = C.frame(C.Job(kind=kind, payload=msg.payload, target=target, argv=msg.argv, env=env,
                             process_name=msg.process_name, result_pickle=msg.trusted_results))
-        while pool.reserve:
-            child = pool.reserve.pop(0)
-            pool.last_take = time.monotonic()
-            pool.reserve_wake.set()
+        while reserve.children:
+            child = reserve.children.pop(0)
+            reserve.last_take = time.monotonic()
+            reserve.wake.set()
             fit = "gone"
             if not child.exited.is_set() and child.ctl is not None:
                 fit = await self._limits_for(child, cfg)
@@ -821,8 +831,8 @@ class Daemon:
                     fit = "refused"
                 elif child.exited.is_set() or child.ctl is None:
                     fit = "gone"
-                elif fit == "skip":  # (every reserve child of the pool is alike) keep it; clone
-                    pool.reserve.insert(0, child)
+                elif fit == "skip":  # (every child of a reserve is alike) keep it; clone
+                    reserve.children.insert(0, child)
                     return None
             ctl, child.ctl = child.ctl, None
             fds, child.reserve_fds = child.reserve_fds, []
@@ -875,27 +885,32 @@ class Daemon:
             await self._deadline(child, n.cancel_scope)
             n.cancel_scope.cancel()
 
-    async def _fill_reserve(self, pool: Pool) -> None:
-        """Keep ``pool.config.reserve`` confined children waiting for requests (one task per pool).
+    def _start_reserves(self, pool: Pool) -> None:
+        for reserve in pool.reserves:
+            if reserve.size:
+                self._nursery.start_soon(self._fill_reserve, pool, reserve)
 
-        Each is cloned and confined with the pool's default SandboxConfig by the ordinary spawn
-        path (cgroup, veth and all), then waits for one Job; none is ever used twice. Up to
-        RESERVE_PARALLEL are made at once: the zygote clones one at a time, but the children
+    async def _fill_reserve(self, pool: Pool, reserve: Reserve) -> None:
+        """Keep ``reserve.size`` confined children waiting for requests (one task per reserve).
+
+        Each is cloned and confined by the ordinary spawn path (cgroup, veth and all) as a request
+        for the reserve's SandboxConfig would be, then waits for one Job; none is ever used twice.
+        Up to RESERVE_PARALLEL are made at once: the zygote clones one at a time, but the children
         confine themselves in parallel, so a drained reserve comes back faster on several cores.
         """
         failures = [0]
         filling = [0]
         async with trio.open_nursery() as n:
             while not pool.stopping:
-                short = pool.config.reserve - len(pool.reserve) - filling[0]
+                short = reserve.size - len(reserve.children) - filling[0]
                 if (short <= 0 or filling[0] >= RESERVE_PARALLEL
                         or len(self.children) >= self.config.max_children):
-                    pool.reserve_wake = trio.Event()
-                    with trio.move_on_after(0.5 if pool.reserve else 5):
-                        await pool.reserve_wake.wait()
+                    reserve.wake = trio.Event()
+                    with trio.move_on_after(0.5 if reserve.children else 5):
+                        await reserve.wake.wait()
                     continue
-                quiet = pool.last_take + RESERVE_QUIET - time.monotonic()
-                if 2 * (len(pool.reserve) + filling[0]) >= pool.config.reserve and quiet > 0:
+                quiet = reserve.last_take + RESERVE_QUIET - time.monotonic()
+                if 2 * (len(reserve.children) + filling[0]) >= reserve.size and quiet > 0:
                     # Refill in a quiet moment: a clone now would compete for the CPU with the
                     # child that was just handed out. A reserve down to less than half is
                     # refilled at once: under a steady stream of requests there is no quiet
@@ -903,12 +918,13 @@ class Daemon:
                     await trio.sleep(quiet)
                     continue
                 filling[0] += 1
-                n.start_soon(self._fill_one, pool, filling, failures)
+                n.start_soon(self._fill_one, pool, reserve, filling, failures)
                 await trio.sleep(0)
 
-    async def _fill_one(self, pool: Pool, filling: list[int], failures: list[int]) -> None:
+    async def _fill_one(self, pool: Pool, reserve: Reserve, filling: list[int], failures: list[int]) -> None:
         try:
-            msg = P.Spawn(req=0, kind="exec", argv=["reserve"], pool=pool.config.name, stdin=True)
+            msg = P.Spawn(req=0, kind="exec", argv=["reserve"], pool=pool.config.name, stdin=True,
+                          sandbox=self._reserve_request(pool, reserve))
             reply, fds = await self.spawn(self._reserve_conn, msg, [])
             child = self.children.get(reply.child) if isinstance(reply, P.Spawned) else None
             if child is None or pool.stopping:
@@ -917,21 +933,22 @@ class Daemon:
                     self._kill(child, signal.SIGKILL)
                 if isinstance(reply, P.SpawnFailed):
                     failures[0] += 1
-                    self.observer.log.warning("reserve", pool=pool.config.name, step=reply.step,
-                                              message=reply.message)
+                    self.observer.log.warning("reserve", pool=pool.config.name, network=reserve.network,
+                                              step=reply.step, message=reply.message)
                     await trio.sleep(min(30.0, 0.25 * 2 ** min(failures[0], 7)))
                 return
             failures[0] = 0
             child.reserved, child.reserve_fds = True, fds
-            pool.reserve.append(child)
+            reserve.children.append(child)
         finally:
             filling[0] -= 1
-            pool.reserve_wake.set()
+            reserve.wake.set()
 
     def _discard_reserve(self, pool: Pool) -> None:
-        pool.reserve_wake.set()
-        for child in pool.reserve:
-            self._kill(child, signal.SIGKILL)
+        for reserve in pool.reserves:
+            reserve.wake.set()
+            for child in reserve.children:
+                self._kill(child, signal.SIGKILL)
 
     def _start_detached(self, child: Child, conn: Connection, pipes: list[tuple[int, int]],
                         limit: int | None) -> None:
