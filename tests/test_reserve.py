@@ -9,7 +9,8 @@ import pytest
 
 from zygote_client import Client, SandboxConfig, SandboxError
 
-from conftest import children_of, config_daemon, daemon_pid, start_daemon, stop_daemon, wait_socket, write_text
+from conftest import (RawConn, children_of, config_daemon, daemon_pid, start_daemon, stop_daemon, wait_socket,
+                      write_text)
 
 
 def _boottime() -> float:
@@ -298,3 +299,178 @@ def test_reserve_with_a_tight_open_files_limit(tmp_path):
         r = c.run(_pid1_started())
         assert r.returncode == 0, r.stderr
         assert float(r.stdout) < asked - 0.3  # from the reserve
+
+
+# ---- leased reserve children (Client(..., leases=N)): the client writes the Job itself --------
+
+
+def _held(c: Client, n: int) -> None:
+    deadline = time.monotonic() + 30
+    while len(c._aclient._leases) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(c._aclient._leases) >= n
+
+
+def _take_lease(c: Client):
+    """A held child and its control pipe, taken out of the client's hands (as a client that
+    does not use this library would hold it)."""
+    _held(c, 1)
+    child, ctl = c._aclient._leases.popleft()
+    c._loop.call_soon_threadsafe(lambda: c._aclient._lease_wake.set())  # as a spawn would: refill
+    return child, ctl
+
+
+def test_leased_children_run_requests_written_straight_to_them():
+    with Client.embedded(preload_imports=["json"], daemon_args=["--reserve", "2"], leases=2) as c:
+        _held(c, 2)
+        time.sleep(0.5)
+        held = {child.id for child, _ in c._aclient._leases}
+        assert {ch.id for ch in c.status().children} == held  # they are this client's (and counted)
+        asked = _boottime()
+        r = c.run(_pid1_started())
+        assert r.returncode == 0, r.stderr
+        assert float(r.stdout) < asked - 0.3  # confined before the request
+        assert r.status.wall_time < 5
+
+        def probe(a, b=0):
+            import os
+            import sys
+            with open("/proc/self/comm") as f:
+                comm = f.read().strip()
+            print(os.environ.get("X"), comm, sys.stdin.read(), a + b)
+            return {"sum": a + b}
+
+        seen = set()
+        for _ in range(3):
+            _held(c, 1)
+            child = c.spawn_child(probe, (1,), {"b": 2}, env={"X": "env-ok"}, process_name="zg-named")
+            assert child.id in held or child.id not in seen
+            seen.add(child.id)
+            out, err = child.communicate(b"from-stdin")
+            assert out == b"env-ok zg-named from-stdin 3\n", err
+            assert child.result() == {"sum": 3}
+        assert len(seen) == 3  # one request each
+        _held(c, 1)
+        r = c.run(lambda: print(repr(dict(__import__("os").environ)), repr(__import__("sys").stdin.read())))
+        env, stdin = r.stdout.decode().rsplit(" ", 1)
+        assert eval(env) == {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
+        assert stdin.strip() == "''"
+        _held(c, 1)
+        r = c.run("json:dumps", ([1, 2],))  # a module:function target
+        assert r.value == "[1, 2]"
+        _held(c, 1)
+        child = c.spawn_child(None, _argv=["/bin/sh", "-c", "echo exec-ok"], stdin=None)
+        assert child.stdout.read() == b"exec-ok\n"  # through the daemon: a clone with a reaper
+        assert child.wait().returncode == 0 and child.id not in held
+        _held(c, 1)
+
+        def raises():
+            raise ValueError("from the payload")
+        r = c.run(raises)
+        assert r.returncode == 1 and b"from the payload" in r.stderr
+        pids = [child.pid for child, _ in c._aclient._leases]
+    deadline = time.monotonic() + 10  # held children die with the connection
+    while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in pids if os.path.exists(f"/proc/{p}")]
+
+
+def test_leased_child_deadline_counts_from_its_job():
+    with Client.embedded(daemon_args=["--reserve", "2"], leases=1) as c:
+        _held(c, 1)
+        time.sleep(1.2)  # held for longer than the timeout below
+
+        def spin():
+            while True:
+                pass
+        r = c.run(spin, timeout=0.7)
+        assert r.status.timed_out and 0.6 < r.status.wall_time < 3, r.status
+
+
+def test_SECURITY_leased_child_checks_its_job_and_the_pool_caps_its_timeout(tmp_path):
+    """A client that writes its own Job (not this library): the pool's timeout still holds, a
+    malformed Job runs nothing."""
+    from zygote_client import _protocol as P
+    with config_daemon(tmp_path, """
+            [pools.default]
+            reserve = 2
+            [pools.default.sandbox]
+            timeout = 1
+            """) as sock, Client.connect(sock, leases=2) as c:
+        child, ctl = _take_lease(c)
+        job = P.Job(kind="callable", timeout=1000.0, payload=__import__("cloudpickle").dumps(
+            (lambda: __import__("time").sleep(60), (), {})))
+        t = time.monotonic()
+        os.write(ctl, P.job_frame(job))
+        os.close(ctl)
+        st = c._call(child.wait)
+        assert st.timed_out and 0.8 < st.wall_time < 5 and time.monotonic() - t < 10, st
+        for bad in (P.job_frame(P.Job(kind="nonsense")), P.job_frame(P.Job(kind="exec")),
+                    P.job_frame(P.Job(kind="exec", argv=["/bin/sh", "-c", "echo ran"])),  # needs a reaper
+                    b"\x00\x00\x00\x03abc"):
+            child, ctl = _take_lease(c)
+            os.write(ctl, bad)
+            os.close(ctl)
+            st = c._call(child.wait)
+            err = os.read(child.stderr.detach(), 1000)
+            assert st.returncode == 125 and b"refused the request" in err, (st, err)
+
+
+def test_SECURITY_pools_that_refuse_callables_do_not_lease(tmp_path):
+    """A pool with allow_callables = false checks every request in the daemon: it never hands a
+    child's control pipe to a client (who could write a callable Job to it)."""
+    from zygote_client import DaemonError
+    with config_daemon(tmp_path, """
+            [pools.default]
+            reserve = 2
+            allow_callables = false
+            """) as sock:
+        conn = RawConn(sock)
+        conn.send(conn.P.Hello(conn.P.VERSION))
+        assert isinstance(conn.reply(), conn.P.Welcome)
+        time.sleep(1.0)
+        conn.send(conn.P.Lease(1))
+        reply = conn.reply()
+        assert isinstance(reply, conn.P.SpawnFailed) and reply.code == "bad-request", reply
+        with Client.connect(sock, leases=2) as c:
+            time.sleep(0.5)
+            assert not c._aclient._leases
+            with pytest.raises(DaemonError, match="callables"):
+                c.run(print)
+
+
+def test_SECURITY_held_children_count_against_the_per_client_limit(tmp_path):
+    from zygote_client import DaemonError
+    with config_daemon(tmp_path, """
+            max_children_per_client = 2
+            [pools.default]
+            reserve = 3
+            """) as sock:
+        conn = RawConn(sock)
+        conn.send(conn.P.Hello(conn.P.VERSION))
+        conn.reply()
+        time.sleep(1.0)
+        for req in (1, 2):
+            conn.send(conn.P.Lease(req))
+            assert isinstance(conn.reply(), conn.P.Leased)
+        conn.send(conn.P.Lease(3))
+        reply = conn.reply()
+        assert isinstance(reply, conn.P.SpawnFailed) and reply.code == "limit", reply
+        conn.send(conn.P.Spawn(req=4, kind="exec", argv=["/bin/true"], sandbox=SandboxConfig(hostname="x")))
+        reply = conn.reply()
+        assert isinstance(reply, conn.P.SpawnFailed) and reply.code == "limit", reply
+
+
+def test_a_held_child_that_dies_is_replaced():
+    import signal
+    with Client.embedded(daemon_args=["--reserve", "2"], leases=1) as c:
+        _held(c, 1)
+        (child, _), = list(c._aclient._leases)
+        os.kill(child.pid, signal.SIGKILL)  # ours: the daemon's child, leased to this client
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(
+                ch.id != child.id and ch.status is None for ch, _ in list(c._aclient._leases)):
+            time.sleep(0.02)
+        assert [ch.id for ch, _ in c._aclient._leases] != [child.id]
+        r = c.run(print, ("after",))
+        assert r.stdout == b"after\n" and r.returncode == 0

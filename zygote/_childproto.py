@@ -19,6 +19,7 @@ import struct
 
 import msgspec
 
+from zygote_client._protocol import Job
 from zygote_client._workspace import Entry
 
 LEN = struct.Struct("!I")
@@ -52,20 +53,6 @@ class TmpfsSpec(msgspec.Struct, frozen=True, array_like=True):
     inodes: int = 0
     uid: int = 0
     gid: int = 0
-
-
-class Job(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """The per-request part of a plan: only what the payload process applies itself, after every
-    confinement step. A ChildPlan is a Job plus the confinement; a reserve child gets its plan
-    first (``deferred``) and one Job later, when a request takes it."""
-
-    kind: str
-    payload: bytes = b""
-    target: str | None = None
-    argv: list[str] | None = None
-    env: dict[str, str] = {}
-    process_name: str | None = None
-    result_pickle: bool = False  # encode the return value with cloudpickle (the client's trusted_results)
 
 
 JOB_FIELDS = tuple(Job.__struct_fields__)
@@ -124,6 +111,15 @@ class Failed(msgspec.Struct, frozen=True, tag="failed"):
     hint: str = ""
 
 
+class Started(msgspec.Struct, frozen=True, tag="started"):
+    """A reserve child read its Job and runs it now (sent before any payload code runs, so it
+    cannot be forged by the payload): the kind and the Job's own timeout, which the daemon caps
+    at the pool's and arms from now."""
+
+    kind: str
+    timeout: float | None = None
+
+
 class ExitReport(msgspec.Struct, frozen=True, tag="exit"):
     """The payload process's raw wait status, as seen by PID 1."""
 
@@ -153,12 +149,29 @@ class OutEnd(msgspec.Struct, frozen=True, tag="out-end"):
     error: str = ""
 
 
-StatusMessage = Ready | Failed | ExitReport | Out | OutSkip | OutEnd
+StatusMessage = Ready | Failed | Started | ExitReport | Out | OutSkip | OutEnd
 
 _enc = msgspec.msgpack.Encoder()
 plan_decoder = msgspec.msgpack.Decoder(ChildPlan)
 job_decoder = msgspec.msgpack.Decoder(Job)
 status_decoder = msgspec.msgpack.Decoder(StatusMessage)
+
+
+JOB_KINDS = ("callable", "target", "child_main", "exec", "script")
+
+
+def job_problem(kind: str, target: str | None, argv: list[str] | None, timeout: float | None) -> str:
+    """What is wrong with a Job's own fields ("" when nothing): checked by the daemon for a Spawn
+    and by a reserve child for the Job it reads (a leased child's comes from the client)."""
+    if kind not in JOB_KINDS:
+        return f"kind must be one of {', '.join(JOB_KINDS)}, got {kind!r}"
+    if kind in ("target", "child_main") and (not target or ":" not in target):
+        return f"target must be 'module:function', got {target!r}"
+    if kind in ("exec", "script") and not argv:
+        return f"{kind} needs a non-empty argv"
+    if timeout is not None and not (timeout > 0 and timeout < 1e9):
+        return f"timeout must be positive, got {timeout!r}"
+    return ""
 
 
 def frame(msg: msgspec.Struct) -> bytes:

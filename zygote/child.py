@@ -24,8 +24,8 @@ import traceback
 
 import msgspec
 
-from ._childproto import (JOB_FIELDS, LEN, RESULT_HEADER, ExitReport, Failed, Job, OutEnd, Ready, frame,
-                          job_decoder, plan_decoder)
+from ._childproto import (JOB_FIELDS, LEN, RESULT_HEADER, ExitReport, Failed, Job, OutEnd, Ready, Started, frame,
+                          job_decoder, job_problem, plan_decoder)
 from .layers import SetupError, landlock, mounts, netns, privileges, rlimits, seccomp, userns, uts, workspace
 from .layers import _sys
 
@@ -128,7 +128,7 @@ def _payload_process(plan, abi: int) -> None:
         os._exit(EXIT_SETUP_FAILED)
     _report(Ready(landlock_abi=abi))
     if plan.deferred:                        # a reserve child: confined, now wait for a request
-        _prepare_payload_process(reset_signals=plan.reaper or not _zygote_signals_fresh)
+        _prepare_payload_process(reset_signals=plan.reaper or not _zygote_signals_fresh, keep_status=True)
         _prewarm(plan)
         _payload(_await_job(plan), prepared=True)
     _payload(plan)                           # never returns
@@ -150,7 +150,7 @@ def _prewarm(plan) -> None:
         x = 1
         body = msgspec.msgpack.encode(Job(kind="callable", env=plan.env,
                                           payload=cloudpickle.dumps((lambda: x / 2, (), {}))))
-        fake = _apply_job(plan, body)
+        fake = _apply_job(plan, job_decoder.decode(body))
         func, args, kwargs = _load(fake)
         out = io.TextIOWrapper(io.FileIO(w, "wb", closefd=False), encoding="utf-8",
                                errors="backslashreplace", write_through=True, line_buffering=True)
@@ -164,23 +164,43 @@ def _prewarm(plan) -> None:
 
 
 def _await_job(plan):
-    """In a confined reserve child's payload process: read the one Job; EOF means the daemon
-    discarded this child (shutdown, pool reload), so exit without running anything."""
+    """In a confined reserve child's payload process: read the one Job (from the daemon, or from
+    the client that leased this child); EOF means it was discarded (shutdown, pool reload, a
+    lease given up), so exit without running anything. The Job is checked before anything of it
+    runs, and the daemon told it started (its kind and timeout: the deadline starts now)."""
     body = _read_frame(CTL_FD)
     if body is None:
         os._exit(0)
     os.close(CTL_FD)
-    return _apply_job(plan, body)
+    try:
+        job = job_decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        _refuse_job(f"not a Job: {e}")
+    problem = job_problem(job.kind, job.target, job.argv, job.timeout)
+    if job.kind == "exec" and not plan.reaper:  # see daemon._needs_reaper: the daemon clones those
+        problem = "an exec'd program gets a reaper in front of it, and this child has none"
+    if problem:
+        _refuse_job(problem)
+    _report(Started(kind=job.kind, timeout=job.timeout))
+    os.close(STATUS_FD)  # before anything of the Job runs
+    return _apply_job(plan, job)
 
 
-def _apply_job(plan, body: bytes):
-    job = job_decoder.decode(body)
+def _refuse_job(why: str) -> None:
+    os.write(2, f"zygote: refused the request: {why}\n".encode())
+    os._exit(EXIT_SETUP_FAILED)
+
+
+def _apply_job(plan, job):
     if job.process_name:
         try:  # cosmetic, never worth failing for
             uts.set_process_name(job.process_name)
         except SetupError:
             pass
-    return msgspec.structs.replace(plan, deferred=False, **{k: getattr(job, k) for k in JOB_FIELDS})
+    fields = {k: getattr(job, k) for k in JOB_FIELDS}
+    if job.env is None:  # the pool's, which the plan has
+        del fields["env"]
+    return msgspec.structs.replace(plan, deferred=False, **fields)
 
 
 def _cgroupns() -> None:
@@ -323,15 +343,17 @@ def zygote_ready(unset: list[str]) -> None:
     _zygote_signals_fresh = all(_sys.handler_is_default(sig) for sig in _FORWARDED if sig != signal.SIGINT)
 
 
-def _prepare_payload_process(reset_signals: bool = True) -> None:
+def _prepare_payload_process(reset_signals: bool = True, keep_status: bool = False) -> None:
     """What every payload process does first, whatever the request: default signals, no status
     pipe (the payload must never write a status message), Python's stdio on fds 0/1/2.
-    ``reset_signals`` False: the handlers are the zygote's and those are already the defaults."""
+    ``reset_signals`` False: the handlers are the zygote's and those are already the defaults.
+    ``keep_status``: a reserve child closes it itself once it reported its Job Started."""
     if reset_signals:
         for sig in _FORWARDED:
             signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # always: Ctrl-C is KeyboardInterrupt
-    os.close(STATUS_FD)
+    if not keep_status:
+        os.close(STATUS_FD)
     _reopen_stdio()
 
 

@@ -135,6 +135,8 @@ class Child:
     ctl: trio.lowlevel.FdStream | None = None  # a reserve child's control pipe, until its Job
     reserved: bool = False  # waiting in its pool's reserve (not yet any client's)
     reserve_fds: list[int] = field(default_factory=list)  # its stdin writer, stdout/stderr readers meanwhile
+    leased: bool = False  # a reserve child a client holds (P.Lease): the client writes its Job
+    leased_timeout: float | None = None  # the pool's timeout, armed when a leased child starts
     detached: bool = False
     has_result: bool = True
     rings: tuple[detach.Ring, detach.Ring] | None = None  # stdout, stderr of a detached child
@@ -473,6 +475,9 @@ class Daemon:
         elif isinstance(msg, P.Status):
             _close(fds)
             await conn.send(self.status(msg.req, conn.peer_uid))
+        elif isinstance(msg, P.Lease):
+            _close(fds)
+            await self._lease(conn, msg)
         else:
             _close(fds)
             await conn.send(P.Error(getattr(msg, "req", 0), "bad-request", f"unexpected {type(msg).__name__}"))
@@ -524,10 +529,9 @@ class Daemon:
             if not pc.child_main:
                 raise _Refused("bad-request", f"pool {pc.name!r} has no child_main and no target was given")
             target = pc.child_main
-        if kind == "target" and (not target or ":" not in target):
-            raise _Refused("bad-request", f"target must be 'module:function', got {target!r}")
-        if kind == "exec" and not msg.argv:
-            raise _Refused("bad-request", "exec needs a non-empty argv")
+        problem = C.job_problem(kind, target, msg.argv, None)
+        if problem:
+            raise _Refused("bad-request", problem)
         if msg.stdio not in ("pipe", "fds"):
             raise _Refused("bad-request", "stdio must be 'pipe' or 'fds'")
         if (msg.test_fail_step is not None or msg.test_relax_mounts or msg.test_landlock_abi) and not self.config.test_hooks:
@@ -875,6 +879,71 @@ class Daemon:
                 os.close(fds.pop(0))  # the child reads EOF, as from /dev/null
             return P.Spawned(msg.req, child.id, child.pid, msg.stdin), fds
         return None
+
+    async def _lease(self, conn: Connection, msg: P.Lease) -> None:
+        """Hand a waiting reserve child to the client itself (P.Lease): its pipes and the write
+        end of its control pipe, on which the client later writes the Job. The child checks the
+        Job's fields and reports Started (see _started), so the daemon is off the spawn's path.
+        Only pools that accept callables and do not screen environments lease: those two are
+        checks on the request that the daemon makes and a child would not repeat."""
+        pool = self.pools.get(msg.pool or "default")
+        why = code = ""
+        if pool is None:
+            why, code = f"no pool named {msg.pool!r}", "bad-request"
+        elif not pool.config.allow_callables or pool.config.forbid_secret_env:
+            why, code = (f"pool {pool.config.name!r} does not lease children (it refuses callables or screens "
+                         "environments: requests go through the daemon)"), "bad-request"
+        elif not pool.reserves[0].size:
+            why, code = f"pool {pool.config.name!r} keeps no reserve (--reserve N)", "bad-request"
+        elif self.config.max_children_per_client is not None and (
+                self._client_load(conn)[0] >= self.config.max_children_per_client):
+            why, code = "the per-client maximum of children is reached", "limit"
+        if why:
+            await conn.send(P.SpawnFailed(msg.req, why, code=code))
+            return
+        reserve = pool.reserves[0]
+        while reserve.children:
+            child = reserve.children.pop(0)
+            reserve.last_take = time.monotonic()
+            reserve.wake.set()
+            ctl, child.ctl = child.ctl, None
+            fds, child.reserve_fds = child.reserve_fds, []
+            if child.exited.is_set() or ctl is None:
+                _close(fds)
+                if ctl is not None:
+                    ctl.close()
+                continue
+            self._reserve_conn.children.pop(child.id, None)
+            child.reserved, child.leased = False, True
+            child.conn, child.peer_uid, child.watchers = conn, conn.peer_uid, [conn]
+            child.started, child.timeout = time.monotonic(), None
+            child.leased_timeout = policy.effective(pool.config.sandbox, None).timeout
+            conn.children[child.id] = child
+            fds.append(os.dup(ctl.fileno()))
+            ctl.close()
+            try:
+                await conn.send(P.Leased(msg.req, child.id, child.pid), fds)
+            finally:
+                _close(fds)
+            return
+        await conn.send(P.SpawnFailed(msg.req, "no reserve child is waiting now", code="empty"))
+
+    def _started(self, child: Child, started: C.Started) -> None:
+        """A leased child read its Job from its client: count its time and arm its deadline from
+        now, with the Job's timeout capped at the pool's. (Sent before any payload code runs; a
+        second one, or one from a child nobody leased, is ignored.)"""
+        if not child.leased or child.conn is None:
+            return
+        child.leased = False
+        child.started = time.monotonic()
+        child.has_result = started.kind not in ("exec", "script")
+        t = started.timeout if started.timeout is not None and 0 < started.timeout < 1e9 else None
+        cap = child.leased_timeout
+        child.timeout = t if cap is None else (cap if t is None else min(t, cap))
+        if child.timeout is not None:
+            self._nursery.start_soon(self._deadline_until_exit, child)
+        self.observer.spawned(outcome="ok", seconds=0.0, child=child.id, pool=child.pool,
+                              peer_uid=child.peer_uid, running=len(self.children), kind=started.kind, leased=True)
 
     async def _deadline_until_exit(self, child: Child) -> None:
         async with trio.open_nursery() as n:
@@ -1423,7 +1492,9 @@ class Daemon:
                     except (msgspec.DecodeError, msgspec.ValidationError):
                         self._kill(child, signal.SIGKILL)
                         return
-                    if isinstance(m, C.ExitReport):
+                    if isinstance(m, C.Started):
+                        self._started(child, m)
+                    elif isinstance(m, C.ExitReport):
                         if not child.direct:  # a payload that is PID 1 has no reaper to report for it
                             child.report = m
                     elif isinstance(m, (C.Out, C.OutSkip, C.OutEnd)):

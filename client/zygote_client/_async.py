@@ -7,6 +7,7 @@ same code through an anyio blocking portal.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import socket
@@ -29,6 +30,8 @@ from ._streams import PipeReceiveStream, PipeSendStream
 
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
+LEASE_QUIET = 0.025  # seconds after a held child was used before another is leased (unless none is left)
+LEASE_JOB_MAX = 1 << 16  # a Job larger than an empty pipe holds goes through the daemon instead
 
 
 class _Pending:
@@ -72,6 +75,7 @@ class AsyncChild:
         self.status: ExitStatus | None = None
         self.export_result: ExportResult | None = None
         self._export_fd: int | None = None
+        self._held = False  # leased, not started yet (AsyncClient.keep_leased)
         self._exited = anyio.Event()
         self._exit_callbacks: list[Callable[[], None]] = []  # the blocking face's thread wake-up
 
@@ -230,6 +234,13 @@ class AsyncClient:
         self._closed = False
         self._tg: Any = None
         self._reader_done = anyio.Event()
+        # Reserve children this connection holds (keep_leased): (child, write end of its control
+        # pipe). Taken with popleft from any thread (the blocking face's callers); refilled by
+        # one task on the loop.
+        self._leases: collections.deque[tuple[AsyncChild, int]] = collections.deque()
+        self._lease_want = 0
+        self._leasing = False
+        self._lease_wake = anyio.Event()
 
     # ---- construction --------------------------------------------------------------------------
 
@@ -290,6 +301,11 @@ class AsyncClient:
     async def _finish(self) -> None:
         with anyio.CancelScope(shield=True):
             self._decoder.close_fds()
+            self._lease_want = 0
+            while self._leases:  # the daemon kills the children themselves with the connection
+                child, ctl = self._leases.popleft()
+                os.close(ctl)
+                await child.aclose()
             for child in self._exported:
                 child.close_export()
             for _, _, fds in self._early_exits.values():
@@ -383,6 +399,8 @@ class AsyncClient:
 
     def _exit(self, child: AsyncChild, msg: P.Exited, fds: list[int]) -> None:
         child._set_exit(msg, fds)
+        if child._held:  # a held child ended unused (killed): drop it, lease another
+            self._lease_wake.set()
         if child._export_fd is not None:
             self._exported.append(child)
 
@@ -419,26 +437,16 @@ class AsyncClient:
             SandboxError: a confinement step failed (``err.step`` names it); nothing ran.
             DaemonError: the request was refused (bad input, limits); ``retriable`` if worth retrying.
         """
-        kwargs = dict(kwargs or {})
-        payload = b""
-        tgt = None
-        if _argv is not None:
-            kind = "exec" if _script is None else "script"
-            payload = _script or b""
-        elif target is None:
-            kind = "child_main"
-            payload = pickle.dumps((tuple(args), kwargs), protocol=pickle.HIGHEST_PROTOCOL)
-        elif isinstance(target, str):
-            kind, tgt = "target", target
-            payload = pickle.dumps((tuple(args), kwargs), protocol=pickle.HIGHEST_PROTOCOL)
-        elif callable(target):
-            kind = "callable"
-            payload = cloudpickle.dumps((target, tuple(args), kwargs), protocol=pickle.HIGHEST_PROTOCOL)
-        else:
-            raise TypeError(f"target must be a callable, 'module:function' or None, not {type(target).__name__}")
+        kind, payload, tgt = _encode_target(target, args, kwargs, _argv, _script)
         if stdin not in (PIPE, DEVNULL, None):
             raise ValueError("stdin must be PIPE, DEVNULL or None")
         fds = list(_stdio_fds) if _stdio_fds else []
+        if (self._leases and sandbox_config is None and pool is None and not detached and not fds
+                and _test_fail_step is None and not _test_relax_mounts and not _test_landlock_abi):
+            leased = self._start_leased(kind, payload, tgt, _argv, env, process_name, stdin, timeout,
+                                        trusted_results, self._lease_wake.set)
+            if leased is not None:
+                return leased
 
         def make(req: int) -> P.Spawn:
             return P.Spawn(req=req, kind=kind, payload=payload, target=tgt, argv=_argv, pool=pool,
@@ -465,6 +473,101 @@ class AsyncClient:
         child = AsyncChild(self, msg, rfds, trusted=bool(trusted_results), has_result=kind not in ("exec", "script"),
                            detached=bool(detached))
         return self._track(child)
+
+    # ---- leased reserve children -------------------------------------------------------------
+
+    def keep_leased(self, n: int) -> None:
+        """Hold up to ``n`` of the default pool's reserve children (a daemon started with
+        ``--reserve``) in this connection's hands. A ``spawn_child`` that asks for the pool's
+        defaults (no sandbox_config, pool, detached or stdio fds) then starts one by writing its
+        request straight to the child's control pipe: no round trip through the daemon (the child
+        checks the request and tells the daemon, which arms the deadline). Held children count
+        against this connection's child limits and die with it; ``n`` 0 stops refilling. Pools
+        that refuse callables or screen environments do not lease: spawns then simply go through
+        the daemon. Needs ``async with client``."""
+        if self._tg is None:
+            raise RuntimeError("keep_leased needs the client entered with 'async with'")
+        self._lease_want = max(0, int(n))
+        if self._lease_want and not self._leasing:
+            self._leasing = True
+            self._tg.start_soon(self._keep_leases)
+        self._lease_wake.set()
+
+    async def _keep_leases(self) -> None:
+        pause = 0.0
+        try:
+            while self._lease_want and not self._closed and self._broken is None:
+                for _ in range(len(self._leases)):  # drop held children that ended unused
+                    try:
+                        child, ctl = self._leases.popleft()  # (a caller may take one meanwhile)
+                    except IndexError:
+                        break
+                    if child.status is None:
+                        self._leases.append((child, ctl))
+                    else:
+                        os.close(ctl)
+                        await child.aclose()
+                if len(self._leases) >= self._lease_want or pause:
+                    self._lease_wake = anyio.Event()
+                    with anyio.move_on_after(pause or None):
+                        await self._lease_wake.wait()
+                    # One was just taken: its child is starting now. Unless none is left, take
+                    # the next in a quiet moment rather than compete with it for the CPU (the
+                    # daemon refills its reserve behind each lease).
+                    pause = 0.0 if pause or not self._leases else LEASE_QUIET
+                    continue
+                try:
+                    msg, fds = await self._request(lambda req: P.Lease(req))
+                except ZygoteError:
+                    return  # an Error reply (a daemon that predates leases) or the connection is gone
+                if isinstance(msg, P.Leased) and len(fds) == 4:
+                    os.set_blocking(fds[3], True)
+                    child = AsyncChild(self, P.Spawned(msg.req, msg.child, msg.pid, True), fds[:3])
+                    child._held = True
+                    self._leases.append((self._track(child), fds[3]))
+                    continue
+                for fd in fds:
+                    os.close(fd)
+                if not (isinstance(msg, P.SpawnFailed) and msg.code in ("empty", "limit")):
+                    return  # this daemon or pool does not lease: spawns go through the daemon
+                pause = 0.03  # none waiting (the reserve refills) or at the limit: ask again soon
+        finally:
+            self._leasing = False
+
+    def _start_leased(self, kind: str, payload: bytes, target: str | None, argv: list[str] | None,
+                      env: dict[str, str] | None, process_name: str | None, stdin: Any,
+                      timeout: float | None, trusted: bool, wake: Callable[[], None]) -> AsyncChild | None:
+        """Start a held child with this request (any thread): None when none is held, the Job is
+        too large for one write, or the kind needs the daemon (child_main: the pool's target;
+        exec: a child with a reaper in front)."""
+        if kind in ("child_main", "exec"):
+            return None
+        job = P.job_frame(P.Job(kind=kind, payload=payload, target=target, argv=argv, env=env,
+                                process_name=process_name, result_pickle=bool(trusted), timeout=timeout))
+        if len(job) > LEASE_JOB_MAX:
+            return None
+        while True:
+            try:
+                child, ctl = self._leases.popleft()
+            except IndexError:
+                return None
+            wake()  # the refill task takes another
+            child._held = False
+            child._trusted, child._has_result = bool(trusted), kind not in ("exec", "script")
+            try:
+                # The pipe is empty and holds 64 KiB: one write, which does not block.
+                os.write(ctl, job)
+            except OSError:  # the child ended while held (its exit is reported): the next one
+                os.close(ctl)
+                for stream in (child.stdin, child.stdout, child.stderr):
+                    if stream is not None:
+                        os.close(stream.detach())
+                continue
+            os.close(ctl)
+            if stdin != PIPE and child.stdin is not None:  # the child reads EOF, as from /dev/null
+                os.close(child.stdin.detach())
+                child.stdin = None
+            return child
 
     def _track(self, child: AsyncChild) -> AsyncChild:
         early = self._early_exits.pop(child.id, None)
@@ -519,6 +622,21 @@ class AsyncClient:
                         tg.start_soon(_forward, stream, name)
                 await child.wait()  # not result(): its exception would cancel the forwarders early
         return await child.result()
+
+
+def _encode_target(target: Any, args: tuple, kwargs: dict | None, argv: list[str] | None,
+                   script: bytes | None) -> tuple[str, bytes, str | None]:
+    """A spawn's (kind, payload, target): what the child runs, pickled for it."""
+    kwargs = dict(kwargs or {})
+    if argv is not None:
+        return ("exec" if script is None else "script"), script or b"", None
+    if target is None:
+        return "child_main", pickle.dumps((tuple(args), kwargs), protocol=pickle.HIGHEST_PROTOCOL), None
+    if isinstance(target, str):
+        return "target", pickle.dumps((tuple(args), kwargs), protocol=pickle.HIGHEST_PROTOCOL), target
+    if callable(target):
+        return "callable", cloudpickle.dumps((target, tuple(args), kwargs), protocol=pickle.HIGHEST_PROTOCOL), None
+    raise TypeError(f"target must be a callable, 'module:function' or None, not {type(target).__name__}")
 
 
 async def _forward(stream: PipeReceiveStream, name: str) -> None:

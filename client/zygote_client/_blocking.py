@@ -20,7 +20,7 @@ from typing import Any, Callable
 import anyio
 import anyio.from_thread
 
-from ._async import DEVNULL, PIPE, AsyncChild, AsyncClient, open_client, open_embedded
+from ._async import DEVNULL, PIPE, AsyncChild, AsyncClient, _encode_target, open_client, open_embedded
 from ._config import ExitStatus, SandboxConfig
 from ._errors import BrokenError, ClosedError
 from ._workspace import ExportError, ExportResult
@@ -161,7 +161,7 @@ class ChildProcess:
 class Client:
     """A blocking client. ``Client.connect(path)`` or ``Client.embedded(...)``; a context manager."""
 
-    def __init__(self, factory: Callable[[], Any]) -> None:
+    def __init__(self, factory: Callable[[], Any], leases: int = 0) -> None:
         self._portal_cm = anyio.from_thread.start_blocking_portal("asyncio")
         self._portal = self._portal_cm.__enter__()
         try:
@@ -177,6 +177,12 @@ class Client:
         self._calls: set[concurrent.futures.Future] = set()  # their callers' futures, any thread
         self._calls_lock = threading.Lock()
         self._closed = False
+        if leases:
+            try:
+                self._portal.call(self._aclient.keep_leased, leases)
+            except BaseException:
+                self.close()
+                raise
 
     def _forget_call(self, done: concurrent.futures.Future) -> None:
         with self._calls_lock:
@@ -190,13 +196,16 @@ class Client:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     @classmethod
-    def connect(cls, path: str) -> "Client":
-        """Connect to the daemon listening on ``path``."""
-        return cls(lambda: open_client(path))
+    def connect(cls, path: str, *, leases: int = 0) -> "Client":
+        """Connect to the daemon listening on ``path``. ``leases``: hold that many of the
+        default pool's reserve children, so a spawn with the pool's defaults is written straight
+        to one from the calling thread (see AsyncClient.keep_leased)."""
+        return cls(lambda: open_client(path), leases)
 
     @classmethod
     def embedded(cls, preload_imports: tuple[str, ...] | list[str] = (), environment: dict[str, str] | None = None,
-                 child_main: str | None = None, executable: str = sys.executable, **kwargs: Any) -> "Client":
+                 child_main: str | None = None, executable: str = sys.executable, leases: int = 0,
+                 **kwargs: Any) -> "Client":
         """Start a private daemon + zygote (the ``zygote`` distribution must be installed) and
         connect to it over a socketpair. Works for any user that can create user namespaces.
 
@@ -207,9 +216,10 @@ class Client:
             executable: the zygote's interpreter.
             forbid_secret_env: refuse requests whose ``env`` has secret-looking names
                 (``GITHUB_TOKEN``, ``AWS_*``, ...); ``allow_env`` names exceptions.
+            leases: as for ``connect`` (with ``daemon_args=["--reserve", "N"]``).
         """
         return cls(lambda: open_embedded(preload_imports=tuple(preload_imports), environment=environment,
-                                         child_main=child_main, executable=executable, **kwargs))
+                                         child_main=child_main, executable=executable, **kwargs), leases)
 
     @property
     def welcome(self):
@@ -289,7 +299,19 @@ class Client:
                     env: dict[str, str] | None = None, timeout: float | None = None,
                     pool: str | None = None, trusted_results: bool = False, detached: bool = False,
                     **private: Any) -> ChildProcess:
-        """Start a confined child; returns once it reported "ready" (see AsyncClient.spawn_child)."""
+        """Start a confined child; returns once it reported "ready" (see AsyncClient.spawn_child).
+        With a held reserve child (``leases``) and the pool's defaults, it is started from this
+        thread by one write to it, and returns at once."""
+        ac = self._aclient
+        if ac._leases and sandbox_config is None and pool is None and not detached and not private:
+            if stdin not in (PIPE, DEVNULL, None):
+                raise ValueError("stdin must be PIPE, DEVNULL or None")
+            kind, payload, tgt = _encode_target(target, args, kwargs, None, None)
+            leased = ac._start_leased(kind, payload, tgt, None, env, process_name, stdin, timeout, trusted_results,
+                                      lambda: self._loop.call_soon_threadsafe(lambda: ac._lease_wake.set()))
+            if leased is not None:
+                return ChildProcess(self, leased)
+
         async def go() -> AsyncChild:
             return await self._aclient.spawn_child(target, args, kwargs, process_name=process_name,
                                                    sandbox_config=sandbox_config, stdin=stdin, env=env,

@@ -107,6 +107,17 @@ class Status(_Msg, tag="status"):
     req: int
 
 
+class Lease(_Msg, tag="lease"):
+    """Take one of the pool's reserve children into this connection's hands, to start it later
+    by writing a Job straight to it (no daemon round trip on the spawn). Answered by Leased, or by
+    SpawnFailed (``code`` "empty": none waiting now; "bad-request": this pool does not lease).
+    A leased child counts against the connection's child limits from now on, dies with the
+    connection, and runs nothing until its Job; its deadline starts when it reads the Job."""
+
+    req: int
+    pool: str | None = None
+
+
 # ---- daemon -> client -------------------------------------------------------------------------
 
 
@@ -124,6 +135,42 @@ class Spawned(_Msg, tag="spawned"):
     child: str
     pid: int
     has_stdin: bool
+
+
+class Leased(_Msg, tag="leased"):
+    """Reply to Lease: a confined child waiting for its Job. fds: its stdin writer, stdout and
+    stderr readers, and the write end of its control pipe, in that order. The client starts it
+    by writing one ``job_frame`` on the control pipe (and closing it); its exit is reported as for
+    any child (Exited), also when it ends unused."""
+
+    req: int
+    child: str
+    pid: int
+
+
+class Job(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What starts a confined child that waits for a request (a reserve child): the daemon writes
+    one for a Spawn that takes a reserve child, a client one for a child it leased. The fields
+    are those of Spawn; the child checks them (kind, target, argv) before anything runs, and
+    reports the kind and timeout to the daemon, which arms the deadline (no later than the
+    pool's) from then."""
+
+    kind: str
+    payload: bytes = b""
+    target: str | None = None
+    argv: list[str] | None = None
+    env: dict[str, str] | None = None  # None: the pool's (the child has it already)
+    process_name: str | None = None
+    result_pickle: bool = False  # encode the return value with cloudpickle (the client's trusted_results)
+    timeout: float | None = None  # seconds from the Job (a leased child's; the daemon caps it)
+
+
+JOB_LEN = struct.Struct("!I")  # a Job frame: this length, then the msgpack body
+
+
+def job_frame(job: Job) -> bytes:
+    body = _encoder.encode(job)
+    return JOB_LEN.pack(len(body)) + body
 
 
 class Attached(_Msg, tag="attached"):
@@ -219,8 +266,8 @@ class StatusReply(_Msg, tag="status-reply"):
     counters: dict[str, int]
 
 
-ClientMessage = Union[Hello, Spawn, Signal, Attach, Status]
-DaemonMessage = Union[Welcome, Spawned, Attached, SpawnFailed, Ok, Error, Exited, StatusReply]
+ClientMessage = Union[Hello, Spawn, Signal, Attach, Status, Lease]
+DaemonMessage = Union[Welcome, Spawned, Leased, Attached, SpawnFailed, Ok, Error, Exited, StatusReply]
 
 _encoder = msgspec.msgpack.Encoder()
 
