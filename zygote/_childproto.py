@@ -93,6 +93,7 @@ class ChildPlan(Job, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # A reserve child (pool reserve): confined with the pool's default config and no request; its
     # payload process reports Ready, then waits on the control pipe for one Job.
     deferred: bool = False
+    prewarm: bool = True  # a reserve child takes a fake request's faults while it waits (child._prewarm)
     # PID 1 forks the payload and stays as its reaper (SandboxConfig.reaper; always with an
     # export, which PID 1 packs after the payload ended). False: the payload is PID 1 itself.
     reaper: bool = False

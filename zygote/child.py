@@ -129,7 +129,8 @@ def _payload_process(plan, abi: int) -> None:
     _report(Ready(landlock_abi=abi))
     if plan.deferred:                        # a reserve child: confined, now wait for a request
         _prepare_payload_process(reset_signals=plan.reaper or not _zygote_signals_fresh, keep_status=True)
-        _prewarm(plan)
+        if plan.prewarm:
+            _prewarm(plan)
         _payload(_await_job(plan), prepared=True)
     _payload(plan)                           # never returns
 
