@@ -416,27 +416,15 @@ def test_SECURITY_leased_child_checks_its_job_and_the_pool_caps_its_timeout(tmp_
             assert st.returncode == 125 and b"refused the request" in err, (st, err)
 
 
-def test_SECURITY_pools_that_refuse_callables_do_not_lease(tmp_path):
-    """A pool with allow_callables = false checks every request in the daemon: it never hands a
-    child's control pipe to a client (who could write a callable Job to it)."""
+def test_a_pool_that_does_not_lease_serves_a_leasing_client_through_the_daemon(tmp_path):
     from zygote_client import DaemonError
-    with config_daemon(tmp_path, """
-            [pools.default]
-            reserve = 2
-            allow_callables = false
-            """) as sock:
-        conn = RawConn(sock)
-        conn.send(conn.P.Hello(conn.P.VERSION))
-        assert isinstance(conn.reply(), conn.P.Welcome)
-        time.sleep(1.0)
-        conn.send(conn.P.Lease(1))
-        reply = conn.reply()
-        assert isinstance(reply, conn.P.SpawnFailed) and reply.code == "bad-request", reply
-        with Client.connect(sock, leases=2) as c:
-            time.sleep(0.5)
-            assert not c._aclient._leases
-            with pytest.raises(DaemonError, match="callables"):
-                c.run(print)
+    with config_daemon(tmp_path, "[pools.default]\nreserve = 2\nallow_callables = false\n") as sock, \
+            Client.connect(sock, leases=2) as c:
+        time.sleep(0.5)
+        assert not c._aclient._leases
+        with pytest.raises(DaemonError, match="callables"):
+            c.run(print)
+        assert c.run("json:dumps", ([1],)).value == "[1]"
 
 
 def test_SECURITY_held_children_count_against_the_per_client_limit(tmp_path):
@@ -474,3 +462,88 @@ def test_a_held_child_that_dies_is_replaced():
         assert [ch.id for ch, _ in c._aclient._leases] != [child.id]
         r = c.run(print, ("after",))
         assert r.stdout == b"after\n" and r.returncode == 0
+
+
+@pytest.mark.parametrize("reaper", [False, True])
+def test_SECURITY_reserve_payloads_hold_no_status_pipe(tmp_path, reaper):
+    """A reserve child keeps its status pipe until it reported its Job started (Started); the
+    payload, whether the daemon or a client holding the child wrote the Job, never has it: it
+    could otherwise forge the daemon's messages (an ExitReport under a reaper)."""
+    def payload():
+        import os
+        with open("/proc/1/stat") as f:
+            started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        open_fds = []
+        for fd in range(3, 1024):
+            try:
+                os.fstat(fd)
+                open_fds.append(fd)
+            except OSError:
+                pass
+        print(started, open_fds)
+
+    sandbox = "[pools.default.sandbox]\nreaper = true\n" if reaper else ""
+    with config_daemon(tmp_path, "[pools.default]\nreserve = 2\n" + sandbox) as sock:
+        for leases in (0, 1):
+            with Client.connect(sock, leases=leases) as c:
+                time.sleep(1.0)
+                if leases:
+                    _held(c, 1)
+                asked = _boottime()
+                r = c.run(payload)
+                assert r.returncode == 0, r.stderr
+                started, fds = r.stdout.decode().split(" ", 1)
+                assert float(started) < asked - 0.3, "expected a reserve child"
+                assert fds.strip() == "[5]", r.stdout  # the result pipe only
+
+
+def test_SECURITY_held_children_of_a_reloaded_pool_are_revoked(tmp_path):
+    """A reload that changes the pool kills the children clients hold unstarted (they were
+    confined by the old configuration); the clients lease new ones."""
+    import signal
+
+    sock = str(tmp_path / "z.sock")
+    cfg = write_text(tmp_path / "z.toml", f'[daemon]\nsocket = "{sock}"\n[pools.default]\nreserve = 2\n')
+    proc = start_daemon("--config", cfg)
+    try:
+        wait_socket(sock, proc)
+        with Client.connect(sock, leases=1) as c:
+            _held(c, 1)
+            (old, _), = list(c._aclient._leases)
+            write_text(tmp_path / "z.toml", f'[daemon]\nsocket = "{sock}"\n[pools.default]\nreserve = 2\n'
+                       '[pools.default.sandbox]\nhostname = "reloaded"\n')
+            proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 30
+            while old.status is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert old.status is not None and old.status.returncode == -9, old.status
+            r = c.run(lambda: print(__import__("socket").gethostname()))
+            assert r.stdout == b"reloaded\n", r
+    finally:
+        stop_daemon(proc)
+
+
+@pytest.mark.parametrize("pool", ["allow_callables = false", "forbid_secret_env = true"])
+def test_SECURITY_pools_that_check_requests_do_not_lease(tmp_path, pool):
+    """Pools whose daemon-side request checks a child does not repeat (callables refused,
+    secret-looking environments screened) never hand a child's control pipe to a client."""
+    with config_daemon(tmp_path, f"[pools.default]\nreserve = 2\n{pool}\n") as sock:
+        conn = RawConn(sock)
+        conn.send(conn.P.Hello(conn.P.VERSION))
+        assert isinstance(conn.reply(), conn.P.Welcome)
+        time.sleep(1.0)
+        conn.send(conn.P.Lease(1))
+        reply = conn.reply()
+        assert isinstance(reply, conn.P.SpawnFailed) and reply.code == "bad-request", reply
+
+
+def test_SECURITY_a_job_without_a_timeout_gets_the_pools(tmp_path):
+    from zygote_client import _protocol as P
+    with config_daemon(tmp_path, "[pools.default]\nreserve = 1\n[pools.default.sandbox]\ntimeout = 1\n") as sock, \
+            Client.connect(sock, leases=1) as c:
+        child, ctl = _take_lease(c)
+        os.write(ctl, P.job_frame(P.Job(kind="callable", payload=__import__("cloudpickle").dumps(
+            (lambda: __import__("time").sleep(60), (), {})))))
+        os.close(ctl)
+        st = c._call(child.wait)
+        assert st.timed_out and 0.8 < st.wall_time < 5, st

@@ -23,6 +23,7 @@ import sys
 import traceback
 
 import msgspec
+from zygote_client._protocol import MAX_FRAME
 
 from ._childproto import (JOB_FIELDS, LEN, RESULT_HEADER, ExitReport, Failed, Job, OutEnd, Ready, Started, frame,
                           job_decoder, job_problem, plan_decoder)
@@ -169,9 +170,15 @@ def _await_job(plan):
     the client that leased this child); EOF means it was discarded (shutdown, pool reload, a
     lease given up), so exit without running anything. The Job is checked before anything of it
     runs, and the daemon told it started (its kind and timeout: the deadline starts now)."""
-    body = _read_frame(CTL_FD)
-    if body is None:
+    hdr = _read_exact(CTL_FD, LEN.size)
+    if hdr is None:  # nothing at all: discarded
         os._exit(0)
+    (n,) = LEN.unpack(hdr)
+    if n > MAX_FRAME:
+        _refuse_job(f"a Job of {n} bytes (at most {MAX_FRAME})")
+    body = _read_exact(CTL_FD, n)
+    if body is None:
+        _refuse_job("the Job ended early")
     os.close(CTL_FD)
     try:
         job = job_decoder.decode(body)
@@ -245,6 +252,7 @@ def _read_frame(fd: int) -> bytes | None:
 
 
 def _read_exact(fd: int, n: int) -> bytes | None:
+    """``n`` bytes, or None at an EOF first."""
     chunks = []
     while n:
         b = os.read(fd, min(n, 1 << 20))

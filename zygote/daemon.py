@@ -137,6 +137,7 @@ class Child:
     reserve_fds: list[int] = field(default_factory=list)  # its stdin writer, stdout/stderr readers meanwhile
     leased: bool = False  # a reserve child a client holds (P.Lease): the client writes its Job
     leased_timeout: float | None = None  # the pool's timeout, armed when a leased child starts
+    leased_from: object = None  # the Pool it was leased from (a reload kills it if not started)
     detached: bool = False
     has_result: bool = True
     rings: tuple[detach.Ring, detach.Ring] | None = None  # stdout, stderr of a detached child
@@ -437,7 +438,7 @@ class Daemon:
                                 if msg.version != P.VERSION:
                                     raise ProtocolError(f"protocol version {msg.version} not supported")
                                 hello = True
-                                await conn.send(P.Welcome(P.VERSION, os.getpid(), list(self.pools)))
+                                await conn.send(P.Welcome(P.VERSION, os.getpid(), list(self.pools), leases=True))
                                 continue
                             await self._dispatch(conn, msg, mfds, nursery)
                     except ProtocolError as e:
@@ -919,13 +920,13 @@ class Daemon:
             child.conn, child.peer_uid, child.watchers = conn, conn.peer_uid, [conn]
             child.started, child.timeout = time.monotonic(), None
             child.leased_timeout = policy.effective(pool.config.sandbox, None).timeout
+            child.leased_from = pool
             conn.children[child.id] = child
-            fds.append(os.dup(ctl.fileno()))
-            ctl.close()
-            try:
-                await conn.send(P.Leased(msg.req, child.id, child.pid), fds)
+            try:  # (no dup of the control pipe: nothing here can run out of fds)
+                await conn.send(P.Leased(msg.req, child.id, child.pid), fds + [ctl.fileno()])
             finally:
                 _close(fds)
+                ctl.close()
             return
         await conn.send(P.SpawnFailed(msg.req, "no reserve child is waiting now", code="empty"))
 
@@ -936,6 +937,9 @@ class Daemon:
         if not child.leased or child.conn is None:
             return
         child.leased = False
+        if child.leased_from is not self.pools.get(child.pool):  # its pool was reloaded meanwhile
+            self._kill(child, signal.SIGKILL)
+            return
         child.started = time.monotonic()
         child.has_result = started.kind not in ("exec", "script")
         t = started.timeout if started.timeout is not None and 0 < started.timeout < 1e9 else None
@@ -1021,9 +1025,14 @@ class Daemon:
             reserve.wake.set()
 
     def _discard_reserve(self, pool: Pool) -> None:
+        """A retired pool's waiting children go, held ones (leased, not started) too: they were
+        confined by the old configuration, and the client leases new ones."""
         for reserve in pool.reserves:
             reserve.wake.set()
             for child in reserve.children:
+                self._kill(child, signal.SIGKILL)
+        for child in list(self.children.values()):
+            if child.leased and child.leased_from is pool:
                 self._kill(child, signal.SIGKILL)
 
     def _start_detached(self, child: Child, conn: Connection, pipes: list[tuple[int, int]],

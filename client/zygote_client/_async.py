@@ -8,6 +8,7 @@ same code through an anyio blocking portal.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import os
 import socket
@@ -487,6 +488,8 @@ class AsyncClient:
         the daemon. Needs ``async with client``."""
         if self._tg is None:
             raise RuntimeError("keep_leased needs the client entered with 'async with'")
+        if not self.welcome.leases:  # an older daemon would take a Lease for a protocol error
+            return
         self._lease_want = max(0, int(n))
         if self._lease_want and not self._leasing:
             self._leasing = True
@@ -495,6 +498,7 @@ class AsyncClient:
 
     async def _keep_leases(self) -> None:
         pause = 0.0
+        fails = 0
         try:
             while self._lease_want and not self._closed and self._broken is None:
                 for _ in range(len(self._leases)):  # drop held children that ended unused
@@ -528,9 +532,12 @@ class AsyncClient:
                     continue
                 for fd in fds:
                     os.close(fd)
-                if not (isinstance(msg, P.SpawnFailed) and msg.code in ("empty", "limit")):
-                    return  # this daemon or pool does not lease: spawns go through the daemon
-                pause = 0.03  # none waiting (the reserve refills) or at the limit: ask again soon
+                if not isinstance(msg, P.SpawnFailed) or msg.code == "bad-request":
+                    return  # this pool does not lease: spawns go through the daemon
+                # None waiting (the reserve refills), at the limit, or a passing failure: again
+                # soon, later after each failure of another kind.
+                fails = 0 if msg.code in ("empty", "limit") else fails + 1
+                pause = min(5.0, 0.03 * 2 ** fails)
         finally:
             self._leasing = False
 
@@ -546,24 +553,26 @@ class AsyncClient:
                                 process_name=process_name, result_pickle=bool(trusted), timeout=timeout))
         if len(job) > LEASE_JOB_MAX:
             return None
-        while True:
+        while not (self._closed or self._broken):
             try:
                 child, ctl = self._leases.popleft()
             except IndexError:
-                return None
-            wake()  # the refill task takes another
+                break
             child._held = False
             child._trusted, child._has_result = bool(trusted), kind not in ("exec", "script")
             try:
-                # The pipe is empty and holds 64 KiB: one write, which does not block.
-                os.write(ctl, job)
+                view = memoryview(job)
+                while view:  # the pipe is empty and a Job is small: one write, as a rule
+                    view = view[os.write(ctl, view):]
             except OSError:  # the child ended while held (its exit is reported): the next one
-                os.close(ctl)
                 for stream in (child.stdin, child.stdout, child.stderr):
                     if stream is not None:
                         os.close(stream.detach())
                 continue
-            os.close(ctl)
+            finally:
+                os.close(ctl)
+                with contextlib.suppress(RuntimeError):  # the loop is gone: the client is closing
+                    wake()  # the refill task leases another
             if stdin != PIPE and child.stdin is not None:  # the child reads EOF, as from /dev/null
                 os.close(child.stdin.detach())
                 child.stdin = None

@@ -125,6 +125,7 @@ class Welcome(_Msg, tag="welcome"):
     version: int
     daemon_pid: int
     pools: list[str]
+    leases: bool = False  # the daemon answers Lease (a client never sends one otherwise)
 
 
 class Spawned(_Msg, tag="spawned"):
