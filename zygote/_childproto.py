@@ -19,10 +19,9 @@ import struct
 
 import msgspec
 
-from zygote_client._protocol import Job
+from zygote_client._protocol import JOB_LEN as LEN, Job  # one framing for every child pipe
 from zygote_client._workspace import Entry
 
-LEN = struct.Struct("!I")
 MAX_STATUS_FRAME = 1 << 20
 RESULT_HEADER = struct.Struct("!cQ")  # kind, length of the body that follows
 # result-pipe kind byte -> the kind name the client sees in Exited.result_kind

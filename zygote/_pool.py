@@ -203,7 +203,8 @@ class Pool:
         self.restarts = 0
         self._changed = trio.Condition()
         self.stopping = False
-        self.reserves = [Reserve(config.reserve, network=False), Reserve(config.reserve_network, network=True)]
+        self.reserve = Reserve(config.reserve, network=False)  # the default SandboxConfig's (leases too)
+        self.reserves = (self.reserve, Reserve(config.reserve_network, network=True))
         # Called after a zygote died: a clone it made but never reported is the daemon's
         # (CLONE_PARENT) child that nobody tracks; the daemon reaps such strays.
         self.on_zygote_death = None

@@ -32,7 +32,9 @@ from ._streams import PipeReceiveStream, PipeSendStream
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
 LEASE_QUIET = 0.025  # seconds after a held child was used before another is leased (unless none is left)
-LEASE_JOB_MAX = 1 << 16  # a Job larger than an empty pipe holds goes through the daemon instead
+# A larger Job goes through the daemon: a held child's is written with a blocking write (from the
+# caller's thread, or the event loop's), which a pipe's 64 KiB takes at once.
+LEASE_JOB_MAX = 1 << 16
 
 
 class _Pending:

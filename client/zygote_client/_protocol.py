@@ -166,7 +166,7 @@ class Job(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True)
     timeout: float | None = None  # seconds from the Job (a leased child's; the daemon caps it)
 
 
-JOB_LEN = struct.Struct("!I")  # a Job frame: this length, then the msgpack body
+JOB_LEN = struct.Struct("!I")  # a Job frame: this length, then the msgpack body (as every child pipe's frame)
 
 
 def job_frame(job: Job) -> bytes:
