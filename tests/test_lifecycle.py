@@ -615,3 +615,64 @@ def test_SECURITY_kept_detached_records_bounded_by_bytes_and_attaches_capped(tmp
             assert live_again.run(print, ("ok",)).stdout == b"ok\n"
     finally:
         stop_daemon(proc)
+
+
+def test_an_ended_detached_child_is_attachable_while_its_spawner_is_not_reading(socket_daemon):
+    """The daemon keeps an ended detached child before it tells the spawner of the exit. A
+    spawner that stopped reading (its replies fill the socket) holds that report up to
+    SEND_TIMEOUT; meanwhile another connection's attach must find the child. (Kept only after
+    the report, it was in neither the running nor the kept children then: the suite once hit
+    that window with an attach sent right after the spawner's wait returned.)"""
+    import socket as socket_mod
+
+    from conftest import RawConn
+    a = RawConn(socket_daemon)
+    a.send(a.P.Hello(a.P.VERSION))
+    assert isinstance(a.reply(), a.P.Welcome)
+    a.send(a.P.Spawn(req=1, kind="exec", argv=["/bin/sh", "-c", "echo out; sleep 0.5"], detached=True))
+    spawned = a.reply()
+    assert isinstance(spawned, a.P.Spawned), spawned
+    a.sock.setblocking(False)  # requests until the daemon stops reading: its replies fill our socket
+    status = a.P.encode(a.P.Status(2))
+    sent = 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            sent += a.sock.send(status)
+        except (BlockingIOError, socket_mod.timeout):
+            time.sleep(0.2)
+            try:
+                sent += a.sock.send(status)
+            except (BlockingIOError, socket_mod.timeout):
+                break
+    time.sleep(1.5)  # the child has ended; its Exited waits behind the replies nobody reads
+    with Client.connect(socket_daemon) as b:
+        again = b.attach(spawned.child)
+        assert again.stdout.read() == b"out\n"
+        assert again.wait(timeout=30).returncode == 0
+    a.sock.close()
+
+
+def test_a_client_that_leaves_while_its_report_is_being_sent_does_not_crash_the_daemon(socket_daemon):
+    """A child's large Exited (its result) blocks on a client that stopped reading; the client
+    then shuts its side: the daemon's blocked send must end quietly (trio raises
+    ClosedResourceError, not OSError, when another task closes the socket)."""
+    import cloudpickle
+
+    from conftest import RawConn
+    a = RawConn(socket_daemon)
+    a.send(a.P.Hello(a.P.VERSION))
+    assert isinstance(a.reply(), a.P.Welcome)
+
+    def big():
+        return "x" * (8 << 20)
+    a.send(a.P.Spawn(req=1, kind="callable", payload=cloudpickle.dumps((big, (), {})), stdin=False))
+    assert isinstance(a.reply(), a.P.Spawned)
+    time.sleep(2.0)  # it returned; its 8 MiB Exited fills our socket, which we do not read
+    # Half-close: the daemon reads EOF and closes the socket itself while its send still waits
+    # (a full close would wake the send with EPIPE first).
+    a.sock.shutdown(__import__("socket").SHUT_WR)
+    time.sleep(0.5)
+    with Client.connect(socket_daemon) as b:  # the daemon is still serving
+        assert b.run(print, ("alive",)).stdout == b"alive\n"
+    a.sock.close()

@@ -202,7 +202,9 @@ class Connection:
                         while view:
                             n = await self.sock.send(view)
                             view = view[n:]
-                    except OSError:
+                    except (OSError, trio.ClosedResourceError, trio.BrokenResourceError):
+                        # (ClosedResourceError: the connection's own task closed the socket, on
+                        # the client's EOF, while this send waited for room: not an OSError.)
                         self.closed = True
                 if scope.cancelled_caught:
                     self.drop()
@@ -1305,13 +1307,19 @@ class Daemon:
         exited = P.Exited(child.id, child.status, export=export, result_kind=child.result_kind,
                           result=child.result)
         attached = False  # an attacher (not the spawner) was told of the exit
+        # A detached child nobody attached to is kept before its spawner hears of the exit: an
+        # Attach sent right after that Exited must find it (it was not: a race the suite hit).
+        kept = child.detached and child.ready_seen and not any(
+            conn is not child.conn and not conn.closed for conn in child.watchers)
         try:
+            if kept:
+                self._keep(child, exited, export_fds)
             for conn in child.watchers:
                 conn.children.pop(child.id, None)
                 if not conn.closed and child.ready_seen:
                     await conn.send(exited, export_fds)
                     attached = attached or (conn is not child.conn and not conn.closed)
-            if child.detached and child.ready_seen and not attached:
+            if child.detached and child.ready_seen and not attached and not kept:
                 self._keep(child, exited, export_fds)
         finally:
             _close(export_fds)
