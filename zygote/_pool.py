@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 import msgspec
@@ -75,6 +76,12 @@ class Reserve:
         self.children: list = []  # confined, waiting for a request (daemon.Child)
         self.wake = trio.Event()
         self.last_take = 0.0  # time.monotonic() of the last request that took one
+
+    def take(self):
+        """The oldest waiting child (the caller checks it is alive); wakes the filler."""
+        self.last_take = time.monotonic()
+        self.wake.set()
+        return self.children.pop(0)
 
 
 class ZygoteDied(Exception):

@@ -170,15 +170,12 @@ def _await_job(plan):
     the client that leased this child); EOF means it was discarded (shutdown, pool reload, a
     lease given up), so exit without running anything. The Job is checked before anything of it
     runs, and the daemon told it started (its kind and timeout: the deadline starts now)."""
-    hdr = _read_exact(CTL_FD, LEN.size)
-    if hdr is None:  # nothing at all: discarded
+    try:
+        body = _read_frame(CTL_FD, MAX_FRAME)
+    except (EOFError, ValueError) as e:
+        _refuse_job(f"the Job: {e}")
+    if body is None:  # nothing at all: discarded
         os._exit(0)
-    (n,) = LEN.unpack(hdr)
-    if n > MAX_FRAME:
-        _refuse_job(f"a Job of {n} bytes (at most {MAX_FRAME})")
-    body = _read_exact(CTL_FD, n)
-    if body is None:
-        _refuse_job("the Job ended early")
     os.close(CTL_FD)
     try:
         job = job_decoder.decode(body)
@@ -234,7 +231,10 @@ def _arrange_fds(fds: list[int]) -> None:
 
 
 def _read_plan():
-    body = _read_frame(CTL_FD)
+    try:
+        body = _read_frame(CTL_FD)
+    except EOFError:  # the daemon went away mid-frame: as with no "go" at all
+        body = None
     if body is None:
         return None
     plan = plan_decoder.decode(body)
@@ -243,12 +243,19 @@ def _read_plan():
     return plan
 
 
-def _read_frame(fd: int) -> bytes | None:
+def _read_frame(fd: int, limit: int | None = None) -> bytes | None:
+    """One frame's body; None at an EOF before it. Raises EOFError at an EOF inside it and
+    ValueError when its length is over ``limit``."""
     hdr = _read_exact(fd, LEN.size)
     if hdr is None:
         return None
     (n,) = LEN.unpack(hdr)
-    return _read_exact(fd, n)
+    if limit is not None and n > limit:
+        raise ValueError(f"a frame of {n} bytes (at most {limit})")
+    body = _read_exact(fd, n)
+    if body is None:
+        raise EOFError("the frame ended early")
+    return body
 
 
 def _read_exact(fd: int, n: int) -> bytes | None:

@@ -825,9 +825,7 @@ class Daemon:
         job = C.frame(C.Job(kind=kind, payload=msg.payload, target=target, argv=msg.argv, env=env,
                             process_name=msg.process_name, result_pickle=msg.trusted_results))
         while reserve.children:
-            child = reserve.children.pop(0)
-            reserve.last_take = time.monotonic()
-            reserve.wake.set()
+            child = reserve.take()
             fit = "gone"
             if not child.exited.is_set() and child.ctl is not None:
                 fit = await self._limits_for(child, cfg)
@@ -910,9 +908,7 @@ class Daemon:
             return
         reserve = pool.reserve
         while reserve.children:
-            child = reserve.children.pop(0)
-            reserve.last_take = time.monotonic()
-            reserve.wake.set()
+            child = reserve.take()
             ctl, child.ctl = child.ctl, None
             fds, child.reserve_fds = child.reserve_fds, []
             if child.exited.is_set() or ctl is None:
