@@ -307,10 +307,19 @@ class Client:
             if stdin not in (PIPE, DEVNULL, None):
                 raise ValueError("stdin must be PIPE, DEVNULL or None")
             kind, payload, tgt = _encode_target(target, args, kwargs, None, None)
+            # The refill task is woken once this thread is done: woken at the write, the loop's
+            # thread would take the GIL each time the file objects below release it (fstat,
+            # isatty), and this spawn would wait for its turn (~1 ms back to back).
+            took: list[bool] = []
             leased = ac._start_leased(kind, payload, tgt, None, env, process_name, stdin, timeout, trusted_results,
-                                      lambda: self._loop.call_soon_threadsafe(lambda: ac._lease_wake.set()))
-            if leased is not None:
-                return ChildProcess(self, leased)
+                                      lambda: took.append(True))
+            try:
+                if leased is not None:
+                    return ChildProcess(self, leased)
+            finally:
+                if took:
+                    with contextlib.suppress(RuntimeError):  # the loop is gone: the client is closing
+                        self._loop.call_soon_threadsafe(lambda: ac._lease_wake.set())
 
         async def go() -> AsyncChild:
             return await self._aclient.spawn_child(target, args, kwargs, process_name=process_name,
