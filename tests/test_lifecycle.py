@@ -676,3 +676,75 @@ def test_a_client_that_leaves_while_its_report_is_being_sent_does_not_crash_the_
     with Client.connect(socket_daemon) as b:  # the daemon is still serving
         assert b.run(print, ("alive",)).stdout == b"alive\n"
     a.sock.close()
+
+
+def test_a_daemon_out_of_file_descriptors_refuses_and_recovers_without_crashing(tmp_path):
+    """A local client opens connections until the daemon has no fd left. The daemon must not die
+    (an accept that fails with EMFILE took it down, with every child); a request that needs fds
+    meanwhile gets an error; once the connections go, it serves again: same pid, same children."""
+    import resource
+
+    path = str(tmp_path / "z.sock")
+    limit = 64  # the daemon with a json zygote holds ~15; its zygote and children get the same limit
+    log = __import__("tempfile").TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--socket", path, "--preload", "json"],
+                            stderr=log, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)))
+    proc.log = log
+    flood: list[socket.socket] = []
+    try:
+        wait_socket(path, proc)
+        with Client.connect(path) as a:
+            held = a.spawn_child(_sleeper_payload(), detached=True, stdin=None)
+            assert held.stdout.read(1) == b"r"
+            # The daemon accepts (one fd each) until EMFILE; the rest wait in the listen backlog.
+            for _ in range(limit + 16):
+                s = socket.socket(socket.AF_UNIX)
+                s.setblocking(False)
+                try:
+                    s.connect(path)
+                except BlockingIOError:  # the backlog is full too
+                    s.close()
+                    break
+                flood.append(s)
+            deadline = time.monotonic() + 20
+            while fd_count(proc.pid) < limit and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # accept() has failed with EMFILE by now, several times
+            assert proc.poll() is None, _log_tail(proc)
+            assert fd_count(proc.pid) >= limit - 1, "the flood did not use up the daemon's fds"
+            # An attach needs two pipes the daemon cannot make now: refused, and nothing leaked.
+            with pytest.raises(DaemonError) as e:
+                a.attach(held.id)
+            assert e.value.code == "limit" and "Too many open files" in str(e.value)
+            for s in flood:
+                s.close()
+            flood.clear()
+            deadline = time.monotonic() + 20
+            while fd_count(proc.pid) > 40 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert proc.poll() is None, _log_tail(proc)
+            with Client.connect(path) as b:  # a new connection is accepted and served
+                assert b.run(print, ("alive",)).stdout == b"alive\n"
+                again = b.attach(held.id)
+                again.kill()
+                assert again.wait(timeout=30).returncode == -signal.SIGKILL
+            held.stdout.close()
+            held.stderr.close()
+    finally:
+        for s in flood:
+            s.close()
+        err = stop_daemon(proc)
+    assert b"cannot accept connections: Too many open files" in err
+
+
+def _sleeper_payload():
+    def sleeper():
+        import time as _t
+        print("r", end="", flush=True)
+        _t.sleep(120)
+    return sleeper
+
+
+def _log_tail(proc) -> str:
+    proc.log.seek(0)
+    return proc.log.read().decode(errors="replace")[-3000:]

@@ -15,6 +15,7 @@ return value or exception, to the daemon; a reaper closes its copy).
 from __future__ import annotations
 
 import errno as _errno
+import fcntl as _fcntl
 import io
 import json
 import os
@@ -222,8 +223,9 @@ def _inject(plan, step: str) -> None:
 
 
 def _arrange_fds(fds: list[int]) -> None:
-    # Move the six to high numbers first so dup2 onto 0..5 can never clobber one of them.
-    high = [os.dup2(fd, 500 + i, inheritable=False) for i, fd in enumerate(fds)]
+    # Move the six above 5 first (the lowest free numbers: a low open-files limit is fine) so
+    # dup2 onto 0..5 can never clobber one of them.
+    high = [_fcntl.fcntl(fd, _fcntl.F_DUPFD_CLOEXEC, RESULT_FD + 1) for fd in fds]
     for i, fd in enumerate(high):
         os.dup2(fd, i, inheritable=(i < 3))  # control/status/result stay close-on-exec
     # Every other fd of the zygote (its socket to the daemon, anything a preload opened) goes.

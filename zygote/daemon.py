@@ -326,14 +326,33 @@ class Daemon:
                     await self._serve_conn(trio.socket.from_stdlib_socket(s), embedded=True)
                 else:
                     assert listen_sock is not None
-                    lsock = trio.socket.from_stdlib_socket(listen_sock)
-                    while True:
-                        s, _ = await lsock.accept()
-                        nursery.start_soon(self._serve_conn, s)
+                    await self._accept_loop(trio.socket.from_stdlib_socket(listen_sock), nursery)
             finally:
                 with trio.CancelScope(shield=True):
                     await self.shutdown()
                 nursery.cancel_scope.cancel()
+
+    async def _accept_loop(self, lsock: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        """Accept connections for ever. Out of file descriptors (or kernel memory), the daemon
+        waits and tries again: the client stays in the listen backlog meanwhile, and whoever
+        holds the fds (connections, children) keeps being served. Any other failure of one
+        accept concerns that client alone (it went away, or the LSM refused it)."""
+        starved = False
+        while True:
+            try:
+                s, _ = await lsock.accept()
+            except OSError as e:
+                if e.errno not in (_errno.EMFILE, _errno.ENFILE, _errno.ENOBUFS, _errno.ENOMEM):
+                    continue
+                if not starved:  # once per episode, not 10 times a second
+                    self.observer.log.warning("accept", message=f"cannot accept connections: {e.strerror}; "
+                                              "retrying every 0.1 s (raise the daemon's open-files limit, "
+                                              "LimitNOFILE= in its unit, or find the client holding them)")
+                starved = True
+                await trio.sleep(0.1)
+                continue
+            starved = False
+            nursery.start_soon(self._serve_conn, s)
 
     async def reload(self, config: DaemonConfig) -> list[str]:
         """Adopt a re-read configuration (SIGHUP) without touching running children.
@@ -441,7 +460,14 @@ class Daemon:
                                 hello = True
                                 await conn.send(P.Welcome(P.VERSION, os.getpid(), list(self.pools), leases=True))
                                 continue
-                            await self._dispatch(conn, msg, mfds, nursery)
+                            try:
+                                await self._dispatch(conn, msg, mfds, nursery)
+                            except Exception as e:  # noqa: BLE001 - a bug or EMFILE: this request
+                                # fails, not the daemon (a spawn has its own guard, in its task)
+                                self.observer.log.error("request", kind=type(msg).__name__,
+                                                        message=f"{type(e).__name__}: {e}")
+                                await conn.send(P.Error(getattr(msg, "req", 0), "internal",
+                                                        f"internal error: {type(e).__name__}: {e}"))
                     except ProtocolError as e:
                         await conn.send(P.Error(0, "protocol", str(e)))
                         break
@@ -1003,7 +1029,11 @@ class Daemon:
         try:
             msg = P.Spawn(req=0, kind="exec", argv=["reserve"], pool=pool.config.name, stdin=True,
                           sandbox=self._reserve_request(pool, reserve))
-            reply, fds = await self.spawn(self._reserve_conn, msg, [], prewarm=prewarm)
+            try:
+                reply, fds = await self.spawn(self._reserve_conn, msg, [], prewarm=prewarm)
+            except Exception as e:  # noqa: BLE001 - as _spawn_request: a bug or EMFILE is one failed fill
+                reply, fds = P.SpawnFailed(0, f"internal error: {type(e).__name__}: {e}", "internal",
+                                           code="internal"), []
             child = self.children.get(reply.child) if isinstance(reply, P.Spawned) else None
             if child is None or pool.stopping:
                 _close(fds)
@@ -1077,9 +1107,16 @@ class Daemon:
             await conn.send(P.Error(msg.req, "limit",
                                     f"this connection already made {self.config.max_attaches} attaches"))
             return
-        conn.attaches += 1
         starts = [max(msg.offset, ring.start) for ring in child.rings]
-        pipes = [os.pipe2(os.O_CLOEXEC) for _ in child.rings]
+        pipes: list[tuple[int, int]] = []
+        try:
+            for _ in child.rings:
+                pipes.append(os.pipe2(os.O_CLOEXEC))
+        except OSError as e:
+            _close([fd for pair in pipes for fd in pair])
+            await conn.send(P.Error(msg.req, "limit", f"the daemon cannot make the attach's pipes now: {e.strerror}"))
+            return
+        conn.attaches += 1
         try:
             await conn.send(P.Attached(msg.req, child.id, child.pid, starts[0], starts[1], child.has_result),
                             [r for r, _ in pipes])
@@ -1101,8 +1138,18 @@ class Daemon:
             conn.children[child.id] = child
 
     def _keep(self, child: Child, exited: P.Exited, fds: list[int]) -> None:
-        self.kept[child.id] = _Kept(child, exited, [os.dup(fd) for fd in fds],
-                                    time.monotonic() + self.config.detached_keep_seconds)
+        kept: list[int] = []
+        try:
+            for fd in fds:
+                kept.append(os.dup(fd))
+        except OSError as e:  # out of fds: keep the exit without the export (an attacher gets the rest)
+            _close(kept)
+            kept = []
+            if exited.export is not None:
+                exited = msgspec.structs.replace(exited, export=ExportResult(
+                    error=f"the daemon could not keep the archive for a later attach: {e.strerror}"))
+            self.observer.log.warning("keep", child=child.id, message=f"the export was dropped: {e.strerror}")
+        self.kept[child.id] = _Kept(child, exited, kept, time.monotonic() + self.config.detached_keep_seconds)
         self._expire_kept()
         # Oldest first out, by count and by the bytes held (results and output rings): a peer
         # leaving many large detached results behind cannot pin the daemon's memory.
