@@ -146,6 +146,21 @@ def test_garbage_on_the_result_pipe_is_invalid_and_harmless(client):
     assert client.call(lambda: "still serving") == "still serving"
 
 
+@pytest.mark.parametrize("record", [b"p", b"ABCDEFGH"], ids=["one-byte", "one-short-of-a-header"])
+def test_SECURITY_a_result_shorter_than_its_header_cannot_take_the_daemon_down(client, record):
+    """The result pipe is written by untrusted code: eight bytes (one short of a header) once
+    made the daemon look up an empty kind and die with every child it held."""
+    def payload():
+        import os
+        os.write(5, record)
+        os._exit(0)
+
+    with pytest.raises(ResultError) as ei:
+        client.call(payload)
+    assert ei.value.reason == "invalid"
+    assert client.call(lambda: "still serving") == "still serving"
+
+
 def test_oversize_result_is_dropped_and_the_child_is_not_blocked(client):
     t0 = time.monotonic()
     r = client.run(lambda: "x" * (17 << 20))  # past the default 16 MiB cap

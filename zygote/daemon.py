@@ -1524,7 +1524,10 @@ class Daemon:
                         return
             if not buf:
                 return  # no result: sys.exit, a signal, or a kind without a return value
-            kind, length = hdr.unpack_from(buf) if len(buf) >= hdr.size else (b"", -1)
+            if len(buf) < hdr.size:
+                child.result_kind = "invalid"  # shorter than a header: cut short, or not ours
+                return
+            kind, length = hdr.unpack_from(buf)
             if len(buf) != hdr.size + length:
                 child.result_kind = "invalid"  # cut short (killed mid-write)
                 return
