@@ -323,3 +323,71 @@ def _settled_fds(pid: int, target: int | None) -> int:
             return m
         n = m
     return n
+
+
+def _first_reply(s: socket.socket):
+    """The first message the daemon sends on ``s`` after its Welcome, or None once it closes."""
+    d = P.client_decoder()
+    seen_welcome = False
+    while True:
+        data = s.recv(1 << 20)
+        if not data:
+            return None
+        d.feed(data)
+        while (item := d.next()) is not None:
+            msg, fds = item
+            for fd in fds:
+                os.close(fd)
+            if seen_welcome or not isinstance(msg, P.Welcome):
+                return msg
+            seen_welcome = True
+
+
+@pytest.mark.parametrize("case", ["size-beyond-float", "huge-pool-name", "huge-undecodable-kind"])
+def test_SECURITY_extreme_values_from_a_client_get_a_short_error_not_a_dead_daemon(socket_daemon, case):
+    """Each of these once took the daemon (and every child) down: a memory size of 400 nines is
+    float inf, whose int() raised OverflowError past the decoder; a 70 MiB pool name or kind came
+    back quoted in an error too large to frame, and the send raised."""
+    big = "\x01" * (70 << 20)
+    spawn = {"type": "spawn", "req": 7, "kind": "exec", "argv": ["/bin/true"]}
+    if case == "size-beyond-float":
+        spawn["sandbox"] = {"memory": "9" * 400}
+    elif case == "huge-pool-name":
+        spawn["pool"] = big
+    else:
+        spawn["kind"] = big
+    s = _raw(socket_daemon)
+    s.settimeout(60)
+    try:
+        s.sendall(_frame(_packed({"type": "hello", "version": P.VERSION})) + _frame(_packed(spawn)))
+        reply = _first_reply(s)
+    finally:
+        s.close()
+    assert isinstance(reply, (P.Error, P.SpawnFailed)), reply
+    assert len(reply.message) < 4000
+    if case == "size-beyond-float":
+        assert "memory" in reply.message
+    _alive(socket_daemon)
+
+
+def test_SECURITY_a_client_cannot_hoard_fds_in_a_frame_it_never_finishes(socket_daemon):
+    """fds arriving inside one unfinished frame were held without bound (a client could pin the
+    daemon's whole fd table); past what one frame may carry the connection is refused."""
+    s = _raw(socket_daemon)
+    r, w = os.pipe()
+    try:
+        s.sendall(_frame(_packed({"type": "hello", "version": P.VERSION})))
+        s.sendall(P.HEADER.pack(P.MAGIC, P.VERSION, 4, 1 << 20))  # a 1 MiB frame, never finished
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r, w, r, w]).tobytes())]
+        for _ in range(50):
+            try:
+                s.sendmsg([b"x"], rights)
+            except OSError:
+                break  # the daemon refused and closed
+        reply = _first_reply(s)
+    finally:
+        s.close()
+        os.close(r)
+        os.close(w)
+    assert isinstance(reply, P.Error) and "fds" in reply.message, reply
+    _alive(socket_daemon)

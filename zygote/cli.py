@@ -380,6 +380,9 @@ async def _reload_on_hup(daemon, args) -> None:
                       file=sys.stderr)
             except (ConfigError, PoolStartError) as e:
                 print(f"zygote serve: reload refused, the old configuration stays: {e}", file=sys.stderr)
+            except Exception as e:  # noqa: BLE001 - a bug in reading the file must not end the daemon
+                print(f"zygote serve: reload failed ({type(e).__name__}: {e}), the old configuration stays",
+                      file=sys.stderr)
             sd_notify("READY=1")
 
 

@@ -39,6 +39,7 @@ from .layers import SetupError, cgroups, mounts, network, rlimits, seccomp, user
 
 SEND_TIMEOUT = 30.0  # seconds one message may wait for a client to read before it is dropped
 SEND_QUEUE_BYTES = 64 << 20  # bytes waiting for one connection before it is dropped
+ERROR_TEXT_MAX = 2000  # characters of an error message sent to a client
 RESERVE_QUIET = 0.025  # seconds without a take before a reserve that is not empty is refilled
 RESERVE_PARALLEL = 2  # reserve children being made at once, per pool
 SPAWN_STEPS = ("userns", "mounts", "netns", "rlimits", "uts", "fds", "payload")
@@ -182,7 +183,15 @@ class Connection:
         """
         if self.closed:
             return
-        data = P.encode(msg, len(fds))
+        if isinstance(msg, (P.Error, P.SpawnFailed)) and len(msg.message) > ERROR_TEXT_MAX:
+            # Messages quote what the client sent: a 70 MiB pool name must not come back whole.
+            msg = msgspec.structs.replace(msg, message=msg.message[:ERROR_TEXT_MAX] + "... (cut)")
+        try:
+            data = P.encode(msg, len(fds))
+        except Exception as e:  # noqa: BLE001 - a report too large to frame: a bug, not a crash
+            self.daemon.observer.log.error("send", kind=type(msg).__name__, message=f"{type(e).__name__}: {e}")
+            self.drop()
+            return
         size = len(data)
         self.queued += size
         try:

@@ -17,6 +17,7 @@ from ._workspace import Export, Workspace
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB]?)\s*$")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE_MAX = 1 << 62  # beyond any memory or file size, and within every kernel interface's s64
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.@+-]{1,64}$")
 
 
@@ -35,11 +36,20 @@ def parse_size(value: int | str | None, field: str) -> int | None:
     else:
         m = _SIZE_RE.match(str(value))
         if not m:
-            raise ValueError(f"{field}: expected a size such as 268435456 or '256M', got {value!r}")
-        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+            raise ValueError(f"{field}: expected a size such as 268435456 or '256M', got {_short(value)}")
+        x = float(m.group(1)) * _UNITS[m.group(2).lower()]
+        n = int(x) if math.isfinite(x) and x < _SIZE_MAX else _SIZE_MAX  # 9e400 is inf: no int
     if n <= 0:
-        raise ValueError(f"{field}: must be positive, got {value!r}")
+        raise ValueError(f"{field}: must be positive, got {_short(value)}")
+    if n >= _SIZE_MAX:
+        raise ValueError(f"{field}: must be under 2**62 bytes, got {_short(value)}")
     return n
+
+
+def _short(value: object) -> str:
+    """``repr(value)`` cut to 80 characters: an error message must not echo megabytes back."""
+    r = repr(value)
+    return r if len(r) <= 80 else f"{r[:60]}... ({len(r)} characters)"
 
 
 def _check_abs(path: str, field: str) -> None:

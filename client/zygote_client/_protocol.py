@@ -306,6 +306,13 @@ class FrameDecoder:
         self._broken = False
 
     def feed(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
+        if fds and sum(len(b) for _, b in self._fd_batches) + len(fds) > 2 * MAX_FDS:
+            # Fed after the previous bytes were drained, what is held belongs to one unfinished
+            # frame (at most MAX_FDS) and the new batch to it or the next: more is a peer hoarding
+            # fds in a frame it never finishes.
+            self._fd_batches.append((self._base + len(self._buf), list(fds)))
+            self._broken = True
+            raise ProtocolError("more fds than an unfinished frame may carry")
         if fds:
             if not data:
                 self._fd_batches.append((self._base + len(self._buf), list(fds)))
@@ -354,10 +361,12 @@ class FrameDecoder:
             raise ProtocolError(f"frame declares {nfds} fds but {len(fds)} arrived")
         try:
             msg = self._decoder.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-            _close_all(fds)
+        except Exception as exc:  # noqa: BLE001 - a validator's OverflowError too: bytes from a peer
+            _close_all(fds)  # must end as a protocol error, never as an exception nobody expects
             self._broken = True
-            raise ProtocolError(f"undecodable frame: {exc}") from None
+            text = str(exc)
+            text = text if len(text) <= 500 else text[:500] + "..."
+            raise ProtocolError(f"undecodable frame: {text}") from None
         return msg, fds
 
     @property
