@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import threading
 import time
+
+import pytest
 
 from zygote_client import SandboxConfig
 from conftest import children_of, cmdline, daemon_pid
@@ -113,3 +117,70 @@ def test_open_files_limit(client):
     r = client.run(payload, sandbox_config=SandboxConfig(open_files=20))
     n, err = r.stdout.split()
     assert int(n) <= 17 and int(err) == 24
+
+
+@pytest.mark.parametrize("kind", ["pipe", "socket"])
+def test_SECURITY_a_client_that_never_reads_its_own_fds_stalls_only_its_output(socket_daemon, tmp_path, kind):
+    """stdio="fds": the daemon relays a child's output into fds the client passed. A client that
+    passes pipes and sockets and never reads them must not tie up the daemon's worker threads
+    (trio's default limit is 40: cgroup setup for every client's spawns waits on them)."""
+    from zygote_client import Client
+
+    def chatty():
+        import sys
+        sys.stdout.write("z" * 300_000)
+        sys.stdout.flush()
+
+    held: list[int] = []
+    null = os.open(os.devnull, os.O_RDWR)
+    held.append(null)
+    try:
+        with Client.connect(socket_daemon) as c:
+            kids = []
+            for _ in range(44):
+                if kind == "pipe":
+                    r, w = os.pipe()
+                else:
+                    a, b = socket.socketpair()
+                    r, w = a.detach(), b.detach()
+                held += [r, w]
+                kids.append(c.spawn_child(chatty, stdin=None, _stdio_fds=(null, w, null),
+                                          sandbox_config=SandboxConfig(max_output_bytes="1M")))
+                os.close(w)
+                held.remove(w)
+            for k in kids:
+                assert k.wait(timeout=60).returncode == 0  # the daemon drained each child
+
+            out = tmp_path / "out"
+            done: list[int] = []
+
+            def later() -> None:  # a cgroup-limited spawn (its setup runs on a worker thread)
+                fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
+                try:
+                    k = c.spawn_child(chatty, stdin=None, _stdio_fds=(null, fd, null),
+                                      sandbox_config=SandboxConfig(memory="64M"))
+                finally:
+                    os.close(fd)
+                done.append(k.wait(timeout=30).returncode)
+                done.append(c.call(lambda: 7))
+
+            t = threading.Thread(target=later, daemon=True)
+            t.start()
+            t.join(60)
+            if t.is_alive():  # unstick the daemon's writers before failing
+                for fd in held[1:]:
+                    os.close(fd)
+                del held[1:]
+                t.join(60)
+                pytest.fail("a spawn waited on threads stuck writing into fds nobody reads")
+            assert done == [0, 7]
+            deadline = time.monotonic() + 30
+            while out.stat().st_size < 300_000 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert out.read_bytes() == b"z" * 300_000  # a regular file still gets all of it
+            for r in held[1::2]:  # the pipes and sockets got what fits, in order
+                data = os.read(r, 4096)
+                assert data and set(data) == {ord("z")}
+    finally:
+        for fd in held:
+            os.close(fd)

@@ -12,14 +12,17 @@ from __future__ import annotations
 import array
 import dataclasses
 import errno as _errno
+import fcntl
 import itertools
 import os
 import platform
 import secrets
 import signal
 import socket
+import stat
 import struct
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -170,6 +173,9 @@ class Connection:
         self.spawning = 0  # spawns of this connection in flight (not yet a child or a failure)
         self.attaches = 0  # Attach requests served on this connection (capped: max_attaches)
         self.nursery: trio.Nursery | None = None  # the connection's tasks (taps die with it)
+        # Relayed output to a client's regular file or device is written by threads; the client
+        # controls whether such a write returns, so its stalls hold its own threads, not trio's.
+        self.file_writes = trio.CapacityLimiter(4)
 
     def spawned(self) -> int:
         return sum(1 for c in self.children.values() if c.conn is self)
@@ -793,7 +799,7 @@ class Daemon:
             if relays:
                 box = [0]
                 for r, w, ours in relays:
-                    self._nursery.start_soon(self._relay, child, r, w, ours, limit, box)
+                    self._nursery.start_soon(self._relay, child, r, w, ours, limit, box, conn.file_writes)
             return P.Spawned(msg.req, child.id, pid, msg.stdio == "pipe" and msg.stdin), out
         except BaseException:
             # Cancelled (the connection closed) or a bug: nothing handed our pipe ends on yet.
@@ -1408,14 +1414,24 @@ class Daemon:
             raise
         return cg
 
-    async def _relay(self, child: Child, src: int, dst: int, ours: bool, limit: int, box: list[int]) -> None:
+    async def _relay(self, child: Child, src: int, dst: int, ours: bool, limit: int, box: list[int],
+                     file_writes: trio.CapacityLimiter) -> None:
         """Copy a child's output to its reader, counting it against max_output_bytes.
 
         The daemon reads eagerly (buffering at most ``limit`` bytes), so a child never blocks on a
         full pipe; past the limit it stops relaying, kills the child and flags output_exceeded.
+
+        A client's own fd (stdio="fds") is shared with the client, so its O_NONBLOCK flag is not
+        ours to set: a pipe is reopened as a new nonblocking description, a socket is written with
+        MSG_DONTWAIT, and anything else (a file, a tty) by a thread of the connection's own
+        limiter. A client that stops reading thus stalls only its own output.
         """
         instream = trio.lowlevel.FdStream(src)
+        sock = False
+        if not ours:
+            dst, ours, sock = _writable_without_blocking(dst)
         outstream = trio.lowlevel.FdStream(dst) if ours else None
+        threaded = _ThreadWriter(dst) if not ours and not sock else None
         buf = bytearray()
         more = trio.Event()
         done = False
@@ -1453,8 +1469,14 @@ class Daemon:
                         del buf[:len(chunk)]
                         if outstream is not None:
                             await outstream.send_all(chunk)
+                        elif sock:
+                            await _send_dontwait(dst, chunk)
                         else:
-                            await trio.to_thread.run_sync(_write_all, dst, chunk, abandon_on_cancel=True)
+                            view = memoryview(chunk)
+                            while view:
+                                n = await trio.to_thread.run_sync(threaded.write, view, abandon_on_cancel=True,
+                                                                  limiter=file_writes)
+                                view = view[n:]
                     if done:
                         return
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -1468,6 +1490,8 @@ class Daemon:
             await instream.aclose()
             if outstream is not None:
                 await outstream.aclose()
+            elif threaded is not None:
+                threaded.close()
             else:
                 os.close(dst)
 
@@ -1706,9 +1730,78 @@ def _clone_hint(err: int | None) -> str:
     return ""
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    while data:
-        data = data[os.write(fd, data):]
+class _ThreadWriter:
+    """A blocking fd written by worker threads that a cancelled relay may abandon mid-write.
+
+    The fd is closed by whichever comes last, the relay or a write in progress, and a write whose
+    thread starts after the close does nothing: an abandoned thread never writes to a number the
+    daemon has since reused for another client's connection.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._lock = threading.Lock()
+        self._busy = False
+        self._closed = False
+
+    def write(self, data: bytes) -> int:  # in a worker thread
+        with self._lock:
+            if self._closed:
+                return len(data)
+            self._busy = True
+        try:
+            return os.write(self.fd, data)
+        finally:
+            with self._lock:
+                self._busy = False
+                if self._closed:
+                    os.close(self.fd)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if not self._busy:
+                os.close(self.fd)
+
+
+def _writable_without_blocking(fd: int) -> tuple[int, bool, bool]:
+    """For a client's fd: (fd to write, is it a nonblocking fd of ours, is it a socket).
+
+    A pipe is reopened through /proc as a description of our own with O_NONBLOCK (only if the
+    client's fd was writable: the reopening must not grant what the client did not have); ``fd``
+    is then closed. A socket stays (sends use MSG_DONTWAIT); anything else stays blocking.
+    """
+    try:
+        mode = os.fstat(fd).st_mode
+        writable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+    except OSError:
+        return fd, False, False
+    if stat.S_ISSOCK(mode):
+        return fd, False, True
+    if stat.S_ISFIFO(mode) and writable:
+        try:
+            own = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return fd, False, False  # (no reader left: ENXIO) the blocking write fails with EPIPE
+        os.close(fd)
+        return own, True, False
+    return fd, False, False
+
+
+async def _send_dontwait(fd: int, data: bytes) -> None:
+    """Send all of ``data`` on socket ``fd`` without blocking and without changing its flags."""
+    s = socket.socket(fileno=fd)  # no default timeout is set here, so this leaves O_NONBLOCK alone
+    try:
+        view = memoryview(data)
+        while view:
+            try:
+                n = s.send(view, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(fd)
+                continue
+            view = view[n:]
+    finally:
+        s.detach()  # the fd stays the relay's to close
 
 
 def _fds_from(anc) -> list[int]:
