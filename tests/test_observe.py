@@ -77,3 +77,22 @@ def test_logs_status_and_metrics(tmp_path):
     assert len(timeout_exit) == 1 and timeout_exit[0]["limits_hit"] == ["timeout"]
     assert all("wall_s" in e and "returncode" in e for e in exits)
 
+
+
+def test_a_daemon_whose_log_reader_went_away_keeps_serving(tmp_path):
+    """stderr is a pipe whose reader closed (a collector that died): every log line fails with
+    EPIPE. The daemon drops the lines and goes on spawning and reaping."""
+    sock = str(tmp_path / "z.sock")
+    r, w = os.pipe()
+    os.close(r)
+    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--socket", sock], stderr=w)
+    os.close(w)
+    try:
+        wait_socket(sock, proc)
+        with Client.connect(sock) as c:
+            for i in range(3):  # a spawn line and an exit line each
+                assert c.call(lambda i=i: i * 2) == i * 2
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0

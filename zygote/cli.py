@@ -258,7 +258,16 @@ def sd_notify(state: str) -> None:
             s.connect(addr)
             s.send(state.encode())
         except OSError as e:
-            print(f"zygote serve: sd_notify {state!r}: {e}", file=sys.stderr)
+            _say(f"zygote serve: sd_notify {state!r}: {e}")
+
+
+def _say(text: str) -> None:
+    """A line on stderr from a running daemon; one that cannot be written (the reader went away)
+    is dropped rather than raised into the daemon."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def serve(args) -> int:
@@ -376,13 +385,11 @@ async def _reload_on_hup(daemon, args) -> None:
             sd_notify("RELOADING=1")
             try:
                 changes = await daemon.reload(_config_from_args(args))
-                print(f"zygote serve: reloaded {args.config}: {'; '.join(changes) or 'no pool changed'}",
-                      file=sys.stderr)
+                _say(f"zygote serve: reloaded {args.config}: {'; '.join(changes) or 'no pool changed'}")
             except (ConfigError, PoolStartError) as e:
-                print(f"zygote serve: reload refused, the old configuration stays: {e}", file=sys.stderr)
+                _say(f"zygote serve: reload refused, the old configuration stays: {e}")
             except Exception as e:  # noqa: BLE001 - a bug in reading the file must not end the daemon
-                print(f"zygote serve: reload failed ({type(e).__name__}: {e}), the old configuration stays",
-                      file=sys.stderr)
+                _say(f"zygote serve: reload failed ({type(e).__name__}: {e}), the old configuration stays")
             sd_notify("READY=1")
 
 

@@ -30,9 +30,30 @@ def configure_logging(fmt: str = "json", level: str = "info", stream=None) -> No
                     structlog.processors.TimeStamper(fmt="iso", utc=True),
                     renderer],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(_LossyStream(stream or sys.stderr)),
         cache_logger_on_first_use=False,
     )
+
+
+class _LossyStream:
+    """The log stream, but a log line that cannot be written is dropped: a collector that went
+    away (EPIPE), a closed or absent stderr, a full disk must not turn a log call into an
+    exception in the middle of reaping a child."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        try:
+            self._stream.write(text)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
 
 
 _LIMIT_FLAGS = (("timed_out", "timeout"), ("memory_exceeded", "memory"), ("pids_exceeded", "pids"),
