@@ -769,7 +769,11 @@ class Daemon:
                 # the client's own fds are closed by our caller
                 _close([fd for fd in theirs if fd not in client_fds])
                 theirs = []
-            pidfd = os.pidfd_open(pid)
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:  # out of fds: the clone gets EOF on its control pipe and exits
+                self._nursery.start_soon(self._reap_strays)
+                raise
             child = Child(id=cid, pid=pid, pidfd=pidfd, conn=conn,
                           started=time.monotonic(), timeout=timeout, timeout_grace=cfg.timeout_grace,
                           status_stream=trio.lowlevel.FdStream(st_r),
@@ -802,8 +806,10 @@ class Daemon:
                     self._nursery.start_soon(self._relay, child, r, w, ours, limit, box, conn.file_writes)
             return P.Spawned(msg.req, child.id, pid, msg.stdio == "pipe" and msg.stdin), out
         except BaseException:
-            # Cancelled (the connection closed) or a bug: nothing handed our pipe ends on yet.
-            # A child already registered is killed by the connection's own cleanup.
+            # Cancelled (the connection closed), out of fds half-way through making the pipes, or
+            # a bug: nothing handed our pipe ends on yet. A child already registered is killed by
+            # the connection's own cleanup.
+            _close([fd for fd in theirs if fd not in client_fds])
             _close(mine)
             _close([fd for r, w, _ in relays for fd in (r, w)] + [fd for pair in detached for fd in pair])
             if born_in is not None:  # made for a child that never came to be
@@ -1495,12 +1501,17 @@ class Daemon:
             else:
                 os.close(dst)
 
-    @staticmethod
-    def _cgroup_remove(cg) -> None:
+    def _cgroup_remove(self, cg) -> None:
+        """Kill what is left in a child's cgroup and remove it (in a worker thread). Never raises:
+        a cgroup the kernel will not let go of (a task stuck in D state past the kill's deadline)
+        is logged and left, under the daemon's named directory, for the next start to clear."""
         try:
-            cg.kill()
-        finally:
-            cg.remove()
+            try:
+                cg.kill()
+            finally:
+                cg.remove()
+        except (SetupError, OSError) as e:
+            self.observer.log.error("cgroup", child=cg.child_id, message=f"left behind: {e}")
 
     @staticmethod
     def _cgroup_stats(cg, status: ExitStatus) -> ExitStatus:
@@ -1672,7 +1683,11 @@ def _kept_bytes(k: "_Kept") -> int:
 def _stray_zombies(known: set[int]) -> list[int]:
     """Zombie children of this process, in a pid namespace of their own, not in ``known``."""
     out = []
-    for task in os.listdir("/proc/self/task"):
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:  # out of fds: the caller tries again later
+        return out
+    for task in tasks:
         try:
             with open(f"/proc/self/task/{task}/children") as f:
                 pids = [int(p) for p in f.read().split()]

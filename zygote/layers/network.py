@@ -278,7 +278,7 @@ class NetworkHost:
         if rules:
             try:
                 _nft.apply(_nft.child_del(self.table, lease.ifname, lease.child, bool(has_allow)))
-            except _nft.NftError:
+            except (_nft.NftError, OSError):
                 pass  # the table is gone (shutdown) or the elements never got in
         try:
             with IPRoute() as ipr:
