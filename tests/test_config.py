@@ -64,6 +64,8 @@ def test_load_example(tmp_path):
     ("[pools.default]\nchild_main = 'nocolon'\n", ["child_main"]),
     ("[pools.default]\nreserve = 257\n", ["reserve", "0..256"]),
     ("[pools.default]\nreserve_network = 2\n", ["reserve_network", "network"]),
+    ('[daemon]\nnetwork_pool = "10.213.0.0/29"\n[pools.default]\nreserve_network = 2\n'
+     '[pools.default.sandbox.network]\n', ["reserve_network", "room for 2"]),
     ("[daemon\n", ["TOML"]),
 ])
 def test_bad_config_names_the_key(tmp_path, text, words):

@@ -221,6 +221,8 @@ def _config_from_args(args):
         NetworkHost(changes.get("network_pool", cfg.network_pool), changes.get("network_dns", cfg.network_dns))
     except ValueError as e:
         raise config_file.ConfigError(str(e)) from None
+    config_file.check_network_room(changes.get("pools", cfg.pools), changes.get("network_pool", cfg.network_pool),
+                                   "--network-pool/--reserve-network")
     if args.socket_mode is not None:
         try:
             changes["socket_mode"] = int(args.socket_mode, 8)

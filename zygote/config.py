@@ -110,6 +110,23 @@ def check_reserves(pool: PoolConfig, where: str) -> None:
                           "(sandbox.network in its TOML table, or --network)")
 
 
+def check_network_room(pools, network_pool: str, where: str) -> None:
+    """Every pool's networked reserve together must leave addresses for requests: each held
+    child keeps a /30 of ``network_pool``. (A pool that is not a valid network is reported by
+    the network layer's own check.)"""
+    import ipaddress
+
+    try:
+        slots = ipaddress.ip_network(network_pool).num_addresses // 4
+    except ValueError:
+        return
+    held = sum(p.reserve_network for p in pools.values())
+    if held and held >= slots:
+        raise ConfigError(f"{where}: the pools' reserve_network add up to {held}, but network_pool "
+                          f"{network_pool} has room for {slots} networked children: lower reserve_network "
+                          "or give a larger network_pool")
+
+
 def load(path: str, *, default_python: str):
     """Read ``path`` and return a DaemonConfig (socket not yet created). Raises ConfigError."""
     from .daemon import DaemonConfig  # the daemon module imports trio; keep this module light
@@ -197,6 +214,8 @@ def load(path: str, *, default_python: str):
         kw["network_dns"] = tuple(d.network_dns)
     if d.network_masquerade is not None:
         kw["network_masquerade"] = d.network_masquerade
+    from .layers.network import DEFAULT_POOL
+    check_network_room(pools, kw.get("network_pool", DEFAULT_POOL), path)
     return DaemonConfig(socket_path=d.socket, pools=pools, allowed_uids=tuple(d.allowed_uids),
                         allowed_gids=tuple(d.allowed_gids), max_children=d.max_children,
                         max_children_per_client=d.max_children_per_client, socket_mode=mode,
