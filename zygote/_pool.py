@@ -104,7 +104,10 @@ class Zygote:
         self.dead = trio.Event()
 
     async def start(self, timeout: float = 300.0) -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        except OSError as e:  # out of fds: a restart is tried again later
+            raise PoolStartError(f"zygote of pool {self.pool.name!r}: socketpair: {e.strerror}") from None
         env = dict(self.pool.env)
         for k, v in THREAD_CAPS.items():
             env.setdefault(k, v)
@@ -186,6 +189,10 @@ async def _wait_proc(proc: subprocess.Popen) -> None:
         fd = os.pidfd_open(proc.pid)
     except ProcessLookupError:
         proc.wait()
+        return
+    except OSError:  # out of fds: poll instead
+        while proc.poll() is None:
+            await trio.sleep(0.02)
         return
     try:
         while proc.poll() is None:

@@ -784,12 +784,12 @@ class Daemon:
             child.cgroup, born_in = born_in, None  # the child owns it now (removed after reaping)
             mine.remove(st_r)
             mine.remove(res_r)
-            if cfg.export is not None:
-                child.collector = workspace.Collector(cfg.export)
             self.children[child.id] = child
             conn.children[child.id] = child
             self.spawns_total += 1
             self._nursery.start_soon(self._watch, child)
+            if cfg.export is not None:  # (after the watcher: a memfd_create that fails leaves no stray)
+                child.collector = workspace.Collector(cfg.export)
             ctl = trio.lowlevel.FdStream(ctl_w)
             mine.remove(ctl_w)
             failure = await self._setup_outside(child, ctl, plan, msg, cfg)

@@ -328,8 +328,11 @@ class Collector:
         if self.fd is None:
             return
         buf = memoryview(record(entry))
-        while buf:
-            buf = buf[os.write(self.fd, buf):]
+        try:
+            while buf:
+                buf = buf[os.write(self.fd, buf):]
+        except OSError as e:  # the daemon's own memory (ENOMEM, ENOSPC): this export fails, not the daemon
+            self._refuse(f"the daemon could not hold the archive: {e.strerror}", entry.path)
 
     def _over(self, path: str, reason: str) -> None:
         if self.export.on_exceed == "refuse":
