@@ -748,3 +748,28 @@ def _sleeper_payload():
 def _log_tail(proc) -> str:
     proc.log.seek(0)
     return proc.log.read().decode(errors="replace")[-3000:]
+
+
+def test_the_daemon_raises_its_own_open_files_limit_and_children_keep_theirs(tmp_path):
+    """Started under a soft limit of 256 (hard 4096), the daemon runs at 4096 (about seven fds
+    per child: 256 would end it near 35 children); a child still gets 256."""
+    import resource
+
+    path = str(tmp_path / "z.sock")
+    log = __import__("tempfile").TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--socket", path, "--preload", "json"],
+                            stderr=log, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096)))
+    proc.log = log
+    try:
+        wait_socket(path, proc)
+        with open(f"/proc/{proc.pid}/limits") as f:
+            line = next(ln for ln in f if ln.startswith("Max open files"))
+        assert line.split()[3:5] == ["4096", "4096"], line
+
+        def limit():
+            import resource as r
+            return list(r.getrlimit(r.RLIMIT_NOFILE))
+        with Client.connect(path) as c:
+            assert c.call(limit) == [256, 4096]
+    finally:
+        stop_daemon(proc)

@@ -92,6 +92,33 @@ class PoolStartError(Exception):
     """A zygote could not start (preload failed, bad interpreter); the message says why."""
 
 
+# The soft RLIMIT_NOFILE the daemon was started with, once raise_open_files() raised its own:
+# zygotes put it back, so children get what they would have had without the daemon's headroom.
+_CHILD_NOFILE: int | None = None
+
+
+def raise_open_files(ceiling: int = 1 << 16) -> tuple[int, int]:
+    """Raise the daemon's soft open-files limit toward its hard one (at most ``ceiling``).
+
+    The daemon holds about seven fds per child (its pipe ends, pidfd, cgroup fd) plus one per
+    connection; under a service manager's usual soft limit of 1024 it would run out near 150
+    children, below ``max_children``. Returns (old soft, new soft)."""
+    global _CHILD_NOFILE
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = ceiling if hard == resource.RLIM_INFINITY else min(hard, ceiling)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError):
+            return soft, soft
+        if _CHILD_NOFILE is None:
+            _CHILD_NOFILE = soft
+        return soft, target
+    return soft, soft
+
+
 class Zygote:
     def __init__(self, pool: PoolConfig, index: int) -> None:
         self.pool = pool
@@ -114,6 +141,8 @@ class Zygote:
         # The zygote drops the caps it does not share with the pool's environment once its
         # preloads ran: it then holds exactly what children get, and they need not change it.
         env["ZYGOTE_UNSET_AFTER_PRELOAD"] = ",".join(k for k in THREAD_CAPS if k not in self.pool.env)
+        if _CHILD_NOFILE is not None:
+            env["ZYGOTE_OPEN_FILES"] = str(_CHILD_NOFILE)
         try:
             # Popen from the trio thread itself (not a worker thread): children created by
             # CLONE_PARENT get this thread as their real parent, and PDEATHSIG follows it.

@@ -53,6 +53,11 @@ def main(argv: list[str]) -> None:
     # Children inherit the signal mask: whatever started the daemon may have blocked signals
     # (threads often do), and a child must be interruptible like any fresh process.
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    # The daemon raised its open-files limit for itself; children get the one it was started with.
+    nofile = os.environ.pop("ZYGOTE_OPEN_FILES", "")
+    if nofile.isdigit():
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (int(nofile), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
     try:
         # Supplementary groups survive setgroups=deny in the child: drop the host's here.
         if os.geteuid() == 0:

@@ -36,7 +36,7 @@ from zygote_client._workspace import ExportResult, WorkspaceError
 
 from . import _childproto as C
 from ._clone import ALL_NAMESPACES, CLONE_INTO_CGROUP, CLONE_PARENT
-from ._pool import Pool, PoolConfig, PoolStartError, Reserve, ZygoteDied
+from ._pool import Pool, PoolConfig, PoolStartError, Reserve, ZygoteDied, raise_open_files
 from . import detach, observe, policy
 from .layers import SetupError, cgroups, mounts, network, rlimits, seccomp, userns, workspace
 
@@ -316,6 +316,7 @@ class Daemon:
     async def run(self, *, listen_sock: socket.socket | None = None, inherit_fd: int | None = None,
                   task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled (or, with inherit_fd, until that one connection closes)."""
+        raise_open_files()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
