@@ -391,3 +391,41 @@ def test_SECURITY_a_client_cannot_hoard_fds_in_a_frame_it_never_finishes(socket_
         os.close(w)
     assert isinstance(reply, P.Error) and "fds" in reply.message, reply
     _alive(socket_daemon)
+
+
+def test_SECURITY_unfinished_requests_cannot_take_the_daemons_memory(socket_daemon):
+    """Each connection may hold one unfinished frame of up to MAX_FRAME (256 MiB) in the daemon;
+    a peer with many connections could make the daemon buffer gigabytes. Per uid, what is held
+    over all its connections is capped: the connection that goes past it is refused ("limit"),
+    and what a closed connection held is released."""
+    chunk = b"\0" * (4 << 20)
+
+    def half_send(s: socket.socket, mib: int) -> bool:
+        s.sendall(_frame(_packed({"type": "hello", "version": P.VERSION})))
+        s.sendall(P.HEADER.pack(P.MAGIC, P.VERSION, 0, P.MAX_FRAME - 64))
+        try:
+            for _ in range(mib // 4):
+                s.sendall(chunk)
+        except OSError:
+            return False  # refused and closed by the daemon
+        return True
+
+    conns = [_raw(socket_daemon) for _ in range(3)]
+    try:
+        assert half_send(conns[0], 200) and half_send(conns[1], 200)
+        half_send(conns[2], 200)
+        reply = _first_reply(conns[2])
+        assert isinstance(reply, P.Error) and reply.code == "limit", reply
+        assert "MiB of unfinished requests" in reply.message
+    finally:
+        for s in conns:
+            s.close()
+    _alive(socket_daemon)
+    s = _raw(socket_daemon)  # the closed connections' share is free again: a whole frame fits
+    try:
+        assert half_send(s, 252)
+        s.sendall(b"\xc1" * (P.MAX_FRAME - 64 - (252 << 20)))  # finished, but not msgpack
+        reply = _first_reply(s)
+    finally:
+        s.close()
+    assert isinstance(reply, P.Error) and reply.code == "protocol", reply

@@ -43,6 +43,10 @@ from .layers import SetupError, cgroups, mounts, network, rlimits, seccomp, user
 SEND_TIMEOUT = 30.0  # seconds one message may wait for a client to read before it is dropped
 SEND_QUEUE_BYTES = 64 << 20  # bytes waiting for one connection before it is dropped
 ERROR_TEXT_MAX = 2000  # characters of an error message sent to a client
+# Bytes of unfinished request frames the daemon holds for one peer uid, over all its connections:
+# two frames of the largest size (and some slack for the reads in progress) may be in flight;
+# more connections buy no more of the daemon's memory.
+PENDING_PER_UID = 2 * P.MAX_FRAME + (4 << 20)
 RESERVE_QUIET = 0.025  # seconds without a take before a reserve that is not empty is refilled
 RESERVE_PARALLEL = 2  # reserve children being made at once, per pool
 SPAWN_STEPS = ("userns", "mounts", "netns", "rlimits", "uts", "fds", "payload")
@@ -251,6 +255,7 @@ class Daemon:
         self.uid_map, self.gid_map = userns.map_lines(config.id_base, os.getuid(), os.getgid())
         self.spawns_total = 0
         self.cleaning = 0
+        self.pending: dict[int, int] = {}  # peer uid -> bytes of unfinished frames held for it
         self.cgroups: cgroups.CgroupHost | None = None
         self.cgroup_error: SetupError | None = None
         self._into_cgroup = False  # clone children straight into their cgroup (set for v2 hosts)
@@ -442,6 +447,7 @@ class Daemon:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         conn = Connection(self, sock, struct.unpack("3i", creds))
         decoder = P.daemon_decoder()
+        held = 0  # decoder.pending_bytes, as counted in self.pending
         self.observer.connection(+1)
         try:
             if not self._peer_allowed(conn.peer_uid, conn.peer_gid):
@@ -450,6 +456,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 conn.nursery = nursery
                 hello = False
+                uid = conn.peer_uid
                 while True:
                     try:
                         data, anc, flags, _ = await sock.recvmsg(1 << 18, socket.CMSG_SPACE(4 * (P.MAX_FDS + 1)))
@@ -487,9 +494,24 @@ class Daemon:
                     except ProtocolError as e:
                         await conn.send(P.Error(0, "protocol", str(e)))
                         break
+                    now = decoder.pending_bytes
+                    self.pending[uid] = self.pending.get(uid, 0) + now - held
+                    held = now
+                    if self.pending[uid] > PENDING_PER_UID:
+                        await conn.send(P.Error(0, "limit", (
+                            f"uid {uid} has {self.pending[uid] >> 20} MiB of unfinished requests on its "
+                            f"connections; the daemon holds at most {PENDING_PER_UID >> 20} MiB per user "
+                            "(finish sending one request before starting the next)")))
+                        break
                 nursery.cancel_scope.cancel()
         finally:
             decoder.close_fds()
+            if held:
+                left = self.pending.get(conn.peer_uid, 0) - held
+                if left > 0:
+                    self.pending[conn.peer_uid] = left
+                else:
+                    self.pending.pop(conn.peer_uid, None)
             conn.closed = True
             for child in list(conn.children.values()):
                 if child.detached:
