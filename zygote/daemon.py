@@ -1209,6 +1209,7 @@ class Daemon:
     async def _setup_outside(self, child: Child, ctl: trio.lowlevel.FdStream, plan: C.ChildPlan,
                              msg: P.Spawn, cfg: SandboxConfig) -> P.SpawnFailed | None:
         """Everything the daemon does to the child's pid before "go", then go, then the handshake."""
+        went = False  # the plan was sent: only then may a reserve child keep its control pipe
         try:
             try:
                 userns.outside(child.pid, self.uid_map, self.gid_map)
@@ -1240,10 +1241,13 @@ class Daemon:
                     return P.SpawnFailed(msg.req, e.message, "network", e.errno, e.hint, code=code)
             try:
                 await ctl.send_all(C.frame(plan))
+                went = True
             except (trio.BrokenResourceError, OSError):
                 pass  # the child died before go; its status pipe/exit tells why
         finally:
-            if plan.deferred and not child.exited.is_set():
+            # A failure before go (or an exception) closes it: the child reads EOF instead of a
+            # plan and exits, rather than wait for ever for a Job nobody will send.
+            if went and plan.deferred and not child.exited.is_set():
                 child.ctl = ctl  # the Job goes here when a request takes this reserve child
             else:
                 await ctl.aclose()
