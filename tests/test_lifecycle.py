@@ -773,3 +773,44 @@ def test_the_daemon_raises_its_own_open_files_limit_and_children_keep_theirs(tmp
             assert c.call(limit) == [256, 4096]
     finally:
         stop_daemon(proc)
+
+
+def test_a_zygote_started_while_the_daemon_holds_over_1024_fds_works(tmp_path):
+    """With its raised limit the daemon may hold more than 1024 fds; a zygote started then (a
+    reload adding a pool) gets its socket at a number select() cannot take. It must serve."""
+    import resource
+
+    path = str(tmp_path / "z.sock")
+    cfg = tmp_path / "z.toml"
+    cfg.write_text(f'[daemon]\nsocket = "{path}"\n[pools.default]\npreload = ["json"]\n')
+    log = __import__("tempfile").TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--config", str(cfg)], stderr=log,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 4096)))
+    proc.log = log
+    held: list[socket.socket] = []
+    try:
+        wait_socket(path, proc)
+        for _ in range(1100):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            held.append(s)
+        deadline = time.monotonic() + 30
+        while fd_count(proc.pid) < 1100 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cfg.write_text(f'[daemon]\nsocket = "{path}"\n[pools.default]\npreload = ["json"]\n'
+                       '[pools.extra]\npreload = ["colorsys"]\n')
+        os.kill(proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while b"reloaded" not in _log_tail(proc).encode() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with Client.connect(path) as c:
+            k = c.spawn_child(print, ("ok",), stdin=None, pool="extra")
+            assert k.stdout.read() == b"ok\n"
+            assert k.wait(timeout=30).returncode == 0
+            k.stderr.close()
+            time.sleep(0.5)  # a zygote that dies after its first clone would show as a restart
+            assert {p.name: p.restarts for p in c.status().pools} == {"default": 0, "extra": 0}
+    finally:
+        for s in held:
+            s.close()
+        stop_daemon(proc)

@@ -99,8 +99,10 @@ def main(argv: list[str]) -> None:
     _sock.send(b"R" + msgspec.msgpack.encode(info))
     flags_allowed = ALL_NAMESPACES | CLONE_PARENT
     _netns = netns.Ahead()
+    waiting = select.poll()  # (not select(): the daemon may have handed us an fd number >= 1024)
+    waiting.register(_sock, select.POLLIN)
     while True:
-        if _netns.enabled and not _netns.ready and not select.select([_sock], [], [], 0)[0]:
+        if _netns.enabled and not _netns.ready and not waiting.poll(0):
             _netns.prepare()  # only when no request is waiting (one arriving meanwhile waits for it)
         try:
             msg, fds, _flags, _addr = socket.recv_fds(_sock, REQ.size, NFDS + 1)
