@@ -70,3 +70,24 @@ def test_memory_flag_kills_hog():
 
 def test_bad_limit_is_usage_error():
     assert run("--memory", "lots", "--", "/bin/true").returncode == 2
+
+
+def test_max_output_into_a_socket_stdout():
+    """With --max-output the daemon writes the counted output itself, never into a socket (the
+    receiver would see the daemon as its sender): `zygote run` copies through a pipe of its own,
+    so a stdout that is a socket (a journal stream) still gets everything."""
+    import socket
+
+    ours, theirs = socket.socketpair()
+    p = subprocess.Popen([*ZYGOTE, "run", "--max-output", "1M", "--", "sh", "-c", "echo out; echo err >&2"],
+                         stdout=theirs, stderr=theirs)
+    theirs.close()
+    ours.settimeout(60)
+    data = b""
+    try:
+        while chunk := ours.recv(4096):
+            data += chunk
+    finally:
+        ours.close()
+    assert p.wait(timeout=60) == 0
+    assert sorted(data.splitlines()) == [b"err", b"out"]

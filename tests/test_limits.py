@@ -11,7 +11,8 @@ import time
 import pytest
 
 from zygote_client import SandboxConfig
-from conftest import children_of, cmdline, daemon_pid
+from conftest import children_of, cmdline, daemon_pid, fd_count
+from zygote_client import Client
 
 
 def test_timeout_kills_tree_with_grandchildren(client):
@@ -119,10 +120,10 @@ def test_open_files_limit(client):
     assert int(n) <= 17 and int(err) == 24
 
 
-@pytest.mark.parametrize("kind", ["pipe", "socket"])
+@pytest.mark.parametrize("kind", ["pipe", "tty"])
 def test_SECURITY_a_client_that_never_reads_its_own_fds_stalls_only_its_output(socket_daemon, tmp_path, kind):
     """stdio="fds": the daemon relays a child's output into fds the client passed. A client that
-    passes pipes and sockets and never reads them must not tie up the daemon's worker threads
+    passes pipes or ttys and never reads them must not tie up the daemon's worker threads
     (trio's default limit is 40: cgroup setup for every client's spawns waits on them)."""
     from zygote_client import Client
 
@@ -141,8 +142,7 @@ def test_SECURITY_a_client_that_never_reads_its_own_fds_stalls_only_its_output(s
                 if kind == "pipe":
                     r, w = os.pipe()
                 else:
-                    a, b = socket.socketpair()
-                    r, w = a.detach(), b.detach()
+                    r, w = os.openpty()  # a terminal whose master nobody reads
                 held += [r, w]
                 kids.append(c.spawn_child(chatty, stdin=None, _stdio_fds=(null, w, null),
                                           sandbox_config=SandboxConfig(max_output_bytes="1M")))
@@ -178,9 +178,106 @@ def test_SECURITY_a_client_that_never_reads_its_own_fds_stalls_only_its_output(s
             while out.stat().st_size < 300_000 and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert out.read_bytes() == b"z" * 300_000  # a regular file still gets all of it
-            for r in held[1::2]:  # the pipes and sockets got what fits, in order
-                data = os.read(r, 4096)
-                assert data and set(data) == {ord("z")}
+            got = 0
+            for r in held[1:]:  # what fits, in order (a tty: only the uid's few writer threads)
+                os.set_blocking(r, False)
+                try:
+                    data = os.read(r, 4096)
+                except BlockingIOError:
+                    continue
+                assert set(data) == {ord("z")}
+                got += 1
+            assert got == 44 if kind == "pipe" else got >= 1
     finally:
         for fd in held:
             os.close(fd)
+
+
+def test_SECURITY_counted_output_is_never_written_into_a_client_socket(socket_daemon):
+    """The daemon writes counted output (max_output_bytes) into the client's own stdout. Into a
+    unix socket it would write as itself: a receiver with SO_PASSCRED (systemd's notify socket,
+    journald) would take the child's text as coming from the daemon's pid with uid 0. Refused."""
+    from zygote_client import Client, DaemonError
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        with Client.connect(socket_daemon) as c:
+            with pytest.raises(DaemonError) as e:
+                k = c.spawn_child(print, ("MAINPID=1",), stdin=None, _stdio_fds=(null, theirs.fileno(), null),
+                                  sandbox_config=SandboxConfig(max_output_bytes="1M"))
+                k.wait(timeout=30)
+            assert e.value.code == "bad-request" and "socket" in str(e.value)
+            ours.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                ours.recvmsg(100, socket.CMSG_SPACE(12))  # nothing arrived, from anyone
+            assert c.call(lambda: 3) == 3
+    finally:
+        os.close(null)
+        ours.close()
+        theirs.close()
+
+
+def _daemon_of(sock_path: str) -> int:
+    with Client.connect(sock_path) as c:
+        return c.status().daemon_pid
+
+
+def test_SECURITY_a_relay_nobody_reads_ends_after_its_connection(socket_daemon):
+    """A child's counted output waits in the daemon for its reader. When the connection closes
+    with a reader that never reads (its read end kept open elsewhere), the relay ends after a
+    short grace: its buffer and fds go, instead of staying for the daemon's lifetime."""
+    from zygote_client import Client
+
+    dpid = _daemon_of(socket_daemon)
+    time.sleep(0.5)
+    base = fd_count(dpid)
+    keep = []
+    with Client.connect(socket_daemon) as c:
+        for _ in range(3):
+            k = c.spawn_child(lambda: print("q" * 2_000_000), stdin=None,
+                              sandbox_config=SandboxConfig(max_output_bytes="8M"))
+            assert k.wait(timeout=30).returncode == 0  # all of it is in the daemon's buffer
+            keep.append(os.dup(k.stdout.fileno()))  # the reader lives on, never reading
+            k.stdout.close()
+            k.stderr.close()
+        assert fd_count(dpid) > base
+    try:
+        deadline = time.monotonic() + 15  # RELAY_GRACE is 5 s
+        while fd_count(dpid) > base and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert fd_count(dpid) <= base, "relays of a closed connection still hold their fds"
+    finally:
+        for fd in keep:
+            os.close(fd)
+
+
+def test_SECURITY_output_buffered_for_one_user_is_bounded(socket_daemon):
+    """Counted output waits in the daemon while its reader is slow, but only up to 256 MiB per
+    uid: past it the child blocks on its pipe like under any slow reader, and loses nothing."""
+    from zygote_client import Client
+
+    def flood():
+        import os
+        block = b"f" * (1 << 20)
+        for _ in range(320):
+            os.write(1, block)
+
+    def rss(pid: int) -> int:
+        with open(f"/proc/{pid}/status") as f:
+            return int(next(ln for ln in f if ln.startswith("VmRSS:")).split()[1]) << 10
+
+    dpid = _daemon_of(socket_daemon)
+    before = rss(dpid)
+    with Client.connect(socket_daemon) as c:
+        k = c.spawn_child(flood, stdin=None, sandbox_config=SandboxConfig(max_output_bytes="1G"))
+        time.sleep(4)  # nobody reads: the daemon buffers what the bound lets it
+        assert k.poll() is None, "the child wrote all 320 MiB: nothing held it back"
+        assert rss(dpid) - before < 300 << 20, (before, rss(dpid))
+        total = 0
+        while chunk := k.stdout.read(1 << 20):
+            total += len(chunk)
+        assert total == 320 << 20
+        assert k.wait(timeout=60).returncode == 0
+        k.stderr.close()

@@ -6,6 +6,7 @@ import array
 import os
 import socket
 import struct
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -429,3 +430,47 @@ def test_SECURITY_unfinished_requests_cannot_take_the_daemons_memory(socket_daem
     finally:
         s.close()
     assert isinstance(reply, P.Error) and reply.code == "protocol", reply
+
+
+def test_SECURITY_received_requests_awaiting_their_answer_count_toward_the_cap(socket_daemon):
+    """A Spawn is held, payload and all, until its answer is sent; a client that does not read
+    its answers keeps them waiting. Whole frames so held count toward the same per-uid cap as
+    unfinished ones: the connection that goes past it is refused."""
+    import threading
+
+    s = _raw(socket_daemon)
+    s.settimeout(20)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        s.sendall(_frame(_packed({"type": "hello", "version": P.VERSION})))
+        # Thousands of refusals nobody reads yet: the daemon's answers back up behind them.
+        s.sendall(b"".join(P.encode(P.Spawn(req=i, kind="exec", argv=["x"], pool="nope")) for i in range(1, 3001)))
+        big = P.encode(P.Spawn(req=9999, kind="exec", argv=["x"], pool="nope", payload=b"\0" * (200 << 20)))
+
+        def send_big() -> None:
+            try:
+                for _ in range(4):
+                    s.sendall(big)
+            except OSError:
+                pass  # refused and closed
+
+        t = threading.Thread(target=send_big, daemon=True)
+        t.start()
+        time.sleep(3)
+        d = P.client_decoder()
+        codes = []
+        while True:
+            try:
+                data = s.recv(1 << 20)
+            except (TimeoutError, OSError):
+                break
+            if not data:
+                break
+            d.feed(data)
+            while (item := d.next()) is not None:
+                codes.append(getattr(item[0], "code", None))
+        t.join(30)
+    finally:
+        s.close()
+    assert "limit" in codes, codes[-3:]
+    _alive(socket_daemon)

@@ -465,9 +465,17 @@ def run(args) -> int:
     try:
         daemon_args = ["--network"] if cfg.network is not None else []
         with Client.embedded(preload_imports=args.preload, environment=env, daemon_args=daemon_args) as client:
-            child = client.spawn_child(_argv=argv, _script=script, _stdio_fds=(0, 1, 2), env=env,
-                                       timeout=args.timeout, sandbox_config=cfg)
+            stdio, copiers = _stdio_for(cfg)
+            try:
+                child = client.spawn_child(_argv=argv, _script=script, _stdio_fds=stdio, env=env,
+                                           timeout=args.timeout, sandbox_config=cfg)
+            finally:
+                for fd in stdio[1:]:
+                    if fd > 2:
+                        os.close(fd)
             status = child.wait()
+            for t in copiers:
+                t.join()
             if args.export:
                 child.export(args.export)
     except WorkspaceError as e:
@@ -483,6 +491,43 @@ def run(args) -> int:
         return EXIT_TIMEOUT
     rc = status.returncode
     return 128 - rc if rc < 0 else rc
+
+
+def _stdio_for(cfg) -> tuple[tuple[int, int, int], list]:
+    """The three fds `zygote run` gives its child: its own 0, 1, 2, except that with
+    max_output_bytes (the daemon then writes the counted output itself) a stdout or stderr that
+    is a socket (a journal stream, say) gets a pipe copied into it here: the daemon writes into
+    no client's socket, where the receiver would see the daemon as the sender."""
+    import stat
+    import threading
+
+    fds = [0, 1, 2]
+    copiers = []
+    if cfg.max_output_bytes is None:
+        return (0, 1, 2), copiers
+    for i in (1, 2):
+        try:
+            is_socket = stat.S_ISSOCK(os.fstat(i).st_mode)
+        except OSError:
+            continue
+        if not is_socket:
+            continue
+        r, w = os.pipe()
+
+        def copy(r: int = r, out: int = i) -> None:
+            try:
+                while data := os.read(r, 65536):
+                    while data:
+                        data = data[os.write(out, data):]
+            except OSError:
+                pass
+            finally:
+                os.close(r)
+        t = threading.Thread(target=copy, daemon=True)
+        t.start()
+        copiers.append(t)
+        fds[i] = w
+    return (fds[0], fds[1], fds[2]), copiers
 
 
 def _sandbox_config(args):

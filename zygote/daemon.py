@@ -43,10 +43,15 @@ from .layers import SetupError, cgroups, mounts, network, rlimits, seccomp, user
 SEND_TIMEOUT = 30.0  # seconds one message may wait for a client to read before it is dropped
 SEND_QUEUE_BYTES = 64 << 20  # bytes waiting for one connection before it is dropped
 ERROR_TEXT_MAX = 2000  # characters of an error message sent to a client
-# Bytes of unfinished request frames the daemon holds for one peer uid, over all its connections:
-# two frames of the largest size (and some slack for the reads in progress) may be in flight;
-# more connections buy no more of the daemon's memory.
+# Bytes of requests the daemon holds for one peer uid, over all its connections: frames still
+# arriving and spawn requests received but not yet answered. Two frames of the largest size (and
+# some slack for the reads in progress); more connections buy no more of the daemon's memory.
 PENDING_PER_UID = 2 * P.MAX_FRAME + (4 << 20)
+# Child output the daemon buffers (max_output_bytes relays) for one peer uid's readers. Past it
+# the relays stop reading and the children block on their full pipes, as with any slow reader.
+RELAYED_PER_UID = 256 << 20
+RELAY_GRACE = 5.0  # seconds a relay may go on delivering after its connection closed
+WRITER_THREADS_PER_UID = 4  # threads writing relayed output into one uid's files and ttys
 RESERVE_QUIET = 0.025  # seconds without a take before a reserve that is not empty is refilled
 RESERVE_PARALLEL = 2  # reserve children being made at once, per pool
 SPAWN_STEPS = ("userns", "mounts", "netns", "rlimits", "uts", "fds", "payload")
@@ -177,9 +182,7 @@ class Connection:
         self.spawning = 0  # spawns of this connection in flight (not yet a child or a failure)
         self.attaches = 0  # Attach requests served on this connection (capped: max_attaches)
         self.nursery: trio.Nursery | None = None  # the connection's tasks (taps die with it)
-        # Relayed output to a client's regular file or device is written by threads; the client
-        # controls whether such a write returns, so its stalls hold its own threads, not trio's.
-        self.file_writes = trio.CapacityLimiter(4)
+        self.relays: set[trio.CancelScope] = set()  # the relays of its children (cut short at close)
 
     def spawned(self) -> int:
         return sum(1 for c in self.children.values() if c.conn is self)
@@ -255,7 +258,13 @@ class Daemon:
         self.uid_map, self.gid_map = userns.map_lines(config.id_base, os.getuid(), os.getgid())
         self.spawns_total = 0
         self.cleaning = 0
-        self.pending: dict[int, int] = {}  # peer uid -> bytes of unfinished frames held for it
+        self.pending: dict[int, int] = {}  # peer uid -> bytes of requests held for it (PENDING_PER_UID)
+        self.relayed: dict[int, int] = {}  # peer uid -> bytes of its children's output buffered
+        self._relayed_freed = trio.Event()
+        # Relayed output into a client's file or tty is written by threads (only such a write can
+        # block where trio cannot wait for it); the client decides whether it returns, so its
+        # stalls hold its own few threads, never trio's shared ones.
+        self._writers: dict[tuple[int, str], trio.CapacityLimiter] = {}
         self.cgroups: cgroups.CgroupHost | None = None
         self.cgroup_error: SetupError | None = None
         self._into_cgroup = False  # clone children straight into their cgroup (set for v2 hosts)
@@ -439,6 +448,24 @@ class Daemon:
 
     # ---- connections -------------------------------------------------------------------------
 
+    def _count(self, table: dict[int, int], uid: int, n: int) -> None:
+        """Add ``n`` (negative: release) to ``uid``'s bytes in ``table`` (pending or relayed)."""
+        left = table.get(uid, 0) + n
+        if left > 0:
+            table[uid] = left
+        else:
+            table.pop(uid, None)
+        if n < 0 and table is self.relayed:
+            self._relayed_freed.set()
+            self._relayed_freed = trio.Event()
+
+    def _writers_for(self, uid: int, purpose: str = "write") -> trio.CapacityLimiter:
+        """The threads one uid's relays may use to write (or, "probe", to look at its fds)."""
+        key = (uid, purpose)
+        if key not in self._writers:
+            self._writers[key] = trio.CapacityLimiter(WRITER_THREADS_PER_UID)
+        return self._writers[key]
+
     def _peer_allowed(self, uid: int, gid: int) -> bool:
         return (uid == 0 or uid == os.getuid() or uid in self.config.allowed_uids
                 or gid in self.config.allowed_gids)
@@ -484,6 +511,10 @@ class Daemon:
                                 await conn.send(P.Welcome(P.VERSION, os.getpid(), list(self.pools), leases=True))
                                 continue
                             try:
+                                if isinstance(msg, P.Spawn):  # held until answered (its payload too)
+                                    self._count(self.pending, uid, decoder.last_length)
+                                    nursery.start_soon(self._spawn_request, conn, msg, mfds, decoder.last_length)
+                                    continue
                                 await self._dispatch(conn, msg, mfds, nursery)
                             except Exception as e:  # noqa: BLE001 - a bug or EMFILE: this request
                                 # fails, not the daemon (a spawn has its own guard, in its task)
@@ -495,23 +526,20 @@ class Daemon:
                         await conn.send(P.Error(0, "protocol", str(e)))
                         break
                     now = decoder.pending_bytes
-                    self.pending[uid] = self.pending.get(uid, 0) + now - held
+                    self._count(self.pending, uid, now - held)
                     held = now
-                    if self.pending[uid] > PENDING_PER_UID:
+                    if self.pending.get(uid, 0) > PENDING_PER_UID:
                         await conn.send(P.Error(0, "limit", (
-                            f"uid {uid} has {self.pending[uid] >> 20} MiB of unfinished requests on its "
+                            f"uid {uid} has {self.pending.get(uid, 0) >> 20} MiB of unfinished requests on its "
                             f"connections; the daemon holds at most {PENDING_PER_UID >> 20} MiB per user "
                             "(finish sending one request before starting the next)")))
                         break
                 nursery.cancel_scope.cancel()
         finally:
             decoder.close_fds()
-            if held:
-                left = self.pending.get(conn.peer_uid, 0) - held
-                if left > 0:
-                    self.pending[conn.peer_uid] = left
-                else:
-                    self.pending.pop(conn.peer_uid, None)
+            self._count(self.pending, conn.peer_uid, -held)
+            for scope in conn.relays:  # a reader still there gets RELAY_GRACE more to take the rest
+                scope.deadline = min(scope.deadline, trio.current_time() + RELAY_GRACE)
             conn.closed = True
             for child in list(conn.children.values()):
                 if child.detached:
@@ -523,9 +551,7 @@ class Daemon:
             self.observer.connection(-1)
 
     async def _dispatch(self, conn: Connection, msg, fds: list[int], nursery: trio.Nursery) -> None:
-        if isinstance(msg, P.Spawn):
-            nursery.start_soon(self._spawn_request, conn, msg, fds)
-        elif isinstance(msg, P.Signal):
+        if isinstance(msg, P.Signal):
             _close(fds)
             child = conn.children.get(msg.child)
             if child is None:
@@ -562,19 +588,25 @@ class Daemon:
 
     # ---- spawning ----------------------------------------------------------------------------
 
-    async def _spawn_request(self, conn: Connection, msg: P.Spawn, fds: list[int]) -> None:
+    async def _spawn_request(self, conn: Connection, msg: P.Spawn, fds: list[int], size: int) -> None:
+        """One Spawn, to its answer. ``size`` (its frame) is counted in ``pending`` until then."""
         t0 = time.monotonic()
         try:
-            reply, out_fds = await self.spawn(conn, msg, fds)
-        except Exception as e:  # a bug must not take the daemon down; the client gets the text
-            reply, out_fds = P.SpawnFailed(msg.req, f"internal error: {type(e).__name__}: {e}", "internal",
-                                           code="internal"), []
-        finally:
-            _close(fds)
+            try:
+                reply, out_fds = await self.spawn(conn, msg, fds)
+            except Exception as e:  # a bug must not take the daemon down; the client gets the text
+                reply, out_fds = P.SpawnFailed(msg.req, f"internal error: {type(e).__name__}: {e}", "internal",
+                                               code="internal"), []
+            finally:
+                _close(fds)
+        except BaseException:
+            self._count(self.pending, conn.peer_uid, -size)
+            raise
         try:
             await conn.send(reply, out_fds)  # the client first: the event below is not on its path
         finally:
             _close(out_fds)
+            self._count(self.pending, conn.peer_uid, -size)
             if isinstance(reply, P.Spawned):
                 self.observer.spawned(outcome="ok", seconds=time.monotonic() - t0, child=reply.child,
                                       pool=msg.pool or "default", peer_uid=conn.peer_uid,
@@ -711,18 +743,37 @@ class Daemon:
         except _Refused as r:
             return P.SpawnFailed(msg.req, r.message, code=r.code, path=r.path), []
         cid = f"{self._prefix}-{next(self._ids)}"
+        # stdio="fds" with max_output_bytes: the daemon writes the counted output into the client's
+        # stdout/stderr. What they are is checked first, in a thread (an fstat on a FUSE file waits
+        # for whoever serves it), and only pipes, files and character devices are written to.
+        targets: list[tuple[int, bool]] = []  # (our fd to write the output to, written by a thread?)
+        if msg.stdio == "fds" and cfg.max_output is not None and len(client_fds) == 3:
+            try:
+                for cfd in client_fds[1:]:
+                    targets.append(await trio.to_thread.run_sync(_relay_target, cfd,
+                                                                 limiter=self._writers_for(conn.peer_uid, "probe")))
+            except (ValueError, OSError) as e:
+                _close([t for t, _ in targets])
+                what = e.strerror if isinstance(e, OSError) else str(e)
+                return P.SpawnFailed(msg.req, f"stdio='fds' with max_output_bytes: {what}", code="bad-request"), []
+            except BaseException:
+                _close([t for t, _ in targets])
+                raise
         # cgroup v2: make the child's cgroup first and clone it straight into it
         # (CLONE_INTO_CGROUP): no migration of a running task at all. v1 attaches after the clone.
         born_in = None
         if self._into_cgroup and self._wants_cgroup(cfg):
             try:
                 born_in = await trio.to_thread.run_sync(self._make_cgroup, cid, cfg)
-            except SetupError as e:
-                return P.SpawnFailed(msg.req, e.message, "cgroup", e.errno, e.hint, code="unavailable"), []
+            except BaseException as e:
+                _close([t for t, _ in targets])
+                if isinstance(e, SetupError):
+                    return P.SpawnFailed(msg.req, e.message, "cgroup", e.errno, e.hint, code="unavailable"), []
+                raise
         # The child's pipes. Ours are CLOEXEC; the zygote hands its copies to the clone.
         mine: list[int] = []
         theirs: list[int] = []
-        relays: list[tuple[int, int, bool]] = []  # (read end from the child, write end to the client, ours?)
+        relays: list[tuple[int, int, bool]] = []  # (read end from the child, write end to the reader, threaded?)
         detached: list[tuple[int, int]] = []  # (read end from the child, write end of the spawner's tap)
         try:
             limit = cfg.max_output
@@ -730,13 +781,12 @@ class Daemon:
                 if len(client_fds) != 3:
                     return P.SpawnFailed(msg.req, "stdio='fds' needs exactly 3 fds", code="bad-request"), []
                 theirs.append(client_fds[0])
-                for cfd in client_fds[1:]:
-                    if limit is None:
-                        theirs.append(cfd)
-                    else:  # the daemon counts what passes (max_output_bytes) and writes it on
-                        r, w = os.pipe2(os.O_CLOEXEC)
-                        theirs.append(w); mine.append(r)
-                        relays.append((r, os.dup(cfd), False))
+                if limit is None:
+                    theirs += client_fds[1:]
+                while targets:  # the daemon counts what passes (max_output_bytes) and writes it on
+                    r, w = os.pipe2(os.O_CLOEXEC)
+                    theirs.append(w); mine.append(r)
+                    relays.append((r, *targets.pop(0)))
                 out = []
             else:
                 if client_fds:
@@ -757,7 +807,7 @@ class Daemon:
                     elif limit is not None:
                         r2, w2 = os.pipe2(os.O_CLOEXEC)
                         mine.remove(r)
-                        relays.append((r, w2, True))
+                        relays.append((r, w2, False))
                         mine.append(r2)
                 out = list(mine)
             ctl_r, ctl_w = os.pipe2(os.O_CLOEXEC)
@@ -825,14 +875,14 @@ class Daemon:
                 self._start_detached(child, conn, detached, limit)
             if relays:
                 box = [0]
-                for r, w, ours in relays:
-                    self._nursery.start_soon(self._relay, child, r, w, ours, limit, box, conn.file_writes)
+                for r, w, threaded in relays:
+                    self._nursery.start_soon(self._relay, child, conn, r, w, threaded, limit, box)
             return P.Spawned(msg.req, child.id, pid, msg.stdio == "pipe" and msg.stdin), out
         except BaseException:
             # Cancelled (the connection closed), out of fds half-way through making the pipes, or
             # a bug: nothing handed our pipe ends on yet. A child already registered is killed by
             # the connection's own cleanup.
-            _close([fd for fd in theirs if fd not in client_fds])
+            _close([fd for fd in theirs if fd not in client_fds] + [t for t, _ in targets])
             _close(mine)
             _close([fd for r, w, _ in relays for fd in (r, w)] + [fd for pair in detached for fd in pair])
             if born_in is not None:  # made for a child that never came to be
@@ -1447,24 +1497,25 @@ class Daemon:
             raise
         return cg
 
-    async def _relay(self, child: Child, src: int, dst: int, ours: bool, limit: int, box: list[int],
-                     file_writes: trio.CapacityLimiter) -> None:
+    async def _relay(self, child: Child, conn: Connection, src: int, dst: int, threaded: bool, limit: int,
+                     box: list[int]) -> None:
         """Copy a child's output to its reader, counting it against max_output_bytes.
 
-        The daemon reads eagerly (buffering at most ``limit`` bytes), so a child never blocks on a
-        full pipe; past the limit it stops relaying, kills the child and flags output_exceeded.
+        The daemon reads eagerly, so a child whose reader is slow does not block on a full pipe
+        and its output is still counted (past the limit the relay stops, kills the child and
+        flags output_exceeded); what is read waits in a buffer. Those buffers together hold at
+        most RELAYED_PER_UID for one uid: past it the relay stops reading, and the child blocks
+        as it would on any full pipe. When the connection closes the relay gets RELAY_GRACE
+        more to deliver, then ends (its buffer and fds with it).
 
-        A client's own fd (stdio="fds") is shared with the client, so its O_NONBLOCK flag is not
-        ours to set: a pipe is reopened as a new nonblocking description, a socket is written with
-        MSG_DONTWAIT, and anything else (a file, a tty) by a thread of the connection's own
-        limiter. A client that stops reading thus stalls only its own output.
+        ``dst`` is nonblocking and the daemon's own (its pipe to the client, or a client's pipe
+        reopened), or with ``threaded`` a client's file or tty, written by the uid's few writer
+        threads: only there can a write block, and only the client's own output waits on it.
         """
+        uid = conn.peer_uid
         instream = trio.lowlevel.FdStream(src)
-        sock = False
-        if not ours:
-            dst, ours, sock = _writable_without_blocking(dst)
-        outstream = trio.lowlevel.FdStream(dst) if ours else None
-        threaded = _ThreadWriter(dst) if not ours and not sock else None
+        outstream = None if threaded else trio.lowlevel.FdStream(dst)
+        writer_fd = _ThreadWriter(dst) if threaded else None
         buf = bytearray()
         more = trio.Event()
         done = False
@@ -1477,12 +1528,17 @@ class Daemon:
                     if not data:
                         break
                     if box[0] + len(data) > limit:
-                        buf.extend(data[: max(0, limit - box[0])])
+                        data = data[: max(0, limit - box[0])]
                         box[0] = limit
                         child.output_exceeded = True
                         self._kill(child, signal.SIGKILL)
+                        self._count(self.relayed, uid, len(data))
+                        buf.extend(data)
                         break
+                    while buf and self.relayed.get(uid, 0) + len(data) > RELAYED_PER_UID:
+                        await self._relayed_freed.wait()  # our own buffer drains first
                     box[0] += len(data)
+                    self._count(self.relayed, uid, len(data))
                     buf.extend(data)
                     more.set()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -1499,34 +1555,39 @@ class Daemon:
                     more = trio.Event()
                     while buf:
                         chunk = bytes(buf[:65536])
-                        del buf[:len(chunk)]
                         if outstream is not None:
                             await outstream.send_all(chunk)
-                        elif sock:
-                            await _send_dontwait(dst, chunk)
                         else:
                             view = memoryview(chunk)
                             while view:
-                                n = await trio.to_thread.run_sync(threaded.write, view, abandon_on_cancel=True,
-                                                                  limiter=file_writes)
+                                n = await trio.to_thread.run_sync(writer_fd.write, view, abandon_on_cancel=True,
+                                                                  limiter=self._writers_for(uid))
                                 view = view[n:]
+                        del buf[:len(chunk)]
+                        self._count(self.relayed, uid, -len(chunk))
                     if done:
                         return
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 return
 
+        scope = trio.CancelScope()
+        conn.relays.add(scope)
+        if conn.closed:
+            scope.deadline = trio.current_time() + RELAY_GRACE
         try:
-            async with trio.open_nursery() as n:
-                n.start_soon(reader)
-                n.start_soon(writer)
+            with scope:
+                async with trio.open_nursery() as n:
+                    n.start_soon(reader)
+                    n.start_soon(writer)
         finally:
+            conn.relays.discard(scope)
+            self._count(self.relayed, uid, -len(buf))
+            buf.clear()
             await instream.aclose()
             if outstream is not None:
                 await outstream.aclose()
-            elif threaded is not None:
-                threaded.close()
             else:
-                os.close(dst)
+                writer_fd.close()
 
     def _cgroup_remove(self, cg) -> None:
         """Kill what is left in a child's cgroup and remove it (in a worker thread). Never raises:
@@ -1806,44 +1867,33 @@ class _ThreadWriter:
                 os.close(self.fd)
 
 
-def _writable_without_blocking(fd: int) -> tuple[int, bool, bool]:
-    """For a client's fd: (fd to write, is it a nonblocking fd of ours, is it a socket).
+def _relay_target(fd: int) -> tuple[int, bool]:
+    """For a client's stdout/stderr that the daemon will relay counted output into (in a worker
+    thread: each call here may wait on a FUSE server): (an fd of ours to write to, by threads?).
 
-    A pipe is reopened through /proc as a description of our own with O_NONBLOCK (only if the
-    client's fd was writable: the reopening must not grant what the client did not have); ``fd``
-    is then closed. A socket stays (sends use MSG_DONTWAIT); anything else stays blocking.
+    Only fds the client opened for writing, and only pipes, regular files and character devices.
+    Never a socket: a unix-socket receiver with SO_PASSCRED sees each write's sender, which would
+    be the daemon itself (its pid and uid 0: systemd's notify socket believes that), and other
+    socket kinds make no sense as stdio either. A pipe is reopened through /proc as a
+    description of our own that we may make nonblocking (the client's flags are not ours to
+    change); the reopening grants nothing: same pipe, write only, as the client's fd was. A
+    file or device is duplicated and written by threads. Raises ValueError (or OSError).
     """
-    try:
-        mode = os.fstat(fd).st_mode
-        writable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
-    except OSError:
-        return fd, False, False
-    if stat.S_ISSOCK(mode):
-        return fd, False, True
-    if stat.S_ISFIFO(mode) and writable:
+    mode = os.fstat(fd).st_mode
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_ACCMODE | getattr(os, "O_PATH", 0)) not in (os.O_WRONLY, os.O_RDWR):
+        raise ValueError(f"fd {fd} is not open for writing")
+    if stat.S_ISFIFO(mode):
         try:
-            own = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return fd, False, False  # (no reader left: ENXIO) the blocking write fails with EPIPE
-        os.close(fd)
-        return own, True, False
-    return fd, False, False
-
-
-async def _send_dontwait(fd: int, data: bytes) -> None:
-    """Send all of ``data`` on socket ``fd`` without blocking and without changing its flags."""
-    s = socket.socket(fileno=fd)  # no default timeout is set here, so this leaves O_NONBLOCK alone
-    try:
-        view = memoryview(data)
-        while view:
-            try:
-                n = s.send(view, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(fd)
-                continue
-            view = view[n:]
-    finally:
-        s.detach()  # the fd stays the relay's to close
+            return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC), False
+        except OSError as e:
+            if e.errno == _errno.ENXIO:
+                raise ValueError("the pipe given for output has no reader") from None
+            raise
+    if stat.S_ISREG(mode) or stat.S_ISCHR(mode):
+        return os.dup(fd), True
+    kind = "a socket" if stat.S_ISSOCK(mode) else "neither a pipe, a file nor a character device"
+    raise ValueError(f"the fd given for output is {kind}; the daemon writes counted output only "
+                     "into pipes, files and ttys (a socket would receive it from the daemon itself)")
 
 
 def _fds_from(anc) -> list[int]:

@@ -304,6 +304,7 @@ class FrameDecoder:
         self._base = 0  # stream offset of self._buf[0]
         self._fd_batches: list[tuple[int, list[int]]] = []  # (stream offset of last byte, fds)
         self._broken = False
+        self.last_length = 0  # body length of the frame ``next`` returned last
 
     def feed(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
         if fds and sum(len(b) for _, b in self._fd_batches) + len(fds) > 2 * MAX_FDS:
@@ -353,6 +354,7 @@ class FrameDecoder:
                 rest.append((off, batch))
         self._fd_batches = rest
         body = bytes(self._buf[HEADER.size:end])
+        self.last_length = length
         del self._buf[:end]
         self._base = end_off
         if len(fds) != nfds:
