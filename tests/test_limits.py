@@ -120,11 +120,10 @@ def test_open_files_limit(client):
     assert int(n) <= 17 and int(err) == 24
 
 
-@pytest.mark.parametrize("kind", ["pipe", "tty"])
-def test_SECURITY_a_client_that_never_reads_its_own_fds_stalls_only_its_output(socket_daemon, tmp_path, kind):
-    """stdio="fds": the daemon relays a child's output into fds the client passed. A client that
-    passes pipes or ttys and never reads them must not tie up the daemon's worker threads
-    (trio's default limit is 40: cgroup setup for every client's spawns waits on them)."""
+def test_SECURITY_a_client_that_never_reads_its_own_fds_stalls_only_its_output(socket_daemon, tmp_path):
+    """stdio="fds": the daemon relays a child's output into pipes the client passed. A client
+    that never reads them must not tie up the daemon's worker threads (trio's default limit is
+    40: cgroup setup for every client's spawns waits on them)."""
     from zygote_client import Client
 
     def chatty():
@@ -134,17 +133,15 @@ def test_SECURITY_a_client_that_never_reads_its_own_fds_stalls_only_its_output(s
 
     held: list[int] = []
     null = os.open(os.devnull, os.O_RDWR)
+    err_r, err_w = os.pipe()  # the daemon relays only into pipes: stderr too
     held.append(null)
     try:
         with Client.connect(socket_daemon) as c:
             kids = []
             for _ in range(44):
-                if kind == "pipe":
-                    r, w = os.pipe()
-                else:
-                    r, w = os.openpty()  # a terminal whose master nobody reads
+                r, w = os.pipe()
                 held += [r, w]
-                kids.append(c.spawn_child(chatty, stdin=None, _stdio_fds=(null, w, null),
+                kids.append(c.spawn_child(chatty, stdin=None, _stdio_fds=(null, w, err_w),
                                           sandbox_config=SandboxConfig(max_output_bytes="1M")))
                 os.close(w)
                 held.remove(w)
@@ -178,45 +175,76 @@ def test_SECURITY_a_client_that_never_reads_its_own_fds_stalls_only_its_output(s
             while out.stat().st_size < 300_000 and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert out.read_bytes() == b"z" * 300_000  # a regular file still gets all of it
-            got = 0
-            for r in held[1:]:  # what fits, in order (a tty: only the uid's few writer threads)
-                os.set_blocking(r, False)
-                try:
-                    data = os.read(r, 4096)
-                except BlockingIOError:
-                    continue
-                assert set(data) == {ord("z")}
-                got += 1
-            assert got == 44 if kind == "pipe" else got >= 1
+            for r in held[1:]:  # what fits, in order
+                data = os.read(r, 4096)
+                assert data and set(data) == {ord("z")}
     finally:
-        for fd in held:
+        for fd in held + [err_r, err_w]:
             os.close(fd)
 
 
-def test_SECURITY_counted_output_is_never_written_into_a_client_socket(socket_daemon):
-    """The daemon writes counted output (max_output_bytes) into the client's own stdout. Into a
-    unix socket it would write as itself: a receiver with SO_PASSCRED (systemd's notify socket,
-    journald) would take the child's text as coming from the daemon's pid with uid 0. Refused."""
-    from zygote_client import Client, DaemonError
+@pytest.mark.parametrize("kind", ["socket", "file", "proc", "tty"])
+def test_SECURITY_counted_output_is_written_into_client_pipes_only(socket_daemon, tmp_path, kind):
+    """The daemon writes counted output (max_output_bytes) into the client's own stdout, as
+    root, and the kernel checks some writes when they happen: a unix-socket receiver with
+    SO_PASSCRED would take the child's text as the daemon's (pid, uid 0: systemd's notify socket
+    believes a MAINPID= from it); /proc/self/autogroup or oom_score_adj check the writer's
+    capabilities; a setuid file written by root keeps its bit. Only pipes are written to."""
+    from zygote_client import DaemonError
 
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    keep = []
+    if kind == "socket":
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        keep += [ours, theirs]
+        out = theirs.fileno()
+    elif kind == "file":
+        out = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o4755)
+    elif kind == "proc":
+        out = os.open("/proc/self/autogroup", os.O_WRONLY)
+    else:
+        master, out = os.openpty()
+        keep.append(master)
     null = os.open(os.devnull, os.O_RDWR)
+    err_r, err_w = os.pipe()  # stderr is fine: what is refused is stdout
+    keep += [err_r, err_w]
     try:
         with Client.connect(socket_daemon) as c:
             with pytest.raises(DaemonError) as e:
-                k = c.spawn_child(print, ("MAINPID=1",), stdin=None, _stdio_fds=(null, theirs.fileno(), null),
+                k = c.spawn_child(print, ("MAINPID=1",), stdin=None, _stdio_fds=(null, out, err_w),
                                   sandbox_config=SandboxConfig(max_output_bytes="1M"))
                 k.wait(timeout=30)
-            assert e.value.code == "bad-request" and "socket" in str(e.value)
-            ours.settimeout(0.5)
-            with pytest.raises(TimeoutError):
-                ours.recvmsg(100, socket.CMSG_SPACE(12))  # nothing arrived, from anyone
+            assert e.value.code == "bad-request" and "not a pipe" in str(e.value)
             assert c.call(lambda: 3) == 3
+        if kind == "socket":
+            keep[0].settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                keep[0].recvmsg(100, socket.CMSG_SPACE(12))  # nothing arrived, from anyone
+        if kind == "file":
+            assert os.path.getsize(tmp_path / "f") == 0
     finally:
         os.close(null)
-        ours.close()
-        theirs.close()
+        for k in keep:
+            k.close() if isinstance(k, socket.socket) else os.close(k)
+        if kind != "socket":
+            os.close(out)
+
+
+def test_SECURITY_a_relay_whose_reader_left_ends_and_the_child_sees_it(socket_daemon):
+    """The client closes a chatty child's stdout. The relay must end (not buffer the uid's whole
+    allowance and then sit on it), and the child gets EPIPE as with any pipe whose reader left."""
+    def flood():
+        import os
+        block = b"f" * (1 << 20)
+        for _ in range(400):
+            os.write(1, block)
+
+    with Client.connect(socket_daemon) as c:
+        k = c.spawn_child(flood, stdin=None, sandbox_config=SandboxConfig(max_output_bytes="1G"))
+        k.stdout.close()
+        st = k.wait(timeout=60)
+        assert st.returncode != 0 and not st.output_exceeded
+        assert b"BrokenPipeError" in k.stderr.read()
 
 
 def _daemon_of(sock_path: str) -> int:

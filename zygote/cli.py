@@ -495,10 +495,10 @@ def run(args) -> int:
 
 def _stdio_for(cfg) -> tuple[tuple[int, int, int], list]:
     """The three fds `zygote run` gives its child: its own 0, 1, 2, except that with
-    max_output_bytes (the daemon then writes the counted output itself) a stdout or stderr that
-    is a socket (a journal stream, say) gets a pipe copied into it here: the daemon writes into
-    no client's socket, where the receiver would see the daemon as the sender."""
-    import stat
+    max_output_bytes (the daemon then writes the counted output itself, and it writes only into
+    pipes) a stdout or stderr that is not a pipe (a terminal, a file, a journal socket) gets a
+    pipe copied into it here, by this process, with the caller's own rights."""
+    import select
     import threading
 
     fds = [0, 1, 2]
@@ -507,20 +507,24 @@ def _stdio_for(cfg) -> tuple[tuple[int, int, int], list]:
         return (0, 1, 2), copiers
     for i in (1, 2):
         try:
-            is_socket = stat.S_ISSOCK(os.fstat(i).st_mode)
+            if os.readlink(f"/proc/self/fd/{i}").startswith("pipe:["):
+                continue
         except OSError:
-            continue
-        if not is_socket:
-            continue
+            continue  # closed: the daemon refuses it with its own message
         r, w = os.pipe()
 
         def copy(r: int = r, out: int = i) -> None:
             try:
                 while data := os.read(r, 65536):
                     while data:
-                        data = data[os.write(out, data):]
+                        try:
+                            data = data[os.write(out, data):]
+                        except BlockingIOError:  # a nonblocking stdout: wait until it takes more
+                            p = select.poll()
+                            p.register(out, select.POLLOUT)
+                            p.poll()
             except OSError:
-                pass
+                pass  # our reader went away: closing r gives the child EPIPE through the daemon
             finally:
                 os.close(r)
         t = threading.Thread(target=copy, daemon=True)

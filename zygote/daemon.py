@@ -19,10 +19,8 @@ import platform
 import secrets
 import signal
 import socket
-import stat
 import struct
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -51,7 +49,6 @@ PENDING_PER_UID = 2 * P.MAX_FRAME + (4 << 20)
 # the relays stop reading and the children block on their full pipes, as with any slow reader.
 RELAYED_PER_UID = 256 << 20
 RELAY_GRACE = 5.0  # seconds a relay may go on delivering after its connection closed
-WRITER_THREADS_PER_UID = 4  # threads writing relayed output into one uid's files and ttys
 RESERVE_QUIET = 0.025  # seconds without a take before a reserve that is not empty is refilled
 RESERVE_PARALLEL = 2  # reserve children being made at once, per pool
 SPAWN_STEPS = ("userns", "mounts", "netns", "rlimits", "uts", "fds", "payload")
@@ -182,7 +179,6 @@ class Connection:
         self.spawning = 0  # spawns of this connection in flight (not yet a child or a failure)
         self.attaches = 0  # Attach requests served on this connection (capped: max_attaches)
         self.nursery: trio.Nursery | None = None  # the connection's tasks (taps die with it)
-        self.relays: set[trio.CancelScope] = set()  # the relays of its children (cut short at close)
 
     def spawned(self) -> int:
         return sum(1 for c in self.children.values() if c.conn is self)
@@ -260,11 +256,8 @@ class Daemon:
         self.cleaning = 0
         self.pending: dict[int, int] = {}  # peer uid -> bytes of requests held for it (PENDING_PER_UID)
         self.relayed: dict[int, int] = {}  # peer uid -> bytes of its children's output buffered
-        self._relayed_freed = trio.Event()
-        # Relayed output into a client's file or tty is written by threads (only such a write can
-        # block where trio cannot wait for it); the client decides whether it returns, so its
-        # stalls hold its own few threads, never trio's shared ones.
-        self._writers: dict[tuple[int, str], trio.CapacityLimiter] = {}
+        self._relayed_freed: dict[int, trio.Event] = {}  # uid -> set when its relays free some
+        self._relays: dict[trio.CancelScope, Child] = {}  # running relays (cut short after a close)
         self.cgroups: cgroups.CgroupHost | None = None
         self.cgroup_error: SetupError | None = None
         self._into_cgroup = False  # clone children straight into their cgroup (set for v2 hosts)
@@ -455,16 +448,8 @@ class Daemon:
             table[uid] = left
         else:
             table.pop(uid, None)
-        if n < 0 and table is self.relayed:
-            self._relayed_freed.set()
-            self._relayed_freed = trio.Event()
-
-    def _writers_for(self, uid: int, purpose: str = "write") -> trio.CapacityLimiter:
-        """The threads one uid's relays may use to write (or, "probe", to look at its fds)."""
-        key = (uid, purpose)
-        if key not in self._writers:
-            self._writers[key] = trio.CapacityLimiter(WRITER_THREADS_PER_UID)
-        return self._writers[key]
+        if n < 0 and table is self.relayed and uid in self._relayed_freed:
+            self._relayed_freed.pop(uid).set()
 
     def _peer_allowed(self, uid: int, gid: int) -> bool:
         return (uid == 0 or uid == os.getuid() or uid in self.config.allowed_uids
@@ -538,8 +523,9 @@ class Daemon:
         finally:
             decoder.close_fds()
             self._count(self.pending, conn.peer_uid, -held)
-            for scope in conn.relays:  # a reader still there gets RELAY_GRACE more to take the rest
-                scope.deadline = min(scope.deadline, trio.current_time() + RELAY_GRACE)
+            for scope, child in self._relays.items():  # a reader still there gets RELAY_GRACE more
+                if child.conn is conn:
+                    scope.deadline = min(scope.deadline, trio.current_time() + RELAY_GRACE)
             conn.closed = True
             for child in list(conn.children.values()):
                 if child.detached:
@@ -744,21 +730,16 @@ class Daemon:
             return P.SpawnFailed(msg.req, r.message, code=r.code, path=r.path), []
         cid = f"{self._prefix}-{next(self._ids)}"
         # stdio="fds" with max_output_bytes: the daemon writes the counted output into the client's
-        # stdout/stderr. What they are is checked first, in a thread (an fstat on a FUSE file waits
-        # for whoever serves it), and only pipes, files and character devices are written to.
-        targets: list[tuple[int, bool]] = []  # (our fd to write the output to, written by a thread?)
+        # stdout/stderr, which must be pipes (see _relay_target); each becomes a nonblocking fd of ours.
+        targets: list[int] = []
         if msg.stdio == "fds" and cfg.max_output is not None and len(client_fds) == 3:
             try:
                 for cfd in client_fds[1:]:
-                    targets.append(await trio.to_thread.run_sync(_relay_target, cfd,
-                                                                 limiter=self._writers_for(conn.peer_uid, "probe")))
+                    targets.append(_relay_target(cfd))
             except (ValueError, OSError) as e:
-                _close([t for t, _ in targets])
+                _close(targets)
                 what = e.strerror if isinstance(e, OSError) else str(e)
                 return P.SpawnFailed(msg.req, f"stdio='fds' with max_output_bytes: {what}", code="bad-request"), []
-            except BaseException:
-                _close([t for t, _ in targets])
-                raise
         # cgroup v2: make the child's cgroup first and clone it straight into it
         # (CLONE_INTO_CGROUP): no migration of a running task at all. v1 attaches after the clone.
         born_in = None
@@ -766,14 +747,14 @@ class Daemon:
             try:
                 born_in = await trio.to_thread.run_sync(self._make_cgroup, cid, cfg)
             except BaseException as e:
-                _close([t for t, _ in targets])
+                _close(targets)
                 if isinstance(e, SetupError):
                     return P.SpawnFailed(msg.req, e.message, "cgroup", e.errno, e.hint, code="unavailable"), []
                 raise
         # The child's pipes. Ours are CLOEXEC; the zygote hands its copies to the clone.
         mine: list[int] = []
         theirs: list[int] = []
-        relays: list[tuple[int, int, bool]] = []  # (read end from the child, write end to the reader, threaded?)
+        relays: list[tuple[int, int]] = []  # (read end from the child, nonblocking write end to the reader)
         detached: list[tuple[int, int]] = []  # (read end from the child, write end of the spawner's tap)
         try:
             limit = cfg.max_output
@@ -785,8 +766,8 @@ class Daemon:
                     theirs += client_fds[1:]
                 while targets:  # the daemon counts what passes (max_output_bytes) and writes it on
                     r, w = os.pipe2(os.O_CLOEXEC)
-                    theirs.append(w); mine.append(r)
-                    relays.append((r, *targets.pop(0)))
+                    theirs.append(w)
+                    relays.append((r, targets.pop(0)))  # (the relay's alone: not in `mine`)
                 out = []
             else:
                 if client_fds:
@@ -807,7 +788,7 @@ class Daemon:
                     elif limit is not None:
                         r2, w2 = os.pipe2(os.O_CLOEXEC)
                         mine.remove(r)
-                        relays.append((r, w2, False))
+                        relays.append((r, w2))
                         mine.append(r2)
                 out = list(mine)
             ctl_r, ctl_w = os.pipe2(os.O_CLOEXEC)
@@ -825,7 +806,7 @@ class Daemon:
                 # No child: our ends of its pipes (and any relay pipes) go now, or every failed
                 # clone in a burst would leak a handful of fds.
                 _close(mine)
-                _close([fd for r, w, _ in relays for fd in (r, w)] + [fd for pair in detached for fd in pair])
+                _close([fd for pair in relays for fd in pair] + [fd for pair in detached for fd in pair])
                 mine = []
                 if born_in is not None:
                     cg, born_in = born_in, None
@@ -869,22 +850,22 @@ class Daemon:
             if failure is not None:
                 self._kill(child, signal.SIGKILL)
                 _close(out)
-                _close([fd for r, w, _ in relays for fd in (r, w)] + [fd for pair in detached for fd in pair])
+                _close([fd for pair in relays for fd in pair] + [fd for pair in detached for fd in pair])
                 return failure, []
             if detached:
                 self._start_detached(child, conn, detached, limit)
             if relays:
                 box = [0]
-                for r, w, threaded in relays:
-                    self._nursery.start_soon(self._relay, child, conn, r, w, threaded, limit, box)
+                for r, w in relays:
+                    self._nursery.start_soon(self._relay, child, r, w, limit, box)
             return P.Spawned(msg.req, child.id, pid, msg.stdio == "pipe" and msg.stdin), out
         except BaseException:
             # Cancelled (the connection closed), out of fds half-way through making the pipes, or
             # a bug: nothing handed our pipe ends on yet. A child already registered is killed by
             # the connection's own cleanup.
-            _close([fd for fd in theirs if fd not in client_fds] + [t for t, _ in targets])
+            _close([fd for fd in theirs if fd not in client_fds] + targets)
             _close(mine)
-            _close([fd for r, w, _ in relays for fd in (r, w)] + [fd for pair in detached for fd in pair])
+            _close([fd for pair in relays for fd in pair] + [fd for pair in detached for fd in pair])
             if born_in is not None:  # made for a child that never came to be
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self._cgroup_remove, born_in)
@@ -1497,31 +1478,37 @@ class Daemon:
             raise
         return cg
 
-    async def _relay(self, child: Child, conn: Connection, src: int, dst: int, threaded: bool, limit: int,
-                     box: list[int]) -> None:
+    async def _relay(self, child: Child, src: int, dst: int, limit: int, box: list[int]) -> None:
         """Copy a child's output to its reader, counting it against max_output_bytes.
 
         The daemon reads eagerly, so a child whose reader is slow does not block on a full pipe
         and its output is still counted (past the limit the relay stops, kills the child and
         flags output_exceeded); what is read waits in a buffer. Those buffers together hold at
-        most RELAYED_PER_UID for one uid: past it the relay stops reading, and the child blocks
-        as it would on any full pipe. When the connection closes the relay gets RELAY_GRACE
-        more to deliver, then ends (its buffer and fds with it).
+        most RELAYED_PER_UID for the child's uid: past it the relay stops reading, and the child
+        blocks as it would on any full pipe. A reader that goes away (EPIPE) ends the relay, so
+        the child gets EPIPE too. When the connection closes the relay gets RELAY_GRACE more to
+        deliver, then ends (its buffer and fds with it).
 
-        ``dst`` is nonblocking and the daemon's own (its pipe to the client, or a client's pipe
-        reopened), or with ``threaded`` a client's file or tty, written by the uid's few writer
-        threads: only there can a write block, and only the client's own output waits on it.
+        ``dst`` is a nonblocking pipe end of the daemon's own (its pipe to the client, or a
+        client's pipe reopened): no write of a relay ever waits in a thread.
         """
-        uid = conn.peer_uid
         instream = trio.lowlevel.FdStream(src)
-        outstream = None if threaded else trio.lowlevel.FdStream(dst)
-        writer_fd = _ThreadWriter(dst) if threaded else None
+        outstream = trio.lowlevel.FdStream(dst)
         buf = bytearray()
         more = trio.Event()
         done = False
+        uid = child.peer_uid  # whom the buffer is counted for (a reserve child's changes when taken)
+
+        def owner() -> int:
+            nonlocal uid
+            if child.peer_uid != uid:
+                self._count(self.relayed, uid, -len(buf))
+                uid = child.peer_uid
+                self._count(self.relayed, uid, len(buf))
+            return uid
 
         async def reader() -> None:
-            nonlocal done, more
+            nonlocal done
             try:
                 while True:
                     data = await instream.receive_some(65536)
@@ -1532,13 +1519,14 @@ class Daemon:
                         box[0] = limit
                         child.output_exceeded = True
                         self._kill(child, signal.SIGKILL)
-                        self._count(self.relayed, uid, len(data))
+                        self._count(self.relayed, owner(), len(data))
                         buf.extend(data)
                         break
-                    while buf and self.relayed.get(uid, 0) + len(data) > RELAYED_PER_UID:
-                        await self._relayed_freed.wait()  # our own buffer drains first
+                    while buf and self.relayed.get(owner(), 0) + len(data) > RELAYED_PER_UID:
+                        # our own buffer drains first; any relay of this uid freeing bytes wakes us
+                        await self._relayed_freed.setdefault(uid, trio.Event()).wait()
                     box[0] += len(data)
-                    self._count(self.relayed, uid, len(data))
+                    self._count(self.relayed, owner(), len(data))
                     buf.extend(data)
                     more.set()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -1555,39 +1543,31 @@ class Daemon:
                     more = trio.Event()
                     while buf:
                         chunk = bytes(buf[:65536])
-                        if outstream is not None:
-                            await outstream.send_all(chunk)
-                        else:
-                            view = memoryview(chunk)
-                            while view:
-                                n = await trio.to_thread.run_sync(writer_fd.write, view, abandon_on_cancel=True,
-                                                                  limiter=self._writers_for(uid))
-                                view = view[n:]
+                        await outstream.send_all(chunk)
                         del buf[:len(chunk)]
-                        self._count(self.relayed, uid, -len(chunk))
+                        self._count(self.relayed, owner(), -len(chunk))
                     if done:
                         return
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 return
 
         scope = trio.CancelScope()
-        conn.relays.add(scope)
-        if conn.closed:
+        self._relays[scope] = child
+        conn = child.conn
+        if conn is not None and conn is not self._reserve_conn and conn.closed:
             scope.deadline = trio.current_time() + RELAY_GRACE
         try:
             with scope:
                 async with trio.open_nursery() as n:
                     n.start_soon(reader)
-                    n.start_soon(writer)
+                    await writer()  # delivered all, or the reader went away: the relay is over
+                    n.cancel_scope.cancel()
         finally:
-            conn.relays.discard(scope)
-            self._count(self.relayed, uid, -len(buf))
+            del self._relays[scope]
+            self._count(self.relayed, owner(), -len(buf))
             buf.clear()
             await instream.aclose()
-            if outstream is not None:
-                await outstream.aclose()
-            else:
-                writer_fd.close()
+            await outstream.aclose()
 
     def _cgroup_remove(self, cg) -> None:
         """Kill what is left in a child's cgroup and remove it (in a worker thread). Never raises:
@@ -1833,67 +1813,31 @@ def _clone_hint(err: int | None) -> str:
     return ""
 
 
-class _ThreadWriter:
-    """A blocking fd written by worker threads that a cancelled relay may abandon mid-write.
+def _relay_target(fd: int) -> int:
+    """For a client's stdout/stderr that the daemon will relay counted output into: a
+    nonblocking write end of our own on the same pipe. Raises ValueError (or OSError).
 
-    The fd is closed by whichever comes last, the relay or a write in progress, and a write whose
-    thread starts after the close does nothing: an abandoned thread never writes to a number the
-    daemon has since reused for another client's connection.
+    Only the write end of an anonymous pipe. Whatever the daemon writes, root writes, and the
+    kernel checks some writes when they happen, not at open: a unix-socket receiver with
+    SO_PASSCRED would see the daemon's pid and uid 0 (systemd's notify socket takes MAINPID=
+    from it), /proc files such as autogroup or oom_score_adj check the writer's capabilities,
+    a setuid file written by root keeps its bit, quotas and reserved blocks do not apply. A
+    pipe has none of that. It is recognised by its /proc link ("pipe:[ino]"): neither that nor
+    F_GETFL reaches a filesystem (an fstat on a FUSE file waits for its server). The reopening
+    through /proc is a description of our own that we may make nonblocking (the client's flags
+    are not ours to change) and grants nothing: the same pipe, write only, as the client's was.
     """
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self._lock = threading.Lock()
-        self._busy = False
-        self._closed = False
-
-    def write(self, data: bytes) -> int:  # in a worker thread
-        with self._lock:
-            if self._closed:
-                return len(data)
-            self._busy = True
-        try:
-            return os.write(self.fd, data)
-        finally:
-            with self._lock:
-                self._busy = False
-                if self._closed:
-                    os.close(self.fd)
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            if not self._busy:
-                os.close(self.fd)
-
-
-def _relay_target(fd: int) -> tuple[int, bool]:
-    """For a client's stdout/stderr that the daemon will relay counted output into (in a worker
-    thread: each call here may wait on a FUSE server): (an fd of ours to write to, by threads?).
-
-    Only fds the client opened for writing, and only pipes, regular files and character devices.
-    Never a socket: a unix-socket receiver with SO_PASSCRED sees each write's sender, which would
-    be the daemon itself (its pid and uid 0: systemd's notify socket believes that), and other
-    socket kinds make no sense as stdio either. A pipe is reopened through /proc as a
-    description of our own that we may make nonblocking (the client's flags are not ours to
-    change); the reopening grants nothing: same pipe, write only, as the client's fd was. A
-    file or device is duplicated and written by threads. Raises ValueError (or OSError).
-    """
-    mode = os.fstat(fd).st_mode
-    if fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_ACCMODE | getattr(os, "O_PATH", 0)) not in (os.O_WRONLY, os.O_RDWR):
-        raise ValueError(f"fd {fd} is not open for writing")
-    if stat.S_ISFIFO(mode):
-        try:
-            return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC), False
-        except OSError as e:
-            if e.errno == _errno.ENXIO:
-                raise ValueError("the pipe given for output has no reader") from None
-            raise
-    if stat.S_ISREG(mode) or stat.S_ISCHR(mode):
-        return os.dup(fd), True
-    kind = "a socket" if stat.S_ISSOCK(mode) else "neither a pipe, a file nor a character device"
-    raise ValueError(f"the fd given for output is {kind}; the daemon writes counted output only "
-                     "into pipes, files and ttys (a socket would receive it from the daemon itself)")
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_ACCMODE | os.O_PATH) not in (os.O_WRONLY, os.O_RDWR):
+        raise ValueError("the fd given for output is not open for writing")
+    if not os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:["):
+        raise ValueError("the fd given for output is not a pipe; the daemon writes counted output "
+                         "only into pipes (zygote run puts one in front of a terminal, file or socket)")
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == _errno.ENXIO:
+            raise ValueError("the pipe given for output has no reader") from None
+        raise
 
 
 def _fds_from(anc) -> list[int]:
