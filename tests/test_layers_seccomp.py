@@ -556,3 +556,45 @@ def test_seccomp_module_import_does_not_load_libseccomp():
     code = "import sys, zygote.layers.seccomp; print('pyseccomp' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("call", ["splice", "sendfile"])
+def test_SECURITY_a_child_cannot_freeze_the_daemon_through_a_pipe_lock(socket_daemon, call):
+    """splice/sendfile from an empty socket into a pipe wait for data holding the pipe's lock,
+    and the pipe's reader waits for the lock uninterruptibly. The daemon reads the child's
+    result pipe: a payload doing this into fd 5 froze the whole daemon. The default profile
+    refuses both (EPERM) and the daemon serves on."""
+    import threading
+
+    from conftest import children_of
+    from zygote_client import Client
+
+    def payload(call=call):
+        import os
+        import socket
+        a, b = socket.socketpair()
+        try:
+            if call == "splice":
+                os.splice(a.fileno(), 5, 16)
+            else:
+                os.sendfile(5, a.fileno(), None, 16)
+        except OSError as e:
+            return e.errno
+        return "moved"
+
+    out: list = []
+    with Client.connect(socket_daemon) as c:
+        dpid = c.status().daemon_pid
+        t = threading.Thread(target=lambda: out.append(c.call(payload)), daemon=True)
+        t.start()
+        t.join(20)
+        if t.is_alive():  # the daemon is stuck: free it by killing the child we started
+            for pid, _ in children_of(dpid):
+                with open(f"/proc/{pid}/status") as f:  # sandbox children: a pid namespace of their own
+                    nspid = next(ln for ln in f if ln.startswith("NSpid:")).split()[1:]
+                if len(nspid) > 1:
+                    os.kill(pid, signal.SIGKILL)
+            t.join(20)
+            pytest.fail(f"{call} into the result pipe froze the daemon")
+        assert out == [errno.EPERM]
+        assert c.call(lambda: 4) == 4

@@ -49,6 +49,7 @@ PENDING_PER_UID = 2 * P.MAX_FRAME + (4 << 20)
 # the relays stop reading and the children block on their full pipes, as with any slow reader.
 RELAYED_PER_UID = 256 << 20
 RELAY_GRACE = 5.0  # seconds a relay may go on delivering after its connection closed
+RELAY_LINGER = 60.0  # ... and after its child exited (each holds two fds and its buffer)
 RESERVE_QUIET = 0.025  # seconds without a take before a reserve that is not empty is refilled
 RESERVE_PARALLEL = 2  # reserve children being made at once, per pool
 SPAWN_STEPS = ("userns", "mounts", "netns", "rlimits", "uts", "fds", "payload")
@@ -807,10 +808,11 @@ class Daemon:
                 # clone in a burst would leak a handful of fds.
                 _close(mine)
                 _close([fd for pair in relays for fd in pair] + [fd for pair in detached for fd in pair])
-                mine = []
+                mine, relays, detached = [], [], []  # closed: the handler below must not close them again
                 if born_in is not None:
                     cg, born_in = born_in, None
-                    await trio.to_thread.run_sync(self._cgroup_remove, cg)
+                    with trio.CancelScope(shield=True):  # removed even if the client goes meanwhile
+                        await trio.to_thread.run_sync(self._cgroup_remove, cg)
                     if isinstance(e, OSError) and e.errno in (_errno.EINVAL, _errno.EOPNOTSUPP, _errno.ENOSYS):
                         self._into_cgroup = False  # this kernel cannot: attach after the clone from now on
                         return P.SpawnFailed(msg.req, f"{e} (CLONE_INTO_CGROUP is now off; retry)", "clone",
@@ -1544,8 +1546,9 @@ class Daemon:
                     while buf:
                         chunk = bytes(buf[:65536])
                         await outstream.send_all(chunk)
+                        who = owner()  # (before the del: a change of owner moves len(buf))
                         del buf[:len(chunk)]
-                        self._count(self.relayed, owner(), -len(chunk))
+                        self._count(self.relayed, who, -len(chunk))
                     if done:
                         return
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -1556,10 +1559,15 @@ class Daemon:
         conn = child.conn
         if conn is not None and conn is not self._reserve_conn and conn.closed:
             scope.deadline = trio.current_time() + RELAY_GRACE
+        async def linger() -> None:
+            await child.exited.wait()
+            scope.deadline = min(scope.deadline, trio.current_time() + RELAY_LINGER)
+
         try:
             with scope:
                 async with trio.open_nursery() as n:
                     n.start_soon(reader)
+                    n.start_soon(linger)
                     await writer()  # delivered all, or the reader went away: the relay is over
                     n.cancel_scope.cancel()
         finally:
