@@ -190,8 +190,9 @@ class RawConn:
         except (BrokenPipeError, ConnectionResetError):
             pass  # a refused peer gets its error at once and the connection closes: read it
 
-    def reply(self):
-        """The next message, or None at EOF."""
+    def reply(self, keep: list[int] | None = None):
+        """The next message, or None at EOF. Its fds go into ``keep`` if given, else are closed
+        (a leased child whose control pipe is closed ends, as its lease is given up)."""
         while (item := self.dec.next()) is None:
             data, anc, _, _ = self.sock.recvmsg(1 << 16, socket.CMSG_SPACE(4 * 8))
             if not data:
@@ -199,8 +200,11 @@ class RawConn:
             fds = [fd for level, kind, blob in anc if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
                    for fd in memoryview(blob).cast("i")]
             self.dec.feed(data, fds)
-        for fd in item[1]:
-            os.close(fd)
+        if keep is not None:
+            keep.extend(item[1])
+        else:
+            for fd in item[1]:
+                os.close(fd)
         return item[0]
 
 

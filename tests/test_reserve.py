@@ -438,15 +438,20 @@ def test_SECURITY_held_children_count_against_the_per_client_limit(tmp_path):
         conn.send(conn.P.Hello(conn.P.VERSION))
         conn.reply()
         time.sleep(1.0)
-        for req in (1, 2):
-            conn.send(conn.P.Lease(req))
-            assert isinstance(conn.reply(), conn.P.Leased)
-        conn.send(conn.P.Lease(3))
-        reply = conn.reply()
-        assert isinstance(reply, conn.P.SpawnFailed) and reply.code == "limit", reply
-        conn.send(conn.P.Spawn(req=4, kind="exec", argv=["/bin/true"], sandbox=SandboxConfig(hostname="x")))
-        reply = conn.reply()
-        assert isinstance(reply, conn.P.SpawnFailed) and reply.code == "limit", reply
+        held: list[int] = []  # the leased children's fds: closing them would give the leases up
+        try:
+            for req in (1, 2):
+                conn.send(conn.P.Lease(req))
+                assert isinstance(conn.reply(held), conn.P.Leased)
+            conn.send(conn.P.Lease(3))
+            reply = conn.reply()
+            assert isinstance(reply, conn.P.SpawnFailed) and reply.code == "limit", reply
+            conn.send(conn.P.Spawn(req=4, kind="exec", argv=["/bin/true"], sandbox=SandboxConfig(hostname="x")))
+            reply = conn.reply()
+            assert isinstance(reply, conn.P.SpawnFailed) and reply.code == "limit", reply
+        finally:
+            for fd in held:
+                os.close(fd)
 
 
 def test_a_held_child_that_dies_is_replaced():
