@@ -178,6 +178,7 @@ def test_SECURITY_a_client_that_never_reads_its_own_fds_stalls_only_its_output(s
             for r in held[1:]:  # what fits, in order
                 data = os.read(r, 4096)
                 assert data and set(data) == {ord("z")}
+            assert os.get_blocking(err_w), "the daemon changed the flags of the client's own pipe"
     finally:
         for fd in held + [err_r, err_w]:
             os.close(fd)

@@ -97,26 +97,25 @@ class PoolStartError(Exception):
 _CHILD_NOFILE: int | None = None
 
 
-def raise_open_files(ceiling: int = 1 << 16) -> tuple[int, int]:
+def raise_open_files(ceiling: int = 1 << 16) -> None:
     """Raise the daemon's soft open-files limit toward its hard one (at most ``ceiling``).
 
     The daemon holds about seven fds per child (its pipe ends, pidfd, cgroup fd) plus one per
     connection; under a service manager's usual soft limit of 1024 it would run out near 150
-    children, below ``max_children``. Returns (old soft, new soft)."""
+    children, below ``max_children``."""
     global _CHILD_NOFILE
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = ceiling if hard == resource.RLIM_INFINITY else min(hard, ceiling)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (OSError, ValueError):
-            return soft, soft
-        if _CHILD_NOFILE is None:
-            _CHILD_NOFILE = soft
-        return soft, target
-    return soft, soft
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError):
+        return
+    if _CHILD_NOFILE is None:
+        _CHILD_NOFILE = soft
 
 
 class Zygote:

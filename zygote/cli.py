@@ -266,10 +266,8 @@ def sd_notify(state: str) -> None:
 def _say(text: str) -> None:
     """A line on stderr from a running daemon; one that cannot be written (the reader went away)
     is dropped rather than raised into the daemon."""
-    try:
-        print(text, file=sys.stderr, flush=True)
-    except (OSError, ValueError, AttributeError):
-        pass
+    from .observe import LossyStream
+    print(text, file=LossyStream(sys.stderr), flush=True)
 
 
 def serve(args) -> int:
@@ -505,9 +503,10 @@ def _stdio_for(cfg) -> tuple[tuple[int, int, int], list]:
     copiers = []
     if cfg.max_output_bytes is None:
         return (0, 1, 2), copiers
+    from .policy import is_pipe
     for i in (1, 2):
         try:
-            if os.readlink(f"/proc/self/fd/{i}").startswith("pipe:["):
+            if is_pipe(i):
                 continue
         except OSError:
             continue  # closed: the daemon refuses it with its own message

@@ -461,6 +461,7 @@ class Daemon:
         conn = Connection(self, sock, struct.unpack("3i", creds))
         decoder = P.daemon_decoder()
         held = 0  # decoder.pending_bytes, as counted in self.pending
+        uid = conn.peer_uid
         self.observer.connection(+1)
         try:
             if not self._peer_allowed(conn.peer_uid, conn.peer_gid):
@@ -469,7 +470,6 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 conn.nursery = nursery
                 hello = False
-                uid = conn.peer_uid
                 while True:
                     try:
                         data, anc, flags, _ = await sock.recvmsg(1 << 18, socket.CMSG_SPACE(4 * (P.MAX_FDS + 1)))
@@ -523,7 +523,7 @@ class Daemon:
                 nursery.cancel_scope.cancel()
         finally:
             decoder.close_fds()
-            self._count(self.pending, conn.peer_uid, -held)
+            self._count(self.pending, uid, -held)
             for scope, child in self._relays.items():  # a reader still there gets RELAY_GRACE more
                 if child.conn is conn:
                     scope.deadline = min(scope.deadline, trio.current_time() + RELAY_GRACE)
@@ -747,10 +747,11 @@ class Daemon:
         if self._into_cgroup and self._wants_cgroup(cfg):
             try:
                 born_in = await trio.to_thread.run_sync(self._make_cgroup, cid, cfg)
-            except BaseException as e:
+            except SetupError as e:
                 _close(targets)
-                if isinstance(e, SetupError):
-                    return P.SpawnFailed(msg.req, e.message, "cgroup", e.errno, e.hint, code="unavailable"), []
+                return P.SpawnFailed(msg.req, e.message, "cgroup", e.errno, e.hint, code="unavailable"), []
+            except BaseException:
+                _close(targets)
                 raise
         # The child's pipes. Ours are CLOEXEC; the zygote hands its copies to the clone.
         mine: list[int] = []
@@ -1830,14 +1831,13 @@ def _relay_target(fd: int) -> int:
     SO_PASSCRED would see the daemon's pid and uid 0 (systemd's notify socket takes MAINPID=
     from it), /proc files such as autogroup or oom_score_adj check the writer's capabilities,
     a setuid file written by root keeps its bit, quotas and reserved blocks do not apply. A
-    pipe has none of that. It is recognised by its /proc link ("pipe:[ino]"): neither that nor
-    F_GETFL reaches a filesystem (an fstat on a FUSE file waits for its server). The reopening
+    pipe has none of that. Neither policy.is_pipe nor F_GETFL reaches a filesystem. The reopening
     through /proc is a description of our own that we may make nonblocking (the client's flags
     are not ours to change) and grants nothing: the same pipe, write only, as the client's was.
     """
     if fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_ACCMODE | os.O_PATH) not in (os.O_WRONLY, os.O_RDWR):
         raise ValueError("the fd given for output is not open for writing")
-    if not os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:["):
+    if not policy.is_pipe(fd):
         raise ValueError("the fd given for output is not a pipe; the daemon writes counted output "
                          "only into pipes (zygote run puts one in front of a terminal, file or socket)")
     try:

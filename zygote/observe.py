@@ -30,15 +30,15 @@ def configure_logging(fmt: str = "json", level: str = "info", stream=None) -> No
                     structlog.processors.TimeStamper(fmt="iso", utc=True),
                     renderer],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(_LossyStream(stream or sys.stderr)),
+        logger_factory=structlog.PrintLoggerFactory(LossyStream(stream or sys.stderr)),
         cache_logger_on_first_use=False,
     )
 
 
-class _LossyStream:
-    """The log stream, but a log line that cannot be written is dropped: a collector that went
-    away (EPIPE), a closed or absent stderr, a full disk must not turn a log call into an
-    exception in the middle of reaping a child."""
+class LossyStream:
+    """A text stream (the log, the daemon's stderr) whose lines that cannot be written are
+    dropped: a collector that went away (EPIPE), a closed or absent stderr, a full disk must not
+    turn a log call into an exception in the middle of reaping a child."""
 
     def __init__(self, stream) -> None:
         self._stream = stream

@@ -170,3 +170,9 @@ def _may_access(path: str, uid: int, gid: int, write: bool) -> bool:
         return False
     is_dir = stat.S_ISDIR(st.st_mode)
     return bool(ok(st, True, write, is_dir))
+
+
+def is_pipe(fd: int) -> bool:
+    """Whether ``fd`` is an anonymous pipe, from its /proc link ("pipe:[ino]"): no filesystem is
+    asked (an fstat on a FUSE file waits for its server). Raises OSError for a closed fd."""
+    return os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:[")

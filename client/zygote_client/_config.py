@@ -135,8 +135,8 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         file_size: RLIMIT_FSIZE in bytes or "10M". Default None.
         open_files: RLIMIT_NOFILE. Default None.
         max_output_bytes: stdout+stderr bytes the daemon relays before it stops and kills the child.
-            Default None. With ``stdio`` fds of the caller's own, those must be pipes, files or
-            ttys (the daemon writes into them; never into a socket).
+            Default None. With ``stdio`` fds of the caller's own, stdout and stderr must be pipes
+            (the daemon writes the counted output into them, and into nothing else).
         network: None (an empty network namespace with only lo) or a NetworkConfig.
         workspace: a Workspace (``Workspace.from_dir``/``from_files``) copied into a fresh tmpfs at
             its ``path`` (default "/workspace", also the working directory unless workdir is set),
