@@ -7,6 +7,7 @@ import os
 import pytest
 import trio
 
+from zygote._pipes import PipeHands
 from zygote.detach import BLOCK, Ring, pump, tap
 
 
@@ -60,7 +61,7 @@ def test_pump_and_tap_move_everything_in_order():
 
         async with trio.open_nursery() as n:
             n.start_soon(pump, src_r, ring, lambda size: True)
-            n.start_soon(tap, ring, dst_w, 0)
+            n.start_soon(tap, ring, PipeHands().outlet(dst_w, lambda: 0), 0)
             n.start_soon(write)
             n.start_soon(read)
         assert bytes(got) == data and ring.eof

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import os
 import signal
 import socket
@@ -310,3 +311,199 @@ def test_SECURITY_output_buffered_for_one_user_is_bounded(socket_daemon):
         assert total == 320 << 20
         assert k.wait(timeout=60).returncode == 0
         k.stderr.close()
+
+
+def _hold_pipe_lock(read_fd: int):
+    """Splice from pipe ``read_fd`` into a unix socket whose buffer is already full, in a thread:
+    once a byte arrives the kernel holds the pipe's mutex while it waits for room in the socket,
+    and anyone else who writes, opens or finally closes that pipe waits for the mutex too, however
+    O_NONBLOCK their end is. Returns a function that lets go (it closes the socket's far end)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.setblocking(False)
+    try:
+        while True:
+            a.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    a.setblocking(True)
+    started = threading.Event()
+
+    def splicer() -> None:
+        started.set()
+        try:
+            os.splice(read_fd, a.fileno(), 1 << 16)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=splicer, daemon=True)
+    t.start()
+    started.wait()
+
+    def release() -> None:
+        b.close()  # the splice gets EPIPE and drops the mutex
+        t.join(10)
+        a.close()
+        assert not t.is_alive()
+    return release
+
+
+def _send_with_fds(conn, msg, fds: list[int]) -> None:
+    conn.sock.sendmsg([conn.P.encode(msg, len(fds))],
+                      [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+
+
+def _answers(sock_path: str, timeout: float) -> bool:
+    """Whether a new connection to the daemon gets a status reply within ``timeout``."""
+    from conftest import RawConn
+    from zygote_client import _protocol as P
+    out: list[object] = []
+
+    def ask() -> None:
+        conn = RawConn(sock_path)
+        try:
+            conn.send(P.Hello(P.VERSION))
+            conn.reply()
+            conn.send(P.Status(1))
+            out.append(conn.reply())
+        finally:
+            conn.sock.close()
+
+    t = threading.Thread(target=ask, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(out)
+
+
+@pytest.mark.parametrize("mode", ["relay", "fds", "detached", "ended"])
+def test_SECURITY_a_client_holding_its_pipes_lock_stalls_only_its_output(socket_daemon, mode):
+    """A client can pin a pipe's mutex (splice from it into a full socket). The daemon writes
+    into the pipes a client reads (counted output, a detached child's tap), reopens a client's
+    own pipe (stdio="fds" with max_output_bytes) and closes its ends of them ("ended": the child
+    exits, the relay's last close of its write end waits for the mutex): done on its event loop,
+    each of those would wait for that mutex, and every other client with it."""
+    n = 1 if mode == "ended" else 600
+
+    def drip():
+        import sys
+        import time
+        for _ in range(n):
+            sys.stdout.write("d" * 100 + "\n")
+            sys.stdout.flush()
+            time.sleep(0.01)
+
+    cfg = SandboxConfig(max_output_bytes="1M", timeout=60)
+    keep: list[int] = []
+    release = None
+    try:
+        with Client.connect(socket_daemon) as c:
+            if mode == "fds":
+                null = os.open(os.devnull, os.O_RDWR)
+                r, w = os.pipe()
+                er, ew = os.pipe()
+                keep += [null, r, w, er, ew]
+                os.write(w, b"x")  # the splice takes this byte, then waits with the mutex held
+                release = _hold_pipe_lock(r)
+                time.sleep(0.2)
+                spawned: list[object] = []
+                t = threading.Thread(target=lambda: spawned.append(c.spawn_child(
+                    drip, stdin=None, _stdio_fds=(null, w, ew), sandbox_config=cfg)), daemon=True)
+                t.start()
+                time.sleep(1)
+            else:
+                k = c.spawn_child(drip, stdin=None, sandbox_config=cfg, detached=mode == "detached")
+                release = _hold_pipe_lock(k.stdout.fileno())
+                time.sleep(1)  # more output arrives: the daemon's writes meet the held mutex
+            assert _answers(socket_daemon, 10), "the daemon froze on a pipe whose lock a client held"
+            release()
+            release = None
+            if mode == "fds":
+                t.join(30)
+                spawned[0].kill()
+            else:
+                k.kill()
+            assert _answers(socket_daemon, 10)
+    finally:
+        if release is not None:
+            release()
+        for fd in keep:
+            os.close(fd)
+
+
+def test_SECURITY_a_client_fd_whose_pipe_lock_is_held_is_closed_off_the_loop(socket_daemon):
+    """Any fd a client sends may be the last reference to a pipe's write end whose read end the
+    client pins (splice into a full socket): the daemon's close of it waits for the mutex. Sent
+    with a request that takes no fds, it is closed at once; that must not stop the daemon."""
+    from conftest import RawConn
+    from zygote_client import _protocol as P
+
+    r, w = os.pipe()
+    os.write(w, b"x")  # the splice takes it and waits for room with the mutex held
+    release = _hold_pipe_lock(r)
+    conn = RawConn(socket_daemon)
+    try:
+        conn.send(P.Hello(P.VERSION))
+        conn.reply()
+        _send_with_fds(conn, P.Status(1), [w])
+        os.close(w)
+        w = -1
+        time.sleep(0.5)
+        assert _answers(socket_daemon, 10), "the daemon froze closing a client's fd"
+    finally:
+        release()
+        conn.sock.close()
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def test_SECURITY_closes_piling_up_for_one_uid_stop_its_spawns(socket_daemon):
+    """A uid that pins the locks of the pipes whose fds it sends ties up its own worker threads
+    (4), and the closes behind them wait: past 256 fds waiting, the daemon refuses that uid's
+    spawns (instead of collecting its fds until it runs out), and serves them again once the
+    locks are let go."""
+    from conftest import RawConn
+    from zygote_client import DaemonError, _protocol as P
+
+    releases = []
+    pipes = []
+    null = os.open(os.devnull, os.O_RDONLY)
+    conn = RawConn(socket_daemon)
+    try:
+        conn.send(P.Hello(P.VERSION))
+        conn.reply()
+        for _ in range(4):  # one worker thread stuck on each
+            r, w = os.pipe()
+            pipes.append(r)
+            os.write(w, b"x")
+            releases.append(_hold_pipe_lock(r))
+            _send_with_fds(conn, P.Status(1), [w])
+            os.close(w)
+        for i in range(66):  # 264 more fds to close, queued behind those
+            dups = [os.dup(null) for _ in range(4)]
+            _send_with_fds(conn, P.Status(2 + i), dups)
+            for fd in dups:
+                os.close(fd)
+        for _ in range(70):
+            assert isinstance(conn.reply(), P.StatusReply)  # the daemon itself answers all along
+        with Client.connect(socket_daemon) as c:
+            with pytest.raises(DaemonError) as e:
+                c.call(lambda: 1)
+            assert e.value.code == "limit" and "still closing" in str(e.value)
+            for release in releases:
+                release()
+            releases = []
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    assert c.call(lambda: 1) == 1
+                    break
+                except DaemonError as e:
+                    if e.code != "limit" or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+    finally:
+        for release in releases:
+            release()
+        conn.sock.close()
+        for fd in pipes + [null]:
+            os.close(fd)

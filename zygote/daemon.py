@@ -35,7 +35,8 @@ from zygote_client._workspace import ExportResult, WorkspaceError
 from . import _childproto as C
 from ._clone import ALL_NAMESPACES, CLONE_INTO_CGROUP, CLONE_PARENT
 from ._pool import Pool, PoolConfig, PoolStartError, Reserve, ZygoteDied, raise_open_files
-from . import detach, observe, policy
+from . import _pipes, detach, observe, policy
+from ._pipes import close_now as _close
 from .layers import SetupError, cgroups, mounts, network, rlimits, seccomp, userns, workspace
 
 SEND_TIMEOUT = 30.0  # seconds one message may wait for a client to read before it is dropped
@@ -259,6 +260,7 @@ class Daemon:
         self.relayed: dict[int, int] = {}  # peer uid -> bytes of its children's output buffered
         self._relayed_freed: dict[int, trio.Event] = {}  # uid -> set when its relays free some
         self._relays: dict[trio.CancelScope, Child] = {}  # running relays (cut short after a close)
+        self.hands = _pipes.PipeHands()  # threads for the syscalls that can wait on a client's pipe lock
         self.cgroups: cgroups.CgroupHost | None = None
         self.cgroup_error: SetupError | None = None
         self._into_cgroup = False  # clone children straight into their cgroup (set for v2 hosts)
@@ -459,9 +461,13 @@ class Daemon:
     async def _serve_conn(self, sock: trio.socket.SocketType, embedded: bool = False) -> None:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         conn = Connection(self, sock, struct.unpack("3i", creds))
-        decoder = P.daemon_decoder()
-        held = 0  # decoder.pending_bytes, as counted in self.pending
         uid = conn.peer_uid
+
+        def drop(fds: list[int]) -> None:  # fds from the client: closed off the loop's thread
+            self.hands.close(uid, fds)
+
+        decoder = P.daemon_decoder(close=drop)
+        held = 0  # decoder.pending_bytes, as counted in self.pending
         self.observer.connection(+1)
         try:
             if not self._peer_allowed(conn.peer_uid, conn.peer_gid):
@@ -477,18 +483,18 @@ class Daemon:
                         break
                     fds = _fds_from(anc)
                     if flags & socket.MSG_CTRUNC:
-                        _close(fds)
+                        drop(fds)
                         await conn.send(P.Error(0, "protocol", "too many fds in one message"))
                         break
                     if not data:
-                        _close(fds)
+                        drop(fds)
                         break
                     try:
                         decoder.feed(data, fds)
                         while (item := decoder.next()) is not None:
                             msg, mfds = item
                             if not hello:
-                                _close(mfds)
+                                drop(mfds)
                                 if not isinstance(msg, P.Hello):
                                     raise ProtocolError("the first message must be hello")
                                 if msg.version != P.VERSION:
@@ -538,8 +544,8 @@ class Daemon:
             self.observer.connection(-1)
 
     async def _dispatch(self, conn: Connection, msg, fds: list[int], nursery: trio.Nursery) -> None:
+        self.hands.close(conn.peer_uid, fds)  # none of these carries fds
         if isinstance(msg, P.Signal):
-            _close(fds)
             child = conn.children.get(msg.child)
             if child is None:
                 await conn.send(P.Error(msg.req, "unknown-child", f"no child {msg.child!r} on this connection"))
@@ -549,16 +555,12 @@ class Daemon:
                 self._kill(child, msg.signum)
                 await conn.send(P.Ok(msg.req))
         elif isinstance(msg, P.Attach):
-            _close(fds)
             await self._attach(conn, msg)
         elif isinstance(msg, P.Status):
-            _close(fds)
             await conn.send(self.status(msg.req, conn.peer_uid))
         elif isinstance(msg, P.Lease):
-            _close(fds)
             await self._lease(conn, msg)
         else:
-            _close(fds)
             await conn.send(P.Error(getattr(msg, "req", 0), "bad-request", f"unexpected {type(msg).__name__}"))
 
     def status(self, req: int, peer_uid: int) -> P.StatusReply:
@@ -585,7 +587,7 @@ class Daemon:
                 reply, out_fds = P.SpawnFailed(msg.req, f"internal error: {type(e).__name__}: {e}", "internal",
                                                code="internal"), []
             finally:
-                _close(fds)
+                self.hands.close(conn.peer_uid, fds)
         except BaseException:
             self._count(self.pending, conn.peer_uid, -size)
             raise
@@ -671,6 +673,8 @@ class Daemon:
         if len(self.children) + self.spawning >= self.config.max_children:
             return P.SpawnFailed(msg.req, f"the daemon runs {len(self.children) + self.spawning} children, "
                                  "its maximum", code="limit"), []
+        if conn is not self._reserve_conn and (stuck := self._pipes_stuck(conn.peer_uid)) is not None:
+            return P.SpawnFailed(msg.req, stuck, code="limit"), []
         per_client = self.config.max_children_per_client
         if per_client is not None and conn is not self._reserve_conn:
             n, who = self._client_load(conn)
@@ -688,6 +692,15 @@ class Daemon:
             self.spawning_by_uid[conn.peer_uid] -= 1
             if not self.spawning_by_uid[conn.peer_uid]:
                 del self.spawning_by_uid[conn.peer_uid]
+
+    def _pipes_stuck(self, uid: int) -> str | None:
+        """Why ``uid`` may start nothing more now: too many of its fds wait to be closed, the
+        threads for them stuck on pipe locks its own processes hold (see _pipes)."""
+        n = self.hands.closing.get(uid, 0)
+        if n <= _pipes.CLOSING_PER_UID:
+            return None
+        return (f"uid {uid} has {n} descriptors the daemon is still closing (its worker threads wait for "
+                "pipe locks that uid's processes hold, e.g. with splice); let go of them and retry")
 
     def _client_load(self, conn: Connection) -> tuple[int, str]:
         """Children (and spawns in flight) counted against max_children_per_client: per peer uid,
@@ -733,14 +746,26 @@ class Daemon:
         # stdio="fds" with max_output_bytes: the daemon writes the counted output into the client's
         # stdout/stderr, which must be pipes (see _relay_target); each becomes a nonblocking fd of ours.
         targets: list[int] = []
+        uid = conn.peer_uid
+
+        def drop(fds) -> None:  # pipe ends the client reads, or may hold the lock of
+            self.hands.close(uid, fds)
+
+        def drop_pairs() -> None:  # (the first of each pair comes from the child: ours alone)
+            _close([r for r, _ in relays] + [r for r, _ in detached])
+            drop([w for _, w in relays] + [w for _, w in detached])
+
         if msg.stdio == "fds" and cfg.max_output is not None and len(client_fds) == 3:
-            try:
+            try:  # (the open waits on the pipe's lock: in a thread of the client's uid)
                 for cfd in client_fds[1:]:
-                    targets.append(_relay_target(cfd))
+                    targets.append(await self.hands.reopen(uid, cfd, _relay_target))
             except (ValueError, OSError) as e:
-                _close(targets)
+                drop(targets)
                 what = e.strerror if isinstance(e, OSError) else str(e)
                 return P.SpawnFailed(msg.req, f"stdio='fds' with max_output_bytes: {what}", code="bad-request"), []
+            except BaseException:
+                drop(targets)
+                raise
         # cgroup v2: make the child's cgroup first and clone it straight into it
         # (CLONE_INTO_CGROUP): no migration of a running task at all. v1 attaches after the clone.
         born_in = None
@@ -748,10 +773,10 @@ class Daemon:
             try:
                 born_in = await trio.to_thread.run_sync(self._make_cgroup, cid, cfg)
             except SetupError as e:
-                _close(targets)
+                drop(targets)
                 return P.SpawnFailed(msg.req, e.message, "cgroup", e.errno, e.hint, code="unavailable"), []
             except BaseException:
-                _close(targets)
+                drop(targets)
                 raise
         # The child's pipes. Ours are CLOEXEC; the zygote hands its copies to the clone.
         mine: list[int] = []
@@ -808,7 +833,7 @@ class Daemon:
                 # No child: our ends of its pipes (and any relay pipes) go now, or every failed
                 # clone in a burst would leak a handful of fds.
                 _close(mine)
-                _close([fd for pair in relays for fd in pair] + [fd for pair in detached for fd in pair])
+                drop_pairs()
                 mine, relays, detached = [], [], []  # closed: the handler below must not close them again
                 if born_in is not None:
                     cg, born_in = born_in, None
@@ -853,7 +878,7 @@ class Daemon:
             if failure is not None:
                 self._kill(child, signal.SIGKILL)
                 _close(out)
-                _close([fd for pair in relays for fd in pair] + [fd for pair in detached for fd in pair])
+                drop_pairs()
                 return failure, []
             if detached:
                 self._start_detached(child, conn, detached, limit)
@@ -866,9 +891,10 @@ class Daemon:
             # Cancelled (the connection closed), out of fds half-way through making the pipes, or
             # a bug: nothing handed our pipe ends on yet. A child already registered is killed by
             # the connection's own cleanup.
-            _close([fd for fd in theirs if fd not in client_fds] + targets)
+            _close([fd for fd in theirs if fd not in client_fds])
+            drop(targets)
             _close(mine)
-            _close([fd for pair in relays for fd in pair] + [fd for pair in detached for fd in pair])
+            drop_pairs()
             if born_in is not None:  # made for a child that never came to be
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self._cgroup_remove, born_in)
@@ -1161,10 +1187,12 @@ class Daemon:
             self._start_tap(conn, ring, tw, 0)
 
     def _start_tap(self, conn: Connection, ring: detach.Ring, fd: int, pos: int) -> None:
+        """Feed the pipe ``fd`` (its read end is, or was about to be, the client's) from ``ring``."""
         if conn.nursery is None or conn.closed:
-            _close([fd])
+            self.hands.close(conn.peer_uid, [fd])
             return
-        conn.nursery.start_soon(detach.tap, ring, fd, pos)
+        uid = conn.peer_uid
+        conn.nursery.start_soon(detach.tap, ring, self.hands.outlet(fd, lambda: uid), pos)
 
     async def _attach(self, conn: Connection, msg: P.Attach) -> None:
         """Attach ``conn`` to a detached child of the same peer uid (root: any), running or kept."""
@@ -1181,6 +1209,9 @@ class Daemon:
         if msg.offset < 0:
             await conn.send(P.Error(msg.req, "bad-request", f"offset must be >= 0, got {msg.offset}"))
             return
+        if (stuck := self._pipes_stuck(conn.peer_uid)) is not None:
+            await conn.send(P.Error(msg.req, "limit", stuck))
+            return
         if conn.attaches >= self.config.max_attaches:  # each costs two pipes and two tasks here
             await conn.send(P.Error(msg.req, "limit",
                                     f"this connection already made {self.config.max_attaches} attaches"))
@@ -1191,7 +1222,7 @@ class Daemon:
             for _ in child.rings:
                 pipes.append(os.pipe2(os.O_CLOEXEC))
         except OSError as e:
-            _close([fd for pair in pipes for fd in pair])
+            _close([fd for pair in pipes for fd in pair])  # (nobody else has seen them)
             await conn.send(P.Error(msg.req, "limit", f"the daemon cannot make the attach's pipes now: {e.strerror}"))
             return
         conn.attaches += 1
@@ -1201,7 +1232,7 @@ class Daemon:
         finally:
             _close([r for r, _ in pipes])
         if conn.closed:
-            _close([w for _, w in pipes])
+            self.hands.close(conn.peer_uid, [w for _, w in pipes])
             return
         for ring, (_, w), pos in zip(child.rings, pipes, starts):
             self._start_tap(conn, ring, w, pos)
@@ -1493,10 +1524,10 @@ class Daemon:
         deliver, then ends (its buffer and fds with it).
 
         ``dst`` is a nonblocking pipe end of the daemon's own (its pipe to the client, or a
-        client's pipe reopened): no write of a relay ever waits in a thread.
+        client's pipe reopened). The client can hold that pipe's lock, so the writes and the
+        close go through an Outlet (worker threads of the client's uid, see _pipes).
         """
         instream = trio.lowlevel.FdStream(src)
-        outstream = trio.lowlevel.FdStream(dst)
         buf = bytearray()
         more = trio.Event()
         done = False
@@ -1509,6 +1540,8 @@ class Daemon:
                 uid = child.peer_uid
                 self._count(self.relayed, uid, len(buf))
             return uid
+
+        outstream = self.hands.outlet(dst, owner)
 
         async def reader() -> None:
             nonlocal done
@@ -1576,7 +1609,7 @@ class Daemon:
             self._count(self.relayed, owner(), -len(buf))
             buf.clear()
             await instream.aclose()
-            await outstream.aclose()
+            outstream.close()
 
     def _cgroup_remove(self, cg) -> None:
         """Kill what is left in a child's cgroup and remove it (in a worker thread). Never raises:
@@ -1857,10 +1890,3 @@ def _fds_from(anc) -> list[int]:
             fds.extend(a)
     return fds
 
-
-def _close(fds) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass

@@ -102,19 +102,19 @@ async def pump(fd: int, ring: Ring, count: Callable[[int], bool]) -> None:
             await stream.aclose()
 
 
-async def tap(ring: Ring, fd: int, pos: int) -> None:
-    """Write ``ring`` from ``pos`` into pipe ``fd`` (a reader's), then close it.
+async def tap(ring: Ring, out, pos: int) -> None:
+    """Write ``ring`` from ``pos`` into ``out`` (an ``_pipes.Outlet`` on a reader's pipe), then
+    close it.
 
     A reader slower than the ring (the child wrote more than ``capacity`` since) skips what was
     dropped meanwhile. A reader that closed its end just ends the tap.
     """
-    stream = trio.lowlevel.FdStream(fd)
     try:
         while True:
             pos = max(pos, ring.start)
             data = ring.read(pos)
             if data:
-                await stream.send_all(data)
+                await out.send_all(data)
                 pos += len(data)
             elif ring.eof and pos >= ring.end:
                 return
@@ -123,6 +123,4 @@ async def tap(ring: Ring, fd: int, pos: int) -> None:
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
     finally:
-        with trio.CancelScope(shield=True):
-            await stream.aclose()
-
+        out.close()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Literal, Union
+from typing import Callable, Literal, Union
 
 import msgspec
 
@@ -294,10 +294,13 @@ class FrameDecoder:
     Feed what each ``recvmsg`` returned; fds received in one call belong to the frame holding the
     last byte of that call (the kernel stops a stream read right after the skb that carried fds).
     Any violation raises ProtocolError; the decoder is then unusable and ``close_fds`` releases
-    every fd it still holds.
+    every fd it still holds. ``close`` is how it lets fds go (the daemon's closes a client's fds
+    in worker threads: the last close of a pipe can wait on that pipe's lock).
     """
 
-    def __init__(self, message_type: object, *, max_frame: int = MAX_FRAME) -> None:
+    def __init__(self, message_type: object, *, max_frame: int = MAX_FRAME,
+                 close: Callable[[list[int]], None] | None = None) -> None:
+        self._close = close or _close_all
         self._decoder = msgspec.msgpack.Decoder(message_type)
         self._max_frame = max_frame
         self._buf = bytearray()
@@ -358,13 +361,13 @@ class FrameDecoder:
         del self._buf[:end]
         self._base = end_off
         if len(fds) != nfds:
-            _close_all(fds)
+            self._close(fds)
             self._broken = True
             raise ProtocolError(f"frame declares {nfds} fds but {len(fds)} arrived")
         try:
             msg = self._decoder.decode(body)
         except Exception as exc:  # noqa: BLE001 - a validator's OverflowError too: bytes from a peer
-            _close_all(fds)  # must end as a protocol error, never as an exception nobody expects
+            self._close(fds)  # must end as a protocol error, never as an exception nobody expects
             self._broken = True
             text = str(exc)
             text = text if len(text) <= 500 else text[:500] + "..."
@@ -377,7 +380,7 @@ class FrameDecoder:
 
     def close_fds(self) -> None:
         for _, batch in self._fd_batches:
-            _close_all(batch)
+            self._close(batch)
         self._fd_batches.clear()
 
 
@@ -394,6 +397,6 @@ def client_decoder() -> FrameDecoder:
     return FrameDecoder(DaemonMessage)
 
 
-def daemon_decoder(max_frame: int = MAX_FRAME) -> FrameDecoder:
+def daemon_decoder(max_frame: int = MAX_FRAME, close: Callable[[list[int]], None] | None = None) -> FrameDecoder:
     """A decoder for what the daemon receives."""
-    return FrameDecoder(ClientMessage, max_frame=max_frame)
+    return FrameDecoder(ClientMessage, max_frame=max_frame, close=close)
