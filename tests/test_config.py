@@ -306,3 +306,39 @@ def test_pool_reaper_holds_for_every_request(tmp_path):
         for sandbox in (None, SandboxConfig(), SandboxConfig(reaper=False), SandboxConfig(memory="64M")):
             r = c.run(where, sandbox_config=sandbox)
             assert r.stdout == b"2 [1, 2]\n", (sandbox, r.stdout, r.stderr)
+
+
+def test_SECURITY_connections_per_uid_are_capped(shared_dir):
+    """A user cannot hold more than max_connections_per_client connections open (each costs the
+    daemon a socket, a task and buffers): the next one gets Error(limit) and is closed; once one
+    closes, a new one is served. Another uid is not affected."""
+    with config_daemon(shared_dir, """
+            socket_mode = "0660"
+            socket_group = 4242
+            allowed_uids = [4001, 4002]
+            max_connections_per_client = 2
+            """) as sock:
+        def talk() -> str:
+            out, conns = [], []
+            for i in range(3):
+                c = RawConn(sock)
+                conns.append(c)
+                if i < 2:  # (the refused one is answered at once: a hello it never reads would
+                    c.send(c.P.Hello(c.P.VERSION))  # turn its close into a reset)
+                m = c.reply()
+                out.append(f"{type(m).__name__}:{getattr(m, 'code', '')}")
+            out.append(str(conns[2].reply()))  # the refused one is closed: EOF
+            conns[0].sock.close()
+            time.sleep(0.5)
+            c = RawConn(sock)
+            c.send(c.P.Hello(c.P.VERSION))
+            out.append(type(c.reply()).__name__)
+            return ",".join(out)
+
+        assert run_as(4001, 4242, talk).split(",") == ["Welcome:", "Welcome:", "Error:limit", "None", "Welcome"]
+
+        def other() -> str:  # while 4001 still holds two
+            c = RawConn(sock)
+            c.send(c.P.Hello(c.P.VERSION))
+            return type(c.reply()).__name__
+        assert run_as(4002, 4242, other) == "Welcome"

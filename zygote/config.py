@@ -20,6 +20,7 @@ same thing. Example::
     detached_keep_max = 64        # ... and at most this many of them
     detached_keep_bytes = "256M"  # ... holding at most this much output and results together
     max_attaches = 256            # Attach requests per connection
+    max_connections_per_client = 256  # open connections per peer uid (root: no cap)
 
     [pools.default]
     python = "/opt/pandas-venv/bin/python"   # must have the zygote distribution installed
@@ -78,6 +79,7 @@ class _DaemonSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     detached_keep_max: int = 64
     detached_keep_bytes: str | int | None = None
     max_attaches: int = 256
+    max_connections_per_client: int = 256
 
 
 class _PoolSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -200,6 +202,9 @@ def load(path: str, *, default_python: str):
     if d.max_attaches < 1:
         raise ConfigError(f"{path}: daemon.max_attaches must be >= 1")
     kw["max_attaches"] = d.max_attaches
+    if d.max_connections_per_client < 1:
+        raise ConfigError(f"{path}: daemon.max_connections_per_client must be >= 1")
+    kw["max_connections_per_client"] = d.max_connections_per_client
     if d.detached_keep_bytes is not None:
         from zygote_client._config import parse_size
         try:

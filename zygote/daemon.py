@@ -90,6 +90,8 @@ class DaemonConfig:
         detached_keep_bytes: the results and output those kept records hold, together (default
             256 MiB; oldest dropped first, the newest always kept).
         max_attaches: Attach requests one connection may make (each costs two pipes and two tasks).
+        max_connections_per_client: connections one peer uid may hold open at once (root, the
+            administrator, has no cap): each costs the daemon a socket, a task and its buffers.
     """
 
     socket_path: str | None = None
@@ -112,6 +114,7 @@ class DaemonConfig:
     detached_keep_max: int = 64
     detached_keep_bytes: int = 256 << 20
     max_attaches: int = 256
+    max_connections_per_client: int = 256
 
 
 @dataclass(eq=False)
@@ -257,6 +260,7 @@ class Daemon:
         self.spawns_total = 0
         self.cleaning = 0
         self.pending: dict[int, int] = {}  # peer uid -> bytes of requests held for it (PENDING_PER_UID)
+        self.connections: dict[int, int] = {}  # peer uid -> its open connections
         self.relayed: dict[int, int] = {}  # peer uid -> bytes of its children's output buffered
         self._relayed_freed: dict[int, trio.Event] = {}  # uid -> set when its relays free some
         self._relays: dict[trio.CancelScope, Child] = {}  # running relays (cut short after a close)
@@ -445,7 +449,7 @@ class Daemon:
     # ---- connections -------------------------------------------------------------------------
 
     def _count(self, table: dict[int, int], uid: int, n: int) -> None:
-        """Add ``n`` (negative: release) to ``uid``'s bytes in ``table`` (pending or relayed)."""
+        """Add ``n`` (negative: release) to ``uid``'s entry in ``table`` (pending or relayed bytes, connections)."""
         left = table.get(uid, 0) + n
         if left > 0:
             table[uid] = left
@@ -469,9 +473,15 @@ class Daemon:
         decoder = P.daemon_decoder(close=drop)
         held = 0  # decoder.pending_bytes, as counted in self.pending
         self.observer.connection(+1)
+        self._count(self.connections, uid, 1)
         try:
             if not self._peer_allowed(conn.peer_uid, conn.peer_gid):
                 await conn.send(P.Error(0, "not-allowed", f"uid {conn.peer_uid} may not use this daemon"))
+                return
+            cap = self.config.max_connections_per_client
+            if uid != 0 and self.connections[uid] > cap:
+                await conn.send(P.Error(0, "limit", f"uid {uid} already has {cap} connections open, "
+                                        "the daemon's maximum per user (max_connections_per_client)"))
                 return
             async with trio.open_nursery() as nursery:
                 conn.nursery = nursery
@@ -541,6 +551,7 @@ class Daemon:
                 else:
                     self._kill(child, signal.SIGKILL)
             sock.close()
+            self._count(self.connections, uid, -1)
             self.observer.connection(-1)
 
     async def _dispatch(self, conn: Connection, msg, fds: list[int], nursery: trio.Nursery) -> None:
