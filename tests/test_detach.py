@@ -60,8 +60,9 @@ def test_pump_and_tap_move_everything_in_order():
                     got.extend(chunk)
 
         async with trio.open_nursery() as n:
-            n.start_soon(pump, src_r, ring, lambda size: True)
-            n.start_soon(tap, ring, PipeHands().outlet(dst_w, lambda: 0), 0)
+            hands = PipeHands()
+            n.start_soon(pump, hands.end(src_r, lambda: 0), ring, lambda size: True)
+            n.start_soon(tap, ring, hands.end(dst_w, lambda: 0), 0)
             n.start_soon(write)
             n.start_soon(read)
         assert bytes(got) == data and ring.eof

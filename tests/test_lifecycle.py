@@ -589,9 +589,10 @@ def test_SECURITY_kept_detached_records_bounded_by_bytes_and_attaches_capped(tmp
 
         ids = []
         with Client.connect(sock) as a:
-            for i in range(3):
+            for i in range(3):  # one after another: "oldest" is the order they are kept in
                 ch = a.spawn_child(big, (i,), stdin=None, detached=True)
                 ids.append(ch.id)
+                ch.wait(timeout=30)  # (the spawner hearing of it does not count as an attach)
         with Client.connect(sock) as b:
             # all three end with nobody attached (the daemon stops listing them as running)
             _wait_for(lambda: not {c.id for c in b.status().children} & set(ids), what="the three to end")

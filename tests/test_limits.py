@@ -347,8 +347,8 @@ def _hold_pipe_lock(read_fd: int):
     return release
 
 
-def _send_with_fds(conn, msg, fds: list[int]) -> None:
-    conn.sock.sendmsg([conn.P.encode(msg, len(fds))],
+def _send_with_fds(conn, msg, fds: list[int], declared: int | None = None) -> None:
+    conn.sock.sendmsg([conn.P.encode(msg, len(fds) if declared is None else declared)],
                       [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
 
 
@@ -456,54 +456,172 @@ def test_SECURITY_a_client_fd_whose_pipe_lock_is_held_is_closed_off_the_loop(soc
             os.close(w)
 
 
-def test_SECURITY_closes_piling_up_for_one_uid_stop_its_spawns(socket_daemon):
+def test_SECURITY_closes_piling_up_for_one_uid_stop_only_that_uid(shared_dir):
     """A uid that pins the locks of the pipes whose fds it sends ties up its own worker threads
-    (4), and the closes behind them wait: past 256 fds waiting, the daemon refuses that uid's
-    spawns (instead of collecting its fds until it runs out), and serves them again once the
-    locks are let go."""
-    from conftest import RawConn
-    from zygote_client import DaemonError, _protocol as P
+    (4), and the closes behind them wait. Past 256 fds waiting, the daemon stops reading that
+    uid's connections (what it sends stays in flight, on its account) instead of collecting its
+    fds until the daemon runs out; other uids are served all along, and the uid again once it
+    lets go, every request answered."""
+    from conftest import RawConn, config_daemon, run_as
+    from zygote_client import _protocol as P
 
     releases = []
     pipes = []
     null = os.open(os.devnull, os.O_RDONLY)
-    conn = RawConn(socket_daemon)
-    try:
-        conn.send(P.Hello(P.VERSION))
-        conn.reply()
-        for _ in range(4):  # one worker thread stuck on each
-            r, w = os.pipe()
-            pipes.append(r)
-            os.write(w, b"x")
-            releases.append(_hold_pipe_lock(r))
-            _send_with_fds(conn, P.Status(1), [w])
-            os.close(w)
-        for i in range(66):  # 264 more fds to close, queued behind those
-            dups = [os.dup(null) for _ in range(4)]
-            _send_with_fds(conn, P.Status(2 + i), dups)
-            for fd in dups:
-                os.close(fd)
-        for _ in range(70):
-            assert isinstance(conn.reply(), P.StatusReply)  # the daemon itself answers all along
-        with Client.connect(socket_daemon) as c:
-            with pytest.raises(DaemonError) as e:
-                c.call(lambda: 1)
-            assert e.value.code == "limit" and "still closing" in str(e.value)
+    with config_daemon(shared_dir, """
+            socket_mode = "0660"
+            socket_group = 4242
+            allowed_uids = [4001]
+            """) as sock:
+        conn = RawConn(sock)
+        try:
+            conn.send(P.Hello(P.VERSION))
+            conn.reply()
+            for _ in range(4):  # one worker thread stuck on each
+                r, w = os.pipe()
+                pipes.append(r)
+                os.write(w, b"x")
+                releases.append(_hold_pipe_lock(r))
+                _send_with_fds(conn, P.Status(1), [w])
+                os.close(w)
+            for i in range(66):  # 264 more fds to close, queued behind those
+                dups = [os.dup(null) for _ in range(4)]
+                _send_with_fds(conn, P.Status(2 + i), dups)
+                for fd in dups:
+                    os.close(fd)
+            time.sleep(1)
+            assert not _answers(sock, 2), "the daemon went on reading a uid whose closes piled up"
+
+            def other() -> str:
+                c = RawConn(sock)
+                c.send(c.P.Hello(c.P.VERSION))
+                c.reply()
+                c.send(c.P.Status(1))
+                return type(c.reply()).__name__
+            assert run_as(4001, 4242, other) == "StatusReply"
             for release in releases:
                 release()
             releases = []
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    assert c.call(lambda: 1) == 1
-                    break
-                except DaemonError as e:
-                    if e.code != "limit" or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
+            assert _answers(sock, 20)
+            for _ in range(70):
+                assert isinstance(conn.reply(), P.StatusReply)
+        finally:
+            for release in releases:
+                release()
+            conn.sock.close()
+            for fd in pipes + [null]:
+                os.close(fd)
+
+
+def _hold_pipe_lock_from_writer(write_fd: int):
+    """Like _hold_pipe_lock, from a pipe's write end: splice from an empty socket into the pipe
+    waits for data with the pipe's mutex held. Returns a function that lets go."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    started = threading.Event()
+
+    def splicer() -> None:
+        started.set()
+        try:
+            os.splice(a.fileno(), write_fd, 1 << 16)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=splicer, daemon=True)
+    t.start()
+    started.wait()
+    time.sleep(0.2)
+
+    def release() -> None:
+        b.close()  # EOF: the splice returns and drops the mutex
+        t.join(10)
+        a.close()
+        assert not t.is_alive()
+    return release
+
+
+@pytest.mark.parametrize("which", ["result", "counted-stdout"])
+def test_SECURITY_a_payload_handing_its_pipe_to_a_client_cannot_freeze_the_daemon(socket_daemon, which):
+    """A child cannot splice (seccomp), but its payload can pass its end of a pipe the daemon
+    reads (the result pipe, fd 5; its stdout when the daemon counts it) over a unix socket to a
+    process that can, which then holds that pipe's mutex (splice from an empty socket into it)
+    and keeps it open. The child's exit is still reported (no EOF will come: what was in the
+    pipe at the exit is all there is), and the daemon's last close of its end, when it gives up
+    on the pipe, does not wait on its loop."""
+    def leak(fd):
+        import os
+        import socket
+        import time
+        socket.send_fds(socket.socket(fileno=0), [b"p"], [fd])
+        time.sleep(0.5)
+        os._exit(0)
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    release = None
+    leaked = -1
+    cfg = SandboxConfig(max_output_bytes="1M", timeout=60) if which == "counted-stdout" else None
+    try:
+        with Client.connect(socket_daemon) as c:
+            k = c.spawn_child(leak, (5 if which == "result" else 1,), stdin=None,
+                              _stdio_fds=(theirs.fileno(), out_w, err_w), sandbox_config=cfg)
+            ours.settimeout(30)
+            _, fds, _, _ = socket.recv_fds(ours, 10, 1)
+            leaked = fds[0]
+            release = _hold_pipe_lock_from_writer(leaked)
+            assert k.wait(timeout=15).returncode == 0, "a leaked result pipe kept the exit unreported"
+        if which == "counted-stdout":
+            time.sleep(7)  # the connection closed: the relay ends after RELAY_GRACE (5 s), and closes
+        assert _answers(socket_daemon, 10), "the daemon froze on a pipe a payload handed out"
     finally:
-        for release in releases:
+        if release is not None:
             release()
+        for fd in (out_r, out_w, err_r, err_w) + ((leaked,) if leaked >= 0 else ()):
+            os.close(fd)
+        ours.close()
+        theirs.close()
+
+
+@pytest.mark.parametrize("how", ["unread-at-close", "more-than-fit"])
+def test_SECURITY_fds_the_daemon_never_takes_are_released_off_the_loop(socket_daemon, how):
+    """Fds a client sent that the daemon never read go when the daemon releases its socket, and
+    fds beyond what the daemon's recvmsg has room for are closed by the kernel inside that call:
+    either may be the last reference to a pipe whose mutex the client holds, so neither may
+    happen on the loop thread. (unread-at-close: requests whose replies the client never reads
+    until the daemon's sends stall, then a frame with the fd, then the client goes.)"""
+    from conftest import RawConn
+    from zygote_client import _protocol as P
+
+    r, w = os.pipe()
+    os.write(w, b"x")
+    release = _hold_pipe_lock(r)
+    conn = RawConn(socket_daemon)
+    nulls = [os.open(os.devnull, os.O_RDONLY) for _ in range(6)]
+    try:
+        conn.send(P.Hello(P.VERSION))
+        conn.reply()
+        if how == "unread-at-close":
+            conn.sock.setblocking(False)
+            status = bytes(P.encode(P.Status(1)))
+            for _ in range(3000):  # far more replies than our receive buffer holds
+                try:
+                    conn.sock.send(status)
+                except BlockingIOError:
+                    break
+            time.sleep(0.5)
+            conn.sock.setblocking(True)
+            conn.sock.settimeout(5)
+            _send_with_fds(conn, P.Status(1), [w])
+        else:
+            _send_with_fds(conn, P.Status(1), nulls + [w], declared=4)  # 7 fds; a frame has at most 4
+        os.close(w)
+        w = -1
+        if how == "unread-at-close":
+            conn.sock.close()  # the daemon's stalled send fails: it ends the connection
+        time.sleep(0.5)
+        assert _answers(socket_daemon, 10), "the daemon froze releasing a client's fd"
+    finally:
+        release()
         conn.sock.close()
-        for fd in pipes + [null]:
+        for fd in [r] + nulls + ([w] if w >= 0 else []):
             os.close(fd)

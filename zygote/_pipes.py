@@ -1,26 +1,30 @@
-"""Pipes a client can reach: the daemon's syscalls that take a pipe's lock run in worker threads.
+"""Pipes others can reach: the daemon's syscalls that take a pipe's lock run in worker threads.
 
-Linux serialises everyone who reads, writes, opens or finally closes a pipe on one mutex, and a
-reader can keep it as long as it likes: splice() from a pipe into a socket whose buffer is full
-holds the mutex while it waits for room. O_NONBLOCK does not help, since waiting for the mutex is
-not waiting for data. A client doing that to a pipe the daemon writes into (counted output, a
-detached child's tap), to its own pipe the daemon reopens (stdio="fds" with max_output_bytes), or
-to a pipe whose last reference the daemon drops (any fd a client sent) would stop the daemon's one
-event-loop thread, and every other client with it.
+Linux serialises everyone who reads, writes, opens or finally closes a pipe on one mutex, and
+whoever holds an end can keep it as long as they like: splice() from a pipe into a socket whose
+buffer is full holds it while waiting for room, splice() from an empty socket into a pipe holds it
+while waiting for data. O_NONBLOCK does not help, since waiting for the mutex is not waiting for
+data. A client doing that to a pipe the daemon writes into (counted output, a detached child's
+tap), to its own pipe the daemon reopens (stdio="fds" with max_output_bytes), or to a pipe whose
+last reference the daemon drops (any fd a client sent, any fd the daemon sent it) would stop the
+daemon's one event-loop thread, and every other client with it. A child cannot splice (seccomp),
+but its payload can hand its end of a pipe the daemon reads (its result pipe, its stdout when the
+daemon counts it) to a process that can, over any unix socket it reaches.
 
 So those syscalls run in worker threads, at most THREADS_PER_UID at a time for one client uid: a
-client that pins its own pipes stalls its own output, and the threads it pins stay counted against
-it. A thread stuck in a write is never abandoned with a descriptor the loop might close and reuse
-under it: ``Outlet.close`` during a write leaves the close to the writing thread. Closes waiting for
-a thread are counted per uid (``closing``) so the daemon can refuse new work to a uid that piles
-them up, rather than collect its descriptors until the process runs out.
+uid that pins its pipes stalls its own output, and the threads it pins stay counted against it.
+A thread stuck in a syscall is never left with a descriptor the loop might close and reuse under
+it: ``PipeEnd.close`` during a read or write leaves the close to that thread. Closes waiting for a
+thread are counted per uid (``closing``) so the daemon can stop taking work and fds from a uid that
+piles them up, rather than collect its descriptors until the process runs out.
 
-Children need none of this for the pipes the daemon reads: seccomp refuses them splice and its kin
-(the default and strict profiles), and a write takes the mutex only for as long as the copy.
+Not covered: the status pipe, read on the loop thread (it is on every spawn's path). Its write end
+is the payload process's only until just before the payload runs, and PID 1's (our reaper) after.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from typing import Callable
@@ -28,7 +32,8 @@ from typing import Callable
 import trio
 
 THREADS_PER_UID = 4  # worker threads one client uid may have in pipe syscalls at once
-CLOSING_PER_UID = 256  # descriptors of one uid waiting to be closed before its spawns are refused
+CLOSING_PER_UID = 256  # a uid's descriptors waiting to be closed before the daemon stops for it
+RETRY = 0.1  # seconds before retrying when no thread could be started (out of tasks or memory)
 
 
 def close_now(fds) -> None:
@@ -45,6 +50,7 @@ class PipeHands:
     def __init__(self) -> None:
         self._limiters: dict[int, trio.CapacityLimiter] = {}
         self.closing: dict[int, int] = {}  # uid -> descriptors queued or being closed for it
+        self._settled: dict[int, trio.Event] = {}  # uid -> set when its closing count drops
 
     def limiter(self, uid: int) -> trio.CapacityLimiter:
         lim = self._limiters.get(uid)
@@ -52,9 +58,30 @@ class PipeHands:
             lim = self._limiters[uid] = trio.CapacityLimiter(THREADS_PER_UID)
         return lim
 
+    def stuck(self, uid: int) -> int:
+        """How many of ``uid``'s descriptors wait to be closed, when that is over CLOSING_PER_UID."""
+        n = self.closing.get(uid, 0)
+        return n if n > CLOSING_PER_UID else 0
+
+    async def settle(self, uid: int) -> None:
+        """Return once ``uid`` is not stuck (see ``stuck``)."""
+        while self.stuck(uid):
+            await self._settled.setdefault(uid, trio.Event()).wait()
+
+    async def run(self, uid: int, fn: Callable, *args):
+        """``fn(*args)`` in a worker thread of ``uid``'s (abandoned if cancelled). A thread that
+        cannot be started (out of tasks or memory) is retried, not turned into an error."""
+        while True:
+            try:
+                return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter(uid), abandon_on_cancel=True)
+            except RuntimeError as e:
+                if "thread" not in str(e):
+                    raise
+            await trio.sleep(RETRY)
+
     def close(self, uid: int, fds) -> None:
-        """Close ``fds`` (a client's, or pipe ends a client reads) in a worker thread, soon.
-        Called from the loop's thread, from anywhere, cleanup included: it never waits."""
+        """Close ``fds`` in a worker thread of ``uid``'s, soon. From the loop's thread, cleanup
+        included: it never waits."""
         fds = [fd for fd in fds if fd is not None and fd >= 0]
         if not fds:
             return
@@ -66,6 +93,7 @@ class PipeHands:
         self.closing[uid] = self.closing.get(uid, 0) + len(fds)
 
     async def _close(self, uid: int, fds: list[int]) -> None:
+        # A system task: it must never raise (that would end the daemon's run).
         lock = threading.Lock()
         claimed = [False]  # the close is done once, by whichever thread claims it first
 
@@ -77,32 +105,42 @@ class PipeHands:
             close_now(fds)
 
         try:
-            await trio.to_thread.run_sync(job, limiter=self.limiter(uid), abandon_on_cancel=True)
+            await self.run(uid, job)
         except trio.Cancelled:
             # The daemon is stopping. A close still waiting for a token is done by a thread
             # outside the limiter (one already started finishes, abandoned or not).
             with lock:
                 mine, claimed[0] = not claimed[0], True
             if mine:
-                trio.lowlevel.start_thread_soon(lambda: close_now(fds), lambda _: None)
+                try:
+                    trio.lowlevel.start_thread_soon(lambda: close_now(fds), lambda _: None)
+                except RuntimeError:
+                    pass  # no thread at all: the process is about to end, and its fds with it
             raise
+        except BaseException:  # (nothing else is expected from close_now; never end the run)
+            pass
         finally:
             left = self.closing.get(uid, 0) - len(fds)
             if left > 0:
                 self.closing[uid] = left
             else:
                 self.closing.pop(uid, None)
+            if uid in self._settled and not self.stuck(uid):
+                self._settled.pop(uid).set()
 
     async def reopen(self, uid: int, fd: int, opener: Callable[[int], int]) -> int:
         """``opener(fd)`` in a worker thread: a new descriptor for a client's pipe (the open takes
         the pipe's mutex). The thread works on a dup of ``fd``, so a close of the client's fd in
-        the meantime cannot hand it another file; a result nobody waits for any more is closed."""
+        the meantime cannot hand it another file. Exactly one side owns the dup: the thread once it
+        started, else the caller; a result nobody waits for any more is closed."""
         dup = os.dup(fd)
         lock = threading.Lock()
         box: dict[str, object] = {"fd": None, "gone": False, "started": False}
 
         def job() -> None:
             with lock:
+                if box["gone"]:
+                    return  # the caller gave up before we started: the dup is its to close
                 box["started"] = True
             try:
                 new = opener(dup)
@@ -115,12 +153,12 @@ class PipeHands:
             os.close(new)  # abandoned: nobody will take it
 
         try:
-            await trio.to_thread.run_sync(job, limiter=self.limiter(uid), abandon_on_cancel=True)
+            await self.run(uid, job)
         except BaseException:
             with lock:
                 box["gone"] = True
                 late, started = box["fd"], box["started"]
-            if not started:  # cancelled before a thread was free: the dup is still ours
+            if not started:
                 self.close(uid, [dup])
             if late is not None:  # done just as we were cancelled
                 self.close(uid, [late])
@@ -129,13 +167,15 @@ class PipeHands:
             box["gone"] = True
             return box["fd"]  # type: ignore[return-value]
 
-    def outlet(self, fd: int, owner: Callable[[], int]) -> "Outlet":
-        return Outlet(self, fd, owner)
+    def end(self, fd: int, owner: Callable[[], int]) -> "PipeEnd":
+        return PipeEnd(self, fd, owner)
 
 
-class Outlet:
-    """The daemon's nonblocking write end of a pipe a client reads. ``owner()`` names the uid whose
-    threads it uses (a reserve child's output changes hands when a request takes it)."""
+class PipeEnd:
+    """One of the daemon's pipe ends whose other end someone else may hold, made nonblocking.
+    ``owner()`` names the uid whose threads it uses (a reserve child changes hands when taken).
+    Each read or write is one nonblocking syscall in a worker thread; readiness is waited for
+    with epoll on the loop (pipe_poll takes no mutex)."""
 
     def __init__(self, hands: PipeHands, fd: int, owner: Callable[[], int]) -> None:
         os.set_blocking(fd, False)  # (our own description; F_SETFL takes no pipe lock)
@@ -146,39 +186,56 @@ class Outlet:
         self._busy = False
         self._closed = False
 
+    def fileno(self) -> int:
+        return self.fd
+
     async def send_all(self, data: bytes) -> None:
         view = memoryview(bytes(data))  # immutable: an abandoned thread may still read it
         while view:
             if self._closed:
-                raise trio.ClosedResourceError("outlet closed")
-            n = await trio.to_thread.run_sync(self._write, view, limiter=self._hands.limiter(self._owner()),
-                                              abandon_on_cancel=True)
+                raise trio.ClosedResourceError("pipe end closed")
+            n = await self._hands.run(self._owner(), self._guarded, os.write, view)
             if n:
                 view = view[n:]
-            else:  # full: epoll tells when there is room (pipe_poll takes no mutex)
-                await trio.lowlevel.wait_writable(self.fd)
+                continue
+            if self._closed:  # (closed by another task while the thread ran)
+                raise trio.ClosedResourceError("pipe end closed")
+            await trio.lowlevel.wait_writable(self.fd)
 
-    def _write(self, view: memoryview) -> int:
-        """In a worker thread: one nonblocking write; 0 when the pipe is full."""
+    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("pipe end closed")
+            await trio.lowlevel.wait_readable(self.fd)
+            data = await self._hands.run(self._owner(), self._guarded, os.read, max_bytes)
+            if data is not None:
+                return data
+
+    def _guarded(self, op, arg):
+        """In a worker thread: ``op(fd, arg)`` once; None (or 0 for a write) when it would block."""
         with self._lock:
             if self._closed:
-                raise trio.ClosedResourceError("outlet closed")
+                raise trio.ClosedResourceError("pipe end closed")
             self._busy = True
         try:
-            return os.write(self.fd, view)
+            return op(self.fd, arg)
         except BlockingIOError:
-            return 0
+            return 0 if op is os.write else None
+        except OSError as e:
+            if e.errno == errno.EBADF:
+                raise trio.ClosedResourceError("pipe end closed") from None
+            raise
         finally:
             with self._lock:
                 self._busy = False
                 close = self._closed
-            if close:  # closed while we wrote: the loop left the close to us
+            if close:  # closed while we were in the syscall: the loop left the close to us
                 close_now([self.fd])
 
     def close(self) -> None:
         if self._closed:
             return
-        trio.lowlevel.notify_closing(self.fd)  # a task waiting for room wakes (ClosedResourceError)
+        trio.lowlevel.notify_closing(self.fd)  # a task waiting for readiness wakes (ClosedResourceError)
         with self._lock:
             self._closed = True
             if self._busy:
@@ -187,3 +244,4 @@ class Outlet:
 
     async def aclose(self) -> None:
         self.close()
+        await trio.lowlevel.checkpoint()

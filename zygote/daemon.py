@@ -49,6 +49,8 @@ PENDING_PER_UID = 2 * P.MAX_FRAME + (4 << 20)
 # Child output the daemon buffers (max_output_bytes relays) for one peer uid's readers. Past it
 # the relays stop reading and the children block on their full pipes, as with any slow reader.
 RELAYED_PER_UID = 256 << 20
+SCM_MAX_FD = 253  # the most fds the kernel passes in one message
+EOF_GRACE = 2.0  # seconds the status and result pipes get to deliver after the child's exit
 RELAY_GRACE = 5.0  # seconds a relay may go on delivering after its connection closed
 RELAY_LINGER = 60.0  # ... and after its child exited (each holds two fds and its buffer)
 RESERVE_QUIET = 0.025  # seconds without a take before a reserve that is not empty is refilled
@@ -127,7 +129,7 @@ class Child:
     timeout: float | None
     timeout_grace: float | None
     status_stream: trio.lowlevel.FdStream
-    result_stream: trio.lowlevel.FdStream
+    result_stream: _pipes.PipeEnd  # (its write end may be passed on by the payload: see _pipes)
     report: C.ExitReport | None = None
     timed_out: bool = False
     exited: trio.Event = field(default_factory=trio.Event)
@@ -487,8 +489,12 @@ class Daemon:
                 conn.nursery = nursery
                 hello = False
                 while True:
+                    if self.hands.stuck(uid):  # its closes first: what it sends meanwhile stays in
+                        await self.hands.settle(uid)  # flight, on its side's account, not ours
                     try:
-                        data, anc, flags, _ = await sock.recvmsg(1 << 18, socket.CMSG_SPACE(4 * (P.MAX_FDS + 1)))
+                        # Room for all the fds one message can carry (SCM_MAX_FD): any that did
+                        # not fit would be closed by the kernel inside this call, on our thread.
+                        data, anc, flags, _ = await sock.recvmsg(1 << 18, socket.CMSG_SPACE(4 * SCM_MAX_FD))
                     except OSError:
                         break
                     fds = _fds_from(anc)
@@ -550,7 +556,9 @@ class Daemon:
                         child.watchers.remove(conn)
                 else:
                     self._kill(child, signal.SIGKILL)
-            sock.close()
+            # Unread fds the client sent wait in the socket, and go when it is released: in a
+            # worker thread, like every last close of a client's fd.
+            self.hands.close(uid, [sock.detach()])
             self._count(self.connections, uid, -1)
             self.observer.connection(-1)
 
@@ -605,7 +613,7 @@ class Daemon:
         try:
             await conn.send(reply, out_fds)  # the client first: the event below is not on its path
         finally:
-            _close(out_fds)
+            self.hands.close(conn.peer_uid, out_fds)  # sent: the client may hold their locks now
             self._count(self.pending, conn.peer_uid, -size)
             if isinstance(reply, P.Spawned):
                 self.observer.spawned(outcome="ok", seconds=time.monotonic() - t0, child=reply.child,
@@ -684,8 +692,6 @@ class Daemon:
         if len(self.children) + self.spawning >= self.config.max_children:
             return P.SpawnFailed(msg.req, f"the daemon runs {len(self.children) + self.spawning} children, "
                                  "its maximum", code="limit"), []
-        if conn is not self._reserve_conn and (stuck := self._pipes_stuck(conn.peer_uid)) is not None:
-            return P.SpawnFailed(msg.req, stuck, code="limit"), []
         per_client = self.config.max_children_per_client
         if per_client is not None and conn is not self._reserve_conn:
             n, who = self._client_load(conn)
@@ -703,15 +709,6 @@ class Daemon:
             self.spawning_by_uid[conn.peer_uid] -= 1
             if not self.spawning_by_uid[conn.peer_uid]:
                 del self.spawning_by_uid[conn.peer_uid]
-
-    def _pipes_stuck(self, uid: int) -> str | None:
-        """Why ``uid`` may start nothing more now: too many of its fds wait to be closed, the
-        threads for them stuck on pipe locks its own processes hold (see _pipes)."""
-        n = self.hands.closing.get(uid, 0)
-        if n <= _pipes.CLOSING_PER_UID:
-            return None
-        return (f"uid {uid} has {n} descriptors the daemon is still closing (its worker threads wait for "
-                "pipe locks that uid's processes hold, e.g. with splice); let go of them and retry")
 
     def _client_load(self, conn: Connection) -> tuple[int, str]:
         """Children (and spawns in flight) counted against max_children_per_client: per peer uid,
@@ -870,7 +867,7 @@ class Daemon:
             child = Child(id=cid, pid=pid, pidfd=pidfd, conn=conn,
                           started=time.monotonic(), timeout=timeout, timeout_grace=cfg.timeout_grace,
                           status_stream=trio.lowlevel.FdStream(st_r),
-                          result_stream=trio.lowlevel.FdStream(res_r), cpu_time=cfg.cpu_time,
+                          result_stream=self.hands.end(res_r, lambda: child.peer_uid), cpu_time=cfg.cpu_time,
                           pool=pool.config.name, peer_uid=conn.peer_uid, detached=msg.detached,
                           has_result=msg.kind not in ("exec", "script"), watchers=[conn],
                           direct=not plan.reaper)
@@ -1057,13 +1054,23 @@ class Daemon:
                 if ctl is not None:
                     ctl.close()
                 continue
+            # What the daemon sends, the client may hold the lock of once it has it (see _pipes):
+            # the control pipe goes as a copy, so our stream's close is not the last one, and the
+            # copies are closed in a worker thread after the send.
+            try:
+                fds.append(os.dup(ctl.fileno()))
+            except OSError as e:
+                _close(fds)
+                ctl.close()  # (the child reads EOF and exits)
+                await conn.send(P.SpawnFailed(msg.req, f"the daemon is out of fds: {e.strerror}", code="limit"))
+                return
+            ctl.close()
             self._hand_to(child, conn, None)
             child.leased, child.leased_from = True, pool
-            try:  # (no dup of the control pipe: nothing here can run out of fds)
-                await conn.send(P.Leased(msg.req, child.id, child.pid), fds + [ctl.fileno()])
+            try:
+                await conn.send(P.Leased(msg.req, child.id, child.pid), fds)
             finally:
-                _close(fds)
-                ctl.close()
+                self.hands.close(conn.peer_uid, fds)
             return
         await conn.send(P.SpawnFailed(msg.req, "no reserve child is waiting now", code="empty"))
 
@@ -1194,7 +1201,7 @@ class Daemon:
             return True
 
         for ring, (r, tw) in zip(child.rings, pipes):
-            self._nursery.start_soon(detach.pump, r, ring, count)
+            self._nursery.start_soon(detach.pump, self.hands.end(r, lambda: child.peer_uid), ring, count)
             self._start_tap(conn, ring, tw, 0)
 
     def _start_tap(self, conn: Connection, ring: detach.Ring, fd: int, pos: int) -> None:
@@ -1203,7 +1210,7 @@ class Daemon:
             self.hands.close(conn.peer_uid, [fd])
             return
         uid = conn.peer_uid
-        conn.nursery.start_soon(detach.tap, ring, self.hands.outlet(fd, lambda: uid), pos)
+        conn.nursery.start_soon(detach.tap, ring, self.hands.end(fd, lambda: uid), pos)
 
     async def _attach(self, conn: Connection, msg: P.Attach) -> None:
         """Attach ``conn`` to a detached child of the same peer uid (root: any), running or kept."""
@@ -1219,9 +1226,6 @@ class Daemon:
             return
         if msg.offset < 0:
             await conn.send(P.Error(msg.req, "bad-request", f"offset must be >= 0, got {msg.offset}"))
-            return
-        if (stuck := self._pipes_stuck(conn.peer_uid)) is not None:
-            await conn.send(P.Error(msg.req, "limit", stuck))
             return
         if conn.attaches >= self.config.max_attaches:  # each costs two pipes and two tasks here
             await conn.send(P.Error(msg.req, "limit",
@@ -1241,7 +1245,7 @@ class Daemon:
             await conn.send(P.Attached(msg.req, child.id, child.pid, starts[0], starts[1], child.has_result),
                             [r for r, _ in pipes])
         finally:
-            _close([r for r, _ in pipes])
+            self.hands.close(conn.peer_uid, [r for r, _ in pipes])
         if conn.closed:
             self.hands.close(conn.peer_uid, [w for _, w in pipes])
             return
@@ -1448,8 +1452,12 @@ class Daemon:
                 n.start_soon(self._read_result, child)
                 n.start_soon(self._deadline, child, n.cancel_scope)
                 await _wait_pidfd(child.pidfd)
-                await child.status_done.wait()
-                await child.result_done.wait()  # every writer died with the pid namespace: EOF
+                # Every writer in the pid namespace died with it, so what they wrote is in the
+                # pipes and EOF follows, unless the payload handed a write end to someone
+                # outside: then what is there is all there will be.
+                with trio.move_on_after(EOF_GRACE):
+                    await child.status_done.wait()
+                    await child.result_done.wait()
                 n.cancel_scope.cancel()
             _, wstatus, ru = os.wait4(child.pid, 0)
         finally:
@@ -1536,9 +1544,10 @@ class Daemon:
 
         ``dst`` is a nonblocking pipe end of the daemon's own (its pipe to the client, or a
         client's pipe reopened). The client can hold that pipe's lock, so the writes and the
-        close go through an Outlet (worker threads of the client's uid, see _pipes).
+        close go through a PipeEnd (worker threads of the client's uid, see _pipes); so do the
+        reads of ``src``, whose write end the payload may have handed to such a client.
         """
-        instream = trio.lowlevel.FdStream(src)
+        instream = self.hands.end(src, lambda: child.peer_uid)
         buf = bytearray()
         more = trio.Event()
         done = False
@@ -1552,7 +1561,7 @@ class Daemon:
                 self._count(self.relayed, uid, len(buf))
             return uid
 
-        outstream = self.hands.outlet(dst, owner)
+        outstream = self.hands.end(dst, owner)
 
         async def reader() -> None:
             nonlocal done
@@ -1619,7 +1628,7 @@ class Daemon:
             del self._relays[scope]
             self._count(self.relayed, owner(), -len(buf))
             buf.clear()
-            await instream.aclose()
+            instream.close()
             outstream.close()
 
     def _cgroup_remove(self, cg) -> None:

@@ -79,13 +79,12 @@ class Ring:
         self._changed = trio.Event()
 
 
-async def pump(fd: int, ring: Ring, count: Callable[[int], bool]) -> None:
-    """Read a detached child's output pipe into ``ring`` until EOF.
+async def pump(stream, ring: Ring, count: Callable[[int], bool]) -> None:
+    """Read a detached child's output pipe (an ``_pipes.PipeEnd``) into ``ring`` until EOF.
 
     ``count(n)`` is told every chunk's size and returns False to stop reading (the output cap
     killed the child); the ring is closed either way.
     """
-    stream = trio.lowlevel.FdStream(fd)
     try:
         while True:
             data = await stream.receive_some(BLOCK)
@@ -98,12 +97,11 @@ async def pump(fd: int, ring: Ring, count: Callable[[int], bool]) -> None:
         pass
     finally:
         ring.close()
-        with trio.CancelScope(shield=True):
-            await stream.aclose()
+        stream.close()
 
 
 async def tap(ring: Ring, out, pos: int) -> None:
-    """Write ``ring`` from ``pos`` into ``out`` (an ``_pipes.Outlet`` on a reader's pipe), then
+    """Write ``ring`` from ``pos`` into ``out`` (an ``_pipes.PipeEnd`` on a reader's pipe), then
     close it.
 
     A reader slower than the ring (the child wrote more than ``capacity`` since) skips what was
