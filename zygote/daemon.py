@@ -558,6 +558,7 @@ class Daemon:
                     self._kill(child, signal.SIGKILL)
             # Unread fds the client sent wait in the socket, and go when it is released: in a
             # worker thread, like every last close of a client's fd.
+            trio.lowlevel.notify_closing(sock)  # a watcher still sending to it gets ClosedResourceError
             self.hands.close(uid, [sock.detach()])
             self._count(self.connections, uid, -1)
             self.observer.connection(-1)
