@@ -54,6 +54,12 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def rss_bytes(pid: int) -> int:
+    """The resident memory of ``pid`` (VmRSS), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(ln for ln in f if ln.startswith("VmRSS:")).split()[1]) << 10
+
+
 def write_text(path, text: str) -> str:
     """Write ``text`` (dedented) to ``path``; returns the path as a string."""
     with open(path, "w") as f:

@@ -21,8 +21,8 @@ import pytest
 
 from zygote_client import Client, DaemonError, SandboxConfig, open_client, open_embedded
 from zygote_client import _protocol as P
-from conftest import (RawConn, children_of, cmdline, fd_count, run_as, start_daemon, stop_daemon, wait_socket,
-                      write_text)
+from conftest import (RawConn, children_of, cmdline, fd_count, rss_bytes, run_as, start_daemon, stop_daemon,
+                      wait_socket, write_text)
 
 BACKENDS = pytest.mark.parametrize("backend", ["trio", "asyncio"])
 
@@ -500,9 +500,7 @@ def test_SECURITY_client_that_stops_reading_is_dropped(tmp_path):
         peak = 0
         dropped = False
         while time.monotonic() < deadline:
-            with open(f"/proc/{proc.pid}/status") as f:
-                rss = int(next(l for l in f if l.startswith("VmRSS:")).split()[1]) * 1024
-            peak = max(peak, rss)
+            peak = max(peak, rss_bytes(proc.pid))
             with Client.connect(sock) as other:
                 st = other.status()
             if st.running == 0 and st.counters.get("spawns_ok", 0) >= 3:

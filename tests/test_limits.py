@@ -12,7 +12,7 @@ import time
 import pytest
 
 from zygote_client import SandboxConfig
-from conftest import children_of, cmdline, daemon_pid, fd_count
+from conftest import children_of, cmdline, daemon_pid, fd_count, rss_bytes
 from zygote_client import Client
 
 
@@ -294,17 +294,13 @@ def test_SECURITY_output_buffered_for_one_user_is_bounded(socket_daemon):
         for _ in range(320):
             os.write(1, block)
 
-    def rss(pid: int) -> int:
-        with open(f"/proc/{pid}/status") as f:
-            return int(next(ln for ln in f if ln.startswith("VmRSS:")).split()[1]) << 10
-
     dpid = _daemon_of(socket_daemon)
-    before = rss(dpid)
+    before = rss_bytes(dpid)
     with Client.connect(socket_daemon) as c:
         k = c.spawn_child(flood, stdin=None, sandbox_config=SandboxConfig(max_output_bytes="1G"))
         time.sleep(4)  # nobody reads: the daemon buffers what the bound lets it
         assert k.poll() is None, "the child wrote all 320 MiB: nothing held it back"
-        assert rss(dpid) - before < 300 << 20, (before, rss(dpid))
+        assert rss_bytes(dpid) - before < 300 << 20, (before, rss_bytes(dpid))
         total = 0
         while chunk := k.stdout.read(1 << 20):
             total += len(chunk)

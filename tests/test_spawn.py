@@ -15,7 +15,7 @@ import time
 import pytest
 
 from zygote_client import Client, DaemonError, SandboxConfig, SandboxError
-from conftest import children_of, cmdline, daemon_pid, fd_count
+from conftest import children_of, cmdline, daemon_pid, fd_count, rss_bytes
 
 
 def test_stdio_order_and_streams(client):
@@ -586,9 +586,8 @@ def test_many_spawns_no_leaks(client):
     client.run(print)
     base_fds = fd_count(dpid)
 
-    def rss() -> int:
-        with open(f"/proc/{dpid}/status") as f:
-            return int(next(l for l in f if l.startswith("VmRSS:")).split()[1])
+    def rss() -> int:  # KiB
+        return rss_bytes(dpid) >> 10
 
     for _ in range(20):
         client.run(print)
