@@ -96,3 +96,82 @@ def test_a_daemon_whose_log_reader_went_away_keeps_serving(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(timeout=30) == 0
+
+
+def test_a_daemon_whose_log_reader_stopped_reading_keeps_serving(tmp_path):
+    """stderr is a pipe nobody drains (a paused terminal, a stuck journald): once it is full a
+    write would wait. The log is written by a thread of its own, so spawning goes on; lines past
+    its queue are dropped and counted, and the count shows once the reader catches up."""
+    import threading
+    import time
+
+    sock = str(tmp_path / "z.sock")
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--socket", sock], stderr=w)
+    os.close(w)
+    done: list[int] = []
+    try:
+        wait_socket(sock, proc)
+
+        def spawn_many() -> None:
+            with Client.connect(sock) as c:
+                for i in range(300):  # ~600 bytes of log each: the 64 KiB pipe fills after ~100
+                    assert c.call(lambda i=i: i) == i
+                    done.append(i)
+
+        t = threading.Thread(target=spawn_many, daemon=True)
+        t.start()
+        t.join(120)
+        assert len(done) == 300, f"spawns stopped after {len(done)}: the daemon waits on its log"
+        os.set_blocking(r, False)
+        log = b""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and b'"event": "exit"' not in log[-2000:]:
+            try:
+                log += os.read(r, 1 << 16)
+            except BlockingIOError:
+                time.sleep(0.05)
+        assert log.count(b'"event": "spawn"') > 100  # the reader gets what was queued
+    finally:
+        proc.terminate()
+        try:
+            os.set_blocking(r, False)
+            while os.read(r, 1 << 16):  # drain, so its exit is not held up
+                pass
+        except BlockingIOError:
+            pass
+        assert proc.wait(timeout=30) == 0
+        os.close(r)
+
+
+def test_log_lines_past_the_queue_are_dropped_and_counted():
+    """The log's queue is bounded: with its reader stalled, lines past it are dropped (not held
+    in memory), and the writer says how many once the reader reads again."""
+    import time
+
+    from zygote.observe import QueuedStream
+
+    class Small(QueuedStream):
+        QUEUE_ITEMS = 10
+
+    r, w = os.pipe()
+    out = os.fdopen(w, "w")
+    stream = Small(out)
+    line = "x" * 1023 + "\n"
+    for _ in range(200):  # 64 fill the pipe, 10 wait in the queue (one more in the writer's hand)
+        stream.write(line)
+    got = b""
+    deadline = time.monotonic() + 10
+    while b"log-lines-dropped" not in got and time.monotonic() < deadline:
+        got += os.read(r, 1 << 16)
+    assert b"log-lines-dropped" in got
+    time.sleep(0.5)  # what is still queued behind the note
+    os.set_blocking(r, False)
+    try:
+        while chunk := os.read(r, 1 << 16):
+            got += chunk
+    except BlockingIOError:
+        pass
+    dropped = json.loads(got[got.index(b'{"event": "log-lines-dropped"'):].split(b"\n")[0])["lines"]
+    assert dropped >= 200 - 64 - 11 and dropped + got.count(line.encode()) == 200
+    os.close(r)

@@ -9,8 +9,11 @@ come from small fixed sets (outcome, reason, pool), so the series count stays bo
 
 from __future__ import annotations
 
+import atexit
 import logging
+import queue
 import sys
+import threading
 import time
 from collections import Counter
 
@@ -30,7 +33,7 @@ def configure_logging(fmt: str = "json", level: str = "info", stream=None) -> No
                     structlog.processors.TimeStamper(fmt="iso", utc=True),
                     renderer],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(LossyStream(stream or sys.stderr)),
+        logger_factory=structlog.PrintLoggerFactory(QueuedStream(stream or sys.stderr)),
         cache_logger_on_first_use=False,
     )
 
@@ -54,6 +57,52 @@ class LossyStream:
             self._stream.flush()
         except (OSError, ValueError, AttributeError):
             pass
+
+
+class QueuedStream:
+    """The log's stream as the daemon sees it: lines go into a queue and a thread of their own
+    writes them. A log reader that stops reading (a paused terminal, a stuck journald, a pipe
+    nobody drains) stalls that thread only, never the event loop: past QUEUE_ITEMS waiting, new
+    lines are dropped, and how many is logged once the reader catches up. At exit the queue gets
+    DRAIN_SECONDS to reach the stream."""
+
+    QUEUE_ITEMS = 20000
+    DRAIN_SECONDS = 2.0
+
+    def __init__(self, stream) -> None:
+        self._stream = LossyStream(stream)
+        self._queue: queue.Queue[str] = queue.Queue(self.QUEUE_ITEMS)
+        self._dropped = 0
+        self._lock = threading.Lock()  # (for _dropped, which both threads change)
+        threading.Thread(target=self._run, name="zygote-log", daemon=True).start()
+        atexit.register(self.drain, self.DRAIN_SECONDS)
+
+    def write(self, text: str) -> None:
+        try:
+            self._queue.put_nowait(text)
+        except queue.Full:
+            with self._lock:
+                self._dropped += 1
+
+    def flush(self) -> None:
+        pass  # the writer flushes after every item
+
+    def drain(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _run(self) -> None:
+        while True:
+            text = self._queue.get()
+            with self._lock:
+                dropped, self._dropped = self._dropped, 0
+            if dropped:
+                self._stream.write(f'{{"event": "log-lines-dropped", "lines": {dropped}, '
+                                   '"message": "the log reader did not keep up"}\n')
+            self._stream.write(text)
+            self._stream.flush()
+            self._queue.task_done()
 
 
 _LIMIT_FLAGS = (("timed_out", "timeout"), ("memory_exceeded", "memory"), ("pids_exceeded", "pids"),
