@@ -342,3 +342,15 @@ def test_SECURITY_connections_per_uid_are_capped(shared_dir):
             c.send(c.P.Hello(c.P.VERSION))
             return type(c.reply()).__name__
         assert run_as(4002, 4242, other) == "Welcome"
+
+
+@pytest.mark.parametrize("path", ["/tmp/./x", "/tmp//x", "//tmp", "/tmp/../etc", "/" + "a" * 5000])
+def test_paths_in_a_sandbox_config_are_plain(path):
+    """Bind sources, destinations, chroot_dir and workdir are absolute, without '.', '..' or
+    empty components, under PATH_MAX (the daemon resolves some of them on the host)."""
+    from zygote_client import SandboxConfig
+    with pytest.raises(ValueError):
+        SandboxConfig(ro_binds={path: "/x"})
+    with pytest.raises(ValueError):
+        SandboxConfig(workdir=path)
+    assert SandboxConfig(ro_binds={"/tmp/": "/x"}, workdir="/")  # one trailing '/', and the root, are fine

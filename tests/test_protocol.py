@@ -344,17 +344,20 @@ def _first_reply(s: socket.socket):
             seen_welcome = True
 
 
-@pytest.mark.parametrize("case", ["size-beyond-float", "huge-pool-name", "huge-undecodable-kind"])
+@pytest.mark.parametrize("case", ["size-beyond-float", "huge-pool-name", "huge-undecodable-kind", "dotted-path"])
 def test_SECURITY_extreme_values_from_a_client_get_a_short_error_not_a_dead_daemon(socket_daemon, case):
     """Each of these once took the daemon (and every child) down: a memory size of 400 nines is
     float inf, whose int() raised OverflowError past the decoder; a 70 MiB pool name or kind came
-    back quoted in an error too large to frame, and the send raised."""
+    back quoted in an error too large to frame, and the send raised. A bind source of 600000
+    './' went to os.path.realpath on the event loop (quadratic: seconds per MB)."""
     big = "\x01" * (70 << 20)
     spawn = {"type": "spawn", "req": 7, "kind": "exec", "argv": ["/bin/true"]}
     if case == "size-beyond-float":
         spawn["sandbox"] = {"memory": "9" * 400}
     elif case == "huge-pool-name":
         spawn["pool"] = big
+    elif case == "dotted-path":
+        spawn["sandbox"] = {"ro_binds": {"/" + "./" * 600_000 + "tmp": "/x"}}
     else:
         spawn["kind"] = big
     s = _raw(socket_daemon)
@@ -368,6 +371,8 @@ def test_SECURITY_extreme_values_from_a_client_get_a_short_error_not_a_dead_daem
     assert len(reply.message) < 4000
     if case == "size-beyond-float":
         assert "memory" in reply.message
+    if case == "dotted-path":
+        assert "characters (the limit is 4095)" in reply.message
     _alive(socket_daemon)
 
 

@@ -569,3 +569,40 @@ def test_a_reserve_child_with_counted_output_keeps_it_while_it_waits(tmp_path):
         r = c.run(_pid1_started())
         assert r.returncode == 0, r
         assert float(r.stdout) < asked - 5  # the reserve child, waiting since before the sleep
+
+
+def test_SECURITY_a_request_cancelled_while_its_reserve_child_is_fitted_leaves_no_child(tmp_path):
+    """Taking a reserve child for a request with its own limits writes them into the child's
+    cgroup (a worker thread) first. A client that goes away meanwhile cancelled the request
+    with the child out of the reserve and owned by nobody: it lived on until shutdown, counting
+    against max_children, so repeating it filled the daemon."""
+    import socket
+
+    from zygote_client import _protocol as P
+
+    with config_daemon(tmp_path, """
+            max_children = 6
+            [pools.default]
+            reserve = 2
+            [pools.default.sandbox]
+            memory = "512M"
+            """) as sock:
+        time.sleep(1.0)
+        for _ in range(15):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(sock)
+            s.sendall(P.encode(P.Hello(P.VERSION)) + P.encode(P.Spawn(
+                req=1, kind="callable", payload=b"x", sandbox=SandboxConfig(memory="256M"))))
+            s.shutdown(socket.SHUT_WR)  # gone at once: the request is cancelled mid-way
+            s.settimeout(10)
+            try:
+                while s.recv(1 << 16):
+                    pass
+            except OSError:
+                pass
+            s.close()
+            time.sleep(0.2)
+        time.sleep(1.0)
+        with Client.connect(sock) as c:
+            for _ in range(5):  # a full daemon would refuse: "runs 6 children, its maximum"
+                assert c.call(lambda: 5) == 5

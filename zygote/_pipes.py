@@ -45,7 +45,8 @@ def close_now(fds) -> None:
 
 
 class PipeHands:
-    """Worker threads for pipe syscalls, per client uid."""
+    """Worker threads, per client uid, for the syscalls a client can make wait: on pipe locks,
+    and stats of the paths it names (an automount, a FUSE mount)."""
 
     def __init__(self) -> None:
         self._limiters: dict[int, trio.CapacityLimiter] = {}

@@ -727,7 +727,9 @@ class Daemon:
                                  code="bad-request"), []
         try:
             cfg = policy.effective(pool.config.sandbox, msg.sandbox)
-            policy.check_peer_paths(cfg, pool.config.sandbox, conn.peer_uid, conn.peer_gid)
+            if policy.names_peer_paths(cfg, pool.config.sandbox, conn.peer_uid):
+                await self.hands.run(conn.peer_uid, policy.check_peer_paths, cfg, pool.config.sandbox,
+                                     conn.peer_uid, conn.peer_gid)
             if pool.config.forbid_secret_env and msg.env is not None:
                 policy.check_env(msg.env, pool.config.env_allow)
         except policy.PolicyError as e:
@@ -967,7 +969,11 @@ class Daemon:
             child = reserve.take()
             fit = "gone"
             if not child.exited.is_set() and child.ctl is not None:
-                fit = await self._limits_for(child, cfg)
+                try:
+                    fit = await self._limits_for(child, cfg)
+                except BaseException:  # cancelled (the client went): out of the reserve and
+                    self._kill(child, signal.SIGKILL)  # nobody's, it must not linger (it counts)
+                    raise
                 # The write awaited: the pool may have been replaced (a reload discarded the list
                 # this child was out of) and the child may have died meanwhile.
                 if pool.stopping or self.pools.get(pool.config.name) is not pool:

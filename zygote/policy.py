@@ -128,6 +128,16 @@ def _allow_covered(item: str, pool_allow: tuple[str, ...]) -> bool:
     return False
 
 
+def names_peer_paths(cfg: SandboxConfig, pool: SandboxConfig, uid: int) -> bool:
+    """Whether ``check_peer_paths`` has anything to look at on the host (so the daemon runs it
+    in a worker thread: a stat of a path on an automount or FUSE mount can wait for long)."""
+    if uid == 0 or uid == os.getuid():
+        return False
+    return (any(src not in pool.ro_binds for src in cfg.ro_binds)
+            or any(src not in pool.rw_binds for src in cfg.rw_binds)
+            or bool(cfg.chroot_dir and cfg.chroot_dir != pool.chroot_dir))
+
+
 def check_peer_paths(cfg: SandboxConfig, pool: SandboxConfig, uid: int, gid: int) -> None:
     """Refuse binds/chroot the connecting user could not reach on the host themselves.
 

@@ -52,11 +52,24 @@ def _short(value: object) -> str:
     return r if len(r) <= 80 else f"{r[:60]}... ({len(r)} characters)"
 
 
+PATH_MAX = 4096
+
+
 def _check_abs(path: str, field: str) -> None:
+    """An absolute path in plain form: no '..', '.' or empty components (one trailing '/' is
+    fine), shorter than PATH_MAX. (The daemon resolves some of these on the host: a path of a
+    million './' would keep it busy for minutes.)"""
     if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
-        raise ValueError(f"{field}: expected an absolute path, got {path!r}")
-    if any(part == ".." for part in path.split("/")):
-        raise ValueError(f"{field}: '..' is not allowed in {path!r}")
+        raise ValueError(f"{field}: expected an absolute path, got {_short(path)}")
+    if len(path) >= PATH_MAX:
+        raise ValueError(f"{field}: a path of {len(path)} characters (the limit is {PATH_MAX - 1})")
+    parts = path.split("/")[1:]
+    if parts[-1] == "":
+        parts.pop()
+    if any(part == ".." for part in parts):
+        raise ValueError(f"{field}: '..' is not allowed in {_short(path)}")
+    if any(part in ("", ".") for part in parts):
+        raise ValueError(f"{field}: empty and '.' components are not allowed in {_short(path)}")
 
 
 def parse_allow(item: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None]:
