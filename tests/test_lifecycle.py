@@ -568,9 +568,66 @@ def test_SECURITY_clients_leaving_mid_spawn_leave_nothing(tmp_path):
         stop_daemon(proc)
 
 
+def test_SECURITY_replies_waiting_for_one_user_are_capped_over_its_connections(tmp_path):
+    """Replies waiting for a client that does not read are capped per connection (64 MiB) and
+    per uid over all its connections (256 MiB): six connections of 48 MB each stay under the
+    first, and went past the second unchecked (the daemon held it all)."""
+    import pickle
+    import socket as _socket
+    from zygote_client import _protocol as P
+
+    sock = str(tmp_path / "z.sock")
+    proc = start_daemon("--config", write_text(tmp_path / "z.toml", f'[daemon]\nsocket = "{sock}"\n'))
+    conns = []
+    try:
+        wait_socket(sock, proc)
+        payload = pickle.dumps((("x", 12_000_000), {}))  # each child returns a 12 MB string
+        for _ in range(6):
+            c = RawConn(sock)
+            c.sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, 4096)
+            c.send(P.Hello(P.VERSION))
+            c.reply()
+            for i in range(4):
+                c.send(P.Spawn(req=i + 1, kind="target", target="builtins:str.__mul__", payload=payload,
+                               stdin=False))
+            conns.append(c)
+        with Client.connect(sock) as other:
+            _wait_for(lambda: other.status().counters.get("spawns_ok", 0) >= 24 and not other.status().running,
+                      timeout=60, what="the 24 children to end")
+        time.sleep(1)
+        exits = []
+        for c in conns:
+            n = 0
+            c.sock.settimeout(3)  # (one that was not dropped just goes quiet)
+            try:
+                while (m := c.reply()) is not None:
+                    n += isinstance(m, P.Exited)
+            except OSError:  # reset: dropped
+                pass
+            exits.append(n)
+        assert min(exits) < 4, f"no connection was dropped: {exits} reports of 12 MB waited for one user"
+        assert sum(exits) * 12 < 300, exits  # what was delivered fits the cap (plus frames in flight)
+        with Client.connect(sock) as other:
+            assert other.call(lambda: 1) == 1
+    finally:
+        for c in conns:
+            c.sock.close()
+        stop_daemon(proc)
+
+
+def _attach_ok(c, child_id: str) -> bool:
+    try:
+        c.attach(child_id)
+        return True
+    except DaemonError as e:
+        assert e.code == "limit"
+        return False
+
+
 def test_SECURITY_kept_detached_records_bounded_by_bytes_and_attaches_capped(tmp_path):
     """Ended detached children keep their results for a later attach, but only up to the
-    daemon's byte budget (oldest dropped); and one connection cannot attach without end."""
+    daemon's byte budget (oldest dropped); and one user cannot attach without end, whatever
+    number of connections it spreads the attaches over (each live one holds two pipes)."""
     sock = str(tmp_path / "z.sock")
     cfg = write_text(tmp_path / "z.toml", f"""
         [daemon]
@@ -604,14 +661,17 @@ def test_SECURITY_kept_detached_records_bounded_by_bytes_and_attaches_capped(tmp
                 import time
                 time.sleep(30)
             live = b.spawn_child(sleeper, stdin=None, detached=True)
-        with Client.connect(sock) as c:
-            for _ in range(3):
-                c.attach(live.id)
-            with pytest.raises(DaemonError) as e:
-                c.attach(live.id)
-            assert e.value.code == "limit"
-            live_again = c  # the connection still works for everything else
-            assert live_again.run(print, ("ok",)).stdout == b"ok\n"
+        with Client.connect(sock) as d:
+            with Client.connect(sock) as c:
+                for _ in range(2):
+                    c.attach(live.id)
+                d.attach(live.id)
+                for conn in (c, d):
+                    with pytest.raises(DaemonError) as e:
+                        conn.attach(live.id)
+                    assert e.value.code == "limit" and "max_attaches" in str(e.value)
+                assert c.run(print, ("ok",)).stdout == b"ok\n"  # the connection still works otherwise
+            _wait_for(lambda: _attach_ok(d, live.id), what="c's attaches to end with its connection")
     finally:
         stop_daemon(proc)
 

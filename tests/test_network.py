@@ -677,3 +677,35 @@ def test_nft_batches_through_the_library_and_the_tool(through, monkeypatch):
     finally:
         _nft.apply([{"delete": {"table": t}}])
     assert table not in subprocess.run(["nft", "-j", "list", "tables"], capture_output=True).stdout.decode()
+
+
+def test_SECURITY_a_client_not_reading_its_reports_does_not_hold_addresses(world, tmp_path):
+    """A child's Exited waits for its client to read (up to SEND_TIMEOUT, 30 s), but the child
+    no longer counts as running: with its address released only after the report, a client
+    that stops reading could pin the whole address pool. Here it has 4 addresses: a client
+    whose first report (a 4 MB result) it never reads ends 4 networked children; another
+    client's networked spawn must still get an address at once."""
+    import pickle
+
+    from conftest import RawConn
+    from zygote_client import _protocol as P
+
+    path = world.start(tmp_path, "--network-pool", "10.213.0.0/28")
+    hog = RawConn(path)
+    hog.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        hog.send(P.Hello(P.VERSION))
+        hog.reply()
+        hog.send(P.Spawn(req=1, kind="target", target="operator:mul", sandbox=NET,
+                         payload=pickle.dumps((("x", 4_000_000), {}))))
+        time.sleep(1.0)  # its 4 MB Exited now waits for a reader that never comes
+        for j in range(3):
+            hog.send(P.Spawn(req=2 + j, kind="target", target="os:getpid", sandbox=NET,
+                             payload=pickle.dumps(((), {}))))
+            time.sleep(0.5)
+        time.sleep(1.0)
+        with Client.connect(path) as c:
+            r = c.run(print, ("up",), sandbox_config=NET)
+            assert r.stdout == b"up\n"
+    finally:
+        hog.sock.close()

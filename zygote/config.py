@@ -19,7 +19,7 @@ same thing. Example::
     detached_keep_seconds = 600   # an ended detached child stays attachable this long ...
     detached_keep_max = 64        # ... and at most this many of them
     detached_keep_bytes = "256M"  # ... holding at most this much output and results together
-    max_attaches = 256            # Attach requests per connection
+    max_attaches = 256            # attached readers one peer uid may have at once
     max_connections_per_client = 256  # open connections per peer uid (root: no cap)
 
     [pools.default]

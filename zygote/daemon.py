@@ -41,6 +41,7 @@ from .layers import SetupError, cgroups, mounts, network, rlimits, seccomp, user
 
 SEND_TIMEOUT = 30.0  # seconds one message may wait for a client to read before it is dropped
 SEND_QUEUE_BYTES = 64 << 20  # bytes waiting for one connection before it is dropped
+SEND_QUEUE_PER_UID = 256 << 20  # ... and for all of one peer uid's connections
 ERROR_TEXT_MAX = 2000  # characters of an error message sent to a client
 # Bytes of requests the daemon holds for one peer uid, over all its connections: frames still
 # arriving and spawn requests received but not yet answered. Two frames of the largest size (and
@@ -91,7 +92,8 @@ class DaemonConfig:
             (default 64, oldest dropped).
         detached_keep_bytes: the results and output those kept records hold, together (default
             256 MiB; oldest dropped first, the newest always kept).
-        max_attaches: Attach requests one connection may make (each costs two pipes and two tasks).
+        max_attaches: attached readers one peer uid may have at once, over all its connections
+            (each costs the daemon two pipes and two tasks until it ends).
         max_connections_per_client: connections one peer uid may hold open at once (root, the
             administrator, has no cap): each costs the daemon a socket, a task and its buffers.
     """
@@ -184,7 +186,6 @@ class Connection:
         self.closed = False
         self.queued = 0  # bytes of messages waiting to be sent
         self.spawning = 0  # spawns of this connection in flight (not yet a child or a failure)
-        self.attaches = 0  # Attach requests served on this connection (capped: max_attaches)
         self.nursery: trio.Nursery | None = None  # the connection's tasks (taps die with it)
 
     def spawned(self) -> int:
@@ -194,8 +195,10 @@ class Connection:
         """Send one message; never blocks the daemon on a client that stops reading.
 
         Bytes waiting for this connection are capped (SEND_QUEUE_BYTES: results and exports are
-        large) and each send has SEND_TIMEOUT; past either the connection is dropped, which kills
-        its children like any disconnect and frees what their reports held.
+        large), and for all its uid's connections together (SEND_QUEUE_PER_UID: more connections
+        buy no more); each send has SEND_TIMEOUT; past any of these the connection is dropped,
+        which kills its children like any disconnect and frees what their reports held. (An
+        export's memfd is not counted: it is held until sent, for at most SEND_TIMEOUT.)
         """
         if self.closed:
             return
@@ -209,9 +212,11 @@ class Connection:
             self.drop()
             return
         size = len(data)
+        uid = self.peer_uid
         self.queued += size
+        self.daemon._count(self.daemon.queued_by_uid, uid, size)
         try:
-            if self.queued > SEND_QUEUE_BYTES:
+            if self.queued > SEND_QUEUE_BYTES or self.daemon.queued_by_uid.get(uid, 0) > SEND_QUEUE_PER_UID:
                 self.drop()
                 return
             async with self._send_lock:
@@ -235,6 +240,7 @@ class Connection:
                     self.drop()
         finally:
             self.queued -= size
+            self.daemon._count(self.daemon.queued_by_uid, uid, -size)
 
     def drop(self) -> None:
         """Give up on this client: its reader loop ends and its children are killed."""
@@ -263,6 +269,8 @@ class Daemon:
         self.cleaning = 0
         self.pending: dict[int, int] = {}  # peer uid -> bytes of requests held for it (PENDING_PER_UID)
         self.connections: dict[int, int] = {}  # peer uid -> its open connections
+        self.queued_by_uid: dict[int, int] = {}  # peer uid -> bytes waiting to be sent to it
+        self.attached: dict[int, int] = {}  # peer uid -> its live attaches (max_attaches)
         self.relayed: dict[int, int] = {}  # peer uid -> bytes of its children's output buffered
         self._relayed_freed: dict[int, trio.Event] = {}  # uid -> set when its relays free some
         self._relays: dict[trio.CancelScope, Child] = {}  # running relays (cut short after a close)
@@ -1234,9 +1242,10 @@ class Daemon:
         if msg.offset < 0:
             await conn.send(P.Error(msg.req, "bad-request", f"offset must be >= 0, got {msg.offset}"))
             return
-        if conn.attaches >= self.config.max_attaches:  # each costs two pipes and two tasks here
-            await conn.send(P.Error(msg.req, "limit",
-                                    f"this connection already made {self.config.max_attaches} attaches"))
+        uid = conn.peer_uid
+        if self.attached.get(uid, 0) >= self.config.max_attaches:  # each costs two pipes and two tasks
+            await conn.send(P.Error(msg.req, "limit", f"uid {uid} already has {self.config.max_attaches} "
+                                    "attached readers, the daemon's maximum per user (max_attaches)"))
             return
         starts = [max(msg.offset, ring.start) for ring in child.rings]
         pipes: list[tuple[int, int]] = []
@@ -1247,7 +1256,6 @@ class Daemon:
             _close([fd for pair in pipes for fd in pair])  # (nobody else has seen them)
             await conn.send(P.Error(msg.req, "limit", f"the daemon cannot make the attach's pipes now: {e.strerror}"))
             return
-        conn.attaches += 1
         try:
             await conn.send(P.Attached(msg.req, child.id, child.pid, starts[0], starts[1], child.has_result),
                             [r for r, _ in pipes])
@@ -1256,8 +1264,16 @@ class Daemon:
         if conn.closed:
             self.hands.close(conn.peer_uid, [w for _, w in pipes])
             return
-        for ring, (_, w), pos in zip(child.rings, pipes, starts):
-            self._start_tap(conn, ring, w, pos)
+        self._count(self.attached, uid, 1)
+
+        async def taps() -> None:  # the attach counts until both its taps end
+            try:
+                async with trio.open_nursery() as n:
+                    for ring, (_, w), pos in zip(child.rings, pipes, starts):
+                        n.start_soon(detach.tap, ring, self.hands.end(w, lambda: uid), pos)
+            finally:
+                self._count(self.attached, uid, -1)
+        conn.nursery.start_soon(taps)
         if kept is not None:  # ended already: the exit follows at once, and the record goes
             del self.kept[child.id]
             try:
@@ -1311,9 +1327,14 @@ class Daemon:
                 pass  # cgroup v2: born in it (CLONE_INTO_CGROUP)
             elif self.cgroups is not None and (wants_cg or self.config.always_cgroup):
                 try:
-                    child.cgroup = await trio.to_thread.run_sync(self._cgroup_for, child, cfg)
+                    cg = await trio.to_thread.run_sync(self._cgroup_for, child, cfg)
                 except SetupError as e:
                     return P.SpawnFailed(msg.req, e.message, "cgroup", e.errno, e.hint, code="unavailable")
+                if child.pidfd < 0:  # reaped meanwhile: its watcher already looked for a cgroup
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(self._cgroup_remove, cg)
+                    return P.SpawnFailed(msg.req, "the child died during setup", "cgroup", code="sandbox")
+                child.cgroup = cg
             elif wants_cg:
                 e = self.cgroup_error
                 return P.SpawnFailed(msg.req, f"memory/pids/cpu limits need cgroups: {e.message if e else 'none'}",
@@ -1488,30 +1509,38 @@ class Daemon:
                                  running=len(self.children))
         exited = P.Exited(child.id, child.status, export=export, result_kind=child.result_kind,
                           result=child.result)
-        attached = False  # an attacher (not the spawner) was told of the exit
         # A detached child nobody attached to is kept before its spawner hears of the exit: an
         # Attach sent right after that Exited must find it (it was not: a race the suite hit).
         kept = child.detached and child.ready_seen and not any(
             conn is not child.conn and not conn.closed for conn in child.watchers)
-        try:
-            if kept:
-                self._keep(child, exited, export_fds)
-            for conn in child.watchers:
-                conn.children.pop(child.id, None)
-                if not conn.closed and child.ready_seen:
-                    await conn.send(exited, export_fds)
-                    attached = attached or (conn is not child.conn and not conn.closed)
-            if child.detached and child.ready_seen and not attached and not kept:
-                self._keep(child, exited, export_fds)
-        finally:
-            _close(export_fds)
-        await self._network_release(child)  # after the report, like the cgroup: ≈30 ms per veth
-        if cg is not None:  # after the report: removal may wait for the kernel to let go (EBUSY)
-            self.cleaning += 1
+
+        async def report() -> None:
+            attached = False  # an attacher (not the spawner) was told of the exit
             try:
-                await trio.to_thread.run_sync(self._cgroup_remove, cg)
+                if kept:
+                    self._keep(child, exited, export_fds)
+                for conn in child.watchers:
+                    conn.children.pop(child.id, None)
+                    if not conn.closed and child.ready_seen:
+                        await conn.send(exited, export_fds)
+                        attached = attached or (conn is not child.conn and not conn.closed)
+                if child.detached and child.ready_seen and not attached and not kept:
+                    self._keep(child, exited, export_fds)
             finally:
-                self.cleaning -= 1
+                _close(export_fds)
+
+        # The report and the release side by side: a client that stops reading holds its send
+        # up to SEND_TIMEOUT, and must not hold the child's address and cgroup meanwhile (its
+        # children no longer count against it, so it could pin the whole address pool).
+        async with trio.open_nursery() as n:
+            n.start_soon(report)
+            await self._network_release(child)  # ≈30 ms per veth, off the report's path
+            if cg is not None:  # removal may wait for the kernel to let go (EBUSY)
+                self.cleaning += 1
+                try:
+                    await trio.to_thread.run_sync(self._cgroup_remove, cg)
+                finally:
+                    self.cleaning -= 1
 
     def _wants_cgroup(self, cfg: SandboxConfig) -> bool:
         return self.cgroups is not None and (cfg.memory is not None or cfg.pids is not None
