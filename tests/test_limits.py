@@ -6,6 +6,7 @@ import array
 import os
 import signal
 import socket
+import struct
 import threading
 import time
 
@@ -348,6 +349,19 @@ def _send_with_fds(conn, msg, fds: list[int], declared: int | None = None) -> No
                       [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
 
 
+def _pin_close_threads(conn, pipes: list[int], releases: list) -> None:
+    """Stick every close thread (4) of ``conn``'s uid: send the daemon the last write end of
+    each of 4 pipes whose lock this process holds. Read ends go into ``pipes``, the functions
+    that let go into ``releases``."""
+    for _ in range(4):
+        r, w = os.pipe()
+        pipes.append(r)
+        os.write(w, b"x")
+        releases.append(_hold_pipe_lock(r))
+        _send_with_fds(conn, conn.P.Status(1), [w])
+        os.close(w)
+
+
 def _answers(sock_path: str, timeout: float) -> bool:
     """Whether a new connection to the daemon gets a status reply within ``timeout``."""
     from conftest import RawConn
@@ -473,13 +487,7 @@ def test_SECURITY_closes_piling_up_for_one_uid_stop_only_that_uid(shared_dir):
         try:
             conn.send(P.Hello(P.VERSION))
             conn.reply()
-            for _ in range(4):  # one worker thread stuck on each
-                r, w = os.pipe()
-                pipes.append(r)
-                os.write(w, b"x")
-                releases.append(_hold_pipe_lock(r))
-                _send_with_fds(conn, P.Status(1), [w])
-                os.close(w)
+            _pin_close_threads(conn, pipes, releases)
             for i in range(66):  # 264 more fds to close, queued behind those
                 dups = [os.dup(null) for _ in range(4)]
                 _send_with_fds(conn, P.Status(2 + i), dups)
@@ -621,3 +629,129 @@ def test_SECURITY_fds_the_daemon_never_takes_are_released_off_the_loop(socket_da
         conn.sock.close()
         for fd in [r] + nulls + ([w] if w >= 0 else []):
             os.close(fd)
+
+
+class _TinyFuse:
+    """A FUSE filesystem with one empty file, ``f``, served from a thread of the test (root
+    mounts it straight through /dev/fuse: no libfuse). Enough to open the file; the daemon must
+    refuse it as a child's stdio without ever asking the server anything."""
+
+    LOOKUP, FORGET, GETATTR, OPEN, RELEASE, FLUSH, INIT, BATCH_FORGET = 1, 2, 3, 14, 18, 25, 26, 42
+
+    def __init__(self, where: str) -> None:
+        import ctypes
+        self.mnt = where
+        self.dev = os.open("/dev/fuse", os.O_RDWR)
+        opts = f"fd={self.dev},rootmode=40000,user_id=0,group_id=0".encode()
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        if self._libc.mount(b"zg-test-fuse", where.encode(), b"fuse", 0, opts) != 0:
+            os.close(self.dev)
+            pytest.skip(f"cannot mount a FUSE filesystem here (errno {ctypes.get_errno()})")
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @staticmethod
+    def _attr(ino: int, mode: int) -> bytes:
+        return struct.pack("<6Q4I6I", ino, 0, 0, 0, 0, 0, 0, 0, 0, mode, 1, 0, 0, 0, 4096, 0)
+
+    def _serve(self) -> None:
+        import stat
+        while True:
+            try:
+                req = os.read(self.dev, 1 << 20)
+            except OSError:
+                return  # unmounted
+            _, op, unique, node = struct.unpack_from("<IIQQ", req)
+            if op in (self.FORGET, self.BATCH_FORGET):
+                continue  # no reply to these
+            body, err = b"", 0
+            if op == self.INIT:
+                body = struct.pack("<4I2H2I2H2I", 7, 31, 0, 0, 16, 12, 65536, 1, 32, 0, 0, 0) + bytes(24)
+            elif op == self.LOOKUP:
+                body = struct.pack("<4Q2I", 2, 0, 1, 1, 0, 0) + self._attr(2, stat.S_IFREG | 0o644)
+            elif op == self.GETATTR:
+                mode = stat.S_IFDIR | 0o755 if node == 1 else stat.S_IFREG | 0o644
+                body = struct.pack("<Q2I", 1, 0, 0) + self._attr(node, mode)
+            elif op == self.OPEN:
+                body = struct.pack("<QIi", 1, 0, 0)
+            elif op not in (self.FLUSH, self.RELEASE):
+                err = -38  # ENOSYS
+            try:
+                os.write(self.dev, struct.pack("<IiQ", 16 + len(body), err, unique) + body)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._libc.umount2(self.mnt.encode(), 2)  # MNT_DETACH
+        os.close(self.dev)
+
+
+def test_SECURITY_a_file_on_fuse_is_refused_as_a_childs_stdio(socket_daemon, tmp_path):
+    """Every close of a file on a FUSE mount asks its server (FLUSH), and a server that never
+    answers makes the close wait for ever, SIGKILL or not. The pool's zygote closes its copies of
+    a request's stdio fds: given such a file it was lost, and every user's spawns with it. The
+    daemon refuses FUSE files (and files on mounts it cannot see) as stdio."""
+    from zygote_client import DaemonError
+
+    where = tmp_path / "fuse"
+    where.mkdir()
+    fs = _TinyFuse(str(where))
+    try:
+        fd = os.open(where / "f", os.O_RDONLY)
+        out_r, out_w = os.pipe()
+        try:
+            with Client.connect(socket_daemon) as c:
+                with pytest.raises(DaemonError) as e:
+                    c.spawn_child(print, stdin=None, _stdio_fds=(fd, out_w, out_w))
+                assert e.value.code == "bad-request" and "stdin fd is on a FUSE mount" in str(e.value)
+                assert c.call(lambda: 2) == 2
+        finally:
+            for x in (fd, out_r, out_w):
+                os.close(x)
+    finally:
+        fs.close()
+
+
+def test_SECURITY_fds_one_uid_can_leave_in_the_daemon_are_bounded(socket_daemon):
+    """With the uid's close threads stuck on pipe locks it holds, the fds it sends pile up in the
+    daemon waiting for a close. Connections already waiting in recvmsg each took one more
+    message of up to 253 fds past the pause: a hundred of them ran the daemon out of fds (and
+    at EMFILE the kernel drops received fds inside recvmsg, on the loop). The daemon now holds
+    at most 1024 of one uid's fds, counting room for the next message before each receive."""
+    from conftest import RawConn
+    from zygote_client import _protocol as P
+
+    dpid = _daemon_of(socket_daemon)
+    releases, pipes, conns = [], [], []
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        for _ in range(8):  # idle connections, waiting in recvmsg
+            c = RawConn(socket_daemon)
+            c.send(P.Hello(P.VERSION))
+            c.reply()
+            conns.append(c)
+        base = fd_count(dpid)
+        stuck = RawConn(socket_daemon)
+        conns.append(stuck)
+        stuck.send(P.Hello(P.VERSION))
+        stuck.reply()
+        _pin_close_threads(stuck, pipes, releases)
+        time.sleep(0.5)
+        for c in conns[:8]:  # 8 x 200 fds: 1600 the daemon would hold
+            dups = [os.dup(null) for _ in range(200)]
+            _send_with_fds(c, P.Status(1), dups, declared=4)
+            for fd in dups:
+                os.close(fd)
+        time.sleep(1.5)
+        held = fd_count(dpid) - base
+        assert held <= 1024 + 16, f"the daemon holds {held} more fds for one uid"
+    finally:
+        for release in releases:
+            release()
+        for c in conns:
+            c.sock.close()
+        for fd in pipes + [null]:
+            os.close(fd)
+    deadline = time.monotonic() + 20
+    while fd_count(dpid) > base + 8 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert fd_count(dpid) <= base + 8, "the fds were not let go once the locks were"

@@ -31,8 +31,11 @@ from typing import Callable
 
 import trio
 
-THREADS_PER_UID = 4  # worker threads one client uid may have in pipe syscalls at once
+THREADS_PER_UID = 4  # worker threads one client uid may have in pipe syscalls at once ...
+RESULT_THREADS_PER_UID = 2  # ... and, apart, for reading its children's results
 CLOSING_PER_UID = 256  # a uid's descriptors waiting to be closed before the daemon stops for it
+HELD_PER_UID = 1024  # fds a uid sent that the daemon holds (or may be about to receive), at most
+SCM_MAX_FD = 253  # the most fds the kernel passes in one message
 RETRY = 0.1  # seconds before retrying when no thread could be started (out of tasks or memory)
 
 
@@ -49,51 +52,75 @@ class PipeHands:
     and stats of the paths it names (an automount, a FUSE mount)."""
 
     def __init__(self) -> None:
-        self._limiters: dict[int, trio.CapacityLimiter] = {}
+        self._limiters: dict[tuple[int, str], trio.CapacityLimiter] = {}
         self.closing: dict[int, int] = {}  # uid -> descriptors queued or being closed for it
-        self._settled: dict[int, trio.Event] = {}  # uid -> set when its closing count drops
+        self.held: dict[int, int] = {}  # uid -> fds it sent, not yet closed (+ receives in progress)
+        self._settled: dict[int, trio.Event] = {}  # uid -> set when one of those counts drops
 
-    def limiter(self, uid: int) -> trio.CapacityLimiter:
-        lim = self._limiters.get(uid)
+    def limiter(self, uid: int, lane: str = "io") -> trio.CapacityLimiter:
+        """``uid``'s threads for ``lane``: "io" (writes, reads, closes, path checks) or "result"
+        (its children's result pipes: a uid whose own clients pin its io threads, say by
+        splicing their output into a slow socket, still gets its results)."""
+        lim = self._limiters.get((uid, lane))
         if lim is None:
-            lim = self._limiters[uid] = trio.CapacityLimiter(THREADS_PER_UID)
+            size = RESULT_THREADS_PER_UID if lane == "result" else THREADS_PER_UID
+            lim = self._limiters[(uid, lane)] = trio.CapacityLimiter(size)
         return lim
 
-    def stuck(self, uid: int) -> int:
-        """How many of ``uid``'s descriptors wait to be closed, when that is over CLOSING_PER_UID."""
-        n = self.closing.get(uid, 0)
-        return n if n > CLOSING_PER_UID else 0
+    def stuck(self, uid: int) -> bool:
+        """Whether the daemon must take nothing more from ``uid`` now: too many of its fds wait
+        for a close (threads stuck on locks its processes hold), or it would hold more of its fds
+        than HELD_PER_UID once the next message (up to SCM_MAX_FD fds) is in."""
+        return (self.closing.get(uid, 0) > CLOSING_PER_UID
+                or self.held.get(uid, 0) + SCM_MAX_FD > HELD_PER_UID)
 
     async def settle(self, uid: int) -> None:
         """Return once ``uid`` is not stuck (see ``stuck``)."""
         while self.stuck(uid):
             await self._settled.setdefault(uid, trio.Event()).wait()
 
-    async def run(self, uid: int, fn: Callable, *args):
+    def hold(self, uid: int, n: int) -> None:
+        """Count ``n`` fds (negative: let go) as held for ``uid``."""
+        left = self.held.get(uid, 0) + n
+        if left > 0:
+            self.held[uid] = left
+        else:
+            self.held.pop(uid, None)
+        if n < 0 and uid in self._settled and not self.stuck(uid):
+            self._settled.pop(uid).set()
+
+    def drop_received(self, uid: int, fds) -> None:
+        """Close fds ``uid`` sent (counted with ``hold``): they stop counting once closed."""
+        self.close(uid, fds, held=True)
+
+    async def run(self, uid: int, fn: Callable, *args, lane: str = "io"):
         """``fn(*args)`` in a worker thread of ``uid``'s (abandoned if cancelled). A thread that
         cannot be started (out of tasks or memory) is retried, not turned into an error."""
         while True:
             try:
-                return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter(uid), abandon_on_cancel=True)
+                return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter(uid, lane),
+                                                     abandon_on_cancel=True)
             except RuntimeError as e:
                 if "thread" not in str(e):
                     raise
             await trio.sleep(RETRY)
 
-    def close(self, uid: int, fds) -> None:
+    def close(self, uid: int, fds, *, held: bool = False) -> None:
         """Close ``fds`` in a worker thread of ``uid``'s, soon. From the loop's thread, cleanup
-        included: it never waits."""
+        included: it never waits. ``held``: they were counted with ``hold``."""
         fds = [fd for fd in fds if fd is not None and fd >= 0]
         if not fds:
             return
         try:
-            trio.lowlevel.spawn_system_task(self._close, uid, fds, name="zygote-close")
+            trio.lowlevel.spawn_system_task(self._close, uid, fds, held, name="zygote-close")
         except RuntimeError:  # not in the daemon's run (it has ended): nobody is left to stall
             close_now(fds)
+            if held:
+                self.hold(uid, -len(fds))
             return
         self.closing[uid] = self.closing.get(uid, 0) + len(fds)
 
-    async def _close(self, uid: int, fds: list[int]) -> None:
+    async def _close(self, uid: int, fds: list[int], held: bool) -> None:
         # A system task: it must never raise (that would end the daemon's run).
         lock = threading.Lock()
         claimed = [False]  # the close is done once, by whichever thread claims it first
@@ -126,7 +153,9 @@ class PipeHands:
                 self.closing[uid] = left
             else:
                 self.closing.pop(uid, None)
-            if uid in self._settled and not self.stuck(uid):
+            if held:
+                self.hold(uid, -len(fds))  # (wakes settle too)
+            elif uid in self._settled and not self.stuck(uid):
                 self._settled.pop(uid).set()
 
     async def reopen(self, uid: int, fd: int, opener: Callable[[int], int]) -> int:
@@ -168,8 +197,8 @@ class PipeHands:
             box["gone"] = True
             return box["fd"]  # type: ignore[return-value]
 
-    def end(self, fd: int, owner: Callable[[], int]) -> "PipeEnd":
-        return PipeEnd(self, fd, owner)
+    def end(self, fd: int, owner: Callable[[], int], lane: str = "io") -> "PipeEnd":
+        return PipeEnd(self, fd, owner, lane)
 
 
 class PipeEnd:
@@ -178,9 +207,10 @@ class PipeEnd:
     Each read or write is one nonblocking syscall in a worker thread; readiness is waited for
     with epoll on the loop (pipe_poll takes no mutex)."""
 
-    def __init__(self, hands: PipeHands, fd: int, owner: Callable[[], int]) -> None:
+    def __init__(self, hands: PipeHands, fd: int, owner: Callable[[], int], lane: str = "io") -> None:
         os.set_blocking(fd, False)  # (our own description; F_SETFL takes no pipe lock)
         self.fd = fd
+        self._lane = lane
         self._hands = hands
         self._owner = owner
         self._lock = threading.Lock()
@@ -195,7 +225,7 @@ class PipeEnd:
         while view:
             if self._closed:
                 raise trio.ClosedResourceError("pipe end closed")
-            n = await self._hands.run(self._owner(), self._guarded, os.write, view)
+            n = await self._hands.run(self._owner(), self._guarded, os.write, view, lane=self._lane)
             if n:
                 view = view[n:]
                 continue
@@ -208,7 +238,7 @@ class PipeEnd:
             if self._closed:
                 raise trio.ClosedResourceError("pipe end closed")
             await trio.lowlevel.wait_readable(self.fd)
-            data = await self._hands.run(self._owner(), self._guarded, os.read, max_bytes)
+            data = await self._hands.run(self._owner(), self._guarded, os.read, max_bytes, lane=self._lane)
             if data is not None:
                 return data
 

@@ -50,7 +50,6 @@ PENDING_PER_UID = 2 * P.MAX_FRAME + (4 << 20)
 # Child output the daemon buffers (max_output_bytes relays) for one peer uid's readers. Past it
 # the relays stop reading and the children block on their full pipes, as with any slow reader.
 RELAYED_PER_UID = 256 << 20
-SCM_MAX_FD = 253  # the most fds the kernel passes in one message
 EOF_GRACE = 2.0  # seconds the status and result pipes get to deliver after the child's exit
 RELAY_GRACE = 5.0  # seconds a relay may go on delivering after its connection closed
 RELAY_LINGER = 60.0  # ... and after its child exited (each holds two fds and its buffer)
@@ -478,7 +477,7 @@ class Daemon:
         uid = conn.peer_uid
 
         def drop(fds: list[int]) -> None:  # fds from the client: closed off the loop's thread
-            self.hands.close(uid, fds)
+            self.hands.drop_received(uid, fds)
 
         decoder = P.daemon_decoder(close=drop)
         held = 0  # decoder.pending_bytes, as counted in self.pending
@@ -497,15 +496,27 @@ class Daemon:
                 conn.nursery = nursery
                 hello = False
                 while True:
-                    if self.hands.stuck(uid):  # its closes first: what it sends meanwhile stays in
-                        await self.hands.settle(uid)  # flight, on its side's account, not ours
+                    # Nothing more from a uid whose fds pile up (closes stuck on locks its own
+                    # processes hold, or simply many): what it sends meanwhile stays in flight, on
+                    # its side's account. Checked once the socket is readable, and the room for
+                    # one more message's fds reserved before the receive, so connections that
+                    # were idle cannot each bring one more batch past the check.
                     try:
-                        # Room for all the fds one message can carry (SCM_MAX_FD): any that did
-                        # not fit would be closed by the kernel inside this call, on our thread.
-                        data, anc, flags, _ = await sock.recvmsg(1 << 18, socket.CMSG_SPACE(4 * SCM_MAX_FD))
+                        await trio.lowlevel.wait_readable(sock.fileno())
+                    except (OSError, trio.ClosedResourceError):
+                        break
+                    await self.hands.settle(uid)
+                    self.hands.hold(uid, _pipes.SCM_MAX_FD)
+                    try:
+                        # Room for all the fds one message can carry: any that did not fit
+                        # would be closed by the kernel inside this call, on our thread.
+                        data, anc, flags, _ = await sock.recvmsg(1 << 18, socket.CMSG_SPACE(4 * _pipes.SCM_MAX_FD))
+                        fds = _fds_from(anc)
+                        self.hands.hold(uid, len(fds))
                     except OSError:
                         break
-                    fds = _fds_from(anc)
+                    finally:
+                        self.hands.hold(uid, -_pipes.SCM_MAX_FD)
                     if flags & socket.MSG_CTRUNC:
                         drop(fds)
                         await conn.send(P.Error(0, "protocol", "too many fds in one message"))
@@ -572,7 +583,7 @@ class Daemon:
             self.observer.connection(-1)
 
     async def _dispatch(self, conn: Connection, msg, fds: list[int], nursery: trio.Nursery) -> None:
-        self.hands.close(conn.peer_uid, fds)  # none of these carries fds
+        self.hands.drop_received(conn.peer_uid, fds)  # none of these carries fds
         if isinstance(msg, P.Signal):
             child = conn.children.get(msg.child)
             if child is None:
@@ -615,7 +626,7 @@ class Daemon:
                 reply, out_fds = P.SpawnFailed(msg.req, f"internal error: {type(e).__name__}: {e}", "internal",
                                                code="internal"), []
             finally:
-                self.hands.close(conn.peer_uid, fds)
+                self.hands.drop_received(conn.peer_uid, fds)
         except BaseException:
             self._count(self.pending, conn.peer_uid, -size)
             raise
@@ -774,6 +785,17 @@ class Daemon:
             _close([r for r, _ in relays] + [r for r, _ in detached])
             drop([w for _, w in relays] + [w for _, w in detached])
 
+        if msg.stdio == "fds" and len(client_fds) == 3:
+            for name, cfd in zip(("stdin", "stdout", "stderr"), client_fds):
+                try:
+                    fuse = policy.on_fuse(cfd, conn.peer_pid)
+                except OSError as e:
+                    fuse = e.strerror
+                if fuse is not False:
+                    why = ("is on a FUSE mount (closing it asks the FUSE server, which may never answer)"
+                           if fuse is True else "is on a mount the daemon cannot see, nor its client"
+                           if fuse is None else f"cannot be looked at: {fuse}")
+                    return P.SpawnFailed(msg.req, f"stdio='fds': the {name} fd {why}", code="bad-request"), []
         if msg.stdio == "fds" and cfg.max_output is not None and len(client_fds) == 3:
             try:  # (the open waits on the pipe's lock: in a thread of the client's uid)
                 for cfd in client_fds[1:]:
@@ -878,7 +900,8 @@ class Daemon:
             child = Child(id=cid, pid=pid, pidfd=pidfd, conn=conn,
                           started=time.monotonic(), timeout=timeout, timeout_grace=cfg.timeout_grace,
                           status_stream=trio.lowlevel.FdStream(st_r),
-                          result_stream=self.hands.end(res_r, lambda: child.peer_uid), cpu_time=cfg.cpu_time,
+                          result_stream=self.hands.end(res_r, lambda: child.peer_uid, "result"),
+                          cpu_time=cfg.cpu_time,
                           pool=pool.config.name, peer_uid=conn.peer_uid, detached=msg.detached,
                           has_result=msg.kind not in ("exec", "script"), watchers=[conn],
                           direct=not plan.reaper)
@@ -1001,6 +1024,8 @@ class Daemon:
                 if fit == "refused":  # the next one would refuse them too: clone, which reports why
                     return None
                 continue
+            if not msg.stdin:  # the child reads EOF, as from /dev/null: closed before the Job, while
+                os.close(fds.pop(0))  # no payload code can have handed its end to anyone
             self._hand_to(child, conn, timeout)
             child.has_result = kind not in ("exec", "script")
             try:
@@ -1024,8 +1049,6 @@ class Daemon:
                 ctl.close()
             if timeout is not None:
                 self._nursery.start_soon(self._deadline_until_exit, child)
-            if not msg.stdin:
-                os.close(fds.pop(0))  # the child reads EOF, as from /dev/null
             return P.Spawned(msg.req, child.id, child.pid, msg.stdin), fds
         return None
 

@@ -182,6 +182,31 @@ def _may_access(path: str, uid: int, gid: int, write: bool) -> bool:
     return bool(ok(st, True, write, is_dir))
 
 
+def on_fuse(fd: int, peer_pid: int) -> bool | None:
+    """Whether ``fd`` is a file on a FUSE mount, found from its mount id (/proc fdinfo) in our
+    mount table or the peer's, without asking any filesystem; None when neither has that mount.
+
+    Every close of such a file asks its FUSE server (FLUSH), and one that never answers makes
+    the close wait for ever, SIGKILL or not: the pool's zygote, which closes its copies of a
+    request's stdio fds, would be lost to every user. Pipes, sockets and anonymous inodes are
+    not on any mount. Raises OSError for a closed fd."""
+    link = os.readlink(f"/proc/self/fd/{fd}")
+    if link.startswith(("pipe:[", "socket:[", "anon_inode:")):
+        return False
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        mnt = next((ln.split()[1] for ln in f if ln.startswith("mnt_id:")), None)
+    for table in ("/proc/self/mountinfo", f"/proc/{peer_pid}/mountinfo"):
+        try:
+            with open(table) as f:
+                for line in f:
+                    if line.split(" ", 1)[0] == mnt:
+                        fstype = line.split(" - ", 1)[1].split()[0]
+                        return fstype in ("fuse", "fuseblk") or fstype.startswith("fuse.")
+        except (OSError, IndexError):
+            continue
+    return None
+
+
 def is_pipe(fd: int) -> bool:
     """Whether ``fd`` is an anonymous pipe, from its /proc link ("pipe:[ino]"): no filesystem is
     asked (an fstat on a FUSE file waits for its server). Raises OSError for a closed fd."""
