@@ -638,11 +638,12 @@ class _TinyFuse:
 
     LOOKUP, FORGET, GETATTR, OPEN, RELEASE, FLUSH, INIT, BATCH_FORGET = 1, 2, 3, 14, 18, 25, 26, 42
 
-    def __init__(self, where: str) -> None:
+    def __init__(self, where: str, allow_other: bool = False) -> None:
         import ctypes
         self.mnt = where
+        self.stall = threading.Event()  # set: FLUSH requests get no answer (until close)
         self.dev = os.open("/dev/fuse", os.O_RDWR)
-        opts = f"fd={self.dev},rootmode=40000,user_id=0,group_id=0".encode()
+        opts = f"fd={self.dev},rootmode=40000,user_id=0,group_id=0{',allow_other' if allow_other else ''}".encode()
         self._libc = ctypes.CDLL(None, use_errno=True)
         if self._libc.mount(b"zg-test-fuse", where.encode(), b"fuse", 0, opts) != 0:
             os.close(self.dev)
@@ -673,6 +674,8 @@ class _TinyFuse:
                 body = struct.pack("<Q2I", 1, 0, 0) + self._attr(node, mode)
             elif op == self.OPEN:
                 body = struct.pack("<QIi", 1, 0, 0)
+            elif op == self.FLUSH and self.stall.is_set():
+                continue  # never answered: the closer waits until the filesystem goes
             elif op not in (self.FLUSH, self.RELEASE):
                 err = -38  # ENOSYS
             try:
@@ -755,3 +758,42 @@ def test_SECURITY_fds_one_uid_can_leave_in_the_daemon_are_bounded(socket_daemon)
     while fd_count(dpid) > base + 8 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert fd_count(dpid) <= base + 8, "the fds were not let go once the locks were"
+
+
+def test_SECURITY_signalling_a_child_stuck_in_exec_does_not_stop_the_daemon(socket_daemon, tmp_path):
+    """Signalling a child whose payload is PID 1 reads its /proc state first, and a read of
+    /proc/PID/syscall waits for the child's exec lock. An execve holds that lock while it closes
+    the fds marked close-on-exec: a file on a FUSE mount (here bound into the sandbox) whose
+    server does not answer the FLUSH keeps it. The read runs in a worker thread, and past a
+    second the signal goes as SIGKILL; done on the loop, it stopped the daemon."""
+    import signal as _signal
+
+    where = tmp_path / "fuse"
+    where.mkdir()
+    fs = _TinyFuse(str(where), allow_other=True)
+    closed = False
+    try:
+        def exec_holding_fuse():
+            import os
+            fd = os.open("/fz/f", os.O_RDONLY)
+            os.set_inheritable(fd, False)
+            print("open", flush=True)
+            os.execv("/bin/true", ["/bin/true"])
+
+        with Client.connect(socket_daemon) as c:
+            fs.stall.set()
+            k = c.spawn_child(exec_holding_fuse, stdin=None, sandbox_config=SandboxConfig(
+                ro_binds={str(where): "/fz"}, timeout=60))
+            assert k.stdout.readline() == b"open\n"
+            time.sleep(0.5)  # in execve, waiting for the FLUSH
+            sent = threading.Thread(target=k.send_signal, args=(_signal.SIGTERM,), daemon=True)
+            sent.start()
+            time.sleep(0.3)
+            assert _answers(socket_daemon, 5), "the daemon froze signalling a child stuck in exec"
+            fs.close()  # the FLUSH fails, the exec goes on, the SIGKILL it was sent ends it
+            closed = True
+            sent.join(10)
+            assert k.wait(timeout=30).returncode == -_signal.SIGTERM
+    finally:
+        if not closed:
+            fs.close()

@@ -50,6 +50,7 @@ PENDING_PER_UID = 2 * P.MAX_FRAME + (4 << 20)
 # Child output the daemon buffers (max_output_bytes relays) for one peer uid's readers. Past it
 # the relays stop reading and the children block on their full pipes, as with any slow reader.
 RELAYED_PER_UID = 256 << 20
+PROBE_TIMEOUT = 1.0  # seconds a signal's look at /proc may take (see Daemon._signal)
 EOF_GRACE = 2.0  # seconds the status and result pipes get to deliver after the child's exit
 RELAY_GRACE = 5.0  # seconds a relay may go on delivering after its connection closed
 RELAY_LINGER = 60.0  # ... and after its child exited (each holds two fds and its buffer)
@@ -591,7 +592,7 @@ class Daemon:
             elif not 1 <= msg.signum < signal.NSIG:
                 await conn.send(P.Error(msg.req, "bad-request", f"bad signal number {msg.signum}"))
             else:
-                self._kill(child, msg.signum)
+                await self._signal(child, msg.signum)
                 await conn.send(P.Ok(msg.req))
         elif isinstance(msg, P.Attach):
             await self._attach(conn, msg)
@@ -1429,53 +1430,41 @@ class Daemon:
     # ---- watching and reaping ----------------------------------------------------------------
 
     def _kill(self, child: Child, signum: int) -> None:
+        """Send ``signum`` (SIGKILL or SIGSTOP: forced, whatever the child) now."""
         # pidfd is -1 once reaped: its number may already belong to another file.
         if child.exited.is_set() or child.pidfd < 0:
             return
-        if child.direct and signum not in (signal.SIGKILL, signal.SIGSTOP):
-            signum = self._direct_signal(child, signum)
         try:
             signal.pidfd_send_signal(child.pidfd, signum)
         except ProcessLookupError:
             pass
 
-    @staticmethod
-    def _direct_signal(child: Child, signum: int) -> int:
-        """What to send a child whose payload is PID 1 so that ``signum`` acts as on a subprocess.
+    async def _signal(self, child: Child, signum: int) -> None:
+        """Send ``signum`` with subprocess semantics.
 
         The kernel drops a signal sent to a pid namespace's init from outside unless init has a
-        handler for it (only SIGKILL and SIGSTOP are forced). So: a caught or ignored signal goes
-        as itself; one whose default action is to stop goes as SIGSTOP; one whose default is to
-        terminate goes as SIGKILL and the exit is reported as ``-signum``. The dispositions come
-        from /proc (the pid is our unreaped child: it cannot be reused meanwhile)."""
-        if signum in _DEFAULT_IGNORED:
-            return signum
-        try:
-            with open(f"/proc/{child.pid}/status", "rb") as f:
-                fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
-            bit = 1 << (signum - 1)
-            # caught, ignored, or blocked (sigwait/signalfd, or deferred on purpose): as itself
-            handled = (int(fields[b"SigCgt"], 16) | int(fields[b"SigIgn"], 16) | int(fields[b"SigBlk"], 16)) & bit
-            alive = fields[b"State"].split()[:1] not in ([b"Z"], [b"X"])
-        except (OSError, KeyError, ValueError):
-            handled, alive = 0, False  # gone: nothing to deliver to anyway
-        if not handled and alive:
-            # sigwait() unblocks what it waits for while it waits (the kernel keeps the old mask
-            # as real_blocked, which it honours but /proc does not show): a payload in
-            # rt_sigtimedwait gets the signal as itself. Unreadable (no ptrace access): no.
-            try:
-                with open(f"/proc/{child.pid}/syscall", "rb") as f:
-                    handled = f.read().split(b" ", 1)[0] == _NR_RT_SIGTIMEDWAIT
-            except OSError:
-                pass
-        if handled:
-            child.sigint_delivered |= signum == signal.SIGINT
-            return signum
-        if signum in _DEFAULT_STOPS:
-            return signal.SIGSTOP
-        if alive and not child.emulated:  # a child already dying keeps the cause it dies of
-            child.emulated = signum
-        return signal.SIGKILL
+        handler for it (only SIGKILL and SIGSTOP are forced). So for a child whose payload is
+        PID 1: a caught or ignored signal goes as itself; one whose default action is to stop
+        goes as SIGSTOP; one whose default is to terminate goes as SIGKILL and the exit is
+        reported as ``-signum``. The dispositions come from /proc (the pid is our unreaped child:
+        it cannot be reused meanwhile), read in a worker thread of the child's uid: a read of
+        /proc/PID/syscall waits for the child's exec lock, which an execve holds while it closes
+        the fds marked close-on-exec, so for as long as a FUSE server leaves a FLUSH unanswered.
+        A read that takes over PROBE_TIMEOUT counts as "not handled" (a timeout's SIGTERM must
+        not wait on it)."""
+        if child.direct and signum not in (signal.SIGKILL, signal.SIGSTOP) and signum not in _DEFAULT_IGNORED:
+            handled, alive = False, True
+            with trio.move_on_after(PROBE_TIMEOUT):
+                handled, alive = await self.hands.run(child.peer_uid, _handles_signal, child.pid, signum)
+            if handled:
+                child.sigint_delivered |= signum == signal.SIGINT
+            elif signum in _DEFAULT_STOPS:
+                signum = signal.SIGSTOP
+            else:
+                if alive and not child.emulated:  # a child already dying keeps the cause it dies of
+                    child.emulated = signum
+                signum = signal.SIGKILL
+        self._kill(child, signum)
 
     async def _watch(self, child: Child) -> None:
         """Watch one child to its reaping. Shielded: the daemon's own cancellation (SIGTERM)
@@ -1724,7 +1713,7 @@ class Daemon:
         await trio.sleep(max(0.0, child.started + child.timeout - time.monotonic()))
         child.timed_out = True
         if child.timeout_grace:
-            self._kill(child, signal.SIGTERM)
+            await self._signal(child, signal.SIGTERM)
             await trio.sleep(child.timeout_grace)
         self._kill(child, signal.SIGKILL)
 
@@ -1816,7 +1805,7 @@ class Daemon:
         if os.WIFSIGNALED(wstatus):
             rc = -os.WTERMSIG(wstatus)
             if child.direct and rc == -signal.SIGKILL and child.emulated:
-                rc = -child.emulated  # a default-action signal, delivered as SIGKILL (_direct_signal)
+                rc = -child.emulated  # a default-action signal, delivered as SIGKILL (Daemon._signal)
         elif child.direct:
             rc = os.WEXITSTATUS(wstatus)
             if rc == 128 + signal.SIGINT and child.sigint_delivered:
@@ -1843,6 +1832,30 @@ class Daemon:
             cpu_time_exceeded=cpu_exceeded, wall_time=time.monotonic() - child.started,
             cpu_user=ru.ru_utime, cpu_system=ru.ru_stime, enforcement=enforcement,
         )
+
+
+def _handles_signal(pid: int, signum: int) -> tuple[bool, bool]:
+    """(whether process ``pid`` catches, ignores, blocks or waits for ``signum``; whether it is
+    alive), from /proc. Blocking reads: run in a worker thread."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+        bit = 1 << (signum - 1)
+        # caught, ignored, or blocked (sigwait/signalfd, or deferred on purpose): as itself
+        handled = bool((int(fields[b"SigCgt"], 16) | int(fields[b"SigIgn"], 16) | int(fields[b"SigBlk"], 16)) & bit)
+        alive = fields[b"State"].split()[:1] not in ([b"Z"], [b"X"])
+    except (OSError, KeyError, ValueError):
+        return False, False  # gone: nothing to deliver to anyway
+    if not handled and alive:
+        # sigwait() unblocks what it waits for while it waits (the kernel keeps the old mask as
+        # real_blocked, which it honours but /proc does not show): a payload in rt_sigtimedwait
+        # gets the signal as itself. Unreadable (no ptrace access): no.
+        try:
+            with open(f"/proc/{pid}/syscall", "rb") as f:
+                handled = f.read().split(b" ", 1)[0] == _NR_RT_SIGTIMEDWAIT
+        except OSError:
+            pass
+    return handled, alive
 
 
 async def child_first_status(child: Child):
