@@ -21,8 +21,8 @@ import pytest
 
 from zygote_client import Client, DaemonError, SandboxConfig, open_client, open_embedded
 from zygote_client import _protocol as P
-from conftest import (RawConn, children_of, cmdline, fd_count, rss_bytes, run_as, start_daemon, stop_daemon,
-                      wait_socket, write_text)
+from conftest import (RawConn, children_of, cmdline, config_daemon, fd_count, rss_bytes, run_as, start_daemon,
+                      stop_daemon, wait_socket, write_text)
 
 BACKENDS = pytest.mark.parametrize("backend", ["trio", "asyncio"])
 
@@ -873,3 +873,31 @@ def test_a_zygote_started_while_the_daemon_holds_over_1024_fds_works(tmp_path):
         for s in held:
             s.close()
         stop_daemon(proc)
+
+
+def test_SECURITY_kept_records_are_bounded_per_user(shared_dir):
+    """detached_keep_max (and _bytes) hold per peer uid: another user leaving many ended
+    detached children behind drops its own oldest records, never this user's."""
+    with config_daemon(shared_dir, """
+            socket_mode = "0660"
+            socket_group = 4242
+            allowed_uids = [4001]
+            detached_keep_max = 2
+            """) as sock:
+        with Client.connect(sock) as c:
+            mine = c.spawn_child(print, ("kept",), stdin=None, detached=True)
+            mine.wait(timeout=30)
+
+        def flood() -> str:
+            conn = RawConn(sock)
+            conn.send(conn.P.Hello(conn.P.VERSION))
+            conn.reply()
+            for i in range(3):
+                conn.send(conn.P.Spawn(req=i + 1, kind="exec", argv=["/bin/true"], detached=True))
+                while not isinstance(conn.reply(), conn.P.Exited):
+                    pass
+            return "ok"
+        assert run_as(4001, 4242, flood) == "ok"
+        with Client.connect(sock) as c:
+            again = c.attach(mine.id)
+            assert again.stdout.read() == b"kept\n"

@@ -17,8 +17,8 @@ same thing. Example::
     network_dns = ["192.0.2.53"]
     detached_buffer_bytes = "1M"  # output kept per stream of a detached child (oldest dropped)
     detached_keep_seconds = 600   # an ended detached child stays attachable this long ...
-    detached_keep_max = 64        # ... and at most this many of them
-    detached_keep_bytes = "256M"  # ... holding at most this much output and results together
+    detached_keep_max = 64        # ... and at most this many of them per peer uid
+    detached_keep_bytes = "256M"  # ... holding at most this much output, results and exports per uid
     max_attaches = 256            # attached readers one peer uid may have at once
     max_connections_per_client = 256  # open connections per peer uid (root: no cap)
 

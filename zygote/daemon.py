@@ -89,9 +89,9 @@ class DaemonConfig:
         detached_keep_seconds, detached_keep_max: a detached child that ends before anyone
             attached to it (its spawner does not count) keeps its exit status, result and buffers
             for this long (default 600 s) or until attached once; at most this many such records
-            (default 64, oldest dropped).
-        detached_keep_bytes: the results and output those kept records hold, together (default
-            256 MiB; oldest dropped first, the newest always kept).
+            per peer uid (default 64, its oldest dropped).
+        detached_keep_bytes: the results, output and export archives one peer uid's kept records
+            hold, together (default 256 MiB; its oldest dropped first, its newest always kept).
         max_attaches: attached readers one peer uid may have at once, over all its connections
             (each costs the daemon two pipes and two tasks until it ends).
         max_connections_per_client: connections one peer uid may hold open at once (root, the
@@ -174,6 +174,7 @@ class _Kept:
     exited: P.Exited
     fds: list[int]  # the export archive's memfd, if any
     expires: float
+    size: int = 0  # bytes held: the result, the output rings, the archive
 
 
 class Connection:
@@ -1320,13 +1321,18 @@ class Daemon:
                 exited = msgspec.structs.replace(exited, export=ExportResult(
                     error=f"the daemon could not keep the archive for a later attach: {e.strerror}"))
             self.observer.log.warning("keep", child=child.id, message=f"the export was dropped: {e.strerror}")
-        self.kept[child.id] = _Kept(child, exited, kept, time.monotonic() + self.config.detached_keep_seconds)
+        record = _Kept(child, exited, kept, time.monotonic() + self.config.detached_keep_seconds)
+        record.size = _kept_bytes(record)
+        self.kept[child.id] = record
         self._expire_kept()
-        # Oldest first out, by count and by the bytes held (results and output rings): a peer
-        # leaving many large detached results behind cannot pin the daemon's memory.
-        while len(self.kept) > self.config.detached_keep_max or (
-                len(self.kept) > 1 and sum(_kept_bytes(k) for k in self.kept.values()) > self.config.detached_keep_bytes):
-            _close(self.kept.pop(next(iter(self.kept))).fds)
+        # Per peer uid, oldest first out, by count and by the bytes held (results, output rings,
+        # export archives): a user leaving many large detached results behind pins no more than
+        # its own share, and never pushes out another user's records.
+        uid = child.peer_uid
+        mine = [cid for cid, k in self.kept.items() if k.child.peer_uid == uid]  # oldest first
+        while len(mine) > self.config.detached_keep_max or (
+                len(mine) > 1 and sum(self.kept[cid].size for cid in mine) > self.config.detached_keep_bytes):
+            _close(self.kept.pop(mine.pop(0)).fds)
 
     def _expire_kept(self) -> None:
         now = time.monotonic()
@@ -1879,7 +1885,13 @@ _DEFAULT_STOPS = frozenset({signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 
 def _kept_bytes(k: "_Kept") -> int:
     rings = k.child.rings or ()
-    return len(k.exited.result) + sum(r.end - r.start for r in rings)
+    archive = 0
+    for fd in k.fds:  # the export's memfd (our own: fstat asks no other filesystem)
+        try:
+            archive += os.fstat(fd).st_size
+        except OSError:
+            pass
+    return len(k.exited.result or b"") + sum(r.end - r.start for r in rings) + archive
 
 
 def _stray_zombies(known: set[int]) -> list[int]:
