@@ -642,6 +642,8 @@ class _TinyFuse:
         import ctypes
         self.mnt = where
         self.stall = threading.Event()  # set: FLUSH requests get no answer (until close)
+        self.mute = threading.Event()  # set: no request gets an answer (until close)
+        self.unanswered: list[int] = []  # (answered with EIO at close)
         self.dev = os.open("/dev/fuse", os.O_RDWR)
         opts = f"fd={self.dev},rootmode=40000,user_id=0,group_id=0{',allow_other' if allow_other else ''}".encode()
         self._libc = ctypes.CDLL(None, use_errno=True)
@@ -664,6 +666,9 @@ class _TinyFuse:
             _, op, unique, node = struct.unpack_from("<IIQQ", req)
             if op in (self.FORGET, self.BATCH_FORGET):
                 continue  # no reply to these
+            if self.mute.is_set() or (op == self.FLUSH and self.stall.is_set()):
+                self.unanswered.append(unique)  # the caller waits until close
+                continue
             body, err = b"", 0
             if op == self.INIT:
                 body = struct.pack("<4I2H2I2H2I", 7, 31, 0, 0, 16, 12, 65536, 1, 32, 0, 0, 0) + bytes(24)
@@ -674,8 +679,6 @@ class _TinyFuse:
                 body = struct.pack("<Q2I", 1, 0, 0) + self._attr(node, mode)
             elif op == self.OPEN:
                 body = struct.pack("<QIi", 1, 0, 0)
-            elif op == self.FLUSH and self.stall.is_set():
-                continue  # never answered: the closer waits until the filesystem goes
             elif op not in (self.FLUSH, self.RELEASE):
                 err = -38  # ENOSYS
             try:
@@ -684,6 +687,11 @@ class _TinyFuse:
                 return
 
     def close(self) -> None:
+        for unique in self.unanswered:  # whoever waits gets EIO
+            try:
+                os.write(self.dev, struct.pack("<IiQ", 16, -5, unique))
+            except OSError:
+                pass
         self._libc.umount2(self.mnt.encode(), 2)  # MNT_DETACH
         os.close(self.dev)
 
@@ -794,6 +802,40 @@ def test_SECURITY_signalling_a_child_stuck_in_exec_does_not_stop_the_daemon(sock
             closed = True
             sent.join(10)
             assert k.wait(timeout=30).returncode == -_signal.SIGTERM
+    finally:
+        if not closed:
+            fs.close()
+
+
+def test_SECURITY_a_bind_on_a_filesystem_that_never_answers_does_not_stop_the_daemon(socket_daemon, tmp_path):
+    """The daemon looks at a request's bind sources on the host (exists, realpath, and for
+    other users their permissions); a source on a FUSE mount whose server stopped answering
+    (or a dead NFS server, an automount) makes those calls wait. They run in a worker thread
+    of the client's uid; on the loop they stopped the daemon."""
+    from zygote_client import DaemonError, SandboxError
+
+    where = tmp_path / "fuse"
+    where.mkdir()
+    fs = _TinyFuse(str(where))
+    closed = False
+    try:
+        with Client.connect(socket_daemon) as c:
+            fs.mute.set()
+            outcome: list[object] = []
+
+            def spawn() -> None:
+                try:
+                    outcome.append(c.run(print, sandbox_config=SandboxConfig(ro_binds={str(where / "f"): "/x"})))
+                except Exception as e:  # noqa: BLE001 - what it was is checked below
+                    outcome.append(e)
+            t = threading.Thread(target=spawn, daemon=True)
+            t.start()
+            time.sleep(0.5)
+            assert _answers(socket_daemon, 5), "the daemon froze looking at a bind source"
+            fs.close()
+            closed = True
+            t.join(30)
+            assert outcome and isinstance(outcome[0], (DaemonError, SandboxError)), outcome
     finally:
         if not closed:
             fs.close()

@@ -13,6 +13,7 @@ import array
 import dataclasses
 import errno as _errno
 import fcntl
+import functools
 import itertools
 import os
 import platform
@@ -748,7 +749,8 @@ class Daemon:
                                  code="bad-request"), []
         try:
             cfg = policy.effective(pool.config.sandbox, msg.sandbox)
-            if policy.names_peer_paths(cfg, pool.config.sandbox, conn.peer_uid):
+            own_paths = policy.names_host_paths(cfg, pool.config.sandbox)
+            if own_paths:
                 await self.hands.run(conn.peer_uid, policy.check_peer_paths, cfg, pool.config.sandbox,
                                      conn.peer_uid, conn.peer_gid)
             if pool.config.forbid_secret_env and msg.env is not None:
@@ -771,7 +773,8 @@ class Daemon:
         if conn is self._reserve_conn:
             timeout = None  # a reserve child's deadline is armed when a request takes it
         try:
-            plan = self._plan(pool, msg, cfg, deferred=conn is self._reserve_conn, prewarm=prewarm)
+            make = functools.partial(self._plan, pool, msg, cfg, deferred=conn is self._reserve_conn, prewarm=prewarm)
+            plan = await self.hands.run(conn.peer_uid, make) if own_paths else make()  # (it stats them)
         except _Refused as r:
             return P.SpawnFailed(msg.req, r.message, code=r.code, path=r.path), []
         cid = f"{self._prefix}-{next(self._ids)}"

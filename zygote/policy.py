@@ -128,11 +128,10 @@ def _allow_covered(item: str, pool_allow: tuple[str, ...]) -> bool:
     return False
 
 
-def names_peer_paths(cfg: SandboxConfig, pool: SandboxConfig, uid: int) -> bool:
-    """Whether ``check_peer_paths`` has anything to look at on the host (so the daemon runs it
-    in a worker thread: a stat of a path on an automount or FUSE mount can wait for long)."""
-    if uid == 0 or uid == os.getuid():
-        return False
+def names_host_paths(cfg: SandboxConfig, pool: SandboxConfig) -> bool:
+    """Whether a request names host paths of its own (binds, chroot_dir) that the daemon will
+    look at: it does so in a worker thread then, since a stat of a path on an automount or a
+    FUSE mount can wait for long."""
     return (any(src not in pool.ro_binds for src in cfg.ro_binds)
             or any(src not in pool.rw_binds for src in cfg.rw_binds)
             or bool(cfg.chroot_dir and cfg.chroot_dir != pool.chroot_dir))
