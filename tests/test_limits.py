@@ -798,9 +798,10 @@ def test_SECURITY_signalling_a_child_stuck_in_exec_does_not_stop_the_daemon(sock
             sent.start()
             time.sleep(0.3)
             assert _answers(socket_daemon, 5), "the daemon froze signalling a child stuck in exec"
-            fs.close()  # the FLUSH fails, the exec goes on, the SIGKILL it was sent ends it
+            sent.join(10)  # answered once the probe gave up (1 s) and SIGKILL was sent
+            assert not sent.is_alive()
+            fs.close()  # the FLUSH fails, and the exec ends in the SIGKILL waiting for it
             closed = True
-            sent.join(10)
             assert k.wait(timeout=30).returncode == -_signal.SIGTERM
     finally:
         if not closed:
