@@ -840,3 +840,40 @@ def test_SECURITY_a_bind_on_a_filesystem_that_never_answers_does_not_stop_the_da
     finally:
         if not closed:
             fs.close()
+
+
+def test_SECURITY_a_uid_paused_for_its_fds_is_served_again_once_its_connections_go(socket_daemon):
+    """fds in frames a client never finishes count as held for its uid. A uid paused for them
+    stayed paused for ever: every paused connection waited to read again, and only reading sees
+    the EOF that frees what it holds. A paused connection whose peer went ends now, and the
+    uid is served again."""
+    from zygote_client import _protocol as P
+
+    null = os.open(os.devnull, os.O_RDONLY)
+    conns = []
+    try:
+        frame = bytes(P.encode(P.Status(1), 4))
+        for _ in range(100):  # 8 fds each in an unfinished frame: 800 held
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(socket_daemon)
+            conns.append(s)
+            s.sendall(bytes(P.encode(P.Hello(P.VERSION))))
+            s.settimeout(2)
+            try:
+                if not s.recv(1 << 16):
+                    break
+            except TimeoutError:  # paused already
+                break
+            dups = [os.dup(null) for _ in range(8)]
+            s.sendmsg([frame[:5]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", dups).tobytes())])
+            for fd in dups:
+                os.close(fd)
+        time.sleep(0.5)
+        for s in conns:
+            s.close()
+        conns = []
+        assert _answers(socket_daemon, 10), "the uid stayed paused after its connections went"
+    finally:
+        for s in conns:
+            s.close()
+        os.close(null)

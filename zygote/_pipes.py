@@ -32,7 +32,8 @@ from typing import Callable
 import trio
 
 THREADS_PER_UID = 4  # worker threads one client uid may have in pipe syscalls at once ...
-RESULT_THREADS_PER_UID = 2  # ... and, apart, for reading its children's results
+RESULT_THREADS_PER_UID = 2  # ... and, apart, for reading its children's results, for looking at
+# the host paths its requests name, and for the /proc reads before a signal (lanes, see limiter)
 CLOSING_PER_UID = 256  # a uid's descriptors waiting to be closed before the daemon stops for it
 HELD_PER_UID = 1024  # fds a uid sent that the daemon holds (or may be about to receive), at most
 SCM_MAX_FD = 253  # the most fds the kernel passes in one message
@@ -58,12 +59,13 @@ class PipeHands:
         self._settled: dict[int, trio.Event] = {}  # uid -> set when one of those counts drops
 
     def limiter(self, uid: int, lane: str = "io") -> trio.CapacityLimiter:
-        """``uid``'s threads for ``lane``: "io" (writes, reads, closes, path checks) or "result"
-        (its children's result pipes: a uid whose own clients pin its io threads, say by
-        splicing their output into a slow socket, still gets its results)."""
+        """``uid``'s threads for ``lane``: "io" (pipe writes, reads, closes), "result" (its
+        children's result pipes), "paths" (the host paths its requests name), "probe" (/proc
+        reads before a signal). Apart, so that threads one kind of wait pins (a client splicing
+        its output into a slow socket, a dead FUSE server) leave the others their own."""
         lim = self._limiters.get((uid, lane))
         if lim is None:
-            size = RESULT_THREADS_PER_UID if lane == "result" else THREADS_PER_UID
+            size = THREADS_PER_UID if lane == "io" else RESULT_THREADS_PER_UID
             lim = self._limiters[(uid, lane)] = trio.CapacityLimiter(size)
         return lim
 

@@ -18,6 +18,7 @@ import itertools
 import os
 import platform
 import secrets
+import select
 import signal
 import socket
 import struct
@@ -52,6 +53,7 @@ PENDING_PER_UID = 2 * P.MAX_FRAME + (4 << 20)
 # the relays stop reading and the children block on their full pipes, as with any slow reader.
 RELAYED_PER_UID = 256 << 20
 PROBE_TIMEOUT = 1.0  # seconds a signal's look at /proc may take (see Daemon._signal)
+PATHS_TIMEOUT = 10.0  # seconds looking at a request's own host paths may take
 EOF_GRACE = 2.0  # seconds the status and result pipes get to deliver after the child's exit
 RELAY_GRACE = 5.0  # seconds a relay may go on delivering after its connection closed
 RELAY_LINGER = 60.0  # ... and after its child exited (each holds two fds and its buffer)
@@ -508,7 +510,13 @@ class Daemon:
                         await trio.lowlevel.wait_readable(sock.fileno())
                     except (OSError, trio.ClosedResourceError):
                         break
-                    await self.hands.settle(uid)
+                    while self.hands.stuck(uid) and not conn.closed and not _peer_gone(sock.fileno()):
+                        # (a connection that went, or was dropped, ends now: its held fds go
+                        # with it, which may be what the others wait for)
+                        with trio.move_on_after(0.5):
+                            await self.hands.settle(uid)
+                    if conn.closed or _peer_gone(sock.fileno()) and self.hands.stuck(uid):
+                        break
                     self.hands.hold(uid, _pipes.SCM_MAX_FD)
                     try:
                         # Room for all the fds one message can carry: any that did not fit
@@ -751,12 +759,15 @@ class Daemon:
             cfg = policy.effective(pool.config.sandbox, msg.sandbox)
             own_paths = policy.names_host_paths(cfg, pool.config.sandbox)
             if own_paths:
-                await self.hands.run(conn.peer_uid, policy.check_peer_paths, cfg, pool.config.sandbox,
-                                     conn.peer_uid, conn.peer_gid)
+                with trio.fail_after(PATHS_TIMEOUT):
+                    await self.hands.run(conn.peer_uid, policy.check_peer_paths, cfg, pool.config.sandbox,
+                                         conn.peer_uid, conn.peer_gid, lane="paths")
             if pool.config.forbid_secret_env and msg.env is not None:
                 policy.check_env(msg.env, pool.config.env_allow)
         except policy.PolicyError as e:
             return P.SpawnFailed(msg.req, str(e), code="policy"), []
+        except trio.TooSlowError:
+            return _paths_too_slow(msg.req), []
         timeout = cfg.timeout
         if msg.timeout is not None:
             if not (msg.timeout > 0 and msg.timeout < 1e9):
@@ -774,7 +785,13 @@ class Daemon:
             timeout = None  # a reserve child's deadline is armed when a request takes it
         try:
             make = functools.partial(self._plan, pool, msg, cfg, deferred=conn is self._reserve_conn, prewarm=prewarm)
-            plan = await self.hands.run(conn.peer_uid, make) if own_paths else make()  # (it stats them)
+            if own_paths:  # (it stats them)
+                with trio.fail_after(PATHS_TIMEOUT):
+                    plan = await self.hands.run(conn.peer_uid, make, lane="paths")
+            else:
+                plan = make()
+        except trio.TooSlowError:
+            return _paths_too_slow(msg.req), []
         except _Refused as r:
             return P.SpawnFailed(msg.req, r.message, code=r.code, path=r.path), []
         cid = f"{self._prefix}-{next(self._ids)}"
@@ -791,16 +808,18 @@ class Daemon:
             drop([w for _, w in relays] + [w for _, w in detached])
 
         if msg.stdio == "fds" and len(client_fds) == 3:
-            for name, cfd in zip(("stdin", "stdout", "stderr"), client_fds):
+            try:
+                mounted = any(policy.on_a_mount(fd) for fd in client_fds)
+            except OSError as e:
+                return P.SpawnFailed(msg.req, f"stdio='fds': {e.strerror}", code="bad-request"), []
+            if mounted:  # files (a terminal, a redirect): which mount, from tables a user can make large
                 try:
-                    fuse = policy.on_fuse(cfd, conn.peer_pid)
-                except OSError as e:
-                    fuse = e.strerror
-                if fuse is not False:
-                    why = ("is on a FUSE mount (closing it asks the FUSE server, which may never answer)"
-                           if fuse is True else "is on a mount the daemon cannot see, nor its client"
-                           if fuse is None else f"cannot be looked at: {fuse}")
-                    return P.SpawnFailed(msg.req, f"stdio='fds': the {name} fd {why}", code="bad-request"), []
+                    with trio.fail_after(PATHS_TIMEOUT):
+                        why = await self.hands.run(uid, policy.stdio_problem, client_fds, conn.peer_pid, lane="paths")
+                except trio.TooSlowError:
+                    why = "looking up the fds' mounts took too long"
+                if why is not None:
+                    return P.SpawnFailed(msg.req, f"stdio='fds': {why}", code="bad-request"), []
         if msg.stdio == "fds" and cfg.max_output is not None and len(client_fds) == 3:
             try:  # (the open waits on the pipe's lock: in a thread of the client's uid)
                 for cfd in client_fds[1:]:
@@ -1277,31 +1296,39 @@ class Daemon:
             return
         starts = [max(msg.offset, ring.start) for ring in child.rings]
         pipes: list[tuple[int, int]] = []
+        self._count(self.attached, uid, 1)  # counted before the awaits: concurrent attaches see it
+        handed = False  # the taps task took the count over
         try:
-            for _ in child.rings:
-                pipes.append(os.pipe2(os.O_CLOEXEC))
-        except OSError as e:
-            _close([fd for pair in pipes for fd in pair])  # (nobody else has seen them)
-            await conn.send(P.Error(msg.req, "limit", f"the daemon cannot make the attach's pipes now: {e.strerror}"))
-            return
-        try:
-            await conn.send(P.Attached(msg.req, child.id, child.pid, starts[0], starts[1], child.has_result),
-                            [r for r, _ in pipes])
-        finally:
-            self.hands.close(conn.peer_uid, [r for r, _ in pipes])
-        if conn.closed:
-            self.hands.close(conn.peer_uid, [w for _, w in pipes])
-            return
-        self._count(self.attached, uid, 1)
-
-        async def taps() -> None:  # the attach counts until both its taps end
             try:
-                async with trio.open_nursery() as n:
-                    for ring, (_, w), pos in zip(child.rings, pipes, starts):
-                        n.start_soon(detach.tap, ring, self.hands.end(w, lambda: uid), pos)
+                for _ in child.rings:
+                    pipes.append(os.pipe2(os.O_CLOEXEC))
+            except OSError as e:
+                _close([fd for pair in pipes for fd in pair])  # (nobody else has seen them)
+                pipes = []
+                await conn.send(P.Error(msg.req, "limit",
+                                        f"the daemon cannot make the attach's pipes now: {e.strerror}"))
+                return
+            try:
+                await conn.send(P.Attached(msg.req, child.id, child.pid, starts[0], starts[1], child.has_result),
+                                [r for r, _ in pipes])
             finally:
+                self.hands.close(conn.peer_uid, [r for r, _ in pipes])
+            if conn.closed:
+                return
+
+            async def taps() -> None:  # the attach counts until both its taps end
+                try:
+                    async with trio.open_nursery() as n:
+                        for ring, (_, w), pos in zip(child.rings, pipes, starts):
+                            n.start_soon(detach.tap, ring, self.hands.end(w, lambda: uid), pos)
+                finally:
+                    self._count(self.attached, uid, -1)
+            conn.nursery.start_soon(taps)
+            handed = True
+        finally:
+            if not handed:  # (failed, cancelled, or the connection went): our ends go too
+                self.hands.close(conn.peer_uid, [w for _, w in pipes])
                 self._count(self.attached, uid, -1)
-        conn.nursery.start_soon(taps)
         if kept is not None:  # ended already: the exit follows at once, and the record goes
             del self.kept[child.id]
             try:
@@ -1456,15 +1483,16 @@ class Daemon:
         PID 1: a caught or ignored signal goes as itself; one whose default action is to stop
         goes as SIGSTOP; one whose default is to terminate goes as SIGKILL and the exit is
         reported as ``-signum``. The dispositions come from /proc (the pid is our unreaped child:
-        it cannot be reused meanwhile), read in a worker thread of the child's uid: a read of
-        /proc/PID/syscall waits for the child's exec lock, which an execve holds while it closes
-        the fds marked close-on-exec, so for as long as a FUSE server leaves a FLUSH unanswered.
-        A read that takes over PROBE_TIMEOUT counts as "not handled" (a timeout's SIGTERM must
-        not wait on it)."""
+        it cannot be reused meanwhile). /proc/PID/syscall (is it in sigwait?) is read in a worker
+        thread of the child's uid: it waits for the child's exec lock, which an execve holds
+        while it closes the fds marked close-on-exec, so for as long as a FUSE server leaves a
+        FLUSH unanswered. A read that takes over PROBE_TIMEOUT counts as "no" (a timeout's
+        SIGTERM must not wait on it)."""
         if child.direct and signum not in (signal.SIGKILL, signal.SIGSTOP) and signum not in _DEFAULT_IGNORED:
-            handled, alive = False, True
-            with trio.move_on_after(PROBE_TIMEOUT):
-                handled, alive = await self.hands.run(child.peer_uid, _handles_signal, child.pid, signum)
+            handled, alive = _signal_state(child.pid, signum)  # (status takes no exec lock)
+            if not handled and alive:
+                with trio.move_on_after(PROBE_TIMEOUT):
+                    handled = await self.hands.run(child.peer_uid, _in_sigtimedwait, child.pid, lane="probe")
             if handled:
                 child.sigint_delivered |= signum == signal.SIGINT
             elif signum in _DEFAULT_STOPS:
@@ -1843,9 +1871,9 @@ class Daemon:
         )
 
 
-def _handles_signal(pid: int, signum: int) -> tuple[bool, bool]:
-    """(whether process ``pid`` catches, ignores, blocks or waits for ``signum``; whether it is
-    alive), from /proc. Blocking reads: run in a worker thread."""
+def _signal_state(pid: int, signum: int) -> tuple[bool, bool]:
+    """(whether process ``pid`` catches, ignores or blocks ``signum``; whether it is alive), from
+    /proc/PID/status."""
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
             fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
@@ -1855,16 +1883,19 @@ def _handles_signal(pid: int, signum: int) -> tuple[bool, bool]:
         alive = fields[b"State"].split()[:1] not in ([b"Z"], [b"X"])
     except (OSError, KeyError, ValueError):
         return False, False  # gone: nothing to deliver to anyway
-    if not handled and alive:
-        # sigwait() unblocks what it waits for while it waits (the kernel keeps the old mask as
-        # real_blocked, which it honours but /proc does not show): a payload in rt_sigtimedwait
-        # gets the signal as itself. Unreadable (no ptrace access): no.
-        try:
-            with open(f"/proc/{pid}/syscall", "rb") as f:
-                handled = f.read().split(b" ", 1)[0] == _NR_RT_SIGTIMEDWAIT
-        except OSError:
-            pass
     return handled, alive
+
+
+def _in_sigtimedwait(pid: int) -> bool:
+    """Whether process ``pid`` waits in rt_sigtimedwait: sigwait() unblocks what it waits for
+    while it waits (the kernel keeps the old mask as real_blocked, which it honours but /proc
+    does not show), so such a payload gets the signal as itself. Unreadable (no ptrace access):
+    no. The read waits for the process's exec lock: run it in a worker thread."""
+    try:
+        with open(f"/proc/{pid}/syscall", "rb") as f:
+            return f.read().split(b" ", 1)[0] == _NR_RT_SIGTIMEDWAIT
+    except OSError:
+        return False
 
 
 async def child_first_status(child: Child):
@@ -1986,6 +2017,19 @@ def _relay_target(fd: int) -> int:
         if e.errno == _errno.ENXIO:
             raise ValueError("the pipe given for output has no reader") from None
         raise
+
+
+def _paths_too_slow(req: int) -> P.SpawnFailed:
+    return P.SpawnFailed(req, f"looking at the request's host paths took over {PATHS_TIMEOUT:g} s "
+                         "(a filesystem that does not answer?)", code="unavailable")
+
+
+def _peer_gone(fd: int) -> bool:
+    """Whether the peer of connected socket ``fd`` has closed (or shut down its writing), by
+    poll's POLLRDHUP: nothing is read, so data waiting before the EOF stays where it is."""
+    p = select.poll()
+    p.register(fd, select.POLLRDHUP)
+    return any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, ev in p.poll(0))
 
 
 def _fds_from(anc) -> list[int]:

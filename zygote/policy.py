@@ -181,6 +181,27 @@ def _may_access(path: str, uid: int, gid: int, write: bool) -> bool:
     return bool(ok(st, True, write, is_dir))
 
 
+def on_a_mount(fd: int) -> bool:
+    """Whether ``fd`` is a file on a mount at all: not a pipe, socket, anonymous inode or memfd
+    (the kernel's internal mounts, in no mount table). Raises OSError for a closed fd."""
+    return not os.readlink(f"/proc/self/fd/{fd}").startswith(("pipe:[", "socket:[", "anon_inode:", "/memfd:"))
+
+
+def stdio_problem(fds, peer_pid: int) -> str | None:
+    """Why these stdio fds (stdin, stdout, stderr) cannot be a child's, or None (see on_fuse).
+    Reads mount tables, which a user can make large: run it in a worker thread."""
+    for name, fd in zip(("stdin", "stdout", "stderr"), fds):
+        try:
+            fuse = on_fuse(fd, peer_pid)
+        except OSError as e:
+            return f"the {name} fd cannot be looked at: {e.strerror}"
+        if fuse:
+            return f"the {name} fd is on a FUSE mount (closing it asks the FUSE server, which may never answer)"
+        if fuse is None:
+            return f"the {name} fd is on a mount neither the daemon nor its client can see"
+    return None
+
+
 def on_fuse(fd: int, peer_pid: int) -> bool | None:
     """Whether ``fd`` is a file on a FUSE mount, found from its mount id (/proc fdinfo) in our
     mount table or the peer's, without asking any filesystem; None when neither has that mount.
@@ -189,8 +210,7 @@ def on_fuse(fd: int, peer_pid: int) -> bool | None:
     the close wait for ever, SIGKILL or not: the pool's zygote, which closes its copies of a
     request's stdio fds, would be lost to every user. Pipes, sockets and anonymous inodes are
     not on any mount. Raises OSError for a closed fd."""
-    link = os.readlink(f"/proc/self/fd/{fd}")
-    if link.startswith(("pipe:[", "socket:[", "anon_inode:")):
+    if not on_a_mount(fd):
         return False
     with open(f"/proc/self/fdinfo/{fd}") as f:
         mnt = next((ln.split()[1] for ln in f if ln.startswith("mnt_id:")), None)
