@@ -615,6 +615,39 @@ def test_SECURITY_replies_waiting_for_one_user_are_capped_over_its_connections(t
         stop_daemon(proc)
 
 
+def test_SECURITY_over_a_users_reply_budget_its_slowest_connection_goes(tmp_path):
+    """Past a uid's reply budget (256 MiB over its connections) the connection holding the most
+    is dropped, not whichever has the next message: with 22 results of 12 MB waiting on five
+    connections that never read, a healthy connection of the same user still gets its own."""
+    import pickle
+    import socket as _socket
+    from zygote_client import _protocol as P
+
+    sock = str(tmp_path / "z.sock")
+    proc = start_daemon("--config", write_text(tmp_path / "z.toml", f'[daemon]\nsocket = "{sock}"\n'))
+    conns = []
+    try:
+        wait_socket(sock, proc)
+        payload = pickle.dumps((("x", 12_000_000), {}))
+        with Client.connect(sock) as healthy:
+            for n in (4, 4, 4, 5, 5):  # 264 MB in all, each under the 64 MiB of one connection
+                c = RawConn(sock)
+                c.sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVBUF, 4096)
+                c.send(P.Hello(P.VERSION))
+                c.reply()
+                for i in range(n):
+                    c.send(P.Spawn(req=i + 1, kind="target", target="builtins:str.__mul__", payload=payload,
+                                   stdin=False))
+                conns.append(c)
+            _wait_for(lambda: healthy.status().counters.get("spawns_ok", 0) >= 22 and not healthy.status().running,
+                      timeout=60, what="the 22 children to end")
+            assert len(healthy.call(str.__mul__, "y", 12_000_000)) == 12_000_000
+    finally:
+        for c in conns:
+            c.sock.close()
+        stop_daemon(proc)
+
+
 def _attach_ok(c, child_id: str) -> bool:
     try:
         c.attach(child_id)

@@ -200,8 +200,9 @@ class Connection:
 
         Bytes waiting for this connection are capped (SEND_QUEUE_BYTES: results and exports are
         large), and for all its uid's connections together (SEND_QUEUE_PER_UID: more connections
-        buy no more); each send has SEND_TIMEOUT; past any of these the connection is dropped,
-        which kills its children like any disconnect and frees what their reports held. (An
+        buy no more: past it the uid's connection with the most waiting goes); each send has
+        SEND_TIMEOUT; past any of these the connection is dropped, which kills its children like
+        any disconnect and frees what their reports held. (An
         export's memfd is not counted: it is held until sent, for at most SEND_TIMEOUT.)
         """
         if self.closed:
@@ -220,9 +221,16 @@ class Connection:
         self.queued += size
         self.daemon._count(self.daemon.queued_by_uid, uid, size)
         try:
-            if self.queued > SEND_QUEUE_BYTES or self.daemon.queued_by_uid.get(uid, 0) > SEND_QUEUE_PER_UID:
+            if self.queued > SEND_QUEUE_BYTES:
                 self.drop()
                 return
+            if self.daemon.queued_by_uid.get(uid, 0) > SEND_QUEUE_PER_UID:
+                # over the uid's budget: the connection holding the most goes (a slow reader), not
+                # whichever has the next message (a healthy one, as likely as not)
+                worst = max(self.daemon.open_conns.get(uid, ()), key=lambda c: c.queued, default=self)
+                worst.drop()
+                if worst is self or self.closed:
+                    return
             async with self._send_lock:
                 if self.closed:
                     return
@@ -274,6 +282,7 @@ class Daemon:
         self.pending: dict[int, int] = {}  # peer uid -> bytes of requests held for it (PENDING_PER_UID)
         self.connections: dict[int, int] = {}  # peer uid -> its open connections
         self.queued_by_uid: dict[int, int] = {}  # peer uid -> bytes waiting to be sent to it
+        self.open_conns: dict[int, set[Connection]] = {}  # peer uid -> its connections being served
         self.attached: dict[int, int] = {}  # peer uid -> its live attaches (max_attaches)
         self.relayed: dict[int, int] = {}  # peer uid -> bytes of its children's output buffered
         self._relayed_freed: dict[int, trio.Event] = {}  # uid -> set when its relays free some
@@ -497,6 +506,7 @@ class Daemon:
                 await conn.send(P.Error(0, "limit", f"uid {uid} already has {cap} connections open, "
                                         "the daemon's maximum per user (max_connections_per_client)"))
                 return
+            self.open_conns.setdefault(uid, set()).add(conn)
             async with trio.open_nursery() as nursery:
                 conn.nursery = nursery
                 hello = False
@@ -580,6 +590,10 @@ class Daemon:
                 if child.conn is conn:
                     scope.deadline = min(scope.deadline, trio.current_time() + RELAY_GRACE)
             conn.closed = True
+            if conn in self.open_conns.get(uid, ()):
+                self.open_conns[uid].discard(conn)
+                if not self.open_conns[uid]:
+                    del self.open_conns[uid]
             for child in list(conn.children.values()):
                 if child.detached:
                     if conn in child.watchers:
