@@ -605,16 +605,11 @@ def test_SECURITY_fds_the_daemon_never_takes_are_released_off_the_loop(socket_da
         conn.send(P.Hello(P.VERSION))
         conn.reply()
         if how == "unread-at-close":
-            conn.sock.setblocking(False)
-            status = bytes(P.encode(P.Status(1)))
-            for _ in range(3000):  # far more replies than our receive buffer holds
-                try:
-                    conn.sock.send(status)
-                except BlockingIOError:
-                    break
+            # Far more replies than the daemon's send buffer holds, in one send (one skb per
+            # 64 KiB, where a send per request would fill our own send buffer with skb overhead
+            # before a slow daemon read them): its replies stall, the rest waits unread.
+            conn.sock.sendall(bytes(P.encode(P.Status(1))) * 1500)
             time.sleep(0.5)
-            conn.sock.setblocking(True)
-            conn.sock.settimeout(5)
             _send_with_fds(conn, P.Status(1), [w])
         else:
             _send_with_fds(conn, P.Status(1), nulls + [w], declared=4)  # 7 fds; a frame has at most 4
