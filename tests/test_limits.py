@@ -310,34 +310,40 @@ def test_SECURITY_output_buffered_for_one_user_is_bounded(socket_daemon):
         k.stderr.close()
 
 
-def _hold_pipe_lock(read_fd: int):
-    """Splice from pipe ``read_fd`` into a unix socket whose buffer is already full, in a thread:
-    once a byte arrives the kernel holds the pipe's mutex while it waits for room in the socket,
-    and anyone else who writes, opens or finally closes that pipe waits for the mutex too, however
-    O_NONBLOCK their end is. Returns a function that lets go (it closes the socket's far end)."""
+def _hold_pipe_lock(fd: int, end: str = "read"):
+    """Take the mutex of the pipe ``fd`` is an end of and keep it, from a thread: splice from the
+    read end into a unix socket whose buffer is already full (once a byte arrives the kernel holds
+    the mutex while it waits for room), or from an empty socket into the write end (it holds the
+    mutex while it waits for data). Anyone else who reads, writes, opens or finally closes that
+    pipe then waits for the mutex too, however O_NONBLOCK their end is. Returns a function that
+    lets go (it closes the socket's far end)."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    a.setblocking(False)
-    try:
-        while True:
-            a.send(b"x" * 65536)
-    except BlockingIOError:
-        pass
-    a.setblocking(True)
+    if end == "read":
+        a.setblocking(False)
+        try:
+            while True:
+                a.send(b"x" * 65536)
+        except BlockingIOError:
+            pass
+        a.setblocking(True)
+    src, dst = (fd, a.fileno()) if end == "read" else (a.fileno(), fd)
     started = threading.Event()
 
     def splicer() -> None:
         started.set()
         try:
-            os.splice(read_fd, a.fileno(), 1 << 16)
+            os.splice(src, dst, 1 << 16)
         except OSError:
             pass
 
     t = threading.Thread(target=splicer, daemon=True)
     t.start()
     started.wait()
+    if end == "write":
+        time.sleep(0.2)  # (into the splice, which takes the mutex before it waits)
 
     def release() -> None:
-        b.close()  # the splice gets EPIPE and drops the mutex
+        b.close()  # EPIPE, or EOF: the splice returns and drops the mutex
         t.join(10)
         a.close()
         assert not t.is_alive()
@@ -517,32 +523,6 @@ def test_SECURITY_closes_piling_up_for_one_uid_stop_only_that_uid(shared_dir):
                 os.close(fd)
 
 
-def _hold_pipe_lock_from_writer(write_fd: int):
-    """Like _hold_pipe_lock, from a pipe's write end: splice from an empty socket into the pipe
-    waits for data with the pipe's mutex held. Returns a function that lets go."""
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    started = threading.Event()
-
-    def splicer() -> None:
-        started.set()
-        try:
-            os.splice(a.fileno(), write_fd, 1 << 16)
-        except OSError:
-            pass
-
-    t = threading.Thread(target=splicer, daemon=True)
-    t.start()
-    started.wait()
-    time.sleep(0.2)
-
-    def release() -> None:
-        b.close()  # EOF: the splice returns and drops the mutex
-        t.join(10)
-        a.close()
-        assert not t.is_alive()
-    return release
-
-
 @pytest.mark.parametrize("which", ["result", "counted-stdout"])
 def test_SECURITY_a_payload_handing_its_pipe_to_a_client_cannot_freeze_the_daemon(socket_daemon, which):
     """A child cannot splice (seccomp), but its payload can pass its end of a pipe the daemon
@@ -572,7 +552,7 @@ def test_SECURITY_a_payload_handing_its_pipe_to_a_client_cannot_freeze_the_daemo
             ours.settimeout(30)
             _, fds, _, _ = socket.recv_fds(ours, 10, 1)
             leaked = fds[0]
-            release = _hold_pipe_lock_from_writer(leaked)
+            release = _hold_pipe_lock(leaked, "write")
             assert k.wait(timeout=15).returncode == 0, "a leaked result pipe kept the exit unreported"
         if which == "counted-stdout":
             time.sleep(7)  # the connection closed: the relay ends after RELAY_GRACE (5 s), and closes

@@ -32,7 +32,7 @@ from typing import Callable
 import trio
 
 THREADS_PER_UID = 4  # worker threads one client uid may have in pipe syscalls at once ...
-RESULT_THREADS_PER_UID = 2  # ... and, apart, for reading its children's results, for looking at
+LANE_THREADS_PER_UID = 2  # ... and, apart, for reading its children's results, for looking at
 # the host paths its requests name, and for the /proc reads before a signal (lanes, see limiter)
 CLOSING_PER_UID = 256  # a uid's descriptors waiting to be closed before the daemon stops for it
 HELD_PER_UID = 1024  # fds a uid sent that the daemon holds (or may be about to receive), at most
@@ -65,7 +65,7 @@ class PipeHands:
         its output into a slow socket, a dead FUSE server) leave the others their own."""
         lim = self._limiters.get((uid, lane))
         if lim is None:
-            size = THREADS_PER_UID if lane == "io" else RESULT_THREADS_PER_UID
+            size = THREADS_PER_UID if lane == "io" else LANE_THREADS_PER_UID
             lim = self._limiters[(uid, lane)] = trio.CapacityLimiter(size)
         return lim
 

@@ -280,9 +280,8 @@ class Daemon:
         self.spawns_total = 0
         self.cleaning = 0
         self.pending: dict[int, int] = {}  # peer uid -> bytes of requests held for it (PENDING_PER_UID)
-        self.connections: dict[int, int] = {}  # peer uid -> its open connections
         self.queued_by_uid: dict[int, int] = {}  # peer uid -> bytes waiting to be sent to it
-        self.open_conns: dict[int, set[Connection]] = {}  # peer uid -> its connections being served
+        self.open_conns: dict[int, set[Connection]] = {}  # peer uid -> its open connections
         self.attached: dict[int, int] = {}  # peer uid -> its live attaches (max_attaches)
         self.relayed: dict[int, int] = {}  # peer uid -> bytes of its children's output buffered
         self._relayed_freed: dict[int, trio.Event] = {}  # uid -> set when its relays free some
@@ -472,7 +471,7 @@ class Daemon:
     # ---- connections -------------------------------------------------------------------------
 
     def _count(self, table: dict[int, int], uid: int, n: int) -> None:
-        """Add ``n`` (negative: release) to ``uid``'s entry in ``table`` (pending or relayed bytes, connections)."""
+        """Add ``n`` (negative: release) to ``uid``'s entry in ``table`` (a per-uid count or byte total)."""
         left = table.get(uid, 0) + n
         if left > 0:
             table[uid] = left
@@ -496,17 +495,16 @@ class Daemon:
         decoder = P.daemon_decoder(close=drop)
         held = 0  # decoder.pending_bytes, as counted in self.pending
         self.observer.connection(+1)
-        self._count(self.connections, uid, 1)
+        self.open_conns.setdefault(uid, set()).add(conn)
         try:
             if not self._peer_allowed(conn.peer_uid, conn.peer_gid):
                 await conn.send(P.Error(0, "not-allowed", f"uid {conn.peer_uid} may not use this daemon"))
                 return
             cap = self.config.max_connections_per_client
-            if uid != 0 and self.connections[uid] > cap:
+            if uid != 0 and len(self.open_conns[uid]) > cap:
                 await conn.send(P.Error(0, "limit", f"uid {uid} already has {cap} connections open, "
                                         "the daemon's maximum per user (max_connections_per_client)"))
                 return
-            self.open_conns.setdefault(uid, set()).add(conn)
             async with trio.open_nursery() as nursery:
                 conn.nursery = nursery
                 hello = False
@@ -520,13 +518,14 @@ class Daemon:
                         await trio.lowlevel.wait_readable(sock.fileno())
                     except (OSError, trio.ClosedResourceError):
                         break
-                    while self.hands.stuck(uid) and not conn.closed and not _peer_gone(sock.fileno()):
+                    if self.hands.stuck(uid):
                         # (a connection that went, or was dropped, ends now: its held fds go
                         # with it, which may be what the others wait for)
-                        with trio.move_on_after(0.5):
-                            await self.hands.settle(uid)
-                    if conn.closed or _peer_gone(sock.fileno()) and self.hands.stuck(uid):
-                        break
+                        while self.hands.stuck(uid) and not conn.closed and not _peer_gone(sock.fileno()):
+                            with trio.move_on_after(0.5):
+                                await self.hands.settle(uid)
+                        if conn.closed or self.hands.stuck(uid):
+                            break
                     self.hands.hold(uid, _pipes.SCM_MAX_FD)
                     try:
                         # Room for all the fds one message can carry: any that did not fit
@@ -590,10 +589,9 @@ class Daemon:
                 if child.conn is conn:
                     scope.deadline = min(scope.deadline, trio.current_time() + RELAY_GRACE)
             conn.closed = True
-            if conn in self.open_conns.get(uid, ()):
-                self.open_conns[uid].discard(conn)
-                if not self.open_conns[uid]:
-                    del self.open_conns[uid]
+            self.open_conns[uid].discard(conn)
+            if not self.open_conns[uid]:
+                del self.open_conns[uid]
             for child in list(conn.children.values()):
                 if child.detached:
                     if conn in child.watchers:
@@ -604,7 +602,6 @@ class Daemon:
             # worker thread, like every last close of a client's fd.
             trio.lowlevel.notify_closing(sock)  # a watcher still sending to it gets ClosedResourceError
             self.hands.close(uid, [sock.detach()])
-            self._count(self.connections, uid, -1)
             self.observer.connection(-1)
 
     async def _dispatch(self, conn: Connection, msg, fds: list[int], nursery: trio.Nursery) -> None:
@@ -755,6 +752,13 @@ class Daemon:
             if not self.spawning_by_uid[conn.peer_uid]:
                 del self.spawning_by_uid[conn.peer_uid]
 
+    async def _look(self, uid: int, fn, *args):
+        """``fn(*args)``, which looks at host paths or mount tables a client named (a FUSE or NFS
+        server that stopped answering, a mount table made huge), in a worker thread of ``uid``'s
+        "paths" lane. Raises trio.TooSlowError past PATHS_TIMEOUT."""
+        with trio.fail_after(PATHS_TIMEOUT):
+            return await self.hands.run(uid, fn, *args, lane="paths")
+
     def _client_load(self, conn: Connection) -> tuple[int, str]:
         """Children (and spawns in flight) counted against max_children_per_client: per peer uid,
         over all its connections and its detached children, so more connections buy no more; for
@@ -773,9 +777,8 @@ class Daemon:
             cfg = policy.effective(pool.config.sandbox, msg.sandbox)
             own_paths = policy.names_host_paths(cfg, pool.config.sandbox)
             if own_paths:
-                with trio.fail_after(PATHS_TIMEOUT):
-                    await self.hands.run(conn.peer_uid, policy.check_peer_paths, cfg, pool.config.sandbox,
-                                         conn.peer_uid, conn.peer_gid, lane="paths")
+                await self._look(conn.peer_uid, policy.check_peer_paths, cfg, pool.config.sandbox,
+                                 conn.peer_uid, conn.peer_gid)
             if pool.config.forbid_secret_env and msg.env is not None:
                 policy.check_env(msg.env, pool.config.env_allow)
         except policy.PolicyError as e:
@@ -799,11 +802,7 @@ class Daemon:
             timeout = None  # a reserve child's deadline is armed when a request takes it
         try:
             make = functools.partial(self._plan, pool, msg, cfg, deferred=conn is self._reserve_conn, prewarm=prewarm)
-            if own_paths:  # (it stats them)
-                with trio.fail_after(PATHS_TIMEOUT):
-                    plan = await self.hands.run(conn.peer_uid, make, lane="paths")
-            else:
-                plan = make()
+            plan = await self._look(conn.peer_uid, make) if own_paths else make()  # (it stats them)
         except trio.TooSlowError:
             return _paths_too_slow(msg.req), []
         except _Refused as r:
@@ -828,8 +827,7 @@ class Daemon:
                 return P.SpawnFailed(msg.req, f"stdio='fds': {e.strerror}", code="bad-request"), []
             if mounted:  # files (a terminal, a redirect): which mount, from tables a user can make large
                 try:
-                    with trio.fail_after(PATHS_TIMEOUT):
-                        why = await self.hands.run(uid, policy.stdio_problem, client_fds, conn.peer_pid, lane="paths")
+                    why = await self._look(uid, policy.stdio_problem, client_fds, conn.peer_pid)
                 except trio.TooSlowError:
                     why = "looking up the fds' mounts took too long"
                 if why is not None:
