@@ -375,6 +375,32 @@ def test_leased_children_run_requests_written_straight_to_them():
     assert not [p for p in pids if os.path.exists(f"/proc/{p}")]
 
 
+def test_held_children_are_refilled_at_the_exit_or_at_once_when_none_is_left():
+    """A spawn that leaves others held leases the next one when its child's exit arrives (not
+    while the child starts); one that takes the last held child leases again at once, so
+    long-running children never leave the client without any."""
+    with Client.embedded(daemon_args=["--reserve", "3"], leases=2) as c:
+        _held(c, 2)
+
+        def wait_for_stdin():
+            import sys
+            sys.stdin.read()
+
+        first = c.spawn_child(wait_for_stdin)
+        time.sleep(0.6)  # well past the refill task's pause: it was not woken
+        assert len(c._aclient._leases) == 1
+        first.stdin.close()
+        first.wait()
+        _held(c, 2)  # the exit woke it
+        a = c.spawn_child(wait_for_stdin)
+        b = c.spawn_child(wait_for_stdin)  # the last held one: refilled while both still run
+        _held(c, 1)
+        assert a.poll() is None and b.poll() is None
+        for ch in (a, b):
+            ch.stdin.close()
+            ch.wait()
+
+
 def test_leased_child_deadline_counts_from_its_job():
     with Client.embedded(daemon_args=["--reserve", "2"], leases=1) as c:
         _held(c, 1)

@@ -79,6 +79,7 @@ class AsyncChild:
         self.export_result: ExportResult | None = None
         self._export_fd: int | None = None
         self._held = False  # leased, not started yet (AsyncClient.keep_leased)
+        self._refill_at_exit = False  # started from a held child while others were still held
         self._exited = anyio.Event()
         self._exit_callbacks: list[Callable[[], None]] = []  # the blocking face's thread wake-up
 
@@ -402,8 +403,8 @@ class AsyncClient:
 
     def _exit(self, child: AsyncChild, msg: P.Exited, fds: list[int]) -> None:
         child._set_exit(msg, fds)
-        if child._held:  # a held child ended unused (killed): drop it, lease another
-            self._lease_wake.set()
+        if child._held or child._refill_at_exit:  # a held child ended unused (killed), or one
+            self._lease_wake.set()                # started from the hand: lease another
         if child._export_fd is not None:
             self._exported.append(child)
 
@@ -573,8 +574,15 @@ class AsyncClient:
                 continue
             finally:
                 os.close(ctl)
-                with contextlib.suppress(RuntimeError):  # the loop is gone: the client is closing
-                    wake()  # the refill task leases another
+                # The refill task leases another; woken now only when none is left. Otherwise
+                # when this child's exit arrives (the loop's thread wakes for that anyway): woken
+                # at once, it would compete with this child's start for the CPU, and in the
+                # blocking face its thread for the GIL (~1-3 ms on a 2-core machine).
+                if self._leases:
+                    child._refill_at_exit = True
+                else:
+                    with contextlib.suppress(RuntimeError):  # the loop is gone: the client is closing
+                        wake()
             if stdin != PIPE and child.stdin is not None:  # the child reads EOF, as from /dev/null
                 os.close(child.stdin.detach())
                 child.stdin = None
