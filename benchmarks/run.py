@@ -221,8 +221,32 @@ def bench_memory(client: Client) -> dict:
 
 # ---- throughput -----------------------------------------------------------------------------------
 
+def cpu_times(pid: int) -> tuple[float, float, float, float]:
+    """(user, system, reaped children's user, reaped children's system) CPU seconds of ``pid``."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    hz = os.sysconf("SC_CLK_TCK")
+    return tuple(int(x) / hz for x in fields[11:15])  # type: ignore[return-value]
+
+
+def cpu_owners(clients: list[Client]) -> dict[str, list[int]]:
+    """The processes whose CPU a spawn costs: the daemons (their reaped children are the
+    zygote's children: each child's CPU is added to its daemon's at the reap) and the zygotes."""
+    daemons = sorted({c._aclient._proc.pid for c in clients})
+    return {"daemon": daemons, "zygote": [z for z in (find_zygote(c) for c in clients) if z is not None]}
+
+
+def cpu_split(before: dict, after: dict, n: int) -> dict:
+    """Milliseconds of CPU per completed spawn, by process kind, from two cpu_owners readings."""
+    ms = lambda kind, i: sum(after[kind][p][i] - before[kind][p][i] for p in after[kind] if p in before[kind]) / n * 1e3
+    return {"client": ms("client", 0) + ms("client", 1), "daemon": ms("daemon", 0) + ms("daemon", 1),
+            "zygote": ms("zygote", 0) + ms("zygote", 1), "child_user": ms("daemon", 2), "child_system": ms("daemon", 3)}
+
+
 def bench_throughput(clients: list[Client], duration: float) -> dict:
-    """One thread per client, each calling client.run(byte_payload) until the deadline."""
+    """One thread per client, each calling client.run(byte_payload) until the deadline. Also
+    the CPU each completed spawn cost, by process: this one (the clients), the daemons, the
+    zygotes, and the children (reaped meanwhile, so a few in flight at either end blur it)."""
     counts = [0] * len(clients)
     errors: list[str] = []
     start = threading.Barrier(len(clients) + 1)
@@ -237,17 +261,33 @@ def bench_throughput(clients: list[Client], duration: float) -> dict:
         except Exception as e:  # noqa: BLE001
             errors.append(f"{type(e).__name__}: {e}")
 
+    def reading() -> dict:
+        procs = dict(cpu_owners(clients), client=[os.getpid()])
+        out: dict = {}
+        for kind, pids in procs.items():
+            out[kind] = {}
+            for pid in pids:
+                try:
+                    out[kind][pid] = cpu_times(pid)
+                except (FileNotFoundError, ProcessLookupError):
+                    pass
+        return out
+
     threads = [threading.Thread(target=worker, args=(i, c)) for i, c in enumerate(clients)]
     for t in threads:
         t.start()
+    before = reading()
     stop_at[0] = perf() + duration
     t0 = perf()
     start.wait()
     for t in threads:
         t.join()
     elapsed = perf() - t0
-    return {"requesters": len(clients), "completed": sum(counts), "seconds": elapsed,
-            "per_second": sum(counts) / elapsed, "errors": errors[:3]}
+    after = reading()
+    n = sum(counts)
+    return {"requesters": len(clients), "completed": n, "seconds": elapsed,
+            "per_second": n / elapsed, "errors": errors[:3],
+            "cpu_ms_per_spawn": cpu_split(before, after, n) if n else None}
 
 
 # ---- (c), (e): cold processes ----------------------------------------------------------------------
@@ -548,6 +588,16 @@ def report(res: dict) -> None:
         if t:
             err = f"  errors: {t['errors']}" if t["errors"] else ""
             print(f"  {label:<58} {t['per_second']:>8.1f} /s  ({t['completed']} in {t['seconds']:.1f} s){err}")
+    cpu = (res.get("throughput_2_reserve_shared") or {}).get("cpu_ms_per_spawn")
+    if cpu:
+        total = sum(cpu.values())
+        cores = os.cpu_count() or 1
+        rate = res["throughput_2_reserve_shared"]["per_second"]
+        print(f"  CPU per spawn+exit in the shared-daemon reserve row (ms): client {cpu['client']:.2f}, "
+              f"daemon {cpu['daemon']:.2f}, zygote {cpu['zygote']:.2f}, child {cpu['child_user']:.2f} user + "
+              f"{cpu['child_system']:.2f} system = {total:.2f}\n"
+              f"  ({cores} CPUs: at most ~{cores * 1000 / total:.0f} /s at that cost; "
+              f"{rate * total / 10 / cores:.0f}% of the CPUs used)")
 
     mem = res.get("memory", {})
     print("\n  memory (smaps_rollup)                                          Rss        Pss    Private")
