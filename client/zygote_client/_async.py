@@ -561,8 +561,15 @@ class AsyncClient:
                 child, ctl = self._leases.popleft()
             except IndexError:
                 break
-            child._held = False
             child._trusted, child._has_result = bool(trusted), kind not in ("exec", "script")
+            # The refill task leases another; woken now only when none is left. Otherwise when
+            # this child's exit arrives (the loop's thread wakes for that anyway): woken at once,
+            # it would compete with this child's start for the CPU, and in the blocking face its
+            # thread for the GIL (~1-3 ms on a 2-core machine). (Set before the Job is written:
+            # the exit may be handled on the loop's thread before this thread goes on.)
+            others = bool(self._leases)
+            child._refill_at_exit = others
+            child._held = False
             try:
                 view = memoryview(job)
                 while view:  # the pipe is empty and a Job is small: one write, as a rule
@@ -574,13 +581,7 @@ class AsyncClient:
                 continue
             finally:
                 os.close(ctl)
-                # The refill task leases another; woken now only when none is left. Otherwise
-                # when this child's exit arrives (the loop's thread wakes for that anyway): woken
-                # at once, it would compete with this child's start for the CPU, and in the
-                # blocking face its thread for the GIL (~1-3 ms on a 2-core machine).
-                if self._leases:
-                    child._refill_at_exit = True
-                else:
+                if not others:
                     with contextlib.suppress(RuntimeError):  # the loop is gone: the client is closing
                         wake()
             if stdin != PIPE and child.stdin is not None:  # the child reads EOF, as from /dev/null
