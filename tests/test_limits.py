@@ -368,6 +368,18 @@ def _pin_close_threads(conn, pipes: list[int], releases: list) -> None:
         os.close(w)
 
 
+def _fds_naming(pid: int, target: str) -> list[str]:
+    """``pid``'s fds whose link reads ``target`` (e.g. "pipe:[1234]")."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                out.append(fd)
+        except OSError:
+            pass
+    return out
+
+
 def _answers(sock_path: str, timeout: float) -> bool:
     """Whether a new connection to the daemon gets a status reply within ``timeout``."""
     from conftest import RawConn
@@ -547,15 +559,23 @@ def test_SECURITY_a_payload_handing_its_pipe_to_a_client_cannot_freeze_the_daemo
     cfg = SandboxConfig(max_output_bytes="1M", timeout=60) if which == "counted-stdout" else None
     try:
         with Client.connect(socket_daemon) as c:
+            daemon = c.welcome.daemon_pid
             k = c.spawn_child(leak, (5 if which == "result" else 1,), stdin=None,
                               _stdio_fds=(theirs.fileno(), out_w, err_w), sandbox_config=cfg)
             ours.settimeout(30)
             _, fds, _, _ = socket.recv_fds(ours, 10, 1)
             leaked = fds[0]
+            pipe = f"pipe:[{os.fstat(leaked).st_ino}]"
+            assert _fds_naming(daemon, pipe), "the daemon does not read that pipe (the test is moot)"
             release = _hold_pipe_lock(leaked, "write")
             assert k.wait(timeout=15).returncode == 0, "a leaked result pipe kept the exit unreported"
-        if which == "counted-stdout":
-            time.sleep(7)  # the connection closed: the relay ends after RELAY_GRACE (5 s), and closes
+        # The daemon gives up on the pipe (2 s after the exit; a relay RELAY_GRACE, 5 s, after its
+        # connection closed) and closes its end while we hold the mutex: the close is the last
+        # reference, so it waits, and must not wait on the loop.
+        deadline = time.monotonic() + 30
+        while _fds_naming(daemon, pipe) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _fds_naming(daemon, pipe), "the daemon never let go of the pipe (the test is moot)"
         assert _answers(socket_daemon, 10), "the daemon froze on a pipe a payload handed out"
     finally:
         if release is not None:
