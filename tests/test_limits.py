@@ -368,6 +368,13 @@ def _pin_close_threads(conn, pipes: list[int], releases: list) -> None:
         os.close(w)
 
 
+def _unread(sock: socket.socket) -> int:
+    """Bytes sent on the unix stream socket ``sock`` that its peer has not read yet (SIOCOUTQ)."""
+    import fcntl
+    import termios
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+
+
 def _fds_naming(pid: int, target: str) -> list[str]:
     """``pid``'s fds whose link reads ``target`` (e.g. "pipe:[1234]")."""
     out = []
@@ -521,6 +528,8 @@ def test_SECURITY_closes_piling_up_for_one_uid_stop_only_that_uid(shared_dir):
                 c.send(c.P.Status(1))
                 return type(c.reply()).__name__
             assert run_as(4001, 4242, other) == "StatusReply"
+            # (not just slow: its loop served the other uid, and our requests are still unread)
+            assert _unread(conn.sock) > 0, "the daemon read the paused uid's requests"
             for release in releases:
                 release()
             releases = []
