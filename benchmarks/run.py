@@ -347,9 +347,14 @@ def machine_info() -> dict:
             cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
     except OSError:
         pass
+    try:
+        with open("/proc/cmdline") as f:  # a guest kernel that keeps work off idle vCPUs (README)
+            packing = [w for w in f.read().split() if w.startswith("sched_vcpu_pack")]
+    except OSError:
+        packing = []
     return {"kernel": platform.release(), "cpu": cpu, "cpus": os.cpu_count(),
             "python": sys.version.split()[0], "executable": sys.executable,
-            "loadavg_start": os.getloadavg()}
+            "loadavg_start": os.getloadavg(), "vcpu_packing": packing}
 
 
 def fmt_row(name: str, r: dict | None, key: str = "first_byte", note: str = "") -> str:
@@ -554,6 +559,9 @@ def report(res: dict) -> None:
     m = res["machine"]
     print(f"\nzygote benchmarks — {m['cpu']} ×{m['cpus']}, kernel {m['kernel']}, Python {m['python']}, "
           f"load {m['loadavg_start'][0]:.1f} → {m['loadavg_end'][0]:.1f}")
+    if m.get("vcpu_packing"):
+        print(f"  (guest kernel with {' '.join(m['vcpu_packing'])}: processes that hand work to each other tend to "
+              "share one vCPU, so a spawn's latency is the sum of their work; see benchmarks/README.md)")
     print(f"\n  {'spawn → first byte the child prints (ms)':<58} {'n':>5} {'median':>9} {'p90':>9} {'p99':>9}")
     a, idle = res["a_zygote"], res["a_idle"]
     print(fmt_row("(a) zygote, default confinement, pandas preloaded", a))
