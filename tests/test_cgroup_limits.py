@@ -105,3 +105,70 @@ def test_many_spawns_with_limits_leave_nothing(cg_client):
     assert _zygote_dirs(dpid) == []
     assert [p for p, s in children_of(dpid) if s == "Z"] == []
     assert fd_count(dpid) == base
+
+
+def test_SECURITY_a_child_killed_during_its_v1_attach_keeps_its_pid_until_the_write():
+    """On cgroup v1 the daemon moves a child into its cgroup by pid number (cgroup.procs), from
+    a worker thread. A child killed meanwhile (its client left, say) must stay unreaped until that
+    write is done: once reaped, its number is free for any new process, which the write put into
+    the child's cgroup, and the cgroup's removal then killed it (seen before the fix: a process of
+    ours that took the number was killed by the daemon). Here the attach is slowed (test hook),
+    the child killed, and a process started with the child's number if it is free."""
+    import signal
+    import threading
+
+    if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        pytest.skip("cgroup v2: children are born in their cgroup (CLONE_INTO_CGROUP), no attach by pid")
+    with Client.embedded(test_hooks=True) as c:
+        daemon = daemon_pid(c)
+        before = {p for p, _ in children_of(daemon)}
+        outcome: list[object] = []
+
+        def spawn() -> None:
+            try:
+                outcome.append(c.spawn_child(print, sandbox_config=SandboxConfig(memory="64M"),
+                                             _test_fail_step="cgroup-attach-delay"))
+            except Exception as e:  # noqa: BLE001 - the spawn fails: its child was killed
+                outcome.append(e)
+
+        t = threading.Thread(target=spawn)
+        t.start()
+        deadline = time.monotonic() + 10
+        new: list[int] = []
+        while not new and time.monotonic() < deadline:
+            new = [p for p, _ in children_of(daemon) if p not in before]
+            time.sleep(0.01)
+        assert len(new) == 1, new
+        pid = new[0]
+        os.kill(pid, signal.SIGKILL)  # (ours: the test's own daemon's child, by pid)
+        time.sleep(0.3)  # the attach write is 1 s away
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        assert state == "Z", "the child was reaped while its attach by pid was still to come"
+        # Take the number if it is free: the next pid the kernel hands out is ns_last_pid + 1.
+        r, w = os.pipe()
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(pid - 1))
+        squatter = os.fork()
+        if squatter == 0:
+            os.close(r)
+            os.write(w, b"x")
+            time.sleep(30)
+            os._exit(0)
+        os.close(w)
+        try:
+            os.read(r, 1)
+            t.join(30)
+            assert not t.is_alive()
+            assert os.waitpid(squatter, os.WNOHANG) == (0, 0), "the daemon killed a process that took the child's number"
+            with open(f"/proc/{squatter}/cgroup") as f:
+                assert "zygote" not in f.read(), "a process that took the child's number was put in its cgroup"
+        finally:
+            os.close(r)
+            os.kill(squatter, signal.SIGKILL)
+            try:
+                os.waitpid(squatter, 0)
+            except ChildProcessError:  # (reaped above: the daemon killed it)
+                pass
+        assert outcome and isinstance(outcome[0], Exception), outcome  # its child is gone
+        assert c.run(print, ("still serving",)).stdout == b"still serving\n"

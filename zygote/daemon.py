@@ -144,6 +144,8 @@ class Child:
     output_exceeded: bool = False
     cpu_time: float | None = None
     cgroup: object = None
+    by_pid: int = 0  # work on its pid number in flight (a v1 cgroup attach): not reaped until done
+    pid_free: trio.Event | None = None  # set when by_pid drops back to 0
     lease: network.Lease | None = None  # its veth and address, while it has them
     net_allow: bool = False  # it has a per-child allow chain
     first_event: trio.Event = field(default_factory=trio.Event)
@@ -1398,10 +1400,18 @@ class Daemon:
             if child.cgroup is not None:
                 pass  # cgroup v2: born in it (CLONE_INTO_CGROUP)
             elif self.cgroups is not None and (wants_cg or self.config.always_cgroup):
+                # By its pid number (cgroup.procs): the watcher must not reap it meanwhile, or the
+                # number could be another process's by the time the thread writes it.
+                child.by_pid += 1
                 try:
-                    cg = await trio.to_thread.run_sync(self._cgroup_for, child, cfg)
+                    cg = await trio.to_thread.run_sync(self._cgroup_for, child, cfg,
+                                                       1.0 if msg.test_fail_step == "cgroup-attach-delay" else 0.0)
                 except SetupError as e:
                     return P.SpawnFailed(msg.req, e.message, "cgroup", e.errno, e.hint, code="unavailable")
+                finally:
+                    child.by_pid -= 1
+                    if not child.by_pid and child.pid_free is not None:
+                        child.pid_free.set()
                 if child.pidfd < 0:  # reaped meanwhile: its watcher already looked for a cgroup
                     with trio.CancelScope(shield=True):
                         await trio.to_thread.run_sync(self._cgroup_remove, cg)
@@ -1548,6 +1558,9 @@ class Daemon:
                     await child.status_done.wait()
                     await child.result_done.wait()
                 n.cancel_scope.cancel()
+            while child.by_pid:  # (see _setup_outside: a zombie keeps its number)
+                child.pid_free = trio.Event()
+                await child.pid_free.wait()
             _, wstatus, ru = os.wait4(child.pid, 0)
         finally:
             os.close(child.pidfd)
@@ -1618,10 +1631,12 @@ class Daemon:
                              e.errno or 0) from None
         return cg
 
-    def _cgroup_for(self, child: Child, cfg: SandboxConfig):
+    def _cgroup_for(self, child: Child, cfg: SandboxConfig, test_delay: float = 0.0):
         assert self.cgroups is not None
         cg = self.cgroups.create(child.id, memory=cfg.memory_bytes, pids=cfg.pids, cpu=cfg.cpu)
         try:
+            if test_delay:  # test hook (test_fail_step="cgroup-attach-delay"): a slow attach
+                time.sleep(test_delay)
             cg.attach(child.pid)
         except BaseException:
             cg.remove()
