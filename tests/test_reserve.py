@@ -442,6 +442,28 @@ def test_SECURITY_leased_child_checks_its_job_and_the_pool_caps_its_timeout(tmp_
             assert st.returncode == 125 and b"refused the request" in err, (st, err)
 
 
+def test_SECURITY_a_leased_child_main_job_runs_the_pools_child_main(tmp_path):
+    """A Job of kind child_main that a client writes itself runs the pool's child_main, not a
+    target of the client's naming (the daemon path replaces it the same way)."""
+    import pickle
+
+    from zygote_client import _protocol as P
+    with config_daemon(tmp_path, """
+            [pools.default]
+            reserve = 2
+            child_main = "builtins:print"
+            """) as sock, Client.connect(sock, leases=1) as c:
+        child, ctl = _take_lease(c)
+        os.write(ctl, P.job_frame(P.Job(kind="child_main", target="os:abort",
+                                        payload=pickle.dumps((("child_main ran",), {})))))
+        os.close(ctl)
+        st = c._call(child.wait)
+        out = os.read(child.stdout.detach(), 1000)
+        assert st.returncode == 0 and out == b"child_main ran\n", (st, out)
+        r = c.run(None, ("through the daemon",))  # (no held child is taken for child_main)
+        assert r.returncode == 0 and r.stdout == b"through the daemon\n", r
+
+
 def test_a_pool_that_does_not_lease_serves_a_leasing_client_through_the_daemon(tmp_path):
     from zygote_client import DaemonError
     with config_daemon(tmp_path, "[pools.default]\nreserve = 2\nallow_callables = false\n") as sock, \

@@ -182,6 +182,8 @@ def _await_job(plan):
         job = job_decoder.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         _refuse_job(f"not a Job: {e}")
+    if job.kind == "child_main":  # the pool's (in the plan), whatever target the Job names
+        job = msgspec.structs.replace(job, target=plan.target)
     problem = job_problem(job.kind, job.target, job.argv, job.timeout)
     if job.kind == "exec" and not plan.reaper:  # see daemon._needs_reaper: the daemon clones those
         problem = "an exec'd program gets a reaper in front of it, and this child has none"

@@ -691,7 +691,9 @@ class Daemon:
     def _plan(self, pool: Pool, msg: P.Spawn, cfg: SandboxConfig, deferred: bool = False,
               prewarm: bool = True) -> C.ChildPlan:
         if deferred:  # a reserve child: no request yet (see _take_reserved); the pool's environment
-            kind, target, env = "deferred", None, dict(pool.config.env)  # is what most requests get
+            # is what most requests get; the target is the pool's child_main, the only one a Job
+            # of kind child_main may run (a leased child's Job comes from the client)
+            kind, target, env = "deferred", pool.config.child_main, dict(pool.config.env)
         else:
             kind, target, env = self._check_request(pool, msg)
         info = pool.zygotes[0].info if pool.zygotes else {}

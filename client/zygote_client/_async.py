@@ -570,6 +570,9 @@ class AsyncClient:
             others = bool(self._leases)
             child._refill_at_exit = others
             child._held = False
+            if stdin != PIPE and child.stdin is not None:  # the child reads EOF, as from /dev/null;
+                os.close(child.stdin.detach())             # closed before the Job, as the daemon
+                child.stdin = None                         # does (no payload code has run yet)
             try:
                 view = memoryview(job)
                 while view:  # the pipe is empty and a Job is small: one write, as a rule
@@ -584,9 +587,6 @@ class AsyncClient:
                 if not others:
                     with contextlib.suppress(RuntimeError):  # the loop is gone: the client is closing
                         wake()
-            if stdin != PIPE and child.stdin is not None:  # the child reads EOF, as from /dev/null
-                os.close(child.stdin.detach())
-                child.stdin = None
             return child
 
     def _track(self, child: AsyncChild) -> AsyncChild:
