@@ -354,3 +354,44 @@ def test_paths_in_a_sandbox_config_are_plain(path):
     with pytest.raises(ValueError):
         SandboxConfig(workdir=path)
     assert SandboxConfig(ro_binds={"/tmp/": "/x"}, workdir="/")  # one trailing '/', and the root, are fine
+
+
+class _Gadget:
+    """Pickles as a call of print: what a pickled argument can make the unpickler do."""
+
+    def __reduce__(self):
+        return (print, ("gadget ran",))
+
+
+def test_SECURITY_a_pool_without_callables_runs_only_its_own_code(tmp_path):
+    """allow_callables = false: the pool runs its child_main and its allowed_targets, with
+    arguments decoded as plain data. Scripts, programs, other targets (builtins:exec would run
+    any source) and pickled objects (whose reduce can call anything) are refused."""
+    from zygote_client import DaemonError, RemoteError
+    with config_daemon(tmp_path, """
+            [pools.default]
+            allow_callables = false
+            child_main = "builtins:print"
+            allowed_targets = ["json:dumps"]
+            """) as sock, Client.connect(sock) as c:
+        r = c.run(None, ("hello", [1, 2.5, None, {"k": (b"x", True)}]))
+        assert r.returncode == 0 and r.stdout == b"hello [1, 2.5, None, {'k': (b'x', True)}]\n", r
+        assert c.run("json:dumps", ([1],)).value == "[1]"
+        for how, call in [("callables", lambda: c.run(print)),
+                          ("not in its allowed_targets", lambda: c.run("builtins:exec", ("print('ran')",))),
+                          ("scripts", lambda: c.spawn_child(None, _argv=["-"], _script=b"print('ran')")),
+                          ("programs", lambda: c.spawn_child(None, _argv=["/bin/echo", "ran"], stdin=None))]:
+            with pytest.raises(DaemonError, match=how):
+                call()
+        for args in [(_Gadget(),), (), ]:
+            kwargs = {"x": _Gadget()} if not args else {}
+            r = c.run(None, args, kwargs=kwargs)
+            assert b"gadget ran" not in r.stdout and r.returncode != 0, r
+            assert b"plain data" in r.stderr, r.stderr
+            with pytest.raises(RemoteError, match="plain data"):
+                r.value
+
+
+def test_allowed_targets_must_name_functions(tmp_path):
+    with pytest.raises(ConfigError, match="allowed_targets must be 'module:function'"):
+        load(write_text(tmp_path / "z.toml", '[pools.default]\nallowed_targets = ["json"]\n'), default_python=sys.executable)

@@ -466,7 +466,8 @@ def test_SECURITY_a_leased_child_main_job_runs_the_pools_child_main(tmp_path):
 
 def test_a_pool_that_does_not_lease_serves_a_leasing_client_through_the_daemon(tmp_path):
     from zygote_client import DaemonError
-    with config_daemon(tmp_path, "[pools.default]\nreserve = 2\nallow_callables = false\n") as sock, \
+    with config_daemon(tmp_path, "[pools.default]\nreserve = 2\nallow_callables = false\n"
+                                 "allowed_targets = [\"json:dumps\"]\n") as sock, \
             Client.connect(sock, leases=2) as c:
         time.sleep(0.5)
         assert not c._aclient._leases

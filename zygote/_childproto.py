@@ -89,6 +89,7 @@ class ChildPlan(Job, frozen=True, kw_only=True, forbid_unknown_fields=True):
     export_path: str | None = None  # PID 1 packs this directory after the payload ended
     export_limits: tuple[int, int, int] = (0, 0, 0)  # (files, bytes per file, bytes): PID 1 reads no further
     test_fail_step: str | None = None
+    data_args: bool = False  # target/child_main arguments are plain data (a pool without callables)
     # A reserve child (pool reserve): confined with the pool's default config and no request; its
     # payload process reports Ready, then waits on the control pipe for one Job.
     deferred: bool = False

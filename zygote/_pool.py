@@ -40,7 +40,12 @@ class PoolConfig:
         preload: modules imported once in the zygote; every child has them in sys.modules.
         env: the exact environment of children (and of the zygote, plus thread caps).
         child_main: "module:function" run when a request names no target.
-        allow_callables: whether clients may send cloudpickled callables (code) to run.
+        allow_callables: whether clients may send code to run. False: the pool runs only its
+            own code, its ``child_main`` and the targets in ``allowed_targets``, and the child
+            decodes their arguments as plain data (no pickled objects: those can call anything);
+            requests for callables, scripts, programs (exec) or other targets are refused.
+        allowed_targets: "module:function" targets clients may name when allow_callables is
+            False (with allow_callables, any target runs).
         zygotes: zygote processes in this pool.
         reserve: children kept cloned and confined with ``sandbox`` ahead of requests; a request
             with exactly that config takes one and skips clone and confinement (0: none).
@@ -59,6 +64,7 @@ class PoolConfig:
     env: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ENV))
     child_main: str | None = None
     allow_callables: bool = True
+    allowed_targets: tuple[str, ...] = ()
     zygotes: int = 1
     reserve: int = 0
     reserve_network: int = 0

@@ -19,6 +19,7 @@ import fcntl as _fcntl
 import io
 import json
 import os
+import pickle
 import signal
 import sys
 import traceback
@@ -505,8 +506,24 @@ def _load(plan):
     obj = importlib.import_module(modname)
     for part in qual.split("."):
         obj = getattr(obj, part)
-    args, kwargs = pickle.loads(plan.payload) if plan.payload else ((), {})
+    if not plan.payload:
+        return obj, (), {}
+    if plan.data_args:  # a pool that runs only its own code: no objects from the client
+        args, kwargs = _DataOnly(io.BytesIO(plan.payload)).load()
+        if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
+            raise TypeError("the arguments must be a tuple and a dict")
+    else:
+        args, kwargs = pickle.loads(plan.payload)
     return obj, args, kwargs
+
+
+class _DataOnly(pickle.Unpickler):
+    """Unpickles plain data only (None, bools, numbers, str, bytes, and lists, tuples, dicts and
+    sets of them): every class or function a pickle names goes through find_class, refused here,
+    so nothing of the client's choosing is called."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"this pool takes plain data as arguments, not {module}.{name}")
 
 
 # ---- the result pipe (the payload process only) ------------------------------------------------

@@ -26,7 +26,8 @@ same thing. Example::
     python = "/opt/pandas-venv/bin/python"   # must have the zygote distribution installed
     preload = ["pandas"]
     env = { PATH = "/usr/bin:/bin", LANG = "C.UTF-8" }
-    allow_callables = true
+    allow_callables = true        # false: only child_main and allowed_targets run (plain-data arguments)
+    allowed_targets = []          # "module:function" names clients may run when allow_callables is false
     zygotes = 2
     reserve = 4                   # children confined ahead of requests with the sandbox below
     reserve_network = 2           # ... and with its network (for requests asking for exactly it)
@@ -88,6 +89,7 @@ class _PoolSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     env: dict[str, str] | None = None
     child_main: str | None = None
     allow_callables: bool = True
+    allowed_targets: list[str] = []
     zygotes: int = 1
     reserve: int = 0
     reserve_network: int = 0
@@ -166,14 +168,16 @@ def load(path: str, *, default_python: str):
             raise ConfigError(f"{where}: a pool name is letters, digits, '-' and '_'")
         if not 1 <= p.zygotes <= 64:
             raise ConfigError(f"{where}.zygotes must be 1..64, got {p.zygotes}")
-        if p.child_main is not None and ":" not in p.child_main:
-            raise ConfigError(f"{where}.child_main must be 'module:function', got {p.child_main!r}")
+        for name_, t in [("child_main", p.child_main)] + [("allowed_targets", t) for t in p.allowed_targets]:
+            if t is not None and ":" not in t:
+                raise ConfigError(f"{where}.{name_} must be 'module:function', got {t!r}")
         python = p.python or default_python
         if not (os.path.isabs(python) and os.access(python, os.X_OK)):
             raise ConfigError(f"{where}.python {python!r} is not an absolute path to an executable")
         pools[name] = PoolConfig(name=name, python=python, preload=tuple(p.preload),
                                  env=dict(DEFAULT_ENV if p.env is None else p.env), child_main=p.child_main,
-                                 allow_callables=p.allow_callables, zygotes=p.zygotes, reserve=p.reserve,
+                                 allow_callables=p.allow_callables, allowed_targets=tuple(p.allowed_targets),
+                                 zygotes=p.zygotes, reserve=p.reserve,
                                  reserve_network=p.reserve_network, sandbox=p.sandbox,
                                  forbid_secret_env=p.forbid_secret_env, env_allow=tuple(p.env_allow))
         check_reserves(pools[name], where)

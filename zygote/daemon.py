@@ -673,8 +673,16 @@ class Daemon:
         """The request's own fields, checked against its pool: (kind, target, env). Raises _Refused."""
         pc = pool.config
         kind, target = msg.kind, msg.target
-        if kind == "callable" and not pc.allow_callables:
-            raise _Refused("bad-request", f"pool {pc.name!r} does not accept callables from clients")
+        if not pc.allow_callables:  # the pool runs only its own code (see PoolConfig)
+            if kind == "callable":
+                raise _Refused("bad-request", f"pool {pc.name!r} does not accept callables from clients")
+            if kind in ("script", "exec"):
+                raise _Refused("bad-request", f"pool {pc.name!r} runs only its own code (allow_callables = false): "
+                                              f"it does not accept {'scripts' if kind == 'script' else 'programs'} "
+                                              "from clients")
+            if kind == "target" and target not in pc.allowed_targets:
+                raise _Refused("bad-request", f"pool {pc.name!r} runs only its own code (allow_callables = false): "
+                                              f"{target!r} is not in its allowed_targets")
         if kind == "child_main":
             if not pc.child_main:
                 raise _Refused("bad-request", f"pool {pc.name!r} has no child_main and no target was given")
@@ -725,6 +733,7 @@ class Daemon:
             landlock=cfg.landlock, landlock_ro=ro, landlock_abi=max(1, msg.test_landlock_abi), landlock_rw=rw,
             landlock_net=cfg.network is None, uid=cfg.uid, gid=cfg.gid, drop_privileges=True,
             seccomp_bpf=bpf, test_fail_step=msg.test_fail_step, deferred=deferred, prewarm=prewarm,
+            data_args=not pool.config.allow_callables,
             reaper=_needs_reaper(cfg, kind), **files,
             **{k: v for k, v in fs.items() if k in C.ChildPlan.__struct_fields__},
         )
