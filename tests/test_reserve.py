@@ -591,6 +591,27 @@ def test_SECURITY_pools_that_check_requests_do_not_lease(tmp_path, pool):
         assert isinstance(reply, conn.P.SpawnFailed) and reply.code == "bad-request", reply
 
 
+def test_SECURITY_a_held_child_goes_after_the_pools_timeout_unless_started(tmp_path):
+    """A leased child nobody starts holds what a running child holds: no longer than the pool's
+    timeout. One started before that runs its own full time (its clock starts at Started)."""
+    with config_daemon(tmp_path, "[pools.default]\nreserve = 2\n[pools.default.sandbox]\ntimeout = 1.5\n") as sock, \
+            Client.connect(sock, leases=1) as c:
+        _held(c, 1)
+        time.sleep(1.0)
+        r = c.run(lambda: __import__("time").sleep(1.0))  # started at ~1.0 s, ends at ~2.0 s
+        assert r.returncode == 0, r.status
+        _held(c, 1)
+        held, _ = c._aclient._leases[0]
+        deadline = time.monotonic() + 10  # nobody starts this one
+        while held.status is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        st = held.status
+        assert st is not None, "a held child outlived the pool's timeout"
+        assert st.returncode == -9 and 1.2 < st.wall_time < 5, st
+        _held(c, 1)  # the client leased another
+        assert c.run(print, ("after",)).stdout == b"after\n"
+
+
 def test_SECURITY_a_job_without_a_timeout_gets_the_pools(tmp_path):
     from zygote_client import _protocol as P
     with config_daemon(tmp_path, "[pools.default]\nreserve = 1\n[pools.default.sandbox]\ntimeout = 1\n") as sock, \

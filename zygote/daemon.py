@@ -1154,12 +1154,23 @@ class Daemon:
             ctl.close()
             self._hand_to(child, conn, None)
             child.leased, child.leased_from = True, pool
+            if pool.config.sandbox.timeout is not None:
+                # Held unstarted, it holds what a running child holds: no longer than the pool's
+                # timeout (then it goes, and the client leases another); Started starts its clock.
+                self._nursery.start_soon(self._lease_expiry, child, pool.config.sandbox.timeout)
             try:
                 await conn.send(P.Leased(msg.req, child.id, child.pid), fds)
             finally:
                 self.hands.close(conn.peer_uid, fds)
             return
         await conn.send(P.SpawnFailed(msg.req, "no reserve child is waiting now", code="empty"))
+
+    async def _lease_expiry(self, child: Child, seconds: float) -> None:
+        with trio.move_on_after(seconds):
+            await child.exited.wait()
+            return
+        if child.leased:  # still not started
+            self._kill(child, signal.SIGKILL)
 
     def _started(self, child: Child, started: C.Started) -> None:
         """A leased child read its Job from its client: count its time and arm its deadline from
