@@ -881,3 +881,32 @@ def test_SECURITY_a_uid_paused_for_its_fds_is_served_again_once_its_connections_
         for s in conns:
             s.close()
         os.close(null)
+
+
+def test_SECURITY_a_hostile_workspace_does_not_hold_up_the_daemon(socket_daemon):
+    """A workspace built by hand skips the client's checks; the daemon's own may take a while on
+    up to 100000 entries of up to 64 components (16 MiB of names), in a worker thread: every
+    other client is served meanwhile. (On the loop, with the checks quadratic in a path's depth,
+    a 4 MB request held every client for 90 s.)"""
+    from zygote_client import Workspace, WorkspaceError
+    from zygote_client._workspace import Entry
+
+    comp = "c" * 60
+    entries = [Entry("/".join([f"{i:05d}"] + [comp] * 63), "dir") for i in range(4000)]
+    entries.append(Entry(".env", "file", 0o644, b"T=1"))  # refused last: no child is made
+    done: list[object] = []
+
+    def attacker() -> None:
+        with Client.connect(socket_daemon) as c:
+            try:
+                c.run(print, sandbox_config=SandboxConfig(workspace=Workspace(entries=tuple(entries))))
+            except Exception as e:  # noqa: BLE001
+                done.append(e)
+    t = threading.Thread(target=attacker)
+    t.start()
+    try:
+        time.sleep(1.0)  # its 16 MB frame arrived; the checks are under way
+        assert _answers(socket_daemon, 5), "the daemon stopped serving others while checking a workspace"
+    finally:
+        t.join(120)
+    assert len(done) == 1 and isinstance(done[0], WorkspaceError) and done[0].path == ".env", done

@@ -174,6 +174,8 @@ def test_workspace_refusals_name_the_path(kind, tmp_path):
     ([Entry("id_rsa", "file", 0o600, b"k")], {}, "id_rsa"),
     ([Entry("a", "file", 0o644, b"1"), Entry("b", "file", 0o644, b"2")], {"max_files": 1}, "b"),
     ([Entry("a", "file", 0o644, b"12")], {"max_file_bytes": 1}, "a"),
+    ([Entry("a/" * 64 + "a", "dir")], {}, "a/" * 64 + "a"),  # 65 components
+    ([Entry("d/x", "file", 0o644, b"x"), Entry("d", "file", 0o644, b"y")], {}, "d"),
 ])
 def test_SECURITY_workspace_daemon_rechecks(client, entries, kw, path):
     """A client that skips its own checks (a Workspace built by hand) is refused by the daemon,

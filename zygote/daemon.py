@@ -815,7 +815,10 @@ class Daemon:
             timeout = None  # a reserve child's deadline is armed when a request takes it
         try:
             make = functools.partial(self._plan, pool, msg, cfg, deferred=conn is self._reserve_conn, prewarm=prewarm)
-            plan = await self._look(conn.peer_uid, make) if own_paths else make()  # (it stats them)
+            # In a worker thread when it stats host paths the client named, or checks a workspace
+            # (up to 100000 entries a client chose): neither may hold up the loop.
+            slow = own_paths or cfg.workspace is not None
+            plan = await self._look(conn.peer_uid, make) if slow else make()
         except trio.TooSlowError:
             return _paths_too_slow(msg.req), []
         except _Refused as r:
@@ -2069,7 +2072,7 @@ def _relay_target(fd: int) -> int:
 
 
 def _paths_too_slow(req: int) -> P.SpawnFailed:
-    return P.SpawnFailed(req, f"looking at the request's host paths took over {PATHS_TIMEOUT:g} s "
+    return P.SpawnFailed(req, f"checking the request's host paths or workspace took over {PATHS_TIMEOUT:g} s "
                          "(a filesystem that does not answer?)", code="unavailable")
 
 

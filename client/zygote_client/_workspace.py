@@ -21,6 +21,7 @@ import errno as _errno
 import fnmatch
 import os
 import shutil
+import re
 import stat
 import struct
 import tempfile
@@ -38,6 +39,9 @@ _MAX_RECORD = CHUNK + 8192  # data plus the path and a little msgpack framing
 
 # Names a workspace refuses unless allowed by name: matched against every path component (and, for
 # the "a/b" patterns, against every pair of components). Keys, credentials, tokens.
+MAX_ENTRY_DEPTH = 64  # path components of one workspace entry
+MAX_NAME_BYTES = 16 << 20  # the paths of all a workspace's entries together
+
 SECRET_NAMES = (
     ".env", ".env.*", "*.env", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "*.pem", "*.key",
     "*.p12", "*.pfx", "*.keystore", "*.jks", ".netrc", "_netrc", ".pgpass", ".git-credentials",
@@ -208,13 +212,16 @@ def check_name(path: str) -> list[str]:
     return parts
 
 
+# SECRET_NAMES as two patterns: one matched against each component, one against each pair of
+# neighbouring components ("a/b"); one regex match per name instead of one fnmatch per pattern.
+_SECRET_ONE = re.compile("|".join(fnmatch.translate(p) for p in SECRET_NAMES if "/" not in p))
+_SECRET_PAIR = re.compile("|".join(fnmatch.translate(p) for p in SECRET_NAMES if "/" in p))
+
+
 def is_secret_name(parts: list[str]) -> bool:
-    pairs = [f"{a}/{b}" for a, b in zip(parts, parts[1:])]
-    for pat in SECRET_NAMES:
-        pool = pairs if "/" in pat else parts
-        if any(fnmatch.fnmatchcase(p.lower(), pat) for p in pool):
-            return True
-    return False
+    if any(_SECRET_ONE.match(p.lower()) for p in parts):
+        return True
+    return any(_SECRET_PAIR.match(f"{a}/{b}".lower()) for a, b in zip(parts, parts[1:]))
 
 
 def _link_ok(parts: list[str], target: str) -> bool:
@@ -251,10 +258,18 @@ def check_entries(entries: list[Entry] | tuple[Entry, ...], ws: Workspace, *,
     if len(entries) > max_files:
         raise WorkspaceError(f"more than max_files={max_files} entries", path=entries[max_files].path)
     allow = set(ws.allow)
-    kinds: dict[str, str] = {}
-    total = 0
+    kinds: dict[str, str] = {}  # the entries' own kinds
+    under: set[str] = set()  # every directory some entry lies in, listed or not
+    total = names = 0
     for e in entries:
         parts = check_name(e.path)
+        # Work per entry stays linear in its name (a daemon checks what any client sends):
+        # components and name bytes are capped, each ancestor is registered once.
+        if len(parts) > MAX_ENTRY_DEPTH:
+            raise WorkspaceError(f"more than {MAX_ENTRY_DEPTH} path components", path=e.path[:200])
+        names += len(e.path)
+        if names > MAX_NAME_BYTES:
+            raise WorkspaceError(f"the entries' paths add up to more than {MAX_NAME_BYTES} bytes", path=e.path[:200])
         if e.path in kinds:
             raise WorkspaceError("listed twice", path=e.path)
         if e.kind not in ("dir", "file", "symlink"):
@@ -262,10 +277,16 @@ def check_entries(entries: list[Entry] | tuple[Entry, ...], ws: Workspace, *,
         if is_secret_name(parts) and e.path not in allow and parts[-1] not in allow:
             raise WorkspaceError("looks like a secret (keys, credentials, tokens); pass "
                                  f"allow=({e.path!r},) to stage it anyway", path=e.path)
-        for i in range(1, len(parts)):
-            parent = "/".join(parts[:i])
-            if kinds.get(parent, "dir") != "dir":
+        if e.kind != "dir" and e.path in under:  # an earlier entry lies inside this one
+            raise WorkspaceError(f"it is a {e.kind}, and other entries lie inside it", path=e.path)
+        parent = e.path.rpartition("/")[0]
+        while parent:  # up to the first ancestor already known (its own were checked then)
+            if parent in kinds and kinds[parent] != "dir":
                 raise WorkspaceError(f"its parent {parent!r} is a {kinds[parent]}", path=e.path)
+            if parent in under:
+                break
+            under.add(parent)
+            parent = parent.rpartition("/")[0]
         if e.kind == "symlink":
             target = e.data.decode("utf-8", "replace")
             if not _link_ok(parts, target):
@@ -279,12 +300,6 @@ def check_entries(entries: list[Entry] | tuple[Entry, ...], ws: Workspace, *,
         elif e.data:
             raise WorkspaceError("a directory carries no data", path=e.path)
         kinds[e.path] = e.kind
-    for path, kind in list(kinds.items()):  # a prefix listed later must still be a directory
-        parts = path.split("/")
-        for i in range(1, len(parts)):
-            parent = "/".join(parts[:i])
-            if kinds.get(parent, "dir") != "dir":
-                raise WorkspaceError(f"its parent {parent!r} is a {kinds[parent]}", path=path)
     return sorted(entries, key=lambda e: e.path.split("/"))
 
 
