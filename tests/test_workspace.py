@@ -295,6 +295,36 @@ def test_SECURITY_export_planted_truncated(client, tmp_path, kind):
         assert stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
 
 
+def test_SECURITY_export_paths_count_against_a_budget(client, tmp_path):
+    """Paths are not file data, but they fill the archive (and the daemon) as much: a payload
+    exporting thousands of empty files with 4000-byte paths is cut at 16 MiB of names, whatever
+    its data budget (before: 100000 such paths took 400 MB of the daemon's memory)."""
+    def payload():
+        import os
+        d = "/out/" + "/".join(["d" * 250] * 15)  # 3765 bytes of directories
+        os.makedirs(d)
+        for i in range(5000):
+            open(f"{d}/{i:0220d}", "w").close()  # paths of ~4000 bytes: 20 MB of names in all
+    cfg = SandboxConfig(export=Export(max_files=6000, max_bytes=4096, on_exceed="truncate"))
+    r = client.run(payload, sandbox_config=cfg, export_to=tmp_path / "dest")
+    assert r.returncode == 0, r.stderr
+    ex = r.export
+    assert ex.truncated and any("paths add up to more than" in s for s in ex.skipped), ex
+    assert 3000 < ex.files < 4500, ex  # 16 MiB of ~4000-byte names
+
+
+def test_export_files_past_max_bytes_are_listed_not_emptied(client, tmp_path):
+    def payload():
+        open("/out/a_big", "wb").write(b"x" * 5000)
+        open("/out/b_report.json", "w").write('{"ok": true}')
+        open("/out/c_empty", "w").close()
+    cfg = SandboxConfig(export=Export(max_bytes=4096, on_exceed="truncate"))
+    r = client.run(payload, sandbox_config=cfg, export_to=tmp_path / "dest")
+    got = _tree(tmp_path / "dest")
+    assert got == {"a_big": b"x" * 4096, "c_empty": b""}, got  # b_report.json is not there empty
+    assert any(s.startswith("b_report.json") and "max_bytes" in s for s in r.export.skipped), r.export
+
+
 def test_export_under_strict_seccomp(client, tmp_path):
     cfg = SandboxConfig(export=Export(), seccomp_profile="strict")
     r = client.run(lambda: open("/out/x", "w").write("strict"), sandbox_config=cfg, export_to=tmp_path / "d")

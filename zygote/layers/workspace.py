@@ -23,7 +23,8 @@ import fcntl
 import os
 import stat
 
-from zygote_client._workspace import (CHUNK, Entry, Export, WorkspaceError, check_entries, check_name, record)
+from zygote_client._workspace import (CHUNK, MAX_NAME_BYTES, Entry, Export, WorkspaceError, check_entries, check_name,
+                                      record)
 
 from .._childproto import Out, OutEnd, OutSkip, TmpfsSpec
 from . import SetupError
@@ -211,6 +212,9 @@ def _pack_file(dfd: int, name: str, path: str, mode: int, send, budget: list[int
         if not stat.S_ISREG(st.st_mode):
             send(OutSkip(path, _kind(st.st_mode)))
             return
+        if budget[1] <= 0 and st.st_size > 0:  # listed as left out, not archived empty
+            send(OutSkip(path, "over max_bytes (the files before it used it up)"))
+            return
         left = min(file_bytes + 1, budget[1])
         first = True
         while first or left > 0:
@@ -256,6 +260,7 @@ class Collector:
         self.current: str | None = None  # the file whose chunks are arriving
         self.cut: str | None = None  # a file being dropped past a limit
         self.files = self.bytes = self.file_bytes = 0
+        self.names = 0  # bytes of the paths taken: the archive and the sets above hold them
         self.last_piece = 0  # size of the current file's last data piece
         self.skipped: list[str] = []
         self.dropped = 0
@@ -299,6 +304,11 @@ class Collector:
             return self._over(m.path, f"{m.kind} entries are not exported")
         if len(self.seen) >= self.export.max_files:
             return self._over(m.path, f"more than max_files={self.export.max_files}")
+        # Paths are not file data, but they fill the archive and this process as much: 100000
+        # paths of 4000 bytes each took 400 MB (the data budget was 4 KiB).
+        if self.names + len(m.path) > MAX_NAME_BYTES:
+            return self._over(m.path, f"the exported paths add up to more than {MAX_NAME_BYTES} bytes")
+        self.names += len(m.path)
         self.seen.add(m.path)
         mode = m.mode & 0o777 if isinstance(m.mode, int) else 0o644
         if m.kind == "dir":
