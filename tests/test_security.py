@@ -250,3 +250,37 @@ def test_strict_profile_numpy_pandas():
         r = c.run(payload, sandbox_config=SandboxConfig(seccomp_profile="strict"))
         assert r.returncode == 0, r.stderr
         assert r.stdout == b"{'a': 4, 'b': 6}\n"
+
+
+@pytest.fixture
+def suid_dumpable_1():
+    """fs.suid_dumpable = 1 for the test (a host setting some distributions use): a process that
+    changed its uid stays dumpable unless it says otherwise."""
+    path = "/proc/sys/fs/suid_dumpable"
+    with open(path) as f:
+        old = f.read().strip()
+    with open(path, "w") as f:
+        f.write("1")
+    try:
+        yield
+    finally:
+        with open(path, "w") as f:
+            f.write(old)
+
+
+def test_SECURITY_payload_cannot_reach_its_reaper_fds(client, suid_dumpable_1):
+    """PID 1 (the reaper) keeps the status pipe on which it reports the payload's exit and sends
+    the export; the payload runs as the same uid. PID 1 makes itself non-dumpable, whatever the
+    host's fs.suid_dumpable, so the payload cannot open PID 1's fds (nor read its memory)."""
+    def payload():
+        import os
+        got = []
+        for what in ("/proc/1/fd", "/proc/1/mem"):
+            try:
+                got.append(f"{what}: {os.listdir(what) if what.endswith('fd') else open(what, 'rb').read(1)}")
+            except OSError as e:
+                got.append(f"{what}: {e.strerror}")
+        print("; ".join(got))
+    r = client.run(payload, sandbox_config=SandboxConfig(reaper=True))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(b"Permission denied") == 2, r.stdout

@@ -88,6 +88,8 @@ def confine(plan) -> int:
     if plan.drop_privileges:
         privileges.apply(plan.uid, plan.gid)  # the last privileged step is behind us
     _set_pdeathsig()                         # after the uid change, which clears it (prctl(2))
+    _sys.libc.prctl(_sys.PR_SET_DUMPABLE, 0, 0, 0, 0)  # the uid change set it from fs.suid_dumpable:
+                                             # with 1 there, the payload could open PID 1's fds
     _inject(plan, "payload")
     if not plan.reaper:                      # the payload is PID 1 itself: no second process
         _payload_process(plan, abi)          # (see _payload_process; never returns)
