@@ -383,6 +383,11 @@ def test_SECURITY_a_pool_without_callables_runs_only_its_own_code(tmp_path):
                           ("programs", lambda: c.spawn_child(None, _argv=["/bin/echo", "ran"], stdin=None))]:
             with pytest.raises(DaemonError, match=how):
                 call()
+        with pytest.raises(DaemonError, match="env_allow"):  # PATH into a workspace, LD_PRELOAD, ...
+            c.run(None, ("x",), env={"PATH": "/workspace/bin:/usr/bin:/bin"})
+        r = c.run(None, ("same env",), env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
+                                             "HOME": "/tmp"})
+        assert r.stdout == b"same env\n", r  # the pool's own values are fine
         for args in [(_Gadget(),), (), ]:
             kwargs = {"x": _Gadget()} if not args else {}
             r = c.run(None, args, kwargs=kwargs)
@@ -395,3 +400,26 @@ def test_SECURITY_a_pool_without_callables_runs_only_its_own_code(tmp_path):
 def test_allowed_targets_must_name_functions(tmp_path):
     with pytest.raises(ConfigError, match="allowed_targets must be 'module:function'"):
         load(write_text(tmp_path / "z.toml", '[pools.default]\nallowed_targets = ["json"]\n'), default_python=sys.executable)
+
+
+def test_SECURITY_data_only_arguments_refuse_extension_codes():
+    """copyreg extension codes already in its cache are pushed without find_class: a pool that
+    registers some (a preload) must not turn an EXT opcode into a callable."""
+    import copyreg
+    import pickle
+
+    from zygote import child
+    from zygote._childproto import ChildPlan
+    copyreg.add_extension("posix", "system", 240)
+    try:
+        pickle.loads(b"\x80\x02\x82\xf0.")  # now in copyreg's cache
+        plan = ChildPlan(kind="target", target="json:dumps", data_args=True,
+                         payload=b"\x80\x02\x82\xf0)\x86}\x86.")  # ((system,), {}) via EXT1 240
+        with pytest.raises(pickle.UnpicklingError, match="EXT1"):
+            child._load(plan)
+        ok = ChildPlan(kind="target", target="json:dumps", data_args=True,
+                       payload=pickle.dumps((([1, {2}, frozenset([3]), bytearray(b"x")],), {"k": None}), protocol=5))
+        assert child._load(ok)[1:] == (([1, {2}, frozenset([3]), bytearray(b"x")],), {"k": None})
+    finally:
+        copyreg.remove_extension("posix", "system", 240)
+        copyreg.clear_extension_cache()

@@ -909,4 +909,4 @@ def test_SECURITY_a_hostile_workspace_does_not_hold_up_the_daemon(socket_daemon)
         assert _answers(socket_daemon, 5), "the daemon stopped serving others while checking a workspace"
     finally:
         t.join(120)
-    assert len(done) == 1 and isinstance(done[0], WorkspaceError) and done[0].path == ".env", done
+    assert len(done) == 1 and isinstance(done[0], WorkspaceError), done  # (a budget, or the .env)

@@ -187,6 +187,18 @@ def test_SECURITY_workspace_daemon_rechecks(client, entries, kw, path):
     assert _serial(client) == n + 1  # no clone in between
 
 
+def test_SECURITY_workspace_check_memory_is_bounded():
+    """Each entry's directories are remembered once; names of directories nobody listed count
+    against a budget too (4097 deep paths each under its own top directory, within the names cap,
+    made the check hold 550 MB)."""
+    comp = "c" * 63
+    entries = [Entry("/".join([f"{i:063d}"] + [comp] * 63), "dir") for i in range(4097)]
+    with pytest.raises(WorkspaceError, match="directories add up to more than"):
+        Workspace(entries=tuple(entries))  # (built by hand: no checks) ...
+        from zygote_client._workspace import check_entries
+        check_entries(entries, Workspace())  # ... as the daemon checks it
+
+
 def test_workspace_daemon_ceiling(client):
     ws = Workspace(entries=(Entry("a", "file", 0o644, b"x" * 10),), max_file_bytes=1 << 40, max_bytes=1 << 40)
     r = client.run(lambda: print(open("a").read()), sandbox_config=SandboxConfig(workspace=ws))

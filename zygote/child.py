@@ -88,17 +88,22 @@ def confine(plan) -> int:
     if plan.drop_privileges:
         privileges.apply(plan.uid, plan.gid)  # the last privileged step is behind us
     _set_pdeathsig()                         # after the uid change, which clears it (prctl(2))
-    _sys.libc.prctl(_sys.PR_SET_DUMPABLE, 0, 0, 0, 0)  # the uid change set it from fs.suid_dumpable:
-                                             # with 1 there, the payload could open PID 1's fds
     _inject(plan, "payload")
     if not plan.reaper:                      # the payload is PID 1 itself: no second process
         _payload_process(plan, abi)          # (see _payload_process; never returns)
     for sig in _FORWARDED:                   # PID 1's handlers, before the fork: PID 1 then touches
         signal.signal(sig, _forward)         # fewer pages of its own (less private memory per child)
+    # PID 1 keeps the status pipe (the exit report, the export) from a payload of the same uid:
+    # it must not be dumpable, which the uid change left to fs.suid_dumpable (with 1 there, the
+    # payload could open PID 1's fds). Set before the fork; the payload gets its own value back.
+    dumpable = _sys.libc.prctl(_sys.PR_GET_DUMPABLE, 0, 0, 0, 0)
+    _sys.libc.prctl(_sys.PR_SET_DUMPABLE, 0, 0, 0, 0)
     try:
         pid = os.fork()                      # the payload is PID 2 under a tiny PID-1 reaper
     except OSError as e:
         raise SetupError("fork", f"cannot start the payload process: {e.strerror}", e.errno or 0) from None
+    if pid == 0 and dumpable == 1:  # (a rootless daemon reads its /proc/PID/syscall: see _signal)
+        _sys.libc.prctl(_sys.PR_SET_DUMPABLE, 1, 0, 0, 0)
     if pid:
         _payload_pid = pid
     # seccomp last, in both processes, after the fork (the strict profile has no fork at all):
@@ -511,12 +516,20 @@ def _load(plan):
     if not plan.payload:
         return obj, (), {}
     if plan.data_args:  # a pool that runs only its own code: no objects from the client
+        import pickletools
+        for op, _, _ in pickletools.genops(plan.payload):  # (an EXT code already in copyreg's
+            if op.name in _CODE_OPCODES:                   # cache skips find_class)
+                raise pickle.UnpicklingError(f"this pool takes plain data as arguments, not a pickle using {op.name}")
         args, kwargs = _DataOnly(io.BytesIO(plan.payload)).load()
         if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
             raise TypeError("the arguments must be a tuple and a dict")
     else:
         args, kwargs = pickle.loads(plan.payload)
     return obj, args, kwargs
+
+
+_CODE_OPCODES = frozenset(("GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "REDUCE", "BUILD",
+                           "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID"))
 
 
 class _DataOnly(pickle.Unpickler):

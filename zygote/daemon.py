@@ -683,6 +683,13 @@ class Daemon:
             if kind == "target" and target not in pc.allowed_targets:
                 raise _Refused("bad-request", f"pool {pc.name!r} runs only its own code (allow_callables = false): "
                                               f"{target!r} is not in its allowed_targets")
+            # Its code runs in the environment given: PATH, LD_PRELOAD, PYTHONPATH or BASH_ENV
+            # pointing into a workspace would run the client's own. Only env_allow names may differ.
+            for name, value in (msg.env or {}).items():
+                if name not in pc.env_allow and pc.env.get(name) != value:
+                    raise _Refused("bad-request", f"pool {pc.name!r} runs only its own code (allow_callables = "
+                                                  f"false): its environment is its own, and {name!r} is not in its "
+                                                  "env_allow")
         if kind == "child_main":
             if not pc.child_main:
                 raise _Refused("bad-request", f"pool {pc.name!r} has no child_main and no target was given")

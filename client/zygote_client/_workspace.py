@@ -260,14 +260,14 @@ def check_entries(entries: list[Entry] | tuple[Entry, ...], ws: Workspace, *,
     allow = set(ws.allow)
     kinds: dict[str, str] = {}  # the entries' own kinds
     under: set[str] = set()  # every directory some entry lies in, listed or not
-    total = names = 0
+    total = names = dir_names = 0
     for e in entries:
         parts = check_name(e.path)
         # Work per entry stays linear in its name (a daemon checks what any client sends):
         # components and name bytes are capped, each ancestor is registered once.
         if len(parts) > MAX_ENTRY_DEPTH:
             raise WorkspaceError(f"more than {MAX_ENTRY_DEPTH} path components", path=e.path[:200])
-        names += len(e.path)
+        names += len(e.path.encode("utf-8", "surrogatepass"))
         if names > MAX_NAME_BYTES:
             raise WorkspaceError(f"the entries' paths add up to more than {MAX_NAME_BYTES} bytes", path=e.path[:200])
         if e.path in kinds:
@@ -286,6 +286,12 @@ def check_entries(entries: list[Entry] | tuple[Entry, ...], ws: Workspace, *,
             if parent in under:
                 break
             under.add(parent)
+            # (in a tree as from_dir walks it every such directory is an entry itself, so this
+            # costs nothing; names of directories nobody listed must not grow without bound)
+            dir_names += len(parent)
+            if dir_names > MAX_NAME_BYTES:
+                raise WorkspaceError(f"the names of the entries' directories add up to more than "
+                                     f"{MAX_NAME_BYTES} bytes", path=e.path[:200])
             parent = parent.rpartition("/")[0]
         if e.kind == "symlink":
             target = e.data.decode("utf-8", "replace")
