@@ -57,6 +57,7 @@ PATHS_TIMEOUT = 10.0  # seconds looking at a request's own host paths may take
 EOF_GRACE = 2.0  # seconds the status and result pipes get to deliver after the child's exit
 RELAY_GRACE = 5.0  # seconds a relay may go on delivering after its connection closed
 RELAY_LINGER = 60.0  # ... and after its child exited (each holds two fds and its buffer)
+LEASE_GRACE = 1.0  # seconds past the pool's timeout before a held child nobody started goes
 RESERVE_QUIET = 0.025  # seconds without a take before a reserve that is not empty is refilled
 RESERVE_PARALLEL = 2  # reserve children being made at once, per pool
 SPAWN_STEPS = ("userns", "mounts", "netns", "rlimits", "uts", "fds", "payload")
@@ -1176,7 +1177,9 @@ class Daemon:
         await conn.send(P.SpawnFailed(msg.req, "no reserve child is waiting now", code="empty"))
 
     async def _lease_expiry(self, child: Child, seconds: float) -> None:
-        with trio.move_on_after(seconds):
+        # (LEASE_GRACE more: a Job written just before the expiry is not killed as it starts,
+        # before its Started has arrived)
+        with trio.move_on_after(seconds + LEASE_GRACE):
             await child.exited.wait()
             return
         if child.leased:  # still not started
