@@ -570,3 +570,10 @@ def test_many_directories_in_and_out(client, tmp_path):
     assert r.stdout == b"1500\n", r.stderr
     assert len(os.listdir(tmp_path / "d")) == 1501
     assert any("deeper" in s for s in r.export.skipped)
+
+
+def test_export_names_the_limit_that_was_hit():
+    big = [Out("a", "file", 0o644, b"x" * 5000), OutEnd()]
+    assert "exceeds max_bytes=4096" in _collect(big, max_bytes=4096, on_exceed="truncate")["skipped"][0]
+    assert "exceeds max_file_bytes=1000" in _collect(big, max_bytes=4096, max_file_bytes=1000,
+                                                     on_exceed="truncate")["skipped"][0]

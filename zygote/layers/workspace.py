@@ -323,8 +323,8 @@ class Collector:
     def _data(self, path: str, data: bytes) -> None:
         room = min(self.export.file_bytes - self.file_bytes, self.export.max_bytes - self.bytes)
         if len(data) > room:
-            which = ("max_file_bytes" if self.export.file_bytes - self.file_bytes <= self.export.max_bytes - self.bytes
-                     else "max_bytes")
+            which = ("max_bytes" if self.export.max_bytes - self.bytes <= self.export.file_bytes - self.file_bytes
+                     else "max_file_bytes")  # (the total, when both are hit)
             limit = self.export.file_bytes if which == "max_file_bytes" else self.export.max_bytes
             self._over(path, f"exceeds {which}={limit} (cut at {self.file_bytes + room} bytes)")
             data = data[:max(room, 0)]
