@@ -709,3 +709,23 @@ def test_SECURITY_a_client_not_reading_its_reports_does_not_hold_addresses(world
             assert r.stdout == b"up\n"
     finally:
         hog.sock.close()
+
+
+def test_reload_keeps_the_network_settings_the_firewall_was_built_with(world, tmp_path):
+    """SIGHUP re-reads the file, but resolv.conf and the children's firewall must agree: a new
+    network_dns would be written into resolv.conf while the rules still let only the old server
+    through. Network settings take effect at the next start, and the reload says so."""
+    cfg = tmp_path / "z.toml"
+    cfg.write_text('[daemon]\nnetwork_dns = ["10.99.0.10"]\n')
+    path = world.start(tmp_path, "--config", str(cfg))
+    cfg.write_text('[daemon]\nnetwork_dns = ["10.99.0.11"]\n')
+    world.daemon.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+
+    def resolv():
+        print(open("/etc/resolv.conf").read())
+    with Client.connect(path) as c:
+        r = c.run(resolv, sandbox_config=SandboxConfig(network=NetworkConfig()))
+    assert b"10.99.0.10" in r.stdout and b"10.99.0.11" not in r.stdout, r.stdout
+    ruleset = world.nft()
+    assert "10.99.0.10" in ruleset and "10.99.0.11" not in ruleset

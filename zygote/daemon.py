@@ -418,8 +418,13 @@ class Daemon:
         connection or spawn. The socket, id_base and test_hooks stay as they were at start.
         Returns a line per change.
         """
+        # The network settings stay as the children's firewall was built at start (a new
+        # network_dns in resolv.conf but not in the rules would leave the old server reachable
+        # and the new one blocked): they take effect at the next start.
+        net = {f: getattr(self.config, f) for f in ("network_pool", "network_dns", "network_masquerade")}
+        net_changed = [f for f, v in net.items() if getattr(config, f) != v]
         keep = dataclasses.replace(config, socket_path=self.config.socket_path, id_base=self.config.id_base,
-                                   test_hooks=self.config.test_hooks)
+                                   test_hooks=self.config.test_hooks, **net)
         started: dict[str, Pool] = {}
         try:
             for name, pc in keep.pools.items():
@@ -436,6 +441,7 @@ class Daemon:
         changes = [f"pool {n!r} {'restarted' if n in self.pools else 'added'}" for n in started]
         retired = [p for n, p in self.pools.items() if n not in keep.pools or n in started]
         changes += [f"pool {n!r} removed" for n in self.pools if n not in keep.pools]
+        changes += [f"{f} changed: kept as it was until the daemon restarts" for f in net_changed]
         self.pools = {n: started.get(n) or self.pools[n] for n in keep.pools}
         self.config = keep
         for pool in started.values():
