@@ -729,3 +729,64 @@ def test_reload_keeps_the_network_settings_the_firewall_was_built_with(world, tm
     assert b"10.99.0.10" in r.stdout and b"10.99.0.11" not in r.stdout, r.stdout
     ruleset = world.nft()
     assert "10.99.0.10" in ruleset and "10.99.0.11" not in ruleset
+
+
+def test_SECURITY_a_recycled_address_inherits_no_flows(world, tmp_path):
+    """Replies reach a child on conntrack state alone, and a child's address goes to the next
+    child: a peer that keeps sending on a flow the first child opened must not reach the second,
+    which does not allow that peer. (Before: it did, for as long as the peer kept sending.)"""
+    path = world.start(tmp_path)
+    pusher = _ns_socket(world.inet, socket.AF_INET, socket.SOCK_DGRAM)
+    pusher.bind((ECHO, 5555))
+    pusher.settimeout(30)
+    stop = threading.Event()
+
+    def push() -> None:
+        try:
+            _, addr = pusher.recvfrom(100)
+            while not stop.is_set():
+                pusher.sendto(b"INBOUND", addr)
+                time.sleep(0.1)
+        except OSError:
+            pass
+    t = threading.Thread(target=push, daemon=True)
+    t.start()
+
+    def opener(peer):
+        import socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("0.0.0.0", 40000))
+        s.sendto(b"hello", (peer, 5555))
+        s.settimeout(5)
+        print(s.recvfrom(100)[0].decode())  # the peer answered: the flow is established
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.connect((peer, 5555))
+        print(u.getsockname()[0])
+
+    def listener(peer):
+        import socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("0.0.0.0", 40000))
+        s.settimeout(2)
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.connect(("198.51.100.99", 7))
+        print(u.getsockname()[0])
+        try:
+            print(s.recvfrom(100))
+        except OSError as e:
+            print("nothing", type(e).__name__)
+    try:
+        with Client.connect(path) as c:
+            a = c.run(opener, (ECHO,), sandbox_config=NET)
+            assert a.returncode == 0 and a.stdout.startswith(b"INBOUND"), a
+            time.sleep(1.0)  # the peer keeps sending to A's address and port
+            b = c.run(listener, (ECHO,), sandbox_config=SandboxConfig(
+                network=NetworkConfig(allow=("198.51.100.99/32:7",))))
+    finally:
+        stop.set()
+        pusher.close()
+        t.join(5)
+    a_addr = a.stdout.split()[-1]
+    b_addr, got = b.stdout.split(b"\n", 1)
+    assert b_addr == a_addr, (a.stdout, b.stdout)  # the same address, handed on
+    assert got.startswith(b"nothing"), b.stdout

@@ -33,8 +33,9 @@ import socket
 import threading
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute
+from pyroute2 import Conntrack, IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
 from zygote_client._config import parse_allow as _parse_allow
 
@@ -275,17 +276,20 @@ class NetworkHost:
         self._undo(lease, has_allow, True)
 
     def _undo(self, lease: Lease, has_allow, rules: bool) -> None:
-        if rules:
-            try:
-                _nft.apply(_nft.child_del(self.table, lease.ifname, lease.child, bool(has_allow)))
-            except (_nft.NftError, OSError):
-                pass  # the table is gone (shutdown) or the elements never got in
+        # The veth first: while its host end is up but out of the rules' sets, the rules would
+        # not know it. Then the rules, then the address's tracked flows.
         try:
             with IPRoute() as ipr:
                 for idx in ipr.link_lookup(ifname=lease.ifname):
                     _delete_link(ipr, idx)
         except (NetlinkError, OSError):
             pass
+        if rules:
+            try:
+                _nft.apply(_nft.child_del(self.table, lease.ifname, lease.child, bool(has_allow)))
+            except (_nft.NftError, OSError):
+                pass  # the table is gone (shutdown) or the elements never got in
+        _forget_flows(lease.child)
 
     @staticmethod
     def _remove_links(match) -> None:
@@ -296,6 +300,27 @@ class NetworkHost:
                         _delete_link(ipr, link["index"])
         except (NetlinkError, OSError):
             pass
+
+
+def _forget_flows(address: str) -> None:
+    """Delete the connection-tracking entries of flows ``address`` started. The forward rule lets
+    traffic to a child in on conntrack state alone, and the address goes to the next child: a
+    peer that kept sending on an old flow would reach that child, whatever its allow list. Best
+    effort: never raises."""
+    try:
+        ct = Conntrack()
+    except (NetlinkError, OSError):
+        return
+    try:
+        for entry in list(ct.dump_entries(tuple_orig=NFCTAttrTuple(family=socket.AF_INET, saddr=address))):
+            try:
+                ct.delete(entry)
+            except (NetlinkError, OSError):
+                pass  # expired meanwhile
+    except (NetlinkError, OSError):
+        pass
+    finally:
+        ct.close()
 
 
 def _delete_link(ipr: IPRoute, idx: int) -> None:
