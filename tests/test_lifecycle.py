@@ -934,3 +934,54 @@ def test_SECURITY_kept_records_are_bounded_per_user(shared_dir):
         with Client.connect(sock) as c:
             again = c.attach(mine.id)
             assert again.stdout.read() == b"kept\n"
+
+
+def test_an_attach_overlapping_the_exit_hears_the_exit(socket_daemon):
+    """An attach whose Attached reply waits to be sent (here behind a 3 MB report the client is
+    not reading yet) while the detached child ends still gets that child's Exited, and the next
+    attach finds nothing left over. (Before: the exit went to the spawner alone, a record was
+    kept, and the attacher waited for ever holding the dead child in its connection's table.)"""
+    import socket as _socket
+
+    import cloudpickle
+    from conftest import RawConn
+    from zygote_client import _protocol as P
+
+    def sleeper():
+        import time
+        time.sleep(120)
+
+    def big():
+        import time
+        time.sleep(1)
+        return "x" * 3_000_000
+
+    raw = RawConn(socket_daemon)
+    raw.send(P.Hello(P.VERSION))
+    raw.reply()
+    with Client.connect(socket_daemon) as c:
+        child = c.spawn_child(sleeper, stdin=None, detached=True)
+        raw.send(P.Spawn(req=1, kind="callable", payload=cloudpickle.dumps((big, (), {})), stdin=False))
+        assert isinstance(raw.reply(), P.Spawned)
+        time.sleep(2.5)  # that child ended: its 3 MB report fills the socket we do not read
+        raw.send(P.Attach(2, child.id, 0))
+        time.sleep(0.5)  # the attach looked the child up and waits to send Attached
+        child.kill()
+        assert child.wait().returncode == -9
+        got = []
+        raw.sock.settimeout(5)
+        try:
+            while (m := raw.reply()) is not None and len(got) < 4:
+                got.append((type(m).__name__, getattr(m, "child", None)))
+                if got[-1] == ("Exited", child.id):
+                    break
+        except _socket.timeout:
+            pass
+        assert ("Attached", child.id) in got and ("Exited", child.id) in got, got
+        other = RawConn(socket_daemon)
+        other.send(P.Hello(P.VERSION))
+        other.reply()
+        other.send(P.Attach(3, child.id, 0))
+        assert isinstance(other.reply(), P.Error)  # no second record of the same exit
+        other.sock.close()
+    raw.sock.close()

@@ -1353,6 +1353,17 @@ class Daemon:
         pipes: list[tuple[int, int]] = []
         self._count(self.attached, uid, 1)  # counted before the awaits: concurrent attaches see it
         handed = False  # the taps task took the count over
+        # Before any wait: an ended child's record is this attach's (another attach, or expiry,
+        # cannot take it meanwhile); a running one reports its exit here too, even one that
+        # ends while the Attached reply waits to be sent (before, that exit went unheard here,
+        # and the dead child stayed in this connection's table until it closed).
+        watching = False
+        if kept is not None:
+            del self.kept[child.id]
+        elif conn not in child.watchers:
+            child.watchers.append(conn)
+            conn.children[child.id] = child
+            watching = True
         try:
             try:
                 for _ in child.rings:
@@ -1384,15 +1395,17 @@ class Daemon:
             if not handed:  # (failed, cancelled, or the connection went): our ends go too
                 self.hands.close(conn.peer_uid, [w for _, w in pipes])
                 self._count(self.attached, uid, -1)
+                if kept is not None:  # the record stays for a later attach
+                    self.kept[child.id] = kept
+                elif watching:
+                    if conn in child.watchers:
+                        child.watchers.remove(conn)
+                    conn.children.pop(child.id, None)
         if kept is not None:  # ended already: the exit follows at once, and the record goes
-            del self.kept[child.id]
             try:
                 await conn.send(kept.exited, kept.fds)
             finally:
                 _close(kept.fds)
-        elif conn not in child.watchers:
-            child.watchers.append(conn)
-            conn.children[child.id] = child
 
     def _keep(self, child: Child, exited: P.Exited, fds: list[int]) -> None:
         kept: list[int] = []
@@ -1634,7 +1647,7 @@ class Daemon:
             try:
                 if kept:
                     self._keep(child, exited, export_fds)
-                for conn in child.watchers:
+                for conn in list(child.watchers):  # (an attach or a close may change it meanwhile)
                     conn.children.pop(child.id, None)
                     if not conn.closed and child.ready_seen:
                         await conn.send(exited, export_fds)
