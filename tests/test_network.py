@@ -21,6 +21,7 @@ import struct
 import subprocess
 import sys
 import threading
+import textwrap
 import time
 
 import pytest
@@ -790,3 +791,29 @@ def test_SECURITY_a_recycled_address_inherits_no_flows(world, tmp_path):
     b_addr, got = b.stdout.split(b"\n", 1)
     assert b_addr == a_addr, (a.stdout, b.stdout)  # the same address, handed on
     assert got.startswith(b"nothing"), b.stdout
+
+
+def test_shutdown_during_a_networked_reserve_refill_is_prompt_and_clean(world, tmp_path):
+    """An embedded client closed just after it took a networked reserve child, while the
+    replacement is being made: every child is killed, also one registered after the first round
+    of kills, and the daemon exits at once, removing its links and table. (Before: shutdown
+    waited 15 s for that child; the client killed its daemon at 10 s, leaving the nft table.)"""
+    script = tmp_path / "embedded.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {os.path.join(os.path.dirname(os.path.dirname(__file__)), "client")!r})
+        from zygote_client import Client, NetworkConfig, SandboxConfig
+        c = Client.embedded(daemon_args=["--network", "--reserve-network", "2"])
+        proc = c._aclient._proc
+        time.sleep(1.5)  # the reserve filled
+        assert c.run(print, ("n",), sandbox_config=SandboxConfig(network=NetworkConfig())).stdout == b"n\\n"
+        t = time.monotonic()
+        c.close()
+        print(round(time.monotonic() - t, 1), proc.returncode)
+        """))
+    r = subprocess.run(["ip", "netns", "exec", world.host, sys.executable, str(script)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    seconds, rc = r.stdout.split()
+    assert rc == "0" and float(seconds) < 5, r.stdout
+    assert "zygote" not in world.nft() and not [link for link in world.links() if link.startswith("zg")]

@@ -455,10 +455,15 @@ class Daemon:
     async def shutdown(self) -> None:
         """Kill every child, detached ones too, and wait until each is reaped and its cgroup gone
         (the watchers are shielded from the daemon's own cancellation for exactly this)."""
-        for child in list(self.children.values()):
-            self._kill(child, signal.SIGKILL)
         with trio.move_on_after(15):
-            while self.watching:
+            while True:
+                # Again each round: a reserve refill still under way registers children after
+                # the first round (a networked one waiting for its Job held shutdown for 15 s,
+                # past an embedded client's 10 s: SIGKILLed, it left its nft table behind).
+                for child in list(self.children.values()):
+                    self._kill(child, signal.SIGKILL)
+                if not self.watching:
+                    break
                 await trio.sleep(0.01)
         for child in list(self.children.values()):
             if child.scope is not None:
