@@ -515,30 +515,22 @@ def _load(plan):
         obj = getattr(obj, part)
     if not plan.payload:
         return obj, (), {}
-    if plan.data_args:  # a pool that runs only its own code: no objects from the client
+    if plan.data_args:  # a pool that runs only its own code: plain data from the client, no objects
         import pickletools
-        for op, _, _ in pickletools.genops(plan.payload):  # (an EXT code already in copyreg's
-            if op.name in _CODE_OPCODES:                   # cache skips find_class)
+        for op, _, _ in pickletools.genops(plan.payload):  # (the opcodes pickle.loads will run)
+            if op.name in _CODE_OPCODES:
                 raise pickle.UnpicklingError(f"this pool takes plain data as arguments, not a pickle using {op.name}")
-        args, kwargs = _DataOnly(io.BytesIO(plan.payload)).load()
-        if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
-            raise TypeError("the arguments must be a tuple and a dict")
-    else:
-        args, kwargs = pickle.loads(plan.payload)
+    args, kwargs = pickle.loads(plan.payload)
+    if plan.data_args and not (isinstance(args, (tuple, list)) and isinstance(kwargs, dict)):
+        raise TypeError("the arguments must be a tuple and a dict")
     return obj, args, kwargs
 
 
+# Every opcode that names a class or function (EXT codes too: one already in copyreg's cache
+# skips find_class), calls one or builds an object: without them a pickle is plain data only
+# (None, bools, numbers, str, bytes, and lists, tuples, dicts and sets of them).
 _CODE_OPCODES = frozenset(("GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "REDUCE", "BUILD",
                            "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID"))
-
-
-class _DataOnly(pickle.Unpickler):
-    """Unpickles plain data only (None, bools, numbers, str, bytes, and lists, tuples, dicts and
-    sets of them): every class or function a pickle names goes through find_class, refused here,
-    so nothing of the client's choosing is called."""
-
-    def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"this pool takes plain data as arguments, not {module}.{name}")
 
 
 # ---- the result pipe (the payload process only) ------------------------------------------------

@@ -145,8 +145,7 @@ class Child:
     output_exceeded: bool = False
     cpu_time: float | None = None
     cgroup: object = None
-    by_pid: int = 0  # work on its pid number in flight (a v1 cgroup attach): not reaped until done
-    pid_free: trio.Event | None = None  # set when by_pid drops back to 0
+    attaching: trio.Event | None = None  # its v1 cgroup attach by pid number, until done: not reaped meanwhile
     lease: network.Lease | None = None  # its veth and address, while it has them
     net_allow: bool = False  # it has a per-child allow chain
     first_event: trio.Event = field(default_factory=trio.Event)
@@ -686,22 +685,20 @@ class Daemon:
         pc = pool.config
         kind, target = msg.kind, msg.target
         if not pc.allow_callables:  # the pool runs only its own code (see PoolConfig)
+            own = f"pool {pc.name!r} runs only its own code (allow_callables = false): "
             if kind == "callable":
                 raise _Refused("bad-request", f"pool {pc.name!r} does not accept callables from clients")
             if kind in ("script", "exec"):
-                raise _Refused("bad-request", f"pool {pc.name!r} runs only its own code (allow_callables = false): "
-                                              f"it does not accept {'scripts' if kind == 'script' else 'programs'} "
-                                              "from clients")
+                raise _Refused("bad-request", own + f"it does not accept {'scripts' if kind == 'script' else 'programs'}"
+                                                    " from clients")
             if kind == "target" and target not in pc.allowed_targets:
-                raise _Refused("bad-request", f"pool {pc.name!r} runs only its own code (allow_callables = false): "
-                                              f"{target!r} is not in its allowed_targets")
+                raise _Refused("bad-request", own + f"{target!r} is not in its allowed_targets")
             # Its code runs in the environment given: PATH, LD_PRELOAD, PYTHONPATH or BASH_ENV
             # pointing into a workspace would run the client's own. Only env_allow names may differ.
             for name, value in (msg.env or {}).items():
                 if name not in pc.env_allow and pc.env.get(name) != value:
-                    raise _Refused("bad-request", f"pool {pc.name!r} runs only its own code (allow_callables = "
-                                                  f"false): its environment is its own, and {name!r} is not in its "
-                                                  "env_allow")
+                    raise _Refused("bad-request", own + f"its environment is its own, and {name!r} is not in its "
+                                                        "env_allow")
         if kind == "child_main":
             if not pc.child_main:
                 raise _Refused("bad-request", f"pool {pc.name!r} has no child_main and no target was given")
@@ -1461,16 +1458,14 @@ class Daemon:
             elif self.cgroups is not None and (wants_cg or self.config.always_cgroup):
                 # By its pid number (cgroup.procs): the watcher must not reap it meanwhile, or the
                 # number could be another process's by the time the thread writes it.
-                child.by_pid += 1
+                child.attaching = trio.Event()
                 try:
                     cg = await trio.to_thread.run_sync(self._cgroup_for, child, cfg,
                                                        1.0 if msg.test_fail_step == "cgroup-attach-delay" else 0.0)
                 except SetupError as e:
                     return P.SpawnFailed(msg.req, e.message, "cgroup", e.errno, e.hint, code="unavailable")
                 finally:
-                    child.by_pid -= 1
-                    if not child.by_pid and child.pid_free is not None:
-                        child.pid_free.set()
+                    child.attaching.set()
                 if child.pidfd < 0:  # reaped meanwhile: its watcher already looked for a cgroup
                     with trio.CancelScope(shield=True):
                         await trio.to_thread.run_sync(self._cgroup_remove, cg)
@@ -1617,9 +1612,8 @@ class Daemon:
                     await child.status_done.wait()
                     await child.result_done.wait()
                 n.cancel_scope.cancel()
-            while child.by_pid:  # (see _setup_outside: a zombie keeps its number)
-                child.pid_free = trio.Event()
-                await child.pid_free.wait()
+            if child.attaching is not None:  # (see _setup_outside: a zombie keeps its number)
+                await child.attaching.wait()
             _, wstatus, ru = os.wait4(child.pid, 0)
         finally:
             os.close(child.pidfd)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import errno as _errno
 import fnmatch
 import os
-import shutil
 import re
+import shutil
 import stat
 import struct
 import tempfile
@@ -37,11 +37,11 @@ CHUNK = 256 << 10  # file data per record / status frame
 _LEN = struct.Struct("!I")
 _MAX_RECORD = CHUNK + 8192  # data plus the path and a little msgpack framing
 
+MAX_ENTRY_DEPTH = 64  # path components of one workspace entry
+MAX_NAME_BYTES = 16 << 20  # the paths of all a workspace's entries together (and of an export's)
+
 # Names a workspace refuses unless allowed by name: matched against every path component (and, for
 # the "a/b" patterns, against every pair of components). Keys, credentials, tokens.
-MAX_ENTRY_DEPTH = 64  # path components of one workspace entry
-MAX_NAME_BYTES = 16 << 20  # the paths of all a workspace's entries together
-
 SECRET_NAMES = (
     ".env", ".env.*", "*.env", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "*.pem", "*.key",
     "*.p12", "*.pfx", "*.keystore", "*.jks", ".netrc", "_netrc", ".pgpass", ".git-credentials",

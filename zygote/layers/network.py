@@ -23,6 +23,7 @@ Everything here is synchronous (netlink, ``nft``); the trio daemon calls it in w
 
 from __future__ import annotations
 
+import contextlib
 import errno as E
 import heapq
 import ipaddress
@@ -308,19 +309,12 @@ def _forget_flows(address: str) -> None:
     peer that kept sending on an old flow would reach that child, whatever its allow list. Best
     effort: never raises."""
     try:
-        ct = Conntrack()
-    except (NetlinkError, OSError):
-        return
-    try:
-        for entry in list(ct.dump_entries(tuple_orig=NFCTAttrTuple(family=socket.AF_INET, saddr=address))):
-            try:
-                ct.delete(entry)
-            except (NetlinkError, OSError):
-                pass  # expired meanwhile
+        with contextlib.closing(Conntrack()) as ct:
+            for entry in list(ct.dump_entries(tuple_orig=NFCTAttrTuple(family=socket.AF_INET, saddr=address))):
+                with contextlib.suppress(NetlinkError, OSError):  # (expired meanwhile)
+                    ct.delete(entry)
     except (NetlinkError, OSError):
         pass
-    finally:
-        ct.close()
 
 
 def _delete_link(ipr: IPRoute, idx: int) -> None:
