@@ -13,6 +13,7 @@ import time
 import pytest
 
 from zygote.config import ConfigError, load
+from zygote_client import _protocol as P
 from zygote_client import Client, DaemonError, SandboxConfig
 
 from conftest import RawConn, config_daemon, run_as, start_daemon, stop_daemon, wait_socket, write_text
@@ -342,6 +343,72 @@ def test_SECURITY_connections_per_uid_are_capped(shared_dir):
             c.send(c.P.Hello(c.P.VERSION))
             return type(c.reply()).__name__
         assert run_as(4002, 4242, other) == "Welcome"
+
+
+def test_SECURITY_detached_children_per_uid_are_capped(shared_dir):
+    """Detached children outlive their connection and each keeps up to two output buffers in the
+    daemon: one user may run max_detached_per_client of them at once, however many connections
+    it spreads them over (a burst sent without waiting for replies included); the next is refused
+    with Error(limit) while plain children still run; once one ends, a new one is accepted.
+    Another uid is not affected."""
+    with config_daemon(shared_dir, """
+            socket_mode = "0660"
+            socket_group = 4242
+            allowed_uids = [4001, 4002]
+            max_detached_per_client = 2
+            """) as sock:
+        def spawn(req: int, detached: bool = True):
+            return P.Spawn(req=req, kind="exec", argv=["/bin/sh", "-c", "exec sleep 60"],
+                                   stdin=False, detached=detached)
+
+        def replies(c, n: int) -> list:
+            out = []
+            while len(out) < n:
+                m = c.reply()
+                if not isinstance(m, P.Exited):
+                    out.append(m)
+            return out
+
+        def tags(msgs) -> list[str]:
+            return [f"{type(m).__name__}:{getattr(m, 'code', '')}" for m in msgs]
+
+        def talk() -> str:
+            out = []
+            first, second = RawConn(sock), RawConn(sock)
+            for c in (first, second):
+                c.send(c.P.Hello(c.P.VERSION))
+                c.reply()
+            for req in (1, 2, 3):  # a burst: no reply read in between
+                first.send(spawn(req))
+            got = sorted(replies(first, 3), key=lambda m: m.req)  # (answered in any order)
+            out += sorted(tags(got), reverse=True)
+            second.send(spawn(4))  # another connection of the same user
+            second.send(spawn(5, detached=False))
+            out += tags(sorted(replies(second, 2), key=lambda m: m.req))
+            live = [m.child for m in got if isinstance(m, P.Spawned)]
+            first.send(P.Signal(req=6, child=live[0], signum=9))
+            out += tags(replies(first, 1))
+            for _ in range(100):  # the killed one is reaped soon after
+                time.sleep(0.1)
+                second.send(spawn(7))
+                m = replies(second, 1)[0]
+                if isinstance(m, P.Spawned):
+                    break
+            out.append(type(m).__name__)
+            return ",".join(out)
+
+        assert run_as(4001, 4242, talk).split(",") == [
+            "Spawned:", "Spawned:", "SpawnFailed:limit",  # the burst: two of three
+            "SpawnFailed:limit", "Spawned:",  # the other connection: no detached one, a plain one
+            "Ok:", "Spawned"]
+
+        def other() -> str:  # while 4001 holds two
+            c = RawConn(sock)
+            c.send(c.P.Hello(c.P.VERSION))
+            c.reply()
+            c.send(spawn(1))
+            return type(c.reply()).__name__
+        assert run_as(4002, 4242, other) == "Spawned"  # (the daemon's SIGTERM ends them all)
 
 
 @pytest.mark.parametrize("path", ["/tmp/./x", "/tmp//x", "//tmp", "/tmp/../etc", "/" + "a" * 5000])

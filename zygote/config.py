@@ -21,6 +21,7 @@ same thing. Example::
     detached_keep_bytes = "256M"  # ... holding at most this much output, results and exports per uid
     max_attaches = 256            # attached readers one peer uid may have at once
     max_connections_per_client = 256  # open connections per peer uid (root: no cap)
+    max_detached_per_client = 64  # running detached children per peer uid (root: no cap)
 
     [pools.default]
     python = "/opt/pandas-venv/bin/python"   # must have the zygote distribution installed
@@ -81,6 +82,7 @@ class _DaemonSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     detached_keep_bytes: str | int | None = None
     max_attaches: int = 256
     max_connections_per_client: int = 256
+    max_detached_per_client: int = 64
 
 
 class _PoolSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -209,6 +211,9 @@ def load(path: str, *, default_python: str):
     if d.max_connections_per_client < 1:
         raise ConfigError(f"{path}: daemon.max_connections_per_client must be >= 1")
     kw["max_connections_per_client"] = d.max_connections_per_client
+    if d.max_detached_per_client < 1:
+        raise ConfigError(f"{path}: daemon.max_detached_per_client must be >= 1")
+    kw["max_detached_per_client"] = d.max_detached_per_client
     if d.detached_keep_bytes is not None:
         from zygote_client._config import parse_size
         try:

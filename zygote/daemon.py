@@ -100,6 +100,9 @@ class DaemonConfig:
             (each costs the daemon two pipes and two tasks until it ends).
         max_connections_per_client: connections one peer uid may hold open at once (root, the
             administrator, has no cap): each costs the daemon a socket, a task and its buffers.
+        max_detached_per_client: running detached children one peer uid may have at once (root:
+            no cap). Each holds up to twice detached_buffer_bytes of the daemon's memory and a
+            reading task whoever attaches, so without it one user could pin max_children of them.
     """
 
     socket_path: str | None = None
@@ -123,6 +126,7 @@ class DaemonConfig:
     detached_keep_bytes: int = 256 << 20
     max_attaches: int = 256
     max_connections_per_client: int = 256
+    max_detached_per_client: int = 64
 
 
 @dataclass(eq=False)
@@ -273,6 +277,7 @@ class Daemon:
         self.children: dict[str, Child] = {}
         self.spawning = 0  # spawns in flight, counted against max_children with the children
         self.spawning_by_uid: dict[int, int] = {}  # the same per peer uid (max_children_per_client)
+        self.detached_by_uid: dict[int, int] = {}  # uid -> detached children running or being spawned
         self.kept: dict[str, _Kept] = {}  # ended detached children not yet attached (oldest first)
         self.watching = 0  # watcher tasks still running (shutdown waits for them)
         self._nursery: trio.Nursery | None = None
@@ -769,9 +774,19 @@ class Daemon:
             if n >= per_client:
                 return P.SpawnFailed(msg.req, f"{who} runs {n} children, the per-client maximum",
                                      code="limit"), []
+        # Detached children outlive their connection and keep output buffers in the daemon:
+        # counted per uid while their spawn is in flight (a burst cannot pass the check
+        # together), and from their registration until their watcher ends (see _watch).
+        detached = msg.detached and conn.peer_uid != 0
+        if detached and self.detached_by_uid.get(conn.peer_uid, 0) >= self.config.max_detached_per_client:
+            return P.SpawnFailed(msg.req, f"uid {conn.peer_uid} runs {self.config.max_detached_per_client} "
+                                 "detached children, the daemon's maximum per user (max_detached_per_client)",
+                                 code="limit"), []
         self.spawning += 1
         conn.spawning += 1
         self.spawning_by_uid[conn.peer_uid] = self.spawning_by_uid.get(conn.peer_uid, 0) + 1
+        if detached:
+            self._count(self.detached_by_uid, conn.peer_uid, 1)
         try:
             return await self._spawn(pool, conn, msg, client_fds, prewarm)
         finally:
@@ -780,6 +795,8 @@ class Daemon:
             self.spawning_by_uid[conn.peer_uid] -= 1
             if not self.spawning_by_uid[conn.peer_uid]:
                 del self.spawning_by_uid[conn.peer_uid]
+            if detached:
+                self._count(self.detached_by_uid, conn.peer_uid, -1)
 
     async def _look(self, uid: int, fn, *args):
         """``fn(*args)``, which looks at host paths or mount tables a client named (a FUSE or NFS
@@ -978,6 +995,8 @@ class Daemon:
             mine.remove(res_r)
             self.children[child.id] = child
             conn.children[child.id] = child
+            if child.detached and child.peer_uid != 0:  # (until _watch ends: max_detached_per_client)
+                self._count(self.detached_by_uid, child.peer_uid, 1)
             self.spawns_total += 1
             self._nursery.start_soon(self._watch, child)
             if cfg.export is not None:  # (after the watcher: a memfd_create that fails leaves no stray)
@@ -1595,6 +1614,8 @@ class Daemon:
                     await child.ctl.aclose()
                 child.ctl = None
             self.watching -= 1
+            if child.detached and child.peer_uid != 0:
+                self._count(self.detached_by_uid, child.peer_uid, -1)
             if child.collector is not None:
                 child.collector.close()  # an export nobody will receive (cancelled, or already sent)
 
