@@ -240,6 +240,20 @@ def test_SECURITY_seccomp_default_denies_ioctl_tiocsti():
     assert in_child(lambda: os.isatty(os.openpty()[1]), "default") == ("ok", True)
 
 
+def test_SECURITY_seccomp_default_denies_vsock_and_rare_socket_families():
+    """AF_VSOCK is not network-namespaced: a child with no network could bind the machine's vsock
+    ports and reach the hypervisor's services (a review showed a child listening on this VM's
+    vsock address). Families 17 and up, and the old ones below AF_NETLINK, are refused; the
+    kernel truncates the family to 32 bits, so high bits must not slip a family past."""
+    AF_VSOCK, SOCK_STREAM = 40, 1
+    for family in (AF_VSOCK, (1 << 32) | AF_VSOCK, (0xFFFFFFFF << 32) | AF_VSOCK):
+        control = denied(lambda: raw("socket", family, SOCK_STREAM, 0), errno.EAFNOSUPPORT)
+        assert control[0] >= 0, control  # this host has vsock: the control made one
+    kind, res = in_child(lambda: [raw("socket", f, t, 0)[0] >= 0
+                                  for f, t in ((1, 1), (2, 1), (10, 2), (16, 3))], "default")
+    assert (kind, res) == ("ok", [True] * 4)  # AF_UNIX, AF_INET, AF_INET6, AF_NETLINK still work
+
+
 def test_SECURITY_seccomp_default_denies_misc_admin_calls():
     names = ["kexec_load", "init_module", "finit_module", "delete_module", "reboot", "swapon",
              "acct", "settimeofday", "clock_settime", "open_by_handle_at", "process_vm_readv",

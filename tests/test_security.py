@@ -284,3 +284,68 @@ def test_SECURITY_payload_cannot_reach_its_reaper_fds(client, suid_dumpable_1):
     r = client.run(payload, sandbox_config=SandboxConfig(reaper=True))
     assert r.returncode == 0, r.stderr
     assert r.stdout.count(b"Permission denied") == 2, r.stdout
+
+
+_TERMINAL_PROBE = '''
+import os
+from zygote_client import Client
+
+def probe():
+    import errno, os
+    try:
+        os.close(os.open("/dev/tty", os.O_RDONLY | os.O_NONBLOCK))
+    except OSError as e:
+        return "child: " + errno.errorcode[e.errno]
+    return "child: opened the terminal"
+
+os.close(os.open("/dev/tty", os.O_RDONLY | os.O_NONBLOCK))  # control: this process has one
+print("client: has a terminal", flush=True)
+with Client.embedded() as c:
+    print(c.call(probe), flush=True)
+'''
+
+
+def test_SECURITY_child_cannot_read_the_terminal_the_daemon_was_started_from(tmp_path):
+    """A daemon started at a terminal (``Client.embedded()`` in an interactive session, ``zygote
+    serve`` in a shell): its children were in its session, so /dev/tty (bound read-only, as every
+    Python expects it) opened that terminal and a payload could read what the user typed there.
+    Each child now starts a session of its own: it has no controlling terminal."""
+    import fcntl
+    import pty
+    import sys
+    import termios
+    script = tmp_path / "probe.py"
+    script.write_text(_TERMINAL_PROBE)
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.run([sys.executable, str(script)], stdin=slave, capture_output=True, timeout=120,
+                           start_new_session=True,  # (then the pty becomes its controlling terminal)
+                           preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert p.returncode == 0, p.stderr.decode()[-3000:]
+    assert p.stdout.decode().splitlines() == ["client: has a terminal", "child: ENXIO"], p.stdout
+
+
+def test_SECURITY_kill_0_reaches_only_the_childs_own_processes(tmp_path):
+    """``kill(0, SIGKILL)`` signals the caller's process group. Children were all in the daemon's,
+    with one host uid: one client's child killed another client's. Landlock's signal scope (ABI
+    6, kernel 6.12) stops that too, so this pool turns Landlock off, as every child runs on an
+    older kernel: the child's own session and group alone must hold."""
+    import signal
+    import time
+
+    from conftest import config_daemon
+    with config_daemon(str(tmp_path), """
+            [pools.default.sandbox]
+            landlock = "off"
+            """) as sock:
+        with Client.connect(sock) as one, Client.connect(sock) as two:
+            victim = one.spawn_child(time.sleep, (60,), stdin=None)
+            attacker = two.spawn_child(os.kill, (0, signal.SIGKILL), stdin=None)
+            assert attacker.wait(timeout=30).returncode == 0  # (a PID 1 ignores its own SIGKILL)
+            time.sleep(0.3)
+            assert victim.poll() is None, victim.status
+            victim.kill()
+            assert victim.wait(timeout=30).returncode == -signal.SIGKILL

@@ -44,6 +44,11 @@ _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, sign
 def run(fds: list[int]) -> None:
     """Entry point in the clone. ``fds``: stdin, stdout, stderr, control, status, result (any numbers)."""
     try:
+        # A session of its own, first: the clone is in the daemon's session and process group.
+        # There it could read the terminal the daemon was started from (its /dev/tty: keys typed
+        # there, passwords included), and kill(0, sig) would reach every other child in the
+        # group (same host uid). A clone is never a group leader, so setsid cannot fail here.
+        os.setsid()
         _arrange_fds(fds)
         plan = _read_plan()
         if plan is None:
