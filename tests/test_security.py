@@ -9,6 +9,7 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 
 import pytest
 
@@ -349,3 +350,96 @@ def test_SECURITY_kill_0_reaches_only_the_childs_own_processes(tmp_path):
             assert victim.poll() is None, victim.status
             victim.kill()
             assert victim.wait(timeout=30).returncode == -signal.SIGKILL
+
+
+
+
+def _inotify_probes():
+    """(hold: take every inotify instance, print how many and the errno, sleep; errno of one
+    inotify_init1, 0 when it worked), as closures (pickled by value: a child cannot import this
+    module)."""
+    def hold():
+        import ctypes
+        import time
+        libc = ctypes.CDLL(None, use_errno=True)
+        n = 0
+        while libc.inotify_init1(0) >= 0:
+            n += 1
+        print(n, ctypes.get_errno(), flush=True)
+        time.sleep(60)
+
+    def init_errno() -> int:
+        import ctypes
+        import os
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.inotify_init1(0)
+        if fd < 0:
+            return ctypes.get_errno()
+        os.close(fd)
+        return 0
+    return hold, init_errno
+
+
+def test_SECURITY_a_child_cannot_use_up_host_roots_inotify_instances(client):
+    """The kernel counts inotify instances (and queued signals, user namespaces...) per user up
+    the user-namespace chain, at the top for the namespace's owner. Children's namespaces were
+    owned by root: one child taking its 128 left host root's own processes (journald, systemd,
+    ``tail -f``) none. The zygote now clones each with its own id range's uid as the owner."""
+    import errno
+    hold, init_errno = _inotify_probes()
+    hog = client.spawn_child(hold, stdin=None)
+    try:
+        n, err = map(int, hog.stdout.readline().split())
+        assert n >= 100 and err == errno.EMFILE, (n, err)  # it did reach a limit: its own
+        assert init_errno() == 0, "host root has no inotify instance left"
+        other = client.run(init_errno)  # nor does another child lose its own
+        assert other.returncode == 0 and other.value == 0, other
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+def _pipe_probes():
+    """(hold: take pipes of 1 MiB until refused, print how many, sleep; the size of a new pipe)."""
+    def hold():
+        import fcntl
+        import os
+        import time
+        held = 0
+        try:
+            while True:  # over the per-user soft budget (16384 pages) after 64 of them
+                r, w = os.pipe()
+                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
+                held += 1
+        except OSError:
+            pass
+        print(held, flush=True)
+        time.sleep(60)
+
+    def new_pipe_size() -> int:
+        import fcntl
+        import os
+        r, w = os.pipe()
+        return fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+    return hold, new_pipe_size
+
+
+def test_SECURITY_children_do_not_share_per_user_kernel_budgets(client):
+    """Pipe buffer pages and epoll watches are budgets per host uid. All children had one host
+    uid: a child holding big pipes left every other child's new pipes one or two pages (a review
+    showed 8192 bytes instead of 65536); epoll watches the same with ENOSPC. Each live child now
+    has a host id range of its own."""
+    hold, new_pipe_size = _pipe_probes()
+    assert client.run(new_pipe_size).value == 65536  # (alone)
+    hog = client.spawn_child(hold, stdin=None)
+    other = client.spawn_child(time.sleep, (60,), stdin=None)
+    try:
+        assert int(hog.stdout.readline()) >= 64  # its own budget is spent: set sizes now fail
+        assert client.run(new_pipe_size).value == 65536
+        uids = {pid: open(f"/proc/{pid}/status").read().split("\nUid:")[1].split()[0]
+                for pid in (hog.pid, other.pid)}
+        assert len(set(uids.values())) == 2, uids
+    finally:
+        for ch in (hog, other):
+            ch.kill()
+            ch.wait()

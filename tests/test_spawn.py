@@ -508,7 +508,7 @@ def test_zygote_netns_ahead_and_fallback():
             null = os.open(os.devnull, os.O_RDWR)
             pipes = [os.pipe() for _ in range(3)]  # control, status, result
             fds = [null, null, null, pipes[0][0], pipes[1][1], pipes[2][1]]
-            socket.send_fds(parent, [REQ.pack(req, ALL_NAMESPACES | CLONE_PARENT)], fds)
+            socket.send_fds(parent, [REQ.pack(req, ALL_NAMESPACES | CLONE_PARENT, 0)], fds)
             sent += [null] + [p[0] for p in pipes[1:]] + [pipes[0][0], pipes[1][1], pipes[2][1]]
             keep.append(pipes[0][1])  # the control pipe's write end: the child waits on it
         for fd in sent:

@@ -76,12 +76,19 @@ class Cloner:
         self._size = ctypes.sizeof(self._args)
         self._args_ref = ctypes.byref(self._args)
         self._tid_addr = _tid_field_address()
+        self._pid = os.getpid()
 
-    def clone(self, flags: int, cgroup_fd: int = -1) -> int:
+    def clone(self, flags: int, cgroup_fd: int = -1, owner: int = 0) -> int:
         """clone3(flags | CLONE_CHILD_SETTID); returns 0 in the child, the child's pid in the parent.
 
+        ``owner`` (a root zygote): the host uid the clone's new user namespace belongs to, which
+        the kernel charges its per-user budgets to (see layers/userns.py). It is this process's
+        effective uid during the call only; the file-system uid stays 0, so the child still opens
+        its bind sources as before, and the real and saved uids stay 0 to come back with. The
+        child starts with it as its effective uid, until it takes its mapped ids.
+
         Raises:
-            OSError: with the kernel's errno when clone3 fails.
+            OSError: with the kernel's errno when clone3 (or taking ``owner`` as euid) fails.
         """
         a = self._args
         a.flags = flags | CLONE_CHILD_SETTID | (CLONE_INTO_CGROUP if cgroup_fd >= 0 else 0)
@@ -89,13 +96,20 @@ class Cloner:
         # With CLONE_PARENT the kernel requires exit_signal 0 and uses the zygote's own (SIGCHLD).
         a.exit_signal = 0 if flags & CLONE_PARENT else 17
         a.cgroup = cgroup_fd if cgroup_fd >= 0 else 0
-        _api.PyOS_BeforeFork()
-        pid = _libc.syscall(_SYS_CLONE3, self._args_ref, self._size)
-        if pid == 0:
-            _api.PyOS_AfterFork_Child()
-            return 0
-        err = ctypes.get_errno()
-        _api.PyOS_AfterFork_Parent()
+        if owner:
+            os.setresuid(-1, owner, -1)
+            _libc.setfsuid(0)  # (allowed without a capability: 0 is the real uid)
+        try:
+            _api.PyOS_BeforeFork()
+            pid = _libc.syscall(_SYS_CLONE3, self._args_ref, self._size)
+            if pid == 0:
+                _api.PyOS_AfterFork_Child()
+                return 0
+            err = ctypes.get_errno()
+            _api.PyOS_AfterFork_Parent()
+        finally:
+            if owner and os.getpid() == self._pid:  # (the child keeps it)
+                os.setresuid(-1, 0, -1)
         if pid < 0:
             raise OSError(err, f"clone3: {os.strerror(err)}")
         return pid

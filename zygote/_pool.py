@@ -174,8 +174,9 @@ class Zygote:
         text = first[1:].decode(errors="replace") if first else "the zygote exited during startup"
         raise PoolStartError(f"pool {self.pool.name!r}: {text}")
 
-    async def clone(self, fds: list[int], flags: int) -> int:
-        """Clone one child holding ``fds``; returns its pid. Raises ZygoteDied or OSError."""
+    async def clone(self, fds: list[int], flags: int, owner: int = 0) -> int:
+        """Clone one child holding ``fds`` whose user namespace ``owner`` owns (0: the zygote's
+        uid); returns its pid. Raises ZygoteDied or OSError."""
         async with self._lock:
             if self.sock is None or self.dead.is_set():
                 raise ZygoteDied("zygote is not running")
@@ -188,7 +189,7 @@ class Zygote:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(CLONE_REPLY_TIMEOUT):
                     try:
-                        await self.sock.sendmsg([REQ.pack(req, flags)],
+                        await self.sock.sendmsg([REQ.pack(req, flags, owner)],
                                                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(fds))])
                         rep = await self.sock.recv(64)
                     except OSError as e:

@@ -5,8 +5,9 @@ process. Talks to the daemon over one SOCK_SEQPACKET socket (fd FD):
 
     zygote -> daemon   b"R" + msgpack(info)          ready, after preloading
                        b"E" + text                    preload/startup failed; then exit 3
-    daemon -> zygote   REQ(req_id, flags) + 6 fds     clone one child with these stdio/ctl/status/result fds
-                       (+ a 7th, its cgroup, when flags has CLONE_INTO_CGROUP: cgroup v2)
+    daemon -> zygote   REQ(req_id, flags, owner) + 6 fds   clone one child with these stdio/ctl/status/result
+                       fds (+ a 7th, its cgroup, when flags has CLONE_INTO_CGROUP: cgroup v2); owner:
+                       the host uid its user namespace belongs to (0: the zygote's; see layers/userns.py)
     zygote -> daemon   REP(req_id, pid, errno)        pid > 0, or errno of the failed clone
 
 Globals, each with what it means for security (every child gets a copy of this memory):
@@ -28,7 +29,7 @@ import socket
 import struct
 import sys
 
-REQ = struct.Struct("!QQ")
+REQ = struct.Struct("!QQI")
 REP = struct.Struct("!Qqi")
 NFDS = 6  # stdin, stdout, stderr, control, status, result
 
@@ -98,6 +99,7 @@ def main(argv: list[str]) -> None:
             "preloaded": preload}
     _sock.send(b"R" + msgspec.msgpack.encode(info))
     flags_allowed = ALL_NAMESPACES | CLONE_PARENT
+    owner_back = os.geteuid()
     _netns = netns.Ahead()
     waiting = select.poll()  # (not select(): the daemon may have handed us an fd number >= 1024)
     waiting.register(_sock, select.POLLIN)
@@ -110,7 +112,7 @@ def main(argv: list[str]) -> None:
             continue
         if not msg:
             os._exit(0)  # the daemon went away
-        req, flags = REQ.unpack(msg) if len(msg) == REQ.size else (0, 0)
+        req, flags, owner = REQ.unpack(msg) if len(msg) == REQ.size else (0, 0, 0)
         # CLONE_INTO_CGROUP (cgroup v2): a seventh fd, the child's cgroup, which it is born in.
         into = bool(flags & CLONE_INTO_CGROUP)
         if len(msg) != REQ.size or len(fds) != NFDS + into:
@@ -127,9 +129,11 @@ def main(argv: list[str]) -> None:
         child.netns_ready = ahead  # the clone skips its own lo up
         err = 0
         try:
-            pid = _cloner.clone(flags, cgroup_fd)
+            pid = _cloner.clone(flags, cgroup_fd, owner)
         except OSError as e:
             pid, err = -1, e.errno or 0
+        if pid != 0 and os.geteuid() != owner_back:
+            _fail("the zygote could not take back its own uid after a clone")  # never clone as another
         if ahead and pid > 0:
             _netns.go_home()  # that namespace is the child's alone now
         if pid == 0:

@@ -72,7 +72,8 @@ class DaemonConfig:
         pools: the pools, by name; requests without a pool use "default".
         allowed_uids: peer uids allowed to connect besides root and the daemon's own uid.
         allowed_gids: peers whose primary gid (SO_PEERCRED) is listed may connect too.
-        id_base: first host uid/gid of the range sandbox ids 0..65535 map to (root daemon only).
+        id_base: first host uid/gid of the ranges sandbox ids 0..65535 map to (root daemon only):
+            each live child has one of its own, ``id_base + k * 65536`` (userns.IdSlots).
         test_hooks: accept test-only request fields (failure injection). Never in production.
         max_children: running children allowed at once (all clients).
         max_children_per_client: running children one peer uid may have over all its connections,
@@ -173,6 +174,7 @@ class Child:
     direct: bool = False  # the payload is PID 1 itself (no reaper): see _kill and _exit_status
     sigint_delivered: bool = False  # a direct child got SIGINT as itself (see _exit_status)
     emulated: int = 0  # a signal a direct child died of by default, delivered as SIGKILL
+    id_slot: int | None = None  # its host id range (userns.IdSlots; None: a non-root daemon's one mapping)
 
 
 @dataclass
@@ -283,7 +285,9 @@ class Daemon:
         self._nursery: trio.Nursery | None = None
         self._ids = itertools.count(1)
         self._prefix = secrets.token_hex(3)
-        self.uid_map, self.gid_map = userns.map_lines(config.id_base, os.getuid(), os.getgid())
+        self.uid_map, self.gid_map = userns.map_lines(config.id_base, os.getuid(), os.getgid())  # (non-root)
+        self.id_slots = userns.IdSlots(config.id_base) if os.getuid() == 0 else None
+        self._give_ownership = self.id_slots is not None and userns.can_give_ownership()
         self.spawns_total = 0
         self.cleaning = 0
         self.pending: dict[int, int] = {}  # peer uid -> bytes of requests held for it (PENDING_PER_UID)
@@ -909,6 +913,7 @@ class Daemon:
         theirs: list[int] = []
         relays: list[tuple[int, int]] = []  # (read end from the child, nonblocking write end to the reader)
         detached: list[tuple[int, int]] = []  # (read end from the child, write end of the spawner's tap)
+        slot = None  # its host id range (userns.IdSlots), until a Child holds it
         try:
             limit = cfg.max_output
             if msg.stdio == "fds":
@@ -950,12 +955,22 @@ class Daemon:
             theirs += [ctl_r, st_w, res_w]
             mine += [ctl_w, st_r, res_r]
             try:
+                if self.id_slots is not None:  # (a root daemon: a host id range of its own, see userns)
+                    try:
+                        slot = self.id_slots.take()
+                    except LookupError as e:
+                        raise OSError(_errno.EAGAIN, str(e)) from None
+                owner = self.id_slots.first_id(slot) if slot is not None and self._give_ownership else 0
                 zyg = pool.pick()
                 if born_in is not None:
-                    pid = await zyg.clone(theirs + [born_in.fd()], ALL_NAMESPACES | CLONE_PARENT | CLONE_INTO_CGROUP)
+                    pid = await zyg.clone(theirs + [born_in.fd()], ALL_NAMESPACES | CLONE_PARENT | CLONE_INTO_CGROUP,
+                                          owner)
                 else:
-                    pid = await zyg.clone(theirs, ALL_NAMESPACES | CLONE_PARENT)
+                    pid = await zyg.clone(theirs, ALL_NAMESPACES | CLONE_PARENT, owner)
             except (ZygoteDied, OSError) as e:
+                if slot is not None:
+                    self.id_slots.give(slot)
+                    slot = None
                 # No child: our ends of its pipes (and any relay pipes) go now, or every failed
                 # clone in a burst would leak a handful of fds.
                 _close(mine)
@@ -989,7 +1004,8 @@ class Daemon:
                           cpu_time=cfg.cpu_time,
                           pool=pool.config.name, peer_uid=conn.peer_uid, detached=msg.detached,
                           has_result=msg.kind not in ("exec", "script"), watchers=[conn],
-                          direct=not plan.reaper)
+                          direct=not plan.reaper, id_slot=slot)
+            slot = None  # (given back when its watcher ends)
             child.cgroup, born_in = born_in, None  # the child owns it now (removed after reaping)
             mine.remove(st_r)
             mine.remove(res_r)
@@ -1024,6 +1040,8 @@ class Daemon:
             drop(targets)
             _close(mine)
             drop_pairs()
+            if slot is not None:  # cloned (a stray the zygote's reaping handles) or not: no Child holds it
+                self.id_slots.give(slot)
             if born_in is not None:  # made for a child that never came to be
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self._cgroup_remove, born_in)
@@ -1464,7 +1482,9 @@ class Daemon:
         went = False  # the plan was sent: only then may a reserve child keep its control pipe
         try:
             try:
-                userns.outside(child.pid, self.uid_map, self.gid_map)
+                maps = (self.uid_map, self.gid_map) if child.id_slot is None else userns.map_lines(
+                    self.id_slots.first_id(child.id_slot), 0, 0)
+                userns.outside(child.pid, *maps)
             except OSError as e:
                 return P.SpawnFailed(msg.req, f"writing uid/gid maps: {e.strerror}", "userns", e.errno or 0,
                                      "the daemon needs CAP_SETUID/CAP_SETGID over the child's user namespace",
@@ -1614,6 +1634,9 @@ class Daemon:
                     await child.ctl.aclose()
                 child.ctl = None
             self.watching -= 1
+            if child.id_slot is not None:  # reaped, its cgroup gone: nothing of it holds the ids
+                self.id_slots.give(child.id_slot)
+                child.id_slot = None
             if child.detached and child.peer_uid != 0:
                 self._count(self.detached_by_uid, child.peer_uid, -1)
             if child.collector is not None:

@@ -127,7 +127,8 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         ro_binds: host path -> sandbox path, bound read-only. Default none. Security: the child can
             read everything under each host path.
         rw_binds: host path -> sandbox path, bound read-write. Default none. Security: the child can
-            change these host files (as an unprivileged, unmapped-on-host uid).
+            change these host files (as an unprivileged host uid of a range of the child's own,
+            which differs between children: a root daemon's ``id_base + k * 65536 + uid``).
         workdir: the child's working directory inside the sandbox. Default "/" (or "/tmp").
         tmpfs_size: size cap of the generated root and of /tmp, bytes or "64M". Default "64M".
         seccomp_profile: a name in seccomp-profiles/ ("default", "strict") or a JSON file path.
