@@ -443,3 +443,37 @@ def test_SECURITY_children_do_not_share_per_user_kernel_budgets(client):
         for ch in (hog, other):
             ch.kill()
             ch.wait()
+
+
+def _thread_probe():
+    """A closure: start threads (each waits) until the kernel refuses, at most ``cap``; how many."""
+    def start_threads(cap: int) -> int:
+        import threading
+        threading.stack_size(64 << 10)
+        stop = threading.Event()
+        started = []
+        try:
+            while len(started) < cap:
+                t = threading.Thread(target=stop.wait)
+                t.start()
+                started.append(t)
+        except RuntimeError:  # can't start new thread (EAGAIN)
+            pass
+        stop.set()
+        for t in started:
+            t.join()
+        return len(started)
+    return start_threads
+
+
+def test_SECURITY_a_child_without_a_pids_limit_cannot_fork_bomb_the_host(client):
+    """A child without ``pids`` (no cgroup) had no bound on its processes and threads: the host's
+    pid_max (32768 here) is shared by everything on it. RLIMIT_NPROC, counted per user in the
+    child's own user namespace, now stops it at DEFAULT_PROCESSES; a ``pids`` limit replaces it."""
+    from zygote.layers.rlimits import DEFAULT_PROCESSES
+    start_threads = _thread_probe()
+    n = client.call(start_threads, 3 * DEFAULT_PROCESSES)  # (stops there on the old code: the test stays safe)
+    assert DEFAULT_PROCESSES - 16 < n < DEFAULT_PROCESSES, n
+    # with a pids limit the cgroup bounds it instead (and reports it)
+    r = client.run(start_threads, (3 * DEFAULT_PROCESSES,), sandbox_config=SandboxConfig(pids=2000), timeout=120)
+    assert r.value == 1999 and r.status.pids_exceeded, r.status

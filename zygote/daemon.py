@@ -754,7 +754,7 @@ class Daemon:
             process_name=msg.process_name, hostname=cfg.hostname,
             cwd=cfg.workdir or files.get("workspace_path"),
             rlimits=rlimits.plan(cpu_time=cfg.cpu_time, file_size=cfg.file_size_bytes,
-                                 open_files=cfg.open_files),
+                                 open_files=cfg.open_files, pids=cfg.pids),
             landlock=cfg.landlock, landlock_ro=ro, landlock_abi=max(1, msg.test_landlock_abi), landlock_rw=rw,
             landlock_net=cfg.network is None, uid=cfg.uid, gid=cfg.gid, drop_privileges=True,
             seccomp_bpf=bpf, test_fail_step=msg.test_fail_step, deferred=deferred, prewarm=prewarm,

@@ -1,7 +1,11 @@
 """Resource limits, child side: setrlimit for each (resource, soft, hard) the daemon computed.
 
-Always includes RLIMIT_CORE = 0 (no core files with the sandbox's memory). Limits are set before the
-privilege drop because raising a hard limit needs CAP_SYS_RESOURCE; lowering never does.
+Always includes RLIMIT_CORE = 0 (no core files with the sandbox's memory), and RLIMIT_NPROC =
+DEFAULT_PROCESSES when the child has no ``pids`` limit (a cgroup's): the kernel counts a task's
+processes and threads per user *in its user namespace*, which is the child's own, so this bounds
+one child's fork bomb without a cgroup (the host's pid_max is often 32768, shared by everything).
+Limits are set before the privilege drop because raising a hard limit needs CAP_SYS_RESOURCE;
+lowering never does.
 """
 
 from __future__ import annotations
@@ -16,10 +20,15 @@ NAMES = {
 }
 
 
+DEFAULT_PROCESSES = 1024  # processes and threads of a child without a pids limit
+
+
 def plan(*, cpu_time: float | None = None, file_size: int | None = None, open_files: int | None = None,
-         address_space: int | None = None) -> list[tuple[int, int, int]]:
-    """Daemon side: the rlimit triples for a request."""
+         address_space: int | None = None, pids: int | None = None) -> list[tuple[int, int, int]]:
+    """Daemon side: the rlimit triples for a request (``pids``: its cgroup's limit, if any)."""
     out = [(resource.RLIMIT_CORE, 0, 0)]
+    if pids is None:  # (with one, the cgroup refuses first and reports pids_exceeded)
+        out.append((resource.RLIMIT_NPROC, DEFAULT_PROCESSES, DEFAULT_PROCESSES))
     if cpu_time is not None:
         # soft at the limit (SIGXCPU), hard one second later (SIGKILL): both mean cpu_time_exceeded
         secs = max(1, int(-(-cpu_time // 1)))
