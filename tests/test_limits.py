@@ -910,3 +910,34 @@ def test_SECURITY_a_hostile_workspace_does_not_hold_up_the_daemon(socket_daemon)
     finally:
         t.join(120)
     assert len(done) == 1 and isinstance(done[0], WorkspaceError), done  # (a budget, or the .env)
+
+
+@pytest.mark.parametrize("detached", [False, True])
+def test_SECURITY_relays_of_single_byte_writes_are_paced(client, detached):
+    """The daemon relays a child's output itself when it counts it (max_output_bytes) or keeps
+    it (detached): one read through a worker thread and one write per chunk, on CPU nobody's
+    cgroup pays for. A child writing single bytes made a chunk of each (six such children at
+    cpu=0.2 took a whole core of the daemon). After a short read a relay now waits detach.PACE:
+    the chunks the reader sees are at most about seconds / PACE."""
+    from zygote.detach import PACE
+    seconds = 1.5
+
+    def dribble(seconds: float) -> None:
+        import os
+        import time
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            os.write(1, b"x")
+    child = client.spawn_child(dribble, (seconds,), stdin=None, detached=detached,
+                               sandbox_config=SandboxConfig(max_output_bytes="64M", timeout=30))
+    fd = child.stdout.fileno()
+    chunks = size = 0
+    while True:
+        data = os.read(fd, 1 << 20)  # (a reader faster than the relay: one read per chunk it wrote)
+        if not data:
+            break
+        chunks += 1
+        size += len(data)
+    assert child.wait(timeout=30).returncode == 0
+    assert size > 20 * chunks, (size, chunks)  # many bytes per chunk: the child wrote them one by one
+    assert chunks <= seconds / PACE * 1.2 + 20, (chunks, size)

@@ -1794,6 +1794,8 @@ class Daemon:
                     self._count(self.relayed, owner(), len(data))
                     buf.extend(data)
                     more.set()
+                    if len(data) < detach.PACE_BELOW:  # (see detach.PACE: the daemon's CPU)
+                        await trio.sleep(detach.PACE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
             finally:
