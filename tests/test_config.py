@@ -345,6 +345,65 @@ def test_SECURITY_connections_per_uid_are_capped(shared_dir):
         assert run_as(4002, 4242, other) == "Welcome"
 
 
+def _sleeper(req: int, detached: bool = True):
+    return P.Spawn(req=req, kind="exec", argv=["/bin/sh", "-c", "exec sleep 60"], stdin=False, detached=detached)
+
+
+def _replies(c, n: int) -> list:
+    """The next ``n`` replies on RawConn ``c``, Exited messages skipped."""
+    out = []
+    while len(out) < n:
+        m = c.reply()
+        if not isinstance(m, P.Exited):
+            out.append(m)
+    return out
+
+
+def _tags(msgs) -> list[str]:
+    return [f"{type(m).__name__}:{getattr(m, 'code', '')}" for m in msgs]
+
+
+def _hello(sock: str) -> RawConn:
+    c = RawConn(sock)
+    c.send(c.P.Hello(c.P.VERSION))
+    c.reply()
+    return c
+
+
+def test_SECURITY_one_user_cannot_take_every_child_slot_by_default(shared_dir):
+    """max_children_per_client unset: a peer other than root may run a quarter of max_children
+    (here 2 of 8) over all its connections, so one local user cannot lock every other user, and
+    the administrator, out of the daemon. Another uid and root are not affected."""
+    with config_daemon(shared_dir, """
+            socket_mode = "0660"
+            socket_group = 4242
+            allowed_uids = [4001, 4002]
+            max_children = 8
+            """) as sock:
+        def burst() -> str:  # two connections, three requests before any reply, then one more
+            first, second = _hello(sock), _hello(sock)
+            for req in (1, 2, 3):
+                first.send(_sleeper(req))  # (detached: they outlive these connections)
+            got = sorted(_tags(_replies(first, 3)), reverse=True)
+            second.send(_sleeper(4, detached=False))
+            return ",".join(got + _tags(_replies(second, 1)))
+
+        assert run_as(4001, 4242, burst).split(",") == [
+            "Spawned:", "Spawned:", "SpawnFailed:limit", "SpawnFailed:limit"]
+
+        def one() -> str:
+            c = _hello(sock)
+            c.send(_sleeper(1, detached=False))
+            return _tags(_replies(c, 1))[0]
+        assert run_as(4001, 4242, one) == "SpawnFailed:limit"  # (its two detached ones still run)
+        assert run_as(4002, 4242, one) == "Spawned:"
+        with Client.connect(sock) as root:  # root: no default cap (only max_children)
+            kids = [root.spawn_child(time.sleep, (60,), stdin=None) for _ in range(5)]
+            for ch in kids:
+                ch.kill()
+                ch.wait()
+
+
 def test_SECURITY_detached_children_per_uid_are_capped(shared_dir):
     """Detached children outlive their connection and each keeps up to two output buffers in the
     daemon: one user may run max_detached_per_client of them at once, however many connections
@@ -357,20 +416,7 @@ def test_SECURITY_detached_children_per_uid_are_capped(shared_dir):
             allowed_uids = [4001, 4002]
             max_detached_per_client = 2
             """) as sock:
-        def spawn(req: int, detached: bool = True):
-            return P.Spawn(req=req, kind="exec", argv=["/bin/sh", "-c", "exec sleep 60"],
-                                   stdin=False, detached=detached)
-
-        def replies(c, n: int) -> list:
-            out = []
-            while len(out) < n:
-                m = c.reply()
-                if not isinstance(m, P.Exited):
-                    out.append(m)
-            return out
-
-        def tags(msgs) -> list[str]:
-            return [f"{type(m).__name__}:{getattr(m, 'code', '')}" for m in msgs]
+        spawn, replies, tags = _sleeper, _replies, _tags
 
         def talk() -> str:
             out = []

@@ -77,7 +77,9 @@ class DaemonConfig:
         test_hooks: accept test-only request fields (failure injection). Never in production.
         max_children: running children allowed at once (all clients).
         max_children_per_client: running children one peer uid may have over all its connections,
-            detached ones included (root: per connection); None: no own cap.
+            detached ones included (root: per connection). None (default): a quarter of
+            max_children for peers other than root and the daemon's own uid (so one local user
+            cannot take every slot from the others and the administrator), no cap for those two.
         socket_mode, socket_group: the listening socket file's mode and group (None: unchanged).
         max_result_bytes: largest encoded return value relayed to a client; the daemon buffers at
             most this much per child. A larger result is dropped (``result_kind="too-large"``)
@@ -772,7 +774,7 @@ class Daemon:
         if len(self.children) + self.spawning >= self.config.max_children:
             return P.SpawnFailed(msg.req, f"the daemon runs {len(self.children) + self.spawning} children, "
                                  "its maximum", code="limit"), []
-        per_client = self.config.max_children_per_client
+        per_client = self._per_client_cap(conn)
         if per_client is not None and conn is not self._reserve_conn:
             n, who = self._client_load(conn)
             if n >= per_client:
@@ -808,6 +810,14 @@ class Daemon:
         "paths" lane. Raises trio.TooSlowError past PATHS_TIMEOUT."""
         with trio.fail_after(PATHS_TIMEOUT):
             return await self.hands.run(uid, fn, *args, lane="paths")
+
+    def _per_client_cap(self, conn: Connection) -> int | None:
+        """The max_children_per_client that applies to ``conn``'s peer (see DaemonConfig)."""
+        if self.config.max_children_per_client is not None:
+            return self.config.max_children_per_client
+        if conn.peer_uid in (0, os.getuid()):
+            return None
+        return max(1, self.config.max_children // 4)
 
     def _client_load(self, conn: Connection) -> tuple[int, str]:
         """Children (and spawns in flight) counted against max_children_per_client: per peer uid,
@@ -1181,8 +1191,7 @@ class Daemon:
                          "environments: requests go through the daemon)"), "bad-request"
         elif not pool.reserve.size:
             why, code = f"pool {pool.config.name!r} keeps no reserve (--reserve N)", "bad-request"
-        elif self.config.max_children_per_client is not None and (
-                self._client_load(conn)[0] >= self.config.max_children_per_client):
+        elif (cap := self._per_client_cap(conn)) is not None and self._client_load(conn)[0] >= cap:
             why, code = "the per-client maximum of children is reached", "limit"
         if why:
             await conn.send(P.SpawnFailed(msg.req, why, code=code))
