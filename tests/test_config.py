@@ -345,7 +345,7 @@ def test_SECURITY_connections_per_uid_are_capped(shared_dir):
         assert run_as(4002, 4242, other) == "Welcome"
 
 
-def _sleeper(req: int, detached: bool = True):
+def _sleep_request(req: int, detached: bool = True):
     return P.Spawn(req=req, kind="exec", argv=["/bin/sh", "-c", "exec sleep 60"], stdin=False, detached=detached)
 
 
@@ -383,9 +383,9 @@ def test_SECURITY_one_user_cannot_take_every_child_slot_by_default(shared_dir):
         def burst() -> str:  # two connections, three requests before any reply, then one more
             first, second = _hello(sock), _hello(sock)
             for req in (1, 2, 3):
-                first.send(_sleeper(req))  # (detached: they outlive these connections)
+                first.send(_sleep_request(req))  # (detached: they outlive these connections)
             got = sorted(_tags(_replies(first, 3)), reverse=True)
-            second.send(_sleeper(4, detached=False))
+            second.send(_sleep_request(4, detached=False))
             return ",".join(got + _tags(_replies(second, 1)))
 
         assert run_as(4001, 4242, burst).split(",") == [
@@ -393,7 +393,7 @@ def test_SECURITY_one_user_cannot_take_every_child_slot_by_default(shared_dir):
 
         def one() -> str:
             c = _hello(sock)
-            c.send(_sleeper(1, detached=False))
+            c.send(_sleep_request(1, detached=False))
             return _tags(_replies(c, 1))[0]
         assert run_as(4001, 4242, one) == "SpawnFailed:limit"  # (its two detached ones still run)
         assert run_as(4002, 4242, one) == "Spawned:"
@@ -416,7 +416,7 @@ def test_SECURITY_detached_children_per_uid_are_capped(shared_dir):
             allowed_uids = [4001, 4002]
             max_detached_per_client = 2
             """) as sock:
-        spawn, replies, tags = _sleeper, _replies, _tags
+        spawn, replies, tags = _sleep_request, _replies, _tags
 
         def talk() -> str:
             out = []
