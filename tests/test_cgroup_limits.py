@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
 import time
 
 import pytest
 
-from zygote_client import Client, SandboxConfig
-from conftest import children_of, cmdline, daemon_pid, fd_count
+from zygote_client import Client, SandboxConfig, SandboxUnavailable
+from conftest import children_of, cmdline, config_daemon, daemon_pid, fd_count, stop_daemon, wait_socket
 
 
 def _zygote_dirs(pid: int) -> list[str]:
@@ -62,6 +63,107 @@ def test_pids_limit_stops_fork_bomb(cg_client):
     assert st.pids_exceeded, st
     assert [p for p, _ in children_of(daemon_pid(cg_client))
             if b"zygote._zygote" not in cmdline(p) and os.path.exists(f"/proc/{p}")] == []
+
+
+@pytest.mark.cgroupv2
+def test_SECURITY_cpu_time_bounds_all_processes_of_a_child(cg_client):
+    """cpu_time bounds the CPU of the whole child, not of each process. It was RLIMIT_CPU alone
+    (per process): a payload whose forks each burned less than the limit used 12 CPU-seconds
+    under cpu_time=2 and exited 0, cpu_time_exceeded=False. The daemon now counts the child's
+    cgroup and kills it (SIGKILL, the whole pid namespace) once that reaches cpu_time. Here
+    generations of parallel forks burn 0.8 s each (under the per-process limit), 14.4 s in all."""
+    def burners(generations, width, each):
+        import os, time
+        for g in range(generations):
+            pids = []
+            for _ in range(width):
+                pid = os.fork()
+                if pid == 0:
+                    t = time.process_time()
+                    while time.process_time() - t < each:
+                        pass
+                    os._exit(0)
+                pids.append(pid)
+            for pid in pids:
+                os.waitpid(pid, 0)
+            print(g, flush=True)
+        print("done", flush=True)
+
+    r = cg_client.run(burners, (6, 3, 0.8), sandbox_config=SandboxConfig(cpu_time=2, timeout=120))
+    used = r.status.cpu_user + r.status.cpu_system  # the cgroup's: every process of the child
+    assert r.status.cpu_time_exceeded, r.status
+    assert r.returncode == -signal.SIGKILL, r.status
+    assert not r.status.timed_out, r.status
+    assert b"done" not in r.stdout, r.stdout
+    assert 2.0 <= used <= 2.6, r.status  # killed near the budget, not after 14 s of CPU
+    assert r.status.enforcement.get("cpu_time", "").startswith("cgroup"), r.status
+    assert cg_client.run(print, ("still serving",)).stdout == b"still serving\n"
+
+
+def _burners(generations=6, width=3, each=0.8):
+    """Payload: `generations` rounds of `width` parallel forks burning `each` CPU-seconds apiece
+    (each fork under a per-process limit of 1 s or more), then return "done". (A closure: a
+    module-level function would be pickled by reference, and the child cannot import tests.)"""
+    def burners():
+        import os, time
+        for _ in range(generations):
+            pids = []
+            for _ in range(width):
+                pid = os.fork()
+                if pid == 0:
+                    t = time.process_time()
+                    while time.process_time() - t < each:
+                        pass
+                    os._exit(0)
+                pids.append(pid)
+            for pid in pids:
+                os.waitpid(pid, 0)
+        return "done"
+    return burners
+
+
+def test_SECURITY_cpu_time_bounds_reserve_and_leased_children(tmp_path):
+    """A pool whose default has cpu_time keeps reserve children with a cgroup; a request that takes
+    one (through the daemon, or a leased child the client starts itself) is held to cpu_time over
+    all its processes from its Job on, as a fresh clone is."""
+    with config_daemon(tmp_path, """
+            [pools.default]
+            reserve = 2
+            [pools.default.sandbox]
+            cpu_time = 1.5
+            """) as sock:
+        for leases in (0, 2):
+            with Client.connect(sock, leases=leases) as c:
+                time.sleep(1.0)  # the reserve (and the leases) filled
+                assert len(c._aclient._leases) == leases  # (the run below takes a held child)
+                r = c.run(_burners())
+                used = r.status.cpu_user + r.status.cpu_system
+                assert r.status.cpu_time_exceeded and r.returncode == -signal.SIGKILL, (leases, r.status)
+                assert 1.5 <= used <= 2.1, (leases, r.status)
+                assert r.status.enforcement.get("cpu_time", "").startswith("cgroup"), (leases, r.status)
+                assert c.call(sum, [1, 2]) == 3  # a short one is not killed
+
+
+def test_SECURITY_cpu_time_without_cgroups_fails_closed(tmp_path):
+    """cpu_time is counted in the child's cgroup: a daemon without usable cgroups refuses a
+    request with cpu_time (step "cgroup", the fix in the hint) rather than run it held to a
+    per-process rlimit only. Here the daemon runs in a mount namespace without /sys/fs/cgroup."""
+    import subprocess
+    import sys
+
+    sock = str(tmp_path / "z.sock")
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                             f'umount -R /sys/fs/cgroup && exec "$0" -m zygote serve --socket {sock}',
+                             sys.executable], stderr=subprocess.DEVNULL)
+    try:
+        wait_socket(sock, proc)
+        with Client.connect(sock) as c:
+            assert c.run(print, ("plain",)).stdout == b"plain\n"  # no limits: no cgroup needed
+            with pytest.raises(SandboxUnavailable) as ei:
+                c.run(_burners(), sandbox_config=SandboxConfig(cpu_time=1))
+            assert ei.value.step == "cgroup" and "cpu_time" in str(ei.value), ei.value
+    finally:
+        stop_daemon(proc)
 
 
 def test_cpu_quota(cg_client):

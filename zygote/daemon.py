@@ -55,6 +55,7 @@ RELAYED_PER_UID = 256 << 20
 PROBE_TIMEOUT = 1.0  # seconds a signal's look at /proc may take (see Daemon._signal)
 PATHS_TIMEOUT = 10.0  # seconds looking at a request's own host paths may take
 EOF_GRACE = 2.0  # seconds the status and result pipes get to deliver after the child's exit
+CPU_CHECK_MIN = 0.01  # seconds, at least, between two looks of the cpu_time guard (see _cpu_guard)
 RELAY_GRACE = 5.0  # seconds a relay may go on delivering after its connection closed
 RELAY_LINGER = 60.0  # ... and after its child exited (each holds two fds and its buffer)
 LEASE_GRACE = 1.0  # seconds past the pool's timeout before a held child nobody started goes
@@ -151,6 +152,7 @@ class Child:
     ready_seen: bool = False
     output_exceeded: bool = False
     cpu_time: float | None = None
+    cpu_exceeded: bool = False  # the daemon killed it: its cgroup's CPU usage reached cpu_time
     cgroup: object = None
     attaching: trio.Event | None = None  # its v1 cgroup attach by pid number, until done: not reaped meanwhile
     lease: network.Lease | None = None  # its veth and address, while it has them
@@ -309,6 +311,12 @@ class Daemon:
         self.observer.watch_pools(lambda: self.pools)
         self.network: network.NetworkHost | None = None
         self.network_error: SetupError | None = None
+        # cpu_time (see _cpu_guard): child -> [CPU seconds it had used, the zygote tree's usage
+        # just before that reading (None: not read yet), its cgroup]
+        self._cpu_watched: dict[Child, list] = {}
+        self._cpu_wake = trio.Event()
+        self._cpu_guarding = False
+        self._ncpu = os.cpu_count() or 1  # no cgroup's usage grows faster than this many CPU-seconds a second
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -1142,6 +1150,7 @@ class Daemon:
             if not msg.stdin:  # the child reads EOF, as from /dev/null: closed before the Job, while
                 os.close(fds.pop(0))  # no payload code can have handed its end to anyone
             self._hand_to(child, conn, timeout)
+            self._cpu_start(child)  # (before the Job: from it on, the payload runs)
             child.has_result = kind not in ("exec", "script")
             try:
                 # The pipe is empty and a Job frame is small: one non-blocking write, no scheduling
@@ -1498,9 +1507,11 @@ class Daemon:
                 return P.SpawnFailed(msg.req, f"writing uid/gid maps: {e.strerror}", "userns", e.errno or 0,
                                      "the daemon needs CAP_SETUID/CAP_SETGID over the child's user namespace",
                                      code="unavailable")
-            wants_cg = cfg.memory is not None or cfg.pids is not None or cfg.cpu is not None
+            asked = [k for k in ("memory", "pids", "cpu", "cpu_time") if getattr(cfg, k) is not None]
+            wants_cg = bool(asked)
             # Only children with cgroup limits get a cgroup: on cgroup v1 each attach waits for an RCU
             # grace period per hierarchy (≈35 ms measured here for 4 hierarchies), see cgroups.py.
+            # cpu_time is one: the CPU of all the child's processes is counted in its cgroup.
             if child.cgroup is not None:
                 pass  # cgroup v2: born in it (CLONE_INTO_CGROUP)
             elif self.cgroups is not None and (wants_cg or self.config.always_cgroup):
@@ -1521,7 +1532,9 @@ class Daemon:
                 child.cgroup = cg
             elif wants_cg:
                 e = self.cgroup_error
-                return P.SpawnFailed(msg.req, f"memory/pids/cpu limits need cgroups: {e.message if e else 'none'}",
+                what = "/".join(asked) + (" needs" if len(asked) == 1 else " need")
+                why = " (the CPU of all its processes is counted in its cgroup)" if "cpu_time" in asked else ""
+                return P.SpawnFailed(msg.req, f"{what} cgroups{why}: {e.message if e else 'none'}",
                                      "cgroup", e.errno if e else 0, e.hint if e else "", code="unavailable")
             if child.cgroup is not None:
                 plan = msgspec.structs.replace(plan, cgroupns=True)
@@ -1531,6 +1544,8 @@ class Daemon:
                 except SetupError as e:
                     code = "unavailable" if e.errno in (_errno.EPERM, _errno.ENOENT) else "sandbox"
                     return P.SpawnFailed(msg.req, e.message, "network", e.errno, e.hint, code=code)
+            if not plan.deferred:  # (a reserve child's payload runs at its Job: _take_reserved, _started)
+                self._cpu_start(child)
             try:
                 await ctl.send_all(C.frame(plan))
                 went = True
@@ -1671,6 +1686,7 @@ class Daemon:
         finally:
             os.close(child.pidfd)
             child.pidfd = -1  # reaped: _kill must not signal whatever reuses the number
+            self._cpu_watched.pop(child, None)  # (before its cgroup goes)
             with trio.CancelScope(shield=True):
                 await child.status_stream.aclose()
                 await child.result_stream.aclose()
@@ -1723,8 +1739,8 @@ class Daemon:
                     self.cleaning -= 1
 
     def _wants_cgroup(self, cfg: SandboxConfig) -> bool:
-        return self.cgroups is not None and (cfg.memory is not None or cfg.pids is not None
-                                             or cfg.cpu is not None or self.config.always_cgroup)
+        return self.cgroups is not None and (cfg.memory is not None or cfg.pids is not None or cfg.cpu is not None
+                                             or cfg.cpu_time is not None or self.config.always_cgroup)
 
     def _make_cgroup(self, cid: str, cfg: SandboxConfig):
         assert self.cgroups is not None
@@ -1878,6 +1894,65 @@ class Daemon:
             peak_memory=st.get("peak_memory"), cpu_user=st.get("cpu_user", status.cpu_user),
             cpu_system=st.get("cpu_system", status.cpu_system), enforcement=enforcement)
 
+    def _cpu_start(self, child: Child) -> None:
+        """The child's payload may run from now on: hold its cgroup's CPU usage (all its processes)
+        against its cpu_time (see _cpu_guard). Called before "go" for a fresh child, before the
+        Job for a reserve child a request takes, at Started for a leased one. Fail closed: a
+        child with cpu_time but no cgroup (the spawn path refuses that first) is killed."""
+        if child.cpu_time is None or child in self._cpu_watched or child.exited.is_set() or child.pidfd < 0:
+            return
+        if child.cgroup is None or self.cgroups is None:
+            self.observer.log.error("cpu_time", child=child.id, message="no cgroup to count its CPU in: killed")
+            self._kill(child, signal.SIGKILL)
+            return
+        self._cpu_watched[child] = [0.0, None, child.cgroup]  # read at the guard's next round
+        self._cpu_wake.set()
+        if not self._cpu_guarding:
+            self._cpu_guarding = True
+            self._nursery.start_soon(self._cpu_guard)
+
+    async def _cpu_guard(self) -> None:
+        """Enforce cpu_time on the whole child: SIGKILL (PID 1: the pid namespace goes with it)
+        once the child's cgroup has used cpu_time CPU-seconds. RLIMIT_CPU alone counted each
+        process apart, so forks each under the limit ran up any total.
+
+        One task for all children, no fixed polling period. Each round reads, in one worker
+        thread, the usage of the whole ``zygote`` tree and that of the children that could have
+        reached their budget since their last reading: no child's usage grows faster than the
+        tree's (hierarchical accounting), so a child whose budget left exceeds the tree's growth
+        since it was read is not looked at. The next round is at the earliest moment any child
+        could reach its budget, all the host's CPUs on it: (least budget left) / CPUs, at least
+        CPU_CHECK_MIN later (the overshoot is at most CPUs x that, plus a thread hop). Idle
+        children cost nothing; a child alone on one of N CPUs is read about N x ln(budget)
+        times. A registration wakes the guard at once."""
+        while True:
+            if not self._cpu_watched:
+                self._cpu_wake = trio.Event()
+                await self._cpu_wake.wait()
+                continue
+            self._cpu_wake = trio.Event()  # registrations from here on cut the next sleep short
+            snap = list(self._cpu_watched.items())
+            base, got = await trio.to_thread.run_sync(
+                _cpu_read, self.cgroups, [(w[2], child.cpu_time, w[0], w[1]) for child, w in snap])
+            for (child, w), used in zip(snap, got):
+                if self._cpu_watched.get(child) is not w or used is None:
+                    continue  # reaped meanwhile, or it cannot have reached its budget yet
+                if isinstance(used, Exception):  # fail closed: a budget nobody can count is spent
+                    del self._cpu_watched[child]
+                    self.observer.log.error("cpu_time", child=child.id, message=f"reading its CPU usage: {used}; killed")
+                    self._kill(child, signal.SIGKILL)
+                elif used >= child.cpu_time:
+                    del self._cpu_watched[child]
+                    child.cpu_exceeded = True
+                    self._kill(child, signal.SIGKILL)
+                else:
+                    w[0], w[1] = used, base
+            left = [child.cpu_time - w[0] - (base - w[1] if base is not None and w[1] is not None else 0.0)
+                    for child, w in self._cpu_watched.items()]
+            if left:
+                with trio.move_on_after(max(CPU_CHECK_MIN, min(left) / self._ncpu)):
+                    await self._cpu_wake.wait()
+
     async def _deadline(self, child: Child, scope: trio.CancelScope) -> None:
         if child.timeout is None:
             return
@@ -1957,6 +2032,7 @@ class Daemon:
                         self._kill(child, signal.SIGKILL)
                         return
                     if isinstance(m, C.Started):
+                        self._cpu_start(child)  # (a leased child: its Job runs from now)
                         self._started(child, m)
                     elif isinstance(m, C.ExitReport):
                         if not child.direct:  # a payload that is PID 1 has no reaper to report for it
@@ -1992,11 +2068,13 @@ class Daemon:
         enforcement = {"timeout": "daemon"} if child.timeout else {}
         cpu_exceeded = False
         if child.cpu_time is not None:
-            enforcement["cpu_time"] = "rlimit"
+            # the daemon, from the child's cgroup (_cpu_guard); RLIMIT_CPU per process is the backstop
+            enforcement["cpu_time"] = (f"cgroup-v{self.cgroups.version}" if child.cgroup is not None
+                                       and self.cgroups is not None else "rlimit")
             used = ru.ru_utime + ru.ru_stime
             # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL at the hard one (setrlimit(2))
-            cpu_exceeded = rc == -signal.SIGXCPU or (rc == -signal.SIGKILL and not child.timed_out
-                                                      and used >= child.cpu_time * 0.95)
+            cpu_exceeded = child.cpu_exceeded or rc == -signal.SIGXCPU or (
+                rc == -signal.SIGKILL and not child.timed_out and used >= child.cpu_time * 0.95)
         if child.output_exceeded:
             enforcement["max_output_bytes"] = "daemon"
         return ExitStatus(
@@ -2004,6 +2082,27 @@ class Daemon:
             cpu_time_exceeded=cpu_exceeded, wall_time=time.monotonic() - child.started,
             cpu_user=ru.ru_utime, cpu_system=ru.ru_stime, enforcement=enforcement,
         )
+
+
+def _cpu_read(host, items: list) -> tuple[float | None, list]:
+    """In a worker thread, for Daemon._cpu_guard: the ``zygote`` tree's CPU usage (None if it
+    cannot be read: then every child is read), and for each (cgroup, budget, used, tree usage at
+    that reading) the child's usage now; None where the tree grew less since its last reading
+    than its budget left (it cannot have reached it), the exception where the read failed."""
+    try:
+        base = host.cpu_usage()
+    except (OSError, KeyError, ValueError):
+        base = None
+    out: list = []
+    for cg, budget, used, at in items:
+        if base is not None and at is not None and base - at < budget - used:
+            out.append(None)
+            continue
+        try:
+            out.append(cg.cpu_usage())
+        except (OSError, KeyError, ValueError) as e:
+            out.append(e)
+    return base, out
 
 
 def _signal_state(pid: int, signum: int) -> tuple[bool, bool]:

@@ -11,8 +11,8 @@ Layout::
                    pids, cpu, cpuacct (and freezer, if mounted) hierarchies
 
 Verbs: ``detect()`` (prepare, once at daemon start) → ``CgroupHost.create()`` per request →
-``ChildCgroup.attach()`` / ``fd()`` (outside, before "go") → ``stats()``, ``kill()``, ``remove()``
-(cleanup, after reaping) → ``CgroupHost.close()`` at shutdown.
+``ChildCgroup.attach()`` / ``fd()`` (outside, before "go") → ``cpu_usage()`` (while it runs, for
+cpu_time) → ``stats()``, ``kill()``, ``remove()`` (cleanup, after reaping) → ``CgroupHost.close()`` at shutdown.
 
 cgroup v1 and the attach stall: writing a pid to a v1 ``cgroup.procs`` takes
 cgroup_threadgroup_rwsem for writing, which waits for an RCU grace period (≈15 ms on this machine
@@ -192,6 +192,16 @@ class CgroupHost:
             "clone_into_cgroup": self.version == 2,
             "daemon_moved": self._moved_from is not None,
         }
+
+    def cpu_usage(self) -> float:
+        """CPU seconds used so far by everything under the ``zygote`` directory (every child, and
+        on v2 the daemon itself if it had to move into it): v2 ``cpu.stat`` usage_usec, v1
+        ``cpuacct.usage``. No child's usage can grow faster than this total (hierarchical
+        accounting); the daemon's cpu_time guard uses it to know which children to look at.
+        Raises OSError, KeyError or ValueError when the file cannot be read or parsed."""
+        if self.version == 2:
+            return _keyed(f"{self._by['cpu'].base}/cpu.stat")["usage_usec"] / 1e6
+        return int(_read(f"{self._by['cpuacct'].base}/cpuacct.usage")) / 1e9
 
     # -- children ------------------------------------------------------------------------------
 
@@ -438,6 +448,15 @@ class ChildCgroup:
         for d in self.paths:
             out.update(_procs(d))
         return sorted(out)
+
+    def cpu_usage(self) -> float:
+        """CPU seconds used so far by every process that was ever in the cgroup (the whole child:
+        forks, threads, processes that already exited): v2 ``cpu.stat`` usage_usec, v1
+        ``cpuacct.usage`` (ns). What the daemon holds against ``cpu_time``. Raises OSError,
+        KeyError or ValueError when the file cannot be read or parsed."""
+        if self.host.version == 2:
+            return _keyed(f"{self.dirs['cpu']}/cpu.stat")["usage_usec"] / 1e6
+        return int(_read(f"{self.dirs.get('cpuacct', self.dirs['cpu'])}/cpuacct.usage")) / 1e9
 
     def stats(self, returncode: int | None = None) -> dict:
         """Accounting after (or during) the child's life.
