@@ -107,7 +107,7 @@ def _run_parser(sub) -> None:
     p.add_argument("--memory", metavar="SIZE", help="cgroup memory limit, e.g. 256M (swap 0)")
     p.add_argument("--pids", type=int, metavar="N", help="cgroup limit on processes+threads")
     p.add_argument("--cpu", type=float, metavar="CORES", help="CPU bandwidth in cores, e.g. 0.5")
-    p.add_argument("--cpu-time", type=float, metavar="S", help="RLIMIT_CPU seconds")
+    p.add_argument("--cpu-time", type=float, metavar="S", help="CPU seconds of the whole child (all its processes)")
     p.add_argument("--file-size", metavar="SIZE", help="RLIMIT_FSIZE")
     p.add_argument("--open-files", type=int, metavar="N", help="RLIMIT_NOFILE")
     p.add_argument("--max-output", metavar="SIZE", help="stdout+stderr bytes before the child is killed")

@@ -1923,8 +1923,9 @@ class Daemon:
         since it was read is not looked at. The next round is at the earliest moment any child
         could reach its budget, all the host's CPUs on it: (least budget left) / CPUs, at least
         CPU_CHECK_MIN later (the overshoot is at most CPUs x that, plus a thread hop). Idle
-        children cost nothing; a child alone on one of N CPUs is read about N x ln(budget)
-        times. A registration wakes the guard at once."""
+        children cost no reads of their own (one read of the tree per round serves all); a
+        child alone on one of N CPUs is read about N x ln(budget / (N x CPU_CHECK_MIN)) times.
+        A registration wakes the guard at once. A usage that cannot be read kills the child."""
         while True:
             if not self._cpu_watched:
                 self._cpu_wake = trio.Event()
@@ -1939,7 +1940,8 @@ class Daemon:
                     continue  # reaped meanwhile, or it cannot have reached its budget yet
                 if isinstance(used, Exception):  # fail closed: a budget nobody can count is spent
                     del self._cpu_watched[child]
-                    self.observer.log.error("cpu_time", child=child.id, message=f"reading its CPU usage: {used}; killed")
+                    self.observer.log.error("cpu_time", child=child.id,
+                                            message=f"reading its CPU usage: {used}; killed")
                     self._kill(child, signal.SIGKILL)
                 elif used >= child.cpu_time:
                     del self._cpu_watched[child]

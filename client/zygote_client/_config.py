@@ -143,7 +143,10 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         memory: cgroup memory limit, bytes or "256M"; swap is 0. Default None (pool's).
         pids: cgroup limit on tasks (processes + threads). Default None (pool's).
         cpu: CPU bandwidth in cores (0.5 = half a core). Default None.
-        cpu_time: RLIMIT_CPU in seconds. Default None.
+        cpu_time: CPU seconds of the whole child, every process it starts included: the daemon
+            counts its cgroup and SIGKILLs it once reached (``cpu_time_exceeded``), within a few
+            tens of ms of CPU. Each process also gets RLIMIT_CPU at it (rounded up) as a backstop.
+            Needs cgroups: without them the spawn fails (step "cgroup"). Default None.
         timeout: wall-clock seconds, enforced by the daemon (SIGKILL of the whole tree). Default None.
         timeout_grace: seconds between SIGTERM and SIGKILL on timeout. Default None (SIGKILL at once).
         file_size: RLIMIT_FSIZE in bytes or "10M". Default None.
@@ -166,11 +169,11 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             timeout) still act as on a subprocess: the daemon delivers them. What a PID 1 does
             not get unless it has a handler: signals it raises against itself
             (``os.kill(os.getpid(), ...)``; ``abort()`` ends as SIGSEGV), signals from its own
-            subprocesses, SIGXCPU at the ``cpu_time`` soft limit (it dies at the hard limit, a
-            second later) and SIGALRM from ``alarm()``; orphaned grandchildren (``cmd &`` in a
-            shell) stay zombies until it exits. Code that relies on those wants the reaper. A
-            pool's True holds for every request; an export and an exec'd program (``zygote run
-            --``) always get one.
+            subprocesses, SIGXCPU at the ``cpu_time`` rlimit (the daemon's kill at ``cpu_time``,
+            or the hard limit a second later, ends it) and SIGALRM from ``alarm()``; orphaned
+            grandchildren (``cmd &`` in a shell) stay zombies until it exits. Code that relies
+            on those wants the reaper. A pool's True holds for every request; an export and an
+            exec'd program (``zygote run --``) always get one.
     """
 
     chroot_dir: str | None = None
@@ -261,7 +264,8 @@ class ExitStatus(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
         timed_out: the daemon killed it at the wall-clock ``timeout``.
         memory_exceeded: the cgroup's OOM killer fired.
         pids_exceeded: a fork/clone failed at the ``pids`` limit.
-        cpu_time_exceeded: RLIMIT_CPU ended it (SIGXCPU/SIGKILL).
+        cpu_time_exceeded: the daemon killed it when its cgroup had used ``cpu_time`` (all its
+            processes), or a process's RLIMIT_CPU backstop ended it (SIGXCPU/SIGKILL).
         output_exceeded: it wrote more than ``max_output_bytes``.
         wall_time: seconds from clone to reaping.
         cpu_user, cpu_system: CPU seconds of the child and everything it started.

@@ -4,8 +4,10 @@ Always includes RLIMIT_CORE = 0 (no core files with the sandbox's memory), and R
 DEFAULT_PROCESSES when the child has no ``pids`` limit (a cgroup's): the kernel counts a task's
 processes and threads per user *in its user namespace*, which is the child's own, so this bounds
 one child's fork bomb without a cgroup (the host's pid_max is often 32768, shared by everything).
-Limits are set before the privilege drop because raising a hard limit needs CAP_SYS_RESOURCE;
-lowering never does.
+RLIMIT_CPU is per process, so for ``cpu_time`` it is only a backstop: the daemon holds the whole
+child (every process) to ``cpu_time`` from its cgroup's usage (``Daemon._cpu_guard``). Limits are
+set before the privilege drop because raising a hard limit needs CAP_SYS_RESOURCE; lowering never
+does.
 """
 
 from __future__ import annotations
