@@ -122,6 +122,7 @@ def _burners(generations=6, width=3, each=0.8):
     return burners
 
 
+@pytest.mark.cgroupv2
 def test_SECURITY_cpu_time_bounds_reserve_and_leased_children(tmp_path):
     """A pool whose default has cpu_time keeps reserve children with a cgroup; a request that takes
     one (through the daemon, or a leased child the client starts itself) is held to cpu_time over
