@@ -258,3 +258,100 @@ def test_call_forwards_output(client, capfd):
     assert client.call(chatty) == 1
     out, err = capfd.readouterr()
     assert "to stdout" in out and "to stderr" in err
+
+
+def test_SECURITY_result_bursts_do_not_drop_a_reading_client(tmp_path):
+    """Each child's result may be max_result_bytes (16 MiB), and the daemon's send queue per
+    connection is 64 MiB: six children returning ~16 MiB at the same moment made the daemon
+    take the reading client for a slow one and drop the connection, killing every other child
+    of it (here a victim that only sleeps; before: BrokenError after ~4 s). The burst must
+    instead wait for the client to read, each child's result arriving whole."""
+    n, size = 6, (16 << 20) - (64 << 10)
+
+    def _big_at(at, size):
+        """A legal result near max_result_bytes, returned at the wall-clock moment ``at``."""
+        import time
+        time.sleep(max(0.0, at - time.time()))
+        return "x" * size
+
+    with Client.embedded() as c:
+        victim = c.spawn_child(lambda: __import__("time").sleep(4) or "victim finished", stdin=None)
+        at = time.time() + 2.5
+        kids = [c.spawn_child(_big_at, (at, size), stdin=None) for _ in range(n)]
+        for k in kids:
+            value = k.result(timeout=60)
+            assert len(value) == size and value[:3] == "xxx"
+        assert victim.result(timeout=60) == "victim finished"
+        assert c.call(lambda: "still connected") == "still connected"
+
+
+def _lines_ready(kids, wait: float, want: int = -1) -> list:
+    """The children whose stdout has a line within ``wait`` seconds (read once each), or the
+    first ``want`` of them."""
+    import select
+    done, deadline = [], time.monotonic() + wait
+    pending = {k.stdout.fileno(): k for k in kids}
+    while pending and time.monotonic() < deadline and len(done) != want:
+        ready, _, _ = select.select(list(pending), [], [], max(0.0, deadline - time.monotonic()))
+        for fd in ready:
+            k = pending.pop(fd)
+            assert k.stdout.readline() == b"written\n"
+            done.append(k)
+    return done
+
+
+def test_SECURITY_buffered_results_capped_per_uid(tmp_path):
+    """The daemon buffers each child's result record in its own memory, which no child's
+    cgroup pays for: 12 children each holding a 16 MiB record grew it by ~200 MiB, and one
+    user could pin max_children x max_result_bytes. Records held per peer uid are now capped
+    (max_result_bytes_per_client): past it the daemon stops reading that uid's result pipes and
+    the children block in their writes. Here 1 MiB records under a 4 MiB budget: 10 children
+    try, exactly 4 get their record taken; the others block (non-vacuous: before, all 10 wrote
+    theirs). The budget frees as reports are sent: a blocked child proceeds when a holder
+    ends; a blocked child still has its timeout; a small result written by a child that then
+    exits while the budget is full is reported once there is room, not lost."""
+    size = (1 << 20) - 64
+
+    def _hold_result(size):
+        """Write one result record of ``size`` bytes on fd 5 by pieces, say so, then wait."""
+        import os, struct, sys, time
+        os.write(5, struct.pack("!cQ", b"j", size))
+        left, chunk = size, b" " * 65536
+        while left:
+            left -= os.write(5, chunk[:min(left, 65536)])
+        sys.stdout.write("written\n")
+        sys.stdout.flush()
+        time.sleep(60)
+
+    path = str(tmp_path / "z.sock")
+    proc = start_daemon("--socket", path, "--max-result-bytes", "1M", "--max-result-bytes-per-client", "4M")
+    try:
+        wait_socket(path, proc)
+        with Client.connect(path) as c:
+            kids = [c.spawn_child(_hold_result, (size,), stdin=None, timeout=60) for _ in range(10)]
+            holders = _lines_ready(kids, 10.0, want=4)
+            assert len(holders) == 4, f"{len(holders)} of 10 children could write a 1 MiB record"
+            waiting = [k for k in kids if k not in holders]
+            assert not _lines_ready(waiting, 1.0), "a fifth 1 MiB record was taken under a 4 MiB budget"
+
+            # a blocked child's timeout still ends it (its record cut short: no result)
+            late = c.spawn_child(_hold_result, (size,), stdin=None, timeout=1.5)
+            t0 = time.monotonic()
+            st = late.wait(timeout=30)
+            assert st.timed_out and time.monotonic() - t0 < 10
+
+            # a small result written whole (it fits in the pipe) by a child that then exits
+            small = c.spawn_child(lambda: "small", stdin=None)
+            time.sleep(1.0)  # it has ended; its record waits for room
+
+            holders[0].kill()  # its record is let go: one waiting child gets the room
+            assert holders[0].wait(timeout=30).returncode == -9
+            assert len(_lines_ready(waiting, 10.0, want=1)) == 1
+            assert small.result(timeout=30) == "small"
+            for k in kids:
+                k.kill()
+            for k in kids:
+                k.wait(timeout=30)
+            assert c.call(lambda: "ok") == "ok"
+    finally:
+        stop_daemon(proc)
