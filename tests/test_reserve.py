@@ -676,3 +676,18 @@ def test_SECURITY_a_request_cancelled_while_its_reserve_child_is_fitted_leaves_n
         with Client.connect(sock) as c:
             for _ in range(5):  # a full daemon would refuse: "runs 6 children, its maximum"
                 assert c.call(lambda: 5) == 5
+
+
+def test_a_request_above_the_default_process_cap_skips_a_reserve_child_without_pids(tmp_path):
+    """Reserve children built without a pids limit have RLIMIT_NPROC DEFAULT_PROCESSES; a request
+    with pids above it (allowed: the pool has none) must get a fresh clone, not a child capped
+    lower than it asked."""
+    from test_security import _thread_probe
+    from zygote.layers.rlimits import DEFAULT_PROCESSES
+    cfg = tmp_path / "z.toml"
+    cfg.write_text('[pools.default]\nreserve = 1\n[pools.default.sandbox]\nmemory = "1G"\n')
+    start_threads = _thread_probe()
+    with Client.embedded(daemon_args=["--config", str(cfg)]) as c:
+        assert len(_wait_reserve(c, 1)) == 1
+        r = c.run(start_threads, (DEFAULT_PROCESSES + 200,), sandbox_config=SandboxConfig(pids=3000), timeout=120)
+        assert r.value == DEFAULT_PROCESSES + 200, r.status

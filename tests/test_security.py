@@ -477,3 +477,47 @@ def test_SECURITY_a_child_without_a_pids_limit_cannot_fork_bomb_the_host(client)
     # with a pids limit the cgroup bounds it instead (and reports it)
     r = client.run(start_threads, (3 * DEFAULT_PROCESSES,), sandbox_config=SandboxConfig(pids=2000), timeout=120)
     assert r.value == 1999 and r.status.pids_exceeded, r.status
+
+
+def test_SECURITY_two_daemons_never_give_their_children_the_same_ids():
+    """Host id ranges are claimed per daemon, host-wide (flock'd blocks): two root daemons on one
+    host (an embedded client beside the system's) each started at the first range, so their
+    children shared per-user kernel budgets again (a review showed one daemon's child shrinking
+    the other's pipes)."""
+    def host_uid(pid: int) -> str:
+        return open(f"/proc/{pid}/status").read().split("\nUid:")[1].split()[0]
+    with Client.embedded() as a, Client.embedded() as b:
+        kids = [c.spawn_child(time.sleep, (60,), stdin=None) for c in (a, b)]
+        try:
+            assert host_uid(kids[0].pid) != host_uid(kids[1].pid)
+        finally:
+            for ch in kids:
+                ch.kill()
+                ch.wait()
+
+
+def test_SECURITY_id_ranges_are_bounded_claimed_and_reused_last(tmp_path):
+    """A daemon's children only ever get ids from the blocks it claimed at start (before, the
+    cursor walked through every uid up to 2^32, where real accounts (SSSD, LDAP ranges) live,
+    and a range's first uid owns its child's namespace); a second daemon gets other blocks; a
+    range given back is taken last; a block holding a host account's id is refused."""
+    from zygote.layers import userns
+    locks = str(tmp_path / "ids")
+    base = userns.DEFAULT_ID_BASE
+    a = userns.IdSlots(base, 100, lock_dir=locks)  # two blocks of 64
+    b = userns.IdSlots(base, 1, lock_dir=locks)
+    try:
+        assert a.count == 128 and b.count == 64
+        taken = [a.take() for _ in range(128)]
+        assert sorted(taken) == list(range(128))
+        with pytest.raises(LookupError):
+            a.take()
+        a.give(5)
+        a.give(3)
+        assert [a.take(), a.take()] == [5, 3]  # in the order given back
+        assert b.take() == 128  # the next free block
+    finally:
+        a.close()
+        b.close()
+    with pytest.raises(ValueError, match="nobody|nogroup|inside the ids"):
+        userns.IdSlots(1, 1, lock_dir=locks)  # ids 1..4194304: the host's accounts are there

@@ -320,7 +320,13 @@ def serve(args) -> int:
         listen.listen(128)
     from . import observe
     observe.configure_logging(args.log_format, args.log_level or ("error" if args.inherit_fd is not None else "info"))
-    daemon = Daemon(cfg)
+    try:
+        daemon = Daemon(cfg)
+    except (ValueError, OSError) as e:  # e.g. no free block of host id ranges (layers/userns.py)
+        print(f"zygote serve: {e}", file=sys.stderr)
+        if own_socket:
+            os.unlink(cfg.socket_path)
+        return 2
     if args.metrics_port is not None:
         try:
             port = daemon.observer.serve_metrics(args.metrics_port)

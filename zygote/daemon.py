@@ -57,6 +57,7 @@ PATHS_TIMEOUT = 10.0  # seconds looking at a request's own host paths may take
 EOF_GRACE = 2.0  # seconds the status and result pipes get to deliver after the child's exit
 RESULT_FIRST_READ = 1 << 14  # bytes of a result record read before its budget is taken (per child)
 RESULT_WAIT = SEND_TIMEOUT  # ... and an ended child's result record waits for its uid's result budget
+ID_SLACK = 64  # host id ranges a daemon claims beyond max_children (a reaped child's, still being let go)
 CPU_CHECK_MIN = 0.01  # seconds, at least, between two looks of the cpu_time guard (see _cpu_guard)
 RELAY_GRACE = 5.0  # seconds a relay may go on delivering after its connection closed
 RELAY_LINGER = 60.0  # ... and after its child exited (each holds two fds and its buffer)
@@ -328,7 +329,7 @@ class Daemon:
         self._ids = itertools.count(1)
         self._prefix = secrets.token_hex(3)
         self.uid_map, self.gid_map = userns.map_lines(config.id_base, os.getuid(), os.getgid())  # (non-root)
-        self.id_slots = userns.IdSlots(config.id_base) if os.getuid() == 0 else None
+        self.id_slots = userns.IdSlots(config.id_base, config.max_children + ID_SLACK) if os.getuid() == 0 else None
         self._give_ownership = self.id_slots is not None and userns.can_give_ownership()
         self.spawns_total = 0
         self.cleaning = 0
@@ -1145,6 +1146,8 @@ class Daemon:
                     self._wants_cgroup(built)
                     and msgspec.structs.replace(cfg, memory=built.memory, pids=built.pids, cpu=built.cpu) == built):
                 continue
+            if built.pids is None and (cfg.pids or 0) > rlimits.DEFAULT_PROCESSES:
+                continue  # (built without a pids limit, it has RLIMIT_NPROC DEFAULT_PROCESSES: see rlimits)
             if _needs_reaper(cfg, msg.kind) == _needs_reaper(built, "deferred"):
                 return reserve
         return None

@@ -14,15 +14,19 @@ queued signals, user namespaces (counted up the namespace chain, at the top for 
 owner). With one range for all, one child could use up what every other child gets (pipes of one
 page, epoll ENOSPC); with root as the owner, what host root's own processes get (a review showed
 a child taking all 128 inotify instances from root: journald, systemd and ``tail -f`` use them).
-The maps of a namespace the daemon does not own can only be written with CAP_SYS_ADMIN (the
-kernel asks for it over the child's namespace, which only the owner has without it): a daemon
-without it (the container image cuts its capabilities to four) keeps root as the owner, and its
-children share root's budgets (per-child ranges still keep them apart from each other).
+The maps of a namespace the daemon does not own can only be written with CAP_SYS_ADMIN, and
+the child's /proc/PID/ns/net (its veth) opened with CAP_SYS_PTRACE (the owner has every
+capability over the namespace; anyone else needs them for real): a daemon without both (the
+systemd unit and the container image cut it to four capabilities) keeps root as the owner, and
+its children's inotify instances and queued signals still count against root's (per-child
+ranges still keep the per-uid budgets apart).
 """
 
 from __future__ import annotations
 
+import collections
 import errno as _errno
+import fcntl
 import os
 
 from . import SetupError
@@ -39,7 +43,7 @@ def map_lines(id_base: int, real_uid: int, real_gid: int) -> tuple[bytes, bytes]
     """uid_map and gid_map contents for a child of a daemon running as real_uid/real_gid
     (``id_base``: the first host id of the child's range; see IdSlots.first_id)."""
     if real_uid == 0:
-        if id_base <= 0 or id_base + RANGE > LAST_ID:
+        if id_base <= 0 or id_base + RANGE > LAST_ID + 1:
             raise ValueError(f"id_base {id_base} must be > 0 and leave room for {RANGE} ids")
         line = f"0 {id_base} {RANGE}\n".encode()
         return line, line
@@ -48,46 +52,93 @@ def map_lines(id_base: int, real_uid: int, real_gid: int) -> tuple[bytes, bytes]
 
 def can_give_ownership() -> bool:
     """Whether this process may clone children whose user namespace another uid owns and still
-    write their maps: CAP_SYS_ADMIN in its effective set (see the module's text)."""
+    do what the daemon does to them from outside: CAP_SYS_ADMIN (write their maps) and
+    CAP_SYS_PTRACE (open /proc/PID/ns/net of a process with another uid) in its effective set.
+    The namespace's owner has every capability over it; anyone else needs them for real."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> 21 & 1)  # CAP_SYS_ADMIN
+                eff = int(line.split()[1], 16)
+                return bool(eff >> 21 & 1 and eff >> 19 & 1)  # CAP_SYS_ADMIN, CAP_SYS_PTRACE
     return False
+
+
+LOCK_DIR = "/run/zygote-ids"  # a root daemon's claims on blocks of id ranges (flock, host-wide)
+CHUNK = 64  # ranges per claimed block
 
 
 class IdSlots:
     """The host id ranges a root daemon's live children hold, one each (see the module's text).
 
-    Taken in turn from a cursor that moves on (a range just given back is the last to be taken
-    again), so whatever the kernel still counts against an ended child's ids (an fd it passed
-    on, files left in a writable bind) rarely meets the next holder of that range.
+    A daemon claims blocks of CHUNK ranges at start, enough for ``count`` children, host-wide:
+    the first blocks above ``id_base`` that no other daemon holds (an flock on
+    LOCK_DIR/<id_base>.<block>, released when the daemon's process ends however it ends), so
+    two daemons on one host (an embedded client beside the system's) never hand out the same
+    ids. Its children then only ever have ids in those blocks (the uids from ``id_base`` up
+    must belong to no host account: whoever has a range's first uid owns that child's user
+    namespace). A range given back waits behind the others (least recently used first), so what
+    the kernel still counts against an ended child's ids (an fd it passed on, files it left in a
+    writable bind) rarely meets the next holder.
+
+    Raises:
+        ValueError: id_base leaves no room, or a host user or group has an id in the claimed blocks.
+        OSError: the lock directory cannot be made or no block is free.
     """
 
-    def __init__(self, id_base: int) -> None:
+    def __init__(self, id_base: int, count: int, lock_dir: str = LOCK_DIR) -> None:
         map_lines(id_base, 0, 0)  # (validates)
         self.id_base = id_base
-        self.count = (LAST_ID + 1 - id_base) // RANGE
-        self._used: set[int] = set()
-        self._next = 0
+        blocks = (LAST_ID + 1 - id_base) // RANGE // CHUNK
+        want = -(-count // CHUNK)
+        os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+        self._locks: list[int] = []
+        self._free: collections.deque[int] = collections.deque()
+        for block in range(blocks):
+            if len(self._locks) == want:
+                break
+            fd = os.open(os.path.join(lock_dir, f"{id_base}.{block}"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self._locks.append(fd)
+            self._free.extend(range(block * CHUNK, (block + 1) * CHUNK))
+        if len(self._locks) < want:
+            self.close()
+            raise OSError(_errno.EAGAIN, f"no {want} free blocks of {CHUNK} id ranges above id_base {id_base} "
+                                         f"(other daemons hold them: see {lock_dir})")
+        self.count = len(self._free)
+        self._check_no_account(min(self._free), max(self._free))
+
+    def _check_no_account(self, first: int, last: int) -> None:
+        import grp
+        import pwd
+        lo, hi = self.first_id(first), self.first_id(last) + RANGE
+        for name, ident in [(p.pw_name, p.pw_uid) for p in pwd.getpwall()] + [(g.gr_name, g.gr_gid) for g in grp.getgrall()]:
+            if lo <= ident < hi:
+                self.close()
+                raise ValueError(f"host user or group {name!r} has id {ident}, inside the ids this daemon gives "
+                                 f"its children ({lo}..{hi - 1}): it would own a child's namespace; choose "
+                                 "another id_base")
 
     def take(self) -> int:
         """A free slot. Raises LookupError when every one is held."""
-        if len(self._used) >= self.count:
-            raise LookupError(f"all {self.count} id ranges above id_base {self.id_base} are held by children")
-        while self._next in self._used:
-            self._next = (self._next + 1) % self.count
-        slot = self._next
-        self._used.add(slot)
-        self._next = (slot + 1) % self.count
-        return slot
+        if not self._free:
+            raise LookupError(f"all {self.count} id ranges of this daemon are held by children")
+        return self._free.popleft()
 
     def give(self, slot: int) -> None:
-        self._used.discard(slot)
+        self._free.append(slot)
 
     def first_id(self, slot: int) -> int:
         """Host uid/gid of the slot's sandbox id 0: the owner of the child's user namespace."""
         return self.id_base + slot * RANGE
+
+    def close(self) -> None:
+        for fd in self._locks:
+            os.close(fd)
+        self._locks = []
 
 
 def outside(pid: int, uid_map: bytes, gid_map: bytes) -> None:
