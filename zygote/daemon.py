@@ -55,7 +55,6 @@ RELAYED_PER_UID = 256 << 20
 PROBE_TIMEOUT = 1.0  # seconds a signal's look at /proc may take (see Daemon._signal)
 PATHS_TIMEOUT = 10.0  # seconds looking at a request's own host paths may take
 EOF_GRACE = 2.0  # seconds the status and result pipes get to deliver after the child's exit
-RESULT_FIRST_READ = 1 << 14  # bytes of a result record read before its budget is taken (per child)
 RESULT_WAIT = SEND_TIMEOUT  # ... and an ended child's result record waits for its uid's result budget
 ID_SLACK = 64  # host id ranges a daemon claims beyond max_children (a reaped child's, still being let go)
 CPU_CHECK_MIN = 0.01  # seconds, at least, between two looks of the cpu_time guard (see _cpu_guard)
@@ -2048,9 +2047,8 @@ class Daemon:
         waiting = False
         try:
             with child.result_scope:  # (its deadline is set once the child ended: _result_deadline)
-                while len(head) < hdr.size:  # the header (with what follows of a small record in
-                    # the same read: one worker-thread hop less per child), outside the budget
-                    data = await self._result_chunk(child, RESULT_FIRST_READ if not head else hdr.size - len(head))
+                while len(head) < hdr.size:  # the header, byte by byte if need be: no budget
+                    data = await self._result_chunk(child, hdr.size - len(head))
                     if not data:
                         break
                     head += data
@@ -2059,21 +2057,20 @@ class Daemon:
                         child.result_kind = "invalid"  # shorter than a header: cut short, or not ours
                     return  # (none: sys.exit, a signal, or a kind without a return value)
                 kind, length = hdr.unpack_from(head)
-                if kind not in C.RESULT_KINDS or len(head) > hdr.size + length:
-                    child.result_kind = "invalid"  # not ours, or more than the one record
+                if kind not in C.RESULT_KINDS:
+                    child.result_kind = "invalid"  # not ours
                     return
                 if length > cap:
                     child.result_kind = "too-large"
                     return
                 waiting = True
-                refused = await self._reserve_result(child, length, len(head) - hdr.size)
+                refused = await self._reserve_result(child, length)
                 if refused:
                     child.result_kind = refused
                     return
                 waiting = False
                 buf = bytearray(length)  # (what the budget counts: no regrowth, no copies on the way)
-                got = len(head) - hdr.size
-                buf[:got] = head[hdr.size:]
+                got = 0
                 while True:
                     data = await self._result_chunk(child, min(1 << 16, length - got) or 1)
                     if not data:
@@ -2112,9 +2109,8 @@ class Daemon:
     def _result_cap(self) -> int:
         return min(self.config.max_result_bytes, P.MAX_FRAME - (1 << 20))  # it must fit one Exited frame
 
-    async def _reserve_result(self, child: Child, n: int, have: int = 0) -> str | None:
-        """Count ``n`` bytes of ``child``'s record (``have`` of them read already) against its
-        uid's result budget, waiting for
+    async def _reserve_result(self, child: Child, n: int) -> str | None:
+        """Count ``n`` bytes of ``child``'s record against its uid's result budget, waiting for
         room while the uid holds other records (a record alone always fits). None: counted.
         Else the result kind to report instead: "over-budget" when the wait was given up (the
         daemon is stopping, or nobody is left to tell; the read's scope also ends it RESULT_WAIT
@@ -2132,7 +2128,7 @@ class Daemon:
                    or (child.ended is None and self.results_ended.get(uid, 0))):
                 if child.ended is not None and not looked:
                     looked = True
-                    if await child.result_stream.available() < n - have:
+                    if await child.result_stream.available() < n:
                         return "invalid"
                     self._count(self.results_ended, uid, 1)
                 if self.stopping or (child.ended is not None and not child.detached and not any(
