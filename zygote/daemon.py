@@ -2042,7 +2042,6 @@ class Daemon:
         hdr = C.RESULT_HEADER
         head = bytearray()
         buf = bytearray()
-        got = 0
         length = -1
         waiting = False
         try:
@@ -2069,17 +2068,14 @@ class Daemon:
                     child.result_kind = refused
                     return
                 waiting = False
-                buf = bytearray(length)  # (what the budget counts: no regrowth, no copies on the way)
-                got = 0
                 while True:
-                    data = await self._result_chunk(child, min(1 << 16, length - got) or 1)
+                    data = await self._result_chunk(child, min(1 << 16, length - len(buf)) or 1)
                     if not data:
                         break
-                    if got + len(data) > length:
+                    if len(buf) + len(data) > length:
                         child.result_kind = "invalid"  # more than the one record
                         return
-                    buf[got:got + len(data)] = data
-                    got += len(data)
+                    buf += data
             if length < 0:  # (the scope ran out: the child ended with half a header there)
                 if head:
                     child.result_kind = "invalid"
@@ -2087,7 +2083,7 @@ class Daemon:
             if waiting:  # the scope ran out while the record waited for the budget
                 child.result_kind = "over-budget"
                 return
-            if got != length:
+            if len(buf) != length:
                 child.result_kind = "invalid"  # cut short (killed mid-write), or not all there in time
                 return
             child.result_kind = C.RESULT_KINDS[kind]
