@@ -260,31 +260,24 @@ def test_call_forwards_output(client, capfd):
     assert "to stdout" in out and "to stderr" in err
 
 
-def test_SECURITY_result_bursts_do_not_drop_a_reading_client():
+def test_SECURITY_result_bursts_do_not_drop_a_reading_client(tmp_path):
     """Each child's result may be max_result_bytes (16 MiB), and the daemon's send queue per
-    connection is 64 MiB: six children with a ~16 MiB result each, ending at the same moment,
-    made the daemon take the reading client for a slow one and drop the connection, killing
-    every other child of it (here a victim that only sleeps; before: BrokenError, "the daemon
-    closed the connection"). The burst must instead wait for the client to read, each child's
-    result arriving whole, and the victim must finish."""
+    connection is 64 MiB: six children returning ~16 MiB at the same moment made the daemon
+    take the reading client for a slow one and drop the connection, killing every other child
+    of it (here a victim that only sleeps; before: BrokenError after ~4 s). The burst must
+    instead wait for the client to read, each child's result arriving whole."""
     n, size = 6, (16 << 20) - (64 << 10)
 
-    def big_then_exit_at(at, size):
-        """A legal record near max_result_bytes written at once; the exit at ``at``."""
-        import json, os, struct, time
-        body = json.dumps("x" * size).encode()
-        os.write(5, struct.pack("!cQ", b"j", len(body)))
-        view = memoryview(body)
-        while view:
-            view = view[os.write(5, view[:65536]):]
-        del body, view
+    def _big_at(at, size):
+        """A legal result near max_result_bytes, returned at the wall-clock moment ``at``."""
+        import time
         time.sleep(max(0.0, at - time.time()))
-        os._exit(0)
+        return "x" * size
 
     with Client.embedded() as c:
-        victim = c.spawn_child(lambda: __import__("time").sleep(5) or "victim finished", stdin=None)
-        at = time.time() + 3.0
-        kids = [c.spawn_child(big_then_exit_at, (at, size), stdin=None) for _ in range(n)]
+        victim = c.spawn_child(lambda: __import__("time").sleep(4) or "victim finished", stdin=None)
+        at = time.time() + 2.5
+        kids = [c.spawn_child(_big_at, (at, size), stdin=None) for _ in range(n)]
         for k in kids:
             value = k.result(timeout=60)
             assert len(value) == size and value[:3] == "xxx"
@@ -307,19 +300,19 @@ def _lines_ready(kids, wait: float, want: int = -1) -> list:
     return done
 
 
-def test_SECURITY_buffered_results_capped_per_uid():
+def test_SECURITY_buffered_results_capped_per_uid(tmp_path):
     """The daemon buffers each child's result record in its own memory, which no child's
     cgroup pays for: 12 children each holding a 16 MiB record grew it by ~200 MiB, and one
     user could pin max_children x max_result_bytes. Records held per peer uid are now capped
-    (max_result_bytes_per_client, 64 MiB by default): past it the daemon stops reading that
-    uid's result pipes and the children block in their writes. Here 7 children each write a
-    16 MiB record and wait: exactly 4 get theirs taken, the others block (non-vacuous: before,
-    all 7 wrote theirs). The budget frees as reports are sent: a blocked child proceeds when a
-    holder ends; a blocked child still has its timeout; a small result written by a child
-    that then exits while the budget is full is reported once there is room, not lost."""
-    size = 16 << 20  # max_result_bytes: four of them fill the budget exactly
+    (max_result_bytes_per_client): past it the daemon stops reading that uid's result pipes and
+    the children block in their writes. Here 1 MiB records under a 4 MiB budget: 10 children
+    try, exactly 4 get their record taken; the others block (non-vacuous: before, all 10 wrote
+    theirs). The budget frees as reports are sent: a blocked child proceeds when a holder
+    ends; a blocked child still has its timeout; a small result written by a child that then
+    exits while the budget is full is reported once there is room, not lost."""
+    size = (1 << 20) - 64
 
-    def hold_result(size):
+    def _hold_result(size):
         """Write one result record of ``size`` bytes on fd 5 by pieces, say so, then wait."""
         import os, struct, sys, time
         os.write(5, struct.pack("!cQ", b"j", size))
@@ -330,30 +323,35 @@ def test_SECURITY_buffered_results_capped_per_uid():
         sys.stdout.flush()
         time.sleep(60)
 
-    with Client.embedded() as c:
-        kids = [c.spawn_child(hold_result, (size,), stdin=None, timeout=60) for _ in range(7)]
-        holders = _lines_ready(kids, 20.0, want=4)
-        assert len(holders) == 4, f"{len(holders)} of 7 children could write a 16 MiB record"
-        waiting = [k for k in kids if k not in holders]
-        taken = _lines_ready(waiting, 1.5)
-        assert not taken, f"{4 + len(taken)} records of 16 MiB held under a 64 MiB budget"
+    path = str(tmp_path / "z.sock")
+    proc = start_daemon("--socket", path, "--max-result-bytes", "1M", "--max-result-bytes-per-client", "4M")
+    try:
+        wait_socket(path, proc)
+        with Client.connect(path) as c:
+            kids = [c.spawn_child(_hold_result, (size,), stdin=None, timeout=60) for _ in range(10)]
+            holders = _lines_ready(kids, 10.0, want=4)
+            assert len(holders) == 4, f"{len(holders)} of 10 children could write a 1 MiB record"
+            waiting = [k for k in kids if k not in holders]
+            assert not _lines_ready(waiting, 1.0), "a fifth 1 MiB record was taken under a 4 MiB budget"
 
-        # a blocked child's timeout still ends it (its record cut short: no result)
-        late = c.spawn_child(hold_result, (size,), stdin=None, timeout=1.5)
-        t0 = time.monotonic()
-        st = late.wait(timeout=30)
-        assert st.timed_out and time.monotonic() - t0 < 10
+            # a blocked child's timeout still ends it (its record cut short: no result)
+            late = c.spawn_child(_hold_result, (size,), stdin=None, timeout=1.5)
+            t0 = time.monotonic()
+            st = late.wait(timeout=30)
+            assert st.timed_out and time.monotonic() - t0 < 10
 
-        # a small result written whole (it fits in the pipe) by a child that then exits
-        small = c.spawn_child(lambda: "small", stdin=None)
-        time.sleep(1.0)  # it has ended; its record waits for room
+            # a small result written whole (it fits in the pipe) by a child that then exits
+            small = c.spawn_child(lambda: "small", stdin=None)
+            time.sleep(1.0)  # it has ended; its record waits for room
 
-        holders[0].kill()  # its record is let go: the ended child's goes first, then a waiting one
-        assert holders[0].wait(timeout=30).returncode == -9
-        assert small.result(timeout=30) == "small"
-        assert len(_lines_ready(waiting, 20.0, want=1)) == 1
-        for k in kids:
-            k.kill()
-        for k in kids:
-            k.wait(timeout=30)
-        assert c.call(lambda: "ok") == "ok"
+            holders[0].kill()  # its record is let go: one waiting child gets the room
+            assert holders[0].wait(timeout=30).returncode == -9
+            assert len(_lines_ready(waiting, 10.0, want=1)) == 1
+            assert small.result(timeout=30) == "small"
+            for k in kids:
+                k.kill()
+            for k in kids:
+                k.wait(timeout=30)
+            assert c.call(lambda: "ok") == "ok"
+    finally:
+        stop_daemon(proc)

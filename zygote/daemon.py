@@ -337,7 +337,6 @@ class Daemon:
         self._sent: dict[int, trio.Event] = {}  # uid -> set when some of those leave (Connection.send)
         self.results: dict[int, int] = {}  # peer uid -> bytes of result records held for it
         self._results_freed: dict[int, trio.Event] = {}  # uid -> set when some of those are let go
-        self.results_ended: dict[int, int] = {}  # uid -> ended children whose record waits for room
         self.stopping = False  # shutdown has begun
         self.open_conns: dict[int, set[Connection]] = {}  # peer uid -> its open connections
         self.attached: dict[int, int] = {}  # peer uid -> its live attaches (max_attaches)
@@ -563,7 +562,7 @@ class Daemon:
             table.pop(uid, None)
         if n < 0 and table is self.relayed and uid in self._relayed_freed:
             self._relayed_freed.pop(uid).set()
-        if n < 0 and (table is self.results or table is self.results_ended) and uid in self._results_freed:
+        if n < 0 and table is self.results and uid in self._results_freed:
             self._results_freed.pop(uid).set()
 
     def _peer_allowed(self, uid: int, gid: int) -> bool:
@@ -2118,15 +2117,11 @@ class Daemon:
         self._result_deadline(child)
         looked = False  # at what the pipe holds, once the child ended
         try:
-            # An ended child's record goes first: it is all in the pipe, and a running child's
-            # writes can wait, where an ended child's exit waits to be reported.
-            while ((self.results.get(uid, 0) and self.results.get(uid, 0) + n > budget)
-                   or (child.ended is None and self.results_ended.get(uid, 0))):
+            while self.results.get(uid, 0) and self.results.get(uid, 0) + n > budget:
                 if child.ended is not None and not looked:
                     looked = True
                     if await child.result_stream.available() < n:
                         return "invalid"
-                    self._count(self.results_ended, uid, 1)
                 if self.stopping or (child.ended is not None and not child.detached and not any(
                         not conn.closed for conn in child.watchers)):
                     return "over-budget"  # its exit will be reported to nobody
@@ -2139,8 +2134,6 @@ class Daemon:
         except (trio.ClosedResourceError, OSError):
             return "invalid"
         finally:
-            if looked:
-                self._count(self.results_ended, uid, -1)
             child.result_waiting = False
             self._result_deadline(child)
 
