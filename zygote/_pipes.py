@@ -25,10 +25,7 @@ is the payload process's only until just before the payload runs, and PID 1's (o
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
-import struct
-import termios
 import threading
 from typing import Callable
 
@@ -206,10 +203,6 @@ class PipeHands:
         return PipeEnd(self, fd, owner, lane)
 
 
-def _fionread(fd: int, _) -> int:
-    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
-
-
 class PipeEnd:
     """One of the daemon's pipe ends whose other end someone else may hold, made nonblocking.
     ``owner()`` names the uid whose threads it uses (a reserve child changes hands when taken).
@@ -250,15 +243,6 @@ class PipeEnd:
             data = await self._hands.run(self._owner(), self._guarded, os.read, max_bytes, lane=self._lane)
             if data is not None:
                 return data
-
-    async def available(self) -> int:
-        """Bytes waiting in the pipe (FIONREAD: it takes the pipe's mutex, so in a thread)."""
-        while True:
-            if self._closed:
-                raise trio.ClosedResourceError("pipe end closed")
-            n = await self._hands.run(self._owner(), self._guarded, _fionread, None, lane=self._lane)
-            if n is not None:
-                return n
 
     def _guarded(self, op, arg):
         """In a worker thread: ``op(fd, arg)`` once; None (or 0 for a write) when it would block."""

@@ -30,17 +30,6 @@ def _result_cap(text: str) -> int:
     return n  # type: ignore[return-value]
 
 
-def _result_budget(text: str) -> int:
-    from zygote_client._config import parse_size
-    try:
-        n = parse_size(text, "--max-result-bytes-per-client")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be at least 1 byte")
-    return n  # type: ignore[return-value]
-
-
 def _ring_size(text: str) -> int:
     from zygote_client._config import parse_size
     try:
@@ -84,9 +73,6 @@ def _serve_parser(sub) -> None:
                    help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (0: any free port, printed)")
     p.add_argument("--max-result-bytes", type=_result_cap, metavar="SIZE",
                    help="largest return value relayed to a client (default 16M); more is dropped")
-    p.add_argument("--max-result-bytes-per-client", type=_result_budget, metavar="SIZE",
-                   help="result records the daemon holds at once for one peer uid's children (default 64M, "
-                        "at least --max-result-bytes); past it their writes wait")
     p.add_argument("--detached-buffer-bytes", type=_ring_size, metavar="SIZE",
                    help="output kept per stream of a detached child for later attaches (default 1M)")
     p.add_argument("--detached-keep-seconds", type=float, metavar="S",
@@ -222,7 +208,6 @@ def _config_from_args(args):
         config_file.check_reserves(changes["pools"]["default"], "the default pool (--reserve, --reserve-network)")
     # Flags that set a DaemonConfig field as they are, when given (empty lists count as not given).
     for flag, field in (("socket", "socket_path"), ("max_result_bytes", "max_result_bytes"),
-                        ("max_result_bytes_per_client", "max_result_bytes_per_client"),
                         ("network_pool", "network_pool"), ("network_masquerade", "network_masquerade"),
                         ("detached_buffer_bytes", "detached_buffer_bytes"),
                         ("detached_keep_seconds", "detached_keep_seconds"), ("max_children", "max_children"),

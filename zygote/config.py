@@ -13,7 +13,6 @@ same thing. Example::
     max_children = 512
     max_children_per_client = 64  # per peer uid, over all its connections (root: per connection)
     max_result_bytes = "16M"      # largest return value relayed to a client
-    max_result_bytes_per_client = "64M"  # result records held at once per peer uid (then its children wait)
     network_pool = "10.213.0.0/16"  # networked children's /30s (only for pools allowing network)
     network_dns = ["192.0.2.53"]
     detached_buffer_bytes = "1M"  # output kept per stream of a detached child (oldest dropped)
@@ -74,7 +73,6 @@ class _DaemonSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     id_base: int | None = None
     always_cgroup: bool = False
     max_result_bytes: str | int | None = None
-    max_result_bytes_per_client: str | int | None = None
     network_pool: str | None = None
     network_dns: list[str] = []
     network_masquerade: str | None = None
@@ -195,13 +193,6 @@ def load(path: str, *, default_python: str):
             raise ConfigError(f"{path}: {e}") from None
         if kw["max_result_bytes"] > MAX_FRAME - (1 << 20):
             raise ConfigError(f"{path}: daemon.max_result_bytes: at most {(MAX_FRAME >> 20) - 1}M (one frame)")
-    if d.max_result_bytes_per_client is not None:
-        from zygote_client._config import parse_size
-        try:
-            kw["max_result_bytes_per_client"] = parse_size(d.max_result_bytes_per_client,
-                                                           "daemon.max_result_bytes_per_client")
-        except ValueError as e:
-            raise ConfigError(f"{path}: {e}") from None
     if d.detached_buffer_bytes is not None:
         from zygote_client._config import parse_size
         try:

@@ -55,7 +55,6 @@ RELAYED_PER_UID = 256 << 20
 PROBE_TIMEOUT = 1.0  # seconds a signal's look at /proc may take (see Daemon._signal)
 PATHS_TIMEOUT = 10.0  # seconds looking at a request's own host paths may take
 EOF_GRACE = 2.0  # seconds the status and result pipes get to deliver after the child's exit
-RESULT_WAIT = SEND_TIMEOUT  # ... and an ended child's result record waits for its uid's result budget
 ID_SLACK = 64  # host id ranges a daemon claims beyond max_children (a reaped child's, still being let go)
 CPU_CHECK_MIN = 0.01  # seconds, at least, between two looks of the cpu_time guard (see _cpu_guard)
 RELAY_GRACE = 5.0  # seconds a relay may go on delivering after its connection closed
@@ -87,13 +86,6 @@ class DaemonConfig:
         max_result_bytes: largest encoded return value relayed to a client; the daemon buffers at
             most this much per child. A larger result is dropped (``result_kind="too-large"``)
             and the child's writes fail, so it cannot block on the pipe.
-        max_result_bytes_per_client: result records the daemon holds for one peer uid's children
-            at once, over all its connections (default 64 MiB; at least max_result_bytes): from
-            the record's header (its whole length is reserved then) until its Exited is sent.
-            Past it the daemon stops reading that uid's result pipes and its children block on
-            their writes (their timeouts still run); a child that ended meanwhile gets its
-            result read once there is room, for up to RESULT_WAIT, else its exit is reported
-            without it (``result_kind="over-budget"``). Root included: it is the daemon's memory.
         network_pool: IPv4 network the veths of networked children get their /30s from (only used
             when a pool allows network). Security: children can never reach it (nor each other).
         network_dns: nameservers written to networked children's resolv.conf; children may reach
@@ -130,7 +122,6 @@ class DaemonConfig:
     socket_group: int | None = None
     always_cgroup: bool = False  # a cgroup (accounting, peak_memory) even for children without limits
     max_result_bytes: int = 16 << 20
-    max_result_bytes_per_client: int = 64 << 20
     network_pool: str = network.DEFAULT_POOL
     network_dns: tuple[str, ...] = ()
     network_masquerade: str | None = None
@@ -175,12 +166,6 @@ class Child:
     result_kind: str = ""  # "" (none), a C.RESULT_KINDS value, "too-large" or "invalid"
     result: bytes = b""
     result_done: trio.Event = field(default_factory=trio.Event)
-    result_scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # the read's; bounded once it ended
-    result_held: int = 0  # bytes of its uid's result budget its record holds (until its Exited is sent)
-    result_uid: int = -1  # ... the uid they are counted for
-    result_waiting: bool = False  # its read waits for room in that budget
-    result_granted: float = 0.0  # trio time the budget took its record
-    ended: float | None = None  # trio time its pidfd said it ended
     ctl: trio.lowlevel.FdStream | None = None  # a reserve child's control pipe, until its Job
     reserved: bool = False  # waiting in its pool's reserve (not yet any client's)
     reserve_fds: list[int] = field(default_factory=list)  # its stdin writer, stdout/stderr readers meanwhile
@@ -223,20 +208,15 @@ class Connection:
     def spawned(self) -> int:
         return sum(1 for c in self.children.values() if c.conn is self)
 
-    async def send(self, msg, fds: list[int] = (), *, wait_for_room: bool = False) -> None:
+    async def send(self, msg, fds: list[int] = ()) -> None:
         """Send one message; never blocks the daemon on a client that stops reading.
 
         Bytes waiting for this connection are capped (SEND_QUEUE_BYTES: results and exports are
         large), and for all its uid's connections together (SEND_QUEUE_PER_UID: more connections
-        buy no more: past it the uid's connection with the most waiting goes). A message sent
-        ``wait_for_room`` (an Exited: its result may be up to max_result_bytes, and a burst of
-        children ending together is no slow reader) instead waits, not counted, until the queues
-        have room for it (or are empty), and is dropped only with its connection. Whatever is
-        being sent must make progress: a connection that takes none of its bytes for SEND_TIMEOUT
-        is dropped, which kills its children like any disconnect and frees what their reports
-        held. So a client that stops reading holds at most the caps (plus the Exited frames
-        waiting, whose results count against max_result_bytes_per_client until sent). (An
-        export's memfd is not counted: it is held until sent.)
+        buy no more: past it the uid's connection with the most waiting goes); each send has
+        SEND_TIMEOUT; past any of these the connection is dropped, which kills its children like
+        any disconnect and frees what their reports held. (An
+        export's memfd is not counted: it is held until sent, for at most SEND_TIMEOUT.)
         """
         if self.closed:
             return
@@ -251,27 +231,16 @@ class Connection:
             return
         size = len(data)
         uid = self.peer_uid
-        daemon = self.daemon
-        if wait_for_room:
-            while not self.closed and (
-                    (self.queued and self.queued + size > SEND_QUEUE_BYTES)
-                    or (daemon.queued_by_uid.get(uid, 0)
-                        and daemon.queued_by_uid.get(uid, 0) + size > SEND_QUEUE_PER_UID)):
-                # Woken whenever one of the uid's queued messages leaves (sent, or its
-                # connection dropped): each of those is under SEND_TIMEOUT, so this ends.
-                await daemon._sent_event(uid).wait()
-            if self.closed:
-                return
         self.queued += size
-        daemon._count(daemon.queued_by_uid, uid, size)
+        self.daemon._count(self.daemon.queued_by_uid, uid, size)
         try:
             if self.queued > SEND_QUEUE_BYTES:
                 self.drop()
                 return
-            if daemon.queued_by_uid.get(uid, 0) > SEND_QUEUE_PER_UID:
+            if self.daemon.queued_by_uid.get(uid, 0) > SEND_QUEUE_PER_UID:
                 # over the uid's budget: the connection holding the most goes (a slow reader), not
                 # whichever has the next message (a healthy one, as likely as not)
-                worst = max(daemon.open_conns.get(uid, ()), key=lambda c: c.queued, default=self)
+                worst = max(self.daemon.open_conns.get(uid, ()), key=lambda c: c.queued, default=self)
                 worst.drop()
                 if worst is self or self.closed:
                     return
@@ -285,13 +254,9 @@ class Connection:
                             n = await self.sock.sendmsg([view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                                   array.array("i", fds).tobytes())])
                             view = view[n:]
-                            scope.deadline = trio.current_time() + SEND_TIMEOUT
                         while view:
                             n = await self.sock.send(view)
                             view = view[n:]
-                            # progress: a reader that takes a large frame slowly is no reader
-                            # that stopped (the timeout is for none of it moving)
-                            scope.deadline = trio.current_time() + SEND_TIMEOUT
                     except (OSError, trio.ClosedResourceError, trio.BrokenResourceError):
                         # (ClosedResourceError: the connection's own task closed the socket, on
                         # the client's EOF, while this send waited for room: not an OSError.)
@@ -300,13 +265,11 @@ class Connection:
                     self.drop()
         finally:
             self.queued -= size
-            daemon._count(daemon.queued_by_uid, uid, -size)
-            daemon._wake_senders(uid)
+            self.daemon._count(self.daemon.queued_by_uid, uid, -size)
 
     def drop(self) -> None:
         """Give up on this client: its reader loop ends and its children are killed."""
         self.closed = True
-        self.daemon._wake_senders(self.peer_uid)  # (its messages waiting for room return)
         if self.sock is not None:
             try:
                 self.sock.shutdown(socket.SHUT_RDWR)
@@ -334,10 +297,6 @@ class Daemon:
         self.cleaning = 0
         self.pending: dict[int, int] = {}  # peer uid -> bytes of requests held for it (PENDING_PER_UID)
         self.queued_by_uid: dict[int, int] = {}  # peer uid -> bytes waiting to be sent to it
-        self._sent: dict[int, trio.Event] = {}  # uid -> set when some of those leave (Connection.send)
-        self.results: dict[int, int] = {}  # peer uid -> bytes of result records held for it
-        self._results_freed: dict[int, trio.Event] = {}  # uid -> set when some of those are let go
-        self.stopping = False  # shutdown has begun
         self.open_conns: dict[int, set[Connection]] = {}  # peer uid -> its open connections
         self.attached: dict[int, int] = {}  # peer uid -> its live attaches (max_attaches)
         self.relayed: dict[int, int] = {}  # peer uid -> bytes of its children's output buffered
@@ -515,7 +474,6 @@ class Daemon:
     async def shutdown(self) -> None:
         """Kill every child, detached ones too, and wait until each is reaped and its cgroup gone
         (the watchers are shielded from the daemon's own cancellation for exactly this)."""
-        self.stopping = True  # (a result read waiting for its uid's budget gives up: see _reserve_result)
         with trio.move_on_after(15):
             while True:
                 # Again each round: a reserve refill still under way registers children after
@@ -545,14 +503,6 @@ class Daemon:
 
     # ---- connections -------------------------------------------------------------------------
 
-    def _sent_event(self, uid: int) -> trio.Event:
-        return self._sent.setdefault(uid, trio.Event())
-
-    def _wake_senders(self, uid: int) -> None:
-        ev = self._sent.pop(uid, None)
-        if ev is not None:
-            ev.set()
-
     def _count(self, table: dict[int, int], uid: int, n: int) -> None:
         """Add ``n`` (negative: release) to ``uid``'s entry in ``table`` (a per-uid count or byte total)."""
         left = table.get(uid, 0) + n
@@ -562,8 +512,6 @@ class Daemon:
             table.pop(uid, None)
         if n < 0 and table is self.relayed and uid in self._relayed_freed:
             self._relayed_freed.pop(uid).set()
-        if n < 0 and table is self.results and uid in self._results_freed:
-            self._results_freed.pop(uid).set()
 
     def _peer_allowed(self, uid: int, gid: int) -> bool:
         return (uid == 0 or uid == os.getuid() or uid in self.config.allowed_uids
@@ -1515,7 +1463,7 @@ class Daemon:
                     conn.children.pop(child.id, None)
         if kept is not None:  # ended already: the exit follows at once, and the record goes
             try:
-                await conn.send(kept.exited, kept.fds, wait_for_room=True)
+                await conn.send(kept.exited, kept.fds)
             finally:
                 _close(kept.fds)
 
@@ -1720,7 +1668,6 @@ class Daemon:
                 self._count(self.detached_by_uid, child.peer_uid, -1)
             if child.collector is not None:
                 child.collector.close()  # an export nobody will receive (cancelled, or already sent)
-            self._release_result(child)  # (cancelled before its report let it go)
 
     async def _watch_and_reap(self, child: Child) -> None:
         try:
@@ -1732,13 +1679,9 @@ class Daemon:
                 # Every writer in the pid namespace died with it, so what they wrote is in the
                 # pipes and EOF follows, unless the payload handed a write end to someone
                 # outside: then what is there is all there will be.
-                child.ended = trio.current_time()
-                self._result_deadline(child)
                 with trio.move_on_after(EOF_GRACE):
                     await child.status_done.wait()
-                # The result's read bounds itself from here (EOF_GRACE, or RESULT_WAIT while it
-                # waits for its uid's result budget: see _result_deadline), so this ends.
-                await child.result_done.wait()
+                    await child.result_done.wait()
                 n.cancel_scope.cancel()
             if child.attaching is not None:  # (see _setup_outside: a zombie keeps its number)
                 await child.attaching.wait()
@@ -1778,13 +1721,12 @@ class Daemon:
                 for conn in list(child.watchers):  # (an attach or a close may change it meanwhile)
                     conn.children.pop(child.id, None)
                     if not conn.closed and child.ready_seen:
-                        await conn.send(exited, export_fds, wait_for_room=True)
+                        await conn.send(exited, export_fds)
                         attached = attached or (conn is not child.conn and not conn.closed)
                 if child.detached and child.ready_seen and not attached and not kept:
                     self._keep(child, exited, export_fds)
             finally:
                 _close(export_fds)
-                self._release_result(child)  # (a kept record counts for detached_keep_bytes)
 
         # The report and the release side by side: a client that stops reading holds its send
         # up to SEND_TIMEOUT, and must not hold the child's address and cgroup meanwhile (its
@@ -2032,126 +1974,42 @@ class Daemon:
 
         Only the record's kind byte and length are looked at; the body goes to the client as it
         came (it may be a pickle: nothing here ever loads it). Past the cap the daemon stops
-        reading and closes its end, so the child's write fails instead of blocking. A record
-        within the cap reserves its whole length in its uid's result budget before its body is
-        read (``_reserve_result``): records are taken whole or not begun, so children writing
-        together can never each hold part of the budget and none finish.
+        reading and closes its end, so the child's write fails instead of blocking.
         """
-        cap = self._result_cap()
+        cap = min(self.config.max_result_bytes, P.MAX_FRAME - (1 << 20))  # it must fit one Exited frame
         hdr = C.RESULT_HEADER
-        head = bytearray()
         buf = bytearray()
-        length = -1
-        waiting = False
         try:
-            with child.result_scope:  # (its deadline is set once the child ended: _result_deadline)
-                while len(head) < hdr.size:  # the header, byte by byte if need be: no budget
-                    data = await self._result_chunk(child, hdr.size - len(head))
-                    if not data:
-                        break
-                    head += data
-                if len(head) < hdr.size:
-                    if head:
-                        child.result_kind = "invalid"  # shorter than a header: cut short, or not ours
-                    return  # (none: sys.exit, a signal, or a kind without a return value)
-                kind, length = hdr.unpack_from(head)
-                if kind not in C.RESULT_KINDS:
-                    child.result_kind = "invalid"  # not ours
-                    return
-                if length > cap:
-                    child.result_kind = "too-large"
-                    return
-                waiting = True
-                refused = await self._reserve_result(child, length)
-                if refused:
-                    child.result_kind = refused
-                    return
-                waiting = False
-                while True:
-                    data = await self._result_chunk(child, min(1 << 16, length - len(buf)) or 1)
-                    if not data:
-                        break
-                    if len(buf) + len(data) > length:
-                        child.result_kind = "invalid"  # more than the one record
+            while True:
+                try:
+                    data = await child.result_stream.receive_some(1 << 16)
+                except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
+                    data = b""
+                if not data:
+                    break
+                buf += data
+                if len(buf) >= hdr.size:
+                    kind, length = hdr.unpack_from(buf)
+                    if kind not in C.RESULT_KINDS or len(buf) > hdr.size + length:
+                        child.result_kind = "invalid"  # not ours, or more than the one record
                         return
-                    buf += data
-            if length < 0:  # (the scope ran out: the child ended with half a header there)
-                if head:
-                    child.result_kind = "invalid"
+                    if length > cap:
+                        child.result_kind = "too-large"
+                        return
+            if not buf:
+                return  # no result: sys.exit, a signal, or a kind without a return value
+            if len(buf) < hdr.size:
+                child.result_kind = "invalid"  # shorter than a header: cut short, or not ours
                 return
-            if waiting:  # the scope ran out while the record waited for the budget
-                child.result_kind = "over-budget"
+            kind, length = hdr.unpack_from(buf)
+            if len(buf) != hdr.size + length:
+                child.result_kind = "invalid"  # cut short (killed mid-write)
                 return
-            if len(buf) != length:
-                child.result_kind = "invalid"  # cut short (killed mid-write), or not all there in time
-                return
-            child.result_kind = C.RESULT_KINDS[kind]
-            child.result = bytes(buf)
+            child.result_kind, child.result = C.RESULT_KINDS[kind], bytes(memoryview(buf)[hdr.size:])
         finally:
-            del buf
             with trio.CancelScope(shield=True):
                 await child.result_stream.aclose()
-            if not child.result:
-                self._release_result(child)
             child.result_done.set()
-
-    async def _result_chunk(self, child: Child, n: int) -> bytes:
-        try:
-            return await child.result_stream.receive_some(n)
-        except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
-            return b""
-
-    def _result_cap(self) -> int:
-        return min(self.config.max_result_bytes, P.MAX_FRAME - (1 << 20))  # it must fit one Exited frame
-
-    async def _reserve_result(self, child: Child, n: int) -> str | None:
-        """Count ``n`` bytes of ``child``'s record against its uid's result budget, waiting for
-        room while the uid holds other records (a record alone always fits). None: counted.
-        Else the result kind to report instead: "over-budget" when the wait was given up (the
-        daemon is stopping, or nobody is left to tell; the read's scope also ends it RESULT_WAIT
-        after the child ended, see _result_deadline), "invalid" when the child ended without
-        its whole record in the pipe (killed mid-write: it will never be complete)."""
-        uid = child.peer_uid
-        budget = max(self.config.max_result_bytes_per_client, self._result_cap())
-        child.result_waiting = True
-        self._result_deadline(child)
-        looked = False  # at what the pipe holds, once the child ended
-        try:
-            while self.results.get(uid, 0) and self.results.get(uid, 0) + n > budget:
-                if child.ended is not None and not looked:
-                    looked = True
-                    if await child.result_stream.available() < n:
-                        return "invalid"
-                if self.stopping or (child.ended is not None and not child.detached and not any(
-                        not conn.closed for conn in child.watchers)):
-                    return "over-budget"  # its exit will be reported to nobody
-                with trio.move_on_after(0.25):  # (re-checks the above now and then)
-                    await self._results_freed.setdefault(uid, trio.Event()).wait()
-            child.result_held, child.result_uid = n, uid
-            self._count(self.results, uid, n)
-            child.result_granted = trio.current_time()
-            return None
-        except (trio.ClosedResourceError, OSError):
-            return "invalid"
-        finally:
-            child.result_waiting = False
-            self._result_deadline(child)
-
-    def _result_deadline(self, child: Child) -> None:
-        """Once the child ended, its result read is bounded: EOF_GRACE from the end (or from the
-        moment the budget took its record, if later), RESULT_WAIT from the end while it waits
-        for room in the budget. Then what was read is all there is."""
-        if child.ended is None:
-            return
-        if child.result_waiting:
-            child.result_scope.deadline = child.ended + RESULT_WAIT
-        else:
-            child.result_scope.deadline = max(child.ended, child.result_granted) + EOF_GRACE
-
-    def _release_result(self, child: Child) -> None:
-        n, child.result_held = child.result_held, 0
-        if n:
-            self._count(self.results, child.result_uid, -n)
 
     async def _read_status(self, child: Child) -> None:
         buf = bytearray()

@@ -90,8 +90,6 @@ class ResultError(ZygoteError):
     Attributes:
         reason: ``"unencodable"`` (not JSON-compatible, or cloudpickle failed with
             ``trusted_results``), ``"too-large"`` (over the daemon's ``max_result_bytes``),
-            ``"over-budget"`` (the daemon held its user's ``max_result_bytes_per_client`` of
-            results until well after the child ended),
             ``"invalid"`` (the child wrote a malformed record), ``"undecodable"`` (this side could
             not decode it), ``"no-result"`` (an exec or script child), or, for ChildFailed, why
             the child ended without one.

@@ -227,8 +227,6 @@ class Exited(_Msg, tag="exited", omit_defaults=True):
     (only for a Spawn with ``trusted_results``); ``"error"`` the payload raised: JSON
     ``{"type", "message", "traceback"}``; ``"unencodable"`` the value could not be encoded: JSON
     ``{"type", "message"}``; ``"too-large"`` over the daemon's ``max_result_bytes`` (no bytes);
-    ``"over-budget"`` the daemon's per-user result budget stayed full for ``RESULT_WAIT`` after
-    the child ended (no bytes);
     ``"invalid"`` the child wrote something that is not one complete record (no bytes).
     """
 

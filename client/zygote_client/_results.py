@@ -70,10 +70,6 @@ def decode(kind: str, data: bytes, status: ExitStatus, trusted: bool) -> Any:
     if kind == "too-large":
         raise ResultError("the payload's result exceeds the daemon's max_result_bytes",
                           reason="too-large", status=status)
-    if kind == "over-budget":
-        raise ResultError("the daemon could not take the result: the results it held for this user "
-                          "(max_result_bytes_per_client) stayed at the limit after the child ended",
-                          reason="over-budget", status=status)
     raise _no_result(kind, status)
 
 
