@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 
 ZYGOTE = [sys.executable, "-m", "zygote"]
 
@@ -91,3 +93,191 @@ def test_max_output_into_a_socket_stdout():
         ours.close()
     assert p.wait(timeout=60) == 0
     assert sorted(data.splitlines()) == [b"err", b"out"]
+
+
+# ---- a terminal: `zygote run` in its foreground process group -----------------------------------
+
+def _at_terminal(argv: list[str]):
+    """Start ``argv`` with a fresh pty as its controlling terminal (its own session, so it is the
+    terminal's foreground process group, as a program started from a shell). Returns (Popen,
+    master fd)."""
+    import fcntl
+    import pty
+    import termios
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                             preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    finally:
+        os.close(slave)
+    return p, master
+
+
+class _Screen:
+    """What was written to a pty, read from its master as it comes."""
+
+    def __init__(self, master: int) -> None:
+        self.master = master
+        self.out = b""
+
+    def read_for(self, seconds: float) -> None:
+        import select
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if select.select([self.master], [], [], min(left, 0.1))[0]:
+                try:
+                    data = os.read(self.master, 65536)
+                except OSError:  # EIO: every writer closed its end
+                    return
+                if not data:
+                    return
+                self.out += data
+
+    def wait_for(self, text: bytes, seconds: float = 60) -> None:
+        end = time.monotonic() + seconds
+        while text not in self.out and time.monotonic() < end:
+            self.read_for(0.1)
+        assert text in self.out, self.out.decode(errors="replace")
+
+    def finish(self, p: subprocess.Popen, seconds: float = 60) -> int:
+        """Read until ``p`` ends; its exit status (the pty is closed after)."""
+        try:
+            end = time.monotonic() + seconds
+            while p.poll() is None and time.monotonic() < end:
+                self.read_for(0.1)
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+                raise AssertionError("still running:\n" + self.out.decode(errors="replace"))
+            self.read_for(0.3)
+            return p.returncode
+        finally:
+            os.close(self.master)
+
+
+_HANDLES_SIGINT = """\
+import os, signal, sys, time
+def on(signum, frame):
+    print("payload: got", signal.Signals(signum).name, flush=True)
+    if signum == signal.SIGINT:
+        sys.exit(7)
+signal.signal(signal.SIGINT, on)
+signal.signal(signal.SIGWINCH, on)
+print("payload: waiting", flush=True)
+time.sleep(60)
+print("payload: no signal came", flush=True)
+"""
+
+
+def test_ctrl_c_at_a_terminal_reaches_the_payload(tmp_path):
+    """Children have sessions of their own, so the terminal's SIGINT (Ctrl-C) reaches only
+    `zygote run` (the terminal's foreground group): it forwards it to the child. The payload's
+    handler runs, its exit status is the command's, and no KeyboardInterrupt traceback appears
+    (neither `zygote run`'s nor its embedded daemon's or zygote's: those have a session of their own)."""
+    script = tmp_path / "p.py"
+    script.write_text(_HANDLES_SIGINT)
+    p, master = _at_terminal([*ZYGOTE, "run", "--python", str(script)])
+    screen = _Screen(master)
+    screen.wait_for(b"payload: waiting")
+    os.write(master, b"\x03")  # Ctrl-C
+    rc = screen.finish(p)
+    text = screen.out.decode(errors="replace")
+    assert rc == 7, text
+    assert "payload: got SIGINT" in text and "no signal came" not in text, text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+
+
+def test_ctrl_c_at_a_terminal_ends_a_program_that_does_not_handle_it_with_130():
+    """A program with SIGINT's default action dies of it: exit 128+2, as from a shell."""
+    p, master = _at_terminal([*ZYGOTE, "run", "--", "sh", "-c", "echo started; exec sleep 60"])
+    screen = _Screen(master)
+    screen.wait_for(b"started")
+    time.sleep(0.3)  # (the exec of sleep)
+    os.write(master, b"\x03")
+    rc = screen.finish(p, seconds=30)
+    text = screen.out.decode(errors="replace")
+    assert rc == 130, text
+    assert "Traceback" not in text, text
+
+
+def test_window_resize_reaches_the_payload(tmp_path):
+    """SIGWINCH (the terminal's size changed) is forwarded too: full-screen programs redraw."""
+    import fcntl
+    import struct
+    import termios
+    script = tmp_path / "p.py"
+    script.write_text(_HANDLES_SIGINT)
+    p, master = _at_terminal([*ZYGOTE, "run", "--python", str(script)])
+    screen = _Screen(master)
+    screen.wait_for(b"payload: waiting")
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))  # the kernel sends SIGWINCH
+    screen.wait_for(b"payload: got SIGWINCH", seconds=20)
+    os.write(master, b"\x03")
+    assert screen.finish(p) == 7, screen.out.decode(errors="replace")
+
+
+_JOB_SHELL = """\
+# A job-control shell in miniature: runs argv in a process group of its own as the terminal's
+# foreground job; reports when it stops; on b"fg" from the test resumes it in the foreground.
+import os, signal, subprocess, sys
+signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # (tcsetpgrp from the background)
+p = subprocess.Popen(sys.argv[1:], process_group=0)
+os.tcsetpgrp(0, p.pid)
+while True:
+    _, status = os.waitpid(p.pid, os.WUNTRACED)
+    if os.WIFSTOPPED(status):
+        os.tcsetpgrp(0, os.getpgrp())
+        print("shell: stopped by", signal.Signals(os.WSTOPSIG(status)).name, flush=True)
+        assert sys.stdin.readline() == "fg\\n"
+        os.tcsetpgrp(0, p.pid)
+        os.killpg(p.pid, signal.SIGCONT)
+        print("shell: continued", flush=True)
+        continue
+    print("shell: exit", os.waitstatus_to_exitcode(status), flush=True)
+    break
+"""
+
+_TICKS = """\
+import itertools, sys, time
+for i in itertools.count():
+    print("tick", i, flush=True)
+    time.sleep(0.1)
+"""
+
+
+def test_ctrl_z_stops_the_child_and_fg_resumes_it(tmp_path):
+    """Ctrl-Z at a job-control shell: `zygote run` stops its child, then itself (the shell sees a
+    stopped job); the shell's SIGCONT (fg) resumes both. Then Ctrl-C ends it with 130."""
+    shell, ticks = tmp_path / "shell.py", tmp_path / "ticks.py"
+    shell.write_text(_JOB_SHELL)
+    ticks.write_text(_TICKS)
+    for args in (["--python", str(ticks)], ["--", sys.executable, str(ticks)]):  # PID 1 / under the reaper
+        p, master = _at_terminal([sys.executable, str(shell), *ZYGOTE, "run", *args])
+        screen = _Screen(master)
+        screen.wait_for(b"tick 3")
+        os.write(master, b"\x1a")  # Ctrl-Z
+        screen.wait_for(b"shell: stopped by", seconds=20)
+        screen.read_for(0.5)
+        before = screen.out.count(b"tick")
+        screen.read_for(1.0)
+        assert screen.out.count(b"tick") == before, screen.out.decode(errors="replace")  # stopped
+        os.write(master, b"fg\n")
+        screen.wait_for(b"shell: continued", seconds=20)
+        screen.read_for(1.0)
+        assert screen.out.count(b"tick") > before + 3, screen.out.decode(errors="replace")  # running again
+        os.write(master, b"\x03")
+        screen.wait_for(b"shell: exit", seconds=30)
+        rc = screen.finish(p)
+        text = screen.out.decode(errors="replace")
+        assert rc == 0 and "shell: exit 130" in text, text
+        assert "Traceback" not in text, text
+
+
+def test_the_embedded_daemon_has_a_session_of_its_own():
+    """An embedded daemon (and its zygotes) must not share its caller's session: the terminal's
+    signals are for the caller's program, and `zygote run` forwards them to the child itself."""
+    from zygote_client import Client
+    with Client.embedded() as c:
+        daemon_pid = c.status().daemon_pid
+        assert os.getsid(daemon_pid) != os.getsid(0)
+        assert os.getsid(daemon_pid) == daemon_pid  # its own session, not some other one
