@@ -306,10 +306,30 @@ def _forward(signum, _frame) -> None:
     """PID 1's handler: pass the signal on to the payload (PID 2 resets its own to the defaults;
     until then _payload_pid is 0 there and nothing is sent: kill(0) would mean the process group)."""
     if _payload_pid > 0:
+        if signum in _STOPS and not _catches(_payload_pid, signum):
+            # The payload's process group is orphaned (its only outside parent, PID 1's, is in
+            # another session), and there the kernel drops a SIGTSTP, SIGTTIN or SIGTTOU with
+            # its default action: stop the payload as that action would (Ctrl-Z via zygote run).
+            signum = signal.SIGSTOP
         try:
             os.kill(_payload_pid, signum)
         except ProcessLookupError:
             pass
+
+
+_STOPS = frozenset({signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` catches, ignores or blocks ``signum`` (/proc/PID/status); unreadable
+    (gone): yes, the signal goes as it is."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+        mask = int(fields[b"SigCgt"], 16) | int(fields[b"SigIgn"], 16) | int(fields[b"SigBlk"], 16)
+    except (OSError, KeyError, ValueError):
+        return True
+    return bool(mask & (1 << (signum - 1)))
 
 
 def _reaper(payload_pid: int, plan) -> None:

@@ -468,7 +468,8 @@ def run(args) -> int:
     sys.stdout.flush()
     try:
         daemon_args = ["--network"] if cfg.network is not None else []
-        with Client.embedded(preload_imports=args.preload, environment=env, daemon_args=daemon_args) as client:
+        with _SignalProxy() as proxy, \
+                Client.embedded(preload_imports=args.preload, environment=env, daemon_args=daemon_args) as client:
             stdio, copiers = _stdio_for(cfg)
             try:
                 child = client.spawn_child(_argv=argv, _script=script, _stdio_fds=stdio, env=env,
@@ -477,11 +478,14 @@ def run(args) -> int:
                 for fd in stdio[1:]:
                     if fd > 2:
                         os.close(fd)
+            proxy.child = child
             status = child.wait()
             for t in copiers:
                 t.join()
             if args.export:
                 child.export(args.export)
+    except _Interrupted as e:  # before the child was running, or after it ended
+        return 128 + e.signum
     except WorkspaceError as e:
         print(f"zygote run: {e}", file=sys.stderr)
         return EXIT_SANDBOX
@@ -495,6 +499,99 @@ def run(args) -> int:
         return EXIT_TIMEOUT
     rc = status.returncode
     return 128 - rc if rc < 0 else rc
+
+
+# What a terminal sends its foreground process group (Ctrl-C, Ctrl-\, Ctrl-Z, a resize, a
+# hangup), SIGTERM, and the shell's SIGCONT: `zygote run` is that group, its child is not (a
+# session of its own, and the embedded daemon another), so it passes them on.
+_PROXIED = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP, signal.SIGWINCH, signal.SIGTSTP,
+            signal.SIGCONT)
+_ENDING = frozenset({signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP})
+
+
+class _Interrupted(BaseException):
+    """A terminating signal while no child runs: `zygote run` ends with 128+signum."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _SignalProxy:
+    """`zygote run`'s handlers of _PROXIED, while it runs; the old ones are put back after.
+
+    While the child runs (``child`` set, no exit yet) each signal is forwarded to it with
+    ``send_signal`` (the daemon's subprocess semantics: a payload that catches it gets it, one
+    that does not dies of it or, for SIGTSTP, stops), and `zygote run` goes on waiting: it ends
+    with the child's status (a payload that handles SIGINT decides itself whether Ctrl-C ends it).
+    Before the child runs and after it ended, SIGINT, SIGQUIT, SIGTERM and SIGHUP end `zygote
+    run` with 128+signum and no traceback (the daemon then kills a child being made).
+
+    SIGTSTP (Ctrl-Z): the child gets SIGTSTP (stopped unless it catches it), then `zygote run`
+    stops itself with SIGTSTP's default action, so the shell sees a stopped job; the shell's
+    SIGCONT (``fg``, ``bg``) is forwarded and resumes the child. When no job-control shell could
+    resume us (our process group would be orphaned: our parent is not in our session in another
+    group), Ctrl-Z is ignored, as the kernel ignores it for a program that does not catch it.
+    """
+
+    def __init__(self) -> None:
+        self.child = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> "_SignalProxy":
+        import threading
+        if threading.current_thread() is threading.main_thread():  # (signal.signal works only there)
+            for sig in _PROXIED:
+                self._old[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def _running(self):
+        child = self.child
+        return child if child is not None and child.returncode is None else None
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        if signum == signal.SIGTSTP:
+            self._stop()
+            return
+        child = self._running()
+        if child is not None:
+            self._forward(child, signum)
+        elif signum in _ENDING:
+            raise _Interrupted(signum)
+
+    @staticmethod
+    def _forward(child, signum: int) -> None:
+        from zygote_client import ZygoteError
+        try:
+            child.send_signal(signum)
+        except ZygoteError:
+            pass  # the connection is gone: the child's wait() says so
+
+    def _stop(self) -> None:
+        if not _job_control():
+            return
+        child = self._running()
+        if child is not None:
+            self._forward(child, signal.SIGTSTP)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        try:
+            os.kill(os.getpid(), signal.SIGTSTP)  # stops us before kill() returns; SIGCONT resumes
+        finally:
+            signal.signal(signal.SIGTSTP, self._on_signal)
+
+
+def _job_control() -> bool:
+    """Whether a stop of our process group would be seen by a job-control shell (it is not
+    orphaned, judged by our parent: in our session, in another group)."""
+    ppid = os.getppid()
+    try:
+        return os.getsid(ppid) == os.getsid(0) and os.getpgid(ppid) != os.getpgrp()
+    except OSError:
+        return False
 
 
 def _stdio_for(cfg) -> tuple[tuple[int, int, int], list]:

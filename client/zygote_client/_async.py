@@ -716,7 +716,12 @@ def start_embedded(*, preload_imports=(), environment=None, child_main=None, exe
     if environment is not None:
         cmd += ["--env-fd", str(env_r)]
     try:
-        proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno(), env_r], stdin=subprocess.DEVNULL)
+        # A session of its own: the daemon and its zygotes are not the caller's program, and a
+        # terminal's signals (Ctrl-C, Ctrl-Z, a hangup) are not theirs; the caller forwards what
+        # its children should get (`zygote run` does). It ends when the socketpair closes (the
+        # caller closed the client or died), not with the caller's process group.
+        proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno(), env_r], stdin=subprocess.DEVNULL,
+                                start_new_session=True)
     except BaseException:
         ours.close()
         raise
