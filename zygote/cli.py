@@ -3,6 +3,7 @@
 Exit statuses of ``zygote run`` follow the shell's conventions: the child's own code, 128+N when
 signal N ended it, 124 when killed at its timeout, 125 when the sandbox could not be made (or its
 --export was refused), 127 when the program was not found (126 when it could not be executed).
+At a terminal it passes the terminal's signals on to its child (see _SignalProxy).
 """
 
 from __future__ import annotations

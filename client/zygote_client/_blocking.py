@@ -208,6 +208,9 @@ class Client:
                  **kwargs: Any) -> "Client":
         """Start a private daemon + zygote (the ``zygote`` distribution must be installed) and
         connect to it over a socketpair. Works for any user that can create user namespaces.
+        The daemon has a session of its own (a terminal's Ctrl-C or Ctrl-Z reaches the caller
+        only; forward what the child should get with ``send_signal``) and ends when the client
+        is closed or its process dies.
 
         Args:
             preload_imports: modules imported once in the zygote (every child starts with them).
