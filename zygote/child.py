@@ -114,6 +114,11 @@ def confine(plan) -> int:
     # seccomp last, in both processes, after the fork (the strict profile has no fork at all):
     # the payload process reports Ready itself, only once its filter is loaded.
     if pid == 0:
+        # At once, not when the payload starts: PID 1's handler (inherited here) would swallow a
+        # signal PID 1 forwards meanwhile (_payload_pid is 0 in this process): a terminate()
+        # right after Ready was lost, and Ctrl-Z's SIGTSTP went as itself (the payload "caught" it).
+        for sig in _FORWARDED:
+            signal.signal(sig, signal.SIG_DFL)
         _payload_process(plan, abi)
     if plan.deferred:
         os.close(CTL_FD)                     # the Job is the payload process's alone
