@@ -496,7 +496,7 @@ def test_SECURITY_two_daemons_never_give_their_children_the_same_ids():
                 ch.wait()
 
 
-def test_SECURITY_id_ranges_are_bounded_claimed_and_reused_last(tmp_path):
+def test_SECURITY_id_ranges_are_bounded_claimed_and_reused_last(tmp_path, monkeypatch):
     """A daemon's children only ever get ids from the blocks it claimed at start (before, the
     cursor walked through every uid up to 2^32, where real accounts (SSSD, LDAP ranges) live,
     and a range's first uid owns its child's namespace); a second daemon gets other blocks; a
@@ -521,3 +521,35 @@ def test_SECURITY_id_ranges_are_bounded_claimed_and_reused_last(tmp_path):
         b.close()
     with pytest.raises(ValueError, match="nobody|nogroup|inside the ids"):
         userns.IdSlots(1, 1, lock_dir=locks)  # ids 1..4194304: the host's accounts are there
+    # a daemon's shutdown removes its lock files, holding them; a lock on a file removed under
+    # it is no lock (another daemon opened the old file before the removal: it takes a new one)
+    locks = str(tmp_path / "ids2")
+    c = userns.IdSlots(base, 1, lock_dir=locks)
+    assert sorted(os.listdir(locks)) == [f"{base}.0"]
+    stale = os.open(os.path.join(locks, f"{base}.0"), os.O_RDWR)
+    c.close(unlink=True)
+    assert os.listdir(locks) == []
+    opened = []
+    real_open = os.open
+
+    def open_stale_first(path, flags, mode=0o777):  # as if opened just before the removal
+        opened.append(path)
+        return os.dup(stale) if len(opened) == 1 else real_open(path, flags, mode)
+    monkeypatch.setattr(os, "open", open_stale_first)
+    fd = userns._lock(os.path.join(locks, f"{base}.0"))
+    monkeypatch.undo()
+    try:
+        assert len(opened) == 2 and os.fstat(fd).st_ino != os.fstat(stale).st_ino  # the removed file: no lock
+        assert userns._lock(os.path.join(locks, f"{base}.0")) is None  # and it is held now
+    finally:
+        os.close(fd)
+        os.close(stale)
+
+
+def test_a_daemon_removes_its_id_lock_files_when_it_stops():
+    from zygote.layers import userns
+    before = set(os.listdir(userns.LOCK_DIR)) if os.path.isdir(userns.LOCK_DIR) else set()
+    with Client.embedded() as c:
+        mine = set(os.listdir(userns.LOCK_DIR)) - before
+        assert c.run(print, ("ok",)).stdout == b"ok\n"
+    assert mine and not mine & set(os.listdir(userns.LOCK_DIR))

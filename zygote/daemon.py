@@ -537,6 +537,8 @@ class Daemon:
                 await trio.to_thread.run_sync(self.cgroups.close)
             except SetupError:
                 pass
+        if self.id_slots is not None:  # (every child is reaped: nothing holds their ids)
+            self.id_slots.close(unlink=True)
 
     # ---- connections -------------------------------------------------------------------------
 

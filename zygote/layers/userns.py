@@ -25,6 +25,7 @@ ranges still keep the per-uid budgets apart).
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno as _errno
 import fcntl
 import os
@@ -93,16 +94,16 @@ class IdSlots:
         os.makedirs(lock_dir, mode=0o700, exist_ok=True)
         self._locks: list[int] = []
         self._free: collections.deque[int] = collections.deque()
+        self._paths: list[str] = []
         for block in range(blocks):
             if len(self._locks) == want:
                 break
-            fd = os.open(os.path.join(lock_dir, f"{id_base}.{block}"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
+            path = os.path.join(lock_dir, f"{id_base}.{block}")
+            fd = _lock(path)
+            if fd is None:
                 continue
             self._locks.append(fd)
+            self._paths.append(path)
             self._free.extend(range(block * CHUNK, (block + 1) * CHUNK))
         if len(self._locks) < want:
             self.close()
@@ -135,10 +136,35 @@ class IdSlots:
         """Host uid/gid of the slot's sandbox id 0: the owner of the child's user namespace."""
         return self.id_base + slot * RANGE
 
-    def close(self) -> None:
-        for fd in self._locks:
+    def close(self, unlink: bool = False) -> None:
+        """Let the blocks go; ``unlink`` (the daemon's shutdown): remove their lock files too,
+        while still holding them (_lock retries on a file removed under it)."""
+        for fd, path in zip(self._locks, self._paths):
+            if unlink:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
             os.close(fd)
-        self._locks = []
+        self._locks, self._paths = [], []
+
+
+def _lock(path: str) -> int | None:
+    """An fd of ``path`` (made if need be) holding its flock, or None when another holds it.
+    A lock taken on a file its holder removed meanwhile (IdSlots.close) is no lock: retried."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        held = os.fstat(fd)
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            now = None
+        if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            return fd
+        os.close(fd)
 
 
 def outside(pid: int, uid_map: bytes, gid_map: bytes) -> None:
