@@ -508,9 +508,6 @@ def test_SECURITY_client_that_stops_reading_is_dropped(tmp_path):
                 break
             time.sleep(0.2)
         assert dropped, "the silent client's children kept running"
-        # (an Exited over the cap waits ROOM_PATIENCE for a client that reads: this one does not)
-        time.sleep(3)
-        peak = max(peak, rss_bytes(proc.pid))
         assert peak < 300 << 20, f"daemon RSS reached {peak >> 20} MiB"
         # the daemon gave up on us: what it had sent is readable, then EOF (not 40 x 12 MB)
         s.settimeout(30)

@@ -258,36 +258,3 @@ def test_call_forwards_output(client, capfd):
     assert client.call(chatty) == 1
     out, err = capfd.readouterr()
     assert "to stdout" in out and "to stderr" in err
-
-
-def test_SECURITY_result_bursts_do_not_drop_a_reading_client():
-    """Each child's result may be max_result_bytes (16 MiB), and the daemon's send queue per
-    connection is 64 MiB: six children with a ~16 MiB result each, ending at the same moment,
-    made the daemon take the reading client for a slow one and drop the connection, killing
-    every other child of it (here a victim that only sleeps; before: BrokenError, "the daemon
-    closed the connection"). The burst must instead wait for the client to read, each child's
-    result arriving whole, and the victim must finish."""
-    n, size = 6, (16 << 20) - (64 << 10)
-
-    def big_then_exit_at(at, size):
-        """A legal record near max_result_bytes written at once; the exit at ``at``."""
-        import json, os, struct, time
-        body = json.dumps("x" * size).encode()
-        os.write(5, struct.pack("!cQ", b"j", len(body)))
-        view = memoryview(body)
-        while view:
-            view = view[os.write(5, view[:65536]):]
-        del body, view
-        time.sleep(max(0.0, at - time.time()))
-        os._exit(0)
-
-    with Client.embedded() as c:
-        victim = c.spawn_child(lambda: __import__("time").sleep(5) or "victim finished", stdin=None)
-        at = time.time() + 3.0
-        kids = [c.spawn_child(big_then_exit_at, (at, size), stdin=None) for _ in range(n)]
-        for k in kids:
-            value = k.result(timeout=60)
-            assert len(value) == size and value[:3] == "xxx"
-        assert victim.result(timeout=60) == "victim finished"
-        assert c.call(lambda: "still connected") == "still connected"
-

@@ -23,7 +23,6 @@ import signal
 import socket
 import struct
 import sys
-import termios
 import time
 from dataclasses import dataclass, field
 
@@ -44,7 +43,6 @@ from .layers import SetupError, cgroups, mounts, network, rlimits, seccomp, user
 
 SEND_TIMEOUT = 30.0  # seconds one message may wait for a client to read before it is dropped
 SEND_QUEUE_BYTES = 64 << 20  # bytes waiting for one connection before it is dropped
-ROOM_PATIENCE = 2.0  # seconds an Exited waits for room while its client takes none of our bytes
 SEND_QUEUE_PER_UID = 256 << 20  # ... and for all of one peer uid's connections
 ERROR_TEXT_MAX = 2000  # characters of an error message sent to a client
 # Bytes of requests the daemon holds for one peer uid, over all its connections: frames still
@@ -204,15 +202,13 @@ class Connection:
         self._send_lock = trio.Lock()
         self.closed = False
         self.queued = 0  # bytes of messages waiting to be sent
-        self.handed = 0  # bytes of ours the kernel took for this socket (see _room_for)
-        self._left = trio.Event()  # set (and replaced) whenever a message leaves the queue
         self.spawning = 0  # spawns of this connection in flight (not yet a child or a failure)
         self.nursery: trio.Nursery | None = None  # the connection's tasks (taps die with it)
 
     def spawned(self) -> int:
         return sum(1 for c in self.children.values() if c.conn is self)
 
-    async def send(self, msg, fds: list[int] = (), *, wait_for_room: bool = False) -> None:
+    async def send(self, msg, fds: list[int] = ()) -> None:
         """Send one message; never blocks the daemon on a client that stops reading.
 
         Bytes waiting for this connection are capped (SEND_QUEUE_BYTES: results and exports are
@@ -221,18 +217,9 @@ class Connection:
         SEND_TIMEOUT; past any of these the connection is dropped, which kills its children like
         any disconnect and frees what their reports held. (An
         export's memfd is not counted: it is held until sent, for at most SEND_TIMEOUT.)
-
-        ``wait_for_room`` (an Exited, whose result may be max_result_bytes): first wait, not yet
-        encoded, while the connection's queue has no room for it but the client keeps taking
-        bytes (see _room_for). A burst of children ending together is no slow reader: five
-        16 MiB results at once used to drop a client that read all along, killing its others.
         """
         if self.closed:
             return
-        if wait_for_room:
-            await self._room_for(len(getattr(msg, "result", b"") or b"") + 4096)
-            if self.closed:
-                return
         if isinstance(msg, (P.Error, P.SpawnFailed)) and len(msg.message) > ERROR_TEXT_MAX:
             # Messages quote what the client sent: a 70 MiB pool name must not come back whole.
             msg = msgspec.structs.replace(msg, message=msg.message[:ERROR_TEXT_MAX] + "... (cut)")
@@ -267,11 +254,9 @@ class Connection:
                             n = await self.sock.sendmsg([view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                                   array.array("i", fds).tobytes())])
                             view = view[n:]
-                            self.handed += n
                         while view:
                             n = await self.sock.send(view)
                             view = view[n:]
-                            self.handed += n
                     except (OSError, trio.ClosedResourceError, trio.BrokenResourceError):
                         # (ClosedResourceError: the connection's own task closed the socket, on
                         # the client's EOF, while this send waited for room: not an OSError.)
@@ -281,27 +266,6 @@ class Connection:
         finally:
             self.queued -= size
             self.daemon._count(self.daemon.queued_by_uid, uid, -size)
-            self._left.set()
-            self._left = trio.Event()
-
-    async def _room_for(self, size: int) -> None:
-        """Wait while this connection's queue has no room for ``size`` more bytes and the client
-        reads: what it has read of ours (handed to the kernel, less what still waits in the
-        socket: SIOCOUTQ) grew within the last ROOM_PATIENCE seconds. A client that read none
-        that long gets no more waiting: the send goes on and the cap drops it, as before."""
-        seen, since = -1, trio.current_time()
-        while not self.closed and self.queued and self.queued + size > SEND_QUEUE_BYTES:
-            try:
-                read = self.handed - _outq(self.sock.fileno())
-            except (OSError, ValueError):  # (closed meanwhile)
-                return
-            now = trio.current_time()
-            if read > seen:
-                seen, since = read, now
-            elif now - since > ROOM_PATIENCE:
-                return
-            with trio.move_on_after(ROOM_PATIENCE / 8):  # (looks at the client's reading again)
-                await self._left.wait()
 
     def drop(self) -> None:
         """Give up on this client: its reader loop ends and its children are killed."""
@@ -1725,6 +1689,9 @@ class Daemon:
             if child.attaching is not None:  # (see _setup_outside: a zombie keeps its number)
                 await child.attaching.wait()
             _, wstatus, ru = os.wait4(child.pid, 0)
+            if child.id_slot is not None:  # its pid namespace died with it: nothing holds its ids
+                self.id_slots.give(child.id_slot)  # (not after the report: a slow reader's
+                child.id_slot = None  # reports would hold the daemon's ranges)
         finally:
             os.close(child.pidfd)
             child.pidfd = -1  # reaped: _kill must not signal whatever reuses the number
@@ -1760,7 +1727,7 @@ class Daemon:
                 for conn in list(child.watchers):  # (an attach or a close may change it meanwhile)
                     conn.children.pop(child.id, None)
                     if not conn.closed and child.ready_seen:
-                        await conn.send(exited, export_fds, wait_for_room=True)
+                        await conn.send(exited, export_fds)
                         attached = attached or (conn is not child.conn and not conn.closed)
                 if child.detached and child.ready_seen and not attached and not kept:
                     self._keep(child, exited, export_fds)
@@ -2153,11 +2120,6 @@ def _cpu_read(host, items: list) -> tuple[float | None, list]:
         except (OSError, KeyError, ValueError) as e:
             out.append(e)
     return base, out
-
-
-def _outq(fd: int) -> int:
-    """Bytes sent on socket ``fd`` that its peer has not read yet (SIOCOUTQ)."""
-    return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
 
 
 def _signal_state(pid: int, signum: int) -> tuple[bool, bool]:
