@@ -123,3 +123,17 @@ def test_daemon_runs_with_exactly_the_entrypoint_caps_under_the_profile():
     for missing in ("SETUID", "SETGID"):
         r = _run_contained(caps - {missing})
         assert r.returncode != 0 and r.stdout == b"", (missing, r.stdout)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to a capability set needs root")
+def test_a_daemon_without_cap_kill_keeps_its_children_killable():
+    """A child's host id range owns its user namespace only when the daemon could still act on
+    it from outside without owning it: with CAP_SYS_ADMIN and CAP_SYS_PTRACE but no CAP_KILL,
+    the daemon's SIGKILL at the timeout failed (EPERM: the child's uids are not the daemon's),
+    which ended the daemon and left the child running. Such a daemon keeps root as the owner."""
+    caps = set(_entrypoint().DAEMON_CAPS) | {"SYS_ADMIN", "SYS_PTRACE"}
+    r = subprocess.run(
+        [sys.executable, "-c", _LAUNCH, os.path.join(DOCKER, "entrypoint.py"), ",".join(sorted(caps)), PROFILE,
+         "--timeout", "2", "--", "/bin/sh", "-c", "exec sleep 30"],
+        capture_output=True, timeout=120)
+    assert r.returncode == 124, r.stderr.decode()[-2000:]  # killed at its timeout, reported as such

@@ -14,12 +14,12 @@ queued signals, user namespaces (counted up the namespace chain, at the top for 
 owner). With one range for all, one child could use up what every other child gets (pipes of one
 page, epoll ENOSPC); with root as the owner, what host root's own processes get (a review showed
 a child taking all 128 inotify instances from root: journald, systemd and ``tail -f`` use them).
-The maps of a namespace the daemon does not own can only be written with CAP_SYS_ADMIN, and
-the child's /proc/PID/ns/net (its veth) opened with CAP_SYS_PTRACE (the owner has every
-capability over the namespace; anyone else needs them for real): a daemon without both (the
-systemd unit and the container image cut it to four capabilities) keeps root as the owner, and
-its children's inotify instances and queued signals still count against root's (per-child
-ranges still keep the per-uid budgets apart).
+The maps of a namespace the daemon does not own can only be written with CAP_SYS_ADMIN, the
+child's /proc/PID/ns/net (its veth) opened with CAP_SYS_PTRACE, and the child signalled with
+CAP_KILL (the owner has every capability over the namespace; anyone else needs them for
+real): a daemon without all three (the systemd unit and the container image cut it to four
+capabilities) keeps root as the owner, and its children's inotify instances and queued signals
+still count against root's (per-child ranges still keep the per-uid budgets apart).
 """
 
 from __future__ import annotations
@@ -53,14 +53,16 @@ def map_lines(id_base: int, real_uid: int, real_gid: int) -> tuple[bytes, bytes]
 
 def can_give_ownership() -> bool:
     """Whether this process may clone children whose user namespace another uid owns and still
-    do what the daemon does to them from outside: CAP_SYS_ADMIN (write their maps) and
-    CAP_SYS_PTRACE (open /proc/PID/ns/net of a process with another uid) in its effective set.
-    The namespace's owner has every capability over it; anyone else needs them for real."""
+    do what the daemon does to them from outside: CAP_SYS_ADMIN (write their maps),
+    CAP_SYS_PTRACE (open /proc/PID/ns/net of a process with another uid) and CAP_KILL (signal
+    it: its uids are not ours) in its effective set. The namespace's owner has every capability
+    over it; anyone else needs them for real (a review found a daemon without CAP_KILL unable to
+    kill such a child at its timeout: the EPERM ended the daemon, the child ran on)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("CapEff:"):
                 eff = int(line.split()[1], 16)
-                return bool(eff >> 21 & 1 and eff >> 19 & 1)  # CAP_SYS_ADMIN, CAP_SYS_PTRACE
+                return all(eff >> cap & 1 for cap in (21, 19, 5))  # SYS_ADMIN, SYS_PTRACE, KILL
     return False
 
 
