@@ -1619,6 +1619,8 @@ class Daemon:
             signal.pidfd_send_signal(child.pidfd, signum)
         except ProcessLookupError:
             pass
+        except PermissionError as e:  # (not ours to signal: a capability missing) loud, not fatal
+            self.observer.log.error("kill", child=child.id, signal=signum, message=str(e))
 
     async def _signal(self, child: Child, signum: int) -> None:
         """Send ``signum`` with subprocess semantics.
