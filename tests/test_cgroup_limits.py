@@ -72,7 +72,23 @@ def test_SECURITY_cpu_time_bounds_all_processes_of_a_child(cg_client):
     under cpu_time=2 and exited 0, cpu_time_exceeded=False. The daemon now counts the child's
     cgroup and kills it (SIGKILL, the whole pid namespace) once that reaches cpu_time. Here
     generations of parallel forks burn 0.8 s each (under the per-process limit), 14.4 s in all."""
-    def burners(generations, width, each):
+    r = cg_client.run(_burners(6, 3, 0.8), sandbox_config=SandboxConfig(cpu_time=2, timeout=120))
+    used = r.status.cpu_user + r.status.cpu_system  # the cgroup's: every process of the child
+    assert r.status.cpu_time_exceeded, r.status
+    assert r.returncode == -signal.SIGKILL, r.status
+    assert not r.status.timed_out, r.status
+    assert b"done" not in r.stdout, r.stdout
+    assert 2.0 <= used <= 2.6, r.status  # killed near the budget, not after 14 s of CPU
+    assert r.status.enforcement.get("cpu_time", "").startswith("cgroup"), r.status
+    assert cg_client.run(print, ("still serving",)).stdout == b"still serving\n"
+
+
+def _burners(generations=6, width=3, each=0.8):
+    """Payload: `generations` rounds of `width` parallel forks burning `each` CPU-seconds apiece
+    (each fork under a per-process limit of 1 s or more), each round's number printed, then
+    "done" printed and returned. (A closure: a module-level function would be pickled by
+    reference, and the child cannot import tests.)"""
+    def burners():
         import os, time
         for g in range(generations):
             pids = []
@@ -88,36 +104,6 @@ def test_SECURITY_cpu_time_bounds_all_processes_of_a_child(cg_client):
                 os.waitpid(pid, 0)
             print(g, flush=True)
         print("done", flush=True)
-
-    r = cg_client.run(burners, (6, 3, 0.8), sandbox_config=SandboxConfig(cpu_time=2, timeout=120))
-    used = r.status.cpu_user + r.status.cpu_system  # the cgroup's: every process of the child
-    assert r.status.cpu_time_exceeded, r.status
-    assert r.returncode == -signal.SIGKILL, r.status
-    assert not r.status.timed_out, r.status
-    assert b"done" not in r.stdout, r.stdout
-    assert 2.0 <= used <= 2.6, r.status  # killed near the budget, not after 14 s of CPU
-    assert r.status.enforcement.get("cpu_time", "").startswith("cgroup"), r.status
-    assert cg_client.run(print, ("still serving",)).stdout == b"still serving\n"
-
-
-def _burners(generations=6, width=3, each=0.8):
-    """Payload: `generations` rounds of `width` parallel forks burning `each` CPU-seconds apiece
-    (each fork under a per-process limit of 1 s or more), then return "done". (A closure: a
-    module-level function would be pickled by reference, and the child cannot import tests.)"""
-    def burners():
-        import os, time
-        for _ in range(generations):
-            pids = []
-            for _ in range(width):
-                pid = os.fork()
-                if pid == 0:
-                    t = time.process_time()
-                    while time.process_time() - t < each:
-                        pass
-                    os._exit(0)
-                pids.append(pid)
-            for pid in pids:
-                os.waitpid(pid, 0)
         return "done"
     return burners
 

@@ -148,7 +148,7 @@ def _payload_process(plan, abi: int) -> None:
         os._exit(EXIT_SETUP_FAILED)
     _report(Ready(landlock_abi=abi))
     if plan.deferred:                        # a reserve child: confined, now wait for a request
-        _prepare_payload_process(reset_signals=plan.reaper or not _zygote_signals_fresh, keep_status=True)
+        _prepare_payload_process(reset_signals=not plan.reaper and not _zygote_signals_fresh, keep_status=True)
         if plan.prewarm:
             _prewarm(plan)
         _payload(_await_job(plan), prepared=True)
@@ -308,8 +308,9 @@ _payload_pid = 0  # in PID 1, once the payload process exists
 
 
 def _forward(signum, _frame) -> None:
-    """PID 1's handler: pass the signal on to the payload (PID 2 resets its own to the defaults;
-    until then _payload_pid is 0 there and nothing is sent: kill(0) would mean the process group)."""
+    """PID 1's handler: pass the signal on to the payload (PID 2 resets its own to the defaults
+    right after the fork; _payload_pid is 0 there, and nothing is sent: kill(0) would mean the
+    process group)."""
     if _payload_pid > 0:
         if signum in _STOPS and not _catches(_payload_pid, signum):
             # The payload's process group is orphaned (its only outside parent, PID 1's, is in
@@ -326,15 +327,10 @@ _STOPS = frozenset({signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 
 
 def _catches(pid: int, signum: int) -> bool:
-    """Whether process ``pid`` catches, ignores or blocks ``signum`` (/proc/PID/status); unreadable
-    (gone): yes, the signal goes as it is."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
-        mask = int(fields[b"SigCgt"], 16) | int(fields[b"SigIgn"], 16) | int(fields[b"SigBlk"], 16)
-    except (OSError, KeyError, ValueError):
-        return True
-    return bool(mask & (1 << (signum - 1)))
+    """Whether process ``pid`` catches, ignores or blocks ``signum``; unreadable (gone): yes, the
+    signal goes as it is."""
+    state = _sys.signal_state(pid)
+    return state is None or bool(state[0] & 1 << (signum - 1))
 
 
 def _reaper(payload_pid: int, plan) -> None:
@@ -404,7 +400,8 @@ def zygote_ready(unset: list[str]) -> None:
 def _prepare_payload_process(reset_signals: bool = True, keep_status: bool = False) -> None:
     """What every payload process does first, whatever the request: default signals, no status
     pipe (the payload must never write a status message), Python's stdio on fds 0/1/2.
-    ``reset_signals`` False: the handlers are the zygote's and those are already the defaults.
+    ``reset_signals`` False: the handlers are already the defaults (the zygote's, or reset by a
+    PID 2 right after its fork: see confine).
     ``keep_status``: a reserve child closes it itself once it reported its Job Started."""
     if reset_signals:
         for sig in _FORWARDED:
@@ -436,7 +433,7 @@ def _payload(plan, prepared: bool = False) -> None:
     code = 1
     try:
         if not prepared:
-            _prepare_payload_process(reset_signals=plan.reaper or not _zygote_signals_fresh)
+            _prepare_payload_process(reset_signals=not plan.reaper and not _zygote_signals_fresh)
         _set_environ(plan.env)  # usually the zygote's own (the pool's), or a reserve child's already
         if plan.cwd:
             os.chdir(plan.cwd)

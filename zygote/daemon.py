@@ -39,7 +39,7 @@ from ._clone import ALL_NAMESPACES, CLONE_INTO_CGROUP, CLONE_PARENT
 from ._pool import Pool, PoolConfig, PoolStartError, Reserve, ZygoteDied, raise_open_files
 from . import _pipes, detach, observe, policy
 from ._pipes import close_now as _close
-from .layers import SetupError, cgroups, mounts, network, rlimits, seccomp, userns, workspace
+from .layers import SetupError, _sys, cgroups, mounts, network, rlimits, seccomp, userns, workspace
 
 SEND_TIMEOUT = 30.0  # seconds one message may wait for a client to read before it is dropped
 SEND_QUEUE_BYTES = 64 << 20  # bytes waiting for one connection before it is dropped
@@ -1513,7 +1513,7 @@ class Daemon:
                 return P.SpawnFailed(msg.req, f"writing uid/gid maps: {e.strerror}", "userns", e.errno or 0,
                                      "the daemon needs CAP_SETUID/CAP_SETGID over the child's user namespace",
                                      code="unavailable")
-            asked = [k for k in ("memory", "pids", "cpu", "cpu_time") if getattr(cfg, k) is not None]
+            asked = _cgroup_asks(cfg)
             wants_cg = bool(asked)
             # Only children with cgroup limits get a cgroup: on cgroup v1 each attach waits for an RCU
             # grace period per hierarchy (≈35 ms measured here for 4 hierarchies), see cgroups.py.
@@ -1666,7 +1666,7 @@ class Daemon:
                     await child.ctl.aclose()
                 child.ctl = None
             self.watching -= 1
-            if child.id_slot is not None:  # reaped, its cgroup gone: nothing of it holds the ids
+            if child.id_slot is not None:  # (not given back after wait4: the watch failed before)
                 self.id_slots.give(child.id_slot)
                 child.id_slot = None
             if child.detached and child.peer_uid != 0:
@@ -1750,8 +1750,7 @@ class Daemon:
                     self.cleaning -= 1
 
     def _wants_cgroup(self, cfg: SandboxConfig) -> bool:
-        return self.cgroups is not None and (cfg.memory is not None or cfg.pids is not None or cfg.cpu is not None
-                                             or cfg.cpu_time is not None or self.config.always_cgroup)
+        return self.cgroups is not None and (bool(_cgroup_asks(cfg)) or self.config.always_cgroup)
 
     def _make_cgroup(self, cid: str, cfg: SandboxConfig):
         assert self.cgroups is not None
@@ -1830,8 +1829,7 @@ class Daemon:
                     self._count(self.relayed, owner(), len(data))
                     buf.extend(data)
                     more.set()
-                    if len(data) < detach.PACE_BELOW:  # (see detach.PACE: the daemon's CPU)
-                        await trio.sleep(detach.PACE)
+                    await detach.pace(len(data))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
             finally:
@@ -2103,6 +2101,11 @@ class Daemon:
         )
 
 
+def _cgroup_asks(cfg: SandboxConfig) -> list[str]:
+    """The fields of ``cfg`` that need the child to have a cgroup of its own."""
+    return [k for k in ("memory", "pids", "cpu", "cpu_time") if getattr(cfg, k) is not None]
+
+
 def _cpu_read(host, items: list) -> tuple[float | None, list]:
     """In a worker thread, for Daemon._cpu_guard: the ``zygote`` tree's CPU usage (None if it
     cannot be read: then every child is read), and for each (cgroup, budget, used, tree usage at
@@ -2125,18 +2128,12 @@ def _cpu_read(host, items: list) -> tuple[float | None, list]:
 
 
 def _signal_state(pid: int, signum: int) -> tuple[bool, bool]:
-    """(whether process ``pid`` catches, ignores or blocks ``signum``; whether it is alive), from
-    /proc/PID/status."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
-        bit = 1 << (signum - 1)
-        # caught, ignored, or blocked (sigwait/signalfd, or deferred on purpose): as itself
-        handled = bool((int(fields[b"SigCgt"], 16) | int(fields[b"SigIgn"], 16) | int(fields[b"SigBlk"], 16)) & bit)
-        alive = fields[b"State"].split()[:1] not in ([b"Z"], [b"X"])
-    except (OSError, KeyError, ValueError):
+    """(whether process ``pid`` catches, ignores or blocks ``signum`` — caught, ignored, or blocked
+    (sigwait/signalfd, or deferred on purpose): it goes as itself; whether it is alive)."""
+    state = _sys.signal_state(pid)
+    if state is None:
         return False, False  # gone: nothing to deliver to anyway
-    return handled, alive
+    return bool(state[0] & 1 << (signum - 1)), state[1]
 
 
 def _in_sigtimedwait(pid: int) -> bool:

@@ -86,6 +86,12 @@ class Ring:
         self._changed = trio.Event()
 
 
+async def pace(n: int) -> None:
+    """What a relay does after reading ``n`` bytes: wait PACE when the read was small."""
+    if n < PACE_BELOW:
+        await trio.sleep(PACE)
+
+
 async def pump(stream, ring: Ring, count: Callable[[int], bool]) -> None:
     """Read a detached child's output pipe (an ``_pipes.PipeEnd``) into ``ring`` until EOF.
 
@@ -100,8 +106,7 @@ async def pump(stream, ring: Ring, count: Callable[[int], bool]) -> None:
             ring.append(data)
             if not count(len(data)):
                 break
-            if len(data) < PACE_BELOW:
-                await trio.sleep(PACE)
+            await pace(len(data))
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
     finally:

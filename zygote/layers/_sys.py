@@ -46,6 +46,18 @@ def handler_is_default(sig: int) -> bool:
     return ctypes.c_void_p.from_buffer(buf).value is None
 
 
+def signal_state(pid: int) -> tuple[int, bool] | None:
+    """(the signals process ``pid`` catches, ignores or blocks, as a mask with bit N-1 for signal
+    N; whether it is alive), from /proc/PID/status; None when that cannot be read (gone)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+        mask = int(fields[b"SigCgt"], 16) | int(fields[b"SigIgn"], 16) | int(fields[b"SigBlk"], 16)
+        return mask, fields[b"State"].split()[:1] not in ([b"Z"], [b"X"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def unshare(flags: int) -> None:
     check(libc.unshare(flags), "unshare")
 
