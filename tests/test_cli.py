@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 ZYGOTE = [sys.executable, "-m", "zygote"]
 
 
@@ -97,10 +99,29 @@ def test_max_output_into_a_socket_stdout():
 
 # ---- a terminal: `zygote run` in its foreground process group -----------------------------------
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _end_what_a_test_started():
+    """A terminal test that fails midway leaves its `zygote run` (and its payload) running: end it
+    here, as its user would (SIGTERM is forwarded to the child), then by force, and reap it."""
+    yield
+    while _STARTED:
+        p = _STARTED.pop()
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
 def _at_terminal(argv: list[str]):
     """Start ``argv`` with a fresh pty as its controlling terminal (its own session, so it is the
     terminal's foreground process group, as a program started from a shell). Returns (Popen,
-    master fd)."""
+    master fd); the test's teardown ends the process if the test did not."""
     import fcntl
     import pty
     import termios
@@ -110,6 +131,7 @@ def _at_terminal(argv: list[str]):
                              preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
     finally:
         os.close(slave)
+    _STARTED.append(p)
     return p, master
 
 
@@ -215,6 +237,33 @@ def test_window_resize_reaches_the_payload(tmp_path):
     os.write(master, b"\x03")
     assert screen.finish(p) == 7, screen.out.decode(errors="replace")
 
+
+
+def test_a_resize_during_the_spawn_is_forwarded_once_the_child_is_known():
+    """spawn_child returns after the payload started (it may have printed already): a SIGWINCH
+    that came before `zygote run` knew its child is forwarded then, not lost (a CI run lost one)."""
+    import signal
+    from zygote.cli import _SignalProxy
+
+    class Child:
+        returncode = None
+        sent: list[int] = []
+
+        def send_signal(self, signum: int) -> None:
+            self.sent.append(signum)
+
+    proxy = _SignalProxy()
+    proxy._on_signal(signal.SIGWINCH, None)
+    proxy._on_signal(signal.SIGWINCH, None)  # (one redraw is enough)
+    proxy._on_signal(signal.SIGCONT, None)
+    child = Child()
+    proxy.started(child)
+    assert child.sent == [signal.SIGWINCH, signal.SIGCONT]
+    proxy._on_signal(signal.SIGWINCH, None)
+    assert child.sent == [signal.SIGWINCH, signal.SIGCONT, signal.SIGWINCH]
+    with pytest.raises(BaseException) as e:  # an ending signal before the child: 128+signum
+        _SignalProxy()._on_signal(signal.SIGINT, None)
+    assert e.value.signum == signal.SIGINT
 
 _JOB_SHELL = """\
 # A job-control shell in miniature: runs argv in a process group of its own as the terminal's

@@ -479,7 +479,7 @@ def run(args) -> int:
                 for fd in stdio[1:]:
                     if fd > 2:
                         os.close(fd)
-            proxy.child = child
+            proxy.started(child)
             status = child.wait()
             for t in copiers:
                 t.join()
@@ -526,7 +526,10 @@ class _SignalProxy:
     that does not dies of it or, for SIGTSTP, stops), and `zygote run` goes on waiting: it ends
     with the child's status (a payload that handles SIGINT decides itself whether Ctrl-C ends it).
     Before the child runs and after it ended, SIGINT, SIGQUIT, SIGTERM and SIGHUP end `zygote
-    run` with 128+signum and no traceback (the daemon then kills a child being made).
+    run` with 128+signum and no traceback (the daemon then kills a child being made). A SIGWINCH
+    or SIGCONT that comes while the spawn is under way is kept and forwarded once the child is
+    known (the payload may already run and have drawn for the old size: spawn_child returns after
+    it started).
 
     SIGTSTP (Ctrl-Z): the child gets SIGTSTP (stopped unless it catches it), then `zygote run`
     stops itself with SIGTSTP's default action, so the shell sees a stopped job; the shell's
@@ -538,6 +541,7 @@ class _SignalProxy:
     def __init__(self) -> None:
         self.child = None
         self._old: dict[int, object] = {}
+        self._early: list[int] = []  # SIGWINCH/SIGCONT before the child was known, in order
 
     def __enter__(self) -> "_SignalProxy":
         import threading
@@ -549,6 +553,15 @@ class _SignalProxy:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+
+    def started(self, child) -> None:
+        """The child runs: forward what came before it was known (handlers may run meanwhile:
+        once ``child`` is set they forward themselves)."""
+        self.child = child
+        while self._early:
+            signum = self._early.pop(0)
+            if self._running() is not None:
+                self._forward(child, signum)
 
     def _running(self):
         child = self.child
@@ -563,6 +576,8 @@ class _SignalProxy:
             self._forward(child, signum)
         elif signum in _ENDING:
             raise _Interrupted(signum)
+        elif self.child is None and signum not in self._early:
+            self._early.append(signum)
 
     @staticmethod
     def _forward(child, signum: int) -> None:
