@@ -681,8 +681,13 @@ class Daemon:
             try:
                 reply, out_fds = await self.spawn(conn, msg, fds)
             except Exception as e:  # a bug must not take the daemon down; the client gets the text
-                reply, out_fds = P.SpawnFailed(msg.req, f"internal error: {type(e).__name__}: {e}", "internal",
-                                               code="internal"), []
+                if isinstance(e, OSError) and e.errno in (_errno.EMFILE, _errno.ENFILE):
+                    # (a step with no answer of its own to it: the client may retry once fds are back)
+                    reply = P.SpawnFailed(msg.req, f"the daemon is out of fds: {e.strerror}", code="limit")
+                else:
+                    reply = P.SpawnFailed(msg.req, f"internal error: {type(e).__name__}: {e}", "internal",
+                                          code="internal")
+                out_fds = []
             finally:
                 self.hands.drop_received(conn.peer_uid, fds)
         except BaseException:
