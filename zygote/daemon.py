@@ -44,12 +44,6 @@ from .layers import SetupError, _sys, cgroups, mounts, network, rlimits, seccomp
 SEND_TIMEOUT = 30.0  # seconds one message may wait for a client to read before it is dropped
 SEND_QUEUE_BYTES = 64 << 20  # bytes waiting for one connection before it is dropped (at least)
 SEND_QUEUE_PER_UID = 256 << 20  # ... and for all of one peer uid's connections
-# Results the daemon has taken in for one peer uid and not yet sent (or kept): past it the next
-# result is not read until one is sent, so its payload waits in its write (still a running child,
-# its memory still its cgroup's). One result is always let in, whatever its size. Half the send
-# queue: results ending together never fill a reading client's queue (eight 15 MiB results
-# ready at once dropped one) and leave room for the rest (an attach's kept Exited, errors).
-RESULTS_PER_UID = 32 << 20
 ERROR_TEXT_MAX = 2000  # characters of an error message sent to a client
 # Bytes of requests the daemon holds for one peer uid, over all its connections: frames still
 # arriving and spawn requests received but not yet answered. Two frames of the largest size (and
@@ -172,7 +166,6 @@ class Child:
     result_kind: str = ""  # "" (none), a C.RESULT_KINDS value, "too-large" or "invalid"
     result: bytes = b""
     result_done: trio.Event = field(default_factory=trio.Event)
-    result_held: tuple[int, int] | None = None  # (uid, bytes) its result counts in results_held, until sent
     ctl: trio.lowlevel.FdStream | None = None  # a reserve child's control pipe, until its Job
     reserved: bool = False  # waiting in its pool's reserve (not yet any client's)
     reserve_fds: list[int] = field(default_factory=list)  # its stdin writer, stdout/stderr readers meanwhile
@@ -218,10 +211,9 @@ class Connection:
     async def send(self, msg, fds: list[int] = ()) -> None:
         """Send one message; never blocks the daemon on a client that stops reading.
 
-        Bytes waiting for this connection are capped (SEND_QUEUE_BYTES, or more when one result
-        may be larger: results and exports are large; RESULTS_PER_UID keeps results ending
-        together from filling it), and for all its uid's connections together (SEND_QUEUE_PER_UID: more connections
-        buy no more: past it the uid's connection with the most waiting goes); each send has
+        Bytes waiting for this connection are capped (SEND_QUEUE_BYTES, or twice the largest
+        result when that is more: results and exports are large), and for all its uid's
+        connections together (SEND_QUEUE_PER_UID: more connections buy no more: past it the uid's connection with the most waiting goes); each send has
         SEND_TIMEOUT; past any of these the connection is dropped, which kills its children like
         any disconnect and frees what their reports held. (An
         export's memfd is not counted: it is held until sent, for at most SEND_TIMEOUT.)
@@ -308,11 +300,10 @@ class Daemon:
         self.open_conns: dict[int, set[Connection]] = {}  # peer uid -> its open connections
         self.attached: dict[int, int] = {}  # peer uid -> its live attaches (max_attaches)
         self.relayed: dict[int, int] = {}  # peer uid -> bytes of its children's output buffered
-        self.results_held: dict[int, int] = {}  # peer uid -> bytes of its children's results read, not yet sent
-        self._freed: dict[tuple[int, int], trio.Event] = {}  # (id(table), uid) -> set when it frees some
-        # One result of the largest allowed size, and what RESULTS_PER_UID lets in besides, fit
-        # the queues (a 100 MiB max_result_bytes must not drop every client it answers).
-        most = min(config.max_result_bytes, P.MAX_FRAME - (1 << 20)) + RESULTS_PER_UID
+        self._relayed_freed: dict[int, trio.Event] = {}  # uid -> set when its relays free some
+        # Two results of the largest allowed size fit the queues (a 100 MiB max_result_bytes
+        # must not drop every client it answers as a slow reader).
+        most = 2 * min(config.max_result_bytes, P.MAX_FRAME - (1 << 20))
         self.send_queue_bytes = max(SEND_QUEUE_BYTES, most)
         self.send_queue_per_uid = max(SEND_QUEUE_PER_UID, self.send_queue_bytes)
         self._relays: dict[trio.CancelScope, Child] = {}  # running relays (cut short after a close)
@@ -527,12 +518,8 @@ class Daemon:
             table[uid] = left
         else:
             table.pop(uid, None)
-        if n < 0 and (id(table), uid) in self._freed:
-            self._freed.pop((id(table), uid)).set()
-
-    async def _freed_in(self, table: dict[int, int], uid: int) -> None:
-        """Wait until ``uid``'s entry in ``table`` goes down (see _count)."""
-        await self._freed.setdefault((id(table), uid), trio.Event()).wait()
+        if n < 0 and table is self.relayed and uid in self._relayed_freed:
+            self._relayed_freed.pop(uid).set()
 
     def _peer_allowed(self, uid: int, gid: int) -> bool:
         return (uid == 0 or uid == os.getuid() or uid in self.config.allowed_uids
@@ -1692,7 +1679,6 @@ class Daemon:
             if child.id_slot is not None:  # (not given back after wait4: the watch failed before)
                 self.id_slots.give(child.id_slot)
                 child.id_slot = None
-            self._result_sent(child)  # (the report's own release, if the watch failed before it)
             if child.detached and child.peer_uid != 0:
                 self._count(self.detached_by_uid, child.peer_uid, -1)
             if child.collector is not None:
@@ -1759,7 +1745,6 @@ class Daemon:
                     self._keep(child, exited, export_fds)
             finally:
                 _close(export_fds)
-                self._result_sent(child)  # (a kept one counts as kept now: detached_keep_bytes)
 
         # The report and the release side by side: a client that stops reading holds its send
         # up to SEND_TIMEOUT, and must not hold the child's address and cgroup meanwhile (its
@@ -1849,7 +1834,7 @@ class Daemon:
                         break
                     while buf and self.relayed.get(owner(), 0) + len(data) > RELAYED_PER_UID:
                         # our own buffer drains first; any relay of this uid freeing bytes wakes us
-                        await self._freed_in(self.relayed, uid)
+                        await self._relayed_freed.setdefault(uid, trio.Event()).wait()
                     box[0] += len(data)
                     self._count(self.relayed, owner(), len(data))
                     buf.extend(data)
@@ -2011,15 +1996,11 @@ class Daemon:
 
         Only the record's kind byte and length are looked at; the body goes to the client as it
         came (it may be a pickle: nothing here ever loads it). Past the cap the daemon stops
-        reading and closes its end, so the child's write fails instead of blocking. Once the
-        length is known the record is counted for the child's uid (RESULTS_PER_UID) until its
-        report is sent; without room for it the rest is not read until there is (the payload
-        waits in its write).
+        reading and closes its end, so the child's write fails instead of blocking.
         """
         cap = min(self.config.max_result_bytes, P.MAX_FRAME - (1 << 20))  # it must fit one Exited frame
         hdr = C.RESULT_HEADER
         buf = bytearray()
-        got = False
         try:
             while True:
                 try:
@@ -2037,12 +2018,6 @@ class Daemon:
                     if length > cap:
                         child.result_kind = "too-large"
                         return
-                    if child.result_held is None:
-                        uid = child.peer_uid
-                        while self.results_held.get(uid, 0) and self.results_held[uid] + length > RESULTS_PER_UID:
-                            await self._freed_in(self.results_held, uid)
-                        child.result_held = (uid, hdr.size + length)
-                        self._count(self.results_held, uid, hdr.size + length)
             if not buf:
                 return  # no result: sys.exit, a signal, or a kind without a return value
             if len(buf) < hdr.size:
@@ -2053,20 +2028,10 @@ class Daemon:
                 child.result_kind = "invalid"  # cut short (killed mid-write)
                 return
             child.result_kind, child.result = C.RESULT_KINDS[kind], bytes(memoryview(buf)[hdr.size:])
-            got = True
         finally:
-            if not got:
-                self._result_sent(child)  # nothing of it will be sent
             with trio.CancelScope(shield=True):
                 await child.result_stream.aclose()
             child.result_done.set()
-
-    def _result_sent(self, child: Child) -> None:
-        """The child's result no longer waits to be sent: its bytes leave results_held (once)."""
-        if child.result_held is not None:
-            uid, n = child.result_held
-            child.result_held = None
-            self._count(self.results_held, uid, -n)
 
     async def _read_status(self, child: Child) -> None:
         buf = bytearray()
