@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -209,8 +210,9 @@ def test_ctrl_c_at_a_terminal_reaches_the_payload(tmp_path):
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
 
 
-def test_ctrl_c_at_a_terminal_ends_a_program_that_does_not_handle_it_with_130():
-    """A program with SIGINT's default action dies of it: exit 128+2, as from a shell."""
+def test_ctrl_c_at_a_terminal_ends_a_program_that_does_not_handle_it_and_zygote_run_by_sigint():
+    """A program with SIGINT's default action dies of it, and `zygote run` then dies of SIGINT
+    too (not exit 130): bash stops a loop only for a command that died of SIGINT."""
     p, master = _at_terminal([*ZYGOTE, "run", "--", "sh", "-c", "echo started; exec sleep 60"])
     screen = _Screen(master)
     screen.wait_for(b"started")
@@ -218,8 +220,23 @@ def test_ctrl_c_at_a_terminal_ends_a_program_that_does_not_handle_it_with_130():
     os.write(master, b"\x03")
     rc = screen.finish(p, seconds=30)
     text = screen.out.decode(errors="replace")
-    assert rc == 130, text
+    assert rc == -signal.SIGINT, text
     assert "Traceback" not in text, text
+
+
+def test_ctrl_c_ends_a_shell_loop_of_zygote_runs():
+    """bash (no job control: the loop and `zygote run` share the terminal's foreground group)
+    goes on with a loop after a command that exited 130, as if it had handled Ctrl-C, and ends
+    it only when the command died of SIGINT: so `zygote run` must die of it."""
+    loop = f"for i in 1 2; do {' '.join(ZYGOTE)} run -- sh -c 'echo started $0; exec sleep 60' $i; echo after $i; done"
+    p, master = _at_terminal(["bash", "-c", loop])
+    screen = _Screen(master)
+    screen.wait_for(b"started 1")
+    time.sleep(0.3)  # (the exec of sleep)
+    os.write(master, b"\x03")
+    rc = screen.finish(p, seconds=60)
+    text = screen.out.decode(errors="replace")
+    assert rc == -signal.SIGINT and "after 1" not in text and "started 2" not in text, text
 
 
 def test_window_resize_reaches_the_payload(tmp_path):
@@ -265,6 +282,37 @@ def test_a_resize_during_the_spawn_is_forwarded_once_the_child_is_known():
         _SignalProxy()._on_signal(signal.SIGINT, None)
     assert e.value.signum == signal.SIGINT
 
+
+def test_a_signal_during_a_forward_waits_for_it():
+    """A handler runs on the main thread between two bytecodes of what it interrupted: one that
+    comes while a forward is under way (its client call holds a lock that is not reentrant)
+    must not forward inside it, but right after it."""
+    import signal
+    from zygote.cli import _SignalProxy
+
+    proxy = _SignalProxy()
+
+    class Child:
+        returncode = None
+        sent: list[int] = []
+        inside = False
+
+        def send_signal(self, signum: int) -> None:
+            assert not self.inside, "a forward inside a forward"
+            self.inside = True
+            try:
+                if not self.sent:
+                    proxy._on_signal(signal.SIGWINCH, None)  # (as a handler would, mid-call)
+                    proxy._on_signal(signal.SIGTSTP, None)  # Ctrl-Z now is dropped, not nested
+                self.sent.append(signum)
+            finally:
+                self.inside = False
+
+    proxy.started(Child())
+    proxy._on_signal(signal.SIGINT, None)
+    assert proxy.child.sent == [signal.SIGINT, signal.SIGWINCH]
+
+
 _JOB_SHELL = """\
 # A job-control shell in miniature: runs argv in a process group of its own as the terminal's
 # foreground job; reports when it stops; on b"fg" from the test resumes it in the foreground.
@@ -296,7 +344,7 @@ for i in itertools.count():
 
 def test_ctrl_z_stops_the_child_and_fg_resumes_it(tmp_path):
     """Ctrl-Z at a job-control shell: `zygote run` stops its child, then itself (the shell sees a
-    stopped job); the shell's SIGCONT (fg) resumes both. Then Ctrl-C ends it with 130."""
+    stopped job); the shell's SIGCONT (fg) resumes both. Then Ctrl-C ends it (by SIGINT)."""
     shell, ticks = tmp_path / "shell.py", tmp_path / "ticks.py"
     shell.write_text(_JOB_SHELL)
     ticks.write_text(_TICKS)
@@ -318,7 +366,7 @@ def test_ctrl_z_stops_the_child_and_fg_resumes_it(tmp_path):
         screen.wait_for(b"shell: exit", seconds=30)
         rc = screen.finish(p)
         text = screen.out.decode(errors="replace")
-        assert rc == 0 and "shell: exit 130" in text, text
+        assert rc == 0 and "shell: exit -2" in text, text
         assert "zygote" not in text, text  # no traceback of ours (the python3 payload prints its own)
 
 

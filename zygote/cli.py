@@ -3,6 +3,8 @@
 Exit statuses of ``zygote run`` follow the shell's conventions: the child's own code, 128+N when
 signal N ended it, 124 when killed at its timeout, 125 when the sandbox could not be made (or its
 --export was refused), 127 when the program was not found (126 when it could not be executed).
+A child ended by SIGINT or SIGQUIT (Ctrl-C, Ctrl-\\) ends `zygote run` by the same signal, and
+so does a terminating signal sent to `zygote run` before its child runs (see _end_by).
 At a terminal it passes the terminal's signals on to its child (see _SignalProxy).
 """
 
@@ -147,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "serve":
         return serve(args)
     if args.cmd == "run":
-        return run(args)
+        try:
+            return run(args)
+        except KeyboardInterrupt:  # Ctrl-C before our handlers were in place: no traceback
+            return _end_by(signal.SIGINT)
     if args.cmd == "status":
         return status(args)
     if args.cmd == "doctor":
@@ -486,7 +491,7 @@ def run(args) -> int:
             if args.export:
                 child.export(args.export)
     except _Interrupted as e:  # before the child was running, or after it ended
-        return 128 + e.signum
+        return _end_by(e.signum)
     except WorkspaceError as e:
         print(f"zygote run: {e}", file=sys.stderr)
         return EXIT_SANDBOX
@@ -499,7 +504,34 @@ def run(args) -> int:
     if status.timed_out:
         return EXIT_TIMEOUT
     rc = status.returncode
+    if -rc in (signal.SIGINT, signal.SIGQUIT):
+        return _end_by(-rc)
     return 128 - rc if rc < 0 else rc
+
+
+def _end_by(signum: int) -> int:
+    """End this process by ``signum``'s default action, as a program the signal ended does.
+
+    A shell tells a command that Ctrl-C ended from one that caught it and chose to exit by how it
+    ended, not by $? (128+N either way): bash ends a loop or a script only when the command died
+    of SIGINT. So `zygote run` dies of it too (after the embedded daemon shut down: we are past
+    it here), without a core dump for SIGQUIT. Returns 128+signum only if the signal did not end
+    us (it is blocked in a way we could not undo)."""
+    import resource
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass
+    if signum == signal.SIGQUIT:
+        try:
+            resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+        except (OSError, ValueError):
+            pass
+    signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+    os.kill(os.getpid(), signum)
+    return 128 + signum
 
 
 # What a terminal sends its foreground process group (Ctrl-C, Ctrl-\, Ctrl-Z, a resize, a
@@ -511,7 +543,7 @@ _ENDING = frozenset({signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHU
 
 
 class _Interrupted(BaseException):
-    """A terminating signal while no child runs: `zygote run` ends with 128+signum."""
+    """A terminating signal while no child runs: `zygote run` ends by it (see _end_by)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -526,7 +558,7 @@ class _SignalProxy:
     that does not dies of it or, for SIGTSTP, stops), and `zygote run` goes on waiting: it ends
     with the child's status (a payload that handles SIGINT decides itself whether Ctrl-C ends it).
     Before the child runs and after it ended, SIGINT, SIGQUIT, SIGTERM and SIGHUP end `zygote
-    run` with 128+signum and no traceback (the daemon then kills a child being made). A SIGWINCH
+    run` (by that signal: _end_by) and no traceback (the daemon then kills a child being made). A SIGWINCH
     or SIGCONT that comes while the spawn is under way is kept and forwarded once the child is
     known (the payload may already run and have drawn for the old size: spawn_child returns after
     it started).
@@ -541,7 +573,8 @@ class _SignalProxy:
     def __init__(self) -> None:
         self.child = None
         self._old: dict[int, object] = {}
-        self._early: list[int] = []  # SIGWINCH/SIGCONT before the child was known, in order
+        self._queue: list[int] = []  # to forward, in order (each once: pending signals merge)
+        self._forwarding = False  # a forward is under way (its client call holds a lock)
 
     def __enter__(self) -> "_SignalProxy":
         import threading
@@ -555,13 +588,26 @@ class _SignalProxy:
             signal.signal(sig, handler)
 
     def started(self, child) -> None:
-        """The child runs: forward what came before it was known (handlers may run meanwhile:
-        once ``child`` is set they forward themselves)."""
+        """The child runs: forward what came before it was known."""
         self.child = child
-        while self._early:
-            signum = self._early.pop(0)
-            if self._running() is not None:
-                self._forward(child, signum)
+        self._drain()
+
+    def _drain(self) -> None:
+        """Forward what is queued, unless a forward is under way: a handler runs on the main
+        thread between two bytecodes of whatever it interrupted, and a forward started inside
+        another would wait forever for the lock the first one's client call holds. The one under
+        way forwards what was queued meanwhile."""
+        if self._forwarding:
+            return
+        self._forwarding = True
+        try:
+            while self._queue:
+                signum = self._queue.pop(0)
+                child = self._running()
+                if child is not None:
+                    self._forward(child, signum)
+        finally:
+            self._forwarding = False
 
     def _running(self):
         child = self.child
@@ -571,13 +617,13 @@ class _SignalProxy:
         if signum == signal.SIGTSTP:
             self._stop()
             return
-        child = self._running()
-        if child is not None:
-            self._forward(child, signum)
+        if self._running() is not None or (self.child is None and signum not in _ENDING):
+            if signum not in self._queue:
+                self._queue.append(signum)
+            if self.child is not None:
+                self._drain()
         elif signum in _ENDING:
             raise _Interrupted(signum)
-        elif self.child is None and signum not in self._early:
-            self._early.append(signum)
 
     @staticmethod
     def _forward(child, signum: int) -> None:
@@ -590,9 +636,15 @@ class _SignalProxy:
     def _stop(self) -> None:
         if not _job_control():
             return
+        if self._forwarding:
+            return  # (in the middle of a forward, whose client call we would stop: press again)
         child = self._running()
         if child is not None:
-            self._forward(child, signal.SIGTSTP)
+            self._forwarding = True
+            try:
+                self._forward(child, signal.SIGTSTP)
+            finally:
+                self._forwarding = False
         signal.signal(signal.SIGTSTP, signal.SIG_DFL)
         try:
             os.kill(os.getpid(), signal.SIGTSTP)  # stops us before kill() returns; SIGCONT resumes
