@@ -184,6 +184,25 @@ def capped_client(tmp_path):
         stop_daemon(proc)
 
 
+def test_large_results_ending_together_reach_a_reading_client(client):
+    """Eight results near the 16 MiB cap, ready at the same moment, are more than one
+    connection's send queue (64 MiB): a client that reads them is not a slow reader and gets
+    every one (it was dropped, and every child then ended "killed")."""
+    def big(i):
+        import sys
+        sys.stdin.read(1)  # (all eight go at once, when the test says so)
+        return str(i) * (15 << 20)
+
+    children = [client.spawn_child(big, (i,)) for i in range(8)]
+    for child in children:
+        child.stdin.write(b"g")
+        child.stdin.flush()
+    for i, child in enumerate(children):
+        value = child.result(timeout=120)
+        assert len(value) == 15 << 20 and value[:1] == str(i)
+    assert client.call(lambda: "still serving") == "still serving"
+
+
 def test_a_result_larger_than_the_send_queue_reaches_its_client(tmp_path):
     """max_result_bytes may be set past the 64 MiB a connection may have waiting: the queue grows
     with it, so such a result is delivered, not taken for a slow reader (the client was dropped)."""

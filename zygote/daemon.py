@@ -44,6 +44,11 @@ from .layers import SetupError, _sys, cgroups, mounts, network, rlimits, seccomp
 SEND_TIMEOUT = 30.0  # seconds one message may wait for a client to read before it is dropped
 SEND_QUEUE_BYTES = 64 << 20  # bytes waiting for one connection before it is dropped (at least)
 SEND_QUEUE_PER_UID = 256 << 20  # ... and for all of one peer uid's connections
+# A connection whose queue is past its cap is dropped only once it stalled: nothing of its queue
+# taken for SEND_STALL seconds; a client that reads may have up to SEND_BURST times the cap
+# waiting (results ending together: eight of 15 MiB dropped a client that was reading them).
+SEND_STALL = 2.0
+SEND_BURST = 4
 ERROR_TEXT_MAX = 2000  # characters of an error message sent to a client
 # Bytes of requests the daemon holds for one peer uid, over all its connections: frames still
 # arriving and spawn requests received but not yet answered. Two frames of the largest size (and
@@ -202,6 +207,8 @@ class Connection:
         self._send_lock = trio.Lock()
         self.closed = False
         self.queued = 0  # bytes of messages waiting to be sent
+        self.moved_at = 0.0  # (trio clock) when the queue last moved: a send began on it empty, or sent some
+        self._stall_watch = False  # a task watches the queue, over its cap, for a stall
         self.spawning = 0  # spawns of this connection in flight (not yet a child or a failure)
         self.nursery: trio.Nursery | None = None  # the connection's tasks (taps die with it)
 
@@ -212,8 +219,9 @@ class Connection:
         """Send one message; never blocks the daemon on a client that stops reading.
 
         Bytes waiting for this connection are capped (SEND_QUEUE_BYTES, or twice the largest
-        result when that is more: results and exports are large), and for all its uid's
-        connections together (SEND_QUEUE_PER_UID: more connections buy no more: past it the uid's connection with the most waiting goes); each send has
+        result when that is more: results and exports are large; past it a client still reading
+        has SEND_BURST times that before it goes, one that stalled for SEND_STALL goes now), and
+        for all its uid's connections together (SEND_QUEUE_PER_UID: more connections buy no more: past it the uid's connection with the most waiting goes); each send has
         SEND_TIMEOUT; past any of these the connection is dropped, which kills its children like
         any disconnect and frees what their reports held. (An
         export's memfd is not counted: it is held until sent, for at most SEND_TIMEOUT.)
@@ -231,12 +239,23 @@ class Connection:
             return
         size = len(data)
         uid = self.peer_uid
+        now = trio.current_time()
+        if not self.queued:
+            self.moved_at = now
         self.queued += size
         self.daemon._count(self.daemon.queued_by_uid, uid, size)
         try:
-            if self.queued > self.daemon.send_queue_bytes:
-                self.drop()
-                return
+            cap = self.daemon.send_queue_bytes
+            if self.queued > cap:
+                if now - self.moved_at > SEND_STALL or self.queued > SEND_BURST * cap:
+                    self.drop()
+                    return
+                if not self._stall_watch and self.nursery is not None:
+                    try:
+                        self.nursery.start_soon(self._watch_for_stall)
+                        self._stall_watch = True
+                    except RuntimeError:  # the connection's nursery is done: so is the connection
+                        pass
             if self.daemon.queued_by_uid.get(uid, 0) > self.daemon.send_queue_per_uid:
                 # over the uid's budget: the connection holding the most goes (a slow reader), not
                 # whichever has the next message (a healthy one, as likely as not)
@@ -254,9 +273,11 @@ class Connection:
                             n = await self.sock.sendmsg([view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                                   array.array("i", fds).tobytes())])
                             view = view[n:]
+                            self.moved_at = trio.current_time()
                         while view:
                             n = await self.sock.send(view)
                             view = view[n:]
+                            self.moved_at = trio.current_time()
                     except (OSError, trio.ClosedResourceError, trio.BrokenResourceError):
                         # (ClosedResourceError: the connection's own task closed the socket, on
                         # the client's EOF, while this send waited for room: not an OSError.)
@@ -266,6 +287,18 @@ class Connection:
         finally:
             self.queued -= size
             self.daemon._count(self.daemon.queued_by_uid, uid, -size)
+
+    async def _watch_for_stall(self) -> None:
+        """While the queue is over its cap: drop the connection once nothing of it was taken for
+        SEND_STALL (the next message might never come to look)."""
+        try:
+            while not self.closed and self.queued > self.daemon.send_queue_bytes:
+                if trio.current_time() - self.moved_at > SEND_STALL:
+                    self.drop()
+                    return
+                await trio.sleep_until(self.moved_at + SEND_STALL + 0.01)
+        finally:
+            self._stall_watch = False
 
     def drop(self) -> None:
         """Give up on this client: its reader loop ends and its children are killed."""
