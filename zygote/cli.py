@@ -485,7 +485,10 @@ def run(args) -> int:
                     if fd > 2:
                         os.close(fd)
             proxy.started(child)
-            status = child.wait()
+            try:
+                status = child.wait()
+            finally:
+                proxy.finished()
             for t in copiers:
                 t.join()
             if args.export:
@@ -523,12 +526,17 @@ def _end_by(signum: int) -> int:
             f.flush()
         except (OSError, ValueError):
             pass
-    if signum == signal.SIGQUIT:
+    if signum == signal.SIGQUIT:  # no core: not RLIMIT_CORE 0 alone (a core_pattern pipe ignores it)
         try:
             resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
         except (OSError, ValueError):
             pass
-    signal.signal(signum, signal.SIG_DFL)
+        from .layers import _sys
+        _sys.libc.prctl(_sys.PR_SET_DUMPABLE, 0, 0, 0, 0)
+    try:
+        signal.signal(signum, signal.SIG_DFL)
+    except ValueError:  # not the main thread (main() called from another program's thread)
+        return 128 + signum
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
     os.kill(os.getpid(), signum)
     return 128 + signum
@@ -575,6 +583,7 @@ class _SignalProxy:
         self._old: dict[int, object] = {}
         self._queue: list[int] = []  # to forward, in order (each once: pending signals merge)
         self._forwarding = False  # a forward is under way (its client call holds a lock)
+        self._done = False  # see finished()
 
     def __enter__(self) -> "_SignalProxy":
         import threading
@@ -597,21 +606,25 @@ class _SignalProxy:
         thread between two bytecodes of whatever it interrupted, and a forward started inside
         another would wait forever for the lock the first one's client call holds. The one under
         way forwards what was queued meanwhile."""
-        if self._forwarding:
-            return
-        self._forwarding = True
-        try:
-            while self._queue:
-                signum = self._queue.pop(0)
-                child = self._running()
-                if child is not None:
-                    self._forward(child, signum)
-        finally:
-            self._forwarding = False
+        while self._queue and not self._forwarding:  # (again: one may come after the inner check)
+            self._forwarding = True
+            try:
+                while self._queue:
+                    signum = self._queue.pop(0)
+                    child = self._running()
+                    if child is not None:
+                        self._forward(child, signum)
+            finally:
+                self._forwarding = False
+
+    def finished(self) -> None:
+        """The child ended, or waiting for it failed: forward nothing more (the client may be
+        closing, holding the lock a forward would wait for)."""
+        self._done = True
 
     def _running(self):
         child = self.child
-        return child if child is not None and child.returncode is None else None
+        return child if child is not None and child.returncode is None and not self._done else None
 
     def _on_signal(self, signum: int, _frame) -> None:
         if signum == signal.SIGTSTP:

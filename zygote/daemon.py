@@ -23,6 +23,7 @@ import signal
 import socket
 import struct
 import sys
+import termios
 import time
 from dataclasses import dataclass, field
 
@@ -37,7 +38,7 @@ from zygote_client._workspace import ExportResult, WorkspaceError
 from . import _childproto as C
 from ._clone import ALL_NAMESPACES, CLONE_INTO_CGROUP, CLONE_PARENT
 from ._pool import Pool, PoolConfig, PoolStartError, Reserve, ZygoteDied, raise_open_files
-from . import _pipes, detach, observe, policy
+from . import _pipes, _pool, detach, observe, policy
 from ._pipes import close_now as _close
 from .layers import SetupError, _sys, cgroups, mounts, network, rlimits, seccomp, userns, workspace
 
@@ -209,6 +210,7 @@ class Connection:
         self.queued = 0  # bytes of messages waiting to be sent
         self.moved_at = 0.0  # (trio clock) when the queue last moved: a send began on it empty, or sent some
         self._stall_watch = False  # a task watches the queue, over its cap, for a stall
+        self._unread = -1  # the client's unread bytes when stalled() last looked (SIOCOUTQ)
         self.spawning = 0  # spawns of this connection in flight (not yet a child or a failure)
         self.nursery: trio.Nursery | None = None  # the connection's tasks (taps die with it)
 
@@ -247,7 +249,7 @@ class Connection:
         try:
             cap = self.daemon.send_queue_bytes
             if self.queued > cap:
-                if now - self.moved_at > SEND_STALL or self.queued > SEND_BURST * cap:
+                if self.queued > SEND_BURST * cap or self.stalled(now):
                     self.drop()
                     return
                 if not self._stall_watch and self.nursery is not None:
@@ -259,7 +261,9 @@ class Connection:
             if self.daemon.queued_by_uid.get(uid, 0) > self.daemon.send_queue_per_uid:
                 # over the uid's budget: the connection holding the most goes (a slow reader), not
                 # whichever has the next message (a healthy one, as likely as not)
-                worst = max(self.daemon.open_conns.get(uid, ()), key=lambda c: c.queued, default=self)
+                # (a stalled one first: the one with the most may be reading a burst of results)
+                worst = max(self.daemon.open_conns.get(uid, ()), key=lambda c: (c.stalled(now), c.queued),
+                            default=self)
                 worst.drop()
                 if worst is self or self.closed:
                     return
@@ -288,12 +292,28 @@ class Connection:
             self.queued -= size
             self.daemon._count(self.daemon.queued_by_uid, uid, -size)
 
+    def stalled(self, now: float) -> bool:
+        """Nothing of the queue was taken for SEND_STALL. Judged by our sends' progress, and, when
+        that is old, by the bytes the client has still to read (SIOCOUTQ): a daemon behind on
+        its own sends must not take a client that reads for one that stopped."""
+        if not self.queued or now - self.moved_at <= SEND_STALL:
+            return False
+        try:
+            unread = struct.unpack("i", fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+        except OSError:
+            return True
+        if unread != self._unread:
+            self._unread = unread
+            self.moved_at = now
+            return False
+        return True
+
     async def _watch_for_stall(self) -> None:
-        """While the queue is over its cap: drop the connection once nothing of it was taken for
-        SEND_STALL (the next message might never come to look)."""
+        """While the queue is over its cap: drop the connection once it stalled (the next
+        message might never come to look)."""
         try:
             while not self.closed and self.queued > self.daemon.send_queue_bytes:
-                if trio.current_time() - self.moved_at > SEND_STALL:
+                if self.stalled(trio.current_time()):
                     self.drop()
                     return
                 await trio.sleep_until(self.moved_at + SEND_STALL + 0.01)
@@ -313,6 +333,9 @@ class Connection:
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
+        if config.test_hooks and os.environ.get("ZYGOTE_TEST_CLONE_REPLY_TIMEOUT"):
+            # (tests only: how long a stopped zygote may leave a clone unanswered, not 30 s)
+            _pool.CLONE_REPLY_TIMEOUT = float(os.environ["ZYGOTE_TEST_CLONE_REPLY_TIMEOUT"])
         self.pools: dict[str, Pool] = {}
         self.children: dict[str, Child] = {}
         self.spawning = 0  # spawns in flight, counted against max_children with the children
