@@ -577,3 +577,57 @@ def test_export_names_the_limit_that_was_hit():
     assert "exceeds max_bytes=4096" in _collect(big, max_bytes=4096, on_exceed="truncate")["skipped"][0]
     assert "exceeds max_file_bytes=1000" in _collect(big, max_bytes=4096, max_file_bytes=1000,
                                                      on_exceed="truncate")["skipped"][0]
+
+
+def test_SECURITY_a_client_that_does_not_read_pins_no_more_than_one_export(tmp_path):
+    """An export archive is a memfd on the daemon's memory (up to 1 GiB). Once sent it sits in the
+    client's socket, counted by nothing, for as long as the client does not read: the daemon sends
+    one only when the client has read all before it (the waiting one stays the daemon's, under
+    SEND_TIMEOUT), so a client pins at most one. Three children's exports for a client that has
+    not read even its Spawned replies: all three still the daemon's; when it reads, all arrive."""
+    from conftest import RawConn, start_daemon, stop_daemon, wait_socket
+
+    def memfds(pid: int) -> int:
+        n = 0
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:")
+            except OSError:
+                pass
+        return n
+
+    path = str(tmp_path / "z.sock")
+    proc = start_daemon("--socket", path, "--preload", "json")
+    try:
+        wait_socket(path, proc)
+        raw = RawConn(path)
+        P = raw.P
+        raw.send(P.Hello(P.VERSION))
+        assert isinstance(raw.reply(), P.Welcome)
+        def blob():
+            with open("/out/blob", "wb") as f:
+                f.write(b"z" * (4 << 20))
+        from zygote_client._async import _encode_target
+        kind, payload, _ = _encode_target(blob, (), None, None, None)
+        cfg = SandboxConfig(export=Export())
+        for i in range(3):  # a 4 MiB file in each export
+            raw.send(P.Spawn(req=i + 1, kind=kind, payload=payload, stdin=False, sandbox=cfg))
+        deadline = time.monotonic() + 30
+        with Client.connect(path) as other:
+            while (other.status().counters.get("spawns_ok", 0) < 3 or other.status().running) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.1)
+        time.sleep(0.5)
+        assert memfds(proc.pid) == 3, "an export went into the socket of a client that reads nothing"
+        exits, fds = [], []
+        while len(exits) < 3:
+            m = raw.reply(keep=fds)
+            assert m is not None
+            if isinstance(m, P.Exited):
+                exits.append(m)
+        assert all(e.export is not None and e.export.files == 1 for e in exits), exits
+        for fd in fds:
+            os.close(fd)
+        raw.sock.close()
+    finally:
+        stop_daemon(proc)

@@ -21,6 +21,7 @@ import secrets
 import select
 import signal
 import socket
+import stat
 import struct
 import sys
 import termios
@@ -199,6 +200,14 @@ class _Kept:
     size: int = 0  # bytes held: the result, the output rings, the archive
 
 
+def _is_file(fd: int) -> bool:
+    """A regular file (an export's memfd), not a pipe end."""
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
 class Connection:
     def __init__(self, daemon: "Daemon", sock: trio.socket.SocketType, peer: tuple[int, int, int]) -> None:
         self.daemon = daemon
@@ -273,6 +282,8 @@ class Connection:
                 with trio.move_on_after(SEND_TIMEOUT) as scope:
                     view = memoryview(data)  # slices of a view: no copy of a large frame per send
                     try:
+                        if any(_is_file(fd) for fd in fds):
+                            await self._all_read()
                         if fds:
                             n = await self.sock.sendmsg([view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                                   array.array("i", fds).tobytes())])
@@ -292,6 +303,21 @@ class Connection:
             self.queued -= size
             self.daemon._count(self.daemon.queued_by_uid, uid, -size)
 
+    def _unread_bytes(self) -> int:
+        """What the client has still to read of what we sent (SIOCOUTQ). Raises OSError."""
+        fd = self.sock.fileno()
+        if fd < 0:  # (closed by the connection's own task)
+            raise OSError(_errno.EBADF, "connection closed")
+        return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0" * 4))[0]
+
+    async def _all_read(self) -> None:
+        """Wait until the client has read all we sent. Before a message with an export archive
+        (a memfd of up to 1 GiB, on the daemon's memory): once sent, it sits in the client's
+        socket, where nothing counts it, for as long as the client does not read; one at a time,
+        a client pins at most one, and the next waits here, under SEND_TIMEOUT."""
+        while self._unread_bytes():
+            await trio.sleep(0.005)
+
     def stalled(self, now: float) -> bool:
         """Nothing of the queue was taken for SEND_STALL. Judged by our sends' progress, and, when
         that is old, by the bytes the client has still to read (SIOCOUTQ): a daemon behind on
@@ -299,7 +325,7 @@ class Connection:
         if not self.queued or now - self.moved_at <= SEND_STALL:
             return False
         try:
-            unread = struct.unpack("i", fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+            unread = self._unread_bytes()
         except OSError:
             return True
         if unread != self._unread:
