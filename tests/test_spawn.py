@@ -683,3 +683,26 @@ def test_zygote_killed_during_burst_retriable_and_recovers():
         while [p for p, s in children_of(dpid) if s == "Z"] and time.monotonic() < deadline:
             time.sleep(0.1)  # the killed zygote and the last children are reaped asynchronously
         assert [p for p, s in children_of(dpid) if s == "Z"] == []
+
+
+def test_the_raw_clone_works_with_a_small_tid():
+    """The zygote's raw clone needs the address of glibc's cached tid, found by the tid's value
+    in the thread's descriptor. As PID 1 of a pid namespace (a container's entrypoint, or early
+    after a pid wrap) other fields hold the same small number: the zygote refused to clone
+    ("cannot locate glibc's cached tid"; the suite hit it once after the host's pids wrapped)."""
+    code = (
+        "import os\n"
+        "from zygote._clone import Cloner\n"
+        "assert os.getpid() == 1\n"
+        "c = Cloner()\n"
+        "pid = c.clone(0)\n"
+        "if pid == 0:\n"  # raise() signals the cached tid: right only if the clone set it
+        "    import signal\n"
+        "    signal.signal(signal.SIGUSR1, lambda *a: os._exit(7))\n"
+        "    signal.raise_signal(signal.SIGUSR1)\n"
+        "    os._exit(1)\n"
+        "print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n"
+    )
+    r = subprocess.run(["unshare", "--pid", "--fork", sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert (r.returncode, r.stdout) == (0, "7\n"), r.stderr

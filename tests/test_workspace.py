@@ -579,13 +579,32 @@ def test_export_names_the_limit_that_was_hit():
                                                      on_exceed="truncate")["skipped"][0]
 
 
+def _silent_exporter(path: str, n: int):
+    """A bare connection that sends ``n`` spawns, each exporting a 4 MiB file, and reads no more
+    than the Welcome."""
+    from conftest import RawConn
+    from zygote_client._async import _encode_target
+
+    def blob():
+        with open("/out/blob", "wb") as f:
+            f.write(b"z" * (4 << 20))
+    raw = RawConn(path)
+    raw.send(raw.P.Hello(raw.P.VERSION))
+    assert isinstance(raw.reply(), raw.P.Welcome)
+    kind, payload, _ = _encode_target(blob, (), None, None, None)
+    for i in range(n):
+        raw.send(raw.P.Spawn(req=i + 1, kind=kind, payload=payload, stdin=False,
+                             sandbox=SandboxConfig(export=Export())))
+    return raw
+
+
 def test_SECURITY_a_client_that_does_not_read_pins_no_more_than_one_export(tmp_path):
     """An export archive is a memfd on the daemon's memory (up to 1 GiB). Once sent it sits in the
     client's socket, counted by nothing, for as long as the client does not read: the daemon sends
     one only when the client has read all before it (the waiting one stays the daemon's, under
     SEND_TIMEOUT), so a client pins at most one. Three children's exports for a client that has
     not read even its Spawned replies: all three still the daemon's; when it reads, all arrive."""
-    from conftest import RawConn, start_daemon, stop_daemon, wait_socket
+    from conftest import start_daemon, stop_daemon, wait_socket
 
     def memfds(pid: int) -> int:
         n = 0
@@ -600,18 +619,8 @@ def test_SECURITY_a_client_that_does_not_read_pins_no_more_than_one_export(tmp_p
     proc = start_daemon("--socket", path, "--preload", "json")
     try:
         wait_socket(path, proc)
-        raw = RawConn(path)
+        raw = _silent_exporter(path, 3)
         P = raw.P
-        raw.send(P.Hello(P.VERSION))
-        assert isinstance(raw.reply(), P.Welcome)
-        def blob():
-            with open("/out/blob", "wb") as f:
-                f.write(b"z" * (4 << 20))
-        from zygote_client._async import _encode_target
-        kind, payload, _ = _encode_target(blob, (), None, None, None)
-        cfg = SandboxConfig(export=Export())
-        for i in range(3):  # a 4 MiB file in each export
-            raw.send(P.Spawn(req=i + 1, kind=kind, payload=payload, stdin=False, sandbox=cfg))
         deadline = time.monotonic() + 30
         with Client.connect(path) as other:
             while (other.status().counters.get("spawns_ok", 0) < 3 or other.status().running) \
@@ -628,6 +637,32 @@ def test_SECURITY_a_client_that_does_not_read_pins_no_more_than_one_export(tmp_p
         assert all(e.export is not None and e.export.files == 1 for e in exits), exits
         for fd in fds:
             os.close(fd)
+        raw.sock.close()
+    finally:
+        stop_daemon(proc)
+
+
+def test_SECURITY_export_archives_waiting_for_one_user_are_capped(tmp_path, monkeypatch):
+    """Exited children count against no limit, so their export archives (memfds on the daemon's
+    memory, each up to 1 GiB) waiting for a client that reads now and then piled up without
+    end. They are counted per uid (EXPORTS_PER_UID, 2 GiB; 10 MiB here under test hooks), and
+    past it the connection holding the most goes: at once, not after SEND_TIMEOUT (30 s)."""
+    import select
+    from conftest import start_daemon, stop_daemon, wait_socket
+
+    monkeypatch.setenv("ZYGOTE_TEST_EXPORTS_PER_UID", str(10 << 20))
+    path = str(tmp_path / "z.sock")
+    proc = start_daemon("--socket", path, "--preload", "json", "--test-hooks")
+    try:
+        wait_socket(path, proc)
+        t = time.monotonic()
+        raw = _silent_exporter(path, 4)  # 16 MiB of archives for a client that reads nothing
+        poll = select.poll()
+        poll.register(raw.sock, select.POLLRDHUP)
+        assert poll.poll(25_000), "the connection was kept"
+        assert time.monotonic() - t < 20
+        with Client.connect(path) as other:
+            assert other.call(lambda: 1) == 1
         raw.sock.close()
     finally:
         stop_daemon(proc)

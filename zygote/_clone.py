@@ -57,15 +57,58 @@ class _CloneArgs(ctypes.Structure):
     ]
 
 
-def _tid_field_address() -> int:
-    """Address of glibc's cached tid of the calling (only) thread."""
-    me = _libc.pthread_self()
-    tid = os.gettid() if hasattr(os, "gettid") else _libc.syscall(_SYS_GETTID)
+def _gettid() -> int:
+    return os.gettid() if hasattr(os, "gettid") else _libc.syscall(_SYS_GETTID)
+
+
+def _holding_tid(me: int, offsets) -> list[int]:
+    """The offsets in the thread's descriptor at ``me`` that hold this thread's tid."""
+    tid = _gettid()
     raw = ctypes.string_at(me, 4096)
-    hits = [off for off in range(0, len(raw) - 3, 4) if struct.unpack_from("i", raw, off)[0] == tid]
+    return [off for off in offsets if struct.unpack_from("i", raw, off)[0] == tid]
+
+
+def _tid_field_address() -> int:
+    """Address of glibc's cached tid of the calling (only) thread.
+
+    The 4 KiB of the thread's descriptor are searched for its tid. A small tid (a process early
+    in a pid namespace, or after the host's pids wrapped) also matches other fields (PID 1 of a
+    namespace: five of them, a TLS key's sequence number among them): then a child of glibc's
+    own fork(), which sets its cached tid to the child's new tid and leaves the rest as they
+    were, says which of them changed. (Not os.fork: Python's after-fork work in the child makes
+    TLS keys anew, whose numbers may then match the child's tid too.)
+    """
+    me = _libc.pthread_self()
+    hits = _holding_tid(me, range(0, 4096 - 3, 4))
+    if len(hits) > 1:
+        hits = _changed_in_a_fork(me, hits)
     if len(hits) != 1:
         raise OSError(f"cannot locate glibc's cached tid (candidates at {hits}); refusing raw clone")
     return me + hits[0]
+
+
+def _changed_in_a_fork(me: int, hits: list[int]) -> list[int]:
+    r, w = os.pipe()
+    try:
+        pid = _libc.fork()  # (PyDLL: the GIL stays ours, as in os.fork; this is the only thread)
+        if pid < 0:
+            raise OSError(ctypes.get_errno(), "fork (to find glibc's cached tid)")
+        if pid == 0:  # (the same address: the child's descriptor is a copy of ours)
+            try:
+                os.write(w, " ".join(map(str, _holding_tid(me, hits))).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        w = -1
+        out = b""
+        while chunk := os.read(r, 4096):
+            out += chunk
+        os.waitpid(pid, 0)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    return [int(x) for x in out.split()]
 
 
 class Cloner:

@@ -51,6 +51,11 @@ SEND_QUEUE_PER_UID = 256 << 20  # ... and for all of one peer uid's connections
 # waiting (results ending together: eight of 15 MiB dropped a client that was reading them).
 SEND_STALL = 2.0
 SEND_BURST = 4
+# Export archives (memfds on the daemon's memory) waiting to be sent to one peer uid's
+# connections: past it the connection with the most (a stalled one first) goes. One archive
+# always passes, whatever its size. Exited children no longer count against any limit, so
+# without it a client reading now and then piled up archives without end (2.8 GiB in 35 s).
+EXPORTS_PER_UID = 2 << 30
 ERROR_TEXT_MAX = 2000  # characters of an error message sent to a client
 # Bytes of requests the daemon holds for one peer uid, over all its connections: frames still
 # arriving and spawn requests received but not yet answered. Two frames of the largest size (and
@@ -200,12 +205,13 @@ class _Kept:
     size: int = 0  # bytes held: the result, the output rings, the archive
 
 
-def _is_file(fd: int) -> bool:
-    """A regular file (an export's memfd), not a pipe end."""
+def _file_bytes(fd: int) -> int:
+    """The size of a regular file (an export's memfd); 0 for a pipe end."""
     try:
-        return stat.S_ISREG(os.fstat(fd).st_mode)
+        st = os.fstat(fd)
     except OSError:
-        return False
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
 
 class Connection:
@@ -220,6 +226,7 @@ class Connection:
         self.moved_at = 0.0  # (trio clock) when the queue last moved: a send began on it empty, or sent some
         self._stall_watch = False  # a task watches the queue, over its cap, for a stall
         self._unread = -1  # the client's unread bytes when stalled() last looked (SIOCOUTQ)
+        self.exports = 0  # bytes of export archives waiting to be sent here
         self.spawning = 0  # spawns of this connection in flight (not yet a child or a failure)
         self.nursery: trio.Nursery | None = None  # the connection's tasks (taps die with it)
 
@@ -255,7 +262,17 @@ class Connection:
             self.moved_at = now
         self.queued += size
         self.daemon._count(self.daemon.queued_by_uid, uid, size)
+        archives = sum(_file_bytes(fd) for fd in fds)
+        self.exports += archives
+        self.daemon._count(self.daemon.exports_by_uid, uid, archives)
         try:
+            waiting = self.daemon.exports_by_uid.get(uid, 0)
+            if archives and waiting > self.daemon.exports_per_uid and waiting > archives:
+                worst = max(self.daemon.open_conns.get(uid, ()), key=lambda c: (c.stalled(now), c.exports),
+                            default=self)
+                worst.drop()
+                if worst is self or self.closed:
+                    return
             cap = self.daemon.send_queue_bytes
             if self.queued > cap:
                 if self.queued > SEND_BURST * cap or self.stalled(now):
@@ -282,7 +299,7 @@ class Connection:
                 with trio.move_on_after(SEND_TIMEOUT) as scope:
                     view = memoryview(data)  # slices of a view: no copy of a large frame per send
                     try:
-                        if any(_is_file(fd) for fd in fds):
+                        if archives:
                             await self._all_read()
                         if fds:
                             n = await self.sock.sendmsg([view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
@@ -302,6 +319,8 @@ class Connection:
         finally:
             self.queued -= size
             self.daemon._count(self.daemon.queued_by_uid, uid, -size)
+            self.exports -= archives
+            self.daemon._count(self.daemon.exports_by_uid, uid, -archives)
 
     def _unread_bytes(self) -> int:
         """What the client has still to read of what we sent (SIOCOUTQ). Raises OSError."""
@@ -328,7 +347,7 @@ class Connection:
             unread = self._unread_bytes()
         except OSError:
             return True
-        if unread != self._unread:
+        if unread == 0 or unread != self._unread:  # (0: all read; our own send has not run yet)
             self._unread = unread
             self.moved_at = now
             return False
@@ -379,6 +398,10 @@ class Daemon:
         self.cleaning = 0
         self.pending: dict[int, int] = {}  # peer uid -> bytes of requests held for it (PENDING_PER_UID)
         self.queued_by_uid: dict[int, int] = {}  # peer uid -> bytes waiting to be sent to it
+        self.exports_by_uid: dict[int, int] = {}  # peer uid -> export archive bytes waiting to be sent to it
+        self.exports_per_uid = EXPORTS_PER_UID
+        if config.test_hooks and os.environ.get("ZYGOTE_TEST_EXPORTS_PER_UID"):
+            self.exports_per_uid = int(os.environ["ZYGOTE_TEST_EXPORTS_PER_UID"])  # (tests only)
         self.open_conns: dict[int, set[Connection]] = {}  # peer uid -> its open connections
         self.attached: dict[int, int] = {}  # peer uid -> its live attaches (max_attaches)
         self.relayed: dict[int, int] = {}  # peer uid -> bytes of its children's output buffered
