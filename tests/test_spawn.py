@@ -686,15 +686,22 @@ def test_zygote_killed_during_burst_retriable_and_recovers():
 
 
 def test_the_raw_clone_works_with_a_small_tid():
-    """The zygote's raw clone needs the address of glibc's cached tid, found by the tid's value
-    in the thread's descriptor. As PID 1 of a pid namespace (a container's entrypoint, or early
-    after a pid wrap) other fields hold the same small number: the zygote refused to clone
-    ("cannot locate glibc's cached tid"; the suite hit it once after the host's pids wrapped)."""
+    """The zygote's raw clone needs the address of glibc's cached tid. It was found by the tid's
+    value in the thread's descriptor only: as PID 1 of a pid namespace (a container's
+    entrypoint, or early after a pid wrap) other fields hold the same small number, and the
+    zygote refused to clone ("cannot locate glibc's cached tid"; the suite hit it once after the
+    host's pids wrapped). Now the kernel's tid address (PR_GET_TID_ADDRESS) comes first, and
+    the search, where that is missing, settles a tie with a fork: both are checked here."""
     code = (
         "import os\n"
         "from zygote._clone import Cloner\n"
         "assert os.getpid() == 1\n"
         "c = Cloner()\n"
+        # the search the prctl spares: its fork settles on the same field
+        "from zygote._clone import _libc, _holding_tid, _changed_in_a_fork\n"
+        "me = _libc.pthread_self()\n"
+        "hits = _holding_tid(me, range(0, 4096 - 3, 4))\n"
+        "assert len(hits) > 1 and _changed_in_a_fork(me, hits) == [c._tid_addr - me], hits\n"
         "pid = c.clone(0)\n"
         "if pid == 0:\n"  # raise() signals the cached tid: right only if the clone set it
         "    import signal\n"

@@ -39,6 +39,7 @@ ALL_NAMESPACES = (
 )
 
 _SYS_CLONE3 = 435  # same number on every architecture that has it
+PR_GET_TID_ADDRESS = 40
 _SYS_GETTID = {"x86_64": 186, "aarch64": 178}.get(platform.machine())
 
 # PyDLL: the GIL stays held during the call, as os.fork holds it across fork().
@@ -79,6 +80,12 @@ def _tid_field_address() -> int:
     TLS keys anew, whose numbers may then match the child's tid too.)
     """
     me = _libc.pthread_self()
+    # Where the kernel clears the tid at exit (set_tid_address): glibc registers its cached tid
+    # there when the process starts. Taken when it checks out; else the search below.
+    where = ctypes.c_void_p()
+    if _libc.prctl(PR_GET_TID_ADDRESS, ctypes.byref(where), 0, 0, 0) == 0 and where.value and \
+            0 <= where.value - me < 4096 and _holding_tid(me, [where.value - me]):
+        return where.value
     hits = _holding_tid(me, range(0, 4096 - 3, 4))
     if len(hits) > 1:
         hits = _changed_in_a_fork(me, hits)
@@ -88,7 +95,10 @@ def _tid_field_address() -> int:
 
 
 def _changed_in_a_fork(me: int, hits: list[int]) -> list[int]:
+    import signal
     r, w = os.pipe()
+    # No signal runs a Python handler in the child (a Ctrl-C there would unwind a copy of us).
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     try:
         pid = _libc.fork()  # (PyDLL: the GIL stays ours, as in os.fork; this is the only thread)
         if pid < 0:
@@ -98,6 +108,7 @@ def _changed_in_a_fork(me: int, hits: list[int]) -> list[int]:
                 os.write(w, " ".join(map(str, _holding_tid(me, hits))).encode())
             finally:
                 os._exit(0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
         os.close(w)
         w = -1
         out = b""
@@ -105,6 +116,7 @@ def _changed_in_a_fork(me: int, hits: list[int]) -> list[int]:
             out += chunk
         os.waitpid(pid, 0)
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
         os.close(r)
         if w >= 0:
             os.close(w)

@@ -52,9 +52,9 @@ SEND_QUEUE_PER_UID = 256 << 20  # ... and for all of one peer uid's connections
 SEND_STALL = 2.0
 SEND_BURST = 4
 # Export archives (memfds on the daemon's memory) waiting to be sent to one peer uid's
-# connections: past it the connection with the most (a stalled one first) goes. One archive
-# always passes, whatever its size. Exited children no longer count against any limit, so
-# without it a client reading now and then piled up archives without end (2.8 GiB in 35 s).
+# connections: past it a stalled connection goes (the one with the most). One archive always
+# passes, whatever its size. Exited children no longer count against any limit, so without it a
+# client reading now and then piled up archives without end (2.8 GiB in 35 s).
 EXPORTS_PER_UID = 2 << 30
 ERROR_TEXT_MAX = 2000  # characters of an error message sent to a client
 # Bytes of requests the daemon holds for one peer uid, over all its connections: frames still
@@ -227,6 +227,7 @@ class Connection:
         self._stall_watch = False  # a task watches the queue, over its cap, for a stall
         self._unread = -1  # the client's unread bytes when stalled() last looked (SIOCOUTQ)
         self.exports = 0  # bytes of export archives waiting to be sent here
+        self.archives = 0  # ... and how many
         self.spawning = 0  # spawns of this connection in flight (not yet a child or a failure)
         self.nursery: trio.Nursery | None = None  # the connection's tasks (taps die with it)
 
@@ -264,20 +265,22 @@ class Connection:
         self.daemon._count(self.daemon.queued_by_uid, uid, size)
         archives = sum(_file_bytes(fd) for fd in fds)
         self.exports += archives
-        self.daemon._count(self.daemon.exports_by_uid, uid, archives)
+        self.archives += bool(archives)
         try:
-            waiting = self.daemon.exports_by_uid.get(uid, 0)
-            if archives and waiting > self.daemon.exports_per_uid and waiting > archives:
-                worst = max(self.daemon.open_conns.get(uid, ()), key=lambda c: (c.stalled(now), c.exports),
-                            default=self)
-                worst.drop()
-                if worst is self or self.closed:
-                    return
+            if archives and self._exports_over():
+                # A stalled one goes (reading now and then piled them up); one that reads gets
+                # them, however many (its children are what made them).
+                mine = [c for c in self.daemon.open_conns.get(uid, ()) if c.exports and not c.closed]
+                worst = max(mine, key=lambda c: (c.stalled(now), c.exports), default=self)
+                if worst.stalled(now):
+                    worst.drop()
+                    if worst is self or self.closed:
+                        return
             cap = self.daemon.send_queue_bytes
-            if self.queued > cap:
-                if self.queued > SEND_BURST * cap or self.stalled(now):
-                    self.drop()
-                    return
+            if self.queued > cap and (self.queued > SEND_BURST * cap or self.stalled(now)):
+                self.drop()
+                return
+            if self.queued > cap or (archives and self._exports_over()):
                 if not self._stall_watch and self.nursery is not None:
                     try:
                         self.nursery.start_soon(self._watch_for_stall)
@@ -320,7 +323,7 @@ class Connection:
             self.queued -= size
             self.daemon._count(self.daemon.queued_by_uid, uid, -size)
             self.exports -= archives
-            self.daemon._count(self.daemon.exports_by_uid, uid, -archives)
+            self.archives -= bool(archives)
 
     def _unread_bytes(self) -> int:
         """What the client has still to read of what we sent (SIOCOUTQ). Raises OSError."""
@@ -353,11 +356,21 @@ class Connection:
             return False
         return True
 
+    def _exports_over(self) -> bool:
+        """This connection waits to send export archives while its uid's, over its open
+        connections, pass EXPORTS_PER_UID (one archive always passes). (Summed over those: a
+        dropped one's sends still count theirs until they wake.)"""
+        if not self.exports:
+            return False
+        mine = [c for c in self.daemon.open_conns.get(self.peer_uid, ()) if c.exports and not c.closed]
+        return (sum(c.exports for c in mine) > self.daemon.exports_per_uid
+                and sum(c.archives for c in mine) > 1)
+
     async def _watch_for_stall(self) -> None:
-        """While the queue is over its cap: drop the connection once it stalled (the next
-        message might never come to look)."""
+        """While the queue is over its cap, or it waits with archives over its uid's budget:
+        drop the connection once it stalled (the next message might never come to look)."""
         try:
-            while not self.closed and self.queued > self.daemon.send_queue_bytes:
+            while not self.closed and (self.queued > self.daemon.send_queue_bytes or self._exports_over()):
                 if self.stalled(trio.current_time()):
                     self.drop()
                     return
@@ -398,7 +411,6 @@ class Daemon:
         self.cleaning = 0
         self.pending: dict[int, int] = {}  # peer uid -> bytes of requests held for it (PENDING_PER_UID)
         self.queued_by_uid: dict[int, int] = {}  # peer uid -> bytes waiting to be sent to it
-        self.exports_by_uid: dict[int, int] = {}  # peer uid -> export archive bytes waiting to be sent to it
         self.exports_per_uid = EXPORTS_PER_UID
         if config.test_hooks and os.environ.get("ZYGOTE_TEST_EXPORTS_PER_UID"):
             self.exports_per_uid = int(os.environ["ZYGOTE_TEST_EXPORTS_PER_UID"])  # (tests only)
