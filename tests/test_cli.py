@@ -228,7 +228,7 @@ def test_ctrl_c_ends_a_shell_loop_of_zygote_runs():
     """bash (no job control: the loop and `zygote run` share the terminal's foreground group)
     goes on with a loop after a command that exited 130, as if it had handled Ctrl-C, and ends
     it only when the command died of SIGINT: so `zygote run` must die of it."""
-    loop = f"for i in 1 2; do {' '.join(ZYGOTE)} run -- sh -c 'echo started $0; exec sleep 60' $i; echo after $i; done"
+    loop = f"for i in 1 2; do {' '.join(ZYGOTE)} run -- sh -c 'echo started $0; exec sleep 60' $i; echo after $i: status $?; done"
     p, master = _at_terminal(["bash", "-c", loop])
     screen = _Screen(master)
     screen.wait_for(b"started 1")

@@ -443,6 +443,8 @@ def test_SECURITY_received_requests_awaiting_their_answer_count_toward_the_cap(s
     unfinished ones: the connection that goes past it is refused."""
     import threading
 
+    from zygote.daemon import PENDING_PER_UID
+
     s = _raw(socket_daemon)
     s.settimeout(20)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -452,16 +454,27 @@ def test_SECURITY_received_requests_awaiting_their_answer_count_toward_the_cap(s
         s.sendall(b"".join(P.encode(P.Spawn(req=i, kind="exec", argv=["x"], pool="nope")) for i in range(1, 3001)))
         big = P.encode(P.Spawn(req=9999, kind="exec", argv=["x"], pool="nope", payload=b"\0" * (200 << 20)))
 
+        sent = [0]
+
         def send_big() -> None:
             try:
                 for _ in range(4):
-                    s.sendall(big)
+                    view = memoryview(big)
+                    while view:
+                        n = s.send(view)
+                        view = view[n:]
+                        sent[0] += n
             except OSError:
                 pass  # refused and closed
 
         t = threading.Thread(target=send_big, daemon=True)
         t.start()
-        time.sleep(3)
+        # Read nothing until the daemon holds more than the cap (a fixed 3 s was too short on a
+        # slow CI host: reading began early, the answers went out and the cap was never reached).
+        deadline = time.monotonic() + 60
+        while t.is_alive() and sent[0] <= PENDING_PER_UID and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
         d = P.client_decoder()
         codes = []
         while True:
