@@ -103,6 +103,15 @@ def test_max_output_into_a_socket_stdout():
 _STARTED: list[subprocess.Popen] = []
 
 
+def _as_a_login(_=None) -> None:
+    """In the child, before exec: the terminal's signals at their defaults, as for a shell a
+    terminal starts. (A suite run in the background of a non-interactive shell, as CI may be,
+    inherits SIGINT and SIGQUIT ignored; a shell that ignored SIGINT from its start cannot
+    catch it, and went on with its loop after Ctrl-C.)"""
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.fixture(autouse=True)
 def _end_what_a_test_started():
     """A terminal test that fails midway leaves its `zygote run` (and its payload) running: end it
@@ -129,7 +138,7 @@ def _at_terminal(argv: list[str]):
     master, slave = pty.openpty()
     try:
         p = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-                             preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+                             preexec_fn=lambda: _as_a_login(fcntl.ioctl(0, termios.TIOCSCTTY, 0)))
     finally:
         os.close(slave)
     _STARTED.append(p)
