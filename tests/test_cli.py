@@ -222,15 +222,21 @@ def test_ctrl_c_at_a_terminal_reaches_the_payload(tmp_path):
 def test_ctrl_c_at_a_terminal_ends_a_program_that_does_not_handle_it_and_zygote_run_by_sigint():
     """A program with SIGINT's default action dies of it, and `zygote run` then dies of SIGINT
     too (not exit 130): bash stops a loop only for a command that died of SIGINT."""
-    p, master = _at_terminal([*ZYGOTE, "run", "--", "sh", "-c", "echo started; exec sleep 60"])
-    screen = _Screen(master)
-    screen.wait_for(b"started")
-    time.sleep(0.3)  # (the exec of sleep)
-    os.write(master, b"\x03")
-    rc = screen.finish(p, seconds=30)
-    text = screen.out.decode(errors="replace")
+    rc, text = _ctrl_c_once_started([*ZYGOTE, "run", "--", "sh", "-c", "echo started 1; exec sleep 60"])
     assert rc == -signal.SIGINT, text
     assert "Traceback" not in text, text
+
+
+def _ctrl_c_once_started(argv: list[str]) -> tuple[int, str]:
+    """Run ``argv`` at a terminal, press Ctrl-C once "started 1" is shown (and its sleep is
+    exec'd); its exit status and the screen."""
+    p, master = _at_terminal(argv)
+    screen = _Screen(master)
+    screen.wait_for(b"started 1")
+    time.sleep(0.3)  # (the exec of sleep)
+    os.write(master, b"\x03")
+    rc = screen.finish(p, seconds=60)
+    return rc, screen.out.decode(errors="replace")
 
 
 def test_ctrl_c_ends_a_shell_loop_of_zygote_runs():
@@ -238,13 +244,7 @@ def test_ctrl_c_ends_a_shell_loop_of_zygote_runs():
     goes on with a loop after a command that exited 130, as if it had handled Ctrl-C, and ends
     it only when the command died of SIGINT: so `zygote run` must die of it."""
     loop = f"for i in 1 2; do {' '.join(ZYGOTE)} run -- sh -c 'echo started $0; exec sleep 60' $i; echo after $i: status $?; done"
-    p, master = _at_terminal(["bash", "-c", loop])
-    screen = _Screen(master)
-    screen.wait_for(b"started 1")
-    time.sleep(0.3)  # (the exec of sleep)
-    os.write(master, b"\x03")
-    rc = screen.finish(p, seconds=60)
-    text = screen.out.decode(errors="replace")
+    rc, text = _ctrl_c_once_started(["bash", "-c", loop])
     assert rc == -signal.SIGINT and "after 1" not in text and "started 2" not in text, text
 
 
@@ -264,25 +264,28 @@ def test_window_resize_reaches_the_payload(tmp_path):
     assert screen.finish(p) == 7, screen.out.decode(errors="replace")
 
 
+class _FakeChild:
+    """What _SignalProxy forwards to: the signals it was sent, in order."""
+
+    returncode = None
+
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+
+    def send_signal(self, signum: int) -> None:
+        self.sent.append(signum)
+
 
 def test_a_resize_during_the_spawn_is_forwarded_once_the_child_is_known():
     """spawn_child returns after the payload started (it may have printed already): a SIGWINCH
     that came before `zygote run` knew its child is forwarded then, not lost (a CI run lost one)."""
-    import signal
     from zygote.cli import _SignalProxy
-
-    class Child:
-        returncode = None
-        sent: list[int] = []
-
-        def send_signal(self, signum: int) -> None:
-            self.sent.append(signum)
 
     proxy = _SignalProxy()
     proxy._on_signal(signal.SIGWINCH, None)
     proxy._on_signal(signal.SIGWINCH, None)  # (one redraw is enough)
     proxy._on_signal(signal.SIGCONT, None)
-    child = Child()
+    child = _FakeChild()
     proxy.started(child)
     assert child.sent == [signal.SIGWINCH, signal.SIGCONT]
     proxy._on_signal(signal.SIGWINCH, None)
@@ -296,14 +299,11 @@ def test_a_signal_during_a_forward_waits_for_it():
     """A handler runs on the main thread between two bytecodes of what it interrupted: one that
     comes while a forward is under way (its client call holds a lock that is not reentrant)
     must not forward inside it, but right after it."""
-    import signal
     from zygote.cli import _SignalProxy
 
     proxy = _SignalProxy()
 
-    class Child:
-        returncode = None
-        sent: list[int] = []
+    class Child(_FakeChild):
         inside = False
 
         def send_signal(self, signum: int) -> None:
@@ -313,7 +313,7 @@ def test_a_signal_during_a_forward_waits_for_it():
                 if not self.sent:
                     proxy._on_signal(signal.SIGWINCH, None)  # (as a handler would, mid-call)
                     proxy._on_signal(signal.SIGTSTP, None)  # Ctrl-Z now is dropped, not nested
-                self.sent.append(signum)
+                super().send_signal(signum)
             finally:
                 self.inside = False
 

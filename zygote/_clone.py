@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import signal
 import struct
 
 CLONE_NEWNS = 0x00020000
@@ -95,7 +96,6 @@ def _tid_field_address() -> int:
 
 
 def _changed_in_a_fork(me: int, hits: list[int]) -> list[int]:
-    import signal
     r, w = os.pipe()
     # No signal runs a Python handler in the child (a Ctrl-C there would unwind a copy of us).
     old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())

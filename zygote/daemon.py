@@ -21,7 +21,6 @@ import secrets
 import select
 import signal
 import socket
-import stat
 import struct
 import sys
 import termios
@@ -205,15 +204,6 @@ class _Kept:
     size: int = 0  # bytes held: the result, the output rings, the archive
 
 
-def _file_bytes(fd: int) -> int:
-    """The size of a regular file (an export's memfd); 0 for a pipe end."""
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        return 0
-    return st.st_size if stat.S_ISREG(st.st_mode) else 0
-
-
 class Connection:
     def __init__(self, daemon: "Daemon", sock: trio.socket.SocketType, peer: tuple[int, int, int]) -> None:
         self.daemon = daemon
@@ -234,16 +224,18 @@ class Connection:
     def spawned(self) -> int:
         return sum(1 for c in self.children.values() if c.conn is self)
 
-    async def send(self, msg, fds: list[int] = ()) -> None:
+    async def send(self, msg, fds: list[int] = (), archive: int = 0) -> None:
         """Send one message; never blocks the daemon on a client that stops reading.
 
         Bytes waiting for this connection are capped (SEND_QUEUE_BYTES, or twice the largest
         result when that is more: results and exports are large; past it a client still reading
         has SEND_BURST times that before it goes, one that stalled for SEND_STALL goes now), and
-        for all its uid's connections together (SEND_QUEUE_PER_UID: more connections buy no more: past it the uid's connection with the most waiting goes); each send has
+        for all its uid's connections together (SEND_QUEUE_PER_UID: more connections buy no
+        more: past it the uid's connection with the most waiting goes); each send has
         SEND_TIMEOUT; past any of these the connection is dropped, which kills its children like
-        any disconnect and frees what their reports held. (An
-        export's memfd is not counted: it is held until sent, for at most SEND_TIMEOUT.)
+        any disconnect and frees what their reports held. ``archive``: the bytes of an export's
+        memfd among ``fds``, sent only once the client read all before it (_all_read) and
+        counted per uid meanwhile (EXPORTS_PER_UID).
         """
         if self.closed:
             return
@@ -263,15 +255,13 @@ class Connection:
             self.moved_at = now
         self.queued += size
         self.daemon._count(self.daemon.queued_by_uid, uid, size)
-        archives = sum(_file_bytes(fd) for fd in fds)
-        self.exports += archives
-        self.archives += bool(archives)
+        self.exports += archive
+        self.archives += bool(archive)
         try:
-            if archives and self._exports_over():
+            if archive and self._exports_over():
                 # A stalled one goes (reading now and then piled them up); one that reads gets
                 # them, however many (its children are what made them).
-                mine = [c for c in self.daemon.open_conns.get(uid, ()) if c.exports and not c.closed]
-                worst = max(mine, key=lambda c: (c.stalled(now), c.exports), default=self)
+                worst = max(self._export_holders(), key=lambda c: (c.stalled(now), c.exports), default=self)
                 if worst.stalled(now):
                     worst.drop()
                     if worst is self or self.closed:
@@ -280,7 +270,7 @@ class Connection:
             if self.queued > cap and (self.queued > SEND_BURST * cap or self.stalled(now)):
                 self.drop()
                 return
-            if self.queued > cap or (archives and self._exports_over()):
+            if self.queued > cap or (archive and self._exports_over()):
                 if not self._stall_watch and self.nursery is not None:
                     try:
                         self.nursery.start_soon(self._watch_for_stall)
@@ -302,7 +292,7 @@ class Connection:
                 with trio.move_on_after(SEND_TIMEOUT) as scope:
                     view = memoryview(data)  # slices of a view: no copy of a large frame per send
                     try:
-                        if archives:
+                        if archive:
                             await self._all_read()
                         if fds:
                             n = await self.sock.sendmsg([view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
@@ -322,8 +312,8 @@ class Connection:
         finally:
             self.queued -= size
             self.daemon._count(self.daemon.queued_by_uid, uid, -size)
-            self.exports -= archives
-            self.archives -= bool(archives)
+            self.exports -= archive
+            self.archives -= bool(archive)
 
     def _unread_bytes(self) -> int:
         """What the client has still to read of what we sent (SIOCOUTQ). Raises OSError."""
@@ -362,9 +352,13 @@ class Connection:
         dropped one's sends still count theirs until they wake.)"""
         if not self.exports:
             return False
-        mine = [c for c in self.daemon.open_conns.get(self.peer_uid, ()) if c.exports and not c.closed]
+        mine = self._export_holders()
         return (sum(c.exports for c in mine) > self.daemon.exports_per_uid
                 and sum(c.archives for c in mine) > 1)
+
+    def _export_holders(self) -> list["Connection"]:
+        """This uid's open connections with archives waiting."""
+        return [c for c in self.daemon.open_conns.get(self.peer_uid, ()) if c.exports and not c.closed]
 
     async def _watch_for_stall(self) -> None:
         """While the queue is over its cap, or it waits with archives over its uid's budget:
@@ -1593,7 +1587,7 @@ class Daemon:
                     conn.children.pop(child.id, None)
         if kept is not None:  # ended already: the exit follows at once, and the record goes
             try:
-                await conn.send(kept.exited, kept.fds)
+                await conn.send(kept.exited, kept.fds, archive=_archive_bytes(kept.fds))
             finally:
                 _close(kept.fds)
 
@@ -1856,7 +1850,7 @@ class Daemon:
                 for conn in list(child.watchers):  # (an attach or a close may change it meanwhile)
                     conn.children.pop(child.id, None)
                     if not conn.closed and child.ready_seen:
-                        await conn.send(exited, export_fds)
+                        await conn.send(exited, export_fds, archive=_archive_bytes(export_fds))
                         attached = attached or (conn is not child.conn and not conn.closed)
                 if child.detached and child.ready_seen and not attached and not kept:
                     self._keep(child, exited, export_fds)
@@ -2294,15 +2288,20 @@ _DEFAULT_IGNORED = frozenset({signal.SIGCHLD, signal.SIGURG, signal.SIGWINCH, si
 _DEFAULT_STOPS = frozenset({signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 
 
-def _kept_bytes(k: "_Kept") -> int:
-    rings = k.child.rings or ()
-    archive = 0
-    for fd in k.fds:  # the export's memfd (our own: fstat asks no other filesystem)
+def _archive_bytes(fds: list[int]) -> int:
+    """The size of an export's archive: its memfd (our own: fstat asks no other filesystem)."""
+    size = 0
+    for fd in fds:
         try:
-            archive += os.fstat(fd).st_size
+            size += os.fstat(fd).st_size
         except OSError:
             pass
-    return len(k.exited.result or b"") + sum(r.end - r.start for r in rings) + archive
+    return size
+
+
+def _kept_bytes(k: "_Kept") -> int:
+    rings = k.child.rings or ()
+    return len(k.exited.result or b"") + sum(r.end - r.start for r in rings) + _archive_bytes(k.fds)
 
 
 def _stray_zombies(known: set[int]) -> list[int]:
