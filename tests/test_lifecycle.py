@@ -176,6 +176,31 @@ def test_blocking_close_from_another_thread_ends_a_waiting_call():
     _wait_for(lambda: _gone(pids[0]), what="the child to be killed")
 
 
+_UNCLOSED_CLIENT = textwrap.dedent("""
+    import sys
+    from zygote_client import Client
+    client = Client.embedded()
+    child = client.spawn_child(lambda: __import__("time").sleep(60), stdin=None)
+    print(client._aclient._proc.pid, child.pid, flush=True)
+    if sys.argv[1] == "raise":
+        raise RuntimeError("the script failed")
+""")
+
+
+@pytest.mark.parametrize("end", ["raise", "return"])
+def test_a_script_that_never_closes_its_client_exits(end):
+    """A script that ends (or dies of an exception) with its blocking client still open exits
+    as a script would: its client is closed at exit, which ends the embedded daemon and the
+    child with it. (It hung for good: at exit the client's loop thread no longer ran, and the
+    portal's cleanup waited for it.)"""
+    r = subprocess.run([sys.executable, "-c", _UNCLOSED_CLIENT, end], capture_output=True, text=True, timeout=60)
+    assert r.returncode == (1 if end == "raise" else 0), r.stderr
+    if end == "raise":
+        assert "RuntimeError: the script failed" in r.stderr
+    daemon, child = map(int, r.stdout.split())
+    _wait_for(lambda: _gone(daemon) and _gone(child), what="the daemon and its child to end")
+
+
 @pytest.mark.parametrize("how", ["call", "run"])
 def test_blocking_call_interrupted_kills_its_child(how):
     """Ctrl-C (KeyboardInterrupt) in the calling thread: ``call`` cancels its task on the

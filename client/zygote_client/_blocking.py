@@ -7,6 +7,7 @@ No event loop is ever nested in the caller's thread.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -15,6 +16,7 @@ import selectors
 import subprocess
 import sys
 import threading
+import weakref
 from typing import Any, Callable
 
 import anyio
@@ -158,8 +160,26 @@ class ChildProcess:
         return _communicate(self.stdin, self.stdout, self.stderr, input)
 
 
+# Clients not closed yet. At interpreter exit their loop threads (daemon threads) stop running,
+# and a client closed only then (by the portal's own cleanup, when it is collected) would wait for
+# them forever: a script that never called close(), or ended with an exception, hung at exit.
+_open_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+
+
+@atexit.register  # atexit runs while daemon threads still run (after non-daemon threads ended)
+def _close_at_exit() -> None:
+    for client in list(_open_clients):
+        with contextlib.suppress(Exception):
+            client.close()
+
+
 class Client:
-    """A blocking client. ``Client.connect(path)`` or ``Client.embedded(...)``; a context manager."""
+    """A blocking client. ``Client.connect(path)`` or ``Client.embedded(...)``; a context manager.
+
+    Close it (``close()`` or a ``with`` block) to end its connection and, for an embedded one,
+    its daemon. A client still open when the interpreter exits is closed then: its children
+    that are not detached are killed with the connection, as they would be when the process
+    itself ended."""
 
     def __init__(self, factory: Callable[[], Any], leases: int = 0) -> None:
         self._portal_cm = anyio.from_thread.start_blocking_portal("asyncio")
@@ -177,6 +197,7 @@ class Client:
         self._calls: set[concurrent.futures.Future] = set()  # their callers' futures, any thread
         self._calls_lock = threading.Lock()
         self._closed = False
+        _open_clients.add(self)
         if leases:
             try:
                 self._portal.call(self._aclient.keep_leased, leases)
@@ -394,6 +415,7 @@ class Client:
             if self._closed:
                 return
             self._closed = True
+        _open_clients.discard(self)
         try:
             self._session_cm.__exit__(None, None, None)
         finally:
