@@ -548,8 +548,16 @@ def test_SECURITY_id_ranges_are_bounded_claimed_and_reused_last(tmp_path, monkey
 
 def test_a_daemon_removes_its_id_lock_files_when_it_stops():
     from zygote.layers import userns
-    before = set(os.listdir(userns.LOCK_DIR)) if os.path.isdir(userns.LOCK_DIR) else set()
     with Client.embedded() as c:
-        mine = set(os.listdir(userns.LOCK_DIR)) - before
         assert c.run(print, ("ok",)).stdout == b"ok\n"
+        daemon = c._aclient._proc.pid
+        # Its own: the lock files it holds open (other daemons on the host share the directory)
+        mine = set()
+        for fd in os.listdir(f"/proc/{daemon}/fd"):
+            try:
+                target = os.readlink(f"/proc/{daemon}/fd/{fd}")
+            except OSError:
+                continue
+            if os.path.dirname(target) == userns.LOCK_DIR:
+                mine.add(os.path.basename(target))
     assert mine and not mine & set(os.listdir(userns.LOCK_DIR))
