@@ -10,6 +10,7 @@ reach them. Nothing addresses anything outside these namespaces.
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import itertools
 import json
@@ -205,6 +206,13 @@ class World:
     def links(self) -> list[str]:
         return [link["ifname"] for link in json.loads(self.run("ip", "-j", "link", "show"))]
 
+    def veths(self, up: bool | None = None) -> list[str]:
+        """Host ends of the daemon's veths; ``up``: only those up (children's), or down (the
+        namespaces prepared ahead, network_ahead: down until a child has its rules)."""
+        return [link["ifname"] for link in json.loads(self.run("ip", "-j", "link", "show"))
+                if re.fullmatch(r"zg[0-9a-f]{8}", link["ifname"])
+                and (up is None or ("UP" in link.get("flags", ())) == up)]
+
     def addresses(self) -> list[str]:
         return [a["local"] for link in json.loads(self.run("ip", "-j", "addr", "show"))
                 for a in link.get("addr_info", [])]
@@ -309,7 +317,9 @@ def test_network_echo_tcp_and_udp(world, tmp_path):
 
 def test_SECURITY_network_host_addresses_refused(world, tmp_path):
     """Every address of the daemon's namespace, any port, TCP and UDP: nothing answers."""
-    with Client.connect(world.start(tmp_path)) as c:
+    path = world.start(tmp_path)
+    _prepared(world)  # the first child is born in it: the first /30 (10.213.0.0)
+    with Client.connect(path) as c:
         child = c.spawn_child(_probe(None, timeout=0.5), sandbox_config=NET)
         addrs = []  # while the child runs: its veth's host end is one of them
         for link in json.loads(world.run("ip", "-j", "addr", "show")):
@@ -381,7 +391,9 @@ def test_SECURITY_network_forged_source_dropped(world, tmp_path):
                 out[src or "own"] = type(e).__name__
         print(json.dumps(out))
 
-    with Client.connect(world.start(tmp_path)) as c:
+    path = world.start(tmp_path)
+    _prepared(world)  # the child is born in it: 10.213.0.2, and the next one prepared gets .6
+    with Client.connect(path) as c:
         child = c.spawn_child(payload, sandbox_config=NET)
         forged = "10.213.0.6"  # the address the next child would get
         subprocess.run(["nsenter", f"--net=/proc/{child.pid}/ns/net", "ip", "addr", "add", f"{forged}/32",
@@ -406,7 +418,7 @@ def test_network_fifty_children_at_once(world, tmp_path):
 
     with Client.connect(world.start(tmp_path)) as c:
         children = [c.spawn_child(payload, sandbox_config=NET) for _ in range(50)]
-        assert len([n for n in world.links() if re.fullmatch(r"zg[0-9a-f]{8}", n)]) == 50
+        assert len(world.veths(up=True)) == 50
         for ch in children:
             ch.stdin.write(b"go\n")
             ch.stdin.flush()
@@ -419,15 +431,20 @@ def test_network_fifty_children_at_once(world, tmp_path):
     assert world.inet_servers.peers("tcp") == set(addrs)
 
 
-def _leftovers(world: World) -> tuple[list[str], list[str], str]:
-    links = [n for n in world.links() if n.startswith("zg")]
-    addrs = [a for a in world.addresses() if a.startswith("10.213.")]
+def _leftovers(world: World, running: bool = False) -> tuple[list[str], list[str], str]:
+    """The daemon's links, their addresses and the ruleset. ``running``: leave out the (at most
+    one, down) namespace prepared ahead, which a running daemon keeps."""
+    prepared = world.veths(up=False) if running else []
+    assert len(prepared) <= 1, prepared
+    links = [n for n in world.links() if n.startswith("zg") and n not in prepared]
+    mine = {f"10.213.{int(n[6:8], 16)}.{int(n[8:10], 16)}" for n in prepared}  # (zg + hex of its address)
+    addrs = [a for a in world.addresses() if a.startswith("10.213.") and a not in mine]
     return links, addrs, world.nft()
 
 
 def _wait_no_links(world: World) -> None:
     deadline = time.monotonic() + 30
-    while _leftovers(world)[0] and time.monotonic() < deadline:  # veths go after each Exited report
+    while _leftovers(world, running=True)[0] and time.monotonic() < deadline:  # veths go after each Exited report
         time.sleep(0.1)
     time.sleep(0.2)  # and the address is released right after the veth
 
@@ -462,7 +479,7 @@ def test_network_many_spawns_leave_nothing(world, tmp_path):
             t.join()
         assert count[0] == 200
         _wait_no_links(world)
-        links, addrs, rules = _leftovers(world)
+        links, addrs, rules = _leftovers(world, running=True)
         assert links == [] and addrs == [], (links, addrs)
         assert "zg" not in rules.replace(f"zygote-10.213.0.0-16", ""), rules  # no per-child element or chain
         assert "allow-" not in rules
@@ -472,7 +489,7 @@ def test_network_many_spawns_leave_nothing(world, tmp_path):
 
 
 def test_daemon_removes_crashed_predecessors_leftovers(world, tmp_path):
-    world.start(tmp_path, "--network-allow", "198.51.100.0/24")
+    world.start(tmp_path, "--network-allow", "198.51.100.0/24", "--network-ahead", "0")
     with Client.connect(world.sock_path) as c:
         child = c.spawn_child(_probe(None), sandbox_config=NET)
         world.daemon.kill()  # no cleanup at all
@@ -483,7 +500,7 @@ def test_daemon_removes_crashed_predecessors_leftovers(world, tmp_path):
     assert "allow-zg0ad50001" in world.nft()
     world.run("ip", "link", "add", "zg0ad50005", "type", "veth", "peer", "name", "tp5")
     world.run("ip", "link", "add", "zg0b000001", "type", "veth", "peer", "name", "tp1")
-    world.start(tmp_path)
+    world.start(tmp_path, "--network-ahead", "0")  # (none prepared: every link left is a leftover)
     links, _, rules = _leftovers(world)
     assert links == ["zg0b000001"]
     assert rules.count("table inet") == 1 and "allow-" not in rules
@@ -509,8 +526,8 @@ def test_network_reserve_children_have_their_veth_before_the_request(world, tmp_
         print(int(fields[19]) / os.sysconf("SC_CLK_TCK"), flush=True)
         probe()
 
-    def veths() -> list[str]:
-        return [n for n in world.links() if re.fullmatch(r"zg[0-9a-f]{8}", n)]
+    def veths() -> list[str]:  # the reserve children's (a namespace prepared ahead is down)
+        return world.veths(up=True)
 
     with Client.connect(path) as c:
         deadline = time.monotonic() + 30  # made ahead, no request yet (and none being confined)
@@ -544,6 +561,110 @@ def test_network_reserve_children_have_their_veth_before_the_request(world, tmp_
     links, addrs, rules = _leftovers(world)
     assert links == [] and addrs == [] and rules.strip() == "", (links, addrs, rules)
     assert not os.path.exists(f"/proc/{daemon}")
+
+
+def _prepared(world: World) -> str:
+    """The host end of the namespace the daemon prepared ahead (network_ahead), once it is there."""
+    deadline = time.monotonic() + 30
+    while not world.veths(up=False) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (link,) = world.veths(up=False)
+    return link
+
+
+def _child_address(link: str) -> str:  # zg + hex of the host end's address; the child's is the next
+    return str(ipaddress.IPv4Address(int(link[2:], 16) + 1))
+
+
+def test_a_networked_child_is_born_in_a_namespace_prepared_ahead(world, tmp_path):
+    """The daemon keeps a network namespace prepared (network_ahead): veth, addresses and route
+    made, host end down, no rules. A networked spawn's child is born in it and works as one whose
+    namespace was made for it; the namespace belongs to the daemon's user namespace (the child
+    never holds a capability over it, not even before dropping privileges); each serves one child."""
+    path = world.start(tmp_path)
+    NS_GET_USERNS = 0xB701
+
+    def payload():
+        import os
+        import socket
+        import sys
+        print(os.readlink("/proc/self/ns/net"))
+        s = socket.create_connection(("198.51.100.10", 7), timeout=10)
+        s.sendall(b"x")
+        assert s.recv(1) == b"x"
+        print(s.getsockname()[0], flush=True)
+        sys.stdin.readline()
+
+    seen = []
+    with Client.connect(path) as c:
+        for _ in range(2):
+            link = _prepared(world)
+            child = c.spawn_child(payload, sandbox_config=NET)
+            ns, addr = child.stdout.readline().strip(), child.stdout.readline().strip().decode()
+            assert addr == _child_address(link), (addr, link)  # the prepared one's
+            assert link in world.veths(up=True)  # up: its rules are in
+            fd = os.open(f"/proc/{child.pid}/ns/net", os.O_RDONLY)
+            try:
+                owner = fcntl.ioctl(fd, NS_GET_USERNS)
+            finally:
+                os.close(fd)
+            try:
+                assert os.fstat(owner).st_ino == os.stat("/proc/self/ns/user").st_ino
+            finally:
+                os.close(owner)
+            child.stdin.close()
+            assert child.wait().returncode == 0, child.stderr.read()
+            seen.append(ns)
+    assert seen[0] != seen[1] and world.inet_servers.peers("tcp") >= {_child_address(link)}
+
+
+_FROM_INSIDE = textwrap.dedent("""
+    import json, socket, sys
+    out = {}
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        s = socket.socket(socket.AF_INET, kind)
+        s.settimeout(1)
+        try:
+            s.connect((sys.argv[1], 7))
+            s.send(b"x")
+            out[kind] = s.recv(1).decode()
+        except OSError as e:
+            out[kind] = type(e).__name__
+    print(json.dumps(out))
+""")
+
+
+def test_SECURITY_a_prepared_namespace_passes_nothing_before_its_child_has_rules(world, tmp_path):
+    """A namespace prepared ahead has its veth, addresses and route before any request, and none
+    of the rules: its host end stays down until a child born in it has them, so nothing sent from
+    inside it gets out. (Up any earlier, a packet would pass unjudged: the forward hook sends only
+    the links in the rules' sets through the egress chain.)"""
+    world.start(tmp_path)
+    daemon = world.daemon.pid
+    own = os.readlink(f"/proc/{daemon}/ns/net")
+
+    def held() -> list[str]:  # the daemon's fds of other network namespaces: the prepared one
+        return [fd for fd in os.listdir(f"/proc/{daemon}/fd")
+                if _readlink(f"/proc/{daemon}/fd/{fd}").startswith("net:[") and _readlink(f"/proc/{daemon}/fd/{fd}") != own]
+    deadline = time.monotonic() + 30
+    while not held() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (fd,) = held()
+    r = subprocess.run(["nsenter", f"--net=/proc/{daemon}/fd/{fd}", sys.executable, "-c", _FROM_INSIDE, ECHO],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert "x" not in out.values(), out
+    assert world.inet_servers.seen == [], world.inet_servers.seen
+    (link,) = world.veths()
+    assert link in world.veths(up=False) and link not in world.nft()
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
 
 
 def test_network_refused_by_pool_without_network(client):
@@ -736,7 +857,7 @@ def test_SECURITY_a_recycled_address_inherits_no_flows(world, tmp_path):
     """Replies reach a child on conntrack state alone, and a child's address goes to the next
     child: a peer that keeps sending on a flow the first child opened must not reach the second,
     which does not allow that peer. (Before: it did, for as long as the peer kept sending.)"""
-    path = world.start(tmp_path)
+    path = world.start(tmp_path, "--network-ahead", "0")  # (each address handed on, lowest first)
     pusher = _ns_socket(world.inet, socket.AF_INET, socket.SOCK_DGRAM)
     pusher.bind((ECHO, 5555))
     pusher.settimeout(30)

@@ -530,6 +530,68 @@ def test_zygote_netns_ahead_and_fallback():
         proc.wait(timeout=30)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a root daemon prepares network namespaces")
+def test_zygote_clones_into_a_given_netns_and_goes_home():
+    """Driven directly: a request carrying a network namespace (GIVEN_NETNS, as the daemon sends
+    for a networked spawn) clones the child into it, and the zygote is not left in it: a request
+    queued right behind (no idle moment to make a namespace of its own) that shares the zygote's
+    namespace gets the zygote's home, not that child's. One that carries a cgroup fd too (a
+    networked spawn with limits on cgroup v2: eight fds) is answered, not taken for corruption
+    (the zygote read at most seven and exited); its cgroup fd is not a cgroup here, so that clone
+    fails with an errno and the zygote goes on serving. An fd that is not a network namespace is
+    answered apart (pid -2: the daemon then gives that zygote none and retries)."""
+    from zygote._zygote import GIVEN_NETNS, REP, REQ
+    from zygote._clone import ALL_NAMESPACES, CLONE_INTO_CGROUP, CLONE_NEWNET, CLONE_PARENT
+    from zygote.layers.network import _new_netns
+    parent, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "zygote._zygote", str(theirs.fileno()), "json"],
+                            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+    theirs.close()
+    keep, pids, given = [], {}, []
+    try:
+        parent.settimeout(60)
+        assert parent.recv(65536)[:1] == b"R"
+
+        def send(req: int, flags: int, extra: list[int]) -> None:
+            null = os.open(os.devnull, os.O_RDWR)
+            pipes = [os.pipe() for _ in range(3)]  # control, status, result
+            fds = [null, null, null, pipes[0][0], pipes[1][1], pipes[2][1]]
+            socket.send_fds(parent, [REQ.pack(req, flags, 0)], fds + [null if fd is None else fd for fd in extra])
+            for fd in [null, pipes[0][0], pipes[1][1], pipes[2][1], pipes[1][0], pipes[2][0]] + [fd for fd in extra if fd]:
+                os.close(fd)
+            keep.append(pipes[0][1])  # the control pipe's write end: the child waits on it
+
+        def netns() -> int:
+            nsfd, sock = _new_netns()
+            sock.close()
+            given.append(os.fstat(nsfd).st_ino)
+            return nsfd
+
+        base = ALL_NAMESPACES | CLONE_PARENT
+        send(0, base | GIVEN_NETNS, [None])  # not a namespace: nothing cloned, said so apart (-2)
+        assert REP.unpack(parent.recv(64)) == (0, -2, errno.EINVAL)
+        send(1, base | GIVEN_NETNS | CLONE_INTO_CGROUP, [None, netns()])  # (None: /dev/null as the cgroup)
+        rreq, pid, err = REP.unpack(parent.recv(64))
+        assert rreq == 1 and pid == -1 and err != 0
+        send(2, base | GIVEN_NETNS, [netns()])
+        send(3, base & ~CLONE_NEWNET, [])  # waiting already when request 2 is done
+        for req in (2, 3):
+            rreq, pid, err = REP.unpack(parent.recv(64))
+            assert (rreq, err) == (req, 0) and pid > 0
+            pids[req] = pid
+        host_user = os.stat("/proc/self/ns/user").st_ino
+        assert _netns_owner_and_inode(pids[2]) == (host_user, given[1])  # born in the given one
+        assert _netns_owner_and_inode(pids[3])[1] == os.stat("/proc/self/ns/net").st_ino  # the zygote's home
+        assert proc.poll() is None
+    finally:
+        for fd in keep:
+            os.close(fd)  # EOF on the control pipe: each child exits without running anything
+        for pid in pids.values():
+            os.waitpid(pid, 0)  # CLONE_PARENT: they are ours
+        parent.close()
+        proc.wait(timeout=30)
+
+
 def test_closure_runs(client):
     secret = [1, 2, 3]
     factor = 7

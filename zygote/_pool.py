@@ -90,6 +90,10 @@ class Reserve:
         return self.children.pop(0)
 
 
+class NetnsJoinFailed(OSError):
+    """The zygote could not enter the network namespace it was given (nothing was cloned)."""
+
+
 class ZygoteDied(Exception):
     """The zygote died or broke protocol while a request was in flight (retriable)."""
 
@@ -204,6 +208,8 @@ class Zygote:
             if rreq != req:
                 self.dead.set()
                 raise ZygoteDied("zygote answered out of order")
+            if pid == -2:
+                raise NetnsJoinFailed(err, f"entering the prepared network namespace: {os.strerror(err)}")
             if pid <= 0:
                 raise OSError(err, f"clone failed: {os.strerror(err)}")
             return pid

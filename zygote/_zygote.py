@@ -6,9 +6,12 @@ process. Talks to the daemon over one SOCK_SEQPACKET socket (fd FD):
     zygote -> daemon   b"R" + msgpack(info)          ready, after preloading
                        b"E" + text                    preload/startup failed; then exit 3
     daemon -> zygote   REQ(req_id, flags, owner) + 6 fds   clone one child with these stdio/ctl/status/result
-                       fds (+ a 7th, its cgroup, when flags has CLONE_INTO_CGROUP: cgroup v2); owner:
-                       the host uid its user namespace belongs to (0: the zygote's; see layers/userns.py)
-    zygote -> daemon   REP(req_id, pid, errno)        pid > 0, or errno of the failed clone
+                       fds (+ its cgroup when flags has CLONE_INTO_CGROUP: cgroup v2; then + a network
+                       namespace the daemon prepared, when flags has GIVEN_NETNS: the child is born in
+                       it); owner: the host uid its user namespace belongs to (0: the zygote's; see
+                       layers/userns.py)
+    zygote -> daemon   REP(req_id, pid, errno)        pid > 0, or errno of the failed clone (pid -2:
+                       entering the given network namespace failed; nothing was cloned)
 
 Globals, each with what it means for security (every child gets a copy of this memory):
     _sock    the daemon socket. SECURITY: closed in the child before anything else runs.
@@ -20,6 +23,7 @@ The zygote holds no secrets: no credentials, no client data beyond the request i
 
 from __future__ import annotations
 
+import errno
 import gc
 import importlib
 import os
@@ -32,6 +36,7 @@ import sys
 REQ = struct.Struct("!QQI")
 REP = struct.Struct("!Qqi")
 NFDS = 6  # stdin, stdout, stderr, control, status, result
+GIVEN_NETNS = 1 << 62  # not a clone flag: one more fd, the network namespace to clone the child into
 
 _sock: socket.socket | None = None
 _cloner = None
@@ -91,23 +96,23 @@ def main(argv: list[str]) -> None:
     sys.stderr.flush()
     unset = os.environ.pop("ZYGOTE_UNSET_AFTER_PRELOAD", "")
     child.zygote_ready([name for name in unset.split(",") if name])
+    _netns = netns.Ahead()
     gc.collect()
     gc.freeze()  # keep the preloaded heap out of the collector's reach: children stay copy-on-write
     import msgspec
     info = {"pid": os.getpid(), "executable": sys.executable, "prefix": sys.prefix,
             "base_prefix": sys.base_prefix, "version": list(sys.version_info[:3]), "path": sys.path,
-            "preloaded": preload}
+            "preloaded": preload, "given_netns": _netns.can_join}
     _sock.send(b"R" + msgspec.msgpack.encode(info))
     flags_allowed = ALL_NAMESPACES | CLONE_PARENT
     owner_back = os.geteuid()
-    _netns = netns.Ahead()
     waiting = select.poll()  # (not select(): the daemon may have handed us an fd number >= 1024)
     waiting.register(_sock, select.POLLIN)
     while True:
         if _netns.enabled and not _netns.ready and not waiting.poll(0):
             _netns.prepare()  # only when no request is waiting (one arriving meanwhile waits for it)
         try:
-            msg, fds, _flags, _addr = socket.recv_fds(_sock, REQ.size, NFDS + 1)
+            msg, fds, msg_flags, _addr = socket.recv_fds(_sock, REQ.size, NFDS + 2)
         except InterruptedError:
             continue
         if not msg:
@@ -115,27 +120,39 @@ def main(argv: list[str]) -> None:
         req, flags, owner = REQ.unpack(msg) if len(msg) == REQ.size else (0, 0, 0)
         # CLONE_INTO_CGROUP (cgroup v2): a seventh fd, the child's cgroup, which it is born in.
         into = bool(flags & CLONE_INTO_CGROUP)
-        if len(msg) != REQ.size or len(fds) != NFDS + into:
+        given = bool(flags & GIVEN_NETNS)
+        if len(msg) != REQ.size or len(fds) != NFDS + into + given or msg_flags & socket.MSG_CTRUNC:
             for f in fds:
                 os.close(f)
             os._exit(4)  # the daemon never sends this: treat as corruption
+        netns_fd = fds.pop() if given else -1
         cgroup_fd = fds.pop() if into else -1
         flags &= flags_allowed
-        if _netns.ready and not flags & CLONE_NEWNET:
+        if _netns.ready and (given or not flags & CLONE_NEWNET):
             _netns.go_home()  # (the daemon always asks for one) a clone sharing ours gets ours
         ahead = _netns.ready
-        if ahead:
-            flags &= ~CLONE_NEWNET
-        child.netns_ready = ahead  # the clone skips its own lo up
         err = 0
-        try:
-            pid = _cloner.clone(flags, cgroup_fd, owner)
-        except OSError as e:
-            pid, err = -1, e.errno or 0
+        pid = -1
+        if given:
+            # A namespace the daemon made and configured for this child (network.prepare): born
+            # in it, as in one made ahead here; each is given for one child and closed below.
+            try:
+                _netns.join(netns_fd)
+                flags &= ~CLONE_NEWNET
+            except OSError as e:
+                pid, err = -2, e.errno or errno.EIO  # (never cloned: no namespace of its own)
+        elif ahead:
+            flags &= ~CLONE_NEWNET
+        child.netns_ready = ahead or given  # the clone skips its own lo up
+        if not err:
+            try:
+                pid = _cloner.clone(flags, cgroup_fd, owner)
+            except OSError as e:
+                pid, err = -1, e.errno or 0
         if pid != 0 and os.geteuid() != owner_back:
             _fail("the zygote could not take back its own uid after a clone")  # never clone as another
-        if ahead and pid > 0:
-            _netns.go_home()  # that namespace is the child's alone now
+        if (ahead or given) and pid != 0:
+            _netns.go_home()  # that namespace is the child's alone now (or was never used)
         if pid == 0:
             try:
                 _sock.close()
@@ -144,6 +161,8 @@ def main(argv: list[str]) -> None:
                 os._exit(125)
         if cgroup_fd >= 0:
             os.close(cgroup_fd)
+        if netns_fd >= 0:
+            os.close(netns_fd)
         for f in fds:
             os.close(f)
         _sock.send(REP.pack(req, pid, err))

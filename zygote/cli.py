@@ -94,6 +94,8 @@ def _serve_parser(sub) -> None:
     n.add_argument("--network-dns", action="append", default=[], metavar="ADDR",
                    help="nameserver for children's resolv.conf (reachable on port 53)")
     n.add_argument("--network-masquerade", metavar="IFNAME", help="masquerade children's traffic out of this uplink")
+    n.add_argument("--network-ahead", type=int, metavar="N",
+                   help="network namespaces kept prepared for networked spawns (default 1; 0: none)")
 
 
 def _status_parser(sub) -> None:
@@ -215,6 +217,7 @@ def _config_from_args(args):
     # Flags that set a DaemonConfig field as they are, when given (empty lists count as not given).
     for flag, field in (("socket", "socket_path"), ("max_result_bytes", "max_result_bytes"),
                         ("network_pool", "network_pool"), ("network_masquerade", "network_masquerade"),
+                        ("network_ahead", "network_ahead"),
                         ("detached_buffer_bytes", "detached_buffer_bytes"),
                         ("detached_keep_seconds", "detached_keep_seconds"), ("max_children", "max_children"),
                         ("max_children_per_client", "max_children_per_client")):
@@ -227,6 +230,8 @@ def _config_from_args(args):
         NetworkHost(changes.get("network_pool", cfg.network_pool), changes.get("network_dns", cfg.network_dns))
     except ValueError as e:
         raise config_file.ConfigError(str(e)) from None
+    if changes.get("network_ahead", 0) < 0:
+        raise config_file.ConfigError("--network-ahead must be >= 0")
     config_file.check_network_room(changes.get("pools", cfg.pools), changes.get("network_pool", cfg.network_pool),
                                    "--network-pool/--reserve-network")
     if args.socket_mode is not None:

@@ -76,6 +76,7 @@ class _DaemonSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     network_pool: str | None = None
     network_dns: list[str] = []
     network_masquerade: str | None = None
+    network_ahead: int = 1
     detached_buffer_bytes: str | int | None = None
     detached_keep_seconds: float = 600.0
     detached_keep_max: int = 64
@@ -228,6 +229,9 @@ def load(path: str, *, default_python: str):
         kw["network_dns"] = tuple(d.network_dns)
     if d.network_masquerade is not None:
         kw["network_masquerade"] = d.network_masquerade
+    if d.network_ahead < 0:
+        raise ConfigError(f"{path}: daemon.network_ahead must be >= 0")
+    kw["network_ahead"] = d.network_ahead  # (not counted against the pool's room: any networked spawn takes one)
     from .layers.network import DEFAULT_POOL
     check_network_room(pools, kw.get("network_pool", DEFAULT_POOL), path)
     return DaemonConfig(socket_path=d.socket, pools=pools, allowed_uids=tuple(d.allowed_uids),

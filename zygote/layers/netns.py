@@ -56,6 +56,7 @@ class Ahead:
             self.enabled = True
         except OSError:
             self.enabled = False
+        self.can_join = self.enabled  # (stays: a failed prepare turns off only our own namespaces)
 
     def prepare(self) -> None:
         try:
@@ -72,9 +73,23 @@ class Ahead:
             return
         self.ready = True
 
+    def join(self, fd: int) -> None:
+        """Enter the namespace ``fd`` for the next clone (one the daemon made for that child);
+        ``go_home`` after the clone. Raises OSError (the zygote is home again then)."""
+        self.ready = False
+        if not self.can_join:
+            raise OSError(errno.EPERM, "this zygote cannot setns() (no way back to its namespace)")
+        try:
+            self._setns(fd, CLONE_NEWNET)
+        except OSError:
+            self.go_home()
+            raise
+
     def go_home(self) -> None:
         """Leave the namespace just handed to a child (or one that failed to set up)."""
         self.ready = False
+        if not self.can_join:
+            return  # (never left: without a way back nothing here enters another namespace)
         try:
             self._setns(self._home, CLONE_NEWNET)
         except OSError:

@@ -154,19 +154,44 @@ def _socket_in(nsfd: int, family: int = socket.AF_NETLINK, kind: int = socket.SO
     thread's namespace is its own) and ends: no thread of the daemon is ever left in a child's
     namespace, and no helper process is needed.
     """
+    def make() -> socket.socket:
+        _sys.setns(nsfd, CLONE_NEWNET)
+        return socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
+
+    return _in_a_thread(make, "zygote-setns")
+
+
+def _new_netns() -> tuple[int, socket.socket]:
+    """A new, empty network namespace: its fd and a NETLINK_ROUTE socket in it. Made by a
+    short-lived thread (unshare affects only the calling thread), which ends right after: no
+    thread of the daemon stays in it."""
+    def make() -> tuple[int, socket.socket]:
+        _sys.unshare(CLONE_NEWNET)
+        fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return fd, socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+        except OSError:
+            os.close(fd)
+            raise
+
+    return _in_a_thread(make, "zygote-netns")
+
+
+def _in_a_thread(fn, name: str):
+    """``fn()`` in a thread of its own that ends with it (its namespace changes die with it);
+    what it raised is raised here."""
     box: list = []
 
-    def make() -> None:
+    def run() -> None:
         try:
-            _sys.setns(nsfd, CLONE_NEWNET)
-            box.append(socket.socket(family, kind | socket.SOCK_CLOEXEC, proto))
-        except OSError as e:
+            box.append(fn())
+        except Exception as e:  # noqa: BLE001 - handed to the caller
             box.append(e)
 
-    t = threading.Thread(target=make, name="zygote-setns")
+    t = threading.Thread(target=run, name=name)
     t.start()
     t.join()
-    if isinstance(box[0], OSError):
+    if isinstance(box[0], Exception):
         raise box[0]
     return box[0]
 
@@ -185,6 +210,7 @@ class NetworkHost:
         self.masquerade = masquerade
         self.table = _nft.table_name(str(self.pool.network))
         self.started = False
+        self._host_index: dict[str, int] = {}  # host end -> its ifindex, for prepared namespaces
 
     def start(self) -> None:
         """Check what networking needs, clear a crashed predecessor's leftovers, install the rules.
@@ -242,11 +268,7 @@ class NetworkHost:
         rules = False
         try:
             with IPRoute() as ipr:
-                try:
-                    ipr.link("add", ifname=lease.ifname, kind="veth",
-                             peer={"ifname": CHILD_IFNAME, "net_ns_fd": nsfd})
-                except NetlinkError as e:
-                    raise _netlink_err(f"creating the veth {lease.ifname}", e) from None
+                _add_veth(ipr, lease, nsfd)
                 try:
                     _nft.apply(_nft.child_add(self.table, lease.ifname, lease.child, allow))
                 except _nft.NftError as e:
@@ -258,19 +280,64 @@ class NetworkHost:
                     ipr.link("set", index=idx, state="up")
                 except NetlinkError as e:
                     raise _netlink_err(f"configuring {lease.ifname}", e) from None
-            try:
-                with IPRoute(use_socket=_socket_in(nsfd)) as inner:
-                    (idx,) = inner.link_lookup(ifname=CHILD_IFNAME)
-                    inner.addr("add", index=idx, address=lease.child, prefixlen=lease.prefixlen)
-                    inner.link("set", index=idx, state="up")
-                    inner.route("add", dst="0.0.0.0/0", gateway=lease.host)
-            except (NetlinkError, OSError) as e:
-                raise _netlink_err("configuring the child's side of the veth", e) from None
+            _configure_inside(lambda: _socket_in(nsfd), lease, lo=False)
         except BaseException:
             self._undo(lease, allow, rules)
             raise
         finally:
             os.close(nsfd)
+
+    def prepare(self, lease: Lease) -> int:
+        """A network namespace made ahead for one child, and its fd: ``lo`` up, the child end of
+        the veth (eth0) with its address and default route, the host end with its address but
+        down, and no rules yet: nothing can pass until ``activate``. The daemon made it (it is
+        owned by the daemon's user namespace): the child that gets it holds no capability over
+        it at any time, not even before it drops privileges. A networked spawn's clone joins it
+        instead of making its own, and the ~10 ms of netlink work of ``attach`` leave its path.
+
+        Raises SetupError (whatever went wrong: out of fds, a thread that would not start, an
+        unexpected answer), having undone its own work."""
+        try:
+            nsfd, sock = _new_netns()
+        except Exception as e:  # noqa: BLE001 - (out of fds, no thread: a SetupError all the same)
+            raise SetupError(STEP, f"making a network namespace: {e}", getattr(e, "errno", 0) or 0, HINT_CAP) from None
+        try:
+            with IPRoute() as ipr:
+                _add_veth(ipr, lease, nsfd)
+                try:
+                    (idx,) = ipr.link_lookup(ifname=lease.ifname)
+                    ipr.addr("add", index=idx, address=lease.host, prefixlen=lease.prefixlen)
+                except NetlinkError as e:
+                    raise _netlink_err(f"configuring {lease.ifname}", e) from None
+                self._host_index[lease.ifname] = idx
+            sock, inside = None, sock
+            _configure_inside(lambda: inside, lease, lo=True)
+        except BaseException as e:
+            if sock is not None:
+                sock.close()
+            os.close(nsfd)
+            self._undo(lease, False, False)
+            if isinstance(e, Exception) and not isinstance(e, SetupError):
+                raise SetupError(STEP, f"preparing a network namespace: {type(e).__name__}: {e}",
+                                 getattr(e, "errno", 0) or 0) from None
+            raise
+        return nsfd
+
+    def activate(self, lease: Lease, allow: list[tuple[str, int | None]]) -> None:
+        """The rules of the child in a namespace from ``prepare`` (its clone has joined it), then
+        the host end up: the first moment a packet can pass. On failure the rules are taken out
+        again and SetupError raised; the veth stays, for ``detach``."""
+        try:
+            _nft.apply(_nft.child_add(self.table, lease.ifname, lease.child, allow))
+        except _nft.NftError as e:
+            raise SetupError(STEP, f"adding the child's firewall rules: {e}", E.EINVAL) from None
+        try:
+            with IPRoute() as ipr:
+                ipr.link("set", index=self._host_index[lease.ifname], state="up")
+        except (NetlinkError, OSError, KeyError) as e:
+            with contextlib.suppress(_nft.NftError, OSError):
+                _nft.apply(_nft.child_del(self.table, lease.ifname, lease.child, bool(allow)))
+            raise _netlink_err(f"bringing {lease.ifname} up", e) from None
 
     def detach(self, lease: Lease, has_allow: bool) -> None:
         """Remove the child's rules and its veth (after reaping). Best effort: never raises."""
@@ -279,6 +346,7 @@ class NetworkHost:
     def _undo(self, lease: Lease, has_allow, rules: bool) -> None:
         # The veth first: while its host end is up but out of the rules' sets, the rules would
         # not know it. Then the rules, then the address's tracked flows.
+        self._host_index.pop(lease.ifname, None)
         try:
             with IPRoute() as ipr:
                 ipr.link("del", ifname=lease.ifname)  # (either end deletes the pair)
@@ -323,6 +391,30 @@ def _forget_flows(address: str) -> None:
                     ct.delete(entry)
     except (NetlinkError, OSError):
         pass
+
+
+def _add_veth(ipr: IPRoute, lease: Lease, nsfd: int) -> None:
+    """The veth pair: the host end here, the child end (eth0) made inside namespace ``nsfd``."""
+    try:
+        ipr.link("add", ifname=lease.ifname, kind="veth", peer={"ifname": CHILD_IFNAME, "net_ns_fd": nsfd})
+    except NetlinkError as e:
+        raise _netlink_err(f"creating the veth {lease.ifname}", e) from None
+
+
+def _configure_inside(get_sock, lease: Lease, lo: bool) -> None:
+    """Through ``get_sock()`` (a NETLINK_ROUTE socket in the child's namespace; closed here):
+    eth0's address, eth0 up, the default route; ``lo`` up first when asked (a clone-made
+    namespace's child brings its own up)."""
+    try:
+        with IPRoute(use_socket=get_sock()) as inner:
+            if lo:
+                inner.link("set", index=1, state="up")  # lo: index 1 in every new namespace
+            (idx,) = inner.link_lookup(ifname=CHILD_IFNAME)
+            inner.addr("add", index=idx, address=lease.child, prefixlen=lease.prefixlen)
+            inner.link("set", index=idx, state="up")
+            inner.route("add", dst="0.0.0.0/0", gateway=lease.host)
+    except (NetlinkError, OSError) as e:
+        raise _netlink_err("configuring the child's side of the veth", e) from None
 
 
 def _delete_link(ipr: IPRoute, idx: int) -> None:
