@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -530,6 +531,7 @@ def test_zygote_netns_ahead_and_fallback():
         proc.wait(timeout=30)
 
 
+@pytest.mark.cgroupv2
 @pytest.mark.skipif(os.geteuid() != 0, reason="only a root daemon prepares network namespaces")
 def test_zygote_clones_into_a_given_netns_and_goes_home():
     """Driven directly: a request carrying a network namespace (GIVEN_NETNS, as the daemon sends
@@ -548,6 +550,13 @@ def test_zygote_clones_into_a_given_netns_and_goes_home():
                             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
     theirs.close()
     keep, pids, given = [], {}, []
+    # A cgroup v2 directory to clone into, where there is a v2 hierarchy (the guest's; on a hybrid
+    # host its near-empty "unified" one): under a "zygote" directory, as everything the project makes.
+    root = next((r for r in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified") if os.path.exists(f"{r}/cgroup.procs")
+                 and os.path.exists(f"{r}/cgroup.controllers")), None)
+    cgroup = f"{root}/zygote/test-given-netns-{os.getpid()}" if root else None
+    if cgroup is not None:
+        os.makedirs(cgroup)
     try:
         parent.settimeout(60)
         assert parent.recv(65536)[:1] == b"R"
@@ -573,14 +582,23 @@ def test_zygote_clones_into_a_given_netns_and_goes_home():
         send(1, base | GIVEN_NETNS | CLONE_INTO_CGROUP, [None, netns()])  # (None: /dev/null as the cgroup)
         rreq, pid, err = REP.unpack(parent.recv(64))
         assert rreq == 1 and pid == -1 and err != 0
+        if cgroup is not None:  # a real one (cgroup v2): born in it and in the given namespace
+            send(4, base | GIVEN_NETNS | CLONE_INTO_CGROUP, [os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY), netns()])
+            rreq, pid, err = REP.unpack(parent.recv(64))
+            assert (rreq, err) == (4, 0) and pid > 0
+            pids[4] = pid
+            assert _netns_owner_and_inode(pid)[1] == given[-1]
+            with open(f"/proc/{pid}/cgroup") as f:
+                assert any(line.startswith("0::") and cgroup.endswith(line.strip()[3:]) for line in f), cgroup
         send(2, base | GIVEN_NETNS, [netns()])
+        given_2 = given[-1]
         send(3, base & ~CLONE_NEWNET, [])  # waiting already when request 2 is done
         for req in (2, 3):
             rreq, pid, err = REP.unpack(parent.recv(64))
             assert (rreq, err) == (req, 0) and pid > 0
             pids[req] = pid
         host_user = os.stat("/proc/self/ns/user").st_ino
-        assert _netns_owner_and_inode(pids[2]) == (host_user, given[1])  # born in the given one
+        assert _netns_owner_and_inode(pids[2]) == (host_user, given_2)  # born in the given one
         assert _netns_owner_and_inode(pids[3])[1] == os.stat("/proc/self/ns/net").st_ino  # the zygote's home
         assert proc.poll() is None
     finally:
@@ -590,6 +608,10 @@ def test_zygote_clones_into_a_given_netns_and_goes_home():
             os.waitpid(pid, 0)  # CLONE_PARENT: they are ours
         parent.close()
         proc.wait(timeout=30)
+        if cgroup is not None:
+            os.rmdir(cgroup)
+            with contextlib.suppress(OSError):  # (another run's may be in it)
+                os.rmdir(os.path.dirname(cgroup))
 
 
 def test_closure_runs(client):
