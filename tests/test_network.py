@@ -28,6 +28,7 @@ import time
 import pytest
 
 from zygote_client import BrokenError, Client, DaemonError, NetworkConfig, SandboxConfig, SandboxError
+from conftest import children_of
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/sbin/nft"),
                                 reason="needs root and nftables")
@@ -673,14 +674,62 @@ def test_SECURITY_a_prepared_namespace_passes_nothing_before_its_child_has_rules
     while not held() and time.monotonic() < deadline:
         time.sleep(0.05)
     (fd,) = held()
-    r = subprocess.run(["nsenter", f"--net=/proc/{daemon}/fd/{fd}", sys.executable, "-c", _FROM_INSIDE, ECHO],
+    _nothing_gets_out(world, f"/proc/{daemon}/fd/{fd}")
+    (link,) = world.veths()
+    assert link in world.veths(up=False) and link not in world.nft()
+
+
+@pytest.mark.parametrize("ahead", ["prepared", "attached"])
+def test_SECURITY_no_packet_leaves_a_child_before_its_rules_are_in(world, tmp_path, monkeypatch, ahead):
+    """A test hook holds the daemon right before it adds a networked child's nft rules (born in a
+    prepared namespace: activate; or given its veth after the clone: attach) until the test has
+    probed the child's namespace from outside: nothing gets out. (The host end comes up only
+    after the rules: in the other order, a probe in that moment reaches anything, since the
+    forward hook judges only the links in the rules' sets.) Once the rules are in, it works."""
+    go_on = tmp_path / "rules-may-go-in"
+    monkeypatch.setenv("ZYGOTE_TEST_PAUSE_BEFORE_RULES", str(go_on))
+    path = world.start(tmp_path, "--network-ahead", "1" if ahead == "prepared" else "0")
+    daemon = world.daemon.pid
+    if ahead == "prepared":
+        _prepared(world)
+
+    def payload():
+        import socket
+        s = socket.create_connection(("198.51.100.10", 7), timeout=10)
+        s.sendall(b"x")
+        print(s.recv(1).decode())
+
+    box: list = []
+    with Client.connect(path) as c:
+        t = threading.Thread(target=lambda: box.append(c.run(payload, sandbox_config=NET, timeout=60)))
+        t.start()
+        try:
+            deadline = time.monotonic() + 30
+            kids: list[int] = []
+            while not kids and time.monotonic() < deadline:  # the clone, waiting for "go"
+                kids = [p for p, _ in children_of(daemon)  # (a clone has a user namespace of its own)
+                        if _readlink(f"/proc/{p}/ns/user") not in ("", _readlink(f"/proc/{daemon}/ns/user"))]
+                time.sleep(0.02)
+            assert kids, "no clone appeared"
+            _nothing_gets_out(world, f"/proc/{kids[0]}/ns/net")
+            # (the probe left the gateway's neighbour entry failed: the child would get
+            # EHOSTUNREACH for a few seconds)
+            subprocess.run(["nsenter", f"--net=/proc/{kids[0]}/ns/net", "ip", "neigh", "flush", "all"], check=True)
+        finally:
+            go_on.touch()
+            t.join(60)
+    assert box and box[0].returncode == 0 and box[0].stdout == b"x\n", box[0].stderr.decode() if box else box
+
+
+def _nothing_gets_out(world: World, netns: str) -> None:
+    """From inside network namespace ``netns`` (a path), UDP and TCP to the echo server: no answer,
+    and nothing reached it."""
+    r = subprocess.run(["nsenter", f"--net={netns}", sys.executable, "-c", _FROM_INSIDE, ECHO],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert "x" not in out.values(), out
     assert world.inet_servers.seen == [], world.inet_servers.seen
-    (link,) = world.veths()
-    assert link in world.veths(up=False) and link not in world.nft()
 
 
 def _readlink(path: str) -> str:

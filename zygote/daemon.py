@@ -466,6 +466,8 @@ class Daemon:
             return
         host = network.NetworkHost(self.config.network_pool, self.config.network_dns,
                                    self.config.network_masquerade)
+        if self.config.test_hooks and os.environ.get("ZYGOTE_TEST_PAUSE_BEFORE_RULES"):
+            host.pause_before_rules = os.environ["ZYGOTE_TEST_PAUSE_BEFORE_RULES"]  # (tests only)
         try:
             await trio.to_thread.run_sync(host.start)
         except SetupError as e:

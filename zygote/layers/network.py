@@ -32,6 +32,7 @@ import re
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass
 
 from pyroute2 import Conntrack, IPRoute
@@ -211,6 +212,8 @@ class NetworkHost:
         self.table = _nft.table_name(str(self.pool.network))
         self.started = False
         self._host_index: dict[str, int] = {}  # host end -> its ifindex, for prepared namespaces
+        # (tests only, --test-hooks: a path; each child's rules wait until it exists, 30 s at most)
+        self.pause_before_rules: str | None = None
 
     def start(self) -> None:
         """Check what networking needs, clear a crashed predecessor's leftovers, install the rules.
@@ -269,10 +272,7 @@ class NetworkHost:
         try:
             with IPRoute() as ipr:
                 _add_veth(ipr, lease, nsfd)
-                try:
-                    _nft.apply(_nft.child_add(self.table, lease.ifname, lease.child, allow))
-                except _nft.NftError as e:
-                    raise SetupError(STEP, f"adding the child's firewall rules: {e}", E.EINVAL) from None
+                self._add_rules(lease, allow)
                 rules = True
                 try:
                     (idx,) = ipr.link_lookup(ifname=lease.ifname)
@@ -327,10 +327,7 @@ class NetworkHost:
         """The rules of the child in a namespace from ``prepare`` (its clone has joined it), then
         the host end up: the first moment a packet can pass. On failure the rules are taken out
         again and SetupError raised; the veth stays, for ``detach``."""
-        try:
-            _nft.apply(_nft.child_add(self.table, lease.ifname, lease.child, allow))
-        except _nft.NftError as e:
-            raise SetupError(STEP, f"adding the child's firewall rules: {e}", E.EINVAL) from None
+        self._add_rules(lease, allow)
         try:
             with IPRoute() as ipr:
                 ipr.link("set", index=self._host_index[lease.ifname], state="up")
@@ -338,6 +335,16 @@ class NetworkHost:
             with contextlib.suppress(_nft.NftError, OSError):
                 _nft.apply(_nft.child_del(self.table, lease.ifname, lease.child, bool(allow)))
             raise _netlink_err(f"bringing {lease.ifname} up", e) from None
+
+    def _add_rules(self, lease: Lease, allow: list[tuple[str, int | None]]) -> None:
+        if self.pause_before_rules:  # (a test looks at the child's namespace meanwhile)
+            deadline = time.monotonic() + 30
+            while not os.path.exists(self.pause_before_rules) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        try:
+            _nft.apply(_nft.child_add(self.table, lease.ifname, lease.child, allow))
+        except _nft.NftError as e:
+            raise SetupError(STEP, f"adding the child's firewall rules: {e}", E.EINVAL) from None
 
     def detach(self, lease: Lease, has_allow: bool) -> None:
         """Remove the child's rules and its veth (after reaping). Best effort: never raises."""
