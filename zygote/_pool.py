@@ -21,7 +21,7 @@ import trio
 
 from zygote_client import SandboxConfig
 
-from ._zygote import NFDS, REP, REQ
+from ._zygote import JOIN_FAILED, NFDS, REP, REQ
 
 THREAD_CAPS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "NUMEXPR_NUM_THREADS": "1", "VECLIB_MAXIMUM_THREADS": "1"}
@@ -208,7 +208,7 @@ class Zygote:
             if rreq != req:
                 self.dead.set()
                 raise ZygoteDied("zygote answered out of order")
-            if pid == -2:
+            if pid == JOIN_FAILED:
                 raise NetnsJoinFailed(err, f"entering the prepared network namespace: {os.strerror(err)}")
             if pid <= 0:
                 raise OSError(err, f"clone failed: {os.strerror(err)}")

@@ -37,6 +37,7 @@ REQ = struct.Struct("!QQI")
 REP = struct.Struct("!Qqi")
 NFDS = 6  # stdin, stdout, stderr, control, status, result
 GIVEN_NETNS = 1 << 62  # not a clone flag: one more fd, the network namespace to clone the child into
+JOIN_FAILED = -2  # REP's pid when entering that namespace failed (nothing was cloned)
 
 _sock: socket.socket | None = None
 _cloner = None
@@ -140,7 +141,7 @@ def main(argv: list[str]) -> None:
                 _netns.join(netns_fd)
                 flags &= ~CLONE_NEWNET
             except OSError as e:
-                pid, err = -2, e.errno or errno.EIO  # (never cloned: no namespace of its own)
+                pid, err = JOIN_FAILED, e.errno or errno.EIO  # (never cloned: no namespace of its own)
         elif ahead:
             flags &= ~CLONE_NEWNET
         child.netns_ready = ahead or given  # the clone skips its own lo up

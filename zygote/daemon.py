@@ -1777,19 +1777,12 @@ class Daemon:
             ahead, child.net_ahead = child.net_ahead, None
             await self._net_discard(ahead)
         lease, child.lease = child.lease, None
-        net = self.network
-        if lease is None or net is None:
-            return
-        self.cleaning += 1
-        try:
-            await trio.to_thread.run_sync(net.detach, lease, child.net_allow)
-        finally:
-            self.cleaning -= 1
-            net.pool.release(lease)
+        if lease is not None:
+            await self._net_discard(lease, child.net_allow)
 
     async def _net_discard(self, lease: network.Lease, has_allow: bool = False) -> None:
-        """Delete a prepared namespace's veth and its rules (``has_allow``: an activation that
-        failed may have left an allow chain) and free its address."""
+        """Delete a lease's veth and its rules (``has_allow``: with an allow chain) and free its
+        address: a child's after reaping, a prepared namespace nobody used or activated."""
         net = self.network
         if net is None:
             return  # shut down: net.close removed every link of the pool
