@@ -925,6 +925,31 @@ def test_reload_keeps_the_network_settings_the_firewall_was_built_with(world, tm
     assert "10.99.0.10" in ruleset and "10.99.0.11" not in ruleset
 
 
+def test_a_reload_that_lowers_network_ahead_lets_the_prepared_namespaces_go(world, tmp_path):
+    """network_ahead takes effect at a reload, down too: the namespace prepared for the old
+    setting (its veth and address) goes, and networked spawns make their own from then on."""
+    cfg = tmp_path / "z.toml"
+    cfg.write_text("[daemon]\nnetwork_ahead = 1\n")
+    path = world.start(tmp_path, "--config", str(cfg))
+    link = _prepared(world)
+    cfg.write_text("[daemon]\nnetwork_ahead = 0\n")
+    world.daemon.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while world.veths() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert world.veths() == [], f"{link} is still there"
+    assert str(ipaddress.IPv4Address(int(link[2:], 16))) not in world.addresses()  # the host end's
+
+    def payload():
+        import socket
+        print(socket.create_connection(("198.51.100.10", 7), timeout=10).getsockname()[0])
+    with Client.connect(path) as c:
+        r = c.run(payload, sandbox_config=NET, timeout=60)
+    assert r.returncode == 0, r.stderr.decode()
+    time.sleep(0.5)
+    assert world.veths() == []  # none prepared again
+
+
 def test_SECURITY_a_recycled_address_inherits_no_flows(world, tmp_path):
     """Replies reach a child on conntrack state alone, and a child's address goes to the next
     child: a peer that keeps sending on a flow the first child opened must not reach the second,

@@ -416,6 +416,58 @@ def _netns_owner_and_inode(pid: int) -> tuple[int, int]:
         os.close(fd)
 
 
+class _DrivenZygote:
+    """A zygote driven directly over its socket, as the daemon drives it: ``send`` one clone
+    request (six fds: /dev/null as stdio, fresh control/status/result pipes, plus ``extra``,
+    each closed here once sent; ``None`` in ``extra`` is /dev/null), ``reply`` reads one answer.
+    Every child waits on its control pipe; at the end EOF there makes each exit unrun, and
+    ``pids`` (CLONE_PARENT: ours) are reaped."""
+
+    def __init__(self) -> None:
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self.proc = subprocess.Popen([sys.executable, "-P", "-m", "zygote._zygote", str(theirs.fileno()), "json"],
+                                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        theirs.close()
+        self.keep: list[int] = []
+        self.pids: dict[int, int] = {}
+        self.sock.settimeout(60)
+        assert self.sock.recv(65536)[:1] == b"R"
+
+    def send(self, req: int, flags: int, extra: list = ()) -> None:
+        from zygote._zygote import REQ
+        null = os.open(os.devnull, os.O_RDWR)
+        pipes = [os.pipe() for _ in range(3)]  # control, status, result
+        fds = [null, null, null, pipes[0][0], pipes[1][1], pipes[2][1]]
+        socket.send_fds(self.sock, [REQ.pack(req, flags, 0)], fds + [null if fd is None else fd for fd in extra])
+        for fd in [null, pipes[0][0], pipes[1][1], pipes[2][1], pipes[1][0], pipes[2][0]] + [fd for fd in extra if fd]:
+            os.close(fd)
+        self.keep.append(pipes[0][1])  # the control pipe's write end: the child waits on it
+
+    def reply(self) -> tuple[int, int, int]:
+        from zygote._zygote import REP
+        rreq, pid, err = REP.unpack(self.sock.recv(64))
+        if pid > 0:
+            self.pids[rreq] = pid
+        return rreq, pid, err
+
+    def close(self) -> None:
+        for fd in self.keep:
+            os.close(fd)
+        for pid in self.pids.values():
+            os.waitpid(pid, 0)
+        self.sock.close()
+        self.proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def _driven_zygote():
+    z = _DrivenZygote()
+    try:
+        yield z
+    finally:
+        z.close()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="a rootless zygote cannot make namespaces ahead (CLONE_NEWNET then)")
 def test_SECURITY_netns_not_owned_by_the_child(client):
     """The child's network namespace is made ahead by the zygote and owned by the host's user
@@ -471,6 +523,20 @@ def test_zygote_netns_ahead_goes_home_after_each_handout():
     calls.clear()
     ns.go_home()
     assert not ns.ready and calls == [("setns", CLONE_NEWNET)]
+    # A given namespace (join) keeps the one made ahead for the next clone: back into it after,
+    # ready again, its fd closed; without one made ahead, home.
+    ns.prepare()
+    fds_before = len(os.listdir("/proc/self/fd"))
+    calls.clear()
+    ns.join(99)
+    assert not ns.ready and ns._parked >= 0 and calls == [("setns", CLONE_NEWNET)]
+    ns.go_home()
+    assert ns.ready and ns._parked == -1 and len(os.listdir("/proc/self/fd")) == fds_before
+    ns.go_home()
+    ns.join(99)
+    assert ns._parked == -1
+    ns.go_home()
+    assert not ns.ready
 
     def refuse(flags):
         raise OSError(errno.EPERM, "no")
@@ -491,44 +557,50 @@ def test_zygote_netns_ahead_and_fallback():
     """Driven directly: a clone after an idle moment gets the namespace made ahead (host-owned);
     a request already waiting behind another gets CLONE_NEWNET (owned by the child's user
     namespace) rather than waiting for one to be made; the zygote leaves each handed-on one."""
-    from zygote._zygote import REP, REQ
     from zygote._clone import ALL_NAMESPACES, CLONE_PARENT
-    parent, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    proc = subprocess.Popen([sys.executable, "-P", "-m", "zygote._zygote", str(theirs.fileno()), "json"],
-                            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
-    theirs.close()
-    keep, pids = [], []
-    try:
-        parent.settimeout(60)
-        assert parent.recv(65536)[:1] == b"R"
+    with _driven_zygote() as z:
         time.sleep(0.3)  # idle: the zygote makes a namespace ahead
-        sent = []
         for req in (1, 2):
-            null = os.open(os.devnull, os.O_RDWR)
-            pipes = [os.pipe() for _ in range(3)]  # control, status, result
-            fds = [null, null, null, pipes[0][0], pipes[1][1], pipes[2][1]]
-            socket.send_fds(parent, [REQ.pack(req, ALL_NAMESPACES | CLONE_PARENT, 0)], fds)
-            sent += [null] + [p[0] for p in pipes[1:]] + [pipes[0][0], pipes[1][1], pipes[2][1]]
-            keep.append(pipes[0][1])  # the control pipe's write end: the child waits on it
-        for fd in sent:
-            os.close(fd)
+            z.send(req, ALL_NAMESPACES | CLONE_PARENT)
         for req in (1, 2):
-            rreq, pid, err = REP.unpack(parent.recv(64))
+            rreq, pid, err = z.reply()
             assert (rreq, err) == (req, 0) and pid > 0
-            pids.append(pid)
         host_user = os.stat("/proc/self/ns/user").st_ino
-        (owner1, net1), (owner2, net2) = (_netns_owner_and_inode(p) for p in pids)
+        (owner1, net1), (owner2, net2) = (_netns_owner_and_inode(z.pids[r]) for r in (1, 2))
         assert owner1 == host_user                                  # made ahead
-        assert owner2 == os.stat(f"/proc/{pids[1]}/ns/user").st_ino  # CLONE_NEWNET: no waiting
+        assert owner2 == os.stat(f"/proc/{z.pids[2]}/ns/user").st_ino  # CLONE_NEWNET: no waiting
         assert net1 != net2
-        assert os.stat(f"/proc/{proc.pid}/ns/net").st_ino not in (net1, net2)
-    finally:
-        for fd in keep:
-            os.close(fd)  # EOF on the control pipe: each child exits without running anything
-        for pid in pids:
-            os.waitpid(pid, 0)  # CLONE_PARENT: they are ours
-        parent.close()
-        proc.wait(timeout=30)
+        assert os.stat(f"/proc/{z.proc.pid}/ns/net").st_ino not in (net1, net2)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a root daemon prepares network namespaces")
+def test_zygote_keeps_its_netns_made_ahead_across_a_given_one():
+    """Driven directly: a clone into a namespace the daemon gave does not cost the zygote the one
+    it made ahead while idle. A request queued right behind (no idle moment in between) gets that
+    one (owned by the host's user namespace, lo up), not a CLONE_NEWNET of its own. (Before, the
+    zygote let it go at every given clone and made another when idle.)"""
+    from zygote._zygote import GIVEN_NETNS
+    from zygote._clone import ALL_NAMESPACES, CLONE_PARENT
+    from zygote.layers.network import _new_netns
+    with _driven_zygote() as z:
+        time.sleep(0.3)  # idle: the zygote makes a namespace ahead
+        zygote_ns = os.readlink(f"/proc/{z.proc.pid}/ns/net")
+        assert zygote_ns != os.readlink("/proc/self/ns/net")  # it sits in the one made ahead
+        nsfd, sock = _new_netns()
+        sock.close()
+        given = os.fstat(nsfd).st_ino
+        base = ALL_NAMESPACES | CLONE_PARENT
+        z.send(1, base | GIVEN_NETNS, [nsfd])
+        z.send(2, base)  # waiting already when request 1 is done
+        for req in (1, 2):
+            rreq, pid, err = z.reply()
+            assert (rreq, err) == (req, 0) and pid > 0
+        host_user = os.stat("/proc/self/ns/user").st_ino
+        assert _netns_owner_and_inode(z.pids[1]) == (host_user, given)
+        owner, net = _netns_owner_and_inode(z.pids[2])
+        assert owner == host_user, "a CLONE_NEWNET of its own: the namespace made ahead was let go"
+        assert f"net:[{net}]" == zygote_ns
+        assert z.proc.poll() is None
 
 
 @pytest.mark.cgroupv2
@@ -542,14 +614,10 @@ def test_zygote_clones_into_a_given_netns_and_goes_home():
     (the zygote read at most seven and exited); its cgroup fd is not a cgroup here, so that clone
     fails with an errno and the zygote goes on serving. An fd that is not a network namespace is
     answered apart (pid -2: the daemon then gives that zygote none and retries)."""
-    from zygote._zygote import GIVEN_NETNS, REP, REQ
+    from zygote._zygote import GIVEN_NETNS
     from zygote._clone import ALL_NAMESPACES, CLONE_INTO_CGROUP, CLONE_NEWNET, CLONE_PARENT
     from zygote.layers.network import _new_netns
-    parent, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    proc = subprocess.Popen([sys.executable, "-P", "-m", "zygote._zygote", str(theirs.fileno()), "json"],
-                            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
-    theirs.close()
-    keep, pids, given = [], {}, []
+    given = []
     # A cgroup v2 directory to clone into, where there is a v2 hierarchy (the guest's; on a hybrid
     # host its near-empty "unified" one): under a "zygote" directory, as everything the project makes.
     root = next((r for r in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified") if os.path.exists(f"{r}/cgroup.procs")
@@ -558,56 +626,39 @@ def test_zygote_clones_into_a_given_netns_and_goes_home():
     if cgroup is not None:
         os.makedirs(cgroup)
     try:
-        parent.settimeout(60)
-        assert parent.recv(65536)[:1] == b"R"
+        with _driven_zygote() as z:
 
-        def send(req: int, flags: int, extra: list[int]) -> None:
-            null = os.open(os.devnull, os.O_RDWR)
-            pipes = [os.pipe() for _ in range(3)]  # control, status, result
-            fds = [null, null, null, pipes[0][0], pipes[1][1], pipes[2][1]]
-            socket.send_fds(parent, [REQ.pack(req, flags, 0)], fds + [null if fd is None else fd for fd in extra])
-            for fd in [null, pipes[0][0], pipes[1][1], pipes[2][1], pipes[1][0], pipes[2][0]] + [fd for fd in extra if fd]:
-                os.close(fd)
-            keep.append(pipes[0][1])  # the control pipe's write end: the child waits on it
+            def netns() -> int:
+                nsfd, sock = _new_netns()
+                sock.close()
+                given.append(os.fstat(nsfd).st_ino)
+                return nsfd
 
-        def netns() -> int:
-            nsfd, sock = _new_netns()
-            sock.close()
-            given.append(os.fstat(nsfd).st_ino)
-            return nsfd
-
-        base = ALL_NAMESPACES | CLONE_PARENT
-        send(0, base | GIVEN_NETNS, [None])  # not a namespace: nothing cloned, said so apart (-2)
-        assert REP.unpack(parent.recv(64)) == (0, -2, errno.EINVAL)
-        send(1, base | GIVEN_NETNS | CLONE_INTO_CGROUP, [None, netns()])  # (None: /dev/null as the cgroup)
-        rreq, pid, err = REP.unpack(parent.recv(64))
-        assert rreq == 1 and pid == -1 and err != 0
-        if cgroup is not None:  # a real one (cgroup v2): born in it and in the given namespace
-            send(4, base | GIVEN_NETNS | CLONE_INTO_CGROUP, [os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY), netns()])
-            rreq, pid, err = REP.unpack(parent.recv(64))
-            assert (rreq, err) == (4, 0) and pid > 0
-            pids[4] = pid
-            assert _netns_owner_and_inode(pid)[1] == given[-1]
-            with open(f"/proc/{pid}/cgroup") as f:
-                assert any(line.startswith("0::") and cgroup.endswith(line.strip()[3:]) for line in f), cgroup
-        send(2, base | GIVEN_NETNS, [netns()])
-        given_2 = given[-1]
-        send(3, base & ~CLONE_NEWNET, [])  # waiting already when request 2 is done
-        for req in (2, 3):
-            rreq, pid, err = REP.unpack(parent.recv(64))
-            assert (rreq, err) == (req, 0) and pid > 0
-            pids[req] = pid
-        host_user = os.stat("/proc/self/ns/user").st_ino
-        assert _netns_owner_and_inode(pids[2]) == (host_user, given_2)  # born in the given one
-        assert _netns_owner_and_inode(pids[3])[1] == os.stat("/proc/self/ns/net").st_ino  # the zygote's home
-        assert proc.poll() is None
+            base = ALL_NAMESPACES | CLONE_PARENT
+            z.send(0, base | GIVEN_NETNS, [None])  # not a namespace: nothing cloned, said so apart (-2)
+            assert z.reply() == (0, -2, errno.EINVAL)
+            z.send(1, base | GIVEN_NETNS | CLONE_INTO_CGROUP, [None, netns()])  # (None: /dev/null as the cgroup)
+            rreq, pid, err = z.reply()
+            assert rreq == 1 and pid == -1 and err != 0
+            if cgroup is not None:  # a real one (cgroup v2): born in it and in the given namespace
+                z.send(4, base | GIVEN_NETNS | CLONE_INTO_CGROUP,
+                       [os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY), netns()])
+                rreq, pid, err = z.reply()
+                assert (rreq, err) == (4, 0) and pid > 0
+                assert _netns_owner_and_inode(pid)[1] == given[-1]
+                with open(f"/proc/{pid}/cgroup") as f:
+                    assert any(line.startswith("0::") and cgroup.endswith(line.strip()[3:]) for line in f), cgroup
+            z.send(2, base | GIVEN_NETNS, [netns()])
+            given_2 = given[-1]
+            z.send(3, base & ~CLONE_NEWNET)  # waiting already when request 2 is done
+            for req in (2, 3):
+                rreq, pid, err = z.reply()
+                assert (rreq, err) == (req, 0) and pid > 0
+            host_user = os.stat("/proc/self/ns/user").st_ino
+            assert _netns_owner_and_inode(z.pids[2]) == (host_user, given_2)  # born in the given one
+            assert _netns_owner_and_inode(z.pids[3])[1] == os.stat("/proc/self/ns/net").st_ino  # the zygote's home
+            assert z.proc.poll() is None
     finally:
-        for fd in keep:
-            os.close(fd)  # EOF on the control pipe: each child exits without running anything
-        for pid in pids.values():
-            os.waitpid(pid, 0)  # CLONE_PARENT: they are ours
-        parent.close()
-        proc.wait(timeout=30)
         if cgroup is not None:
             os.rmdir(cgroup)
             with contextlib.suppress(OSError):  # (another run's may be in it)

@@ -17,7 +17,9 @@ Globals, each with what it means for security (every child gets a copy of this m
     _sock    the daemon socket. SECURITY: closed in the child before anything else runs.
     _cloner  the clone3 wrapper (no secrets).
     _netns   the network namespace made ahead for the next child (an empty one, lo up), if any
-             (layers/netns.py: Ahead); the zygote sits in it until that child is cloned.
+             (layers/netns.py: Ahead); the zygote sits in it until that child is cloned. While
+             a child is cloned into a namespace the daemon gave, it is held by an fd (Ahead._parked),
+             which that clone closes with every other fd of ours before anything of its own runs.
 The zygote holds no secrets: no credentials, no client data beyond the request it is serving.
 """
 
@@ -129,7 +131,7 @@ def main(argv: list[str]) -> None:
         netns_fd = fds.pop() if given else -1
         cgroup_fd = fds.pop() if into else -1
         flags &= flags_allowed
-        if _netns.ready and (given or not flags & CLONE_NEWNET):
+        if _netns.ready and not given and not flags & CLONE_NEWNET:
             _netns.go_home()  # (the daemon always asks for one) a clone sharing ours gets ours
         ahead = _netns.ready
         err = 0
@@ -153,7 +155,8 @@ def main(argv: list[str]) -> None:
         if pid != 0 and os.geteuid() != owner_back:
             _fail("the zygote could not take back its own uid after a clone")  # never clone as another
         if (ahead or given) and pid != 0:
-            _netns.go_home()  # that namespace is the child's alone now (or was never used)
+            _netns.go_home()  # that namespace is the child's alone now (or was never used); after
+                              # a given one, back to ours made ahead (join kept it), if any
         if pid == 0:
             try:
                 _sock.close()

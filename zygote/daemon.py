@@ -1159,7 +1159,8 @@ class Daemon:
                     with trio.CancelScope(shield=True):  # removed even if the client goes meanwhile
                         await trio.to_thread.run_sync(self._cgroup_remove, cg)
                     if (isinstance(e, OSError) and not isinstance(e, NetnsJoinFailed)
-                            and e.errno in (_errno.EINVAL, _errno.EOPNOTSUPP, _errno.ENOSYS)):
+                            and e.errno in (_errno.EINVAL, _errno.EOPNOTSUPP, _errno.ENOSYS, _errno.E2BIG)):
+                        # (E2BIG: clone3 before Linux 5.7 has no cgroup field, and says so)
                         self._into_cgroup = False  # this kernel cannot: attach after the clone from now on
                         return P.SpawnFailed(msg.req, f"{e} (CLONE_INTO_CGROUP is now off; retry)", "clone",
                                              e.errno or 0, code="retry"), []
@@ -1811,6 +1812,10 @@ class Daemon:
             if not any(z.info.get("given_netns") for p in self.pools.values() for z in p.zygotes):
                 await trio.sleep(1.0)  # no zygote can clone into one (no CAP_SYS_ADMIN): none made
                 continue
+            while len(self._net_ready) > self.config.network_ahead:  # lowered by a reload
+                lease, nsfd = self._net_ready.pop(0)
+                os.close(nsfd)
+                await self._net_discard(lease)
             if len(self._net_ready) >= self.config.network_ahead:
                 self._net_wake = trio.Event()
                 await self._net_wake.wait()

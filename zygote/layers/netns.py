@@ -57,6 +57,7 @@ class Ahead:
         except OSError:
             self.enabled = False
         self.can_join = self.enabled  # (stays: a failed prepare turns off only our own namespaces)
+        self._parked = -1  # the namespace made ahead, held while a given clone is made (join)
 
     def prepare(self) -> None:
         try:
@@ -75,10 +76,18 @@ class Ahead:
 
     def join(self, fd: int) -> None:
         """Enter the namespace ``fd`` for the next clone (one the daemon made for that child);
-        ``go_home`` after the clone. Raises OSError (the zygote is home again then)."""
-        self.ready = False
+        ``go_home`` after the clone. A namespace made ahead here is kept for the clone after
+        (held by an fd meanwhile: unmade, it would cost the next child its lo up or the zygote a
+        new one). Raises OSError (the zygote is back where it was then)."""
         if not self.can_join:
+            self.ready = False
             raise OSError(errno.EPERM, "this zygote cannot setns() (no way back to its namespace)")
+        if self.ready:
+            try:
+                self._parked = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self.go_home()  # (out of fds: let it go)
+        self.ready = False
         try:
             self._setns(fd, CLONE_NEWNET)
         except OSError:
@@ -86,10 +95,21 @@ class Ahead:
             raise
 
     def go_home(self) -> None:
-        """Leave the namespace just handed to a child (or one that failed to set up)."""
+        """Leave the namespace just handed to a child (or one that failed to set up): for the
+        one made ahead that ``join`` kept, if any (ready again), else home."""
         self.ready = False
         if not self.can_join:
             return  # (never left: without a way back nothing here enters another namespace)
+        parked, self._parked = self._parked, -1
+        if parked >= 0:
+            try:
+                self._setns(parked, CLONE_NEWNET)
+                self.ready = True
+                return
+            except OSError:
+                pass  # home, then; a new one is made when idle
+            finally:
+                os.close(parked)
         try:
             self._setns(self._home, CLONE_NEWNET)
         except OSError:
