@@ -25,6 +25,18 @@ def secret(tmp_path):
     return str(f)
 
 
+_TRY_WRITES = """
+def try_writes(paths):
+    for p in paths:
+        try:
+            with open(p, "w") as f:
+                f.write("x")
+            print(p, "WROTE")
+        except OSError as e:
+            print(p, e.errno)
+"""  # (exec'd in a child) one line per path: "PATH WROTE" or "PATH ERRNO"
+
+
 def _probe_read(paths):
     def payload():
         import os
@@ -76,14 +88,8 @@ def test_SECURITY_mounts_writes_outside_tmp_fail(client, tmp_path):
     os.chmod(rw, 0o777)
 
     def payload():
-        import os
-        for p in ("/usr/zg-x", "/etc/zg-x", "/zg-x", "/rw/ok", "/tmp/ok"):
-            try:
-                with open(p, "w") as f:
-                    f.write("x")
-                print(p, "WROTE")
-            except OSError as e:
-                print(p, e.errno)
+        exec(_TRY_WRITES, globals())
+        try_writes(("/usr/zg-x", "/etc/zg-x", "/zg-x", "/rw/ok", "/tmp/ok"))
 
     r = client.run(payload, sandbox_config=SandboxConfig(rw_binds={str(rw): "/rw"}))
     out = dict(line.rsplit(" ", 1) for line in r.stdout.decode().splitlines())
@@ -561,3 +567,93 @@ def test_a_daemon_removes_its_id_lock_files_when_it_stops():
             if os.path.dirname(target) == userns.LOCK_DIR:
                 mine.add(os.path.basename(target))
     assert mine and not mine & set(os.listdir(userns.LOCK_DIR))
+
+
+_ROOT_SOURCE = """
+def root_source():
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == "/":
+                return fields[fields.index("-") + 2]
+    return ""
+"""  # (in a child) the source of the mount at /: "zygote-template" for a root bound from the
+     # zygote's template, "zygote" for one the child built itself
+
+
+def test_SECURITY_children_share_nothing_writable_through_the_root_template(client):
+    """Default children take their root from the zygote's template: one read-only tree bound
+    into every one of them. What a child may write must still be its own: a child that wrote
+    into /tmp and /dev/shm (and tried /, /etc and a bound system directory) leaves nothing that
+    the next child, running beside it, can see. (Fails when /tmp or /dev/shm come with the
+    template instead of being mounted afresh in each child.)"""
+    def writer():
+        exec(_ROOT_SOURCE + _TRY_WRITES, globals())
+        print(root_source())
+        try_writes(("/tmp/left-by-a", "/dev/shm/left-by-a", "/left-by-a", "/etc/left-by-a", "/usr/left-by-a"))
+        print("done", flush=True)
+        import sys
+        sys.stdin.readline()  # stays alive (its mounts too) while the reader looks
+
+    def reader():
+        import os
+        exec(_ROOT_SOURCE, globals())
+        print(root_source())
+        print(sorted(os.listdir("/tmp")), sorted(os.listdir("/dev/shm")))
+        print([p for p in ("/left-by-a", "/etc/left-by-a", "/usr/left-by-a") if os.path.exists(p)])
+
+    a = client.spawn_child(writer)
+    try:
+        out = [a.stdout.readline().decode().strip() for _ in range(7)]
+        assert out[0] == "zygote-template", out  # the template is what this test is about
+        assert out[1:3] == ["/tmp/left-by-a WROTE", "/dev/shm/left-by-a WROTE"], out
+        assert all(line.endswith(" 30") for line in out[3:6]), out  # EROFS
+        r = client.run(reader)
+        assert r.returncode == 0, r.stderr.decode()
+        assert r.stdout.decode().splitlines() == ["zygote-template", "[] []", "[]"], r.stdout
+    finally:
+        a.stdin.close()
+        a.wait()
+
+
+def test_SECURITY_the_root_template_stays_in_the_zygotes_mount_namespace(client):
+    """The zygote keeps its template in a mount namespace of its own: the host sees an empty
+    directory and no such mount; a child sees neither the directory nor the host's tree it hangs
+    in (its old root is detached), and unmounting what it was given is refused."""
+    from conftest import children_of, cmdline, daemon_pid
+    with open("/proc/self/mountinfo") as f:
+        assert "zygote-template" not in f.read()
+    assert os.listdir("/run/zygote-template") == []
+    zygotes = [p for p, _ in children_of(daemon_pid(client)) if b"zygote._zygote" in cmdline(p)]
+    assert zygotes
+    for z in zygotes:
+        with open(f"/proc/{z}/mountinfo") as f:
+            assert " /run/zygote-template " in f.read()
+
+    def payload():
+        import ctypes
+        import os
+        libc = ctypes.CDLL(None, use_errno=True)
+        print(os.path.exists("/run"), os.path.exists("/run/zygote-template"), os.path.exists("/var"))
+        for target in (b"/usr", b"/etc/passwd", b"/"):
+            r = libc.umount2(target, 2)  # MNT_DETACH
+            print(target.decode(), r, ctypes.get_errno())
+    r = client.run(payload)
+    assert r.returncode == 0, r.stderr.decode()
+    lines = r.stdout.decode().splitlines()
+    assert lines[0] == "False False False", lines
+    assert all(line.split()[1] == "-1" for line in lines[1:]), lines  # refused
+
+
+def test_a_request_with_binds_of_its_own_builds_its_root(client, tmp_path):
+    """Only a root equal to the template's is bound from it: a request that adds a bind gets a
+    root built for it, with the bind in it."""
+    (tmp_path / "f").write_text("data")
+    os.chmod(tmp_path, 0o755)
+
+    def payload():
+        exec(_ROOT_SOURCE, globals())
+        print(root_source(), open("/data/f").read())
+    r = client.run(payload, sandbox_config=SandboxConfig(ro_binds={str(tmp_path): "/data"}))
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.decode().split() == ["zygote", "data"]

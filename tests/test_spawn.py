@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 
+import msgspec
 import pytest
 
 from zygote_client import Client, DaemonError, SandboxConfig, SandboxError
@@ -421,9 +422,10 @@ class _DrivenZygote:
     request (six fds: /dev/null as stdio, fresh control/status/result pipes, plus ``extra``,
     each closed here once sent; ``None`` in ``extra`` is /dev/null), ``reply`` reads one answer.
     Every child waits on its control pipe; at the end EOF there makes each exit unrun, and
-    ``pids`` (CLONE_PARENT: ours) are reaped."""
+    ``pids`` (CLONE_PARENT: ours) are reaped. ``template``: the msgpack ChildPlan of a root
+    template (none by default); ``template_error`` is the zygote's answer."""
 
-    def __init__(self) -> None:
+    def __init__(self, template: bytes = b"") -> None:
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self.proc = subprocess.Popen([sys.executable, "-P", "-m", "zygote._zygote", str(theirs.fileno()), "json"],
                                      pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
@@ -432,6 +434,10 @@ class _DrivenZygote:
         self.pids: dict[int, int] = {}
         self.sock.settimeout(60)
         assert self.sock.recv(65536)[:1] == b"R"
+        self.sock.send(b"T" + template)  # (none by default)
+        answer = self.sock.recv(65536)
+        assert answer[:1] == b"T"
+        self.template_error = msgspec.msgpack.decode(answer[1:])["error"]
 
     def send(self, req: int, flags: int, extra: list = ()) -> None:
         from zygote._zygote import REQ
@@ -460,8 +466,8 @@ class _DrivenZygote:
 
 
 @contextlib.contextmanager
-def _driven_zygote():
-    z = _DrivenZygote()
+def _driven_zygote(template: bytes = b""):
+    z = _DrivenZygote(template)
     try:
         yield z
     finally:
@@ -550,6 +556,34 @@ def test_zygote_netns_ahead_goes_home_after_each_handout():
     ns = Ahead(bad_lo, unshare, setns)
     ns.prepare()
     assert not ns.enabled and not ns.ready and calls[-1] == ("setns", CLONE_NEWNET)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a rootless zygote cannot make a mount namespace")
+def test_zygote_without_its_root_template_says_why_and_serves():
+    """A template the zygote cannot build (here: a required bind source that does not exist)
+    is answered with why, nothing of it is left mounted, and the zygote goes on cloning (the
+    daemon then lets each child build its own root)."""
+    from zygote import _childproto as C
+    from zygote._clone import ALL_NAMESPACES, CLONE_PARENT
+    plan = C.ChildPlan(kind="template", root="tmpfs", binds=[
+        C.MountSpec(source="/nonexistent-zygote-test", target="/x", readonly=True, required=True)])
+    with _driven_zygote(msgspec.msgpack.encode(plan)) as z:
+        assert "/nonexistent-zygote-test" in z.template_error
+        with open(f"/proc/{z.proc.pid}/mountinfo") as f:
+            assert "zygote-template" not in f.read()
+        z.send(1, ALL_NAMESPACES | CLONE_PARENT)
+        rreq, pid, err = z.reply()
+        assert (rreq, err) == (1, 0) and pid > 0
+
+
+def test_the_daemon_sends_a_clone_request_with_eight_fds():
+    """A networked spawn with limits on cgroup v2 hands the zygote eight fds (stdio, control,
+    status, result, its cgroup, its prepared network namespace); the daemon's side packs them
+    (it refused more than seven, so such a spawn failed with an internal error)."""
+    from zygote._pool import _fd_array
+    assert len(_fd_array(list(range(8)))) == 8 * 4
+    with pytest.raises(AssertionError):
+        _fd_array(list(range(9)))
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a rootless zygote cannot make namespaces ahead (CLONE_NEWNET then)")

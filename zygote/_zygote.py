@@ -5,6 +5,9 @@ process. Talks to the daemon over one SOCK_SEQPACKET socket (fd FD):
 
     zygote -> daemon   b"R" + msgpack(info)          ready, after preloading
                        b"E" + text                    preload/startup failed; then exit 3
+    daemon -> zygote   b"T" [+ msgpack(ChildPlan)]        the pool's default root to keep a template of
+                                                      (mounts.build_template), or none; once, after R
+    zygote -> daemon   b"T" + msgpack({"error": text})  "" when the template is built
     daemon -> zygote   REQ(req_id, flags, owner) + 6 fds   clone one child with these stdio/ctl/status/result
                        fds (+ its cgroup when flags has CLONE_INTO_CGROUP: cgroup v2; then + a network
                        namespace the daemon prepared, when flags has GIVEN_NETNS: the child is born in
@@ -51,6 +54,27 @@ def _fail(text: str) -> None:
         _sock.send(b"E" + text.encode()[:60000])  # type: ignore[union-attr]
     finally:
         os._exit(3)
+
+
+def _template() -> None:
+    """The daemon's answer to R: T + a ChildPlan whose root the zygote makes a template of
+    (mounts.build_template), or a bare T for none. Answered with T + msgpack({"error": text})
+    ("" when built): a zygote that cannot make one serves without it."""
+    import msgspec
+    from zygote._childproto import plan_decoder
+    from zygote.layers import SetupError, mounts
+    msg = _sock.recv(1 << 20)
+    if msg[:1] != b"T":
+        os._exit(4)  # the daemon never sends this: treat as corruption
+    error = ""
+    if len(msg) > 1:
+        try:
+            mounts.build_template(plan_decoder.decode(msg[1:]))
+        except SetupError as e:
+            error = e.message
+        except (OSError, ValueError, msgspec.DecodeError) as e:
+            error = f"{type(e).__name__}: {e}"
+    _sock.send(b"T" + msgspec.msgpack.encode({"error": error}))
 
 
 def main(argv: list[str]) -> None:
@@ -107,6 +131,8 @@ def main(argv: list[str]) -> None:
             "base_prefix": sys.base_prefix, "version": list(sys.version_info[:3]), "path": sys.path,
             "preloaded": preload, "given_netns": _netns.can_join}
     _sock.send(b"R" + msgspec.msgpack.encode(info))
+    _template()
+    gc.freeze()  # (what the template's making left)
     flags_allowed = ALL_NAMESPACES | CLONE_PARENT
     owner_back = os.geteuid()
     waiting = select.poll()  # (not select(): the daemon may have handed us an fd number >= 1024)

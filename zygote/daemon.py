@@ -480,6 +480,10 @@ class Daemon:
             pool = self._new_pool(pc)
             await pool.start()
             self.pools[name] = pool
+            z = pool.zygotes[0] if pool.zygotes else None
+            if z is not None and z.template is None:
+                self.observer.log.info("mounts", pool=name, message="no root template: each child builds "
+                                       f"its root mount by mount ({z.template_error})")
 
     def _new_pool(self, pc: PoolConfig) -> Pool:
         pool = Pool(pc)
@@ -901,6 +905,10 @@ class Daemon:
                 raise _Refused("bad-request", "test_relax_mounts cannot stage a workspace or an export")
             fs = dict(root="host", binds=list(fs.get("binds", [])), proc=True)
         ro, rw = _landlock_paths(fs, cfg)
+        # The pool's default root, as the zygote keeps a template of it (mounts.build_template):
+        # bound whole instead of built (the zygote picked is checked again at the clone).
+        kept = pool.zygotes[0].template if pool.zygotes else None
+        template = kept is not None and mounts.template_of(fs) == kept
         try:
             bpf = seccomp.prepare(cfg.seccomp_profile)
         except ValueError as e:
@@ -916,7 +924,7 @@ class Daemon:
             landlock_net=cfg.network is None, uid=cfg.uid, gid=cfg.gid, drop_privileges=True,
             seccomp_bpf=bpf, test_fail_step=msg.test_fail_step, deferred=deferred, prewarm=prewarm,
             data_args=not pool.config.allow_callables,
-            reaper=_needs_reaper(cfg, kind), **files,
+            reaper=_needs_reaper(cfg, kind), template=template, **files,
             **{k: v for k, v in fs.items() if k in C.ChildPlan.__struct_fields__},
         )
 
@@ -1129,6 +1137,8 @@ class Daemon:
                         raise OSError(_errno.EAGAIN, str(e)) from None
                 owner = self.id_slots.first_id(slot) if slot is not None and self._give_ownership else 0
                 zyg = pool.pick()
+                if plan.template and zyg.template is None:  # (that one could not make it)
+                    plan = msgspec.structs.replace(plan, template=False)
                 flags, extra = ALL_NAMESPACES | CLONE_PARENT, []
                 if born_in is not None:
                     flags |= CLONE_INTO_CGROUP
