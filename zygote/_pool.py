@@ -137,6 +137,7 @@ class Zygote:
         self.info: dict = {}
         self.template: dict | None = None  # the fields of the root it keeps a template of (start)
         self.template_error = ""
+        self.template_sources: dict[str, tuple[int, int]] = {}
         self._lock = trio.Lock()
         self._req = itertools.count(1)
         self.dead = trio.Event()
@@ -183,23 +184,29 @@ class Zygote:
 
     async def _template(self, timeout: float) -> None:
         """Answer R with the pool's default root for the zygote to keep a template of (see
-        mounts.build_template); ``template`` is its fields once built, else None and
-        ``template_error`` says why (a rootless daemon's zygote cannot make one)."""
+        mounts.Template); ``template`` is its fields once built, else None and
+        ``template_error`` says why (a rootless daemon's zygote cannot make one).
+        ``template_sources``: (st_dev, st_ino) of each bind source as the template has it."""
+        if not self.info.get("template"):
+            self.template_error = "this zygote does not make root templates (another version)"
+            return  # (it goes straight to its loop)
         plan = template_plan(self.pool, self.info)
         try:
             await self.sock.send(b"T" + (msgspec.msgpack.encode(plan) if plan is not None else b""))
-            with trio.fail_after(timeout):
-                rep = await self.sock.recv(1 << 16)
-            error = msgspec.msgpack.decode(rep[1:], type=dict)["error"] if rep[:1] == b"T" else None
+            with trio.fail_after(min(timeout, 60.0)):
+                rep = await self.sock.recv(1 << 20)
+            answer = msgspec.msgpack.decode(rep[1:], type=dict) if rep[:1] == b"T" else {}
+            error, sources = answer["error"], answer["sources"]
         except (OSError, trio.TooSlowError, msgspec.DecodeError, KeyError, TypeError):
             error = None
-        if error is None:
+        if not isinstance(error, str):
             await self.stop()
             raise PoolStartError(f"zygote of pool {self.pool.name!r} did not answer its root template")
-        self.template_error = error if plan is not None else "the pool's default root is not a generated one"
+        self.template_error = error if plan is not None else "the pool's default root cannot be one"
         if plan is not None and not error:
             from .layers import mounts
             self.template = {k: getattr(plan, k) for k in mounts.TEMPLATE_FIELDS}
+            self.template_sources = {k: tuple(v) for k, v in sources.items()}
 
     async def clone(self, fds: list[int], flags: int, owner: int = 0) -> int:
         """Clone one child holding ``fds`` whose user namespace ``owner`` owns (0: the zygote's

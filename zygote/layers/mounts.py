@@ -51,7 +51,7 @@ _HOST_ETC = ("/etc/ld.so.cache", "/etc/ssl/openssl.cnf", "/etc/ssl/certs", "/etc
 # sources are opened before, and /dev nodes are bound by path), hence not /dev or /proc.
 _SCRATCH = ("/mnt", "/media", "/srv", "/opt", "/boot", "/home", "/var", "/run", "/tmp")
 _KERNEL_TREES = ("/proc", "/sys")  # never a bind source: host processes and kernel knobs
-# Where a zygote mounts its template of the pool's default root (build_template), in a mount
+# Where a zygote mounts its template of the pool's default root (Template), in a mount
 # namespace of its own: on the host it is an empty directory (made once, left like /run/zygote-ids).
 TEMPLATE_DIR = "/run/zygote-template"
 # The plan fields the template is built from: a plan equal to it in all of them takes it.
@@ -271,8 +271,15 @@ def prepare(cfg, zygote_info: dict, tmpfs: list[TmpfsSpec] = (), etc_extra: dict
 
 def template_of(fs: dict) -> dict | None:
     """The template fields of ``prepare``'s result, when a root of that kind can be a template:
-    generated (tmpfs), with no tmpfs of the child's own (workspace, export). None otherwise."""
+    generated (tmpfs), with no tmpfs of the child's own (workspace, export), nothing under
+    /tmp, /proc or /dev. None otherwise."""
     if fs.get("root") != "tmpfs" or fs.get("tmpfs"):
+        return None
+    # What lies under a mountpoint each child mounts afresh would be hidden by that mount (the
+    # full build mounts /tmp first and binds into it; a template cannot).
+    own = [p for p, wanted in (("/tmp", fs["tmp"]), ("/proc", fs["proc"]), ("/dev", fs["dev"])) if wanted]
+    targets = [b.target for b in fs["binds"]] + list(fs["symlinks"]) + list(fs["etc_files"])
+    if any(_under(t, p) for t in targets for p in own):
         return None
     return {k: fs[k] for k in TEMPLATE_FIELDS}
 
@@ -487,40 +494,75 @@ def apply(plan, sources: dict[str, int] | None = None) -> None:  # plan: ChildPl
         _close_all(sources)
 
 
-def build_template(plan) -> None:
-    """In the zygote, once, as root: a mount namespace of its own, and in it on TEMPLATE_DIR the
-    read-only part of ``plan``'s root (its binds, generated files, symlinks, /dev's nodes) with
-    empty mountpoints where each child mounts its own /tmp, /proc, /dev/shm and /dev/pts.
+class Template:
+    """A zygote's template of its pool default's root, in a mount namespace of its own.
 
-    Each clone's mount namespace is a copy of the zygote's, so a child whose plan equals this
-    one (plan.template) binds the template recursively onto its scratch directory and pivots
-    into it instead of building the tree mount by mount (_from_template). Copied into the
-    child's user namespace, every template mount is locked: read-only for good, and not to be
-    unmounted to show what it covers (mount_namespaces(7)). The zygote's "/" becomes a slave:
-    the host's later mounts still reach it (a request's bind sources are opened through it),
-    nothing mounted here reaches the host. The template itself is private: a snapshot.
+    ``build`` (once, as root) makes that namespace, and in it on TEMPLATE_DIR the read-only
+    part of ``plan``'s root (its binds, generated files, symlinks, /dev's nodes) with empty
+    mountpoints where each child mounts its own /tmp, /proc, /dev/shm and /dev/pts; then the
+    zygote goes back to its home namespace and holds the template's by an fd. It enters it only
+    around the clone of a child whose plan takes the template (``enter``/``leave``): that
+    child's mount namespace is a copy of the template's; every other clone's is a copy of the
+    zygote's home, which the template never touches (so the host's later mounts reach those
+    children as before). In the child's user namespace every template mount is locked:
+    read-only for good, not to be unmounted to show what it covers (mount_namespaces(7)); the
+    child binds the template onto its scratch directory and pivots into that (_from_template).
 
-    Raises:
-        SetupError: step "mounts", with what failed (the zygote then serves without one).
+    ``sources``: (st_dev, st_ino) of each bind source as bound, for the daemon to notice one
+    replaced on the host (the template keeps the old one: see daemon._check_templates).
     """
-    try:
-        _sys.unshare(_CLONE_NEWNS)
-        _sys.mount(None, "/", None, _sys.MS_REC | _sys.MS_SLAVE)
-        os.makedirs(TEMPLATE_DIR, mode=0o755, exist_ok=True)
-    except OSError as e:
-        raise SetupError("mounts", f"a mount namespace for the template: {e.strerror}", e.errno or 0) from None
-    srcs = open_sources(plan)
-    try:
-        _assemble(plan, srcs, TEMPLATE_DIR, shared=True)
-        _sys.mount(None, TEMPLATE_DIR, None, _sys.MS_REC | _sys.MS_PRIVATE)
-    except BaseException:
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self.sources: dict[str, tuple[int, int]] = {}
+        self._home = -1
+
+    def build(self, plan) -> None:
+        """Raises SetupError (step "mounts"): the zygote, back home, serves without one."""
+        home = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            _sys.umount2(TEMPLATE_DIR, _sys.MNT_DETACH)
+            _sys.unshare(_CLONE_NEWNS)
+        except OSError as e:
+            os.close(home)
+            raise SetupError("mounts", f"a mount namespace for the template: {e.strerror}", e.errno or 0,
+                             "needs CAP_SYS_ADMIN (a root daemon)") from None
+        srcs: dict[str, int] = {}
+        fd = -1
+        try:
+            try:
+                _sys.mount(None, "/", None, _sys.MS_REC | _sys.MS_PRIVATE)  # nothing in or out
+                try:
+                    if not stat.S_ISDIR(os.lstat(TEMPLATE_DIR).st_mode):
+                        raise OSError(_errno.ENOTDIR, f"{TEMPLATE_DIR} is not a directory")
+                except FileNotFoundError:
+                    os.mkdir(TEMPLATE_DIR, 0o755)
+            except OSError as e:
+                raise SetupError("mounts", f"the template's mountpoint: {e.strerror}", e.errno or 0) from None
+            srcs = open_sources(plan)
+            sources = {}
+            for path, fd in srcs.items():
+                st = os.fstat(fd)
+                sources[path] = (st.st_dev, st.st_ino)
+            _assemble(plan, srcs, TEMPLATE_DIR, shared=True)
+            fd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            _close_all(srcs)
+            try:
+                _sys.setns(home, _CLONE_NEWNS)  # (a namespace no fd holds goes, half-built or not)
+            except OSError:
+                os._exit(5)  # never serve from a namespace that is not the zygote's home
+            if fd < 0:
+                os.close(home)
+        self.fd, self.sources, self._home = fd, sources, home
+
+    def enter(self) -> None:
+        _sys.setns(self.fd, _CLONE_NEWNS)
+
+    def leave(self) -> None:
+        try:
+            _sys.setns(self._home, _CLONE_NEWNS)
         except OSError:
-            pass
-        raise
-    finally:
-        _close_all(srcs)
+            os._exit(5)  # as above
 
 
 def _from_template(plan, fd: int) -> None:
@@ -583,7 +625,7 @@ def _assemble(plan, srcs: dict[str, int], R: str, shared: bool = False) -> None:
         if wanted:
             _mkdirs(R, path, made)
     if plan.dev:
-        _dev(R, plan.dev_pts, made, shared)
+        _dev(R, plan.dev_pts, made)
     if not shared:
         _own_mounts(plan, R)
     for path, data in plan.etc_files.items():
@@ -719,7 +761,7 @@ def _write(path: str, data: bytes) -> None:
         raise _err(f"write {path}", e) from None
 
 
-def _dev(R: str, dev_pts: bool, made: set[str], shared: bool) -> None:
+def _dev(R: str, dev_pts: bool, made: set[str]) -> None:
     """/dev's tmpfs with the device nodes bound and the links, read-only at the end; /dev/shm
     and /dev/pts are mountpoints for _own_mounts (which the full build calls right after)."""
     d = R + "/dev"
