@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 
-import msgspec
 import pytest
 
 from zygote_client import Client, DaemonError, SandboxConfig, SandboxError
@@ -422,10 +421,9 @@ class _DrivenZygote:
     request (six fds: /dev/null as stdio, fresh control/status/result pipes, plus ``extra``,
     each closed here once sent; ``None`` in ``extra`` is /dev/null), ``reply`` reads one answer.
     Every child waits on its control pipe; at the end EOF there makes each exit unrun, and
-    ``pids`` (CLONE_PARENT: ours) are reaped. ``template``: the msgpack ChildPlan of a root
-    template (none by default); ``template_error`` is the zygote's answer."""
+    ``pids`` (CLONE_PARENT: ours) are reaped."""
 
-    def __init__(self, template: bytes = b"") -> None:
+    def __init__(self) -> None:
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self.proc = subprocess.Popen([sys.executable, "-P", "-m", "zygote._zygote", str(theirs.fileno()), "json"],
                                      pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
@@ -434,10 +432,6 @@ class _DrivenZygote:
         self.pids: dict[int, int] = {}
         self.sock.settimeout(60)
         assert self.sock.recv(65536)[:1] == b"R"
-        self.sock.send(b"T" + template)  # (none by default)
-        answer = self.sock.recv(65536)
-        assert answer[:1] == b"T"
-        self.template_error = msgspec.msgpack.decode(answer[1:])["error"]
 
     def send(self, req: int, flags: int, extra: list = ()) -> None:
         from zygote._zygote import REQ
@@ -466,8 +460,8 @@ class _DrivenZygote:
 
 
 @contextlib.contextmanager
-def _driven_zygote(template: bytes = b""):
-    z = _DrivenZygote(template)
+def _driven_zygote():
+    z = _DrivenZygote()
     try:
         yield z
     finally:
@@ -556,47 +550,6 @@ def test_zygote_netns_ahead_goes_home_after_each_handout():
     ns = Ahead(bad_lo, unshare, setns)
     ns.prepare()
     assert not ns.enabled and not ns.ready and calls[-1] == ("setns", CLONE_NEWNET)
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="a rootless zygote cannot make a mount namespace")
-def test_zygote_without_its_root_template_says_why_and_serves():
-    """A template the zygote cannot build is answered with why, and the zygote goes on cloning
-    from its own mount namespace, untouched, holding no other (the daemon then lets each child
-    build its own root): a required bind source that does not exist (found before anything is
-    mounted), and a symlink over a bind (found once the tree is half made)."""
-    from zygote import _childproto as C
-    from zygote._clone import ALL_NAMESPACES, CLONE_PARENT
-    missing = C.ChildPlan(kind="template", root="tmpfs", binds=[
-        C.MountSpec(source="/nonexistent-zygote-test", target="/x", readonly=True, required=True)])
-    clash = C.ChildPlan(kind="template", root="tmpfs", binds=[C.MountSpec(source="/usr", target="/usr")],
-                        symlinks={"/usr": "usr2"})
-    for plan, why in ((missing, "/nonexistent-zygote-test"), (clash, "symlink /usr")):
-        with _driven_zygote(msgspec.msgpack.encode(plan)) as z:
-            assert why in z.template_error
-            own = os.readlink(f"/proc/{z.proc.pid}/ns/mnt")
-            assert own == os.readlink("/proc/self/ns/mnt")
-            held = [os.readlink(f"/proc/{z.proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{z.proc.pid}/fd")]
-            assert not [link for link in held if link.startswith("mnt:[") and link != own], held
-            z.send(1, ALL_NAMESPACES | CLONE_PARENT)
-            rreq, pid, err = z.reply()
-            assert (rreq, err) == (1, 0) and pid > 0
-
-
-def test_a_root_template_is_never_made_of_what_a_childs_own_mounts_would_hide(tmp_path):
-    """Each child mounts its own /tmp, /proc and /dev/shm on the template's mountpoints, which
-    would hide anything the template put under them: a pool whose default root binds under
-    /tmp (a pool interpreter in a venv under /tmp, a bind target there) gets no template and
-    its children build their roots, the bind on top of their /tmp."""
-    from zygote.layers import mounts
-    info = {"executable": sys.executable, "prefix": sys.prefix, "base_prefix": sys.base_prefix,
-            "path": sys.path}
-    assert mounts.template_of(mounts.prepare(SandboxConfig(), info)) is not None
-    cfg = SandboxConfig(ro_binds={"/usr/share": "/tmp/share"})
-    assert mounts.template_of(mounts.prepare(cfg, info)) is None
-    assert str(tmp_path).startswith("/tmp/")
-    venv = dict(info, path=[*sys.path, str(tmp_path)])  # (a sys.path entry under /tmp)
-    fs = mounts.prepare(SandboxConfig(), venv)
-    assert str(tmp_path) in [b.target for b in fs["binds"]] and mounts.template_of(fs) is None
 
 
 def test_the_daemon_sends_a_clone_request_with_eight_fds():

@@ -70,7 +70,6 @@ class ChildPlan(Job, frozen=True, kw_only=True, forbid_unknown_fields=True):
     etc_files: dict[str, bytes] = {}
     symlinks: dict[str, str] = {}  # path in the new root -> link text (e.g. /bin -> usr/bin)
     scratch: str = "/mnt"  # existing host dir the new root is assembled on (hidden only for the child)
-    template: bool = False  # the root is the zygote's template of it, bound whole (mounts.Template)
     dev: bool = True  # minimal /dev (chroot mode: only where the chroot has a /dev directory)
     tmp: bool = True  # capped /tmp tmpfs (chroot mode: only where the chroot has a /tmp directory)
     rlimits: list[tuple[int, int, int]] = []

@@ -135,9 +135,6 @@ class Zygote:
         self.proc: subprocess.Popen | None = None
         self.sock: trio.socket.SocketType | None = None
         self.info: dict = {}
-        self.template: dict | None = None  # the fields of the root it keeps a template of (start)
-        self.template_error = ""
-        self.template_sources: dict[str, tuple[int, int]] = {}
         self._lock = trio.Lock()
         self._req = itertools.count(1)
         self.dead = trio.Event()
@@ -176,37 +173,10 @@ class Zygote:
             raise PoolStartError(f"zygote of pool {self.pool.name!r} did not become ready in {timeout}s") from None
         if first[:1] == b"R":
             self.info = msgspec.msgpack.decode(first[1:], type=dict)
-            await self._template(timeout)
             return
         await self.stop()
         text = first[1:].decode(errors="replace") if first else "the zygote exited during startup"
         raise PoolStartError(f"pool {self.pool.name!r}: {text}")
-
-    async def _template(self, timeout: float) -> None:
-        """Answer R with the pool's default root for the zygote to keep a template of (see
-        mounts.Template); ``template`` is its fields once built, else None and
-        ``template_error`` says why (a rootless daemon's zygote cannot make one).
-        ``template_sources``: (st_dev, st_ino) of each bind source as the template has it."""
-        if not self.info.get("template"):
-            self.template_error = "this zygote does not make root templates (another version)"
-            return  # (it goes straight to its loop)
-        plan = template_plan(self.pool, self.info)
-        try:
-            await self.sock.send(b"T" + (msgspec.msgpack.encode(plan) if plan is not None else b""))
-            with trio.fail_after(min(timeout, 60.0)):
-                rep = await self.sock.recv(1 << 20)
-            answer = msgspec.msgpack.decode(rep[1:], type=dict) if rep[:1] == b"T" else {}
-            error, sources = answer["error"], answer["sources"]
-        except (OSError, trio.TooSlowError, msgspec.DecodeError, KeyError, TypeError):
-            error = None
-        if not isinstance(error, str):
-            await self.stop()
-            raise PoolStartError(f"zygote of pool {self.pool.name!r} did not answer its root template")
-        self.template_error = error if plan is not None else "the pool's default root cannot be one"
-        if plan is not None and not error:
-            from .layers import mounts
-            self.template = {k: getattr(plan, k) for k in mounts.TEMPLATE_FIELDS}
-            self.template_sources = {k: tuple(v) for k, v in sources.items()}
 
     async def clone(self, fds: list[int], flags: int, owner: int = 0) -> int:
         """Clone one child holding ``fds`` whose user namespace ``owner`` owns (0: the zygote's
@@ -270,20 +240,6 @@ async def _wait_proc(proc: subprocess.Popen) -> None:
             await trio.lowlevel.wait_readable(fd)
     finally:
         os.close(fd)
-
-
-def template_plan(pool: PoolConfig, info: dict):
-    """The ChildPlan (mount fields only) of the root a request with the pool's defaults gets,
-    when that root can be a template (mounts.template_of); None otherwise."""
-    from . import _childproto as C, policy
-    from .layers import mounts
-    try:
-        fs = mounts.prepare(policy.effective(pool.sandbox, None), info)
-    except (ValueError, OSError):
-        return None  # (the spawn itself reports why)
-    if mounts.template_of(fs) is None:
-        return None
-    return C.ChildPlan(kind="template", **{k: v for k, v in fs.items() if k in C.ChildPlan.__struct_fields__})
 
 
 def _fd_array(fds: list[int]) -> bytes:

@@ -5,14 +5,11 @@ process. Talks to the daemon over one SOCK_SEQPACKET socket (fd FD):
 
     zygote -> daemon   b"R" + msgpack(info)          ready, after preloading
                        b"E" + text                    preload/startup failed; then exit 3
-    daemon -> zygote   b"T" [+ msgpack(ChildPlan)]        the pool's default root to keep a template of
-                                                      (mounts.Template), or none; once, after R
-    zygote -> daemon   b"T" + msgpack({"error": text, "sources": {path: [dev, ino]}})   error "" when built
     daemon -> zygote   REQ(req_id, flags, owner) + 6 fds   clone one child with these stdio/ctl/status/result
                        fds (+ its cgroup when flags has CLONE_INTO_CGROUP: cgroup v2; then + a network
                        namespace the daemon prepared, when flags has GIVEN_NETNS: the child is born in
-                       it; TEMPLATE_NS: cloned from the root template's mount namespace); owner:
-                       the host uid its user namespace belongs to (0: the zygote's; see layers/userns.py)
+                       it); owner: the host uid its user namespace belongs to (0: the zygote's; see
+                       layers/userns.py)
     zygote -> daemon   REP(req_id, pid, errno)        pid > 0, or errno of the failed clone (pid -2:
                        entering the given network namespace failed; nothing was cloned)
 
@@ -23,8 +20,6 @@ Globals, each with what it means for security (every child gets a copy of this m
              (layers/netns.py: Ahead); the zygote sits in it until that child is cloned. While
              a child is cloned into a namespace the daemon gave, it is held by an fd (Ahead._parked),
              which that clone closes with every other fd of ours before anything of its own runs.
-    _template the root template (layers/mounts.py: Template): fds of its mount namespace and of
-             the zygote's home one, closed in each clone with the rest.
 The zygote holds no secrets: no credentials, no client data beyond the request it is serving.
 """
 
@@ -45,12 +40,10 @@ REP = struct.Struct("!Qqi")
 NFDS = 6  # stdin, stdout, stderr, control, status, result
 GIVEN_NETNS = 1 << 62  # not a clone flag: one more fd, the network namespace to clone the child into
 JOIN_FAILED = -2  # REP's pid when entering that namespace failed (nothing was cloned)
-TEMPLATE_NS = 1 << 61  # not a clone flag: clone from the root template's mount namespace
 
 _sock: socket.socket | None = None
 _cloner = None
 _netns = None
-_template = None
 
 
 def _fail(text: str) -> None:
@@ -60,33 +53,8 @@ def _fail(text: str) -> None:
         os._exit(3)
 
 
-def _make_template() -> None:
-    """The daemon's answer to R: T + a ChildPlan whose root the zygote keeps a template of
-    (mounts.Template), or a bare T for none. Answered with T + msgpack({"error": text,
-    "sources": {path: [dev, ino]}}) (error "" when built): a zygote that cannot make one serves
-    without it."""
-    global _template
-    import msgspec
-    from zygote._childproto import plan_decoder
-    from zygote.layers import SetupError, mounts
-    msg = _sock.recv(1 << 20)
-    if msg[:1] != b"T":
-        os._exit(4)  # the daemon never sends this: treat as corruption
-    error, sources = "", {}
-    if len(msg) > 1:
-        t = mounts.Template()
-        try:
-            t.build(plan_decoder.decode(msg[1:]))
-            _template, sources = t, t.sources
-        except SetupError as e:
-            error = e.message + (f" ({e.hint})" if e.hint else "")
-        except Exception as e:  # noqa: BLE001 - no template is no failure
-            error = f"{type(e).__name__}: {e}"
-    _sock.send(b"T" + msgspec.msgpack.encode({"error": error, "sources": sources}))
-
-
 def main(argv: list[str]) -> None:
-    global _sock, _cloner, _netns, _template
+    global _sock, _cloner, _netns
     fd = int(argv[0])
     preload = [m for m in argv[1:] if m]
     _sock = socket.socket(fileno=fd)
@@ -137,10 +105,8 @@ def main(argv: list[str]) -> None:
     import msgspec
     info = {"pid": os.getpid(), "executable": sys.executable, "prefix": sys.prefix,
             "base_prefix": sys.base_prefix, "version": list(sys.version_info[:3]), "path": sys.path,
-            "preloaded": preload, "given_netns": _netns.can_join, "template": 1}
+            "preloaded": preload, "given_netns": _netns.can_join}
     _sock.send(b"R" + msgspec.msgpack.encode(info))
-    _make_template()
-    gc.freeze()  # (what the template's making left)
     flags_allowed = ALL_NAMESPACES | CLONE_PARENT
     owner_back = os.geteuid()
     waiting = select.poll()  # (not select(): the daemon may have handed us an fd number >= 1024)
@@ -164,9 +130,6 @@ def main(argv: list[str]) -> None:
             os._exit(4)  # the daemon never sends this: treat as corruption
         netns_fd = fds.pop() if given else -1
         cgroup_fd = fds.pop() if into else -1
-        templated = bool(flags & TEMPLATE_NS)
-        if templated and _template is None:
-            os._exit(4)  # the daemon sends it only to a zygote that said it built one: corruption
         flags &= flags_allowed
         if _netns.ready and not given and not flags & CLONE_NEWNET:
             _netns.go_home()  # (the daemon always asks for one) a clone sharing ours gets ours
@@ -185,14 +148,10 @@ def main(argv: list[str]) -> None:
             flags &= ~CLONE_NEWNET
         child.netns_ready = ahead or given  # the clone skips its own lo up
         if not err:
-            if templated:
-                _template.enter()  # the child's mount namespace is a copy of the template's
             try:
                 pid = _cloner.clone(flags, cgroup_fd, owner)
             except OSError as e:
                 pid, err = -1, e.errno or 0
-            if templated and pid != 0:
-                _template.leave()
         if pid != 0 and os.geteuid() != owner_back:
             _fail("the zygote could not take back its own uid after a clone")  # never clone as another
         if (ahead or given) and pid != 0:

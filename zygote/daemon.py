@@ -38,7 +38,7 @@ from zygote_client._workspace import ExportResult, WorkspaceError
 from . import _childproto as C
 from ._clone import ALL_NAMESPACES, CLONE_INTO_CGROUP, CLONE_PARENT
 from ._pool import NetnsJoinFailed, Pool, PoolConfig, PoolStartError, Reserve, ZygoteDied, raise_open_files
-from ._zygote import GIVEN_NETNS, TEMPLATE_NS
+from ._zygote import GIVEN_NETNS
 from . import _pipes, _pool, detach, observe, policy
 from ._pipes import close_now as _close
 from .layers import SetupError, _sys, cgroups, mounts, network, rlimits, seccomp, userns, workspace
@@ -74,7 +74,6 @@ RELAY_LINGER = 60.0  # ... and after its child exited (each holds two fds and it
 LEASE_GRACE = 1.0  # seconds past the pool's timeout before a held child nobody started goes
 RESERVE_QUIET = 0.025  # seconds without a take before a reserve that is not empty is refilled
 RESERVE_PARALLEL = 2  # reserve children being made at once, per pool
-TEMPLATE_CHECK = 1.0  # seconds between two looks at the root templates' bind sources (_check_templates)
 NET_AHEAD_QUIET = 0.025  # seconds without a networked spawn taking a prepared namespace before another is made
 SPAWN_STEPS = ("userns", "mounts", "netns", "rlimits", "uts", "fds", "payload")
 
@@ -481,33 +480,6 @@ class Daemon:
             pool = self._new_pool(pc)
             await pool.start()
             self.pools[name] = pool
-            self._say_templates(pool)
-
-    def _say_templates(self, pool: Pool) -> None:
-        for z in pool.zygotes:
-            if z.template is None:  # (info: a rootless daemon, or a pool whose root cannot be one)
-                self.observer.log.info("mounts", pool=pool.config.name, message="no root template: each "
-                                       f"child builds its root mount by mount ({z.template_error})")
-                return
-
-    async def _check_templates(self) -> None:
-        """A root template keeps what it bound as it was when it was made: a bind source since
-        replaced on the host (a file renamed over, a directory made anew, a credential rotated
-        or revoked) turns that zygote's template off, and the next children build their roots
-        from the host's files as they are now, until the pool restarts."""
-        while True:
-            await trio.sleep(TEMPLATE_CHECK)
-            kept = [z for p in self.pools.values() for z in p.zygotes if z.template is not None]
-            if not kept:
-                continue
-            changed = await trio.to_thread.run_sync(_changed_sources, [z.template_sources for z in kept],
-                                                    abandon_on_cancel=True)
-            for z, path in zip(kept, changed):
-                if path is not None and z.template is not None:
-                    z.template = None
-                    z.template_error = f"{path} changed on the host since the template was made"
-                    self.observer.log.warning("mounts", pool=z.pool.name, message=f"root template off: "
-                                              f"{z.template_error}; children build their roots until the pool restarts")
 
     def _new_pool(self, pc: PoolConfig) -> Pool:
         pool = Pool(pc)
@@ -554,7 +526,6 @@ class Daemon:
                 self._start_reserves(pool)
             if self.network is not None:
                 nursery.start_soon(self._keep_net_ahead, self.network)
-            nursery.start_soon(self._check_templates)
             task_status.started()
             try:
                 if inherit_fd is not None:
@@ -629,7 +600,6 @@ class Daemon:
         for pool in started.values():
             self._nursery.start_soon(pool.supervise)
             self._start_reserves(pool)
-            self._say_templates(pool)
         for pool in retired:
             await pool.stop()
             self._discard_reserve(pool)
@@ -931,10 +901,6 @@ class Daemon:
                 raise _Refused("bad-request", "test_relax_mounts cannot stage a workspace or an export")
             fs = dict(root="host", binds=list(fs.get("binds", [])), proc=True)
         ro, rw = _landlock_paths(fs, cfg)
-        # The pool's default root, as the zygote keeps a template of it (mounts.build_template):
-        # bound whole instead of built (the zygote picked is checked again at the clone).
-        kept = pool.zygotes[0].template if pool.zygotes else None
-        template = kept is not None and mounts.template_of(fs) == kept
         try:
             bpf = seccomp.prepare(cfg.seccomp_profile)
         except ValueError as e:
@@ -950,7 +916,7 @@ class Daemon:
             landlock_net=cfg.network is None, uid=cfg.uid, gid=cfg.gid, drop_privileges=True,
             seccomp_bpf=bpf, test_fail_step=msg.test_fail_step, deferred=deferred, prewarm=prewarm,
             data_args=not pool.config.allow_callables,
-            reaper=_needs_reaper(cfg, kind), template=template, **files,
+            reaper=_needs_reaper(cfg, kind), **files,
             **{k: v for k, v in fs.items() if k in C.ChildPlan.__struct_fields__},
         )
 
@@ -1163,11 +1129,7 @@ class Daemon:
                         raise OSError(_errno.EAGAIN, str(e)) from None
                 owner = self.id_slots.first_id(slot) if slot is not None and self._give_ownership else 0
                 zyg = pool.pick()
-                if plan.template and zyg.template != {k: getattr(plan, k) for k in mounts.TEMPLATE_FIELDS}:
-                    plan = msgspec.structs.replace(plan, template=False)  # (not that zygote's)
                 flags, extra = ALL_NAMESPACES | CLONE_PARENT, []
-                if plan.template:
-                    flags |= TEMPLATE_NS
                 if born_in is not None:
                     flags |= CLONE_INTO_CGROUP
                     extra.append(born_in.fd())
@@ -2419,25 +2381,6 @@ def _in_sigtimedwait(pid: int) -> bool:
             return f.read().split(b" ", 1)[0] == _NR_RT_SIGTIMEDWAIT
     except OSError:
         return False
-
-
-def _changed_sources(kept: list[dict[str, tuple[int, int]]]) -> list[str | None]:
-    """For each template's (st_dev, st_ino) by bind source: the first source that is no longer
-    that file on the host (or None)."""
-    out: list[str | None] = []
-    for sources in kept:
-        changed = None
-        for path, ident in sources.items():
-            try:
-                st = os.stat(path, follow_symlinks=False)
-            except OSError:
-                changed = path
-                break
-            if (st.st_dev, st.st_ino) != ident:
-                changed = path
-                break
-        out.append(changed)
-    return out
 
 
 async def child_first_status(child: Child):

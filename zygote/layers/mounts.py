@@ -33,7 +33,6 @@ import re
 import stat
 
 from .._childproto import MountSpec, TmpfsSpec
-from .._clone import CLONE_NEWNS as _CLONE_NEWNS
 from . import SetupError
 from . import _sys
 
@@ -51,12 +50,6 @@ _HOST_ETC = ("/etc/ld.so.cache", "/etc/ssl/openssl.cnf", "/etc/ssl/certs", "/etc
 # sources are opened before, and /dev nodes are bound by path), hence not /dev or /proc.
 _SCRATCH = ("/mnt", "/media", "/srv", "/opt", "/boot", "/home", "/var", "/run", "/tmp")
 _KERNEL_TREES = ("/proc", "/sys")  # never a bind source: host processes and kernel knobs
-# Where a zygote mounts its template of the pool's default root (Template), in a mount
-# namespace of its own: on the host it is an empty directory (made once, left like /run/zygote-ids).
-TEMPLATE_DIR = "/run/zygote-template"
-# The plan fields the template is built from: a plan equal to it in all of them takes it.
-TEMPLATE_FIELDS = ("root", "tmpfs_bytes", "binds", "proc", "dev_pts", "etc_files", "symlinks", "dev", "tmp",
-                   "tmpfs")
 _GENERATED_TREES = ("/proc", "/dev")  # never a bind target: the sandbox makes its own
 _MAPPING_RE = re.compile(r"^MAPPING\s*(?::[^=]*)?=\s*(\{.*\})\s*$", re.M)
 
@@ -269,21 +262,6 @@ def prepare(cfg, zygote_info: dict, tmpfs: list[TmpfsSpec] = (), etc_extra: dict
                 symlinks=symlinks, scratch=_choose_scratch([]), dev=True, tmp=True, tmpfs=list(tmpfs))
 
 
-def template_of(fs: dict) -> dict | None:
-    """The template fields of ``prepare``'s result, when a root of that kind can be a template:
-    generated (tmpfs), with no tmpfs of the child's own (workspace, export), nothing under
-    /tmp, /proc or /dev. None otherwise."""
-    if fs.get("root") != "tmpfs" or fs.get("tmpfs"):
-        return None
-    # What lies under a mountpoint each child mounts afresh would be hidden by that mount (the
-    # full build mounts /tmp first and binds into it; a template cannot).
-    own = [p for p, wanted in (("/tmp", fs["tmp"]), ("/proc", fs["proc"]), ("/dev", fs["dev"])) if wanted]
-    targets = [b.target for b in fs["binds"]] + list(fs["symlinks"]) + list(fs["etc_files"])
-    if any(_under(t, p) for t in targets for p in own):
-        return None
-    return {k: fs[k] for k in TEMPLATE_FIELDS}
-
-
 def _check_tmpfs(tmpfs, binds: list[MountSpec], protected: list[str], symlinks: dict[str, str]) -> None:
     """Extra tmpfs mounts go on directories of the root's own tmpfs (or /tmp): never inside a
     host bind (no mountpoint is made in a host directory), never over what the sandbox needs."""
@@ -383,8 +361,6 @@ def open_sources(plan) -> dict[str, int]:
     Raises:
         SetupError: a required source is missing or unreachable.
     """
-    if plan.template:  # the template holds every bind already: only the way to it
-        return {TEMPLATE_DIR: _open_path(TEMPLATE_DIR)}
     fds: dict[str, int] = {}
     try:
         if plan.root == "chroot" and plan.chroot_dir:
@@ -485,149 +461,39 @@ def apply(plan, sources: dict[str, int] | None = None) -> None:  # plan: ChildPl
     if sources is None:
         sources = open_sources(plan)
     try:
-        if plan.template:
-            _from_template(plan, sources[TEMPLATE_DIR])
-        else:
-            _assemble(plan, sources, plan.scratch)
-            _pivot(plan.scratch)
+        _build(plan, sources)
     finally:
         _close_all(sources)
 
 
-class Template:
-    """A zygote's template of its pool default's root, in a mount namespace of its own.
-
-    ``build`` (once, as root) makes that namespace, and in it on TEMPLATE_DIR the read-only
-    part of ``plan``'s root (its binds, generated files, symlinks, /dev's nodes) with empty
-    mountpoints where each child mounts its own /tmp, /proc, /dev/shm and /dev/pts; then the
-    zygote goes back to its home namespace and holds the template's by an fd. It enters it only
-    around the clone of a child whose plan takes the template (``enter``/``leave``): that
-    child's mount namespace is a copy of the template's; every other clone's is a copy of the
-    zygote's home, which the template never touches (so the host's later mounts reach those
-    children as before). In the child's user namespace every template mount is locked:
-    read-only for good, not to be unmounted to show what it covers (mount_namespaces(7)); the
-    child binds the template onto its scratch directory and pivots into that (_from_template).
-
-    ``sources``: (st_dev, st_ino) of each bind source as bound, for the daemon to notice one
-    replaced on the host (the template keeps the old one: see daemon._check_templates).
-    """
-
-    def __init__(self) -> None:
-        self.fd = -1
-        self.sources: dict[str, tuple[int, int]] = {}
-        self._home = -1
-
-    def build(self, plan) -> None:
-        """Raises SetupError (step "mounts"): the zygote, back home, serves without one."""
-        home = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _sys.unshare(_CLONE_NEWNS)
-        except OSError as e:
-            os.close(home)
-            raise SetupError("mounts", f"a mount namespace for the template: {e.strerror}", e.errno or 0,
-                             "needs CAP_SYS_ADMIN (a root daemon)") from None
-        srcs: dict[str, int] = {}
-        fd = -1
-        try:
-            try:
-                _sys.mount(None, "/", None, _sys.MS_REC | _sys.MS_PRIVATE)  # nothing in or out
-                try:
-                    if not stat.S_ISDIR(os.lstat(TEMPLATE_DIR).st_mode):
-                        raise OSError(_errno.ENOTDIR, f"{TEMPLATE_DIR} is not a directory")
-                except FileNotFoundError:
-                    os.mkdir(TEMPLATE_DIR, 0o755)
-            except OSError as e:
-                raise SetupError("mounts", f"the template's mountpoint: {e.strerror}", e.errno or 0) from None
-            srcs = open_sources(plan)
-            sources = {}
-            for path, fd in srcs.items():
-                st = os.fstat(fd)
-                sources[path] = (st.st_dev, st.st_ino)
-            _assemble(plan, srcs, TEMPLATE_DIR, shared=True)
-            fd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-        finally:
-            _close_all(srcs)
-            try:
-                _sys.setns(home, _CLONE_NEWNS)  # (a namespace no fd holds goes, half-built or not)
-            except OSError:
-                os._exit(5)  # never serve from a namespace that is not the zygote's home
-            if fd < 0:
-                os.close(home)
-        self.fd, self.sources, self._home = fd, sources, home
-
-    def enter(self) -> None:
-        _sys.setns(self.fd, _CLONE_NEWNS)
-
-    def leave(self) -> None:
-        try:
-            _sys.setns(self._home, _CLONE_NEWNS)
-        except OSError:
-            os._exit(5)  # as above
-
-
-def _from_template(plan, fd: int) -> None:
-    """A child's root from the zygote's template: one recursive bind (its mounts come along,
-    locked), then the child's own /tmp, /dev/shm, /dev/pts and /proc on the template's empty
-    mountpoints, then pivot_root. (pivot_root refuses the template's own mount, locked in
-    this namespace: the bind's top mount is the child's.)"""
+def _build(plan, srcs: dict[str, int]) -> None:
     R = plan.scratch
-    try:
-        _bind(fd, R)
-    except OSError as e:
-        raise _err(f"bind the root template on {R}", e) from None
-    _own_mounts(plan, R)
-    _pivot(R)
-
-
-def _own_mounts(plan, R: str) -> None:
-    """What each child gets afresh on a generated root: /tmp, /dev/shm, /dev/pts, /proc."""
-    if plan.tmp:
-        try:
-            _sys.mount("tmpfs", R + "/tmp", "tmpfs", _NS, f"size={plan.tmpfs_bytes},mode=1777")
-        except OSError as e:
-            raise _err("mount /tmp", e) from None
-    if plan.dev:
-        d = R + "/dev"
-        try:
-            _sys.mount("zygote-shm", d + "/shm", "tmpfs", _NS | _sys.MS_NOEXEC,
-                       f"size={min(plan.tmpfs_bytes, _SHM_MAX)},mode=1777")
-            if plan.dev_pts:
-                # newinstance: a private pty set, never the host's ptys (devpts(5)); ptmxmode so an
-                # unprivileged payload can open /dev/ptmx.
-                _sys.mount("devpts", d + "/pts", "devpts", _sys.MS_NOSUID | _sys.MS_NOEXEC,
-                           "newinstance,ptmxmode=0666,mode=0620")
-        except OSError as e:
-            raise _err("set up /dev", e) from None
-    if plan.proc:
-        # No hidepid: every process in this pid namespace is the sandbox's own, ps/psutil keep
-        # working, and PID 1's sensitive entries (environ, fd, root) need ptrace access, which the
-        # privilege drop removes. No /sys at all: it has no per-namespace view of the host.
-        try:
-            _sys.mount("proc", R + "/proc", "proc", _NS | _sys.MS_NOEXEC)
-        except OSError as e:
-            raise _err("mount a fresh /proc", e, _HINT_PROC if e.errno == _errno.EPERM else "") from None
-
-
-def _assemble(plan, srcs: dict[str, int], R: str, shared: bool = False) -> None:
-    """The plan's root on ``R``, read-only at the end. ``shared`` (the template): the child's
-    own mounts (_own_mounts) get their mountpoints only."""
     made = {"/"}  # sandbox directories known to exist: one mkdir each, no stat storm
     try:
         if plan.root == "tmpfs":
-            _sys.mount("zygote-template" if shared else "zygote", R, "tmpfs", _NS,
-                       f"size={plan.tmpfs_bytes},mode=0755")
+            _sys.mount("zygote", R, "tmpfs", _NS, f"size={plan.tmpfs_bytes},mode=0755")
         else:
             _bind(srcs[plan.chroot_dir], R)
             _setattr(R, _ATTR_RO)
     except OSError as e:
         raise _err(f"mount the new root on {R}", e, _HINT_MOUNT if e.errno == _errno.EPERM else "") from None
-    for path, wanted in (("/tmp", plan.tmp), ("/proc", plan.proc)):
-        if wanted:
-            _mkdirs(R, path, made)
+    if plan.tmp:
+        _mkdirs(R, "/tmp", made)
+        try:
+            _sys.mount("tmpfs", R + "/tmp", "tmpfs", _NS, f"size={plan.tmpfs_bytes},mode=1777")
+        except OSError as e:
+            raise _err("mount /tmp", e) from None
     if plan.dev:
-        _dev(R, plan.dev_pts, made)
-    if not shared:
-        _own_mounts(plan, R)
+        _dev(R, plan.dev_pts, min(plan.tmpfs_bytes, _SHM_MAX), made)
+    if plan.proc:
+        # No hidepid: every process in this pid namespace is the sandbox's own, ps/psutil keep
+        # working, and PID 1's sensitive entries (environ, fd, root) need ptrace access, which the
+        # privilege drop removes. No /sys at all: it has no per-namespace view of the host.
+        _mkdirs(R, "/proc", made)
+        try:
+            _sys.mount("proc", R + "/proc", "proc", _NS | _sys.MS_NOEXEC)
+        except OSError as e:
+            raise _err("mount a fresh /proc", e, _HINT_PROC if e.errno == _errno.EPERM else "") from None
     for path, data in plan.etc_files.items():
         _mkdirs(R, path.rpartition("/")[0], made)
         _write(R + path, data)
@@ -671,6 +537,7 @@ def _assemble(plan, srcs: dict[str, int], R: str, shared: bool = False) -> None:
             _sys.mount(None, R, None, _sys.MS_REMOUNT | _sys.MS_BIND | _sys.MS_RDONLY | _NS)
         except OSError as e:
             raise _err("make the root read-only", e) from None
+    _pivot(R)
 
 
 def _bind(fd: int, target: str) -> None:
@@ -761,9 +628,7 @@ def _write(path: str, data: bytes) -> None:
         raise _err(f"write {path}", e) from None
 
 
-def _dev(R: str, dev_pts: bool, made: set[str]) -> None:
-    """/dev's tmpfs with the device nodes bound and the links, read-only at the end; /dev/shm
-    and /dev/pts are mountpoints for _own_mounts (which the full build calls right after)."""
+def _dev(R: str, dev_pts: bool, shm_bytes: int, made: set[str]) -> None:
     d = R + "/dev"
     _mkdirs(R, "/dev", made)
     try:
@@ -780,8 +645,13 @@ def _dev(R: str, dev_pts: bool, made: set[str]) -> None:
         for name, text in _DEV_LINKS:
             os.symlink(text, f"{d}/{name}")
         os.mkdir(d + "/shm", 0o755)
+        _sys.mount("zygote-shm", d + "/shm", "tmpfs", _NS | _sys.MS_NOEXEC, f"size={shm_bytes},mode=1777")
         if dev_pts:
             os.mkdir(d + "/pts", 0o755)
+            # newinstance: a private pty set, never the host's ptys (devpts(5)); ptmxmode so an
+            # unprivileged payload can open /dev/ptmx.
+            _sys.mount("devpts", d + "/pts", "devpts", _sys.MS_NOSUID | _sys.MS_NOEXEC,
+                       "newinstance,ptmxmode=0666,mode=0620")
             os.symlink("pts/ptmx", d + "/ptmx")
         _sys.mount(None, d, None, _sys.MS_REMOUNT | _sys.MS_BIND | _sys.MS_RDONLY | _NS | _sys.MS_NOEXEC)
     except OSError as e:
