@@ -188,6 +188,46 @@ def _worker(iterations: int, preload: str) -> dict:
             row("namespace", f"{label} -> reaped", "kernel", reapeds[name],
                 f"{statistics.median(reapeds[name]) - base_r:+.0f} µs vs clone3 without flags")
 
+    # CPython's after-fork work in the child (PyOS_AfterFork_Child: its own state, then the
+    # os.register_at_fork hooks: random reseeds itself, threading and logging renew their locks),
+    # which Cloner.clone and os.fork run before the child's first line: timed alone, with the
+    # copy-on-write faults it takes.
+    import ctypes
+    import resource
+
+    def after_fork(n: int) -> tuple[list[float], list[float]]:
+        took, faults = [], []
+        args = _clone._CloneArgs()
+        args.flags, args.child_tid, args.exit_signal = _clone.CLONE_CHILD_SETTID, cloner._tid_addr, 17
+        for _ in range(n):
+            r, w = os.pipe()
+            _clone._api.PyOS_BeforeFork()
+            pid = _clone._libc.syscall(_clone._SYS_CLONE3, ctypes.byref(args), ctypes.sizeof(args))
+            if pid == 0:
+                try:
+                    f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, now()
+                    _clone._api.PyOS_AfterFork_Child()
+                    t1, f1 = now(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                    os.write(w, f"{(t1 - t0) / 1e3} {f1 - f0}".encode())
+                finally:
+                    os._exit(0)
+            _clone._api.PyOS_AfterFork_Parent()
+            os.close(w)
+            if pid > 0:
+                t, f = os.read(r, 100).split()
+                took.append(float(t))
+                faults.append(float(f))
+                os.waitpid(pid, 0)
+            os.close(r)
+        return took, faults
+
+    try:
+        took, faults = after_fork(max(10, iterations))
+        row("process", "CPython after-fork work in the child (at-fork hooks)", "child", took,
+            f"{statistics.median(faults):.0f} copy-on-write faults; off the path while the daemon answers")
+    except Exception as e:  # noqa: BLE001 - a row, not the run
+        row("process", "CPython after-fork work in the child", "child", None, f"{type(e).__name__}: {e}"[:100])
+
     # -- daemon-side preparation -----------------------------------------------------------------
     seccomp = layers.get("seccomp")
     bpf = b""
