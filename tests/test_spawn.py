@@ -420,8 +420,8 @@ class _DrivenZygote:
     """A zygote driven directly over its socket, as the daemon drives it: ``send`` one clone
     request (six fds: /dev/null as stdio, fresh control/status/result pipes, plus ``extra``,
     each closed here once sent; ``None`` in ``extra`` is /dev/null), ``reply`` reads one answer.
-    Every child waits on its control pipe; at the end EOF there makes each exit unrun, and
-    ``pids`` (CLONE_PARENT: ours) are reaped."""
+    Every child waits on its control pipe; at the end of the ``with`` EOF there makes each exit
+    unrun, and ``pids`` (CLONE_PARENT: ours) are reaped."""
 
     def __init__(self) -> None:
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -430,8 +430,19 @@ class _DrivenZygote:
         theirs.close()
         self.keep: list[int] = []
         self.pids: dict[int, int] = {}
-        self.sock.settimeout(60)
-        assert self.sock.recv(65536)[:1] == b"R"
+
+    def __enter__(self) -> "_DrivenZygote":
+        try:
+            self.sock.settimeout(60)
+            assert self.sock.recv(65536)[:1] == b"R"
+        except BaseException:
+            self.proc.kill()
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def send(self, req: int, flags: int, extra: list = ()) -> None:
         from zygote._zygote import REQ
@@ -457,15 +468,6 @@ class _DrivenZygote:
             os.waitpid(pid, 0)
         self.sock.close()
         self.proc.wait(timeout=30)
-
-
-@contextlib.contextmanager
-def _driven_zygote():
-    z = _DrivenZygote()
-    try:
-        yield z
-    finally:
-        z.close()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a rootless zygote cannot make namespaces ahead (CLONE_NEWNET then)")
@@ -568,7 +570,7 @@ def test_zygote_netns_ahead_and_fallback():
     a request already waiting behind another gets CLONE_NEWNET (owned by the child's user
     namespace) rather than waiting for one to be made; the zygote leaves each handed-on one."""
     from zygote._clone import ALL_NAMESPACES, CLONE_PARENT
-    with _driven_zygote() as z:
+    with _DrivenZygote() as z:
         time.sleep(0.3)  # idle: the zygote makes a namespace ahead
         for req in (1, 2):
             z.send(req, ALL_NAMESPACES | CLONE_PARENT)
@@ -592,7 +594,7 @@ def test_zygote_keeps_its_netns_made_ahead_across_a_given_one():
     from zygote._zygote import GIVEN_NETNS
     from zygote._clone import ALL_NAMESPACES, CLONE_PARENT
     from zygote.layers.network import _new_netns
-    with _driven_zygote() as z:
+    with _DrivenZygote() as z:
         time.sleep(0.3)  # idle: the zygote makes a namespace ahead
         zygote_ns = os.readlink(f"/proc/{z.proc.pid}/ns/net")
         assert zygote_ns != os.readlink("/proc/self/ns/net")  # it sits in the one made ahead
@@ -636,7 +638,7 @@ def test_zygote_clones_into_a_given_netns_and_goes_home():
     if cgroup is not None:
         os.makedirs(cgroup)
     try:
-        with _driven_zygote() as z:
+        with _DrivenZygote() as z:
 
             def netns() -> int:
                 nsfd, sock = _new_netns()

@@ -154,7 +154,7 @@ def main(argv: list[str]) -> None:
                 pid, err = -1, e.errno or 0
         if pid != 0 and os.geteuid() != owner_back:
             _fail("the zygote could not take back its own uid after a clone")  # never clone as another
-        if (ahead or given) and pid != 0:
+        if (ahead or given) and pid not in (0, JOIN_FAILED):  # (a failed join is back already)
             _netns.go_home()  # that namespace is the child's alone now (or was never used); after
                               # a given one, back to ours made ahead (join kept it), if any
         if pid == 0:

@@ -1809,13 +1809,13 @@ class Daemon:
     async def _keep_net_ahead_loop(self, net: network.NetworkHost) -> None:
         fails = 0
         while self.network is net:
-            if not any(z.info.get("given_netns") for p in self.pools.values() for z in p.zygotes):
-                await trio.sleep(1.0)  # no zygote can clone into one (no CAP_SYS_ADMIN): none made
-                continue
             while len(self._net_ready) > self.config.network_ahead:  # lowered by a reload
                 lease, nsfd = self._net_ready.pop(0)
                 os.close(nsfd)
                 await self._net_discard(lease)
+            if not any(z.info.get("given_netns") for p in self.pools.values() for z in p.zygotes):
+                await trio.sleep(1.0)  # no zygote can clone into one (no CAP_SYS_ADMIN): none made
+                continue
             if len(self._net_ready) >= self.config.network_ahead:
                 self._net_wake = trio.Event()
                 await self._net_wake.wait()
