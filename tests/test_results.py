@@ -290,3 +290,58 @@ def test_call_forwards_output(client, capfd):
     assert client.call(chatty) == 1
     out, err = capfd.readouterr()
     assert "to stdout" in out and "to stderr" in err
+
+
+def test_SECURITY_results_held_for_one_user_are_capped(tmp_path, monkeypatch):
+    """A payload may write its result record and go on running: the daemon holds the record
+    until the child ends. What it holds for one peer uid is capped (RESULTS_PER_UID, 256 MiB;
+    5 MiB here under test hooks): past it the next child's write waits, as on any full pipe,
+    until a holder ends. Without the cap one user's children held max_result_bytes each (4 GiB
+    at the defaults) in the daemon for as long as they liked."""
+    import select
+
+    monkeypatch.setenv("ZYGOTE_TEST_RESULTS_PER_UID", str(5 << 20))
+    path = str(tmp_path / "z.sock")
+    proc = start_daemon("--socket", path, "--preload", "json", "--test-hooks")
+
+    def hold():
+        import os
+        import struct
+        import time
+        body = b'"' + b"r" * (2 << 20) + b'"'  # 2 MiB: more than a pipe holds, so the write waits
+        view = memoryview(struct.pack("!cQ", b"j", len(body)) + body)
+        while view:
+            view = view[os.write(5, view):]
+        os.close(5)
+        print("wrote", flush=True)
+        time.sleep(600)
+
+    def said_wrote(kids, timeout):
+        """Those of ``kids`` that print "wrote" within ``timeout`` seconds (all at once)."""
+        ready, _, _ = select.select([k.stdout for k in kids], [], [], timeout)
+        out = [k for k in kids if k.stdout in ready]
+        assert all(k.stdout.readline() == b"wrote\n" for k in out)
+        return out
+
+    try:
+        wait_socket(path, proc)
+        with Client.connect(path) as c:
+            kids = [c.spawn_child(hold, stdin=None) for _ in range(3)]
+            try:
+                done, deadline = [], time.monotonic() + 30
+                while len(done) < 2 and time.monotonic() < deadline:
+                    done += said_wrote([k for k in kids if k not in done], 1)
+                assert len(done) == 2, f"{len(done)} of 3 records went in; the uid's budget holds two"
+                waiting = [k for k in kids if k not in done]
+                assert not said_wrote(waiting, 3), "a third record went past the uid's budget"
+                done[0].kill()
+                assert done[0].wait(timeout=30).returncode < 0
+                assert len(done[0].result(timeout=30)) == 2 << 20  # its record, whole
+                assert said_wrote(waiting, 30), "the waiting child got room once a holder ended"
+            finally:
+                for k in kids:
+                    k.kill()
+                    k.wait(timeout=30)
+            assert c.call(lambda: "still serving") == "still serving"
+    finally:
+        stop_daemon(proc)

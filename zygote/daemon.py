@@ -64,6 +64,10 @@ PENDING_PER_UID = 2 * P.MAX_FRAME + (4 << 20)
 # Child output the daemon buffers (max_output_bytes relays) for one peer uid's readers. Past it
 # the relays stop reading and the children block on their full pipes, as with any slow reader.
 RELAYED_PER_UID = 256 << 20
+# Result records the daemon holds for one peer uid's children that have not ended yet (a payload
+# may write its record and go on running). Room for a record is taken when its header arrives;
+# past the budget the next child's write waits, as on any full pipe (one record always fits).
+RESULTS_PER_UID = 256 << 20
 PROBE_TIMEOUT = 1.0  # seconds a signal's look at /proc may take (see Daemon._signal)
 PATHS_TIMEOUT = 10.0  # seconds looking at a request's own host paths may take
 EOF_GRACE = 2.0  # seconds the status and result pipes get to deliver after the child's exit
@@ -97,7 +101,7 @@ class DaemonConfig:
             cannot take every slot from the others and the administrator), no cap for those two.
         socket_mode, socket_group: the listening socket file's mode and group (None: unchanged).
         max_result_bytes: largest encoded return value relayed to a client; the daemon buffers at
-            most this much per child. A larger result is dropped (``result_kind="too-large"``)
+            most this much per child (and RESULTS_PER_UID per peer uid, for children still running). A larger result is dropped (``result_kind="too-large"``)
             and the child's writes fail, so it cannot block on the pipe.
         network_pool: IPv4 network the veths of networked children get their /30s from (only used
             when a pool allows network). Security: children can never reach it (nor each other).
@@ -184,6 +188,7 @@ class Child:
     result_kind: str = ""  # "" (none), a C.RESULT_KINDS value, "too-large" or "invalid"
     result: bytes = b""
     result_done: trio.Event = field(default_factory=trio.Event)
+    result_held: tuple[int, int] | None = None  # (peer uid, bytes) of RESULTS_PER_UID it holds
     ctl: trio.lowlevel.FdStream | None = None  # a reserve child's control pipe, until its Job
     reserved: bool = False  # waiting in its pool's reserve (not yet any client's)
     reserve_fds: list[int] = field(default_factory=list)  # its stdin writer, stdout/stderr readers meanwhile
@@ -419,6 +424,11 @@ class Daemon:
         self.attached: dict[int, int] = {}  # peer uid -> its live attaches (max_attaches)
         self.relayed: dict[int, int] = {}  # peer uid -> bytes of its children's output buffered
         self._relayed_freed: dict[int, trio.Event] = {}  # uid -> set when its relays free some
+        self.results_held: dict[int, int] = {}  # peer uid -> bytes of result records held (RESULTS_PER_UID)
+        self._results_freed: dict[int, trio.Event] = {}  # uid -> set when its children's records go
+        self.results_per_uid = RESULTS_PER_UID
+        if config.test_hooks and os.environ.get("ZYGOTE_TEST_RESULTS_PER_UID"):
+            self.results_per_uid = int(os.environ["ZYGOTE_TEST_RESULTS_PER_UID"])  # (tests only)
         # Two results of the largest allowed size fit the queues (a 100 MiB max_result_bytes
         # must not drop every client it answers as a slow reader).
         most = 2 * min(config.max_result_bytes, P.MAX_FRAME - (1 << 20))
@@ -653,6 +663,8 @@ class Daemon:
             table.pop(uid, None)
         if n < 0 and table is self.relayed and uid in self._relayed_freed:
             self._relayed_freed.pop(uid).set()
+        if n < 0 and table is self.results_held and uid in self._results_freed:
+            self._results_freed.pop(uid).set()
 
     def _peer_allowed(self, uid: int, gid: int) -> bool:
         return (uid == 0 or uid == os.getuid() or uid in self.config.allowed_uids
@@ -1908,6 +1920,7 @@ class Daemon:
                 self._count(self.detached_by_uid, child.peer_uid, -1)
             if child.collector is not None:
                 child.collector.close()  # an export nobody will receive (cancelled, or already sent)
+            self._release_result(child)  # (a watch that failed before the report)
 
     async def _watch_and_reap(self, child: Child) -> None:
         try:
@@ -1951,6 +1964,8 @@ class Daemon:
                                  running=len(self.children))
         exited = P.Exited(child.id, child.status, export=export, result_kind=child.result_kind,
                           result=child.result)
+        # From here the record counts where it goes: a connection's send queue, or a kept record.
+        self._release_result(child)
         # A detached child nobody attached to is kept before its spawner hears of the exit: an
         # Attach sent right after that Exited must find it (it was not: a race the suite hit).
         kept = child.detached and child.ready_seen and not any(
@@ -2243,6 +2258,8 @@ class Daemon:
                     if length > cap:
                         child.result_kind = "too-large"
                         return
+                    if child.result_held is None:
+                        await self._hold_result(child, hdr.size + length)
             if not buf:
                 return  # no result: sys.exit, a signal, or a kind without a return value
             if len(buf) < hdr.size:
@@ -2254,9 +2271,28 @@ class Daemon:
                 return
             child.result_kind, child.result = C.RESULT_KINDS[kind], bytes(memoryview(buf)[hdr.size:])
         finally:
+            if not child.result:
+                self._release_result(child)  # (kept, it is held until the child's report is made)
             with trio.CancelScope(shield=True):
                 await child.result_stream.aclose()
             child.result_done.set()
+
+    async def _hold_result(self, child: Child, size: int) -> None:
+        """Take room for a result record of ``size`` bytes from its peer uid's RESULTS_PER_UID,
+        waiting (reading nothing more of the pipe meanwhile) while the uid's other children that
+        have not ended hold it. Taken whole at the header, so records half read never wait on
+        each other; one always fits. (A reserve child's record comes after a request took it.)"""
+        uid = child.peer_uid
+        while self.results_held.get(uid, 0) and self.results_held[uid] + size > self.results_per_uid:
+            await self._results_freed.setdefault(uid, trio.Event()).wait()
+        self._count(self.results_held, uid, size)
+        child.result_held = (uid, size)
+
+    def _release_result(self, child: Child) -> None:
+        if child.result_held is not None:
+            uid, size = child.result_held
+            child.result_held = None
+            self._count(self.results_held, uid, -size)
 
     async def _read_status(self, child: Child) -> None:
         buf = bytearray()
