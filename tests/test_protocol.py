@@ -376,6 +376,35 @@ def test_SECURITY_extreme_values_from_a_client_get_a_short_error_not_a_dead_daem
     _alive(socket_daemon)
 
 
+
+def test_SECURITY_a_clients_long_names_are_cut_in_replies_and_the_log(tmp_path):
+    """Text a client sent is cut before it is quoted: a 70 MiB pool name was quoted whole in the
+    reply (280 MB, over a second of the event loop, then cut to 2000 characters at the send)
+    and went into the log whole, twice (as the pool and in the message), where each line
+    waiting for the log's reader held its size."""
+    from conftest import _log
+
+    path = str(tmp_path / "z.sock")
+    proc = start_daemon("--socket", path, "--preload", "json")
+    try:
+        wait_socket(path, proc)
+        s = _raw(path)
+        s.settimeout(60)
+        try:
+            spawn = {"type": "spawn", "req": 7, "kind": "exec", "argv": ["/bin/true"], "pool": "p" * (4 << 20)}
+            s.sendall(_frame(_packed({"type": "hello", "version": P.VERSION})) + _frame(_packed(spawn)))
+            reply = _first_reply(s)
+        finally:
+            s.close()
+        assert isinstance(reply, P.SpawnFailed), reply
+        assert "(4194304 characters)" in reply.message, reply.message[-200:]
+        _alive(path)
+    finally:
+        stop_daemon(proc)
+    log = _log(proc)
+    assert b"characters, cut" in log
+    assert len(log) < 100_000, f"the daemon logged {len(log)} bytes for one refused request"
+
 def test_SECURITY_a_client_cannot_hoard_fds_in_a_frame_it_never_finishes(socket_daemon):
     """fds arriving inside one unfinished frame were held without bound (a client could pin the
     daemon's whole fd table); past what one frame may carry the connection is refused."""

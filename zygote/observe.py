@@ -24,12 +24,25 @@ from prometheus_client import start_http_server
 _SPAWN_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
+LOG_TEXT_MAX = 2000  # characters of one text field in a log line
+
+
+def _clip_texts(_logger, _method, event: dict) -> dict:
+    """Cut each text field of a log event at LOG_TEXT_MAX characters. Many come from clients (a
+    pool name, an error quoting a request): a 70 MiB pool name went into the log whole, twice
+    (as itself and quoted in the message), and each line waiting in the queue held its size."""
+    for key, value in event.items():
+        if isinstance(value, str) and len(value) > LOG_TEXT_MAX:
+            event[key] = f"{value[:LOG_TEXT_MAX]}... ({len(value)} characters, cut)"
+    return event
+
+
 def configure_logging(fmt: str = "json", level: str = "info", stream=None) -> None:
     """Route the daemon's events to ``stream`` (stderr) as JSON lines or console text."""
     renderer = (structlog.processors.JSONRenderer() if fmt == "json"
                 else structlog.dev.ConsoleRenderer(colors=False))
     structlog.configure(
-        processors=[structlog.processors.add_log_level,
+        processors=[_clip_texts, structlog.processors.add_log_level,
                     structlog.processors.TimeStamper(fmt="iso", utc=True),
                     renderer],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
