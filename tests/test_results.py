@@ -345,3 +345,35 @@ def test_SECURITY_results_held_for_one_user_are_capped(tmp_path, monkeypatch):
             assert c.call(lambda: "still serving") == "still serving"
     finally:
         stop_daemon(proc)
+
+
+def test_SECURITY_a_result_header_claiming_the_budget_loses_no_siblings_result(tmp_path, monkeypatch):
+    """Room for a result is taken at its header, for the length the header gives: a payload
+    writing only a header that claims the whole budget made a sibling's small result (already
+    in its pipe, the sibling ended) wait for room past the exit's grace, and it was lost ("the
+    payload exited with code 0 without returning"). A child that ended waits for nothing."""
+    monkeypatch.setenv("ZYGOTE_TEST_RESULTS_PER_UID", str(5 << 20))
+    path = str(tmp_path / "z.sock")
+    proc = start_daemon("--socket", path, "--preload", "json", "--test-hooks")
+
+    def claim():
+        import os
+        import struct
+        import time
+        os.write(5, struct.pack("!cQ", b"j", 5 << 20))  # the header only: 5 MiB claimed, 9 bytes sent
+        print("claimed", flush=True)
+        time.sleep(600)
+
+    try:
+        wait_socket(path, proc)
+        with Client.connect(path) as c:
+            squatter = c.spawn_child(claim, stdin=None)
+            try:
+                assert squatter.stdout.readline() == b"claimed\n"
+                time.sleep(0.5)  # (the daemon has read the header)
+                assert c.call(lambda: 42) == 42
+            finally:
+                squatter.kill()
+                squatter.wait(timeout=30)
+    finally:
+        stop_daemon(proc)

@@ -101,7 +101,7 @@ class DaemonConfig:
             cannot take every slot from the others and the administrator), no cap for those two.
         socket_mode, socket_group: the listening socket file's mode and group (None: unchanged).
         max_result_bytes: largest encoded return value relayed to a client; the daemon buffers at
-            most this much per child (and RESULTS_PER_UID per peer uid, for children still running). A larger result is dropped (``result_kind="too-large"``)
+            most this much per child (and RESULTS_PER_UID per peer uid while they run). A larger result is dropped (``result_kind="too-large"``)
             and the child's writes fail, so it cannot block on the pipe.
         network_pool: IPv4 network the veths of networked children get their /30s from (only used
             when a pool allows network). Security: children can never reach it (nor each other).
@@ -189,6 +189,7 @@ class Child:
     result: bytes = b""
     result_done: trio.Event = field(default_factory=trio.Event)
     result_held: tuple[int, int] | None = None  # (peer uid, bytes) of RESULTS_PER_UID it holds
+    ended: bool = False  # its pidfd said so: what its pipes hold is all there will be
     ctl: trio.lowlevel.FdStream | None = None  # a reserve child's control pipe, until its Job
     reserved: bool = False  # waiting in its pool's reserve (not yet any client's)
     reserve_fds: list[int] = field(default_factory=list)  # its stdin writer, stdout/stderr readers meanwhile
@@ -672,8 +673,8 @@ class Daemon:
             table.pop(uid, None)
         if n < 0 and table is self.relayed and uid in self._relayed_freed:
             self._relayed_freed.pop(uid).set()
-        if n < 0 and table is self.results_held and uid in self._results_freed:
-            self._results_freed.pop(uid).set()
+        if n < 0 and table is self.results_held:
+            self._wake_results(uid)
 
     def _peer_allowed(self, uid: int, gid: int) -> bool:
         return (uid == 0 or uid == os.getuid() or uid in self.config.allowed_uids
@@ -1938,6 +1939,8 @@ class Daemon:
                 n.start_soon(self._read_result, child)
                 n.start_soon(self._deadline, child, n.cancel_scope)
                 await _wait_pidfd(child.pidfd)
+                child.ended = True  # (its result, if waiting for room, is read now: _hold_result)
+                self._wake_results(child.peer_uid)
                 # Every writer in the pid namespace died with it, so what they wrote is in the
                 # pipes and EOF follows, unless the payload handed a write end to someone
                 # outside: then what is there is all there will be.
@@ -2290,12 +2293,21 @@ class Daemon:
         """Take room for a result record of ``size`` bytes from its peer uid's RESULTS_PER_UID,
         waiting (reading nothing more of the pipe meanwhile) while the uid's other children that
         have not ended hold it. Taken whole at the header, so records half read never wait on
-        each other; one always fits. (A reserve child's record comes after a request took it.)"""
+        each other; one always fits. A child that has ended waits for nothing: what its pipe
+        holds is all it wrote (a pipe's worth at most), and a header claiming the budget must not
+        lose a sibling's small record that sat in its pipe. (A reserve child's record comes after
+        a request took it.)"""
         uid = child.peer_uid
-        while self.results_held.get(uid, 0) and self.results_held[uid] + size > self.results_per_uid:
+        while (not child.ended and self.results_held.get(uid, 0)
+               and self.results_held[uid] + size > self.results_per_uid):
             await self._results_freed.setdefault(uid, trio.Event()).wait()
         self._count(self.results_held, uid, size)
         child.result_held = (uid, size)
+
+    def _wake_results(self, uid: int) -> None:
+        """Wake the uid's children waiting for room for their results, to look again."""
+        if uid in self._results_freed:
+            self._results_freed.pop(uid).set()
 
     def _release_result(self, child: Child) -> None:
         if child.result_held is not None:
