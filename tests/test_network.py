@@ -1035,3 +1035,23 @@ def test_shutdown_during_a_networked_reserve_refill_is_prompt_and_clean(world, t
     seconds, rc = r.stdout.split()
     assert rc == "0" and float(seconds) < 5, r.stdout
     assert "zygote" not in world.nft() and not [link for link in world.links() if link.startswith("zg")]
+
+
+def test_a_prepared_namespace_whose_veth_was_deleted_is_not_given_to_a_child(world, tmp_path):
+    """Someone deleted the veth of a namespace prepared ahead (an administrator, a network manager
+    tidying links): the next networked spawn gets a namespace of its own and works. It was born
+    in the broken one and failed ("bringing zg... up"), and so did one spawn per such namespace."""
+    path = world.start(tmp_path, "--network-ahead", "1")
+    link = _prepared(world)
+    world.run("ip", "link", "del", link)
+
+    def payload():
+        import socket
+        s = socket.create_connection(("198.51.100.10", 7), timeout=10)
+        s.sendall(b"x")
+        assert s.recv(1) == b"x"
+        print(s.getsockname()[0])
+
+    with Client.connect(path) as c:
+        r = c.run(payload, sandbox_config=NET, timeout=60)
+    assert r.returncode == 0, r.stderr

@@ -1155,10 +1155,10 @@ class Daemon:
                 if born_in is not None:
                     flags |= CLONE_INTO_CGROUP
                     extra.append(born_in.fd())
-                if cfg.network is not None and self._net_ready and zyg.info.get("given_netns"):
+                if cfg.network is not None and zyg.info.get("given_netns") and (took := self._take_net_ready()):
                     # Born in a namespace prepared ahead (network.prepare): its veth, address and
                     # route exist already; _network_for adds its rules and brings the host end up.
-                    ahead, ahead_fd = self._net_ready.pop()
+                    ahead, ahead_fd = took
                     self._net_takes += 1
                     self._net_wake.set()
                     flags |= GIVEN_NETNS
@@ -1762,6 +1762,21 @@ class Daemon:
         await child.exited.wait()
         rc = child.status.returncode if child.status else None
         return P.SpawnFailed(msg.req, f"the child died during setup (returncode {rc})", "setup", code="sandbox")
+
+    def _take_net_ready(self) -> tuple[network.Lease, int] | None:
+        """A prepared namespace whose veth is still the one prepare made, or None. Someone may
+        have deleted it meanwhile (an administrator, a network manager tidying veths): a child
+        born in such a namespace could only fail its spawn, so those found are discarded here,
+        and a spawn finding none makes its own namespace."""
+        net = self.network
+        while self._net_ready:
+            lease, nsfd = self._net_ready.pop()
+            if net is not None and net.intact(lease):
+                return lease, nsfd
+            os.close(nsfd)
+            self._net_wake.set()  # (the refill makes another)
+            self._nursery.start_soon(self._net_discard, lease)
+        return None
 
     async def _network_for(self, child: Child, cfg: SandboxConfig) -> None:
         """The child's veth, address and rules (network.py), before "go"; SetupError fails it."""

@@ -323,6 +323,14 @@ class NetworkHost:
             raise
         return nsfd
 
+    def intact(self, lease: Lease) -> bool:
+        """Whether the host end of a namespace from ``prepare`` is still the link prepare made
+        (deleting either end of a veth deletes both). One ioctl in the daemon's namespace."""
+        try:
+            return socket.if_nametoindex(lease.ifname) == self._host_index.get(lease.ifname)
+        except OSError:
+            return False
+
     def activate(self, lease: Lease, allow: list[tuple[str, int | None]]) -> None:
         """The rules of the child in a namespace from ``prepare`` (its clone has joined it), then
         the host end up: the first moment a packet can pass. On failure the rules are taken out
