@@ -619,6 +619,18 @@ def test_a_networked_child_is_born_in_a_namespace_prepared_ahead(world, tmp_path
     assert seen[0] != seen[1] and world.inet_servers.peers("tcp") >= {_child_address(link)}
 
 
+def _echo_once():
+    """A networked payload (local, so it travels by value): one byte to the fake internet's echo
+    service and back; prints the child's address."""
+    def payload():
+        import socket
+        s = socket.create_connection(("198.51.100.10", 7), timeout=10)
+        s.sendall(b"x")
+        assert s.recv(1) == b"x"
+        print(s.getsockname()[0])
+    return payload
+
+
 def test_a_networked_child_with_limits_is_born_in_a_prepared_namespace_and_its_cgroup(world, tmp_path):
     """A networked spawn with limits takes the prepared namespace too. (On cgroup v2 its clone
     request carries eight fds, which the zygote did not read: test_spawn's driven zygote covers
@@ -626,16 +638,9 @@ def test_a_networked_child_with_limits_is_born_in_a_prepared_namespace_and_its_c
     path = world.start(tmp_path)
     link = _prepared(world)
 
-    def payload():
-        import socket
-        s = socket.create_connection(("198.51.100.10", 7), timeout=10)
-        s.sendall(b"x")
-        assert s.recv(1) == b"x"
-        print(s.getsockname()[0])
-
     with Client.connect(path) as c:
         before = c.status().pools[0].restarts
-        r = c.run(payload, sandbox_config=SandboxConfig(network=NetworkConfig(), memory="128M", pids=32), timeout=60)
+        r = c.run(_echo_once(), sandbox_config=SandboxConfig(network=NetworkConfig(), memory="128M", pids=32), timeout=60)
         assert r.returncode == 0, r.stderr.decode()
         assert r.stdout.decode().strip() == _child_address(link)
         assert r.status.enforcement.get("memory", "").startswith("cgroup"), r.status
@@ -1045,13 +1050,6 @@ def test_a_prepared_namespace_whose_veth_was_deleted_is_not_given_to_a_child(wor
     link = _prepared(world)
     world.run("ip", "link", "del", link)
 
-    def payload():
-        import socket
-        s = socket.create_connection(("198.51.100.10", 7), timeout=10)
-        s.sendall(b"x")
-        assert s.recv(1) == b"x"
-        print(s.getsockname()[0])
-
     with Client.connect(path) as c:
-        r = c.run(payload, sandbox_config=NET, timeout=60)
+        r = c.run(_echo_once(), sandbox_config=NET, timeout=60)
     assert r.returncode == 0, r.stderr
