@@ -733,18 +733,17 @@ def test_SECURITY_kept_detached_records_bounded_by_bytes_and_attaches_capped(tmp
             def sleeper():
                 import time
                 time.sleep(30)
-            live = b.spawn_child(sleeper, stdin=None, detached=True)
-        with Client.connect(sock) as d:
-            with Client.connect(sock) as c:
-                for _ in range(2):
+            live = b.spawn_child(sleeper, stdin=None, detached=True)  # b's feeds: one attached reader
+            with Client.connect(sock) as d:
+                with Client.connect(sock) as c:
                     c.attach(live.id)
-                d.attach(live.id)
-                for conn in (c, d):
-                    with pytest.raises(DaemonError) as e:
-                        conn.attach(live.id)
-                    assert e.value.code == "limit" and "max_attaches" in str(e.value)
-                assert c.run(print, ("ok",)).stdout == b"ok\n"  # the connection still works otherwise
-            _wait_for(lambda: _attach_ok(d, live.id), what="c's attaches to end with its connection")
+                    d.attach(live.id)
+                    for conn in (c, d):
+                        with pytest.raises(DaemonError) as e:
+                            conn.attach(live.id)
+                        assert e.value.code == "limit" and "max_attaches" in str(e.value)
+                    assert c.run(print, ("ok",)).stdout == b"ok\n"  # the connection still works otherwise
+                _wait_for(lambda: _attach_ok(d, live.id), what="c's attach to end with its connection")
     finally:
         stop_daemon(proc)
 
@@ -1058,5 +1057,43 @@ def test_a_zygote_that_stops_answering_is_replaced(tmp_path, monkeypatch):
             _wait_for(lambda: c.status().pools[0].restarts == 1 and c.status().pools[0].zygotes_running == 1,
                       timeout=60, what="a new zygote")
             assert c.call(lambda: 3) == 3
+    finally:
+        stop_daemon(proc)
+
+
+def test_SECURITY_a_spawner_not_reading_its_detached_childrens_output_is_capped(tmp_path, monkeypatch):
+    """The spawner's feeds of a detached child's output (two pipes, two tasks, the child's rings)
+    count against max_attaches like any attached reader's, and end RELAY_LINGER after the child
+    (1 s here under test hooks). Before, a client keeping those pipes unread pinned ~2 MiB and
+    two fds of the daemon per finished child, without bound (the record's own limits do not
+    cover them)."""
+    monkeypatch.setenv("ZYGOTE_TEST_TAP_LINGER", "1")
+    sock = str(tmp_path / "z.sock")
+    cfg = write_text(tmp_path / "z.toml", f"""
+        [daemon]
+        socket = "{sock}"
+        max_attaches = 2
+        """)
+    proc = start_daemon("--config", cfg, "--test-hooks")
+
+    def chatty():
+        import sys
+        sys.stdout.write("o" * 300_000)  # more than a pipe holds: its feed waits for the reader
+
+    try:
+        wait_socket(sock, proc)
+        with Client.connect(sock) as a:
+            kids = [a.spawn_child(chatty, stdin=None, detached=True) for _ in range(2)]
+            for k in kids:
+                assert k.wait(timeout=30).returncode == 0
+            with pytest.raises(DaemonError) as e:  # two feeds nobody reads, past the child's end
+                a.spawn_child(chatty, stdin=None, detached=True)
+            assert e.value.code == "limit" and "max_attaches" in str(e.value)
+            time.sleep(2)  # RELAY_LINGER (1 s) after the children: their feeds end
+            out = kids[0].stdout.read()
+            assert 0 < len(out) < 300_000  # what the pipe held, then EOF: the rest was let go
+            k = a.spawn_child(chatty, stdin=None, detached=True)  # the count was given back
+            assert len(k.stdout.read()) == 300_000  # a reader that reads gets it all
+            assert k.wait(timeout=30).returncode == 0
     finally:
         stop_daemon(proc)

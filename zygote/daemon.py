@@ -121,8 +121,10 @@ class DaemonConfig:
             per peer uid (default 64, its oldest dropped).
         detached_keep_bytes: the results, output and export archives one peer uid's kept records
             hold, together (default 256 MiB; its oldest dropped first, its newest always kept).
-        max_attaches: attached readers one peer uid may have at once, over all its connections
-            (each costs the daemon two pipes and two tasks until it ends).
+        max_attaches: attached readers one peer uid may have at once, over all its connections,
+            the spawners of its detached children included (each costs the daemon two pipes and
+            two tasks, and holds the child's rings, until it ends: at most RELAY_LINGER after
+            the child).
         max_connections_per_client: connections one peer uid may hold open at once (root, the
             administrator, has no cap): each costs the daemon a socket, a task and its buffers.
         max_detached_per_client: running detached children one peer uid may have at once (root:
@@ -430,6 +432,9 @@ class Daemon:
         self.exports_per_uid = EXPORTS_PER_UID
         if config.test_hooks and os.environ.get("ZYGOTE_TEST_EXPORTS_PER_UID"):
             self.exports_per_uid = int(os.environ["ZYGOTE_TEST_EXPORTS_PER_UID"])  # (tests only)
+        self.tap_linger = RELAY_LINGER
+        if config.test_hooks and os.environ.get("ZYGOTE_TEST_TAP_LINGER"):
+            self.tap_linger = float(os.environ["ZYGOTE_TEST_TAP_LINGER"])  # (tests only)
         self.open_conns: dict[int, set[Connection]] = {}  # peer uid -> its open connections
         self.attached: dict[int, int] = {}  # peer uid -> its live attaches (max_attaches)
         self.relayed: dict[int, int] = {}  # peer uid -> bytes of its children's output buffered
@@ -965,6 +970,11 @@ class Daemon:
             return P.SpawnFailed(msg.req, f"uid {conn.peer_uid} runs {self.config.max_detached_per_client} "
                                  "detached children, the daemon's maximum per user (max_detached_per_client)",
                                  code="limit"), []
+        if msg.detached and self.attached.get(conn.peer_uid, 0) >= self.config.max_attaches:
+            # (its output comes to the spawner through feeds counted as an attach: _start_detached)
+            return P.SpawnFailed(msg.req, f"uid {conn.peer_uid} already has {self.config.max_attaches} attached "
+                                 "readers (the spawners' of detached children included), the daemon's maximum "
+                                 "per user (max_attaches)", code="limit"), []
         self.spawning += 1
         conn.spawning += 1
         self.spawning_by_uid[conn.peer_uid] = self.spawning_by_uid.get(conn.peer_uid, 0) + 1
@@ -1569,17 +1579,34 @@ class Daemon:
                 return False
             return True
 
-        for ring, (r, tw) in zip(child.rings, pipes):
+        for ring, (r, _) in zip(child.rings, pipes):
             self._nursery.start_soon(detach.pump, self.hands.end(r, lambda: child.peer_uid), ring, count)
-            self._start_tap(conn, ring, tw, 0)
-
-    def _start_tap(self, conn: Connection, ring: detach.Ring, fd: int, pos: int) -> None:
-        """Feed the pipe ``fd`` (its read end is, or was about to be, the client's) from ``ring``."""
-        if conn.nursery is None or conn.closed:
-            self.hands.close(conn.peer_uid, [fd])
-            return
         uid = conn.peer_uid
-        conn.nursery.start_soon(detach.tap, ring, self.hands.end(fd, lambda: uid), pos)
+        if conn.nursery is None or conn.closed:
+            self.hands.close(uid, [w for _, w in pipes])
+            return
+        self._count(self.attached, uid, 1)  # the spawner's feeds are an attached reader too
+        conn.nursery.start_soon(self._taps, child, uid, [w for _, w in pipes], (0, 0))
+
+    async def _taps(self, child: Child, uid: int, fds: list[int], starts) -> None:
+        """Feed the pipes ``fds`` (their read ends are, or were about to be, the client's) from
+        the child's rings, from ``starts``; ``uid``'s count in ``attached`` (taken by the caller)
+        is given back when both end. Once the child has ended they get RELAY_LINGER more to
+        deliver: a reader that keeps its pipes and never reads must not hold the rings (and two
+        fds) for ever; it may attach again from where it was while the record is kept."""
+        try:
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as n:
+                    async def linger() -> None:
+                        await child.exited.wait()
+                        scope.deadline = trio.current_time() + self.tap_linger
+                    n.start_soon(linger)
+                    async with trio.open_nursery() as feeds:
+                        for ring, fd, pos in zip(child.rings, fds, starts):
+                            feeds.start_soon(detach.tap, ring, self.hands.end(fd, lambda: uid), pos)
+                    n.cancel_scope.cancel()
+        finally:
+            self._count(self.attached, uid, -1)
 
     async def _attach(self, conn: Connection, msg: P.Attach) -> None:
         """Attach ``conn`` to a detached child of the same peer uid (root: any), running or kept."""
@@ -1634,15 +1661,8 @@ class Daemon:
             if conn.closed:
                 return
 
-            async def taps() -> None:  # the attach counts until both its taps end
-                try:
-                    async with trio.open_nursery() as n:
-                        for ring, (_, w), pos in zip(child.rings, pipes, starts):
-                            n.start_soon(detach.tap, ring, self.hands.end(w, lambda: uid), pos)
-                finally:
-                    self._count(self.attached, uid, -1)
-            conn.nursery.start_soon(taps)
-            handed = True
+            conn.nursery.start_soon(self._taps, child, uid, [w for _, w in pipes], starts)
+            handed = True  # (the attach counts until both its taps end)
         finally:
             if not handed:  # (failed, cancelled, or the connection went): our ends go too
                 self.hands.close(conn.peer_uid, [w for _, w in pipes])
