@@ -2018,11 +2018,12 @@ class Daemon:
         kept = child.detached and child.ready_seen and not any(
             conn is not child.conn and not conn.closed for conn in child.watchers)
 
+        if kept:  # at once (no wait since it left self.children): an Attach finds one or the other
+            self._keep(child, exited, export_fds)
+
         async def report() -> None:
             attached = False  # an attacher (not the spawner) was told of the exit
             try:
-                if kept:
-                    self._keep(child, exited, export_fds)
                 for conn in list(child.watchers):  # (an attach or a close may change it meanwhile)
                     conn.children.pop(child.id, None)
                     if not conn.closed and child.ready_seen:
