@@ -674,3 +674,44 @@ def test_SECURITY_export_archives_waiting_for_one_user_are_capped(tmp_path, monk
                 assert (tmp_path / f"out{i}" / "blob").read_bytes() == bytes([i]) * (4 << 20)
     finally:
         stop_daemon(proc)
+
+
+def test_SECURITY_unpacking_never_changes_the_process_umask(tmp_path, monkeypatch):
+    """The umask is the whole process's: unpacking (in a worker thread for the async client) set
+    it to 0 and back to learn it, and a file another thread created in between came out 0o666."""
+    def no_umask(mask):
+        raise AssertionError(f"os.umask({mask:#o}) called while unpacking")
+    monkeypatch.setattr(os, "umask", no_umask)
+    fd = _archive([Entry("d", "dir", 0o755, b""), Entry("d/f", "file", 0o644, b"x")])
+    try:
+        assert unpack_archive(fd, tmp_path / "dest") == ["d/f"]
+    finally:
+        os.close(fd)
+    mask = int(next(line for line in open("/proc/self/status") if line.startswith("Umask:")).split()[1], 8)
+    assert os.stat(tmp_path / "dest").st_mode & 0o777 == 0o777 & ~mask
+
+
+def test_SECURITY_an_empty_private_destination_stays_private(tmp_path):
+    """An existing empty destination is replaced by the unpacked tree: it kept the new tree's
+    0o777 & ~umask, so a 0o700 directory became world-readable with the child's files in it."""
+    dest = tmp_path / "private"
+    dest.mkdir(mode=0o700)
+    os.chmod(dest, 0o700)
+    fd = _archive([Entry("secret", "file", 0o600, b"s")])
+    try:
+        unpack_archive(fd, dest)
+    finally:
+        os.close(fd)
+    assert os.stat(dest).st_mode & 0o7777 == 0o700
+    assert (dest / "secret").read_bytes() == b"s"
+
+
+def test_a_destination_with_a_long_name_unpacks(tmp_path):
+    """The temporary sibling's name was built from the destination's: a legal 240-byte name
+    made it too long (a raw OSError, not the promised ExportError)."""
+    fd = _archive([Entry("f", "file", 0o644, b"x")])
+    try:
+        assert unpack_archive(fd, tmp_path / ("n" * 240)) == ["f"]
+    finally:
+        os.close(fd)
+    assert (tmp_path / ("n" * 240) / "f").read_bytes() == b"x"

@@ -429,7 +429,8 @@ def read_archive(fd: int) -> Iterator[Entry]:
 
 def unpack_archive(fd: int, dest: str | os.PathLike, *, max_files: int | None = None,
                    max_bytes: int | None = None) -> list[str]:
-    """Write an export archive into ``dest`` (must not exist, or be an empty directory).
+    """Write an export archive into ``dest`` (must not exist, or be an empty directory, whose
+    permission bits the result keeps; not its ACLs or owner: it is replaced).
 
     Everything goes into a temporary sibling first, created entry by entry relative to directory
     fds with O_NOFOLLOW and O_EXCL (a name with ``..``, an absolute name or a symlink is refused,
@@ -446,17 +447,22 @@ def unpack_archive(fd: int, dest: str | os.PathLike, *, max_files: int | None = 
         raise ExportError("the destination has no name", path=dest)
     if os.path.lexists(dest) and (not os.path.isdir(dest) or os.path.islink(dest) or os.listdir(dest)):
         raise ExportError("the destination exists and is not an empty directory", path=dest)
-    tmp = tempfile.mkdtemp(prefix=f".{base}.", suffix=".zg-export", dir=parent)
+    try:
+        # An empty directory given keeps its permissions (a private one stays private); a new
+        # one gets what mkdir would give it.
+        mode = os.stat(dest).st_mode & 0o7777 if os.path.lexists(dest) else 0o777 & ~_umask()
+        # (a short name of our own: dest's name may be near NAME_MAX already)
+        tmp = tempfile.mkdtemp(prefix=".zg-export.", dir=parent)
+    except OSError as e:
+        raise ExportError(f"cannot make the export's directory: {e.strerror}", path=dest) from None
     files: list[str] = []
     try:
         top = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             _unpack_into(fd, top, files, max_files, max_bytes)
+            os.fchmod(top, mode)
         finally:
             os.close(top)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
         try:
             os.rename(tmp, dest)
         except OSError as e:
@@ -465,6 +471,19 @@ def unpack_archive(fd: int, dest: str | os.PathLike, *, max_files: int | None = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return files
+
+
+def _umask() -> int:
+    """This process's umask, read without setting it: os.umask(0) and back would leave every
+    other thread's files created in between without it (world-writable ones, say)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o077  # (no /proc: private rather than guessed)
 
 
 def _unpack_into(fd: int, top: int, files: list[str], max_files: int | None, max_bytes: int | None) -> None:
