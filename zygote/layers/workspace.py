@@ -33,6 +33,7 @@ from . import SetupError
 WORKSPACE_CEILING = (100_000, 256 << 20, 256 << 20)  # files, bytes per file, bytes
 _SLACK = 1 << 20  # the export tmpfs holds a little more than max_bytes, so exceeding is seen
 _MAX_SKIPPED = 100
+_SKIPPED_TEXT = 1024  # characters of one skipped entry's line
 MAX_DEPTH = 64  # directory nesting packed from an export
 
 
@@ -349,7 +350,8 @@ class Collector:
             self._refuse(reason, path)
             return
         if len(self.skipped) < _MAX_SKIPPED:
-            self.skipped.append(f"{path}: {reason}")
+            line = f"{path}: {reason}"  # (from PID 1, so untrusted: each is cut, as the list is)
+            self.skipped.append(line if len(line) <= _SKIPPED_TEXT else f"{line[:_SKIPPED_TEXT]}... (cut)")
         else:
             self.dropped += 1
 
