@@ -33,7 +33,11 @@ from . import SetupError
 WORKSPACE_CEILING = (100_000, 256 << 20, 256 << 20)  # files, bytes per file, bytes
 _SLACK = 1 << 20  # the export tmpfs holds a little more than max_bytes, so exceeding is seen
 _MAX_SKIPPED = 100
-_SKIPPED_TEXT = 1024  # characters of one skipped entry's line
+_SKIPPED_TEXT = 1024  # characters of a skipped entry's path (half that of its reason)
+
+
+def _cut(text: str, most: int) -> str:
+    return text if len(text) <= most else f"{text[:most]}... (cut)"
 MAX_DEPTH = 64  # directory nesting packed from an export
 
 
@@ -350,8 +354,8 @@ class Collector:
             self._refuse(reason, path)
             return
         if len(self.skipped) < _MAX_SKIPPED:
-            line = f"{path}: {reason}"  # (from PID 1, so untrusted: each is cut, as the list is)
-            self.skipped.append(line if len(line) <= _SKIPPED_TEXT else f"{line[:_SKIPPED_TEXT]}... (cut)")
+            # (from PID 1, so untrusted: the path and the reason are cut, as the list is)
+            self.skipped.append(f"{_cut(path, _SKIPPED_TEXT)}: {_cut(reason, _SKIPPED_TEXT // 2)}")
         else:
             self.dropped += 1
 
