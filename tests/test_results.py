@@ -377,3 +377,35 @@ def test_SECURITY_a_result_header_claiming_the_budget_loses_no_siblings_result(t
                 squatter.wait(timeout=30)
     finally:
         stop_daemon(proc)
+
+
+def test_a_callable_pickled_by_another_python_is_refused_not_run(client, monkeypatch):
+    """cloudpickle sends a function defined by value (a lambda, one from __main__) as bytecode,
+    which only its own Python version runs: a 3.11 client's lambda in a 3.12 zygote ran as
+    garbage (the child died of SIGSEGV). The client says which Python pickled a callable; the
+    daemon refuses one from another version, naming both. Targets and callables sent by name
+    (no bytecode in the pickle) still run."""
+    from zygote_client import DaemonError
+    from zygote_client import _async
+    monkeypatch.setattr(_async, "_PY", "3.99")
+    with pytest.raises(DaemonError) as ei:
+        client.call(lambda: 1)
+    here = "%d.%d" % sys.version_info[:2]
+    assert ei.value.code == "bad-request" and "3.99" in str(ei.value) and here in str(ei.value), ei.value
+    assert client.run("builtins:len", ("abc",)).value == 3
+    assert client.call(len, "abcd") == 4  # a callable sent by name holds no bytecode: it runs
+
+
+def test_a_leased_child_refuses_a_callable_pickled_by_another_python(monkeypatch):
+    """A leased child's Job comes from the client, which the daemon never sees: the child itself
+    refuses a callable pickled by another Python version, before unpickling it."""
+    from zygote_client import _async
+    with Client.embedded(preload_imports=["json"], daemon_args=["--reserve", "1"], leases=1) as c:
+        deadline = time.monotonic() + 30
+        while not c._aclient._leases and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c._aclient._leases, "no child was leased"
+        monkeypatch.setattr(_async, "_PY", "3.99")
+        with pytest.raises(RemoteError) as ei:
+            c.call(lambda: 1)
+        assert "pickled by Python 3.99" in str(ei.value), ei.value

@@ -535,6 +535,10 @@ def _load(plan):
     import pickle
 
     if plan.kind == "callable":
+        here = "%d.%d" % sys.version_info[:2]
+        if plan.py and plan.py != here:  # (a leased child's Job comes from the client: the daemon never saw it)
+            raise RuntimeError(f"the callable was pickled by Python {plan.py} and this zygote runs Python "
+                               f"{here}: a function sent by value is bytecode only its own Python runs")
         return pickle.loads(plan.payload)
     modname, _, qual = (plan.target or "").partition(":")
     obj = importlib.import_module(modname)

@@ -877,6 +877,11 @@ class Daemon:
         """The request's own fields, checked against its pool: (kind, target, env). Raises _Refused."""
         pc = pool.config
         kind, target = msg.kind, msg.target
+        theirs = ".".join(str(v) for v in (pool.zygotes[0].info.get("version") or [])[:2]) if pool.zygotes else ""
+        if kind == "callable" and msg.py and theirs and msg.py != theirs:
+            raise _Refused("bad-request", f"the callable was pickled by Python {_q(msg.py)} and pool {pc.name!r} "
+                           f"runs Python {theirs}: a function sent by value is bytecode only its own Python "
+                           "runs (use that Python for the client, or a target 'module:function')")
         if not pc.allow_callables:  # the pool runs only its own code (see PoolConfig)
             own = f"pool {pc.name!r} runs only its own code (allow_callables = false): "
             if kind == "callable":
@@ -934,7 +939,7 @@ class Daemon:
             raise _Refused("bad-request", f"seccomp_profile: {e}") from None
         return C.ChildPlan(
             kind=kind, payload=msg.payload, target=target, argv=msg.argv, env=env,
-            result_pickle=msg.trusted_results,
+            result_pickle=msg.trusted_results, py=msg.py,
             process_name=msg.process_name, hostname=cfg.hostname,
             cwd=cfg.workdir or files.get("workspace_path"),
             rlimits=rlimits.plan(cpu_time=cfg.cpu_time, file_size=cfg.file_size_bytes,
@@ -1323,7 +1328,7 @@ class Daemon:
         client. None when the reserve is empty (the caller clones as usual). Raises _Refused."""
         kind, target, env = self._check_request(pool, msg)
         job = C.frame(C.Job(kind=kind, payload=msg.payload, target=target, argv=msg.argv, env=env,
-                            process_name=msg.process_name, result_pickle=msg.trusted_results))
+                            process_name=msg.process_name, result_pickle=msg.trusted_results, py=msg.py))
         while reserve.children:
             child = reserve.take()
             fit = "gone"

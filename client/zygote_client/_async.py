@@ -458,7 +458,7 @@ class AsyncClient:
                            stdin=stdin == PIPE, stdio="fds" if fds else "pipe", timeout=timeout,
                            trusted_results=bool(trusted_results), detached=bool(detached),
                            test_fail_step=_test_fail_step, test_relax_mounts=_test_relax_mounts,
-                           test_landlock_abi=_test_landlock_abi)
+                           test_landlock_abi=_test_landlock_abi, py=_pickled_by(kind, payload))
 
         msg, rfds = await self._request(make, fds)
         if isinstance(msg, P.SpawnFailed):
@@ -553,7 +553,8 @@ class AsyncClient:
         if kind in ("child_main", "exec"):
             return None
         job = P.job_frame(P.Job(kind=kind, payload=payload, target=target, argv=argv, env=env,
-                                process_name=process_name, result_pickle=bool(trusted), timeout=timeout))
+                                process_name=process_name, result_pickle=bool(trusted), timeout=timeout,
+                                py=_pickled_by(kind, payload)))
         if len(job) > LEASE_JOB_MAX:
             return None
         while not (self._closed or self._broken):
@@ -642,6 +643,17 @@ class AsyncClient:
                         tg.start_soon(_forward, stream, name)
                 await child.wait()  # not result(): its exception would cancel the forwarders early
         return await child.result()
+
+
+_PY = "%d.%d" % sys.version_info[:2]
+
+
+def _pickled_by(kind: str, payload: bytes) -> str | None:
+    """This Python's version for a callable that holds bytecode, else None. cloudpickle sends a
+    function defined by value (a lambda, one from __main__ or a notebook) as its code object,
+    which only this Python version runs: another one's ran it as garbage (a child killed by
+    SIGSEGV, or worse). Functions sent by name (print, a module's) run anywhere, as before."""
+    return _PY if kind == "callable" and b"CodeType" in payload else None
 
 
 def _encode_target(target: Any, args: tuple, kwargs: dict | None, argv: list[str] | None,

@@ -78,6 +78,7 @@ class Spawn(_Msg, tag="spawn"):
     timeout: float | None = None  # wall-clock seconds; the stricter of this and sandbox.timeout wins
     trusted_results: bool = False
     detached: bool = False  # outlives this connection; output kept in the daemon's ring buffer
+    py: str | None = None  # "3.11": the Python that pickled a callable (only one of that version can run it)
     test_landlock_abi: int = 0  # test-only: require this Landlock ABI (simulates an older kernel)
     test_relax_mounts: bool = False  # test-only: host mount tree (to test Landlock alone)
     test_fail_step: str | None = None  # honoured only by a daemon started with --test-hooks
@@ -164,6 +165,7 @@ class Job(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True)
     process_name: str | None = None
     result_pickle: bool = False  # encode the return value with cloudpickle (the client's trusted_results)
     timeout: float | None = None  # seconds from the Job (a leased child's; the daemon caps it)
+    py: str | None = None  # as Spawn.py: the child refuses a callable pickled by another Python
 
 
 JOB_LEN = struct.Struct("!I")  # a Job frame: this length, then the msgpack body (as every child pipe's frame)
