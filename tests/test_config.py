@@ -536,3 +536,59 @@ def test_SECURITY_data_only_arguments_refuse_extension_codes():
     finally:
         copyreg.remove_extension("posix", "system", 240)
         copyreg.clear_extension_cache()
+
+
+def test_SECURITY_a_bind_source_swapped_after_the_check_is_not_bound(shared_dir, tmp_path, monkeypatch):
+    """A client (uid 4001) names a file in its own directory; the daemon checks it may read it;
+    before the child opens it (held there by a test hook) the client renames a root-only
+    directory beside it into its place. The child must not bind what the path leads to now
+    (it walks with the daemon's rights): the spawn fails, naming the mounts step."""
+    import threading
+
+    mine = os.path.join(shared_dir, "mine")
+    os.makedirs(os.path.join(mine, "a"))
+    os.mkdir(os.path.join(mine, "private"), 0o700)
+    for d, text in (("a", "mine"), ("private", "root's")):
+        with open(os.path.join(mine, d, "f"), "w") as out:
+            out.write(text)
+        os.chmod(os.path.join(mine, d, "f"), 0o644)
+    for d in (mine, os.path.join(mine, "a"), os.path.join(mine, "a", "f")):
+        os.chown(d, 4001, 4242)
+    go = tmp_path / "go"
+    monkeypatch.setenv("ZYGOTE_TEST_PAUSE_BEFORE_SOURCES", str(go))
+    sock = os.path.join(shared_dir, "z.sock")
+    cfg = write_text(os.path.join(shared_dir, "z.toml"), f"""
+        [daemon]
+        socket = "{sock}"
+        socket_mode = "0660"
+        socket_group = 4242
+        allowed_uids = [4001]
+        """)
+    proc = start_daemon("--config", cfg, "--test-hooks")
+
+    def swap() -> None:
+        time.sleep(2)  # the request was checked, its child waits before opening its sources
+        os.rename(os.path.join(mine, "a"), os.path.join(mine, "old"))
+        os.rename(os.path.join(mine, "private"), os.path.join(mine, "a"))
+        go.write_text("")
+
+    def spawn() -> str:
+        c = RawConn(sock)
+        c.send(c.P.Hello(c.P.VERSION))
+        c.reply()
+        c.send(c.P.Spawn(req=1, kind="exec", argv=["/bin/cat", "/f"], stdin=False,
+                         sandbox=SandboxConfig(ro_binds={os.path.join(mine, "a", "f"): "/f"})))
+        m = c.reply()
+        return f"{type(m).__name__}:{getattr(m, 'step', '')}:{getattr(m, 'message', '')}"
+
+    try:
+        wait_socket(sock, proc)
+        t = threading.Thread(target=swap)
+        t.start()
+        try:
+            out = run_as(4001, 4242, spawn)
+        finally:
+            t.join()
+        assert out.startswith("SpawnFailed:mounts:") and "not what the daemon checked" in out, out
+    finally:
+        stop_daemon(proc)

@@ -412,3 +412,30 @@ def test_SECURITY_bind_source_swapped_to_symlink_is_refused(tmp_path):
     with pytest.raises(SetupError) as e:
         _mounts._open_path(str(tmp_path / "swapped" / "f"))
     assert e.value.errno == _errno.ELOOP
+
+
+def test_SECURITY_a_source_the_client_named_is_bound_only_if_it_is_what_the_daemon_checked(hostdir):
+    """The daemon checks a source the client named against the client's ids, and the child opens
+    it later with the daemon's rights. A directory on the way renamed in between for one the
+    client cannot search (here its own dir, swapped for a root-only one beside it) led the
+    child to a file the client could never reach: the child binds only the file the daemon
+    checked (its device and inode), or fails."""
+    mine = hostdir(owner=4242)
+    os.mkdir(os.path.join(mine, "a"))
+    os.mkdir(os.path.join(mine, "private"), 0o700)  # root's, in a directory the client owns
+    for d, text in (("a", "mine"), ("private", "root's")):
+        with open(os.path.join(mine, d, "f"), "w") as out:
+            out.write(text)
+        os.chmod(os.path.join(mine, d, "f"), 0o644)
+    os.chown(os.path.join(mine, "a"), 4242, 4242)
+    f = os.path.join(mine, "a", "f")
+    st = os.stat(f)
+    plan = ChildPlan(kind="exec", **mounts.prepare(SandboxConfig(ro_binds={f: "/f"}), INFO,
+                                                   pins={f: (st.st_dev, st.st_ino)}))
+    assert result(plan, lambda: open("/f").read()) == "mine"
+    os.rename(os.path.join(mine, "a"), os.path.join(mine, "old"))  # (what the client itself can do)
+    os.rename(os.path.join(mine, "private"), os.path.join(mine, "a"))
+    step, err, message, _hint = in_sandbox(plan, lambda: open("/f").read())["setup_error"]
+    assert step == "mounts" and err == errno.ESTALE and "not what the daemon checked" in message
+    unpinned = ChildPlan(kind="exec", **mounts.prepare(SandboxConfig(ro_binds={f: "/f"}), INFO))
+    assert result(unpinned, lambda: open("/f").read()) == "root's"  # (what the pin stops)

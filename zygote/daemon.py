@@ -911,7 +911,7 @@ class Daemon:
         return kind, target, dict(pc.env if msg.env is None else msg.env)
 
     def _plan(self, pool: Pool, msg: P.Spawn, cfg: SandboxConfig, deferred: bool = False,
-              prewarm: bool = True) -> C.ChildPlan:
+              prewarm: bool = True, pins: dict | None = None) -> C.ChildPlan:
         if deferred:  # a reserve child: no request yet (see _take_reserved); the pool's environment
             # is what most requests get; the target is the pool's child_main, the only one a Job
             # of kind child_main may run (a leased child's Job comes from the client)
@@ -925,7 +925,7 @@ class Daemon:
         except WorkspaceError as e:
             raise _Refused("workspace", e.reason, e.path) from None
         try:
-            fs = mounts.prepare(cfg, info, files.pop("tmpfs"), etc)
+            fs = mounts.prepare(cfg, info, files.pop("tmpfs"), etc, pins)  # (pins: check_peer_paths)
         except ValueError as e:
             raise _Refused("bad-request", str(e)) from None
         if msg.test_relax_mounts:  # test-only: keep the host tree so Landlock alone can be tested
@@ -947,6 +947,7 @@ class Daemon:
             landlock=cfg.landlock, landlock_ro=ro, landlock_abi=max(1, msg.test_landlock_abi), landlock_rw=rw,
             landlock_net=cfg.network is None, uid=cfg.uid, gid=cfg.gid, drop_privileges=True,
             seccomp_bpf=bpf, test_fail_step=msg.test_fail_step, deferred=deferred, prewarm=prewarm,
+            test_pause_sources=os.environ.get("ZYGOTE_TEST_PAUSE_BEFORE_SOURCES") if self.config.test_hooks else None,
             data_args=not pool.config.allow_callables,
             reaper=_needs_reaper(cfg, kind), **files,
             **{k: v for k, v in fs.items() if k in C.ChildPlan.__struct_fields__},
@@ -1028,9 +1029,10 @@ class Daemon:
         try:
             cfg = policy.effective(pool.config.sandbox, msg.sandbox)
             own_paths = policy.names_host_paths(cfg, pool.config.sandbox)
+            pins = {}
             if own_paths:
-                await self._look(conn.peer_uid, policy.check_peer_paths, cfg, pool.config.sandbox,
-                                 conn.peer_uid, conn.peer_gid)
+                pins = await self._look(conn.peer_uid, policy.check_peer_paths, cfg, pool.config.sandbox,
+                                        conn.peer_uid, conn.peer_gid)
             if pool.config.forbid_secret_env and msg.env is not None:
                 policy.check_env(msg.env, pool.config.env_allow)
         except policy.PolicyError as e:
@@ -1053,7 +1055,8 @@ class Daemon:
         if conn is self._reserve_conn:
             timeout = None  # a reserve child's deadline is armed when a request takes it
         try:
-            make = functools.partial(self._plan, pool, msg, cfg, deferred=conn is self._reserve_conn, prewarm=prewarm)
+            make = functools.partial(self._plan, pool, msg, cfg, deferred=conn is self._reserve_conn, prewarm=prewarm,
+                                     pins=pins)
             # In a worker thread when it stats host paths the client named, or checks a workspace
             # (up to 100000 entries a client chose): neither may hold up the loop.
             slow = own_paths or cfg.workspace is not None

@@ -137,25 +137,36 @@ def names_host_paths(cfg: SandboxConfig, pool: SandboxConfig) -> bool:
             or bool(cfg.chroot_dir and cfg.chroot_dir != pool.chroot_dir))
 
 
-def check_peer_paths(cfg: SandboxConfig, pool: SandboxConfig, uid: int, gid: int) -> None:
+def check_peer_paths(cfg: SandboxConfig, pool: SandboxConfig, uid: int, gid: int) -> dict[str, tuple[int, int]]:
     """Refuse binds/chroot the connecting user could not reach on the host themselves.
 
     The child opens bind sources while it still carries the daemon's host credentials, so without
     this a client could bind any file the daemon can read. Root and the daemon's own uid pass.
+
+    Returns the sources checked, as given, -> (st_dev, st_ino) of what was checked: the child
+    binds those files or none (mounts.MountSpec.pin), whatever the paths lead to by then.
     """
+    pins: dict[str, tuple[int, int]] = {}
     if uid == 0 or uid == os.getuid():
-        return
+        return pins
     for field, write in (("ro_binds", False), ("rw_binds", True)):
         for src in getattr(cfg, field):
             if src in getattr(pool, field):
                 continue
-            if not _may_access(src, uid, gid, write):
+            pin = _may_access(src, uid, gid, write)
+            if pin is None:
                 raise PolicyError(f"{field}: uid {uid} may not {'write' if write else 'read'} {src!r} on the host")
-    if cfg.chroot_dir and cfg.chroot_dir != pool.chroot_dir and not _may_access(cfg.chroot_dir, uid, gid, False):
-        raise PolicyError(f"chroot_dir: uid {uid} may not read {cfg.chroot_dir!r} on the host")
+            pins[src] = pin
+    if cfg.chroot_dir and cfg.chroot_dir != pool.chroot_dir:
+        pin = _may_access(cfg.chroot_dir, uid, gid, False)
+        if pin is None:
+            raise PolicyError(f"chroot_dir: uid {uid} may not read {cfg.chroot_dir!r} on the host")
+        pins[cfg.chroot_dir] = pin
+    return pins
 
 
-def _may_access(path: str, uid: int, gid: int, write: bool) -> bool:
+def _may_access(path: str, uid: int, gid: int, write: bool) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of ``path`` if ``uid``/``gid`` may reach it (and write it), else None."""
     def ok(st: os.stat_result, bit_r: bool, bit_w: bool, bit_x: bool) -> bool:
         if st.st_uid == uid:
             shift = 6
@@ -173,12 +184,12 @@ def _may_access(path: str, uid: int, gid: int, write: bool) -> bool:
         for part in parts[1:-1]:
             cur = os.path.join(cur, part)
             if not ok(os.stat(cur), False, False, True):
-                return False
+                return None
         st = os.stat(real)
     except OSError:
-        return False
+        return None
     is_dir = stat.S_ISDIR(st.st_mode)
-    return bool(ok(st, True, write, is_dir))
+    return (st.st_dev, st.st_ino) if ok(st, True, write, is_dir) else None
 
 
 def on_a_mount(fd: int) -> bool:

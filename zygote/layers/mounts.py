@@ -174,7 +174,7 @@ def _choose_scratch(avoid: list[str]) -> str:
 
 
 def _user_binds(cfg, layers: list[tuple[str, str | None]], protected: list[str],
-                symlinks: dict[str, str], taken: set[str]) -> list[MountSpec]:
+                symlinks: dict[str, str], taken: set[str], pins: dict | None = None) -> list[MountSpec]:
     """Validate ro_binds/rw_binds against what the root already holds.
 
     ``layers``: (sandbox path, host source or None for a tmpfs of ours) already mounted; a target
@@ -217,13 +217,14 @@ def _user_binds(cfg, layers: list[tuple[str, str | None]], protected: list[str],
                                  f"{host!r} must already exist (no symlinks on the way)")
             if os.path.isdir(host) != os.path.isdir(real):
                 raise ValueError(f"{what}: the source and the existing target {host!r} differ in type")
-        out.append(MountSpec(real, t, readonly, True))
+        out.append(MountSpec(real, t, readonly, True, (pins or {}).get(src)))
         layers.append((t, real))
         taken.add(t)
     return out
 
 
-def prepare(cfg, zygote_info: dict, tmpfs: list[TmpfsSpec] = (), etc_extra: dict[str, bytes] | None = None) -> dict:
+def prepare(cfg, zygote_info: dict, tmpfs: list[TmpfsSpec] = (), etc_extra: dict[str, bytes] | None = None,
+            pins: dict[str, tuple[int, int]] | None = None) -> dict:
     """ChildPlan field values for the mount layer of one child.
 
     Args:
@@ -233,6 +234,9 @@ def prepare(cfg, zygote_info: dict, tmpfs: list[TmpfsSpec] = (), etc_extra: dict
         tmpfs: extra tmpfs mounts of the child's own (workspace, export) to place in the root.
         etc_extra: more generated files under /etc (e.g. resolv.conf for a networked child);
             ignored with chroot_dir, whose /etc is the user's.
+        pins: the sources the client named, as given, -> (st_dev, st_ino) of what the daemon
+            checked (policy.check_peer_paths): their specs carry it (MountSpec.pin), as does
+            a chroot_dir (chroot_pin).
 
     Returns:
         root, chroot_dir, tmpfs_bytes, binds, proc, dev_pts, etc_files, symlinks, scratch, dev, tmp,
@@ -245,7 +249,7 @@ def prepare(cfg, zygote_info: dict, tmpfs: list[TmpfsSpec] = (), etc_extra: dict
     if cfg.chroot_dir is not None:
         if tmpfs:
             raise ValueError(f"{tmpfs[0].target}: a workspace or export needs the generated root, not chroot_dir")
-        return _prepare_chroot(cfg)
+        return _prepare_chroot(cfg, pins)
     binds, links = _interpreter_layout(
         zygote_info["executable"], zygote_info["prefix"], zygote_info["base_prefix"],
         tuple(zygote_info.get("path") or ()), tuple(zygote_info.get("extra_paths") or ()))
@@ -254,7 +258,7 @@ def prepare(cfg, zygote_info: dict, tmpfs: list[TmpfsSpec] = (), etc_extra: dict
     layers: list[tuple[str, str | None]] = [("/", None), ("/tmp", None)]
     layers += [(b.target, b.source) for b in binds]
     protected = [b.target for b in binds] + list(etc_files) + list(symlinks)
-    user = _user_binds(cfg, layers, protected, symlinks, {b.target for b in binds})
+    user = _user_binds(cfg, layers, protected, symlinks, {b.target for b in binds}, pins)
     all_binds = sorted([*binds, *user], key=lambda b: b.target)  # parents before what they hold
     _check_tmpfs(tmpfs, all_binds, protected, symlinks)
     return dict(root="tmpfs", chroot_dir=None, tmpfs_bytes=cfg.tmpfs_bytes, binds=all_binds,
@@ -284,7 +288,7 @@ def _check_tmpfs(tmpfs, binds: list[MountSpec], protected: list[str], symlinks: 
                 raise ValueError(f"{what} overlaps {other.target}")
 
 
-def _prepare_chroot(cfg) -> dict:
+def _prepare_chroot(cfg, pins: dict | None = None) -> dict:
     root = cfg.chroot_dir
     if not os.path.isdir(root):
         raise ValueError(f"chroot_dir: {root!r} is not a directory on the host")
@@ -307,10 +311,10 @@ def _prepare_chroot(cfg) -> dict:
         raise ValueError(f"chroot_dir: dev_pts=True needs a /dev directory in {root!r}")
     tmp = has_dir("/tmp")
     layers: list[tuple[str, str | None]] = [("/", real)] + ([("/tmp", None)] if tmp else [])
-    user = _user_binds(cfg, layers, [], {}, set())
+    user = _user_binds(cfg, layers, [], {}, set(), pins)
     return dict(root="chroot", chroot_dir=real, tmpfs_bytes=cfg.tmpfs_bytes, binds=user, proc=proc,
                 dev_pts=cfg.dev_pts, etc_files={}, symlinks={}, scratch=_choose_scratch([real]),
-                dev=dev, tmp=tmp)
+                dev=dev, tmp=tmp, chroot_pin=(pins or {}).get(root))
 
 
 # ---- child side ----------------------------------------------------------------------------------
@@ -365,19 +369,34 @@ def open_sources(plan) -> dict[str, int]:
     try:
         if plan.root == "chroot" and plan.chroot_dir:
             fds[plan.chroot_dir] = _open_path(plan.chroot_dir)
+            _check_pin(fds[plan.chroot_dir], plan.chroot_dir, plan.chroot_pin)
         for spec in plan.binds:
-            if spec.source in fds:
-                continue
-            try:
-                fds[spec.source] = _open_path(spec.source)
-            except SetupError as e:
-                if e.errno == _errno.ENOENT and not spec.required:
-                    continue
-                raise
+            if spec.source not in fds:
+                try:
+                    fds[spec.source] = _open_path(spec.source)
+                except SetupError as e:
+                    if e.errno == _errno.ENOENT and not spec.required:
+                        continue
+                    raise
+            _check_pin(fds[spec.source], spec.source, spec.pin)
     except BaseException:
         _close_all(fds)
         raise
     return fds
+
+
+def _check_pin(fd: int, path: str, pin: tuple[int, int] | None) -> None:
+    """A source the client named must be the very file the daemon checked against the client's
+    ids. The walk here has the daemon's rights: a directory on the way renamed meanwhile for
+    one the client cannot search (or a file for a hard link) would be bound otherwise, and
+    what it holds readable to the child. (Symlinks are refused on the way: _open_path.)"""
+    if pin is None:
+        return
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != tuple(pin):
+        raise SetupError("mounts", f"bind source {path} is not what the daemon checked (it was replaced "
+                         "since)", _errno.ESTALE,
+                         "leave the paths a request names in place until its child has started")
 
 
 class _OpenHow(ctypes.Structure):  # struct open_how, openat2(2)
