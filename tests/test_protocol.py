@@ -521,3 +521,12 @@ def test_SECURITY_received_requests_awaiting_their_answer_count_toward_the_cap(s
         s.close()
     assert "limit" in codes, codes[-3:]
     _alive(socket_daemon)
+
+
+def test_a_job_leaves_out_fields_at_their_default():
+    """A Job a client writes to a leased child carries only the fields it sets: a field added
+    with a default (py, for a callable holding bytecode) must not reach a child that does not
+    know it (children decode strictly), or every leased job of a newer client was refused."""
+    import msgspec
+    frame = P.job_frame(P.Job(kind="callable", payload=b"x"))
+    assert set(msgspec.msgpack.decode(frame[P.JOB_LEN.size:])) == {"kind", "payload"}

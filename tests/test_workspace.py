@@ -707,6 +707,17 @@ def test_SECURITY_an_empty_private_destination_stays_private(tmp_path):
         os.close(fd)
     assert os.stat(dest).st_mode & 0o7777 == 0o700
     assert (dest / "secret").read_bytes() == b"s"
+    shared = tmp_path / "shared"  # a group's directory keeps its group, not the unpacker's
+    shared.mkdir()
+    os.chown(shared, -1, 4242)
+    os.chmod(shared, 0o2750)
+    fd = _archive([Entry("f", "file", 0o640, b"g")])
+    try:
+        unpack_archive(fd, shared)
+    finally:
+        os.close(fd)
+    st = os.stat(shared)
+    assert (st.st_mode & 0o7777, st.st_gid) == (0o2750, 4242)
 
 
 def test_a_destination_with_a_long_name_unpacks(tmp_path):

@@ -150,7 +150,7 @@ class Leased(_Msg, tag="leased"):
     pid: int
 
 
-class Job(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Job(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """What starts a confined child that waits for a request (a reserve child): the daemon writes
     one for a Spawn that takes a reserve child, a client one for a child it leased. The fields
     are those of Spawn; the child checks them (kind, target, argv) before anything runs, and

@@ -450,7 +450,8 @@ def unpack_archive(fd: int, dest: str | os.PathLike, *, max_files: int | None = 
     try:
         # An empty directory given keeps its permissions (a private one stays private); a new
         # one gets what mkdir would give it.
-        mode = os.stat(dest).st_mode & 0o7777 if os.path.lexists(dest) else 0o777 & ~_umask()
+        given = os.stat(dest) if os.path.lexists(dest) else None
+        mode = given.st_mode & 0o3777 if given is not None else 0o777 & ~_umask()
         # (a short name of our own: dest's name may be near NAME_MAX already)
         tmp = tempfile.mkdtemp(prefix=".zg-export.", dir=parent)
     except OSError as e:
@@ -460,6 +461,11 @@ def unpack_archive(fd: int, dest: str | os.PathLike, *, max_files: int | None = 
         top = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             _unpack_into(fd, top, files, max_files, max_bytes)
+            if given is not None and os.fstat(top).st_gid != given.st_gid:
+                try:  # its group too: a group-readable private directory stays that group's
+                    os.fchown(top, -1, given.st_gid)
+                except OSError:
+                    mode &= 0o700  # (not ours to give that group): the owner's bits only
             os.fchmod(top, mode)
         finally:
             os.close(top)
