@@ -465,6 +465,15 @@ def _archive(entries) -> int:
     return fd
 
 
+def _unpack(entries, dest) -> list[str]:
+    """unpack_archive of an archive made of ``entries`` into ``dest``."""
+    fd = _archive(entries)
+    try:
+        return unpack_archive(fd, dest)
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("entries,path", [
     ([Entry("../../x", "file", 0o644, b"pwned")], "../../x"),
     ([Entry("/tmp/zg-pwned", "file", 0o644, b"pwned")], "/tmp/zg-pwned"),
@@ -685,11 +694,7 @@ def test_SECURITY_unpacking_never_changes_the_process_umask(tmp_path, monkeypatc
     def no_umask(mask):
         raise AssertionError(f"os.umask({mask:#o}) called while unpacking")
     monkeypatch.setattr(os, "umask", no_umask)
-    fd = _archive([Entry("d", "dir", 0o755, b""), Entry("d/f", "file", 0o644, b"x")])
-    try:
-        assert unpack_archive(fd, tmp_path / "dest") == ["d/f"]
-    finally:
-        os.close(fd)
+    assert _unpack([Entry("d", "dir", 0o755, b""), Entry("d/f", "file", 0o644, b"x")], tmp_path / "dest") == ["d/f"]
     mask = int(next(line for line in open("/proc/self/status") if line.startswith("Umask:")).split()[1], 8)
     assert os.stat(tmp_path / "dest").st_mode & 0o777 == 0o777 & ~mask
 
@@ -700,22 +705,14 @@ def test_SECURITY_an_empty_private_destination_stays_private(tmp_path):
     dest = tmp_path / "private"
     dest.mkdir(mode=0o700)
     os.chmod(dest, 0o700)
-    fd = _archive([Entry("secret", "file", 0o600, b"s")])
-    try:
-        unpack_archive(fd, dest)
-    finally:
-        os.close(fd)
+    _unpack([Entry("secret", "file", 0o600, b"s")], dest)
     assert os.stat(dest).st_mode & 0o7777 == 0o700
     assert (dest / "secret").read_bytes() == b"s"
     shared = tmp_path / "shared"  # a group's directory keeps its group, not the unpacker's
     shared.mkdir()
     os.chown(shared, -1, 4242)
     os.chmod(shared, 0o2750)
-    fd = _archive([Entry("f", "file", 0o640, b"g")])
-    try:
-        unpack_archive(fd, shared)
-    finally:
-        os.close(fd)
+    _unpack([Entry("f", "file", 0o640, b"g")], shared)
     st = os.stat(shared)
     assert (st.st_mode & 0o7777, st.st_gid) == (0o2750, 4242)
 
@@ -723,9 +720,5 @@ def test_SECURITY_an_empty_private_destination_stays_private(tmp_path):
 def test_a_destination_with_a_long_name_unpacks(tmp_path):
     """The temporary sibling's name was built from the destination's: a legal 240-byte name
     made it too long (a raw OSError, not the promised ExportError)."""
-    fd = _archive([Entry("f", "file", 0o644, b"x")])
-    try:
-        assert unpack_archive(fd, tmp_path / ("n" * 240)) == ["f"]
-    finally:
-        os.close(fd)
+    assert _unpack([Entry("f", "file", 0o644, b"x")], tmp_path / ("n" * 240)) == ["f"]
     assert (tmp_path / ("n" * 240) / "f").read_bytes() == b"x"
