@@ -1097,3 +1097,43 @@ def test_SECURITY_a_spawner_not_reading_its_detached_childrens_output_is_capped(
             assert k.wait(timeout=30).returncode == 0
     finally:
         stop_daemon(proc)
+
+
+def test_SECURITY_detached_spawns_in_a_burst_cannot_pass_max_attaches_together(tmp_path):
+    """The spawner's feeds count against max_attaches from the spawn's check on: counted only
+    once the child was set up, eight detached spawns sent together all passed a cap of two."""
+    import threading
+
+    sock = str(tmp_path / "z.sock")
+    proc = start_daemon("--config", write_text(tmp_path / "z.toml", f"""
+        [daemon]
+        socket = "{sock}"
+        max_attaches = 2
+        """))
+
+    def sleeper():
+        import time
+        time.sleep(60)
+
+    outcomes: list[str] = []
+    try:
+        wait_socket(sock, proc)
+        with Client.connect(sock) as c:
+            kids = []
+
+            def one() -> None:
+                try:
+                    kids.append(c.spawn_child(sleeper, stdin=None, detached=True))
+                    outcomes.append("spawned")
+                except DaemonError as e:
+                    outcomes.append(e.code)
+            threads = [threading.Thread(target=one) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for k in kids:
+                k.kill()
+            assert sorted(outcomes) == ["limit"] * 6 + ["spawned"] * 2, outcomes
+    finally:
+        stop_daemon(proc)

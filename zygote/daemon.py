@@ -977,7 +977,8 @@ class Daemon:
                                  "detached children, the daemon's maximum per user (max_detached_per_client)",
                                  code="limit"), []
         if msg.detached and self.attached.get(conn.peer_uid, 0) >= self.config.max_attaches:
-            # (its output comes to the spawner through feeds counted as an attach: _start_detached)
+            # Its output comes to the spawner through feeds counted as an attach: counted from
+            # here (a burst cannot pass the check together), handed to them by _start_detached.
             return P.SpawnFailed(msg.req, f"uid {conn.peer_uid} already has {self.config.max_attaches} attached "
                                  "readers (the spawners' of detached children included), the daemon's maximum "
                                  "per user (max_attaches)", code="limit"), []
@@ -986,8 +987,11 @@ class Daemon:
         self.spawning_by_uid[conn.peer_uid] = self.spawning_by_uid.get(conn.peer_uid, 0) + 1
         if detached:
             self._count(self.detached_by_uid, conn.peer_uid, 1)
+        feeds = [msg.detached]  # the spawner's feeds' count in self.attached, until handed on
+        if msg.detached:
+            self._count(self.attached, conn.peer_uid, 1)
         try:
-            return await self._spawn(pool, conn, msg, client_fds, prewarm)
+            return await self._spawn(pool, conn, msg, client_fds, prewarm, feeds)
         finally:
             self.spawning -= 1
             conn.spawning -= 1
@@ -996,6 +1000,8 @@ class Daemon:
                 del self.spawning_by_uid[conn.peer_uid]
             if detached:
                 self._count(self.detached_by_uid, conn.peer_uid, -1)
+            if feeds[0]:  # no child, or its connection went before its feeds started
+                self._count(self.attached, conn.peer_uid, -1)
 
     async def _look(self, uid: int, fn, *args):
         """``fn(*args)``, which looks at host paths or mount tables a client named (a FUSE or NFS
@@ -1022,7 +1028,8 @@ class Daemon:
         n = sum(1 for c in self.children.values() if c.peer_uid == uid and not c.reserved)
         return n + self.spawning_by_uid.get(uid, 0), f"uid {uid}"
 
-    async def _spawn(self, pool: Pool, conn: Connection, msg: P.Spawn, client_fds: list[int], prewarm: bool = True):
+    async def _spawn(self, pool: Pool, conn: Connection, msg: P.Spawn, client_fds: list[int], prewarm: bool = True,
+                     feeds: list[bool] | None = None):
         if msg.detached and msg.stdio != "pipe":
             return P.SpawnFailed(msg.req, "a detached child needs stdio='pipe' (the daemon keeps its output)",
                                  code="bad-request"), []
@@ -1253,7 +1260,7 @@ class Daemon:
                 drop_pairs()
                 return failure, []
             if detached:
-                self._start_detached(child, conn, detached, limit)
+                self._start_detached(child, conn, detached, limit, feeds)
             if relays:
                 box = [0]
                 for r, w in relays:
@@ -1573,9 +1580,10 @@ class Daemon:
                 self._kill(child, signal.SIGKILL)
 
     def _start_detached(self, child: Child, conn: Connection, pipes: list[tuple[int, int]],
-                        limit: int | None) -> None:
+                        limit: int | None, feeds: list[bool] | None) -> None:
         """Pump the child's stdout/stderr into rings (counting max_output_bytes across both) and
-        tap them for the spawner from offset 0."""
+        tap them for the spawner from offset 0. ``feeds``: [True] while spawn() holds the taps'
+        count in self.attached; set False once _taps has it (and gives it back when they end)."""
         child.rings = (detach.Ring(self.config.detached_buffer_bytes), detach.Ring(self.config.detached_buffer_bytes))
         total = [0]
 
@@ -1590,11 +1598,11 @@ class Daemon:
         for ring, (r, _) in zip(child.rings, pipes):
             self._nursery.start_soon(detach.pump, self.hands.end(r, lambda: child.peer_uid), ring, count)
         uid = conn.peer_uid
-        if conn.nursery is None or conn.closed:
-            self.hands.close(uid, [w for _, w in pipes])
+        if conn.nursery is None or conn.closed or not feeds or not feeds[0]:
+            self.hands.close(uid, [w for _, w in pipes])  # (spawn() gives the count back)
             return
-        self._count(self.attached, uid, 1)  # the spawner's feeds are an attached reader too
         conn.nursery.start_soon(self._taps, child, uid, [w for _, w in pipes], (0, 0))
+        feeds[0] = False  # the spawner's feeds are an attached reader too: theirs now
 
     async def _taps(self, child: Child, uid: int, fds: list[int], starts) -> None:
         """Feed the pipes ``fds`` (their read ends are, or were about to be, the client's) from
