@@ -398,6 +398,21 @@ def test_SECURITY_a_clients_long_names_are_cut_in_replies_and_the_log(tmp_path):
             s.close()
         assert isinstance(reply, P.SpawnFailed), reply
         assert "(4194304 characters)" in reply.message, reply.message[-200:]
+        # the same for a seccomp profile's name, and a workspace entry's (which comes back as
+        # the reply's path: cut too, and quoted no further than it is kept)
+        for sandbox in ({"seccomp_profile": "s" * (4 << 20)},
+                        {"workspace": {"entries": [["\x01" * (4 << 20) + "\0", "file", 0o644, b""]]}}):
+            s = _raw(path)
+            s.settimeout(60)
+            try:
+                spawn = {"type": "spawn", "req": 8, "kind": "exec", "argv": ["/bin/true"], "sandbox": sandbox}
+                s.sendall(_frame(_packed({"type": "hello", "version": P.VERSION})) + _frame(_packed(spawn)))
+                reply = _first_reply(s)
+            finally:
+                s.close()
+            assert isinstance(reply, P.SpawnFailed), reply
+            assert " characters)" in reply.message + (reply.path or ""), (reply.message[-200:], reply.path)
+            assert len(reply.message) < 4000 and len(reply.path or "") < 4000
         _alive(path)
     finally:
         stop_daemon(proc)

@@ -31,6 +31,7 @@ import msgspec
 import trio
 
 from zygote_client import ExitStatus, SandboxConfig
+from zygote_client._errors import quoted
 from zygote_client import _protocol as P
 from zygote_client._errors import ProtocolError
 from zygote_client._workspace import ExportResult, WorkspaceError
@@ -254,9 +255,13 @@ class Connection:
         """
         if self.closed:
             return
-        if isinstance(msg, (P.Error, P.SpawnFailed)) and len(msg.message) > ERROR_TEXT_MAX:
-            # Messages quote what the client sent: a 70 MiB pool name must not come back whole.
-            msg = msgspec.structs.replace(msg, message=msg.message[:ERROR_TEXT_MAX] + "... (cut)")
+        if isinstance(msg, (P.Error, P.SpawnFailed)):
+            # Messages quote what the client sent: a 70 MiB pool name must not come back whole
+            # (nor a path or a hint that holds one).
+            cut = {k: v[:ERROR_TEXT_MAX] + "... (cut)" for k in ("message", "path", "hint")
+                   if isinstance(v := getattr(msg, k, None), str) and len(v) > ERROR_TEXT_MAX}
+            if cut:
+                msg = msgspec.structs.replace(msg, **cut)
         try:
             data = P.encode(msg, len(fds))
         except Exception as e:  # noqa: BLE001 - a report too large to frame: a bug, not a crash
@@ -395,15 +400,6 @@ class Connection:
                 self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-
-
-def _q(text: object, most: int = 200) -> str:
-    """``repr`` of a string a client sent, cut to ``most`` characters before quoting: a reply
-    quoting a 70 MiB pool name whole cost the event loop over a second and 280 MB, although
-    the reply itself is cut to ERROR_TEXT_MAX."""
-    if isinstance(text, str) and len(text) > most:
-        return f"{text[:most]!r}... ({len(text)} characters)"
-    return repr(text)
 
 
 class Daemon:
@@ -810,7 +806,7 @@ class Daemon:
         if isinstance(msg, P.Signal):
             child = conn.children.get(msg.child)
             if child is None:
-                await conn.send(P.Error(msg.req, "unknown-child", f"no child {_q(msg.child)} on this connection"))
+                await conn.send(P.Error(msg.req, "unknown-child", f"no child {quoted(msg.child)} on this connection"))
             elif not 1 <= msg.signum < signal.NSIG:
                 await conn.send(P.Error(msg.req, "bad-request", f"bad signal number {msg.signum}"))
             else:
@@ -879,7 +875,7 @@ class Daemon:
         kind, target = msg.kind, msg.target
         theirs = ".".join(str(v) for v in (pool.zygotes[0].info.get("version") or [])[:2]) if pool.zygotes else ""
         if kind == "callable" and msg.py and theirs and msg.py != theirs:
-            raise _Refused("bad-request", f"the callable was pickled by Python {_q(msg.py)} and pool {pc.name!r} "
+            raise _Refused("bad-request", f"the callable was pickled by Python {quoted(msg.py)} and pool {pc.name!r} "
                            f"runs Python {theirs}: a function sent by value is bytecode only its own Python "
                            "runs (use that Python for the client, or a target 'module:function')")
         if not pc.allow_callables:  # the pool runs only its own code (see PoolConfig)
@@ -890,12 +886,12 @@ class Daemon:
                 raise _Refused("bad-request", own + f"it does not accept {'scripts' if kind == 'script' else 'programs'}"
                                                     " from clients")
             if kind == "target" and target not in pc.allowed_targets:
-                raise _Refused("bad-request", own + f"{_q(target)} is not in its allowed_targets")
+                raise _Refused("bad-request", own + f"{quoted(target)} is not in its allowed_targets")
             # Its code runs in the environment given: PATH, LD_PRELOAD, PYTHONPATH or BASH_ENV
             # pointing into a workspace would run the client's own. Only env_allow names may differ.
             for name, value in (msg.env or {}).items():
                 if name not in pc.env_allow and pc.env.get(name) != value:
-                    raise _Refused("bad-request", own + f"its environment is its own, and {_q(name)} is not in its "
+                    raise _Refused("bad-request", own + f"its environment is its own, and {quoted(name)} is not in its "
                                                         "env_allow")
         if kind == "child_main":
             if not pc.child_main:
@@ -956,7 +952,7 @@ class Daemon:
     async def spawn(self, conn: Connection, msg: P.Spawn, client_fds: list[int], *, prewarm: bool = True):
         pool = self.pools.get(msg.pool or "default")
         if pool is None:
-            return P.SpawnFailed(msg.req, f"no pool named {_q(msg.pool)}", code="bad-request"), []
+            return P.SpawnFailed(msg.req, f"no pool named {quoted(msg.pool)}", code="bad-request"), []
         # Spawns in flight count too: a burst of requests would otherwise all pass the check before
         # the first clone registers its child.
         if len(self.children) + self.spawning >= self.config.max_children:
@@ -1414,7 +1410,7 @@ class Daemon:
         pool = self.pools.get(msg.pool or "default")
         why = code = ""
         if pool is None:
-            why, code = f"no pool named {_q(msg.pool)}", "bad-request"
+            why, code = f"no pool named {quoted(msg.pool)}", "bad-request"
         elif not pool.config.allow_callables or pool.config.forbid_secret_env:
             why, code = (f"pool {pool.config.name!r} does not lease children (it refuses callables or screens "
                          "environments: requests go through the daemon)"), "bad-request"
@@ -1631,10 +1627,10 @@ class Daemon:
         child = kept.child if kept is not None else self.children.get(msg.child)
         if child is None or not (conn.peer_uid == 0 or conn.peer_uid == child.peer_uid):
             # the same answer as for a made-up id: other peers learn nothing about the child
-            await conn.send(P.Error(msg.req, "unknown-child", f"no child {_q(msg.child)} for this peer"))
+            await conn.send(P.Error(msg.req, "unknown-child", f"no child {quoted(msg.child)} for this peer"))
             return
         if not child.detached or child.rings is None:
-            await conn.send(P.Error(msg.req, "bad-request", f"child {_q(msg.child)} was not spawned detached=True"))
+            await conn.send(P.Error(msg.req, "bad-request", f"child {quoted(msg.child)} was not spawned detached=True"))
             return
         if msg.offset < 0:
             await conn.send(P.Error(msg.req, "bad-request", f"offset must be >= 0, got {msg.offset}"))

@@ -16,6 +16,7 @@ import msgspec
 from zygote_client import SandboxConfig
 from zygote_client._workspace import Export
 from zygote_client._config import parse_allow
+from zygote_client._errors import quoted
 
 LIMITS = ("memory", "pids", "cpu", "cpu_time", "timeout", "timeout_grace", "file_size", "open_files",
           "max_output_bytes", "tmpfs_size")
@@ -58,14 +59,14 @@ def effective(pool: SandboxConfig, req: SandboxConfig | None) -> SandboxConfig:
             else:
                 changes[name] = getattr(pool, name)
         elif p is not None and r > p:
-            raise PolicyError(f"{name}={getattr(req, name)!r} exceeds the pool's ceiling {getattr(pool, name)!r}")
+            raise PolicyError(f"{name}={quoted(getattr(req, name))} exceeds the pool's ceiling {getattr(pool, name)!r}")
     if _LANDLOCK_RANK[req.landlock] < _LANDLOCK_RANK[pool.landlock]:
         raise PolicyError(f"landlock={req.landlock!r} is looser than the pool's {pool.landlock!r} "
                           "(turning a layer down is a pool-level decision)")
     if req.seccomp_profile != pool.seccomp_profile:
         pr, rr = _SECCOMP_RANK.get(pool.seccomp_profile), _SECCOMP_RANK.get(req.seccomp_profile)
         if pr is None or rr is None or rr < pr:
-            raise PolicyError(f"seccomp_profile={req.seccomp_profile!r} is not allowed under the pool's "
+            raise PolicyError(f"seccomp_profile={quoted(req.seccomp_profile)} is not allowed under the pool's "
                               f"{pool.seccomp_profile!r} (custom or looser profiles are set per pool)")
     if pool.reaper and not req.reaper:
         changes["reaper"] = True  # a pool that wants its orphans reaped wants it for every child
@@ -77,7 +78,7 @@ def effective(pool: SandboxConfig, req: SandboxConfig | None) -> SandboxConfig:
         if pool.network.allow and req.network.allow:
             for item in req.network.allow:
                 if not _allow_covered(item, pool.network.allow):
-                    raise PolicyError(f"network.allow: {item!r} is not within the pool's allow-list "
+                    raise PolicyError(f"network.allow: {quoted(item)} is not within the pool's allow-list "
                                       f"{list(pool.network.allow)!r} (a request may only narrow it)")
         if pool.network.allow and not req.network.allow:
             changes["network"] = pool.network
@@ -114,7 +115,7 @@ def check_env(env: dict[str, str], allow: tuple[str, ...] = ()) -> None:
         up = name.upper()
         for pat in SECRET_ENV:
             if fnmatch.fnmatchcase(up, pat):
-                raise PolicyError(f"environment variable {name!r} looks like a secret (matches {pat!r}); "
+                raise PolicyError(f"environment variable {quoted(name)} looks like a secret (matches {pat!r}); "
                                   "the pool forbids those (allow it by name with --allow-env)")
 
 
@@ -155,12 +156,12 @@ def check_peer_paths(cfg: SandboxConfig, pool: SandboxConfig, uid: int, gid: int
                 continue
             pin = _may_access(src, uid, gid, write)
             if pin is None:
-                raise PolicyError(f"{field}: uid {uid} may not {'write' if write else 'read'} {src!r} on the host")
+                raise PolicyError(f"{field}: uid {uid} may not {'write' if write else 'read'} {quoted(src)} on the host")
             pins[src] = pin
     if cfg.chroot_dir and cfg.chroot_dir != pool.chroot_dir:
         pin = _may_access(cfg.chroot_dir, uid, gid, False)
         if pin is None:
-            raise PolicyError(f"chroot_dir: uid {uid} may not read {cfg.chroot_dir!r} on the host")
+            raise PolicyError(f"chroot_dir: uid {uid} may not read {quoted(cfg.chroot_dir)} on the host")
         pins[cfg.chroot_dir] = pin
     return pins
 

@@ -109,3 +109,11 @@ class ChildFailed(ResultError):
     ``"pids"``, ``"timeout"``, ``"cpu-time"``, ``"output"``, ``"signal"`` and ``"exit"`` (sys.exit or
     os._exit in the payload). ``status`` has the details.
     """
+
+
+def quoted(value: object, most: int = 200) -> str:
+    """``repr`` of a value a peer sent, a string cut to ``most`` characters before quoting: an
+    error quoting a 70 MiB name whole cost over a second and hundreds of MB before it was cut."""
+    if isinstance(value, str) and len(value) > most:
+        return f"{value[:most]!r}... ({len(value)} characters)"
+    return repr(value)

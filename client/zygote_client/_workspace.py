@@ -29,7 +29,7 @@ from typing import Iterator, Literal
 
 import msgspec
 
-from ._errors import ZygoteError
+from ._errors import ZygoteError, quoted
 
 DEFAULT_WORKSPACE = "/workspace"
 DEFAULT_OUT = "/out"
@@ -194,11 +194,11 @@ def check_name(path: str) -> list[str]:
     """The components of a safe relative archive path, or WorkspaceError: no absolute paths, no
     ``.``/``..``/empty components, no NUL, valid UTF-8, kernel length limits."""
     if not isinstance(path, str) or not path:
-        raise WorkspaceError("empty path", path=repr(path))
+        raise WorkspaceError("empty path", path=quoted(path))
     if path.startswith("/"):
         raise WorkspaceError("absolute paths are not allowed", path=path)
     if "\0" in path or len(path.encode("utf-8", "surrogatepass")) > 4095:
-        raise WorkspaceError("NUL byte or path too long", path=repr(path))
+        raise WorkspaceError("NUL byte or path too long", path=quoted(path))
     parts = path.split("/")
     for p in parts:
         if p in ("", ".", ".."):
@@ -208,7 +208,7 @@ def check_name(path: str) -> list[str]:
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:
-        raise WorkspaceError("the name is not valid UTF-8", path=repr(path)) from None
+        raise WorkspaceError("the name is not valid UTF-8", path=quoted(path)) from None
     return parts
 
 

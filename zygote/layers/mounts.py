@@ -32,6 +32,8 @@ import os
 import re
 import stat
 
+from zygote_client._errors import quoted
+
 from .._childproto import MountSpec, TmpfsSpec
 from . import SetupError
 from . import _sys
@@ -189,7 +191,7 @@ def _user_binds(cfg, layers: list[tuple[str, str | None]], protected: list[str],
     layers = list(layers)
     out = []
     for t, src, dst, readonly, field in wanted:
-        what = f"{field}: {src!r} -> {dst!r}"
+        what = f"{field}: {quoted(src)} -> {quoted(dst)}"
         if not os.path.exists(src):
             raise ValueError(f"{what}: the source does not exist on the host")
         real = os.path.realpath(src)
@@ -214,9 +216,9 @@ def _user_binds(cfg, layers: list[tuple[str, str | None]], protected: list[str],
             host = os.path.normpath(parent_src + t[len(parent_t.rstrip("/")):])
             if not os.path.exists(host) or os.path.realpath(host) != host:
                 raise ValueError(f"{what}: the target lies inside the bind of {parent_t}, where "
-                                 f"{host!r} must already exist (no symlinks on the way)")
+                                 f"{quoted(host)} must already exist (no symlinks on the way)")
             if os.path.isdir(host) != os.path.isdir(real):
-                raise ValueError(f"{what}: the source and the existing target {host!r} differ in type")
+                raise ValueError(f"{what}: the source and the existing target {quoted(host)} differ in type")
         out.append(MountSpec(real, t, readonly, True, (pins or {}).get(src)))
         layers.append((t, real))
         taken.add(t)
@@ -291,13 +293,13 @@ def _check_tmpfs(tmpfs, binds: list[MountSpec], protected: list[str], symlinks: 
 def _prepare_chroot(cfg, pins: dict | None = None) -> dict:
     root = cfg.chroot_dir
     if not os.path.isdir(root):
-        raise ValueError(f"chroot_dir: {root!r} is not a directory on the host")
+        raise ValueError(f"chroot_dir: {quoted(root)} is not a directory on the host")
     real = os.path.realpath(root)
     if real == "/":
         raise ValueError("chroot_dir: the host's / cannot be the sandbox root; leave chroot_dir unset")
     for k in _KERNEL_TREES:
         if _under(real, k):
-            raise ValueError(f"chroot_dir: {root!r} is under {k}")
+            raise ValueError(f"chroot_dir: {quoted(root)} is under {k}")
 
     def has_dir(sub: str) -> bool:
         p = real + sub
@@ -305,10 +307,10 @@ def _prepare_chroot(cfg, pins: dict | None = None) -> dict:
 
     proc = cfg.proc is True
     if proc and not has_dir("/proc"):
-        raise ValueError(f"chroot_dir: proc=True needs an empty /proc directory in {root!r}")
+        raise ValueError(f"chroot_dir: proc=True needs an empty /proc directory in {quoted(root)}")
     dev = has_dir("/dev")
     if cfg.dev_pts and not dev:
-        raise ValueError(f"chroot_dir: dev_pts=True needs a /dev directory in {root!r}")
+        raise ValueError(f"chroot_dir: dev_pts=True needs a /dev directory in {quoted(root)}")
     tmp = has_dir("/tmp")
     layers: list[tuple[str, str | None]] = [("/", real)] + ([("/tmp", None)] if tmp else [])
     user = _user_binds(cfg, layers, [], {}, set(), pins)

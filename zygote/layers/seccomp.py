@@ -47,6 +47,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from zygote_client._errors import quoted
+
 from . import SetupError
 from . import _sys
 
@@ -171,10 +173,10 @@ def _profile_path(name_or_path: str) -> Path:
             if (d / f"{name_or_path}.json").is_file():
                 return d / f"{name_or_path}.json"
         known = sorted({p.stem for d in _profile_dirs() for p in d.glob("*.json")})
-        raise ProfileError(f"unknown seccomp profile {name_or_path!r}",
+        raise ProfileError(f"unknown seccomp profile {quoted(name_or_path)}",
                            f"use one of {', '.join(known) or '(none installed)'} or an absolute "
                            f"path to a JSON profile")
-    raise ProfileError(f"seccomp profile {name_or_path!r}: expected a profile name (no '.json', "
+    raise ProfileError(f"seccomp profile {quoted(name_or_path)}: expected a profile name (no '.json', "
                        f"no '/') or an absolute path to a JSON file")
 
 
