@@ -439,3 +439,27 @@ def test_SECURITY_a_source_the_client_named_is_bound_only_if_it_is_what_the_daem
     assert step == "mounts" and err == errno.ESTALE and "not what the daemon checked" in message
     unpinned = ChildPlan(kind="exec", **mounts.prepare(SandboxConfig(ro_binds={f: "/f"}), INFO))
     assert result(unpinned, lambda: open("/f").read()) == "root's"  # (what the pin stops)
+
+
+def test_SECURITY_a_chroot_dir_the_client_named_is_used_only_if_it_is_what_the_daemon_checked(hostdir):
+    """The same as for bind sources, for chroot_dir: a directory on the way renamed after the
+    check for a root-only one holding a tree of the same shape must not become the child's
+    root (the child would read what the client could never reach)."""
+    mine = hostdir(owner=4242)
+    for d in ("a", "private"):
+        os.mkdir(os.path.join(mine, d), 0o700 if d == "private" else 0o755)
+        os.mkdir(os.path.join(mine, d, "c"), 0o755)
+        os.mkdir(os.path.join(mine, d, "c", "tmp"))
+        with open(os.path.join(mine, d, "c", "marker"), "w") as out:
+            out.write(d)
+        os.chmod(os.path.join(mine, d, "c", "marker"), 0o644)
+    root = os.path.join(mine, "a", "c")
+    st = os.stat(root)
+    plan = ChildPlan(kind="exec", **mounts.prepare(SandboxConfig(chroot_dir=root), INFO,
+                                                   pins={root: (st.st_dev, st.st_ino)}))
+    assert plan.chroot_pin == (st.st_dev, st.st_ino)
+    assert result(plan, lambda: open("/marker").read()) == "a"
+    os.rename(os.path.join(mine, "a"), os.path.join(mine, "old"))  # (the client's own directory)
+    os.rename(os.path.join(mine, "private"), os.path.join(mine, "a"))
+    step, err, message, _hint = in_sandbox(plan, lambda: open("/marker").read())["setup_error"]
+    assert step == "mounts" and err == errno.ESTALE and "not what the daemon checked" in message
