@@ -13,6 +13,7 @@ from typing import Literal
 
 import msgspec
 
+from ._errors import quoted
 from ._workspace import Export, Workspace
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB]?)\s*$")
@@ -30,7 +31,7 @@ def parse_size(value: int | str | None, field: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool):
-        raise ValueError(f"{field}: expected a size such as 268435456 or '256M', got {value!r}")
+        raise ValueError(f"{field}: expected a size such as 268435456 or '256M', got {quoted(value)}")
     if isinstance(value, int):
         n = value
     else:
@@ -81,8 +82,8 @@ def parse_allow(item: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Networ
     Raises:
         ValueError: naming the entry.
     """
-    if not isinstance(item, str):
-        raise ValueError(f"network.allow: expected 'CIDR' or 'CIDR:PORT', got {item!r}")
+    if not isinstance(item, str) or len(item) > 64:  # (ipaddress quotes a bad value whole)
+        raise ValueError(f"network.allow: expected 'CIDR' or 'CIDR:PORT', got {quoted(item)}")
     head, sep, tail = item.rpartition(":")
     port = None
     if sep and tail.isdigit() and ("/" in head or ":" not in head):
@@ -210,13 +211,13 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
                 _check_abs(src, f"{field} source")
                 _check_abs(dst, f"{field} destination")
                 if dst == "/":
-                    raise ValueError(f"{field}: cannot bind over the sandbox root ({src!r} -> '/')")
+                    raise ValueError(f"{field}: cannot bind over the sandbox root ({quoted(src)} -> '/')")
         if self.workdir is not None:
             _check_abs(self.workdir, "workdir")
         if self.workspace is not None and self.export is not None:
             a, b = self.workspace.path, self.export.path
             if a == b or a.startswith(b + "/") or b.startswith(a + "/"):
-                raise ValueError(f"workspace path {a!r} and export path {b!r} must not overlap")
+                raise ValueError(f"workspace path {quoted(a)} and export path {quoted(b)} must not overlap")
         parse_size(self.tmpfs_size, "tmpfs_size")
         parse_size(self.memory, "memory")
         parse_size(self.file_size, "file_size")
@@ -224,19 +225,19 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         for name in ("uid", "gid"):
             v = getattr(self, name)
             if not 1 <= v <= 65534:
-                raise ValueError(f"{name}: must be an unprivileged id in 1..65534, got {v!r}")
+                raise ValueError(f"{name}: must be an unprivileged id in 1..65534, got {quoted(v)}")
         if not _NAME_RE.match(self.hostname):
-            raise ValueError(f"hostname: expected 1-64 of [A-Za-z0-9_.@+-], got {self.hostname!r}")
+            raise ValueError(f"hostname: expected 1-64 of [A-Za-z0-9_.@+-], got {quoted(self.hostname)}")
         if not self.seccomp_profile or "\0" in self.seccomp_profile:
             raise ValueError("seccomp_profile: expected a profile name or an absolute JSON path")
         if self.pids is not None and not 1 <= self.pids <= 1 << 22:
-            raise ValueError(f"pids: must be in 1..4194304, got {self.pids!r}")
+            raise ValueError(f"pids: must be in 1..4194304, got {quoted(self.pids)}")
         if self.open_files is not None and not 3 <= self.open_files <= 1 << 20:
-            raise ValueError(f"open_files: must be in 3..1048576, got {self.open_files!r}")
+            raise ValueError(f"open_files: must be in 3..1048576, got {quoted(self.open_files)}")
         for name in ("cpu", "cpu_time", "timeout", "timeout_grace"):
             v = getattr(self, name)
             if v is not None and (not math.isfinite(v) or v <= 0):
-                raise ValueError(f"{name}: must be a positive number of seconds/cores, got {v!r}")
+                raise ValueError(f"{name}: must be a positive number of seconds/cores, got {quoted(v)}")
 
     # Sizes in bytes, parsed once the config validated.
     @property

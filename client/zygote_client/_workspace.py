@@ -154,7 +154,7 @@ class Export(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         for name in ("max_files", "max_bytes", "max_file_bytes"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-                raise ValueError(f"export {name}: must be a positive integer, got {v!r}")
+                raise ValueError(f"export {name}: must be a positive integer, got {quoted(v)}")
 
     @property
     def file_bytes(self) -> int:
@@ -185,9 +185,9 @@ class ExportResult(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 def check_sandbox_path(path: str, field: str) -> None:
     if not isinstance(path, str) or not path.startswith("/") or path == "/" or "\0" in path:
-        raise ValueError(f"{field}: expected an absolute path other than '/', got {path!r}")
+        raise ValueError(f"{field}: expected an absolute path other than '/', got {quoted(path)}")
     if any(part in ("", ".", "..") for part in path.split("/")[1:]):
-        raise ValueError(f"{field}: expected a normalized path, got {path!r}")
+        raise ValueError(f"{field}: expected a normalized path, got {quoted(path)}")
 
 
 def check_name(path: str) -> list[str]:
@@ -273,16 +273,16 @@ def check_entries(entries: list[Entry] | tuple[Entry, ...], ws: Workspace, *,
         if e.path in kinds:
             raise WorkspaceError("listed twice", path=e.path)
         if e.kind not in ("dir", "file", "symlink"):
-            raise WorkspaceError(f"unsupported kind {e.kind!r}", path=e.path)
+            raise WorkspaceError(f"unsupported kind {quoted(e.kind)}", path=e.path)
         if is_secret_name(parts) and e.path not in allow and parts[-1] not in allow:
             raise WorkspaceError("looks like a secret (keys, credentials, tokens); pass "
-                                 f"allow=({e.path!r},) to stage it anyway", path=e.path)
+                                 f"allow=({quoted(e.path)},) to stage it anyway", path=e.path)
         if e.kind != "dir" and e.path in under:  # an earlier entry lies inside this one
             raise WorkspaceError(f"it is a {e.kind}, and other entries lie inside it", path=e.path)
         parent = e.path.rpartition("/")[0]
         while parent:  # up to the first ancestor already known (its own were checked then)
             if parent in kinds and kinds[parent] != "dir":
-                raise WorkspaceError(f"its parent {parent!r} is a {kinds[parent]}", path=e.path)
+                raise WorkspaceError(f"its parent {quoted(parent)} is a {kinds[parent]}", path=e.path)
             if parent in under:
                 break
             under.add(parent)
@@ -296,7 +296,7 @@ def check_entries(entries: list[Entry] | tuple[Entry, ...], ws: Workspace, *,
         if e.kind == "symlink":
             target = e.data.decode("utf-8", "replace")
             if not _link_ok(parts, target):
-                raise WorkspaceError(f"symlink to {target!r} points outside the workspace", path=e.path)
+                raise WorkspaceError(f"symlink to {quoted(target)} points outside the workspace", path=e.path)
         elif e.kind == "file":
             if len(e.data) > max_file:
                 raise WorkspaceError(f"{len(e.data)} bytes exceed max_file_bytes={max_file}", path=e.path)
@@ -517,7 +517,7 @@ def _unpack_into(fd: int, top: int, files: list[str], max_files: int | None, max
                     raise ExportError("symlinks are not exported", path=e.path)
                 parent = "/".join(parts[:-1])
                 if parent not in dirs:
-                    raise ExportError(f"its directory {parent!r} was not listed before it", path=e.path)
+                    raise ExportError(f"its directory {quoted(parent)} was not listed before it", path=e.path)
                 mode = e.mode & 0o777
                 pfd = -1
                 try:
