@@ -168,6 +168,7 @@ def test_prepare_default_root():
     ({"/etc": "/dev/foo"}, "/dev"),
     ({"/etc": "/usr"}, "would hide /usr"),
     ({"/proc/self": "/x"}, "kernel interface"),
+    ({"/": "/host"}, "holds /proc"),  # (a recursive bind of / brought the host's /proc and /sys along)
     ({"/etc": "/usr/zygote-nonexistent"}, "must already exist"),
 ])
 def test_prepare_rejects_bad_binds(binds, match):

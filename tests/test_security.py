@@ -70,6 +70,19 @@ def test_SECURITY_mounts_mountinfo_and_proc(client):
     assert "/etc/shadow" not in rest
 
 
+
+@pytest.mark.parametrize("source", ["/", "link"])
+def test_SECURITY_a_bind_of_a_tree_holding_proc_or_sys_is_refused(client, source, tmp_path):
+    """Binds are recursive (a user namespace refuses a plain bind of a tree with locked
+    submounts), so binding / (or a symlink to it) brought the host's /proc and /sys into the
+    child, past the rule that they are never a bind source."""
+    if source == "link":
+        source = str(tmp_path / "root")
+        os.symlink("/", source)
+    with pytest.raises(DaemonError) as ei:
+        client.run(print, ("x",), sandbox_config=SandboxConfig(ro_binds={source: "/host"}))
+    assert "holds /proc" in str(ei.value), ei.value
+
 def test_SECURITY_mounts_writes_outside_tmp_fail(client, tmp_path):
     rw = tmp_path / "rw"
     rw.mkdir()

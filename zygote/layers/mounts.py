@@ -198,6 +198,9 @@ def _user_binds(cfg, layers: list[tuple[str, str | None]], protected: list[str],
         for k in _KERNEL_TREES:
             if _under(real, k):
                 raise ValueError(f"{what}: {k} is the host's kernel interface and cannot be bound")
+            if _under(k, real):  # (binds are recursive: its submounts come along)
+                raise ValueError(f"{what}: it holds {k}, the host's kernel interface, which a bind "
+                                 "would bring along; bind the directories needed below it instead")
         if t == "/":
             raise ValueError(f"{what}: cannot bind over the sandbox root")
         for k in _GENERATED_TREES:
