@@ -432,7 +432,7 @@ def test_SECURITY_a_source_the_client_named_is_bound_only_if_it_is_what_the_daem
     f = os.path.join(mine, "a", "f")
     st = os.stat(f)
     plan = ChildPlan(kind="exec", **mounts.prepare(SandboxConfig(ro_binds={f: "/f"}), INFO,
-                                                   pins={f: (st.st_dev, st.st_ino)}))
+                                                   pins={f: (f, st.st_dev, st.st_ino)}))
     assert result(plan, lambda: open("/f").read()) == "mine"
     os.rename(os.path.join(mine, "a"), os.path.join(mine, "old"))  # (what the client itself can do)
     os.rename(os.path.join(mine, "private"), os.path.join(mine, "a"))
@@ -457,10 +457,22 @@ def test_SECURITY_a_chroot_dir_the_client_named_is_used_only_if_it_is_what_the_d
     root = os.path.join(mine, "a", "c")
     st = os.stat(root)
     plan = ChildPlan(kind="exec", **mounts.prepare(SandboxConfig(chroot_dir=root), INFO,
-                                                   pins={root: (st.st_dev, st.st_ino)}))
+                                                   pins={root: (root, st.st_dev, st.st_ino)}))
     assert plan.chroot_pin == (st.st_dev, st.st_ino)
     assert result(plan, lambda: open("/marker").read()) == "a"
     os.rename(os.path.join(mine, "a"), os.path.join(mine, "old"))  # (the client's own directory)
     os.rename(os.path.join(mine, "private"), os.path.join(mine, "a"))
     step, err, message, _hint = in_sandbox(plan, lambda: open("/marker").read())["setup_error"]
     assert step == "mounts" and err == errno.ESTALE and "not what the daemon checked" in message
+
+
+def test_SECURITY_prepare_takes_the_checked_path_of_a_source_the_client_named(hostdir):
+    """The daemon resolves a source the client named once, in the check; prepare resolved it
+    again as root, so a client re-pointing its own symlink in between learnt whether paths it
+    cannot reach exist (and are directories) from the error. Now the checked path is used."""
+    d = hostdir()
+    st = os.stat(d)
+    gone = os.path.join(d, "no-such-link")  # what the client's path leads to by now: nothing
+    fields = mounts.prepare(SandboxConfig(ro_binds={gone: "/x"}), INFO, pins={gone: (d, st.st_dev, st.st_ino)})
+    (spec,) = [b for b in fields["binds"] if b.target == "/x"]
+    assert spec.source == d and spec.pin == (st.st_dev, st.st_ino)

@@ -138,16 +138,17 @@ def names_host_paths(cfg: SandboxConfig, pool: SandboxConfig) -> bool:
             or bool(cfg.chroot_dir and cfg.chroot_dir != pool.chroot_dir))
 
 
-def check_peer_paths(cfg: SandboxConfig, pool: SandboxConfig, uid: int, gid: int) -> dict[str, tuple[int, int]]:
+def check_peer_paths(cfg: SandboxConfig, pool: SandboxConfig, uid: int, gid: int) -> dict[str, tuple[str, int, int]]:
     """Refuse binds/chroot the connecting user could not reach on the host themselves.
 
     The child opens bind sources while it still carries the daemon's host credentials, so without
     this a client could bind any file the daemon can read. Root and the daemon's own uid pass.
 
-    Returns the sources checked, as given, -> (st_dev, st_ino) of what was checked: the child
-    binds those files or none (mounts.MountSpec.pin), whatever the paths lead to by then.
+    Returns the sources checked, as given, -> (canonical path, st_dev, st_ino) of what was
+    checked: the child binds those files or none (mounts.MountSpec.pin), whatever the paths
+    lead to by then.
     """
-    pins: dict[str, tuple[int, int]] = {}
+    pins: dict[str, tuple[str, int, int]] = {}
     if uid == 0 or uid == os.getuid():
         return pins
     for field, write in (("ro_binds", False), ("rw_binds", True)):
@@ -166,8 +167,9 @@ def check_peer_paths(cfg: SandboxConfig, pool: SandboxConfig, uid: int, gid: int
     return pins
 
 
-def _may_access(path: str, uid: int, gid: int, write: bool) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of ``path`` if ``uid``/``gid`` may reach it (and write it), else None."""
+def _may_access(path: str, uid: int, gid: int, write: bool) -> tuple[str, int, int] | None:
+    """(canonical path, st_dev, st_ino) of ``path`` if ``uid``/``gid`` may reach it (and write
+    it), else None."""
     def ok(st: os.stat_result, bit_r: bool, bit_w: bool, bit_x: bool) -> bool:
         if st.st_uid == uid:
             shift = 6
@@ -190,7 +192,7 @@ def _may_access(path: str, uid: int, gid: int, write: bool) -> tuple[int, int] |
     except OSError:
         return None
     is_dir = stat.S_ISDIR(st.st_mode)
-    return (st.st_dev, st.st_ino) if ok(st, True, write, is_dir) else None
+    return (real, st.st_dev, st.st_ino) if ok(st, True, write, is_dir) else None
 
 
 def on_a_mount(fd: int) -> bool:

@@ -192,9 +192,13 @@ def _user_binds(cfg, layers: list[tuple[str, str | None]], protected: list[str],
     out = []
     for t, src, dst, readonly, field in wanted:
         what = f"{field}: {quoted(src)} -> {quoted(dst)}"
-        if not os.path.exists(src):
+        pin = (pins or {}).get(src)
+        if pin is not None:  # the client's: the path the check resolved, not resolved again as root
+            real = pin[0]
+        elif not os.path.exists(src):
             raise ValueError(f"{what}: the source does not exist on the host")
-        real = os.path.realpath(src)
+        else:
+            real = os.path.realpath(src)
         for k in _KERNEL_TREES:
             if _under(real, k):
                 raise ValueError(f"{what}: {k} is the host's kernel interface and cannot be bound")
@@ -222,7 +226,7 @@ def _user_binds(cfg, layers: list[tuple[str, str | None]], protected: list[str],
                                  f"{quoted(host)} must already exist (no symlinks on the way)")
             if os.path.isdir(host) != os.path.isdir(real):
                 raise ValueError(f"{what}: the source and the existing target {quoted(host)} differ in type")
-        out.append(MountSpec(real, t, readonly, True, (pins or {}).get(src)))
+        out.append(MountSpec(real, t, readonly, True, pin[1:] if pin is not None else None))
         layers.append((t, real))
         taken.add(t)
     return out
@@ -239,9 +243,10 @@ def prepare(cfg, zygote_info: dict, tmpfs: list[TmpfsSpec] = (), etc_extra: dict
         tmpfs: extra tmpfs mounts of the child's own (workspace, export) to place in the root.
         etc_extra: more generated files under /etc (e.g. resolv.conf for a networked child);
             ignored with chroot_dir, whose /etc is the user's.
-        pins: the sources the client named, as given, -> (st_dev, st_ino) of what the daemon
-            checked (policy.check_peer_paths): their specs carry it (MountSpec.pin), as does
-            a chroot_dir (chroot_pin).
+        pins: the sources the client named, as given, -> (canonical path, st_dev, st_ino) of
+            what the daemon checked (policy.check_peer_paths): their specs take that path
+            (resolved once, by the check: resolving it again here as root would tell the client
+            whether paths it cannot reach exist) and carry the rest (MountSpec.pin, chroot_pin).
 
     Returns:
         root, chroot_dir, tmpfs_bytes, binds, proc, dev_pts, etc_files, symlinks, scratch, dev, tmp,
@@ -295,9 +300,10 @@ def _check_tmpfs(tmpfs, binds: list[MountSpec], protected: list[str], symlinks: 
 
 def _prepare_chroot(cfg, pins: dict | None = None) -> dict:
     root = cfg.chroot_dir
-    if not os.path.isdir(root):
+    pin = (pins or {}).get(root)  # the client's: as for its binds (_user_binds)
+    if pin is None and not os.path.isdir(root):
         raise ValueError(f"chroot_dir: {quoted(root)} is not a directory on the host")
-    real = os.path.realpath(root)
+    real = pin[0] if pin is not None else os.path.realpath(root)
     if real == "/":
         raise ValueError("chroot_dir: the host's / cannot be the sandbox root; leave chroot_dir unset")
     for k in _KERNEL_TREES:
@@ -319,7 +325,7 @@ def _prepare_chroot(cfg, pins: dict | None = None) -> dict:
     user = _user_binds(cfg, layers, [], {}, set(), pins)
     return dict(root="chroot", chroot_dir=real, tmpfs_bytes=cfg.tmpfs_bytes, binds=user, proc=proc,
                 dev_pts=cfg.dev_pts, etc_files={}, symlinks={}, scratch=_choose_scratch([real]),
-                dev=dev, tmp=tmp, chroot_pin=(pins or {}).get(root))
+                dev=dev, tmp=tmp, chroot_pin=pin[1:] if pin is not None else None)
 
 
 # ---- child side ----------------------------------------------------------------------------------
