@@ -169,6 +169,7 @@ def test_prepare_default_root():
     ({"/etc": "/usr"}, "would hide /usr"),
     ({"/proc/self": "/x"}, "kernel interface"),
     ({"/": "/host"}, "holds /proc"),  # (a recursive bind of / brought the host's /proc and /sys along)
+    ({"/dev": "/hostdev"}, "devtmpfs"),  # (and of /dev the host's devpts, mqueue, hugetlbfs...)
     ({"/etc": "/usr/zygote-nonexistent"}, "must already exist"),
 ])
 def test_prepare_rejects_bad_binds(binds, match):
@@ -476,3 +477,17 @@ def test_SECURITY_prepare_takes_the_checked_path_of_a_source_the_client_named(ho
     fields = mounts.prepare(SandboxConfig(ro_binds={gone: "/x"}), INFO, pins={gone: (d, st.st_dev, st.st_ino)})
     (spec,) = [b for b in fields["binds"] if b.target == "/x"]
     assert spec.source == d and spec.pin == (st.st_dev, st.st_ino)
+
+
+
+def test_SECURITY_a_path_named_twice_must_be_the_same_file_both_times():
+    """check_peer_paths pins each path the client named; named twice (a read bind, a write bind,
+    chroot_dir) and checked twice, it must have been the same file both times, or a read check
+    (chroot_dir) could replace the write check of an rw bind of the same path."""
+    from zygote import policy
+    pins = {}
+    policy._pin(pins, "/p", ("/p", 1, 2))
+    policy._pin(pins, "/p", ("/p", 1, 2))
+    with pytest.raises(policy.PolicyError, match="changed while the request was checked"):
+        policy._pin(pins, "/p", ("/q", 1, 3))
+    assert pins == {"/p": ("/p", 1, 2)}

@@ -549,20 +549,25 @@ def test_a_job_leaves_out_fields_at_their_default():
 
 
 
-@pytest.mark.parametrize("field", ["hostname", "memory", "allow", "ro_binds", "workspace_symlink"])
+@pytest.mark.parametrize("field", ["hostname", "memory", "allow", "ro_binds", "workspace_symlink", "export_path",
+                                   "tmpfs_size"])
 def test_SECURITY_a_config_refusing_a_huge_value_quotes_it_cut(field):
     """A SandboxConfig is checked as it is decoded, on the daemon's event loop: its errors quoted
     the value whole (a 200 MiB hostname: 11 s and ~840 MB before the protocol cut the message)."""
     from zygote_client import NetworkConfig
-    from zygote_client._workspace import Entry, Workspace, WorkspaceError, check_entries
+    from zygote_client._workspace import Entry, Export, Workspace, WorkspaceError, check_entries
     huge = "\x01" * (4 << 20)
     make = {"hostname": lambda: SandboxConfig(hostname=huge),
             "memory": lambda: SandboxConfig(memory=huge),
             "allow": lambda: SandboxConfig(network=NetworkConfig(allow=(huge,))),
             "ro_binds": lambda: SandboxConfig(ro_binds={"/" + huge: "/x"}),
+            "export_path": lambda: SandboxConfig(export=Export(path="/ab" * (1 << 20) + "/.")),
+            "tmpfs_size": lambda: SandboxConfig(tmpfs_size=huge),
             "workspace_symlink": lambda: check_entries([Entry("l", "symlink", 0o777, ("/" + huge).encode())],
                                                         Workspace()),
             }[field]
     with pytest.raises((ValueError, WorkspaceError)) as ei:
         make()
     assert len(str(ei.value)) < 4000, str(ei.value)[:300]
+    if field == "export_path":  # refused by its length before it is split (200 MiB of it: 39 s)
+        assert "the limit is 4095" in str(ei.value), str(ei.value)[:300]

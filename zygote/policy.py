@@ -158,13 +158,21 @@ def check_peer_paths(cfg: SandboxConfig, pool: SandboxConfig, uid: int, gid: int
             pin = _may_access(src, uid, gid, write)
             if pin is None:
                 raise PolicyError(f"{field}: uid {uid} may not {'write' if write else 'read'} {quoted(src)} on the host")
-            pins[src] = pin
+            _pin(pins, src, pin)
     if cfg.chroot_dir and cfg.chroot_dir != pool.chroot_dir:
         pin = _may_access(cfg.chroot_dir, uid, gid, False)
         if pin is None:
             raise PolicyError(f"chroot_dir: uid {uid} may not read {quoted(cfg.chroot_dir)} on the host")
-        pins[cfg.chroot_dir] = pin
+        _pin(pins, cfg.chroot_dir, pin)
     return pins
+
+
+def _pin(pins: dict, src: str, pin: tuple[str, int, int]) -> None:
+    """One pin per path: the same path named twice (a read bind, a write bind, chroot_dir) must
+    have led to the same file each time it was checked, or a read check could stand for a
+    write one."""
+    if pins.setdefault(src, pin) != pin:
+        raise PolicyError(f"{quoted(src)} changed while the request was checked")
 
 
 def _may_access(path: str, uid: int, gid: int, write: bool) -> tuple[str, int, int] | None:

@@ -48,9 +48,8 @@ def parse_size(value: int | str | None, field: str) -> int | None:
 
 
 def _short(value: object) -> str:
-    """``repr(value)`` cut to 80 characters: an error message must not echo megabytes back."""
-    r = repr(value)
-    return r if len(r) <= 80 else f"{r[:60]}... ({len(r)} characters)"
+    """``repr(value)``, a string cut first: an error message must not echo megabytes back."""
+    return quoted(value, 60)
 
 
 PATH_MAX = 4096

@@ -56,6 +56,30 @@ _GENERATED_TREES = ("/proc", "/dev")  # never a bind target: the sandbox makes i
 _MAPPING_RE = re.compile(r"^MAPPING\s*(?::[^=]*)?=\s*(\{.*\})\s*$", re.M)
 
 
+# Filesystems of kernel interfaces: a bind (always recursive) of a tree holding one of these
+# would bring the host's instance into the child (its devices, namespaces, message queues...).
+_KERNEL_FS = frozenset(("proc", "sysfs", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs", "bpf", "nsfs",
+                        "devpts", "devtmpfs", "mqueue", "configfs", "pstore", "efivarfs", "binfmt_misc",
+                        "hugetlbfs", "fusectl"))
+
+
+def _kernel_mount_under(real: str) -> str | None:
+    """The first mount at or below ``real`` (this process's mount table) of a kernel
+    interface's filesystem, as "path (type)", or None."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields, _, rest = line.partition(" - ")
+                fstype = rest.split(" ", 1)[0]
+                if fstype in _KERNEL_FS:
+                    point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields.split()[4])
+                    if _under(point, real):
+                        return f"{point} ({fstype})"
+    except (OSError, IndexError):
+        pass
+    return None
+
+
 def _under(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip("/") + "/")
 
@@ -205,6 +229,10 @@ def _user_binds(cfg, layers: list[tuple[str, str | None]], protected: list[str],
             if _under(k, real):  # (binds are recursive: its submounts come along)
                 raise ValueError(f"{what}: it holds {k}, the host's kernel interface, which a bind "
                                  "would bring along; bind the directories needed below it instead")
+        held = _kernel_mount_under(real)
+        if held is not None:
+            raise ValueError(f"{what}: it holds {held}, a kernel interface a bind would bring along; "
+                             "bind the directories needed beside it instead")
         if t == "/":
             raise ValueError(f"{what}: cannot bind over the sandbox root")
         for k in _GENERATED_TREES:
@@ -309,6 +337,9 @@ def _prepare_chroot(cfg, pins: dict | None = None) -> dict:
     for k in _KERNEL_TREES:
         if _under(real, k):
             raise ValueError(f"chroot_dir: {quoted(root)} is under {k}")
+    held = _kernel_mount_under(real)
+    if held is not None:
+        raise ValueError(f"chroot_dir: {quoted(root)} holds {held}, a kernel interface the child would see")
 
     def has_dir(sub: str) -> bool:
         p = real + sub
