@@ -480,14 +480,17 @@ def test_SECURITY_prepare_takes_the_checked_path_of_a_source_the_client_named(ho
 
 
 
-def test_SECURITY_a_path_named_twice_must_be_the_same_file_both_times():
-    """check_peer_paths pins each path the client named; named twice (a read bind, a write bind,
-    chroot_dir) and checked twice, it must have been the same file both times, or a read check
-    (chroot_dir) could replace the write check of an rw bind of the same path."""
+def test_SECURITY_a_path_named_twice_must_be_the_same_file_both_times(monkeypatch, hostdir):
+    """check_peer_paths pins each path the client named; named twice (a write bind and
+    chroot_dir) and checked twice, it must have been the same file both times, or the read check
+    (chroot_dir) could replace the write check of the rw bind of the same path. (The file each
+    check finds stands in for a path swapped between them.)"""
     from zygote import policy
-    pins = {}
-    policy._pin(pins, "/p", ("/p", 1, 2))
-    policy._pin(pins, "/p", ("/p", 1, 2))
+    d = hostdir()
+    cfg = SandboxConfig(rw_binds={d: "/x"}, chroot_dir=d)
+    found = iter([(d, 1, 2), (d, 1, 2)])
+    monkeypatch.setattr(policy, "_may_access", lambda *a: next(found))
+    assert policy.check_peer_paths(cfg, SandboxConfig(), 4001, 4001) == {d: (d, 1, 2)}
+    found = iter([(d, 1, 2), ("/elsewhere", 1, 3)])
     with pytest.raises(policy.PolicyError, match="changed while the request was checked"):
-        policy._pin(pins, "/p", ("/q", 1, 3))
-    assert pins == {"/p": ("/p", 1, 2)}
+        policy.check_peer_paths(cfg, SandboxConfig(), 4001, 4001)

@@ -71,7 +71,7 @@ def confine(plan) -> int:
     global _payload_pid
     _inject(plan, "mounts")
     if plan.test_pause_sources:  # (--test-hooks: a test changes a source meanwhile)
-        _wait_for_path(plan.test_pause_sources)
+        _sys.wait_for_path(plan.test_pause_sources)
     sources = mounts.open_sources(plan)      # before userns: walk to bind sources as the daemon's uid
     _inject(plan, "userns")
     userns.apply()                           # then take the mapped ids; nothing runs unmapped after
@@ -236,13 +236,6 @@ def _cgroupns() -> None:
         _sys.unshare(0x02000000)  # CLONE_NEWCGROUP
     except OSError as e:
         raise SetupError("cgroup", f"unshare(CLONE_NEWCGROUP): {e.strerror}", e.errno or 0) from None
-
-
-def _wait_for_path(path: str, most: float = 30.0) -> None:
-    import time
-    deadline = time.monotonic() + most
-    while not os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.01)
 
 
 def _inject(plan, step: str) -> None:

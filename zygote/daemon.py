@@ -31,9 +31,8 @@ import msgspec
 import trio
 
 from zygote_client import ExitStatus, SandboxConfig
-from zygote_client._errors import quoted
 from zygote_client import _protocol as P
-from zygote_client._errors import ProtocolError
+from zygote_client._errors import ProtocolError, quoted
 from zygote_client._workspace import ExportResult, WorkspaceError
 
 from . import _childproto as C
@@ -102,8 +101,9 @@ class DaemonConfig:
             cannot take every slot from the others and the administrator), no cap for those two.
         socket_mode, socket_group: the listening socket file's mode and group (None: unchanged).
         max_result_bytes: largest encoded return value relayed to a client; the daemon buffers at
-            most this much per child (and RESULTS_PER_UID per peer uid while they run). A larger result is dropped (``result_kind="too-large"``)
-            and the child's writes fail, so it cannot block on the pipe.
+            most this much per child (and RESULTS_PER_UID per peer uid while they run). A larger
+            result is dropped (``result_kind="too-large"``) and the child's writes fail, so it
+            cannot block on the pipe.
         network_pool: IPv4 network the veths of networked children get their /30s from (only used
             when a pool allows network). Security: children can never reach it (nor each other).
         network_dns: nameservers written to networked children's resolv.conf; children may reach
@@ -405,9 +405,8 @@ class Connection:
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        if config.test_hooks and os.environ.get("ZYGOTE_TEST_CLONE_REPLY_TIMEOUT"):
-            # (tests only: how long a stopped zygote may leave a clone unanswered, not 30 s)
-            _pool.CLONE_REPLY_TIMEOUT = float(os.environ["ZYGOTE_TEST_CLONE_REPLY_TIMEOUT"])
+        # (tests only: how long a stopped zygote may leave a clone unanswered, not 30 s)
+        _pool.CLONE_REPLY_TIMEOUT = self._test_knob("CLONE_REPLY_TIMEOUT", _pool.CLONE_REPLY_TIMEOUT, float)
         self.pools: dict[str, Pool] = {}
         self.children: dict[str, Child] = {}
         self.spawning = 0  # spawns in flight, counted against max_children with the children
@@ -425,21 +424,16 @@ class Daemon:
         self.cleaning = 0
         self.pending: dict[int, int] = {}  # peer uid -> bytes of requests held for it (PENDING_PER_UID)
         self.queued_by_uid: dict[int, int] = {}  # peer uid -> bytes waiting to be sent to it
-        self.exports_per_uid = EXPORTS_PER_UID
-        if config.test_hooks and os.environ.get("ZYGOTE_TEST_EXPORTS_PER_UID"):
-            self.exports_per_uid = int(os.environ["ZYGOTE_TEST_EXPORTS_PER_UID"])  # (tests only)
-        self.tap_linger = RELAY_LINGER
-        if config.test_hooks and os.environ.get("ZYGOTE_TEST_TAP_LINGER"):
-            self.tap_linger = float(os.environ["ZYGOTE_TEST_TAP_LINGER"])  # (tests only)
+        self.exports_per_uid = self._test_knob("EXPORTS_PER_UID", EXPORTS_PER_UID, int)
+        self.tap_linger = self._test_knob("TAP_LINGER", RELAY_LINGER, float)
+        self._pause_sources = self._test_knob("PAUSE_BEFORE_SOURCES", None, str)  # (see ChildPlan)
         self.open_conns: dict[int, set[Connection]] = {}  # peer uid -> its open connections
         self.attached: dict[int, int] = {}  # peer uid -> its live attaches (max_attaches)
         self.relayed: dict[int, int] = {}  # peer uid -> bytes of its children's output buffered
         self._relayed_freed: dict[int, trio.Event] = {}  # uid -> set when its relays free some
         self.results_held: dict[int, int] = {}  # peer uid -> bytes of result records held (RESULTS_PER_UID)
         self._results_freed: dict[int, trio.Event] = {}  # uid -> set when its children's records go
-        self.results_per_uid = RESULTS_PER_UID
-        if config.test_hooks and os.environ.get("ZYGOTE_TEST_RESULTS_PER_UID"):
-            self.results_per_uid = int(os.environ["ZYGOTE_TEST_RESULTS_PER_UID"])  # (tests only)
+        self.results_per_uid = self._test_knob("RESULTS_PER_UID", RESULTS_PER_UID, int)
         # Two results of the largest allowed size fit the queues (a 100 MiB max_result_bytes
         # must not drop every client it answers as a slow reader).
         most = 2 * min(config.max_result_bytes, P.MAX_FRAME - (1 << 20))
@@ -487,8 +481,7 @@ class Daemon:
             return
         host = network.NetworkHost(self.config.network_pool, self.config.network_dns,
                                    self.config.network_masquerade)
-        if self.config.test_hooks and os.environ.get("ZYGOTE_TEST_PAUSE_BEFORE_RULES"):
-            host.pause_before_rules = os.environ["ZYGOTE_TEST_PAUSE_BEFORE_RULES"]  # (tests only)
+        host.pause_before_rules = self._test_knob("PAUSE_BEFORE_RULES", None, str)
         try:
             await trio.to_thread.run_sync(host.start)
         except SetupError as e:
@@ -676,6 +669,11 @@ class Daemon:
             self._relayed_freed.pop(uid).set()
         if n < 0 and table is self.results_held:
             self._wake_results(uid)
+
+    def _test_knob(self, name: str, default, conv):
+        """``conv($ZYGOTE_TEST_<name>)`` under --test-hooks when it is set, else ``default``."""
+        value = os.environ.get(f"ZYGOTE_TEST_{name}") if self.config.test_hooks else None
+        return conv(value) if value else default
 
     def _peer_allowed(self, uid: int, gid: int) -> bool:
         return (uid == 0 or uid == os.getuid() or uid in self.config.allowed_uids
@@ -873,8 +871,8 @@ class Daemon:
         """The request's own fields, checked against its pool: (kind, target, env). Raises _Refused."""
         pc = pool.config
         kind, target = msg.kind, msg.target
-        theirs = ".".join(str(v) for v in (pool.zygotes[0].info.get("version") or [])[:2]) if pool.zygotes else ""
-        if kind == "callable" and msg.py and theirs and msg.py != theirs:
+        if kind == "callable" and msg.py and pool.zygotes and (
+                theirs := ".".join(str(v) for v in (pool.zygotes[0].info.get("version") or [])[:2])) and msg.py != theirs:
             raise _Refused("bad-request", f"the callable was pickled by Python {quoted(msg.py)} and pool {pc.name!r} "
                            f"runs Python {theirs}: a function sent by value is bytecode only its own Python "
                            "runs (use that Python for the client, or a target 'module:function')")
@@ -943,7 +941,7 @@ class Daemon:
             landlock=cfg.landlock, landlock_ro=ro, landlock_abi=max(1, msg.test_landlock_abi), landlock_rw=rw,
             landlock_net=cfg.network is None, uid=cfg.uid, gid=cfg.gid, drop_privileges=True,
             seccomp_bpf=bpf, test_fail_step=msg.test_fail_step, deferred=deferred, prewarm=prewarm,
-            test_pause_sources=os.environ.get("ZYGOTE_TEST_PAUSE_BEFORE_SOURCES") if self.config.test_hooks else None,
+            test_pause_sources=self._pause_sources,
             data_args=not pool.config.allow_callables,
             reaper=_needs_reaper(cfg, kind), **files,
             **{k: v for k, v in fs.items() if k in C.ChildPlan.__struct_fields__},
@@ -983,11 +981,12 @@ class Daemon:
         self.spawning_by_uid[conn.peer_uid] = self.spawning_by_uid.get(conn.peer_uid, 0) + 1
         if detached:
             self._count(self.detached_by_uid, conn.peer_uid, 1)
-        feeds = [msg.detached]  # the spawner's feeds' count in self.attached, until handed on
-        if msg.detached:
+        if msg.detached:  # (the spawner's feeds: counted from here, see _start_detached)
             self._count(self.attached, conn.peer_uid, 1)
+        reply = None
         try:
-            return await self._spawn(pool, conn, msg, client_fds, prewarm, feeds)
+            reply = await self._spawn(pool, conn, msg, client_fds, prewarm)
+            return reply
         finally:
             self.spawning -= 1
             conn.spawning -= 1
@@ -996,8 +995,8 @@ class Daemon:
                 del self.spawning_by_uid[conn.peer_uid]
             if detached:
                 self._count(self.detached_by_uid, conn.peer_uid, -1)
-            if feeds[0]:  # no child, or its connection went before its feeds started
-                self._count(self.attached, conn.peer_uid, -1)
+            if msg.detached and not (reply and isinstance(reply[0], P.Spawned)):
+                self._count(self.attached, conn.peer_uid, -1)  # no child: _start_detached never ran
 
     async def _look(self, uid: int, fn, *args):
         """``fn(*args)``, which looks at host paths or mount tables a client named (a FUSE or NFS
@@ -1024,8 +1023,7 @@ class Daemon:
         n = sum(1 for c in self.children.values() if c.peer_uid == uid and not c.reserved)
         return n + self.spawning_by_uid.get(uid, 0), f"uid {uid}"
 
-    async def _spawn(self, pool: Pool, conn: Connection, msg: P.Spawn, client_fds: list[int], prewarm: bool = True,
-                     feeds: list[bool] | None = None):
+    async def _spawn(self, pool: Pool, conn: Connection, msg: P.Spawn, client_fds: list[int], prewarm: bool = True):
         if msg.detached and msg.stdio != "pipe":
             return P.SpawnFailed(msg.req, "a detached child needs stdio='pipe' (the daemon keeps its output)",
                                  code="bad-request"), []
@@ -1256,7 +1254,7 @@ class Daemon:
                 drop_pairs()
                 return failure, []
             if detached:
-                self._start_detached(child, conn, detached, limit, feeds)
+                self._start_detached(child, conn, detached, limit)
             if relays:
                 box = [0]
                 for r, w in relays:
@@ -1576,10 +1574,11 @@ class Daemon:
                 self._kill(child, signal.SIGKILL)
 
     def _start_detached(self, child: Child, conn: Connection, pipes: list[tuple[int, int]],
-                        limit: int | None, feeds: list[bool] | None) -> None:
+                        limit: int | None) -> None:
         """Pump the child's stdout/stderr into rings (counting max_output_bytes across both) and
-        tap them for the spawner from offset 0. ``feeds``: [True] while spawn() holds the taps'
-        count in self.attached; set False once _taps has it (and gives it back when they end)."""
+        tap them for the spawner from offset 0. The taps take over the count spawn() took for
+        them in self.attached (it is given back here if they cannot start). Runs with no wait
+        before the spawn's Spawned reply: spawn() knows by that reply that it ran."""
         child.rings = (detach.Ring(self.config.detached_buffer_bytes), detach.Ring(self.config.detached_buffer_bytes))
         total = [0]
 
@@ -1594,11 +1593,11 @@ class Daemon:
         for ring, (r, _) in zip(child.rings, pipes):
             self._nursery.start_soon(detach.pump, self.hands.end(r, lambda: child.peer_uid), ring, count)
         uid = conn.peer_uid
-        if conn.nursery is None or conn.closed or not feeds or not feeds[0]:
-            self.hands.close(uid, [w for _, w in pipes])  # (spawn() gives the count back)
+        if conn.nursery is None or conn.closed:
+            self.hands.close(uid, [w for _, w in pipes])
+            self._count(self.attached, uid, -1)
             return
         conn.nursery.start_soon(self._taps, child, uid, [w for _, w in pipes], (0, 0))
-        feeds[0] = False  # the spawner's feeds are an attached reader too: theirs now
 
     async def _taps(self, child: Child, uid: int, fds: list[int], starts) -> None:
         """Feed the pipes ``fds`` (their read ends are, or were about to be, the client's) from
@@ -1607,16 +1606,15 @@ class Daemon:
         deliver: a reader that keeps its pipes and never reads must not hold the rings (and two
         fds) for ever; it may attach again from where it was while the record is kept."""
         try:
-            with trio.CancelScope() as scope:
-                async with trio.open_nursery() as n:
-                    async def linger() -> None:
-                        await child.exited.wait()
-                        scope.deadline = trio.current_time() + self.tap_linger
-                    n.start_soon(linger)
-                    async with trio.open_nursery() as feeds:
-                        for ring, fd, pos in zip(child.rings, fds, starts):
-                            feeds.start_soon(detach.tap, ring, self.hands.end(fd, lambda: uid), pos)
-                    n.cancel_scope.cancel()
+            async with trio.open_nursery() as n:
+                async def linger() -> None:
+                    await child.exited.wait()
+                    n.cancel_scope.deadline = trio.current_time() + self.tap_linger
+                n.start_soon(linger)
+                async with trio.open_nursery() as feeds:
+                    for ring, fd, pos in zip(child.rings, fds, starts):
+                        feeds.start_soon(detach.tap, ring, self.hands.end(fd, lambda: uid), pos)
+                n.cancel_scope.cancel()
         finally:
             self._count(self.attached, uid, -1)
 

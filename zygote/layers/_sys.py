@@ -112,3 +112,11 @@ PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_DUMPABLE = 4
 PR_GET_DUMPABLE = 3
+
+
+def wait_for_path(path: str, most: float = 30.0) -> None:
+    """Until ``path`` exists, ``most`` seconds at most (test hooks: a test says go on)."""
+    import time
+    deadline = time.monotonic() + most
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)

@@ -63,21 +63,24 @@ _KERNEL_FS = frozenset(("proc", "sysfs", "cgroup", "cgroup2", "debugfs", "tracef
                         "hugetlbfs", "fusectl"))
 
 
-def _kernel_mount_under(real: str) -> str | None:
-    """The first mount at or below ``real`` (this process's mount table) of a kernel
-    interface's filesystem, as "path (type)", or None."""
+def _kernel_mounts() -> list[tuple[str, str]]:
+    """(mount point, type) of this process's mounts of kernel interfaces' filesystems."""
+    out = []
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 fields, _, rest = line.partition(" - ")
                 fstype = rest.split(" ", 1)[0]
                 if fstype in _KERNEL_FS:
-                    point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields.split()[4])
-                    if _under(point, real):
-                        return f"{point} ({fstype})"
+                    out.append((re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields.split()[4]), fstype))
     except (OSError, IndexError):
         pass
-    return None
+    return out
+
+
+def _kernel_mount_under(real: str, kernel: list[tuple[str, str]]) -> str | None:
+    """The first of ``kernel`` (_kernel_mounts) at or below ``real``, as "path (type)", or None."""
+    return next((f"{point} ({fstype})" for point, fstype in kernel if _under(point, real)), None)
 
 
 def _under(path: str, top: str) -> bool:
@@ -214,6 +217,7 @@ def _user_binds(cfg, layers: list[tuple[str, str | None]], protected: list[str],
     wanted.sort()
     layers = list(layers)
     out = []
+    kernel = _kernel_mounts() if wanted else []  # (read once for all the binds)
     for t, src, dst, readonly, field in wanted:
         what = f"{field}: {quoted(src)} -> {quoted(dst)}"
         pin = (pins or {}).get(src)
@@ -229,7 +233,7 @@ def _user_binds(cfg, layers: list[tuple[str, str | None]], protected: list[str],
             if _under(k, real):  # (binds are recursive: its submounts come along)
                 raise ValueError(f"{what}: it holds {k}, the host's kernel interface, which a bind "
                                  "would bring along; bind the directories needed below it instead")
-        held = _kernel_mount_under(real)
+        held = _kernel_mount_under(real, kernel)
         if held is not None:
             raise ValueError(f"{what}: it holds {held}, a kernel interface a bind would bring along; "
                              "bind the directories needed beside it instead")
@@ -261,7 +265,7 @@ def _user_binds(cfg, layers: list[tuple[str, str | None]], protected: list[str],
 
 
 def prepare(cfg, zygote_info: dict, tmpfs: list[TmpfsSpec] = (), etc_extra: dict[str, bytes] | None = None,
-            pins: dict[str, tuple[int, int]] | None = None) -> dict:
+            pins: dict[str, tuple[str, int, int]] | None = None) -> dict:
     """ChildPlan field values for the mount layer of one child.
 
     Args:
@@ -337,7 +341,7 @@ def _prepare_chroot(cfg, pins: dict | None = None) -> dict:
     for k in _KERNEL_TREES:
         if _under(real, k):
             raise ValueError(f"chroot_dir: {quoted(root)} is under {k}")
-    held = _kernel_mount_under(real)
+    held = _kernel_mount_under(real, _kernel_mounts())
     if held is not None:
         raise ValueError(f"chroot_dir: {quoted(root)} holds {held}, a kernel interface the child would see")
 

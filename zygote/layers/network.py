@@ -32,7 +32,6 @@ import re
 import signal
 import socket
 import threading
-import time
 from dataclasses import dataclass
 
 from pyroute2 import Conntrack, IPRoute
@@ -346,9 +345,7 @@ class NetworkHost:
 
     def _add_rules(self, lease: Lease, allow: list[tuple[str, int | None]]) -> None:
         if self.pause_before_rules:  # (a test looks at the child's namespace meanwhile)
-            deadline = time.monotonic() + 30
-            while not os.path.exists(self.pause_before_rules) and time.monotonic() < deadline:
-                time.sleep(0.01)
+            _sys.wait_for_path(self.pause_before_rules)
         try:
             _nft.apply(_nft.child_add(self.table, lease.ifname, lease.child, allow))
         except _nft.NftError as e:

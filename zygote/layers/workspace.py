@@ -34,11 +34,11 @@ WORKSPACE_CEILING = (100_000, 256 << 20, 256 << 20)  # files, bytes per file, by
 _SLACK = 1 << 20  # the export tmpfs holds a little more than max_bytes, so exceeding is seen
 _MAX_SKIPPED = 100
 _SKIPPED_TEXT = 1024  # characters of a skipped entry's path (half that of its reason)
+MAX_DEPTH = 64  # directory nesting packed from an export
 
 
 def _cut(text: str, most: int) -> str:
     return text if len(text) <= most else f"{text[:most]}... (cut)"
-MAX_DEPTH = 64  # directory nesting packed from an export
 
 
 # ---- daemon side: plan -------------------------------------------------------------------------
