@@ -14,7 +14,7 @@ from typing import Literal
 import msgspec
 
 from ._errors import quoted
-from ._workspace import Export, Workspace
+from ._workspace import PATH_MAX, Export, Workspace
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB]?)\s*$")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -37,22 +37,14 @@ def parse_size(value: int | str | None, field: str) -> int | None:
     else:
         m = _SIZE_RE.match(str(value))
         if not m:
-            raise ValueError(f"{field}: expected a size such as 268435456 or '256M', got {_short(value)}")
+            raise ValueError(f"{field}: expected a size such as 268435456 or '256M', got {quoted(value, 60)}")
         x = float(m.group(1)) * _UNITS[m.group(2).lower()]
         n = int(x) if math.isfinite(x) and x < _SIZE_MAX else _SIZE_MAX  # 9e400 is inf: no int
     if n <= 0:
-        raise ValueError(f"{field}: must be positive, got {_short(value)}")
+        raise ValueError(f"{field}: must be positive, got {quoted(value, 60)}")
     if n >= _SIZE_MAX:
-        raise ValueError(f"{field}: must be under 2**62 bytes, got {_short(value)}")
+        raise ValueError(f"{field}: must be under 2**62 bytes, got {quoted(value, 60)}")
     return n
-
-
-def _short(value: object) -> str:
-    """``repr(value)``, a string cut first: an error message must not echo megabytes back."""
-    return quoted(value, 60)
-
-
-PATH_MAX = 4096
 
 
 def _check_abs(path: str, field: str) -> None:
@@ -60,16 +52,16 @@ def _check_abs(path: str, field: str) -> None:
     fine), shorter than PATH_MAX. (The daemon resolves some of these on the host: a path of a
     million './' would keep it busy for minutes.)"""
     if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
-        raise ValueError(f"{field}: expected an absolute path, got {_short(path)}")
+        raise ValueError(f"{field}: expected an absolute path, got {quoted(path, 60)}")
     if len(path) >= PATH_MAX:
         raise ValueError(f"{field}: a path of {len(path)} characters (the limit is {PATH_MAX - 1})")
     parts = path.split("/")[1:]
     if parts[-1] == "":
         parts.pop()
     if any(part == ".." for part in parts):
-        raise ValueError(f"{field}: '..' is not allowed in {_short(path)}")
+        raise ValueError(f"{field}: '..' is not allowed in {quoted(path, 60)}")
     if any(part in ("", ".") for part in parts):
-        raise ValueError(f"{field}: empty and '.' components are not allowed in {_short(path)}")
+        raise ValueError(f"{field}: empty and '.' components are not allowed in {quoted(path, 60)}")
 
 
 def parse_allow(item: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int | None]:

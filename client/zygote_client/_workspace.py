@@ -31,6 +31,7 @@ import msgspec
 
 from ._errors import ZygoteError, quoted
 
+PATH_MAX = 4096  # a sandbox or host path is shorter (checked before anything splits it)
 DEFAULT_WORKSPACE = "/workspace"
 DEFAULT_OUT = "/out"
 CHUNK = 256 << 10  # file data per record / status frame
@@ -186,8 +187,8 @@ class ExportResult(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 def check_sandbox_path(path: str, field: str) -> None:
     if not isinstance(path, str) or not path.startswith("/") or path == "/" or "\0" in path:
         raise ValueError(f"{field}: expected an absolute path other than '/', got {quoted(path)}")
-    if len(path) >= 4096:  # (first: splitting 200 MiB of '/ab' took 39 s as a Spawn was decoded)
-        raise ValueError(f"{field}: a path of {len(path)} characters (the limit is 4095)")
+    if len(path) >= PATH_MAX:  # (first: splitting 200 MiB of '/ab' took 39 s as a Spawn was decoded)
+        raise ValueError(f"{field}: a path of {len(path)} characters (the limit is {PATH_MAX - 1})")
     if any(part in ("", ".", "..") for part in path.split("/")[1:]):
         raise ValueError(f"{field}: expected a normalized path, got {quoted(path)}")
 
