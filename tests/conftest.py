@@ -152,16 +152,28 @@ def socket_daemon(tmp_path):
         assert not os.path.exists(path), "daemon left its socket file"
 
 
-def run_as(uid: int, gid: int, fn) -> str:
-    """``fn()`` (returning a str) in a forked process with uid/gid and no supplementary groups;
-    its result, or "exception:<repr>". For socket-level tests as another user: the venv's
-    interpreter lives under /root, so a subprocess as another uid cannot even start."""
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER, ACL_NO_ID = 0x1, 0x2, 0x4, 0x10, 0x20, 0xFFFFFFFF
+
+
+def set_acl(path: str, *entries: tuple[int, int, int]) -> None:
+    """Give ``path`` a POSIX access ACL (no setfacl here): (tag, perm, id) entries in tag order,
+    as the system.posix_acl_access xattr holds them (version 2, little-endian)."""
+    import struct
+    os.setxattr(path, "system.posix_acl_access",
+                struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries))
+
+
+def run_as(uid: int, gid: int, fn, groups: tuple[int, ...] = ()) -> str:
+    """``fn()`` (returning a str) in a forked process with uid/gid and supplementary ``groups``
+    (none by default); its result, or "exception:<repr>". For socket-level tests as another
+    user: the venv's interpreter lives under /root, so a subprocess as another uid cannot even
+    start."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(r)
-            os.setgroups([])
+            os.setgroups(list(groups))
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
             out = fn()

@@ -16,7 +16,8 @@ from zygote.config import ConfigError, load
 from zygote_client import _protocol as P
 from zygote_client import Client, DaemonError, SandboxConfig
 
-from conftest import RawConn, config_daemon, run_as, start_daemon, stop_daemon, wait_socket, write_text
+from conftest import (ACL_GROUP_OBJ, ACL_MASK, ACL_NO_ID, ACL_OTHER, ACL_USER, ACL_USER_OBJ, RawConn, config_daemon,
+                      run_as, set_acl, start_daemon, stop_daemon, wait_socket, write_text)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -538,6 +539,58 @@ def test_SECURITY_data_only_arguments_refuse_extension_codes():
         copyreg.clear_extension_cache()
 
 
+def _daemon_for_4001(shared_dir: str, *args: str):
+    """A daemon in its own process that uid 4001 (through group 4242) may use: (socket, process)."""
+    sock = os.path.join(shared_dir, "z.sock")
+    cfg = write_text(os.path.join(shared_dir, "z.toml"), f"""
+        [daemon]
+        socket = "{sock}"
+        socket_mode = "0660"
+        socket_group = 4242
+        allowed_uids = [4001]
+        """)
+    return sock, start_daemon("--config", cfg, *args)
+
+
+def test_SECURITY_a_client_s_bind_is_checked_as_the_client_itself(shared_dir):
+    """End to end, through the socket: a file whose mode bits let everyone read it but whose ACL
+    denies uid 4001 is refused to uid 4001 (mode bits alone had let it through); a file only
+    group 4300 may read is bound for uid 4001 when 4300 is one of its supplementary groups
+    (SO_PEERGROUPS), which the mode-bit guess had refused."""
+    denied = os.path.join(shared_dir, "denied")
+    grouped = os.path.join(shared_dir, "grouped")
+    for path in (denied, grouped):
+        with open(path, "w") as f:
+            f.write(os.path.basename(path))
+    os.chmod(denied, 0o644)
+    set_acl(denied, (ACL_USER_OBJ, 6, ACL_NO_ID), (ACL_USER, 0, 4001), (ACL_GROUP_OBJ, 4, ACL_NO_ID),
+            (ACL_MASK, 4, ACL_NO_ID), (ACL_OTHER, 4, ACL_NO_ID))
+    os.chmod(grouped, 0o640)
+    os.chown(grouped, 0, 4300)
+    sock, proc = _daemon_for_4001(shared_dir)
+
+    def spawn(path: str):
+        def go() -> str:
+            c = RawConn(sock)
+            c.send(c.P.Hello(c.P.VERSION))
+            c.reply()
+            c.send(c.P.Spawn(req=1, kind="exec", argv=["/bin/true"], stdin=False,
+                             sandbox=SandboxConfig(ro_binds={path: "/f"})))
+            m = c.reply()
+            return f"{type(m).__name__}:{getattr(m, 'code', '')}:{getattr(m, 'message', '')}"
+        return go
+
+    try:
+        wait_socket(sock, proc)
+        out = run_as(4001, 4242, spawn(denied), groups=(4300,))
+        assert out.startswith("SpawnFailed:policy:") and "may not read" in out, out
+        assert run_as(4001, 4242, spawn(grouped), groups=(4300,)).startswith("Spawned:"), "its group's file"
+        out = run_as(4001, 4242, spawn(grouped))  # (without the group: refused)
+        assert out.startswith("SpawnFailed:policy:") and "may not read" in out, out
+    finally:
+        stop_daemon(proc)
+
+
 def test_SECURITY_a_bind_source_swapped_after_the_check_is_not_bound(shared_dir, tmp_path, monkeypatch):
     """A client (uid 4001) names a file in its own directory; the daemon checks it may read it;
     before the child opens it (held there by a test hook) the client renames a root-only
@@ -556,15 +609,7 @@ def test_SECURITY_a_bind_source_swapped_after_the_check_is_not_bound(shared_dir,
         os.chown(d, 4001, 4242)
     go = tmp_path / "go"
     monkeypatch.setenv("ZYGOTE_TEST_PAUSE_BEFORE_SOURCES", str(go))
-    sock = os.path.join(shared_dir, "z.sock")
-    cfg = write_text(os.path.join(shared_dir, "z.toml"), f"""
-        [daemon]
-        socket = "{sock}"
-        socket_mode = "0660"
-        socket_group = 4242
-        allowed_uids = [4001]
-        """)
-    proc = start_daemon("--config", cfg, "--test-hooks")
+    sock, proc = _daemon_for_4001(shared_dir, "--test-hooks")
 
     def swap() -> None:
         time.sleep(2)  # the request was checked, its child waits before opening its sources

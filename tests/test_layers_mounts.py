@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import statistics
 import subprocess
 import sys
@@ -28,7 +29,8 @@ from zygote._childproto import ChildPlan
 from zygote.layers import SetupError, _sys, mounts, userns
 from zygote_client._config import SandboxConfig
 
-from conftest import drive_userns_child
+from conftest import (ACL_GROUP_OBJ, ACL_MASK, ACL_NO_ID, ACL_OTHER, ACL_USER, ACL_USER_OBJ, drive_userns_child,
+                      set_acl)
 
 ID_BASE = userns.DEFAULT_ID_BASE
 CLONE_NEWNS = 0x00020000
@@ -480,6 +482,57 @@ def test_SECURITY_prepare_takes_the_checked_path_of_a_source_the_client_named(ho
 
 
 
+def test_SECURITY_a_client_s_paths_are_checked_by_the_kernel_as_the_client(hostdir):
+    """check_peer_paths guessed from mode bits: an ACL denying the client a file its "other"
+    bits let everyone read passed, so the client got it bound (the child opens sources with the
+    daemon's rights). It now asks the kernel, in a thread that takes the client's uid, gid and
+    supplementary groups: ACLs that deny or grant, and groups, count as the client's own open
+    would find them; the daemon's own thread keeps its ids and capabilities."""
+    from zygote import policy
+    d = hostdir()
+    denied = os.path.join(d, "denied")  # 0644, but an ACL entry gives uid 4001 nothing
+    with open(denied, "w") as f:
+        f.write("x")
+    os.chmod(denied, 0o644)
+    set_acl(denied, (ACL_USER_OBJ, 6, ACL_NO_ID), (ACL_USER, 0, 4001), (ACL_GROUP_OBJ, 4, ACL_NO_ID),
+            (ACL_MASK, 4, ACL_NO_ID), (ACL_OTHER, 4, ACL_NO_ID))
+    assert stat.S_IMODE(os.stat(denied).st_mode) == 0o644
+    grouped = os.path.join(d, "grouped")  # 0640 root:4300
+    with open(grouped, "w") as f:
+        f.write("x")
+    os.chmod(grouped, 0o640)
+    os.chown(grouped, 0, 4300)
+    granted = os.path.join(d, "granted")  # a 0700 root directory an ACL opens to uid 4001
+    os.mkdir(granted, 0o700)
+    set_acl(granted, (ACL_USER_OBJ, 7, ACL_NO_ID), (ACL_USER, 7, 4001), (ACL_GROUP_OBJ, 0, ACL_NO_ID),
+            (ACL_MASK, 7, ACL_NO_ID), (ACL_OTHER, 0, ACL_NO_ID))
+
+    def check(field: str, path: str, uid: int, groups: tuple[int, ...] = ()) -> bool:
+        cfg = SandboxConfig(**{field: {path: "/x"}})
+        try:
+            pins = policy.check_peer_paths(cfg, SandboxConfig(), uid, uid, groups)
+        except policy.PolicyError as e:
+            assert f"uid {uid} may not" in str(e)
+            return False
+        assert pins == {path: (path, os.stat(path).st_dev, os.stat(path).st_ino)}
+        return True
+
+    def ids() -> tuple[str, str]:
+        status = dict(line.split(":\t", 1) for line in open("/proc/thread-self/status").read().splitlines())
+        return status["Uid"], status["CapEff"]
+
+    before = ids()
+    assert not check("ro_binds", denied, 4001)      # the ACL entry denies; mode bits said yes
+    assert check("ro_binds", denied, 4002)          # (no entry for 4002: the "other" bits)
+    assert not check("ro_binds", grouped, 4001)
+    assert check("ro_binds", grouped, 4001, (4300,))  # a supplementary group of the client's
+    assert check("rw_binds", granted, 4001)           # an ACL that grants (mode bits said no)
+    assert not check("rw_binds", granted, 4002)
+    assert not check("rw_binds", d, 4001)             # root's 0755 directory: read, not write
+    assert check("ro_binds", d, 4001)
+    assert ids() == before  # the checks ran as the client in a thread of their own
+
+
 def test_SECURITY_a_path_named_twice_must_be_the_same_file_both_times(monkeypatch, hostdir):
     """check_peer_paths pins each path the client named; named twice (a write bind and
     chroot_dir) and checked twice, it must have been the same file both times, or the read check
@@ -489,7 +542,7 @@ def test_SECURITY_a_path_named_twice_must_be_the_same_file_both_times(monkeypatc
     d = hostdir()
     cfg = SandboxConfig(rw_binds={d: "/x"}, chroot_dir=d)
     found = iter([(d, 1, 2), (d, 1, 2)])
-    monkeypatch.setattr(policy, "_may_access", lambda *a: next(found))
+    monkeypatch.setattr(policy, "_reach", lambda *a: next(found))
     assert policy.check_peer_paths(cfg, SandboxConfig(), 4001, 4001) == {d: (d, 1, 2)}
     found = iter([(d, 1, 2), ("/elsewhere", 1, 3)])
     with pytest.raises(policy.PolicyError, match="changed while the request was checked"):

@@ -225,6 +225,8 @@ class Connection:
         self.daemon = daemon
         self.sock = sock
         self.peer_pid, self.peer_uid, self.peer_gid = peer
+        # Its supplementary groups, as at its connect: check_peer_paths asks as the peer.
+        self.peer_groups = policy.peer_groups(sock) if sock is not None else ()
         self.children: dict[str, Child] = {}  # spawned here, or attached to from here
         self._send_lock = trio.Lock()
         self.closed = False
@@ -1033,7 +1035,7 @@ class Daemon:
             pins = {}
             if own_paths:
                 pins = await self._look(conn.peer_uid, policy.check_peer_paths, cfg, pool.config.sandbox,
-                                        conn.peer_uid, conn.peer_gid)
+                                        conn.peer_uid, conn.peer_gid, conn.peer_groups)
             if pool.config.forbid_secret_env and msg.env is not None:
                 policy.check_env(msg.env, pool.config.env_allow)
         except policy.PolicyError as e:

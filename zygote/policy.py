@@ -7,9 +7,14 @@ pool has none, an allow-list wider than the pool's. Turning a layer off is a poo
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fnmatch
 import os
+import socket
 import stat
+import struct
+import threading
 
 import msgspec
 
@@ -17,6 +22,8 @@ from zygote_client import SandboxConfig
 from zygote_client._workspace import Export
 from zygote_client._config import parse_allow
 from zygote_client._errors import quoted
+
+from zygote.layers import _sys
 
 LIMITS = ("memory", "pids", "cpu", "cpu_time", "timeout", "timeout_grace", "file_size", "open_files",
           "max_output_bytes", "tmpfs_size")
@@ -138,11 +145,14 @@ def names_host_paths(cfg: SandboxConfig, pool: SandboxConfig) -> bool:
             or bool(cfg.chroot_dir and cfg.chroot_dir != pool.chroot_dir))
 
 
-def check_peer_paths(cfg: SandboxConfig, pool: SandboxConfig, uid: int, gid: int) -> dict[str, tuple[str, int, int]]:
+def check_peer_paths(cfg: SandboxConfig, pool: SandboxConfig, uid: int, gid: int,
+                     groups: tuple[int, ...] = ()) -> dict[str, tuple[str, int, int]]:
     """Refuse binds/chroot the connecting user could not reach on the host themselves.
 
     The child opens bind sources while it still carries the daemon's host credentials, so without
     this a client could bind any file the daemon can read. Root and the daemon's own uid pass.
+    The kernel itself answers, for the peer's ids (``uid``, ``gid`` and its supplementary
+    ``groups``): see _as_peer.
 
     Returns the sources checked, as given, -> (canonical path, st_dev, st_ino) of what was
     checked: the child binds those files or none (mounts.MountSpec.pin), whatever the paths
@@ -151,19 +161,17 @@ def check_peer_paths(cfg: SandboxConfig, pool: SandboxConfig, uid: int, gid: int
     pins: dict[str, tuple[str, int, int]] = {}
     if uid == 0 or uid == os.getuid():
         return pins
-    for field, write in (("ro_binds", False), ("rw_binds", True)):
-        for src in getattr(cfg, field):
-            if src in getattr(pool, field):
-                continue
-            pin = _may_access(src, uid, gid, write)
-            if pin is None:
-                raise PolicyError(f"{field}: uid {uid} may not {'write' if write else 'read'} {quoted(src)} on the host")
-            _pin(pins, src, pin)
+    asks = [(field, src, write) for field, write in (("ro_binds", False), ("rw_binds", True))
+            for src in getattr(cfg, field) if src not in getattr(pool, field)]
     if cfg.chroot_dir and cfg.chroot_dir != pool.chroot_dir:
-        pin = _may_access(cfg.chroot_dir, uid, gid, False)
+        asks.append(("chroot_dir", cfg.chroot_dir, False))
+    if not asks:
+        return pins
+    found = _as_peer(uid, gid, groups, lambda: [_reach(src, write) for _, src, write in asks])
+    for (field, src, write), pin in zip(asks, found):
         if pin is None:
-            raise PolicyError(f"chroot_dir: uid {uid} may not read {quoted(cfg.chroot_dir)} on the host")
-        _pin(pins, cfg.chroot_dir, pin)
+            raise PolicyError(f"{field}: uid {uid} may not {'write' if write else 'read'} {quoted(src)} on the host")
+        _pin(pins, src, pin)
     return pins
 
 
@@ -175,32 +183,89 @@ def _pin(pins: dict, src: str, pin: tuple[str, int, int]) -> None:
         raise PolicyError(f"{quoted(src)} changed while the request was checked")
 
 
-def _may_access(path: str, uid: int, gid: int, write: bool) -> tuple[str, int, int] | None:
-    """(canonical path, st_dev, st_ino) of ``path`` if ``uid``/``gid`` may reach it (and write
-    it), else None."""
-    def ok(st: os.stat_result, bit_r: bool, bit_w: bool, bit_x: bool) -> bool:
-        if st.st_uid == uid:
-            shift = 6
-        elif st.st_gid == gid:
-            shift = 3
-        else:
-            shift = 0
-        mode = st.st_mode >> shift
-        return (not bit_r or mode & 4) and (not bit_w or mode & 2) and (not bit_x or mode & 1)
+def _as_peer(uid: int, gid: int, groups: tuple[int, ...], fn):
+    """``fn()`` in a thread of its own whose file-system identity is the peer's: fsuid ``uid``,
+    fsgid ``gid``, supplementary ``groups``, and no capabilities (a daemon that is not root
+    would keep CAP_DAC_OVERRIDE). Credentials are per thread in the kernel, and these are set by
+    raw syscalls (glibc's setgroups would change every thread's), so nothing else in the daemon
+    runs as the peer, and the thread takes them along when it ends. Path walks, ACLs, group
+    membership and mode bits are then the kernel's own answer for the peer, not a guess from
+    mode bits. Raises PolicyError if the daemon cannot take those ids (CAP_SETUID and
+    CAP_SETGID: see systemd/zygote.service): it then checks nothing, so it binds nothing."""
+    from zygote.layers import privileges
+    out: list = []
 
+    def body() -> None:
+        try:
+            arr = (ctypes.c_uint * max(1, len(groups)))(*groups)
+            _sys.syscall("setgroups", len(groups), arr)
+            _sys.libc.syscall(_sys.NR["setfsgid"], gid)
+            _sys.libc.syscall(_sys.NR["setfsuid"], uid)
+            # setfsuid/setfsgid answer with the previous ids, never an error: ask again to know.
+            if (_sys.libc.syscall(_sys.NR["setfsgid"], -1) != gid
+                    or _sys.libc.syscall(_sys.NR["setfsuid"], -1) != uid):
+                raise OSError(errno.EPERM, "setfsuid/setfsgid did not take")
+            privileges._capset_empty()
+        except OSError as e:
+            out.append(PolicyError(f"the daemon cannot check paths as uid {uid} ({e.strerror or e}); "
+                                   "it needs CAP_SETUID and CAP_SETGID to check a client's binds"))
+            return
+        try:
+            out.append(fn())
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            out.append(e)
+
+    t = threading.Thread(target=body, name="zygote-peer-check", daemon=True)
+    t.start()
+    t.join()
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0]
+
+
+def _reach(path: str, write: bool) -> tuple[str, int, int] | None:
+    """(canonical path, st_dev, st_ino) of ``path`` if this thread may read it (and write it; and
+    search it, a directory), else None. In _as_peer's thread: resolved, opened and asked as the
+    peer; the answer is about the very file that was opened."""
     real = os.path.realpath(path)
-    parts = real.split("/")
-    cur = "/"
     try:
-        for part in parts[1:-1]:
-            cur = os.path.join(cur, part)
-            if not ok(os.stat(cur), False, False, True):
-                return None
-        st = os.stat(real)
+        fd = os.open(real, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
-    is_dir = stat.S_ISDIR(st.st_mode)
-    return (real, st.st_dev, st.st_ino) if ok(st, True, write, is_dir) else None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISLNK(st.st_mode):  # (replaced by a symlink after realpath)
+            return None
+        mode = os.R_OK | (os.W_OK if write else 0) | (os.X_OK if stat.S_ISDIR(st.st_mode) else 0)
+        # faccessat2(2) with AT_EACCESS asks with this thread's fsuid/fsgid/groups, not its real ids.
+        if _sys.libc.syscall(_sys.NR["faccessat2"], fd, b"", mode, _AT_EACCESS | _AT_EMPTY_PATH) != 0:
+            return None
+        return real, st.st_dev, st.st_ino
+    finally:
+        os.close(fd)
+
+
+_AT_EACCESS = 0x200
+_AT_EMPTY_PATH = 0x1000
+
+
+def peer_groups(sock) -> tuple[int, ...]:
+    """The supplementary groups of a Unix socket's peer as at its connect (SO_PEERGROUPS, Linux
+    4.13); () if the kernel cannot say, and a check then errs towards no."""
+    fd = sock.fileno()
+    size = ctypes.c_uint(4 * 64)
+    for _ in range(3):  # too small: the kernel says how much it needs (ERANGE)
+        buf = ctypes.create_string_buffer(size.value)
+        if _sys.libc.getsockopt(fd, socket.SOL_SOCKET, _SO_PEERGROUPS, buf, ctypes.byref(size)) == 0:
+            return struct.unpack(f"{size.value // 4}I", buf.raw[:size.value - size.value % 4])
+        if ctypes.get_errno() != errno.ERANGE:
+            break
+    return ()
+
+
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+_sys.libc.getsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                 ctypes.POINTER(ctypes.c_uint)]
 
 
 def on_a_mount(fd: int) -> bool:

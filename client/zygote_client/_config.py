@@ -118,8 +118,9 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             Default None. Security: everything under it is visible to the child (read-only).
         ro_binds: host path -> sandbox path, bound read-only. Default none. Security: the child can
             read everything under each host path (mounts under it included: a path holding /proc
-            or /sys is refused). A client's own paths are checked against its uid and bound only
-            as checked; a pool's are the administrator's, resolved at every spawn: keep them out
+            or /sys is refused). A client's own paths are checked as the client (the kernel's
+            answer for its uid, gid and supplementary groups: ACLs count) and bound only as
+            checked; a pool's are the administrator's, resolved at every spawn: keep them out
             of directories other users can write.
         rw_binds: host path -> sandbox path, bound read-write. Default none. Security: the child can
             change these host files (as an unprivileged host uid of a range of the child's own,
