@@ -533,6 +533,101 @@ def test_SECURITY_a_client_s_paths_are_checked_by_the_kernel_as_the_client(hostd
     assert ids() == before  # the checks ran as the client in a thread of their own
 
 
+def test_SECURITY_a_client_s_path_through_a_proc_magic_link_is_refused(hostdir):
+    """The check runs in a thread of the daemon, where /proc/self is the daemon: a symlink the
+    client makes to /proc/self/fd/N would jump into a directory the daemon holds open and skip
+    the search checks of its parents. The check's walk follows no magic link (a helper's
+    review found the earlier realpath-then-open walk did, when the client swapped a directory
+    for such a link between the two)."""
+    from zygote import policy
+    d = hostdir()
+    inner = os.path.join(d, "private", "inner")
+    os.makedirs(inner)
+    os.chmod(os.path.join(d, "private"), 0o700)  # root's: uid 4001 cannot search it
+    os.chmod(inner, 0o755)
+    with open(os.path.join(inner, "secret"), "w") as f:
+        f.write("root's")
+    os.chmod(os.path.join(inner, "secret"), 0o644)
+    mine = os.path.join(d, "mine")
+    os.mkdir(mine)
+    os.chown(mine, 4001, 4001)
+    held = os.open(inner, os.O_RDONLY | os.O_DIRECTORY)  # a directory the daemon has open
+    try:
+        os.symlink(f"/proc/self/fd/{held}", os.path.join(mine, "jump"))
+        for path in (os.path.join(inner, "secret"), os.path.join(mine, "jump", "secret")):
+            with pytest.raises(policy.PolicyError, match="uid 4001 may not read"):
+                policy.check_peer_paths(SandboxConfig(ro_binds={path: "/x"}), SandboxConfig(), 4001, 4001)
+    finally:
+        os.close(held)
+
+
+def test_a_long_chain_of_symlinks_is_refused_as_unreachable(hostdir):
+    """The kernel walks a client's path (40 links at most): a chain of 1500 symlinks is a path
+    the client cannot reach, not a RecursionError in the daemon's own resolution."""
+    from zygote import policy
+    d = hostdir()
+    with open(os.path.join(d, "f"), "w") as f:
+        f.write("x")
+    prev = "f"
+    for i in range(1500):
+        os.symlink(prev, os.path.join(d, f"l{i}"))
+        prev = f"l{i}"
+    with pytest.raises(policy.PolicyError, match="uid 4001 may not read"):
+        policy.check_peer_paths(SandboxConfig(ro_binds={os.path.join(d, prev): "/x"}), SandboxConfig(), 4001, 4001)
+
+
+def test_SECURITY_no_finalizer_runs_as_the_client_during_a_check(monkeypatch, hostdir):
+    """The cyclic garbage collector runs finalizers in whichever thread triggers it: the
+    check's thread, holding the client's ids, ran daemon finalizers as the client (a helper's
+    review). The collector is held off while a check runs."""
+    import gc
+    import threading
+    from zygote import policy
+    d = hostdir()
+    seen: list[tuple[str, str]] = []
+
+    class Finalized:
+        def __del__(self) -> None:
+            status = open("/proc/thread-self/status").read()
+            seen.append((threading.current_thread().name, status.split("\nUid:")[1].split()[3]))
+
+    reach = policy._reach
+
+    def reach_at_the_threshold(path: str, write: bool):
+        gc.set_threshold(1)  # (the allocation count may reach it at any moment: here, in the check)
+        return reach(path, write)
+
+    monkeypatch.setattr(policy, "_reach", reach_at_the_threshold)
+    before = gc.get_threshold()
+    try:
+        gc.collect()
+        gc.set_threshold(1 << 30)
+        a, b = Finalized(), Finalized()
+        a.other, b.other = b, a  # a cycle: only the collector frees it
+        del a, b
+        policy.check_peer_paths(SandboxConfig(ro_binds={d: "/x"}), SandboxConfig(), 4001, 4001)
+    finally:
+        gc.set_threshold(*before)
+    gc.collect()
+    assert len(seen) == 2 and all(fsuid == "0" for _, fsuid in seen), seen
+
+
+def test_SECURITY_a_check_that_lost_the_client_s_ids_midway_binds_nothing(monkeypatch, hostdir):
+    """glibc repeats set*id calls in every thread: one in the daemon would put the check
+    thread's fsuid back to 0 (allowed: its real uid is 0), and the rest of the check would be
+    root's answers. The ids are asked again after the check, which then fails."""
+    from zygote import policy
+    d = hostdir()
+
+    def reset_then_reach(path: str, write: bool):
+        _sys.libc.syscall(_sys.NR["setfsuid"], 0)  # what a glibc set*id broadcast would do
+        return (path, 1, 2)
+
+    monkeypatch.setattr(policy, "_reach", reset_then_reach)
+    with pytest.raises(policy.PolicyError, match="lost its ids"):
+        policy.check_peer_paths(SandboxConfig(ro_binds={d: "/x"}), SandboxConfig(), 4001, 4001)
+
+
 def test_SECURITY_a_path_named_twice_must_be_the_same_file_both_times(monkeypatch, hostdir):
     """check_peer_paths pins each path the client named; named twice (a write bind and
     chroot_dir) and checked twice, it must have been the same file both times, or the read check

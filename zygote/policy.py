@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fnmatch
+import gc
 import os
 import socket
 import stat
@@ -23,7 +24,7 @@ from zygote_client._workspace import Export
 from zygote_client._config import parse_allow
 from zygote_client._errors import quoted
 
-from zygote.layers import _sys
+from zygote.layers import _sys, mounts
 
 LIMITS = ("memory", "pids", "cpu", "cpu_time", "timeout", "timeout_grace", "file_size", "open_files",
           "max_output_bytes", "tmpfs_size")
@@ -187,11 +188,17 @@ def _as_peer(uid: int, gid: int, groups: tuple[int, ...], fn):
     """``fn()`` in a thread of its own whose file-system identity is the peer's: fsuid ``uid``,
     fsgid ``gid``, supplementary ``groups``, and no capabilities (a daemon that is not root
     would keep CAP_DAC_OVERRIDE). Credentials are per thread in the kernel, and these are set by
-    raw syscalls (glibc's setgroups would change every thread's), so nothing else in the daemon
-    runs as the peer, and the thread takes them along when it ends. Path walks, ACLs, group
+    raw syscalls (glibc's setgroups would change every thread's), so the daemon's other threads
+    keep theirs, and the thread takes them along when it ends. Path walks, ACLs, group
     membership and mode bits are then the kernel's own answer for the peer, not a guess from
     mode bits. Raises PolicyError if the daemon cannot take those ids (CAP_SETUID and
-    CAP_SETGID: see systemd/zygote.service): it then checks nothing, so it binds nothing."""
+    CAP_SETGID: see systemd/zygote.service): it then checks nothing, so it binds nothing.
+
+    Python code other than ``fn`` could run in that thread: the cyclic garbage collector runs
+    finalizers in whichever thread triggers it. It is held off while any check runs (a
+    finalizer run as the peer could fail, or make files the peer owns). The daemon process must
+    never call glibc's set*id family: glibc repeats those in every thread, which would put this
+    thread's fsuid back to 0 (caught below: the check then fails) or, for setgroups, abort."""
     from zygote.layers import privileges
     out: list = []
 
@@ -201,9 +208,7 @@ def _as_peer(uid: int, gid: int, groups: tuple[int, ...], fn):
             _sys.syscall("setgroups", len(groups), arr)
             _sys.libc.syscall(_sys.NR["setfsgid"], gid)
             _sys.libc.syscall(_sys.NR["setfsuid"], uid)
-            # setfsuid/setfsgid answer with the previous ids, never an error: ask again to know.
-            if (_sys.libc.syscall(_sys.NR["setfsgid"], -1) != gid
-                    or _sys.libc.syscall(_sys.NR["setfsuid"], -1) != uid):
+            if not _fs_ids_are(uid, gid):
                 raise OSError(errno.EPERM, "setfsuid/setfsgid did not take")
             privileges._capset_empty()
         except OSError as e:
@@ -211,35 +216,75 @@ def _as_peer(uid: int, gid: int, groups: tuple[int, ...], fn):
                                    "it needs CAP_SETUID and CAP_SETGID to check a client's binds"))
             return
         try:
-            out.append(fn())
+            found = fn()
+            if not _fs_ids_are(uid, gid):  # (see above: the answers may have been root's)
+                raise PolicyError(f"the check of uid {uid}'s paths lost its ids midway; nothing is bound")
+            out.append(found)
         except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
             out.append(e)
 
-    t = threading.Thread(target=body, name="zygote-peer-check", daemon=True)
-    t.start()
-    t.join()
+    _hold_gc(+1)
+    try:
+        t = threading.Thread(target=body, name="zygote-peer-check", daemon=True)
+        t.start()
+        t.join(CHECK_TIMEOUT)
+    finally:
+        _hold_gc(-1)  # (a check stuck past CHECK_TIMEOUT, in a syscall, gives the collector back)
+    if not out:
+        raise PolicyError(f"checking uid {uid}'s paths took over {CHECK_TIMEOUT:.0f} s (a file system that "
+                          "does not answer?)")
     if isinstance(out[0], BaseException):
         raise out[0]
     return out[0]
 
 
+CHECK_TIMEOUT = 15.0  # seconds (the daemon gives up waiting sooner: PATHS_TIMEOUT)
+_gc_lock = threading.Lock()
+_gc_holds = [0, False]  # checks running; whether the collector was on when the first began
+
+
+def _hold_gc(step: int) -> None:
+    with _gc_lock:
+        if step > 0 and _gc_holds[0] == 0:
+            _gc_holds[1] = gc.isenabled()
+            gc.disable()
+        _gc_holds[0] += step
+        if _gc_holds[0] == 0 and _gc_holds[1]:
+            gc.enable()
+
+
+def _fs_ids_are(uid: int, gid: int) -> bool:
+    """Whether this thread's fsuid and fsgid are these (setfsuid(-1) changes nothing and answers
+    with the current one: the call never fails, so asking is the only way to know)."""
+    return (_sys.libc.syscall(_sys.NR["setfsuid"], -1) == uid
+            and _sys.libc.syscall(_sys.NR["setfsgid"], -1) == gid)
+
+
 def _reach(path: str, write: bool) -> tuple[str, int, int] | None:
     """(canonical path, st_dev, st_ino) of ``path`` if this thread may read it (and write it; and
-    search it, a directory), else None. In _as_peer's thread: resolved, opened and asked as the
-    peer; the answer is about the very file that was opened."""
-    real = os.path.realpath(path)
+    search it, a directory), else None. In _as_peer's thread: one walk by the kernel, as the
+    peer, following symlinks as the peer's own open would but no /proc magic link (in this
+    thread /proc/self is the daemon: its open directories would skip the walk's checks); the
+    canonical path is the kernel's name for what that walk opened, and the answer is about that
+    very file."""
     try:
-        fd = os.open(real, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
+        fd = mounts.openat2(path, os.O_PATH | os.O_CLOEXEC, mounts.RESOLVE_NO_MAGICLINKS)
+    except OSError as e:
+        if e.errno == errno.ENOSYS:
+            raise PolicyError("checking a client's paths needs openat2 (Linux 5.6)") from None
+        return None  # not there, not searchable, a loop, a magic link: the peer cannot reach it
     try:
+        real = os.readlink(f"/proc/thread-self/fd/{fd}")
         st = os.fstat(fd)
-        if stat.S_ISLNK(st.st_mode):  # (replaced by a symlink after realpath)
+        if not real.startswith("/") or real.endswith(" (deleted)"):
             return None
         mode = os.R_OK | (os.W_OK if write else 0) | (os.X_OK if stat.S_ISDIR(st.st_mode) else 0)
         # faccessat2(2) with AT_EACCESS asks with this thread's fsuid/fsgid/groups, not its real ids.
         if _sys.libc.syscall(_sys.NR["faccessat2"], fd, b"", mode, _AT_EACCESS | _AT_EMPTY_PATH) != 0:
-            return None
+            err = ctypes.get_errno()
+            if err in (errno.ENOSYS, errno.EINVAL):
+                raise PolicyError(f"checking a client's paths needs faccessat2 (Linux 5.8): {os.strerror(err)}")
+            return None  # EACCES, EPERM, EROFS (a write bind on a read-only mount), ETXTBSY
         return real, st.st_dev, st.st_ino
     finally:
         os.close(fd)

@@ -449,8 +449,19 @@ class _OpenHow(ctypes.Structure):  # struct open_how, openat2(2)
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-_RESOLVE_NO_MAGICLINKS, _RESOLVE_NO_SYMLINKS = 0x02, 0x04
+RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS = 0x02, 0x04
 _use_openat2 = True
+
+
+def openat2(path: str, flags: int, resolve: int) -> int:
+    """openat2(2) of ``path`` from the working directory; raises OSError as os.open does
+    (ENOSYS before Linux 5.6)."""
+    how = _OpenHow(flags, 0, resolve)
+    fd = _sys.libc.syscall(_sys.NR["openat2"], -100, path.encode(), ctypes.byref(how), ctypes.sizeof(how))  # AT_FDCWD
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return fd
 
 
 def _open_path(path: str) -> int:
@@ -464,15 +475,12 @@ def _open_path(path: str) -> int:
     global _use_openat2
     try:
         if _use_openat2:
-            how = _OpenHow(os.O_PATH | os.O_CLOEXEC, 0, _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
-            fd = _sys.libc.syscall(_sys.NR["openat2"], -100, path.encode(), ctypes.byref(how),  # AT_FDCWD
-                                   ctypes.sizeof(how))
-            if fd >= 0:
-                return fd
-            err = ctypes.get_errno()
-            if err != _errno.ENOSYS:
-                raise OSError(err, os.strerror(err), path)
-            _use_openat2 = False
+            try:
+                return openat2(path, os.O_PATH | os.O_CLOEXEC, RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+            except OSError as e:
+                if e.errno != _errno.ENOSYS:
+                    raise
+                _use_openat2 = False
         return os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError as e:
         hint = _HINT_SOURCE if e.errno == _errno.EACCES else (
