@@ -163,19 +163,13 @@ def set_acl(path: str, *entries: tuple[int, int, int]) -> None:
                 struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries))
 
 
-def run_as(uid: int, gid: int, fn, groups: tuple[int, ...] = ()) -> str:
-    """``fn()`` (returning a str) in a forked process with uid/gid and supplementary ``groups``
-    (none by default); its result, or "exception:<repr>". For socket-level tests as another
-    user: the venv's interpreter lives under /root, so a subprocess as another uid cannot even
-    start."""
+def in_fork(fn) -> str:
+    """``fn()`` (returning a str) in a forked process; its result, or "exception:<repr>"."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(r)
-            os.setgroups(list(groups))
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
             out = fn()
         except BaseException as e:  # noqa: BLE001 - reported to the parent
             out = f"exception:{e!r}"
@@ -188,6 +182,19 @@ def run_as(uid: int, gid: int, fn, groups: tuple[int, ...] = ()) -> str:
         out = f.read().decode()
     os.waitpid(pid, 0)
     return out
+
+
+def run_as(uid: int, gid: int, fn, groups: tuple[int, ...] = ()) -> str:
+    """``fn()`` (returning a str) in a forked process with uid/gid and supplementary ``groups``
+    (none by default); its result, or "exception:<repr>". For socket-level tests as another
+    user: the venv's interpreter lives under /root, so a subprocess as another uid cannot even
+    start."""
+    def become() -> str:
+        os.setgroups(list(groups))
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+        return fn()
+    return in_fork(become)
 
 
 class RawConn:

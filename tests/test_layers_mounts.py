@@ -30,7 +30,7 @@ from zygote.layers import SetupError, _sys, mounts, userns
 from zygote_client._config import SandboxConfig
 
 from conftest import (ACL_GROUP_OBJ, ACL_MASK, ACL_NO_ID, ACL_OTHER, ACL_USER, ACL_USER_OBJ, drive_userns_child,
-                      set_acl)
+                      in_fork, set_acl)
 
 ID_BASE = userns.DEFAULT_ID_BASE
 CLONE_NEWNS = 0x00020000
@@ -626,6 +626,27 @@ def test_SECURITY_a_check_that_lost_the_client_s_ids_midway_binds_nothing(monkey
     monkeypatch.setattr(policy, "_reach", reset_then_reach)
     with pytest.raises(policy.PolicyError, match="lost its ids"):
         policy.check_peer_paths(SandboxConfig(ro_binds={d: "/x"}), SandboxConfig(), 4001, 4001)
+
+
+def test_SECURITY_a_mount_table_that_cannot_be_read_refuses_binds(hostdir):
+    """Binds are refused when the daemon cannot read its mount table: the check for kernel
+    interfaces under a bind source let every bind through unchecked when /proc/self/mountinfo
+    could not be read. (A process of the test's own, with /proc covered in its own mount
+    namespace.)"""
+    d = hostdir()
+
+    def without_proc() -> str:
+        _sys.unshare(CLONE_NEWNS)
+        _sys.mount(None, "/", None, _sys.MS_REC | _sys.MS_PRIVATE)
+        _sys.mount("tmpfs", "/proc", "tmpfs", 0)
+        try:
+            mounts.prepare(SandboxConfig(ro_binds={d: "/data"}), INFO)
+        except ValueError as e:
+            return str(e)
+        return "prepared"
+
+    out = in_fork(without_proc)
+    assert "cannot read /proc/self/mountinfo" in out, out
 
 
 def test_SECURITY_a_path_named_twice_must_be_the_same_file_both_times(monkeypatch, hostdir):

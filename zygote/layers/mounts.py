@@ -64,7 +64,9 @@ _KERNEL_FS = frozenset(("proc", "sysfs", "cgroup", "cgroup2", "debugfs", "tracef
 
 
 def _kernel_mounts() -> list[tuple[str, str]]:
-    """(mount point, type) of this process's mounts of kernel interfaces' filesystems."""
+    """(mount point, type) of this process's mounts of kernel interfaces' filesystems. Raises
+    ValueError if the mount table cannot be read: a bind is then refused, not let through
+    unchecked."""
     out = []
     try:
         with open("/proc/self/mountinfo") as f:
@@ -73,8 +75,9 @@ def _kernel_mounts() -> list[tuple[str, str]]:
                 fstype = rest.split(" ", 1)[0]
                 if fstype in _KERNEL_FS:
                     out.append((re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields.split()[4]), fstype))
-    except (OSError, IndexError):
-        pass
+    except (OSError, IndexError) as e:
+        raise ValueError(f"cannot read /proc/self/mountinfo to check binds for kernel-interface mounts ({e}); "
+                         "the daemon needs /proc mounted") from None
     return out
 
 
