@@ -1099,6 +1099,45 @@ def test_SECURITY_a_spawner_not_reading_its_detached_childrens_output_is_capped(
         stop_daemon(proc)
 
 
+def test_SECURITY_a_quiet_child_s_feed_lets_go_of_a_reader_that_closed(tmp_path):
+    """A detached child's feed to a reader that closed its pipes ends within READER_CHECK (2 s)
+    even while the child writes nothing: it found out only at its next write, so a quiet child
+    kept the closed reader's place in max_attaches until it ended (here 120 s)."""
+    sock = str(tmp_path / "z.sock")
+    proc = start_daemon("--config", write_text(tmp_path / "z.toml", f"""
+        [daemon]
+        socket = "{sock}"
+        max_attaches = 1
+        """))
+
+    def quiet():
+        import time as _t
+        _t.sleep(120)
+
+    try:
+        wait_socket(sock, proc)
+        with Client.connect(sock) as a:
+            first = a.spawn_child(quiet, stdin=None, detached=True)  # its feed takes the one place
+            with pytest.raises(DaemonError) as e:
+                a.spawn_child(quiet, stdin=None, detached=True)
+            assert e.value.code == "limit" and "max_attaches" in str(e.value)
+            first.stdout.close()
+            first.stderr.close()
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    second = a.spawn_child(quiet, stdin=None, detached=True)
+                    break
+                except DaemonError as e:
+                    assert e.code == "limit" and time.monotonic() < deadline, "the closed feed kept its place"
+                    time.sleep(0.5)
+            for k in (first, second):
+                k.kill()
+                k.wait(timeout=30)
+    finally:
+        stop_daemon(proc)
+
+
 def test_SECURITY_detached_spawns_in_a_burst_cannot_pass_max_attaches_together(tmp_path):
     """The spawner's feeds count against max_attaches from the spawn's check on: counted only
     once the child was set up, eight detached spawns sent together all passed a cap of two."""

@@ -10,6 +10,7 @@ for an offset the ring has already dropped starts at ``Ring.start`` and learns h
 
 from __future__ import annotations
 
+import select
 from typing import Callable
 
 import trio
@@ -22,6 +23,10 @@ BLOCK = 1 << 16
 # chunk still goes out at once; later small ones wait up to PACE.
 PACE = 0.002
 PACE_BELOW = 4096
+# A tap whose child is quiet looks this often (seconds) for a reader that closed its end: a write
+# would find out (EPIPE), but a quiet child gives it nothing to write, and the tap held its
+# reader's place in max_attaches until the child ended.
+READER_CHECK = 2.0
 
 
 class Ring:
@@ -119,7 +124,8 @@ async def tap(ring: Ring, out, pos: int) -> None:
     close it.
 
     A reader slower than the ring (the child wrote more than ``capacity`` since) skips what was
-    dropped meanwhile. A reader that closed its end just ends the tap.
+    dropped meanwhile. A reader that closed its end just ends the tap: at the next write, or
+    within READER_CHECK while there is nothing to write.
     """
     try:
         while True:
@@ -131,8 +137,19 @@ async def tap(ring: Ring, out, pos: int) -> None:
             elif ring.eof and pos >= ring.end:
                 return
             else:
-                await ring.wait_past(pos)
+                with trio.move_on_after(READER_CHECK) as quiet:
+                    await ring.wait_past(pos)
+                if quiet.cancelled_caught and reader_gone(out.fileno()):
+                    return
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
     finally:
         out.close()
+
+
+def reader_gone(fd: int) -> bool:
+    """Whether nobody holds the read end of the pipe whose write end is ``fd`` (poll reports
+    POLLERR then, whatever events were asked for; pipe_poll takes no lock)."""
+    p = select.poll()
+    p.register(fd, 0)
+    return any(ev & select.POLLERR for _, ev in p.poll(0))
