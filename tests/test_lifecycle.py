@@ -1061,6 +1061,17 @@ def test_a_zygote_that_stops_answering_is_replaced(tmp_path, monkeypatch):
         stop_daemon(proc)
 
 
+def _daemon_with(tmp_path, settings: str, *args: str):
+    """A daemon of its own on tmp_path/z.sock with these [daemon] TOML lines: (socket, process)."""
+    sock = str(tmp_path / "z.sock")
+    lines = "".join(f"        {line.strip()}\n" for line in settings.strip().splitlines())
+    cfg = write_text(tmp_path / "z.toml", f"""
+        [daemon]
+        socket = "{sock}"
+{lines}        """)
+    return sock, start_daemon("--config", cfg, *args)
+
+
 def test_SECURITY_a_spawner_not_reading_its_detached_childrens_output_is_capped(tmp_path, monkeypatch):
     """The spawner's feeds of a detached child's output (two pipes, two tasks, the child's rings)
     count against max_attaches like any attached reader's, and end RELAY_LINGER after the child
@@ -1068,13 +1079,7 @@ def test_SECURITY_a_spawner_not_reading_its_detached_childrens_output_is_capped(
     two fds of the daemon per finished child, without bound (the record's own limits do not
     cover them)."""
     monkeypatch.setenv("ZYGOTE_TEST_TAP_LINGER", "1")
-    sock = str(tmp_path / "z.sock")
-    cfg = write_text(tmp_path / "z.toml", f"""
-        [daemon]
-        socket = "{sock}"
-        max_attaches = 2
-        """)
-    proc = start_daemon("--config", cfg, "--test-hooks")
+    sock, proc = _daemon_with(tmp_path, "max_attaches = 2", "--test-hooks")
 
     def chatty():
         import sys
@@ -1103,12 +1108,7 @@ def test_SECURITY_a_quiet_child_s_feed_lets_go_of_a_reader_that_closed(tmp_path)
     """A detached child's feed to a reader that closed its pipes ends within READER_CHECK (2 s)
     even while the child writes nothing: it found out only at its next write, so a quiet child
     kept the closed reader's place in max_attaches until it ended (here 120 s)."""
-    sock = str(tmp_path / "z.sock")
-    proc = start_daemon("--config", write_text(tmp_path / "z.toml", f"""
-        [daemon]
-        socket = "{sock}"
-        max_attaches = 1
-        """))
+    sock, proc = _daemon_with(tmp_path, "max_attaches = 1")
 
     def quiet():
         import time as _t
@@ -1143,12 +1143,7 @@ def test_SECURITY_detached_spawns_in_a_burst_cannot_pass_max_attaches_together(t
     once the child was set up, eight detached spawns sent together all passed a cap of two."""
     import threading
 
-    sock = str(tmp_path / "z.sock")
-    proc = start_daemon("--config", write_text(tmp_path / "z.toml", f"""
-        [daemon]
-        socket = "{sock}"
-        max_attaches = 2
-        """))
+    sock, proc = _daemon_with(tmp_path, "max_attaches = 2")
 
     def sleeper():
         import time
