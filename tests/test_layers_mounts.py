@@ -485,9 +485,9 @@ def test_SECURITY_prepare_takes_the_checked_path_of_a_source_the_client_named(ho
 def test_SECURITY_a_client_s_paths_are_checked_by_the_kernel_as_the_client(hostdir):
     """check_peer_paths guessed from mode bits: an ACL denying the client a file its "other"
     bits let everyone read passed, so the client got it bound (the child opens sources with the
-    daemon's rights). It now asks the kernel, in a thread that takes the client's uid, gid and
+    daemon's rights). It now asks the kernel, in a process that takes the client's uid, gid and
     supplementary groups: ACLs that deny or grant, and groups, count as the client's own open
-    would find them; the daemon's own thread keeps its ids and capabilities."""
+    would find them; the daemon keeps its ids and capabilities."""
     from zygote import policy
     d = hostdir()
     denied = os.path.join(d, "denied")  # 0644, but an ACL entry gives uid 4001 nothing
@@ -530,15 +530,18 @@ def test_SECURITY_a_client_s_paths_are_checked_by_the_kernel_as_the_client(hostd
     assert not check("rw_binds", granted, 4002)
     assert not check("rw_binds", d, 4001)             # root's 0755 directory: read, not write
     assert check("ro_binds", d, 4001)
-    assert ids() == before  # the checks ran as the client in a thread of their own
+    assert ids() == before  # the checks ran as the client in a process of their own
+    with pytest.raises(policy.PolicyError, match="supplementary groups"):  # groups unknown: nothing passes
+        policy.check_peer_paths(SandboxConfig(ro_binds={d: "/x"}), SandboxConfig(), 4001, 4001, None)
 
 
 def test_SECURITY_a_client_s_path_through_a_proc_magic_link_is_refused(hostdir):
-    """The check runs in a thread of the daemon, where /proc/self is the daemon: a symlink the
-    client makes to /proc/self/fd/N would jump into a directory the daemon holds open and skip
-    the search checks of its parents. The check's walk follows no magic link (a helper's
-    review found the earlier realpath-then-open walk did, when the client swapped a directory
-    for such a link between the two)."""
+    """A symlink the client makes to /proc/<daemon>/fd/N would jump into a directory the daemon
+    holds open and skip the search checks of its parents, if the check followed it with the
+    daemon's access to its own /proc entries (a helper's review found the earlier check, a
+    thread of the daemon walking realpath's text again, did when the client swapped a directory
+    for such a link in between). The check is a process of its own, as the client, and follows
+    no magic link."""
     from zygote import policy
     d = hostdir()
     inner = os.path.join(d, "private", "inner")
@@ -553,7 +556,7 @@ def test_SECURITY_a_client_s_path_through_a_proc_magic_link_is_refused(hostdir):
     os.chown(mine, 4001, 4001)
     held = os.open(inner, os.O_RDONLY | os.O_DIRECTORY)  # a directory the daemon has open
     try:
-        os.symlink(f"/proc/self/fd/{held}", os.path.join(mine, "jump"))
+        os.symlink(f"/proc/{os.getpid()}/fd/{held}", os.path.join(mine, "jump"))
         for path in (os.path.join(inner, "secret"), os.path.join(mine, "jump", "secret")):
             with pytest.raises(policy.PolicyError, match="uid 4001 may not read"):
                 policy.check_peer_paths(SandboxConfig(ro_binds={path: "/x"}), SandboxConfig(), 4001, 4001)
@@ -576,55 +579,26 @@ def test_a_long_chain_of_symlinks_is_refused_as_unreachable(hostdir):
         policy.check_peer_paths(SandboxConfig(ro_binds={os.path.join(d, prev): "/x"}), SandboxConfig(), 4001, 4001)
 
 
-def test_SECURITY_no_finalizer_runs_as_the_client_during_a_check(monkeypatch, hostdir):
-    """The cyclic garbage collector runs finalizers in whichever thread triggers it: the
-    check's thread, holding the client's ids, ran daemon finalizers as the client (a helper's
-    review). The collector is held off while a check runs."""
-    import gc
-    import threading
+def test_a_path_the_plan_could_not_carry_is_refused_at_the_check(hostdir, monkeypatch):
+    """A canonical path that is not UTF-8 passed the check, and the child's plan failed to
+    encode after its clone; one longer than PATH_MAX raised a raw OSError (an "internal" error).
+    Both are paths out of reach now. A check that takes too long is killed and refused."""
     from zygote import policy
     d = hostdir()
-    seen: list[tuple[str, str]] = []
-
-    class Finalized:
-        def __del__(self) -> None:
-            status = open("/proc/thread-self/status").read()
-            seen.append((threading.current_thread().name, status.split("\nUid:")[1].split()[3]))
-
-    reach = policy._reach
-
-    def reach_at_the_threshold(path: str, write: bool):
-        gc.set_threshold(1)  # (the allocation count may reach it at any moment: here, in the check)
-        return reach(path, write)
-
-    monkeypatch.setattr(policy, "_reach", reach_at_the_threshold)
-    before = gc.get_threshold()
-    try:
-        gc.collect()
-        gc.set_threshold(1 << 30)
-        a, b = Finalized(), Finalized()
-        a.other, b.other = b, a  # a cycle: only the collector frees it
-        del a, b
-        policy.check_peer_paths(SandboxConfig(ro_binds={d: "/x"}), SandboxConfig(), 4001, 4001)
-    finally:
-        gc.set_threshold(*before)
-    gc.collect()
-    assert len(seen) == 2 and all(fsuid == "0" for _, fsuid in seen), seen
-
-
-def test_SECURITY_a_check_that_lost_the_client_s_ids_midway_binds_nothing(monkeypatch, hostdir):
-    """glibc repeats set*id calls in every thread: one in the daemon would put the check
-    thread's fsuid back to 0 (allowed: its real uid is 0), and the rest of the check would be
-    root's answers. The ids are asked again after the check, which then fails."""
-    from zygote import policy
-    d = hostdir()
-
-    def reset_then_reach(path: str, write: bool):
-        _sys.libc.syscall(_sys.NR["setfsuid"], 0)  # what a glibc set*id broadcast would do
-        return (path, 1, 2)
-
-    monkeypatch.setattr(policy, "_reach", reset_then_reach)
-    with pytest.raises(policy.PolicyError, match="lost its ids"):
+    latin = os.path.join(os.fsencode(d), b"caf\xe9")
+    os.mkdir(latin)
+    os.symlink(latin, os.path.join(d, "utf8-link"))
+    deep = d
+    for _ in range(2):  # two links to directories of 255-character names nested ten deep
+        long = os.path.join(deep, "n" * 200)
+        os.makedirs(os.path.join(long, *(["d" * 250] * 10)))
+        os.symlink(os.path.join(long, *(["d" * 250] * 10)), os.path.join(d, f"far{len(deep)}"))
+        deep = os.path.join(d, f"far{len(deep)}")
+    for path in (os.path.join(d, "utf8-link"), deep):
+        with pytest.raises(policy.PolicyError, match="uid 4001 may not read"):
+            policy.check_peer_paths(SandboxConfig(ro_binds={path: "/x"}), SandboxConfig(), 4001, 4001)
+    monkeypatch.setattr(policy, "CHECK_TIMEOUT", 0.001)
+    with pytest.raises(policy.PolicyError, match="took over"):
         policy.check_peer_paths(SandboxConfig(ro_binds={d: "/x"}), SandboxConfig(), 4001, 4001)
 
 
@@ -658,7 +632,7 @@ def test_SECURITY_a_path_named_twice_must_be_the_same_file_both_times(monkeypatc
     d = hostdir()
     cfg = SandboxConfig(rw_binds={d: "/x"}, chroot_dir=d)
     found = iter([(d, 1, 2), (d, 1, 2)])
-    monkeypatch.setattr(policy, "_reach", lambda *a: next(found))
+    monkeypatch.setattr(policy, "_as_peer", lambda uid, gid, groups, asks: [next(found) for _ in asks])
     assert policy.check_peer_paths(cfg, SandboxConfig(), 4001, 4001) == {d: (d, 1, 2)}
     found = iter([(d, 1, 2), ("/elsewhere", 1, 3)])
     with pytest.raises(policy.PolicyError, match="changed while the request was checked"):

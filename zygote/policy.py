@@ -10,12 +10,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import fnmatch
-import gc
+import json
 import os
 import socket
-import stat
 import struct
-import threading
+import subprocess
+import sys
 
 import msgspec
 
@@ -24,7 +24,7 @@ from zygote_client._workspace import Export
 from zygote_client._config import parse_allow
 from zygote_client._errors import quoted
 
-from zygote.layers import _sys, mounts
+from zygote.layers import _sys
 
 LIMITS = ("memory", "pids", "cpu", "cpu_time", "timeout", "timeout_grace", "file_size", "open_files",
           "max_output_bytes", "tmpfs_size")
@@ -147,13 +147,13 @@ def names_host_paths(cfg: SandboxConfig, pool: SandboxConfig) -> bool:
 
 
 def check_peer_paths(cfg: SandboxConfig, pool: SandboxConfig, uid: int, gid: int,
-                     groups: tuple[int, ...] = ()) -> dict[str, tuple[str, int, int]]:
+                     groups: tuple[int, ...] | None = ()) -> dict[str, tuple[str, int, int]]:
     """Refuse binds/chroot the connecting user could not reach on the host themselves.
 
     The child opens bind sources while it still carries the daemon's host credentials, so without
     this a client could bind any file the daemon can read. Root and the daemon's own uid pass.
-    The kernel itself answers, for the peer's ids (``uid``, ``gid`` and its supplementary
-    ``groups``): see _as_peer.
+    The kernel answers, for the peer's ids (``uid``, ``gid`` and its supplementary ``groups``;
+    None: unknown, so nothing passes), in a process of its own that takes them: _peercheck.
 
     Returns the sources checked, as given, -> (canonical path, st_dev, st_ino) of what was
     checked: the child binds those files or none (mounts.MountSpec.pin), whatever the paths
@@ -168,7 +168,10 @@ def check_peer_paths(cfg: SandboxConfig, pool: SandboxConfig, uid: int, gid: int
         asks.append(("chroot_dir", cfg.chroot_dir, False))
     if not asks:
         return pins
-    found = _as_peer(uid, gid, groups, lambda: [_reach(src, write) for _, src, write in asks])
+    if groups is None:  # (a file may deny a group its "other" bits allow: unknown groups pass nothing)
+        raise PolicyError(f"the daemon could not learn uid {uid}'s supplementary groups (SO_PEERGROUPS), "
+                          "so it cannot check the host paths this request names")
+    found = _as_peer(uid, gid, groups, [(src, write) for _, src, write in asks])
     for (field, src, write), pin in zip(asks, found):
         if pin is None:
             raise PolicyError(f"{field}: uid {uid} may not {'write' if write else 'read'} {quoted(src)} on the host")
@@ -184,119 +187,39 @@ def _pin(pins: dict, src: str, pin: tuple[str, int, int]) -> None:
         raise PolicyError(f"{quoted(src)} changed while the request was checked")
 
 
-def _as_peer(uid: int, gid: int, groups: tuple[int, ...], fn):
-    """``fn()`` in a thread of its own whose file-system identity is the peer's: fsuid ``uid``,
-    fsgid ``gid``, supplementary ``groups``, and no capabilities (a daemon that is not root
-    would keep CAP_DAC_OVERRIDE). Credentials are per thread in the kernel, and these are set by
-    raw syscalls (glibc's setgroups would change every thread's), so the daemon's other threads
-    keep theirs, and the thread takes them along when it ends. Path walks, ACLs, group
-    membership and mode bits are then the kernel's own answer for the peer, not a guess from
-    mode bits. Raises PolicyError if the daemon cannot take those ids (CAP_SETUID and
-    CAP_SETGID: see systemd/zygote.service): it then checks nothing, so it binds nothing.
+CHECK_TIMEOUT = 8.0  # seconds for _peercheck (within the daemon's PATHS_TIMEOUT, 10 s)
+_CHECKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_peercheck.py")
 
-    Python code other than ``fn`` could run in that thread: the cyclic garbage collector runs
-    finalizers in whichever thread triggers it. It is held off while any check runs (a
-    finalizer run as the peer could fail, or make files the peer owns). The daemon process must
-    never call glibc's set*id family: glibc repeats those in every thread, which would put this
-    thread's fsuid back to 0 (caught below: the check then fails) or, for setgroups, abort."""
-    from zygote.layers import privileges
-    out: list = []
 
-    def body() -> None:
-        try:
-            arr = (ctypes.c_uint * max(1, len(groups)))(*groups)
-            _sys.syscall("setgroups", len(groups), arr)
-            _sys.libc.syscall(_sys.NR["setfsgid"], gid)
-            _sys.libc.syscall(_sys.NR["setfsuid"], uid)
-            if not _fs_ids_are(uid, gid):
-                raise OSError(errno.EPERM, "setfsuid/setfsgid did not take")
-            privileges._capset_empty()
-        except OSError as e:
-            out.append(PolicyError(f"the daemon cannot check paths as uid {uid} ({e.strerror or e}); "
-                                   "it needs CAP_SETUID and CAP_SETGID to check a client's binds"))
-            return
-        try:
-            found = fn()
-            if not _fs_ids_are(uid, gid):  # (see above: the answers may have been root's)
-                raise PolicyError(f"the check of uid {uid}'s paths lost its ids midway; nothing is bound")
-            out.append(found)
-        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
-            out.append(e)
-
-    _hold_gc(+1)
+def _as_peer(uid: int, gid: int, groups: tuple[int, ...], asks: list[tuple[str, bool]]) -> list:
+    """For each (path, write): (canonical path, st_dev, st_ino) if the peer may reach it, else
+    None; answered by _peercheck, a process that takes the peer's ids. Raises PolicyError if it
+    cannot take them (it needs CAP_SETUID and CAP_SETGID: see systemd/zygote.service), takes
+    too long, or answers nonsense: nothing is bound then."""
+    req = json.dumps({"uid": uid, "gid": gid, "groups": list(groups), "asks": asks}).encode()
     try:
-        t = threading.Thread(target=body, name="zygote-peer-check", daemon=True)
-        t.start()
-        t.join(CHECK_TIMEOUT)
-    finally:
-        _hold_gc(-1)  # (a check stuck past CHECK_TIMEOUT, in a syscall, gives the collector back)
-    if not out:
-        raise PolicyError(f"checking uid {uid}'s paths took over {CHECK_TIMEOUT:.0f} s (a file system that "
-                          "does not answer?)")
-    if isinstance(out[0], BaseException):
-        raise out[0]
-    return out[0]
-
-
-CHECK_TIMEOUT = 15.0  # seconds (the daemon gives up waiting sooner: PATHS_TIMEOUT)
-_gc_lock = threading.Lock()
-_gc_holds = [0, False]  # checks running; whether the collector was on when the first began
-
-
-def _hold_gc(step: int) -> None:
-    with _gc_lock:
-        if step > 0 and _gc_holds[0] == 0:
-            _gc_holds[1] = gc.isenabled()
-            gc.disable()
-        _gc_holds[0] += step
-        if _gc_holds[0] == 0 and _gc_holds[1]:
-            gc.enable()
-
-
-def _fs_ids_are(uid: int, gid: int) -> bool:
-    """Whether this thread's fsuid and fsgid are these (setfsuid(-1) changes nothing and answers
-    with the current one: the call never fails, so asking is the only way to know)."""
-    return (_sys.libc.syscall(_sys.NR["setfsuid"], -1) == uid
-            and _sys.libc.syscall(_sys.NR["setfsgid"], -1) == gid)
-
-
-def _reach(path: str, write: bool) -> tuple[str, int, int] | None:
-    """(canonical path, st_dev, st_ino) of ``path`` if this thread may read it (and write it; and
-    search it, a directory), else None. In _as_peer's thread: one walk by the kernel, as the
-    peer, following symlinks as the peer's own open would but no /proc magic link (in this
-    thread /proc/self is the daemon: its open directories would skip the walk's checks); the
-    canonical path is the kernel's name for what that walk opened, and the answer is about that
-    very file."""
-    try:
-        fd = mounts.openat2(path, os.O_PATH | os.O_CLOEXEC, mounts.RESOLVE_NO_MAGICLINKS)
+        done = subprocess.run([sys.executable, "-I", "-S", _CHECKER, os.path.dirname(os.path.dirname(_CHECKER))],
+                              input=req, capture_output=True, timeout=CHECK_TIMEOUT, env={})
+    except subprocess.TimeoutExpired:
+        raise PolicyError(f"checking uid {uid}'s host paths took over {CHECK_TIMEOUT:.0f} s "
+                          "(a file system that does not answer?)") from None
     except OSError as e:
-        if e.errno == errno.ENOSYS:
-            raise PolicyError("checking a client's paths needs openat2 (Linux 5.6)") from None
-        return None  # not there, not searchable, a loop, a magic link: the peer cannot reach it
+        raise PolicyError(f"could not start the check of uid {uid}'s host paths: {e}") from None
+    if done.returncode != 0:
+        why = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"status {done.returncode}"]
+        raise PolicyError(f"the daemon cannot check host paths as uid {uid} ({quoted(why[0], 200)}); "
+                          "it needs CAP_SETUID and CAP_SETGID to check a client's binds")
     try:
-        real = os.readlink(f"/proc/thread-self/fd/{fd}")
-        st = os.fstat(fd)
-        if not real.startswith("/") or real.endswith(" (deleted)"):
-            return None
-        mode = os.R_OK | (os.W_OK if write else 0) | (os.X_OK if stat.S_ISDIR(st.st_mode) else 0)
-        # faccessat2(2) with AT_EACCESS asks with this thread's fsuid/fsgid/groups, not its real ids.
-        if _sys.libc.syscall(_sys.NR["faccessat2"], fd, b"", mode, _AT_EACCESS | _AT_EMPTY_PATH) != 0:
-            err = ctypes.get_errno()
-            if err in (errno.ENOSYS, errno.EINVAL):
-                raise PolicyError(f"checking a client's paths needs faccessat2 (Linux 5.8): {os.strerror(err)}")
-            return None  # EACCES, EPERM, EROFS (a write bind on a read-only mount), ETXTBSY
-        return real, st.st_dev, st.st_ino
-    finally:
-        os.close(fd)
+        found = json.loads(done.stdout)
+        assert isinstance(found, list) and len(found) == len(asks)
+        return [None if pin is None else (str(pin[0]), int(pin[1]), int(pin[2])) for pin in found]
+    except (ValueError, AssertionError, TypeError, IndexError):
+        raise PolicyError(f"the check of uid {uid}'s host paths answered nonsense") from None
 
 
-_AT_EACCESS = 0x200
-_AT_EMPTY_PATH = 0x1000
-
-
-def peer_groups(sock) -> tuple[int, ...]:
+def peer_groups(sock) -> tuple[int, ...] | None:
     """The supplementary groups of a Unix socket's peer as at its connect (SO_PEERGROUPS, Linux
-    4.13); () if the kernel cannot say, and a check then errs towards no."""
+    4.13); None if the kernel cannot say (check_peer_paths then lets no path through)."""
     fd = sock.fileno()
     size = ctypes.c_uint(4 * 64)
     for _ in range(3):  # too small: the kernel says how much it needs (ERANGE)
@@ -305,7 +228,7 @@ def peer_groups(sock) -> tuple[int, ...]:
             return struct.unpack(f"{size.value // 4}I", buf.raw[:size.value - size.value % 4])
         if ctypes.get_errno() != errno.ERANGE:
             break
-    return ()
+    return None
 
 
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)

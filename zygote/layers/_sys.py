@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 
-_ARCH = platform.machine()
+_ARCH = os.uname().machine  # (not platform: ~15 ms of imports in a fresh process)
 NR = {
     "x86_64": dict(setresuid=117, setresgid=119, setgroups=116, pivot_root=155, seccomp=317,
                    landlock_create_ruleset=444, landlock_add_rule=445, landlock_restrict_self=446,
@@ -87,6 +86,24 @@ def write_once(path: str, data: str | bytes) -> None:
 
 def syscall(name: str, *args: int | ctypes.c_void_p | None) -> int:
     return check(libc.syscall(NR[name], *args), name)
+
+
+class _OpenHow(ctypes.Structure):  # struct open_how, openat2(2)
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS = 0x02, 0x04
+
+
+def openat2(path: str, flags: int, resolve: int) -> int:
+    """openat2(2) of ``path`` from the working directory; raises OSError as os.open does
+    (ENOSYS before Linux 5.6)."""
+    how = _OpenHow(flags, 0, resolve)
+    fd = libc.syscall(NR["openat2"], -100, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))  # AT_FDCWD
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return fd
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:

@@ -448,30 +448,15 @@ def _check_pin(fd: int, path: str, pin: tuple[int, int] | None) -> None:
                          "leave the paths a request names in place until its child has started")
 
 
-class _OpenHow(ctypes.Structure):  # struct open_how, openat2(2)
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS = 0x02, 0x04
 _use_openat2 = True
-
-
-def openat2(path: str, flags: int, resolve: int) -> int:
-    """openat2(2) of ``path`` from the working directory; raises OSError as os.open does
-    (ENOSYS before Linux 5.6)."""
-    how = _OpenHow(flags, 0, resolve)
-    fd = _sys.libc.syscall(_sys.NR["openat2"], -100, path.encode(), ctypes.byref(how), ctypes.sizeof(how))  # AT_FDCWD
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), path)
-    return fd
 
 
 def _open_path(path: str) -> int:
     """O_PATH fd of a bind source, following no symlink on the way.
 
-    Every source in a plan is the daemon's canonical path (realpath when the request was checked
-    against the peer's permissions). A symlink found here means a component was swapped after
+    Every source in a plan is a canonical path: the pool's resolved by the daemon, a client's the
+    kernel's name for the file its check opened as the client (policy.check_peer_paths). A
+    symlink found here means a component was swapped after
     that check: refuse (ELOOP) rather than bind whatever it now points to. openat2 needs Linux
     5.6; before that the plain open is the fallback.
     """
@@ -479,7 +464,8 @@ def _open_path(path: str) -> int:
     try:
         if _use_openat2:
             try:
-                return openat2(path, os.O_PATH | os.O_CLOEXEC, RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+                return _sys.openat2(path, os.O_PATH | os.O_CLOEXEC,
+                                    _sys.RESOLVE_NO_SYMLINKS | _sys.RESOLVE_NO_MAGICLINKS)
             except OSError as e:
                 if e.errno != _errno.ENOSYS:
                     raise

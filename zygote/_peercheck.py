@@ -1,0 +1,80 @@
+"""Whether a client may reach the host paths it named: the kernel's own answer, as the client.
+
+The daemon (policy.check_peer_paths) runs this file as a process of its own, as root:
+``python -I -S _peercheck.py <directory holding the zygote package>``. It reads one request on
+stdin (JSON: uid, gid, groups, and [path, write] pairs), takes the client's ids for good
+(setgroups, setresgid, setresuid; then every capability set emptied, since a daemon that is not
+root may carry some), and writes one answer on stdout: for each path [canonical path, st_dev,
+st_ino], or null when the client may not reach it. Each path is one kernel walk (openat2 O_PATH:
+symlinks followed as the client's own open would follow them, no /proc magic link), and the
+question goes to faccessat2 about the very file that walk opened (mode bits, ACLs, groups); the
+canonical path is the kernel's name for it.
+
+A process rather than a thread of the daemon with the client's fsuid: a thread's borrowed ids
+would be seen by the garbage collector's finalizers run in it and undone by any glibc set*id call
+in the daemon, and a walk stuck on a file system that does not answer would hold the thread. This
+process dies with its answer, and the daemon kills it past its timeout. Exit status 3: the ids
+could not be taken (the message on stderr).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import stat
+import sys
+
+_AT_EACCESS = 0x200
+_AT_EMPTY_PATH = 0x1000
+_PATH_MAX = 4096
+
+
+def main() -> None:
+    sys.path.insert(0, sys.argv[1])
+    from zygote.layers import _sys, privileges  # (ctypes only: no platform, no re)
+
+    req = json.loads(sys.stdin.buffer.read())
+    uid, gid = int(req["uid"]), int(req["gid"])
+    try:
+        os.setgroups([int(g) for g in req["groups"]])  # (one thread: glibc's broadcast is moot)
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+        privileges._capset_empty()
+        if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+            raise OSError(0, "the ids did not take")
+    except OSError as e:
+        sys.stderr.write(f"{e.strerror or e}\n")
+        sys.exit(3)
+
+    def reach(path: str, write: bool):
+        try:
+            fd = _sys.openat2(path, os.O_PATH | os.O_CLOEXEC, _sys.RESOLVE_NO_MAGICLINKS)
+        except OSError as e:
+            if e.errno == 38:  # ENOSYS
+                raise SystemExit("checking a client's paths needs openat2 (Linux 5.6)") from None
+            return None  # not there, not searchable, a loop, a magic link: out of the client's reach
+        try:
+            try:
+                real = os.readlink(f"/proc/self/fd/{fd}")
+                real.encode()  # (a name that is not UTF-8 could not travel in the child's plan)
+            except (OSError, UnicodeEncodeError):
+                return None
+            if not real.startswith("/") or real.endswith(" (deleted)") or len(real.encode()) >= _PATH_MAX:
+                return None
+            st = os.fstat(fd)
+            mode = os.R_OK | (os.W_OK if write else 0) | (os.X_OK if stat.S_ISDIR(st.st_mode) else 0)
+            if _sys.libc.syscall(_sys.NR["faccessat2"], fd, b"", mode, _AT_EACCESS | _AT_EMPTY_PATH) != 0:
+                err = ctypes.get_errno()
+                if err in (38, 22):  # ENOSYS, EINVAL
+                    raise SystemExit(f"checking a client's paths needs faccessat2 (Linux 5.8): {os.strerror(err)}")
+                return None  # EACCES, EPERM, EROFS (a write bind on a read-only mount), ETXTBSY
+            return [real, st.st_dev, st.st_ino]
+        finally:
+            os.close(fd)
+
+    sys.stdout.write(json.dumps([reach(str(p), bool(w)) for p, w in req["asks"]]))
+
+
+if __name__ == "__main__":
+    main()
