@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import fnmatch
-import json
 import os
 import socket
 import struct
@@ -196,7 +195,11 @@ def _as_peer(uid: int, gid: int, groups: tuple[int, ...], asks: list[tuple[str, 
     None; answered by _peercheck, a process that takes the peer's ids. Raises PolicyError if it
     cannot take them (it needs CAP_SETUID and CAP_SETGID: see systemd/zygote.service), takes
     too long, or answers nonsense: nothing is bound then."""
-    req = json.dumps({"uid": uid, "gid": gid, "groups": list(groups), "asks": asks}).encode()
+    if any("\0" in path for path, _ in asks):  # (no path holds one; the request is NUL-separated)
+        raise PolicyError("a host path holds a NUL byte")
+    req = b"".join(f.encode() if isinstance(f, str) else f for f in
+                   [str(uid), b"\0", str(gid), b"\0", ",".join(map(str, groups)), b"\0"]
+                   + [x for path, write in asks for x in (b"w" if write else b"r", b"\0", os.fsencode(path), b"\0")])
     try:
         done = subprocess.run([sys.executable, "-I", "-S", _CHECKER, os.path.dirname(os.path.dirname(_CHECKER))],
                               input=req, capture_output=True, timeout=CHECK_TIMEOUT, env={})
@@ -209,11 +212,13 @@ def _as_peer(uid: int, gid: int, groups: tuple[int, ...], asks: list[tuple[str, 
         why = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"status {done.returncode}"]
         raise PolicyError(f"the daemon cannot check host paths as uid {uid} ({quoted(why[0], 200)}); "
                           "it needs CAP_SETUID and CAP_SETGID to check a client's binds")
+    fields = done.stdout.split(b"\0")
+    if len(fields) != 3 * len(asks) + 1 or fields[-1]:
+        raise PolicyError(f"the check of uid {uid}'s host paths answered nonsense")
     try:
-        found = json.loads(done.stdout)
-        assert isinstance(found, list) and len(found) == len(asks)
-        return [None if pin is None else (str(pin[0]), int(pin[1]), int(pin[2])) for pin in found]
-    except (ValueError, AssertionError, TypeError, IndexError):
+        return [None if not fields[i] else (fields[i].decode(), int(fields[i + 1]), int(fields[i + 2]))
+                for i in range(0, 3 * len(asks), 3)]
+    except ValueError:  # (UnicodeDecodeError included)
         raise PolicyError(f"the check of uid {uid}'s host paths answered nonsense") from None
 
 
