@@ -642,14 +642,15 @@ class _TinyFuse:
 
     LOOKUP, FORGET, GETATTR, OPEN, RELEASE, FLUSH, INIT, BATCH_FORGET = 1, 2, 3, 14, 18, 25, 26, 42
 
-    def __init__(self, where: str, allow_other: bool = False) -> None:
+    def __init__(self, where: str, allow_other: bool = False, owner: int = 0) -> None:
         import ctypes
         self.mnt = where
         self.stall = threading.Event()  # set: FLUSH requests get no answer (until close)
         self.mute = threading.Event()  # set: no request gets an answer (until close)
         self.unanswered: list[int] = []  # (answered with EIO at close)
         self.dev = os.open("/dev/fuse", os.O_RDWR)
-        opts = f"fd={self.dev},rootmode=40000,user_id=0,group_id=0{',allow_other' if allow_other else ''}".encode()
+        opts = (f"fd={self.dev},rootmode=40000,user_id={owner},group_id={owner}"
+                f"{',allow_other' if allow_other else ''}").encode()
         self._libc = ctypes.CDLL(None, use_errno=True)
         if self._libc.mount(b"zg-test-fuse", where.encode(), b"fuse", 0, opts) != 0:
             os.close(self.dev)
@@ -844,6 +845,44 @@ def test_SECURITY_a_bind_on_a_filesystem_that_never_answers_does_not_stop_the_da
     finally:
         if not closed:
             fs.close()
+
+
+def test_SECURITY_a_client_s_own_fuse_mount_cannot_hold_the_check_of_its_paths(shared_dir):
+    """The check of a client's host paths runs as a process with the client's file-system ids
+    but root's real and effective ids. With the client's real ids too, a FUSE mount of the
+    client's own (no allow_other) let it in, and a server that never answers held it in the
+    kernel where SIGKILL does not reach: the daemon's worker thread waited for it without end (a
+    helper's review). Now FUSE refuses it at once, as it refuses the child that opens sources as
+    root; the client cannot signal or trace it either."""
+    from zygote import policy
+    where = os.path.join(shared_dir, "fuse")
+    os.mkdir(where)
+    fs = _TinyFuse(where, owner=4001)
+    fs.mute.set()
+    outcome: list[object] = []
+
+    def check() -> None:
+        try:
+            outcome.append(policy.check_peer_paths(SandboxConfig(ro_binds={os.path.join(where, "f"): "/x"}),
+                                                   SandboxConfig(), 4001, 4001))
+        except policy.PolicyError as e:
+            outcome.append(e)
+    try:
+        t = threading.Thread(target=check, daemon=True)
+        t.start()
+        t.join(5)
+        assert outcome, "the check was held by the client's file system"
+        assert "uid 4001 may not read" in str(outcome[0]), outcome
+    finally:
+        fs.close()
+        t.join(30)
+
+
+def test_a_request_naming_too_many_host_paths_is_refused_before_any_walk():
+    from zygote import policy
+    cfg = SandboxConfig(ro_binds={f"/nonexistent/{i}": f"/x{i}" for i in range(policy.MAX_HOST_PATHS + 1)})
+    with pytest.raises(policy.PolicyError, match="at most 256 host paths"):
+        policy.check_peer_paths(cfg, SandboxConfig(), 4001, 4001)
 
 
 def test_SECURITY_a_uid_paused_for_its_fds_is_served_again_once_its_connections_go(socket_daemon):

@@ -3,8 +3,8 @@
 The daemon (policy.check_peer_paths) runs this file as a process of its own, as root:
 ``python -I -S _peercheck.py <directory holding the zygote package>``. It reads one request on
 stdin (fields ended by NUL, which no path holds: uid, gid, groups joined by commas, then "r" or
-"w" and a path for each path), takes the client's ids for good (setgroups, setresgid,
-setresuid; then every capability set emptied, since a daemon that is not root may carry some),
+"w" and a path for each path), takes the client's file-system ids (setgroups, setfsgid, setfsuid;
+then every capability set emptied, since a daemon that is not root may carry some),
 and writes one answer on stdout: for each path its canonical path, st_dev and st_ino, each ended
 by NUL, or three empty fields when the client may not reach it. (No json: its imports alone
 cost ~15 ms of a fresh interpreter's start.) Each path is one kernel walk (openat2 O_PATH:
@@ -15,7 +15,8 @@ canonical path is the kernel's name for it.
 A process rather than a thread of the daemon with the client's fsuid: a thread's borrowed ids
 would be seen by the garbage collector's finalizers run in it and undone by any glibc set*id call
 in the daemon, and a walk stuck on a file system that does not answer would hold the thread. This
-process dies with its answer, and the daemon kills it past its timeout. Exit status 3: the ids
+process dies with its answer, and the daemon kills it past its timeout (and reaps it later if
+the kernel holds it: a file system that does not answer). Exit status 3: the ids
 could not be taken (the message on stderr).
 """
 
@@ -40,12 +41,17 @@ def main() -> None:
     groups = [int(g) for g in fields[2].split(b",") if g]
     asks = [(os.fsdecode(fields[i + 1]), fields[i] == b"w") for i in range(3, len(fields) - 1, 2)]
     try:
-        os.setgroups(groups)  # (one thread: glibc's broadcast is moot)
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
+        # The file-system ids only: real and effective ids stay root's, so the client can neither
+        # signal nor trace this process, and a FUSE mount of its own (no allow_other) refuses
+        # this process as it refuses the child that opens sources as root, instead of letting
+        # the client's server hold it in the kernel where no signal ends it.
+        os.setgroups(groups)  # (one thread: glibc's broadcast to every thread is moot)
+        _sys.libc.syscall(_sys.NR["setfsgid"], gid)
+        _sys.libc.syscall(_sys.NR["setfsuid"], uid)
+        # (setfsuid/setfsgid answer with the previous ids, never an error: -1 asks, changing nothing)
+        if _sys.libc.syscall(_sys.NR["setfsuid"], -1) != uid or _sys.libc.syscall(_sys.NR["setfsgid"], -1) != gid:
+            raise OSError(0, "setfsuid/setfsgid did not take")
         privileges._capset_empty()
-        if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
-            raise OSError(0, "the ids did not take")
     except OSError as e:
         sys.stderr.write(f"{e.strerror or e}\n")
         sys.exit(3)

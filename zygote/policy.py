@@ -187,6 +187,7 @@ def _pin(pins: dict, src: str, pin: tuple[str, int, int]) -> None:
 
 
 CHECK_TIMEOUT = 8.0  # seconds for _peercheck (within the daemon's PATHS_TIMEOUT, 10 s)
+MAX_HOST_PATHS = 256  # host paths one request may name for the check (each is a walk as the client)
 _CHECKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_peercheck.py")
 
 
@@ -195,24 +196,36 @@ def _as_peer(uid: int, gid: int, groups: tuple[int, ...], asks: list[tuple[str, 
     None; answered by _peercheck, a process that takes the peer's ids. Raises PolicyError if it
     cannot take them (it needs CAP_SETUID and CAP_SETGID: see systemd/zygote.service), takes
     too long, or answers nonsense: nothing is bound then."""
+    if len(asks) > MAX_HOST_PATHS:
+        raise PolicyError(f"a request may name at most {MAX_HOST_PATHS} host paths (binds and chroot_dir), "
+                          f"this one names {len(asks)}")
     if any("\0" in path for path, _ in asks):  # (no path holds one; the request is NUL-separated)
         raise PolicyError("a host path holds a NUL byte")
     req = b"".join(f.encode() if isinstance(f, str) else f for f in
                    [str(uid), b"\0", str(gid), b"\0", ",".join(map(str, groups)), b"\0"]
                    + [x for path, write in asks for x in (b"w" if write else b"r", b"\0", os.fsencode(path), b"\0")])
     try:
-        done = subprocess.run([sys.executable, "-I", "-S", _CHECKER, os.path.dirname(os.path.dirname(_CHECKER))],
-                              input=req, capture_output=True, timeout=CHECK_TIMEOUT, env={})
-    except subprocess.TimeoutExpired:
-        raise PolicyError(f"checking uid {uid}'s host paths took over {CHECK_TIMEOUT:.0f} s "
-                          "(a file system that does not answer?)") from None
+        proc = subprocess.Popen([sys.executable, "-I", "-S", _CHECKER, os.path.dirname(os.path.dirname(_CHECKER))],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={})
     except OSError as e:
         raise PolicyError(f"could not start the check of uid {uid}'s host paths: {e}") from None
-    if done.returncode != 0:
-        why = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"status {done.returncode}"]
+    try:
+        out, err = proc.communicate(req, timeout=CHECK_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            f.close()
+        try:
+            proc.wait(1.0)
+        except subprocess.TimeoutExpired:
+            pass  # held in the kernel (a file system that does not answer): subprocess reaps it later
+        raise PolicyError(f"checking uid {uid}'s host paths took over {CHECK_TIMEOUT:.0f} s "
+                          "(a file system that does not answer?)") from None
+    if proc.returncode != 0:
+        why = err.decode(errors="replace").strip().splitlines()[-1:] or [f"status {proc.returncode}"]
         raise PolicyError(f"the daemon cannot check host paths as uid {uid} ({quoted(why[0], 200)}); "
                           "it needs CAP_SETUID and CAP_SETGID to check a client's binds")
-    fields = done.stdout.split(b"\0")
+    fields = out.split(b"\0")
     if len(fields) != 3 * len(asks) + 1 or fields[-1]:
         raise PolicyError(f"the check of uid {uid}'s host paths answered nonsense")
     try:
