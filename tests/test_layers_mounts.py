@@ -433,9 +433,7 @@ def test_SECURITY_a_source_the_client_named_is_bound_only_if_it_is_what_the_daem
         os.chmod(os.path.join(mine, d, "f"), 0o644)
     os.chown(os.path.join(mine, "a"), 4242, 4242)
     f = os.path.join(mine, "a", "f")
-    st = os.stat(f)
-    plan = ChildPlan(kind="exec", **mounts.prepare(SandboxConfig(ro_binds={f: "/f"}), INFO,
-                                                   pins={f: (f, st.st_dev, st.st_ino)}))
+    plan = ChildPlan(kind="exec", **mounts.prepare(SandboxConfig(ro_binds={f: "/f"}), INFO, pins={f: _pin_of(f)}))
     assert result(plan, lambda: open("/f").read()) == "mine"
     os.rename(os.path.join(mine, "a"), os.path.join(mine, "old"))  # (what the client itself can do)
     os.rename(os.path.join(mine, "private"), os.path.join(mine, "a"))
@@ -443,6 +441,38 @@ def test_SECURITY_a_source_the_client_named_is_bound_only_if_it_is_what_the_daem
     assert step == "mounts" and err == errno.ESTALE and "not what the daemon checked" in message
     unpinned = ChildPlan(kind="exec", **mounts.prepare(SandboxConfig(ro_binds={f: "/f"}), INFO))
     assert result(unpinned, lambda: open("/f").read()) == "root's"  # (what the pin stops)
+
+
+def _pin_of(path: str) -> tuple[str, int, int, str]:
+    """What check_peer_paths pins for ``path``: (path, st_dev, st_ino, file handle)."""
+    fd = os.open(path, os.O_PATH)
+    try:
+        st = os.fstat(fd)
+        return path, st.st_dev, st.st_ino, _sys.file_handle(fd)
+    finally:
+        os.close(fd)
+
+
+def test_SECURITY_a_source_replaced_by_a_file_with_its_inode_number_is_not_bound(hostdir):
+    """ext4 gives a deleted file's inode number to the next file made at once: a pin of device
+    and inode alone let the child bind a new file that took the checked one's number (a
+    helper's review). The pin holds the file handle too, whose generation differs."""
+    d = hostdir()
+    f = os.path.join(d, "f")
+    for _ in range(50):
+        with open(f, "w") as out:
+            out.write("checked")
+        pin = _pin_of(f)
+        os.unlink(f)
+        with open(f, "w") as out:
+            out.write("another")
+        if os.stat(f).st_ino == pin[2]:
+            break
+        os.unlink(f)
+    assert os.stat(f).st_ino == pin[2] and pin[3], "the file system gave the number out again"
+    plan = ChildPlan(kind="exec", **mounts.prepare(SandboxConfig(ro_binds={f: "/f"}), INFO, pins={f: pin}))
+    step, err, message, _hint = in_sandbox(plan, lambda: open("/f").read())["setup_error"]
+    assert step == "mounts" and err == errno.ESTALE and "not what the daemon checked" in message
 
 
 def test_SECURITY_a_chroot_dir_the_client_named_is_used_only_if_it_is_what_the_daemon_checked(hostdir):
@@ -458,10 +488,8 @@ def test_SECURITY_a_chroot_dir_the_client_named_is_used_only_if_it_is_what_the_d
             out.write(d)
         os.chmod(os.path.join(mine, d, "c", "marker"), 0o644)
     root = os.path.join(mine, "a", "c")
-    st = os.stat(root)
-    plan = ChildPlan(kind="exec", **mounts.prepare(SandboxConfig(chroot_dir=root), INFO,
-                                                   pins={root: (root, st.st_dev, st.st_ino)}))
-    assert plan.chroot_pin == (st.st_dev, st.st_ino)
+    plan = ChildPlan(kind="exec", **mounts.prepare(SandboxConfig(chroot_dir=root), INFO, pins={root: _pin_of(root)}))
+    assert plan.chroot_pin == _pin_of(root)[1:]
     assert result(plan, lambda: open("/marker").read()) == "a"
     os.rename(os.path.join(mine, "a"), os.path.join(mine, "old"))  # (the client's own directory)
     os.rename(os.path.join(mine, "private"), os.path.join(mine, "a"))
@@ -476,9 +504,9 @@ def test_SECURITY_prepare_takes_the_checked_path_of_a_source_the_client_named(ho
     d = hostdir()
     st = os.stat(d)
     gone = os.path.join(d, "no-such-link")  # what the client's path leads to by now: nothing
-    fields = mounts.prepare(SandboxConfig(ro_binds={gone: "/x"}), INFO, pins={gone: (d, st.st_dev, st.st_ino)})
+    fields = mounts.prepare(SandboxConfig(ro_binds={gone: "/x"}), INFO, pins={gone: (d, st.st_dev, st.st_ino, "")})
     (spec,) = [b for b in fields["binds"] if b.target == "/x"]
-    assert spec.source == d and spec.pin == (st.st_dev, st.st_ino)
+    assert spec.source == d and spec.pin == (st.st_dev, st.st_ino, "")
 
 
 
@@ -514,7 +542,7 @@ def test_SECURITY_a_client_s_paths_are_checked_by_the_kernel_as_the_client(hostd
         except policy.PolicyError as e:
             assert f"uid {uid} may not" in str(e)
             return False
-        assert pins == {path: (path, os.stat(path).st_dev, os.stat(path).st_ino)}
+        assert pins == {path: _pin_of(path)}
         return True
 
     def ids() -> tuple[str, str]:

@@ -41,9 +41,10 @@ class MountSpec(msgspec.Struct, frozen=True, array_like=True):
     target: str
     readonly: bool = True
     required: bool = True
-    # A source the client named: (st_dev, st_ino) of what the daemon checked against the client's
-    # ids. The child binds that file or none (mounts.open_sources).
-    pin: tuple[int, int] | None = None
+    # A source the client named: (st_dev, st_ino, file handle) of what the daemon checked against
+    # the client's ids (the handle, _sys.file_handle, holds the inode's generation where the file
+    # system keeps one: "" where it gives none). The child binds that file or none.
+    pin: tuple[int, int, str] | None = None
 
 
 class TmpfsSpec(msgspec.Struct, frozen=True, array_like=True):
@@ -93,7 +94,7 @@ class ChildPlan(Job, frozen=True, kw_only=True, forbid_unknown_fields=True):
     export_limits: tuple[int, int, int] = (0, 0, 0)  # (files, bytes per file, bytes): PID 1 reads no further
     test_fail_step: str | None = None
     test_pause_sources: str | None = None  # (--test-hooks) wait for this path before opening bind sources
-    chroot_pin: tuple[int, int] | None = None  # as MountSpec.pin, for a chroot_dir the client named
+    chroot_pin: tuple[int, int, str] | None = None  # as MountSpec.pin, for a chroot_dir the client named
     data_args: bool = False  # target/child_main arguments are plain data (a pool without callables)
     # A reserve child (pool reserve): confined with the pool's default config and no request; its
     # payload process reports Ready, then waits on the control pipe for one Job.

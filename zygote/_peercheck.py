@@ -5,8 +5,8 @@ The daemon (policy.check_peer_paths) runs this file as a process of its own, as 
 stdin (fields ended by NUL, which no path holds: uid, gid, groups joined by commas, then "r" or
 "w" and a path for each path), takes the client's file-system ids (setgroups, setfsgid, setfsuid;
 then every capability set emptied, since a daemon that is not root may carry some),
-and writes one answer on stdout: for each path its canonical path, st_dev and st_ino, each ended
-by NUL, or three empty fields when the client may not reach it. (No json: its imports alone
+and writes one answer on stdout: for each path its canonical path, st_dev, st_ino and file handle
+(_sys.file_handle), each ended by NUL, or four empty fields when the client may not reach it. (No json: its imports alone
 cost ~15 ms of a fresh interpreter's start.) Each path is one kernel walk (openat2 O_PATH:
 symlinks followed as the client's own open would follow them, no /proc magic link), and the
 question goes to faccessat2 about the very file that walk opened (mode bits, ACLs, groups); the
@@ -78,14 +78,14 @@ def main() -> None:
                 if err in (38, 22):  # ENOSYS, EINVAL
                     raise SystemExit(f"checking a client's paths needs faccessat2 (Linux 5.8): {os.strerror(err)}")
                 return None  # EACCES, EPERM, EROFS (a write bind on a read-only mount), ETXTBSY
-            return [real, st.st_dev, st.st_ino]
+            return real, st.st_dev, st.st_ino, _sys.file_handle(fd)
         finally:
             os.close(fd)
 
     out = bytearray()
     for path, write in asks:
         pin = reach(path, write)
-        out += b"\0\0\0" if pin is None else b"%s\0%d\0%d\0" % (pin[0].encode(), pin[1], pin[2])
+        out += b"\0\0\0\0" if pin is None else b"%s\0%d\0%d\0%s\0" % (pin[0].encode(), pin[1], pin[2], pin[3].encode())
     sys.stdout.buffer.write(out)
 
 

@@ -146,7 +146,7 @@ def names_host_paths(cfg: SandboxConfig, pool: SandboxConfig) -> bool:
 
 
 def check_peer_paths(cfg: SandboxConfig, pool: SandboxConfig, uid: int, gid: int,
-                     groups: tuple[int, ...] | None = ()) -> dict[str, tuple[str, int, int]]:
+                     groups: tuple[int, ...] | None = ()) -> dict[str, tuple[str, int, int, str]]:
     """Refuse binds/chroot the connecting user could not reach on the host themselves.
 
     The child opens bind sources while it still carries the daemon's host credentials, so without
@@ -154,11 +154,11 @@ def check_peer_paths(cfg: SandboxConfig, pool: SandboxConfig, uid: int, gid: int
     The kernel answers, for the peer's ids (``uid``, ``gid`` and its supplementary ``groups``;
     None: unknown, so nothing passes), in a process of its own that takes them: _peercheck.
 
-    Returns the sources checked, as given, -> (canonical path, st_dev, st_ino) of what was
-    checked: the child binds those files or none (mounts.MountSpec.pin), whatever the paths
+    Returns the sources checked, as given, -> (canonical path, st_dev, st_ino, file handle) of
+    what was checked: the child binds those files or none (mounts.MountSpec.pin), whatever the paths
     lead to by then.
     """
-    pins: dict[str, tuple[str, int, int]] = {}
+    pins: dict[str, tuple[str, int, int, str]] = {}
     if uid == 0 or uid == os.getuid():
         return pins
     asks = [(field, src, write) for field, write in (("ro_binds", False), ("rw_binds", True))
@@ -178,7 +178,7 @@ def check_peer_paths(cfg: SandboxConfig, pool: SandboxConfig, uid: int, gid: int
     return pins
 
 
-def _pin(pins: dict, src: str, pin: tuple[str, int, int]) -> None:
+def _pin(pins: dict, src: str, pin: tuple[str, int, int, str]) -> None:
     """One pin per path: the same path named twice (a read bind, a write bind, chroot_dir) must
     have led to the same file each time it was checked, or a read check could stand for a
     write one."""
@@ -192,7 +192,7 @@ _CHECKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_peercheck.
 
 
 def _as_peer(uid: int, gid: int, groups: tuple[int, ...], asks: list[tuple[str, bool]]) -> list:
-    """For each (path, write): (canonical path, st_dev, st_ino) if the peer may reach it, else
+    """For each (path, write): (canonical path, st_dev, st_ino, file handle) if the peer may reach it, else
     None; answered by _peercheck, a process that takes the peer's ids. Raises PolicyError if it
     cannot take them (it needs CAP_SETUID and CAP_SETGID: see systemd/zygote.service), takes
     too long, or answers nonsense: nothing is bound then."""
@@ -226,11 +226,12 @@ def _as_peer(uid: int, gid: int, groups: tuple[int, ...], asks: list[tuple[str, 
         raise PolicyError(f"the daemon cannot check host paths as uid {uid} ({quoted(why[0], 200)}); "
                           "it needs CAP_SETUID and CAP_SETGID to check a client's binds")
     fields = out.split(b"\0")
-    if len(fields) != 3 * len(asks) + 1 or fields[-1]:
+    if len(fields) != 4 * len(asks) + 1 or fields[-1]:
         raise PolicyError(f"the check of uid {uid}'s host paths answered nonsense")
     try:
-        return [None if not fields[i] else (fields[i].decode(), int(fields[i + 1]), int(fields[i + 2]))
-                for i in range(0, 3 * len(asks), 3)]
+        return [None if not fields[i] else (fields[i].decode(), int(fields[i + 1]), int(fields[i + 2]),
+                                            fields[i + 3].decode())
+                for i in range(0, 4 * len(asks), 4)]
     except ValueError:  # (UnicodeDecodeError included)
         raise PolicyError(f"the check of uid {uid}'s host paths answered nonsense") from None
 

@@ -268,7 +268,7 @@ def _user_binds(cfg, layers: list[tuple[str, str | None]], protected: list[str],
 
 
 def prepare(cfg, zygote_info: dict, tmpfs: list[TmpfsSpec] = (), etc_extra: dict[str, bytes] | None = None,
-            pins: dict[str, tuple[str, int, int]] | None = None) -> dict:
+            pins: dict[str, tuple[str, int, int, str]] | None = None) -> dict:
     """ChildPlan field values for the mount layer of one child.
 
     Args:
@@ -278,7 +278,7 @@ def prepare(cfg, zygote_info: dict, tmpfs: list[TmpfsSpec] = (), etc_extra: dict
         tmpfs: extra tmpfs mounts of the child's own (workspace, export) to place in the root.
         etc_extra: more generated files under /etc (e.g. resolv.conf for a networked child);
             ignored with chroot_dir, whose /etc is the user's.
-        pins: the sources the client named, as given, -> (canonical path, st_dev, st_ino) of
+        pins: the sources the client named, as given, -> (canonical path, st_dev, st_ino, handle) of
             what the daemon checked (policy.check_peer_paths): their specs take that path
             (resolved once, by the check: resolving it again here as root would tell the client
             whether paths it cannot reach exist) and carry the rest (MountSpec.pin, chroot_pin).
@@ -434,15 +434,17 @@ def open_sources(plan) -> dict[str, int]:
     return fds
 
 
-def _check_pin(fd: int, path: str, pin: tuple[int, int] | None) -> None:
+def _check_pin(fd: int, path: str, pin: tuple[int, int, str] | None) -> None:
     """A source the client named must be the very file the daemon checked against the client's
     ids. The walk here has the daemon's rights: a directory on the way renamed meanwhile for
     one the client cannot search (or a file for a hard link) would be bound otherwise, and
-    what it holds readable to the child. (Symlinks are refused on the way: _open_path.)"""
+    what it holds readable to the child. (Symlinks are refused on the way: _open_path.) The
+    file handle tells a file that took a deleted one's inode number from it (ext4 hands a freed
+    number out again at once)."""
     if pin is None:
         return
     st = os.fstat(fd)
-    if (st.st_dev, st.st_ino) != tuple(pin):
+    if (st.st_dev, st.st_ino) != tuple(pin[:2]) or (pin[2] and _sys.file_handle(fd) != pin[2]):
         raise SetupError("mounts", f"bind source {path} is not what the daemon checked (it was replaced "
                          "since)", _errno.ESTALE,
                          "leave the paths a request names in place until its child has started")
