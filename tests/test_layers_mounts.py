@@ -563,13 +563,13 @@ def test_SECURITY_a_client_s_paths_are_checked_by_the_kernel_as_the_client(hostd
         policy.check_peer_paths(SandboxConfig(ro_binds={d: "/x"}), SandboxConfig(), 4001, 4001, None)
 
 
-def test_SECURITY_a_client_s_path_through_a_proc_magic_link_is_refused(hostdir):
-    """A symlink the client makes to /proc/<daemon>/fd/N would jump into a directory the daemon
-    holds open and skip the search checks of its parents, if the check followed it with the
-    daemon's access to its own /proc entries (a helper's review found the earlier check, a
-    thread of the daemon walking realpath's text again, did when the client swapped a directory
-    for such a link in between). The check is a process of its own, as the client, and follows
-    no magic link."""
+def test_SECURITY_a_client_s_path_through_a_proc_magic_link_is_refused(hostdir, monkeypatch):
+    """A /proc magic link jumps into a directory without the search checks of its parents. The
+    check's own /proc/self links are open to it whatever its ids: a client symlink to
+    /proc/self/cwd reached into the working directory it inherits from the daemon (here inside
+    a root-only directory). A helper's review found the first version of the check, a thread of
+    the daemon walking realpath's text again, followed such a link swapped in between. The
+    check follows no magic link (RESOLVE_NO_MAGICLINKS: without it, this test's file is pinned)."""
     from zygote import policy
     d = hostdir()
     inner = os.path.join(d, "private", "inner")
@@ -582,14 +582,11 @@ def test_SECURITY_a_client_s_path_through_a_proc_magic_link_is_refused(hostdir):
     mine = os.path.join(d, "mine")
     os.mkdir(mine)
     os.chown(mine, 4001, 4001)
-    held = os.open(inner, os.O_RDONLY | os.O_DIRECTORY)  # a directory the daemon has open
-    try:
-        os.symlink(f"/proc/{os.getpid()}/fd/{held}", os.path.join(mine, "jump"))
-        for path in (os.path.join(inner, "secret"), os.path.join(mine, "jump", "secret")):
-            with pytest.raises(policy.PolicyError, match="uid 4001 may not read"):
-                policy.check_peer_paths(SandboxConfig(ro_binds={path: "/x"}), SandboxConfig(), 4001, 4001)
-    finally:
-        os.close(held)
+    os.symlink("/proc/self/cwd", os.path.join(mine, "jump"))
+    monkeypatch.chdir(inner)  # (the daemon's working directory, which the check inherits)
+    for path in (os.path.join(inner, "secret"), os.path.join(mine, "jump", "secret")):
+        with pytest.raises(policy.PolicyError, match="uid 4001 may not read"):
+            policy.check_peer_paths(SandboxConfig(ro_binds={path: "/x"}), SandboxConfig(), 4001, 4001)
 
 
 def test_a_long_chain_of_symlinks_is_refused_as_unreachable(hostdir):

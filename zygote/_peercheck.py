@@ -23,6 +23,7 @@ could not be taken (the message on stderr).
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import stat
 import sys
@@ -60,7 +61,7 @@ def main() -> None:
         try:
             fd = _sys.openat2(path, os.O_PATH | os.O_CLOEXEC, _sys.RESOLVE_NO_MAGICLINKS)
         except OSError as e:
-            if e.errno == 38:  # ENOSYS
+            if e.errno == errno.ENOSYS:
                 raise SystemExit("checking a client's paths needs openat2 (Linux 5.6)") from None
             return None  # not there, not searchable, a loop, a magic link: out of the client's reach
         try:
@@ -75,7 +76,7 @@ def main() -> None:
             mode = os.R_OK | (os.W_OK if write else 0) | (os.X_OK if stat.S_ISDIR(st.st_mode) else 0)
             if _sys.libc.syscall(_sys.NR["faccessat2"], fd, b"", mode, _AT_EACCESS | _AT_EMPTY_PATH) != 0:
                 err = ctypes.get_errno()
-                if err in (38, 22):  # ENOSYS, EINVAL
+                if err in (errno.ENOSYS, errno.EINVAL):
                     raise SystemExit(f"checking a client's paths needs faccessat2 (Linux 5.8): {os.strerror(err)}")
                 return None  # EACCES, EPERM, EROFS (a write bind on a read-only mount), ETXTBSY
             return real, st.st_dev, st.st_ino, _sys.file_handle(fd)

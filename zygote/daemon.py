@@ -32,7 +32,7 @@ import trio
 
 from zygote_client import ExitStatus, SandboxConfig
 from zygote_client import _protocol as P
-from zygote_client._errors import ProtocolError, quoted
+from zygote_client._errors import ProtocolError, cut, quoted
 from zygote_client._workspace import ExportResult, WorkspaceError
 
 from . import _childproto as C
@@ -225,8 +225,6 @@ class Connection:
         self.daemon = daemon
         self.sock = sock
         self.peer_pid, self.peer_uid, self.peer_gid = peer
-        # Its supplementary groups, as at its connect: check_peer_paths asks as the peer.
-        self.peer_groups = policy.peer_groups(sock) if sock is not None else ()
         self.children: dict[str, Child] = {}  # spawned here, or attached to from here
         self._send_lock = trio.Lock()
         self.closed = False
@@ -260,10 +258,10 @@ class Connection:
         if isinstance(msg, (P.Error, P.SpawnFailed)):
             # Messages quote what the client sent: a 70 MiB pool name must not come back whole
             # (nor a path or a hint that holds one).
-            cut = {k: v[:ERROR_TEXT_MAX] + "... (cut)" for k in ("message", "path", "hint")
-                   if isinstance(v := getattr(msg, k, None), str) and len(v) > ERROR_TEXT_MAX}
-            if cut:
-                msg = msgspec.structs.replace(msg, **cut)
+            long = {k: cut(v, ERROR_TEXT_MAX) for k in ("message", "path", "hint")
+                    if isinstance(v := getattr(msg, k, None), str) and len(v) > ERROR_TEXT_MAX}
+            if long:
+                msg = msgspec.structs.replace(msg, **long)
         try:
             data = P.encode(msg, len(fds))
         except Exception as e:  # noqa: BLE001 - a report too large to frame: a bug, not a crash
@@ -1035,7 +1033,7 @@ class Daemon:
             pins = {}
             if own_paths:
                 pins = await self._look(conn.peer_uid, policy.check_peer_paths, cfg, pool.config.sandbox,
-                                        conn.peer_uid, conn.peer_gid, conn.peer_groups)
+                                        conn.peer_uid, conn.peer_gid, policy.peer_groups(conn.sock))
             if pool.config.forbid_secret_env and msg.env is not None:
                 policy.check_env(msg.env, pool.config.env_allow)
         except policy.PolicyError as e:

@@ -201,9 +201,9 @@ def _as_peer(uid: int, gid: int, groups: tuple[int, ...], asks: list[tuple[str, 
                           f"this one names {len(asks)}")
     if any("\0" in path for path, _ in asks):  # (no path holds one; the request is NUL-separated)
         raise PolicyError("a host path holds a NUL byte")
-    req = b"".join(f.encode() if isinstance(f, str) else f for f in
-                   [str(uid), b"\0", str(gid), b"\0", ",".join(map(str, groups)), b"\0"]
-                   + [x for path, write in asks for x in (b"w" if write else b"r", b"\0", os.fsencode(path), b"\0")])
+    fields = [str(uid).encode(), str(gid).encode(), ",".join(map(str, groups)).encode()]
+    fields += [x for path, write in asks for x in (b"w" if write else b"r", os.fsencode(path))]
+    req = b"\0".join(fields) + b"\0"
     try:
         proc = subprocess.Popen([sys.executable, "-I", "-S", _CHECKER, os.path.dirname(os.path.dirname(_CHECKER))],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={})

@@ -111,6 +111,11 @@ class ChildFailed(ResultError):
     """
 
 
+def cut(text: str, most: int) -> str:
+    """``text`` cut to ``most`` characters, marked "... (cut)" when it was."""
+    return text if len(text) <= most else f"{text[:most]}... (cut)"
+
+
 def quoted(value: object, most: int = 200) -> str:
     """``repr`` of a value a peer sent, a string cut to ``most`` characters before quoting: an
     error quoting a 70 MiB name whole cost over a second and hundreds of MB before it was cut."""

@@ -200,7 +200,7 @@ def check_name(path: str) -> list[str]:
         raise WorkspaceError("empty path", path=quoted(path))
     if path.startswith("/"):
         raise WorkspaceError("absolute paths are not allowed", path=path)
-    if "\0" in path or len(path.encode("utf-8", "surrogatepass")) > 4095:
+    if "\0" in path or len(path.encode("utf-8", "surrogatepass")) >= PATH_MAX:
         raise WorkspaceError("NUL byte or path too long", path=quoted(path))
     parts = path.split("/")
     for p in parts:

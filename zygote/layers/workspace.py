@@ -26,6 +26,8 @@ import stat
 from zygote_client._workspace import (CHUNK, MAX_NAME_BYTES, Entry, Export, WorkspaceError, check_entries, check_name,
                                       record)
 
+from zygote_client._errors import cut
+
 from .._childproto import Out, OutEnd, OutSkip, TmpfsSpec
 from . import SetupError
 
@@ -35,10 +37,6 @@ _SLACK = 1 << 20  # the export tmpfs holds a little more than max_bytes, so exce
 _MAX_SKIPPED = 100
 _SKIPPED_TEXT = 1024  # characters of a skipped entry's path (half that of its reason)
 MAX_DEPTH = 64  # directory nesting packed from an export
-
-
-def _cut(text: str, most: int) -> str:
-    return text if len(text) <= most else f"{text[:most]}... (cut)"
 
 
 # ---- daemon side: plan -------------------------------------------------------------------------
@@ -355,7 +353,7 @@ class Collector:
             return
         if len(self.skipped) < _MAX_SKIPPED:
             # (from PID 1, so untrusted: the path and the reason are cut, as the list is)
-            self.skipped.append(f"{_cut(path, _SKIPPED_TEXT)}: {_cut(reason, _SKIPPED_TEXT // 2)}")
+            self.skipped.append(f"{cut(path, _SKIPPED_TEXT)}: {cut(reason, _SKIPPED_TEXT // 2)}")
         else:
             self.dropped += 1
 
