@@ -132,6 +132,32 @@ def test_cancelled_async_with_block_kills(backend):
     anyio.run(main, backend=backend)
 
 
+@BACKENDS
+def test_a_cancelled_block_reports_the_kill_not_the_broken_pipe(backend):
+    # The child writes without pause. The block's exit must kill it before closing its stdout:
+    # closed first, the child dies of EPIPE (exit 1) before the kill lands, and the status
+    # would not say what ended it.
+    def writer():  # ends at once on EPIPE, so a close before the kill shows every time
+        import os
+        try:
+            while True:
+                os.write(1, b"x" * 512)
+        except BrokenPipeError:
+            os._exit(1)
+
+    async def main():
+        async with await open_embedded() as client:
+            for _ in range(5):
+                child = await client.spawn_child(writer, stdin=None)
+                with anyio.move_on_after(0.2):
+                    async with child:
+                        async for _chunk in child.stdout:
+                            pass
+                assert child.returncode == -signal.SIGKILL, child.status
+
+    anyio.run(main, backend=backend)
+
+
 def test_blocking_close_from_another_thread_ends_a_waiting_call():
     """A call blocked in one thread (run of a long child) returns with an error, not a hang,
     when another thread closes the client; the child is killed with the connection."""

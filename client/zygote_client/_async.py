@@ -107,9 +107,12 @@ class AsyncChild:
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc is not None:  # the block's exception (or cancellation) goes on once the child is reaped
             with anyio.CancelScope(shield=True):
+                # The kill goes out before the streams close: closed first, a child that writes
+                # could die of EPIPE in between and report exit 1 instead of the kill.
+                killed = not self.detached and await self._send_kill()
                 await self.aclose()
-                if not self.detached:
-                    await self._kill_and_reap()
+                if killed:
+                    await self._exited.wait()  # set on the exit, or when the connection breaks
             return
         await self.aclose()
         await self.wait()
@@ -180,14 +183,20 @@ class AsyncChild:
         if self.status is None:
             await self._client._wait_exit(self)
 
-    async def _kill_and_reap(self) -> None:
+    async def _send_kill(self) -> bool:
+        """SIGKILL the child; False when it has ended or the connection is gone (the daemon
+        kills a non-detached child of a closed connection itself)."""
         if self.status is not None or self._client._closed or self._client._broken is not None:
-            return
+            return False
         try:
             await self.kill()
-            await self._exited.wait()
         except ZygoteError:
-            pass  # the connection went away: the daemon kills a non-detached child itself
+            return False
+        return True
+
+    async def _kill_and_reap(self) -> None:
+        if await self._send_kill():
+            await self._exited.wait()
 
     async def result(self) -> Any:
         """Wait for the child to end; return what its payload returned.
