@@ -394,6 +394,10 @@ def test_a_callable_pickled_by_another_python_is_refused_not_run(client, monkeyp
     assert ei.value.code == "bad-request" and "3.99" in str(ei.value) and here in str(ei.value), ei.value
     assert client.run("builtins:len", ("abc",)).value == 3
     assert client.call(len, "abcd") == 4  # a callable sent by name holds no bytecode: it runs
+    # nor does an argument holding the name of the type of bytecode (a scan of the pickle's bytes
+    # for "CodeType" refused these)
+    assert client.call(len, "CodeType") == 8
+    assert client.call(len, [b"CodeType"]) == 1
 
 
 def test_a_leased_child_refuses_a_callable_pickled_by_another_python(monkeypatch):

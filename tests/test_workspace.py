@@ -603,7 +603,7 @@ def _silent_exporter(path: str, n: int):
     raw = RawConn(path)
     raw.send(raw.P.Hello(raw.P.VERSION))
     assert isinstance(raw.reply(), raw.P.Welcome)
-    kind, payload, _ = _encode_target(blob, (), None, None, None)
+    kind, payload, _, _ = _encode_target(blob, (), None, None, None)
     for i in range(n):
         raw.send(raw.P.Spawn(req=i + 1, kind=kind, payload=payload, stdin=False,
                              sandbox=SandboxConfig(export=Export())))

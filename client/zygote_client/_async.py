@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import io
 import itertools
 import os
 import socket
 import subprocess
 import sys
+import types
 from typing import Any, Callable
 
 import anyio
@@ -450,13 +452,13 @@ class AsyncClient:
             SandboxError: a confinement step failed (``err.step`` names it); nothing ran.
             DaemonError: the request was refused (bad input, limits); ``retriable`` if worth retrying.
         """
-        kind, payload, tgt = _encode_target(target, args, kwargs, _argv, _script)
+        kind, payload, tgt, py = _encode_target(target, args, kwargs, _argv, _script)
         if stdin not in (PIPE, DEVNULL, None):
             raise ValueError("stdin must be PIPE, DEVNULL or None")
         fds = list(_stdio_fds) if _stdio_fds else []
         if (self._leases and sandbox_config is None and pool is None and not detached and not fds
                 and _test_fail_step is None and not _test_relax_mounts and not _test_landlock_abi):
-            leased = self._start_leased(kind, payload, tgt, _argv, env, process_name, stdin, timeout,
+            leased = self._start_leased(kind, payload, tgt, py, _argv, env, process_name, stdin, timeout,
                                         trusted_results, self._lease_wake.set)
             if leased is not None:
                 return leased
@@ -467,7 +469,7 @@ class AsyncClient:
                            stdin=stdin == PIPE, stdio="fds" if fds else "pipe", timeout=timeout,
                            trusted_results=bool(trusted_results), detached=bool(detached),
                            test_fail_step=_test_fail_step, test_relax_mounts=_test_relax_mounts,
-                           test_landlock_abi=_test_landlock_abi, py=_pickled_by(kind, payload))
+                           test_landlock_abi=_test_landlock_abi, py=py)
 
         msg, rfds = await self._request(make, fds)
         if isinstance(msg, P.SpawnFailed):
@@ -553,7 +555,7 @@ class AsyncClient:
         finally:
             self._leasing = False
 
-    def _start_leased(self, kind: str, payload: bytes, target: str | None, argv: list[str] | None,
+    def _start_leased(self, kind: str, payload: bytes, target: str | None, py: str | None, argv: list[str] | None,
                       env: dict[str, str] | None, process_name: str | None, stdin: Any,
                       timeout: float | None, trusted: bool, wake: Callable[[], None]) -> AsyncChild | None:
         """Start a held child with this request (any thread): None when none is held, the Job is
@@ -563,7 +565,7 @@ class AsyncClient:
             return None
         job = P.job_frame(P.Job(kind=kind, payload=payload, target=target, argv=argv, env=env,
                                 process_name=process_name, result_pickle=bool(trusted), timeout=timeout,
-                                py=_pickled_by(kind, payload)))
+                                py=py))
         if len(job) > LEASE_JOB_MAX:
             return None
         while not (self._closed or self._broken):
@@ -657,26 +659,37 @@ class AsyncClient:
 _PY = "%d.%d" % sys.version_info[:2]
 
 
-def _pickled_by(kind: str, payload: bytes) -> str | None:
-    """This Python's version for a callable that holds bytecode, else None. cloudpickle sends a
-    function defined by value (a lambda, one from __main__ or a notebook) as its code object,
-    which only this Python version runs: another one's ran it as garbage (a child killed by
-    SIGSEGV, or worse). Functions sent by name (print, a module's) run anywhere, as before."""
-    return _PY if kind == "callable" and b"CodeType" in payload else None
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle's, noting whether it wrote a code object. cloudpickle sends a function defined
+    by value (a lambda, one from __main__ or a notebook) as its bytecode, which only this Python
+    version runs: another one's ran it as garbage (a child killed by SIGSEGV, or worse).
+    Functions sent by name (print, a module's) run anywhere. (Looking for the bytes "CodeType"
+    in the pickle instead refused an argument that held them.)"""
+
+    holds_code = False
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is types.CodeType:
+            self.holds_code = True
+        return super().reducer_override(obj)
 
 
 def _encode_target(target: Any, args: tuple, kwargs: dict | None, argv: list[str] | None,
-                   script: bytes | None) -> tuple[str, bytes, str | None]:
-    """A spawn's (kind, payload, target): what the child runs, pickled for it."""
+                   script: bytes | None) -> tuple[str, bytes, str | None, str | None]:
+    """A spawn's (kind, payload, target, py): what the child runs, pickled for it, and this
+    Python's version when that holds bytecode (only this version can run it), else None."""
     kwargs = dict(kwargs or {})
     if argv is not None:
-        return ("exec" if script is None else "script"), script or b"", None
+        return ("exec" if script is None else "script"), script or b"", None, None
     if target is None:
-        return "child_main", pickle.dumps((tuple(args), kwargs), protocol=pickle.HIGHEST_PROTOCOL), None
+        return "child_main", pickle.dumps((tuple(args), kwargs), protocol=pickle.HIGHEST_PROTOCOL), None, None
     if isinstance(target, str):
-        return "target", pickle.dumps((tuple(args), kwargs), protocol=pickle.HIGHEST_PROTOCOL), target
+        return "target", pickle.dumps((tuple(args), kwargs), protocol=pickle.HIGHEST_PROTOCOL), target, None
     if callable(target):
-        return "callable", cloudpickle.dumps((target, tuple(args), kwargs), protocol=pickle.HIGHEST_PROTOCOL), None
+        with io.BytesIO() as f:
+            pickler = _Pickler(f, protocol=pickle.HIGHEST_PROTOCOL)
+            pickler.dump((target, tuple(args), kwargs))
+            return "callable", f.getvalue(), None, _PY if pickler.holds_code else None
     raise TypeError(f"target must be a callable, 'module:function' or None, not {type(target).__name__}")
 
 

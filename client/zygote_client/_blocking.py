@@ -330,12 +330,12 @@ class Client:
         if ac._leases and sandbox_config is None and pool is None and not detached and not private:
             if stdin not in (PIPE, DEVNULL, None):
                 raise ValueError("stdin must be PIPE, DEVNULL or None")
-            kind, payload, tgt = _encode_target(target, args, kwargs, None, None)
+            kind, payload, tgt, py = _encode_target(target, args, kwargs, None, None)
             # The refill task is woken once this thread is done: woken at the write, the loop's
             # thread would take the GIL each time the file objects below release it (fstat,
             # isatty), and this spawn would wait for its turn (~1 ms back to back).
             took: list[bool] = []
-            leased = ac._start_leased(kind, payload, tgt, None, env, process_name, stdin, timeout, trusted_results,
+            leased = ac._start_leased(kind, payload, tgt, py, None, env, process_name, stdin, timeout, trusted_results,
                                       lambda: took.append(True))
             try:
                 if leased is not None:
