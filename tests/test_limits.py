@@ -647,6 +647,7 @@ class _TinyFuse:
         self.mnt = where
         self.stall = threading.Event()  # set: FLUSH requests get no answer (until close)
         self.mute = threading.Event()  # set: no request gets an answer (until close)
+        self.deaf = threading.Event()  # set: no request is even read (they wait in the kernel)
         self.unanswered: list[int] = []  # (answered with EIO at close)
         self.dev = os.open("/dev/fuse", os.O_RDWR)
         opts = (f"fd={self.dev},rootmode=40000,user_id={owner},group_id={owner}"
@@ -655,7 +656,9 @@ class _TinyFuse:
         if self._libc.mount(b"zg-test-fuse", where.encode(), b"fuse", 0, opts) != 0:
             os.close(self.dev)
             pytest.skip(f"cannot mount a FUSE filesystem here (errno {ctypes.get_errno()})")
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.closing = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
 
     @staticmethod
     def _attr(ino: int, mode: int) -> bytes:
@@ -663,7 +666,12 @@ class _TinyFuse:
 
     def _serve(self) -> None:
         import stat
+        import select
         while True:
+            if self.closing.is_set():
+                return
+            if not select.select([self.dev], [], [], 0.05)[0] or self.deaf.is_set():
+                continue
             try:
                 req = os.read(self.dev, 1 << 20)
             except OSError:
@@ -697,7 +705,9 @@ class _TinyFuse:
                 os.write(self.dev, struct.pack("<IiQ", 16, -5, unique))
             except OSError:
                 pass
+        self.closing.set()
         self._libc.umount2(self.mnt.encode(), 2)  # MNT_DETACH
+        self.thread.join(5)  # (then the fd closes: the thread never reads another that took its number)
         os.close(self.dev)
 
 
@@ -876,6 +886,62 @@ def test_SECURITY_a_client_s_own_fuse_mount_cannot_hold_the_check_of_its_paths(s
     finally:
         fs.close()
         t.join(30)
+
+
+def _checker_workers(server: int) -> list[int]:
+    try:
+        with open(f"/proc/{server}/task/{server}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def test_SECURITY_a_check_held_by_a_file_system_ends_and_the_checks_go_on(shared_dir, monkeypatch):
+    """The check of a client's paths runs in a worker forked by one long-lived server per
+    daemon. A worker waiting on a file system (a FUSE mount with allow_other: the worker's fs ids
+    may enter) is ended by its own timer: SIGALRM at its default action is as fatal as SIGKILL
+    while the request waits in the kernel. One whose request the server took and never answers
+    cannot be ended by any signal; meanwhile the check server goes on answering other checks,
+    and the worker goes once the file system does. A server that died is started again."""
+    from zygote import policy
+    where = os.path.join(shared_dir, "fuse")
+    os.mkdir(where)
+    fs = _TinyFuse(where, allow_other=True)
+    monkeypatch.setattr(policy, "CHECK_TIMEOUT", 1.5)
+    plain = SandboxConfig(ro_binds={shared_dir: "/x"})
+    def on_fuse(name: str) -> SandboxConfig:  # (a new name each time: the kernel caches a lookup for 1 s)
+        return SandboxConfig(ro_binds={os.path.join(where, name): "/x"})
+
+    def workers_gone(within: float) -> bool:
+        deadline = time.monotonic() + within
+        while _checker_workers(server) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not _checker_workers(server)
+    try:
+        assert policy.check_peer_paths(on_fuse("f"), SandboxConfig(), 4001, 4001)  # (it answers; the server is up)
+        server = policy._checker[0].pid
+        for stop in (fs.deaf, fs.mute):
+            stop.set()
+            t0 = time.monotonic()
+            with pytest.raises(policy.PolicyError, match="took over 1.5 s"):
+                policy.check_peer_paths(on_fuse("deaf" if stop is fs.deaf else "mute"), SandboxConfig(), 4001, 4001)
+            assert time.monotonic() - t0 < 5
+            if stop is fs.deaf:  # the request still waits in the kernel: the timer ends the worker
+                assert workers_gone(5), "the worker waiting on the file system is still there"
+                fs.deaf.clear()
+            else:  # the server holds the request: the worker waits, the checks go on
+                assert _checker_workers(server)
+                assert shared_dir in policy.check_peer_paths(plain, SandboxConfig(), 4001, 4001)
+                assert policy._checker[0].pid == server
+    finally:
+        fs.close()
+    assert workers_gone(10), "the worker is still there after its file system went"
+    os.kill(server, signal.SIGKILL)
+    policy._checker[0].wait(10)
+    assert shared_dir in policy.check_peer_paths(plain, SandboxConfig(), 4001, 4001)
+    assert policy._checker[0].pid != server
+    policy.stop_checker()
+    assert policy._checker is None
 
 
 def test_a_request_naming_too_many_host_paths_is_refused_before_any_walk():

@@ -15,6 +15,8 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 
 import msgspec
 
@@ -186,16 +188,18 @@ def _pin(pins: dict, src: str, pin: tuple[str, int, int, str]) -> None:
         raise PolicyError(f"{quoted(src)} changed while the request was checked")
 
 
-CHECK_TIMEOUT = 8.0  # seconds for _peercheck (within the daemon's PATHS_TIMEOUT, 10 s)
+CHECK_TIMEOUT = 8.0  # seconds for one check by _peercheck (within the daemon's PATHS_TIMEOUT, 10 s)
 MAX_HOST_PATHS = 256  # host paths one request may name for the check (each is a walk as the client)
 _CHECKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_peercheck.py")
+_checker_lock = threading.Lock()
+_checker: tuple[subprocess.Popen, socket.socket] | None = None  # the check server and our end
 
 
 def _as_peer(uid: int, gid: int, groups: tuple[int, ...], asks: list[tuple[str, bool]]) -> list:
     """For each (path, write): (canonical path, st_dev, st_ino, file handle) if the peer may reach it, else
-    None; answered by _peercheck, a process that takes the peer's ids. Raises PolicyError if it
-    cannot take them (it needs CAP_SETUID and CAP_SETGID: see systemd/zygote.service), takes
-    too long, or answers nonsense: nothing is bound then."""
+    None; answered by a worker of _peercheck's server, a process that takes the peer's ids.
+    Raises PolicyError if it cannot take them (it needs CAP_SETUID and CAP_SETGID: see
+    systemd/zygote.service), takes too long, or answers nonsense: nothing is bound then."""
     if len(asks) > MAX_HOST_PATHS:
         raise PolicyError(f"a request may name at most {MAX_HOST_PATHS} host paths (binds and chroot_dir), "
                           f"this one names {len(asks)}")
@@ -204,36 +208,92 @@ def _as_peer(uid: int, gid: int, groups: tuple[int, ...], asks: list[tuple[str, 
     fields = [str(uid).encode(), str(gid).encode(), ",".join(map(str, groups)).encode()]
     fields += [x for path, write in asks for x in (b"w" if write else b"r", os.fsencode(path))]
     req = b"\0".join(fields) + b"\0"
-    try:
-        proc = subprocess.Popen([sys.executable, "-I", "-S", _CHECKER, os.path.dirname(os.path.dirname(_CHECKER))],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={})
-    except OSError as e:
-        raise PolicyError(f"could not start the check of uid {uid}'s host paths: {e}") from None
-    try:
-        out, err = proc.communicate(req, timeout=CHECK_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        for f in (proc.stdin, proc.stdout, proc.stderr):
-            f.close()
+    deadline = time.monotonic() + CHECK_TIMEOUT
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours:
         try:
-            proc.wait(1.0)
-        except subprocess.TimeoutExpired:
-            pass  # held in the kernel (a file system that does not answer): subprocess reaps it later
-        raise PolicyError(f"checking uid {uid}'s host paths took over {CHECK_TIMEOUT:.0f} s "
-                          "(a file system that does not answer?)") from None
-    if proc.returncode != 0:
-        why = err.decode(errors="replace").strip().splitlines()[-1:] or [f"status {proc.returncode}"]
-        raise PolicyError(f"the daemon cannot check host paths as uid {uid} ({quoted(why[0], 200)}); "
+            with theirs:
+                _to_checker(b"%r" % CHECK_TIMEOUT, theirs.fileno())
+            ours.settimeout(CHECK_TIMEOUT)
+            ours.sendall(req)
+            ours.shutdown(socket.SHUT_WR)
+            out = bytearray()
+            while chunk := ours.recv(1 << 16):
+                out += chunk
+                ours.settimeout(max(deadline - time.monotonic(), 0.001))
+        except TimeoutError:  # (the worker's own timer ends it)
+            raise PolicyError(f"checking uid {uid}'s host paths took over {CHECK_TIMEOUT:g} s "
+                              "(a file system that does not answer?)") from None
+        except OSError as e:
+            raise PolicyError(f"could not check uid {uid}'s host paths: {e}") from None
+    if out[:1] == b"!":
+        raise PolicyError(f"the daemon cannot check host paths as uid {uid} "
+                          f"({quoted(out[1:].decode(errors='replace'), 200)}); "
                           "it needs CAP_SETUID and CAP_SETGID to check a client's binds")
-    fields = out.split(b"\0")
-    if len(fields) != 4 * len(asks) + 1 or fields[-1]:
-        raise PolicyError(f"the check of uid {uid}'s host paths answered nonsense")
+    fields = bytes(out[1:]).split(b"\0")
+    if out[:1] != b"+" or len(fields) != 4 * len(asks) + 1 or fields[-1]:
+        raise PolicyError(f"the check of uid {uid}'s host paths answered nonsense" if out else
+                          f"the check of uid {uid}'s host paths ended without an answer")
     try:
         return [None if not fields[i] else (fields[i].decode(), int(fields[i + 1]), int(fields[i + 2]),
                                             fields[i + 3].decode())
                 for i in range(0, 4 * len(asks), 4)]
     except ValueError:  # (UnicodeDecodeError included)
         raise PolicyError(f"the check of uid {uid}'s host paths answered nonsense") from None
+
+
+def _to_checker(timeout: bytes, fd: int) -> None:
+    """Hand one check's socket to _peercheck's server, started (again) if it is not running."""
+    global _checker
+    with _checker_lock:
+        for attempt in (1, 2):
+            if _checker is None or _checker[0].poll() is not None:
+                _start_checker()
+            try:
+                socket.send_fds(_checker[1], [timeout], [fd])
+                return
+            except OSError:
+                if attempt == 2:
+                    raise
+                stop_checker(locked=True)  # (it died meanwhile: once more with a new one)
+
+
+def _start_checker() -> None:
+    global _checker
+    if _checker is not None:
+        stop_checker(locked=True)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        with theirs:
+            proc = subprocess.Popen([sys.executable, "-I", "-S", _CHECKER, os.path.dirname(os.path.dirname(_CHECKER)),
+                                     str(theirs.fileno())], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={})
+    except OSError as e:
+        ours.close()
+        raise PolicyError(f"could not start the check of host paths: {e}") from None
+    ours.settimeout(CHECK_TIMEOUT)  # (a server that stopped reading fails the checks, not the thread)
+    _checker = (proc, ours)
+
+
+def stop_checker(locked: bool = False) -> None:
+    """End _peercheck's server (the daemon's shutdown; it also ends on its own once our end of
+    its socket is closed). Checks in flight finish in their workers."""
+    global _checker
+    if not locked:
+        with _checker_lock:
+            return stop_checker(locked=True)
+    if _checker is None:
+        return
+    (proc, sock), _checker = _checker, None
+    sock.close()
+    try:
+        proc.wait(2.0)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        try:
+            proc.wait(2.0)
+        except subprocess.TimeoutExpired:
+            pass  # (held in the kernel: subprocess reaps it later)
 
 
 def peer_groups(sock) -> tuple[int, ...] | None:
