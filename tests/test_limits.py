@@ -898,17 +898,22 @@ def _checker_workers(server: int) -> list[int]:
 
 def test_SECURITY_a_check_held_by_a_file_system_ends_and_the_checks_go_on(shared_dir, monkeypatch):
     """The check of a client's paths runs in a worker forked by one long-lived server per
-    daemon. A worker waiting on a file system (a FUSE mount with allow_other: the worker's fs ids
-    may enter) is ended by its own timer: SIGALRM at its default action is as fatal as SIGKILL
-    while the request waits in the kernel. One whose request the server took and never answers
-    cannot be ended by any signal; meanwhile the check server goes on answering other checks,
-    and the worker goes once the file system does. A server that died is started again."""
+    daemon process. A worker waiting on a file system (a FUSE mount with allow_other: the
+    worker's fs ids may enter) is ended by its own timer: SIGALRM at its default action is as
+    fatal as SIGKILL while the request waits in the kernel, whatever the daemon's thread that
+    started the server had blocked or ignored. One whose request the FUSE server took and never
+    answers cannot be ended by any signal: meanwhile the check server goes on answering other
+    checks, the uid's checks are refused once MAX_HELD_CHECKS of its own are held (no pile of
+    root processes), and the worker goes once the file system does. A server that died is
+    started again; one that stopped forking is replaced."""
     from zygote import policy
     where = os.path.join(shared_dir, "fuse")
     os.mkdir(where)
     fs = _TinyFuse(where, allow_other=True)
     monkeypatch.setattr(policy, "CHECK_TIMEOUT", 1.5)
+    monkeypatch.setattr(policy, "MAX_HELD_CHECKS", 1)
     plain = SandboxConfig(ro_binds={shared_dir: "/x"})
+
     def on_fuse(name: str) -> SandboxConfig:  # (a new name each time: the kernel caches a lookup for 1 s)
         return SandboxConfig(ro_binds={os.path.join(where, name): "/x"})
 
@@ -917,9 +922,16 @@ def test_SECURITY_a_check_held_by_a_file_system_ends_and_the_checks_go_on(shared
         while _checker_workers(server) and time.monotonic() < deadline:
             time.sleep(0.05)
         return not _checker_workers(server)
+    policy.stop_checker()
+    ignored = signal.signal(signal.SIGALRM, signal.SIG_IGN)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
     try:
-        assert policy.check_peer_paths(on_fuse("f"), SandboxConfig(), 4001, 4001)  # (it answers; the server is up)
-        server = policy._checker[0].pid
+        assert policy.check_peer_paths(on_fuse("f"), SandboxConfig(), 4001, 4001)  # (it answers; the server starts)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        signal.signal(signal.SIGALRM, ignored)
+    server = policy._checker[0].pid
+    try:
         for stop in (fs.deaf, fs.mute):
             stop.set()
             t0 = time.monotonic()
@@ -929,15 +941,25 @@ def test_SECURITY_a_check_held_by_a_file_system_ends_and_the_checks_go_on(shared
             if stop is fs.deaf:  # the request still waits in the kernel: the timer ends the worker
                 assert workers_gone(5), "the worker waiting on the file system is still there"
                 fs.deaf.clear()
-            else:  # the server holds the request: the worker waits, the checks go on
+            else:  # the FUSE server holds the request: the worker waits, the checks go on
                 assert _checker_workers(server)
-                assert shared_dir in policy.check_peer_paths(plain, SandboxConfig(), 4001, 4001)
+                assert shared_dir in policy.check_peer_paths(plain, SandboxConfig(), 4002, 4002)
+                with pytest.raises(policy.PolicyError, match="still held by a file system"):
+                    policy.check_peer_paths(plain, SandboxConfig(), 4001, 4001)
                 assert policy._checker[0].pid == server
     finally:
         fs.close()
     assert workers_gone(10), "the worker is still there after its file system went"
+    assert shared_dir in policy.check_peer_paths(plain, SandboxConfig(), 4001, 4001)
     os.kill(server, signal.SIGKILL)
     policy._checker[0].wait(10)
+    assert shared_dir in policy.check_peer_paths(plain, SandboxConfig(), 4001, 4001)
+    assert policy._checker[0].pid != server
+    server = policy._checker[0].pid
+    monkeypatch.setattr(policy, "SERVER_TIMEOUT", 0.5)
+    os.kill(server, signal.SIGSTOP)
+    with pytest.raises(policy.PolicyError, match="no answer from its server, which was replaced"):
+        policy.check_peer_paths(plain, SandboxConfig(), 4001, 4001)
     assert shared_dir in policy.check_peer_paths(plain, SandboxConfig(), 4001, 4001)
     assert policy._checker[0].pid != server
     policy.stop_checker()

@@ -6,7 +6,7 @@ SOCK_SEQPACKET socket to the daemon. Each message on it carries the check's time
 text) and one fd: a stream socket of the daemon's for that check. For each, this server forks a
 worker, which sets its own timer to the timeout and half a second (SIGALRM left at its default action: the kernel
 ends the worker, even one waiting on a file system, as it would for SIGKILL) and reads one
-request from that socket up to EOF: fields ended by NUL, which no path holds: uid, gid, groups
+request from that socket up to EOF (having written its pid and a NUL first): fields ended by NUL, which no path holds: uid, gid, groups
 joined by commas, then "r" or "w" and a path for each path. It takes the client's file-system
 ids (setgroups, setfsgid, setfsuid; then every capability set emptied, since a daemon that is
 not root may carry some) and answers on the same socket "+" and, for each path, its canonical
@@ -52,6 +52,10 @@ def main() -> None:
 
     ctl = socket.socket(fileno=int(sys.argv[2]))
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # (the kernel reaps the workers)
+    # The workers' timers must fire whatever the daemon had: an ignored SIGALRM survives exec,
+    # and so does the signal mask of the daemon's thread that started this process.
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
     while True:
         try:
             msg, fds, _, _ = socket.recv_fds(ctl, 64, 1)
@@ -75,6 +79,7 @@ def main() -> None:
                 ctl.close()
                 signal.setitimer(signal.ITIMER_REAL, timeout + 0.5)  # (the daemon stops waiting first)
                 with socket.socket(fileno=fds[0]) as conn:
+                    conn.sendall(b"%d\0" % os.getpid())  # (the daemon holds a timed-out check against its uid)
                     _work(conn, _sys, privileges)
                 status = 0
             finally:

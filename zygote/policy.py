@@ -11,6 +11,7 @@ import ctypes
 import errno
 import fnmatch
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -189,10 +190,14 @@ def _pin(pins: dict, src: str, pin: tuple[str, int, int, str]) -> None:
 
 
 CHECK_TIMEOUT = 8.0  # seconds for one check by _peercheck (within the daemon's PATHS_TIMEOUT, 10 s)
+SERVER_TIMEOUT = 2.0  # seconds for _peercheck's server to fork a check's worker, or it is replaced
 MAX_HOST_PATHS = 256  # host paths one request may name for the check (each is a walk as the client)
+MAX_HELD_CHECKS = 4  # a uid's checks timed out and still held by a file system, before its next are refused
 _CHECKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_peercheck.py")
 _checker_lock = threading.Lock()
 _checker: tuple[subprocess.Popen, socket.socket] | None = None  # the check server and our end
+_held_lock = threading.Lock()
+_held: dict[int, list[int]] = {}  # uid -> pidfds of its timed-out checks' workers
 
 
 def _as_peer(uid: int, gid: int, groups: tuple[int, ...], asks: list[tuple[str, bool]]) -> list:
@@ -209,19 +214,23 @@ def _as_peer(uid: int, gid: int, groups: tuple[int, ...], asks: list[tuple[str, 
     fields += [x for path, write in asks for x in (b"w" if write else b"r", os.fsencode(path))]
     req = b"\0".join(fields) + b"\0"
     deadline = time.monotonic() + CHECK_TIMEOUT
+    _check_held(uid)
+    pid = 0
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with ours:
         try:
             with theirs:
-                _to_checker(b"%r" % CHECK_TIMEOUT, theirs.fileno())
-            ours.settimeout(CHECK_TIMEOUT)
-            ours.sendall(req)
+                server = _to_checker(b"%r" % CHECK_TIMEOUT, theirs.fileno(), deadline)
+            pid = _worker_pid(ours, server, deadline)
+            _time_left(ours, deadline)
+            ours.sendall(req, socket.MSG_NOSIGNAL)
             ours.shutdown(socket.SHUT_WR)
             out = bytearray()
-            while chunk := ours.recv(1 << 16):
+            while _time_left(ours, deadline) and (chunk := ours.recv(1 << 16)):
                 out += chunk
-                ours.settimeout(max(deadline - time.monotonic(), 0.001))
-        except TimeoutError:  # (the worker's own timer ends it)
+        except TimeoutError:  # (the worker's own timer ends it, where a signal can)
+            if pid:
+                _hold(uid, pid)
             raise PolicyError(f"checking uid {uid}'s host paths took over {CHECK_TIMEOUT:g} s "
                               "(a file system that does not answer?)") from None
         except OSError as e:
@@ -242,26 +251,100 @@ def _as_peer(uid: int, gid: int, groups: tuple[int, ...], asks: list[tuple[str, 
         raise PolicyError(f"the check of uid {uid}'s host paths answered nonsense") from None
 
 
-def _to_checker(timeout: bytes, fd: int) -> None:
-    """Hand one check's socket to _peercheck's server, started (again) if it is not running."""
-    global _checker
-    with _checker_lock:
+def _time_left(sock: socket.socket, deadline: float) -> bool:
+    """Set ``sock``'s timeout to what is left until ``deadline``; TimeoutError when nothing is."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    sock.settimeout(left)
+    return True
+
+
+def _worker_pid(sock: socket.socket, server: subprocess.Popen, deadline: float) -> int:
+    """The pid a check's worker writes first, once forked. A server that forks none within
+    SERVER_TIMEOUT (stopped, or stuck) is replaced, and the check fails: a live server whose
+    queue still had room went on taking checks that could only time out."""
+    got = b""
+    try:
+        _time_left(sock, min(deadline, time.monotonic() + SERVER_TIMEOUT))
+        while not got.endswith(b"\0") and len(got) < 16:
+            chunk = sock.recv(16 - len(got))  # (no more than the pid: the answer comes after it)
+            if not chunk:
+                break
+            got += chunk
+    except TimeoutError:
+        if time.monotonic() < deadline:
+            _replace(server)
+            raise PolicyError("the check of host paths got no answer from its server, which was replaced; "
+                              "try again") from None
+        raise
+    if not got.endswith(b"\0") or not got[:-1].isdigit():
+        raise PolicyError("the check of host paths ended without an answer")
+    return int(got[:-1])
+
+
+def _hold(uid: int, pid: int) -> None:
+    """Count a timed-out check's worker against ``uid`` while it lives (see _check_held)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return  # gone already
+    with _held_lock:
+        _held.setdefault(uid, []).append(fd)
+
+
+def _check_held(uid: int) -> None:
+    """Refuse ``uid``'s checks while MAX_HELD_CHECKS of its earlier ones are held by a file
+    system that never answered (a FUSE request its server took: no signal ends that wait).
+    Without a bound, a client's own allow_other FUSE mount could pile up root processes, two
+    per 8 s, until the service's task limit stopped every user's spawns."""
+    with _held_lock:
+        fds = _held.get(uid)
+        if not fds:
+            return
+        p = select.poll()
+        for fd in fds:
+            p.register(fd, select.POLLIN)
+        ended = {fd for fd, _ in p.poll(0)}
+        for fd in ended:
+            os.close(fd)
+        fds[:] = [fd for fd in fds if fd not in ended]
+        if not fds:
+            del _held[uid]
+        elif len(fds) >= MAX_HELD_CHECKS:
+            raise PolicyError(f"{len(fds)} earlier checks of uid {uid}'s host paths are still held by a file system "
+                              "that does not answer; new ones are refused until those end")
+
+
+def _to_checker(timeout: bytes, fd: int, deadline: float) -> subprocess.Popen:
+    """Hand one check's socket to _peercheck's server, started (again) if it is not running;
+    returns the server."""
+    if not _checker_lock.acquire(timeout=max(deadline - time.monotonic(), 0.001)):
+        raise TimeoutError
+    try:
         for attempt in (1, 2):
             if _checker is None or _checker[0].poll() is not None:
                 _start_checker()
+            proc, sock = _checker
             try:
-                socket.send_fds(_checker[1], [timeout], [fd])
-                return
+                _time_left(sock, deadline)
+                socket.send_fds(sock, [timeout], [fd], socket.MSG_NOSIGNAL)
+                return proc
+            except TimeoutError:
+                _stop_checker()  # it reads nothing: the next check gets a new one
+                raise
             except OSError:
                 if attempt == 2:
                     raise
-                stop_checker(locked=True)  # (it died meanwhile: once more with a new one)
+                _stop_checker()  # (it died meanwhile: once more with a new one)
+    finally:
+        _checker_lock.release()
 
 
 def _start_checker() -> None:
     global _checker
     if _checker is not None:
-        stop_checker(locked=True)
+        _stop_checker()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         with theirs:
@@ -271,29 +354,40 @@ def _start_checker() -> None:
     except OSError as e:
         ours.close()
         raise PolicyError(f"could not start the check of host paths: {e}") from None
-    ours.settimeout(CHECK_TIMEOUT)  # (a server that stopped reading fails the checks, not the thread)
     _checker = (proc, ours)
 
 
-def stop_checker(locked: bool = False) -> None:
-    """End _peercheck's server (the daemon's shutdown; it also ends on its own once our end of
-    its socket is closed). Checks in flight finish in their workers."""
+def _replace(server: subprocess.Popen) -> None:
+    """Kill ``server`` if it is still the check server (its checks in flight fail; the next
+    check starts a new one)."""
+    with _checker_lock:
+        if _checker is not None and _checker[0] is server:
+            _stop_checker()
+
+
+def _stop_checker(grace: float = 0.0) -> None:
+    """(Holding _checker_lock.) Close our end of the server's socket: it exits once it has
+    read what is queued; killed past ``grace`` seconds."""
     global _checker
-    if not locked:
-        with _checker_lock:
-            return stop_checker(locked=True)
     if _checker is None:
         return
     (proc, sock), _checker = _checker, None
     sock.close()
     try:
-        proc.wait(2.0)
+        proc.wait(grace)
     except subprocess.TimeoutExpired:
         proc.kill()
         try:
             proc.wait(2.0)
         except subprocess.TimeoutExpired:
             pass  # (held in the kernel: subprocess reaps it later)
+
+
+def stop_checker() -> None:
+    """End _peercheck's server (at the daemon's shutdown; it also ends on its own when this
+    process does). Checks in flight finish in their workers; a later check starts a new one."""
+    with _checker_lock:
+        _stop_checker(grace=2.0)
 
 
 def peer_groups(sock) -> tuple[int, ...] | None:
