@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 
@@ -963,6 +964,46 @@ def test_SECURITY_a_check_held_by_a_file_system_ends_and_the_checks_go_on(shared
     assert shared_dir in policy.check_peer_paths(plain, SandboxConfig(), 4001, 4001)
     assert policy._checker[0].pid != server
     policy.stop_checker()
+    assert policy._checker is None
+
+
+def test_SECURITY_a_held_check_counts_even_where_pidfd_open_is_refused(monkeypatch):
+    """A timed-out check's worker counts against its uid while it lives. Where pidfd_open is
+    refused (a seccomp profile older than it), it counted as gone, and the cap on held checks
+    was off; now its pid and start time stand in."""
+    from zygote import policy
+    monkeypatch.setattr(policy, "MAX_HELD_CHECKS", 1)
+
+    def refused(pid):
+        raise PermissionError(1, "Operation not permitted")
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        monkeypatch.setattr(policy.os, "pidfd_open", refused)
+        policy._hold(4011, proc.pid)
+        monkeypatch.undo()
+        monkeypatch.setattr(policy, "MAX_HELD_CHECKS", 1)
+        with pytest.raises(policy.PolicyError, match="still held by a file system"):
+            policy._check_held(4011)
+        policy._check_held(4012)  # (another uid's checks go on)
+    finally:
+        proc.kill()
+        proc.wait()
+    policy._check_held(4011)
+    assert 4011 not in policy._held
+
+
+def test_host_paths_too_long_or_checked_after_the_final_stop_are_refused_plainly(monkeypatch, shared_dir):
+    """A path of PATH_MAX bytes or more (1500 characters of 3 bytes pass the config's count of
+    characters) is refused before any walk, with its reason (a request
+    of 256 such paths overran the worker's request size and came back as "Broken pipe"); after
+    the daemon's final stop_checker no check starts a new server."""
+    from zygote import policy
+    with pytest.raises(policy.PolicyError, match="4096 bytes long or longer"):
+        policy.check_peer_paths(SandboxConfig(ro_binds={"/" + "\u20ac" * 1500: "/x"}), SandboxConfig(), 4001, 4001)
+    monkeypatch.setattr(policy, "_closed", False)  # (restored after the test: other tests check paths)
+    policy.stop_checker(final=True)
+    with pytest.raises(policy.PolicyError, match="shutting down"):
+        policy.check_peer_paths(SandboxConfig(ro_binds={shared_dir: "/x"}), SandboxConfig(), 4001, 4001)
     assert policy._checker is None
 
 

@@ -119,7 +119,8 @@ def _check(request: bytes, _sys, privileges) -> bytes:
             raise OSError(0, "setfsuid/setfsgid did not take")
         privileges._capset_empty()
     except OSError as e:
-        raise _CannotCheck(e.strerror or str(e)) from None
+        raise _CannotCheck(f"taking the client's ids: {e.strerror or e} (the daemon needs CAP_SETUID and "
+                           "CAP_SETGID to check a client's binds)") from None
 
     def reach(path: str, write: bool):
         try:

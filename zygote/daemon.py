@@ -655,7 +655,7 @@ class Daemon:
                 pass
         if self.id_slots is not None:  # (every child is reaped: nothing holds their ids)
             self.id_slots.close(unlink=True)
-        await trio.to_thread.run_sync(policy.stop_checker)
+        await trio.to_thread.run_sync(policy.stop_checker, True)
 
     # ---- connections -------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ import time
 import msgspec
 
 from zygote_client import SandboxConfig
-from zygote_client._workspace import Export
+from zygote_client._workspace import PATH_MAX, Export
 from zygote_client._config import parse_allow
 from zygote_client._errors import quoted
 
@@ -197,7 +197,8 @@ _CHECKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_peercheck.
 _checker_lock = threading.Lock()
 _checker: tuple[subprocess.Popen, socket.socket] | None = None  # the check server and our end
 _held_lock = threading.Lock()
-_held: dict[int, list[int]] = {}  # uid -> pidfds of its timed-out checks' workers
+_held: dict[int, list] = {}  # uid -> its timed-out checks' workers: pidfds (or (pid, start time))
+_closed = False  # stop_checker(final=True): no server is started again
 
 
 def _as_peer(uid: int, gid: int, groups: tuple[int, ...], asks: list[tuple[str, bool]]) -> list:
@@ -210,6 +211,8 @@ def _as_peer(uid: int, gid: int, groups: tuple[int, ...], asks: list[tuple[str, 
                           f"this one names {len(asks)}")
     if any("\0" in path for path, _ in asks):  # (no path holds one; the request is NUL-separated)
         raise PolicyError("a host path holds a NUL byte")
+    if any(len(os.fsencode(path)) >= PATH_MAX for path, _ in asks):  # (the kernel's ENAMETOOLONG, said here)
+        raise PolicyError(f"a host path is {PATH_MAX} bytes long or longer")
     fields = [str(uid).encode(), str(gid).encode(), ",".join(map(str, groups)).encode()]
     fields += [x for path, write in asks for x in (b"w" if write else b"r", os.fsencode(path))]
     req = b"\0".join(fields) + b"\0"
@@ -236,9 +239,8 @@ def _as_peer(uid: int, gid: int, groups: tuple[int, ...], asks: list[tuple[str, 
         except OSError as e:
             raise PolicyError(f"could not check uid {uid}'s host paths: {e}") from None
     if out[:1] == b"!":
-        raise PolicyError(f"the daemon cannot check host paths as uid {uid} "
-                          f"({quoted(out[1:].decode(errors='replace'), 200)}); "
-                          "it needs CAP_SETUID and CAP_SETGID to check a client's binds")
+        raise PolicyError(f"the daemon cannot check host paths as uid {uid}: "
+                          f"{quoted(out[1:].decode(errors='replace'), 300)}")
     fields = bytes(out[1:]).split(b"\0")
     if out[:1] != b"+" or len(fields) != 4 * len(asks) + 1 or fields[-1]:
         raise PolicyError(f"the check of uid {uid}'s host paths answered nonsense" if out else
@@ -284,13 +286,37 @@ def _worker_pid(sock: socket.socket, server: subprocess.Popen, deadline: float) 
 
 
 def _hold(uid: int, pid: int) -> None:
-    """Count a timed-out check's worker against ``uid`` while it lives (see _check_held)."""
+    """Count a timed-out check's worker against ``uid`` while it lives (see _check_held): by a
+    pidfd, or (pidfd_open refused: a seccomp profile older than it) by its pid and start time."""
     try:
-        fd = os.pidfd_open(pid)
-    except OSError:
+        held: int | tuple[int, str] = os.pidfd_open(pid)
+    except ProcessLookupError:
         return  # gone already
+    except OSError:
+        held = (pid, _start_time(pid))
+        if not held[1]:
+            return
     with _held_lock:
-        _held.setdefault(uid, []).append(fd)
+        _held.setdefault(uid, []).append(held)
+
+
+def _start_time(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+def _ended(held: int | tuple[int, str]) -> bool:
+    if isinstance(held, tuple):
+        return _start_time(held[0]) != held[1]
+    p = select.poll()
+    p.register(held, select.POLLIN)
+    if p.poll(0):
+        os.close(held)
+        return True
+    return False
 
 
 def _check_held(uid: int) -> None:
@@ -299,39 +325,36 @@ def _check_held(uid: int) -> None:
     Without a bound, a client's own allow_other FUSE mount could pile up root processes, two
     per 8 s, until the service's task limit stopped every user's spawns."""
     with _held_lock:
-        fds = _held.get(uid)
-        if not fds:
-            return
-        p = select.poll()
-        for fd in fds:
-            p.register(fd, select.POLLIN)
-        ended = {fd for fd, _ in p.poll(0)}
-        for fd in ended:
-            os.close(fd)
-        fds[:] = [fd for fd in fds if fd not in ended]
-        if not fds:
-            del _held[uid]
-        elif len(fds) >= MAX_HELD_CHECKS:
-            raise PolicyError(f"{len(fds)} earlier checks of uid {uid}'s host paths are still held by a file system "
-                              "that does not answer; new ones are refused until those end")
+        for who in list(_held):  # (every uid's: the ended ones' pidfds go)
+            _held[who] = [held for held in _held[who] if not _ended(held)]
+            if not _held[who]:
+                del _held[who]
+        n = len(_held.get(uid, ()))
+    if n >= MAX_HELD_CHECKS:
+        raise PolicyError(f"{n} earlier checks of uid {uid}'s host paths are still held by a file system "
+                          "that does not answer; new ones are refused until those end")
 
 
 def _to_checker(timeout: bytes, fd: int, deadline: float) -> subprocess.Popen:
     """Hand one check's socket to _peercheck's server, started (again) if it is not running;
     returns the server."""
     if not _checker_lock.acquire(timeout=max(deadline - time.monotonic(), 0.001)):
-        raise TimeoutError
+        raise PolicyError("the check of host paths waited too long for its server (too many checks at once)")
     try:
         for attempt in (1, 2):
+            if _closed:
+                raise PolicyError("the daemon is shutting down")
             if _checker is None or _checker[0].poll() is not None:
                 _start_checker()
             proc, sock = _checker
+            _time_left(sock, deadline)  # (out of time before the send: the server is not at fault)
+            left = sock.gettimeout()
             try:
-                _time_left(sock, deadline)
                 socket.send_fds(sock, [timeout], [fd], socket.MSG_NOSIGNAL)
                 return proc
             except TimeoutError:
-                _stop_checker()  # it reads nothing: the next check gets a new one
+                if left >= SERVER_TIMEOUT:
+                    _stop_checker()  # it read nothing for that long: the next check gets a new one
                 raise
             except OSError:
                 if attempt == 2:
@@ -383,11 +406,19 @@ def _stop_checker(grace: float = 0.0) -> None:
             pass  # (held in the kernel: subprocess reaps it later)
 
 
-def stop_checker() -> None:
-    """End _peercheck's server (at the daemon's shutdown; it also ends on its own when this
-    process does). Checks in flight finish in their workers; a later check starts a new one."""
+def stop_checker(final: bool = False) -> None:
+    """End _peercheck's server (at the daemon's shutdown, ``final``: no check starts another;
+    it also ends on its own when this process does). Checks in flight finish in their workers;
+    after a stop that is not final, a later check starts a new server."""
+    global _closed
     with _checker_lock:
+        _closed = _closed or final
         _stop_checker(grace=2.0)
+    if final:
+        with _held_lock:
+            for held in (h for hs in _held.values() for h in hs if isinstance(h, int)):
+                os.close(held)
+            _held.clear()
 
 
 def peer_groups(sock) -> tuple[int, ...] | None:
