@@ -37,7 +37,6 @@ import stat
 import sys
 
 _AT_EACCESS = 0x200
-_AT_EMPTY_PATH = 0x1000
 _PATH_MAX = 4096
 MAX_REQUEST = 4 << 20  # bytes of one request (256 paths of PATH_MAX, and then some)
 
@@ -139,7 +138,7 @@ def _check(request: bytes, _sys, privileges) -> bytes:
                 return None
             st = os.fstat(fd)
             mode = os.R_OK | (os.W_OK if write else 0) | (os.X_OK if stat.S_ISDIR(st.st_mode) else 0)
-            if _sys.libc.syscall(_sys.NR["faccessat2"], fd, b"", mode, _AT_EACCESS | _AT_EMPTY_PATH) != 0:
+            if _sys.libc.syscall(_sys.NR["faccessat2"], fd, b"", mode, _AT_EACCESS | _sys.AT_EMPTY_PATH) != 0:
                 err = ctypes.get_errno()
                 if err in (errno.ENOSYS, errno.EINVAL):
                     raise _CannotCheck(f"checking a client's paths needs faccessat2 (Linux 5.8): {os.strerror(err)}")

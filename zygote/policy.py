@@ -209,12 +209,13 @@ def _as_peer(uid: int, gid: int, groups: tuple[int, ...], asks: list[tuple[str, 
     if len(asks) > MAX_HOST_PATHS:
         raise PolicyError(f"a request may name at most {MAX_HOST_PATHS} host paths (binds and chroot_dir), "
                           f"this one names {len(asks)}")
-    if any("\0" in path for path, _ in asks):  # (no path holds one; the request is NUL-separated)
+    paths = [os.fsencode(path) for path, _ in asks]
+    if any(b"\0" in path for path in paths):  # (no path holds one; the request is NUL-separated)
         raise PolicyError("a host path holds a NUL byte")
-    if any(len(os.fsencode(path)) >= PATH_MAX for path, _ in asks):  # (the kernel's ENAMETOOLONG, said here)
+    if any(len(path) >= PATH_MAX for path in paths):  # (the kernel's ENAMETOOLONG, said here)
         raise PolicyError(f"a host path is {PATH_MAX} bytes long or longer")
     fields = [str(uid).encode(), str(gid).encode(), ",".join(map(str, groups)).encode()]
-    fields += [x for path, write in asks for x in (b"w" if write else b"r", os.fsencode(path))]
+    fields += [x for path, (_, write) in zip(paths, asks) for x in (b"w" if write else b"r", path)]
     req = b"\0".join(fields) + b"\0"
     deadline = time.monotonic() + CHECK_TIMEOUT
     _check_held(uid)

@@ -94,13 +94,14 @@ class _OpenHow(ctypes.Structure):  # struct open_how, openat2(2)
 
 
 RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS = 0x02, 0x04
+AT_FDCWD, AT_EMPTY_PATH = -100, 0x1000
 
 
 def openat2(path: str, flags: int, resolve: int) -> int:
     """openat2(2) of ``path`` from the working directory; raises OSError as os.open does
     (ENOSYS before Linux 5.6)."""
     how = _OpenHow(flags, 0, resolve)
-    fd = libc.syscall(NR["openat2"], -100, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))  # AT_FDCWD
+    fd = libc.syscall(NR["openat2"], AT_FDCWD, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)
@@ -115,7 +116,7 @@ def file_handle(fd: int) -> str:
     buf = ctypes.create_string_buffer(8 + _MAX_HANDLE_SZ)  # struct file_handle
     struct.pack_into("I", buf, 0, _MAX_HANDLE_SZ)
     mount_id = ctypes.c_int()
-    if libc.syscall(NR["name_to_handle_at"], fd, b"", buf, ctypes.byref(mount_id), 0x1000) != 0:  # AT_EMPTY_PATH
+    if libc.syscall(NR["name_to_handle_at"], fd, b"", buf, ctypes.byref(mount_id), AT_EMPTY_PATH) != 0:
         return ""
     size, kind = struct.unpack_from("Ii", buf, 0)
     return f"{kind}:{buf.raw[8:8 + size].hex()}"
