@@ -145,6 +145,32 @@ def test_request_with_other_config_clones_as_usual(reserve_client):
     assert float(r.stdout) >= asked - 0.05, "a request with its own config must not take a reserve child"
 
 
+def test_a_reserve_taken_from_twice_within_its_quiet_time_is_refilled_at_once(monkeypatch):
+    """A reserve still half full is refilled in a quiet moment (RESERVE_QUIET after its last take),
+    so that a clone does not compete with the child just handed out; taken from twice within that
+    time (a stream of requests, which never leaves one), it is refilled at once, or it would drain
+    and requests would clone on their own path."""
+    monkeypatch.setenv("ZYGOTE_TEST_RESERVE_QUIET", "8")
+
+    def wait_for_stdin():
+        import sys
+        sys.stdin.read()
+
+    with Client.embedded(preload_imports=["json"], daemon_args=["--test-hooks", "--reserve", "4"]) as c:
+        assert len(_wait_reserve(c, 4)) == 4
+        first = c.spawn_child(wait_for_stdin)
+        time.sleep(1.5)
+        assert len(_wait_reserve(c, 0)) == 3  # one take: the reserve waits for its quiet moment
+        second = c.spawn_child(wait_for_stdin)
+        t = time.monotonic()
+        assert len(_wait_reserve(c, 4)) == 4
+        assert time.monotonic() - t < 5, "refilled only after the quiet time"
+        for ch in (first, second):
+            assert ch.poll() is None
+            ch.stdin.close()
+            assert ch.wait().returncode == 0
+
+
 def test_reserve_children_go_with_the_daemon():
     with Client.embedded(daemon_args=["--reserve", "3"]) as c:
         kids = _wait_reserve(c, 3)

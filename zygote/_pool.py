@@ -81,11 +81,13 @@ class Reserve:
         self.network = network  # built with the pool's network ceiling, as a networked request asks
         self.children: list = []  # confined, waiting for a request (daemon.Child)
         self.wake = trio.Event()
-        self.last_take = 0.0  # time.monotonic() of the last request that took one
+        self.last_take = 0.0  # time.monotonic() of the last request that took one ...
+        self.gap = float("inf")  # ... and the seconds between it and the one before
 
     def take(self):
         """The oldest waiting child (the caller checks it is alive); wakes the filler."""
-        self.last_take = time.monotonic()
+        now = time.monotonic()
+        self.gap, self.last_take = now - self.last_take, now
         self.wake.set()
         return self.children.pop(0)
 

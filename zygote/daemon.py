@@ -427,6 +427,7 @@ class Daemon:
         self.exports_per_uid = self._test_knob("EXPORTS_PER_UID", EXPORTS_PER_UID, int)
         self.tap_linger = self._test_knob("TAP_LINGER", RELAY_LINGER, float)
         self._pause_sources = self._test_knob("PAUSE_BEFORE_SOURCES", None, str)  # (see ChildPlan)
+        self.reserve_quiet = self._test_knob("RESERVE_QUIET", RESERVE_QUIET, float)
         self.open_conns: dict[int, set[Connection]] = {}  # peer uid -> its open connections
         self.attached: dict[int, int] = {}  # peer uid -> its live attaches (max_attaches)
         self.relayed: dict[int, int] = {}  # peer uid -> bytes of its children's output buffered
@@ -1517,13 +1518,19 @@ class Daemon:
                     with trio.move_on_after(0.5 if reserve.children else 5):
                         await reserve.wake.wait()
                     continue
-                quiet = reserve.last_take + RESERVE_QUIET - time.monotonic()
-                if 2 * (len(reserve.children) + filling[0]) >= reserve.size and quiet > 0:
+                quiet = reserve.last_take + self.reserve_quiet - time.monotonic()
+                if 2 * (len(reserve.children) + filling[0]) >= reserve.size and quiet > 0 \
+                        and reserve.gap >= self.reserve_quiet:
                     # Refill in a quiet moment: a clone now would compete for the CPU with the
-                    # child that was just handed out. A reserve down to less than half is
-                    # refilled at once: under a steady stream of requests there is no quiet
-                    # moment, and waiting for one would let it drain to nothing.
-                    await trio.sleep(quiet)
+                    # child that was just handed out. A reserve down to less than half, or taken
+                    # from twice within RESERVE_QUIET, is refilled at once: under a steady stream
+                    # of requests there is no quiet moment, and waiting for one would let it
+                    # drain to nothing, and requests would clone on their own path (one
+                    # requester back to back: p90 12-14 ms through the reserve, 5-6 ms refilled
+                    # at once; see benchmarks/README.md, session 18).
+                    reserve.wake = trio.Event()  # (set by the next take)
+                    with trio.move_on_after(quiet):
+                        await reserve.wake.wait()
                     continue
                 filling[0] += 1
                 # A reserve down to less than half is being drained by a stream of requests: its
