@@ -404,7 +404,10 @@ def zygote_ready(unset: list[str]) -> None:
     for name in unset:
         os.environ.pop(name, None)
     _environ_is = dict(os.environ)
-    _prewarm_payload = _prewarm_callable()
+    try:
+        _prewarm_payload = _prewarm_callable()
+    except Exception:  # noqa: BLE001 - (a preload that broke pickling) each reserve child tries again in its prewarm
+        _prewarm_payload = None
     # The kernel's view, not Python's: a preload may have installed a handler from C
     # (faulthandler.register, an extension's sigaction) that signal.getsignal does not show.
     _zygote_signals_fresh = all(_sys.handler_is_default(sig) for sig in _FORWARDED if sig != signal.SIGINT)
