@@ -41,6 +41,7 @@ if __name__ != "__main__":
 MiB = 1 << 20
 RESERVE = 4  # pre-confined children per pool in the reserve rows
 LEASES = 2  # reserve children the client holds in the leased row (Client(..., leases=N))
+FORK_RUNS = 4  # parts the (f) baseline is measured in, spread over the run (see pooled_fork)
 perf = time.perf_counter
 
 
@@ -333,6 +334,20 @@ def run_baseline(mode: str, n: int) -> dict:
     return json.loads(p.stdout)
 
 
+def pooled_fork(runs: list[dict]) -> dict:
+    """(f) from its parts: their samples pooled, each part's median kept ("parts"). The target
+    ratios compare medians taken minutes apart on a host whose speed drifts (a plain fork measured
+    1.8 ms and 4.7 ms in two runs an hour apart): spread over the run, the baseline drifts with
+    the rows it is compared to, and the parts show how much the host moved."""
+    done = [r for r in runs if "error" not in r]
+    if not done:
+        return {"error": runs[-1]["error"] if runs else "not measured"}
+    out = {k: summary([x for r in done for x in r[k]]) for k in ("first_byte", "reaped")}
+    out["parts"] = [{"at": r["at"], "median_ms": statistics.median(r["first_byte"]) * 1e3}
+                    if "error" not in r else {"at": r["at"], "error": r["error"]} for r in runs]
+    return out
+
+
 def bench_baseline(mode: str, n: int) -> dict:
     raw = run_baseline(mode, n)
     return raw if "error" in raw else {k: summary(v) for k, v in raw.items()}
@@ -402,6 +417,14 @@ def main(argv: list[str] | None = None) -> int:
     def say(msg: str) -> None:
         print(f"[{perf() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
+    fork_runs: list[dict] = []  # (f) in FORK_RUNS parts spread over the run, pooled at the end
+
+    def fork_part(at: str) -> None:
+        k = len(fork_runs)
+        say(f"(f) os.fork of a warm pandas process, part {k + 1} of {FORK_RUNS} ({at})")
+        raw = run_baseline("fork", max(10, n_fork // FORK_RUNS))
+        fork_runs.append(dict(raw, at=at))
+
     clients: list[Client] = []
     try:
         say("starting an embedded daemon + zygote with pandas preloaded (networking on, no reserve)")
@@ -414,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         clients.append(ca)
         res["embedded_start_s"] = perf() - t0
 
+        fork_part("before (a)")
         say(f"(a) zygote, default confinement: {n_warm} warm spawns")
         res["a_zygote"] = bench_zygote(ca, n_warm)
         say(f"(a) first spawn after 1 s idle: {n_idle} samples")
@@ -444,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"(b) networked: not available yet ({why})")
             res["b_network"] = {"skipped": f"not available yet: {why}"}
 
+        fork_part("after (a) and (b)")
         say(f"throughput: 1 requester, {tp_secs:.0f} s")
         res["throughput_1"] = bench_throughput([ca], tp_secs)
         say("throughput: 2 requesters, each with its own Client.embedded")
@@ -457,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
             c.close()
         clients.clear()
 
+        fork_part("before the reserve rows")
         say(f"(a) with a reserve of {RESERVE} pre-confined children: {n_warm} warm, {n_idle} after 1 s idle")
         cr = Client.embedded(preload_imports=["pandas"], daemon_args=["--reserve", str(RESERVE)])
         clients.append(cr)
@@ -538,8 +564,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"(e) bubblewrap + python + pandas: {n_cold} samples")
         res["e_bwrap"] = bench_cold(cmd, n_cold)
         res["e_bwrap"]["command"] = " ".join(cmd)
-    say(f"(f) os.fork of a warm pandas process: {n_fork} samples")
-    res["f_fork"] = bench_baseline("fork", n_fork)
+    fork_part("at the end")
+    res["f_fork"] = pooled_fork(fork_runs)
 
     if not a.no_steps:
         say("per-step costs (steps.py)")
@@ -586,6 +612,11 @@ def report(res: dict) -> None:
     print(fmt_row("(e) bubblewrap --unshare-all + python + pandas", res["e_bwrap"]))
     print(fmt_row("(f) os.fork() of a warm pandas process", res["f_fork"]))
     print(fmt_row("    ... fork → reaped", res["f_fork"], "reaped"))
+    parts = (res["f_fork"] or {}).get("parts") or []
+    if parts:
+        print(f"      (its {len(parts)} parts over the run, medians: "
+              + " / ".join(f"{p['median_ms']:.2f}" if "median_ms" in p else "error" for p in parts)
+              + " ms)")
 
     print("\n  sustained spawn+exit (client.run of a one-byte payload)")
     for key, label in (("throughput_1", "1 requester"), ("throughput_2", "2 requesters, own Client.embedded each"),
