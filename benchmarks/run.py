@@ -41,7 +41,8 @@ if __name__ != "__main__":
 MiB = 1 << 20
 RESERVE = 4  # pre-confined children per pool in the reserve rows
 LEASES = 2  # reserve children the client holds in the leased row (Client(..., leases=N))
-FORK_RUNS = 4  # parts the (f) baseline is measured in, spread over the run (see pooled_fork)
+# Where the (f) baseline is measured, in parts spread over the run (see pooled_fork)
+FORK_AT = ("before (a)", "after (a) and (b)", "before the reserve rows", "at the end")
 perf = time.perf_counter
 
 
@@ -417,12 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     def say(msg: str) -> None:
         print(f"[{perf() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    fork_runs: list[dict] = []  # (f) in FORK_RUNS parts spread over the run, pooled at the end
+    fork_runs: list[dict] = []  # (f) in parts spread over the run (FORK_AT), pooled at the end
 
-    def fork_part(at: str) -> None:
-        k = len(fork_runs)
-        say(f"(f) os.fork of a warm pandas process, part {k + 1} of {FORK_RUNS} ({at})")
-        raw = run_baseline("fork", max(10, n_fork // FORK_RUNS))
+    def fork_part() -> None:
+        at = FORK_AT[len(fork_runs)]
+        say(f"(f) os.fork of a warm pandas process, part {len(fork_runs) + 1} of {len(FORK_AT)} ({at})")
+        raw = run_baseline("fork", max(10, n_fork // len(FORK_AT)))
         fork_runs.append(dict(raw, at=at))
 
     clients: list[Client] = []
@@ -437,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         clients.append(ca)
         res["embedded_start_s"] = perf() - t0
 
-        fork_part("before (a)")
+        fork_part()
         say(f"(a) zygote, default confinement: {n_warm} warm spawns")
         res["a_zygote"] = bench_zygote(ca, n_warm)
         say(f"(a) first spawn after 1 s idle: {n_idle} samples")
@@ -468,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"(b) networked: not available yet ({why})")
             res["b_network"] = {"skipped": f"not available yet: {why}"}
 
-        fork_part("after (a) and (b)")
+        fork_part()
         say(f"throughput: 1 requester, {tp_secs:.0f} s")
         res["throughput_1"] = bench_throughput([ca], tp_secs)
         say("throughput: 2 requesters, each with its own Client.embedded")
@@ -482,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             c.close()
         clients.clear()
 
-        fork_part("before the reserve rows")
+        fork_part()
         say(f"(a) with a reserve of {RESERVE} pre-confined children: {n_warm} warm, {n_idle} after 1 s idle")
         cr = Client.embedded(preload_imports=["pandas"], daemon_args=["--reserve", str(RESERVE)])
         clients.append(cr)
@@ -564,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"(e) bubblewrap + python + pandas: {n_cold} samples")
         res["e_bwrap"] = bench_cold(cmd, n_cold)
         res["e_bwrap"]["command"] = " ".join(cmd)
-    fork_part("at the end")
+    fork_part()
     res["f_fork"] = pooled_fork(fork_runs)
 
     if not a.no_steps:

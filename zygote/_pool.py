@@ -84,6 +84,12 @@ class Reserve:
         self.last_take = 0.0  # time.monotonic() of the last request that took one ...
         self.gap = float("inf")  # ... and the seconds between it and the one before
 
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds``, or less: until a take, a fill done, or a discard wakes the filler."""
+        self.wake = trio.Event()
+        with trio.move_on_after(seconds):
+            await self.wake.wait()
+
     def take(self):
         """The oldest waiting child (the caller checks it is alive); wakes the filler."""
         now = time.monotonic()

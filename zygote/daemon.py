@@ -1514,9 +1514,7 @@ class Daemon:
                 short = reserve.size - len(reserve.children) - filling[0]
                 if (short <= 0 or filling[0] >= RESERVE_PARALLEL
                         or len(self.children) >= self.config.max_children):
-                    reserve.wake = trio.Event()
-                    with trio.move_on_after(0.5 if reserve.children else 5):
-                        await reserve.wake.wait()
+                    await reserve.sleep(0.5 if reserve.children else 5)
                     continue
                 quiet = reserve.last_take + self.reserve_quiet - time.monotonic()
                 if 2 * (len(reserve.children) + filling[0]) >= reserve.size and quiet > 0 \
@@ -1528,9 +1526,7 @@ class Daemon:
                     # drain to nothing, and requests would clone on their own path (one
                     # requester back to back: p90 12-14 ms through the reserve, 5-6 ms refilled
                     # at once; see benchmarks/README.md, session 18).
-                    reserve.wake = trio.Event()  # (set by the next take)
-                    with trio.move_on_after(quiet):
-                        await reserve.wake.wait()
+                    await reserve.sleep(quiet)  # (a take within it ends it: then a stream)
                     continue
                 filling[0] += 1
                 # A reserve down to less than half is being drained by a stream of requests: its
