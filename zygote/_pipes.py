@@ -206,8 +206,9 @@ class PipeHands:
 class PipeEnd:
     """One of the daemon's pipe ends whose other end someone else may hold, made nonblocking.
     ``owner()`` names the uid whose threads it uses (a reserve child changes hands when taken).
-    Each read or write is one nonblocking syscall in a worker thread; readiness is waited for
-    with epoll on the loop (pipe_poll takes no mutex)."""
+    Each read or write is one nonblocking syscall in a worker thread (``receive_all_there``:
+    reads until the pipe is empty, in one thread); readiness is waited for with epoll on the loop
+    (pipe_poll takes no mutex)."""
 
     def __init__(self, hands: PipeHands, fd: int, owner: Callable[[], int], lane: str = "io") -> None:
         os.set_blocking(fd, False)  # (our own description; F_SETFL takes no pipe lock)
@@ -218,6 +219,7 @@ class PipeEnd:
         self._lock = threading.Lock()
         self._busy = False
         self._closed = False
+        self._eof = False  # met by receive_all_there, which then closed the end
 
     def fileno(self) -> int:
         return self.fd
@@ -236,13 +238,42 @@ class PipeEnd:
             await trio.lowlevel.wait_writable(self.fd)
 
     async def receive_some(self, max_bytes: int = 65536) -> bytes:
+        return await self._receive(os.read, max_bytes)
+
+    async def receive_all_there(self, max_bytes: int = 65536) -> bytes:
+        """As ``receive_some``, but one thread job reads all the pipe holds (up to ``max_bytes``),
+        and meeting EOF there closes this end at once (nothing more can come); the next call
+        returns b"". A writer that has exited leaves its data and EOF together: one thread hop,
+        not three (the read, the read of EOF, the close)."""
+        if self._eof:
+            return b""
+        return await self._receive(self._read_all, max_bytes)
+
+    async def _receive(self, op, max_bytes: int) -> bytes:
         while True:
             if self._closed:
                 raise trio.ClosedResourceError("pipe end closed")
             await trio.lowlevel.wait_readable(self.fd)
-            data = await self._hands.run(self._owner(), self._guarded, os.read, max_bytes, lane=self._lane)
+            data = await self._hands.run(self._owner(), self._guarded, op, max_bytes, lane=self._lane)
             if data is not None:
                 return data
+
+    def _read_all(self, fd: int, max_bytes: int) -> bytes | None:
+        # (in a worker thread, inside _guarded; its finally closes the end if we met EOF)
+        chunks, n = [], 0
+        while n < max_bytes:
+            try:
+                data = os.read(fd, max_bytes - n)
+            except BlockingIOError:
+                break
+            if not data:
+                self._eof = True
+                break
+            chunks.append(data)
+            n += len(data)
+        if not chunks:
+            return b"" if self._eof else None
+        return b"".join(chunks)
 
     def _guarded(self, op, arg):
         """In a worker thread: ``op(fd, arg)`` once; None (or 0 for a write) when it would block."""
@@ -261,16 +292,19 @@ class PipeEnd:
         finally:
             with self._lock:
                 self._busy = False
-                close = self._closed
-            if close:  # closed while we were in the syscall: the loop left the close to us
+                # Closed while we were in the syscall (the loop left the close to us), or EOF
+                # met by _read_all (no task waits on the end then: its one reader awaits us).
+                close = self._closed or self._eof
+                self._closed = close
+            if close:
                 close_now([self.fd])
 
     def close(self) -> None:
-        if self._closed:
-            return
-        trio.lowlevel.notify_closing(self.fd)  # a task waiting for readiness wakes (ClosedResourceError)
-        with self._lock:
+        with self._lock:  # (held across notify_closing: a thread closing at EOF waits for it, so
+            if self._closed:  # the number cannot be reused before the loop's waiters are woken)
+                return
             self._closed = True
+            trio.lowlevel.notify_closing(self.fd)  # a task waiting for readiness wakes (ClosedResourceError)
             if self._busy:
                 return
         self._hands.close(self._owner(), [self.fd])

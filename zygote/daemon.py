@@ -2306,7 +2306,7 @@ class Daemon:
         try:
             while True:
                 try:
-                    data = await child.result_stream.receive_some(1 << 16)
+                    data = await child.result_stream.receive_all_there(1 << 16)
                 except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
                     data = b""
                 if not data:
