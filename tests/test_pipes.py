@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
 
 import trio
 
@@ -39,8 +42,7 @@ def test_what_an_exited_writer_left_is_read_and_the_end_closed_in_one_thread_job
         r, w = os.pipe()
         name = _names(r)
         data = os.urandom(40_000)
-        os.write(w, data[:1000])
-        os.write(w, data[1000:])  # (two writes: two pipe buffers to read)
+        os.write(w, data)
         os.close(w)
         end = hands.end(r, lambda: 0, "result")
         assert await end.receive_all_there(1 << 16) == data
@@ -91,7 +93,11 @@ def test_closing_an_end_that_a_thread_closed_at_eof_wakes_nobody_else():
         os.close(w)
         end = hands.end(r, lambda: 0, "result")
         assert await end.receive_all_there(1 << 16) == b""
-        r2, w2 = os.pipe()  # (most likely the same number as r: the lowest free one)
+        r2, w2 = os.pipe()
+        if r2 != r:  # (usually the same number already: the lowest free one)
+            os.dup2(r2, r)
+            os.close(r2)
+            r2 = r
         got = []
 
         async def wait_on_new():
@@ -109,5 +115,66 @@ def test_closing_an_end_that_a_thread_closed_at_eof_wakes_nobody_else():
             os.close(r2)
             os.close(w2)
         assert got == [b"x"]
+
+    trio.run(main)
+
+
+def test_a_close_racing_a_thread_that_closes_at_eof_never_notifies_a_closed_number(monkeypatch):
+    """The loop closes an end (a child's watch ending) while a thread job is reading it and about
+    to meet EOF. Whichever closes the fd, the loop's notify_closing must come while the number
+    is still the pipe's: were the thread free to close it just before, the number could already
+    belong to another file, whose waiters the notify would wake with an error."""
+    async def main():
+        hands = PipeHands()
+        r, w = os.pipe()
+        name = _names(r)
+        os.close(w)  # EOF waiting to be read
+        end = hands.end(r, lambda: 0, "result")
+        in_job, go = threading.Event(), threading.Event()
+        read_all = end._read_all
+
+        def held_read_all(fd, n):
+            in_job.set()
+            go.wait(10)
+            return read_all(fd, n)
+
+        end._read_all = held_read_all
+        seen = []
+        notify = trio.lowlevel.notify_closing
+
+        def watching_notify(fd):
+            go.set()  # the thread meets EOF now; give it time to close the fd if it can
+            deadline = time.monotonic() + 0.3
+            while time.monotonic() < deadline and _names(r) == name:
+                time.sleep(0.01)
+            seen.append(_names(r) == name)
+            notify(fd)
+
+        monkeypatch.setattr(trio.lowlevel, "notify_closing", watching_notify)
+        async with trio.open_nursery() as n:
+            n.start_soon(end.receive_all_there, 1 << 16)
+            while not in_job.is_set():
+                await trio.sleep(0.005)
+            await end.aclose()
+        assert seen == [True], "notify_closing came after the thread had closed the fd"
+        assert _names(r) != name
+
+    trio.run(main)
+
+
+def test_one_job_returns_at_most_max_bytes_however_the_reads_come():
+    """A job reads until the end would block, but never gathers more than ``max_bytes``: the
+    result's caps are checked between jobs. (Datagrams: each read returns one, so a job's
+    second read is the one that must be cut to what is left.)"""
+    async def main():
+        hands = PipeHands()
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        for _ in range(4):
+            b.send(b"x" * 1000)
+        end = hands.end(a.detach(), lambda: 0, "result")
+        got = await end.receive_all_there(1500)
+        assert len(got) == 1500
+        await end.aclose()
+        b.close()
 
     trio.run(main)

@@ -217,7 +217,7 @@ class PipeEnd:
         self._hands = hands
         self._owner = owner
         self._lock = threading.Lock()
-        self._busy = False
+        self._busy = False  # a thread job is in a syscall on it (one at a time: one reader or writer)
         self._closed = False
         self._eof = False  # met by receive_all_there, which then closed the end
 
@@ -266,6 +266,10 @@ class PipeEnd:
                 data = os.read(fd, max_bytes - n)
             except BlockingIOError:
                 break
+            except OSError:
+                if chunks:  # (what came first is kept; the error comes again with the next job)
+                    break
+                raise
             if not data:
                 self._eof = True
                 break
