@@ -280,7 +280,9 @@ class PipeEnd:
         return b"".join(chunks)
 
     def _guarded(self, op, arg):
-        """In a worker thread: ``op(fd, arg)`` once; None (or 0 for a write) when it would block."""
+        """In a worker thread: ``op(fd, arg)`` (os.read, os.write, or _read_all); None (or 0 for a
+        write) when it would block. Closes the end after it when the loop closed it meanwhile, or
+        when _read_all met EOF."""
         with self._lock:
             if self._closed:
                 raise trio.ClosedResourceError("pipe end closed")
@@ -304,8 +306,10 @@ class PipeEnd:
                 close_now([self.fd])
 
     def close(self) -> None:
-        with self._lock:  # (held across notify_closing: a thread closing at EOF waits for it, so
-            if self._closed:  # the number cannot be reused before the loop's waiters are woken)
+        # The lock is held across notify_closing: a thread closing the end at EOF waits for it,
+        # so the number cannot be reused before the loop's waiters are woken.
+        with self._lock:
+            if self._closed:
                 return
             self._closed = True
             trio.lowlevel.notify_closing(self.fd)  # a task waiting for readiness wakes (ClosedResourceError)
