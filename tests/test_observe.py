@@ -175,3 +175,40 @@ def test_log_lines_past_the_queue_are_dropped_and_counted():
     dropped = json.loads(got[got.index(b'{"event": "log-lines-dropped"'):].split(b"\n")[0])["lines"]
     assert dropped >= 200 - 64 - 11 and dropped + got.count(line.encode()) == 200
     os.close(r)
+
+
+def test_a_burst_of_log_lines_reaches_the_stream_in_a_few_writes():
+    """Only the first line into an empty queue wakes the log's writer, which gathers the lines
+    that follow into one write: a daemon logging a spawn and an exit per child does not wake a
+    thread (and trade the GIL with it) twice per spawn. Every line still arrives, in order, and
+    a drain at exit does not wait for the gathering to end."""
+    import threading
+    import time
+
+    from zygote.observe import QueuedStream
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.writes: list[str] = []
+            self.lock = threading.Lock()
+
+        def write(self, text: str) -> None:
+            with self.lock:
+                self.writes.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    class Slow(QueuedStream):
+        GATHER_SECONDS = 5.0  # longer than the test waits: only drain() can cut it short
+
+    out = Recorder()
+    stream = Slow(out)
+    lines = [f"line {i}\n" for i in range(200)]
+    for line in lines:
+        stream.write(line)
+    t0 = time.monotonic()
+    stream.drain(10.0)
+    assert time.monotonic() - t0 < 4.0, "drain waited for the writer's gathering to end"
+    assert "".join(out.writes) == "".join(lines)
+    assert len(out.writes) <= 3, f"{len(out.writes)} writes for one burst of 200 lines"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import queue
 import sys
 import threading
 import time
@@ -73,49 +72,73 @@ class LossyStream:
 
 
 class QueuedStream:
-    """The log's stream as the daemon sees it: lines go into a queue and a thread of their own
+    """The log's stream as the daemon sees it: lines go into a list and a thread of their own
     writes them. A log reader that stops reading (a paused terminal, a stuck journald, a pipe
     nobody drains) stalls that thread only, never the event loop: past QUEUE_ITEMS waiting, new
-    lines are dropped, and how many is logged once the reader catches up. At exit the queue gets
-    DRAIN_SECONDS to reach the stream."""
+    lines are dropped, and how many is logged once the reader catches up. At exit the lines
+    waiting get DRAIN_SECONDS to reach the stream.
+
+    Only the first line into an empty list wakes the writer, which then waits GATHER_SECONDS for
+    more and writes them all at once: a spawn and an exit log a line each, and a wake-up of the
+    writer per line (a futex call, then the two threads trading the GIL) cost a busy daemon
+    about 8 context switches and 0.1-0.3 ms of CPU per spawn; in batches it is a few wake-ups per
+    second. (At most twice QUEUE_ITEMS lines are held: the batch being written, and the next.)"""
 
     QUEUE_ITEMS = 20000
     DRAIN_SECONDS = 2.0
+    GATHER_SECONDS = 0.05
 
     def __init__(self, stream) -> None:
         self._stream = LossyStream(stream)
-        self._queue: queue.Queue[str] = queue.Queue(self.QUEUE_ITEMS)
+        self._lines: list[str] = []
         self._dropped = 0
-        self._lock = threading.Lock()  # (for _dropped, which both threads change)
+        self._busy = False  # the writer holds a batch it has not finished writing
+        self._hurry = False  # exiting: no more gathering
+        self._cond = threading.Condition(threading.Lock())
         threading.Thread(target=self._run, name="zygote-log", daemon=True).start()
         atexit.register(self.drain, self.DRAIN_SECONDS)
 
     def write(self, text: str) -> None:
-        try:
-            self._queue.put_nowait(text)
-        except queue.Full:
-            with self._lock:
+        with self._cond:
+            if len(self._lines) >= self.QUEUE_ITEMS:
                 self._dropped += 1
+                return
+            self._lines.append(text)
+            if len(self._lines) == 1:
+                self._cond.notify()  # (the writer waits only for an empty list to fill)
 
     def flush(self) -> None:
-        pass  # the writer flushes after every item
+        pass  # the writer flushes after every batch
 
     def drain(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.01)
+        with self._cond:
+            self._hurry = True
+            self._cond.notify_all()
+            while self._lines or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
 
     def _run(self) -> None:
         while True:
-            text = self._queue.get()
-            with self._lock:
+            with self._cond:
+                while not self._lines:
+                    self._cond.wait()
+                if not self._hurry:
+                    self._cond.wait(self.GATHER_SECONDS)  # (cut short by drain only)
+                lines, self._lines = self._lines, []
                 dropped, self._dropped = self._dropped, 0
+                self._busy = True
             if dropped:
                 self._stream.write(f'{{"event": "log-lines-dropped", "lines": {dropped}, '
                                    '"message": "the log reader did not keep up"}\n')
-            self._stream.write(text)
+            self._stream.write("".join(lines))
             self._stream.flush()
-            self._queue.task_done()
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()  # (a drain waiting for the last batch)
 
 
 _LIMIT_FLAGS = (("timed_out", "timeout"), ("memory_exceeded", "memory"), ("pids_exceeded", "pids"),
