@@ -365,8 +365,14 @@ def _pin_close_threads(conn, pipes: list[int], releases: list) -> None:
         pipes.append(r)
         os.write(w, b"x")
         releases.append(_hold_pipe_lock(r))
-        _send_with_fds(conn, conn.P.Status(1), [w])
+        # The fd goes with the frame's first byte, and ours is closed before the rest is sent:
+        # the daemon cannot act on its copy (and close it) before ours is gone, so its close is
+        # the last one, which waits for the lock. (Sent whole, a quick daemon could close first,
+        # and then our close, the last, waited for our own lock for ever.)
+        frame = conn.P.encode(conn.P.Status(1), 1)
+        conn.sock.sendmsg([frame[:1]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]).tobytes())])
         os.close(w)
+        conn.sock.sendall(frame[1:])
 
 
 def _unread(sock: socket.socket) -> int:

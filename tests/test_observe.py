@@ -145,65 +145,84 @@ def test_a_daemon_whose_log_reader_stopped_reading_keeps_serving(tmp_path):
         os.close(r)
 
 
+class _Gate:
+    """A log stream whose writes are recorded and can be held (a reader that stopped reading)."""
+
+    def __init__(self, fail_first: bool = False) -> None:
+        import threading
+
+        self.writes: list[str] = []
+        self.open = threading.Event()
+        self.open.set()
+        self.entered = threading.Event()  # a write is in progress (or was)
+        self.fail_first = fail_first
+
+    def write(self, text: str) -> None:
+        self.entered.set()
+        self.open.wait(30)
+        if self.fail_first:
+            self.fail_first = False
+            raise RuntimeError("a stream failing in a way LossyStream does not expect")
+        self.writes.append(text)
+
+    def flush(self) -> None:
+        pass
+
+    def text(self) -> str:
+        return "".join(self.writes)
+
+
 def test_log_lines_past_the_queue_are_dropped_and_counted():
-    """The log's queue is bounded: with its reader stalled, lines past it are dropped (not held
-    in memory), and the writer says how many once the reader reads again."""
+    """The log's queue is bounded, counting the lines its writer holds while its reader is
+    stalled: lines past it are dropped (not held in memory), and a line after the next ones
+    written says how many."""
     import time
 
     from zygote.observe import QueuedStream
 
     class Small(QueuedStream):
         QUEUE_ITEMS = 10
+        GATHER_SECONDS = 0.01
 
-    r, w = os.pipe()
-    out = os.fdopen(w, "w")
-    stream = Small(out)
-    line = "x" * 1023 + "\n"
-    for _ in range(200):  # 64 fill the pipe, 10 wait in the queue (one more in the writer's hand)
-        stream.write(line)
-    got = b""
+    gate = _Gate()
+    gate.open.clear()
+    stream = Small(gate)
+    for i in range(10):
+        stream.write(f"kept {i}\n")
+    assert gate.entered.wait(10), "the writer never took the first lines"
+    for i in range(15):  # the writer holds 10, stalled: no room
+        stream.write(f"dropped {i}\n")
+    gate.open.set()
     deadline = time.monotonic() + 10
-    while b"log-lines-dropped" not in got and time.monotonic() < deadline:
-        got += os.read(r, 1 << 16)
-    assert b"log-lines-dropped" in got
-    time.sleep(0.5)  # what is still queued behind the note
-    os.set_blocking(r, False)
-    try:
-        while chunk := os.read(r, 1 << 16):
-            got += chunk
-    except BlockingIOError:
-        pass
-    dropped = json.loads(got[got.index(b'{"event": "log-lines-dropped"'):].split(b"\n")[0])["lines"]
-    assert dropped >= 200 - 64 - 11 and dropped + got.count(line.encode()) == 200
-    os.close(r)
+    while "kept 9" not in gate.text() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for i in range(3):
+        stream.write(f"late {i}\n")
+    stream.drain(10.0)
+    out = gate.text()
+    assert "dropped" not in out.replace('"log-lines-dropped"', "")
+    assert [ln for ln in out.splitlines() if not ln.startswith("{")] == \
+        [f"kept {i}" for i in range(10)] + [f"late {i}" for i in range(3)]
+    note = json.loads(out.splitlines()[-1])
+    assert note["event"] == "log-lines-dropped" and note["lines"] == 15
 
 
 def test_a_burst_of_log_lines_reaches_the_stream_in_a_few_writes():
     """Only the first line into an empty queue wakes the log's writer, which gathers the lines
     that follow into one write: a daemon logging a spawn and an exit per child does not wake a
-    thread (and trade the GIL with it) twice per spawn. Every line still arrives, in order, and
-    a drain at exit does not wait for the gathering to end."""
+    thread (and trade the GIL with it) twice per spawn. Every line still arrives, in order; a
+    lone line arrives by itself; a drain at exit does not wait for the gathering to end, but
+    does wait for a batch being written; and a stream that raises loses that batch, not the
+    writer."""
     import threading
     import time
 
     from zygote.observe import QueuedStream
 
-    class Recorder:
-        def __init__(self) -> None:
-            self.writes: list[str] = []
-            self.lock = threading.Lock()
-
-        def write(self, text: str) -> None:
-            with self.lock:
-                self.writes.append(text)
-
-        def flush(self) -> None:
-            pass
-
     class Slow(QueuedStream):
         GATHER_SECONDS = 5.0  # longer than the test waits: only drain() can cut it short
 
-    out = Recorder()
+    out = _Gate()
     stream = Slow(out)
     lines = [f"line {i}\n" for i in range(200)]
     for line in lines:
@@ -211,5 +230,36 @@ def test_a_burst_of_log_lines_reaches_the_stream_in_a_few_writes():
     t0 = time.monotonic()
     stream.drain(10.0)
     assert time.monotonic() - t0 < 4.0, "drain waited for the writer's gathering to end"
-    assert "".join(out.writes) == "".join(lines)
+    assert out.text() == "".join(lines)
     assert len(out.writes) <= 3, f"{len(out.writes)} writes for one burst of 200 lines"
+
+    # A lone line, no drain: the write wakes the writer, and it comes after the gathering.
+    lone = _Gate()
+    stream = QueuedStream(lone)
+    stream.write("alone\n")
+    deadline = time.monotonic() + 10
+    while not lone.writes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lone.text() == "alone\n", "a line written alone never reached the stream"
+
+    # drain() while a batch is being written waits for it.
+    held = _Gate()
+    held.open.clear()
+    stream = QueuedStream(held)
+    stream.write("in flight\n")
+    assert held.entered.wait(10)
+    threading.Timer(0.5, held.open.set).start()
+    stream.drain(10.0)
+    assert held.text() == "in flight\n", "drain returned while a batch was still being written"
+
+    # A stream raising an exception LossyStream does not catch: the next lines still go out.
+    failing = _Gate(fail_first=True)
+    stream = QueuedStream(failing)
+    stream.write("lost\n")
+    deadline = time.monotonic() + 10
+    while failing.fail_first and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stream.write("after\n")
+    t0 = time.monotonic()
+    stream.drain(5.0)
+    assert time.monotonic() - t0 < 4.0 and failing.text() == "after\n", "the writer died with its stream"

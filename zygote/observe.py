@@ -14,7 +14,7 @@ import logging
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter as PCounter, Gauge, Histogram
@@ -74,25 +74,27 @@ class LossyStream:
 class QueuedStream:
     """The log's stream as the daemon sees it: lines go into a list and a thread of their own
     writes them. A log reader that stops reading (a paused terminal, a stuck journald, a pipe
-    nobody drains) stalls that thread only, never the event loop: past QUEUE_ITEMS waiting, new
-    lines are dropped, and how many is logged once the reader catches up. At exit the lines
-    waiting get DRAIN_SECONDS to reach the stream.
+    nobody drains) stalls that thread only, never the event loop: past QUEUE_ITEMS lines held
+    (waiting, or taken by the writer and not yet written), new lines are dropped, and a line
+    after the next batch written says how many. At exit the lines held get DRAIN_SECONDS to reach the
+    stream (a process killed outright loses what it held, up to GATHER_SECONDS of lines).
 
     Only the first line into an empty list wakes the writer, which then waits GATHER_SECONDS for
-    more and writes them all at once: a spawn and an exit log a line each, and a wake-up of the
-    writer per line (a futex call, then the two threads trading the GIL) cost a busy daemon
-    about 8 context switches and 0.1-0.3 ms of CPU per spawn; in batches it is a few wake-ups per
-    second. (At most twice QUEUE_ITEMS lines are held: the batch being written, and the next.)"""
+    more and writes them in chunks of CHUNK_CHARS: a spawn and an exit log a line each, and a
+    wake-up of the writer per line (a futex call, then the two threads trading the GIL) cost a
+    busy daemon about 8 context switches and 0.1-0.3 ms of CPU per spawn; in batches it is a few
+    wake-ups per second."""
 
     QUEUE_ITEMS = 20000
     DRAIN_SECONDS = 2.0
     GATHER_SECONDS = 0.05
+    CHUNK_CHARS = 65536
 
     def __init__(self, stream) -> None:
         self._stream = LossyStream(stream)
-        self._lines: list[str] = []
+        self._lines: deque[str] = deque()
+        self._held = 0  # lines the writer took and has not finished writing (they count as held)
         self._dropped = 0
-        self._busy = False  # the writer holds a batch it has not finished writing
         self._hurry = False  # exiting: no more gathering
         self._cond = threading.Condition(threading.Lock())
         threading.Thread(target=self._run, name="zygote-log", daemon=True).start()
@@ -100,7 +102,7 @@ class QueuedStream:
 
     def write(self, text: str) -> None:
         with self._cond:
-            if len(self._lines) >= self.QUEUE_ITEMS:
+            if len(self._lines) + self._held >= self.QUEUE_ITEMS:
                 self._dropped += 1
                 return
             self._lines.append(text)
@@ -108,14 +110,14 @@ class QueuedStream:
                 self._cond.notify()  # (the writer waits only for an empty list to fill)
 
     def flush(self) -> None:
-        pass  # the writer flushes after every batch
+        pass  # the writer flushes after every chunk
 
     def drain(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         with self._cond:
             self._hurry = True
             self._cond.notify_all()
-            while self._lines or self._busy:
+            while self._lines or self._held:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -128,17 +130,29 @@ class QueuedStream:
                     self._cond.wait()
                 if not self._hurry:
                     self._cond.wait(self.GATHER_SECONDS)  # (cut short by drain only)
-                lines, self._lines = self._lines, []
+                lines, self._lines = self._lines, deque()
+                self._held = len(lines)
+                # Dropped since the last batch was taken (the note follows this batch: mostly
+                # after its lines, since a full list takes none until the last batch is written).
                 dropped, self._dropped = self._dropped, 0
-                self._busy = True
-            if dropped:
-                self._stream.write(f'{{"event": "log-lines-dropped", "lines": {dropped}, '
-                                   '"message": "the log reader did not keep up"}\n')
-            self._stream.write("".join(lines))
-            self._stream.flush()
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()  # (a drain waiting for the last batch)
+            try:
+                while lines:  # (each line let go once it is in a chunk)
+                    chunk, size = [], 0
+                    while lines and size < self.CHUNK_CHARS:
+                        chunk.append(lines.popleft())
+                        size += len(chunk[-1])
+                    self._stream.write("".join(chunk))
+                    self._stream.flush()
+                if dropped:
+                    self._stream.write(f'{{"event": "log-lines-dropped", "lines": {dropped}, '
+                                       '"message": "the log reader did not keep up"}\n')
+                    self._stream.flush()
+            except Exception:  # noqa: BLE001 - (beyond what LossyStream drops): lose the batch, not the writer
+                pass
+            finally:
+                with self._cond:
+                    self._held = 0
+                    self._cond.notify_all()  # (a drain waiting for the last batch)
 
 
 _LIMIT_FLAGS = (("timed_out", "timeout"), ("memory_exceeded", "memory"), ("pids_exceeded", "pids"),
