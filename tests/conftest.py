@@ -60,6 +60,15 @@ def rss_bytes(pid: int) -> int:
         return int(next(ln for ln in f if ln.startswith("VmRSS:")).split()[1]) << 10
 
 
+def wait_for(cond, timeout: float = 15.0, what: str = "condition") -> None:
+    """Poll ``cond()`` until it is true; AssertionError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
 def write_text(path, text: str) -> str:
     """Write ``text`` (dedented) to ``path``; returns the path as a string."""
     with open(path, "w") as f:

@@ -22,7 +22,7 @@ import pytest
 from zygote_client import Client, DaemonError, SandboxConfig, open_client, open_embedded
 from zygote_client import _protocol as P
 from conftest import (RawConn, children_of, cmdline, config_daemon, fd_count, rss_bytes, run_as, start_daemon,
-                      stop_daemon, wait_socket, write_text)
+                      stop_daemon, wait_for, wait_socket, write_text)
 
 BACKENDS = pytest.mark.parametrize("backend", ["trio", "asyncio"])
 
@@ -30,14 +30,6 @@ BACKENDS = pytest.mark.parametrize("backend", ["trio", "asyncio"])
 def _gone(pid: int) -> bool:
     """The process is neither running nor a zombie (its parent reaped it)."""
     return not os.path.exists(f"/proc/{pid}")
-
-
-def _wait_for(cond, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _zygote_dirs(daemon_pid: int) -> list[str]:
@@ -187,7 +179,7 @@ def test_blocking_close_from_another_thread_ends_a_waiting_call():
 
     t = threading.Thread(target=waiter)
     t.start()
-    _wait_for(lambda: pids, what="the child to start")
+    wait_for(lambda: pids, what="the child to start")
     hammers = [threading.Thread(target=hammer) for _ in range(3)]
     for h in hammers:
         h.start()
@@ -200,7 +192,7 @@ def test_blocking_close_from_another_thread_ends_a_waiting_call():
         h.join(timeout=15)
         assert not h.is_alive(), "a call racing close() hung"
     assert len(hammered) == 3, hammered
-    _wait_for(lambda: _gone(pids[0]), what="the child to be killed")
+    wait_for(lambda: _gone(pids[0]), what="the child to be killed")
 
 
 _UNCLOSED_CLIENT = textwrap.dedent("""
@@ -225,7 +217,7 @@ def test_a_script_that_never_closes_its_client_exits(end):
     if end == "raise":
         assert "RuntimeError: the script failed" in r.stderr
     daemon, child = map(int, r.stdout.split())
-    _wait_for(lambda: _gone(daemon) and _gone(child), what="the daemon and its child to end")
+    wait_for(lambda: _gone(daemon) and _gone(child), what="the daemon and its child to end")
 
 
 @pytest.mark.parametrize("how", ["call", "run"])
@@ -267,7 +259,7 @@ def test_blocking_call_interrupted_kills_its_child(how):
             sender.join()
             signal.signal(signal.SIGINT, previous)
         assert time.monotonic() - t0 < 30
-        _wait_for(lambda: client.status().running == 0, what="the child to be killed")
+        wait_for(lambda: client.status().running == 0, what="the child to be killed")
         assert client.run(lambda: print("still usable")).stdout == b"still usable\n"
 
 
@@ -331,7 +323,7 @@ def test_disconnect_mid_stream_kills_reaps_and_cleans(socket_daemon):
     with Client.connect(socket_daemon) as c:
         dpid = c.welcome.daemon_pid
         c.run(print, sandbox_config=SandboxConfig(memory="128M"))
-    _wait_for(lambda: not _child_cgroups(dpid, "*"), what="the warm-up child's cgroup to go")
+    wait_for(lambda: not _child_cgroups(dpid, "*"), what="the warm-up child's cgroup to go")
     base = fd_count(dpid)
     proc = subprocess.Popen([sys.executable, "-c", _STREAMING_CLIENT, socket_daemon], stdout=subprocess.PIPE)
     try:
@@ -347,10 +339,10 @@ def test_disconnect_mid_stream_kills_reaps_and_cleans(socket_daemon):
             proc.kill()
             proc.wait()
         proc.stdout.close()
-    _wait_for(lambda: _gone(pid), what="the child to be reaped")
-    _wait_for(lambda: not _child_cgroups(dpid, child_id.decode()), what="the child's cgroup to go")
+    wait_for(lambda: _gone(pid), what="the child to be reaped")
+    wait_for(lambda: not _child_cgroups(dpid, child_id.decode()), what="the child's cgroup to go")
     assert [p for p, state in children_of(dpid) if state == "Z"] == []
-    _wait_for(lambda: fd_count(dpid) <= base, what=f"daemon fds back to {base}")
+    wait_for(lambda: fd_count(dpid) <= base, what=f"daemon fds back to {base}")
 
 
 def test_closing_a_connection_kills_only_its_children(socket_daemon):
@@ -358,7 +350,7 @@ def test_closing_a_connection_kills_only_its_children(socket_daemon):
         survivor = keep.spawn_child(lambda: __import__("time").sleep(60), stdin=None)
         with Client.connect(socket_daemon) as gone:
             doomed = gone.spawn_child(lambda: __import__("time").sleep(60), stdin=None)
-        _wait_for(lambda: _gone(doomed.pid), what="the closed connection's child to die")
+        wait_for(lambda: _gone(doomed.pid), what="the closed connection's child to die")
         assert survivor.poll() is None and not _gone(survivor.pid)
         survivor.kill()
         assert survivor.wait().returncode == -signal.SIGKILL
@@ -670,7 +662,7 @@ def test_SECURITY_replies_waiting_for_one_user_are_capped_over_its_connections(t
                                stdin=False))
             conns.append(c)
         with Client.connect(sock) as other:
-            _wait_for(lambda: other.status().counters.get("spawns_ok", 0) >= 24 and not other.status().running,
+            wait_for(lambda: other.status().counters.get("spawns_ok", 0) >= 24 and not other.status().running,
                       timeout=60, what="the 24 children to end")
         time.sleep(1)
         exits, ends = [], []
@@ -721,7 +713,7 @@ def test_SECURITY_over_a_users_reply_budget_its_slowest_connection_goes(tmp_path
                     c.send(P.Spawn(req=i + 1, kind="target", target="builtins:str.__mul__", payload=payload,
                                    stdin=False))
                 conns.append(c)
-            _wait_for(lambda: healthy.status().counters.get("spawns_ok", 0) >= 22 and not healthy.status().running,
+            wait_for(lambda: healthy.status().counters.get("spawns_ok", 0) >= 22 and not healthy.status().running,
                       timeout=60, what="the 22 children to end")
             assert len(healthy.call(str.__mul__, "y", 12_000_000)) == 12_000_000
     finally:
@@ -765,7 +757,7 @@ def test_SECURITY_kept_detached_records_bounded_by_bytes_and_attaches_capped(tmp
                 ch.wait(timeout=30)  # (the spawner hearing of it does not count as an attach)
         with Client.connect(sock) as b:
             # all three end with nobody attached (the daemon stops listing them as running)
-            _wait_for(lambda: not {c.id for c in b.status().children} & set(ids), what="the three to end")
+            wait_for(lambda: not {c.id for c in b.status().children} & set(ids), what="the three to end")
             for cid in ids[:2]:  # 3 x 2 MB > 3M: only the newest is still kept
                 with pytest.raises(DaemonError) as e:
                     b.attach(cid)
@@ -785,7 +777,7 @@ def test_SECURITY_kept_detached_records_bounded_by_bytes_and_attaches_capped(tmp
                             conn.attach(live.id)
                         assert e.value.code == "limit" and "max_attaches" in str(e.value)
                     assert c.run(print, ("ok",)).stdout == b"ok\n"  # the connection still works otherwise
-                _wait_for(lambda: _attach_ok(d, live.id), what="c's attach to end with its connection")
+                wait_for(lambda: _attach_ok(d, live.id), what="c's attach to end with its connection")
     finally:
         stop_daemon(proc)
 
@@ -1095,8 +1087,8 @@ def test_a_zygote_that_stops_answering_is_replaced(tmp_path, monkeypatch):
                 c.call(lambda: 2)
             assert e.value.retriable and "stopped answering" in str(e.value), e.value
             assert time.monotonic() - t < 20
-            _wait_for(lambda: not os.path.exists(f"/proc/{zygotes[0]}"), timeout=30, what="the stuck zygote to go")
-            _wait_for(lambda: c.status().pools[0].restarts == 1 and c.status().pools[0].zygotes_running == 1,
+            wait_for(lambda: not os.path.exists(f"/proc/{zygotes[0]}"), timeout=30, what="the stuck zygote to go")
+            wait_for(lambda: c.status().pools[0].restarts == 1 and c.status().pools[0].zygotes_running == 1,
                       timeout=60, what="a new zygote")
             assert c.call(lambda: 3) == 3
     finally:

@@ -351,9 +351,16 @@ def _hold_pipe_lock(fd: int, end: str = "read"):
     return release
 
 
-def _send_with_fds(conn, msg, fds: list[int], declared: int | None = None) -> None:
-    conn.sock.sendmsg([conn.P.encode(msg, len(fds) if declared is None else declared)],
-                      [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+def _send_with_fds(conn, msg, fds: list[int], declared: int | None = None, between=None) -> None:
+    """``msg`` with ``fds`` attached; with ``between``, the fds go with the frame's first byte,
+    ``between()`` runs, and then the rest is sent (the daemon cannot act on the frame before)."""
+    frame = conn.P.encode(msg, len(fds) if declared is None else declared)
+    cut = 1 if between is not None else len(frame)
+    rights = array.array("i", fds).tobytes()
+    conn.sock.sendmsg([frame[:cut]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+    if between is not None:
+        between()
+        conn.sock.sendall(frame[cut:])
 
 
 def _pin_close_threads(conn, pipes: list[int], releases: list) -> None:
@@ -365,14 +372,10 @@ def _pin_close_threads(conn, pipes: list[int], releases: list) -> None:
         pipes.append(r)
         os.write(w, b"x")
         releases.append(_hold_pipe_lock(r))
-        # The fd goes with the frame's first byte, and ours is closed before the rest is sent:
-        # the daemon cannot act on its copy (and close it) before ours is gone, so its close is
-        # the last one, which waits for the lock. (Sent whole, a quick daemon could close first,
-        # and then our close, the last, waited for our own lock for ever.)
-        frame = conn.P.encode(conn.P.Status(1), 1)
-        conn.sock.sendmsg([frame[:1]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]).tobytes())])
-        os.close(w)
-        conn.sock.sendall(frame[1:])
+        # Ours is closed before the daemon can act on its copy, so its close is the last one,
+        # which waits for the lock. (Sent whole, a quick daemon could close first, and then our
+        # close, the last, waited for our own lock for ever.)
+        _send_with_fds(conn, conn.P.Status(1), [w], between=lambda w=w: os.close(w))
 
 
 def _unread(sock: socket.socket) -> int:
@@ -485,8 +488,7 @@ def test_SECURITY_a_client_fd_whose_pipe_lock_is_held_is_closed_off_the_loop(soc
     try:
         conn.send(P.Hello(P.VERSION))
         conn.reply()
-        _send_with_fds(conn, P.Status(1), [w])
-        os.close(w)
+        _send_with_fds(conn, P.Status(1), [w], between=lambda: os.close(w))  # (see _pin_close_threads)
         w = -1
         time.sleep(0.5)
         assert _answers(socket_daemon, 10), "the daemon froze closing a client's fd"
@@ -626,10 +628,9 @@ def test_SECURITY_fds_the_daemon_never_takes_are_released_off_the_loop(socket_da
             # before a slow daemon read them): its replies stall, the rest waits unread.
             conn.sock.sendall(bytes(P.encode(P.Status(1))) * 1500)
             time.sleep(0.5)
-            _send_with_fds(conn, P.Status(1), [w])
-        else:
-            _send_with_fds(conn, P.Status(1), nulls + [w], declared=4)  # 7 fds; a frame has at most 4
-        os.close(w)
+            _send_with_fds(conn, P.Status(1), [w], between=lambda: os.close(w))  # (see _pin_close_threads)
+        else:  # 7 fds; a frame has at most 4
+            _send_with_fds(conn, P.Status(1), nulls + [w], declared=4, between=lambda: os.close(w))
         w = -1
         if how == "unread-at-close":
             conn.sock.close()  # the daemon's stalled send fails: it ends the connection

@@ -10,7 +10,7 @@ import urllib.request
 
 from zygote_client import Client, DaemonError, SandboxError
 
-from conftest import wait_socket
+from conftest import wait_for, wait_socket
 
 
 def test_logs_status_and_metrics(tmp_path):
@@ -193,9 +193,7 @@ def test_log_lines_past_the_queue_are_dropped_and_counted():
     for i in range(15):  # the writer holds 10, stalled: no room
         stream.write(f"dropped {i}\n")
     gate.open.set()
-    deadline = time.monotonic() + 10
-    while "kept 9" not in gate.text() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: "kept 9" in gate.text(), 10, "the held lines to be written")
     for i in range(3):
         stream.write(f"late {i}\n")
     stream.drain(10.0)
@@ -237,10 +235,8 @@ def test_a_burst_of_log_lines_reaches_the_stream_in_a_few_writes():
     lone = _Gate()
     stream = QueuedStream(lone)
     stream.write("alone\n")
-    deadline = time.monotonic() + 10
-    while not lone.writes and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert lone.text() == "alone\n", "a line written alone never reached the stream"
+    wait_for(lambda: lone.writes, 10, "a line written alone to reach the stream")
+    assert lone.text() == "alone\n"
 
     # drain() while a batch is being written waits for it.
     held = _Gate()
@@ -256,9 +252,7 @@ def test_a_burst_of_log_lines_reaches_the_stream_in_a_few_writes():
     failing = _Gate(fail_first=True)
     stream = QueuedStream(failing)
     stream.write("lost\n")
-    deadline = time.monotonic() + 10
-    while failing.fail_first and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: not failing.fail_first, 10, "the stream's first (failing) write")
     stream.write("after\n")
     t0 = time.monotonic()
     stream.drain(5.0)

@@ -147,8 +147,8 @@ class QueuedStream:
                     self._stream.write(f'{{"event": "log-lines-dropped", "lines": {dropped}, '
                                        '"message": "the log reader did not keep up"}\n')
                     self._stream.flush()
-            except Exception:  # noqa: BLE001 - (beyond what LossyStream drops): lose the batch, not the writer
-                pass
+            except Exception:  # noqa: BLE001 - what LossyStream does not drop
+                pass  # (the batch is lost, not the writer)
             finally:
                 with self._cond:
                     self._held = 0
