@@ -50,6 +50,20 @@ def children_of(pid: int) -> list[tuple[int, str]]:
     return out
 
 
+def sandbox_children(pid: int) -> list[int]:
+    """The children of daemon ``pid`` that are sandbox children: each is PID 1 of a pid namespace
+    of its own (not a zygote, nor a helper process such as nft's or the peer checker)."""
+    out = []
+    for child, _ in children_of(pid):
+        try:
+            with open(f"/proc/{child}/status") as f:
+                if len(next(ln for ln in f if ln.startswith("NSpid:")).split()) > 2:
+                    out.append(child)
+        except OSError:  # gone since it was listed
+            pass
+    return out
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 

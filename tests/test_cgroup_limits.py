@@ -10,7 +10,8 @@ import time
 import pytest
 
 from zygote_client import Client, SandboxConfig, SandboxUnavailable
-from conftest import children_of, cmdline, config_daemon, daemon_pid, fd_count, stop_daemon, wait_socket
+from conftest import (children_of, cmdline, config_daemon, daemon_pid, fd_count, sandbox_children, stop_daemon,
+                      wait_socket)
 
 
 def _zygote_dirs(pid: int) -> list[str]:
@@ -210,7 +211,7 @@ def test_SECURITY_a_child_killed_during_its_v1_attach_keeps_its_pid_until_the_wr
         pytest.skip("cgroup v2: children are born in their cgroup (CLONE_INTO_CGROUP), no attach by pid")
     with Client.embedded(test_hooks=True) as c:
         daemon = daemon_pid(c)
-        before = {p for p, _ in children_of(daemon)}
+        before = set(sandbox_children(daemon))
         outcome: list[object] = []
 
         def spawn() -> None:
@@ -225,7 +226,7 @@ def test_SECURITY_a_child_killed_during_its_v1_attach_keeps_its_pid_until_the_wr
         deadline = time.monotonic() + 10
         new: list[int] = []
         while not new and time.monotonic() < deadline:
-            new = [p for p, _ in children_of(daemon) if p not in before]
+            new = [p for p in sandbox_children(daemon) if p not in before]
             time.sleep(0.01)
         assert len(new) == 1, new
         pid = new[0]

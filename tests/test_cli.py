@@ -201,16 +201,27 @@ print("payload: no signal came", flush=True)
 """
 
 
-def test_ctrl_c_at_a_terminal_reaches_the_payload(tmp_path):
-    """Children have sessions of their own, so the terminal's SIGINT (Ctrl-C) reaches only
-    `zygote run` (the terminal's foreground group): it forwards it to the child. The payload's
-    handler runs, its exit status is the command's, and no KeyboardInterrupt traceback appears
-    (neither `zygote run`'s nor its embedded daemon's or zygote's: those have a session of their own)."""
+def test_ctrl_c_and_a_resize_at_a_terminal_reach_the_payload(tmp_path):
+    """Children have sessions of their own, so the terminal's signals reach only `zygote run`
+    (the terminal's foreground group): it forwards them to the child. A resize (SIGWINCH: full-screen
+    programs redraw) reaches the payload's handler; so does Ctrl-C (SIGINT), and the payload's exit
+    status is the command's, with no KeyboardInterrupt traceback (neither `zygote run`'s nor its
+    embedded daemon's or zygote's: those have a session of their own).
+
+    The resize comes first for a second reason: the payload may print before `zygote run` has the
+    daemon's word that it started, and a Ctrl-C in that window ends `zygote run` and the child
+    being made (_SignalProxy) instead of reaching the payload; a resize in that window is held and
+    forwarded once the child is known, so its arrival says the window is over."""
+    import fcntl
+    import struct
+    import termios
     script = tmp_path / "p.py"
     script.write_text(_HANDLES_SIGINT)
     p, master = _at_terminal([*ZYGOTE, "run", "--python", str(script)])
     screen = _Screen(master)
     screen.wait_for(b"payload: waiting")
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))  # the kernel sends SIGWINCH
+    screen.wait_for(b"payload: got SIGWINCH", seconds=20)
     os.write(master, b"\x03")  # Ctrl-C
     rc = screen.finish(p)
     text = screen.out.decode(errors="replace")
@@ -246,22 +257,6 @@ def test_ctrl_c_ends_a_shell_loop_of_zygote_runs():
     loop = f"for i in 1 2; do {' '.join(ZYGOTE)} run -- sh -c 'echo started $0; exec sleep 60' $i; echo after $i: status $?; done"
     rc, text = _ctrl_c_once_started(["bash", "-c", loop])
     assert rc == -signal.SIGINT and "after 1" not in text and "started 2" not in text, text
-
-
-def test_window_resize_reaches_the_payload(tmp_path):
-    """SIGWINCH (the terminal's size changed) is forwarded too: full-screen programs redraw."""
-    import fcntl
-    import struct
-    import termios
-    script = tmp_path / "p.py"
-    script.write_text(_HANDLES_SIGINT)
-    p, master = _at_terminal([*ZYGOTE, "run", "--python", str(script)])
-    screen = _Screen(master)
-    screen.wait_for(b"payload: waiting")
-    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))  # the kernel sends SIGWINCH
-    screen.wait_for(b"payload: got SIGWINCH", seconds=20)
-    os.write(master, b"\x03")
-    assert screen.finish(p) == 7, screen.out.decode(errors="replace")
 
 
 class _FakeChild:

@@ -9,7 +9,7 @@ import pytest
 
 from zygote_client import Client, SandboxConfig, SandboxError
 
-from conftest import (RawConn, children_of, config_daemon, daemon_pid, start_daemon, stop_daemon, wait_socket,
+from conftest import (RawConn, config_daemon, daemon_pid, sandbox_children, start_daemon, stop_daemon, wait_socket,
                       write_text)
 
 
@@ -38,22 +38,13 @@ def reserve_client():
         yield c
 
 
-def _in_own_pidns(pid: int) -> bool:
-    """A child (PID 1 of its own pid namespace), not the zygote (same cmdline: children are its clones)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return len(next(line for line in f if line.startswith("NSpid:")).split()) > 2
-    except OSError:  # gone since it was listed
-        return False
-
-
 def _wait_reserve(c: Client, n: int) -> list[int]:
     """Pids of the daemon's children waiting in the reserve (not running for any client)."""
     dpid = daemon_pid(c)
     deadline = time.monotonic() + 30
     while True:
         running = {ch.pid for ch in c.status().children}
-        kids = [p for p, _ in children_of(dpid) if p not in running and _in_own_pidns(p)]
+        kids = [p for p in sandbox_children(dpid) if p not in running]
         if len(kids) >= n or time.monotonic() > deadline:
             return kids
         time.sleep(0.05)
@@ -298,7 +289,7 @@ def test_reload_replaces_the_reserve(tmp_path):
         wait_socket(sock, proc)
 
         def reserve_pids() -> set[int]:
-            return {p for p, _ in children_of(proc.pid) if _in_own_pidns(p)}
+            return set(sandbox_children(proc.pid))
 
         deadline = time.monotonic() + 20
         while len(reserve_pids()) < 2 and time.monotonic() < deadline:

@@ -570,7 +570,8 @@ class _SignalProxy:
     ``send_signal`` (the daemon's subprocess semantics: a payload that catches it gets it, one
     that does not dies of it or, for SIGTSTP, stops), and `zygote run` goes on waiting: it ends
     with the child's status (a payload that handles SIGINT decides itself whether Ctrl-C ends it).
-    Before the child runs and after it ended, SIGINT, SIGQUIT, SIGTERM and SIGHUP end `zygote
+    Before the child runs (before the daemon's word that it started has reached us: its payload
+    may already have printed) and after it ended, SIGINT, SIGQUIT, SIGTERM and SIGHUP end `zygote
     run` (by that signal: _end_by) and no traceback (the daemon then kills a child being made). A SIGWINCH
     or SIGCONT that comes while the spawn is under way is kept and forwarded once the child is
     known (the payload may already run and have drawn for the old size: spawn_child returns after

@@ -32,7 +32,7 @@ LIMITS = ("memory", "pids", "cpu", "cpu_time", "timeout", "timeout_grace", "file
           "max_output_bytes", "tmpfs_size")
 _SIZES = {"memory", "file_size", "max_output_bytes", "tmpfs_size"}
 _LANDLOCK_RANK = {"off": 0, "auto": 1, "required": 2}
-_SECCOMP_RANK = {"unconfined": 0, "default": 1, "strict": 2}
+SECCOMP_RANK = {"unconfined": 0, "default": 1, "strict": 2}
 # The ceiling on a request's Export where the pool's SandboxConfig has none.
 EXPORT_CEILING = Export(max_files=100_000, max_bytes=1 << 30)
 # Environment names that look like credentials (matched case-insensitively); a pool with
@@ -74,7 +74,7 @@ def effective(pool: SandboxConfig, req: SandboxConfig | None) -> SandboxConfig:
         raise PolicyError(f"landlock={req.landlock!r} is looser than the pool's {pool.landlock!r} "
                           "(turning a layer down is a pool-level decision)")
     if req.seccomp_profile != pool.seccomp_profile:
-        pr, rr = _SECCOMP_RANK.get(pool.seccomp_profile), _SECCOMP_RANK.get(req.seccomp_profile)
+        pr, rr = SECCOMP_RANK.get(pool.seccomp_profile), SECCOMP_RANK.get(req.seccomp_profile)
         if pr is None or rr is None or rr < pr:
             raise PolicyError(f"seccomp_profile={quoted(req.seccomp_profile)} is not allowed under the pool's "
                               f"{pool.seccomp_profile!r} (custom or looser profiles are set per pool)")
