@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -504,31 +505,48 @@ def test_a_pool_that_does_not_lease_serves_a_leasing_client_through_the_daemon(t
         assert c.run("json:dumps", ([1],)).value == "[1]"
 
 
+@contextlib.contextmanager
+def _greeted(sock: str):
+    """A bare connection past its Hello, and the list of fds it holds (leases), closed after."""
+    conn = RawConn(sock)
+    conn.send(conn.P.Hello(conn.P.VERSION))
+    conn.reply()
+    held: list[int] = []
+    try:
+        yield conn, held
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+def _lease(conn: RawConn, req: int, held: list[int]) -> None:
+    """Lease a child, asking again while the reserve has none ready (for up to 30 s); its fds go
+    to ``held`` (closing them would give the lease up)."""
+    deadline = time.monotonic() + 30
+    while True:
+        conn.send(conn.P.Lease(req))
+        reply = conn.reply(held)
+        if isinstance(reply, conn.P.Leased) or time.monotonic() > deadline or reply.code != "empty":
+            break
+        time.sleep(0.1)
+    assert isinstance(reply, conn.P.Leased), reply
+
+
 def test_SECURITY_held_children_count_against_the_per_client_limit(tmp_path):
-    from zygote_client import DaemonError
     with config_daemon(tmp_path, """
             max_children_per_client = 2
             [pools.default]
             reserve = 3
             """) as sock:
-        conn = RawConn(sock)
-        conn.send(conn.P.Hello(conn.P.VERSION))
-        conn.reply()
-        time.sleep(1.0)
-        held: list[int] = []  # the leased children's fds: closing them would give the leases up
-        try:
+        with _greeted(sock) as (conn, held):
             for req in (1, 2):
-                conn.send(conn.P.Lease(req))
-                assert isinstance(conn.reply(held), conn.P.Leased)
+                _lease(conn, req, held)
             conn.send(conn.P.Lease(3))
             reply = conn.reply()
             assert isinstance(reply, conn.P.SpawnFailed) and reply.code == "limit", reply
             conn.send(conn.P.Spawn(req=4, kind="exec", argv=["/bin/true"], sandbox=SandboxConfig(hostname="x")))
             reply = conn.reply()
             assert isinstance(reply, conn.P.SpawnFailed) and reply.code == "limit", reply
-        finally:
-            for fd in held:
-                os.close(fd)
 
 
 def test_a_held_child_that_dies_is_replaced():
@@ -719,3 +737,83 @@ def test_a_request_above_the_default_process_cap_skips_a_reserve_child_without_p
         assert len(_wait_reserve(c, 1)) == 1
         r = c.run(start_threads, (DEFAULT_PROCESSES + 200,), sandbox_config=SandboxConfig(pids=3000), timeout=120)
         assert r.value == DEFAULT_PROCESSES + 200, r.status
+
+
+def test_waiting_reserve_children_leave_clients_all_of_max_children():
+    """max_children bounds what clients run: waiting reserve children counted, a reserve as large
+    as max_children refused every request, and any reserve lowered what clients could run. A
+    reserve refills only while the daemon holds fewer than max_children in all."""
+    from zygote_client import DaemonError
+
+    def wait_for_stdin():
+        import sys
+        sys.stdin.read()
+
+    with Client.embedded(daemon_args=["--reserve", "2", "--max-children", "2"]) as c:
+        dpid = daemon_pid(c)
+        assert len(_wait_reserve(c, 2)) == 2
+        taken = c.spawn_child(wait_for_stdin)  # the pool's default: a reserve child
+        cloned = c.spawn_child(wait_for_stdin, sandbox_config=SandboxConfig(hostname="own"))  # a clone
+        try:
+            with pytest.raises(DaemonError, match="runs 2 children, its maximum"):
+                c.run(print)
+            time.sleep(1.0)  # no refill: one child still waits, and two run
+            assert len(sandbox_children(dpid)) == 3
+        finally:
+            for ch in (taken, cloned):
+                ch.stdin.close()
+                assert ch.wait().returncode == 0
+        assert c.run(print, ("again",)).stdout == b"again\n"
+
+
+def test_SECURITY_a_lease_counts_against_max_children(tmp_path):
+    """A leased child is the client's from the lease on: a lease past max_children is refused,
+    as a request is, even with a reserve child waiting."""
+    with config_daemon(tmp_path, """
+            max_children = 2
+            [pools.default]
+            reserve = 2
+            """) as sock:
+        with _greeted(sock) as (conn, held):
+            _lease(conn, 1, held)
+            # a clone (not the default): the second child of this client; one reserve child waits
+            conn.send(conn.P.Spawn(req=2, kind="exec", argv=["/bin/sleep", "30"], sandbox=SandboxConfig(hostname="x")))
+            assert isinstance(conn.reply(), conn.P.Spawned)
+            conn.send(conn.P.Lease(3))
+            reply = conn.reply()
+            assert isinstance(reply, conn.P.SpawnFailed) and reply.code == "limit", reply
+            assert "its maximum" in reply.message, reply
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="host id ranges are a root daemon's")
+def test_a_large_reserve_leaves_the_host_id_ranges_clients_need():
+    """A root daemon claims host id ranges for max_children + ID_SLACK children (whole blocks),
+    one per live child. Reserve children are not counted against max_children, so a reserve
+    stops short of the ranges clients may need (here max_children 64 and 128 ranges: 32 reserve
+    children, not the 100 asked for); then clients can still start max_children clones."""
+    from zygote_client import DaemonError
+    from zygote.daemon import ID_SLACK
+    from zygote.layers.userns import CHUNK
+    most = 64
+    bound = -(-(most + ID_SLACK) // CHUNK) * CHUNK - most - ID_SLACK // 2
+    assert bound < 100 and bound < most  # (the bound under test is what stops the reserve)
+
+    def wait_for_stdin():
+        import sys
+        sys.stdin.read()
+
+    with Client.embedded(daemon_args=["--max-children", str(most), "--reserve", "100"]) as c:
+        assert len(_wait_reserve(c, bound)) == bound
+        time.sleep(1.5)  # it stays there
+        assert len(_wait_reserve(c, 0)) == bound
+        kids = []
+        try:
+            for i in range(most):  # not the pool's default (a hostname): each one a clone
+                kids.append(c.spawn_child(wait_for_stdin, sandbox_config=SandboxConfig(hostname=f"h{i}")))
+            with pytest.raises(DaemonError, match="its maximum"):
+                c.run(print)
+        finally:
+            for ch in kids:
+                ch.stdin.close()
+            for ch in kids:
+                assert ch.wait().returncode == 0

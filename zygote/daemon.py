@@ -71,7 +71,10 @@ RESULTS_PER_UID = 256 << 20
 PROBE_TIMEOUT = 1.0  # seconds a signal's look at /proc may take (see Daemon._signal)
 PATHS_TIMEOUT = 10.0  # seconds looking at a request's own host paths may take
 EOF_GRACE = 2.0  # seconds the status and result pipes get to deliver after the child's exit
-ID_SLACK = 64  # host id ranges a daemon claims beyond max_children (a reaped child's, still being let go)
+# Host id ranges a root daemon claims beyond max_children: reserve children hold up to half of
+# them (see _reserve_room); the rest keep a range given back from being handed out at once.
+ID_SLACK = 64
+NO_ROOM = "no room for another reserve child"  # (a fill refused for room is no failure)
 CPU_CHECK_MIN = 0.01  # seconds, at least, between two looks of the cpu_time guard (see _cpu_guard)
 RELAY_GRACE = 5.0  # seconds a relay may go on delivering after its connection closed
 RELAY_LINGER = 60.0  # ... and after its child exited (each holds two fds and its buffer)
@@ -94,7 +97,9 @@ class DaemonConfig:
         id_base: first host uid/gid of the ranges sandbox ids 0..65535 map to (root daemon only):
             each live child has one of its own, ``id_base + k * 65536`` (userns.IdSlots).
         test_hooks: accept test-only request fields (failure injection). Never in production.
-        max_children: running children allowed at once (all clients).
+        max_children: children running for clients at once (all clients; spawns in flight, leased
+            children included). Children waiting in a reserve are not counted: a reserve refills
+            while the daemon holds fewer than this many children in all (see _reserve_room).
         max_children_per_client: running children one peer uid may have over all its connections,
             detached ones included (root: per connection). None (default): a quarter of
             max_children for peers other than root and the daemon's own uid (so one local user
@@ -409,7 +414,7 @@ class Daemon:
         _pool.CLONE_REPLY_TIMEOUT = self._test_knob("CLONE_REPLY_TIMEOUT", _pool.CLONE_REPLY_TIMEOUT, float)
         self.pools: dict[str, Pool] = {}
         self.children: dict[str, Child] = {}
-        self.spawning = 0  # spawns in flight, counted against max_children with the children
+        self.spawning = 0  # spawns in flight (reserve fills too; see _client_count)
         self.spawning_by_uid: dict[int, int] = {}  # the same per peer uid (max_children_per_client)
         self.detached_by_uid: dict[int, int] = {}  # uid -> detached children running or being spawned
         self.kept: dict[str, _Kept] = {}  # ended detached children not yet attached (oldest first)
@@ -980,9 +985,11 @@ class Daemon:
             return P.SpawnFailed(msg.req, f"no pool named {quoted(msg.pool)}", code="bad-request"), []
         # Spawns in flight count too: a burst of requests would otherwise all pass the check before
         # the first clone registers its child.
-        if len(self.children) + self.spawning >= self.config.max_children:
-            return P.SpawnFailed(msg.req, f"the daemon runs {len(self.children) + self.spawning} children, "
-                                 "its maximum", code="limit"), []
+        if conn is self._reserve_conn:
+            if not self._reserve_room():
+                return P.SpawnFailed(msg.req, NO_ROOM, code="limit"), []
+        elif (n := self._client_count()) >= self.config.max_children:
+            return P.SpawnFailed(msg.req, f"the daemon runs {n} children, its maximum", code="limit"), []
         per_client = self._per_client_cap(conn)
         if per_client is not None and conn is not self._reserve_conn:
             n, who = self._client_load(conn)
@@ -1031,6 +1038,28 @@ class Daemon:
         "paths" lane. Raises trio.TooSlowError past PATHS_TIMEOUT."""
         with trio.fail_after(PATHS_TIMEOUT):
             return await self.hands.run(uid, fn, *args, lane="paths")
+
+    def _client_count(self) -> int:
+        """What max_children bounds: every child but those a reserve holds for requests (waiting
+        or being made; taken by a request or leased, a child counts), and the clients' spawns in
+        flight. Waiting reserve children are not running for anyone: counted, a full reserve as
+        large as max_children refused every request, and any reserve lowered what clients could run."""
+        held = self._reserve_conn
+        return len(self.children) - len(held.children) + self.spawning - held.spawning
+
+    def _reserve_room(self) -> bool:
+        """Whether a reserve may make one more child. Only while the daemon holds fewer than
+        max_children in all (so reserve children never exceed max_children, and all the daemon's
+        children never 2 x max_children), and for a root daemon only while its reserve children
+        stay below the host id ranges it claimed beyond max_children, less ID_SLACK / 2: a large
+        reserve would otherwise hold the ranges a client's clone needs, and a range given back
+        would be handed out again at once. Counted, not read from the free ranges: a spawn takes
+        its range late (after path checks, a cgroup), so those would lag."""
+        if len(self.children) + self.spawning >= self.config.max_children:
+            return False
+        held = self._reserve_conn
+        return self.id_slots is None or (
+            len(held.children) + held.spawning < self.id_slots.count - self.config.max_children - ID_SLACK // 2)
 
     def _per_client_cap(self, conn: Connection) -> int | None:
         """The max_children_per_client that applies to ``conn``'s peer (see DaemonConfig)."""
@@ -1443,6 +1472,8 @@ class Daemon:
             why, code = f"pool {pool.config.name!r} keeps no reserve (--reserve N)", "bad-request"
         elif (cap := self._per_client_cap(conn)) is not None and self._client_load(conn)[0] >= cap:
             why, code = "the per-client maximum of children is reached", "limit"
+        elif (n := self._client_count()) >= self.config.max_children:  # (a held child counts)
+            why, code = f"the daemon runs {n} children, its maximum", "limit"
         if why:
             await conn.send(P.SpawnFailed(msg.req, why, code=code))
             return
@@ -1537,8 +1568,7 @@ class Daemon:
         async with trio.open_nursery() as n:
             while not pool.stopping:
                 short = reserve.size - len(reserve.children) - filling[0]
-                if (short <= 0 or filling[0] >= RESERVE_PARALLEL
-                        or len(self.children) >= self.config.max_children):
+                if short <= 0 or filling[0] >= RESERVE_PARALLEL or not self._reserve_room():
                     await reserve.sleep(0.5 if reserve.children else 5)
                     continue
                 quiet = reserve.last_take + self.reserve_quiet - time.monotonic()
@@ -1578,7 +1608,7 @@ class Daemon:
                 _close(fds)
                 if child is not None:
                     self._kill(child, signal.SIGKILL)
-                if isinstance(reply, P.SpawnFailed):
+                if isinstance(reply, P.SpawnFailed) and reply.message != NO_ROOM:  # (room: the loop waits)
                     failures[0] += 1
                     self.observer.log.warning("reserve", pool=pool.config.name, network=reserve.network,
                                               step=reply.step, message=reply.message)
@@ -2045,6 +2075,7 @@ class Daemon:
             export, export_fds = ExportResult(**fields), [fd] if fd is not None else []
         child.exited.set()
         self.children.pop(child.id, None)
+        self._reserve_conn.children.pop(child.id, None)  # (with it: see _client_count)
         if child.ready_seen:
             self.observer.exited(child=child.id, pool=child.pool, peer_uid=child.peer_uid, status=child.status,
                                  running=len(self.children))
