@@ -125,6 +125,69 @@ def test_cancelled_async_with_block_kills(backend):
 
 
 @BACKENDS
+def test_a_cancelled_spawn_leaves_no_child_and_no_fds(backend):
+    """Cancelled while its request is with the daemon, a spawn's answer comes later: its child
+    (nobody holds it) is killed and its pipes closed, as cancelling ``call`` promises. They
+    were kept until the client closed: every child ran on, each holding three fds here."""
+    async def main():
+        async with await open_embedded() as client:
+            await client.call(lambda: 1)
+            before = fd_count(os.getpid())
+            cancelled = 0
+            for _ in range(10):
+                with anyio.move_on_after(0.001) as scope:
+                    child = await client.spawn_child(lambda: __import__("time").sleep(60), stdin=None)
+                    await child.kill()
+                    await child.aclose()
+                cancelled += scope.cancelled_caught
+            with anyio.move_on_after(0.001):
+                await client.call(lambda: __import__("time").sleep(60))
+            assert cancelled >= 5, cancelled  # (a spawn takes milliseconds: nearly all are cut short)
+            deadline = time.monotonic() + 20
+            while (await client.status()).children and time.monotonic() < deadline:
+                await anyio.sleep(0.05)
+            assert not (await client.status()).children
+            assert fd_count(os.getpid()) == before
+            assert not client._unwanted and not client._early_exits and not client._pending  # exits dropped
+            assert await client.call(lambda: 2) == 2
+
+    anyio.run(main, backend=backend)
+
+
+def test_a_field_of_the_wrong_type_is_a_TypeError_and_the_connection_lives():
+    """The daemon cannot read such a request (a protocol error, which ends the connection and
+    every child on it): the client checks first. It sent them, and from then on every call,
+    a running sibling's wait() included, raised the daemon's "undecodable frame"."""
+    def wait_for_stdin():
+        import sys
+        return sys.stdin.read()
+
+    with Client.embedded() as c:
+        sibling = c.spawn_child(wait_for_stdin)
+        for bad in ({"env": {"A": 1}}, {"env": ["A"]}, {"pool": 3}, {"process_name": 5}, {"timeout": "5"}):
+            with pytest.raises(TypeError, match="wrong type"):
+                c.spawn_child(print, **bad)
+        assert c.call(lambda: 1) == 1
+        sibling.stdin.write(b"still here")
+        sibling.stdin.close()
+        assert sibling.result() == "still here"
+
+
+def test_communicate_waits_for_the_child_as_popen_does():
+    """After communicate() returns, returncode is set (Popen.communicate waits): it was None
+    while the exit report was still on its way. Input to a child that already ended is no
+    error (Popen ignores the broken pipe)."""
+    with Client.embedded() as c:
+        child = c.spawn_child(lambda: __import__("sys").exit(3))
+        assert child.communicate() == (b"", b"")
+        assert child.returncode == 3
+        child = c.spawn_child(lambda: None)
+        child.wait()
+        child.stdin.write(b"x" * 10)  # (buffered: the flush meets the broken pipe)
+        assert child.communicate() == (b"", b"") and child.returncode == 0
+
+
+@BACKENDS
 def test_a_cancelled_block_reports_the_kill_not_the_broken_pipe(backend):
     # The child writes without pause. The block's exit must kill it before closing its stdout:
     # closed first, the child dies of EPIPE (exit 1) before the kill lands, and the status

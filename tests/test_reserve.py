@@ -340,6 +340,18 @@ def _held(c: Client, n: int) -> None:
     assert len(c._aclient._leases) >= n
 
 
+def test_a_held_child_is_never_sent_a_field_of_the_wrong_type():
+    """A spawn started on a held child is checked as one sent to the daemon: a TypeError, not
+    a child that exits 125 on a Job it cannot read."""
+    with Client.embedded(daemon_args=["--reserve", "2"], leases=1) as c:
+        _held(c, 1)
+        for bad in ({"env": {"A": 1}}, {"process_name": 5}, {"timeout": "5"}):
+            with pytest.raises(TypeError, match="wrong type"):
+                c.spawn_child(print, **bad)
+        assert c._aclient._leases  # (not used up)
+        assert c.call(lambda: 1) == 1
+
+
 def _take_lease(c: Client):
     """A held child and its control pipe, taken out of the client's hands (as a client that
     does not use this library would hold it)."""
@@ -817,3 +829,20 @@ def test_a_large_reserve_leaves_the_host_id_ranges_clients_need():
                 ch.stdin.close()
             for ch in kids:
                 assert ch.wait().returncode == 0
+
+
+def test_a_reserve_that_waited_for_room_refills_when_children_end():
+    """A reserve that found the daemon full (max_children in all) waited 5 s before looking
+    again: it is woken when a child leaves."""
+    def nap():
+        import time
+        time.sleep(1)
+
+    with Client.embedded(daemon_args=["--reserve", "2", "--max-children", "2"]) as c:
+        assert len(_wait_reserve(c, 2)) == 2
+        kids = [c.spawn_child(nap, stdin=None) for _ in range(2)]  # both from the reserve: now full
+        for ch in kids:
+            ch.wait()
+        ended = time.monotonic()
+        assert len(_wait_reserve(c, 2)) == 2
+        assert time.monotonic() - ended < 3, "refilled only after the 5 s wait"

@@ -83,6 +83,7 @@ class Reserve:
         self.wake = trio.Event()
         self.last_take = 0.0  # time.monotonic() of the last request that took one ...
         self.gap = float("inf")  # ... and the seconds between it and the one before
+        self.wants_room = False  # the filler waits for the daemon to have room (a child's exit wakes it)
 
     async def sleep(self, seconds: float) -> None:
         """Wait ``seconds``, or less: until a take, a fill done, or a discard wakes the filler."""

@@ -1568,8 +1568,15 @@ class Daemon:
         async with trio.open_nursery() as n:
             while not pool.stopping:
                 short = reserve.size - len(reserve.children) - filling[0]
-                if short <= 0 or filling[0] >= RESERVE_PARALLEL or not self._reserve_room():
+                if short <= 0 or filling[0] >= RESERVE_PARALLEL:
                     await reserve.sleep(0.5 if reserve.children else 5)
+                    continue
+                if not self._reserve_room():
+                    reserve.wants_room = True  # (woken when a child leaves: see _watch_and_reap)
+                    try:
+                        await reserve.sleep(5)
+                    finally:
+                        reserve.wants_room = False
                     continue
                 quiet = reserve.last_take + self.reserve_quiet - time.monotonic()
                 if 2 * (len(reserve.children) + filling[0]) >= reserve.size and quiet > 0 \
@@ -2076,6 +2083,10 @@ class Daemon:
         child.exited.set()
         self.children.pop(child.id, None)
         self._reserve_conn.children.pop(child.id, None)  # (with it: see _client_count)
+        for pool in self.pools.values():  # a reserve that waited for room may refill now
+            for reserve in pool.reserves:
+                if reserve.wants_room:
+                    reserve.wake.set()
         if child.ready_seen:
             self.observer.exited(child=child.id, pool=child.pool, peer_uid=child.peer_uid, status=child.status,
                                  running=len(self.children))

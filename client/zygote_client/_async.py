@@ -45,6 +45,7 @@ class _Pending:
         self.msg: Any = None
         self.fds: list[int] = []
         self.error: BaseException | None = None
+        self.abandoned = False  # its caller was cancelled: the reader disposes of the answer
 
 
 class AsyncChild:
@@ -242,6 +243,7 @@ class AsyncClient:
         self._pending: dict[int, _Pending] = {}
         self._children: dict[str, list[AsyncChild]] = {}  # by id: a spawn and attaches may share one
         self._early_exits: dict[str, tuple[P.Exited, list[int]]] = {}
+        self._unwanted: set[str] = set()  # children whose spawn was cancelled: killed, exits dropped
         self._exported: list[AsyncChild] = []  # children whose export archive this client holds
         self._req = itertools.count(1)
         self._send_lock = anyio.Lock()
@@ -264,16 +266,19 @@ class AsyncClient:
         stream = await UNIXSocketStream.from_socket(sock)
         decoder = P.client_decoder()
         try:
-            await stream.send(P.encode(P.Hello(P.VERSION, "zygote_client")))
-            while True:
-                try:
+            try:
+                await stream.send(P.encode(P.Hello(P.VERSION, "zygote_client")))
+                while True:
                     data, fds = await stream.receive_fds(1 << 16, P.MAX_FDS + 1)
-                except anyio.EndOfStream:
-                    raise BrokenError(_proc_reason(proc) or "the daemon closed the connection during the handshake") from None
-                decoder.feed(data, fds)
-                item = decoder.next()
-                if item is not None:
-                    break
+                    decoder.feed(data, fds)
+                    item = decoder.next()
+                    if item is not None:
+                        break
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                if proc is not None:  # an embedded daemon that failed to start: say how it ended
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        await anyio.to_thread.run_sync(proc.wait, 5)
+                raise BrokenError(_proc_reason(proc) or "the daemon closed the connection during the handshake") from None
         except BaseException:
             await stream.aclose()
             raise
@@ -358,7 +363,11 @@ class AsyncClient:
     def _deliver(self, msg: Any, fds: list[int]) -> None:
         if isinstance(msg, P.Exited):
             same = self._children.pop(msg.child, None)
-            if same is None:
+            if same is None and msg.child in self._unwanted:
+                self._unwanted.discard(msg.child)
+                for fd in fds:
+                    os.close(fd)
+            elif same is None:
                 self._early_exits[msg.child] = (msg, fds)
             else:
                 for extra in same[1:]:  # each gets its own copy of the export fd
@@ -373,8 +382,26 @@ class AsyncClient:
             if isinstance(msg, P.Error) and req == 0:
                 raise DaemonError(msg.message, code=msg.code)
             return
+        if p.abandoned:
+            self._dispose(msg, fds)
+            return
         p.msg, p.fds = msg, fds
         p.event.set()
+
+    def _dispose(self, msg: Any, fds: list[int]) -> None:
+        """The answer to a request whose caller was cancelled: its fds are closed, and a child it
+        started (nobody holds it) is killed. A held (leased) child reads EOF on its control pipe
+        and exits by itself."""
+        for fd in fds:
+            os.close(fd)
+        if isinstance(msg, P.Spawned) and self._tg is not None and self._broken is None and not self._closed:
+            self._unwanted.add(msg.child)
+            self._tg.start_soon(self._kill_unwanted, msg.child)
+
+    async def _kill_unwanted(self, child_id: str) -> None:
+        import signal
+        with contextlib.suppress(ZygoteError):
+            await self._request(lambda req: P.Signal(req, child_id, int(signal.SIGKILL)))
 
     async def status(self) -> "P.StatusReply":
         """The daemon's pools, counters and this peer's running children."""
@@ -392,11 +419,14 @@ class AsyncClient:
             raise self._broken
         req = next(self._req)
         msg = make(req)
+        P.check(msg)  # (sent, a field the daemon cannot decode would end the connection)
+        data = P.encode(msg, len(fds))
         p = _Pending()
         self._pending[req] = p
-        data = P.encode(msg, len(fds))
+        sending = False
         try:
             async with self._send_lock:
+                sending = True
                 view = memoryview(data)  # a payload may be many MiB: no copies of it
                 if fds:
                     await self._stream.send_fds(bytes(view[:P.HEADER.size]), fds)
@@ -405,7 +435,21 @@ class AsyncClient:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as e:
             self._pending.pop(req, None)
             raise BrokenError(f"cannot send to the daemon: {e}") from None
-        await p.event.wait()
+        except BaseException:  # cancelled: before the send (nothing will come), or during it
+            if sending:
+                p.abandoned = True  # (the daemon may have all of it: an answer may come)
+            else:
+                self._pending.pop(req, None)
+            raise
+        try:
+            await p.event.wait()
+        except BaseException:  # cancelled: whatever the answer is, nobody takes it
+            if p.event.is_set():
+                if p.error is None:
+                    self._dispose(p.msg, p.fds)
+            else:
+                p.abandoned = True
+            raise
         if p.error is not None:
             raise p.error
         if isinstance(p.msg, P.Error):
@@ -563,9 +607,10 @@ class AsyncClient:
         exec: a child with a reaper in front)."""
         if kind in ("child_main", "exec"):
             return None
-        job = P.job_frame(P.Job(kind=kind, payload=payload, target=target, argv=argv, env=env,
-                                process_name=process_name, result_pickle=bool(trusted), timeout=timeout,
-                                py=py))
+        job = P.Job(kind=kind, payload=payload, target=target, argv=argv, env=env, process_name=process_name,
+                    result_pickle=bool(trusted), timeout=timeout, py=py)
+        P.check(job)  # (the held child would only exit 125 on a field it cannot read)
+        job = P.job_frame(job)
         if len(job) > LEASE_JOB_MAX:
             return None
         while not (self._closed or self._broken):

@@ -156,8 +156,11 @@ class ChildProcess:
         self.wait()
 
     def communicate(self, input: bytes = b"") -> tuple[bytes, bytes]:
-        """Feed ``input`` to stdin, read stdout and stderr to EOF without deadlock."""
-        return _communicate(self.stdin, self.stdout, self.stderr, input)
+        """Feed ``input`` to stdin, read stdout and stderr to EOF without deadlock, then wait for
+        the child to end (as Popen.communicate: ``returncode`` is set when it returns)."""
+        out = _communicate(self.stdin, self.stdout, self.stderr, input)
+        self.wait()
+        return out
 
 
 # Clients not closed yet. At interpreter exit their loop threads (daemon threads) stop running,
@@ -449,8 +452,15 @@ def _communicate(stdin, stdout, stderr, data: bytes) -> tuple[bytes, bytes]:
     view = memoryview(data or b"")
     try:
         if stdin is not None:
-            stdin.flush()
-            if view:
+            try:
+                stdin.flush()
+            except BrokenPipeError:  # the child ended or closed its stdin: as Popen, no error
+                view = view[:0]
+                with contextlib.suppress(BrokenPipeError):
+                    stdin.close()  # (closes the pipe, though the unwritten rest raises again)
+            if stdin.closed:
+                pass
+            elif view:
                 os.set_blocking(stdin.fileno(), False)
                 sel.register(stdin.fileno(), selectors.EVENT_WRITE)
             else:

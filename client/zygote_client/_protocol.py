@@ -290,6 +290,29 @@ def encode(msg: _Msg, nfds: int = 0) -> bytearray:
     return frame
 
 
+_probes: dict[type, msgspec.msgpack.Decoder] = {}
+
+
+def check(msg: _Msg) -> None:
+    """Raise TypeError when the daemon could not decode ``msg``: a field of the wrong type (an
+    ``env`` value that is not a str, a ``timeout`` given as a string) is a protocol error there,
+    which ends the connection and every child on it. The bulky parts (a payload, a workspace's
+    files: bytes this library made) are left out of the check."""
+    probe = msg
+    if getattr(msg, "payload", None):
+        probe = msgspec.structs.replace(probe, payload=b"")
+    sandbox = getattr(msg, "sandbox", None)
+    if getattr(sandbox, "workspace", None) is not None:
+        probe = msgspec.structs.replace(probe, sandbox=msgspec.structs.replace(sandbox, workspace=None))
+    decoder = _probes.get(type(msg))
+    if decoder is None:
+        decoder = _probes[type(msg)] = msgspec.msgpack.Decoder(type(msg))
+    try:
+        decoder.decode(_encoder.encode(probe))
+    except (msgspec.ValidationError, msgspec.EncodeError, TypeError, ValueError, OverflowError) as e:
+        raise TypeError(f"{type(msg).__name__}: a field of the wrong type: {e}") from None
+
+
 class FrameDecoder:
     """Turns received bytes (and the fds that came with them) into messages.
 
