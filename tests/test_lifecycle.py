@@ -154,6 +154,56 @@ def test_a_cancelled_spawn_leaves_no_child_and_no_fds(backend):
     anyio.run(main, backend=backend)
 
 
+@BACKENDS
+def test_a_spawn_cancelled_while_its_frame_is_sent_leaves_the_connection_working(backend):
+    """Cut short half-way, a frame's rest was never sent: the daemon read what followed as its
+    continuation and the connection hung for good. A frame now goes out whole (the cancellation
+    takes effect after)."""
+    async def main():
+        async with await open_embedded() as client:
+            assert await client.call(lambda: 1) == 1
+            data = b"x" * (64 << 20)
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(client.spawn_child, lambda: len(data))
+                    while not client._send_lock.locked():
+                        await anyio.sleep(0)
+                    await anyio.sleep(0.005)
+                    scope.cancel()
+            with anyio.fail_after(30):
+                assert await client.call(lambda: 2) == 2
+                while client._pending:  # (the spawn's answer came and was disposed of)
+                    await anyio.sleep(0.05)
+                assert not (await client.status()).children
+
+    anyio.run(main, backend=backend)
+
+
+@BACKENDS
+def test_a_cancelled_attach_to_an_ended_child_leaves_nothing_behind(backend):
+    """The answer to a cancelled attach is dropped, and so is the exit report that follows it
+    (it was kept for ever, and closing the client then failed unpacking it)."""
+    async def main():
+        async with await open_embedded() as client:
+            child = await client.spawn_child(lambda: 7, stdin=None, detached=True)
+            await child.wait()
+            await child.aclose()
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(client.attach, child.id)
+                    while not client._pending:
+                        await anyio.sleep(0)
+                    while client._send_lock.locked():
+                        await anyio.sleep(0)
+                    scope.cancel()
+            with anyio.fail_after(10):
+                while client._pending or client._early_exits:
+                    await anyio.sleep(0.05)
+            assert not client._unwanted
+
+    anyio.run(main, backend=backend)
+
+
 def test_a_field_of_the_wrong_type_is_a_TypeError_and_the_connection_lives():
     """The daemon cannot read such a request (a protocol error, which ends the connection and
     every child on it): the client checks first. It sent them, and from then on every call,
@@ -167,6 +217,12 @@ def test_a_field_of_the_wrong_type_is_a_TypeError_and_the_connection_lives():
         for bad in ({"env": {"A": 1}}, {"env": ["A"]}, {"pool": 3}, {"process_name": 5}, {"timeout": "5"}):
             with pytest.raises(TypeError, match="wrong type"):
                 c.spawn_child(print, **bad)
+        from zygote_client import Workspace
+        for bad in ({"max_bytes": 1e6}, {"max_files": 10.0}, {"allow": [1]}):  # (the caller's own limits)
+            with pytest.raises(TypeError, match="wrong type"):
+                c.run(print, sandbox_config=SandboxConfig(workspace=Workspace.from_files({"a.txt": "x"}, **bad)))
+        with pytest.raises(DaemonError, match="positive number of seconds below 1e9"):  # (a float, too large)
+            c.spawn_child(print, timeout=1e300)
         assert c.call(lambda: 1) == 1
         sibling.stdin.write(b"still here")
         sibling.stdin.close()
@@ -176,7 +232,7 @@ def test_a_field_of_the_wrong_type_is_a_TypeError_and_the_connection_lives():
 def test_communicate_waits_for_the_child_as_popen_does():
     """After communicate() returns, returncode is set (Popen.communicate waits): it was None
     while the exit report was still on its way. Input to a child that already ended is no
-    error (Popen ignores the broken pipe)."""
+    error (Popen ignores the broken pipe). A timeout works as Popen's."""
     with Client.embedded() as c:
         child = c.spawn_child(lambda: __import__("sys").exit(3))
         assert child.communicate() == (b"", b"")
@@ -185,6 +241,14 @@ def test_communicate_waits_for_the_child_as_popen_does():
         child.wait()
         child.stdin.write(b"x" * 10)  # (buffered: the flush meets the broken pipe)
         assert child.communicate() == (b"", b"") and child.returncode == 0
+        # timeout: the child runs on, and nothing read so far is lost (the Popen idiom)
+        child = c.spawn_child(lambda: (print("early", flush=True), __import__("time").sleep(60)))
+        with pytest.raises(subprocess.TimeoutExpired):
+            child.communicate(b"ignored", timeout=1.0)
+        assert child.returncode is None
+        child.kill()
+        assert child.communicate() == (b"early\n", b"") and child.returncode == -signal.SIGKILL
+        assert child.communicate() == (b"early\n", b"")  # (again: the same, as Popen)
 
 
 @BACKENDS

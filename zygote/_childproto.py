@@ -177,7 +177,7 @@ def job_problem(kind: str, target: str | None, argv: list[str] | None, timeout: 
     if kind in ("exec", "script") and not argv:
         return f"{kind} needs a non-empty argv"
     if timeout is not None and not (timeout > 0 and timeout < 1e9):
-        return f"timeout must be positive, got {timeout!r}"
+        return f"timeout must be a positive number of seconds below 1e9, got {timeout!r}"
     return ""
 
 

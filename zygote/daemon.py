@@ -1099,7 +1099,8 @@ class Daemon:
         timeout = cfg.timeout
         if msg.timeout is not None:
             if not (msg.timeout > 0 and msg.timeout < 1e9):
-                return P.SpawnFailed(msg.req, f"timeout must be positive, got {msg.timeout!r}", code="bad-request"), []
+                return P.SpawnFailed(msg.req, "timeout must be a positive number of seconds below 1e9, "
+                                     f"got {msg.timeout!r}", code="bad-request"), []
             timeout = msg.timeout if timeout is None else min(timeout, msg.timeout)
         reserve = self._reserve_fits(pool, msg, cfg) if conn is not self._reserve_conn else None
         if reserve is not None:

@@ -39,6 +39,9 @@ LEASE_QUIET = 0.025  # seconds after a held child was used before another is lea
 LEASE_JOB_MAX = 1 << 16
 
 
+SEND_WHOLE = 30.0  # seconds a request's frame may take to go out (see AsyncClient._request)
+
+
 class _Pending:
     def __init__(self) -> None:
         self.event = anyio.Event()
@@ -328,7 +331,7 @@ class AsyncClient:
                 await child.aclose()
             for child in self._exported:
                 child.close_export()
-            for _, _, fds in self._early_exits.values():
+            for _, fds in self._early_exits.values():
                 for fd in fds:
                     os.close(fd)
             self._early_exits.clear()
@@ -363,8 +366,9 @@ class AsyncClient:
     def _deliver(self, msg: Any, fds: list[int]) -> None:
         if isinstance(msg, P.Exited):
             same = self._children.pop(msg.child, None)
-            if same is None and msg.child in self._unwanted:
-                self._unwanted.discard(msg.child)
+            unwanted = msg.child in self._unwanted
+            self._unwanted.discard(msg.child)
+            if same is None and unwanted:
                 for fd in fds:
                     os.close(fd)
             elif same is None:
@@ -389,14 +393,25 @@ class AsyncClient:
         p.event.set()
 
     def _dispose(self, msg: Any, fds: list[int]) -> None:
-        """The answer to a request whose caller was cancelled: its fds are closed, and a child it
-        started (nobody holds it) is killed. A held (leased) child reads EOF on its control pipe
-        and exits by itself."""
+        """The answer to a request whose caller was cancelled: its fds are closed, a child it
+        started (nobody holds it) is killed, and the exit report of the child it names is
+        dropped (here if it came first, else when it comes). A held (leased) child reads EOF on
+        its control pipe and exits by itself; an attached one runs on (detached)."""
         for fd in fds:
             os.close(fd)
+        child = getattr(msg, "child", None) if isinstance(msg, (P.Spawned, P.Attached, P.Leased)) else None
+        if child is None:
+            return
+        early = self._early_exits.pop(child, None)
+        if early is not None:  # it has ended already
+            for fd in early[1]:
+                os.close(fd)
+            return
+        if child in self._children:  # (another handle of this client follows it: its report)
+            return
+        self._unwanted.add(child)
         if isinstance(msg, P.Spawned) and self._tg is not None and self._broken is None and not self._closed:
-            self._unwanted.add(msg.child)
-            self._tg.start_soon(self._kill_unwanted, msg.child)
+            self._tg.start_soon(self._kill_unwanted, child)
 
     async def _kill_unwanted(self, child_id: str) -> None:
         import signal
@@ -423,21 +438,30 @@ class AsyncClient:
         data = P.encode(msg, len(fds))
         p = _Pending()
         self._pending[req] = p
-        sending = False
+        sent = False
         try:
             async with self._send_lock:
-                sending = True
-                view = memoryview(data)  # a payload may be many MiB: no copies of it
-                if fds:
-                    await self._stream.send_fds(bytes(view[:P.HEADER.size]), fds)
-                    view = view[P.HEADER.size:]
-                await self._stream.send(view)
+                # A frame goes out whole: cut short by a cancellation, the rest of the stream
+                # would be read as its continuation and the connection would hang for good.
+                # The cancellation takes effect once it is out (SEND_WHOLE at most; a daemon
+                # that reads nothing for that long costs the connection).
+                with anyio.CancelScope(shield=True):
+                    with anyio.move_on_after(SEND_WHOLE) as stuck:
+                        view = memoryview(data)  # a payload may be many MiB: no copies of it
+                        if fds:
+                            await self._stream.send_fds(bytes(view[:P.HEADER.size]), fds)
+                            view = view[P.HEADER.size:]
+                        await self._stream.send(view)
+                        sent = True
+                    if stuck.cancelled_caught:
+                        await self._stream.aclose()  # (the reader wakes every waiter with the reason)
+                        raise BrokenError(f"a request could not be sent in {SEND_WHOLE:g} s: the connection is closed")
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as e:
             self._pending.pop(req, None)
             raise BrokenError(f"cannot send to the daemon: {e}") from None
-        except BaseException:  # cancelled: before the send (nothing will come), or during it
-            if sending:
-                p.abandoned = True  # (the daemon may have all of it: an answer may come)
+        except BaseException:  # cancelled before the send (nothing will come) or right after it
+            if sent:
+                p.abandoned = True  # (an answer will come: the reader disposes of it)
             else:
                 self._pending.pop(req, None)
             raise

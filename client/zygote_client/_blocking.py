@@ -16,6 +16,7 @@ import selectors
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from typing import Any, Callable
 
@@ -81,6 +82,7 @@ class ChildProcess:
         # thread, without a round trip through the event loop. Registered first, checked second:
         # an exit that raced the registration is seen either way.
         self._ended = threading.Event()
+        self._communication: _Communication | None = None  # (communicate's progress)
         achild._exit_callbacks.append(self._ended.set)
         if achild._exited.is_set():
             self._ended.set()
@@ -155,12 +157,23 @@ class ChildProcess:
                     f.close()
         self.wait()
 
-    def communicate(self, input: bytes = b"") -> tuple[bytes, bytes]:
+    def communicate(self, input: bytes | None = None, timeout: float | None = None) -> tuple[bytes, bytes]:
         """Feed ``input`` to stdin, read stdout and stderr to EOF without deadlock, then wait for
-        the child to end (as Popen.communicate: ``returncode`` is set when it returns)."""
-        out = _communicate(self.stdin, self.stdout, self.stderr, input)
-        self.wait()
-        return out
+        the child to end (as Popen.communicate: ``returncode`` is set when it returns).
+
+        Past ``timeout`` seconds it raises subprocess.TimeoutExpired and the child keeps
+        running; nothing read is lost: call it again (e.g. after ``kill()``) for all of it."""
+        if self._communication is None:
+            self._communication = _Communication(self.stdin, self.stdout, self.stderr, input or b"")
+        elif input:
+            raise ValueError("Cannot send input after starting communication")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            self._communication.run(deadline)
+            self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise subprocess.TimeoutExpired(f"zygote child {self.id}", timeout) from None
+        return self._communication.result()
 
 
 # Clients not closed yet. At interpreter exit their loop threads (daemon threads) stop running,
@@ -446,56 +459,68 @@ async def _session(factory: Callable[[], Any]):
         yield client
 
 
-def _communicate(stdin, stdout, stderr, data: bytes) -> tuple[bytes, bytes]:
-    out: dict[int, list[bytes]] = {}
-    sel = selectors.DefaultSelector()
-    view = memoryview(data or b"")
-    try:
+class _Communication:
+    """What ``ChildProcess.communicate`` has done so far: input left to write, output read, the
+    streams not at EOF yet. A call cut short by its timeout leaves it to the next call, which
+    loses nothing (as Popen's)."""
+
+    def __init__(self, stdin, stdout, stderr, data: bytes) -> None:
+        self.stdin, self.streams = stdin, [f for f in (stdout, stderr) if f is not None]
+        self.out: dict[int, list[bytes]] = {f.fileno(): [] for f in self.streams}
+        self.names = [f.fileno() if f is not None else None for f in (stdout, stderr)]
+        self.view = memoryview(data or b"")
         if stdin is not None:
             try:
                 stdin.flush()
             except BrokenPipeError:  # the child ended or closed its stdin: as Popen, no error
-                view = view[:0]
-                with contextlib.suppress(BrokenPipeError):
-                    stdin.close()  # (closes the pipe, though the unwritten rest raises again)
-            if stdin.closed:
-                pass
-            elif view:
+                self.view = self.view[:0]
+            if self.view:
                 os.set_blocking(stdin.fileno(), False)
-                sel.register(stdin.fileno(), selectors.EVENT_WRITE)
             else:
-                stdin.close()
-        for f in (stdout, stderr):
-            if f is not None:
-                out[f.fileno()] = []
-                sel.register(f.fileno(), selectors.EVENT_READ)
-        while sel.get_map():
-            for key, _ in sel.select():
-                fd = key.fd
-                if stdin is not None and not stdin.closed and fd == stdin.fileno():
-                    try:
-                        n = os.write(fd, view[:65536])
-                        view = view[n:]
-                    except BlockingIOError:
-                        continue
-                    except BrokenPipeError:
-                        view = view[:0]
-                    if not view:
-                        sel.unregister(fd)
-                        stdin.close()
-                else:
-                    chunk = os.read(fd, 1 << 16)
-                    if chunk:
-                        out[fd].append(chunk)
+                self._close_stdin()
+
+    def _close_stdin(self) -> None:
+        with contextlib.suppress(BrokenPipeError):  # (unwritten buffered bytes raise again)
+            self.stdin.close()
+
+    def run(self, deadline: float | None) -> None:
+        """Write and read until the input is written and both streams are at EOF. Raises
+        subprocess.TimeoutExpired at ``deadline`` (time.monotonic), the rest left for later."""
+        stdin = self.stdin
+        sel = selectors.DefaultSelector()
+        try:
+            if stdin is not None and not stdin.closed:
+                sel.register(stdin.fileno(), selectors.EVENT_WRITE)
+            for f in self.streams:
+                if not f.closed:
+                    sel.register(f.fileno(), selectors.EVENT_READ)
+            while sel.get_map():
+                wait = None if deadline is None else deadline - time.monotonic()
+                if wait is not None and wait <= 0:
+                    raise subprocess.TimeoutExpired("zygote child", 0)
+                for key, _ in sel.select(wait):
+                    fd = key.fd
+                    if stdin is not None and not stdin.closed and fd == stdin.fileno():
+                        try:
+                            n = os.write(fd, self.view[:65536])
+                            self.view = self.view[n:]
+                        except BlockingIOError:
+                            continue
+                        except BrokenPipeError:
+                            self.view = self.view[:0]
+                        if not self.view:
+                            sel.unregister(fd)
+                            self._close_stdin()
                     else:
-                        sel.unregister(fd)
-    finally:
-        sel.close()
-        if stdin is not None and not stdin.closed:
-            with contextlib.suppress(OSError):
-                stdin.close()
-    res = [b"".join(out.get(f.fileno(), [])) if f is not None else b"" for f in (stdout, stderr)]
-    for f in (stdout, stderr):
-        if f is not None:
-            f.close()
-    return res[0], res[1]
+                        chunk = os.read(fd, 1 << 16)
+                        if chunk:
+                            self.out[fd].append(chunk)
+                        else:
+                            sel.unregister(fd)
+                            next(f for f in self.streams if not f.closed and f.fileno() == fd).close()
+        finally:
+            sel.close()
+
+    def result(self) -> tuple[bytes, bytes]:
+        out, err = (b"".join(self.out[fd]) if fd is not None else b"" for fd in self.names)
+        return out, err

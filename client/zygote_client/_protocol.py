@@ -296,14 +296,16 @@ _probes: dict[type, msgspec.msgpack.Decoder] = {}
 def check(msg: _Msg) -> None:
     """Raise TypeError when the daemon could not decode ``msg``: a field of the wrong type (an
     ``env`` value that is not a str, a ``timeout`` given as a string) is a protocol error there,
-    which ends the connection and every child on it. The bulky parts (a payload, a workspace's
-    files: bytes this library made) are left out of the check."""
+    which ends the connection and every child on it. The bulky parts (a payload's bytes, a
+    workspace's files: made and checked by this library) are left out of the check."""
     probe = msg
-    if getattr(msg, "payload", None):
+    if isinstance(getattr(msg, "payload", None), bytes) and msg.payload:
         probe = msgspec.structs.replace(probe, payload=b"")
     sandbox = getattr(msg, "sandbox", None)
-    if getattr(sandbox, "workspace", None) is not None:
-        probe = msgspec.structs.replace(probe, sandbox=msgspec.structs.replace(sandbox, workspace=None))
+    workspace = getattr(sandbox, "workspace", None)
+    if getattr(workspace, "entries", None):  # (its limits and allow-list are the caller's: checked)
+        probe = msgspec.structs.replace(probe, sandbox=msgspec.structs.replace(
+            sandbox, workspace=msgspec.structs.replace(workspace, entries=())))
     decoder = _probes.get(type(msg))
     if decoder is None:
         decoder = _probes[type(msg)] = msgspec.msgpack.Decoder(type(msg))
