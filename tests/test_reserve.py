@@ -846,3 +846,26 @@ def test_a_reserve_that_waited_for_room_refills_when_children_end():
         ended = time.monotonic()
         assert len(_wait_reserve(c, 2)) == 2
         assert time.monotonic() - ended < 3, "refilled only after the 5 s wait"
+
+
+def test_a_client_leases_again_after_a_reload_brings_the_reserve_back(tmp_path):
+    """A pool without a reserve refuses leases; the client used to stop asking for good, so a
+    reload that gave the pool a reserve again never reached it."""
+    import signal
+
+    sock = str(tmp_path / "z.sock")
+    head = f'[daemon]\nsocket = "{sock}"\n[pools.default]\n'
+    cfg = write_text(tmp_path / "z.toml", head + "reserve = 2\n")
+    proc = start_daemon("--config", cfg)
+    try:
+        wait_socket(sock, proc)
+        with Client.connect(sock, leases=1) as c:
+            _held(c, 1)
+            for reserve in (0, 2):
+                write_text(tmp_path / "z.toml", head + f"reserve = {reserve}\n")
+                proc.send_signal(signal.SIGHUP)
+                time.sleep(3)  # (the held child goes with the old pool; a lease is refused meanwhile)
+            _held(c, 1)
+            assert c.call(lambda: 3) == 3
+    finally:
+        stop_daemon(proc)

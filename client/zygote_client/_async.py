@@ -39,6 +39,7 @@ LEASE_QUIET = 0.025  # seconds after a held child was used before another is lea
 LEASE_JOB_MAX = 1 << 16
 
 
+LEASE_RECHECK = 60.0  # seconds, at most, between leases asked of a pool that does not lease
 SEND_WHOLE = 30.0  # seconds a request's frame may take to go out (see AsyncClient._request)
 
 
@@ -567,7 +568,8 @@ class AsyncClient:
         checks the request and tells the daemon, which arms the deadline). Held children count
         against this connection's child limits and die with it; ``n`` 0 stops refilling. Pools
         that refuse callables or screen environments do not lease: spawns then simply go through
-        the daemon. Needs ``async with client``."""
+        the daemon (the client asks again every minute at most: a reload may change that). Needs
+        ``async with client``."""
         if self._tg is None:
             raise RuntimeError("keep_leased needs the client entered with 'async with'")
         if not self.welcome.leases:  # an older daemon would take a Lease for a protocol error
@@ -580,7 +582,7 @@ class AsyncClient:
 
     async def _keep_leases(self) -> None:
         pause = 0.0
-        fails = 0
+        fails = refusals = 0
         try:
             while self._lease_want and not self._closed and self._broken is None:
                 for _ in range(len(self._leases)):  # drop held children that ended unused
@@ -611,13 +613,19 @@ class AsyncClient:
                     child = AsyncChild(self, P.Spawned(msg.req, msg.child, msg.pid, True), fds[:3])
                     child._held = True
                     self._leases.append((self._track(child), fds[3]))
+                    refusals = 0
                     continue
                 for fd in fds:
                     os.close(fd)
-                if not isinstance(msg, P.SpawnFailed) or msg.code == "bad-request":
-                    return  # this pool does not lease: spawns go through the daemon
+                if not isinstance(msg, P.SpawnFailed):
+                    return
+                if msg.code == "bad-request":  # this pool does not lease (no reserve, or it checks
+                    refusals += 1  # requests): spawns go through the daemon; a reload may change
+                    pause = min(LEASE_RECHECK, 2.0 ** refusals)  # that, so ask again, seldom
+                    continue
                 # None waiting (the reserve refills), at the limit, or a passing failure: again
                 # soon, later after each failure of another kind.
+                refusals = 0
                 fails = 0 if msg.code in ("empty", "limit") else fails + 1
                 pause = min(5.0, 0.03 * 2 ** fails)
         finally:
