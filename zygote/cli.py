@@ -64,7 +64,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--env-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--allow-uid", type=int, action="append", default=[], help="peer uid allowed to connect")
     p.add_argument("--allow-gid", type=int, action="append", default=[], help="peer primary gid allowed to connect")
-    p.add_argument("--max-children", type=int, metavar="N", help="running children at once, all clients (children waiting in a reserve not counted)")
+    p.add_argument("--max-children", type=int, metavar="N",
+                   help="running children at once, all clients (children waiting in a reserve not counted)")
     p.add_argument("--max-children-per-client", type=int, metavar="N",
                    help="running children per peer uid, over all its connections (root: per connection)")
     p.add_argument("--socket-mode", metavar="OCTAL", help="the socket file's mode (default 0600)")

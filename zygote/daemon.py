@@ -988,8 +988,8 @@ class Daemon:
         if conn is self._reserve_conn:
             if not self._reserve_room():
                 return P.SpawnFailed(msg.req, NO_ROOM, code="limit"), []
-        elif (n := self._client_count()) >= self.config.max_children:
-            return P.SpawnFailed(msg.req, f"the daemon runs {n} children, its maximum", code="limit"), []
+        elif (full := self._at_max_children()) is not None:
+            return P.SpawnFailed(msg.req, full, code="limit"), []
         per_client = self._per_client_cap(conn)
         if per_client is not None and conn is not self._reserve_conn:
             n, who = self._client_load(conn)
@@ -1039,13 +1039,21 @@ class Daemon:
         with trio.fail_after(PATHS_TIMEOUT):
             return await self.hands.run(uid, fn, *args, lane="paths")
 
+    def _in_reserves(self) -> int:
+        """Children the reserves hold for requests: waiting, or being made."""
+        return len(self._reserve_conn.children) + self._reserve_conn.spawning
+
     def _client_count(self) -> int:
-        """What max_children bounds: every child but those a reserve holds for requests (waiting
-        or being made; taken by a request or leased, a child counts), and the clients' spawns in
-        flight. Waiting reserve children are not running for anyone: counted, a full reserve as
-        large as max_children refused every request, and any reserve lowered what clients could run."""
-        held = self._reserve_conn
-        return len(self.children) - len(held.children) + self.spawning - held.spawning
+        """What max_children bounds: every child and spawn in flight but those of the reserves
+        (taken by a request or leased, a child counts). Waiting reserve children are not running
+        for anyone: counted, a full reserve as large as max_children refused every request, and
+        any reserve lowered what clients could run."""
+        return len(self.children) + self.spawning - self._in_reserves()
+
+    def _at_max_children(self) -> str | None:
+        """Why a client may not have one more child now (max_children), or None."""
+        n = self._client_count()
+        return f"the daemon runs {n} children, its maximum" if n >= self.config.max_children else None
 
     def _reserve_room(self) -> bool:
         """Whether a reserve may make one more child. Only while the daemon holds fewer than
@@ -1057,9 +1065,8 @@ class Daemon:
         its range late (after path checks, a cgroup), so those would lag."""
         if len(self.children) + self.spawning >= self.config.max_children:
             return False
-        held = self._reserve_conn
         return self.id_slots is None or (
-            len(held.children) + held.spawning < self.id_slots.count - self.config.max_children - ID_SLACK // 2)
+            self._in_reserves() < self.id_slots.count - self.config.max_children - ID_SLACK // 2)
 
     def _per_client_cap(self, conn: Connection) -> int | None:
         """The max_children_per_client that applies to ``conn``'s peer (see DaemonConfig)."""
@@ -1473,8 +1480,8 @@ class Daemon:
             why, code = f"pool {pool.config.name!r} keeps no reserve (--reserve N)", "bad-request"
         elif (cap := self._per_client_cap(conn)) is not None and self._client_load(conn)[0] >= cap:
             why, code = "the per-client maximum of children is reached", "limit"
-        elif (n := self._client_count()) >= self.config.max_children:  # (a held child counts)
-            why, code = f"the daemon runs {n} children, its maximum", "limit"
+        elif (full := self._at_max_children()) is not None:  # (a held child counts)
+            why, code = full, "limit"
         if why:
             await conn.send(P.SpawnFailed(msg.req, why, code=code))
             return

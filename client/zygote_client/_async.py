@@ -225,7 +225,7 @@ class AsyncChild:
     async def send_signal(self, signum: int) -> None:
         if self.status is not None:
             return
-        await self._client._request(lambda req: P.Signal(req, self.id, int(signum)))
+        await self._client._signal(self.id, signum)
 
     async def terminate(self) -> None:
         import signal
@@ -414,10 +414,13 @@ class AsyncClient:
         if isinstance(msg, P.Spawned) and self._tg is not None and self._broken is None and not self._closed:
             self._tg.start_soon(self._kill_unwanted, child)
 
+    async def _signal(self, child_id: str, signum: int) -> None:
+        await self._request(lambda req: P.Signal(req, child_id, int(signum)))
+
     async def _kill_unwanted(self, child_id: str) -> None:
         import signal
-        with contextlib.suppress(ZygoteError):
-            await self._request(lambda req: P.Signal(req, child_id, int(signal.SIGKILL)))
+        with contextlib.suppress(ZygoteError):  # (it may have ended meanwhile)
+            await self._signal(child_id, signal.SIGKILL)
 
     async def status(self) -> "P.StatusReply":
         """The daemon's pools, counters and this peer's running children."""

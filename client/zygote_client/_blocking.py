@@ -465,8 +465,9 @@ class _Communication:
     loses nothing (as Popen's)."""
 
     def __init__(self, stdin, stdout, stderr, data: bytes) -> None:
-        self.stdin, self.streams = stdin, [f for f in (stdout, stderr) if f is not None]
-        self.out: dict[int, list[bytes]] = {f.fileno(): [] for f in self.streams}
+        self.stdin = stdin
+        self.streams = {f.fileno(): f for f in (stdout, stderr) if f is not None}  # (by fd: kept after close)
+        self.out: dict[int, list[bytes]] = {fd: [] for fd in self.streams}
         self.names = [f.fileno() if f is not None else None for f in (stdout, stderr)]
         self.view = memoryview(data or b"")
         if stdin is not None:
@@ -491,9 +492,9 @@ class _Communication:
         try:
             if stdin is not None and not stdin.closed:
                 sel.register(stdin.fileno(), selectors.EVENT_WRITE)
-            for f in self.streams:
+            for fd, f in self.streams.items():
                 if not f.closed:
-                    sel.register(f.fileno(), selectors.EVENT_READ)
+                    sel.register(fd, selectors.EVENT_READ)
             while sel.get_map():
                 wait = None if deadline is None else deadline - time.monotonic()
                 if wait is not None and wait <= 0:
@@ -517,7 +518,7 @@ class _Communication:
                             self.out[fd].append(chunk)
                         else:
                             sel.unregister(fd)
-                            next(f for f in self.streams if not f.closed and f.fileno() == fd).close()
+                            self.streams[fd].close()
         finally:
             sel.close()
 
