@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from zygote_client import Client, SandboxConfig, SandboxError
+from zygote_client import Client, DaemonError, SandboxConfig, SandboxError
 
 from conftest import (RawConn, config_daemon, daemon_pid, sandbox_children, start_daemon, stop_daemon, wait_socket,
                       write_text)
@@ -869,3 +869,63 @@ def test_a_client_leases_again_after_a_reload_brings_the_reserve_back(tmp_path):
             assert c.call(lambda: 3) == 3
     finally:
         stop_daemon(proc)
+
+
+def test_a_request_that_names_only_a_limit_keeps_the_pools_other_fields(tmp_path):
+    """A request's unset fields are the pool's: SandboxConfig(memory=...) under a pool with its
+    own hostname, uid, tmpfs size and Landlock "required" is neither refused as looser nor given
+    the built-in defaults, and it takes a reserve child (found by a helper: it was refused with
+    "landlock='auto' is looser than the pool's 'required'", and with landlock restated it got
+    hostname "zygote" and cloned)."""
+    with config_daemon(tmp_path, """
+            [pools.default]
+            reserve = 1
+            [pools.default.sandbox]
+            memory = "256M"
+            hostname = "poolhost"
+            uid = 1000
+            gid = 1001
+            tmpfs_size = "32M"
+            landlock = "required"
+            """) as sock, Client.connect(sock) as c:
+        def probe():
+            import os
+            import socket
+            with open("/proc/1/stat") as f:
+                print(int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK"))
+            st = os.statvfs("/tmp")
+            print(socket.gethostname(), os.getuid(), os.getgid(), st.f_blocks * st.f_frsize >> 20, flush=True)
+        time.sleep(1.0)
+        asked = _boottime()
+        r = c.run(probe, sandbox_config=SandboxConfig(memory="128M"))
+        assert r.returncode == 0, r.stderr
+        started, rest = r.stdout.decode().split("\n", 1)
+        assert rest.split() == ["poolhost", "1000", "1001", "32"], r.stdout
+        assert float(started) < asked - 0.3, "expected a reserve child"
+        assert r.status.enforcement.get("memory", "").startswith("cgroup"), r.status
+        # What a request does set still counts, within the ceiling: its own hostname and uid; a
+        # larger /tmp or Landlock turned down are refused as before.
+        r = c.run(probe, sandbox_config=SandboxConfig(hostname="mine", uid=2000, gid=2000))
+        assert r.stdout.decode().split("\n", 1)[1].split() == ["mine", "2000", "2000", "32"], r.stdout
+        for loose in (SandboxConfig(tmpfs_size="64M"), SandboxConfig(landlock="auto")):
+            with pytest.raises(DaemonError, match="tmpfs_size|landlock"):
+                c.run(probe, sandbox_config=loose)
+
+
+@pytest.mark.parametrize("asked,seccomp", [(None, "0"), ("default", "2")])
+def test_SECURITY_a_profile_named_by_the_request_is_told_apart_from_one_left_unset(tmp_path, asked, seccomp):
+    """Under a pool that turns seccomp off, a request that leaves the profile unset gets the
+    pool's (none), and one that names "default" (the built-in default's own value) gets that
+    profile: an unset field, not a field equal to the default, is the pool's."""
+    with config_daemon(tmp_path, """
+            [pools.default.sandbox]
+            seccomp_profile = "unconfined"
+            """) as sock, Client.connect(sock) as c:
+        def mode():
+            for line in open("/proc/self/status"):
+                if line.startswith("Seccomp:"):
+                    print(line.split()[1])
+        cfg = SandboxConfig(timeout=60) if asked is None else SandboxConfig(timeout=60, seccomp_profile=asked)
+        r = c.run(mode, sandbox_config=cfg)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.decode().strip() == seccomp

@@ -72,6 +72,10 @@ class PoolConfig:
     forbid_secret_env: bool = False
     env_allow: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        # The sandbox's unset fields are the built-in defaults: requests inherit them as the pool's.
+        object.__setattr__(self, "sandbox", self.sandbox.with_defaults())
+
 
 class Reserve:
     """A pool's children confined ahead of requests with one SandboxConfig (the daemon fills it)."""

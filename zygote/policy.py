@@ -3,6 +3,7 @@
 ``effective(pool, request)`` merges a request's SandboxConfig into the pool's default, refusing
 (``PolicyError``) anything looser: a larger limit, a layer turned down or off, network where the
 pool has none, an allow-list wider than the pool's. Turning a layer off is a pool-level decision.
+A field the request leaves unset (None) is the pool's; the result has every field resolved.
 """
 
 from __future__ import annotations
@@ -56,7 +57,12 @@ def _num(cfg: SandboxConfig, name: str):
     return v
 
 
+# Fields a request may set to anything (None: the pool's).
+_FREE = ("workdir", "uid", "gid", "hostname", "proc")
+
+
 def effective(pool: SandboxConfig, req: SandboxConfig | None) -> SandboxConfig:
+    pool = pool.with_defaults()  # (the daemon's pools are resolved already: then this is pool)
     if req is None:
         # A pool's network is a ceiling, not a default: a child has network only when it asks.
         return msgspec.structs.replace(pool, network=None) if pool.network is not None else pool
@@ -64,22 +70,28 @@ def effective(pool: SandboxConfig, req: SandboxConfig | None) -> SandboxConfig:
     for name in LIMITS:
         p, r = _num(pool, name), _num(req, name)
         if r is None:
-            if name == "tmpfs_size":
-                changes[name] = pool.tmpfs_size
-            else:
-                changes[name] = getattr(pool, name)
+            changes[name] = getattr(pool, name)
         elif p is not None and r > p:
             raise PolicyError(f"{name}={quoted(getattr(req, name))} exceeds the pool's ceiling {getattr(pool, name)!r}")
-    if _LANDLOCK_RANK[req.landlock] < _LANDLOCK_RANK[pool.landlock]:
+    for name in _FREE:
+        if getattr(req, name) is None and not (name == "workdir" and req.workspace is not None):
+            changes[name] = getattr(pool, name)  # (a request's workspace is its working directory)
+    if req.landlock is None:
+        changes["landlock"] = pool.landlock
+    elif _LANDLOCK_RANK[req.landlock] < _LANDLOCK_RANK[pool.landlock]:
         raise PolicyError(f"landlock={req.landlock!r} is looser than the pool's {pool.landlock!r} "
                           "(turning a layer down is a pool-level decision)")
-    if req.seccomp_profile != pool.seccomp_profile:
+    if req.seccomp_profile is None:
+        changes["seccomp_profile"] = pool.seccomp_profile
+    elif req.seccomp_profile != pool.seccomp_profile:
         pr, rr = SECCOMP_RANK.get(pool.seccomp_profile), SECCOMP_RANK.get(req.seccomp_profile)
         if pr is None or rr is None or rr < pr:
             raise PolicyError(f"seccomp_profile={quoted(req.seccomp_profile)} is not allowed under the pool's "
                               f"{pool.seccomp_profile!r} (custom or looser profiles are set per pool)")
-    if pool.reaper and not req.reaper:
-        changes["reaper"] = True  # a pool that wants its orphans reaped wants it for every child
+    if req.reaper is None or (pool.reaper and not req.reaper):
+        changes["reaper"] = pool.reaper  # a pool that wants its orphans reaped wants it for every child
+    if req.dev_pts is None:
+        changes["dev_pts"] = pool.dev_pts
     if req.dev_pts and not pool.dev_pts:
         raise PolicyError("dev_pts=True is not allowed by the pool")
     if req.network is not None:

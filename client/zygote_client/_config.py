@@ -110,13 +110,24 @@ class NetworkConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             parse_allow(item)
 
 
+# The built-in value of each SandboxConfig field whose None means "the pool's": a pool's own
+# unset fields (proc and workdir stay None: their default depends on the root and workspace).
+DEFAULTS = {"tmpfs_size": "64M", "seccomp_profile": "default", "landlock": "auto", "uid": 65534, "gid": 65534,
+            "hostname": "zygote", "dev_pts": False, "reaper": False}
+
+
 class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
-    """How one child is confined and limited. Defaults are the strictest useful settings.
+    """How one child is confined and limited. The built-in defaults are the strictest useful settings.
+
+    A field left unset (None) takes the pool's value: a request that names only what it changes
+    (``SandboxConfig(memory="128M")``) keeps the rest of its pool's sandbox, and the pool's own
+    unset fields are the built-in defaults (``DEFAULTS``, written below as "Default").
 
     Attributes:
         chroot_dir: host directory used as the child's root instead of the generated tmpfs root.
             Default None. Security: everything under it is visible to the child (read-only).
-        ro_binds: host path -> sandbox path, bound read-only. Default none. Security: the child can
+        ro_binds: host path -> sandbox path, bound read-only. Default none (a request's add to
+            the pool's). Security: the child can
             read everything under each host path (mounts under it included: a path holding /proc
             or /sys is refused). A client's own paths are checked as the client (the kernel's
             answer for its uid, gid and supplementary groups: ACLs count) and bound only as
@@ -125,7 +136,7 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         rw_binds: host path -> sandbox path, bound read-write. Default none. Security: the child can
             change these host files (as an unprivileged host uid of a range of the child's own,
             which differs between children: a root daemon's ``id_base + k * 65536 + uid``).
-        workdir: the child's working directory inside the sandbox. Default "/" (or "/tmp").
+        workdir: the child's working directory inside the sandbox. Default "/" (or the workspace).
         tmpfs_size: size cap of the generated root and of /tmp, bytes or "64M". Default "64M".
         seccomp_profile: a name in seccomp-profiles/ ("default", "strict") or a JSON file path.
             Default "default". Only a pool may turn it off ("unconfined").
@@ -134,8 +145,8 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         uid, gid: the unprivileged ids the payload runs as inside the sandbox. Default 65534.
         hostname: the UTS hostname inside. Default "zygote".
         dev_pts: mount a private devpts at /dev/pts. Default False.
-        proc: mount a fresh /proc (the child's own pid namespace only). Default True for the
-            generated root, ignored for chroot_dir unless set explicitly.
+        proc: mount a fresh /proc (the child's own pid namespace only). Default: True for the
+            generated root, False for chroot_dir.
         memory: cgroup memory limit, bytes or "256M"; swap is 0. Default None (pool's).
         pids: cgroup limit on tasks (processes + threads). Default None (pool's).
         cpu: CPU bandwidth in cores (0.5 = half a core). Default None.
@@ -176,13 +187,13 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     ro_binds: dict[str, str] = {}
     rw_binds: dict[str, str] = {}
     workdir: str | None = None
-    tmpfs_size: int | str = "64M"
-    seccomp_profile: str = "default"
-    landlock: Literal["auto", "required", "off"] = "auto"
-    uid: int = 65534
-    gid: int = 65534
-    hostname: str = "zygote"
-    dev_pts: bool = False
+    tmpfs_size: int | str | None = None
+    seccomp_profile: str | None = None
+    landlock: Literal["auto", "required", "off"] | None = None
+    uid: int | None = None
+    gid: int | None = None
+    hostname: str | None = None
+    dev_pts: bool | None = None
     proc: bool | None = None
     memory: int | str | None = None
     pids: int | None = None
@@ -196,7 +207,7 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     network: NetworkConfig | None = None
     workspace: Workspace | None = None
     export: Export | None = None
-    reaper: bool = False
+    reaper: bool | None = None
 
     def __post_init__(self) -> None:
         if self.chroot_dir is not None:
@@ -219,11 +230,11 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         parse_size(self.max_output_bytes, "max_output_bytes")
         for name in ("uid", "gid"):
             v = getattr(self, name)
-            if not 1 <= v <= 65534:
+            if v is not None and not 1 <= v <= 65534:
                 raise ValueError(f"{name}: must be an unprivileged id in 1..65534, got {quoted(v)}")
-        if not _NAME_RE.match(self.hostname):
+        if self.hostname is not None and not _NAME_RE.match(self.hostname):
             raise ValueError(f"hostname: expected 1-64 of [A-Za-z0-9_.@+-], got {quoted(self.hostname)}")
-        if not self.seccomp_profile or "\0" in self.seccomp_profile:
+        if self.seccomp_profile is not None and (not self.seccomp_profile or "\0" in self.seccomp_profile):
             raise ValueError("seccomp_profile: expected a profile name or an absolute JSON path")
         if self.pids is not None and not 1 <= self.pids <= 1 << 22:
             raise ValueError(f"pids: must be in 1..4194304, got {quoted(self.pids)}")
@@ -237,7 +248,14 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     # Sizes in bytes, parsed once the config validated.
     @property
     def tmpfs_bytes(self) -> int:
-        return parse_size(self.tmpfs_size, "tmpfs_size")  # type: ignore[return-value]
+        size = DEFAULTS["tmpfs_size"] if self.tmpfs_size is None else self.tmpfs_size
+        return parse_size(size, "tmpfs_size")  # type: ignore[return-value]
+
+    def with_defaults(self) -> SandboxConfig:
+        """This config with each unset field of ``DEFAULTS`` at its built-in default (what a
+        pool's sandbox means; the daemon resolves every pool's this way)."""
+        unset = {k: v for k, v in DEFAULTS.items() if getattr(self, k) is None}
+        return msgspec.structs.replace(self, **unset) if unset else self
 
     @property
     def memory_bytes(self) -> int | None:

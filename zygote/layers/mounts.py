@@ -272,7 +272,7 @@ def prepare(cfg, zygote_info: dict, tmpfs: list[TmpfsSpec] = (), etc_extra: dict
     """ChildPlan field values for the mount layer of one child.
 
     Args:
-        cfg: the request's SandboxConfig.
+        cfg: the request's SandboxConfig (effective: unset fields are the built-in defaults).
         zygote_info: the zygote's ready info (executable, prefix, base_prefix, path, version;
             optional extra_paths: more import roots to bind read-only).
         tmpfs: extra tmpfs mounts of the child's own (workspace, export) to place in the root.
@@ -291,6 +291,7 @@ def prepare(cfg, zygote_info: dict, tmpfs: list[TmpfsSpec] = (), etc_extra: dict
         ValueError: a bind, tmpfs target or chroot_dir that cannot work or would weaken the sandbox
             (message names the field and the path).
     """
+    cfg = cfg.with_defaults()  # (the daemon passes resolved configs: then this is cfg)
     if cfg.chroot_dir is not None:
         if tmpfs:
             raise ValueError(f"{tmpfs[0].target}: a workspace or export needs the generated root, not chroot_dir")

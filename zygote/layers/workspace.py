@@ -47,6 +47,7 @@ def prepare(cfg) -> dict:
     Raises:
         WorkspaceError: a workspace entry is refused (the message names its path).
     """
+    cfg = cfg.with_defaults()
     out: dict = {"tmpfs": []}
     ws = cfg.workspace
     if ws is not None:
