@@ -532,9 +532,9 @@ def test_network_reserve_children_have_their_veth_before_the_request(world, tmp_
 
     with Client.connect(path) as c:
         deadline = time.monotonic() + 30  # made ahead, no request yet (and none being confined)
-        while (len(veths()) < 2 or c.status().running) and time.monotonic() < deadline:
+        while (len(veths()) < 2 or c.status().pools[0].reserve_waiting < 2) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(veths()) == 2 and c.status().running == 0
+        assert len(veths()) == 2 and c.status().pools[0].reserve_waiting == 2 and c.status().running == 0
         time.sleep(0.5)
         for narrowed in (None, SandboxConfig(network=NetworkConfig(allow=(f"{ECHO}/32:7",)))):
             asked = time.clock_gettime(time.CLOCK_BOOTTIME)

@@ -10,7 +10,7 @@ import urllib.request
 
 from zygote_client import Client, DaemonError, SandboxError
 
-from conftest import wait_for, wait_socket
+from conftest import _log, start_daemon, stop_daemon, wait_for, wait_socket, write_text
 
 
 def test_logs_status_and_metrics(tmp_path):
@@ -77,6 +77,57 @@ def test_logs_status_and_metrics(tmp_path):
     assert len(timeout_exit) == 1 and timeout_exit[0]["limits_hit"] == ["timeout"]
     assert all("wall_s" in e and "returncode" in e for e in exits)
 
+
+
+def test_reserve_children_are_not_counted_as_running_or_exited(tmp_path):
+    """Children a reserve makes and holds run for nobody: status().running, its children and the
+    zygote_children_running gauge leave them out (they counted them, the gauge as of the last
+    client spawn or exit), and those that end unused (a reload) are counted as reserve_discards,
+    not as exits (two reloads with no client made exits_signal 4)."""
+    import signal
+    sock = str(tmp_path / "z.sock")
+    path = tmp_path / "z.toml"
+    write_text(path, f'[daemon]\nsocket = "{sock}"\n[pools.default]\nreserve = 2\n')
+    proc = start_daemon("--config", str(path), "--metrics-port", "0")
+    try:
+        wait_socket(sock, proc)
+        def url_in_log() -> list[str]:
+            return [w for w in _log(proc).decode().split() if w.startswith("http://127.0.0.1:")]
+        wait_for(url_in_log, what="the metrics address in the log")
+        url = url_in_log()[0]
+
+        def gauge() -> str:
+            text = urllib.request.urlopen(url, timeout=10).read().decode()
+            return [line for line in text.splitlines() if line.startswith("zygote_children_running ")][0]
+        with Client.connect(sock) as c:
+            wait_for(lambda: c.status().pools[0].reserve_waiting == 2, 30, "the reserve")
+            st = c.status()
+            assert st.running == 0 and st.children == [] and st.pools[0].reserve == 2, st
+            assert gauge() == "zygote_children_running 0.0"
+            assert c.run(print, ("a",)).returncode == 0  # (from the reserve)
+            wait_for(lambda: c.status().pools[0].reserve_waiting == 2, 30, "the refill")
+            assert gauge() == "zygote_children_running 0.0"  # (was 2: the reserve, at the exit)
+            sleeper = c.spawn_child(__import__("time").sleep, (60,), stdin=None)
+            assert gauge() == "zygote_children_running 1.0"
+            assert c.status().running == 1 and [ch.id for ch in c.status().children] == [sleeper.id]
+            sleeper.kill()
+            sleeper.wait()
+            wait_for(lambda: c.status().running == 0, what="the sleeper's exit")
+            for n in (1, 2):  # (a changed pool replaces the old one, whose reserve children go)
+                preload = json.dumps(["colorsys", "json"][:n])
+                write_text(path, f'[daemon]\nsocket = "{sock}"\n[pools.default]\nreserve = 2\npreload = {preload}\n')
+                proc.send_signal(signal.SIGHUP)
+                wait_for(lambda: c.status().counters.get("reserve_discards", 0) >= 2 * n
+                         and c.status().pools[0].reserve_waiting == 2, 30, f"reload {n}")
+            counters = c.status().counters
+            assert counters.get("exits_ok") == 1 and counters.get("exits_signal") == 1, counters
+            assert counters["reserve_discards"] == 4, counters
+            assert c.status().running == 0 and gauge() == "zygote_children_running 0.0"
+    finally:
+        stop_daemon(proc)
+    exits = [json.loads(line) for line in _log(proc).decode().splitlines()
+             if line.startswith("{") and json.loads(line)["event"] == "exit"]
+    assert len(exits) == 2 and all(e["peer_uid"] == os.getuid() for e in exits), exits
 
 
 def test_a_daemon_whose_log_reader_went_away_keeps_serving(tmp_path):

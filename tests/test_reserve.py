@@ -40,13 +40,16 @@ def reserve_client():
 
 
 def _wait_reserve(c: Client, n: int) -> list[int]:
-    """Pids of the daemon's children waiting in the reserve (not running for any client)."""
+    """Pids of the daemon's children waiting in the reserve (not running for any client), once
+    status says at least ``n`` wait and none is being made."""
     dpid = daemon_pid(c)
     deadline = time.monotonic() + 30
     while True:
-        running = {ch.pid for ch in c.status().children}
+        st = c.status()
+        waiting = sum(p.reserve_waiting for p in st.pools)
+        running = {ch.pid for ch in st.children}
         kids = [p for p in sandbox_children(dpid) if p not in running]
-        if len(kids) >= n or time.monotonic() > deadline:
+        if (waiting >= n and len(kids) == waiting) or time.monotonic() > deadline:
             return kids
         time.sleep(0.05)
 

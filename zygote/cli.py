@@ -385,7 +385,8 @@ def status(args) -> int:
         return 0
     print(f"daemon pid {st.daemon_pid}, up {st.uptime:.0f} s, {st.running} children running")
     for p in st.pools:
-        print(f"  pool {p.name}: {p.zygotes_running}/{p.zygotes} zygotes, {p.restarts} restarts, "
+        reserve = f"{p.reserve_waiting}/{p.reserve} reserve children waiting, " if p.reserve else ""
+        print(f"  pool {p.name}: {p.zygotes_running}/{p.zygotes} zygotes, {p.restarts} restarts, {reserve}"
               f"python {p.python}, preload {', '.join(p.preload) or '-'}")
     for c in st.children:
         print(f"  child {c.id}: pool {c.pool}, pid {c.pid}, uid {c.peer_uid}, {c.age:.1f} s")

@@ -454,6 +454,7 @@ class Daemon:
         self._reserve_conn.closed = True  # nothing is ever sent to it
         self.observer = observe.Observer()
         self.observer.watch_pools(lambda: self.pools)
+        self.observer.watch_running(self._running_for_clients)
         self.network: network.NetworkHost | None = None
         self.network_error: SetupError | None = None
         self._net_ready: list[tuple[network.Lease, int]] = []  # prepared namespaces: (lease, fd)
@@ -856,11 +857,14 @@ class Daemon:
         pools = [P.PoolStatus(name=n, python=p.config.python, preload=list(p.config.preload),
                               zygotes=p.config.zygotes,
                               zygotes_running=sum(1 for z in p.zygotes if not z.dead.is_set()),
-                              restarts=p.restarts) for n, p in self.pools.items()]
+                              restarts=p.restarts, reserve=sum(r.size for r in p.reserves),
+                              reserve_waiting=sum(len(r.children) for r in p.reserves))
+                 for n, p in self.pools.items()]
         mine = [P.ChildStatus(id=c.id, pool=c.pool, pid=c.pid, peer_uid=c.peer_uid, age=now - c.started)
-                for c in self.children.values() if not c.reserved and (peer_uid == 0 or c.peer_uid == peer_uid)]
+                for c in self.children.values()
+                if c.conn is not self._reserve_conn and (peer_uid == 0 or c.peer_uid == peer_uid)]
         return P.StatusReply(req=req, daemon_pid=os.getpid(), uptime=now - self.observer.started, pools=pools,
-                             running=sum(1 for c in self.children.values() if not c.reserved), children=mine,
+                             running=self._running_for_clients(), children=mine,
                              counters=dict(self.observer.counters, spawns_total=self.spawns_total))
 
     # ---- spawning ----------------------------------------------------------------------------
@@ -891,12 +895,11 @@ class Daemon:
             self._count(self.pending, conn.peer_uid, -size)
             if isinstance(reply, P.Spawned):
                 self.observer.spawned(outcome="ok", seconds=time.monotonic() - t0, child=reply.child,
-                                      pool=msg.pool or "default", peer_uid=conn.peer_uid,
-                                      running=len(self.children), kind=msg.kind)
+                                      pool=msg.pool or "default", peer_uid=conn.peer_uid, kind=msg.kind)
             else:
                 self.observer.spawned(outcome=reply.code, seconds=time.monotonic() - t0, child=None,
                                       pool=msg.pool or "default", peer_uid=conn.peer_uid,
-                                      running=len(self.children), kind=msg.kind, step=reply.step,
+                                      kind=msg.kind, step=reply.step,
                                       message=reply.message)
 
     def _check_request(self, pool: Pool, msg: P.Spawn) -> tuple[str, str | None, dict[str, str]]:
@@ -1042,6 +1045,12 @@ class Daemon:
     def _in_reserves(self) -> int:
         """Children the reserves hold for requests: waiting, or being made."""
         return len(self._reserve_conn.children) + self._reserve_conn.spawning
+
+    def _running_for_clients(self) -> int:
+        """Children alive for clients (status().running, zygote_children_running): every child but
+        those the reserves are making or hold waiting (a held leased child counts). Called from
+        the metrics thread too: two lengths, no iteration."""
+        return len(self.children) - len(self._reserve_conn.children)
 
     def _client_count(self) -> int:
         """What max_children bounds: every child and spawn in flight but those of the reserves
@@ -1547,7 +1556,7 @@ class Daemon:
         if child.timeout is not None:
             self._nursery.start_soon(self._deadline_until_exit, child)
         self.observer.spawned(outcome="ok", seconds=0.0, child=child.id, pool=child.pool,
-                              peer_uid=child.peer_uid, running=len(self.children), kind=started.kind, leased=True)
+                              peer_uid=child.peer_uid, kind=started.kind, leased=True)
 
     async def _deadline_until_exit(self, child: Child) -> None:
         async with trio.open_nursery() as n:
@@ -2089,15 +2098,19 @@ class Daemon:
             fields, fd = child.collector.finish()
             export, export_fds = ExportResult(**fields), [fd] if fd is not None else []
         child.exited.set()
+        # A reserve child that never ran a request: waiting, or held by a client (leased) that
+        # wrote it no Job the daemon heard of (a reload, an expired or given-back lease).
+        unused = child.conn is self._reserve_conn or child.leased
         self.children.pop(child.id, None)
         self._reserve_conn.children.pop(child.id, None)  # (with it: see _client_count)
         for pool in self.pools.values():  # a reserve that waited for room may refill now
             for reserve in pool.reserves:
                 if reserve.wants_room:
                     reserve.wake.set()
-        if child.ready_seen:
-            self.observer.exited(child=child.id, pool=child.pool, peer_uid=child.peer_uid, status=child.status,
-                                 running=len(self.children))
+        if child.ready_seen and not unused:
+            self.observer.exited(child=child.id, pool=child.pool, peer_uid=child.peer_uid, status=child.status)
+        elif child.ready_seen:  # (its spawn was never counted: nor is its exit)
+            self.observer.counters["reserve_discards"] += 1
         exited = P.Exited(child.id, child.status, export=export, result_kind=child.result_kind,
                           result=child.result)
         # From here the record counts where it goes: a connection's send queue, or a kept record.

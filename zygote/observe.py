@@ -188,13 +188,19 @@ class Observer:
                                         ["outcome"], buckets=_SPAWN_BUCKETS, registry=self.registry)
         self._exits = PCounter("zygote_exits", "Children reaped, by why they ended",
                                ["reason"], registry=self.registry)
-        self._running = Gauge("zygote_children_running", "Children alive now", registry=self.registry)
+        self._running = Gauge("zygote_children_running", "Children running for clients now (held leased ones "
+                              "included, waiting reserve children not)", registry=self.registry)
         self._connections = Gauge("zygote_connections", "Client connections open now", registry=self.registry)
         self._server = None
 
     def watch_pools(self, pools) -> None:
         """Report zygote restarts per pool from ``pools()`` (name -> Pool) at each scrape."""
         self.registry.register(_PoolCollector(pools))
+
+    def watch_running(self, running) -> None:
+        """zygote_children_running is ``running()`` at each scrape (read from the metrics thread: a
+        length or two, never stale as a value set at the last spawn or exit was)."""
+        self._running.set_function(running)
 
     def serve_metrics(self, port: int, addr: str = "127.0.0.1") -> int:
         """Expose /metrics on addr:port (a prometheus-client thread); returns the bound port."""
@@ -211,20 +217,18 @@ class Observer:
         self._connections.inc(delta)
 
     def spawned(self, *, outcome: str, seconds: float, child: str | None, pool: str, peer_uid: int,
-                running: int, **fields) -> None:
+                **fields) -> None:
         self.counters[f"spawns_{outcome}"] += 1
         self._spawns.labels(outcome).inc()
         self._spawn_seconds.labels(outcome).observe(seconds)
-        self._running.set(running)
         level = self.log.info if outcome == "ok" else self.log.warning
         level("spawn", outcome=outcome, child=child, pool=pool, peer_uid=peer_uid,
               spawn_ms=round(seconds * 1000, 3), **fields)
 
-    def exited(self, *, child: str, pool: str, peer_uid: int, status, running: int) -> None:
+    def exited(self, *, child: str, pool: str, peer_uid: int, status) -> None:
         reason = exit_reason(status)
         self.counters[f"exits_{reason}"] += 1
         self._exits.labels(reason).inc()
-        self._running.set(running)
         limits = limits_hit(status)
         self.log.info("exit", child=child, pool=pool, peer_uid=peer_uid, reason=reason,
                       returncode=status.returncode, wall_s=round(status.wall_time, 4),

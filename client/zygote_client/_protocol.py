@@ -246,6 +246,8 @@ class PoolStatus(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     zygotes: int  # configured
     zygotes_running: int
     restarts: int
+    reserve: int = 0  # children it keeps confined ahead of requests (both reserves)
+    reserve_waiting: int = 0  # ... waiting now (made, no request yet)
 
 
 class ChildStatus(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
