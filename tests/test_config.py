@@ -16,7 +16,7 @@ from zygote.config import ConfigError, load
 from zygote_client import _protocol as P
 from zygote_client import Client, DaemonError, SandboxConfig
 
-from conftest import (ACL_GROUP_OBJ, ACL_MASK, ACL_NO_ID, ACL_OTHER, ACL_USER, ACL_USER_OBJ, RawConn, config_daemon,
+from conftest import (_log, wait_for, ACL_GROUP_OBJ, ACL_MASK, ACL_NO_ID, ACL_OTHER, ACL_USER, ACL_USER_OBJ, RawConn, config_daemon,
                       run_as, set_acl, start_daemon, stop_daemon, wait_socket, write_text)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,6 +178,48 @@ def test_max_children_per_client(shared_dir):
             for k in kids:
                 k.kill()
                 k.wait()
+
+
+def _bound(path: str) -> None:
+    """Until the socket file exists: bound, a client's connect would wait in its backlog."""
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, "no socket"
+        time.sleep(0.001)
+
+
+def test_a_sighup_while_the_pools_start_reloads_once_they_have(tmp_path):
+    """A SIGHUP to a --config daemon whose socket is bound while its pool still preloads pandas
+    reloads once the pools are up (it killed the daemon: SIGHUP's default action, -1)."""
+    sock = str(tmp_path / "z.sock")
+    cfg = write_text(tmp_path / "z.toml", f'[daemon]\nsocket = "{sock}"\n[pools.default]\npreload = ["pandas"]\n')
+    proc = start_daemon("--config", cfg)
+    try:
+        _bound(sock)
+        proc.send_signal(signal.SIGHUP)
+        wait_socket(sock, proc)
+        with Client.connect(sock) as c:
+            assert c.run(print, ("up",)).stdout == b"up\n"
+        wait_for(lambda: b"reloaded" in _log(proc), what="the reload's log line")
+    finally:
+        stop_daemon(proc)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_as_the_socket_is_bound_stops_the_daemon_cleanly(tmp_path, sig):
+    """SIGTERM, SIGINT or SIGHUP (no --config: it stops the daemon) the moment the socket file
+    exists: exit status 0 and no socket file left (the signal's default action ended it, -15 in
+    3 of 3 runs, before trio's handlers were in place)."""
+    sock = str(tmp_path / "z.sock")
+    proc = start_daemon("--socket", sock)
+    try:
+        _bound(sock)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=30) == 0, _log(proc)
+        assert not os.path.exists(sock)
+    finally:
+        if proc.poll() is None:
+            stop_daemon(proc)
 
 
 def test_sighup_reload_keeps_running_children(shared_dir):

@@ -11,6 +11,7 @@ At a terminal it passes the terminal's signals on to its child (see _SignalProxy
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -283,6 +284,9 @@ def _say(text: str) -> None:
     print(text, file=LossyStream(sys.stderr), flush=True)
 
 
+_SERVE_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
 def serve(args) -> int:
     import trio
 
@@ -290,6 +294,12 @@ def serve(args) -> int:
     from ._pool import PoolStartError
     from .daemon import Daemon
 
+    # From here a supervisor may signal us and (once the socket is bound) a client may connect,
+    # which tells a script the daemon is up: SIGTERM, SIGINT and SIGHUP wait, blocked, until
+    # trio's receivers are in place (main_task). Their default action killed the daemon with
+    # nothing cleaned up (its socket file, its claims on id ranges), and a SIGHUP while a
+    # --config daemon's pools started (seconds, with pandas) killed it too.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SERVE_SIGNALS)
     try:
         cfg = _config_from_args(args)
     except ConfigError as e:
@@ -334,17 +344,23 @@ def serve(args) -> int:
         print(f"zygote serve: metrics on http://127.0.0.1:{port}/metrics", file=sys.stderr, flush=True)
 
     async def main_task() -> None:
-        async with trio.open_nursery() as n:
-            n.start_soon(_stop_on_signals, n.cancel_scope)
+        # SIGHUP reloads a --config daemon (one that came while the pools started, once they
+        # have); without --config it stops the daemon as SIGTERM does.
+        stopping = (signal.SIGTERM, signal.SIGINT) if args.config else (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        reloading = trio.open_signal_receiver(signal.SIGHUP) if args.config else contextlib.nullcontext()
+        with trio.open_signal_receiver(*stopping) as stops, reloading as hups:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SERVE_SIGNALS)  # (before any zygote starts)
+            async with trio.open_nursery() as n:
+                n.start_soon(_stop_on_signals, stops, n.cancel_scope)
 
-            async def run_daemon(task_status=trio.TASK_STATUS_IGNORED) -> None:
-                await daemon.run(listen_sock=listen, inherit_fd=args.inherit_fd, task_status=task_status)
-                n.cancel_scope.cancel()  # the embedded connection closed
+                async def run_daemon(task_status=trio.TASK_STATUS_IGNORED) -> None:
+                    await daemon.run(listen_sock=listen, inherit_fd=args.inherit_fd, task_status=task_status)
+                    n.cancel_scope.cancel()  # the embedded connection closed
 
-            await n.start(run_daemon)
-            sd_notify("READY=1")  # only now: every pool's zygote has preloaded
-            if args.config:
-                n.start_soon(_reload_on_hup, daemon, args)
+                await n.start(run_daemon)
+                sd_notify("READY=1")  # only now: every pool's zygote has preloaded
+                if args.config:
+                    n.start_soon(_reload_on_hup, daemon, args, hups)
 
     try:
         trio.run(main_task)
@@ -394,23 +410,20 @@ def status(args) -> int:
     return 0
 
 
-async def _reload_on_hup(daemon, args) -> None:
-    import trio
-
+async def _reload_on_hup(daemon, args, sigs) -> None:
     from .config import ConfigError
     from ._pool import PoolStartError
 
-    with trio.open_signal_receiver(signal.SIGHUP) as sigs:
-        async for _ in sigs:
-            sd_notify("RELOADING=1")
-            try:
-                changes = await daemon.reload(_config_from_args(args))
-                _say(f"zygote serve: reloaded {args.config}: {'; '.join(changes) or 'no pool changed'}")
-            except (ConfigError, PoolStartError) as e:
-                _say(f"zygote serve: reload refused, the old configuration stays: {e}")
-            except Exception as e:  # noqa: BLE001 - a bug in reading the file must not end the daemon
-                _say(f"zygote serve: reload failed ({type(e).__name__}: {e}), the old configuration stays")
-            sd_notify("READY=1")
+    async for _ in sigs:
+        sd_notify("RELOADING=1")
+        try:
+            changes = await daemon.reload(_config_from_args(args))
+            _say(f"zygote serve: reloaded {args.config}: {'; '.join(changes) or 'no pool changed'}")
+        except (ConfigError, PoolStartError) as e:
+            _say(f"zygote serve: reload refused, the old configuration stays: {e}")
+        except Exception as e:  # noqa: BLE001 - a bug in reading the file must not end the daemon
+            _say(f"zygote serve: reload failed ({type(e).__name__}: {e}), the old configuration stays")
+        sd_notify("READY=1")
 
 
 def _find(exc: BaseException, kind: type) -> BaseException | None:
@@ -425,12 +438,10 @@ def _find(exc: BaseException, kind: type) -> BaseException | None:
     return None
 
 
-async def _stop_on_signals(scope) -> None:
-    import trio
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-        async for _ in sigs:
-            scope.cancel()
-            return
+async def _stop_on_signals(sigs, scope) -> None:
+    async for _ in sigs:
+        scope.cancel()
+        return
 
 
 def _is_stale_socket(path: str) -> bool:
