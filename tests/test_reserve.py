@@ -614,7 +614,8 @@ def test_SECURITY_reserve_payloads_hold_no_status_pipe(tmp_path, reaper):
 
 def test_SECURITY_held_children_of_a_reloaded_pool_are_revoked(tmp_path):
     """A reload that changes the pool kills the children clients hold unstarted (they were
-    confined by the old configuration); the clients lease new ones."""
+    confined by the old configuration), their status saying so (pool_reloaded: a client that had
+    just written its Job learns why); the clients lease new ones."""
     import signal
 
     sock = str(tmp_path / "z.sock")
@@ -632,7 +633,9 @@ def test_SECURITY_held_children_of_a_reloaded_pool_are_revoked(tmp_path):
             while old.status is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert old.status is not None and old.status.returncode == -9, old.status
+            assert old.status.pool_reloaded, old.status  # (what a Job written just then would report)
             r = c.run(lambda: print(__import__("socket").gethostname()))
+            assert not r.status.pool_reloaded
             assert r.stdout == b"reloaded\n", r
     finally:
         stop_daemon(proc)
@@ -932,3 +935,32 @@ def test_SECURITY_a_profile_named_by_the_request_is_told_apart_from_one_left_uns
         r = c.run(mode, sandbox_config=cfg)
         assert r.returncode == 0, r.stderr
         assert r.stdout.decode().strip() == seccomp
+
+
+def test_SECURITY_a_client_that_predates_inheritance_keeps_the_built_in_defaults(tmp_path):
+    """A client from before session 23 leaves out a field equal to the built-in default (its
+    explicit seccomp_profile="default" looks unset on the wire): without sandbox_inherits its
+    request keeps the built-in defaults, seccomp included, under a pool that turns seccomp off
+    (found by a helper's review: such a client lost the profile it asked for)."""
+    with config_daemon(tmp_path, """
+            [pools.default.sandbox]
+            seccomp_profile = "unconfined"
+            """) as sock:
+        def mode(inherits: bool) -> bytes:
+            conn = RawConn(sock)
+            conn.send(conn.P.Hello(conn.P.VERSION))
+            conn.reply()
+            conn.send(conn.P.Spawn(req=1, kind="exec", argv=["/bin/grep", "^Seccomp:", "/proc/self/status"],
+                                   stdin=False, sandbox=SandboxConfig(timeout=60), sandbox_inherits=inherits))
+            fds: list[int] = []
+            reply = conn.reply(fds)
+            assert isinstance(reply, conn.P.Spawned), reply
+            try:
+                with os.fdopen(os.dup(fds[0]), "rb") as out:
+                    return out.read()
+            finally:
+                for fd in fds:
+                    os.close(fd)
+                conn.sock.close()
+        assert mode(False).split() == [b"Seccomp:", b"2"]
+        assert mode(True).split() == [b"Seccomp:", b"0"]  # (the pool's, as a current client means it)

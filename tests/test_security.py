@@ -254,6 +254,42 @@ def test_policy_refuses_loosening(client):
         client.spawn_child(print, sandbox_config=SandboxConfig(seccomp_profile="unconfined"))
 
 
+def test_a_requests_unset_fields_are_the_pools():
+    """policy.effective, field by field: None is the pool's, a value set is the request's
+    (within the ceiling); a request's own root does not take the pool's /proc or working
+    directory, its workspace is its working directory; a client that predates inheritance
+    (inherit=False) gets the built-in defaults; sizes compare in bytes."""
+    from zygote.policy import PolicyError, effective
+    from zygote_client import Workspace
+    pool = SandboxConfig(seccomp_profile="strict", landlock="required", tmpfs_size="32M", uid=1000, gid=1001,
+                         hostname="poolhost", dev_pts=True, reaper=True, proc=False, workdir="/srv",
+                         memory="256M").with_defaults()
+    e = effective(pool, SandboxConfig(memory="128M"))
+    assert (e.seccomp_profile, e.landlock, e.tmpfs_size, e.uid, e.gid, e.hostname, e.dev_pts, e.reaper, e.proc,
+            e.workdir, e.memory) == ("strict", "required", 32 << 20, 1000, 1001, "poolhost", True, True, False,
+                                     "/srv", 128 << 20)
+    assert effective(pool, SandboxConfig()) == effective(pool, None) == effective(pool, SandboxConfig(tmpfs_size=32 << 20))
+    e = effective(pool, SandboxConfig(uid=5, gid=6, hostname="mine", dev_pts=False, workdir="/w", tmpfs_size="8M"))
+    assert (e.uid, e.gid, e.hostname, e.dev_pts, e.workdir, e.tmpfs_size) == (5, 6, "mine", False, "/w", 8 << 20)
+    for loose, what in ((SandboxConfig(landlock="auto"), "landlock"), (SandboxConfig(seccomp_profile="default"), "seccomp"),
+                        (SandboxConfig(tmpfs_size="64M"), "tmpfs_size"), (SandboxConfig(proc=True), "proc"),
+                        (SandboxConfig(reaper=False), None)):
+        if what is None:
+            assert effective(pool, loose).reaper  # (a pool's reaper holds for every child)
+            continue
+        with pytest.raises(PolicyError, match=what):
+            effective(pool, loose)
+    e = effective(pool, SandboxConfig(chroot_dir="/opt/root"))
+    assert (e.proc, e.workdir) == (None, None)  # (the chroot's own defaults)
+    e = effective(pool, SandboxConfig(workspace=Workspace.from_files({"a": b"x"})))
+    assert e.workdir is None  # (the workspace)
+    open_pool = SandboxConfig(seccomp_profile="unconfined", landlock="off").with_defaults()
+    e = effective(open_pool, SandboxConfig(timeout=60))
+    assert (e.seccomp_profile, e.landlock) == ("unconfined", "off")
+    e = effective(open_pool, SandboxConfig(timeout=60), inherit=False)
+    assert (e.seccomp_profile, e.landlock) == ("default", "auto")
+
+
 def test_strict_profile_numpy_pandas():
     with Client.embedded(preload_imports=["numpy", "pandas"]) as c:
         def payload():

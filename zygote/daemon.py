@@ -32,6 +32,7 @@ import trio
 
 from zygote_client import ExitStatus, SandboxConfig
 from zygote_client import _protocol as P
+from zygote_client._config import DEFAULTS
 from zygote_client._errors import ProtocolError, cut, quoted
 from zygote_client._workspace import ExportResult, WorkspaceError
 
@@ -203,6 +204,7 @@ class Child:
     reserve_fds: list[int] = field(default_factory=list)  # its stdin writer, stdout/stderr readers meanwhile
     leased: bool = False  # a reserve child a client holds (P.Lease): the client writes its Job
     leased_from: Pool | None = None  # the pool it was leased from (its timeout; a reload kills it unstarted)
+    reloaded: bool = False  # killed because a reload replaced the pool it was leased from (ExitStatus.pool_reloaded)
     detached: bool = False
     has_result: bool = True
     rings: tuple[detach.Ring, detach.Ring] | None = None  # stdout, stderr of a detached child
@@ -941,6 +943,8 @@ class Daemon:
 
     def _plan(self, pool: Pool, msg: P.Spawn, cfg: SandboxConfig, deferred: bool = False,
               prewarm: bool = True, pins: dict | None = None) -> C.ChildPlan:
+        if unset := [k for k in DEFAULTS if getattr(cfg, k) is None]:  # (policy.effective resolves them)
+            raise RuntimeError(f"unresolved sandbox fields {unset}: refused rather than confined by guesses")
         if deferred:  # a reserve child: no request yet (see _take_reserved); the pool's environment
             # is what most requests get; the target is the pool's child_main, the only one a Job
             # of kind child_main may run (a leased child's Job comes from the client)
@@ -1100,7 +1104,7 @@ class Daemon:
             return P.SpawnFailed(msg.req, "a detached child needs stdio='pipe' (the daemon keeps its output)",
                                  code="bad-request"), []
         try:
-            cfg = policy.effective(pool.config.sandbox, msg.sandbox)
+            cfg = policy.effective(pool.config.sandbox, msg.sandbox, inherit=msg.sandbox_inherits)
             own_paths = policy.names_host_paths(cfg, pool.config.sandbox)
             pins = {}
             if own_paths:
@@ -1546,6 +1550,7 @@ class Daemon:
         child.leased = False
         pool = child.leased_from
         if pool is None or pool is not self.pools.get(child.pool):  # its pool was reloaded meanwhile
+            child.reloaded = True
             self._kill(child, signal.SIGKILL)
             return
         child.started = time.monotonic()
@@ -1621,7 +1626,7 @@ class Daemon:
                         prewarm: bool) -> None:
         try:
             msg = P.Spawn(req=0, kind="exec", argv=["reserve"], pool=pool.config.name, stdin=True,
-                          sandbox=self._reserve_request(pool, reserve))
+                          sandbox=self._reserve_request(pool, reserve), sandbox_inherits=True)
             try:
                 reply, fds = await self.spawn(self._reserve_conn, msg, [], prewarm=prewarm)
             except Exception as e:  # noqa: BLE001 - as _spawn_request: a bug or EMFILE is one failed fill
@@ -1654,6 +1659,7 @@ class Daemon:
                 self._kill(child, signal.SIGKILL)
         for child in list(self.children.values()):
             if child.leased and child.leased_from is pool:
+                child.reloaded = True  # (its client may have written its Job: the status says why)
                 self._kill(child, signal.SIGKILL)
 
     def _start_detached(self, child: Child, conn: Connection, pipes: list[tuple[int, int]],
@@ -2526,7 +2532,7 @@ class Daemon:
             enforcement["max_output_bytes"] = "daemon"
         return ExitStatus(
             returncode=rc, timed_out=child.timed_out, output_exceeded=child.output_exceeded,
-            cpu_time_exceeded=cpu_exceeded, wall_time=time.monotonic() - child.started,
+            cpu_time_exceeded=cpu_exceeded, pool_reloaded=child.reloaded, wall_time=time.monotonic() - child.started,
             cpu_user=ru.ru_utime, cpu_system=ru.ru_stime, enforcement=enforcement,
         )
 

@@ -168,6 +168,8 @@ def exit_reason(status) -> str:
     hit = limits_hit(status)
     if hit:
         return hit[0]
+    if getattr(status, "pool_reloaded", False):
+        return "reload"
     if status.returncode == 0:
         return "ok"
     return "signal" if status.returncode < 0 else "error"

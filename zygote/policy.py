@@ -57,25 +57,46 @@ def _num(cfg: SandboxConfig, name: str):
     return v
 
 
-# Fields a request may set to anything (None: the pool's).
+# Fields a request may set to anything (None: the pool's); proc only where the pool allows it.
 _FREE = ("workdir", "uid", "gid", "hostname", "proc")
 
 
-def effective(pool: SandboxConfig, req: SandboxConfig | None) -> SandboxConfig:
+def _sizes_in_bytes(cfg: SandboxConfig) -> SandboxConfig:
+    sized = {k: _num(cfg, k) for k in _SIZES if isinstance(getattr(cfg, k), str)}
+    return msgspec.structs.replace(cfg, **sized) if sized else cfg
+
+
+def effective(pool: SandboxConfig, req: SandboxConfig | None, inherit: bool = True) -> SandboxConfig:
+    """The config a child of ``pool`` gets for request ``req``, every field resolved; sizes in
+    bytes (so "32M" and 33554432 are one config). ``inherit`` False: a client that predates
+    inheritance (P.Spawn.sandbox_inherits), whose unset fields mean the built-in defaults."""
     pool = pool.with_defaults()  # (the daemon's pools are resolved already: then this is pool)
     if req is None:
         # A pool's network is a ceiling, not a default: a child has network only when it asks.
+        pool = _sizes_in_bytes(pool)
         return msgspec.structs.replace(pool, network=None) if pool.network is not None else pool
+    if not inherit:
+        req = req.with_defaults()
     changes: dict = {}
     for name in LIMITS:
         p, r = _num(pool, name), _num(req, name)
         if r is None:
-            changes[name] = getattr(pool, name)
+            changes[name] = p if name in _SIZES else getattr(pool, name)
         elif p is not None and r > p:
             raise PolicyError(f"{name}={quoted(getattr(req, name))} exceeds the pool's ceiling {getattr(pool, name)!r}")
+        elif name in _SIZES:
+            changes[name] = r
+    own_root = req.chroot_dir is not None and pool.chroot_dir is None
     for name in _FREE:
-        if getattr(req, name) is None and not (name == "workdir" and req.workspace is not None):
-            changes[name] = getattr(pool, name)  # (a request's workspace is its working directory)
+        if getattr(req, name) is not None:
+            continue
+        if name in ("proc", "workdir") and own_root:
+            continue  # (the pool's /proc and working directory are for the pool's root)
+        if name == "workdir" and req.workspace is not None:
+            continue  # (a request's workspace is its working directory)
+        changes[name] = getattr(pool, name)
+    if req.proc and pool.proc is False:
+        raise PolicyError("proc=True is not allowed by the pool")
     if req.landlock is None:
         changes["landlock"] = pool.landlock
     elif _LANDLOCK_RANK[req.landlock] < _LANDLOCK_RANK[pool.landlock]:

@@ -538,7 +538,7 @@ class AsyncClient:
         def make(req: int) -> P.Spawn:
             return P.Spawn(req=req, kind=kind, payload=payload, target=tgt, argv=_argv, pool=pool,
                            process_name=process_name, env=env, sandbox=sandbox_config,
-                           stdin=stdin == PIPE, stdio="fds" if fds else "pipe", timeout=timeout,
+                           sandbox_inherits=sandbox_config is not None, stdin=stdin == PIPE, stdio="fds" if fds else "pipe", timeout=timeout,
                            trusted_results=bool(trusted_results), detached=bool(detached),
                            test_fail_step=_test_fail_step, test_relax_mounts=_test_relax_mounts,
                            test_landlock_abi=_test_landlock_abi, py=py)

@@ -281,6 +281,10 @@ class ExitStatus(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
         cpu_time_exceeded: the daemon killed it when its cgroup had used ``cpu_time`` (all its
             processes), or a process's RLIMIT_CPU backstop ended it (SIGXCPU/SIGKILL).
         output_exceeded: it wrote more than ``max_output_bytes``.
+        pool_reloaded: the daemon killed it (SIGKILL) because a reload replaced its pool while
+            the client held it (a leased child, see ``Client.connect(leases=)``): its Job was
+            written just before or as the reload came, and its payload may have started. Running
+            it again gets a child of the new pool.
         wall_time: seconds from clone to reaping.
         cpu_user, cpu_system: CPU seconds of the child and everything it started.
         peak_memory: peak memory in bytes from the cgroup, None where there is no cgroup.
@@ -293,6 +297,7 @@ class ExitStatus(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     pids_exceeded: bool = False
     cpu_time_exceeded: bool = False
     output_exceeded: bool = False
+    pool_reloaded: bool = False
     wall_time: float = 0.0
     cpu_user: float = 0.0
     cpu_system: float = 0.0

@@ -106,8 +106,9 @@ class ChildFailed(ResultError):
     """The child ended without returning: killed by a limit or a signal, or it exited.
 
     ``reason`` is the first that applies of ``"memory"`` (cgroup OOM kill, ``status.memory_exceeded``),
-    ``"pids"``, ``"timeout"``, ``"cpu-time"``, ``"output"``, ``"signal"`` and ``"exit"`` (sys.exit or
-    os._exit in the payload). ``status`` has the details.
+    ``"pids"``, ``"timeout"``, ``"cpu-time"``, ``"output"``, ``"reload"`` (a reload of the pool
+    killed the leased child, ``status.pool_reloaded``; its payload may have started),
+    ``"signal"`` and ``"exit"`` (sys.exit or os._exit in the payload). ``status`` has the details.
     """
 
 

@@ -73,6 +73,10 @@ class Spawn(_Msg, tag="spawn"):
     process_name: str | None = None
     env: dict[str, str] | None = None
     sandbox: SandboxConfig | None = None
+    # The sandbox's unset (None) fields are the pool's. A client that predates it (session 23)
+    # omits a field equal to the built-in default (omit_defaults), so an explicit
+    # seccomp_profile="default" reads as unset: its request keeps the built-in defaults.
+    sandbox_inherits: bool = False
     stdin: bool = True
     stdio: str = "pipe"  # "pipe": the daemon makes pipes; "fds": the frame carries stdin/out/err
     timeout: float | None = None  # wall-clock seconds; the stricter of this and sandbox.timeout wins
