@@ -1334,3 +1334,42 @@ def test_SECURITY_detached_spawns_in_a_burst_cannot_pass_max_attaches_together(t
             assert sorted(outcomes) == ["limit"] * 6 + ["spawned"] * 2, outcomes
     finally:
         stop_daemon(proc)
+
+
+def test_signal_0_checks_nothing_and_is_no_error_as_with_popen(client):
+    """Popen.send_signal(0) is a no-op for its child, alive or ended; it raised DaemonError."""
+    child = client.spawn_child(time.sleep, (30,), stdin=None)
+    child.send_signal(0)
+    assert child.poll() is None
+    child.kill()
+    assert child.wait().returncode == -signal.SIGKILL
+    child.send_signal(0)
+
+
+def test_a_cancelled_embedded_start_stops_its_daemon_without_holding_the_loop():
+    """open_embedded cancelled while its daemon preloads pandas: the daemon goes at once and the
+    event loop runs on meanwhile (it waited for the daemon with a blocking proc.wait(), which
+    returned only once the daemon had started its pools and seen its socket closed)."""
+    def embedded_daemons() -> list[int]:
+        return [pid for pid, _ in children_of(os.getpid()) if b"--inherit-fd" in cmdline(pid)]
+
+    async def main() -> float:
+        ticks = [time.monotonic()]
+
+        async def ticker() -> None:
+            while True:
+                await anyio.sleep(0.01)
+                ticks.append(time.monotonic())
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            with anyio.move_on_after(0.1) as scope:
+                await open_embedded(preload_imports=["pandas"])
+            assert scope.cancelled_caught
+            await anyio.sleep(0.05)  # (the ticker's tick after a stall, if there was one)
+            tg.cancel_scope.cancel()
+        return max(b - a for a, b in zip(ticks, ticks[1:]))
+
+    before = set(embedded_daemons())  # (the module's client's)
+    gap = anyio.run(main)
+    assert gap < 0.25, f"the event loop stood still for {gap:.2f} s"
+    assert set(embedded_daemons()) <= before

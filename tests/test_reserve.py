@@ -562,6 +562,8 @@ def test_SECURITY_held_children_count_against_the_per_client_limit(tmp_path):
             conn.send(conn.P.Spawn(req=4, kind="exec", argv=["/bin/true"], sandbox=SandboxConfig(hostname="x")))
             reply = conn.reply()
             assert isinstance(reply, conn.P.SpawnFailed) and reply.code == "limit", reply
+            # (the user runs nothing: the message says what holds the place)
+            assert "2 of them held unstarted for its leases" in reply.message, reply
 
 
 def test_a_held_child_that_dies_is_replaced():
@@ -939,8 +941,8 @@ def test_SECURITY_a_profile_named_by_the_request_is_told_apart_from_one_left_uns
 
 def test_SECURITY_a_client_that_predates_inheritance_keeps_the_built_in_defaults(tmp_path):
     """A client from before session 23 leaves out a field equal to the built-in default (its
-    explicit seccomp_profile="default" looks unset on the wire): without sandbox_inherits its
-    request keeps the built-in defaults, seccomp included, under a pool that turns seccomp off
+    explicit seccomp_profile="default" looks unset on the wire): without "sandbox-inherits" in
+    its Hello its requests keep the built-in defaults, seccomp included, under a pool that turns seccomp off
     (found by a helper's review: such a client lost the profile it asked for)."""
     with config_daemon(tmp_path, """
             [pools.default.sandbox]
@@ -948,10 +950,10 @@ def test_SECURITY_a_client_that_predates_inheritance_keeps_the_built_in_defaults
             """) as sock:
         def mode(inherits: bool) -> bytes:
             conn = RawConn(sock)
-            conn.send(conn.P.Hello(conn.P.VERSION))
+            conn.send(conn.P.Hello(conn.P.VERSION, conn.P.CLIENT if inherits else "zygote_client"))
             conn.reply()
             conn.send(conn.P.Spawn(req=1, kind="exec", argv=["/bin/grep", "^Seccomp:", "/proc/self/status"],
-                                   stdin=False, sandbox=SandboxConfig(timeout=60), sandbox_inherits=inherits))
+                                   stdin=False, sandbox=SandboxConfig(timeout=60)))
             fds: list[int] = []
             reply = conn.reply(fds)
             assert isinstance(reply, conn.P.Spawned), reply

@@ -242,6 +242,9 @@ class Connection:
         self.exports = 0  # bytes of export archives waiting to be sent here
         self.archives = 0  # ... and how many
         self.spawning = 0  # spawns of this connection in flight (not yet a child or a failure)
+        # Its Hello said "sandbox-inherits": a request's unset SandboxConfig fields are the pool's
+        # (the reserve's own connection asks with resolved configs: the same either way).
+        self.sandbox_inherits = False
         self.nursery: trio.Nursery | None = None  # the connection's tasks (taps die with it)
 
     def spawned(self) -> int:
@@ -785,6 +788,7 @@ class Daemon:
                                 if msg.version != P.VERSION:
                                     raise ProtocolError(f"protocol version {msg.version} not supported")
                                 hello = True
+                                conn.sandbox_inherits = "sandbox-inherits" in msg.client.split()[1:]
                                 await conn.send(P.Welcome(P.VERSION, os.getpid(), list(self.pools), leases=True))
                                 continue
                             try:
@@ -1001,7 +1005,10 @@ class Daemon:
         if per_client is not None and conn is not self._reserve_conn:
             n, who = self._client_load(conn)
             if n >= per_client:
-                return P.SpawnFailed(msg.req, f"{who} runs {n} children, the per-client maximum",
+                held = self._held_by(conn)
+                why = (f" ({held} of them held unstarted for its leases: a client with leases=K holds K)"
+                       if held else "")
+                return P.SpawnFailed(msg.req, f"{who} runs {n} children, the per-client maximum{why}",
                                      code="limit"), []
         # Detached children outlive their connection and keep output buffers in the daemon:
         # counted per uid while their spawn is in flight (a burst cannot pass the check
@@ -1089,6 +1096,12 @@ class Daemon:
             return None
         return max(1, self.config.max_children // 4)
 
+    def _held_by(self, conn: Connection) -> int:
+        """Leased children not yet started among those _client_load counts."""
+        if conn.peer_uid == 0:
+            return sum(1 for c in conn.children.values() if c.leased)
+        return sum(1 for c in self.children.values() if c.peer_uid == conn.peer_uid and c.leased)
+
     def _client_load(self, conn: Connection) -> tuple[int, str]:
         """Children (and spawns in flight) counted against max_children_per_client: per peer uid,
         over all its connections and its detached children, so more connections buy no more; for
@@ -1104,7 +1117,7 @@ class Daemon:
             return P.SpawnFailed(msg.req, "a detached child needs stdio='pipe' (the daemon keeps its output)",
                                  code="bad-request"), []
         try:
-            cfg = policy.effective(pool.config.sandbox, msg.sandbox, inherit=msg.sandbox_inherits)
+            cfg = policy.effective(pool.config.sandbox, msg.sandbox, inherit=conn.sandbox_inherits)
             own_paths = policy.names_host_paths(cfg, pool.config.sandbox)
             pins = {}
             if own_paths:
@@ -1626,7 +1639,7 @@ class Daemon:
                         prewarm: bool) -> None:
         try:
             msg = P.Spawn(req=0, kind="exec", argv=["reserve"], pool=pool.config.name, stdin=True,
-                          sandbox=self._reserve_request(pool, reserve), sandbox_inherits=True)
+                          sandbox=self._reserve_request(pool, reserve))
             try:
                 reply, fds = await self.spawn(self._reserve_conn, msg, [], prewarm=prewarm)
             except Exception as e:  # noqa: BLE001 - as _spawn_request: a bug or EMFILE is one failed fill

@@ -69,7 +69,7 @@ def _sizes_in_bytes(cfg: SandboxConfig) -> SandboxConfig:
 def effective(pool: SandboxConfig, req: SandboxConfig | None, inherit: bool = True) -> SandboxConfig:
     """The config a child of ``pool`` gets for request ``req``, every field resolved; sizes in
     bytes (so "32M" and 33554432 are one config). ``inherit`` False: a client that predates
-    inheritance (P.Spawn.sandbox_inherits), whose unset fields mean the built-in defaults."""
+    inheritance (no "sandbox-inherits" in its P.Hello), whose unset fields mean the built-in defaults."""
     pool = pool.with_defaults()  # (the daemon's pools are resolved already: then this is pool)
     if req is None:
         # A pool's network is a ceiling, not a default: a child has network only when it asks.

@@ -223,7 +223,9 @@ class AsyncChild:
         return self._outcome.value()
 
     async def send_signal(self, signum: int) -> None:
-        if self.status is not None:
+        """Send ``signum`` to the child (the daemon delivers it); nothing once it has ended, and
+        nothing for 0, as ``Popen.send_signal`` (whose 0 checks a process that cannot be gone)."""
+        if self.status is not None or signum == 0:
             return
         await self._client._signal(self.id, signum)
 
@@ -271,7 +273,7 @@ class AsyncClient:
         decoder = P.client_decoder()
         try:
             try:
-                await stream.send(P.encode(P.Hello(P.VERSION, "zygote_client")))
+                await stream.send(P.encode(P.Hello(P.VERSION, P.CLIENT)))
                 while True:
                     data, fds = await stream.receive_fds(1 << 16, P.MAX_FDS + 1)
                     decoder.feed(data, fds)
@@ -538,7 +540,7 @@ class AsyncClient:
         def make(req: int) -> P.Spawn:
             return P.Spawn(req=req, kind=kind, payload=payload, target=tgt, argv=_argv, pool=pool,
                            process_name=process_name, env=env, sandbox=sandbox_config,
-                           sandbox_inherits=sandbox_config is not None, stdin=stdin == PIPE, stdio="fds" if fds else "pipe", timeout=timeout,
+                           stdin=stdin == PIPE, stdio="fds" if fds else "pipe", timeout=timeout,
                            trusted_results=bool(trusted_results), detached=bool(detached),
                            test_fail_step=_test_fail_step, test_relax_mounts=_test_relax_mounts,
                            test_landlock_abi=_test_landlock_abi, py=py)
@@ -865,5 +867,9 @@ async def open_embedded(**kwargs: Any) -> AsyncClient:
     try:
         return await AsyncClient._from_socket(sock, proc)
     except BaseException:
-        proc.wait()
+        # Failed or cancelled: the daemon goes now (closed, its socket would end it only once its
+        # pools had started: seconds with pandas), waited for in a thread, not on the loop.
+        proc.terminate()
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(_reap_embedded, proc)
         raise

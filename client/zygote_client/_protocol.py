@@ -42,10 +42,21 @@ class _Msg(msgspec.Struct, frozen=True, tag_field="type", forbid_unknown_fields=
 
 
 class Hello(_Msg, tag="hello"):
-    """First message of a connection. The daemon answers Welcome or Error and closes."""
+    """First message of a connection. The daemon answers Welcome or Error and closes.
+
+    ``client``: the client's name, then the features it speaks, space-separated (a field every
+    daemon accepts as it is, so a feature named here costs an older daemon nothing). Features:
+    ``sandbox-inherits``: a Spawn's SandboxConfig fields left None are the pool's. Without it
+    (a client from before session 23, which leaves out a field equal to the built-in default,
+    so that its explicit ``seccomp_profile="default"`` reads as unset) they are the built-in
+    defaults.
+    """
 
     version: int
     client: str = ""
+
+
+CLIENT = "zygote_client sandbox-inherits"  # this client's Hello.client
 
 
 class Spawn(_Msg, tag="spawn"):
@@ -73,10 +84,6 @@ class Spawn(_Msg, tag="spawn"):
     process_name: str | None = None
     env: dict[str, str] | None = None
     sandbox: SandboxConfig | None = None
-    # The sandbox's unset (None) fields are the pool's. A client that predates it (session 23)
-    # omits a field equal to the built-in default (omit_defaults), so an explicit
-    # seccomp_profile="default" reads as unset: its request keeps the built-in defaults.
-    sandbox_inherits: bool = False
     stdin: bool = True
     stdio: str = "pipe"  # "pipe": the daemon makes pipes; "fds": the frame carries stdin/out/err
     timeout: float | None = None  # wall-clock seconds; the stricter of this and sandbox.timeout wins
