@@ -1373,3 +1373,30 @@ def test_a_cancelled_embedded_start_stops_its_daemon_without_holding_the_loop():
     gap = anyio.run(main)
     assert gap < 0.25, f"the event loop stood still for {gap:.2f} s"
     assert set(embedded_daemons()) <= before
+
+
+def test_threads_using_a_client_that_is_closed_get_closed_error():
+    """Threads in run() while the client is closed get ClosedError (closed by this side), not
+    BrokenError ("the daemon closed the connection", which 5 of 8 got: the reader took its own
+    stream's close for the daemon's)."""
+    import threading
+
+    from zygote_client import ClosedError, ZygoteError
+    c = Client.embedded()
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        while True:
+            try:
+                c.run(time.sleep, (0.01,))
+            except ZygoteError as e:
+                errors.append(e)
+                return
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    c.close()
+    for t in threads:
+        t.join(30)
+    assert len(errors) == 8 and all(isinstance(e, ClosedError) for e in errors), [repr(e) for e in errors]

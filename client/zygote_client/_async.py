@@ -350,6 +350,8 @@ class AsyncClient:
                 try:
                     data, fds = await self._stream.receive_fds(1 << 18, P.MAX_FDS + 1)
                 except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError) as e:
+                    if self._closed:  # (we closed the stream: no daemon went away)
+                        raise ClosedError("the client was closed") from e
                     raise BrokenError(_proc_reason(self._proc) or "the daemon closed the connection") from e
                 self._decoder.feed(data, fds)
                 while (item := self._decoder.next()) is not None:
@@ -464,6 +466,8 @@ class AsyncClient:
                         raise BrokenError(f"a request could not be sent in {SEND_WHOLE:g} s: the connection is closed")
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as e:
             self._pending.pop(req, None)
+            if self._closed:
+                raise ClosedError("the client was closed") from None
             raise BrokenError(f"cannot send to the daemon: {e}") from None
         except BaseException:  # cancelled before the send (nothing will come) or right after it
             if sent:
