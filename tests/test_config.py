@@ -205,13 +205,26 @@ def test_a_sighup_while_the_pools_start_reloads_once_they_have(tmp_path):
         stop_daemon(proc)
 
 
+def _started_with(dispositions: dict, *args: str):
+    """start_daemon(*args) with these signal dispositions of ours at its exec (a handler of ours
+    becomes SIG_DFL there; SIG_IGN stays): a run of the suite from a script's background job has
+    SIGINT ignored, which the daemon would inherit."""
+    old = {sig: signal.signal(sig, how) for sig, how in dispositions.items()}
+    try:
+        return start_daemon(*args)
+    finally:
+        for sig, how in old.items():
+            signal.signal(sig, how)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_as_the_socket_is_bound_stops_the_daemon_cleanly(tmp_path, sig):
     """SIGTERM, SIGINT or SIGHUP (no --config: it stops the daemon) the moment the socket file
     exists: exit status 0 and no socket file left (the signal's default action ended it, -15 in
     3 of 3 runs, before trio's handlers were in place)."""
     sock = str(tmp_path / "z.sock")
-    proc = start_daemon("--socket", sock)
+    proc = _started_with({sig: signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL},
+                         "--socket", sock)
     try:
         _bound(sock)
         proc.send_signal(sig)
@@ -220,6 +233,48 @@ def test_a_signal_as_the_socket_is_bound_stops_the_daemon_cleanly(tmp_path, sig)
     finally:
         if proc.poll() is None:
             stop_daemon(proc)
+
+
+def test_a_sighup_still_queued_at_the_stop_does_not_end_the_daemon_by_itself(tmp_path):
+    """SIGHUP then SIGTERM while a --config daemon's pool preloads pandas: the SIGHUP waits for a
+    reload that never comes; the daemon stops cleanly, exit 0 and its socket file removed (the
+    receiver raised the SIGHUP again as it closed, after SIGHUP's default action was back: the
+    daemon ended by it, -1, its socket file left; found by a helper's review)."""
+    sock = str(tmp_path / "z.sock")
+    cfg = write_text(tmp_path / "z.toml", f'[daemon]\nsocket = "{sock}"\n[pools.default]\npreload = ["pandas"]\n')
+    proc = _started_with({signal.SIGHUP: signal.SIG_DFL}, "--config", cfg)
+    try:
+        _bound(sock)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, _log(proc)
+        assert not os.path.exists(sock)
+    finally:
+        if proc.poll() is None:
+            stop_daemon(proc)
+
+
+def test_sigint_and_sighup_ignored_at_start_stay_ignored(tmp_path):
+    """A daemon started with SIGINT and SIGHUP ignored (a script's background job, nohup) keeps
+    ignoring them, before and after it is ready, as such jobs do; SIGTERM still stops it. (An
+    early SIGINT was lost anyway: trio re-sets SIGINT's disposition at its start, which discards
+    a pending one when it is SIG_IGN.)"""
+    sock = str(tmp_path / "z.sock")
+    proc = _started_with({signal.SIGINT: signal.SIG_IGN, signal.SIGHUP: signal.SIG_IGN}, "--socket", sock)
+    try:
+        _bound(sock)
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGHUP)
+        wait_socket(sock, proc)
+        with Client.connect(sock) as c:
+            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(0.5)
+            assert proc.poll() is None
+            assert c.run(print, ("up",)).stdout == b"up\n"
+    finally:
+        stop_daemon(proc)
 
 
 def test_sighup_reload_keeps_running_children(shared_dir):

@@ -1362,7 +1362,7 @@ def test_a_cancelled_embedded_start_stops_its_daemon_without_holding_the_loop():
                 ticks.append(time.monotonic())
         async with anyio.create_task_group() as tg:
             tg.start_soon(ticker)
-            with anyio.move_on_after(0.1) as scope:
+            with anyio.move_on_after(0.05) as scope:
                 await open_embedded(preload_imports=["pandas"])
             assert scope.cancelled_caught
             await anyio.sleep(0.05)  # (the ticker's tick after a stall, if there was one)
@@ -1371,7 +1371,7 @@ def test_a_cancelled_embedded_start_stops_its_daemon_without_holding_the_loop():
 
     before = set(embedded_daemons())  # (the module's client's)
     gap = anyio.run(main)
-    assert gap < 0.25, f"the event loop stood still for {gap:.2f} s"
+    assert gap < 0.4, f"the event loop stood still for {gap:.2f} s"  # (0.5-0.65 s with proc.wait())
     assert set(embedded_daemons()) <= before
 
 

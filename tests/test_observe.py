@@ -113,6 +113,7 @@ def test_reserve_children_are_not_counted_as_running_or_exited(tmp_path):
             sleeper.kill()
             sleeper.wait()
             wait_for(lambda: c.status().running == 0, what="the sleeper's exit")
+            wait_for(lambda: c.status().pools[0].reserve_waiting == 2, 30, "the reserve, full")
             for n in (1, 2):  # (a changed pool replaces the old one, whose reserve children go)
                 preload = json.dumps(["colorsys", "json"][:n])
                 write_text(path, f'[daemon]\nsocket = "{sock}"\n[pools.default]\nreserve = 2\npreload = {preload}\n')

@@ -284,9 +284,6 @@ def _say(text: str) -> None:
     print(text, file=LossyStream(sys.stderr), flush=True)
 
 
-_SERVE_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-
-
 def serve(args) -> int:
     import trio
 
@@ -299,7 +296,13 @@ def serve(args) -> int:
     # trio's receivers are in place (main_task). Their default action killed the daemon with
     # nothing cleaned up (its socket file, its claims on id ranges), and a SIGHUP while a
     # --config daemon's pools started (seconds, with pandas) killed it too.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _SERVE_SIGNALS)
+    # SIGINT and SIGHUP ignored when we were started (a background job of a script, nohup) stay
+    # ignored, as the convention for such jobs is, except SIGHUP's reload of a --config daemon.
+    ignored = {s for s in (signal.SIGINT, signal.SIGHUP) if signal.getsignal(s) == signal.SIG_IGN}
+    stopping = [s for s in (signal.SIGTERM, signal.SIGINT) + (() if args.config else (signal.SIGHUP,))
+                if s not in ignored]
+    handled = set(stopping) | ({signal.SIGHUP} if args.config else set())
+    signal.pthread_sigmask(signal.SIG_BLOCK, handled)
     try:
         cfg = _config_from_args(args)
     except ConfigError as e:
@@ -340,27 +343,36 @@ def serve(args) -> int:
             port = daemon.observer.serve_metrics(args.metrics_port)
         except OSError as e:
             print(f"zygote serve: metrics port {args.metrics_port}: {e.strerror}", file=sys.stderr)
+            if own_socket:
+                os.unlink(cfg.socket_path)
             return 2
         print(f"zygote serve: metrics on http://127.0.0.1:{port}/metrics", file=sys.stderr, flush=True)
 
     async def main_task() -> None:
         # SIGHUP reloads a --config daemon (one that came while the pools started, once they
         # have); without --config it stops the daemon as SIGTERM does.
-        stopping = (signal.SIGTERM, signal.SIGINT) if args.config else (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         reloading = trio.open_signal_receiver(signal.SIGHUP) if args.config else contextlib.nullcontext()
         with trio.open_signal_receiver(*stopping) as stops, reloading as hups:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SERVE_SIGNALS)  # (before any zygote starts)
-            async with trio.open_nursery() as n:
-                n.start_soon(_stop_on_signals, stops, n.cancel_scope)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)  # (before any zygote starts)
+            try:
+                async with trio.open_nursery() as n:
+                    n.start_soon(_stop_on_signals, stops, n.cancel_scope)
 
-                async def run_daemon(task_status=trio.TASK_STATUS_IGNORED) -> None:
-                    await daemon.run(listen_sock=listen, inherit_fd=args.inherit_fd, task_status=task_status)
-                    n.cancel_scope.cancel()  # the embedded connection closed
+                    async def run_daemon(task_status=trio.TASK_STATUS_IGNORED) -> None:
+                        await daemon.run(listen_sock=listen, inherit_fd=args.inherit_fd, task_status=task_status)
+                        n.cancel_scope.cancel()  # the embedded connection closed
 
-                await n.start(run_daemon)
-                sd_notify("READY=1")  # only now: every pool's zygote has preloaded
-                if args.config:
-                    n.start_soon(_reload_on_hup, daemon, args, hups)
+                    await n.start(run_daemon)
+                    sd_notify("READY=1")  # only now: every pool's zygote has preloaded
+                    if args.config:
+                        n.start_soon(_reload_on_hup, daemon, args, hups)
+            finally:
+                # A receiver raises the signals it still holds (a SIGHUP that came while the
+                # pools started, a second SIGTERM during the shutdown) again as it closes, once
+                # the old dispositions are back: blocked, they stay pending here and are ignored
+                # below, instead of ending the process by their default action before the
+                # cleanup (its socket file was left).
+                signal.pthread_sigmask(signal.SIG_BLOCK, handled)
 
     try:
         trio.run(main_task)
@@ -373,6 +385,8 @@ def serve(args) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        for sig in handled:  # (a trio worker thread could still take one from outside)
+            signal.signal(sig, signal.SIG_IGN)
         sd_notify("STOPPING=1")
         daemon.observer.close()
         if listen is not None:

@@ -1061,7 +1061,7 @@ class Daemon:
         """Children alive for clients (status().running, zygote_children_running): every child but
         those the reserves are making or hold waiting (a held leased child counts). Called from
         the metrics thread too: two lengths, no iteration."""
-        return len(self.children) - len(self._reserve_conn.children)
+        return max(0, len(self.children) - len(self._reserve_conn.children))  # (see _watch_and_reap)
 
     def _client_count(self) -> int:
         """What max_children bounds: every child and spawn in flight but those of the reserves
@@ -2120,8 +2120,9 @@ class Daemon:
         # A reserve child that never ran a request: waiting, or held by a client (leased) that
         # wrote it no Job the daemon heard of (a reload, an expired or given-back lease).
         unused = child.conn is self._reserve_conn or child.leased
-        self.children.pop(child.id, None)
+        # (the reserve's first: a metrics scrape between the two reads one too many, not too few)
         self._reserve_conn.children.pop(child.id, None)  # (with it: see _client_count)
+        self.children.pop(child.id, None)
         for pool in self.pools.values():  # a reserve that waited for room may refill now
             for reserve in pool.reserves:
                 if reserve.wants_room:
