@@ -1053,3 +1053,25 @@ def test_a_prepared_namespace_whose_veth_was_deleted_is_not_given_to_a_child(wor
     with Client.connect(path) as c:
         r = c.run(_echo_once(), sandbox_config=NET, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_request_gets_the_address_a_networked_reserve_child_holds(world, tmp_path):
+    """A pool of two addresses, one held by a networked reserve child: a request whose own
+    allow-list the reserve does not serve, while another such child holds the other address,
+    takes the reserve child's address (it was refused "the address pool ... is exhausted":
+    check_network_room only checks that the reserve fits the pool by itself)."""
+    path = world.start(tmp_path, "--network-pool", "10.213.0.0/29", "--network-ahead", "0",
+                       "--reserve-network", "1")
+    narrow = SandboxConfig(network=NetworkConfig(allow=(f"{ECHO}/32:7",)))
+    with Client.connect(path) as c:
+        deadline = time.monotonic() + 30
+        while c.status().pools[0].reserve_waiting < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.status().pools[0].reserve_waiting == 1
+        holder = c.spawn_child(time.sleep, (60,), stdin=None, sandbox_config=narrow)
+        try:
+            r = c.run(print, ("up",), sandbox_config=narrow)
+            assert r.returncode == 0 and r.stdout == b"up\n", r
+        finally:
+            holder.kill()
+            holder.wait()

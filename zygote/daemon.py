@@ -465,6 +465,7 @@ class Daemon:
         self._net_ready: list[tuple[network.Lease, int]] = []  # prepared namespaces: (lease, fd)
         self._net_wake = trio.Event()  # set when a networked spawn took one
         self._net_takes = 0
+        self._addresses_wanted = 0  # requests waiting for a reserve child's address (_acquire_address)
         self._net_refill: trio.CancelScope | None = None  # _keep_net_ahead's, while it runs ...
         self._net_refill_done = trio.Event()  # ... and set once it has ended
         # cpu_time (see _cpu_guard): child -> [CPU seconds it had used, the zygote tree's usage
@@ -1932,7 +1933,7 @@ class Daemon:
                 self._nursery.start_soon(self._net_discard, lease, bool(allow))
                 raise
         else:
-            lease = net.pool.acquire()
+            lease = await self._acquire_address(net, for_reserve=child.conn is self._reserve_conn)
             try:
                 await trio.to_thread.run_sync(net.attach, lease, os.dup(child.pidfd), child.pid, allow)
             except BaseException:
@@ -1941,6 +1942,38 @@ class Daemon:
         child.lease, child.net_allow = lease, bool(allow)
         if child.exited.is_set():  # reaped while we worked: its watcher found no lease to release
             await self._network_release(child)
+
+    async def _acquire_address(self, net, for_reserve: bool) -> network.Lease:
+        """An address of the pool for a child that makes its own veth. When the pool has none
+        left and a networked reserve child waits, that child gives its address up: a request
+        comes before the reserve (which only ever checks that it fits the pool by itself, so a
+        request with an allow-list of its own could find the last address held by it); the
+        reserve makes none while a request waits for one."""
+        if for_reserve and self._addresses_wanted:
+            raise SetupError(network.STEP, "a request waits for an address of the pool", _errno.EADDRNOTAVAIL)
+        try:
+            return net.pool.acquire()
+        except SetupError as e:
+            if e.errno != _errno.EADDRNOTAVAIL or for_reserve:
+                raise
+            victim = next((r.children.pop() for p in self.pools.values() for r in p.reserves
+                           if r.network and r.children), None)
+            if victim is None:
+                raise
+            self._kill(victim, signal.SIGKILL)
+            self._addresses_wanted += 1
+            try:
+                with trio.move_on_after(10):
+                    await victim.exited.wait()
+                    while True:  # (its watcher frees the address once the veth is gone: ~30 ms)
+                        await trio.sleep(0.01)
+                        try:
+                            return net.pool.acquire()
+                        except SetupError:
+                            pass
+            finally:
+                self._addresses_wanted -= 1
+            raise
 
     async def _network_release(self, child: Child) -> None:
         if child.net_ahead is not None:  # born in a prepared namespace, died before it was activated
@@ -1993,6 +2026,9 @@ class Daemon:
             await trio.sleep(NET_AHEAD_QUIET if not fails else min(30.0, 0.1 * 2 ** fails))
             if self._net_takes != takes or self.network is not net:
                 continue  # not quiet yet (or shut down)
+            if self._addresses_wanted:  # (a request waits for the next free one)
+                fails = min(fails + 1, 10)
+                continue
             try:
                 lease = net.pool.acquire()
             except SetupError:  # every address in use: again later
