@@ -83,6 +83,7 @@ class Reserve:
     def __init__(self, size: int, *, network: bool) -> None:
         self.size = size
         self.network = network  # built with the pool's network ceiling, as a networked request asks
+        self.built: SandboxConfig | None = None  # its children's effective config (set by the daemon)
         self.children: list = []  # confined, waiting for a request (daemon.Child)
         self.wake = trio.Event()
         self.last_take = 0.0  # time.monotonic() of the last request that took one ...

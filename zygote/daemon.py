@@ -511,6 +511,8 @@ class Daemon:
     def _new_pool(self, pc: PoolConfig) -> Pool:
         pool = Pool(pc)
         pool.on_zygote_death = lambda: self._nursery.start_soon(self._reap_strays)
+        for reserve in pool.reserves:  # (what _reserve_fits compares each request with: once per pool)
+            reserve.built = policy.effective(pc.sandbox, self._reserve_request(pool, reserve))
         return pool
 
     async def _warm_seccomp(self, done: trio.Event) -> None:
@@ -1118,7 +1120,8 @@ class Daemon:
             return P.SpawnFailed(msg.req, "a detached child needs stdio='pipe' (the daemon keeps its output)",
                                  code="bad-request"), []
         try:
-            cfg = policy.effective(pool.config.sandbox, msg.sandbox, inherit=conn.sandbox_inherits)
+            cfg = (pool.reserve.built if msg.sandbox is None  # (the pool's default: made once, _new_pool)
+                   else policy.effective(pool.config.sandbox, msg.sandbox, inherit=conn.sandbox_inherits))
             own_paths = policy.names_host_paths(cfg, pool.config.sandbox)
             pins = {}
             if own_paths:
@@ -1389,7 +1392,7 @@ class Daemon:
         for reserve in pool.reserves:
             if reserve.size == 0 or (cfg.network is not None) != reserve.network:
                 continue
-            built = policy.effective(pool.config.sandbox, self._reserve_request(pool, reserve))
+            built = reserve.built
             if cfg != built and not (
                     self._wants_cgroup(built)
                     and msgspec.structs.replace(cfg, memory=built.memory, pids=built.pids, cpu=built.cpu) == built):

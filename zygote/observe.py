@@ -168,7 +168,7 @@ def exit_reason(status) -> str:
     hit = limits_hit(status)
     if hit:
         return hit[0]
-    if getattr(status, "pool_reloaded", False):
+    if status.pool_reloaded:
         return "reload"
     if status.returncode == 0:
         return "ok"
