@@ -11,7 +11,7 @@ import pytest
 from zygote_client import Client, DaemonError, SandboxConfig, SandboxError
 
 from conftest import (RawConn, config_daemon, daemon_pid, sandbox_children, start_daemon, stop_daemon, wait_socket,
-                      write_text)
+                      wait_for, write_text)
 
 
 def _boottime() -> float:
@@ -784,6 +784,40 @@ def test_waiting_reserve_children_leave_clients_all_of_max_children():
                 ch.stdin.close()
                 assert ch.wait().returncode == 0
         assert c.run(print, ("again",)).stdout == b"again\n"
+
+
+@pytest.mark.skipif(os.path.exists("/sys/fs/cgroup/cgroup.controllers"),
+                    reason="cgroup v2: children are born in their cgroup, no attach to slow down")
+@pytest.mark.parametrize("limits", [["--max-children", "2"],
+                                    ["--max-children", "8", "--max-children-per-client", "2"]],
+                         ids=["max_children", "per_client"])
+def test_a_spawn_in_its_last_steps_counts_once(limits):
+    """A spawn counts against max_children (and the per-client maximum) from its checks until its
+    child exists, then as that child: it counted twice from the clone to its reply, so with one
+    spawn in its cgroup attach (slowed down, test hook) a daemon at max_children 2 refused a
+    second request ("runs 2 children") while one child existed."""
+    import threading
+
+    with Client.embedded(test_hooks=True, daemon_args=limits) as c:
+        dpid = daemon_pid(c)
+        outcome: list[object] = []
+
+        def slow() -> None:
+            try:
+                outcome.append(c.run(print, ("slow",), sandbox_config=SandboxConfig(memory="64M"),
+                                     _test_fail_step="cgroup-attach-delay", timeout=30))
+            except Exception as e:  # noqa: BLE001 - reported below
+                outcome.append(e)
+
+        t = threading.Thread(target=slow)
+        t.start()
+        try:
+            wait_for(lambda: sandbox_children(dpid), what="the slow spawn's clone")
+            assert c.run(print, ("second",)).stdout == b"second\n"
+            assert not outcome, "the slow spawn was over before the second request: no overlap tested"
+        finally:
+            t.join(30)
+        assert outcome and outcome[0].stdout == b"slow\n", outcome
 
 
 def test_SECURITY_a_lease_counts_against_max_children(tmp_path):

@@ -227,6 +227,38 @@ class _Kept:
     size: int = 0  # bytes held: the result, the output rings, the archive
 
 
+class _Flight:
+    """One spawn in flight, counted (Daemon.spawning, its connection's, its uid's, and per uid if
+    detached) from its checks until it lands: its child exists (cloned and registered, or a
+    reserve child handed to it) or it failed. Not both: a child in its last setup steps (maps,
+    cgroup, network, "go", Ready) counted twice against max_children and the per-client and
+    detached maximums, and the daemon refused requests it had room for."""
+
+    __slots__ = ("daemon", "conn", "detached", "landed")
+
+    def __init__(self, daemon: Daemon, conn: Connection, detached: bool) -> None:
+        self.daemon, self.conn, self.detached, self.landed = daemon, conn, detached, False
+        uid = conn.peer_uid
+        daemon.spawning += 1
+        conn.spawning += 1
+        daemon.spawning_by_uid[uid] = daemon.spawning_by_uid.get(uid, 0) + 1
+        if detached:
+            daemon._count(daemon.detached_by_uid, uid, 1)
+
+    def land(self) -> None:
+        if self.landed:
+            return
+        self.landed = True
+        d, uid = self.daemon, self.conn.peer_uid
+        d.spawning -= 1
+        self.conn.spawning -= 1
+        d.spawning_by_uid[uid] -= 1
+        if not d.spawning_by_uid[uid]:
+            del d.spawning_by_uid[uid]
+        if self.detached:
+            d._count(d.detached_by_uid, uid, -1)
+
+
 class Connection:
     def __init__(self, daemon: "Daemon", sock: trio.socket.SocketType, peer: tuple[int, int, int]) -> None:
         self.daemon = daemon
@@ -1027,25 +1059,17 @@ class Daemon:
             return P.SpawnFailed(msg.req, f"uid {conn.peer_uid} already has {self.config.max_attaches} attached "
                                  "readers (the spawners' of detached children included), the daemon's maximum "
                                  "per user (max_attaches)", code="limit"), []
-        self.spawning += 1
-        conn.spawning += 1
-        self.spawning_by_uid[conn.peer_uid] = self.spawning_by_uid.get(conn.peer_uid, 0) + 1
-        if detached:
-            self._count(self.detached_by_uid, conn.peer_uid, 1)
+        flight = _Flight(self, conn, detached)
         if msg.detached:  # (the spawner's feeds: counted from here, see _start_detached)
             self._count(self.attached, conn.peer_uid, 1)
         reply = None
         try:
-            reply = await self._spawn(pool, conn, msg, client_fds, prewarm)
+            reply = await self._spawn(pool, conn, msg, client_fds, prewarm, flight)
             return reply
         finally:
-            self.spawning -= 1
-            conn.spawning -= 1
-            self.spawning_by_uid[conn.peer_uid] -= 1
-            if not self.spawning_by_uid[conn.peer_uid]:
-                del self.spawning_by_uid[conn.peer_uid]
-            if detached:
-                self._count(self.detached_by_uid, conn.peer_uid, -1)
+            if not flight.landed:  # no child came of it: what it held back is free
+                flight.land()
+                self._room_freed()
             if msg.detached and not (reply and isinstance(reply[0], P.Spawned)):
                 self._count(self.attached, conn.peer_uid, -1)  # no child: _start_detached never ran
 
@@ -1091,6 +1115,13 @@ class Daemon:
         return self.id_slots is None or (
             self._in_reserves() < self.id_slots.count - self.config.max_children - ID_SLACK // 2)
 
+    def _room_freed(self) -> None:
+        """A child left, or a spawn ended without one: a reserve that waited for room may refill."""
+        for pool in self.pools.values():
+            for reserve in pool.reserves:
+                if reserve.wants_room:
+                    reserve.wake.set()
+
     def _per_client_cap(self, conn: Connection) -> int | None:
         """The max_children_per_client that applies to ``conn``'s peer (see DaemonConfig)."""
         if self.config.max_children_per_client is not None:
@@ -1115,7 +1146,8 @@ class Daemon:
         n = sum(1 for c in self.children.values() if c.peer_uid == uid and not c.reserved)
         return n + self.spawning_by_uid.get(uid, 0), f"uid {uid}"
 
-    async def _spawn(self, pool: Pool, conn: Connection, msg: P.Spawn, client_fds: list[int], prewarm: bool = True):
+    async def _spawn(self, pool: Pool, conn: Connection, msg: P.Spawn, client_fds: list[int], prewarm: bool,
+                     flight: _Flight):
         if msg.detached and msg.stdio != "pipe":
             return P.SpawnFailed(msg.req, "a detached child needs stdio='pipe' (the daemon keeps its output)",
                                  code="bad-request"), []
@@ -1142,7 +1174,7 @@ class Daemon:
         reserve = self._reserve_fits(pool, msg, cfg) if conn is not self._reserve_conn else None
         if reserve is not None:
             try:
-                taken = await self._take_reserved(pool, reserve, conn, msg, timeout, cfg)
+                taken = await self._take_reserved(pool, reserve, conn, msg, timeout, cfg, flight)
             except _Refused as r:
                 return P.SpawnFailed(msg.req, r.message, code=r.code, path=r.path), []
             if taken is not None:
@@ -1333,6 +1365,7 @@ class Daemon:
             mine.remove(res_r)
             self.children[child.id] = child
             conn.children[child.id] = child
+            flight.land()  # (counted as this child from here)
             if child.detached and child.peer_uid != 0:  # (until _watch ends: max_detached_per_client)
                 self._count(self.detached_by_uid, child.peer_uid, 1)
             self.spawns_total += 1
@@ -1421,7 +1454,7 @@ class Daemon:
         return "ok" if done else "skip"
 
     async def _take_reserved(self, pool: Pool, reserve: Reserve, conn: Connection, msg: P.Spawn,
-                             timeout: float | None, cfg: SandboxConfig):
+                             timeout: float | None, cfg: SandboxConfig, flight: _Flight):
         """Hand a waiting reserve child this request: its Job on the control pipe, its pipes to the
         client. None when the reserve is empty (the caller clones as usual). Raises _Refused."""
         kind, target, env = self._check_request(pool, msg)
@@ -1479,6 +1512,7 @@ class Daemon:
                 raise
             finally:
                 ctl.close()
+            flight.land()  # (the connection's child since _hand_to: counted as that from here)
             if timeout is not None:
                 self._nursery.start_soon(self._deadline_until_exit, child)
             return P.Spawned(msg.req, child.id, child.pid, msg.stdin), fds
@@ -2162,10 +2196,7 @@ class Daemon:
         # (the reserve's first: a metrics scrape between the two reads one too many, not too few)
         self._reserve_conn.children.pop(child.id, None)  # (with it: see _client_count)
         self.children.pop(child.id, None)
-        for pool in self.pools.values():  # a reserve that waited for room may refill now
-            for reserve in pool.reserves:
-                if reserve.wants_room:
-                    reserve.wake.set()
+        self._room_freed()
         if child.ready_seen and not unused:
             self.observer.exited(child=child.id, pool=child.pool, peer_uid=child.peer_uid, status=child.status)
         elif child.ready_seen:  # (its spawn was never counted: nor is its exit)
