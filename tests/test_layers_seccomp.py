@@ -254,6 +254,29 @@ def test_SECURITY_seccomp_default_denies_vsock_and_rare_socket_families():
     assert (kind, res) == ("ok", [True] * 4)  # AF_UNIX, AF_INET, AF_INET6, AF_NETLINK still work
 
 
+def test_SECURITY_seccomp_default_denies_host_netlink_protocols_and_mptcp():
+    """Netlink sockets other than ROUTE, SOCK_DIAG and GENERIC are refused: the network namespace
+    a child gets ahead of time is owned by the host's user namespace, and the kernel sends the
+    host's device events (KOBJECT_UEVENT) to every such namespace. MPTCP (and any protocol
+    number from 262 on) is refused for AF_INET/AF_INET6: Landlock's TCP rules do not cover it, so
+    a child with no network could bind and connect over it where TCP is denied. The kernel reads
+    the protocol as 32 bits: high bits must not slip a refused one past."""
+    AF_INET, AF_INET6, AF_NETLINK, SOCK_STREAM, SOCK_DGRAM = 2, 10, 16, 1, 2
+    NETLINK_KOBJECT_UEVENT, NETLINK_AUDIT, IPPROTO_MPTCP = 15, 9, 262
+    for proto in (NETLINK_KOBJECT_UEVENT, NETLINK_AUDIT, (1 << 32) | NETLINK_KOBJECT_UEVENT):
+        control = denied(lambda: raw("socket", AF_NETLINK, SOCK_DGRAM, proto), errno.EPROTONOSUPPORT)
+        assert control[0] >= 0, control  # the control made one
+    for family in (AF_INET, AF_INET6):
+        for proto in (IPPROTO_MPTCP, (1 << 32) | IPPROTO_MPTCP):
+            control = denied(lambda: raw("socket", family, SOCK_STREAM, proto), errno.EPROTONOSUPPORT)
+            assert control[0] >= 0, control  # this kernel has MPTCP: the control made one
+    ok = [(AF_NETLINK, SOCK_DGRAM, 0), (AF_NETLINK, SOCK_DGRAM, 4), (AF_NETLINK, SOCK_DGRAM, 16),
+          (AF_INET, SOCK_STREAM, 0), (AF_INET, SOCK_STREAM, 6), (AF_INET, SOCK_DGRAM, 17),
+          (AF_INET6, SOCK_STREAM, 6), (AF_INET6, SOCK_DGRAM, 0)]
+    kind, res = in_child(lambda: [raw("socket", *a)[0] >= 0 for a in ok], "default")
+    assert (kind, res) == ("ok", [True] * len(ok))  # route/diag/generic netlink, TCP and UDP still work
+
+
 def test_SECURITY_seccomp_default_denies_misc_admin_calls():
     names = ["kexec_load", "init_module", "finit_module", "delete_module", "reboot", "swapon",
              "acct", "settimeofday", "clock_settime", "open_by_handle_at", "process_vm_readv",

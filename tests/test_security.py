@@ -633,3 +633,72 @@ def test_SECURITY_a_child_binds_what_the_daemon_checked_after_the_zygote_started
         assert r.stdout == b"over\n"
     finally:
         subprocess.run(["umount", str(d)], check=True)
+
+
+def _uevent_listener():
+    """A payload that listens for the kernel's device events (what udev reads) for 3 s."""
+    def listen():
+        import socket
+        try:
+            s = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 15)  # NETLINK_KOBJECT_UEVENT
+            s.bind((0, 1))
+        except OSError as e:
+            print("refused", flush=True)
+            return f"refused: {e.strerror}"
+        print("listening", flush=True)
+        s.settimeout(3)
+        got = []
+        try:
+            while True:
+                got.append(s.recv(65536).replace(b"\0", b" ").decode(errors="replace"))
+        except socket.timeout:
+            return got
+    return listen
+
+
+def test_SECURITY_a_child_hears_no_host_device_events(client):
+    """A child's network namespace is made ahead of time by the zygote, so the host's user
+    namespace owns it, and the kernel sends the host's device events (disks, USB, hotplug,
+    module loads) to every such namespace: a child read them (a helper's review). The default
+    seccomp profile refuses the uevent netlink protocol. Fails with that rule removed: the child
+    receives the synthetic event below."""
+    import uuid
+
+    marker = f"zg{uuid.uuid4().hex[:12]}"
+    child = client.spawn_child(_uevent_listener(), stdin=None)
+    first = child.stdout.readline()
+    assert first in (b"listening\n", b"refused\n"), first
+    if first == b"listening\n":
+        # A synthetic "change" of /dev/null with a marker of ours (no udev runs here; where one
+        # does, it re-applies /dev/null's rules).
+        for _ in range(3):
+            with open("/sys/devices/virtual/mem/null/uevent", "w") as f:
+                f.write(f"change {uuid.uuid4()} ZGTEST={marker}")
+            time.sleep(0.2)
+    got = child.result()
+    assert child.wait().returncode == 0
+    assert not any(marker in ev for ev in got), got
+    assert isinstance(got, str) and got.startswith("refused"), got
+
+
+def test_SECURITY_mptcp_does_not_get_past_landlocks_tcp_rules(client):
+    """Landlock denies a child without network TCP binds and connects; MPTCP sockets are not
+    TCP sockets to Landlock, so a child could bind, listen and connect over them (a helper's
+    review). Only its network namespace kept it in. Fails with the seccomp rule removed."""
+    def probe():
+        import socket
+        out = {}
+        for name, proto in (("tcp", 0), ("mptcp", 262)):
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto) as s:
+                    s.bind(("127.0.0.1", 0))
+                    s.listen(1)
+                out[name] = "bound"
+            except OSError as e:
+                out[name] = e.strerror
+        return out
+
+    got = client.call(probe)
+    assert got["tcp"] != "bound", got  # (Landlock: the layer MPTCP would get past)
+    assert got["mptcp"] != "bound", got
+
