@@ -496,7 +496,8 @@ def test_SECURITY_received_requests_awaiting_their_answer_count_toward_the_cap(s
     try:
         s.sendall(_frame(_packed({"type": "hello", "version": P.VERSION})))
         # Thousands of refusals nobody reads yet: the daemon's answers back up behind them.
-        s.sendall(b"".join(P.encode(P.Spawn(req=i, kind="exec", argv=["x"], pool="nope")) for i in range(1, 3001)))
+        # (fewer than REQUESTS_PER_UID: past it the daemon would stop reading, big frames included)
+        s.sendall(b"".join(P.encode(P.Spawn(req=i, kind="exec", argv=["x"], pool="nope")) for i in range(1, 1001)))
         big = P.encode(P.Spawn(req=9999, kind="exec", argv=["x"], pool="nope", payload=b"\0" * (200 << 20)))
 
         sent = [0]
@@ -537,6 +538,101 @@ def test_SECURITY_received_requests_awaiting_their_answer_count_toward_the_cap(s
         s.close()
     assert "limit" in codes, codes[-3:]
     _alive(socket_daemon)
+
+
+def test_SECURITY_a_client_that_reads_no_answers_stops_being_read(socket_daemon):
+    """Spawn requests not yet answered are bounded per uid (REQUESTS_PER_UID): past it the daemon
+    stops reading the client. A client sending small requests without reading the answers made
+    the daemon hold every one of them, a task and an answer each (428000 and 1.7 GB in 10 s;
+    other clients waited ≈ 50 s once it was dropped). Nothing is lost: once the client reads,
+    every request gets its answer. Fails without the bound (the daemon reads all 60000)."""
+    from zygote.daemon import REQUESTS_PER_UID
+
+    import bisect
+    import select
+
+    total = 60000
+    frames = [P.encode(P.Spawn(req=i, kind="exec", argv=["x"], pool="nope")) for i in range(1, total + 1)]
+    ends = [0]
+    for f in frames:
+        ends.append(ends[-1] + len(f))
+    buf = memoryview(b"".join(frames))
+    s = _raw(socket_daemon)
+    try:
+        s.sendall(_frame(_packed({"type": "hello", "version": P.VERSION})))
+        s.setblocking(False)
+        off = 0
+        while off < len(buf) and select.select([], [s], [], 3)[1]:  # until 3 s without progress
+            off += s.send(buf[off:off + (1 << 16)])
+        sent = bisect.bisect_right(ends, off) - 1  # whole frames the daemon took or buffers hold
+        # What the daemon took, plus what the two sockets' buffers hold (a few thousand frames).
+        assert REQUESTS_PER_UID <= sent < total // 2, sent
+        d = P.client_decoder()
+        answers = 0
+        while answers < total:  # the rest goes as answers are read: nothing is lost
+            r, w, _ = select.select([s], [s] if off < len(buf) else [], [], 30)
+            assert r or w, f"stuck at {answers} answers, {off} of {len(buf)} bytes sent"
+            if w:
+                off += s.send(buf[off:off + (1 << 16)])
+            if r:
+                data = s.recv(1 << 20)
+                assert data, f"the daemon closed the connection after {answers} answers"
+                d.feed(data)
+                while (item := d.next()) is not None:
+                    if isinstance(item[0], P.Welcome):
+                        continue
+                    assert isinstance(item[0], P.SpawnFailed) and "no pool" in item[0].message, item[0]
+                    answers += 1
+    finally:
+        s.close()
+    _alive(socket_daemon)
+
+
+@pytest.mark.parametrize("field", ["hello", "argv", "env", "ro_binds", "allow", "entries"])
+def test_SECURITY_oversized_collections_are_refused_before_they_are_built(socket_daemon, field):
+    """A frame of many tiny items grows ≈ 25-fold once decoded into Python objects, on the
+    daemon's event loop (a 128 MiB frame of two-letter argv entries: 3.3 GB, every client held
+    4.6 s). The protocol bounds each collection a client sends; the decoder refuses one past
+    its bound from the length in its header, before building it. Fails without the bounds (the
+    daemon takes the request and answers it)."""
+    spawn = {"type": "spawn", "req": 1, "kind": "exec", "argv": ["x"], "pool": "nope"}
+    if field == "hello":
+        first, msg = {"type": "hello", "version": P.VERSION, "client": "x" * 1025}, None
+    else:
+        first = {"type": "hello", "version": P.VERSION}
+        sandbox = {"ro_binds": {f"/h{i}": f"/s{i}" for i in range(4097)},
+                   "network": {"allow": ["8.8.8.8/32"] * 65},
+                   "workspace": {"entries": [[f"f{i}", "file"] for i in range(100_001)]}}
+        key = {"ro_binds": "ro_binds", "allow": "network", "entries": "workspace"}.get(field)
+        msg = dict(spawn, argv=["x"] * (P.ARGV_MAX + 1)) if field == "argv" else \
+            dict(spawn, env={f"K{i}": "" for i in range(P.ENV_MAX + 1)}) if field == "env" else \
+            dict(spawn, sandbox={key: sandbox[key]})
+    s = _raw(socket_daemon)
+    try:
+        s.sendall(_frame(_packed(first)) + (_frame(_packed(msg)) if msg else b""))
+        d = P.client_decoder()
+        got = []
+        while True:
+            data = s.recv(1 << 20)
+            if not data:
+                break
+            d.feed(data)
+            while (item := d.next()) is not None:
+                got.append(item[0])
+    finally:
+        s.close()
+    last = got[-1]
+    assert isinstance(last, P.Error) and last.code == "protocol", got
+    assert "length <=" in last.message, last
+    _alive(socket_daemon)
+
+
+def test_the_client_refuses_oversized_collections_itself():
+    """The client's own check (before sending) reports a collection past the protocol's bound
+    as a ValueError naming it, and sends nothing (the daemon would end the connection)."""
+    with pytest.raises(ValueError, match=r"length <= 131072 - at `\$.argv`"):
+        P.check(P.Spawn(req=1, kind="exec", argv=["x"] * (P.ARGV_MAX + 1)))
+    P.check(P.Spawn(req=1, kind="exec", argv=["x"] * P.ARGV_MAX))
 
 
 def test_a_job_leaves_out_fields_at_their_default():

@@ -62,6 +62,13 @@ ERROR_TEXT_MAX = 2000  # characters of an error message sent to a client
 # arriving and spawn requests received but not yet answered. Two frames of the largest size (and
 # some slack for the reads in progress); more connections buy no more of the daemon's memory.
 PENDING_PER_UID = 2 * P.MAX_FRAME + (4 << 20)
+# Spawn requests received and not yet answered, per peer uid over all its connections. Past it the
+# daemon reads nothing more from that uid's connections until answers go out: each request is a
+# task and its answer (≈ 4 KB), and a client that sent small requests without reading the answers
+# made the daemon hold 428000 of them (1.7 GB) in 10 s, with other clients waiting ≈ 50 s once the
+# connection was dropped (a helper's review). Above max_children's default: spawns beyond the
+# daemon's maximum are refused anyway, and the client library reads answers as they come.
+REQUESTS_PER_UID = 1024
 # Child output the daemon buffers (max_output_bytes relays) for one peer uid's readers. Past it
 # the relays stop reading and the children block on their full pipes, as with any slow reader.
 RELAYED_PER_UID = 256 << 20
@@ -465,6 +472,8 @@ class Daemon:
         self.spawns_total = 0
         self.cleaning = 0
         self.pending: dict[int, int] = {}  # peer uid -> bytes of requests held for it (PENDING_PER_UID)
+        self.requests: dict[int, int] = {}  # peer uid -> spawn requests not yet answered (REQUESTS_PER_UID)
+        self._request_room: dict[int, trio.Event] = {}  # set when a uid's count drops below the cap
         self.queued_by_uid: dict[int, int] = {}  # peer uid -> bytes waiting to be sent to it
         self.exports_per_uid = self._test_knob("EXPORTS_PER_UID", EXPORTS_PER_UID, int)
         self.tap_linger = self._test_knob("TAP_LINGER", RELAY_LINGER, float)
@@ -828,6 +837,9 @@ class Daemon:
                                 continue
                             try:
                                 if isinstance(msg, P.Spawn):  # held until answered (its payload too)
+                                    while self.requests.get(uid, 0) >= REQUESTS_PER_UID:
+                                        await self._request_room.setdefault(uid, trio.Event()).wait()
+                                    self._count(self.requests, uid, 1)
                                     self._count(self.pending, uid, decoder.last_length)
                                     nursery.start_soon(self._spawn_request, conn, msg, mfds, decoder.last_length)
                                     continue
@@ -910,6 +922,13 @@ class Daemon:
 
     # ---- spawning ----------------------------------------------------------------------------
 
+    def _answered(self, uid: int, size: int) -> None:
+        """A spawn request of ``size`` bytes is answered (or given up): it no longer counts."""
+        self._count(self.pending, uid, -size)
+        self._count(self.requests, uid, -1)
+        if self.requests.get(uid, 0) < REQUESTS_PER_UID and (room := self._request_room.pop(uid, None)) is not None:
+            room.set()
+
     async def _spawn_request(self, conn: Connection, msg: P.Spawn, fds: list[int], size: int) -> None:
         """One Spawn, to its answer. ``size`` (its frame) is counted in ``pending`` until then."""
         t0 = time.monotonic()
@@ -927,13 +946,13 @@ class Daemon:
             finally:
                 self.hands.drop_received(conn.peer_uid, fds)
         except BaseException:
-            self._count(self.pending, conn.peer_uid, -size)
+            self._answered(conn.peer_uid, size)
             raise
         try:
             await conn.send(reply, out_fds)  # the client first: the event below is not on its path
         finally:
             self.hands.close(conn.peer_uid, out_fds)  # sent: the client may hold their locks now
-            self._count(self.pending, conn.peer_uid, -size)
+            self._answered(conn.peer_uid, size)
             if isinstance(reply, P.Spawned):
                 self.observer.spawned(outcome="ok", seconds=time.monotonic() - t0, child=reply.child,
                                       pool=msg.pool or "default", peer_uid=conn.peer_uid, kind=msg.kind)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 from ._errors import quoted
 from ._workspace import PATH_MAX, Export, Workspace
+
+# (decoders refuse more before building them: see _protocol.ARGV_MAX; each bind is a mount)
+Binds = Annotated[dict[str, str], msgspec.Meta(max_length=4096)]
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB]?)\s*$")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -101,7 +104,7 @@ class NetworkConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             request may only narrow the pool's list. At most 64 entries.
     """
 
-    allow: tuple[str, ...] = ()
+    allow: Annotated[tuple[str, ...], msgspec.Meta(max_length=64)] = ()
 
     def __post_init__(self) -> None:
         if len(self.allow) > 64:
@@ -184,8 +187,8 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """
 
     chroot_dir: str | None = None
-    ro_binds: dict[str, str] = {}
-    rw_binds: dict[str, str] = {}
+    ro_binds: Binds = {}
+    rw_binds: Binds = {}
     workdir: str | None = None
     tmpfs_size: int | str | None = None
     seccomp_profile: str | None = None

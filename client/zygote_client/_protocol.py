@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Callable, Literal, Union
+from typing import Annotated, Callable, Literal, Union
 
 import msgspec
 
@@ -40,6 +40,16 @@ class _Msg(msgspec.Struct, frozen=True, tag_field="type", forbid_unknown_fields=
 
 # ---- client -> daemon -------------------------------------------------------------------------
 
+# Collection sizes a decoder refuses before building anything (msgspec checks an array's or a
+# map's length from its header): the daemon decodes a request on its event loop, and a frame of
+# many tiny items grows ≈ 25-fold in Python objects (a 128 MiB frame of two-letter argv entries
+# took 3.3 GB and held every client for 4.6 s; a helper's review). Far above any real use: exec's
+# own limit (ARG_MAX, ≈ 2 MB of argv and environment together) comes first.
+ARGV_MAX = 131072
+ENV_MAX = 65536
+Argv = Annotated[list[str], msgspec.Meta(max_length=ARGV_MAX)]
+Env = Annotated[dict[str, str], msgspec.Meta(max_length=ENV_MAX)]
+
 
 class Hello(_Msg, tag="hello"):
     """First message of a connection. The daemon answers Welcome or Error and closes.
@@ -53,7 +63,7 @@ class Hello(_Msg, tag="hello"):
     """
 
     version: int
-    client: str = ""
+    client: Annotated[str, msgspec.Meta(max_length=1024)] = ""
 
 
 CLIENT = "zygote_client sandbox-inherits"  # this client's Hello.client
@@ -79,10 +89,10 @@ class Spawn(_Msg, tag="spawn"):
     kind: Literal["callable", "target", "child_main", "exec", "script"]
     payload: bytes = b""
     target: str | None = None
-    argv: list[str] | None = None
+    argv: Argv | None = None
     pool: str | None = None
     process_name: str | None = None
-    env: dict[str, str] | None = None
+    env: Env | None = None
     sandbox: SandboxConfig | None = None
     stdin: bool = True
     stdio: str = "pipe"  # "pipe": the daemon makes pipes; "fds": the frame carries stdin/out/err
@@ -171,8 +181,8 @@ class Job(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True,
     kind: str
     payload: bytes = b""
     target: str | None = None
-    argv: list[str] | None = None
-    env: dict[str, str] | None = None  # None: the pool's (the child has it already)
+    argv: Argv | None = None
+    env: Env | None = None  # None: the pool's (the child has it already)
     process_name: str | None = None
     result_pickle: bool = False  # encode the return value with cloudpickle (the client's trusted_results)
     timeout: float | None = None  # seconds from the Job (a leased child's; the daemon caps it)
@@ -307,9 +317,10 @@ _probes: dict[type, msgspec.msgpack.Decoder] = {}
 
 
 def check(msg: _Msg) -> None:
-    """Raise TypeError when the daemon could not decode ``msg``: a field of the wrong type (an
-    ``env`` value that is not a str, a ``timeout`` given as a string) is a protocol error there,
-    which ends the connection and every child on it. The bulky parts (a payload's bytes, a
+    """Raise TypeError when the daemon could not decode ``msg`` (ValueError for a collection past
+    its bound: ARGV_MAX and kin): a field of the wrong type (an ``env`` value that is not a str,
+    a ``timeout`` given as a string) is a protocol error there, which ends the connection and
+    every child on it. The bulky parts (a payload's bytes, a
     workspace's files: made and checked by this library) are left out of the check."""
     probe = msg
     if isinstance(getattr(msg, "payload", None), bytes) and msg.payload:
@@ -324,7 +335,11 @@ def check(msg: _Msg) -> None:
         decoder = _probes[type(msg)] = msgspec.msgpack.Decoder(type(msg))
     try:
         decoder.decode(_encoder.encode(probe))
-    except (msgspec.ValidationError, msgspec.EncodeError, TypeError, ValueError, OverflowError) as e:
+    except msgspec.ValidationError as e:
+        if "of length <=" in str(e):  # (a collection past the protocol's bound: ARGV_MAX and kin)
+            raise ValueError(f"{type(msg).__name__}: too many items: {e}") from None
+        raise TypeError(f"{type(msg).__name__}: a field of the wrong type: {e}") from None
+    except (msgspec.EncodeError, TypeError, ValueError, OverflowError) as e:
         raise TypeError(f"{type(msg).__name__}: a field of the wrong type: {e}") from None
 
 

@@ -25,7 +25,7 @@ import shutil
 import stat
 import struct
 import tempfile
-from typing import Iterator, Literal
+from typing import Annotated, Iterator, Literal
 
 import msgspec
 
@@ -88,12 +88,13 @@ class Workspace(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
         allow: secret-looking names or relative paths to accept anyway (e.g. ".env").
     """
 
-    entries: tuple[Entry, ...] = ()
+    # (decoders refuse more entries before building them: the daemon's ceiling, see check_entries)
+    entries: Annotated[tuple[Entry, ...], msgspec.Meta(max_length=100_000)] = ()
     path: str = DEFAULT_WORKSPACE
     max_files: int = 10_000
     max_file_bytes: int = 64 << 20
     max_bytes: int = 128 << 20
-    allow: tuple[str, ...] = ()
+    allow: Annotated[tuple[str, ...], msgspec.Meta(max_length=4096)] = ()
 
     @classmethod
     def from_dir(cls, source: str | os.PathLike, **kw) -> "Workspace":
