@@ -309,3 +309,54 @@ def test_a_burst_of_log_lines_reaches_the_stream_in_a_few_writes():
     t0 = time.monotonic()
     stream.drain(5.0)
     assert time.monotonic() - t0 < 4.0 and failing.text() == "after\n", "the writer died with its stream"
+
+
+def test_SECURITY_idle_metrics_connections_are_bounded(tmp_path):
+    """The metrics port takes any local user's TCP connection: prometheus-client's server gave
+    each a thread and kept it, idle, for ever (3000 connections: 3000 threads and fds). At most
+    METRICS_CONNECTIONS are served at once (more are closed at once) and each read waits at most
+    METRICS_TIMEOUT; a scrape gets through once the idle ones time out. Fails on the old server
+    (a thread per idle connection)."""
+    import socket
+    import time
+
+    from zygote.observe import METRICS_CONNECTIONS, METRICS_TIMEOUT
+
+    sock = str(tmp_path / "z.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--socket", sock, "--metrics-port", "0"],
+                            stderr=subprocess.PIPE, text=True)
+    idle = []
+    try:
+        line = proc.stderr.readline()
+        assert "metrics on http://127.0.0.1:" in line, line
+        url = line.split()[-1]
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        wait_socket(sock, proc)
+
+        def threads() -> int:
+            with open(f"/proc/{proc.pid}/status") as f:
+                return int(next(ln for ln in f if ln.startswith("Threads:")).split()[1])
+
+        base = threads()
+        for _ in range(40):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            idle.append(s)
+        time.sleep(1.0)
+        assert threads() <= base + METRICS_CONNECTIONS + 6, (base, threads())  # (+ the daemon's workers)
+        # A scrape while the idle ones hold every place is closed at once (as a scraper retries):
+        # it gets through once they time out.
+        deadline = time.monotonic() + METRICS_TIMEOUT + 5
+        while True:
+            try:
+                metrics = urllib.request.urlopen(url, timeout=METRICS_TIMEOUT + 10).read().decode()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "no scrape got through once the idle ones timed out"
+                time.sleep(0.2)
+        assert "zygote_spawns_total" in metrics, metrics[:200]
+    finally:
+        for s in idle:
+            s.close()
+        proc.terminate()
+        proc.wait(30)
+

@@ -11,14 +11,58 @@ from __future__ import annotations
 
 import atexit
 import logging
+import socket
 import sys
 import threading
 import time
 from collections import Counter, deque
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter as PCounter, Gauge, Histogram
-from prometheus_client import start_http_server
+from prometheus_client import make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+# The metrics port takes any local user's connection (no SO_PEERCRED on TCP): a thread each, so
+# they are bounded (past METRICS_CONNECTIONS a new one is closed at once) and each has
+# METRICS_TIMEOUT seconds per read or write. prometheus-client's own server had neither: 3000
+# idle connections from a uid the socket refuses made 3000 threads and fds (a helper's review).
+METRICS_CONNECTIONS = 8
+METRICS_TIMEOUT = 5.0
+
+
+class _MetricsHandler(WSGIRequestHandler):
+    timeout = METRICS_TIMEOUT  # (StreamRequestHandler: set on the connection before it is read)
+
+    def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's name
+        pass  # (no access log on the daemon's stderr)
+
+
+class _MetricsServer(ThreadingWSGIServer):
+    request_queue_size = 64
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # (closed unread: a scraper retries)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # a connection that timed out or went: nothing to report on the daemon's stderr
 
 _SPAWN_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
@@ -205,8 +249,13 @@ class Observer:
         self._running.set_function(running)
 
     def serve_metrics(self, port: int, addr: str = "127.0.0.1") -> int:
-        """Expose /metrics on addr:port (a prometheus-client thread); returns the bound port."""
-        self._server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        """Expose /metrics on addr:port (a thread serving at most METRICS_CONNECTIONS at once, in
+        threads of their own); returns the bound port."""
+        server_cls = type("_Server", (_MetricsServer,),
+                          {"address_family": socket.AF_INET6 if ":" in addr else socket.AF_INET})
+        self._server = make_server(addr, port, make_wsgi_app(self.registry), server_cls,
+                                   handler_class=_MetricsHandler)
+        threading.Thread(target=self._server.serve_forever, name="zygote-metrics", daemon=True).start()
         return self._server.server_address[1]
 
     def close(self) -> None:
