@@ -306,7 +306,8 @@ def test_live_daemon_property_fuzz(fuzz_daemon):
     finally:
         os.close(r)
         os.close(w)
-    assert sent[0] >= 2000
+    # (hypothesis's list sizes vary: 2300-2450 frames in five runs here, 1774 once in a CI-like run)
+    assert sent[0] >= 1500, sent
     with Client.connect(path) as c:
         assert c.run(print, ("still serving",)).stdout == b"still serving\n"
     assert _settled_fds(dpid, base) <= base
@@ -633,6 +634,13 @@ def test_the_client_refuses_oversized_collections_itself():
     with pytest.raises(ValueError, match=r"length <= 131072 - at `\$.argv`"):
         P.check(P.Spawn(req=1, kind="exec", argv=["x"] * (P.ARGV_MAX + 1)))
     P.check(P.Spawn(req=1, kind="exec", argv=["x"] * P.ARGV_MAX))
+    # A workspace's entries are left out of the probe (the caller checked them against its own
+    # max_files, which may be above the protocol's bound): counted on their own (a review found
+    # 100001 entries passed the check and the daemon ended the connection).
+    from zygote_client._workspace import ENTRIES_MAX, Entry, Workspace
+    ws = Workspace(entries=tuple(Entry(f"f{i}", "file") for i in range(ENTRIES_MAX + 1)), max_files=200_000)
+    with pytest.raises(ValueError, match="the protocol's maximum is 100000"):
+        P.check(P.Spawn(req=1, kind="exec", argv=["x"], sandbox=SandboxConfig(workspace=ws)))
 
 
 def test_a_job_leaves_out_fields_at_their_default():

@@ -572,8 +572,15 @@ def test_zygote_netns_ahead_and_fallback():
     from zygote._clone import ALL_NAMESPACES, CLONE_PARENT
     with _DrivenZygote() as z:
         time.sleep(0.3)  # idle: the zygote makes a namespace ahead
-        for req in (1, 2):
-            z.send(req, ALL_NAMESPACES | CLONE_PARENT)
+        # Both requests queued before the zygote reads the first (stopped meanwhile: a test
+        # preempted between the two sends on a loaded host let it make the next one ahead, and
+        # the second request took that one; seen once in a CI-like run).
+        os.kill(z.proc.pid, signal.SIGSTOP)  # (our own zygote process, by pid)
+        try:
+            for req in (1, 2):
+                z.send(req, ALL_NAMESPACES | CLONE_PARENT)
+        finally:
+            os.kill(z.proc.pid, signal.SIGCONT)
         for req in (1, 2):
             rreq, pid, err = z.reply()
             assert (rreq, err) == (req, 0) and pid > 0

@@ -38,6 +38,13 @@ class _MetricsHandler(WSGIRequestHandler):
         pass  # (no access log on the daemon's stderr)
 
 
+def _cut_off(request) -> None:
+    try:
+        request.shutdown(socket.SHUT_RDWR)  # (its thread's read or write returns; it closes it)
+    except OSError:
+        pass
+
+
 class _MetricsServer(ThreadingWSGIServer):
     request_queue_size = 64
 
@@ -56,9 +63,14 @@ class _MetricsServer(ThreadingWSGIServer):
             raise
 
     def process_request_thread(self, request, client_address) -> None:
+        # A whole request gets METRICS_TIMEOUT: the per-read timeout alone let a client sending a
+        # byte every few seconds hold its place for hours (8 such held every scrape off).
+        cut = threading.Timer(METRICS_TIMEOUT, _cut_off, (request,))
+        cut.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            cut.cancel()
             self._slots.release()
 
     def handle_error(self, request, client_address) -> None:

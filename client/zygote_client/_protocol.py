@@ -25,7 +25,7 @@ import msgspec
 
 from ._config import ExitStatus, SandboxConfig
 from ._errors import ProtocolError
-from ._workspace import ExportResult
+from ._workspace import ENTRIES_MAX, ExportResult
 
 VERSION = 1
 MAGIC = b"ZG"
@@ -328,6 +328,9 @@ def check(msg: _Msg) -> None:
     sandbox = getattr(msg, "sandbox", None)
     workspace = getattr(sandbox, "workspace", None)
     if getattr(workspace, "entries", None):  # (its limits and allow-list are the caller's: checked)
+        if len(workspace.entries) > ENTRIES_MAX:  # (the decoder's bound, which the probe leaves out)
+            raise ValueError(f"{type(msg).__name__}: too many items: a workspace of {len(workspace.entries)} "
+                             f"entries, the protocol's maximum is {ENTRIES_MAX}")
         probe = msgspec.structs.replace(probe, sandbox=msgspec.structs.replace(
             sandbox, workspace=msgspec.structs.replace(workspace, entries=())))
     decoder = _probes.get(type(msg))

@@ -74,6 +74,9 @@ class Entry(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=
     data: bytes = b""
 
 
+ENTRIES_MAX = 100_000  # entries a Spawn frame may carry (the protocol's bound; the daemon's ceiling)
+
+
 class Workspace(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """Files staged into a fresh, writable directory inside the sandbox. Build one with
     ``from_dir`` or ``from_files`` (they check everything before any child exists).
@@ -89,7 +92,7 @@ class Workspace(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     """
 
     # (decoders refuse more entries before building them: the daemon's ceiling, see check_entries)
-    entries: Annotated[tuple[Entry, ...], msgspec.Meta(max_length=100_000)] = ()
+    entries: Annotated[tuple[Entry, ...], msgspec.Meta(max_length=ENTRIES_MAX)] = ()
     path: str = DEFAULT_WORKSPACE
     max_files: int = 10_000
     max_file_bytes: int = 64 << 20

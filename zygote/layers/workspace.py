@@ -23,8 +23,8 @@ import fcntl
 import os
 import stat
 
-from zygote_client._workspace import (CHUNK, MAX_NAME_BYTES, Entry, Export, WorkspaceError, check_entries, check_name,
-                                      record)
+from zygote_client._workspace import (CHUNK, ENTRIES_MAX, MAX_NAME_BYTES, Entry, Export, WorkspaceError, check_entries,
+                                      check_name, record)
 
 from zygote_client._errors import cut
 
@@ -32,7 +32,7 @@ from .._childproto import Out, OutEnd, OutSkip, TmpfsSpec
 from . import SetupError
 
 # The daemon's ceiling on any workspace (a Spawn frame holds at most 256 MiB anyway).
-WORKSPACE_CEILING = (100_000, 256 << 20, 256 << 20)  # files, bytes per file, bytes
+WORKSPACE_CEILING = (ENTRIES_MAX, 256 << 20, 256 << 20)  # files, bytes per file, bytes
 _SLACK = 1 << 20  # the export tmpfs holds a little more than max_bytes, so exceeding is seen
 _MAX_SKIPPED = 100
 _SKIPPED_TEXT = 1024  # characters of a skipped entry's path (half that of its reason)
