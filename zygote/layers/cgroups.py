@@ -491,13 +491,20 @@ class ChildCgroup:
             else:
                 out["memory_exceeded"] = int(_read(f"{mem}/memory.failcnt")) > 0 and returncode == -signal.SIGKILL
             out["peak_memory"] = int(_read(f"{mem}/memory.max_usage_in_bytes"))
+            # cpuacct.usage counts every nanosecond run; its user/system split (usage_user and
+            # usage_sys, or cpuacct.stat's USER_HZ ticks) is sampled at timer ticks and need not
+            # add up to it (1.49999 s split against 1.5 s used). The total is what cpu_time is held
+            # to, so it is reported whole, split in the sampled ratio (as v2's cpu.stat and the
+            # kernel's per-task times do).
+            total = int(_read(f"{acct}/cpuacct.usage")) / 1e9
             if os.path.exists(f"{acct}/cpuacct.usage_user"):
-                out["cpu_user"] = int(_read(f"{acct}/cpuacct.usage_user")) / 1e9
-                out["cpu_system"] = int(_read(f"{acct}/cpuacct.usage_sys")) / 1e9
+                user = int(_read(f"{acct}/cpuacct.usage_user"))
+                system = int(_read(f"{acct}/cpuacct.usage_sys"))
             else:  # cpuacct.stat counts USER_HZ ticks
                 st = _keyed(f"{acct}/cpuacct.stat")
-                out["cpu_user"] = st.get("user", 0) / USER_HZ
-                out["cpu_system"] = st.get("system", 0) / USER_HZ
+                user, system = st.get("user", 0), st.get("system", 0)
+            out["cpu_user"] = total * user / (user + system) if user + system else total
+            out["cpu_system"] = total - out["cpu_user"]
         # pids.events exists on v2 and, since Linux 4.x, on v1 too: "max N" counts refused forks
         if os.path.exists(f"{pid}/pids.events"):
             out["pids_exceeded"] = _keyed(f"{pid}/pids.events").get("max", 0) > 0
