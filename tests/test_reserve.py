@@ -11,7 +11,7 @@ import pytest
 from zygote_client import Client, DaemonError, SandboxConfig, SandboxError
 
 from conftest import (RawConn, config_daemon, daemon_pid, sandbox_children, start_daemon, stop_daemon, wait_socket,
-                      wait_for, write_text)
+                      wait_for, write_text, _log)
 
 
 def _boottime() -> float:
@@ -312,6 +312,33 @@ def test_reload_replaces_the_reserve(tmp_path):
         with Client.connect(sock) as c:
             r = c.run(lambda: print(__import__("sys").modules.get("colorsys") is not None))
             assert r.stdout == b"True\n"  # from the new pool (it preloads colorsys)
+    finally:
+        stop_daemon(proc)
+
+
+def test_a_reload_raising_max_children_stays_within_the_claimed_id_ranges(tmp_path):
+    """A root daemon claims its children's host id ranges at start, for max_children then (blocks
+    of 64 ranges, 64 spare). A reload that raised max_children past the claim left its reserve,
+    which may use only the ranges beyond max_children, never refilled again (and spawns past the
+    claim would fail for want of a range). The reload keeps max_children within the claim and
+    says so in its log line; the reserve refills after takes."""
+    import signal as _signal
+    sock = str(tmp_path / "z.sock")
+    path = tmp_path / "z.toml"
+    write_text(path, f'[daemon]\nsocket = "{sock}"\nmax_children = 2\n[pools.default]\nreserve = 2\n')
+    proc = start_daemon("--config", str(path))
+    try:
+        wait_socket(sock, proc)
+        wait_for(lambda: len(sandbox_children(proc.pid)) == 2, what="the reserve")
+        write_text(path, f'[daemon]\nsocket = "{sock}"\nmax_children = 500\n[pools.default]\nreserve = 2\n')
+        proc.send_signal(_signal.SIGHUP)
+        wait_for(lambda: b"reloaded" in _log(proc), what="the reload's log line")
+        # 2 + 64 spare -> two blocks of 64 claimed: 128 ranges, of which max_children may have 64
+        assert b"max_children 500: 64 until the daemon restarts" in _log(proc), _log(proc)[-2000:]
+        with Client.connect(sock) as c:
+            for i in range(4):  # takes, and (in turn) clones while the reserve refills
+                assert c.run(print, (i,)).stdout == f"{i}\n".encode()
+        wait_for(lambda: len(sandbox_children(proc.pid)) == 2, what="the reserve refilled after the reload")
     finally:
         stop_daemon(proc)
 

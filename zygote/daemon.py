@@ -662,7 +662,8 @@ class Daemon:
         New and changed pools are started first; if one fails, nothing changes and PoolStartError
         propagates. Then they replace the old ones, whose zygotes are stopped (children are the
         daemon's, not the zygote's, so they run on). Access rules and child limits apply to the next
-        connection or spawn. The socket, id_base and test_hooks stay as they were at start.
+        connection or spawn. The socket, id_base and test_hooks stay as they were at start, and a
+        root daemon's max_children goes no higher than the host id ranges it claimed at start.
         Returns a line per change.
         """
         # The network settings stay as the children's firewall was built at start (a new
@@ -672,6 +673,13 @@ class Daemon:
         net_changed = [f for f, v in net.items() if getattr(config, f) != v]
         keep = dataclasses.replace(config, socket_path=self.config.socket_path, id_base=self.config.id_base,
                                    test_hooks=self.config.test_hooks, **net)
+        kept_max = None
+        if self.id_slots is not None and keep.max_children > self.id_slots.count - ID_SLACK:
+            # A root daemon claimed its children's host id ranges at start, for max_children then:
+            # more children would find no range (and the reserve, sized from what is left beyond
+            # max_children, would never refill). Raised only as far as the claim allows.
+            kept_max = (keep.max_children, self.id_slots.count - ID_SLACK)
+            keep = dataclasses.replace(keep, max_children=kept_max[1])
         started: dict[str, Pool] = {}
         try:
             for name, pc in keep.pools.items():
@@ -689,6 +697,9 @@ class Daemon:
         retired = [p for n, p in self.pools.items() if n not in keep.pools or n in started]
         changes += [f"pool {n!r} removed" for n in self.pools if n not in keep.pools]
         changes += [f"{f} changed: kept as it was until the daemon restarts" for f in net_changed]
+        if kept_max is not None:
+            changes.append(f"max_children {kept_max[0]}: {kept_max[1]} until the daemon restarts (the host id "
+                           "ranges for its children are claimed at start)")
         self.pools = {n: started.get(n) or self.pools[n] for n in keep.pools}
         self.config = keep
         self._net_wake.set()  # network_ahead may have changed
