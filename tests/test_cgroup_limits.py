@@ -41,6 +41,33 @@ def test_memory_limit_kills_and_daemon_keeps_serving(cg_client):
     assert cg_client.run(print, ("still serving",)).stdout == b"still serving\n"
 
 
+def test_SECURITY_children_are_the_oom_killer_s_first_choice_and_stay_so(cg_client):
+    """Children run at oom_score_adj 1000, whatever the daemon was started with, and cannot lower
+    it. A daemon started with a negative score (systemd's OOMScoreAdjust=) handed it down; the
+    OOM killer never picks a process at -1000, so such a child over its memory limit could not be
+    killed, and a default child (no limit) would make the host's OOM killer take others first.
+    (This machine gives root no CAP_SYS_RESOURCE: a daemon cannot be started below 0 here.)
+    Fails without the zygote's setting (the child reads the daemon's 0)."""
+    def score():
+        with open("/proc/self/oom_score_adj") as f:
+            before = f.read().strip()
+        lowered = []
+        for value in ("-1000", "0", "999"):
+            try:
+                with open("/proc/self/oom_score_adj", "w") as f:
+                    f.write(value)
+                lowered.append(value)
+            except OSError:
+                pass
+        with open("/proc/self/oom_score_adj") as f:
+            return before, lowered, f.read().strip()
+
+    assert cg_client.call(score) == ["1000", [], "1000"]  # (a tuple comes back as a list)
+    # the daemon's own score is untouched (only its zygotes and their children are raised)
+    with open(f"/proc/{daemon_pid(cg_client)}/oom_score_adj") as f:
+        assert int(f.read()) < 1000
+
+
 @pytest.mark.cgroupv2
 def test_pids_limit_stops_fork_bomb(cg_client):
     def bomb():

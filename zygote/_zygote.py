@@ -67,6 +67,17 @@ def main(argv: list[str]) -> None:
     if nofile.isdigit():
         import resource
         resource.setrlimit(resource.RLIMIT_NOFILE, (int(nofile), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    # Children are the OOM killer's first choice, and none is out of its reach: a daemon started
+    # with a negative oom_score_adj (systemd's OOMScoreAdjust=) handed it down, and at -1000 a
+    # child over its cgroup's memory limit could not be killed (v1 left it waiting in the OOM
+    # path until its timeout). Raising one's own score needs no privilege; a child, with no
+    # CAP_SYS_RESOURCE on the host, cannot lower it again.
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError as e:
+        _fail(f"cannot set the zygote's oom_score_adj (children must be the OOM killer's first choice): {e}; "
+              "the daemon needs /proc mounted and writable for its own processes")
     try:
         # Supplementary groups survive setgroups=deny in the child: drop the host's here.
         if os.geteuid() == 0:
