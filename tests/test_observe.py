@@ -311,6 +311,64 @@ def test_a_burst_of_log_lines_reaches_the_stream_in_a_few_writes():
     assert time.monotonic() - t0 < 4.0 and failing.text() == "after\n", "the writer died with its stream"
 
 
+def test_SECURITY_one_local_user_cannot_hold_every_metrics_place(tmp_path):
+    """Any local user can connect to the metrics port, and a place is held until its connection
+    times out: one user reconnecting kept every place taken, and a scraper running as another
+    uid was closed out. One peer (the uid owning the connection's other end) holds at most
+    METRICS_PER_PEER places. Fails on the previous server (nobody's 12 connections hold all 8
+    places, and root's scrape is closed at once)."""
+    import socket
+    import time
+
+    from zygote.observe import METRICS_TIMEOUT
+
+    sock = str(tmp_path / "z.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--socket", sock, "--metrics-port", "0"],
+                            stderr=subprocess.PIPE, text=True)
+    holder = None
+    try:
+        line = proc.stderr.readline()
+        assert "metrics on http://127.0.0.1:" in line, line
+        url = line.split()[-1]
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        wait_socket(sock, proc)
+        # 12 connections as uid 65534, each kept open (and sent a byte) for less than the timeout
+        r, w = os.pipe()
+        holder = os.fork()
+        if holder == 0:
+            try:
+                os.close(r)
+                import encodings.idna  # noqa: F401  (the interpreter's files are root's only)
+                os.setuid(65534)
+                held = [socket.create_connection(("127.0.0.1", port)) for _ in range(12)]
+                time.sleep(0.5)
+                for s in held:
+                    try:
+                        s.send(b"G")
+                    except OSError:
+                        pass
+                os.write(w, b"x")
+                time.sleep(METRICS_TIMEOUT - 1.5)
+            except BaseException as e:
+                print("holder:", repr(e), file=sys.stderr, flush=True)
+            finally:
+                os._exit(0)
+        os.close(w)
+        assert os.read(r, 1) == b"x"
+        os.close(r)
+        t0 = time.monotonic()
+        metrics = urllib.request.urlopen(url, timeout=METRICS_TIMEOUT).read().decode()
+        assert time.monotonic() - t0 < 2.0, "the scrape waited for nobody's connections to time out"
+        assert os.waitpid(holder, os.WNOHANG) == (0, 0)  # (they were still there)
+        assert "zygote_spawns_total" in metrics, metrics[:200]
+    finally:
+        if holder:
+            os.kill(holder, 9)
+            os.waitpid(holder, 0)
+        proc.terminate()
+        proc.wait(30)
+
+
 def test_SECURITY_idle_metrics_connections_are_bounded(tmp_path):
     """The metrics port takes any local user's TCP connection: prometheus-client's server gave
     each a thread and kept it, idle, for ever (3000 connections: 3000 threads and fds). At most

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import logging
 import socket
+import struct
 import sys
 import threading
 import time
@@ -25,9 +26,13 @@ from prometheus_client.exposition import ThreadingWSGIServer
 
 # The metrics port takes any local user's connection (no SO_PEERCRED on TCP): a thread each, so
 # they are bounded (past METRICS_CONNECTIONS a new one is closed at once) and each has
-# METRICS_TIMEOUT seconds per read or write. prometheus-client's own server had neither: 3000
-# idle connections from a uid the socket refuses made 3000 threads and fds (a helper's review).
+# METRICS_TIMEOUT seconds in all. prometheus-client's own server had neither: 3000 idle
+# connections from a uid the socket refuses made 3000 threads and fds (a helper's review). One
+# peer, the uid that owns the other end (sock_diag) or else its address, holds at most
+# METRICS_PER_PEER of the places, so a local user reconnecting in a loop cannot keep a scraper
+# running as another uid out.
 METRICS_CONNECTIONS = 8
+METRICS_PER_PEER = 2
 METRICS_TIMEOUT = 5.0
 
 
@@ -45,22 +50,73 @@ def _cut_off(request) -> None:
         pass
 
 
+def _peer_uid(request) -> int | None:
+    """The uid owning the other end of accepted TCP connection ``request`` when that end is a
+    socket of this host (an exact sock_diag lookup, as `ss -p` makes), else None."""
+    from pyroute2.netlink import NLM_F_REQUEST
+    from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY, DiagSocket, inet_diag_req
+
+    peer, local = request.getpeername(), request.getsockname()
+    family = request.family
+    if family == socket.AF_INET6 and peer[0].startswith("::ffff:") and "." in peer[0]:
+        family, peer, local = socket.AF_INET, (peer[0][7:], peer[1]), (local[0].rsplit(":", 1)[-1], local[1])
+
+    def words(addr: str) -> tuple[int, int, int, int]:
+        raw = socket.inet_pton(family, addr).ljust(16, b"\0")
+        return struct.unpack(">4I", raw)
+
+    req = inet_diag_req()
+    req["sdiag_family"], req["sdiag_protocol"], req["idiag_states"] = family, socket.IPPROTO_TCP, 0xFFFFFFFF
+    # the peer's own socket: its local end is our peer, its remote end us
+    req["idiag_sport"], req["idiag_dport"] = peer[1], local[1]
+    req["idiag_src"], req["idiag_dst"] = words(peer[0]), words(local[0])
+    req["idiag_if"], req["idiag_cookie"] = 0, 0xFFFFFFFFFFFFFFFF  # (no cookie: look it up by its addresses)
+    with DiagSocket() as diag:
+        diag.bind()
+        for msg in diag.nlm_request(req, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST):
+            return int(msg["idiag_uid"])
+    return None
+
+
+def _peer_key(request, client_address) -> tuple:
+    try:
+        uid = _peer_uid(request)
+    except Exception:  # noqa: BLE001 - (gone already, another host, no sock_diag): by address
+        uid = None
+    return ("uid", uid) if uid is not None else ("address", client_address[0])
+
+
 class _MetricsServer(ThreadingWSGIServer):
     request_queue_size = 64
 
     def __init__(self, *args, **kwargs) -> None:
         self._slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
+        self._lock = threading.Lock()
+        self._held: dict[tuple, int] = {}  # peer key -> places held
+        self._key_of: dict = {}  # accepted socket -> its peer key
         super().__init__(*args, **kwargs)
 
     def process_request(self, request, client_address) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)  # (closed unread: a scraper retries)
-            return
+        key = _peer_key(request, client_address)
+        with self._lock:
+            if self._held.get(key, 0) >= METRICS_PER_PEER or not self._slots.acquire(blocking=False):
+                self.shutdown_request(request)  # (closed unread: a scraper retries)
+                return
+            self._held[key] = self._held.get(key, 0) + 1
+            self._key_of[request] = key
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._release(request)
             raise
+
+    def _release(self, request) -> None:
+        with self._lock:
+            key = self._key_of.pop(request)
+            self._held[key] -= 1
+            if not self._held[key]:
+                del self._held[key]
+            self._slots.release()
 
     def process_request_thread(self, request, client_address) -> None:
         # A whole request gets METRICS_TIMEOUT: the per-read timeout alone let a client sending a
@@ -71,7 +127,7 @@ class _MetricsServer(ThreadingWSGIServer):
             super().process_request_thread(request, client_address)
         finally:
             cut.cancel()
-            self._slots.release()
+            self._release(request)
 
     def handle_error(self, request, client_address) -> None:
         pass  # a connection that timed out or went: nothing to report on the daemon's stderr
