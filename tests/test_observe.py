@@ -15,13 +15,8 @@ from conftest import _log, start_daemon, stop_daemon, wait_for, wait_socket, wri
 
 def test_logs_status_and_metrics(tmp_path):
     sock = str(tmp_path / "z.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--socket", sock, "--metrics-port", "0"],
-                            stderr=subprocess.PIPE, text=True)
+    proc, url, _ = _metrics_daemon(tmp_path)
     try:
-        line = proc.stderr.readline()
-        assert "metrics on http://127.0.0.1:" in line, line
-        url = line.split()[-1]
-        wait_socket(sock, proc)
         with Client.connect(sock) as c:
             assert c.run(print, ("a",)).returncode == 0
             try:
@@ -311,6 +306,23 @@ def test_a_burst_of_log_lines_reaches_the_stream_in_a_few_writes():
     assert time.monotonic() - t0 < 4.0 and failing.text() == "after\n", "the writer died with its stream"
 
 
+def _metrics_daemon(tmp_path) -> tuple[subprocess.Popen, str, int]:
+    """A daemon serving metrics on a free port: (its process, the metrics URL, the port)."""
+    sock = str(tmp_path / "z.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--socket", sock, "--metrics-port", "0"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert "metrics on http://127.0.0.1:" in line, line
+        url = line.split()[-1]
+        wait_socket(sock, proc)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, url, int(url.rsplit(":", 1)[1].split("/")[0])
+
+
 def test_SECURITY_one_local_user_cannot_hold_every_metrics_place(tmp_path):
     """Any local user can connect to the metrics port, and a place is held until its connection
     times out: one user reconnecting kept every place taken, and a scraper running as another
@@ -322,16 +334,9 @@ def test_SECURITY_one_local_user_cannot_hold_every_metrics_place(tmp_path):
 
     from zygote.observe import METRICS_TIMEOUT
 
-    sock = str(tmp_path / "z.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--socket", sock, "--metrics-port", "0"],
-                            stderr=subprocess.PIPE, text=True)
+    proc, url, port = _metrics_daemon(tmp_path)
     holder = None
     try:
-        line = proc.stderr.readline()
-        assert "metrics on http://127.0.0.1:" in line, line
-        url = line.split()[-1]
-        port = int(url.rsplit(":", 1)[1].split("/")[0])
-        wait_socket(sock, proc)
         # 12 connections as uid 65534, each kept open (and sent a byte) for less than the timeout
         r, w = os.pipe()
         holder = os.fork()
@@ -380,16 +385,9 @@ def test_SECURITY_idle_metrics_connections_are_bounded(tmp_path):
 
     from zygote.observe import METRICS_CONNECTIONS, METRICS_TIMEOUT
 
-    sock = str(tmp_path / "z.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--socket", sock, "--metrics-port", "0"],
-                            stderr=subprocess.PIPE, text=True)
+    proc, url, port = _metrics_daemon(tmp_path)
     idle = []
     try:
-        line = proc.stderr.readline()
-        assert "metrics on http://127.0.0.1:" in line, line
-        url = line.split()[-1]
-        port = int(url.rsplit(":", 1)[1].split("/")[0])
-        wait_socket(sock, proc)
 
         def threads() -> int:
             with open(f"/proc/{proc.pid}/status") as f:
