@@ -230,6 +230,48 @@ def test_ctrl_c_and_a_resize_at_a_terminal_reach_the_payload(tmp_path):
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
 
 
+_SPOILS_THE_TERMINAL = """\
+import fcntl, os, termios
+a = termios.tcgetattr(0)
+a[3] &= ~(termios.ECHO | termios.ICANON)
+termios.tcsetattr(0, termios.TCSANOW, a)
+fcntl.fcntl(0, fcntl.F_SETFL, fcntl.fcntl(0, fcntl.F_GETFL) | os.O_NONBLOCK)
+fcntl.ioctl(0, termios.TIOCEXCL)
+print("payload: spoiled", flush=True)
+"""
+
+
+def test_what_a_child_sets_on_the_terminal_does_not_outlive_it(tmp_path):
+    """`zygote run` shares its terminal with the child (its stdin, and its stdout and stderr
+    without max_output_bytes): the child's O_NONBLOCK on the shared file description (the shell's
+    next read failed with EAGAIN), its termios modes (echo and line editing off) and TIOCEXCL
+    (nobody but root could open the terminal) outlived it (a helper's review). Each is put back
+    once the child ended. Fails without _TerminalState (all three stay)."""
+    import fcntl
+    import pty
+    import termios
+    from zygote.cli import _TerminalState
+    script = tmp_path / "p.py"
+    script.write_text(_SPOILS_THE_TERMINAL)
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    assert before[3] & termios.ECHO and before[3] & termios.ICANON
+    try:
+        p = subprocess.Popen([*ZYGOTE, "run", "--python", str(script)], stdin=slave, stdout=slave, stderr=slave,
+                             start_new_session=True,
+                             preexec_fn=lambda: _as_a_login(fcntl.ioctl(0, termios.TIOCSCTTY, 0)))
+        _STARTED.append(p)
+        screen = _Screen(os.dup(master))
+        assert screen.finish(p) == 0, screen.out.decode(errors="replace")
+        assert b"payload: spoiled" in screen.out, screen.out
+        assert not fcntl.fcntl(slave, fcntl.F_GETFL) & os.O_NONBLOCK  # (the same open file description)
+        assert termios.tcgetattr(slave) == before
+        assert not _TerminalState((slave,)).saved[0][3], "the terminal stayed exclusive"
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
 def test_ctrl_c_at_a_terminal_ends_a_program_that_does_not_handle_it_and_zygote_run_by_sigint():
     """A program with SIGINT's default action dies of it, and `zygote run` then dies of SIGINT
     too (not exit 130): bash stops a loop only for a command that died of SIGINT."""

@@ -505,9 +505,10 @@ def run(args) -> int:
         print(f"zygote run: --export {args.export}: already exists", file=sys.stderr)
         return 2
     sys.stdout.flush()
+    terminal = _TerminalState((0, 1, 2))
     try:
         daemon_args = ["--network"] if cfg.network is not None else []
-        with _SignalProxy() as proxy, \
+        with contextlib.closing(terminal), _SignalProxy() as proxy, \
                 Client.embedded(preload_imports=args.preload, environment=env, daemon_args=daemon_args) as client:
             stdio, copiers = _stdio_for(cfg)
             try:
@@ -589,6 +590,58 @@ class _Interrupted(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+
+
+class _TerminalState:
+    """The state of the terminal `zygote run` shares with its child, put back once the child ended.
+
+    The child gets this process's own stdin (and, without max_output_bytes, its stdout and
+    stderr): at a terminal, it shares their open file description and the terminal itself, and
+    what it set there outlived it (a helper's review): O_NONBLOCK on the description (the shell's
+    next read failed with EAGAIN), the termios modes (echo and line editing off), TIOCEXCL (nobody
+    but root could open the terminal any more). Each is put back at ``close`` if it changed, as a
+    shell does for a job it resumes; the modes only while we are the terminal's foreground (a
+    background tcsetattr would stop us, or change a foreground job's terminal under it)."""
+
+    TIOCGEXCL = 0x80045440  # _IOR('T', 0x40, int): whether TIOCEXCL is set (Linux ≥ 3.8)
+
+    def __init__(self, fds) -> None:
+        import fcntl
+        import termios
+        self.saved = []
+        for fd in fds:
+            try:
+                if not os.isatty(fd):
+                    continue
+                self.saved.append((fd, fcntl.fcntl(fd, fcntl.F_GETFL), termios.tcgetattr(fd), self._exclusive(fd)))
+            except (OSError, termios.error):
+                continue
+
+    def _exclusive(self, fd: int) -> bool | None:
+        import fcntl
+        try:
+            return bool(int.from_bytes(fcntl.ioctl(fd, self.TIOCGEXCL, bytes(4)), sys.byteorder))
+        except OSError:
+            return None
+
+    def close(self) -> None:
+        import fcntl
+        import termios
+        for fd, flags, attrs, exclusive in self.saved:
+            try:
+                if fcntl.fcntl(fd, fcntl.F_GETFL) != flags:
+                    fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+                if exclusive is False and self._exclusive(fd):
+                    fcntl.ioctl(fd, termios.TIOCNXCL)
+                if termios.tcgetattr(fd) != attrs:
+                    try:
+                        foreground = os.tcgetpgrp(fd) == os.getpgrp()
+                    except OSError:  # not our controlling terminal: no job control to mind
+                        foreground = True
+                    if foreground:
+                        termios.tcsetattr(fd, termios.TCSADRAIN, attrs)
+            except (OSError, termios.error):
+                continue
 
 
 class _SignalProxy:
