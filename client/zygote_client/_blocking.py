@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import os
 import selectors
+import signal
 import subprocess
 import sys
 import threading
@@ -21,11 +22,12 @@ import weakref
 from typing import Any, Callable
 
 import anyio
+import anyio.abc
 import anyio.from_thread
 
 from ._async import DEVNULL, PIPE, AsyncChild, AsyncClient, _encode_target, open_client, open_embedded
 from ._config import ExitStatus, SandboxConfig
-from ._errors import BrokenError, ClosedError
+from ._errors import BrokenError, ClosedError, ZygoteError
 from ._workspace import ExportError, ExportResult
 from ._results import Outcome
 
@@ -59,6 +61,14 @@ class CompletedChild:
             raise subprocess.CalledProcessError(self.returncode, "zygote child", self.stdout, self.stderr)
 
 
+def _identity(fd: int | None) -> tuple[int, int] | None:
+    try:
+        st = os.fstat(fd) if fd is not None else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_dev, st.st_ino)
+
+
 class ChildProcess:
     """A confined child, Popen-shaped. Made only by ``Client.spawn_child``.
 
@@ -71,10 +81,25 @@ class ChildProcess:
         self._achild = achild
         self.id = achild.id
         self.pid = achild.pid
-        stdin, stdout, stderr = achild._detach_stdio()
-        self.stdin = open(stdin, "wb") if stdin is not None else None
-        self.stdout = open(stdout, "rb") if stdout is not None else None
-        self.stderr = open(stderr, "rb") if stderr is not None else None
+        raw = achild._detach_stdio()
+        pipes = [_identity(fd) for fd in raw]
+        files: list = []
+        try:
+            for fd, mode in zip(raw, ("wb", "rb", "rb")):
+                files.append(open(fd, mode) if fd is not None else None)
+        except BaseException:  # (Ctrl-C): what was wrapped is closed, and what was not yet
+            for f in files:
+                if f is not None:
+                    with contextlib.suppress(OSError):
+                        f.close()
+            for fd, pipe in zip(raw[len(files):], pipes[len(files):]):
+                # The one being wrapped when it came may have its file object made, and closed
+                # with it as the exception unwound: closed here only if still that pipe.
+                if fd is not None and _identity(fd) == pipe:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            raise
+        self.stdin, self.stdout, self.stderr = files
         self.stdout_offset = achild.stdout_offset
         self.stderr_offset = achild.stderr_offset
         self.detached = achild.detached
@@ -111,7 +136,7 @@ class ChildProcess:
         if self._achild.status is None:  # woken because the connection is gone
             if self._client._closed:
                 raise ClosedError("the client was closed before the child's exit was reported")
-            raise self._client._aclient._broken or BrokenError("connection lost before the child's exit was reported")
+            raise _fresh(self._client._aclient._broken) or BrokenError("connection lost before the child's exit was reported")
         return self._achild.status
 
     @property
@@ -139,23 +164,37 @@ class ChildProcess:
         return self._achild._outcome.value()
 
     def send_signal(self, signum: int) -> None:
-        self._client._call(self._achild.send_signal, signum)
+        """Send ``signum`` to the child; nothing once it has ended (as Popen: even after the
+        client was closed)."""
+        if self._achild.status is None:
+            self._client._call(self._achild.send_signal, signum)
 
     def terminate(self) -> None:
-        self._client._call(self._achild.terminate)
+        if self._achild.status is None:
+            self._client._call(self._achild.terminate)
 
     def kill(self) -> None:
-        self._client._call(self._achild.kill)
+        if self._achild.status is None:
+            self._client._call(self._achild.kill)
 
     def __enter__(self) -> "ChildProcess":
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if exc[1] is not None and not self.detached:
+            # Left by an exception (Ctrl-C included): the child is killed, as AsyncChild's block
+            # does, rather than waited for until it ends by itself.
+            with contextlib.suppress(ZygoteError):
+                self.kill()
         for f in (self.stdin, self.stdout, self.stderr):
             if f is not None:
                 with contextlib.suppress(OSError):
                     f.close()
-        self.wait()
+        try:
+            self.wait()
+        except ZygoteError:
+            if exc[1] is None:
+                raise  # (else the block's own exception goes on)
 
     def communicate(self, input: bytes | None = None, timeout: float | None = None) -> tuple[bytes, bytes]:
         """Feed ``input`` to stdin, read stdout and stderr to EOF without deadlock, then wait for
@@ -176,6 +215,9 @@ class ChildProcess:
         return self._communication.result()
 
 
+_Future = concurrent.futures.Future  # (what _call waits on; a test interrupts its result())
+
+
 # Clients not closed yet. At interpreter exit their loop threads (daemon threads) stop running,
 # and a client closed only then (by the portal's own cleanup, when it is collected) would wait for
 # them forever: a script that never called close(), or ended with an exception, hung at exit.
@@ -187,6 +229,25 @@ def _close_at_exit() -> None:
     for client in list(_open_clients):
         with contextlib.suppress(Exception):
             client.close()
+
+
+def _forked() -> None:
+    """In a forked child: no client's loop thread came along. Each portal is marked stopped (anyio
+    then skips the hand-over to its thread when the portal is finalized: it waited for it for
+    ever, at exit too), and the clients act as closed here (see Client.close)."""
+    for client in list(_open_clients):
+        with contextlib.suppress(Exception):
+            client._portal._event_loop_thread_id = None  # (anyio's own test of a running portal)
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _fresh(exc: BaseException | None) -> BaseException | None:
+    """A copy of the stored error ``exc`` to raise (None stays None): raised itself each time,
+    its traceback grew with every raise and kept every failed caller's frames and files alive."""
+    import copy
+    return None if exc is None else copy.copy(exc)
 
 
 class Client:
@@ -213,6 +274,7 @@ class Client:
         self._calls: set[concurrent.futures.Future] = set()  # their callers' futures, any thread
         self._calls_lock = threading.Lock()
         self._closed = False
+        self._pid = os.getpid()  # (a fork has no loop thread: it may only let go of its copy)
         _open_clients.add(self)
         if leases:
             try:
@@ -265,19 +327,22 @@ class Client:
     def welcome(self):
         return self._aclient.welcome
 
-    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _call(self, fn: Callable[..., Any], *args: Any, discard: Callable[[Any], None] | None = None) -> Any:
         """Run ``fn(*args)`` (a coroutine function) on the portal's event loop and wait for it.
 
         A plain task started with ``call_soon_threadsafe`` rather than ``portal.call``: the same
         thread hop at well under half the cost (anyio's portal makes a task group entry and a
         cancel scope per call; that is ~0.1 ms on every spawn). If this thread is interrupted
         (KeyboardInterrupt) while waiting, the task is cancelled and waited for, so nothing it
-        started (a child, a pending request) is left half-done behind the caller's back.
+        started (a child, a pending request) is left half-done behind the caller's back; a result
+        that arrived all the same (the task ended before the cancel reached it) goes to
+        ``discard`` (a child nobody will hold: killed).
         """
         loop = self._loop
         if self._loop_thread == threading.get_ident():
             raise RuntimeError("a blocking Client cannot be called from its own event loop's thread")
-        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._check_process()
+        done: concurrent.futures.Future = _Future()
         tasks: list[asyncio.Task] = []
         with self._calls_lock:  # registered under the lock close() takes: none slips past it
             if self._closed:
@@ -314,10 +379,10 @@ class Client:
             task.add_done_callback(settle)
 
         try:
-            loop.call_soon_threadsafe(start)
-        except RuntimeError:  # the loop is closed: the client was closed by another thread
-            fail(ClosedError("the client is closed"))
-        try:
+            try:  # (inside: an interrupt while it is handed over cancels it too)
+                loop.call_soon_threadsafe(start)
+            except RuntimeError:  # the loop is closed: the client was closed by another thread
+                fail(ClosedError("the client is closed"))
             return done.result()
         except concurrent.futures.CancelledError:
             raise ClosedError("the client was closed during the call") from None
@@ -327,6 +392,38 @@ class Client:
                     loop.call_soon_threadsafe(lambda: tasks[0].cancel() if tasks else done.cancel())
                     with contextlib.suppress(BaseException):
                         concurrent.futures.wait([done])
+            if discard is not None and done.done() and not done.cancelled() and done.exception() is None:
+                with contextlib.suppress(BaseException):
+                    discard(done.result())
+            raise
+
+    def _check_process(self) -> None:
+        if self._pid != os.getpid():
+            raise ClosedError("this client belongs to the process that made it (this is a fork of it)")
+
+    def _abandon(self, achild: AsyncChild, kill: bool = True) -> None:
+        """Let go of a child started for a caller who was interrupted before holding it: it is
+        killed (detached or not: its id never reached anyone; not one that was being attached)
+        and its stdio closed, on the loop."""
+        async def let_go() -> None:
+            if kill:
+                with contextlib.suppress(Exception):
+                    await self._aclient._signal(achild.id, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                await achild.aclose()
+
+        def start() -> None:
+            task = self._loop.create_task(let_go())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the connection, and the child, with it
+            self._loop.call_soon_threadsafe(start)
+
+    def _adopt(self, achild: AsyncChild, kill: bool = True) -> ChildProcess:
+        try:
+            return ChildProcess(self, achild)
+        except BaseException:  # (Ctrl-C while its files were made)
+            self._abandon(achild, kill)
             raise
 
     def status(self):
@@ -343,6 +440,7 @@ class Client:
         With a held reserve child (``leases``) and the pool's defaults, it is started from this
         thread by one write to it, and returns at once."""
         ac = self._aclient
+        self._check_process()  # (a held child is written to from this thread, not through _call)
         if ac._leases and sandbox_config is None and pool is None and not detached and not private:
             if stdin not in (PIPE, DEVNULL, None):
                 raise ValueError("stdin must be PIPE, DEVNULL or None")
@@ -355,7 +453,7 @@ class Client:
                                       lambda: took.append(True))
             try:
                 if leased is not None:
-                    return ChildProcess(self, leased)
+                    return self._adopt(leased)
             finally:
                 if took:
                     with contextlib.suppress(RuntimeError):  # the loop is gone: the client is closing
@@ -366,13 +464,13 @@ class Client:
                                                    sandbox_config=sandbox_config, stdin=stdin, env=env,
                                                    timeout=timeout, pool=pool, trusted_results=trusted_results,
                                                    detached=detached, **private)
-        return ChildProcess(self, self._call(go))
+        return self._adopt(self._call(go, discard=self._abandon))
 
     def attach(self, child_id: str, offset: int = 0, *, trusted_results: bool = False) -> ChildProcess:
         """Follow a detached child from this connection (see AsyncClient.attach)."""
         async def go() -> AsyncChild:
             return await self._aclient.attach(child_id, offset, trusted_results=trusted_results)
-        return ChildProcess(self, self._call(go))
+        return self._adopt(self._call(go, discard=lambda c: self._abandon(c, kill=False)), kill=False)
 
     def run(self, target: Callable[..., Any] | str | None = None, args: tuple = (), *, kwargs: dict | None = None,
             input: bytes = b"", timeout: float | None = None, sandbox_config: SandboxConfig | None = None,
@@ -432,6 +530,13 @@ class Client:
                 return
             self._closed = True
         _open_clients.discard(self)
+        if self._pid != os.getpid():
+            # A fork of the process that made this client: its loop thread did not come along
+            # (close() waited for it for ever, at exit too). Only this process's copy of the
+            # connection goes; the client goes on working in the original process.
+            with contextlib.suppress(Exception):
+                self._aclient._stream.extra(anyio.abc.SocketAttribute.raw_socket).close()
+            return
         try:
             self._session_cm.__exit__(None, None, None)
         finally:
@@ -465,6 +570,8 @@ class _Communication:
     loses nothing (as Popen's)."""
 
     def __init__(self, stdin, stdout, stderr, data: bytes) -> None:
+        # Streams the caller closed already are left out (as Popen.communicate): b"" for them.
+        stdin, stdout, stderr = (f if f is not None and not f.closed else None for f in (stdin, stdout, stderr))
         self.stdin = stdin
         self.streams = {f.fileno(): f for f in (stdout, stderr) if f is not None}  # (by fd: kept after close)
         self.out: dict[int, list[bytes]] = {fd: [] for fd in self.streams}

@@ -1,0 +1,159 @@
+"""The blocking client under adverse conditions (found by a helper's review of the client):
+interrupts in the middle of a spawn, a with-block left by an exception, a fork of the process,
+closed streams, a connection that broke. Real daemons throughout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import traceback
+
+import pytest
+
+from zygote_client import BrokenError, Client
+from zygote_client import _blocking
+
+from conftest import daemon_pid, wait_for
+
+
+@pytest.fixture(scope="module")
+def client():
+    with Client.embedded() as c:
+        yield c
+
+
+def _settled(c: Client, fds: int) -> None:
+    """Until no child of ours runs and this process is back to ``fds`` open fds."""
+    wait_for(lambda: not c.status().children, 10, "the interrupted spawn's child to be gone")
+    wait_for(lambda: len(os.listdir("/proc/self/fd")) <= fds, 10, "the interrupted spawn's fds to be closed")
+
+
+def test_a_spawn_interrupted_as_its_child_arrives_leaves_nothing(client, monkeypatch):
+    """Ctrl-C while spawn_child waits, just as the child is made (the loop's task has finished,
+    its result not yet returned): the child went on running with nobody holding it, its three
+    pipes open, until the client closed. It is killed and its pipes closed."""
+    client.run(print)  # (warm: the fds the client keeps are open)
+    base = len(os.listdir("/proc/self/fd"))
+
+    class Interrupted(_blocking._Future):
+        interrupted = False
+
+        def result(self, timeout=None):
+            value = super().result(timeout)  # (done: the child exists)
+            if not self.interrupted:  # (the first look, the caller's)
+                self.interrupted = True
+                raise KeyboardInterrupt
+            return value
+
+    monkeypatch.setattr(_blocking, "_Future", Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        client.spawn_child(time.sleep, (60,))
+    monkeypatch.undo()
+    _settled(client, base)
+
+
+def test_a_spawn_interrupted_while_its_files_are_made_leaves_nothing(client, monkeypatch):
+    """Ctrl-C while ChildProcess wraps the child's pipes in file objects: the child ran on and
+    every pipe not yet wrapped stayed open. The child is killed, every pipe closed."""
+    client.run(print)
+    base = len(os.listdir("/proc/self/fd"))
+    real_open = open
+
+    def interrupted_open(fd, mode="r", *args, **kwargs):
+        if mode == "rb":  # stdin is wrapped already, stdout and stderr not
+            raise KeyboardInterrupt
+        return real_open(fd, mode, *args, **kwargs)
+
+    monkeypatch.setattr(_blocking, "open", interrupted_open, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        client.spawn_child(time.sleep, (60,))
+    monkeypatch.undo()
+    _settled(client, base)
+
+
+def test_a_with_block_left_by_an_exception_kills_its_child(client):
+    """As the async client's block (and not waiting for the child to end by itself: a 60 s child
+    held the Ctrl-C'd block for 60 s)."""
+    t0 = time.monotonic()
+    with pytest.raises(ValueError):
+        with client.spawn_child(time.sleep, (60,)) as ch:
+            raise ValueError("left")
+    assert time.monotonic() - t0 < 10
+    assert ch.returncode == -signal.SIGKILL
+
+
+def test_communicate_leaves_out_the_streams_the_caller_closed(client):
+    """As Popen.communicate: a closed stdout or stdin is skipped (it raised ValueError)."""
+    ch = client.spawn_child(lambda: print("err", file=__import__("sys").stderr))
+    ch.stdout.close()
+    assert ch.communicate() == (b"", b"err\n")
+    ch = client.spawn_child(print, ("out",))
+    ch.stdin.close()
+    assert ch.communicate() == (b"out\n", b"")
+
+
+def test_signals_to_an_ended_child_do_nothing_even_after_close():
+    """Popen.kill() on a process that ended never raises; ChildProcess.kill() raised ClosedError
+    once the client was closed."""
+    with Client.embedded() as c:
+        ch = c.spawn_child(print, stdin=None)
+        ch.communicate()
+        ch.wait()
+    for send in (ch.kill, ch.terminate, lambda: ch.send_signal(signal.SIGUSR1)):
+        send()
+
+
+def test_a_broken_connection_raises_a_fresh_error_each_time():
+    """Once the daemon is gone, each wait() raised the one stored BrokenError: its traceback
+    grew by every raise (18000 entries after 2000 calls) and held every caller's frames."""
+    with Client.embedded() as c:
+        ch = c.spawn_child(time.sleep, (60,), stdin=None)
+        os.kill(daemon_pid(c), signal.SIGKILL)
+        seen = []
+        for _ in range(30):
+            with pytest.raises(BrokenError) as e:
+                ch.wait()
+            seen.append(e.value)
+        assert len({id(x) for x in seen}) == len(seen)
+        assert len(traceback.extract_tb(seen[-1].__traceback__)) < 10
+
+
+_FORKS = """
+import os, sys, time
+from zygote_client import Client, ClosedError
+c = Client.embedded()
+assert c.run(print, ("parent",)).stdout == b"parent\\n"
+pid = os.fork()
+if pid == 0:
+    try:
+        c.run(print, ("child",))
+        print("child: the parent's client ran a child", flush=True)
+    except ClosedError as e:
+        print("child: ClosedError", e, flush=True)
+    sys.exit(0)  # (atexit closes the clients still open)
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    if os.waitpid(pid, os.WNOHANG)[0]:
+        break
+    time.sleep(0.05)
+else:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    print("parent: the fork hung at its exit", flush=True)
+print("parent:", c.run(print, ("again",)).stdout, flush=True)
+c.close()
+"""
+
+
+def test_a_fork_of_a_process_with_an_open_client_exits_and_is_told_the_client_is_not_its_own():
+    """The fork has no loop thread: its exit hung for ever (atexit closed the client through the
+    missing thread), and so did any use of the client. There it raises ClosedError, and the
+    fork exits at once; the parent's client goes on working."""
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(_FORKS)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "child: ClosedError this client belongs to the process that made it" in r.stdout, r.stdout + r.stderr
+    assert "hung" not in r.stdout and "parent: b'again\\n'" in r.stdout, r.stdout + r.stderr
