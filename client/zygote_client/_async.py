@@ -43,6 +43,21 @@ LEASE_RECHECK = 60.0  # seconds, at most, between leases asked of a pool that do
 SEND_WHOLE = 30.0  # seconds a request's frame may take to go out (see AsyncClient._request)
 
 
+def _fresh(exc: BaseException) -> BaseException:
+    """A new exception like ``exc`` (type, args, attributes), with no traceback and no chain.
+
+    For a stored error raised to many callers (the connection's, once it is gone): the one
+    object raised again grew its ``__traceback__`` by each raise and kept every failed caller's
+    frames (their children, their open pipes) alive as long as the client. Each raise gets its
+    own copy instead; ``raise _fresh(err) from None``."""
+    cls = type(exc)
+    new = cls.__new__(cls, *exc.args)  # (no __init__: args and attributes are copied as they are)
+    new.args = exc.args
+    new.__dict__.update(exc.__dict__)
+    new.__suppress_context__ = True
+    return new
+
+
 class _Pending:
     def __init__(self) -> None:
         self.event = anyio.Event()
@@ -135,6 +150,8 @@ class AsyncChild:
         fds = list(fds)
         if msg.export is not None and msg.export.error is None and len(fds) == 1:
             self._export_fd = fds.pop()
+            # (before the wake-up: a woken thread may call close_export at once)
+            self._client._exported.add(self)
         for fd in fds:
             os.close(fd)
         self._mark_exited()
@@ -165,6 +182,9 @@ class AsyncChild:
     def close_export(self) -> None:
         """Release the export archive (a memfd held by this process)."""
         fd, self._export_fd = self._export_fd, None
+        # The client lets go of this child too: it held every exported child (and its result)
+        # until it closed.
+        self._client._exported.discard(self)
         if fd is not None:
             os.close(fd)
 
@@ -215,8 +235,9 @@ class AsyncChild:
             RemoteError: the payload raised (type name, message and the remote traceback).
             ChildFailed: the child ended without returning: a limit killed it (``reason`` says
                 which, e.g. ``"memory"``), a signal, or the payload called sys.exit/os._exit.
-            ResultError: the value could not be sent back (not JSON-compatible, too large), or
-                the child was an exec/script child, which has no return value.
+            ResultError: the value could not be sent back (not JSON-compatible, too large) or
+                loaded here (``reason="undecodable"``: a trusted pickle naming a module or class
+                this process lacks), or the child was an exec/script child, which has no return value.
         """
         await self.wait()
         assert self._outcome is not None
@@ -227,7 +248,20 @@ class AsyncChild:
         nothing for 0, as ``Popen.send_signal`` (whose 0 checks a process that cannot be gone)."""
         if self.status is not None or signum == 0:
             return
-        await self._client._signal(self.id, signum)
+        try:
+            await self._client._signal(self.id, signum)
+        except DaemonError as e:
+            if e.code != "unknown-child":
+                raise
+            # The daemon forgets a child as it reports its exit, so its answer can come before
+            # that report does. A child this connection follows has its Exited on the way (or
+            # the connection breaks): wait for it. An id it never had: the error stands.
+            if self.status is None and any(c is self for c in self._client._children.get(self.id, ())):
+                await self._exited.wait()
+                if self.status is None:
+                    raise self._client._lost() from None
+            if self.status is None:
+                raise
 
     async def terminate(self) -> None:
         import signal
@@ -250,13 +284,16 @@ class AsyncClient:
         self._children: dict[str, list[AsyncChild]] = {}  # by id: a spawn and attaches may share one
         self._early_exits: dict[str, tuple[P.Exited, list[int]]] = {}
         self._unwanted: set[str] = set()  # children whose spawn was cancelled: killed, exits dropped
-        self._exported: list[AsyncChild] = []  # children whose export archive this client holds
+        # Children whose export archive this client holds (closed with it); close_export
+        # takes a child out, possibly from another thread (the blocking face's caller).
+        self._exported: set[AsyncChild] = set()
         self._req = itertools.count(1)
         self._send_lock = anyio.Lock()
         self._broken: BaseException | None = None
         self._closed = False
         self._tg: Any = None
         self._reader_done = anyio.Event()
+        self._reader_scope = anyio.CancelScope()  # (entered by the reader: see __aexit__)
         # Reserve children this connection holds (keep_leased): (child, write end of its control
         # pipe). Taken with popleft from any thread (the blocking face's callers); refilled by
         # one task on the loop.
@@ -309,6 +346,13 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: object) -> None:
         self._closed = True
+        # The reader stops before the socket closes: closed under a receive still waiting (and
+        # a large request's send waiting beside it), asyncio's selector was left with a closed
+        # fd and printed "Exception in callback ... Bad file descriptor" tracebacks. A send
+        # still waiting fails on the close (ClosedError), as before.
+        self._reader_scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await self._reader_done.wait()
         await self._stream.aclose()
         if self._tg is not None:
             tg, self._tg = self._tg, None
@@ -332,7 +376,7 @@ class AsyncClient:
                 child, ctl = self._leases.popleft()
                 os.close(ctl)
                 await child.aclose()
-            for child in self._exported:
+            for child in list(self._exported):  # (each takes itself out)
                 child.close_export()
             for _, fds in self._early_exits.values():
                 for fd in fds:
@@ -345,6 +389,10 @@ class AsyncClient:
     # ---- the reader ----------------------------------------------------------------------------
 
     async def _reader(self) -> None:
+        with self._reader_scope:
+            await self._read()
+
+    async def _read(self) -> None:
         try:
             while True:
                 try:
@@ -357,7 +405,12 @@ class AsyncClient:
                 while (item := self._decoder.next()) is not None:
                     self._deliver(*item)
         except BaseException as e:  # noqa: BLE001 - every waiter must learn why
-            self._broken = e if isinstance(e, ZygoteError) else BrokenError(str(e) or type(e).__name__)
+            if isinstance(e, ZygoteError):
+                self._broken = e
+            elif self._closed:  # (stopped by __aexit__)
+                self._broken = ClosedError("the client was closed")
+            else:
+                self._broken = BrokenError(str(e) or type(e).__name__)
             for p in self._pending.values():
                 p.error = self._broken
                 p.event.set()
@@ -439,7 +492,7 @@ class AsyncClient:
         if self._closed:
             raise ClosedError("the client is closed")
         if self._broken is not None:
-            raise self._broken
+            raise _fresh(self._broken) from None
         req = next(self._req)
         msg = make(req)
         P.check(msg)  # (sent, a field the daemon cannot decode would end the connection)
@@ -484,8 +537,8 @@ class AsyncClient:
             else:
                 p.abandoned = True
             raise
-        if p.error is not None:
-            raise p.error
+        if p.error is not None:  # (the connection's error, shared by every waiter: a copy each)
+            raise _fresh(p.error) from None
         if isinstance(p.msg, P.Error):
             raise DaemonError(p.msg.message, code=p.msg.code)
         return p.msg, p.fds
@@ -494,13 +547,17 @@ class AsyncClient:
         child._set_exit(msg, fds)
         if child._held or child._refill_at_exit:  # a held child ended unused (killed), or one
             self._lease_wake.set()                # started from the hand: lease another
-        if child._export_fd is not None:
-            self._exported.append(child)
 
     async def _wait_exit(self, child: AsyncChild) -> None:
         await child._exited.wait()
         if child.status is None:
-            raise self._broken or BrokenError("connection lost before the child's exit was reported")
+            raise self._lost() from None
+
+    def _lost(self) -> BaseException:
+        """Why a child's exit will not be reported: a fresh copy of the connection's error."""
+        if self._broken is not None:
+            return _fresh(self._broken)
+        return BrokenError("connection lost before the child's exit was reported")
 
     # ---- the API -------------------------------------------------------------------------------
 
@@ -734,11 +791,21 @@ class AsyncClient:
     async def _call(self, fn: Callable[..., Any], args: tuple, kwargs: dict, **options: Any) -> Any:
         child = await self.spawn_child(fn, args, kwargs, stdin=DEVNULL, **options)
         async with child:  # an exception or a cancellation here kills the child
+            failed: Exception | None = None
             async with anyio.create_task_group() as tg:
                 for stream, name in ((child.stdout, "stdout"), (child.stderr, "stderr")):
                     if stream is not None:
                         tg.start_soon(_forward, stream, name)
-                await child.wait()  # not result(): its exception would cancel the forwarders early
+                try:
+                    await child.wait()  # not result(): its exception would cancel the forwarders early
+                except Exception as e:  # (the connection is gone) raised past the group, as itself:
+                    failed = e          # from inside, it came out wrapped in an ExceptionGroup
+                    tg.cancel_scope.cancel()
+            if failed is not None:
+                try:
+                    raise failed
+                finally:
+                    del failed  # (no cycle: this frame, the error, its traceback, this frame)
         return await child.result()
 
 

@@ -27,7 +27,7 @@ import anyio.from_thread
 
 from ._async import DEVNULL, PIPE, AsyncChild, AsyncClient, _encode_target, open_client, open_embedded
 from ._config import ExitStatus, SandboxConfig
-from ._errors import BrokenError, ClosedError, ZygoteError
+from ._errors import ClosedError, ZygoteError
 from ._workspace import ExportError, ExportResult
 from ._results import Outcome
 
@@ -136,7 +136,7 @@ class ChildProcess:
         if self._achild.status is None:  # woken because the connection is gone
             if self._client._closed:
                 raise ClosedError("the client was closed before the child's exit was reported")
-            raise _fresh(self._client._aclient._broken) or BrokenError("connection lost before the child's exit was reported")
+            raise self._client._aclient._lost() from None  # (a copy of the connection's error each time)
         return self._achild.status
 
     @property
@@ -241,13 +241,6 @@ def _forked() -> None:
 
 
 os.register_at_fork(after_in_child=_forked)
-
-
-def _fresh(exc: BaseException | None) -> BaseException | None:
-    """A copy of the stored error ``exc`` to raise (None stays None): raised itself each time,
-    its traceback grew with every raise and kept every failed caller's frames and files alive."""
-    import copy
-    return None if exc is None else copy.copy(exc)
 
 
 class Client:

@@ -58,7 +58,11 @@ def decode(kind: str, data: bytes, status: ExitStatus, trusted: bool) -> Any:
         if not trusted:  # a daemon or peer that sends a pickle unasked gets it refused, unopened
             raise ResultError("the child sent a pickled result but trusted_results is off",
                               reason="undecodable", status=status)
-        return pickle.loads(data)  # SECURITY: the caller opted in (trusted_results=True)
+        try:
+            return pickle.loads(data)  # SECURITY: the caller opted in (trusted_results=True)
+        except Exception as e:  # e.g. a class from a module this process does not have
+            raise ResultError(f"the child's pickled result cannot be loaded here: {type(e).__name__}: {e}",
+                              reason="undecodable", status=status) from e
     if kind == "error":
         doc = _json_doc(data, status)
         raise RemoteError(str(doc.get("type", "Exception")), str(doc.get("message", "")),
