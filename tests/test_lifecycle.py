@@ -1400,3 +1400,25 @@ def test_threads_using_a_client_that_is_closed_get_closed_error():
     for t in threads:
         t.join(30)
     assert len(errors) == 8 and all(isinstance(e, ClosedError) for e in errors), [repr(e) for e in errors]
+
+
+def test_a_zygote_whose_daemon_went_away_ends_quietly():
+    """A daemon killed with the zygote's message unread: the zygote's next receive fails with
+    ECONNRESET, and its traceback went to the stderr it shares with the daemon's user (an
+    embedded client's terminal). It ends with status 0 and says nothing."""
+    import select
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    p = subprocess.Popen([sys.executable, "-P", "-m", "zygote._zygote", str(child.fileno())],
+                         pass_fds=[child.fileno()], stderr=subprocess.PIPE)
+    child.close()
+    try:
+        assert select.select([parent], [], [], 60)[0], "the zygote never said it was ready"
+        parent.close()  # its "ready" unread
+        assert p.wait(30) == 0
+        assert p.stderr.read() == b""
+    finally:
+        parent.close()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stderr.close()

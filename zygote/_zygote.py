@@ -117,7 +117,10 @@ def main(argv: list[str]) -> None:
     info = {"pid": os.getpid(), "executable": sys.executable, "prefix": sys.prefix,
             "base_prefix": sys.base_prefix, "version": list(sys.version_info[:3]), "path": sys.path,
             "preloaded": preload, "given_netns": _netns.can_join}
-    _sock.send(b"R" + msgspec.msgpack.encode(info))
+    try:
+        _sock.send(b"R" + msgspec.msgpack.encode(info))
+    except OSError:
+        os._exit(0)  # the daemon went away while we preloaded (its user's stderr needs no traceback)
     flags_allowed = ALL_NAMESPACES | CLONE_PARENT
     owner_back = os.geteuid()
     waiting = select.poll()  # (not select(): the daemon may have handed us an fd number >= 1024)
@@ -129,6 +132,8 @@ def main(argv: list[str]) -> None:
             msg, fds, msg_flags, _addr = socket.recv_fds(_sock, REQ.size, NFDS + 2)
         except InterruptedError:
             continue
+        except OSError:  # ECONNRESET: the daemon went away with a request unread
+            os._exit(0)
         if not msg:
             os._exit(0)  # the daemon went away
         req, flags, owner = REQ.unpack(msg) if len(msg) == REQ.size else (0, 0, 0)
@@ -180,7 +185,10 @@ def main(argv: list[str]) -> None:
             os.close(netns_fd)
         for f in fds:
             os.close(f)
-        _sock.send(REP.pack(req, pid, err))
+        try:
+            _sock.send(REP.pack(req, pid, err))
+        except OSError:  # the daemon went away (the child, CLONE_PARENT, was the daemon's: it
+            os._exit(0)  # ends with it, its pipes to the daemon closed)
 
 
 if __name__ == "__main__":
