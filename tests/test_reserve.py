@@ -281,17 +281,31 @@ def test_pool_timeout_counts_from_the_request_not_the_reserve(tmp_path):
         assert r.status.timed_out and 1.4 < r.status.wall_time < 3, r.status
 
 
-def test_reload_replaces_the_reserve(tmp_path):
-    """SIGHUP with a changed pool: the old reserve children go (they exit without running
-    anything), the new pool fills its own reserve, requests work throughout."""
+@contextlib.contextmanager
+def _reloadable(tmp_path, toml: str):
+    """A daemon run from a TOML file (``[daemon] socket = ...`` and then ``toml``): yields (its
+    socket, its process, reload) where reload(toml) rewrites the file so and sends SIGHUP."""
     import signal as _signal
     sock = str(tmp_path / "z.sock")
     path = tmp_path / "z.toml"
-    write_text(path, f'[daemon]\nsocket = "{sock}"\n[pools.default]\nreserve = 2\n')
+    write_text(path, f'[daemon]\nsocket = "{sock}"\n{toml}')
+
+    def reload(toml: str) -> None:
+        write_text(path, f'[daemon]\nsocket = "{sock}"\n{toml}')
+        proc.send_signal(_signal.SIGHUP)
+
     proc = start_daemon("--config", str(path))
     try:
         wait_socket(sock, proc)
+        yield sock, proc, reload
+    finally:
+        stop_daemon(proc)
 
+
+def test_reload_replaces_the_reserve(tmp_path):
+    """SIGHUP with a changed pool: the old reserve children go (they exit without running
+    anything), the new pool fills its own reserve, requests work throughout."""
+    with _reloadable(tmp_path, "[pools.default]\nreserve = 2\n") as (sock, proc, reload):
         def reserve_pids() -> set[int]:
             return set(sandbox_children(proc.pid))
 
@@ -300,8 +314,7 @@ def test_reload_replaces_the_reserve(tmp_path):
             time.sleep(0.05)
         old = reserve_pids()
         assert len(old) == 2
-        write_text(path, f'[daemon]\nsocket = "{sock}"\n[pools.default]\nreserve = 3\npreload = ["colorsys"]\n')
-        proc.send_signal(_signal.SIGHUP)
+        reload('[pools.default]\nreserve = 3\npreload = ["colorsys"]\n')
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             now = reserve_pids()
@@ -312,8 +325,6 @@ def test_reload_replaces_the_reserve(tmp_path):
         with Client.connect(sock) as c:
             r = c.run(lambda: print(__import__("sys").modules.get("colorsys") is not None))
             assert r.stdout == b"True\n"  # from the new pool (it preloads colorsys)
-    finally:
-        stop_daemon(proc)
 
 
 def test_a_reload_raising_max_children_stays_within_the_claimed_id_ranges(tmp_path):
@@ -322,16 +333,9 @@ def test_a_reload_raising_max_children_stays_within_the_claimed_id_ranges(tmp_pa
     which may use only the ranges beyond max_children, never refilled again (and spawns past the
     claim would fail for want of a range). The reload keeps max_children within the claim and
     says so in its log line; the reserve refills after takes."""
-    import signal as _signal
-    sock = str(tmp_path / "z.sock")
-    path = tmp_path / "z.toml"
-    write_text(path, f'[daemon]\nsocket = "{sock}"\nmax_children = 2\n[pools.default]\nreserve = 2\n')
-    proc = start_daemon("--config", str(path))
-    try:
-        wait_socket(sock, proc)
+    with _reloadable(tmp_path, "max_children = 2\n[pools.default]\nreserve = 2\n") as (sock, proc, reload):
         wait_for(lambda: len(sandbox_children(proc.pid)) == 2, what="the reserve")
-        write_text(path, f'[daemon]\nsocket = "{sock}"\nmax_children = 500\n[pools.default]\nreserve = 2\n')
-        proc.send_signal(_signal.SIGHUP)
+        reload("max_children = 500\n[pools.default]\nreserve = 2\n")
         wait_for(lambda: b"reloaded" in _log(proc), what="the reload's log line")
         # 2 + 64 spare -> two blocks of 64 claimed: 128 ranges, of which max_children may have 64
         assert b"max_children 500: 64 until the daemon restarts" in _log(proc), _log(proc)[-2000:]
@@ -339,8 +343,6 @@ def test_a_reload_raising_max_children_stays_within_the_claimed_id_ranges(tmp_pa
             for i in range(4):  # takes, and (in turn) clones while the reserve refills
                 assert c.run(print, (i,)).stdout == f"{i}\n".encode()
         wait_for(lambda: len(sandbox_children(proc.pid)) == 2, what="the reserve refilled after the reload")
-    finally:
-        stop_daemon(proc)
 
 
 def test_reserve_with_a_tight_open_files_limit(tmp_path):

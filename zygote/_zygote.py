@@ -68,10 +68,9 @@ def main(argv: list[str]) -> None:
         import resource
         resource.setrlimit(resource.RLIMIT_NOFILE, (int(nofile), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
     # Children are the OOM killer's first choice, and none is out of its reach: a daemon started
-    # with a negative oom_score_adj (systemd's OOMScoreAdjust=) handed it down, and at -1000 a
-    # child over its cgroup's memory limit could not be killed (v1 left it waiting in the OOM
-    # path until its timeout). Raising one's own score needs no privilege; a child, with no
-    # CAP_SYS_RESOURCE on the host, cannot lower it again.
+    # with a negative oom_score_adj (systemd's OOMScoreAdjust=) handed it down, and the OOM killer
+    # never picks a process at -1000: such a child over its memory limit could not be killed.
+    # Raising one's own score needs no privilege; a child cannot open the file to lower it.
     try:
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("1000")

@@ -90,16 +90,15 @@ class _MetricsServer(ThreadingWSGIServer):
     request_queue_size = 64
 
     def __init__(self, *args, **kwargs) -> None:
-        self._slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
         self._lock = threading.Lock()
         self._held: dict[tuple, int] = {}  # peer key -> places held
-        self._key_of: dict = {}  # accepted socket -> its peer key
+        self._key_of: dict = {}  # accepted socket -> its peer key (one per place taken)
         super().__init__(*args, **kwargs)
 
     def process_request(self, request, client_address) -> None:
         key = _peer_key(request, client_address)
         with self._lock:
-            if self._held.get(key, 0) >= METRICS_PER_PEER or not self._slots.acquire(blocking=False):
+            if self._held.get(key, 0) >= METRICS_PER_PEER or len(self._key_of) >= METRICS_CONNECTIONS:
                 self.shutdown_request(request)  # (closed unread: a scraper retries)
                 return
             self._held[key] = self._held.get(key, 0) + 1
@@ -116,7 +115,6 @@ class _MetricsServer(ThreadingWSGIServer):
             self._held[key] -= 1
             if not self._held[key]:
                 del self._held[key]
-            self._slots.release()
 
     def process_request_thread(self, request, client_address) -> None:
         # A whole request gets METRICS_TIMEOUT: the per-read timeout alone let a client sending a

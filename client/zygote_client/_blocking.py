@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import os
 import selectors
-import signal
 import subprocess
 import sys
 import threading
@@ -400,8 +399,7 @@ class Client:
         and its stdio closed, on the loop."""
         async def let_go() -> None:
             if kill:
-                with contextlib.suppress(Exception):
-                    await self._aclient._signal(achild.id, signal.SIGKILL)
+                await self._aclient._kill_unwanted(achild.id)
             with contextlib.suppress(Exception):
                 await achild.aclose()
 
