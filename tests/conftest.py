@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import contextlib
+import fcntl
 import os
 import select
 import shutil
@@ -291,3 +292,72 @@ def drive_userns_child(pid: int, ready_r: int, go_w: int, res_r: int, timeout: f
             os.close(fd)
         os.waitpid(pid, 0)
     return json.loads(b"".join(chunks) or b'{"ok": false, "error": "the child reported nothing"}')
+
+
+NS_GET_USERNS = 0xB701  # ioctl_ns(2): the user namespace that owns a namespace
+NS_GET_PARENT = 0xB702  # ioctl_ns(2): a user namespace's parent
+
+
+def owned_by_a_maker(pid: int) -> bool:
+    """Whether the network namespace of ``pid`` belongs to a user namespace of a namespace maker
+    (zygote/_nsmaker.py): a child of ours (the host's), neither ours nor ``pid``'s own."""
+    fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        owner = fcntl.ioctl(fd, NS_GET_USERNS)
+        try:
+            try:
+                parent = fcntl.ioctl(owner, NS_GET_PARENT)
+            except PermissionError:  # (the initial user namespace has no parent: the host's)
+                return False
+            try:
+                return (os.fstat(parent).st_ino == os.stat("/proc/self/ns/user").st_ino
+                        and os.fstat(owner).st_ino != os.stat(f"/proc/{pid}/ns/user").st_ino)
+            finally:
+                os.close(parent)
+        finally:
+            os.close(owner)
+    finally:
+        os.close(fd)
+
+
+def listen_for_host_device_events(client, sandbox_config=None) -> tuple[bytes, object, bool]:
+    """A child that listens for the kernel's device events (NETLINK_KOBJECT_UEVENT, what udev
+    reads) while this process makes three synthetic ones with a marker of its own: (its first
+    line, b"listening" or b"refused"; the marked events it heard, or why it could not listen;
+    whether its network namespace was one made ahead by a namespace maker, owned_by_a_maker, or
+    None when it could not listen). No udev runs here; where one does, it re-applies /dev/null's rules."""
+    import uuid
+
+    marker = f"zg{uuid.uuid4().hex[:12]}"
+
+    def listen(marker):
+        import socket
+        try:
+            s = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 15)  # NETLINK_KOBJECT_UEVENT
+            s.bind((0, 1))
+        except OSError as e:
+            print("refused", flush=True)
+            return f"refused: {e.strerror}"
+        print("listening", flush=True)
+        s.settimeout(3)
+        got = []
+        try:
+            while True:
+                event = s.recv(65536).replace(b"\0", b" ").decode(errors="replace")
+                if marker in event:
+                    got.append(event)
+        except socket.timeout:
+            return got
+
+    child = client.spawn_child(listen, (marker,), stdin=None, sandbox_config=sandbox_config)
+    first = child.stdout.readline()
+    made_ahead = None
+    if first == b"listening\n":
+        made_ahead = owned_by_a_maker(child.pid)  # (it listens for 3 s)
+        for _ in range(3):
+            with open("/sys/devices/virtual/mem/null/uevent", "w") as f:
+                f.write(f"change {uuid.uuid4()} ZGTEST={marker}")
+            time.sleep(0.2)
+    got = child.result()
+    assert child.wait().returncode == 0, child.stderr.read()
+    return first, got, made_ahead

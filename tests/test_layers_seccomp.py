@@ -255,9 +255,10 @@ def test_SECURITY_seccomp_default_denies_vsock_and_rare_socket_families():
 
 
 def test_SECURITY_seccomp_default_denies_host_netlink_protocols_and_mptcp():
-    """Netlink sockets other than ROUTE, SOCK_DIAG and GENERIC are refused: the network namespace
-    a child gets ahead of time is owned by the host's user namespace, and the kernel sends the
-    host's device events (KOBJECT_UEVENT) to every such namespace. MPTCP (and any protocol
+    """Netlink sockets other than ROUTE, SOCK_DIAG and GENERIC are refused: a second wall against
+    the host's device events (KOBJECT_UEVENT), which the kernel sends to every network namespace
+    the host's user namespace owns (a child's is not, since session 26: zygote/_nsmaker.py), and
+    no use in a sandbox for the others (audit, netfilter's logs, ...). MPTCP (and any protocol
     number from 262 on) is refused for AF_INET/AF_INET6: Landlock's TCP rules do not cover it, so
     a child with no network could bind and connect over it where TCP is denied. The kernel reads
     the protocol as 32 bits: high bits must not slip a refused one past."""

@@ -10,7 +10,6 @@ reach them. Nothing addresses anything outside these namespaces.
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import itertools
 import json
@@ -28,7 +27,7 @@ import time
 import pytest
 
 from zygote_client import BrokenError, Client, DaemonError, NetworkConfig, SandboxConfig, SandboxError
-from conftest import children_of
+from conftest import children_of, listen_for_host_device_events, owned_by_a_maker
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/sbin/nft"),
                                 reason="needs root and nftables")
@@ -580,10 +579,10 @@ def _child_address(link: str) -> str:  # zg + hex of the host end's address; the
 def test_a_networked_child_is_born_in_a_namespace_prepared_ahead(world, tmp_path):
     """The daemon keeps a network namespace prepared (network_ahead): veth, addresses and route
     made, host end down, no rules. A networked spawn's child is born in it and works as one whose
-    namespace was made for it; the namespace belongs to the daemon's user namespace (the child
-    never holds a capability over it, not even before dropping privileges); each serves one child."""
+    namespace was made for it; the namespace belongs to a user namespace of its own, the daemon's
+    namespace maker's (the child never holds a capability over it, not even before dropping
+    privileges; the host's device events do not reach it); each serves one child."""
     path = world.start(tmp_path)
-    NS_GET_USERNS = 0xB701
 
     def payload():
         import os
@@ -604,19 +603,28 @@ def test_a_networked_child_is_born_in_a_namespace_prepared_ahead(world, tmp_path
             ns, addr = child.stdout.readline().strip(), child.stdout.readline().strip().decode()
             assert addr == _child_address(link), (addr, link)  # the prepared one's
             assert link in world.veths(up=True)  # up: its rules are in
-            fd = os.open(f"/proc/{child.pid}/ns/net", os.O_RDONLY)
-            try:
-                owner = fcntl.ioctl(fd, NS_GET_USERNS)
-            finally:
-                os.close(fd)
-            try:
-                assert os.fstat(owner).st_ino == os.stat("/proc/self/ns/user").st_ino
-            finally:
-                os.close(owner)
+            assert owned_by_a_maker(child.pid)
             child.stdin.close()
             assert child.wait().returncode == 0, child.stderr.read()
             seen.append(ns)
     assert seen[0] != seen[1] and world.inet_servers.peers("tcp") >= {_child_address(link)}
+
+
+def test_SECURITY_a_networked_child_without_seccomp_hears_no_host_device_events(world, tmp_path):
+    """A networked child born in a namespace the daemon prepared, under a pool without seccomp
+    (so a uevent socket opens), hears none of the host's device events: the namespace belongs to
+    the user namespace of the daemon's namespace maker, and the kernel sends those events only
+    to namespaces the host's user namespace owns. Fails with the daemon making its namespaces
+    itself (host-owned): the child receives the synthetic events."""
+    cfg = tmp_path / "pool.toml"
+    cfg.write_text('[pools.default.sandbox]\nseccomp_profile = "unconfined"\n')
+    path = world.start(tmp_path, "--config", str(cfg))
+    _prepared(world)
+    with Client.connect(path) as c:
+        first, got, made_ahead = listen_for_host_device_events(c, NET)
+    assert first == b"listening\n", (first, got)
+    assert got == [], got
+    assert made_ahead  # (born in the prepared one, not a CLONE_NEWNET of its own)
 
 
 def _echo_once():

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from zygote_client import Client, DaemonError, SandboxConfig, SandboxError
-from conftest import children_of, cmdline, daemon_pid, fd_count, rss_bytes
+from conftest import children_of, cmdline, daemon_pid, fd_count, owned_by_a_maker, rss_bytes, wait_for
 
 
 def test_stdio_order_and_streams(client):
@@ -472,9 +472,9 @@ class _DrivenZygote:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a rootless zygote cannot make namespaces ahead (CLONE_NEWNET then)")
 def test_SECURITY_netns_not_owned_by_the_child(client):
-    """The child's network namespace is made ahead by the zygote and owned by the host's user
-    namespace, not the child's: not even the child's root (before the drop) could reconfigure it.
-    Each child still gets its own, with lo up."""
+    """The child's network namespace is made ahead for the zygote and owned by a user namespace
+    of its own (zygote/_nsmaker.py), not the child's: not even the child's root (before the drop)
+    could reconfigure it. Each child still gets its own, with lo up."""
     def payload():
         import socket, sys
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:  # (Landlock may deny TCP)
@@ -494,7 +494,7 @@ def test_SECURITY_netns_not_owned_by_the_child(client):
             assert child.stdout.readline() == b"lo ok\n"
             owner, net = _netns_owner_and_inode(child.pid)
             own_user = os.stat(f"/proc/{child.pid}/ns/user").st_ino
-            assert owner == host_user and owner != own_user
+            assert owner not in (host_user, own_user) and owned_by_a_maker(child.pid)
             assert net != host_net and net not in seen
             seen.add(net)
     finally:
@@ -504,31 +504,36 @@ def test_SECURITY_netns_not_owned_by_the_child(client):
 
 
 def test_zygote_netns_ahead_goes_home_after_each_handout():
-    """The bookkeeping of netns.Ahead with recorded calls: ready only after unshare and lo up;
-    home after every handout; disabled for good when unsharing is not permitted; a failing lo up
-    goes home and disables it."""
+    """The bookkeeping of netns.Ahead with recorded calls: ready only after a namespace was made,
+    entered (its fd closed) and lo brought up; home after every handout; disabled for good when
+    namespaces cannot be made here, or after repeated failures; a failing lo up goes home and
+    disables it."""
     from zygote._clone import CLONE_NEWNET
     from zygote.layers.netns import Ahead
     calls: list = []
 
-    def unshare(flags):
-        calls.append(("unshare", flags))
+    def make():
+        calls.append("make")
+        return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
 
     def setns(fd, nstype):
         calls.append(("setns", nstype))
 
-    ns = Ahead(lambda: calls.append("lo"), unshare, setns)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    ns = Ahead(make, lambda: calls.append("lo"), setns)
     assert ns.enabled and calls == [("setns", CLONE_NEWNET)]  # the way home is tried first
+    assert not Ahead(None, lambda: None, setns).enabled  # (nothing to make them with)
+    fds_before += 2  # (each Ahead holds its way home)
     calls.clear()
     ns.prepare()
-    assert ns.ready and calls == [("unshare", CLONE_NEWNET), "lo"]
+    assert ns.ready and calls == ["make", ("setns", CLONE_NEWNET), "lo"]
+    assert len(os.listdir("/proc/self/fd")) == fds_before  # the namespace's fd: entered, closed
     calls.clear()
     ns.go_home()
     assert not ns.ready and calls == [("setns", CLONE_NEWNET)]
     # A given namespace (join) keeps the one made ahead for the next clone: back into it after,
     # ready again, its fd closed; without one made ahead, home.
     ns.prepare()
-    fds_before = len(os.listdir("/proc/self/fd"))
     calls.clear()
     ns.join(99)
     assert not ns.ready and ns._parked >= 0 and calls == [("setns", CLONE_NEWNET)]
@@ -540,18 +545,79 @@ def test_zygote_netns_ahead_goes_home_after_each_handout():
     ns.go_home()
     assert not ns.ready
 
-    def refuse(flags):
+    def refuse():
         raise OSError(errno.EPERM, "no")
-    ns = Ahead(lambda: None, refuse, setns)
+    ns = Ahead(refuse, lambda: None, setns)
     ns.prepare()
     assert not ns.enabled and not ns.ready
+
+    def flaky():
+        raise OSError(errno.EIO, "the server died")
+    ns = Ahead(flaky, lambda: None, setns)
+    for _ in range(Ahead.FAILS - 1):
+        ns.prepare()
+        assert ns.enabled and not ns.ready  # (tried again when idle)
+    ns.prepare()
+    assert not ns.enabled
 
     def bad_lo():
         raise OSError(errno.EPERM, "no")
     calls.clear()
-    ns = Ahead(bad_lo, unshare, setns)
+    ns = Ahead(make, bad_lo, setns)
     ns.prepare()
     assert not ns.enabled and not ns.ready and calls[-1] == ("setns", CLONE_NEWNET)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a root daemon makes network namespaces ahead")
+def test_netns_maker_hands_out_namespaces_of_its_own_and_ends_with_its_starter():
+    """zygote._nsmaker: each namespace is new, owned by the server's user namespace (a child of
+    the host's, not the host's: the host's device events never reach it), and not held by the
+    server once handed out; a server that died is replaced at the next request; close() ends it,
+    and so does the end of the process that started it (nothing left behind)."""
+    from zygote._nsmaker import NetnsMaker
+    host_user = os.stat("/proc/self/ns/user").st_ino
+    maker = NetnsMaker()
+    fds = []
+    try:
+        for _ in range(2):
+            fds.append(maker.make())
+        owner = fcntl.ioctl(fds[0], NS_GET_USERNS)
+        try:
+            parent = fcntl.ioctl(owner, 0xB702)  # NS_GET_PARENT
+            assert os.fstat(owner).st_ino != host_user and os.fstat(parent).st_ino == host_user
+            os.close(parent)
+            other = fcntl.ioctl(fds[1], NS_GET_USERNS)
+            assert os.fstat(other).st_ino == os.fstat(owner).st_ino  # (one user namespace, once)
+            os.close(other)
+        finally:
+            os.close(owner)
+        inodes = {os.fstat(fd).st_ino for fd in fds}
+        server = maker._proc
+        assert len(inodes) == 2 and os.stat(f"/proc/{server.pid}/ns/net").st_ino not in inodes
+        server.kill()  # (our own process, by pid)
+        server.wait()
+        fds.append(maker.make())
+        assert maker._proc is not server and os.fstat(fds[-1]).st_ino not in inodes
+        maker.close()
+        assert maker._proc is None
+        with pytest.raises(OSError):
+            maker.make()
+    finally:
+        maker.close()
+        for fd in fds:
+            os.close(fd)
+    # A starter that ends without closing: its server reads EOF and ends too.
+    starter = subprocess.Popen([sys.executable, "-c", "import time; from zygote._nsmaker import NetnsMaker; "
+                                "m = NetnsMaker(); m.make(); print(m._proc.pid, flush=True); time.sleep(60)"],
+                               stdout=subprocess.PIPE)
+    try:
+        server_pid = int(starter.stdout.readline())
+        assert "_nsmaker.py" in open(f"/proc/{server_pid}/cmdline").read()
+    finally:
+        starter.kill()  # (our own process, by pid)
+        starter.wait()
+        starter.stdout.close()
+    wait_for(lambda: not os.path.exists(f"/proc/{server_pid}"), what="the orphaned server to end")
 
 
 def test_the_daemon_sends_a_clone_request_with_eight_fds():
@@ -566,9 +632,10 @@ def test_the_daemon_sends_a_clone_request_with_eight_fds():
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a rootless zygote cannot make namespaces ahead (CLONE_NEWNET then)")
 def test_zygote_netns_ahead_and_fallback():
-    """Driven directly: a clone after an idle moment gets the namespace made ahead (host-owned);
-    a request already waiting behind another gets CLONE_NEWNET (owned by the child's user
-    namespace) rather than waiting for one to be made; the zygote leaves each handed-on one."""
+    """Driven directly: a clone after an idle moment gets the namespace made ahead (owned by the
+    zygote's namespace maker); a request already waiting behind another gets CLONE_NEWNET (owned
+    by the child's user namespace) rather than waiting for one to be made; the zygote leaves each
+    handed-on one."""
     from zygote._clone import ALL_NAMESPACES, CLONE_PARENT
     with _DrivenZygote() as z:
         time.sleep(0.3)  # idle: the zygote makes a namespace ahead
@@ -586,7 +653,7 @@ def test_zygote_netns_ahead_and_fallback():
             assert (rreq, err) == (req, 0) and pid > 0
         host_user = os.stat("/proc/self/ns/user").st_ino
         (owner1, net1), (owner2, net2) = (_netns_owner_and_inode(z.pids[r]) for r in (1, 2))
-        assert owner1 == host_user                                  # made ahead
+        assert owner1 != host_user and owned_by_a_maker(z.pids[1])  # made ahead
         assert owner2 == os.stat(f"/proc/{z.pids[2]}/ns/user").st_ino  # CLONE_NEWNET: no waiting
         assert net1 != net2
         assert os.stat(f"/proc/{z.proc.pid}/ns/net").st_ino not in (net1, net2)
@@ -596,16 +663,21 @@ def test_zygote_netns_ahead_and_fallback():
 def test_zygote_keeps_its_netns_made_ahead_across_a_given_one():
     """Driven directly: a clone into a namespace the daemon gave does not cost the zygote the one
     it made ahead while idle. A request queued right behind (no idle moment in between) gets that
-    one (owned by the host's user namespace, lo up), not a CLONE_NEWNET of its own. (Before, the
+    one (owned by the zygote's namespace maker, lo up), not a CLONE_NEWNET of its own. (Before, the
     zygote let it go at every given clone and made another when idle.)"""
     from zygote._zygote import GIVEN_NETNS
     from zygote._clone import ALL_NAMESPACES, CLONE_PARENT
+    from zygote._nsmaker import NetnsMaker
     from zygote.layers.network import _new_netns
     with _DrivenZygote() as z:
         time.sleep(0.3)  # idle: the zygote makes a namespace ahead
         zygote_ns = os.readlink(f"/proc/{z.proc.pid}/ns/net")
         assert zygote_ns != os.readlink("/proc/self/ns/net")  # it sits in the one made ahead
-        nsfd, sock = _new_netns()
+        maker = NetnsMaker()
+        try:
+            nsfd, sock = _new_netns(maker)
+        finally:
+            maker.close()
         sock.close()
         given = os.fstat(nsfd).st_ino
         base = ALL_NAMESPACES | CLONE_PARENT
@@ -614,10 +686,9 @@ def test_zygote_keeps_its_netns_made_ahead_across_a_given_one():
         for req in (1, 2):
             rreq, pid, err = z.reply()
             assert (rreq, err) == (req, 0) and pid > 0
-        host_user = os.stat("/proc/self/ns/user").st_ino
-        assert _netns_owner_and_inode(z.pids[1]) == (host_user, given)
+        assert _netns_owner_and_inode(z.pids[1])[1] == given
         owner, net = _netns_owner_and_inode(z.pids[2])
-        assert owner == host_user, "a CLONE_NEWNET of its own: the namespace made ahead was let go"
+        assert owned_by_a_maker(z.pids[2]), "a CLONE_NEWNET of its own: the namespace made ahead was let go"
         assert f"net:[{net}]" == zygote_ns
         assert z.proc.poll() is None
 
@@ -635,8 +706,10 @@ def test_zygote_clones_into_a_given_netns_and_goes_home():
     answered apart (pid -2: the daemon then gives that zygote none and retries)."""
     from zygote._zygote import GIVEN_NETNS
     from zygote._clone import ALL_NAMESPACES, CLONE_INTO_CGROUP, CLONE_NEWNET, CLONE_PARENT
+    from zygote._nsmaker import NetnsMaker
     from zygote.layers.network import _new_netns
     given = []
+    maker = NetnsMaker()
     # A cgroup v2 directory to clone into, where there is a v2 hierarchy (the guest's; on a hybrid
     # host its near-empty "unified" one): under a "zygote" directory, as everything the project makes.
     root = next((r for r in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified") if os.path.exists(f"{r}/cgroup.procs")
@@ -648,7 +721,7 @@ def test_zygote_clones_into_a_given_netns_and_goes_home():
         with _DrivenZygote() as z:
 
             def netns() -> int:
-                nsfd, sock = _new_netns()
+                nsfd, sock = _new_netns(maker)
                 sock.close()
                 given.append(os.fstat(nsfd).st_ino)
                 return nsfd
@@ -673,11 +746,12 @@ def test_zygote_clones_into_a_given_netns_and_goes_home():
             for req in (2, 3):
                 rreq, pid, err = z.reply()
                 assert (rreq, err) == (req, 0) and pid > 0
-            host_user = os.stat("/proc/self/ns/user").st_ino
-            assert _netns_owner_and_inode(z.pids[2]) == (host_user, given_2)  # born in the given one
+            assert _netns_owner_and_inode(z.pids[2])[1] == given_2  # born in the given one
+            assert owned_by_a_maker(z.pids[2])
             assert _netns_owner_and_inode(z.pids[3])[1] == os.stat("/proc/self/ns/net").st_ino  # the zygote's home
             assert z.proc.poll() is None
     finally:
+        maker.close()
         if cgroup is not None:
             os.rmdir(cgroup)
             with contextlib.suppress(OSError):  # (another run's may be in it)

@@ -17,7 +17,9 @@ Globals, each with what it means for security (every child gets a copy of this m
     _sock    the daemon socket. SECURITY: closed in the child before anything else runs.
     _cloner  the clone3 wrapper (no secrets).
     _netns   the network namespace made ahead for the next child (an empty one, lo up), if any
-             (layers/netns.py: Ahead); the zygote sits in it until that child is cloned. While
+             (layers/netns.py: Ahead; made by a zygote._nsmaker server, this process's only child
+             of its own, started before the preloads); the zygote sits in it until that child is
+             cloned. The server's socket is closed in every child with the rest. While
              a child is cloned into a namespace the daemon gave, it is held by an fd (Ahead._parked),
              which that clone closes with every other fd of ours before anything of its own runs.
 The zygote holds no secrets: no credentials, no client data beyond the request it is serving.
@@ -88,6 +90,17 @@ def main(argv: list[str]) -> None:
         from zygote._clone import ALL_NAMESPACES, CLONE_INTO_CGROUP, CLONE_NEWNET, CLONE_PARENT, Cloner, thread_count
     except BaseException as e:  # noqa: BLE001
         _fail(f"zygote startup failed: {type(e).__name__}: {e}")
+    # Namespaces made ahead come from a server of their own (its start overlaps the preloads),
+    # only where the zygote can come back from one (root): see zygote/_nsmaker.py.
+    _netns = netns.Ahead()
+    if _netns.can_join:
+        from zygote._nsmaker import NetnsMaker
+        maker = NetnsMaker()
+        try:
+            maker.start()
+            _netns.use(maker.make)
+        except OSError:
+            pass  # (every clone makes its own)
     for mod in preload:
         try:
             importlib.import_module(mod)
@@ -109,7 +122,6 @@ def main(argv: list[str]) -> None:
     sys.stderr.flush()
     unset = os.environ.pop("ZYGOTE_UNSET_AFTER_PRELOAD", "")
     child.zygote_ready([name for name in unset.split(",") if name])
-    _netns = netns.Ahead()
     gc.collect()
     gc.freeze()  # keep the preloaded heap out of the collector's reach: children stay copy-on-write
     import msgspec

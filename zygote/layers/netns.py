@@ -36,42 +36,61 @@ class Ahead:
     """A fresh network namespace for the next child, made while the zygote waits for requests.
 
     CLONE_NEWNET costs ~0.4 ms inside clone3 and the child then brings ``lo`` up itself; made
-    here ahead of time, both leave the request path. The namespace is made by unshare() in the
-    zygote (so it is owned by the zygote's user namespace, not the child's: the child holds no
-    capability over it at any point, not even before it drops privileges), ``lo`` is brought up,
-    and the next clone inherits it instead of asking for CLONE_NEWNET. Right after that clone
-    the zygote setns()es back to its own namespace: each prepared namespace serves one child.
-    Without the privilege to unshare (a rootless daemon) every clone keeps CLONE_NEWNET.
+    ahead of time, both leave the request path. The namespace comes from ``make`` (in the zygote,
+    a ``zygote._nsmaker`` server: owned by a user namespace of its own, so neither the host's
+    device events reach it nor the child holds any capability over it, not even before it drops
+    privileges); the zygote enters it, brings ``lo`` up, and the next clone inherits it instead
+    of asking for CLONE_NEWNET. Right after that clone the zygote setns()es back to its own
+    namespace: each prepared namespace serves one child. Without the privilege to come back
+    (a rootless daemon), or when namespaces cannot be made so, every clone keeps CLONE_NEWNET.
     """
 
-    def __init__(self, lo_up=None, unshare=_sys.unshare, setns=_sys.setns) -> None:
-        """``lo_up``, ``unshare``, ``setns``: this module's ``apply`` and the syscalls (tests record them)."""
-        self._lo_up, self._unshare, self._setns = lo_up or apply, unshare, setns
+    FAILS = 3  # making one failed this many times in a row (a server that keeps dying): stop trying
+
+    def __init__(self, make=None, lo_up=None, setns=_sys.setns) -> None:
+        """``make``: a new network namespace's fd, ours to close (None: nothing is made ahead);
+        ``lo_up``, ``setns``: this module's ``apply`` and the syscall (tests record them)."""
+        self._make, self._lo_up, self._setns = make, lo_up or apply, setns
         self.ready = False
+        self._fails = 0
         try:
             self._home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
             # The way back must work before we ever leave: setns into the namespace we are in
             # needs the same privilege (and seccomp's leave) as the return trip after a clone.
             self._setns(self._home, CLONE_NEWNET)
-            self.enabled = True
+            self.can_join = True
         except OSError:
-            self.enabled = False
-        self.can_join = self.enabled  # (stays: a failed prepare turns off only our own namespaces)
+            self.can_join = False
+        self.enabled = self.can_join and make is not None  # (a failed prepare turns off only this)
         self._parked = -1  # the namespace made ahead, held while a given clone is made (join)
+
+    def use(self, make) -> None:
+        """Make namespaces ahead with ``make`` from now on (see ``__init__``)."""
+        self._make = make
+        self.enabled = self.can_join
 
     def prepare(self) -> None:
         try:
-            self._unshare(CLONE_NEWNET)
+            fd = self._make()
         except OSError as e:
-            if e.errno in (errno.EPERM, errno.EINVAL, errno.ENOSYS):
-                self.enabled = False  # no privilege for it here: clones make their own from now on
+            self._fails += 1
+            if e.errno in (errno.EPERM, errno.EINVAL, errno.ENOSYS, errno.ESHUTDOWN) or self._fails >= self.FAILS:
+                self.enabled = False  # not here: clones make their own from now on
             return  # otherwise (ENOSPC: user.max_net_namespaces, ENOMEM) try again when idle
+        try:
+            self._setns(fd, CLONE_NEWNET)
+        except OSError:
+            self.enabled = False
+            return
+        finally:
+            os.close(fd)
         try:
             self._lo_up()
         except Exception:  # noqa: BLE001 - the clone-made namespace is the fallback
             self.enabled = False
             self.go_home()
             return
+        self._fails = 0
         self.ready = True
 
     def join(self, fd: int) -> None:

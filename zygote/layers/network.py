@@ -41,6 +41,7 @@ from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 from zygote_client._config import parse_allow as _parse_allow
 
 from .. import _nft
+from .._nsmaker import NetnsMaker
 from . import SetupError, _sys
 
 STEP = "network"
@@ -161,20 +162,15 @@ def _socket_in(nsfd: int, family: int = socket.AF_NETLINK, kind: int = socket.SO
     return _in_a_thread(make, "zygote-setns")
 
 
-def _new_netns() -> tuple[int, socket.socket]:
-    """A new, empty network namespace: its fd and a NETLINK_ROUTE socket in it. Made by a
-    short-lived thread (unshare affects only the calling thread), which ends right after: no
-    thread of the daemon stays in it."""
-    def make() -> tuple[int, socket.socket]:
-        _sys.unshare(CLONE_NEWNET)
-        fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return fd, socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
-        except OSError:
-            os.close(fd)
-            raise
-
-    return _in_a_thread(make, "zygote-netns")
+def _new_netns(maker: NetnsMaker) -> tuple[int, socket.socket]:
+    """A new, empty network namespace from ``maker`` (owned by the maker's user namespace, not
+    the host's: see zygote/_nsmaker.py): its fd and a NETLINK_ROUTE socket in it."""
+    fd = maker.make()
+    try:
+        return fd, _socket_in(fd)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _in_a_thread(fn, name: str):
@@ -211,6 +207,7 @@ class NetworkHost:
         self.table = _nft.table_name(str(self.pool.network))
         self.started = False
         self._host_index: dict[str, int] = {}  # host end -> its ifindex, for prepared namespaces
+        self._maker = NetnsMaker()  # (its server starts with the first namespace prepared)
         # (tests only, --test-hooks: a path; each child's rules wait until it exists, 30 s at most)
         self.pause_before_rules: str | None = None
 
@@ -242,6 +239,7 @@ class NetworkHost:
     def close(self) -> None:
         """Remove every veth of our pool still there and the table (best effort, at shutdown)."""
         self.started = False
+        self._maker.close()
         self._remove_links(self.pool.owns_link)
         try:
             _nft.apply(_nft.delete_table(self.table))
@@ -289,15 +287,17 @@ class NetworkHost:
     def prepare(self, lease: Lease) -> int:
         """A network namespace made ahead for one child, and its fd: ``lo`` up, the child end of
         the veth (eth0) with its address and default route, the host end with its address but
-        down, and no rules yet: nothing can pass until ``activate``. The daemon made it (it is
-        owned by the daemon's user namespace): the child that gets it holds no capability over
-        it at any time, not even before it drops privileges. A networked spawn's clone joins it
-        instead of making its own, and the ~10 ms of netlink work of ``attach`` leave its path.
+        down, and no rules yet: nothing can pass until ``activate``. It is owned by the user
+        namespace of the daemon's namespace maker (zygote/_nsmaker.py): the host's device
+        events do not reach it, the daemon holds every capability over it, and the child that
+        gets it (in a user namespace of its own) holds none at any time, not even before it
+        drops privileges. A networked spawn's clone joins it instead of making its own, and the
+        ~10 ms of netlink work of ``attach`` leave its path.
 
-        Raises SetupError (whatever went wrong: out of fds, a thread that would not start, an
-        unexpected answer), having undone its own work."""
+        Raises SetupError (whatever went wrong: out of fds, a thread that would not start, the
+        maker's server, an unexpected answer), having undone its own work."""
         try:
-            nsfd, sock = _new_netns()
+            nsfd, sock = _new_netns(self._maker)
         except Exception as e:  # noqa: BLE001 - (out of fds, no thread: a SetupError all the same)
             raise SetupError(STEP, f"making a network namespace: {e}", getattr(e, "errno", 0) or 0, HINT_CAP) from None
         try:
