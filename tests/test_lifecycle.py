@@ -1224,6 +1224,37 @@ def test_a_zygote_that_stops_answering_is_replaced(tmp_path, monkeypatch):
         stop_daemon(proc)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a root zygote runs a namespace maker")
+def test_a_dead_zygotes_namespace_maker_is_reaped_by_a_daemon_that_inherits_it(tmp_path):
+    """A root zygote runs a namespace maker (zygote/_nsmaker.py); when the zygote dies the maker
+    ends too, and where the daemon is its new parent (a subreaper here; a container's PID 1),
+    the daemon reaps it: no zombie left per zygote restart (a helper's review)."""
+    import ctypes
+    import tempfile
+
+    def subreaper() -> None:  # (in the daemon's process, before its exec; kept across exec)
+        ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+    path = str(tmp_path / "z.sock")
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--socket", path, "--preload", "json"],
+                            stderr=log, preexec_fn=subreaper)
+    proc.log = log
+    try:
+        wait_socket(path, proc)
+        with Client.connect(path) as c:
+            assert c.call(lambda: 1) == 1
+            (zygote,) = [pid for pid, _ in children_of(proc.pid) if b"zygote._zygote" in cmdline(pid)]
+            (maker,) = [pid for pid, _ in children_of(zygote) if b"_nsmaker.py" in cmdline(pid)]
+            os.kill(zygote, signal.SIGKILL)  # (our daemon's zygote)
+            wait_for(lambda: not os.path.exists(f"/proc/{maker}"), timeout=15,
+                     what="the dead zygote's namespace maker to end and be reaped")
+            wait_for(lambda: c.status().pools[0].zygotes_running == 1, timeout=60, what="a new zygote")
+            assert c.call(lambda: 2) == 2
+    finally:
+        stop_daemon(proc)
+
+
 def _daemon_with(tmp_path, settings: str, *args: str):
     """A daemon of its own on tmp_path/z.sock with these [daemon] TOML lines: (socket, process)."""
     sock = str(tmp_path / "z.sock")

@@ -6,10 +6,12 @@ import contextlib
 import errno
 import fcntl
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -618,6 +620,66 @@ def test_netns_maker_hands_out_namespaces_of_its_own_and_ends_with_its_starter()
         starter.wait()
         starter.stdout.close()
     wait_for(lambda: not os.path.exists(f"/proc/{server_pid}"), what="the orphaned server to end")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_SECURITY_a_root_process_without_capabilities_cannot_reach_the_namespace_maker():
+    """A process of the host's root uid holds every capability in a user namespace root owns,
+    even with none of its own: it could trace the namespace maker's server (or enter its
+    namespaces) and seed every namespace it hands out (a helper's review). The server is not
+    dumpable, so that takes CAP_SYS_PTRACE in the host's user namespace. Fails with the server
+    dumpable: the capability-less process opens its user namespace. (Control: the same process
+    opens that of a capability-less process of ours.)"""
+    from zygote._nsmaker import NetnsMaker
+    maker = NetnsMaker()
+    control = subprocess.Popen(["setpriv", "--inh-caps=-all", "--bounding-set=-all", "sleep", "60"])
+    try:
+        os.close(maker.make())
+        probe = ("import os, sys\n"
+                 "for pid in sys.argv[1:]:\n"
+                 "    try:\n"
+                 "        os.close(os.open(f'/proc/{pid}/ns/user', os.O_RDONLY)); print('opened')\n"
+                 "    except OSError as e:\n"
+                 "        print(e.strerror)\n")
+        wait_for(lambda: b"sleep" in cmdline(control.pid), what="the control to exec")
+        r = subprocess.run(["setpriv", "--inh-caps=-all", "--bounding-set=-all", sys.executable, "-c", probe,
+                            str(control.pid), str(maker._proc.pid)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split("\n")[:2] == ["opened", "Permission denied"], r.stdout
+    finally:
+        control.kill()  # (our own process, by pid)
+        control.wait()
+        maker.close()
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+def test_a_namespace_maker_that_could_not_set_itself_up_is_replaced():
+    """A server whose own namespaces could not be made at its start (here: user.max_net_namespaces
+    at 0 in a user namespace of the test's) says so and ends; once namespaces can be made again,
+    the next request gets one from a new server. (Before, the first server stayed and refused
+    every request until its starter ended: a helper's review.)"""
+    script = textwrap.dedent("""
+        import errno, os
+        from zygote._nsmaker import NetnsMaker
+        def limit(n):
+            with open("/proc/sys/user/max_net_namespaces", "w") as f:
+                f.write(str(n))
+        m = NetnsMaker()
+        limit(0)
+        try:
+            os.close(m.make())
+            print("made")
+        except OSError as e:
+            print("refused", errno.errorcode.get(e.errno))
+        limit(1000)
+        os.close(m.make())
+        print("made")
+        m.close()
+        """)
+    r = subprocess.run(["unshare", "-U", "-r", sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["refused", "ENOSPC", "made"], r.stdout
 
 
 def test_the_daemon_sends_a_clone_request_with_eight_fds():

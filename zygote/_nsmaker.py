@@ -16,13 +16,19 @@ a child, in a user namespace of its own beside this one, holds none, as before. 
 no uid map (it needs none: after the unshare it holds every capability in its own namespace) and
 touches nothing of the host's.
 
-``NetnsMaker`` is the starter's side. The server runs this file: ``python -I -S _nsmaker.py FD``
-(stdlib only), FD a SOCK_SEQPACKET socket to its starter. Each message asks for one namespace;
-the answer is b"+" with the namespace's fd, or b"!" and an errno in decimal. After each it goes
-back to a namespace of its own (so it pins none it handed out). It exits when its starter closes
-its end, or ends: the starter's end is close-on-exec, and the zygote's children close it with
-every other fd before anything of theirs runs. (No PR_SET_PDEATHSIG: it fires when the starting
-*thread* ends, and the daemon starts the server from a worker thread.)
+``NetnsMaker`` is the starter's side. The server runs this file: ``python -I -S _nsmaker.py FD
+PID`` (stdlib only), FD a SOCK_SEQPACKET socket to its starter, PID the starter's. Each message
+asks for one namespace; the answer is b"+" with the namespace's fd, or b"!" and an errno in
+decimal; b"X" and an errno when the server could not set itself up (it exits then: the next
+request starts another). After each namespace it goes back to one of its own (it pins none it
+handed out). It exits when its starter closes its end or ends (a pidfd of the starter: a process
+a preload forked could hold the socket open; no PR_SET_PDEATHSIG, which fires when the starting
+*thread* ends, and the daemon starts the server from a worker thread).
+
+The server is not dumpable: a process of the host's root uid holds every capability in a user
+namespace root owns, even one that dropped all of its own, and could otherwise trace the server
+(or enter its namespaces) and seed the namespaces it hands out; non-dumpable, tracing it takes
+CAP_SYS_PTRACE in the host's user namespace.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -38,38 +45,54 @@ import threading
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
+_PR_SET_DUMPABLE = 4
 _PR_SET_NAME = 15
-TIMEOUT = 5.0  # seconds for one answer; a server that takes longer is replaced
+NAME = b"zygote-netns"  # the server's process name (comm)
+TIMEOUT = 5.0  # seconds for one answer, by default; a server that takes longer is replaced
 
 
-def _serve(fd: int) -> None:
+def _serve(fd: int, starter: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_NAME, b"zygote-netns", 0, 0, 0)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (a terminal's Ctrl-C is for its starter: it ends at EOF)
+    if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        return  # (never) not without it
+    libc.prctl(_PR_SET_NAME, NAME, 0, 0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (a terminal's Ctrl-C is for its starter)
     sock = socket.socket(fileno=fd)
+    try:
+        parent = os.pidfd_open(starter)
+    except OSError:
+        return  # gone already
+    if os.getppid() != starter:
+        return  # (that pid was another process's by then)
     home = -1
-    failed = 0
     if libc.unshare(CLONE_NEWUSER) != 0 or libc.unshare(CLONE_NEWNET) != 0:
         failed = ctypes.get_errno() or errno.EPERM
     else:
+        failed = 0
         home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    waiting = select.poll()
+    waiting.register(sock, select.POLLIN)
+    waiting.register(parent, select.POLLIN)
     while True:
         try:
+            if any(fd == parent for fd, _ in waiting.poll()):
+                return  # the starter ended
             msg = sock.recv(16)
             if not msg:
-                return  # the starter closed its end, or ended
+                return  # the starter closed its end
             if failed:
-                sock.send(b"!%d" % failed)
-            elif libc.unshare(CLONE_NEWNET) != 0:
+                sock.send(b"X%d" % failed)
+                return
+            if libc.unshare(CLONE_NEWNET) != 0:
                 sock.send(b"!%d" % (ctypes.get_errno() or errno.EIO))
-            else:
-                ns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    socket.send_fds(sock, [b"+"], [ns])
-                finally:
-                    os.close(ns)
-                    if libc.setns(home, CLONE_NEWNET) != 0:
-                        return  # (never: its own namespace) the starter then starts another
+                continue
+            ns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                socket.send_fds(sock, [b"+"], [ns])
+            finally:
+                os.close(ns)
+                if libc.setns(home, CLONE_NEWNET) != 0:
+                    return  # (never: its own namespace) the starter then starts another
         except InterruptedError:
             continue
         except OSError:
@@ -79,13 +102,15 @@ def _serve(fd: int) -> None:
 class NetnsMaker:
     """The starter's side: ``make()`` returns the fd of a new, empty network namespace (``lo``
     down) owned by the server's user namespace. Thread-safe; the server is started at the first
-    ``make()`` (or ``start()``) and again after it died or stopped answering."""
+    ``make()`` (or ``start()``) and again after it died, stopped answering within ``timeout``
+    seconds, or could not set itself up."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float = TIMEOUT) -> None:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._sock: socket.socket | None = None
         self._closed = False
+        self._timeout = timeout
 
     def start(self) -> None:
         """Start the server now (its interpreter's start overlaps the caller's work). Raises OSError."""
@@ -100,19 +125,19 @@ class NetnsMaker:
         try:
             with theirs:
                 self._proc = subprocess.Popen(
-                    [sys.executable, "-I", "-S", os.path.abspath(__file__), str(theirs.fileno())],
+                    [sys.executable, "-I", "-S", os.path.abspath(__file__), str(theirs.fileno()), str(os.getpid())],
                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL, env={})
         except BaseException:
             ours.close()
             raise
-        ours.settimeout(TIMEOUT)
+        ours.settimeout(self._timeout)
         self._sock = ours
 
     def make(self) -> int:
         """A new network namespace's fd (O_CLOEXEC), ours to close. Raises OSError with the
-        server's errno (EPERM: user namespaces refused here), or EIO/ETIMEDOUT when the server
-        died or did not answer (the next call starts another)."""
+        server's errno (EPERM: user namespaces refused here; ENOSPC: user.max_net_namespaces),
+        or EIO/ETIMEDOUT when the server died or did not answer (the next call starts another)."""
         with self._lock:
             for attempt in (1, 2):
                 if self._proc is None or self._proc.poll() is not None:
@@ -120,19 +145,22 @@ class NetnsMaker:
                     self._start()
                 try:
                     self._sock.send(b"n")
-                    msg, fds, _flags, _addr = socket.recv_fds(self._sock, 32, 1)
-                except (TimeoutError, OSError) as e:
+                    msg, fds, _flags, _addr = socket.recv_fds(self._sock, 32, 1, socket.MSG_CMSG_CLOEXEC)
+                    if not msg and not fds:
+                        raise ConnectionResetError(errno.ECONNRESET, "it ended")
+                except OSError as e:
                     self._stop()
                     if attempt == 2 or isinstance(e, TimeoutError):
                         raise OSError(errno.ETIMEDOUT if isinstance(e, TimeoutError) else errno.EIO,
                                       f"the network namespace maker did not answer: {e}") from None
                     continue  # (it died since the last request: once more with a new one)
                 if msg == b"+" and len(fds) == 1:
-                    os.set_inheritable(fds[0], False)
                     return fds[0]
                 for fd in fds:
                     os.close(fd)
-                if msg[:1] == b"!" and msg[1:].isdigit():
+                if msg[:1] in (b"!", b"X") and msg[1:].isdigit():
+                    if msg[:1] == b"X":
+                        self._stop()  # (it exits: the next call starts another)
                     code = int(msg[1:])
                     raise OSError(code, f"making a network namespace in a user namespace of its own: {os.strerror(code)}")
                 self._stop()
@@ -145,11 +173,8 @@ class NetnsMaker:
             sock.close()
         if proc is not None:
             if proc.poll() is None:
-                try:
-                    proc.wait(1.0)  # (it exits at EOF)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                proc.kill()  # (our own; it would exit at EOF, but one that stopped answering may not)
+            proc.wait()
 
     def close(self) -> None:
         """Stop the server (it also ends with this process). No ``make()`` after this."""
@@ -159,4 +184,4 @@ class NetnsMaker:
 
 
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]))
+    _serve(int(sys.argv[1]), int(sys.argv[2]))

@@ -95,7 +95,7 @@ def main(argv: list[str]) -> None:
     _netns = netns.Ahead()
     if _netns.can_join:
         from zygote._nsmaker import NetnsMaker
-        maker = NetnsMaker()
+        maker = NetnsMaker(timeout=1.0)  # (a request may be waiting behind a prepare)
         try:
             maker.start()
             _netns.use(maker.make)

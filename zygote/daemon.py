@@ -40,6 +40,7 @@ from . import _childproto as C
 from ._clone import ALL_NAMESPACES, CLONE_INTO_CGROUP, CLONE_PARENT
 from ._pool import NetnsJoinFailed, Pool, PoolConfig, PoolStartError, Reserve, ZygoteDied, raise_open_files
 from ._zygote import GIVEN_NETNS
+from ._nsmaker import NAME as _NSMAKER_BYTES
 from . import _pipes, _pool, detach, observe, policy
 from ._pipes import close_now as _close
 from .layers import SetupError, _sys, cgroups, mounts, network, rlimits, seccomp, userns, workspace
@@ -2733,8 +2734,13 @@ def _kept_bytes(k: "_Kept") -> int:
     return len(k.exited.result or b"") + sum(r.end - r.start for r in rings) + _archive_bytes(k.fds)
 
 
+_NSMAKER_NAME = _NSMAKER_BYTES.decode()
+
+
 def _stray_zombies(known: set[int]) -> list[int]:
-    """Zombie children of this process, in a pid namespace of their own, not in ``known``."""
+    """Zombie children of this process, in a pid namespace of their own, not in ``known``; and
+    those named as a zygote's namespace maker (zygote/_nsmaker.py: it ends with its zygote, and
+    comes to us when we are its new parent, a subreaper or a container's PID 1)."""
     out = []
     try:
         tasks = os.listdir("/proc/self/task")
@@ -2751,12 +2757,13 @@ def _stray_zombies(known: set[int]) -> list[int]:
                 continue
             try:
                 with open(f"/proc/{pid}/stat") as f:
-                    state = f.read().rsplit(")", 1)[1].split()[0]
+                    comm, _, rest = f.read().partition(" (")[2].rpartition(")")
+                    state = rest.split()[0]
                 with open(f"/proc/{pid}/status") as f:
                     nspid = next((line.split()[1:] for line in f if line.startswith("NSpid:")), [])
             except (OSError, StopIteration):
                 continue
-            if state == "Z" and len(nspid) > 1:
+            if state == "Z" and (len(nspid) > 1 or comm == _NSMAKER_NAME):
                 out.append(pid)
     return out
 

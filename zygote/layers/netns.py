@@ -45,7 +45,7 @@ class Ahead:
     (a rootless daemon), or when namespaces cannot be made so, every clone keeps CLONE_NEWNET.
     """
 
-    FAILS = 3  # making one failed this many times in a row (a server that keeps dying): stop trying
+    FAILS = 3  # the maker's server died or hung this many times in a row: stop trying
 
     def __init__(self, make=None, lo_up=None, setns=_sys.setns) -> None:
         """``make``: a new network namespace's fd, ours to close (None: nothing is made ahead);
@@ -73,9 +73,11 @@ class Ahead:
         try:
             fd = self._make()
         except OSError as e:
-            self._fails += 1
-            if e.errno in (errno.EPERM, errno.EINVAL, errno.ENOSYS, errno.ESHUTDOWN) or self._fails >= self.FAILS:
+            if e.errno in (errno.EPERM, errno.EINVAL, errno.ENOSYS, errno.ESHUTDOWN):
                 self.enabled = False  # not here: clones make their own from now on
+            elif e.errno in (errno.EIO, errno.ETIMEDOUT):
+                self._fails += 1  # (a server that died or hung: it is replaced at the next try)
+                self.enabled = self._fails < self.FAILS
             return  # otherwise (ENOSPC: user.max_net_namespaces, ENOMEM) try again when idle
         try:
             self._setns(fd, CLONE_NEWNET)

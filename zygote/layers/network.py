@@ -299,7 +299,8 @@ class NetworkHost:
         try:
             nsfd, sock = _new_netns(self._maker)
         except Exception as e:  # noqa: BLE001 - (out of fds, no thread: a SetupError all the same)
-            raise SetupError(STEP, f"making a network namespace: {e}", getattr(e, "errno", 0) or 0, HINT_CAP) from None
+            code = getattr(e, "errno", 0) or 0
+            raise SetupError(STEP, f"making a network namespace: {e}", code, HINT_CAP if code == E.EPERM else "") from None
         try:
             with IPRoute() as ipr:
                 _add_veth(ipr, lease, nsfd)
