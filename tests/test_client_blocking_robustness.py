@@ -157,3 +157,19 @@ def test_a_fork_of_a_process_with_an_open_client_exits_and_is_told_the_client_is
     assert r.returncode == 0, r.stdout + r.stderr
     assert "child: ClosedError this client belongs to the process that made it" in r.stdout, r.stdout + r.stderr
     assert "hung" not in r.stdout and "parent: b'again\\n'" in r.stdout, r.stdout + r.stderr
+
+
+def test_an_embedded_client_collected_without_close_leaves_no_zombie():
+    """An embedded client dropped without close(): its daemon ends with the connection and is
+    reaped (by a finalizer's thread), not left a zombie of this process until the next
+    subprocess starts (Python's subprocess reaps stray Popens only then)."""
+    import gc
+
+    c = Client.embedded()
+    pid = c._aclient._proc.pid  # (tests only)
+    assert c.call(lambda: 1) == 1
+    del c
+    gc.collect()
+
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=15,  # (a zombie keeps its /proc entry)
+             what="the collected client's daemon to be reaped")

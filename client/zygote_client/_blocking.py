@@ -24,7 +24,7 @@ import anyio
 import anyio.abc
 import anyio.from_thread
 
-from ._async import DEVNULL, PIPE, AsyncChild, AsyncClient, _encode_target, open_client, open_embedded
+from ._async import DEVNULL, PIPE, AsyncChild, AsyncClient, _encode_target, _reap_embedded, open_client, open_embedded
 from ._config import ExitStatus, SandboxConfig
 from ._errors import ClosedError, ZygoteError
 from ._workspace import ExportError, ExportResult
@@ -230,6 +230,13 @@ def _close_at_exit() -> None:
             client.close()
 
 
+def _reap_collected(proc) -> None:
+    """(A collected embedded client's finalizer) wait for its daemon in a thread of its own:
+    reaped once it ends, as close() would have done."""
+    if proc.poll() is None:  # (in a fork, not our child: poll() says it ended)
+        threading.Thread(target=_reap_embedded, args=(proc,), name="zygote-reap", daemon=True).start()
+
+
 def _forked() -> None:
     """In a forked child: no client's loop thread came along. Each portal is marked stopped (anyio
     then skips the hand-over to its thread when the portal is finalized: it waited for it for
@@ -268,6 +275,10 @@ class Client:
         self._closed = False
         self._pid = os.getpid()  # (a fork has no loop thread: it may only let go of its copy)
         _open_clients.add(self)
+        if self._aclient._proc is not None:
+            # An embedded client collected without close(): its daemon ends with the connection,
+            # and was left a zombie of this process until the next subprocess started.
+            weakref.finalize(self, _reap_collected, self._aclient._proc).atexit = False
         if leases:
             try:
                 self._portal.call(self._aclient.keep_leased, leases)
