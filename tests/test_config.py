@@ -90,9 +90,9 @@ def test_reserve_network_flag_needs_network(tmp_path):
     assert not os.path.exists(sock)
 
 
-def _hello_as(uid: int, gid: int, sock_path: str) -> str:
+def _hello_as(uid: int, gid: int, sock_path: str, groups: tuple[int, ...] = ()) -> str:
     """As uid/gid: the daemon's first answer ("welcome" or "error:<code>"); after a welcome, what
-    a Status shows this peer of the daemon's children."""
+    a Status shows this peer of the daemon's children. ``groups``: its supplementary groups."""
     def talk() -> str:
         c = RawConn(sock_path)
         c.send(c.P.Hello(c.P.VERSION))
@@ -102,7 +102,7 @@ def _hello_as(uid: int, gid: int, sock_path: str) -> str:
         c.send(c.P.Status(1))
         st = c.reply()
         return f"welcome running={st.running} visible={len(st.children)}"
-    return run_as(uid, gid, talk)
+    return run_as(uid, gid, talk, groups)
 
 
 def test_SECURITY_auth_unlisted_uid_refused_listed_uid_served(shared_dir):
@@ -123,6 +123,32 @@ def test_SECURITY_auth_unlisted_uid_refused_listed_uid_served(shared_dir):
             child.wait()
         assert _hello_as(4002, 4242, sock) == "error:not-allowed"
         assert _hello_as(4003, 4343, sock).startswith("exception:PermissionError")  # not in the group
+
+
+def test_SECURITY_an_id_the_daemon_gives_its_children_is_no_client(shared_dir):
+    """A process running as one of the host ids the daemon gives its children is refused, even
+    in an allowed group: it got that id from a sandbox (a set-ID file a child left on a host
+    directory bound read-write, where no seccomp profile forbids making one) and would pass for
+    a user of its own, with per-user budgets of its own (a helper's review: four such uids held
+    the daemon's every place). Fails without the check: the range's uid is welcome."""
+    with config_daemon(shared_dir, """
+            socket_mode = "0660"
+            socket_group = 4242
+            allowed_uids = [4001]
+            allowed_gids = [4242]
+            """) as sock:
+        with Client.connect(sock) as c:
+            child = c.spawn_child(_sleeper(), stdin=None)
+            try:
+                with open(f"/proc/{child.pid}/status") as f:
+                    host_uid = int(next(line for line in f if line.startswith("Uid:")).split()[1])
+                assert host_uid >= 1_000_000_000  # (the payload's host uid, from the daemon's ranges)
+                assert _hello_as(4001, 4242, sock).startswith("welcome")
+                assert _hello_as(host_uid, 4242, sock) == "error:not-allowed"
+                assert _hello_as(4001, host_uid - 65534, sock, (4242,)) == "error:not-allowed"  # (listed; a range's gid)
+            finally:
+                child.kill()
+                child.wait()
 
 
 def test_SECURITY_auth_clients_see_only_their_own_children(shared_dir):

@@ -645,3 +645,81 @@ def test_SECURITY_a_child_cannot_freeze_the_daemon_through_a_pipe_lock(socket_da
             pytest.fail(f"{call} into the result pipe froze the daemon")
         assert out == [errno.EPERM]
         assert c.call(lambda: 4) == 4
+
+
+@pytest.mark.parametrize("profile", ["default", "strict"])
+def test_SECURITY_no_set_id_file_is_made_or_marked(tmp_path, profile):
+    """Under the default and the strict profile no call gives a file its set-user-ID or
+    set-group-ID bit: a file a child leaves on a host directory bound read-write belongs to its
+    host uid, the host honours those bits, and a local user running it would get a uid that later
+    children of other clients get again (a helper's review). Every way in: chmod, fchmod,
+    fchmodat, fchmodat2, open/openat/creat with O_CREAT, mknod/mknodat; openat2 (its mode out of
+    seccomp's reach) is ENOSYS. The same calls without those bits still work. Fails without the
+    rules: the control (no filter) marks every file set-ID."""
+    AT_FDCWD = -100
+    O_CREAT_W = os.O_CREAT | os.O_WRONLY
+    arch = platform.machine()
+
+    def attempts(base: str) -> dict:
+        out = {}
+        for bit in (0o4000, 0o2000, 0):
+            mode = 0o755 | bit
+            for way in ("chmod", "fchmod", "fchmodat", "fchmodat2", "openat", "open", "creat", "mknod", "mknodat"):
+                if way in ("open", "creat", "mknod") and arch != "x86_64":
+                    continue  # (aarch64 has only the *at calls)
+                path = f"{base}/{way}-{bit:o}".encode()
+                p = ctypes.c_char_p(path)
+                if way.startswith(("chmod", "fchmod")):
+                    os.close(os.open(path, O_CREAT_W, 0o644))
+                if way == "chmod":
+                    r = raw("chmod", ctypes.cast(p, ctypes.c_void_p).value, mode)
+                elif way == "fchmod":
+                    fd = os.open(path, os.O_RDONLY)
+                    r = raw("fchmod", fd, mode)
+                    os.close(fd)
+                elif way in ("fchmodat", "fchmodat2"):
+                    args = (AT_FDCWD, ctypes.cast(p, ctypes.c_void_p).value, mode) + ((0,) if way == "fchmodat2" else ())
+                    r = raw(way, *args)
+                    if way == "fchmodat2" and r == (-1, errno.ENOSYS):
+                        continue  # (a kernel before 6.6)
+                elif way == "openat":
+                    r = raw("openat", AT_FDCWD, ctypes.cast(p, ctypes.c_void_p).value, O_CREAT_W, mode)
+                elif way == "open":
+                    r = raw("open", ctypes.cast(p, ctypes.c_void_p).value, O_CREAT_W, mode)
+                elif way == "creat":
+                    r = raw("creat", ctypes.cast(p, ctypes.c_void_p).value, mode)
+                elif way == "mknod":
+                    r = raw("mknod", ctypes.cast(p, ctypes.c_void_p).value, 0o100000 | mode, 0)
+                else:
+                    r = raw("mknodat", AT_FDCWD, ctypes.cast(p, ctypes.c_void_p).value, 0o100000 | mode, 0)
+                if r[0] >= 0 and way in ("openat", "open", "creat"):
+                    os.close(r[0])
+                st = os.stat(path) if os.path.exists(path) else None
+                out[f"{way} {bit:o}"] = [r[1], bool(st and st.st_mode & 0o6000)]
+        how = ctypes.create_string_buffer(struct.pack("QQQ", O_CREAT_W, 0o4755, 0), 24)
+        path = f"{base}/openat2".encode()
+        out["openat2"] = list(raw("openat2", AT_FDCWD, ctypes.cast(ctypes.c_char_p(path), ctypes.c_void_p).value,
+                                   ctypes.addressof(how), 24))
+        return out
+
+    # (the umask must not hide what the calls ask for)
+    old = os.umask(0)
+    try:
+        (tmp_path / "f").mkdir()
+        (tmp_path / "c").mkdir()
+        kind, filtered = in_child(lambda: attempts(str(tmp_path / "f")), profile)
+        kind2, control = in_child(lambda: attempts(str(tmp_path / "c")))
+    finally:
+        os.umask(old)
+    assert (kind, kind2) == ("ok", "ok"), (filtered, control)
+    never = ("creat", "mknod", "mknodat") if profile == "strict" else ()  # (the strict list has no use for them)
+    for name, value in filtered.items():
+        if name == "openat2":
+            assert value[1] == (errno.ENOSYS if profile == "default" else errno.EPERM), value
+            continue
+        err, set_id = value
+        if name.endswith(" 0"):
+            assert err == (errno.EPERM if name.split()[0] in never else 0) and not set_id, (name, value)  # (works)
+        else:
+            assert err == errno.EPERM and not set_id, (name, value)
+            assert control[name] == [0, True], (name, control[name])  # (the control marks it)

@@ -636,6 +636,41 @@ def test_SECURITY_a_child_binds_what_the_daemon_checked_after_the_zygote_started
         subprocess.run(["umount", str(d)], check=True)
 
 
+def test_SECURITY_a_child_leaves_no_set_id_file_on_a_host_directory(client, tmp_path):
+    """A file a child makes in a host directory bound read-write belongs to its host uid, and the
+    host honours set-ID bits (the child's own bind is nosuid, the host's path is not): a local
+    user running such a file would become a uid that later children of other clients get again,
+    and could signal them (a helper's review, reproduced with 130 spawns). The default seccomp
+    profile refuses every call that would make or mark one. Fails without those rules: both
+    files end up set-ID on the host."""
+    d = tmp_path / "w"
+    d.mkdir()
+    os.chmod(d, 0o777)
+
+    def plant():
+        import os
+        out = []
+        for how in ("chmod", "open"):
+            path = f"/w/{how}"
+            try:
+                if how == "chmod":
+                    open(path, "w").close()
+                    os.chmod(path, 0o4755)
+                else:
+                    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o6755))
+                out.append(f"{how}: done")
+            except OSError as e:
+                out.append(f"{how}: {e.strerror}")
+        return out
+
+    child = client.spawn_child(plant, stdin=None, sandbox_config=SandboxConfig(rw_binds={str(d): "/w"}))
+    got = child.result()
+    assert child.wait().returncode == 0
+    assert got == ["chmod: Operation not permitted", "open: Operation not permitted"], got
+    marked = [p.name for p in d.iterdir() if p.stat().st_mode & 0o6000]
+    assert marked == [], marked
+
+
 def test_SECURITY_a_child_hears_no_host_device_events(client):
     """The kernel sends the host's device events (disks, USB, hotplug, module loads) to the
     uevent sockets of every network namespace the host's user namespace owns, and a child's was

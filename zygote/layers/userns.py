@@ -97,6 +97,7 @@ class IdSlots:
         self._locks: list[int] = []
         self._free: collections.deque[int] = collections.deque()
         self._paths: list[str] = []
+        self._blocks: set[int] = set()
         for block in range(blocks):
             if len(self._locks) == want:
                 break
@@ -106,6 +107,7 @@ class IdSlots:
                 continue
             self._locks.append(fd)
             self._paths.append(path)
+            self._blocks.add(block)
             self._free.extend(range(block * CHUNK, (block + 1) * CHUNK))
         if len(self._locks) < want:
             self.close()
@@ -124,6 +126,10 @@ class IdSlots:
                 raise ValueError(f"host user or group {name!r} has id {ident}, inside the ids this daemon gives "
                                  f"its children ({lo}..{hi - 1}): it would own a child's namespace; choose "
                                  "another id_base")
+
+    def holds(self, ident: int) -> bool:
+        """Whether host id ``ident`` lies in one of this daemon's claimed blocks (its children's ids)."""
+        return ident >= self.id_base and (ident - self.id_base) // (RANGE * CHUNK) in self._blocks
 
     def take(self) -> int:
         """A free slot. Raises LookupError when every one is held."""
