@@ -814,6 +814,16 @@ def test_allow_entries_parse_and_narrow():
             effective(pool, SandboxConfig(network=NetworkConfig(allow=wider)))
     with pytest.raises(PolicyError):
         effective(SandboxConfig(), NET)
+    # A pool without a list means public IPv4 only: a request's list may narrow that, never name
+    # private, link-local (cloud metadata) or other special ranges (a helper's review: the rules
+    # admit a list's entries before they refuse those ranges, so such a request reached the LAN).
+    public = SandboxConfig(network=NetworkConfig())
+    for inside in (("198.51.100.0/24:443",), ("8.8.8.8",), ("2001:db8::/32",)):
+        assert effective(public, SandboxConfig(network=NetworkConfig(allow=inside))).network.allow == inside
+    for private in (("192.168.77.0/24",), ("169.254.169.254/32",), ("10.0.0.5:443",), ("0.0.0.0/0",),
+                    ("198.51.100.0/24", "100.64.0.0/10"), ("127.0.0.1",), ("8.0.0.0/6",)):
+        with pytest.raises(PolicyError, match="private or special"):
+            effective(public, SandboxConfig(network=NetworkConfig(allow=private)))
 
 
 def test_address_pool():

@@ -507,7 +507,9 @@ def run(args) -> int:
     sys.stdout.flush()
     terminal = _TerminalState((0, 1, 2))
     try:
-        daemon_args = ["--network"] if cfg.network is not None else []
+        # (--allow goes on the embedded daemon's pool too: a request's list may only narrow it)
+        daemon_args = (["--network"] + [f"--network-allow={a}" for a in cfg.network.allow]
+                       if cfg.network is not None else [])
         with contextlib.closing(terminal), _SignalProxy() as proxy, \
                 Client.embedded(preload_imports=args.preload, environment=env, daemon_args=daemon_args) as client:
             stdio, copiers = _stdio_for(cfg)

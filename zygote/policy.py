@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fnmatch
+import ipaddress
 import os
 import select
 import socket
@@ -27,6 +28,7 @@ from zygote_client._workspace import PATH_MAX, Export
 from zygote_client._config import parse_allow
 from zygote_client._errors import quoted
 
+from zygote._nft import DENY4
 from zygote.layers import _sys
 
 LIMITS = ("memory", "pids", "cpu", "cpu_time", "timeout", "timeout_grace", "file_size", "open_files",
@@ -34,6 +36,7 @@ LIMITS = ("memory", "pids", "cpu", "cpu_time", "timeout", "timeout_grace", "file
 _SIZES = {"memory", "file_size", "max_output_bytes", "tmpfs_size"}
 _LANDLOCK_RANK = {"off": 0, "auto": 1, "required": 2}
 SECCOMP_RANK = {"unconfined": 0, "default": 1, "strict": 2}
+_DENY4 = tuple(ipaddress.ip_network(n) for n in DENY4)  # what the egress rules refuse without a list
 # The ceiling on a request's Export where the pool's SandboxConfig has none.
 EXPORT_CEILING = Export(max_files=100_000, max_bytes=1 << 30)
 # Environment names that look like credentials (matched case-insensitively); a pool with
@@ -123,6 +126,16 @@ def effective(pool: SandboxConfig, req: SandboxConfig | None, inherit: bool = Tr
                 if not _allow_covered(item, pool.network.allow):
                     raise PolicyError(f"network.allow: {quoted(item)} is not within the pool's allow-list "
                                       f"{list(pool.network.allow)!r} (a request may only narrow it)")
+        if not pool.network.allow:
+            # A pool without a list lets its children reach public addresses only: a request's
+            # list may narrow that, never add private or special ranges (the egress rules admit
+            # what a list names before they refuse those ranges).
+            for item in req.network.allow:
+                net, _ = parse_allow(item)
+                if any(net.overlaps(d) for d in _DENY4 if net.version == d.version):
+                    raise PolicyError(f"network.allow: {quoted(item)} reaches private or special addresses, "
+                                      "which a pool without an allow-list keeps its children from (a request "
+                                      "may only narrow what its pool allows; name them in the pool's list)")
         if pool.network.allow and not req.network.allow:
             changes["network"] = pool.network
     if req.export is None:

@@ -101,7 +101,8 @@ class NetworkConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         allow: destination networks the child may reach, as ``"CIDR"`` or ``"CIDR:PORT"`` (the
             port for TCP and UDP). Empty (default): any public IPv4 destination, or the pool's
             list when it has one. Non-empty: exactly these, even inside the private ranges; a
-            request may only narrow the pool's list. At most 64 entries.
+            request may only narrow the pool's list (under a pool without a list, public
+            addresses only: private ranges must be in the pool's). At most 64 entries.
     """
 
     allow: Annotated[tuple[str, ...], msgspec.Meta(max_length=64)] = ()
