@@ -675,6 +675,48 @@ def _daemon_for_4001(shared_dir: str, *args: str):
     return sock, start_daemon("--config", cfg, *args)
 
 
+def test_SECURITY_a_nested_bind_target_tells_nothing_of_a_directory_the_client_cannot_search(shared_dir):
+    """A bind target inside another bind must exist there already; the daemon looked as root, so
+    uid 4001 learnt whether names exist in a directory it may not search (a helper's review: a
+    missing name was refused at once, an existing one failed later in the child). Now the client
+    must reach that path itself, and both get the same answer. Fails on the previous daemon: the
+    answers differ."""
+    hidden = os.path.join(shared_dir, "zgvic")
+    os.mkdir(hidden, 0o700)
+    os.chown(hidden, 4002, 4002)
+    with open(os.path.join(hidden, "exists"), "w") as f:
+        f.write("x")
+    os.chown(os.path.join(hidden, "exists"), 4002, 4002)
+    mine = os.path.join(shared_dir, "mine")
+    os.mkdir(mine)
+    with open(os.path.join(mine, "seen"), "w"):
+        pass
+    sock, proc = _daemon_for_4001(shared_dir)
+
+    def spawn(binds: dict):
+        def go() -> str:
+            c = RawConn(sock)
+            c.send(c.P.Hello(c.P.VERSION))
+            c.reply()
+            c.send(c.P.Spawn(req=1, kind="exec", argv=["/bin/cat", "/x/mine/seen"], stdin=False,
+                             sandbox=SandboxConfig(ro_binds=binds)))
+            m = c.reply()
+            return f"{type(m).__name__}:{getattr(m, 'code', '')}:{getattr(m, 'message', '')}"
+        return go
+
+    try:
+        wait_socket(sock, proc)
+        answers = [run_as(4001, 4242, spawn({shared_dir: "/x", "/etc/hostname": f"/x/zgvic/{name}"}))
+                   for name in ("exists", "missing")]
+        assert answers[0].startswith("SpawnFailed:policy:") and "must already exist" in answers[0], answers
+        assert answers[0].replace("exists", "missing") == answers[1], answers
+        # (a nested target the client can see still works)
+        out = run_as(4001, 4242, spawn({shared_dir: "/x", "/etc/hostname": "/x/mine/seen"}))
+        assert out.startswith("Spawned:"), out
+    finally:
+        stop_daemon(proc)
+
+
 def test_SECURITY_a_client_s_bind_is_checked_as_the_client_itself(shared_dir):
     """End to end, through the socket: a file whose mode bits let everyone read it but whose ACL
     denies uid 4001 is refused to uid 4001 (mode bits alone had let it through); a file only

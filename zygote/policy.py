@@ -214,6 +214,11 @@ def check_peer_paths(cfg: SandboxConfig, pool: SandboxConfig, uid: int, gid: int
             for src in getattr(cfg, field) if src not in getattr(pool, field)]
     if cfg.chroot_dir and cfg.chroot_dir != pool.chroot_dir:
         asks.append(("chroot_dir", cfg.chroot_dir, False))
+    # A bind target inside another bind must exist there already (mounts._user_binds): the
+    # client must be able to see that it does, or the daemon's answer (it looks as root) would
+    # tell it whether names exist in directories it may not search (a helper's review).
+    nested = _nested_targets(cfg, pool)
+    asks += [("target", host, False) for host in nested]
     if not asks:
         return pins
     if groups is None:  # (a file may deny a group its "other" bits allow: unknown groups pass nothing)
@@ -221,10 +226,34 @@ def check_peer_paths(cfg: SandboxConfig, pool: SandboxConfig, uid: int, gid: int
                           "so it cannot check the host paths this request names")
     found = _as_peer(uid, gid, groups, [(src, write) for _, src, write in asks])
     for (field, src, write), pin in zip(asks, found):
+        if field == "target":
+            if pin is None:  # (missing or out of the client's reach: one answer for both)
+                t, parent = nested[src]
+                raise PolicyError(f"bind target {quoted(t)}: the target lies inside the bind of {quoted(parent)}, "
+                                  f"where {quoted(src)} must already exist, reachable by uid {uid}")
+            continue
         if pin is None:
             raise PolicyError(f"{field}: uid {uid} may not {'write' if write else 'read'} {quoted(src)} on the host")
         _pin(pins, src, pin)
     return pins
+
+
+def _nested_targets(cfg: SandboxConfig, pool: SandboxConfig) -> dict[str, tuple[str, str]]:
+    """Host path -> (target, enclosing target) for each bind target the request names (not its
+    pool) that lies inside another bind's target: where, on the host, the mount point must
+    already exist."""
+    binds = {**cfg.ro_binds, **cfg.rw_binds}  # source -> target
+    theirs = [t for field in ("ro_binds", "rw_binds") for src, t in getattr(cfg, field).items()
+              if getattr(pool, field).get(src) != t]
+    out: dict[str, tuple[str, str]] = {}
+    for target in theirs:
+        t = os.path.normpath(target)
+        enclosing = [(os.path.normpath(pt), src) for src, pt in binds.items()
+                     if os.path.normpath(pt) != t and t.startswith(os.path.normpath(pt).rstrip("/") + "/")]
+        if enclosing:
+            pt, src = max(enclosing, key=lambda e: len(e[0]))
+            out[os.path.normpath(src + t[len(pt.rstrip("/")):])] = (target, pt)
+    return out
 
 
 def _pin(pins: dict, src: str, pin: tuple[str, int, int, str]) -> None:
