@@ -675,6 +675,17 @@ def _daemon_for_4001(shared_dir: str, *args: str):
     return sock, start_daemon("--config", cfg, *args)
 
 
+def _spawn_answer(sock: str, argv: list[str], ro_binds: dict) -> str:
+    """Over a fresh raw connection (as whoever calls it): one exec Spawn with these read-only
+    binds; the daemon's answer as "Kind:code:message"."""
+    c = RawConn(sock)
+    c.send(c.P.Hello(c.P.VERSION))
+    c.reply()
+    c.send(c.P.Spawn(req=1, kind="exec", argv=argv, stdin=False, sandbox=SandboxConfig(ro_binds=ro_binds)))
+    m = c.reply()
+    return f"{type(m).__name__}:{getattr(m, 'code', '')}:{getattr(m, 'message', '')}"
+
+
 def test_SECURITY_a_nested_bind_target_tells_nothing_of_a_directory_the_client_cannot_search(shared_dir):
     """A bind target inside another bind must exist there already; the daemon looked as root, so
     uid 4001 learnt whether names exist in a directory it may not search (a helper's review: a
@@ -694,15 +705,7 @@ def test_SECURITY_a_nested_bind_target_tells_nothing_of_a_directory_the_client_c
     sock, proc = _daemon_for_4001(shared_dir)
 
     def spawn(binds: dict):
-        def go() -> str:
-            c = RawConn(sock)
-            c.send(c.P.Hello(c.P.VERSION))
-            c.reply()
-            c.send(c.P.Spawn(req=1, kind="exec", argv=["/bin/cat", "/x/mine/seen"], stdin=False,
-                             sandbox=SandboxConfig(ro_binds=binds)))
-            m = c.reply()
-            return f"{type(m).__name__}:{getattr(m, 'code', '')}:{getattr(m, 'message', '')}"
-        return go
+        return lambda: _spawn_answer(sock, ["/bin/cat", "/x/mine/seen"], binds)
 
     try:
         wait_socket(sock, proc)
@@ -735,15 +738,7 @@ def test_SECURITY_a_client_s_bind_is_checked_as_the_client_itself(shared_dir):
     sock, proc = _daemon_for_4001(shared_dir)
 
     def spawn(path: str):
-        def go() -> str:
-            c = RawConn(sock)
-            c.send(c.P.Hello(c.P.VERSION))
-            c.reply()
-            c.send(c.P.Spawn(req=1, kind="exec", argv=["/bin/true"], stdin=False,
-                             sandbox=SandboxConfig(ro_binds={path: "/f"})))
-            m = c.reply()
-            return f"{type(m).__name__}:{getattr(m, 'code', '')}:{getattr(m, 'message', '')}"
-        return go
+        return lambda: _spawn_answer(sock, ["/bin/true"], {path: "/f"})
 
     try:
         wait_socket(sock, proc)
