@@ -722,3 +722,62 @@ def test_a_destination_with_a_long_name_unpacks(tmp_path):
     made it too long (a raw OSError, not the promised ExportError)."""
     assert _unpack([Entry("f", "file", 0o644, b"x")], tmp_path / ("n" * 240)) == ["f"]
     assert (tmp_path / ("n" * 240) / "f").read_bytes() == b"x"
+
+
+def test_SECURITY_a_symlink_target_is_bounded_before_it_is_read():
+    """A hand-built workspace (no client-side check) whose symlink target is 1 MiB of slashes:
+    the daemon's check split it into a list of a million strings under the GIL (250 MiB of it
+    took the daemon to 2.5 GB and stalled every other user's calls for 9 s: a helper's review),
+    and then accepted it (it normalises to "a"). Refused now by length first, and symlink
+    targets count against max_bytes. Fails on the previous check: accepted."""
+    from zygote_client._workspace import PATH_MAX, check_entries
+    ws = Workspace()
+    with pytest.raises(WorkspaceError, match="symlink target of"):
+        check_entries([Entry("l", "symlink", 0o777, b"a" + b"/" * (1 << 20))], ws)
+    check_entries([Entry("l", "symlink", 0o777, b"a" + b"/" * (PATH_MAX - 2))], ws)  # (the kernel's limit: fine)
+    links = [Entry(f"l{i}", "symlink", 0o777, b"x" * 100) for i in range(3)]
+    with pytest.raises(WorkspaceError, match="max_bytes=250"):
+        check_entries(links, Workspace(max_bytes=250))
+
+
+def test_workspace_limits_must_be_positive():
+    """A limit of 0 or below is refused when the Workspace is made or decoded (max_files=-1 made
+    the daemon's check fail with an IndexError, answered as an internal error)."""
+    for name in ("max_files", "max_file_bytes", "max_bytes"):
+        for bad in (0, -1, True):
+            with pytest.raises(ValueError, match=name):
+                Workspace(**{name: bad})
+    with pytest.raises(msgspec.ValidationError, match="max_files"):
+        msgspec.msgpack.decode(msgspec.msgpack.encode({"max_files": -1}), type=Workspace)
+
+
+def test_SECURITY_the_export_path_budget_counts_bytes():
+    """The exported paths' budget (MAX_NAME_BYTES) counts UTF-8 bytes: in characters, names of
+    four-byte characters passed four times the budget (a helper's review: a 65 MB archive for a
+    1 MiB export). Fails on the previous Collector: the names pass."""
+    from zygote_client._workspace import MAX_NAME_BYTES
+    name = "\U0001F600" * 62  # 248 bytes, 62 characters (with the number and the directory:
+    n = MAX_NAME_BYTES // 250 + 2000  # ~ 255 bytes, ~ 70 characters a path): over the budget in bytes,
+    msgs = [Out(f"d{i // 1000}", "dir", 0o755) for i in range(0, n, 1000)]  # a quarter of it in characters
+    msgs += [Out(f"d{i // 1000}/{i}{name}", "dir", 0o755) for i in range(n)] + [OutEnd()]
+    got = _collect(msgs, max_files=n + 1000, on_exceed="truncate")
+    assert got["truncated"] and any("add up to more than" in s for s in got["skipped"]), got["skipped"][:3]
+
+
+def test_from_dir_holds_one_fd_per_level(tmp_path):
+    """from_dir walks depth first with one open directory per level: 1500 sibling directories
+    under an open-files limit of 1024 are staged (one fd was held per directory still to visit:
+    EMFILE, a helper's review). Fails on the previous walk."""
+    import resource
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(1500):
+        (src / f"d{i:04}").mkdir()
+    (src / "d0007" / "f").write_bytes(b"x")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+    try:
+        ws = Workspace.from_dir(src)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(ws.entries) == 1501 and any(e.path == "d0007/f" for e in ws.entries)

@@ -99,6 +99,12 @@ class Workspace(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     max_bytes: int = 128 << 20
     allow: Annotated[tuple[str, ...], msgspec.Meta(max_length=4096)] = ()
 
+    def __post_init__(self) -> None:
+        for name in ("max_files", "max_file_bytes", "max_bytes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"workspace {name}: must be a positive integer, got {quoted(v)}")
+
     @classmethod
     def from_dir(cls, source: str | os.PathLike, **kw) -> "Workspace":
         """Copy ``source`` (read now, with this process's permissions) into a Workspace.
@@ -301,6 +307,12 @@ def check_entries(entries: list[Entry] | tuple[Entry, ...], ws: Workspace, *,
                                      f"{MAX_NAME_BYTES} bytes", path=e.path[:200])
             parent = parent.rpartition("/")[0]
         if e.kind == "symlink":
+            if len(e.data) >= PATH_MAX:  # (before anything splits it: a daemon checks what any client sends)
+                raise WorkspaceError(f"symlink target of {len(e.data)} bytes (the kernel's limit is "
+                                     f"{PATH_MAX - 1})", path=e.path)
+            total += len(e.data)
+            if total > max_total:
+                raise WorkspaceError(f"the workspace exceeds max_bytes={max_total} here", path=e.path)
             target = e.data.decode("utf-8", "replace")
             if not _link_ok(parts, target):
                 raise WorkspaceError(f"symlink to {quoted(target)} points outside the workspace", path=e.path)
@@ -325,40 +337,54 @@ def _walk(root: str, ws: Workspace) -> Iterator[Entry]:
         raise WorkspaceError(f"cannot open the source: {e.strerror}", path=root) from None
     count = 0
     total = 0
-    stack: list[tuple[int, str]] = [(top, "")]
+    # Depth first, one open directory per level (each listed when opened): the fds held are the
+    # depth, not the directories still to visit (1500 siblings took 1500 fds: EMFILE).
+    stack: list[tuple[int, str, Iterator[str]]] = []
     try:
+        try:
+            stack.append((top, "", iter(sorted(os.listdir(top)))))
+        except BaseException:
+            os.close(top)
+            raise
         while stack:
-            dfd, rel = stack.pop()
-            try:
-                names = sorted(os.listdir(dfd))
-                for name in names:
-                    path = f"{rel}{name}"
-                    count += 1
-                    if count > ws.max_files:
-                        raise WorkspaceError(f"more than max_files={ws.max_files} entries", path=path)
-                    st = os.lstat(name, dir_fd=dfd)
-                    mode = stat.S_IMODE(st.st_mode) & 0o777
-                    if stat.S_ISLNK(st.st_mode):
-                        yield Entry(path, "symlink", 0o777, os.fsencode(os.readlink(name, dir_fd=dfd)))
-                    elif stat.S_ISDIR(st.st_mode):
-                        fd = _open_nofollow(name, dfd, os.O_DIRECTORY, path)
-                        yield Entry(path, "dir", mode)
-                        stack.append((fd, path + "/"))
-                    elif stat.S_ISREG(st.st_mode):
-                        if st.st_size > ws.max_file_bytes:
-                            raise WorkspaceError(f"{st.st_size} bytes exceed max_file_bytes={ws.max_file_bytes}",
-                                                 path=path)
-                        data = _read_file(name, dfd, path, ws.max_file_bytes)
-                        total += len(data)
-                        if total > ws.max_bytes:
-                            raise WorkspaceError(f"the workspace exceeds max_bytes={ws.max_bytes} here", path=path)
-                        yield Entry(path, "file", mode, data)
-                    else:
-                        raise WorkspaceError(f"{_kind(st.st_mode)} files cannot be staged", path=path)
-            finally:
+            dfd, rel, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
                 os.close(dfd)
+                continue
+            path = f"{rel}{name}"
+            count += 1
+            if count > ws.max_files:
+                raise WorkspaceError(f"more than max_files={ws.max_files} entries", path=path)
+            st = os.lstat(name, dir_fd=dfd)
+            mode = stat.S_IMODE(st.st_mode) & 0o777
+            if stat.S_ISLNK(st.st_mode):
+                yield Entry(path, "symlink", 0o777, os.fsencode(os.readlink(name, dir_fd=dfd)))
+            elif stat.S_ISDIR(st.st_mode):
+                if len(stack) >= MAX_ENTRY_DEPTH:
+                    raise WorkspaceError(f"more than {MAX_ENTRY_DEPTH} path components", path=path[:200])
+                fd = _open_nofollow(name, dfd, os.O_DIRECTORY, path)
+                try:
+                    listing = iter(sorted(os.listdir(fd)))
+                except BaseException:
+                    os.close(fd)
+                    raise
+                stack.append((fd, path + "/", listing))
+                yield Entry(path, "dir", mode)
+            elif stat.S_ISREG(st.st_mode):
+                if st.st_size > ws.max_file_bytes:
+                    raise WorkspaceError(f"{st.st_size} bytes exceed max_file_bytes={ws.max_file_bytes}",
+                                         path=path)
+                data = _read_file(name, dfd, path, ws.max_file_bytes)
+                total += len(data)
+                if total > ws.max_bytes:
+                    raise WorkspaceError(f"the workspace exceeds max_bytes={ws.max_bytes} here", path=path)
+                yield Entry(path, "file", mode, data)
+            else:
+                raise WorkspaceError(f"{_kind(st.st_mode)} files cannot be staged", path=path)
     finally:
-        for fd, _ in stack:
+        for fd, _, _ in stack:
             os.close(fd)
 
 

@@ -310,9 +310,10 @@ class Collector:
             return self._over(m.path, f"more than max_files={self.export.max_files}")
         # Paths are not file data, but they fill the archive and this process as much: 100000
         # paths of 4000 bytes each took 400 MB (the data budget was 4 KiB).
-        if self.names + len(m.path) > MAX_NAME_BYTES:
+        size = len(m.path.encode("utf-8", "surrogatepass"))  # (bytes: a character may take four)
+        if self.names + size > MAX_NAME_BYTES:
             return self._over(m.path, f"the exported paths add up to more than {MAX_NAME_BYTES} bytes")
-        self.names += len(m.path)
+        self.names += size
         self.seen.add(m.path)
         mode = m.mode & 0o777 if isinstance(m.mode, int) else 0o644
         if m.kind == "dir":
