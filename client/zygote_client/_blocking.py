@@ -146,6 +146,10 @@ class ChildProcess:
         """Wait for the child, then write its export directory into ``dest`` (see AsyncChild.export)."""
         return self._client._call(self._achild.export, dest)
 
+    def close_export(self) -> None:
+        """Release the export archive (see AsyncChild.close_export); ``export`` fails afterwards."""
+        self._achild.close_export()
+
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the child (as ``wait``), then return its payload's return value.
 
