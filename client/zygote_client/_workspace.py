@@ -101,8 +101,8 @@ class Workspace(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
     def __post_init__(self) -> None:
         for name in ("max_files", "max_file_bytes", "max_bytes"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            v = getattr(self, name)  # (another type is the client's type check's: a TypeError)
+            if isinstance(v, int) and not isinstance(v, bool) and v <= 0:
                 raise ValueError(f"workspace {name}: must be a positive integer, got {quoted(v)}")
 
     @classmethod
