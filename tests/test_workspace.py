@@ -817,3 +817,47 @@ def test_an_export_archive_is_released_by_close_export_or_with_its_child(client)
     del child
     gc.collect()
     assert archives() == before - 1
+
+
+def test_SECURITY_export_archives_a_client_keeps_are_capped(tmp_path, monkeypatch):
+    """Once sent, an export archive (a memfd on the daemon's memory) was counted by nothing: a
+    client keeping its children pinned the daemon's memory without bound (2.9 GiB from 48
+    exports; a helper's review). Archives are counted per uid until the kernel frees them
+    (HELD_EXPORTS_PER_UID, 4 GiB; 6 MiB here under test hooks): past it an export is refused and
+    its child's export says why; a released one makes room again, and one always passes. Fails
+    on the previous daemon: the third archive is delivered."""
+    from conftest import start_daemon, stop_daemon, wait_socket
+
+    monkeypatch.setenv("ZYGOTE_TEST_HELD_EXPORTS_PER_UID", str(6 << 20))
+    path = str(tmp_path / "z.sock")
+    proc = start_daemon("--socket", path, "--preload", "json", "--test-hooks")
+    try:
+        wait_socket(path, proc)
+        with Client.connect(path) as c:
+            def blob(mib):
+                with open("/out/blob", "wb") as f:
+                    f.write(b"z" * (mib << 20))
+
+            def export(mib: int):
+                kid = c.spawn_child(blob, (mib,), stdin=None,
+                                    sandbox_config=SandboxConfig(export=Export(max_bytes=16 << 20)))
+                assert kid.wait(timeout=60).returncode == 0
+                return kid
+
+            kept = [export(2), export(2)]
+            refused = export(2)
+            assert "not released" in (refused.export_result.error or ""), refused.export_result
+            with pytest.raises(ExportError, match="close_export"):
+                refused.export(tmp_path / "r")
+            kept.pop(0).close_export()  # (freed: the daemon hears of it)
+            time.sleep(0.5)
+            again = export(2)
+            again.export(tmp_path / "again")
+            assert (tmp_path / "again" / "blob").stat().st_size == 2 << 20
+            for kid in kept + [again]:
+                kid.close_export()
+            time.sleep(0.5)
+            big = export(7)  # (over the cap alone, but nothing else held: it passes)
+            assert big.export_result.error is None, big.export_result
+    finally:
+        stop_daemon(proc)

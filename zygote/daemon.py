@@ -10,6 +10,7 @@ pidfd (wait4 for rusage) and reports Exited with the result's raw bytes.
 from __future__ import annotations
 
 import array
+import ctypes
 import dataclasses
 import errno as _errno
 import fcntl
@@ -58,6 +59,12 @@ SEND_BURST = 4
 # passes, whatever its size. Exited children no longer count against any limit, so without it a
 # client reading now and then piled up archives without end (2.8 GiB in 35 s).
 EXPORTS_PER_UID = 2 << 30
+# Export archives of one peer uid alive anywhere: waiting here, or sent and still open in a client
+# (or wherever it passed them), followed until the kernel frees them (_HeldArchives). Once sent,
+# an archive used to be counted by nothing: a client keeping its children pinned the daemon's
+# memory without bound (2.9 GiB from 48 exports). Past it an export is refused, its child's
+# Exited says why (one archive always passes).
+HELD_EXPORTS_PER_UID = 4 << 30
 ERROR_TEXT_MAX = 2000  # characters of an error message sent to a client
 # Bytes of requests the daemon holds for one peer uid, over all its connections: frames still
 # arriving and spawn requests received but not yet answered. Two frames of the largest size (and
@@ -312,6 +319,11 @@ class Connection:
                     if isinstance(v := getattr(msg, k, None), str) and len(v) > ERROR_TEXT_MAX}
             if long:
                 msg = msgspec.structs.replace(msg, **long)
+        if archive and isinstance(msg, P.Exited) and msg.export is not None:
+            refused = self.daemon.held_archives.admit(fds, self.peer_uid, archive)
+            if refused is not None:  # (the memfd stays ours: the caller closes it)
+                msg = msgspec.structs.replace(msg, export=msgspec.structs.replace(msg.export, error=refused))
+                fds, archive = [], 0
         try:
             data = P.encode(msg, len(fds))
         except Exception as e:  # noqa: BLE001 - a report too large to frame: a bug, not a crash
@@ -477,6 +489,7 @@ class Daemon:
         self._request_room: dict[int, trio.Event] = {}  # set when a uid's count drops below the cap
         self.queued_by_uid: dict[int, int] = {}  # peer uid -> bytes waiting to be sent to it
         self.exports_per_uid = self._test_knob("EXPORTS_PER_UID", EXPORTS_PER_UID, int)
+        self.held_archives = _HeldArchives(self._test_knob("HELD_EXPORTS_PER_UID", HELD_EXPORTS_PER_UID, int))
         self.tap_linger = self._test_knob("TAP_LINGER", RELAY_LINGER, float)
         self._pause_sources = self._test_knob("PAUSE_BEFORE_SOURCES", None, str)  # (see ChildPlan)
         self.reserve_quiet = self._test_knob("RESERVE_QUIET", RESERVE_QUIET, float)
@@ -603,6 +616,7 @@ class Daemon:
             self._nursery = nursery
             warmed = trio.Event()
             nursery.start_soon(self._warm_seccomp, warmed)  # (in a thread, while the zygotes start)
+            nursery.start_soon(self.held_archives.follow)
             try:
                 await self.start_cgroups()
                 await self.start_network()
@@ -2723,6 +2737,79 @@ _NR_RT_SIGTIMEDWAIT = {"x86_64": b"128", "aarch64": b"137"}.get(platform.machine
 # Default dispositions (signal(7)): ignored by default, or stopping the process.
 _DEFAULT_IGNORED = frozenset({signal.SIGCHLD, signal.SIGURG, signal.SIGWINCH, signal.SIGCONT})
 _DEFAULT_STOPS = frozenset({signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
+
+
+class _HeldArchives:
+    """Export archives sent to clients, counted per peer uid until the kernel frees them.
+
+    Once sent, an archive (a sealed memfd on the daemon's memory) lives for as long as any fd or
+    mapping of it does, in the client or wherever it passed it. An inotify watch on each
+    archive's inode reports IN_IGNORED when the inode goes, which is when its pages are freed
+    (a memfd reports no close events; the watch does not keep the inode). Each archive counts
+    from its first send (waiting ones included) to then; past ``cap`` for its uid, a new one is
+    refused (one always passes). The watch is added through our own fd of it, before the send.
+    """
+
+    _IN_DELETE_SELF = 0x400
+    _IN_IGNORED = 0x8000
+    _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name: none here)
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.fd = -1
+        self.by_uid: dict[int, int] = {}
+        self._watches: dict[int, tuple[int, int]] = {}  # wd -> (uid, bytes counted)
+
+    def admit(self, fds: list[int], uid: int, size: int) -> str | None:
+        """Count the archive among ``fds`` (our memfd) against ``uid`` before it is sent; None, or
+        why it may not be sent (the export is refused then)."""
+        if self.fd < 0:
+            return "the daemon cannot follow export archives (no inotify instance: fs.inotify.max_user_instances)"
+        cost = size + 8192  # (its last page, and the watch)
+        wd = _sys.libc.inotify_add_watch(self.fd, f"/proc/self/fd/{fds[-1]}".encode(), self._IN_DELETE_SELF)
+        if wd < 0:
+            err = ctypes.get_errno()
+            return (f"the daemon cannot follow this export archive ({os.strerror(err)}; "
+                    "fs.inotify.max_user_watches)")
+        if wd in self._watches:
+            return None  # (sent to another of its watchers already: counted once)
+        held = self.by_uid.get(uid, 0)
+        if held and held + cost > self.cap:
+            _sys.libc.inotify_rm_watch(self.fd, wd)  # (its IN_IGNORED finds no entry)
+            return (f"uid {uid} holds {held >> 20} MiB of export archives not released yet (the daemon "
+                    f"keeps at most {self.cap >> 20} MiB per user): export them and call close_export(), "
+                    "or let their children go")
+        self._watches[wd] = (uid, cost)
+        self.by_uid[uid] = held + cost
+        return None
+
+    async def follow(self) -> None:
+        """Read the watches' events for the daemon's life (a task of its nursery)."""
+        fd = _sys.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            return  # (admit refuses every archive then, saying why)
+        self.fd = fd
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                try:
+                    data = os.read(fd, 1 << 16)
+                except BlockingIOError:
+                    continue
+                at = 0
+                while at + self._EVENT.size <= len(data):
+                    wd, mask, _cookie, length = self._EVENT.unpack_from(data, at)
+                    at += self._EVENT.size + length
+                    if mask & self._IN_IGNORED and (held := self._watches.pop(wd, None)) is not None:
+                        uid, cost = held
+                        left = self.by_uid.get(uid, 0) - cost
+                        if left > 0:
+                            self.by_uid[uid] = left
+                        else:
+                            self.by_uid.pop(uid, None)
+        finally:
+            self.fd = -1
+            os.close(fd)
 
 
 def _archive_bytes(fds: list[int]) -> int:
