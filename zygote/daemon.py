@@ -65,6 +65,7 @@ EXPORTS_PER_UID = 2 << 30
 # memory without bound (2.9 GiB from 48 exports). Past it an export is refused, its child's
 # Exited says why (one archive always passes).
 HELD_EXPORTS_PER_UID = 4 << 30
+HELD_ARCHIVES_PER_UID = 4096  # ... and so many of them (each is an inotify watch of root's)
 ERROR_TEXT_MAX = 2000  # characters of an error message sent to a client
 # Bytes of requests the daemon holds for one peer uid, over all its connections: frames still
 # arriving and spawn requests received but not yet answered. Two frames of the largest size (and
@@ -319,7 +320,7 @@ class Connection:
                     if isinstance(v := getattr(msg, k, None), str) and len(v) > ERROR_TEXT_MAX}
             if long:
                 msg = msgspec.structs.replace(msg, **long)
-        if archive and isinstance(msg, P.Exited) and msg.export is not None:
+        if fds and isinstance(msg, P.Exited) and msg.export is not None:  # (an empty one counts too)
             refused = self.daemon.held_archives.admit(fds, self.peer_uid, archive)
             if refused is not None:  # (the memfd stays ours: the caller closes it)
                 msg = msgspec.structs.replace(msg, export=msgspec.structs.replace(msg.export, error=refused))
@@ -2745,19 +2746,24 @@ class _HeldArchives:
     Once sent, an archive (a sealed memfd on the daemon's memory) lives for as long as any fd or
     mapping of it does, in the client or wherever it passed it. An inotify watch on each
     archive's inode reports IN_IGNORED when the inode goes, which is when its pages are freed
-    (a memfd reports no close events; the watch does not keep the inode). Each archive counts
-    from its first send (waiting ones included) to then; past ``cap`` for its uid, a new one is
-    refused (one always passes). The watch is added through our own fd of it, before the send.
+    (a memfd reports no close events; the watch does not keep the inode; its mask, IN_MOVE_SELF,
+    never fires for a memfd, so that is the only event). Each archive counts from its first send
+    (waiting ones included) to then; past ``cap`` bytes or ``count`` archives for its uid, a new
+    one is refused (one always passes). The watch is added through our own fd of it, before the
+    send. Events lost to a full queue (IN_Q_OVERFLOW) are made up for from the watches the kernel
+    still lists (/proc/self/fdinfo). Not counted: pages a client spliced into pipes of its own
+    before letting the archive go (bounded by its pipe budget and its open files).
     """
 
-    _IN_DELETE_SELF = 0x400
+    _IN_MOVE_SELF = 0x800
+    _IN_Q_OVERFLOW = 0x4000
     _IN_IGNORED = 0x8000
     _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name: none here)
 
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
+    def __init__(self, cap: int, count: int = HELD_ARCHIVES_PER_UID) -> None:
+        self.cap, self.count = cap, count
         self.fd = -1
-        self.by_uid: dict[int, int] = {}
+        self.by_uid: dict[int, list[int]] = {}  # uid -> [bytes, archives]
         self._watches: dict[int, tuple[int, int]] = {}  # wd -> (uid, bytes counted)
 
     def admit(self, fds: list[int], uid: int, size: int) -> str | None:
@@ -2766,22 +2772,43 @@ class _HeldArchives:
         if self.fd < 0:
             return "the daemon cannot follow export archives (no inotify instance: fs.inotify.max_user_instances)"
         cost = size + 8192  # (its last page, and the watch)
-        wd = _sys.libc.inotify_add_watch(self.fd, f"/proc/self/fd/{fds[-1]}".encode(), self._IN_DELETE_SELF)
+        wd = _sys.libc.inotify_add_watch(self.fd, f"/proc/self/fd/{fds[-1]}".encode(), self._IN_MOVE_SELF)
         if wd < 0:
             err = ctypes.get_errno()
             return (f"the daemon cannot follow this export archive ({os.strerror(err)}; "
                     "fs.inotify.max_user_watches)")
         if wd in self._watches:
             return None  # (sent to another of its watchers already: counted once)
-        held = self.by_uid.get(uid, 0)
-        if held and held + cost > self.cap:
+        held, n = self.by_uid.get(uid, (0, 0))
+        if n and (held + cost > self.cap or n >= self.count):
             _sys.libc.inotify_rm_watch(self.fd, wd)  # (its IN_IGNORED finds no entry)
-            return (f"uid {uid} holds {held >> 20} MiB of export archives not released yet (the daemon "
-                    f"keeps at most {self.cap >> 20} MiB per user): export them and call close_export(), "
-                    "or let their children go")
+            return (f"uid {uid} holds {n} export archives ({held >> 20} MiB) not released yet (the daemon "
+                    f"keeps at most {self.count} and {self.cap >> 20} MiB per user): export them and call "
+                    "close_export(), or let their children go")
         self._watches[wd] = (uid, cost)
-        self.by_uid[uid] = held + cost
+        self.by_uid[uid] = [held + cost, n + 1]
         return None
+
+    def _release(self, wd: int) -> None:
+        held = self._watches.pop(wd, None)
+        if held is not None:
+            uid, cost = held
+            counts = self.by_uid.get(uid)
+            if counts is not None:
+                counts[0] -= cost
+                counts[1] -= 1
+                if counts[1] <= 0:
+                    del self.by_uid[uid]
+
+    def _resync(self) -> None:
+        """After lost events: every watch the kernel no longer lists was released."""
+        try:
+            with open(f"/proc/self/fdinfo/{self.fd}") as f:
+                live = {int(line.split("wd:", 1)[1].split()[0], 16) for line in f if line.startswith("inotify wd:")}
+        except (OSError, ValueError, IndexError):
+            return  # (the next overflow tries again)
+        for wd in [wd for wd in self._watches if wd not in live]:
+            self._release(wd)
 
     async def follow(self) -> None:
         """Read the watches' events for the daemon's life (a task of its nursery)."""
@@ -2800,13 +2827,10 @@ class _HeldArchives:
                 while at + self._EVENT.size <= len(data):
                     wd, mask, _cookie, length = self._EVENT.unpack_from(data, at)
                     at += self._EVENT.size + length
-                    if mask & self._IN_IGNORED and (held := self._watches.pop(wd, None)) is not None:
-                        uid, cost = held
-                        left = self.by_uid.get(uid, 0) - cost
-                        if left > 0:
-                            self.by_uid[uid] = left
-                        else:
-                            self.by_uid.pop(uid, None)
+                    if mask & self._IN_Q_OVERFLOW:
+                        self._resync()
+                    elif mask & self._IN_IGNORED:
+                        self._release(wd)
         finally:
             self.fd = -1
             os.close(fd)

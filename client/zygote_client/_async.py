@@ -180,9 +180,19 @@ class AsyncChild:
             raise ExportError("this child has no export directory (set SandboxConfig.export)")
         if res.error is not None:
             raise ExportError(f"the export was refused: {res.error}", path=res.error_path)
-        if self._export_fd is None:
+        fd = self._export_fd
+        try:
+            # Our own fd of it: a close_export from another thread meanwhile must not close (and
+            # free for reuse) the number the unpacking reads.
+            fd = os.dup(fd) if fd is not None else None
+        except OSError as e:
+            raise ExportError(f"cannot read the export: {e.strerror}") from None
+        if fd is None:
             raise ExportError("the export was released (close_export)")
-        return await anyio.to_thread.run_sync(unpack_archive, self._export_fd, dest)
+        try:
+            return await anyio.to_thread.run_sync(unpack_archive, fd, dest)
+        finally:
+            os.close(fd)
 
     def close_export(self) -> None:
         """Release the export archive (a memfd held by this process; it is also released when
@@ -382,7 +392,11 @@ class AsyncClient:
                 child, ctl = self._leases.popleft()
                 os.close(ctl)
                 await child.aclose()
-            for child in list(self._exported):  # (each takes itself out)
+            while True:  # (popped one by one: a user thread's close_export may take one out meanwhile,
+                try:     # and iterating a WeakSet that changes raises)
+                    child = self._exported.pop()
+                except KeyError:
+                    break
                 child.close_export()
             for _, fds in self._early_exits.values():
                 for fd in fds:
