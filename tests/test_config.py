@@ -675,13 +675,14 @@ def _daemon_for_4001(shared_dir: str, *args: str):
     return sock, start_daemon("--config", cfg, *args)
 
 
-def _spawn_answer(sock: str, argv: list[str], ro_binds: dict) -> str:
+def _spawn_answer(sock: str, argv: list[str], ro_binds: dict, **sandbox) -> str:
     """Over a fresh raw connection (as whoever calls it): one exec Spawn with these read-only
-    binds; the daemon's answer as "Kind:code:message"."""
+    binds (and ``sandbox``: more SandboxConfig fields); the daemon's answer as "Kind:code:message"."""
     c = RawConn(sock)
     c.send(c.P.Hello(c.P.VERSION))
     c.reply()
-    c.send(c.P.Spawn(req=1, kind="exec", argv=argv, stdin=False, sandbox=SandboxConfig(ro_binds=ro_binds)))
+    c.send(c.P.Spawn(req=1, kind="exec", argv=argv, stdin=False,
+                     sandbox=SandboxConfig(ro_binds=ro_binds, **sandbox)))
     m = c.reply()
     return f"{type(m).__name__}:{getattr(m, 'code', '')}:{getattr(m, 'message', '')}"
 
@@ -702,19 +703,39 @@ def test_SECURITY_a_nested_bind_target_tells_nothing_of_a_directory_the_client_c
     os.mkdir(mine)
     with open(os.path.join(mine, "seen"), "w"):
         pass
+
+    locked = os.path.join(shared_dir, "locked")
+    os.mkdir(locked, 0o700)  # (root's: 4001 sees that it exists, may not look inside)
+    pub = os.path.join(shared_dir, "pub")
+    os.mkdir(pub)
+    os.chmod(pub, 0o777)
+    os.mkdir(os.path.join(pub, "zgvic"), 0o700)
+    os.chown(os.path.join(pub, "zgvic"), 4002, 4002)
+    with open(os.path.join(pub, "zgvic", "exists"), "w"):
+        pass
     sock, proc = _daemon_for_4001(shared_dir)
 
-    def spawn(binds: dict):
-        return lambda: _spawn_answer(sock, ["/bin/cat", "/x/mine/seen"], binds)
+    def spawn(binds: dict, **sandbox):
+        return lambda: _spawn_answer(sock, ["/bin/cat", "/x/mine/seen"], binds, **sandbox)
+
+    def same_answer(make) -> str:
+        answers = [run_as(4001, 4242, make(name)) for name in ("exists", "missing")]
+        assert answers[0].startswith("SpawnFailed:policy:") and "must already exist" in answers[0], answers
+        assert answers[0].replace("exists", "missing") == answers[1], answers
+        return answers[0]
 
     try:
         wait_socket(sock, proc)
-        answers = [run_as(4001, 4242, spawn({shared_dir: "/x", "/etc/hostname": f"/x/zgvic/{name}"}))
-                   for name in ("exists", "missing")]
-        assert answers[0].startswith("SpawnFailed:policy:") and "must already exist" in answers[0], answers
-        assert answers[0].replace("exists", "missing") == answers[1], answers
-        # (a nested target the client can see still works)
+        same_answer(lambda name: spawn({shared_dir: "/x", "/etc/hostname": f"/x/zgvic/{name}"}))
+        # Inside a chroot_dir the request names, and with its source bound both read-only and
+        # read-write (the second review: neither was taken for an enclosing layer).
+        same_answer(lambda name: spawn({"/etc/hostname": f"/zgvic/{name}"}, chroot_dir=shared_dir))
+        same_answer(lambda name: spawn({pub: "/x", "/etc/hostname": f"/x/zgvic/{name}"}, rw_binds={pub: "/y"}))
+        # A nested target the client can see works; so does one over a directory it may not
+        # read, as long as it can see that it is there (the first version refused it).
         out = run_as(4001, 4242, spawn({shared_dir: "/x", "/etc/hostname": "/x/mine/seen"}))
+        assert out.startswith("Spawned:"), out
+        out = run_as(4001, 4242, spawn({shared_dir: "/x", mine: "/x/locked"}))
         assert out.startswith("Spawned:"), out
     finally:
         stop_daemon(proc)

@@ -657,7 +657,9 @@ def test_SECURITY_a_path_named_twice_must_be_the_same_file_both_times(monkeypatc
     d = hostdir()
     cfg = SandboxConfig(rw_binds={d: "/x"}, chroot_dir=d)
     found = iter([(d, 1, 2), (d, 1, 2)])
-    monkeypatch.setattr(policy, "_as_peer", lambda uid, gid, groups, asks: [next(found) for _ in asks])
+    # (with a chroot_dir every bind target lies inside it: those are asked too, as "e")
+    monkeypatch.setattr(policy, "_as_peer", lambda uid, gid, groups, asks: [
+        next(found) if kind != "e" else (d + "/x", 1, 9, "") for _, kind in asks])
     assert policy.check_peer_paths(cfg, SandboxConfig(), 4001, 4001) == {d: (d, 1, 2)}
     found = iter([(d, 1, 2), ("/elsewhere", 1, 3)])
     with pytest.raises(policy.PolicyError, match="changed while the request was checked"):

@@ -7,7 +7,8 @@ text) and one fd: a stream socket of the daemon's for that check. For each, this
 worker, which sets its own timer to the timeout and half a second (SIGALRM left at its default action: the kernel
 ends the worker, even one waiting on a file system, as it would for SIGKILL) and reads one
 request from that socket up to EOF (having written its pid and a NUL first): fields ended by NUL, which no path holds: uid, gid, groups
-joined by commas, then "r" or "w" and a path for each path. It takes the client's file-system
+joined by commas, then "r", "w" or "e" and a path for each path ("e": only that the client's walk
+reaches it, as for a mount point inside a bind; no handle). It takes the client's file-system
 ids (setgroups, setfsgid, setfsuid; then every capability set emptied, since a daemon that is
 not root may carry some) and answers on the same socket "+" and, for each path, its canonical
 path, st_dev, st_ino and file handle (_sys.file_handle), each ended by NUL, or four empty fields
@@ -104,7 +105,7 @@ def _check(request: bytes, _sys, privileges) -> bytes:
     fields = request.split(b"\0")[:-1]
     uid, gid = int(fields[0]), int(fields[1])
     groups = [int(g) for g in fields[2].split(b",") if g]
-    asks = [(os.fsdecode(fields[i + 1]), fields[i] == b"w") for i in range(3, len(fields) - 1, 2)]
+    asks = [(os.fsdecode(fields[i + 1]), fields[i].decode()) for i in range(3, len(fields) - 1, 2)]
     try:
         # The file-system ids only: real and effective ids stay root's, so the client can neither
         # signal nor trace this process, and a FUSE mount of its own (no allow_other) refuses
@@ -121,7 +122,7 @@ def _check(request: bytes, _sys, privileges) -> bytes:
         raise _CannotCheck(f"taking the client's ids: {e.strerror or e} (the daemon needs CAP_SETUID and "
                            "CAP_SETGID to check a client's binds)") from None
 
-    def reach(path: str, write: bool):
+    def reach(path: str, kind: str):  # "r", "w", or "e" (only that the walk gets there)
         try:
             fd = _sys.openat2(path, os.O_PATH | os.O_CLOEXEC, _sys.RESOLVE_NO_MAGICLINKS)
         except OSError as e:
@@ -137,7 +138,9 @@ def _check(request: bytes, _sys, privileges) -> bytes:
             if not real.startswith("/") or real.endswith(" (deleted)") or len(real.encode()) >= _PATH_MAX:
                 return None
             st = os.fstat(fd)
-            mode = os.R_OK | (os.W_OK if write else 0) | (os.X_OK if stat.S_ISDIR(st.st_mode) else 0)
+            if kind == "e":
+                return real, st.st_dev, st.st_ino, ""
+            mode = os.R_OK | (os.W_OK if kind == "w" else 0) | (os.X_OK if stat.S_ISDIR(st.st_mode) else 0)
             if _sys.libc.syscall(_sys.NR["faccessat2"], fd, b"", mode, _AT_EACCESS | _sys.AT_EMPTY_PATH) != 0:
                 err = ctypes.get_errno()
                 if err in (errno.ENOSYS, errno.EINVAL):
@@ -148,8 +151,8 @@ def _check(request: bytes, _sys, privileges) -> bytes:
             os.close(fd)
 
     out = bytearray()
-    for path, write in asks:
-        pin = reach(path, write)
+    for path, kind in asks:
+        pin = reach(path, kind)
         out += b"\0\0\0\0" if pin is None else b"%s\0%d\0%d\0%s\0" % (pin[0].encode(), pin[1], pin[2], pin[3].encode())
     return bytes(out)
 

@@ -218,7 +218,7 @@ def check_peer_paths(cfg: SandboxConfig, pool: SandboxConfig, uid: int, gid: int
     # client must be able to see that it does, or the daemon's answer (it looks as root) would
     # tell it whether names exist in directories it may not search (a helper's review).
     nested = _nested_targets(cfg, pool)
-    asks += [("target", host, False) for host in nested]
+    asks += [("target", host, "e") for host in nested]
     if not asks:
         return pins
     if groups is None:  # (a file may deny a group its "other" bits allow: unknown groups pass nothing)
@@ -240,19 +240,20 @@ def check_peer_paths(cfg: SandboxConfig, pool: SandboxConfig, uid: int, gid: int
 
 def _nested_targets(cfg: SandboxConfig, pool: SandboxConfig) -> dict[str, tuple[str, str]]:
     """Host path -> (target, enclosing target) for each bind target the request names (not its
-    pool) that lies inside another bind's target: where, on the host, the mount point must
-    already exist."""
-    binds = {**cfg.ro_binds, **cfg.rw_binds}  # source -> target
-    theirs = [t for field in ("ro_binds", "rw_binds") for src, t in getattr(cfg, field).items()
+    pool) that lies inside another layer: a bind's target, or the root of a chroot_dir the
+    request names (where, on the host, the mount point must already exist; mounts._user_binds)."""
+    binds = [(src, os.path.normpath(t)) for field in ("ro_binds", "rw_binds") for src, t in getattr(cfg, field).items()]
+    theirs = [os.path.normpath(t) for field in ("ro_binds", "rw_binds") for src, t in getattr(cfg, field).items()
               if getattr(pool, field).get(src) != t]
+    layers = list(binds)
+    if cfg.chroot_dir and cfg.chroot_dir != pool.chroot_dir:
+        layers.append((cfg.chroot_dir, "/"))
     out: dict[str, tuple[str, str]] = {}
-    for target in theirs:
-        t = os.path.normpath(target)
-        enclosing = [(os.path.normpath(pt), src) for src, pt in binds.items()
-                     if os.path.normpath(pt) != t and t.startswith(os.path.normpath(pt).rstrip("/") + "/")]
+    for t in theirs:
+        enclosing = [(pt, src) for src, pt in layers if pt != t and t.startswith(pt.rstrip("/") + "/")]
         if enclosing:
             pt, src = max(enclosing, key=lambda e: len(e[0]))
-            out[os.path.normpath(src + t[len(pt.rstrip("/")):])] = (target, pt)
+            out[os.path.normpath(src + t[len(pt.rstrip("/")):])] = (t, pt)
     return out
 
 
@@ -276,8 +277,9 @@ _held: dict[int, list] = {}  # uid -> its timed-out checks' workers: pidfds (or 
 _closed = False  # stop_checker(final=True): no server is started again
 
 
-def _as_peer(uid: int, gid: int, groups: tuple[int, ...], asks: list[tuple[str, bool]]) -> list:
+def _as_peer(uid: int, gid: int, groups: tuple[int, ...], asks: list[tuple[str, bool | str]]) -> list:
     """For each (path, write): (canonical path, st_dev, st_ino, file handle) if the peer may reach it, else
+    None (``write`` may also be "e": only that the peer's walk gets there; no handle then);
     None; answered by a worker of _peercheck's server, a process that takes the peer's ids.
     Raises PolicyError if it cannot take them (it needs CAP_SETUID and CAP_SETGID: see
     systemd/zygote.service), takes too long, or answers nonsense: nothing is bound then."""
@@ -290,7 +292,8 @@ def _as_peer(uid: int, gid: int, groups: tuple[int, ...], asks: list[tuple[str, 
     if any(len(path) >= PATH_MAX for path in paths):  # (the kernel's ENAMETOOLONG, said here)
         raise PolicyError(f"a host path is {PATH_MAX} bytes long or longer")
     fields = [str(uid).encode(), str(gid).encode(), ",".join(map(str, groups)).encode()]
-    fields += [x for path, (_, write) in zip(paths, asks) for x in (b"w" if write else b"r", path)]
+    fields += [x for path, (_, kind) in zip(paths, asks)
+               for x in (kind.encode() if isinstance(kind, str) else b"w" if kind else b"r", path)]
     req = b"\0".join(fields) + b"\0"
     deadline = time.monotonic() + CHECK_TIMEOUT
     _check_held(uid)
