@@ -893,3 +893,42 @@ def test_held_archives_count_caps_and_make_up_for_lost_events():
         for fd in memfds:
             os.close(fd)
         os.close(held.fd)
+
+
+def test_held_archives_wait_for_an_inotify_instance():
+    """Without an inotify instance (fs.inotify.max_user_instances reached at the daemon's start)
+    every export is refused, saying why, and the daemon tries again until it gets one (it gave
+    up for its whole life). Driven on trio's mock clock, the kernel call refusing twice."""
+    import trio
+    import trio.testing
+    from zygote.daemon import _HeldArchives
+    from zygote.layers import _sys
+
+    real = _sys.libc.inotify_init1
+    refusals = [2]
+
+    def init1(flags):
+        if refusals[0]:
+            refusals[0] -= 1
+            return -1
+        return real(flags)
+
+    held = _HeldArchives(cap=1 << 30)
+    memfd = os.memfd_create("zgtest", os.MFD_CLOEXEC)
+
+    async def main():
+        async with trio.open_nursery() as n:
+            n.start_soon(held.follow)
+            await trio.sleep(1)
+            assert "max_user_instances" in held.admit([memfd], 7, 0)
+            await trio.sleep(2 * _HeldArchives.RETRY)
+            assert held.fd >= 0 and held.admit([memfd], 7, 0) is None
+            n.cancel_scope.cancel()
+
+    _sys.libc.inotify_init1 = init1
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        _sys.libc.inotify_init1 = real
+        os.close(memfd)
+    assert held.fd == -1 and refusals == [0]  # (its instance closed with the task)

@@ -2810,11 +2810,12 @@ class _HeldArchives:
         for wd in [wd for wd in self._watches if wd not in live]:
             self._release(wd)
 
+    RETRY = 5.0  # seconds between tries for an inotify instance (admit refuses meanwhile, saying why)
+
     async def follow(self) -> None:
         """Read the watches' events for the daemon's life (a task of its nursery)."""
-        fd = _sys.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if fd < 0:
-            return  # (admit refuses every archive then, saying why)
+        while (fd := _sys.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)) < 0:
+            await trio.sleep(self.RETRY)  # (fs.inotify.max_user_instances: another process may let one go)
         self.fd = fd
         try:
             while True:
