@@ -19,8 +19,9 @@ touches nothing of the host's.
 ``NetnsMaker`` is the starter's side. The server runs this file: ``python -I -S _nsmaker.py FD
 PID`` (stdlib only), FD a SOCK_SEQPACKET socket to its starter, PID the starter's. Each message
 asks for one namespace; the answer is b"+" with the namespace's fd, or b"!" and an errno in
-decimal; b"X" and an errno when the server could not set itself up (it exits then: the next
-request starts another). After each namespace it goes back to one of its own (it pins none it
+decimal. Its first message, unasked, is b"R" once it is set up, or b"X" and an errno when it
+could not set itself up (it exits then: the next request starts another); the zygote makes no
+namespace ahead until it has read "R" (``ready``), so a slow start never holds a request. After each namespace it goes back to one of its own (it pins none it
 handed out). It exits when its starter closes its end or ends (a pidfd of the starter: a process
 a preload forked could hold the socket open; no PR_SET_PDEATHSIG, which fires when the starting
 *thread* ends, and the daemon starts the server from a worker thread).
@@ -49,6 +50,7 @@ _PR_SET_DUMPABLE = 4
 _PR_SET_NAME = 15
 NAME = b"zygote-netns"  # the server's process name (comm)
 TIMEOUT = 5.0  # seconds for one answer, by default; a server that takes longer is replaced
+START_TIMEOUT = 60.0  # seconds for a server's interpreter to start (an emulated CPU is slow)
 
 
 def _serve(fd: int, starter: int) -> None:
@@ -70,6 +72,10 @@ def _serve(fd: int, starter: int) -> None:
     else:
         failed = 0
         home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        sock.send(b"X%d" % failed if failed else b"R")  # (set up, or why not: then it ends below)
+    except OSError:
+        return
     waiting = select.poll()
     waiting.register(sock, select.POLLIN)
     waiting.register(parent, select.POLLIN)
@@ -111,6 +117,7 @@ class NetnsMaker:
         self._sock: socket.socket | None = None
         self._closed = False
         self._timeout = timeout
+        self._up = False  # the server said it is set up ("R")
 
     def start(self) -> None:
         """Start the server now (its interpreter's start overlaps the caller's work). Raises OSError."""
@@ -133,6 +140,47 @@ class NetnsMaker:
             raise
         ours.settimeout(self._timeout)
         self._sock = ours
+        self._up = False
+
+    def _started(self, block: bool) -> bool:
+        """Whether the server is set up (its first message read); ``block``: wait for it up to
+        START_TIMEOUT. Raises OSError (stopped then) when it could not set itself up or ended."""
+        if self._up:
+            return True
+        waiting = select.poll()
+        waiting.register(self._sock, select.POLLIN)
+        if not waiting.poll(START_TIMEOUT * 1000 if block else 0):
+            if not block:
+                return False
+            self._stop()
+            raise OSError(errno.ETIMEDOUT, "the network namespace maker did not start")
+        try:
+            msg = self._sock.recv(32)
+        except OSError as e:
+            self._stop()
+            raise OSError(errno.EIO, f"the network namespace maker ended: {e}") from None
+        if msg == b"R":
+            self._up = True
+            return True
+        self._stop()
+        if msg[:1] == b"X" and msg[1:].isdigit():
+            code = int(msg[1:])
+            raise OSError(code, f"making a network namespace in a user namespace of its own: {os.strerror(code)}")
+        raise OSError(errno.EIO, f"the network namespace maker ended at its start ({msg[:32]!r})")
+
+    def starting_fd(self) -> int | None:
+        """The fd that turns readable when a server still starting is set up, else None (for a
+        caller's poll: the zygote waits on it with its requests)."""
+        return None if self._up or self._sock is None else self._sock.fileno()
+
+    def ready(self) -> bool:
+        """Whether a ``make()`` now would not wait for the server's start (started here if need
+        be); never blocks. Raises OSError as ``make``."""
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._stop()
+                self._start()
+            return self._started(block=False)
 
     def make(self) -> int:
         """A new network namespace's fd (O_CLOEXEC), ours to close. Raises OSError with the
@@ -143,6 +191,7 @@ class NetnsMaker:
                 if self._proc is None or self._proc.poll() is not None:
                     self._stop()
                     self._start()
+                self._started(block=True)
                 try:
                     self._sock.send(b"n")
                     msg, fds, _flags, _addr = socket.recv_fds(self._sock, 32, 1, socket.MSG_CMSG_CLOEXEC)

@@ -93,14 +93,15 @@ def main(argv: list[str]) -> None:
     # Namespaces made ahead come from a server of their own (its start overlaps the preloads),
     # only where the zygote can come back from one (root): see zygote/_nsmaker.py.
     _netns = netns.Ahead()
+    maker = None
     if _netns.can_join:
         from zygote._nsmaker import NetnsMaker
         maker = NetnsMaker(timeout=1.0)  # (a request may be waiting behind a prepare)
         try:
             maker.start()
-            _netns.use(maker.make)
+            _netns.use(maker.make, maker.ready)
         except OSError:
-            pass  # (every clone makes its own)
+            maker = None  # (every clone makes its own)
     for mod in preload:
         try:
             importlib.import_module(mod)
@@ -139,6 +140,16 @@ def main(argv: list[str]) -> None:
     while True:
         if _netns.enabled and not _netns.ready and not waiting.poll(0):
             _netns.prepare()  # only when no request is waiting (one arriving meanwhile waits for it)
+        if _netns.enabled and not _netns.ready and maker is not None and (start := maker.starting_fd()) is not None:
+            # Its server still starting: wait for a request or for the server, whichever comes first.
+            either = select.poll()
+            either.register(_sock, select.POLLIN)
+            either.register(start, select.POLLIN)
+            try:
+                if all(fd != _sock.fileno() for fd, _ in either.poll()):
+                    continue  # (the server is up: make the namespace now)
+            except InterruptedError:
+                continue
         try:
             msg, fds, msg_flags, _addr = socket.recv_fds(_sock, REQ.size, NFDS + 2)
         except InterruptedError:

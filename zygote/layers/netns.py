@@ -51,6 +51,7 @@ class Ahead:
         """``make``: a new network namespace's fd, ours to close (None: nothing is made ahead);
         ``lo_up``, ``setns``: this module's ``apply`` and the syscall (tests record them)."""
         self._make, self._lo_up, self._setns = make, lo_up or apply, setns
+        self._ready = None
         self.ready = False
         self._fails = 0
         try:
@@ -64,13 +65,16 @@ class Ahead:
         self.enabled = self.can_join and make is not None  # (a failed prepare turns off only this)
         self._parked = -1  # the namespace made ahead, held while a given clone is made (join)
 
-    def use(self, make) -> None:
-        """Make namespaces ahead with ``make`` from now on (see ``__init__``)."""
-        self._make = make
+    def use(self, make, ready=None) -> None:
+        """Make namespaces ahead with ``make`` from now on (see ``__init__``); ``ready()``, if
+        given, says (without waiting) whether ``make`` would answer now."""
+        self._make, self._ready = make, ready
         self.enabled = self.can_join
 
     def prepare(self) -> None:
         try:
+            if self._ready is not None and not self._ready():
+                return  # (its server is still starting: clones make their own meanwhile)
             fd = self._make()
         except OSError as e:
             if e.errno in (errno.EPERM, errno.EINVAL, errno.ENOSYS, errno.ESHUTDOWN):
