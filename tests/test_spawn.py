@@ -18,7 +18,8 @@ import time
 import pytest
 
 from zygote_client import Client, DaemonError, SandboxConfig, SandboxError
-from conftest import children_of, cmdline, daemon_pid, fd_count, owned_by_a_maker, rss_bytes, wait_for
+from conftest import (NS_GET_PARENT, NS_GET_USERNS, children_of, cmdline, daemon_pid, fd_count, owned_by_a_maker,
+                      rss_bytes, wait_for)
 
 
 def test_stdio_order_and_streams(client):
@@ -403,7 +404,6 @@ def test_SECURITY_only_loopback_and_no_host_listener(client):
     assert lines[1].startswith("refused")
 
 
-NS_GET_USERNS = 0xB701  # ioctl_ns(2): the user namespace that owns a namespace
 
 
 def _netns_owner_and_inode(pid: int) -> tuple[int, int]:
@@ -585,7 +585,7 @@ def test_netns_maker_hands_out_namespaces_of_its_own_and_ends_with_its_starter()
             fds.append(maker.make())
         owner = fcntl.ioctl(fds[0], NS_GET_USERNS)
         try:
-            parent = fcntl.ioctl(owner, 0xB702)  # NS_GET_PARENT
+            parent = fcntl.ioctl(owner, NS_GET_PARENT)
             assert os.fstat(owner).st_ino != host_user and os.fstat(parent).st_ino == host_user
             os.close(parent)
             other = fcntl.ioctl(fds[1], NS_GET_USERNS)

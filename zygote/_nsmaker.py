@@ -34,6 +34,7 @@ CAP_SYS_PTRACE in the host's user namespace.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -66,14 +67,13 @@ def _serve(fd: int, starter: int) -> None:
         return  # gone already
     if os.getppid() != starter:
         return  # (that pid was another process's by then)
-    home = -1
     if libc.unshare(CLONE_NEWUSER) != 0 or libc.unshare(CLONE_NEWNET) != 0:
-        failed = ctypes.get_errno() or errno.EPERM
-    else:
-        failed = 0
-        home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):
+            sock.send(b"X%d" % (ctypes.get_errno() or errno.EPERM))  # (why not; its starter starts another)
+        return
+    home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        sock.send(b"X%d" % failed if failed else b"R")  # (set up, or why not: then it ends below)
+        sock.send(b"R")  # set up
     except OSError:
         return
     waiting = select.poll()
@@ -86,9 +86,6 @@ def _serve(fd: int, starter: int) -> None:
             msg = sock.recv(16)
             if not msg:
                 return  # the starter closed its end
-            if failed:
-                sock.send(b"X%d" % failed)
-                return
             if libc.unshare(CLONE_NEWNET) != 0:
                 sock.send(b"!%d" % (ctypes.get_errno() or errno.EIO))
                 continue
@@ -177,10 +174,14 @@ class NetnsMaker:
         """Whether a ``make()`` now would not wait for the server's start (started here if need
         be); never blocks. Raises OSError as ``make``."""
         with self._lock:
-            if self._proc is None or self._proc.poll() is not None:
-                self._stop()
-                self._start()
+            self._running()
             return self._started(block=False)
+
+    def _running(self) -> None:
+        """(Holding the lock.) A server, started again if it ended or never was."""
+        if self._proc is None or self._proc.poll() is not None:
+            self._stop()
+            self._start()
 
     def make(self) -> int:
         """A new network namespace's fd (O_CLOEXEC), ours to close. Raises OSError with the
@@ -188,9 +189,7 @@ class NetnsMaker:
         or EIO/ETIMEDOUT when the server died or did not answer (the next call starts another)."""
         with self._lock:
             for attempt in (1, 2):
-                if self._proc is None or self._proc.poll() is not None:
-                    self._stop()
-                    self._start()
+                self._running()
                 self._started(block=True)
                 try:
                     self._sock.send(b"n")
@@ -207,9 +206,7 @@ class NetnsMaker:
                     return fds[0]
                 for fd in fds:
                     os.close(fd)
-                if msg[:1] in (b"!", b"X") and msg[1:].isdigit():
-                    if msg[:1] == b"X":
-                        self._stop()  # (it exits: the next call starts another)
+                if msg[:1] == b"!" and msg[1:].isdigit():
                     code = int(msg[1:])
                     raise OSError(code, f"making a network namespace in a user namespace of its own: {os.strerror(code)}")
                 self._stop()

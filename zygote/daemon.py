@@ -784,9 +784,13 @@ class Daemon:
         value = os.environ.get(f"ZYGOTE_TEST_{name}") if self.config.test_hooks else None
         return conv(value) if value else default
 
+    def _sandbox_id(self, uid: int, gid: int) -> bool:
+        """Whether a peer runs as one of the ids this daemon gives its children (see _serve_conn)."""
+        return self.id_slots is not None and (self.id_slots.holds(uid) or self.id_slots.holds(gid))
+
     def _peer_allowed(self, uid: int, gid: int) -> bool:
-        if self.id_slots is not None and (self.id_slots.holds(uid) or self.id_slots.holds(gid)):
-            return False  # a sandbox's id: see _serve_conn
+        if self._sandbox_id(uid, gid):
+            return False
         return (uid == 0 or uid == os.getuid() or uid in self.config.allowed_uids
                 or gid in self.config.allowed_gids)
 
@@ -807,8 +811,8 @@ class Daemon:
                 # (Ids this daemon gives its children are no client's: a process running as one
                 # got it from a sandbox, e.g. a set-ID file left on a host directory, and would
                 # pass for a user of its own, with budgets of its own.)
-                why = (" (it is one of the ids this daemon gives its children)" if self.id_slots is not None
-                       and (self.id_slots.holds(conn.peer_uid) or self.id_slots.holds(conn.peer_gid)) else "")
+                why = (" (it is one of the ids this daemon gives its children)"
+                       if self._sandbox_id(conn.peer_uid, conn.peer_gid) else "")
                 await conn.send(P.Error(0, "not-allowed", f"uid {conn.peer_uid} may not use this daemon{why}"))
                 return
             cap = self.config.max_connections_per_client
