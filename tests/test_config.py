@@ -662,8 +662,9 @@ def test_SECURITY_data_only_arguments_refuse_extension_codes():
         copyreg.clear_extension_cache()
 
 
-def _daemon_for_4001(shared_dir: str, *args: str):
-    """A daemon in its own process that uid 4001 (through group 4242) may use: (socket, process)."""
+def _daemon_for_4001(shared_dir: str, *args: str, more: str = ""):
+    """A daemon in its own process that uid 4001 (through group 4242) may use: (socket, process).
+    ``more``: further lines of its configuration file, after its [daemon] section."""
     sock = os.path.join(shared_dir, "z.sock")
     cfg = write_text(os.path.join(shared_dir, "z.toml"), f"""
         [daemon]
@@ -671,7 +672,7 @@ def _daemon_for_4001(shared_dir: str, *args: str):
         socket_mode = "0660"
         socket_group = 4242
         allowed_uids = [4001]
-        """)
+        """ + more)
     return sock, start_daemon("--config", cfg, *args)
 
 
@@ -772,11 +773,15 @@ def test_SECURITY_a_client_s_bind_is_checked_as_the_client_itself(shared_dir):
         stop_daemon(proc)
 
 
-def test_SECURITY_a_bind_source_swapped_after_the_check_is_not_bound(shared_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("idmap", [True, False], ids=["idmapped", "child_walk"])
+def test_SECURITY_a_bind_source_swapped_after_the_check_is_not_bound(shared_dir, tmp_path, monkeypatch, idmap):
     """A client (uid 4001) names a file in its own directory; the daemon checks it may read it;
     before the child opens it (held there by a test hook) the client renames a root-only
     directory beside it into its place. The child must not bind what the path leads to now
-    (it walks with the daemon's rights): the spawn fails, naming the mounts step."""
+    (it walks with the daemon's rights). The daemon's idmapped copy of the source was made
+    before the clone, from the file checked: the child binds that one. Without the idmap (a
+    file system that has none; here a test hook) the child opens the path itself: the spawn
+    fails, naming the mounts step."""
     import threading
 
     mine = os.path.join(shared_dir, "mine")
@@ -790,6 +795,8 @@ def test_SECURITY_a_bind_source_swapped_after_the_check_is_not_bound(shared_dir,
         os.chown(d, 4001, 4242)
     go = tmp_path / "go"
     monkeypatch.setenv("ZYGOTE_TEST_PAUSE_BEFORE_SOURCES", str(go))
+    if not idmap:
+        monkeypatch.setenv("ZYGOTE_TEST_NO_IDMAP", "1")
     sock, proc = _daemon_for_4001(shared_dir, "--test-hooks")
 
     def swap() -> None:
@@ -804,8 +811,9 @@ def test_SECURITY_a_bind_source_swapped_after_the_check_is_not_bound(shared_dir,
         c.reply()
         c.send(c.P.Spawn(req=1, kind="exec", argv=["/bin/cat", "/f"], stdin=False,
                          sandbox=SandboxConfig(ro_binds={os.path.join(mine, "a", "f"): "/f"})))
-        m = c.reply()
-        return f"{type(m).__name__}:{getattr(m, 'step', '')}:{getattr(m, 'message', '')}"
+        fds: list[int] = []
+        m = c.reply(keep=fds)
+        return f"{type(m).__name__}:{getattr(m, 'step', '')}:{getattr(m, 'message', '')}:{_read_all(fds)}"
 
     try:
         wait_socket(sock, proc)
@@ -815,6 +823,162 @@ def test_SECURITY_a_bind_source_swapped_after_the_check_is_not_bound(shared_dir,
             out = run_as(4001, 4242, spawn)
         finally:
             t.join()
-        assert out.startswith("SpawnFailed:mounts:") and "not what the daemon checked" in out, out
+        if idmap:
+            assert out == "Spawned:::mine", out
+        else:
+            assert out.startswith("SpawnFailed:mounts:") and "not what the daemon checked" in out, out
     finally:
         stop_daemon(proc)
+
+
+def _read_all(fds: list[int]) -> str:
+    """What a spawned child's stdout (fds[0]) holds until EOF; every fd closed."""
+    out = b""
+    try:
+        while fds and (chunk := os.read(fds[0], 65536)):
+            out += chunk
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return out.decode(errors="replace")
+
+
+def _mine_and_secret(shared_dir: str, mode: int = 0o700) -> tuple[str, str]:
+    """uid 4001's directory (``mode``, 4001:4242) with sub/h in it, and its 0700 directory
+    holding s, a 0600 file only it may read."""
+    mine, sec = os.path.join(shared_dir, "mine"), os.path.join(shared_dir, "sec")
+    for d in (mine, os.path.join(mine, "sub"), sec):
+        os.mkdir(d)
+        os.chown(d, 4001, 4242)
+        os.chmod(d, mode if d == mine else 0o700)
+    for path, text in ((os.path.join(mine, "sub", "h"), ""), (os.path.join(sec, "s"), "s3cret")):
+        with open(path, "w") as f:
+            f.write(text)
+        os.chown(path, 4001, 4242)
+        os.chmod(path, 0o600)
+    return mine, sec
+
+
+def _spawn_exec_as_4001(sock: str, script: str, between=None, **sandbox) -> str:
+    """As uid 4001 (group 4242): one `sh -c script` child; its stdout up to a line "ready", what
+    ``between()`` returns then (while the child waits for its stdin to close), and the rest."""
+    def talk() -> str:
+        c = RawConn(sock)
+        c.send(c.P.Hello(c.P.VERSION, client="test sandbox-inherits"))  # (the pool's fields where unset)
+        c.reply()
+        c.send(c.P.Spawn(req=1, kind="exec", argv=["/bin/sh", "-c", script], stdin=True,
+                         sandbox=SandboxConfig(**sandbox)))
+        fds: list[int] = []
+        m = c.reply(keep=fds)
+        if type(m).__name__ != "Spawned":
+            return f"{type(m).__name__}:{getattr(m, 'message', '')}"
+        stdin, rest = fds[0], fds[1:]
+        out = b""
+        while b"ready\n" not in out and (chunk := os.read(rest[0], 65536)):
+            out += chunk
+        seen = between() if between is not None else ""
+        os.close(stdin)
+        return out.decode() + seen + _read_all(rest)
+    return run_as(4001, 4242, talk)
+
+
+def test_a_client_s_own_binds_act_as_the_client(shared_dir):
+    """A non-root client's bind sources are bound through an idmapped mount in which the child's
+    ids and the client's swap places: the child reads the client's 0600 file (ro), writes in its
+    0700 directory (rw), and what it makes there is the client's (4001:4242) on the host, not a
+    host id of the child's range (which another client's child gets later). The copy is
+    private: a bind the child makes inside it (a nested target) never shows on the host. Fails
+    on the previous daemon (the child, a uid of its own range, could neither read nor write)."""
+    mine, sec = _mine_and_secret(shared_dir)
+    # A shared mount, as systemd makes every mount on most hosts (this one's / is private): a
+    # copy of it that stayed its peer would pass the child's mounts under it on to the host's.
+    subprocess.run(["mount", "--bind", mine, mine], check=True)
+    subprocess.run(["mount", "--make-shared", mine], check=True)
+    sock, proc = _daemon_for_4001(shared_dir)
+
+    def host_mounts() -> str:
+        with open("/proc/self/mountinfo") as f:
+            return "host sees %d\n" % sum(mine in line for line in f)  # (the shared bind itself: 1)
+
+    try:
+        wait_socket(sock, proc)
+        out = _spawn_exec_as_4001(
+            sock, "cat /r/s; echo; cat /w/sub/h; echo; echo made > /w/new && stat -c '%u:%g' /w/new;"
+                  " stat -c '%u:%g %a' /w; echo ready; read x; echo done", host_mounts,
+            ro_binds={sec: "/r", os.path.join(sec, "s"): "/w/sub/h"}, rw_binds={mine: "/w"})
+        assert out.splitlines() == ["s3cret", "s3cret", "65534:65534", "65534:65534 700", "ready",
+                                    "host sees 1", "done"], out
+        st = os.stat(os.path.join(mine, "new"))
+        assert (st.st_uid, st.st_gid) == (4001, 4242)
+        with open(os.path.join(mine, "new")) as f:
+            assert f.read() == "made\n"
+    finally:
+        log = stop_daemon(proc)
+        subprocess.run(["umount", "-R", mine], check=True)  # (-R: a mount the child passed on, if any)
+    assert b"without an idmap" not in log, log[-2000:]
+
+
+def test_SECURITY_a_child_without_seccomp_makes_no_set_id_file_of_a_sandbox_uid(shared_dir):
+    """Under a pool without seccomp nothing refuses set-ID modes, and a child of uid 4001 marks a
+    file it made in a directory of 4001's bound read-write (0777 here, so that the previous
+    daemon's child could write too). The file is 4001's on the host: a set-user-ID file of
+    4001's own, which 4001 could make itself. Before, it belonged to the child's host uid, which
+    later children of other clients get (a local user running it could signal them). Fails on
+    the previous daemon: the file is the range uid's."""
+    mine, _ = _mine_and_secret(shared_dir, 0o777)
+    sock, proc = _daemon_for_4001(shared_dir, more="""
+        [pools.default.sandbox]
+        seccomp_profile = "unconfined"
+        """)
+    try:
+        wait_socket(sock, proc)
+        out = _spawn_exec_as_4001(sock, "touch /w/f && chmod 6755 /w/f && mkdir /w/d && chmod 2777 /w/d"
+                                        " && echo ready", rw_binds={mine: "/w"})
+        assert out == "ready\n", out
+    finally:
+        stop_daemon(proc)
+    made = {name: os.stat(os.path.join(mine, name)) for name in ("f", "d")}
+    assert all(st.st_mode & 0o6000 for st in made.values()), "the marks were refused: the test proves nothing"
+    assert {(st.st_uid, st.st_gid) for st in made.values()} == {(4001, 4242)}, made
+
+
+def test_a_client_s_binds_past_the_idmapped_ones_are_bound_as_before(shared_dir):
+    """A child gets at most MAX_TREES idmapped copies (one fd each through the zygote); a
+    request naming more binds gets the rest as plain binds (the zygote treats a request with
+    more as corruption and exits): each file is readable, through its copy or its "other" bits."""
+    from zygote._childproto import MAX_TREES
+    mine, _ = _mine_and_secret(shared_dir, 0o755)
+    n = MAX_TREES + 3
+    for i in range(n):
+        with open(os.path.join(mine, f"f{i}"), "w") as f:
+            f.write(f"{i} ")
+        os.chmod(os.path.join(mine, f"f{i}"), 0o644)
+    sock, proc = _daemon_for_4001(shared_dir)
+    try:
+        wait_socket(sock, proc)
+        out = _spawn_exec_as_4001(sock, "exec 2>&1; cat " + " ".join(f"/f/{i:03d}" for i in range(n)) + " && echo && echo ready",
+                                  ro_binds={os.path.join(mine, f"f{i}"): f"/f/{i:03d}" for i in range(n)})
+        assert out == " ".join(str(i) for i in range(n)) + " \nready\n", out
+    finally:
+        stop_daemon(proc)
+
+
+def test_a_bind_on_a_file_system_without_idmaps_is_bound_as_before(shared_dir):
+    """ramfs cannot be idmapped: a client's bind of a directory on one is made as before (the
+    child writes as a host id of its range, where the mode lets "others" write), and the
+    daemon's log says so."""
+    ram = os.path.join(shared_dir, "zg-ram")
+    os.mkdir(ram)
+    subprocess.run(["mount", "-t", "ramfs", "-o", "mode=0777", "zg-ram", ram], check=True)
+    try:
+        sock, proc = _daemon_for_4001(shared_dir)
+        try:
+            wait_socket(sock, proc)
+            out = _spawn_exec_as_4001(sock, "echo x > /w/f && echo ready", rw_binds={ram: "/w"})
+            assert out == "ready\n", out
+            assert os.stat(os.path.join(ram, "f")).st_uid not in (0, 4001)
+        finally:
+            log = stop_daemon(proc)
+        assert b"bound without an idmap" in log, log[-2000:]
+    finally:
+        subprocess.run(["umount", ram], check=True)

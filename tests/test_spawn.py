@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
@@ -18,8 +19,8 @@ import time
 import pytest
 
 from zygote_client import Client, DaemonError, SandboxConfig, SandboxError
-from conftest import (NS_GET_PARENT, NS_GET_USERNS, children_of, cmdline, daemon_pid, fd_count, owned_by_a_maker,
-                      rss_bytes, wait_for)
+from conftest import (NS_GET_PARENT, NS_GET_USERNS, children_of, cmdline, daemon_pid, fd_count, in_fork,
+                      owned_by_a_maker, rss_bytes, wait_for)
 
 
 def test_stdio_order_and_streams(client):
@@ -570,6 +571,45 @@ def test_zygote_netns_ahead_goes_home_after_each_handout():
     assert not ns.enabled and not ns.ready and calls[-1] == ("setns", CLONE_NEWNET)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a root daemon makes idmapped binds")
+def test_idmap_maker_swaps_two_ids_and_maps_every_other_to_itself():
+    """zygote._nsmaker.IdmapMaker: a user namespace (a child of the host's) whose uid map swaps
+    the two uids asked for and whose gid map swaps the two gids, every other id unchanged; at
+    the ends of the id space too; a bad request gets EINVAL, and the server goes on."""
+    from zygote._nsmaker import IdmapMaker, _ALL_IDS, swap_map
+
+    def maps(fd: int) -> str:
+        def inside() -> str:  # (in a fork: one thread, as setns into a user namespace needs)
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.setns(fd, 0x10000000) != 0:  # CLONE_NEWUSER
+                return f"setns: {os.strerror(ctypes.get_errno())}"
+            return open("/proc/self/uid_map").read() + "|" + open("/proc/self/gid_map").read()
+        return in_fork(inside)
+
+    def table(text: bytes) -> list[tuple[int, int, int]]:
+        return [tuple(map(int, line.split())) for line in text.decode().split("|")[0].splitlines() if line.strip()]
+
+    assert swap_map(7, 7) == b"0 0 %d\n" % _ALL_IDS
+    assert table(swap_map(0, _ALL_IDS - 1)) == [(0, _ALL_IDS - 1, 1), (1, 1, _ALL_IDS - 2), (_ALL_IDS - 1, 0, 1)]
+    maker = IdmapMaker()
+    try:
+        fd = maker.make_swap(4001, 1_000_065_534, 4242, 1_000_065_533)
+        try:
+            got = maps(fd)
+        finally:
+            os.close(fd)
+        uid_map, gid_map = (table(part.encode()) for part in got.split("|"))
+        assert uid_map == [(0, 0, 4001), (4001, 1_000_065_534, 1), (4002, 4002, 1_000_065_534 - 4002),
+                           (1_000_065_534, 4001, 1), (1_000_065_535, 1_000_065_535, _ALL_IDS - 1_000_065_535)], got
+        assert (4242, 1_000_065_533, 1) in gid_map and (1_000_065_533, 4242, 1) in gid_map, got
+        with pytest.raises(OSError) as ei:
+            maker._ask(b"u")
+        assert ei.value.errno == errno.EINVAL
+        os.close(maker.make_swap(1, 2, 3, 4))  # (still answering)
+    finally:
+        maker.close()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only a root daemon makes network namespaces ahead")
 def test_netns_maker_hands_out_namespaces_of_its_own_and_ends_with_its_starter():
     """zygote._nsmaker: each namespace is new, owned by the server's user namespace (a child of
@@ -682,14 +722,18 @@ def test_a_namespace_maker_that_could_not_set_itself_up_is_replaced():
     assert r.stdout.split() == ["refused", "ENOSPC", "made"], r.stdout
 
 
-def test_the_daemon_sends_a_clone_request_with_eight_fds():
+def test_the_daemon_sends_a_clone_request_with_every_fd_a_child_may_get():
     """A networked spawn with limits on cgroup v2 hands the zygote eight fds (stdio, control,
-    status, result, its cgroup, its prepared network namespace); the daemon's side packs them
-    (it refused more than seven, so such a spawn failed with an internal error)."""
+    status, result, its cgroup, its prepared network namespace), and idmapped binds one more
+    each (up to MAX_TREES); the daemon's side packs them (it refused more than seven, so such a
+    spawn failed with an internal error; then more than eight, so a spawn with a client's bind
+    did)."""
+    from zygote._childproto import MAX_TREES
     from zygote._pool import _fd_array
     assert len(_fd_array(list(range(8)))) == 8 * 4
+    assert len(_fd_array(list(range(8 + MAX_TREES)))) == (8 + MAX_TREES) * 4
     with pytest.raises(AssertionError):
-        _fd_array(list(range(9)))
+        _fd_array(list(range(9 + MAX_TREES)))
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a rootless zygote cannot make namespaces ahead (CLONE_NEWNET then)")

@@ -23,6 +23,8 @@ from zygote_client._protocol import JOB_LEN as LEN, Job  # one framing for every
 from zygote_client._workspace import Entry
 
 MAX_STATUS_FRAME = 1 << 20
+TREE_FD = 6  # the child's first idmapped tree (fds 0-5: stdio, control, status, result)
+MAX_TREES = 64  # idmapped trees one child gets (a request's further binds are plain)
 RESULT_HEADER = struct.Struct("!cQ")  # kind, length of the body that follows
 # result-pipe kind byte -> the kind name the client sees in Exited.result_kind
 RESULT_KINDS = {
@@ -45,6 +47,9 @@ class MountSpec(msgspec.Struct, frozen=True, array_like=True):
     # the client's ids (the handle, _sys.file_handle, holds the inode's generation where the file
     # system keeps one: "" where it gives none). The child binds that file or none.
     pin: tuple[int, int, str] | None = None
+    # The child's fd (TREE_FD and up) of a detached, idmapped copy of the source the daemon made
+    # (mounts.idmapped_tree): attached as it is, instead of a bind of the path. -1: none.
+    tree: int = -1
 
 
 class TmpfsSpec(msgspec.Struct, frozen=True, array_like=True):

@@ -41,6 +41,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -50,15 +51,18 @@ CLONE_NEWNET = 0x40000000
 _PR_SET_DUMPABLE = 4
 _PR_SET_NAME = 15
 NAME = b"zygote-netns"  # the server's process name (comm)
+IDMAP_NAME = b"zygote-idmap"  # (the "idmap" server's: IdmapMaker)
+IDMAP_REQ = struct.Struct("!IIII")
+_ALL_IDS = 0xFFFFFFFF  # ids 0 .. 2**32 - 2 ((uid_t)-1 is no id)
 TIMEOUT = 5.0  # seconds for one answer, by default; a server that takes longer is replaced
 START_TIMEOUT = 60.0  # seconds for a server's interpreter to start (an emulated CPU is slow)
 
 
-def _serve(fd: int, starter: int) -> None:
+def _serve(fd: int, starter: int, kind: str = "net") -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         return  # (never) not without it
-    libc.prctl(_PR_SET_NAME, NAME, 0, 0, 0)
+    libc.prctl(_PR_SET_NAME, NAME if kind == "net" else IDMAP_NAME, 0, 0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # (a terminal's Ctrl-C is for its starter)
     sock = socket.socket(fileno=fd)
     try:
@@ -67,39 +71,111 @@ def _serve(fd: int, starter: int) -> None:
         return  # gone already
     if os.getppid() != starter:
         return  # (that pid was another process's by then)
+    if kind == "idmap":
+        _serve_idmaps(libc, sock, parent)
+        return
     if libc.unshare(CLONE_NEWUSER) != 0 or libc.unshare(CLONE_NEWNET) != 0:
         with contextlib.suppress(OSError):
             sock.send(b"X%d" % (ctypes.get_errno() or errno.EPERM))  # (why not; its starter starts another)
         return
     home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        sock.send(b"R")  # set up
-    except OSError:
-        return
-    waiting = select.poll()
-    waiting.register(sock, select.POLLIN)
-    waiting.register(parent, select.POLLIN)
-    while True:
+    for _msg in _requests(sock, parent):
+        if libc.unshare(CLONE_NEWNET) != 0:
+            sock.send(b"!%d" % (ctypes.get_errno() or errno.EIO))
+            continue
+        ns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
+            socket.send_fds(sock, [b"+"], [ns])
+        finally:
+            os.close(ns)
+            if libc.setns(home, CLONE_NEWNET) != 0:
+                return  # (never: its own namespace) the starter then starts another
+
+
+def _requests(sock: socket.socket, parent: int):
+    """Say the server is set up ("R"), then yield each request until the starter ends (its
+    pidfd ``parent``) or closes its end (an OSError of the caller's ends the server: __main__)."""
+    try:
+        sock.send(b"R")
+        waiting = select.poll()
+        waiting.register(sock, select.POLLIN)
+        waiting.register(parent, select.POLLIN)
+        while True:
             if any(fd == parent for fd, _ in waiting.poll()):
                 return  # the starter ended
-            msg = sock.recv(16)
+            msg = sock.recv(64)
             if not msg:
                 return  # the starter closed its end
-            if libc.unshare(CLONE_NEWNET) != 0:
-                sock.send(b"!%d" % (ctypes.get_errno() or errno.EIO))
-                continue
-            ns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                socket.send_fds(sock, [b"+"], [ns])
-            finally:
-                os.close(ns)
-                if libc.setns(home, CLONE_NEWNET) != 0:
-                    return  # (never: its own namespace) the starter then starts another
-        except InterruptedError:
+            yield msg
+    except OSError:
+        return
+
+
+def _serve_idmaps(libc, sock: socket.socket, parent: int) -> None:
+    """The "idmap" server: it stays in its starter's user namespace (the host's, as root) and
+    answers each request b"u" + IDMAP_REQ (a, b, c, d) with a new user namespace whose uid map
+    swaps ids a and b and whose gid map swaps c and d (every other id maps to itself): the maps
+    of an idmapped mount (mounts.idmapped_tree). No process stays in it: its fd keeps it."""
+    for msg in _requests(sock, parent):
+        if len(msg) != 1 + IDMAP_REQ.size or msg[:1] != b"u":
+            sock.send(b"!%d" % errno.EINVAL)
             continue
-        except OSError:
-            return
+        a, b, c, d = IDMAP_REQ.unpack(msg[1:])
+        try:
+            ns = _swapping_userns(libc, swap_map(a, b), swap_map(c, d))
+        except OSError as e:
+            sock.send(b"!%d" % (e.errno or errno.EIO))
+            continue
+        try:
+            socket.send_fds(sock, [b"+"], [ns])
+        finally:
+            os.close(ns)
+
+
+def swap_map(a: int, b: int) -> bytes:
+    """A uid_map/gid_map (user_namespaces(7)) mapping every id to itself but ``a`` to ``b`` and
+    ``b`` to ``a``."""
+    lo, hi = sorted((a, b))
+    if lo == hi:
+        return b"0 0 %d\n" % _ALL_IDS
+    lines = []
+    if lo:
+        lines.append(b"0 0 %d" % lo)
+    lines.append(b"%d %d 1" % (lo, hi))
+    if hi - lo > 1:
+        lines.append(b"%d %d %d" % (lo + 1, lo + 1, hi - lo - 1))
+    lines.append(b"%d %d 1" % (hi, lo))
+    if hi + 1 < _ALL_IDS:
+        lines.append(b"%d %d %d" % (hi + 1, hi + 1, _ALL_IDS - hi - 1))
+    return b"\n".join(lines) + b"\n"
+
+
+def _swapping_userns(libc, uid_map: bytes, gid_map: bytes) -> int:
+    """A new user namespace with these maps: a forked process unshares it and stops; we write
+    its maps (root in the parent namespace may map any ids), open it, and kill the process."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0 if libc.unshare(CLONE_NEWUSER) == 0 else (ctypes.get_errno() or errno.EPERM)
+        if not code:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        os._exit(code)
+    try:
+        _, status = os.waitpid(pid, os.WUNTRACED)
+        if not os.WIFSTOPPED(status):
+            pid = 0  # (reaped)
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 0
+            raise OSError(code or errno.EIO, "unshare a user namespace")
+        for name, text in (("uid_map", uid_map), ("gid_map", gid_map)):
+            fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, text)
+            finally:
+                os.close(fd)
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
 
 
 class NetnsMaker:
@@ -107,6 +183,9 @@ class NetnsMaker:
     down) owned by the server's user namespace. Thread-safe; the server is started at the first
     ``make()`` (or ``start()``) and again after it died, stopped answering within ``timeout``
     seconds, or could not set itself up."""
+
+    kind = "net"
+    _what = "making a network namespace in a user namespace of its own"
 
     def __init__(self, timeout: float = TIMEOUT) -> None:
         self._lock = threading.Lock()
@@ -124,12 +203,13 @@ class NetnsMaker:
 
     def _start(self) -> None:
         if self._closed:
-            raise OSError(errno.ESHUTDOWN, "the network namespace maker is closed")
+            raise OSError(errno.ESHUTDOWN, f"the {self.kind} namespace maker is closed")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             with theirs:
                 self._proc = subprocess.Popen(
-                    [sys.executable, "-I", "-S", os.path.abspath(__file__), str(theirs.fileno()), str(os.getpid())],
+                    [sys.executable, "-I", "-S", os.path.abspath(__file__), str(theirs.fileno()), str(os.getpid()),
+                     self.kind],
                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL, env={})
         except BaseException:
@@ -150,20 +230,20 @@ class NetnsMaker:
             if not block:
                 return False
             self._stop()
-            raise OSError(errno.ETIMEDOUT, "the network namespace maker did not start")
+            raise OSError(errno.ETIMEDOUT, f"the {self.kind} namespace maker did not start")
         try:
             msg = self._sock.recv(32)
         except OSError as e:
             self._stop()
-            raise OSError(errno.EIO, f"the network namespace maker ended: {e}") from None
+            raise OSError(errno.EIO, f"the {self.kind} namespace maker ended: {e}") from None
         if msg == b"R":
             self._up = True
             return True
         self._stop()
         if msg[:1] == b"X" and msg[1:].isdigit():
             code = int(msg[1:])
-            raise OSError(code, f"making a network namespace in a user namespace of its own: {os.strerror(code)}")
-        raise OSError(errno.EIO, f"the network namespace maker ended at its start ({msg[:32]!r})")
+            raise OSError(code, f"{self._what}: {os.strerror(code)}")
+        raise OSError(errno.EIO, f"the namespace maker ended at its start ({msg[:32]!r})")
 
     def starting_fd(self) -> int | None:
         """The fd that turns readable when a server still starting is set up, else None (for a
@@ -187,12 +267,15 @@ class NetnsMaker:
         """A new network namespace's fd (O_CLOEXEC), ours to close. Raises OSError with the
         server's errno (EPERM: user namespaces refused here; ENOSPC: user.max_net_namespaces),
         or EIO/ETIMEDOUT when the server died or did not answer (the next call starts another)."""
+        return self._ask(b"n")
+
+    def _ask(self, request: bytes) -> int:
         with self._lock:
             for attempt in (1, 2):
                 self._running()
                 self._started(block=True)
                 try:
-                    self._sock.send(b"n")
+                    self._sock.send(request)
                     msg, fds, _flags, _addr = socket.recv_fds(self._sock, 32, 1, socket.MSG_CMSG_CLOEXEC)
                     if not msg and not fds:
                         raise ConnectionResetError(errno.ECONNRESET, "it ended")
@@ -200,7 +283,7 @@ class NetnsMaker:
                     self._stop()
                     if attempt == 2 or isinstance(e, TimeoutError):
                         raise OSError(errno.ETIMEDOUT if isinstance(e, TimeoutError) else errno.EIO,
-                                      f"the network namespace maker did not answer: {e}") from None
+                                      f"the {self.kind} namespace maker did not answer: {e}") from None
                     continue  # (it died since the last request: once more with a new one)
                 if msg == b"+" and len(fds) == 1:
                     return fds[0]
@@ -208,9 +291,9 @@ class NetnsMaker:
                     os.close(fd)
                 if msg[:1] == b"!" and msg[1:].isdigit():
                     code = int(msg[1:])
-                    raise OSError(code, f"making a network namespace in a user namespace of its own: {os.strerror(code)}")
+                    raise OSError(code, f"{self._what}: {os.strerror(code)}")
                 self._stop()
-                raise OSError(errno.EIO, f"the network namespace maker answered {msg[:32]!r}")
+                raise OSError(errno.EIO, f"the {self.kind} namespace maker answered {msg[:32]!r}")
         raise AssertionError("unreachable")
 
     def _stop(self) -> None:
@@ -229,5 +312,21 @@ class NetnsMaker:
             self._stop()
 
 
+class IdmapMaker(NetnsMaker):
+    """The starter's side of the "idmap" server (``_serve_idmaps``): ``make_swap(a, b, c, d)``
+    returns the fd of a new user namespace whose uid map swaps ``a`` and ``b`` and whose gid map
+    swaps ``c`` and ``d``. Its starter must be able to write such maps (root)."""
+
+    kind = "idmap"
+    _what = "making a user namespace for an idmapped mount"
+
+    def make(self) -> int:
+        raise TypeError("IdmapMaker makes user namespaces: make_swap()")
+
+    def make_swap(self, a: int, b: int, c: int, d: int) -> int:
+        return self._ask(b"u" + IDMAP_REQ.pack(a, b, c, d))
+
+
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]), int(sys.argv[2]))
+    with contextlib.suppress(OSError):  # (a failed send or open ends it: its starter starts another)
+        _serve(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "net")

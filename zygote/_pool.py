@@ -21,6 +21,7 @@ import trio
 
 from zygote_client import SandboxConfig
 
+from ._childproto import MAX_TREES
 from ._zygote import JOIN_FAILED, NFDS, REP, REQ
 
 THREAD_CAPS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -258,8 +259,9 @@ async def _wait_proc(proc: subprocess.Popen) -> None:
 
 def _fd_array(fds: list[int]) -> bytes:
     import array
-    # + the cgroup fd for CLONE_INTO_CGROUP, + a prepared network namespace (GIVEN_NETNS)
-    assert NFDS <= len(fds) <= NFDS + 2
+    # + idmapped trees (TREES_SHIFT), + the cgroup fd for CLONE_INTO_CGROUP, + a prepared network
+    # namespace (GIVEN_NETNS)
+    assert NFDS <= len(fds) <= NFDS + MAX_TREES + 2
     return array.array("i", fds).tobytes()
 
 

@@ -41,6 +41,7 @@ REQ = struct.Struct("!QQI")
 REP = struct.Struct("!Qqi")
 NFDS = 6  # stdin, stdout, stderr, control, status, result
 GIVEN_NETNS = 1 << 62  # not a clone flag: one more fd, the network namespace to clone the child into
+TREES_SHIFT = 48  # not clone flags: bits 48-55 count the idmapped trees (mounts.idmapped_tree) after the six
 JOIN_FAILED = -2  # REP's pid when entering that namespace failed (nothing was cloned)
 
 _sock: socket.socket | None = None
@@ -86,6 +87,7 @@ def main(argv: list[str]) -> None:
         import msgspec  # noqa: F401  (child protocol)
         import cloudpickle  # noqa: F401  (so payload unpickling never imports it per child)
         from zygote import child
+        from zygote._childproto import MAX_TREES
         from zygote.layers import netns
         from zygote._clone import ALL_NAMESPACES, CLONE_INTO_CGROUP, CLONE_NEWNET, CLONE_PARENT, Cloner, thread_count
     except BaseException as e:  # noqa: BLE001
@@ -151,7 +153,7 @@ def main(argv: list[str]) -> None:
             except InterruptedError:
                 continue
         try:
-            msg, fds, msg_flags, _addr = socket.recv_fds(_sock, REQ.size, NFDS + 2)
+            msg, fds, msg_flags, _addr = socket.recv_fds(_sock, REQ.size, NFDS + 2 + MAX_TREES)
         except InterruptedError:
             continue
         except OSError:  # ECONNRESET: the daemon went away with a request unread
@@ -162,7 +164,9 @@ def main(argv: list[str]) -> None:
         # CLONE_INTO_CGROUP (cgroup v2): a seventh fd, the child's cgroup, which it is born in.
         into = bool(flags & CLONE_INTO_CGROUP)
         given = bool(flags & GIVEN_NETNS)
-        if len(msg) != REQ.size or len(fds) != NFDS + into + given or msg_flags & socket.MSG_CTRUNC:
+        trees = flags >> TREES_SHIFT & 0xFF  # idmapped trees of its binds, after the six
+        if (len(msg) != REQ.size or len(fds) != NFDS + trees + into + given or trees > MAX_TREES
+                or msg_flags & socket.MSG_CTRUNC):
             for f in fds:
                 os.close(f)
             os._exit(4)  # the daemon never sends this: treat as corruption

@@ -42,7 +42,8 @@ _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, sign
 
 
 def run(fds: list[int]) -> None:
-    """Entry point in the clone. ``fds``: stdin, stdout, stderr, control, status, result (any numbers)."""
+    """Entry point in the clone. ``fds``: stdin, stdout, stderr, control, status, result, then the
+    idmapped trees of its binds, if any (any numbers; they become 0, 1, ... in that order)."""
     try:
         # A session of its own, first: the clone is in the daemon's session and process group.
         # There it could read the terminal the daemon was started from (its /dev/tty: keys typed
@@ -255,13 +256,13 @@ def _inject(plan, step: str) -> None:
 
 
 def _arrange_fds(fds: list[int]) -> None:
-    # Move the six above 5 first (the lowest free numbers: a low open-files limit is fine) so
-    # dup2 onto 0..5 can never clobber one of them.
-    high = [_fcntl.fcntl(fd, _fcntl.F_DUPFD_CLOEXEC, RESULT_FD + 1) for fd in fds]
+    # Move them above their places first (the lowest free numbers: a low open-files limit is
+    # fine) so dup2 onto 0..5 (and the idmapped trees onto TREE_FD and up) clobbers none of them.
+    high = [_fcntl.fcntl(fd, _fcntl.F_DUPFD_CLOEXEC, len(fds)) for fd in fds]
     for i, fd in enumerate(high):
-        os.dup2(fd, i, inheritable=(i < 3))  # control/status/result stay close-on-exec
+        os.dup2(fd, i, inheritable=(i < 3))  # control/status/result and the trees stay close-on-exec
     # Every other fd of the zygote (its socket to the daemon, anything a preload opened) goes.
-    os.closerange(RESULT_FD + 1, 1 << 20)
+    os.closerange(len(fds), 1 << 20)
 
 
 def _read_plan():

@@ -25,6 +25,7 @@ import socket
 import struct
 import sys
 import termios
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -40,8 +41,8 @@ from zygote_client._workspace import ExportResult, WorkspaceError
 from . import _childproto as C
 from ._clone import ALL_NAMESPACES, CLONE_INTO_CGROUP, CLONE_PARENT
 from ._pool import NetnsJoinFailed, Pool, PoolConfig, PoolStartError, Reserve, ZygoteDied, raise_open_files
-from ._zygote import GIVEN_NETNS
-from ._nsmaker import NAME as _NSMAKER_BYTES
+from ._zygote import GIVEN_NETNS, TREES_SHIFT
+from ._nsmaker import NAME as _NSMAKER_BYTES, IdmapMaker
 from . import _pipes, _pool, detach, observe, policy
 from ._pipes import close_now as _close
 from .layers import SetupError, _sys, cgroups, mounts, network, rlimits, seccomp, userns, workspace
@@ -518,6 +519,7 @@ class Daemon:
         self.observer.watch_running(self._running_for_clients)
         self.network: network.NetworkHost | None = None
         self.network_error: SetupError | None = None
+        self._idmaps: IdmapMaker | None = None  # user namespaces for idmapped binds (_idmapped)
         self._net_ready: list[tuple[network.Lease, int]] = []  # prepared namespaces: (lease, fd)
         self._net_wake = trio.Event()  # set when a networked spawn took one
         self._net_takes = 0
@@ -763,6 +765,8 @@ class Daemon:
                 pass
         if self.id_slots is not None:  # (every child is reaped: nothing holds their ids)
             self.id_slots.close(unlink=True)
+        if self._idmaps is not None:
+            await trio.to_thread.run_sync(self._idmaps.close)
         await trio.to_thread.run_sync(policy.stop_checker, True)
 
     # ---- connections -------------------------------------------------------------------------
@@ -1305,6 +1309,7 @@ class Daemon:
         relays: list[tuple[int, int]] = []  # (read end from the child, nonblocking write end to the reader)
         detached: list[tuple[int, int]] = []  # (read end from the child, write end of the spawner's tap)
         slot = None  # its host id range (userns.IdSlots), until a Child holds it
+        trees: list[int] = []  # idmapped copies of the client's bind sources, until the clone has them
         try:
             limit = cfg.max_output
             if msg.stdio == "fds":
@@ -1352,8 +1357,11 @@ class Daemon:
                     except LookupError as e:
                         raise OSError(_errno.EAGAIN, str(e)) from None
                 owner = self.id_slots.first_id(slot) if slot is not None and self._give_ownership else 0
+                if (slot is not None and uid != 0 and any(b.pin is not None for b in plan.binds)
+                        and not self._test_knob("NO_IDMAP", False, bool)):  # (a test of the child's own walk)
+                    plan, trees = await self._idmapped(plan, uid, conn.peer_gid, self.id_slots.first_id(slot))
                 zyg = pool.pick()
-                flags, extra = ALL_NAMESPACES | CLONE_PARENT, []
+                flags, extra = ALL_NAMESPACES | CLONE_PARENT | len(trees) << TREES_SHIFT, list(trees)
                 if born_in is not None:
                     flags |= CLONE_INTO_CGROUP
                     extra.append(born_in.fd())
@@ -1397,8 +1405,8 @@ class Daemon:
                                      _clone_hint(e.errno), code="unavailable"), []
             finally:
                 # the client's own fds are closed by our caller
-                _close([fd for fd in theirs if fd not in client_fds])
-                theirs = []
+                _close([fd for fd in theirs if fd not in client_fds] + trees)
+                theirs, trees = [], []
                 if ahead_fd >= 0:  # the child keeps the namespace alive now (or nobody needs it)
                     os.close(ahead_fd)
                     ahead_fd = -1
@@ -1448,7 +1456,7 @@ class Daemon:
             # Cancelled (the connection closed), out of fds half-way through making the pipes, or
             # a bug: nothing handed our pipe ends on yet. A child already registered is killed by
             # the connection's own cleanup.
-            _close([fd for fd in theirs if fd not in client_fds])
+            _close([fd for fd in theirs if fd not in client_fds] + trees)
             drop(targets)
             _close(mine)
             drop_pairs()
@@ -1460,6 +1468,74 @@ class Daemon:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self._cgroup_remove, born_in)
             raise
+
+    async def _idmapped(self, plan: C.ChildPlan, uid: int, gid: int, first: int) -> tuple[C.ChildPlan, list[int]]:
+        """The plan with the binds of sources a non-root client named (``MountSpec.pin``) made
+        idmapped copies (mounts.idmapped_tree), and their fds, in ``MountSpec.tree`` order.
+
+        Through such a bind the child acts as the client: ``uid``/``gid`` (its primary group)
+        and the child's sandbox ids (its range starts at host id ``first``) swap places in the
+        mount's maps, every other id maps to itself. So files the child makes there belong to
+        the client, the client's own files are the child's (a 0700 directory of the client's
+        works, read-only or read-write as bound), and files of anyone else are others' to the
+        child. Without it, those files belonged to the child's host id range, reused by later
+        children of other clients (a set-ID one, under a pool without seccomp, let a local user
+        become such a uid). Where the kernel or the file system cannot (a non-idmappable file
+        system anywhere under the source, no CAP_SYS_ADMIN), that bind is made as before, and
+        the log says so."""
+        box: dict = {"done": False, "late": False, "trees": []}
+        lock = threading.Lock()
+        if self._idmaps is None:
+            self._idmaps = IdmapMaker()  # (its server starts at the first request)
+        maker = self._idmaps
+
+        def make() -> tuple[C.ChildPlan, list[int], str]:
+            trees: list[int] = []
+            why = ""
+            binds = list(plan.binds)
+            try:
+                ns = maker.make_swap(uid, first + plan.uid, gid, first + plan.gid)
+            except OSError as e:
+                return plan, [], f"no user namespace for idmapped binds: {e}"
+            try:
+                for i, spec in enumerate(binds):
+                    if spec.pin is None or len(trees) >= C.MAX_TREES:
+                        continue
+                    try:
+                        tree = mounts.idmapped_tree(spec, ns)
+                    except (OSError, SetupError) as e:
+                        why = why or f"{spec.source} bound without an idmap: {e}"
+                        continue
+                    binds[i] = msgspec.structs.replace(spec, tree=C.TREE_FD + len(trees))
+                    trees.append(tree)
+            except BaseException:
+                _close(trees)
+                raise
+            finally:
+                os.close(ns)
+            with lock:
+                if box["late"]:  # (the spawn gave up waiting: nobody takes them)
+                    _close(trees)
+                    return plan, [], why
+                box["done"], box["trees"] = True, trees
+            return msgspec.structs.replace(plan, binds=binds), trees, why
+
+        try:
+            plan, trees, why = await self._look(uid, make)
+        except trio.TooSlowError:
+            with lock:
+                box["late"] = True
+                _close(box["trees"])
+            why = "making idmapped binds took too long: bound without"  # (the child's own walk decides)
+            trees = []
+        except BaseException:
+            with lock:  # (finished just as the wait ended: its trees are ours to close)
+                box["late"] = True
+                _close(box["trees"])
+            raise
+        if why:
+            self.observer.log.warning("mounts", message=why)
+        return plan, trees
 
     # ---- the pool reserve: children confined ahead of requests ---------------------------------
 

@@ -136,10 +136,18 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             or /sys is refused). A client's own paths are checked as the client (the kernel's
             answer for its uid, gid and supplementary groups: ACLs count) and bound only as
             checked; a pool's are the administrator's, resolved at every spawn: keep them out
-            of directories other users can write.
+            of directories other users can write. A non-root client's own binds are idmapped
+            (a root daemon, a file system that allows it: ext4, xfs, btrfs, tmpfs from Linux
+            6.3): there the child acts as the client's uid and primary gid, so it reads the
+            client's files (a 0700 directory, a 0600 file) as the client would; files of other
+            owners it reaches through their "other" bits, and may not change.
         rw_binds: host path -> sandbox path, bound read-write. Default none. Security: the child can
-            change these host files (as an unprivileged host uid of a range of the child's own,
-            which differs between children: a root daemon's ``id_base + k * 65536 + uid``).
+            change these host files. A non-root client's are idmapped (see ro_binds): what the
+            child makes there belongs to the client (uid and primary gid). Elsewhere (a root
+            client, the pool's binds, a file system without idmapped mounts, the daemon's log
+            says which) the child writes as an unprivileged host uid of a range of its own,
+            which differs between children (a root daemon's ``id_base + k * 65536 + uid``), and
+            only where the modes let "others" write.
         workdir: the child's working directory inside the sandbox. Default "/" (or the workspace).
         tmpfs_size: size cap of the generated root and of /tmp, bytes or "64M". Default "64M".
         seccomp_profile: a name in seccomp-profiles/ ("default", "strict") or a JSON file path.

@@ -16,11 +16,13 @@ NR = {
     "x86_64": dict(setresuid=117, setresgid=119, setgroups=116, pivot_root=155, seccomp=317,
                    landlock_create_ruleset=444, landlock_add_rule=445, landlock_restrict_self=446,
                    close_range=436, mount_setattr=442, capset=126, prctl=157, openat2=437,
-                   setfsuid=122, setfsgid=123, faccessat2=439, name_to_handle_at=303),
+                   setfsuid=122, setfsgid=123, faccessat2=439, name_to_handle_at=303, open_tree=428,
+                   move_mount=429),
     "aarch64": dict(setresuid=147, setresgid=149, setgroups=159, pivot_root=41, seccomp=277,
                     landlock_create_ruleset=444, landlock_add_rule=445, landlock_restrict_self=446,
                     close_range=436, mount_setattr=442, capset=91, prctl=167, openat2=437,
-                    setfsuid=151, setfsgid=152, faccessat2=439, name_to_handle_at=264),
+                    setfsuid=151, setfsgid=152, faccessat2=439, name_to_handle_at=264, open_tree=428,
+                    move_mount=429),
 }[_ARCH]
 
 libc = ctypes.CDLL(None, use_errno=True)

@@ -383,6 +383,9 @@ class _MountAttr(ctypes.Structure):  # struct mount_attr, mount_setattr(2)
 _ATTR_RO = _MountAttr(_MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV, 0, 0, 0)
 _ATTR_RW = _MountAttr(_MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV, 0, 0, 0)
 _ATTR_SIZE = ctypes.c_size_t(ctypes.sizeof(_MountAttr))
+_MOUNT_ATTR_IDMAP = 0x100000
+_OPEN_TREE_CLONE = 1
+_MOVE_MOUNT_F_EMPTY_PATH = 0x4
 # Set to False on ENOSYS (kernels before 5.12): per-mount MS_REMOUNT from then on.
 _use_mount_setattr = True
 
@@ -421,6 +424,9 @@ def open_sources(plan) -> dict[str, int]:
             fds[plan.chroot_dir] = _open_path(plan.chroot_dir)
             _check_pin(fds[plan.chroot_dir], plan.chroot_dir, plan.chroot_pin)
         for spec in plan.binds:
+            if spec.tree >= 0:  # the daemon's idmapped copy, at that fd: the very file checked?
+                _check_pin(spec.tree, spec.source, spec.pin)
+                continue
             if spec.source not in fds:
                 try:
                     fds[spec.source] = _open_path(spec.source)
@@ -507,8 +513,10 @@ def apply(plan, sources: dict[str, int] | None = None) -> None:  # plan: ChildPl
     except OSError as e:
         if sources:
             _close_all(sources)
+        _close_trees(plan)
         raise SetupError("mounts", f"make / private: {e.strerror}", e.errno or 0) from None
     if plan.root == "host":
+        _close_trees(plan)
         if sources:
             _close_all(sources)
         if plan.proc:
@@ -520,6 +528,7 @@ def apply(plan, sources: dict[str, int] | None = None) -> None:  # plan: ChildPl
                                  "run with --security-opt systempaths=unconfined") from None
         return
     if plan.root not in ("tmpfs", "chroot"):
+        _close_trees(plan)
         if sources:
             _close_all(sources)
         raise SetupError("mounts", f"root mode {plan.root!r} is not supported by this build", 95)
@@ -529,6 +538,17 @@ def apply(plan, sources: dict[str, int] | None = None) -> None:  # plan: ChildPl
         _build(plan, sources)
     finally:
         _close_all(sources)
+        _close_trees(plan)
+
+
+def _close_trees(plan) -> None:
+    """The idmapped trees' fds (attached or not: an attached mount stays), never the payload's."""
+    for spec in plan.binds:
+        if spec.tree >= 0:
+            try:
+                os.close(spec.tree)
+            except OSError:
+                pass
 
 
 def _build(plan, srcs: dict[str, int]) -> None:
@@ -563,7 +583,7 @@ def _build(plan, srcs: dict[str, int]) -> None:
         _mkdirs(R, path.rpartition("/")[0], made)
         _write(R + path, data)
     for spec in plan.binds:
-        fd = srcs.get(spec.source)
+        fd = spec.tree if spec.tree >= 0 else srcs.get(spec.source)
         if fd is None:
             continue  # optional and missing (open_sources already failed the required ones)
         target = R + spec.target
@@ -577,8 +597,11 @@ def _build(plan, srcs: dict[str, int]) -> None:
         else:
             _touch(target)
         try:
-            _bind(fd, target)
-            _setattr(target, _ATTR_RO if spec.readonly else _ATTR_RW)
+            if spec.tree >= 0:  # (its flags set by the daemon: nosuid, nodev, read-only as asked)
+                _sys.syscall("move_mount", fd, b"", _AT_FDCWD, target.encode(), _MOVE_MOUNT_F_EMPTY_PATH)
+            else:
+                _bind(fd, target)
+                _setattr(target, _ATTR_RO if spec.readonly else _ATTR_RW)
         except OSError as e:
             raise _err(f"bind {spec.source} on {spec.target}", e) from None
         made.add(spec.target)
@@ -603,6 +626,38 @@ def _build(plan, srcs: dict[str, int]) -> None:
         except OSError as e:
             raise _err("make the root read-only", e) from None
     _pivot(R)
+
+
+def idmapped_tree(spec: MountSpec, userns_fd: int) -> int:
+    """Daemon side: a detached copy (open_tree) of a client's bind source and every mount under
+    it, whose file ownership passes through the maps of ``userns_fd`` (mount_setattr(2),
+    MOUNT_ATTR_IDMAP), nosuid, nodev, read-only when ``spec`` is, and private (a copy of a shared
+    mount would otherwise be a peer of the host's, and a mount the child made under it would
+    appear on the host). The child attaches it (move_mount) in place of a bind of the path.
+
+    Needs CAP_SYS_ADMIN over the source's file system (the host's: only a root daemon) and a
+    file system that allows idmapped mounts (ext4, xfs, btrfs, tmpfs from Linux 6.3, ...; the
+    whole tree: one submount that does not refuses it). The source must be what the client's
+    check found (``spec.pin``), walked without following a symlink.
+
+    Raises:
+        OSError: the kernel refused (the caller binds the path as before).
+        SetupError: the source is not what was checked (the child refuses it too).
+    """
+    fd = _sys.openat2(spec.source, os.O_PATH | os.O_CLOEXEC, _sys.RESOLVE_NO_SYMLINKS | _sys.RESOLVE_NO_MAGICLINKS)
+    try:
+        _check_pin(fd, spec.source, spec.pin)
+        tree = _sys.syscall("open_tree", fd, b"", _sys.AT_EMPTY_PATH | _OPEN_TREE_CLONE | os.O_CLOEXEC | _AT_RECURSIVE)
+    finally:
+        os.close(fd)
+    try:
+        attr = _MountAttr(_MOUNT_ATTR_IDMAP | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV
+                          | (_MOUNT_ATTR_RDONLY if spec.readonly else 0), 0, _sys.MS_PRIVATE, userns_fd)
+        _sys.syscall("mount_setattr", tree, b"", _sys.AT_EMPTY_PATH | _AT_RECURSIVE, ctypes.byref(attr), _ATTR_SIZE)
+    except BaseException:
+        os.close(tree)
+        raise
+    return tree
 
 
 def _bind(fd: int, target: str) -> None:
