@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -942,43 +943,137 @@ def test_SECURITY_a_child_without_seccomp_makes_no_set_id_file_of_a_sandbox_uid(
     assert {(st.st_uid, st.st_gid) for st in made.values()} == {(4001, 4242)}, made
 
 
-def test_a_client_s_binds_past_the_idmapped_ones_are_bound_as_before(shared_dir):
-    """A child gets at most MAX_TREES idmapped copies (one fd each through the zygote); a
-    request naming more binds gets the rest as plain binds (the zygote treats a request with
-    more as corruption and exits): each file is readable, through its copy or its "other" bits."""
+def test_SECURITY_a_client_may_not_name_more_binds_than_the_daemon_idmaps(shared_dir):
+    """A child gets at most MAX_TREES idmapped copies (one fd each through the zygote). The
+    first version bound any further bind of the client's plainly: 64 dummies ahead of the one
+    that mattered switched the idmapping off for it (a helper's review). Now such a request is
+    refused; MAX_TREES binds are fine."""
     from zygote._childproto import MAX_TREES
     mine, _ = _mine_and_secret(shared_dir, 0o755)
-    n = MAX_TREES + 3
-    for i in range(n):
+    for i in range(MAX_TREES + 1):
         with open(os.path.join(mine, f"f{i}"), "w") as f:
             f.write(f"{i} ")
         os.chmod(os.path.join(mine, f"f{i}"), 0o644)
     sock, proc = _daemon_for_4001(shared_dir)
+
+    def binds(n: int) -> dict:
+        return {os.path.join(mine, f"f{i}"): f"/f/{i:03d}" for i in range(n)}
+
     try:
         wait_socket(sock, proc)
-        out = _spawn_exec_as_4001(sock, "exec 2>&1; cat " + " ".join(f"/f/{i:03d}" for i in range(n)) + " && echo && echo ready",
-                                  ro_binds={os.path.join(mine, f"f{i}"): f"/f/{i:03d}" for i in range(n)})
-        assert out == " ".join(str(i) for i in range(n)) + " \nready\n", out
+        out = _spawn_exec_as_4001(sock, "exec 2>&1; cat " + " ".join(f"/f/{i:03d}" for i in range(MAX_TREES))
+                                  + " && echo && echo ready", ro_binds=binds(MAX_TREES))
+        assert out == " ".join(str(i) for i in range(MAX_TREES)) + " \nready\n", out
+        out = _spawn_exec_as_4001(sock, "echo ready", ro_binds=binds(MAX_TREES + 1))
+        assert out.startswith("SpawnFailed:") and f"at most {MAX_TREES} binds" in out, out
     finally:
         stop_daemon(proc)
 
 
-def test_a_bind_on_a_file_system_without_idmaps_is_bound_as_before(shared_dir):
-    """ramfs cannot be idmapped: a client's bind of a directory on one is made as before (the
-    child writes as a host id of its range, where the mode lets "others" write), and the
-    daemon's log says so."""
+def test_SECURITY_a_read_write_bind_that_cannot_be_idmapped_is_refused(shared_dir):
+    """ramfs has no idmapped mounts. A client's read-write bind of a directory on one is
+    refused, naming the mounts step and the fix: bound plainly, what the child made there was a
+    sandbox uid's, reused by later children of other clients (set-ID under a pool without
+    seccomp; the first version fell back to that). A read-only bind there is made as before
+    (its "other" bits), and the daemon's log says so."""
     ram = os.path.join(shared_dir, "zg-ram")
     os.mkdir(ram)
     subprocess.run(["mount", "-t", "ramfs", "-o", "mode=0777", "zg-ram", ram], check=True)
     try:
+        with open(os.path.join(ram, "r"), "w") as f:
+            f.write("seen")
         sock, proc = _daemon_for_4001(shared_dir)
         try:
             wait_socket(sock, proc)
-            out = _spawn_exec_as_4001(sock, "echo x > /w/f && echo ready", rw_binds={ram: "/w"})
-            assert out == "ready\n", out
-            assert os.stat(os.path.join(ram, "f")).st_uid not in (0, 4001)
+            out = _spawn_exec_as_4001(sock, "echo x > /w/f; echo ready", rw_binds={ram: "/w"})
+            assert out.startswith("SpawnFailed:read-write bind of") and "no idmapped mount" in out, out
+            assert os.listdir(ram) == ["r"]
+            out = _spawn_exec_as_4001(sock, "cat /r/r && echo && echo ready", ro_binds={ram: "/r"})
+            assert out == "seen\nready\n", out
         finally:
             log = stop_daemon(proc)
-        assert b"bound without an idmap" in log, log[-2000:]
+        assert b"bound read-only without an idmap" in log, log[-2000:]
     finally:
         subprocess.run(["umount", ram], check=True)
+
+
+def test_SECURITY_a_client_handed_its_child_s_idmapped_mount_makes_nothing_through_it(shared_dir):
+    """The payload passes a directory fd of its idmapped bind out to its client (SCM_RIGHTS over
+    a socket the client left in the bind; the mount works behind the fd after the child ended).
+    The first version's maps swapped the two ids, so the client's own uid wrote as the child's
+    sandbox uid through it: a set-ID file of a uid later children of other clients run as (a
+    helper's review, reproduced: it killed such a child). The maps go one way now: the client
+    makes nothing there (EOVERFLOW: its id is not a mapped one)."""
+    mine, _ = _mine_and_secret(shared_dir)
+    pub = os.path.join(mine, "pub")
+    os.mkdir(pub, 0o777)
+    os.chmod(pub, 0o777)
+    os.chown(pub, 4001, 4242)
+    sock, proc = _daemon_for_4001(shared_dir)
+    code = ("import os, socket\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            "s.connect('/w/pub/s')\n"
+            "socket.send_fds(s, [b'd'], [os.open('/w/pub', os.O_RDONLY | os.O_DIRECTORY)])\n")
+
+    def talk() -> str:
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(os.path.join(pub, "s"))
+        listener.listen(1)
+        listener.settimeout(30)
+        c = RawConn(sock)
+        c.send(c.P.Hello(c.P.VERSION, client="test sandbox-inherits"))
+        c.reply()
+        c.send(c.P.Spawn(req=1, kind="exec", argv=[sys.executable, "-I", "-S", "-c", code], stdin=False,
+                         sandbox=SandboxConfig(rw_binds={mine: "/w"})))
+        fds: list[int] = []
+        m = c.reply(keep=fds)
+        if type(m).__name__ != "Spawned":
+            return f"{type(m).__name__}:{getattr(m, 'message', '')}"
+        conn, _ = listener.accept()
+        _, got, _, _ = socket.recv_fds(conn, 8, 1)
+        _read_all(fds)  # (until the child ended)
+        try:
+            os.close(os.open("k", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=got[0]))
+            return "made"
+        except OSError as e:
+            return errno.errorcode[e.errno]
+
+    try:
+        wait_socket(sock, proc)
+        assert run_as(4001, 4242, talk) == "EOVERFLOW"
+        assert not os.path.exists(os.path.join(pub, "k"))
+    finally:
+        stop_daemon(proc)
+
+
+def test_SECURITY_a_nested_bind_target_deleted_after_the_check_is_not_made_on_the_host(shared_dir, tmp_path,
+                                                                                       monkeypatch):
+    """A bind target inside a client's bind must exist on the host (checked with the request).
+    Deleted after the check (the child held by a test hook), the first idmapped version's child
+    made it again, on the host, as its sandbox root (the client's files are the sandbox's in the
+    copy; a helper's review). Now the spawn fails, naming the mounts step, and nothing is made."""
+    import threading
+    mine, sec = _mine_and_secret(shared_dir)
+    go = tmp_path / "go"
+    monkeypatch.setenv("ZYGOTE_TEST_PAUSE_BEFORE_SOURCES", str(go))
+    sock, proc = _daemon_for_4001(shared_dir, "--test-hooks")
+
+    def remove() -> None:
+        time.sleep(2)  # the request was checked, its child waits before opening its sources
+        os.unlink(os.path.join(mine, "sub", "h"))
+        os.rmdir(os.path.join(mine, "sub"))
+        go.write_text("")
+
+    try:
+        wait_socket(sock, proc)
+        t = threading.Thread(target=remove)
+        t.start()
+        try:
+            out = _spawn_exec_as_4001(sock, "echo ready", ro_binds={os.path.join(sec, "s"): "/w/sub/h"},
+                                      rw_binds={mine: "/w"})
+        finally:
+            t.join()
+        assert out.startswith("SpawnFailed:bind target /w/sub/h") and "must exist on the host" in out, out
+        assert os.listdir(mine) == []
+    finally:
+        stop_daemon(proc)

@@ -572,11 +572,13 @@ def test_zygote_netns_ahead_goes_home_after_each_handout():
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only a root daemon makes idmapped binds")
-def test_idmap_maker_swaps_two_ids_and_maps_every_other_to_itself():
-    """zygote._nsmaker.IdmapMaker: a user namespace (a child of the host's) whose uid map swaps
-    the two uids asked for and whose gid map swaps the two gids, every other id unchanged; at
-    the ends of the id space too; a bad request gets EINVAL, and the server goes on."""
-    from zygote._nsmaker import IdmapMaker, _ALL_IDS, swap_map
+def test_idmap_maker_maps_one_id_one_way_and_every_other_to_itself():
+    """zygote._nsmaker.IdmapMaker: a user namespace (a child of the host's) whose uid map takes
+    the first uid asked for to the second and whose gid map the first gid to the second, every
+    other id to itself, and nothing to the first or from the second (the first version swapped
+    them: see test_SECURITY_a_client_handed_its_child_s_idmapped_mount_makes_nothing_through_it);
+    at the ends of the id space too; a bad request gets EINVAL, and the server goes on."""
+    from zygote._nsmaker import IdmapMaker, _ALL_IDS, one_way_map
 
     def maps(fd: int) -> str:
         def inside() -> str:  # (in a fork: one thread, as setns into a user namespace needs)
@@ -587,27 +589,78 @@ def test_idmap_maker_swaps_two_ids_and_maps_every_other_to_itself():
         return in_fork(inside)
 
     def table(text: bytes) -> list[tuple[int, int, int]]:
-        return [tuple(map(int, line.split())) for line in text.decode().split("|")[0].splitlines() if line.strip()]
+        return sorted(tuple(map(int, line.split())) for line in text.decode().splitlines() if line.strip())
 
-    assert swap_map(7, 7) == b"0 0 %d\n" % _ALL_IDS
-    assert table(swap_map(0, _ALL_IDS - 1)) == [(0, _ALL_IDS - 1, 1), (1, 1, _ALL_IDS - 2), (_ALL_IDS - 1, 0, 1)]
+    assert one_way_map(7, 7) == b"0 0 %d\n" % _ALL_IDS
+    assert table(one_way_map(_ALL_IDS - 1, 0)) == [(1, 1, _ALL_IDS - 2), (_ALL_IDS - 1, 0, 1)]
     maker = IdmapMaker()
     try:
-        fd = maker.make_swap(4001, 1_000_065_534, 4242, 1_000_065_533)
+        fd = maker.make(4001, 1_000_065_534, 4242, 1_000_065_533)
         try:
             got = maps(fd)
         finally:
             os.close(fd)
         uid_map, gid_map = (table(part.encode()) for part in got.split("|"))
         assert uid_map == [(0, 0, 4001), (4001, 1_000_065_534, 1), (4002, 4002, 1_000_065_534 - 4002),
-                           (1_000_065_534, 4001, 1), (1_000_065_535, 1_000_065_535, _ALL_IDS - 1_000_065_535)], got
-        assert (4242, 1_000_065_533, 1) in gid_map and (1_000_065_533, 4242, 1) in gid_map, got
+                           (1_000_065_535, 1_000_065_535, _ALL_IDS - 1_000_065_535)], got
+        assert (4242, 1_000_065_533, 1) in gid_map and not any(
+            first <= 1_000_065_533 < first + n or low <= 4242 < low + n for first, low, n in gid_map if first != 4242), got
         with pytest.raises(OSError) as ei:
             maker._ask(b"u")
         assert ei.value.errno == errno.EINVAL
-        os.close(maker.make_swap(1, 2, 3, 4))  # (still answering)
+        os.close(maker.make(1, 2, 3, 4))  # (still answering)
     finally:
         maker.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a root daemon makes idmapped binds")
+def test_idmap_maker_s_helper_dies_with_a_server_killed_mid_request():
+    """The idmap server forks a helper per namespace, which stops itself until the server has
+    written its maps. A server killed meanwhile (its 5 s answer timeout, the OOM killer) left
+    the helper stopped under PID 1, holding a user namespace, when the server led a session of
+    its own (a helper's review): the helper now dies with it (PR_SET_PDEATHSIG). The server
+    here is a fork that stalls at the map write."""
+    from zygote import _nsmaker
+    r, w = os.pipe()
+    server = os.fork()
+    if server == 0:
+        try:
+            os.close(r)
+            os.setsid()  # (as a service's would: no orphaned-group SIGHUP to clean up after it)
+            real_open = os.open
+
+            def stall(path, *args, **kwargs):
+                if str(path).endswith("/uid_map"):
+                    os.write(w, str(path).split("/")[2].encode())
+                    time.sleep(60)
+                return real_open(path, *args, **kwargs)
+
+            os.open = stall
+            _nsmaker._userns_with_maps(ctypes.CDLL(None, use_errno=True), b"0 0 1\n", b"0 0 1\n")
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        helper = int(os.read(r, 16))
+    finally:
+        os.close(r)
+    assert "T" in _proc_state(helper)  # (stopped, waiting for its maps)
+    os.kill(server, signal.SIGKILL)  # (our own fork, by pid)
+    os.waitpid(server, 0)
+    try:
+        wait_for(lambda: _proc_state(helper) in ("", "Z"), 5, "the helper to die with its server")
+    finally:
+        if _proc_state(helper) not in ("", "Z"):
+            os.kill(helper, signal.SIGKILL)  # (a stray of this test's own server)
+
+
+def _proc_state(pid: int) -> str:
+    """The State letter of /proc/PID/status; "" when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(line.split()[1] for line in f if line.startswith("State:"))
+    except (OSError, StopIteration):
+        return ""
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only a root daemon makes network namespaces ahead")

@@ -49,6 +49,7 @@ import threading
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 _PR_SET_DUMPABLE = 4
+_PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
 NAME = b"zygote-netns"  # the server's process name (comm)
 IDMAP_NAME = b"zygote-idmap"  # (the "idmap" server's: IdmapMaker)
@@ -114,15 +115,15 @@ def _requests(sock: socket.socket, parent: int):
 def _serve_idmaps(libc, sock: socket.socket, parent: int) -> None:
     """The "idmap" server: it stays in its starter's user namespace (the host's, as root) and
     answers each request b"u" + IDMAP_REQ (a, b, c, d) with a new user namespace whose uid map
-    swaps ids a and b and whose gid map swaps c and d (every other id maps to itself): the maps
-    of an idmapped mount (mounts.idmapped_tree). No process stays in it: its fd keeps it."""
+    takes id a to b and whose gid map takes c to d, one way (``one_way_map``): the maps of an
+    idmapped mount (mounts.idmapped_tree). No process stays in it: its fd keeps it."""
     for msg in _requests(sock, parent):
         if len(msg) != 1 + IDMAP_REQ.size or msg[:1] != b"u":
             sock.send(b"!%d" % errno.EINVAL)
             continue
         a, b, c, d = IDMAP_REQ.unpack(msg[1:])
         try:
-            ns = _swapping_userns(libc, swap_map(a, b), swap_map(c, d))
+            ns = _userns_with_maps(libc, one_way_map(a, b), one_way_map(c, d))
         except OSError as e:
             sock.send(b"!%d" % (e.errno or errno.EIO))
             continue
@@ -132,30 +133,38 @@ def _serve_idmaps(libc, sock: socket.socket, parent: int) -> None:
             os.close(ns)
 
 
-def swap_map(a: int, b: int) -> bytes:
-    """A uid_map/gid_map (user_namespaces(7)) mapping every id to itself but ``a`` to ``b`` and
-    ``b`` to ``a``."""
-    lo, hi = sorted((a, b))
-    if lo == hi:
+def one_way_map(a: int, b: int) -> bytes:
+    """A uid_map/gid_map (user_namespaces(7)) that maps id ``a`` to ``b``, every id but ``a``
+    and ``b`` to itself, and nothing to ``a`` or from ``b``.
+
+    As an idmapped mount's: a file the disk says is ``a``'s is ``b``'s through the mount, and
+    a process of id ``b`` makes files of ``a``'s; a process of id ``a`` makes none there (its id
+    is no mapped one: EOVERFLOW) and owns nothing (files of ``b``'s on the disk are nobody's: no
+    write reaches them). A map that swapped the two let the client, handed a directory fd of
+    the mount by its child, make files of the child's sandbox id, set-ID ones too (a helper's
+    review)."""
+    if a == b:
         return b"0 0 %d\n" % _ALL_IDS
+    lo, hi = sorted((a, b))
     lines = []
-    if lo:
-        lines.append(b"0 0 %d" % lo)
-    lines.append(b"%d %d 1" % (lo, hi))
-    if hi - lo > 1:
-        lines.append(b"%d %d %d" % (lo + 1, lo + 1, hi - lo - 1))
-    lines.append(b"%d %d 1" % (hi, lo))
-    if hi + 1 < _ALL_IDS:
-        lines.append(b"%d %d %d" % (hi + 1, hi + 1, _ALL_IDS - hi - 1))
+    for first, end in ((0, lo), (lo + 1, hi), (hi + 1, _ALL_IDS)):  # (every id but the two)
+        if end > first:
+            lines.append(b"%d %d %d" % (first, first, end - first))
+    lines.append(b"%d %d 1" % (a, b))
     return b"\n".join(lines) + b"\n"
 
 
-def _swapping_userns(libc, uid_map: bytes, gid_map: bytes) -> int:
+def _userns_with_maps(libc, uid_map: bytes, gid_map: bytes) -> int:
     """A new user namespace with these maps: a forked process unshares it and stops; we write
-    its maps (root in the parent namespace may map any ids), open it, and kill the process."""
+    its maps (root in the parent namespace may map any ids), open it, and kill the process. It
+    dies with us (PR_SET_PDEATHSIG: killed meanwhile, we would have left it stopped, holding
+    the namespace, under PID 1)."""
+    server = os.getpid()
     pid = os.fork()
     if pid == 0:
-        code = 0 if libc.unshare(CLONE_NEWUSER) == 0 else (ctypes.get_errno() or errno.EPERM)
+        code = errno.ESRCH
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0 and os.getppid() == server:
+            code = 0 if libc.unshare(CLONE_NEWUSER) == 0 else (ctypes.get_errno() or errno.EPERM)
         if not code:
             os.kill(os.getpid(), signal.SIGSTOP)
         os._exit(code)
@@ -313,17 +322,14 @@ class NetnsMaker:
 
 
 class IdmapMaker(NetnsMaker):
-    """The starter's side of the "idmap" server (``_serve_idmaps``): ``make_swap(a, b, c, d)``
-    returns the fd of a new user namespace whose uid map swaps ``a`` and ``b`` and whose gid map
-    swaps ``c`` and ``d``. Its starter must be able to write such maps (root)."""
+    """The starter's side of the "idmap" server (``_serve_idmaps``): ``make(a, b, c, d)``
+    returns the fd of a new user namespace whose uid map takes ``a`` to ``b`` and whose gid map
+    ``c`` to ``d`` (``one_way_map``). Its starter must be able to write such maps (root)."""
 
     kind = "idmap"
     _what = "making a user namespace for an idmapped mount"
 
-    def make(self) -> int:
-        raise TypeError("IdmapMaker makes user namespaces: make_swap()")
-
-    def make_swap(self, a: int, b: int, c: int, d: int) -> int:
+    def make(self, a: int, b: int, c: int, d: int) -> int:  # type: ignore[override]
         return self._ask(b"u" + IDMAP_REQ.pack(a, b, c, d))
 
 

@@ -1375,6 +1375,7 @@ class Daemon:
                     extra.append(ahead_fd)
                 pid = await zyg.clone(theirs + extra, flags, owner)
             except (ZygoteDied, OSError) as e:
+                refused = isinstance(e, _BindRefused)  # (before the clone: no cgroup or netns fault)
                 if slot is not None:
                     self.id_slots.give(slot)
                     slot = None
@@ -1390,12 +1391,15 @@ class Daemon:
                     cg, born_in = born_in, None
                     with trio.CancelScope(shield=True):  # removed even if the client goes meanwhile
                         await trio.to_thread.run_sync(self._cgroup_remove, cg)
-                    if (isinstance(e, OSError) and not isinstance(e, NetnsJoinFailed)
+                    if (isinstance(e, OSError) and not isinstance(e, NetnsJoinFailed) and not refused
                             and e.errno in (_errno.EINVAL, _errno.EOPNOTSUPP, _errno.ENOSYS, _errno.E2BIG)):
                         # (E2BIG: clone3 before Linux 5.7 has no cgroup field, and says so)
                         self._into_cgroup = False  # this kernel cannot: attach after the clone from now on
                         return P.SpawnFailed(msg.req, f"{e} (CLONE_INTO_CGROUP is now off; retry)", "clone",
                                              e.errno or 0, code="retry"), []
+                if isinstance(e, _BindRefused):
+                    return P.SpawnFailed(msg.req, e.message, "mounts" if e.code != "policy" else "",
+                                         e.errno or 0, e.hint, code=e.code), []
                 if isinstance(e, ZygoteDied):
                     return P.SpawnFailed(msg.req, str(e), "clone", code="retry"), []
                 if isinstance(e, NetnsJoinFailed):  # that zygote gets none from now on: make its own
@@ -1473,68 +1477,83 @@ class Daemon:
         """The plan with the binds of sources a non-root client named (``MountSpec.pin``) made
         idmapped copies (mounts.idmapped_tree), and their fds, in ``MountSpec.tree`` order.
 
-        Through such a bind the child acts as the client: ``uid``/``gid`` (its primary group)
-        and the child's sandbox ids (its range starts at host id ``first``) swap places in the
-        mount's maps, every other id maps to itself. So files the child makes there belong to
-        the client, the client's own files are the child's (a 0700 directory of the client's
-        works, read-only or read-write as bound), and files of anyone else are others' to the
-        child. Without it, those files belonged to the child's host id range, reused by later
-        children of other clients (a set-ID one, under a pool without seccomp, let a local user
-        become such a uid). Where the kernel or the file system cannot (a non-idmappable file
-        system anywhere under the source, no CAP_SYS_ADMIN), that bind is made as before, and
-        the log says so."""
+        Through such a bind the child acts as the client: the mount's maps take the client's
+        ``uid``/``gid`` (its primary group) to the child's sandbox ids (its range starts at host
+        id ``first``), one way (_nsmaker.one_way_map), every other id to itself. So files the
+        child makes there belong to the client, the client's own files are the child's (a 0700
+        directory of the client's works, read-only or read-write as bound), and files of anyone
+        else are others' to the child. Without it, what a child made there belonged to its host
+        id range, reused by later children of other clients (a set-ID file, under a pool without
+        seccomp, let a local user become such a uid).
+
+        Fails closed for read-write binds: one that cannot be idmapped (a file system without
+        idmapped mounts anywhere under it, no user namespace for the maps, a walk that did not
+        end in time) refuses the spawn; a read-only one is bound as before (the log says so).
+        More than MAX_TREES binds of the client's own are refused.
+
+        Raises:
+            _BindRefused: the spawn fails, naming the mounts step (or the policy).
+        """
+        if sum(b.pin is not None for b in plan.binds) > C.MAX_TREES:
+            raise _BindRefused(_errno.E2BIG, f"at most {C.MAX_TREES} binds of the client's own host paths "
+                               "per child (each is a mount of its own)", code="policy")
         box: dict = {"done": False, "late": False, "trees": []}
         lock = threading.Lock()
         if self._idmaps is None:
             self._idmaps = IdmapMaker()  # (its server starts at the first request)
         maker = self._idmaps
 
-        def make() -> tuple[C.ChildPlan, list[int], str]:
+        def make() -> tuple[C.ChildPlan, list[int], list[str]]:
             trees: list[int] = []
-            why = ""
+            plain: list[str] = []  # read-only binds made without an idmap, and why
             binds = list(plan.binds)
             try:
-                ns = maker.make_swap(uid, first + plan.uid, gid, first + plan.gid)
-            except OSError as e:
-                return plan, [], f"no user namespace for idmapped binds: {e}"
-            try:
+                try:
+                    ns = maker.make(uid, first + plan.uid, gid, first + plan.gid)  # (one way: _nsmaker.one_way_map)
+                except OSError as e:
+                    ns, why = -1, e
                 for i, spec in enumerate(binds):
-                    if spec.pin is None or len(trees) >= C.MAX_TREES:
+                    if spec.pin is None:
                         continue
-                    try:
-                        tree = mounts.idmapped_tree(spec, ns)
-                    except (OSError, SetupError) as e:
-                        why = why or f"{spec.source} bound without an idmap: {e}"
-                        continue
-                    binds[i] = msgspec.structs.replace(spec, tree=C.TREE_FD + len(trees))
-                    trees.append(tree)
+                    if ns >= 0:
+                        try:
+                            tree = mounts.idmapped_tree(spec, ns)
+                        except (OSError, SetupError) as e:
+                            why = e
+                        else:
+                            binds[i] = msgspec.structs.replace(spec, tree=C.TREE_FD + len(trees))
+                            trees.append(tree)
+                            continue
+                    text = getattr(why, "message", None) or str(why)
+                    if not spec.readonly:
+                        raise _BindRefused(getattr(why, "errno", 0) or _errno.EIO,
+                                           f"read-write bind of {quoted(spec.source)}: no idmapped mount ({text})",
+                                           hint=_HINT_IDMAP, code="sandbox")
+                    plain.append(f"{spec.source} bound read-only without an idmap: {text}")
             except BaseException:
                 _close(trees)
                 raise
             finally:
-                os.close(ns)
+                if ns >= 0:
+                    os.close(ns)
             with lock:
                 if box["late"]:  # (the spawn gave up waiting: nobody takes them)
                     _close(trees)
-                    return plan, [], why
+                    return plan, [], plain
                 box["done"], box["trees"] = True, trees
-            return msgspec.structs.replace(plan, binds=binds), trees, why
+            return msgspec.structs.replace(plan, binds=binds), trees, plain
 
         try:
-            plan, trees, why = await self._look(uid, make)
-        except trio.TooSlowError:
-            with lock:
-                box["late"] = True
-                _close(box["trees"])
-            why = "making idmapped binds took too long: bound without"  # (the child's own walk decides)
-            trees = []
-        except BaseException:
+            plan, trees, plain = await self._look(uid, make)
+        except BaseException as e:
             with lock:  # (finished just as the wait ended: its trees are ours to close)
                 box["late"] = True
                 _close(box["trees"])
+            if isinstance(e, trio.TooSlowError):
+                raise _BindRefused(_errno.ETIMEDOUT, _paths_too_slow(0).message, code="unavailable") from None
             raise
-        if why:
-            self.observer.log.warning("mounts", message=why)
+        for text in plain:
+            self.observer.log.warning("mounts", message=text)
         return plan, trees
 
     # ---- the pool reserve: children confined ahead of requests ---------------------------------
@@ -3028,6 +3047,20 @@ def _relay_target(fd: int) -> int:
         if e.errno == _errno.ENXIO:
             raise ValueError("the pipe given for output has no reader") from None
         raise
+
+
+class _BindRefused(OSError):
+    """A bind of the client's own path that the daemon could not make safely (Daemon._idmapped):
+    the spawn fails with this message, step "mounts" (or code "policy")."""
+
+    def __init__(self, err: int, message: str, hint: str = "", code: str = "unavailable") -> None:
+        super().__init__(err, message)
+        self.message, self.hint, self.code = message, hint, code
+
+
+_HINT_IDMAP = ("bind it read-only, or put it on a file system with idmapped mounts (ext4, xfs, btrfs; tmpfs "
+               "from Linux 6.3): a non-root client's read-write binds are idmapped, so that what the "
+               "child makes there is the client's")
 
 
 def _paths_too_slow(req: int) -> P.SpawnFailed:

@@ -140,14 +140,16 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             (a root daemon, a file system that allows it: ext4, xfs, btrfs, tmpfs from Linux
             6.3): there the child acts as the client's uid and primary gid, so it reads the
             client's files (a 0700 directory, a 0600 file) as the client would; files of other
-            owners it reaches through their "other" bits, and may not change.
+            owners it reaches through their "other" bits, and may not change. At most 64 per
+            request; one on a file system without idmapped mounts is bound as for a root client
+            (read through "other" bits; the daemon's log says so).
         rw_binds: host path -> sandbox path, bound read-write. Default none. Security: the child can
             change these host files. A non-root client's are idmapped (see ro_binds): what the
-            child makes there belongs to the client (uid and primary gid). Elsewhere (a root
-            client, the pool's binds, a file system without idmapped mounts, the daemon's log
-            says which) the child writes as an unprivileged host uid of a range of its own,
-            which differs between children (a root daemon's ``id_base + k * 65536 + uid``), and
-            only where the modes let "others" write.
+            child makes there belongs to the client (uid and primary gid); one that cannot be
+            (a file system without idmapped mounts) fails the spawn (step "mounts"). A root
+            client's and the pool's: the child writes as an unprivileged host uid of a range of
+            its own, which differs between children (a root daemon's ``id_base + k * 65536 +
+            uid``), and only where the modes let "others" write.
         workdir: the child's working directory inside the sandbox. Default "/" (or the workspace).
         tmpfs_size: size cap of the generated root and of /tmp, bytes or "64M". Default "64M".
         seccomp_profile: a name in seccomp-profiles/ ("default", "strict") or a JSON file path.

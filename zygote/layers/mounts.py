@@ -582,6 +582,8 @@ def _build(plan, srcs: dict[str, int]) -> None:
     for path, data in plan.etc_files.items():
         _mkdirs(R, path.rpartition("/")[0], made)
         _write(R + path, data)
+    # What each sandbox path lies on: (mount point, whether a host directory backs it).
+    layers = [("/", plan.root == "chroot")] + ([("/tmp", False)] if plan.tmp else [])
     for spec in plan.binds:
         fd = spec.tree if spec.tree >= 0 else srcs.get(spec.source)
         if fd is None:
@@ -591,11 +593,16 @@ def _build(plan, srcs: dict[str, int]) -> None:
             is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
         except OSError as e:
             raise _err(f"stat bind source {spec.source}", e) from None
-        _mkdirs(R, spec.target.rpartition("/")[0], made)
-        if is_dir:
-            _mkdirs(R, spec.target, made)
+        layer, on_host = max((lay for lay in layers if _under(spec.target, lay[0])), key=lambda lay: len(lay[0]))
+        if on_host:
+            _existing_target(target, is_dir, spec.target, layer)
         else:
-            _touch(target)
+            _mkdirs(R, spec.target.rpartition("/")[0], made)
+            if is_dir:
+                _mkdirs(R, spec.target, made)
+            else:
+                _touch(target)
+        layers.append((spec.target, True))
         try:
             if spec.tree >= 0:  # (its flags set by the daemon: nosuid, nodev, read-only as asked)
                 _sys.syscall("move_mount", fd, b"", _AT_FDCWD, target.encode(), _MOVE_MOUNT_F_EMPTY_PATH)
@@ -724,6 +731,24 @@ def _mkdirs(R: str, path: str, made: set[str]) -> None:
         except OSError as e:
             raise _err(f"create mountpoint {cur}", e) from None
         made.add(cur)
+
+
+def _existing_target(path: str, is_dir: bool, target: str, layer: str) -> None:
+    """A bind target inside a host directory bound earlier (or the chroot) must be there, as
+    the plan's check found it (_user_binds): nothing is ever created in a host directory. (In
+    an idmapped bind the client's files are the sandbox's, whose root still has its
+    capabilities here: a target deleted after the check was made on the host as that root,
+    a helper's review found.)"""
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        raise SetupError("mounts", f"bind target {target}: {e.strerror} (inside the bind at {layer}, it must "
+                         "exist on the host)", e.errno or 0,
+                         "leave the paths a request names in place until its child has started") from None
+    if stat.S_ISDIR(st.st_mode) != is_dir or stat.S_ISLNK(st.st_mode):
+        raise SetupError("mounts", f"bind target {target} (inside the bind at {layer}) is no longer a "
+                         f"{'directory' if is_dir else 'file'}", _errno.ENOTDIR if is_dir else _errno.EISDIR,
+                         "leave the paths a request names in place until its child has started")
 
 
 def _touch(path: str) -> None:
