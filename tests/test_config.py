@@ -1046,34 +1046,64 @@ def test_SECURITY_a_client_handed_its_child_s_idmapped_mount_makes_nothing_throu
         stop_daemon(proc)
 
 
+def _spawn_changed_after_the_check(shared_dir: str, go, monkeypatch, change, **sandbox) -> str:
+    """As uid 4001: one spawn (see _spawn_exec_as_4001) whose child a test hook holds before it
+    opens its sources; meanwhile, 2 s after the request (checked by then), ``change()`` runs."""
+    import threading
+    monkeypatch.setenv("ZYGOTE_TEST_PAUSE_BEFORE_SOURCES", str(go))
+    sock, proc = _daemon_for_4001(shared_dir, "--test-hooks")
+
+    def later() -> None:
+        time.sleep(2)
+        change()
+        go.write_text("")
+
+    try:
+        wait_socket(sock, proc)
+        t = threading.Thread(target=later)
+        t.start()
+        try:
+            return _spawn_exec_as_4001(sock, "echo ready", **sandbox)
+        finally:
+            t.join()
+    finally:
+        stop_daemon(proc)
+
+
+def test_SECURITY_a_directory_swapped_for_a_symlink_after_the_check_leads_no_mount_astray(shared_dir, tmp_path,
+                                                                                          monkeypatch):
+    """A bind target inside a client's bind is walked without following symlinks. The client
+    swapped a directory on the way to one for a symlink to / after the check (the child held by
+    a test hook; a helper's review did it without the hook, by exchanging the two in a loop):
+    the child mounted the inner bind over its new root, and the rest of the root (the
+    interpreter's symlinks, mount points) was made in the client's other directory on the host,
+    as the sandbox root. Now the spawn fails, naming the mount point, and nothing is made."""
+    mine, sec = _mine_and_secret(shared_dir)
+    os.makedirs(os.path.join(mine, "a", "mnt"))
+
+    def swap() -> None:
+        os.rename(os.path.join(mine, "a"), os.path.join(mine, "gone"))
+        os.symlink("/", os.path.join(mine, "a"))
+
+    out = _spawn_changed_after_the_check(shared_dir, tmp_path / "go", monkeypatch, swap,
+                                         rw_binds={mine: "/w", sec: "/w/a/mnt"})
+    assert out.startswith("SpawnFailed:mount point /w/a/mnt") and "no symlink on the way" in out, out
+    assert os.listdir(sec) == ["s"]
+
+
 def test_SECURITY_a_nested_bind_target_deleted_after_the_check_is_not_made_on_the_host(shared_dir, tmp_path,
                                                                                        monkeypatch):
     """A bind target inside a client's bind must exist on the host (checked with the request).
     Deleted after the check (the child held by a test hook), the first idmapped version's child
     made it again, on the host, as its sandbox root (the client's files are the sandbox's in the
     copy; a helper's review). Now the spawn fails, naming the mounts step, and nothing is made."""
-    import threading
     mine, sec = _mine_and_secret(shared_dir)
-    go = tmp_path / "go"
-    monkeypatch.setenv("ZYGOTE_TEST_PAUSE_BEFORE_SOURCES", str(go))
-    sock, proc = _daemon_for_4001(shared_dir, "--test-hooks")
 
     def remove() -> None:
-        time.sleep(2)  # the request was checked, its child waits before opening its sources
         os.unlink(os.path.join(mine, "sub", "h"))
         os.rmdir(os.path.join(mine, "sub"))
-        go.write_text("")
 
-    try:
-        wait_socket(sock, proc)
-        t = threading.Thread(target=remove)
-        t.start()
-        try:
-            out = _spawn_exec_as_4001(sock, "echo ready", ro_binds={os.path.join(sec, "s"): "/w/sub/h"},
-                                      rw_binds={mine: "/w"})
-        finally:
-            t.join()
-        assert out.startswith("SpawnFailed:bind target /w/sub/h") and "must exist on the host" in out, out
-        assert os.listdir(mine) == []
-    finally:
-        stop_daemon(proc)
+    out = _spawn_changed_after_the_check(shared_dir, tmp_path / "go", monkeypatch, remove,
+                                         ro_binds={os.path.join(sec, "s"): "/w/sub/h"}, rw_binds={mine: "/w"})
+    assert out.startswith("SpawnFailed:mount point /w/sub/h") and "must exist on the host" in out, out
+    assert os.listdir(mine) == []

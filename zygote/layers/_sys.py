@@ -98,15 +98,15 @@ class _OpenHow(ctypes.Structure):  # struct open_how, openat2(2)
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS = 0x02, 0x04
+RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_BENEATH = 0x02, 0x04, 0x08
 AT_FDCWD, AT_EMPTY_PATH = -100, 0x1000
 
 
-def openat2(path: str, flags: int, resolve: int) -> int:
-    """openat2(2) of ``path`` from the working directory; raises OSError as os.open does
-    (ENOSYS before Linux 5.6)."""
+def openat2(path: str, flags: int, resolve: int, dirfd: int = AT_FDCWD) -> int:
+    """openat2(2) of ``path`` from ``dirfd`` (the working directory); raises OSError as os.open
+    does (ENOSYS before Linux 5.6)."""
     how = _OpenHow(flags, 0, resolve)
-    fd = libc.syscall(NR["openat2"], AT_FDCWD, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
+    fd = libc.syscall(NR["openat2"], dirfd, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)

@@ -385,7 +385,7 @@ _ATTR_RW = _MountAttr(_MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV, 0, 0, 0)
 _ATTR_SIZE = ctypes.c_size_t(ctypes.sizeof(_MountAttr))
 _MOUNT_ATTR_IDMAP = 0x100000
 _OPEN_TREE_CLONE = 1
-_MOVE_MOUNT_F_EMPTY_PATH = 0x4
+_MOVE_MOUNT_F_EMPTY_PATH, _MOVE_MOUNT_T_EMPTY_PATH = 0x4, 0x40
 # Set to False on ENOSYS (kernels before 5.12): per-mount MS_REMOUNT from then on.
 _use_mount_setattr = True
 
@@ -562,28 +562,54 @@ def _build(plan, srcs: dict[str, int]) -> None:
             _setattr(R, _ATTR_RO)
     except OSError as e:
         raise _err(f"mount the new root on {R}", e, _HINT_MOUNT if e.errno == _errno.EPERM else "") from None
+    rfd = os.open(R, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _build_on(plan, srcs, R, rfd, made)
+    finally:
+        os.close(rfd)
+
+
+def _build_on(plan, srcs: dict[str, int], R: str, rfd: int, made: set[str]) -> None:
+    # A chroot_dir the client named is the client's: its mount points are opened as _client_target does.
+    client_root = plan.root == "chroot" and plan.chroot_pin is not None
+
+    def point(path: str) -> tuple[str, int]:  # (a mount point of ours at ``path``, and its fd to close)
+        if not client_root:
+            _mkdirs(R, path, made)
+            return R + path, -1
+        fd = _client_target(rfd, path, True, "/")
+        return f"/proc/self/fd/{fd}", fd
+
     if plan.tmp:
-        _mkdirs(R, "/tmp", made)
+        where, fd = point("/tmp")
         try:
-            _sys.mount("tmpfs", R + "/tmp", "tmpfs", _NS, f"size={plan.tmpfs_bytes},mode=1777")
+            _sys.mount("tmpfs", where, "tmpfs", _NS, f"size={plan.tmpfs_bytes},mode=1777")
         except OSError as e:
             raise _err("mount /tmp", e) from None
+        finally:
+            _close_fd(fd)
     if plan.dev:
-        _dev(R, plan.dev_pts, min(plan.tmpfs_bytes, _SHM_MAX), made)
+        where, fd = point("/dev")
+        try:
+            _dev(R, where, plan.dev_pts, min(plan.tmpfs_bytes, _SHM_MAX))
+        finally:
+            _close_fd(fd)
     if plan.proc:
         # No hidepid: every process in this pid namespace is the sandbox's own, ps/psutil keep
         # working, and PID 1's sensitive entries (environ, fd, root) need ptrace access, which the
         # privilege drop removes. No /sys at all: it has no per-namespace view of the host.
-        _mkdirs(R, "/proc", made)
+        where, fd = point("/proc")
         try:
-            _sys.mount("proc", R + "/proc", "proc", _NS | _sys.MS_NOEXEC)
+            _sys.mount("proc", where, "proc", _NS | _sys.MS_NOEXEC)
         except OSError as e:
             raise _err("mount a fresh /proc", e, _HINT_PROC if e.errno == _errno.EPERM else "") from None
+        finally:
+            _close_fd(fd)
     for path, data in plan.etc_files.items():
         _mkdirs(R, path.rpartition("/")[0], made)
         _write(R + path, data)
-    # What each sandbox path lies on: (mount point, whether a host directory backs it).
-    layers = [("/", plan.root == "chroot")] + ([("/tmp", False)] if plan.tmp else [])
+    # What each sandbox path lies on: (mount point, whether a client's host directory backs it).
+    layers = [("/", client_root)] + ([("/tmp", False)] if plan.tmp else [])
     for spec in plan.binds:
         fd = spec.tree if spec.tree >= 0 else srcs.get(spec.source)
         if fd is None:
@@ -593,24 +619,34 @@ def _build(plan, srcs: dict[str, int]) -> None:
             is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
         except OSError as e:
             raise _err(f"stat bind source {spec.source}", e) from None
-        layer, on_host = max((lay for lay in layers if _under(spec.target, lay[0])), key=lambda lay: len(lay[0]))
-        if on_host:
-            _existing_target(target, is_dir, spec.target, layer)
+        layer, theirs = max((lay for lay in layers if _under(spec.target, lay[0])), key=lambda lay: len(lay[0]))
+        tfd = -1
+        if theirs:  # (see _client_target)
+            tfd = _client_target(rfd, spec.target, is_dir, layer)
+            target = f"/proc/self/fd/{tfd}"
         else:
             _mkdirs(R, spec.target.rpartition("/")[0], made)
             if is_dir:
                 _mkdirs(R, spec.target, made)
             else:
                 _touch(target)
-        layers.append((spec.target, True))
+        layers.append((spec.target, spec.pin is not None))
         try:
             if spec.tree >= 0:  # (its flags set by the daemon: nosuid, nodev, read-only as asked)
-                _sys.syscall("move_mount", fd, b"", _AT_FDCWD, target.encode(), _MOVE_MOUNT_F_EMPTY_PATH)
+                _sys.syscall("move_mount", fd, b"", _AT_FDCWD if tfd < 0 else tfd,
+                             target.encode() if tfd < 0 else b"",
+                             _MOVE_MOUNT_F_EMPTY_PATH | (_MOVE_MOUNT_T_EMPTY_PATH if tfd >= 0 else 0))
             else:
                 _bind(fd, target)
-                _setattr(target, _ATTR_RO if spec.readonly else _ATTR_RW)
+                if tfd >= 0:  # (the bind is the fd's mount now, whatever the path leads to)
+                    _setattr(f"/proc/self/fd/{tfd}", _ATTR_RO if spec.readonly else _ATTR_RW)
+                else:
+                    _setattr(target, _ATTR_RO if spec.readonly else _ATTR_RW)
         except OSError as e:
             raise _err(f"bind {spec.source} on {spec.target}", e) from None
+        finally:
+            if tfd >= 0:
+                os.close(tfd)
         made.add(spec.target)
     for t in plan.tmpfs:
         # The workspace and the export directory: capped, owned by the sandbox uid (tmpfs(5)).
@@ -733,22 +769,36 @@ def _mkdirs(R: str, path: str, made: set[str]) -> None:
         made.add(cur)
 
 
-def _existing_target(path: str, is_dir: bool, target: str, layer: str) -> None:
-    """A bind target inside a host directory bound earlier (or the chroot) must be there, as
-    the plan's check found it (_user_binds): nothing is ever created in a host directory. (In
-    an idmapped bind the client's files are the sandbox's, whose root still has its
-    capabilities here: a target deleted after the check was made on the host as that root,
-    a helper's review found.)"""
+_HINT_KEEP = "leave the paths a request names in place until its child has started"
+
+
+def _client_target(rfd: int, target: str, is_dir: bool, layer: str) -> int:
+    """O_PATH fd of a mount point inside a directory of the client's (its bind, its chroot_dir),
+    to mount on (through /proc/self/fd). It must be there as the request's check found it
+    (_user_binds, _prepare_chroot): nothing is ever made in a host directory, and it is walked
+    from the new root without following a symlink or leaving it. In an idmapped bind the
+    client's files are the sandbox's, whose root still has its capabilities here: the first
+    version made a target the client deleted after the check, on the host, as that root, and
+    followed a directory the client swapped for a symlink (its own mounts, then the rest of the
+    root, landed in the client's directory; two helpers' reviews)."""
     try:
-        st = os.lstat(path)
+        fd = _sys.openat2(target.lstrip("/") or ".", os.O_PATH | os.O_CLOEXEC,
+                          _sys.RESOLVE_NO_SYMLINKS | _sys.RESOLVE_BENEATH, dirfd=rfd)
     except OSError as e:
-        raise SetupError("mounts", f"bind target {target}: {e.strerror} (inside the bind at {layer}, it must "
-                         "exist on the host)", e.errno or 0,
-                         "leave the paths a request names in place until its child has started") from None
-    if stat.S_ISDIR(st.st_mode) != is_dir or stat.S_ISLNK(st.st_mode):
-        raise SetupError("mounts", f"bind target {target} (inside the bind at {layer}) is no longer a "
+        raise SetupError("mounts", f"mount point {target}: {e.strerror} (inside {layer}, a directory of the "
+                         "client's, it must exist on the host, with no symlink on the way)", e.errno or 0,
+                         _HINT_KEEP) from None
+    if stat.S_ISDIR(os.fstat(fd).st_mode) != is_dir:
+        os.close(fd)
+        raise SetupError("mounts", f"mount point {target} (inside {layer}) is no longer a "
                          f"{'directory' if is_dir else 'file'}", _errno.ENOTDIR if is_dir else _errno.EISDIR,
-                         "leave the paths a request names in place until its child has started")
+                         _HINT_KEEP)
+    return fd
+
+
+def _close_fd(fd: int) -> None:
+    if fd >= 0:
+        os.close(fd)
 
 
 def _touch(path: str) -> None:
@@ -773,11 +823,11 @@ def _write(path: str, data: bytes) -> None:
         raise _err(f"write {path}", e) from None
 
 
-def _dev(R: str, dev_pts: bool, shm_bytes: int, made: set[str]) -> None:
+def _dev(R: str, where: str, dev_pts: bool, shm_bytes: int) -> None:
+    """A minimal /dev: a small tmpfs mounted on ``where`` (R/dev, or an fd of it), then filled."""
     d = R + "/dev"
-    _mkdirs(R, "/dev", made)
     try:
-        _sys.mount("zygote-dev", d, "tmpfs", _NS | _sys.MS_NOEXEC, "size=64k,nr_inodes=64,mode=0755")
+        _sys.mount("zygote-dev", where, "tmpfs", _NS | _sys.MS_NOEXEC, "size=64k,nr_inodes=64,mode=0755")
         for name in _DEV_NODES:
             node = f"{d}/{name}"
             _touch(node)
