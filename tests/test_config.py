@@ -860,9 +860,10 @@ def _mine_and_secret(shared_dir: str, mode: int = 0o700) -> tuple[str, str]:
     return mine, sec
 
 
-def _spawn_exec_as_4001(sock: str, script: str, between=None, **sandbox) -> str:
-    """As uid 4001 (group 4242): one `sh -c script` child; its stdout up to a line "ready", what
-    ``between()`` returns then (while the child waits for its stdin to close), and the rest."""
+def _spawn_exec_as_4001(sock: str, script: str, between=None, uid: int = 4001, **sandbox) -> str:
+    """As uid 4001 (or ``uid``; group 4242): one `sh -c script` child; its stdout up to a line
+    "ready", what ``between()`` returns then (while the child waits for its stdin to close), and
+    the rest."""
     def talk() -> str:
         c = RawConn(sock)
         c.send(c.P.Hello(c.P.VERSION, client="test sandbox-inherits"))  # (the pool's fields where unset)
@@ -880,7 +881,7 @@ def _spawn_exec_as_4001(sock: str, script: str, between=None, **sandbox) -> str:
         seen = between() if between is not None else ""
         os.close(stdin)
         return out.decode() + seen + _read_all(rest)
-    return run_as(4001, 4242, talk)
+    return run_as(uid, 4242, talk)
 
 
 def test_a_client_s_own_binds_act_as_the_client(shared_dir):
@@ -941,6 +942,71 @@ def test_SECURITY_a_child_without_seccomp_makes_no_set_id_file_of_a_sandbox_uid(
     made = {name: os.stat(os.path.join(mine, name)) for name in ("f", "d")}
     assert all(st.st_mode & 0o6000 for st in made.values()), "the marks were refused: the test proves nothing"
     assert {(st.st_uid, st.st_gid) for st in made.values()} == {(4001, 4242)}, made
+
+
+def _host_id(maps: str, inside: int) -> tuple[int, int]:
+    """From a child's /proc/self/uid_map text: (host id of sandbox id ``inside``, its range's first)."""
+    got, first = -1, -1
+    for line in maps.strip().splitlines():
+        a, b, n = map(int, line.split())
+        if a <= inside < a + n:
+            got = b + inside - a
+        if a == 0:
+            first = b
+    return got, first
+
+
+def test_SECURITY_an_idmapped_copy_maps_to_no_other_client_s_child(shared_dir):
+    """An idmapped copy outlives its child behind any fd of it the payload hands out, and takes
+    the client's files to the host ids the child ran as. Those are the client's own
+    (userns.client_id): its next child has them too, and no child of another client ever does,
+    not even one that gets the first child's host id range again (ranges are reused, the least
+    recently used last), nor one of a client with the same primary group and binds of its own.
+    Fails on the previous daemon, which mapped the copy to the child's own range: uid 4002's
+    children came round to that range, and to its ids."""
+    mine, _ = _mine_and_secret(shared_dir)
+    theirs = os.path.join(shared_dir, "theirs")
+    os.mkdir(theirs, 0o700)
+    os.chown(theirs, 4002, 4242)
+    show = "cat /proc/self/uid_map; echo -; cat /proc/self/gid_map; echo ready"
+    with config_daemon(shared_dir, """
+            socket_mode = "0660"
+            socket_group = 4242
+            allowed_uids = [4001, 4002]
+            max_children = 1
+            """) as sock:
+        first = [_spawn_exec_as_4001(sock, show, rw_binds={mine: "/w"}) for _ in range(2)]
+        other = _spawn_exec_as_4001(sock, show, uid=4002, rw_binds={theirs: "/w"})
+
+        def cycle() -> str:  # as 4002: one plain child after another, each reaped before the next
+            c = RawConn(sock)
+            c.send(c.P.Hello(c.P.VERSION))
+            c.reply()
+            seen = []
+            for i in range(1, 131):  # (the daemon's 127 ranges, and some)
+                c.send(c.P.Spawn(req=i, kind="exec", argv=["/bin/sh", "-c", show], stdin=False))
+                fds: list[int] = []
+                m = c.reply(keep=fds)
+                if type(m).__name__ != "Spawned":
+                    return f"{type(m).__name__}:{getattr(m, 'message', '')}"
+                seen.append(_read_all(fds))
+                while type(m := c.reply()).__name__ != "Exited":
+                    pass
+            return "=".join(seen)
+        others = run_as(4002, 4242, cycle).split("=")
+    assert len(others) == 130, others[:2]
+
+    def ids(out: str) -> tuple[int, int, int]:  # (host uid, host gid, range) of sandbox 65534
+        uid_map, gid_map = out.split("ready")[0].split("-\n")
+        (uid, rng), (gid, _) = _host_id(uid_map, 65534), _host_id(gid_map, 65534)
+        return uid, gid, rng
+    (u1, g1, r1), (u2, g2, _) = ids(first[0]), ids(first[1])
+    assert (u1, g1) == (u2, g2), first  # the client's own ids, every time
+    seen = [ids(out) for out in others]
+    assert r1 in {r for _, _, r in seen}, "4002 never got the first child's range: the test proves nothing"
+    assert not {u1, g1} & {i for u, g, _ in seen for i in (u, g)}, (u1, g1, first[0])
+    u3, g3, _ = ids(other)  # (4002 with a bind of its own: ids of its own, not its group's)
+    assert not {u1, g1} & {u3, g3} and u3 not in {u for u, _, _ in seen}, (first[0], other)
 
 
 def test_SECURITY_a_client_may_not_name_more_binds_than_the_daemon_idmaps(shared_dir):

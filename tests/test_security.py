@@ -596,6 +596,57 @@ def test_SECURITY_id_ranges_are_bounded_claimed_and_reused_last(tmp_path, monkey
         os.close(stale)
 
 
+def test_SECURITY_client_ids_lie_below_every_child_range(tmp_path):
+    """A client's own host id (its children's with idmapped binds, whose copies may outlive
+    them behind a handed-out fd) follows from its uid alone and lies in the range below id_base,
+    which no child's range ever covers; a child's maps take its sandbox uid there and the rest
+    of its sandbox ids to its range; a host account in that range turns client ids off."""
+    from zygote.layers import userns
+    base = userns.DEFAULT_ID_BASE
+    assert userns.client_id(base, 4001) == base - userns.RANGE + 4001
+    assert [userns.client_id(base, u) for u in (0, userns.RANGE, 2**31)] == [None] * 3
+    assert userns.client_id(userns.RANGE, 4001) is None  # (no room below)
+    first = base + 3 * userns.RANGE
+    assert userns.own_map(first, 65534, base - 5).decode().split("\n") == [
+        f"0 {first} 65534", f"65534 {base - 5} 1", f"65535 {first + 65535} 1", ""]
+    assert userns.own_map(first, 0, 7).decode().split("\n")[:2] == ["0 7 1", f"1 {first + 1} 65535"]
+    slots = userns.IdSlots(base, 1, lock_dir=str(tmp_path / "ids"))
+    try:
+        assert slots.clients_taken is None and min(slots._free) == 0
+        assert slots.holds(base - userns.RANGE) and slots.holds(base - 1) and slots.holds(base)
+        assert not slots.holds(base - userns.RANGE - 1)
+    finally:
+        slots.close()
+    low = userns.IdSlots(70000, 1, lock_dir=str(tmp_path / "ids2"))  # (ids 4464..69999 below: "nobody")
+    try:
+        assert "nobody" in low.clients_taken or "nogroup" in low.clients_taken, low.clients_taken
+        assert not low.holds(65534) and low.holds(70000)  # (then no peer is refused for an id there)
+    finally:
+        low.close()
+
+
+def test_SECURITY_daemons_of_other_id_bases_keep_their_ids_apart(tmp_path):
+    """Lock files are named by their daemon's id_base, so two daemons whose id_bases are close
+    would hand out the same ids (a child's range, or a client's own ids below id_base) without
+    noticing; the later one refuses to start. A stale lock file nobody holds does not count."""
+    from zygote.layers import userns
+    locks = str(tmp_path / "ids")
+    base, block = userns.DEFAULT_ID_BASE, userns.RANGE * userns.CHUNK
+    first = userns.IdSlots(base, 1, lock_dir=locks)  # ids base - 65536 .. base + block - 1
+    try:
+        for near in (base + userns.RANGE,  # children's ranges meet
+                     base + block,  # its client ids are first's last range
+                     base - block):  # its last range is first's client ids
+            with pytest.raises(ValueError, match=f"id_base {base} gives"):
+                userns.IdSlots(near, 1, lock_dir=locks)
+        apart = userns.IdSlots(base + block + userns.RANGE, 1, lock_dir=locks)
+        apart.close()
+    finally:
+        first.close()
+    again = userns.IdSlots(base + userns.RANGE, 1, lock_dir=locks)  # (first's file stays, unheld)
+    again.close()
+
+
 def test_a_daemon_removes_its_id_lock_files_when_it_stops():
     from zygote.layers import userns
     with Client.embedded() as c:

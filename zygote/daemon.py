@@ -231,6 +231,7 @@ class Child:
     sigint_delivered: bool = False  # a direct child got SIGINT as itself (see _exit_status)
     emulated: int = 0  # a signal a direct child died of by default, delivered as SIGKILL
     id_slot: int | None = None  # its host id range (userns.IdSlots; None: a non-root daemon's one mapping)
+    own_id: int | None = None  # the host uid and gid its sandbox uid and gid map to (userns.client_id)
 
 
 @dataclass
@@ -1310,6 +1311,7 @@ class Daemon:
         detached: list[tuple[int, int]] = []  # (read end from the child, write end of the spawner's tap)
         slot = None  # its host id range (userns.IdSlots), until a Child holds it
         trees: list[int] = []  # idmapped copies of the client's bind sources, until the clone has them
+        own_id = None  # the client's own host id for the child's sandbox ids (with trees: _idmapped)
         try:
             limit = cfg.max_output
             if msg.stdio == "fds":
@@ -1359,7 +1361,7 @@ class Daemon:
                 owner = self.id_slots.first_id(slot) if slot is not None and self._give_ownership else 0
                 if (slot is not None and uid != 0 and any(b.pin is not None for b in plan.binds)
                         and not self._test_knob("NO_IDMAP", False, bool)):  # (a test of the child's own walk)
-                    plan, trees = await self._idmapped(plan, uid, conn.peer_gid, self.id_slots.first_id(slot))
+                    plan, trees, own_id = await self._idmapped(plan, uid, conn.peer_gid)
                 zyg = pool.pick()
                 flags, extra = ALL_NAMESPACES | CLONE_PARENT | len(trees) << TREES_SHIFT, list(trees)
                 if born_in is not None:
@@ -1426,7 +1428,7 @@ class Daemon:
                           cpu_time=cfg.cpu_time,
                           pool=pool.config.name, peer_uid=conn.peer_uid, detached=msg.detached,
                           has_result=msg.kind not in ("exec", "script"), watchers=[conn],
-                          direct=not plan.reaper, id_slot=slot)
+                          direct=not plan.reaper, id_slot=slot, own_id=own_id)
             slot = None  # (given back when its watcher ends)
             child.cgroup, born_in = born_in, None  # the child owns it now (removed after reaping)
             child.net_ahead, ahead = ahead, None  # (released when its watcher ends, or used before go)
@@ -1473,18 +1475,23 @@ class Daemon:
                     await trio.to_thread.run_sync(self._cgroup_remove, born_in)
             raise
 
-    async def _idmapped(self, plan: C.ChildPlan, uid: int, gid: int, first: int) -> tuple[C.ChildPlan, list[int]]:
+    async def _idmapped(self, plan: C.ChildPlan, uid: int, gid: int
+                        ) -> tuple[C.ChildPlan, list[int], int | None]:
         """The plan with the binds of sources a non-root client named (``MountSpec.pin``) made
-        idmapped copies (mounts.idmapped_tree), and their fds, in ``MountSpec.tree`` order.
+        idmapped copies (mounts.idmapped_tree), their fds in ``MountSpec.tree`` order, and the
+        host id the child's sandbox uid and gid must map to (None: no copy was made).
 
         Through such a bind the child acts as the client: the mount's maps take the client's
-        ``uid``/``gid`` (its primary group) to the child's sandbox ids (its range starts at host
-        id ``first``), one way (_nsmaker.one_way_map), every other id to itself. So files the
-        child makes there belong to the client, the client's own files are the child's (a 0700
-        directory of the client's works, read-only or read-write as bound), and files of anyone
-        else are others' to the child. Without it, what a child made there belonged to its host
-        id range, reused by later children of other clients (a set-ID file, under a pool without
-        seccomp, let a local user become such a uid).
+        ``uid``/``gid`` (its primary group) to host ids of the client's own (userns.client_id,
+        never any other client's child's), one way (_nsmaker.one_way_map), every other id to
+        itself, and the child's sandbox uid and gid map to those ids. So files the child makes
+        there belong to the client, the client's own files are the child's (a 0700 directory of
+        the client's works, read-only or read-write as bound), and files of anyone else are
+        others' to the child. Without it, what a child made there belonged to its host id range,
+        reused by later children of other clients (a set-ID file, under a pool without seccomp,
+        let a local user become such a uid). Mapped to the child's range instead (the first
+        version), a copy that outlived the child behind an fd its payload handed out gave a
+        later child of another client with the same range the client's files.
 
         Fails closed for read-write binds: one that cannot be idmapped (a file system without
         idmapped mounts anywhere under it, no user namespace for the maps, a walk that did not
@@ -1503,13 +1510,19 @@ class Daemon:
             self._idmaps = IdmapMaker()  # (its server starts at the first request)
         maker = self._idmaps
 
-        def make() -> tuple[C.ChildPlan, list[int], list[str]]:
+        def make() -> tuple[C.ChildPlan, list[int], list[str], int]:
             trees: list[int] = []
             plain: list[str] = []  # read-only binds made without an idmap, and why
             binds = list(plan.binds)
+            ns, own = -1, 0
             try:
                 try:
-                    ns = maker.make(uid, first + plan.uid, gid, first + plan.gid)  # (one way: _nsmaker.one_way_map)
+                    if self.id_slots.clients_taken:
+                        raise OSError(_errno.ERANGE, self.id_slots.clients_taken)
+                    if (own := userns.client_id(self.config.id_base, uid) or 0) == 0:
+                        raise OSError(_errno.ERANGE, f"client uid {uid} has no host id of its own in "
+                                                     "children (uids 1..65535 do)")
+                    ns = maker.make(uid, own, gid, own)  # (one way: _nsmaker.one_way_map)
                 except OSError as e:
                     ns, why = -1, e
                 for i, spec in enumerate(binds):
@@ -1539,12 +1552,12 @@ class Daemon:
             with lock:
                 if box["late"]:  # (the spawn gave up waiting: nobody takes them)
                     _close(trees)
-                    return plan, [], plain
+                    return plan, [], plain, 0
                 box["done"], box["trees"] = True, trees
-            return msgspec.structs.replace(plan, binds=binds), trees, plain
+            return msgspec.structs.replace(plan, binds=binds), trees, plain, own
 
         try:
-            plan, trees, plain = await self._look(uid, make)
+            plan, trees, plain, own = await self._look(uid, make)
         except BaseException as e:
             with lock:  # (finished just as the wait ended: its trees are ours to close)
                 box["late"] = True
@@ -1554,7 +1567,7 @@ class Daemon:
             raise
         for text in plain:
             self.observer.log.warning("mounts", message=text)
-        return plan, trees
+        return plan, trees, (own if trees else None)
 
     # ---- the pool reserve: children confined ahead of requests ---------------------------------
 
@@ -2017,8 +2030,13 @@ class Daemon:
         went = False  # the plan was sent: only then may a reserve child keep its control pipe
         try:
             try:
-                maps = (self.uid_map, self.gid_map) if child.id_slot is None else userns.map_lines(
-                    self.id_slots.first_id(child.id_slot), 0, 0)
+                if child.id_slot is None:
+                    maps = (self.uid_map, self.gid_map)
+                elif child.own_id is None:
+                    maps = userns.map_lines(self.id_slots.first_id(child.id_slot), 0, 0)
+                else:  # (its idmapped binds take the client's files to this: _idmapped)
+                    first = self.id_slots.first_id(child.id_slot)
+                    maps = (userns.own_map(first, plan.uid, child.own_id), userns.own_map(first, plan.gid, child.own_id))
                 userns.outside(child.pid, *maps)
             except OSError as e:
                 return P.SpawnFailed(msg.req, f"writing uid/gid maps: {e.strerror}", "userns", e.errno or 0,

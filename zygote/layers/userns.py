@@ -51,6 +51,43 @@ def map_lines(id_base: int, real_uid: int, real_gid: int) -> tuple[bytes, bytes]
     return f"65534 {real_uid} 1\n".encode(), f"65534 {real_gid} 1\n".encode()
 
 
+def client_id(id_base: int, uid: int) -> int | None:
+    """The host uid, and gid, a root daemon's child runs as where it acts as its client: for a
+    child with idmapped binds of the client's own paths (the daemon's ``_idmapped``), its
+    sandbox uid and gid map to these, and the copies map the client's uid and primary group to
+    them. None: client ``uid`` has none (65536 or above, or ``id_base`` too low to leave room).
+
+    Why: an idmapped copy maps the client's files to the ids its child runs as, and it outlives
+    the child behind any fd of it a payload hands out (SCM_RIGHTS to another local user, say).
+    With ids of the child's range, a later child of another client that got the same range
+    (ranges are reused) owned the first client's bound tree through such an fd. These are fixed
+    by the client's uid (``id_base - 65536 + uid``, in the range just below every child's, which
+    no daemon of this ``id_base``, of any version, gives a child), as uid and as gid, so no other
+    client's child ever runs as them, across daemons, restarts and upgrades, with no state to
+    keep or lose. The price: one client's children with such binds share their host uid and gid
+    (not their namespace owner or other ids), and with them what the kernel keeps per host user
+    (pipe pages, epoll watches) and each other's files in other shared writable places (a pool's
+    read-write bind); a client that needs its children apart gives them no binds of its own."""
+    if 0 < uid < RANGE and id_base > RANGE:
+        return id_base - RANGE + uid
+    return None
+
+
+def own_map(id_base: int, inside: int, host: int) -> bytes:
+    """A uid_map or gid_map like map_lines' for a root daemon's child, but with sandbox id
+    ``inside`` taken to host id ``host`` (client_id) instead of to ``id_base + inside``, which
+    stays unmapped. The first line maps sandbox id 0 (apply() looks for it)."""
+    if not 0 <= inside < RANGE:
+        raise ValueError(f"sandbox id {inside} is outside 0..{RANGE - 1}")
+    map_lines(id_base, 0, 0)  # (validates)
+    lines = [f"{inside} {host} 1"]
+    if inside > 0:
+        lines.insert(0, f"0 {id_base} {inside}")
+    if inside + 1 < RANGE:
+        lines.append(f"{inside + 1} {id_base + inside + 1} {RANGE - inside - 1}")
+    return ("\n".join(lines) + "\n").encode()
+
+
 def can_give_ownership() -> bool:
     """Whether this process may clone children whose user namespace another uid owns and still
     do what the daemon does to them from outside: CAP_SYS_ADMIN (write their maps),
@@ -81,10 +118,15 @@ class IdSlots:
     must belong to no host account: whoever has a range's first uid owns that child's user
     namespace). A range given back waits behind the others (least recently used first), so what
     the kernel still counts against an ended child's ids (an fd it passed on, files it left in a
-    writable bind) rarely meets the next holder.
+    writable bind) rarely meets the next holder. The range just below ``id_base`` holds the
+    clients' own ids (client_id): ``clients_taken`` says why not, when a host account has an id
+    there (then no child gets client ids: binds that need them fail closed), and ``holds``
+    counts it otherwise. Daemons of another ``id_base`` lock other file names: a daemon refuses
+    to start when its blocks or client ids meet those of one that runs (``_check_others``).
 
     Raises:
-        ValueError: id_base leaves no room, or a host user or group has an id in the claimed blocks.
+        ValueError: id_base leaves no room, a host user or group has an id in the claimed blocks,
+            or another id_base's running daemon has ids among this one's.
         OSError: the lock directory cannot be made or no block is free.
     """
 
@@ -114,21 +156,60 @@ class IdSlots:
             raise OSError(_errno.EAGAIN, f"no {want} free blocks of {CHUNK} id ranges above id_base {id_base} "
                                          f"(other daemons hold them: see {lock_dir})")
         self.count = len(self._free)
-        self._check_no_account(min(self._free), max(self._free))
-
-    def _check_no_account(self, first: int, last: int) -> None:
-        import grp
-        import pwd
-        lo, hi = self.first_id(first), self.first_id(last) + RANGE
-        for name, ident in [(p.pw_name, p.pw_uid) for p in pwd.getpwall()] + [(g.gr_name, g.gr_gid) for g in grp.getgrall()]:
+        accounts = _accounts()
+        lo, hi = self.first_id(min(self._free)), self.first_id(max(self._free)) + RANGE
+        for name, ident in accounts:
             if lo <= ident < hi:
                 self.close()
                 raise ValueError(f"host user or group {name!r} has id {ident}, inside the ids this daemon gives "
                                  f"its children ({lo}..{hi - 1}): it would own a child's namespace; choose "
                                  "another id_base")
+        low = id_base - RANGE
+        #: None, or why no child may run as a client's own ids (client_id)
+        self.clients_taken = (f"id_base {id_base} leaves no room below it for clients' own ids" if low <= 0
+                              else next((f"host user or group {name!r} has id {ident}, inside the ids of clients' "
+                                         f"own ({low}..{id_base - 1}); choose another id_base"
+                                         for name, ident in accounts if low <= ident < id_base), None))
+        self._check_others(lock_dir)
+
+    def _spans(self, base: int, blocks, clients: bool) -> list[tuple[int, int]]:
+        """[first, end) of ``blocks`` of a daemon of ``base``, and of its client ids if ``clients``."""
+        out = [(base + b * RANGE * CHUNK, base + (b + 1) * RANGE * CHUNK) for b in blocks]
+        return out + [(base - RANGE, base)] if clients and base > RANGE else out
+
+    def _check_others(self, lock_dir: str) -> None:
+        """Refuse (ValueError) ids that a running daemon of another id_base gives its children or
+        its clients: its lock files are named by its own id_base, so nothing else keeps two
+        daemons with close id_bases apart. Once both run, the later one sees the first."""
+        mine = self._spans(self.id_base, self._blocks, True)
+        for name in os.listdir(lock_dir):
+            base_text, _, block_text = name.partition(".")
+            if not (base_text.isdigit() and block_text.isdigit()) or int(base_text) == self.id_base:
+                continue
+            base, block = int(base_text), int(block_text)
+            theirs = self._spans(base, [block], True)
+            if not any(a < d and c < b for a, b in mine for c, d in theirs):
+                continue
+            try:
+                fd = os.open(os.path.join(lock_dir, name), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # (taken: nobody holds it, a stale file)
+            except BlockingIOError:
+                self.close()
+                raise ValueError(f"a running daemon with id_base {base} gives its children or clients ids among "
+                                 f"this daemon's (id_base {self.id_base}); keep every daemon's ids, from "
+                                 f"id_base - {RANGE} up, apart: choose another id_base") from None
+            finally:
+                os.close(fd)
 
     def holds(self, ident: int) -> bool:
-        """Whether host id ``ident`` lies in one of this daemon's claimed blocks (its children's ids)."""
+        """Whether host id ``ident`` lies in one of this daemon's claimed blocks (its children's
+        ids) or, unless clients_taken, in the range below ``id_base`` (its clients' own ids in
+        children, client_id)."""
+        if self.clients_taken is None and self.id_base - RANGE <= ident < self.id_base:  # (client_id's)
+            return True
         return ident >= self.id_base and (ident - self.id_base) // (RANGE * CHUNK) in self._blocks
 
     def take(self) -> int:
@@ -153,6 +234,13 @@ class IdSlots:
                     os.unlink(path)
             os.close(fd)
         self._locks, self._paths = [], []
+
+
+def _accounts() -> list[tuple[str, int]]:
+    """(name, id) of every host user and group."""
+    import grp
+    import pwd
+    return [(p.pw_name, p.pw_uid) for p in pwd.getpwall()] + [(g.gr_name, g.gr_gid) for g in grp.getgrall()]
 
 
 def _lock(path: str) -> int | None:
