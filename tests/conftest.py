@@ -140,13 +140,13 @@ def stop_daemon(proc: subprocess.Popen) -> bytes:
 
 
 @contextlib.contextmanager
-def config_daemon(directory, toml: str = ""):
+def config_daemon(directory, toml: str = "", *args: str):
     """A daemon run from a TOML file: ``[daemon] socket`` in ``directory`` plus ``toml`` (more
-    ``[daemon]`` keys first, then pools); yields the socket path once it listens, stops the
-    daemon afterwards."""
+    ``[daemon]`` keys first, then pools), and ``args`` (more `zygote serve` arguments); yields
+    the socket path once it listens, stops the daemon afterwards."""
     sock = os.path.join(directory, "z.sock")
     cfg = write_text(os.path.join(directory, "z.toml"), f'[daemon]\nsocket = "{sock}"\n' + textwrap.dedent(toml))
-    proc = start_daemon("--config", cfg)
+    proc = start_daemon("--config", cfg, *args)
     try:
         wait_socket(sock, proc)
         yield sock

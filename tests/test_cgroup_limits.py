@@ -215,7 +215,7 @@ def test_many_spawns_with_limits_leave_nothing(cg_client):
     cg_client.run(print, sandbox_config=cfg)
     settle()
     base = fd_count(dpid)
-    for i in range(500):
+    for i in range(200):
         r = cg_client.run(print, (i,), sandbox_config=cfg)
         assert r.returncode == 0
     settle()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import signal
 import socket
@@ -14,7 +15,7 @@ import time
 import pytest
 
 from zygote_client import SandboxConfig
-from conftest import children_of, cmdline, daemon_pid, fd_count, rss_bytes
+from conftest import children_of, cmdline, daemon_pid, fd_count, rss_bytes, start_daemon, stop_daemon, wait_socket
 from zygote_client import Client
 
 
@@ -256,12 +257,35 @@ def _daemon_of(sock_path: str) -> int:
         return c.status().daemon_pid
 
 
-def test_SECURITY_a_relay_nobody_reads_ends_after_its_connection(socket_daemon):
+@contextlib.contextmanager
+def _hooked_daemon(directory, monkeypatch, **knobs: str):
+    """A `zygote serve --socket` daemon with test hooks and these ZYGOTE_TEST_<knob>s; yields
+    the socket path."""
+    for name, value in knobs.items():
+        monkeypatch.setenv(f"ZYGOTE_TEST_{name}", value)
+    path = str(directory / "zygote.sock")
+    proc = start_daemon("--socket", path, "--preload", "json", "--test-hooks")
+    try:
+        wait_socket(path, proc)
+        yield path
+    finally:
+        stop_daemon(proc)
+
+
+@pytest.fixture
+def graced_daemon(tmp_path, monkeypatch):
+    """A socket daemon whose relays outlive their closed connection by RELAY_GRACE = 1 s (5 s)."""
+    with _hooked_daemon(tmp_path, monkeypatch, RELAY_GRACE="1") as path:
+        yield path
+
+
+def test_SECURITY_a_relay_nobody_reads_ends_after_its_connection(graced_daemon):
     """A child's counted output waits in the daemon for its reader. When the connection closes
     with a reader that never reads (its read end kept open elsewhere), the relay ends after a
     short grace: its buffer and fds go, instead of staying for the daemon's lifetime."""
     from zygote_client import Client
 
+    socket_daemon = graced_daemon
     dpid = _daemon_of(socket_daemon)
     time.sleep(0.5)
     base = fd_count(dpid)
@@ -276,7 +300,7 @@ def test_SECURITY_a_relay_nobody_reads_ends_after_its_connection(socket_daemon):
             k.stderr.close()
         assert fd_count(dpid) > base
     try:
-        deadline = time.monotonic() + 15  # RELAY_GRACE is 5 s
+        deadline = time.monotonic() + 15  # RELAY_GRACE is 1 s here
         while fd_count(dpid) > base and time.monotonic() < deadline:
             time.sleep(0.2)
         assert fd_count(dpid) <= base, "relays of a closed connection still hold their fds"
@@ -285,30 +309,32 @@ def test_SECURITY_a_relay_nobody_reads_ends_after_its_connection(socket_daemon):
             os.close(fd)
 
 
-def test_SECURITY_output_buffered_for_one_user_is_bounded(socket_daemon):
-    """Counted output waits in the daemon while its reader is slow, but only up to 256 MiB per
-    uid: past it the child blocks on its pipe like under any slow reader, and loses nothing."""
+def test_SECURITY_output_buffered_for_one_user_is_bounded(tmp_path, monkeypatch):
+    """Counted output waits in the daemon while its reader is slow, but only up to
+    RELAYED_PER_UID (256 MiB; 32 MiB here, a test hook) per uid: past it the child blocks on its
+    pipe like under any slow reader, and loses nothing."""
     from zygote_client import Client
 
     def flood():
         import os
         block = b"f" * (1 << 20)
-        for _ in range(320):
+        for _ in range(64):
             os.write(1, block)
 
-    dpid = _daemon_of(socket_daemon)
-    before = rss_bytes(dpid)
-    with Client.connect(socket_daemon) as c:
-        k = c.spawn_child(flood, stdin=None, sandbox_config=SandboxConfig(max_output_bytes="1G"))
-        time.sleep(4)  # nobody reads: the daemon buffers what the bound lets it
-        assert k.poll() is None, "the child wrote all 320 MiB: nothing held it back"
-        assert rss_bytes(dpid) - before < 300 << 20, (before, rss_bytes(dpid))
-        total = 0
-        while chunk := k.stdout.read(1 << 20):
-            total += len(chunk)
-        assert total == 320 << 20
-        assert k.wait(timeout=60).returncode == 0
-        k.stderr.close()
+    with _hooked_daemon(tmp_path, monkeypatch, RELAYED_PER_UID=str(32 << 20)) as path:
+        dpid = _daemon_of(path)
+        before = rss_bytes(dpid)
+        with Client.connect(path) as c:
+            k = c.spawn_child(flood, stdin=None, sandbox_config=SandboxConfig(max_output_bytes="1G"))
+            time.sleep(1.5)  # nobody reads: the daemon buffers what the bound lets it
+            assert k.poll() is None, "the child wrote all 64 MiB: nothing held it back"
+            assert rss_bytes(dpid) - before < 48 << 20, (before, rss_bytes(dpid))
+            total = 0
+            while chunk := k.stdout.read(1 << 20):
+                total += len(chunk)
+            assert total == 64 << 20
+            assert k.wait(timeout=60).returncode == 0
+            k.stderr.close()
 
 
 def _hold_pipe_lock(fd: int, end: str = "read"):
@@ -554,13 +580,15 @@ def test_SECURITY_closes_piling_up_for_one_uid_stop_only_that_uid(shared_dir):
 
 
 @pytest.mark.parametrize("which", ["result", "counted-stdout"])
-def test_SECURITY_a_payload_handing_its_pipe_to_a_client_cannot_freeze_the_daemon(socket_daemon, which):
+def test_SECURITY_a_payload_handing_its_pipe_to_a_client_cannot_freeze_the_daemon(graced_daemon, which):
     """A child cannot splice (seccomp), but its payload can pass its end of a pipe the daemon
     reads (the result pipe, fd 5; its stdout when the daemon counts it) over a unix socket to a
     process that can, which then holds that pipe's mutex (splice from an empty socket into it)
     and keeps it open. The child's exit is still reported (no EOF will come: what was in the
     pipe at the exit is all there is), and the daemon's last close of its end, when it gives up
     on the pipe, does not wait on its loop."""
+    socket_daemon = graced_daemon
+
     def leak(fd):
         import os
         import socket
@@ -587,7 +615,7 @@ def test_SECURITY_a_payload_handing_its_pipe_to_a_client_cannot_freeze_the_daemo
             assert _fds_naming(daemon, pipe), "the daemon does not read that pipe (the test is moot)"
             release = _hold_pipe_lock(leaked, "write")
             assert k.wait(timeout=15).returncode == 0, "a leaked result pipe kept the exit unreported"
-        # The daemon gives up on the pipe (2 s after the exit; a relay RELAY_GRACE, 5 s, after its
+        # The daemon gives up on the pipe (2 s after the exit; a relay RELAY_GRACE, 1 s here, after its
         # connection closed) and closes its end while we hold the mutex: the close is the last
         # reference, so it waits, and must not wait on the loop.
         deadline = time.monotonic() + 30

@@ -719,21 +719,22 @@ def test_SECURITY_a_job_without_a_timeout_gets_the_pools(tmp_path):
         assert st.timed_out and 0.8 < st.wall_time < 5, st
 
 
-def test_a_reserve_child_with_counted_output_keeps_it_while_it_waits(tmp_path):
+def test_a_reserve_child_with_counted_output_keeps_it_while_it_waits(tmp_path, monkeypatch):
     """A pool with max_output_bytes: its reserve children's output goes through relays made
     with them. Those must wait as long as the child does (they belong to no connection yet),
     and deliver once a request takes it."""
+    monkeypatch.setenv("ZYGOTE_TEST_RELAY_GRACE", "1")  # (a relay outlives a closed connection by 1 s)
     with config_daemon(tmp_path, """
             [pools.default]
             reserve = 1
             [pools.default.sandbox]
             max_output_bytes = "1M"
-            """) as sock, Client.connect(sock) as c:
-        time.sleep(7.5)  # longer than a relay outlives a closed connection
+            """, "--test-hooks") as sock, Client.connect(sock) as c:
+        time.sleep(2.5)  # longer than a relay outlives a closed connection
         asked = _boottime()
         r = c.run(_pid1_started())
         assert r.returncode == 0, r
-        assert float(r.stdout) < asked - 5  # the reserve child, waiting since before the sleep
+        assert float(r.stdout) < asked - 2  # the reserve child, waiting since before the sleep
 
 
 def test_SECURITY_a_request_cancelled_while_its_reserve_child_is_fitted_leaves_no_child(tmp_path):

@@ -494,6 +494,8 @@ class Daemon:
         self.exports_per_uid = self._test_knob("EXPORTS_PER_UID", EXPORTS_PER_UID, int)
         self.held_archives = _HeldArchives(self._test_knob("HELD_EXPORTS_PER_UID", HELD_EXPORTS_PER_UID, int))
         self.tap_linger = self._test_knob("TAP_LINGER", RELAY_LINGER, float)
+        self.relay_grace = self._test_knob("RELAY_GRACE", RELAY_GRACE, float)
+        self.relayed_per_uid = self._test_knob("RELAYED_PER_UID", RELAYED_PER_UID, int)
         self._pause_sources = self._test_knob("PAUSE_BEFORE_SOURCES", None, str)  # (see ChildPlan)
         self.reserve_quiet = self._test_knob("RESERVE_QUIET", RESERVE_QUIET, float)
         self.open_conns: dict[int, set[Connection]] = {}  # peer uid -> its open connections
@@ -911,7 +913,7 @@ class Daemon:
             self._count(self.pending, uid, -held)
             for scope, child in self._relays.items():  # a reader still there gets RELAY_GRACE more
                 if child.conn is conn:
-                    scope.deadline = min(scope.deadline, trio.current_time() + RELAY_GRACE)
+                    scope.deadline = min(scope.deadline, trio.current_time() + self.relay_grace)
             conn.closed = True
             self.open_conns[uid].discard(conn)
             if not self.open_conns[uid]:
@@ -2482,7 +2484,7 @@ class Daemon:
                         self._count(self.relayed, owner(), len(data))
                         buf.extend(data)
                         break
-                    while buf and self.relayed.get(owner(), 0) + len(data) > RELAYED_PER_UID:
+                    while buf and self.relayed.get(owner(), 0) + len(data) > self.relayed_per_uid:
                         # our own buffer drains first; any relay of this uid freeing bytes wakes us
                         await self._relayed_freed.setdefault(uid, trio.Event()).wait()
                     box[0] += len(data)
@@ -2517,7 +2519,7 @@ class Daemon:
         self._relays[scope] = child
         conn = child.conn
         if conn is not None and conn is not self._reserve_conn and conn.closed:
-            scope.deadline = trio.current_time() + RELAY_GRACE
+            scope.deadline = trio.current_time() + self.relay_grace
         async def linger() -> None:
             await child.exited.wait()
             scope.deadline = min(scope.deadline, trio.current_time() + RELAY_LINGER)
