@@ -598,14 +598,15 @@ def test_SECURITY_id_ranges_are_bounded_claimed_and_reused_last(tmp_path, monkey
 
 def test_SECURITY_client_ids_lie_below_every_child_range(tmp_path):
     """A client's own host id (its children's with idmapped binds, whose copies may outlive
-    them behind a handed-out fd) follows from its uid alone and lies in the range below id_base,
+    them behind a handed-out fd) follows from its uid alone and lies in the ids below id_base,
     which no child's range ever covers; a child's maps take its sandbox uid there and the rest
-    of its sandbox ids to its range; a host account in that range turns client ids off."""
+    of its sandbox ids to its range; a host account among those ids turns client ids off."""
     from zygote.layers import userns
-    base = userns.DEFAULT_ID_BASE
-    assert userns.client_id(base, 4001) == base - userns.RANGE + 4001
-    assert [userns.client_id(base, u) for u in (0, userns.RANGE, 2**31)] == [None] * 3
-    assert userns.client_id(userns.RANGE, 4001) is None  # (no room below)
+    base, below = userns.DEFAULT_ID_BASE, userns.CLIENT_IDS
+    assert userns.client_id(base, 4001) == base - below + 4001
+    assert userns.client_id(base, below - 1) == base - 1
+    assert [userns.client_id(base, u) for u in (0, below, 2**31)] == [None] * 3
+    assert userns.client_id(below, 4001) is None  # (no room below)
     first = base + 3 * userns.RANGE
     assert userns.own_map(first, 65534, base - 5).decode().split("\n") == [
         f"0 {first} 65534", f"65534 {base - 5} 1", f"65535 {first + 65535} 1", ""]
@@ -613,16 +614,21 @@ def test_SECURITY_client_ids_lie_below_every_child_range(tmp_path):
     slots = userns.IdSlots(base, 1, lock_dir=str(tmp_path / "ids"))
     try:
         assert slots.clients_taken is None and min(slots._free) == 0
-        assert slots.holds(base - userns.RANGE) and slots.holds(base - 1) and slots.holds(base)
-        assert not slots.holds(base - userns.RANGE - 1)
+        assert slots.holds(base - below) and slots.holds(base - 1) and slots.holds(base)
+        assert not slots.holds(base - below - 1)
     finally:
         slots.close()
-    low = userns.IdSlots(70000, 1, lock_dir=str(tmp_path / "ids2"))  # (ids 4464..69999 below: "nobody")
+    low = userns.IdSlots(65534 + below - 1000, 1, lock_dir=str(tmp_path / "ids2"))  # ("nobody" below)
     try:
         assert "nobody" in low.clients_taken or "nogroup" in low.clients_taken, low.clients_taken
-        assert not low.holds(65534) and low.holds(70000)  # (then no peer is refused for an id there)
+        assert not low.holds(65534) and low.holds(low.id_base)  # (then no peer is refused for an id there)
     finally:
         low.close()
+    lowest = userns.IdSlots(70000, 1, lock_dir=str(tmp_path / "ids3"))
+    try:
+        assert "no room" in lowest.clients_taken and not lowest.holds(1000)
+    finally:
+        lowest.close()
 
 
 def test_SECURITY_daemons_of_other_id_bases_keep_their_ids_apart(tmp_path):
@@ -632,14 +638,16 @@ def test_SECURITY_daemons_of_other_id_bases_keep_their_ids_apart(tmp_path):
     from zygote.layers import userns
     locks = str(tmp_path / "ids")
     base, block = userns.DEFAULT_ID_BASE, userns.RANGE * userns.CHUNK
-    first = userns.IdSlots(base, 1, lock_dir=locks)  # ids base - 65536 .. base + block - 1
+    assert userns.CLIENT_IDS == block
+    first = userns.IdSlots(base, 1, lock_dir=locks)  # ids base - block .. base + block - 1
     try:
         for near in (base + userns.RANGE,  # children's ranges meet
-                     base + block,  # its client ids are first's last range
-                     base - block):  # its last range is first's client ids
+                     base + block,  # its client ids are first's block
+                     base - block,  # its block is first's client ids
+                     base + 2 * block - 1):  # its client ids meet first's last id
             with pytest.raises(ValueError, match=f"id_base {base} gives"):
                 userns.IdSlots(near, 1, lock_dir=locks)
-        apart = userns.IdSlots(base + block + userns.RANGE, 1, lock_dir=locks)
+        apart = userns.IdSlots(base + 2 * block, 1, lock_dir=locks)
         apart.close()
     finally:
         first.close()

@@ -1523,7 +1523,7 @@ class Daemon:
                         raise OSError(_errno.ERANGE, self.id_slots.clients_taken)
                     if (own := userns.client_id(self.config.id_base, uid) or 0) == 0:
                         raise OSError(_errno.ERANGE, f"client uid {uid} has no host id of its own in "
-                                                     "children (uids 1..65535 do)")
+                                                     f"children (uids 1..{userns.CLIENT_IDS - 1} do)")
                     ns = maker.make(uid, own, gid, own)  # (one way: _nsmaker.one_way_map)
                 except OSError as e:
                     ns, why = -1, e

@@ -51,25 +51,29 @@ def map_lines(id_base: int, real_uid: int, real_gid: int) -> tuple[bytes, bytes]
     return f"65534 {real_uid} 1\n".encode(), f"65534 {real_gid} 1\n".encode()
 
 
+CLIENT_IDS = 64 * RANGE  # clients' own ids, just below id_base: client uids 1..CLIENT_IDS - 1
+
+
 def client_id(id_base: int, uid: int) -> int | None:
     """The host uid, and gid, a root daemon's child runs as where it acts as its client: for a
     child with idmapped binds of the client's own paths (the daemon's ``_idmapped``), its
     sandbox uid and gid map to these, and the copies map the client's uid and primary group to
-    them. None: client ``uid`` has none (65536 or above, or ``id_base`` too low to leave room).
+    them. None: client ``uid`` has none (CLIENT_IDS or above, or ``id_base`` too low to leave
+    room).
 
     Why: an idmapped copy maps the client's files to the ids its child runs as, and it outlives
     the child behind any fd of it a payload hands out (SCM_RIGHTS to another local user, say).
     With ids of the child's range, a later child of another client that got the same range
     (ranges are reused) owned the first client's bound tree through such an fd. These are fixed
-    by the client's uid (``id_base - 65536 + uid``, in the range just below every child's, which
-    no daemon of this ``id_base``, of any version, gives a child), as uid and as gid, so no other
+    by the client's uid (``id_base - CLIENT_IDS + uid``, just below every child's range, where
+    no daemon of this ``id_base``, of any version, gives a child ids), as uid and as gid, so no other
     client's child ever runs as them, across daemons, restarts and upgrades, with no state to
     keep or lose. The price: one client's children with such binds share their host uid and gid
     (not their namespace owner or other ids), and with them what the kernel keeps per host user
     (pipe pages, epoll watches) and each other's files in other shared writable places (a pool's
     read-write bind); a client that needs its children apart gives them no binds of its own."""
-    if 0 < uid < RANGE and id_base > RANGE:
-        return id_base - RANGE + uid
+    if 0 < uid < CLIENT_IDS and id_base > CLIENT_IDS:
+        return id_base - CLIENT_IDS + uid
     return None
 
 
@@ -164,7 +168,7 @@ class IdSlots:
                 raise ValueError(f"host user or group {name!r} has id {ident}, inside the ids this daemon gives "
                                  f"its children ({lo}..{hi - 1}): it would own a child's namespace; choose "
                                  "another id_base")
-        low = id_base - RANGE
+        low = id_base - CLIENT_IDS
         #: None, or why no child may run as a client's own ids (client_id)
         self.clients_taken = (f"id_base {id_base} leaves no room below it for clients' own ids" if low <= 0
                               else next((f"host user or group {name!r} has id {ident}, inside the ids of clients' "
@@ -175,7 +179,7 @@ class IdSlots:
     def _spans(self, base: int, blocks, clients: bool) -> list[tuple[int, int]]:
         """[first, end) of ``blocks`` of a daemon of ``base``, and of its client ids if ``clients``."""
         out = [(base + b * RANGE * CHUNK, base + (b + 1) * RANGE * CHUNK) for b in blocks]
-        return out + [(base - RANGE, base)] if clients and base > RANGE else out
+        return out + [(base - CLIENT_IDS, base)] if clients and base > CLIENT_IDS else out
 
     def _check_others(self, lock_dir: str) -> None:
         """Refuse (ValueError) ids that a running daemon of another id_base gives its children or
@@ -200,7 +204,7 @@ class IdSlots:
                 self.close()
                 raise ValueError(f"a running daemon with id_base {base} gives its children or clients ids among "
                                  f"this daemon's (id_base {self.id_base}); keep every daemon's ids, from "
-                                 f"id_base - {RANGE} up, apart: choose another id_base") from None
+                                 f"id_base - {CLIENT_IDS} up, apart: choose another id_base") from None
             finally:
                 os.close(fd)
 
@@ -208,7 +212,7 @@ class IdSlots:
         """Whether host id ``ident`` lies in one of this daemon's claimed blocks (its children's
         ids) or, unless clients_taken, in the range below ``id_base`` (its clients' own ids in
         children, client_id)."""
-        if self.clients_taken is None and self.id_base - RANGE <= ident < self.id_base:  # (client_id's)
+        if self.clients_taken is None and self.id_base - CLIENT_IDS <= ident < self.id_base:  # (client_id's)
             return True
         return ident >= self.id_base and (ident - self.id_base) // (RANGE * CHUNK) in self._blocks
 
