@@ -614,6 +614,42 @@ def test_idmap_maker_maps_one_id_one_way_and_every_other_to_itself():
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only a root daemon makes idmapped binds")
+def test_idmap_maker_gives_a_kept_namespace_again_for_the_same_ids_only():
+    """The idmap maker keeps its last namespaces (IdmapMaker.KEEP) and gives the same one, as a
+    new fd, for the same four ids; other ids get another; the oldest goes past KEEP; close()
+    lets every kept one go."""
+    from zygote._nsmaker import IdmapMaker
+
+    def ino(fd: int) -> int:
+        try:
+            return os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+    maker = IdmapMaker()
+    maker.KEEP = 2
+    try:
+        a = maker.make(4001, 1_000_004_001, 4242, 1_000_004_001)
+        b = maker.make(4001, 1_000_004_001, 4242, 1_000_004_001)
+        assert a != b
+        first = ino(a)
+        assert ino(b) == first  # (a new fd of the same namespace)
+        other = ino(maker.make(4002, 1_000_004_002, 4242, 1_000_004_002))
+        assert other != first
+        group = ino(maker.make(4001, 1_000_004_001, 4243, 1_000_004_001))  # (the first one goes)
+        assert group not in (first, other)
+        assert list(maker._kept) == [(4002, 1_000_004_002, 4242, 1_000_004_002),
+                                     (4001, 1_000_004_001, 4243, 1_000_004_001)]
+        assert ino(maker.make(4001, 1_000_004_001, 4243, 1_000_004_001)) == group
+        kept = list(maker._kept.values())
+    finally:
+        maker.close()
+    assert not maker._kept
+    for fd in kept:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a root daemon makes idmapped binds")
 def test_idmap_maker_s_helper_dies_with_a_server_killed_mid_request():
     """The idmap server forks a helper per namespace, which stops itself until the server has
     written its maps. A server killed meanwhile (its 5 s answer timeout, the OOM killer) left
