@@ -355,8 +355,10 @@ def _hold_pipe_lock(fd: int, end: str = "read"):
         a.setblocking(True)
     src, dst = (fd, a.fileno()) if end == "read" else (a.fileno(), fd)
     started = threading.Event()
+    tid: list[int] = []
 
     def splicer() -> None:
+        tid.append(threading.get_native_id())
         started.set()
         try:
             os.splice(src, dst, 1 << 16)
@@ -366,8 +368,7 @@ def _hold_pipe_lock(fd: int, end: str = "read"):
     t = threading.Thread(target=splicer, daemon=True)
     t.start()
     started.wait()
-    if end == "write":
-        time.sleep(0.2)  # (into the splice, which takes the mutex before it waits)
+    _until_blocked_in_splice(tid[0])  # (which takes the mutex before it waits)
 
     def release() -> None:
         b.close()  # EPIPE, or EOF: the splice returns and drops the mutex
@@ -375,6 +376,25 @@ def _hold_pipe_lock(fd: int, end: str = "read"):
         a.close()
         assert not t.is_alive()
     return release
+
+
+_SPLICE = {"x86_64": 275, "aarch64": 76}.get(os.uname().machine)  # (the syscall's number)
+
+
+def _until_blocked_in_splice(tid: int) -> None:
+    """Until thread ``tid`` of this process sleeps in splice(2) (its /proc syscall file names
+    the call while it is blocked in one): started alone, it could still be on its way under
+    load, and a close the test counts on being held went through (a CI-like run failed so)."""
+    deadline = time.monotonic() + 10
+    while _SPLICE is not None and time.monotonic() < deadline:
+        try:
+            with open(f"/proc/self/task/{tid}/syscall") as f:
+                if f.read().split()[0] == str(_SPLICE):
+                    return
+        except (OSError, IndexError):
+            pass
+        time.sleep(0.002)
+    time.sleep(0.2)  # (another machine, or it never got there: as before)
 
 
 def _send_with_fds(conn, msg, fds: list[int], declared: int | None = None, between=None) -> None:
