@@ -163,17 +163,25 @@ def shared_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture
-def socket_daemon(tmp_path):
-    """A `zygote serve --socket` daemon in its own process; yields the socket path."""
-    path = str(tmp_path / "zygote.sock")
-    proc = start_daemon("--socket", path, "--preload", "json")
+@contextlib.contextmanager
+def serve_socket(directory, *args: str):
+    """A `zygote serve --socket` daemon preloading json (and ``args``) in its own process;
+    yields the socket path, stops it afterwards."""
+    path = str(directory / "zygote.sock")
+    proc = start_daemon("--socket", path, "--preload", "json", *args)
     wait_socket(path, proc)
     try:
         yield path
     finally:
         stop_daemon(proc)
         assert not os.path.exists(path), "daemon left its socket file"
+
+
+@pytest.fixture
+def socket_daemon(tmp_path):
+    """A `zygote serve --socket` daemon in its own process; yields the socket path."""
+    with serve_socket(tmp_path) as path:
+        yield path
 
 
 ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER, ACL_NO_ID = 0x1, 0x2, 0x4, 0x10, 0x20, 0xFFFFFFFF

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import array
-import contextlib
 import os
 import signal
 import socket
@@ -15,7 +14,7 @@ import time
 import pytest
 
 from zygote_client import SandboxConfig
-from conftest import children_of, cmdline, daemon_pid, fd_count, rss_bytes, start_daemon, stop_daemon, wait_socket
+from conftest import children_of, cmdline, daemon_pid, fd_count, rss_bytes, serve_socket
 from zygote_client import Client
 
 
@@ -257,25 +256,11 @@ def _daemon_of(sock_path: str) -> int:
         return c.status().daemon_pid
 
 
-@contextlib.contextmanager
-def _hooked_daemon(directory, monkeypatch, **knobs: str):
-    """A `zygote serve --socket` daemon with test hooks and these ZYGOTE_TEST_<knob>s; yields
-    the socket path."""
-    for name, value in knobs.items():
-        monkeypatch.setenv(f"ZYGOTE_TEST_{name}", value)
-    path = str(directory / "zygote.sock")
-    proc = start_daemon("--socket", path, "--preload", "json", "--test-hooks")
-    try:
-        wait_socket(path, proc)
-        yield path
-    finally:
-        stop_daemon(proc)
-
-
 @pytest.fixture
 def graced_daemon(tmp_path, monkeypatch):
     """A socket daemon whose relays outlive their closed connection by RELAY_GRACE = 1 s (5 s)."""
-    with _hooked_daemon(tmp_path, monkeypatch, RELAY_GRACE="1") as path:
+    monkeypatch.setenv("ZYGOTE_TEST_RELAY_GRACE", "1")
+    with serve_socket(tmp_path, "--test-hooks") as path:
         yield path
 
 
@@ -321,7 +306,8 @@ def test_SECURITY_output_buffered_for_one_user_is_bounded(tmp_path, monkeypatch)
         for _ in range(64):
             os.write(1, block)
 
-    with _hooked_daemon(tmp_path, monkeypatch, RELAYED_PER_UID=str(32 << 20)) as path:
+    monkeypatch.setenv("ZYGOTE_TEST_RELAYED_PER_UID", str(32 << 20))
+    with serve_socket(tmp_path, "--test-hooks") as path:
         dpid = _daemon_of(path)
         before = rss_bytes(dpid)
         with Client.connect(path) as c:

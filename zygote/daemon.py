@@ -1512,18 +1512,14 @@ class Daemon:
             self._idmaps = IdmapMaker()  # (its server starts at the first request)
         maker = self._idmaps
 
-        def make() -> tuple[C.ChildPlan, list[int], list[str], int]:
+        def make() -> tuple[C.ChildPlan, list[int], list[str], int | None]:
             trees: list[int] = []
             plain: list[str] = []  # read-only binds made without an idmap, and why
             binds = list(plan.binds)
-            ns, own = -1, 0
+            ns, own = -1, None
             try:
                 try:
-                    if self.id_slots.clients_taken:
-                        raise OSError(_errno.ERANGE, self.id_slots.clients_taken)
-                    if (own := userns.client_id(self.config.id_base, uid) or 0) == 0:
-                        raise OSError(_errno.ERANGE, f"client uid {uid} has no host id of its own in "
-                                                     f"children (uids 1..{userns.CLIENT_IDS - 1} do)")
+                    own = self.id_slots.own_id(uid)
                     ns = maker.make(uid, own, gid, own)  # (one way: _nsmaker.one_way_map)
                 except OSError as e:
                     ns, why = -1, e
@@ -1554,7 +1550,7 @@ class Daemon:
             with lock:
                 if box["late"]:  # (the spawn gave up waiting: nobody takes them)
                     _close(trees)
-                    return plan, [], plain, 0
+                    return plan, [], plain, None
                 box["done"], box["trees"] = True, trees
             return msgspec.structs.replace(plan, binds=binds), trees, plain, own
 

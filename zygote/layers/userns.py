@@ -176,22 +176,17 @@ class IdSlots:
                                          for name, ident in accounts if low <= ident < id_base), None))
         self._check_others(lock_dir)
 
-    def _spans(self, base: int, blocks, clients: bool) -> list[tuple[int, int]]:
-        """[first, end) of ``blocks`` of a daemon of ``base``, and of its client ids if ``clients``."""
-        out = [(base + b * RANGE * CHUNK, base + (b + 1) * RANGE * CHUNK) for b in blocks]
-        return out + [(base - CLIENT_IDS, base)] if clients and base > CLIENT_IDS else out
-
     def _check_others(self, lock_dir: str) -> None:
         """Refuse (ValueError) ids that a running daemon of another id_base gives its children or
         its clients: its lock files are named by its own id_base, so nothing else keeps two
         daemons with close id_bases apart. Once both run, the later one sees the first."""
-        mine = self._spans(self.id_base, self._blocks, True)
+        mine = _spans(self.id_base, self._blocks)
         for name in os.listdir(lock_dir):
             base_text, _, block_text = name.partition(".")
             if not (base_text.isdigit() and block_text.isdigit()) or int(base_text) == self.id_base:
                 continue
             base, block = int(base_text), int(block_text)
-            theirs = self._spans(base, [block], True)
+            theirs = _spans(base, [block])
             if not any(a < d and c < b for a, b in mine for c, d in theirs):
                 continue
             try:
@@ -207,6 +202,16 @@ class IdSlots:
                                  f"id_base - {CLIENT_IDS} up, apart: choose another id_base") from None
             finally:
                 os.close(fd)
+
+    def own_id(self, uid: int) -> int:
+        """client_id(uid) for this daemon's children. Raises OSError (ERANGE) saying why there is
+        none: a host account among the client ids (clients_taken), or a uid out of their span."""
+        if self.clients_taken:
+            raise OSError(_errno.ERANGE, self.clients_taken)
+        if (own := client_id(self.id_base, uid)) is None:
+            raise OSError(_errno.ERANGE, f"client uid {uid} has no host id of its own in children "
+                                         f"(uids 1..{CLIENT_IDS - 1} do)")
+        return own
 
     def holds(self, ident: int) -> bool:
         """Whether host id ``ident`` lies in one of this daemon's claimed blocks (its children's
@@ -238,6 +243,12 @@ class IdSlots:
                     os.unlink(path)
             os.close(fd)
         self._locks, self._paths = [], []
+
+
+def _spans(base: int, blocks) -> list[tuple[int, int]]:
+    """[first, end) of ``blocks`` of a daemon of ``base``, and of its client ids."""
+    out = [(base + b * RANGE * CHUNK, base + (b + 1) * RANGE * CHUNK) for b in blocks]
+    return out + [(base - CLIENT_IDS, base)] if base > CLIENT_IDS else out
 
 
 def _accounts() -> list[tuple[str, int]]:
