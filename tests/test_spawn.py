@@ -91,6 +91,23 @@ def test_pool_environment_default(client):
     assert eval(r.stdout) == {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
 
 
+def test_children_hold_no_client_library_beyond_the_protocol(client):
+    """The zygote imports the client package for its protocol and sandbox configuration only:
+    its clients and executor (anyio, asyncio) are memory every clone copies the page tables of
+    and unmaps at exit, and their fork hook ran in every child. The package's public names all
+    still resolve, loaded on first use."""
+    def modules():
+        import sys
+        return sorted(m for m in sys.modules if m.split(".")[0] in ("anyio", "asyncio", "sniffio")
+                      or m in ("zygote_client._async", "zygote_client._blocking", "zygote_client._executor"))
+    assert client.run(modules).value == []
+    r = subprocess.run([sys.executable, "-c", "import sys, zygote_client; eager = 'anyio' in sys.modules; "
+                        "from zygote_client import *; "
+                        "print(eager, all(getattr(zygote_client, n) is globals()[n] for n in zygote_client.__all__))"],
+                       capture_output=True, text=True, check=True)
+    assert r.stdout == "False True\n", r.stdout + r.stderr
+
+
 def test_preload_signal_handlers_and_env_caps_do_not_reach_children(tmp_path):
     """The zygote drops the thread caps it set for its preloads unless the pool's environment
     has them, and a payload gets fresh signal handlers even when a preload installed its own."""
