@@ -5,6 +5,7 @@ closed streams, a connection that broke. Real daemons throughout."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import traceback
 
 import pytest
 
-from zygote_client import BrokenError, Client
+from zygote_client import BrokenError, Client, ClosedError, RemoteError
 from zygote_client import _blocking
 
 from conftest import daemon_pid, wait_for
@@ -105,6 +106,70 @@ def test_signals_to_an_ended_child_do_nothing_even_after_close():
         ch.wait()
     for send in (ch.kill, ch.terminate, lambda: ch.send_signal(signal.SIGUSR1)):
         send()
+
+
+def test_a_close_that_leaves_an_exit_unreported_ends_poll_loops_and_signals_do_nothing():
+    """Closing the client ends its children that are not detached, and their exits are never
+    reported: poll() returned None for ever (a loop on it never ended), kill()/terminate()
+    raised ClosedError where Popen's do nothing for a process that ended, and so did leaving a
+    with-block."""
+    with Client.embedded() as c:
+        ch = c.spawn_child(time.sleep, (60,), stdin=None)
+    with pytest.raises(ClosedError):
+        ch.poll()
+    assert ch.returncode is None
+    for send in (ch.kill, ch.terminate, lambda: ch.send_signal(signal.SIGUSR1)):
+        send()
+    with ch:
+        pass
+    wait_for(lambda: not os.path.exists(f"/proc/{ch.pid}"), 10, "the child to be gone with its client")
+
+
+def test_communicate_s_timeout_carries_what_was_read(client):
+    """As Popen's: TimeoutExpired.output and .stderr hold what was read before the timeout, None
+    for a stream that gave nothing (both were None), and a later call still returns all of it."""
+    def prints_then_sleeps():
+        import time
+        print("out", flush=True)
+        time.sleep(60)
+
+    ch = client.spawn_child(prints_then_sleeps, stdin=None)
+    assert select.select([ch.stdout], [], [], 30)[0]  # (the line is in the pipe: nothing read yet)
+    with pytest.raises(subprocess.TimeoutExpired) as e:
+        ch.communicate(timeout=0.2)
+    assert (e.value.output, e.value.stderr) == (b"out\n", None)
+    ch.kill()
+    assert ch.communicate() == (b"out\n", b"")
+
+
+def test_a_payload_s_exception_reaches_the_client_when_its_stderr_is_closed(client):
+    """The child printed the traceback before writing the error record, in one try: with the
+    caller's end of stderr closed the print raised and the record was never written, so
+    result() said the payload exited without returning."""
+    def fails():
+        import sys
+        sys.stdin.read()
+        raise ValueError("the real error")
+
+    ch = client.spawn_child(fails)
+    ch.stderr.close()
+    ch.stdin.close()
+    with pytest.raises(RemoteError, match="the real error"):
+        ch.result(timeout=30)
+    ch.stdout.close()
+
+
+def test_a_keyword_this_api_does_not_take_is_refused_at_the_call(client):
+    """run(check=True) or spawn_child(stderr=STDOUT) failed inside the event loop with a
+    TypeError naming AsyncClient.spawn_child; now the call itself refuses, saying what to do
+    instead of subprocess's keywords."""
+    with pytest.raises(TypeError, match=r"run\(\) got an unexpected keyword argument 'check': .*check_returncode"):
+        client.run(print, check=True)
+    with pytest.raises(TypeError, match=r"spawn_child\(\) got an unexpected keyword argument 'stderr'"):
+        client.spawn_child(print, stderr=subprocess.STDOUT)
+    with pytest.raises(TypeError, match=r"spawn_child\(\) got an unexpected keyword argument 'nope'$"):
+        client.spawn_child(print, nope=1)
+    assert not client.status().children
 
 
 def test_a_broken_connection_raises_a_fresh_error_each_time():

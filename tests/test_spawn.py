@@ -309,7 +309,8 @@ def test_signals_from_the_client_act_as_on_a_subprocess(client, reaper):
     """terminate()/send_signal() give subprocess results whether the payload is PID 1 (which the
     kernel shields from unhandled signals: the daemon delivers them) or PID 2 under a reaper:
     default actions kill with the signal's number, handlers run, SIGINT is KeyboardInterrupt,
-    SIGSTOP/SIGCONT pause and resume, default-ignored signals change nothing."""
+    SIGSTOP/SIGCONT pause and resume, default-ignored signals change nothing. An uncaught
+    KeyboardInterrupt prints its traceback first, as CPython does."""
     cfg = SandboxConfig(reaper=reaper)
 
     def handles_usr1():
@@ -337,8 +338,11 @@ def test_signals_from_the_client_act_as_on_a_subprocess(client, reaper):
         child.send_signal(signal.SIGWINCH)  # default: ignored
         child.send_signal(sig)
         st = child.wait(timeout=10)
+        err = child.stderr.read()
         child.stdout.close(), child.stderr.close()
         assert st.returncode == expect, (sig, st)
+        # Ctrl-C's exit, as CPython's own: the traceback first (there was none), then by SIGINT.
+        assert (b"KeyboardInterrupt" in err) == (sig == signal.SIGINT), err
     child = client.spawn_child(handles_usr1, sandbox_config=cfg, stdin=None)
     assert child.stdout.readline() == b"ready\n"
     child.send_signal(signal.SIGUSR1)

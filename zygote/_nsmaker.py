@@ -87,11 +87,13 @@ def _serve(fd: int, starter: int, kind: str = "net") -> None:
             continue
         ns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
+            # Home first: once handed out, the namespace is its receiver's alone (the server
+            # still in it when make() returned was a test's race, and a namespace to share).
+            if libc.setns(home, CLONE_NEWNET) != 0:
+                return  # (never: its own namespace) the starter then starts another
             socket.send_fds(sock, [b"+"], [ns])
         finally:
             os.close(ns)
-            if libc.setns(home, CLONE_NEWNET) != 0:
-                return  # (never: its own namespace) the starter then starts another
 
 
 def _requests(sock: socket.socket, parent: int):

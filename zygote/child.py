@@ -14,6 +14,7 @@ return value or exception, to the daemon; a reaper closes its copy).
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
 import fcntl as _fcntl
 import io
@@ -457,24 +458,33 @@ def _payload(plan, prepared: bool = False) -> None:
         code = _run_payload(plan)
     except SystemExit as e:
         code = _exit_code(e)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        with contextlib.suppress(BaseException):  # (as CPython's own exit by Ctrl-C: the traceback first)
+            traceback.print_exception(type(e), e, _payload_frames(e))
         _flush()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)  # ends PID 2 "by SIGINT"; PID 1 ignores its own signal:
         code = 128 + signal.SIGINT           # it exits 130, which the daemon reports as -SIGINT
     except BaseException as e:
-        try:
-            tb = e.__traceback__
-            while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
-                tb = tb.tb_next  # the payload's traceback starts at the payload, not at our frames
-            traceback.print_exception(type(e), e, tb)
-            if plan.kind in _RESULT_KINDS:
+        tb = _payload_frames(e)
+        # The error record first, on its own: printing can fail (the caller closed stderr, or
+        # the payload replaced sys.stderr), and the client must still learn what was raised.
+        if plan.kind in _RESULT_KINDS:
+            with contextlib.suppress(BaseException):
                 _send_error(e, tb)
-        except BaseException:
-            pass
+        with contextlib.suppress(BaseException):
+            traceback.print_exception(type(e), e, tb)
         code = 1
     _flush()
     os._exit(code)
+
+
+def _payload_frames(e: BaseException):
+    """The traceback of ``e`` from the payload's first frame on (our own frames left out)."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return tb
 
 
 def _reopen_stdio() -> None:

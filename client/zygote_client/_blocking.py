@@ -123,6 +123,12 @@ class ChildProcess:
         return self._achild.status
 
     def poll(self) -> int | None:
+        """The return code once the child ended, else None. Raises ClosedError or BrokenError
+        once its exit can no longer be reported (the client closed or the connection lost
+        first; the daemon ends a child that is not detached with its connection): a loop on
+        ``poll() is None`` ends instead of waiting for ever."""
+        if self._achild.status is None and self._ended.is_set():
+            raise self._unreported()
         return self._achild.returncode
 
     def wait(self, timeout: float | None = None) -> ExitStatus:
@@ -133,10 +139,21 @@ class ChildProcess:
         if not self._ended.wait(timeout):  # a timeout leaves the child running
             raise subprocess.TimeoutExpired(f"zygote child {self.id}", timeout)
         if self._achild.status is None:  # woken because the connection is gone
-            if self._client._closed:
-                raise ClosedError("the client was closed before the child's exit was reported")
-            raise self._client._aclient._lost() from None  # (a copy of the connection's error each time)
+            raise self._unreported()
         return self._achild.status
+
+    def _unreported(self) -> ZygoteError:
+        """Why this child's exit will never be reported (its connection is gone)."""
+        if self._client._closed:
+            return ClosedError("the client was closed before the child's exit was reported")
+        return self._client._aclient._lost()  # (a copy of the connection's error each time)
+
+    def _signalable(self) -> bool:
+        """False once the child has ended, or its connection has gone and it is not detached:
+        the daemon ends such a child with its connection, so a signal has nothing to do (as
+        Popen's on an ended process). A detached child outlives the client: signalling it then
+        needs a new client (ClosedError from this one)."""
+        return self._achild.status is None and (self.detached or not self._ended.is_set())
 
     @property
     def export_result(self) -> ExportResult | None:
@@ -169,15 +186,15 @@ class ChildProcess:
     def send_signal(self, signum: int) -> None:
         """Send ``signum`` to the child; nothing once it has ended (as Popen: even after the
         client was closed)."""
-        if self._achild.status is None:
+        if self._signalable():
             self._client._call(self._achild.send_signal, signum)
 
     def terminate(self) -> None:
-        if self._achild.status is None:
+        if self._signalable():
             self._client._call(self._achild.terminate)
 
     def kill(self) -> None:
-        if self._achild.status is None:
+        if self._signalable():
             self._client._call(self._achild.kill)
 
     def __enter__(self) -> "ChildProcess":
@@ -195,6 +212,11 @@ class ChildProcess:
                     f.close()
         try:
             self.wait()
+        except ClosedError:
+            # The client closed first. That ended a child that is not detached: nothing to say;
+            # a detached one runs on, its exit unknown here.
+            if exc[1] is None and self.detached:
+                raise
         except ZygoteError:
             if exc[1] is None:
                 raise  # (else the block's own exception goes on)
@@ -214,8 +236,27 @@ class ChildProcess:
             self._communication.run(deadline)
             self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            raise subprocess.TimeoutExpired(f"zygote child {self.id}", timeout) from None
+            # (as Popen's: what was read so far, None for a stream that gave nothing yet)
+            out, err = self._communication.result()
+            raise subprocess.TimeoutExpired(f"zygote child {self.id}", timeout, output=out or None,
+                                            stderr=err or None) from None
         return self._communication.result()
+
+
+# subprocess's keywords a caller may try here, and what this API does instead.
+_POPEN_WORDS = ("stdout", "stderr", "capture_output", "text", "universal_newlines", "encoding", "errors",
+                "check", "shell", "cwd", "bufsize")
+
+
+def _known_only(name: str, private: dict[str, Any]) -> None:
+    """TypeError in the caller's thread for a keyword this API does not take (the underscored
+    ones are the test suite's): it failed later, inside the event loop, under another name."""
+    for key in private:
+        if not key.startswith("_"):
+            why = (": stdout and stderr are always pipes of bytes (run() collects both), a non-zero exit "
+                   "never raises (CompletedChild.check_returncode()), and the working directory is "
+                   "SandboxConfig.workdir") if key in _POPEN_WORDS else ""
+            raise TypeError(f"{name}() got an unexpected keyword argument {key!r}{why}")
 
 
 _Future = concurrent.futures.Future  # (what _call waits on; a test interrupts its result())
@@ -445,6 +486,7 @@ class Client:
         """Start a confined child; returns once it reported "ready" (see AsyncClient.spawn_child).
         With a held reserve child (``leases``) and the pool's defaults, it is started from this
         thread by one write to it, and returns at once."""
+        _known_only("spawn_child", private)
         ac = self._aclient
         self._check_process()  # (a held child is written to from this thread, not through _call)
         if ac._leases and sandbox_config is None and pool is None and not detached and not private:
@@ -495,6 +537,7 @@ class Client:
             ExportError: the export was refused or could not be written (``err.completed`` holds
                 the CompletedChild; ``export_to`` is untouched).
         """
+        _known_only("run", {k: v for k, v in private.items() if k not in ("process_name", "pool", "stdin", "detached")})
         if export_to is not None and (sandbox_config is None or sandbox_config.export is None):
             import msgspec
             from ._workspace import Export
