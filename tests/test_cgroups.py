@@ -186,6 +186,23 @@ def test_cpu_quota(host, ids):
         cg.remove()
 
 
+@pytest.mark.cgroupv2
+def test_a_cpu_share_the_kernel_cannot_enforce_is_refused_and_a_refused_limit_names_its_file(host, ids):
+    """A share below the kernel's quota of 1 ms per 100 ms period was enforced as 0.01 core (ten
+    times 0.001) while reported as asked: SandboxConfig refuses it. A value the kernel refuses
+    (EINVAL) said "writing limit" with the delegation hint: it names the file and the reason."""
+    from zygote_client import SandboxConfig
+    with pytest.raises(ValueError, match="cpu: must be 0.01"):
+        SandboxConfig(cpu=0.001)
+    SandboxConfig(cpu=0.01)
+    cid = ids()
+    with pytest.raises(SetupError) as e:
+        host.create(cid, cpu=1e9)  # (the layer itself takes what it is given)
+    assert ("cpu.max" if host.version == 2 else "cpu.cfs_quota_us") in e.value.message, e.value.message
+    assert "out of its range" in e.value.hint, e.value.hint
+    assert not any(cid in p for p in _leftovers(host))
+
+
 def test_kill_reaches_grandchildren_ignoring_sigterm(host, ids):
     cg = host.create(ids())
     p = gated("""
@@ -367,3 +384,92 @@ def test_v2_moves_daemon_into_leaf(host, mode):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.01)
+
+
+_STALE_SCRIPT = r"""
+import json, os, subprocess, sys
+from zygote.layers import cgroups
+own = cgroups._own_cgroups()
+hiers = {c: "/sys/fs/cgroup/%s%s/%s" % (c, own[c].rstrip("/"), sys.argv[1])
+         for c in ("memory", "pids", "cpu", "cpuacct", "freezer")}
+def put(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+frozen, busy = "zygote/d99999", "zygote/d99998"  # (pid_max is 32768 here: no such process)
+for d in hiers.values():
+    for sub in ("", "/zygote", "/" + frozen, "/" + frozen + "/c1", "/" + busy, "/" + busy + "/c1"):
+        os.mkdir(d + sub)
+sleeper = subprocess.Popen(["sleep", "600"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+for d in hiers.values():
+    put(d + "/" + frozen + "/c1/cgroup.procs", str(sleeper.pid))
+put(hiers["freezer"] + "/" + frozen + "/c1/freezer.state", "FROZEN")
+# A cgroup that cannot go: a mount on it (rmdir: EBUSY for good).
+subprocess.run(["mount", "-t", "tmpfs", "zygote-test", hiers["memory"] + "/" + busy + "/c1"], check=True)
+for d in hiers.values():
+    put(d + "/cgroup.procs", str(os.getpid()))  # as a daemon of this cgroup: its zygote/ is the above
+host = cgroups.detect("zygote/d%d" % os.getpid())
+out = {}
+try:
+    out["removed"] = sorted(os.path.relpath(p, hiers[p.split("/")[4]]) for p in cgroups.remove_dead_instances(host))
+except Exception as e:
+    out["raised"] = "%s: %s" % (type(e).__name__, e)
+host.close()
+sleeper.wait(timeout=5) if "raised" not in out else None
+out["sleeper_alive"] = sleeper.poll() is None
+for c in hiers:
+    put("/sys/fs/cgroup/%s%s/cgroup.procs" % (c, own[c].rstrip("/")), str(os.getpid()))
+print(json.dumps(out))
+"""
+
+
+def _remove_stale_test_tree(name: str) -> list[str]:
+    """Undo _STALE_SCRIPT's ``name`` trees whatever became of the script: unmount, thaw, kill
+    what is inside (our sleeper), remove bottom up. Returns what is still there."""
+    own = cgroups._own_cgroups()
+    tops = [f"/sys/fs/cgroup/{c}{own[c].rstrip('/')}/{name}" for c in ("memory", "pids", "cpu", "cpuacct", "freezer")]
+    walks = [sorted(os.walk(top), key=lambda t: -len(t[0])) for top in tops]
+    for walk in walks:  # (all thawed before any kill: the freezer is a hierarchy of its own)
+        for root, _dirs, _files in reversed(walk):
+            subprocess.run(["umount", "-q", root], stderr=subprocess.DEVNULL)
+            if os.path.exists(f"{root}/freezer.state"):
+                with open(f"{root}/freezer.state", "w") as f:
+                    f.write("THAWED")
+    for walk in walks:
+        for root, _dirs, _files in walk:
+            try:
+                for pid in cgroups._procs(root):
+                    os.kill(pid, signal.SIGKILL)  # (the sleeper the script started: ours)
+            except OSError:
+                pass  # (gone already)
+            for _ in range(200):
+                try:
+                    os.rmdir(root)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.01)
+    return [t for t in tops if os.path.exists(t)]
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/fs/cgroup/freezer"), reason="needs cgroup v1's freezer hierarchy")
+def test_a_new_daemon_clears_a_dead_one_s_frozen_cgroups_and_starts_despite_one_it_cannot():
+    """remove_dead_instances (a daemon's start): a dead daemon may leave a child's cgroup frozen
+    (it died between ChildCgroup.kill's freeze and thaw). Its tasks were signalled but never
+    thawed, so they could not die, the removal timed out with a SetupError, which is no OSError:
+    it escaped and the new daemon did not start at all (and left its own directory). Now frozen
+    trees are thawed first, and a tree that cannot go (here: a mount on it) is left for a later
+    start while this one goes on."""
+    import json
+    name = f"zygote-test-stale-{os.getpid()}"
+    try:
+        r = subprocess.run([PY, "-c", _STALE_SCRIPT, name], capture_output=True, text=True, timeout=60,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    finally:
+        left = _remove_stale_test_tree(name)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert "raised" not in out, out
+    # all of the frozen tree, in the five hierarchies; the mounted-on one everywhere but memory
+    assert out["removed"] == ["zygote/d99998"] * 4 + ["zygote/d99999"] * 5 and not out["sleeper_alive"], out
+    assert left == []

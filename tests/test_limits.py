@@ -62,6 +62,17 @@ def test_cpu_time_exceeded(client):
     assert r.returncode in (-signal.SIGXCPU, -signal.SIGKILL)
 
 
+def test_cpu_time_exceeded_is_not_claimed_for_a_signal_the_budget_did_not_send(client):
+    """A SIGXCPU the payload raised itself, with 30 s of budget left, was reported as
+    cpu_time_exceeded (so was any SIGKILL past 95% of the budget: an OOM kill's, a client's)."""
+    def raises_sigxcpu():
+        import os, signal
+        os.kill(os.getpid(), signal.SIGXCPU)
+
+    r = client.run(raises_sigxcpu, sandbox_config=SandboxConfig(cpu_time=30, reaper=True, timeout=20))
+    assert r.returncode == -signal.SIGXCPU and not r.status.cpu_time_exceeded, r.status
+
+
 def test_max_output_stops_a_chatty_child(client):
     r = client.run(lambda: [print("x" * 100) for _ in iter(int, 1)],
                    sandbox_config=SandboxConfig(max_output_bytes="1M", timeout=30))

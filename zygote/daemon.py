@@ -1269,7 +1269,12 @@ class Daemon:
             _close([r for r, _ in relays] + [r for r, _ in detached])
             drop([w for _, w in relays] + [w for _, w in detached])
 
-        if msg.stdio == "fds" and len(client_fds) == 3:
+        # Refused before anything is made for the child (a cgroup v2 child's cgroup comes next).
+        if msg.stdio == "fds" and len(client_fds) != 3:
+            return P.SpawnFailed(msg.req, "stdio='fds' needs exactly 3 fds", code="bad-request"), []
+        if msg.stdio != "fds" and client_fds:
+            return P.SpawnFailed(msg.req, "unexpected fds with stdio='pipe'", code="bad-request"), []
+        if msg.stdio == "fds":
             try:
                 mounted = any(policy.on_a_mount(fd) for fd in client_fds)
             except OSError as e:
@@ -1281,7 +1286,7 @@ class Daemon:
                     why = "looking up the fds' mounts took too long"
                 if why is not None:
                     return P.SpawnFailed(msg.req, f"stdio='fds': {why}", code="bad-request"), []
-        if msg.stdio == "fds" and cfg.max_output is not None and len(client_fds) == 3:
+        if msg.stdio == "fds" and cfg.max_output is not None:
             try:  # (the open waits on the pipe's lock: in a thread of the client's uid)
                 for cfd in client_fds[1:]:
                     targets.append(await self.hands.reopen(uid, cfd, _relay_target))
@@ -1317,8 +1322,6 @@ class Daemon:
         try:
             limit = cfg.max_output
             if msg.stdio == "fds":
-                if len(client_fds) != 3:
-                    return P.SpawnFailed(msg.req, "stdio='fds' needs exactly 3 fds", code="bad-request"), []
                 theirs.append(client_fds[0])
                 if limit is None:
                     theirs += client_fds[1:]
@@ -1328,8 +1331,6 @@ class Daemon:
                     relays.append((r, targets.pop(0)))  # (the relay's alone: not in `mine`)
                 out = []
             else:
-                if client_fds:
-                    return P.SpawnFailed(msg.req, "unexpected fds with stdio='pipe'", code="bad-request"), []
                 if msg.stdin:
                     r, w = os.pipe2(os.O_CLOEXEC)
                     theirs.append(r); mine.append(w)
@@ -2777,9 +2778,13 @@ class Daemon:
             enforcement["cpu_time"] = (f"cgroup-v{self.cgroups.version}" if child.cgroup is not None
                                        and self.cgroups is not None else "rlimit")
             used = ru.ru_utime + ru.ru_stime
-            # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL at the hard one (setrlimit(2))
-            cpu_exceeded = child.cpu_exceeded or rc == -signal.SIGXCPU or (
-                rc == -signal.SIGKILL and not child.timed_out and used >= child.cpu_time * 0.95)
+            # The daemon's own kill (child.cpu_exceeded), or the RLIMIT_CPU backstop: SIGXCPU at the
+            # soft limit, SIGKILL at the hard one (setrlimit(2)), either only with that much CPU
+            # used (a payload may raise SIGXCPU itself; the OOM killer's or a client's SIGKILL
+            # near the budget is theirs). 0.95: the usage read at the reap, not the kernel's tick.
+            soft, hard = rlimits.cpu_seconds(child.cpu_time)
+            cpu_exceeded = child.cpu_exceeded or (rc == -signal.SIGXCPU and used >= soft * 0.95) or (
+                rc == -signal.SIGKILL and not child.timed_out and used >= hard * 0.95)
         if child.output_exceeded:
             enforcement["max_output_bytes"] = "daemon"
         return ExitStatus(

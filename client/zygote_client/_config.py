@@ -23,6 +23,7 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB]?)\s*$")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE_MAX = 1 << 62  # beyond any memory or file size, and within every kernel interface's s64
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.@+-]{1,64}$")
+CPU_MIN, CPU_MAX = 0.01, 4096.0  # cores: SandboxConfig.cpu (the kernel's quota of 1 ms per 100 ms period)
 
 
 def parse_size(value: int | str | None, field: str) -> int | None:
@@ -165,7 +166,7 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             generated root, False for chroot_dir.
         memory: cgroup memory limit, bytes or "256M"; swap is 0. Default None (pool's).
         pids: cgroup limit on tasks (processes + threads). Default None (pool's).
-        cpu: CPU bandwidth in cores (0.5 = half a core). Default None.
+        cpu: CPU bandwidth in cores (0.5 = half a core), 0.01..4096. Default None.
         cpu_time: CPU seconds of the whole child, every process it starts included: the daemon
             counts its cgroup and SIGKILLs it once reached (``cpu_time_exceeded``), within a few
             tens of ms of CPU. Each process also gets RLIMIT_CPU at it (rounded up) as a backstop.
@@ -260,6 +261,10 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             v = getattr(self, name)
             if v is not None and (not math.isfinite(v) or v <= 0):
                 raise ValueError(f"{name}: must be a positive number of seconds/cores, got {quoted(v)}")
+        # The kernel's CPU quota is 1 ms at least per 100 ms period: a smaller share would be
+        # enforced as 0.01 core, looser than asked, so it is refused.
+        if self.cpu is not None and not CPU_MIN <= self.cpu <= CPU_MAX:
+            raise ValueError(f"cpu: must be {CPU_MIN}..{CPU_MAX} cores, got {quoted(self.cpu)}")
 
     # Sizes in bytes, parsed once the config validated.
     @property

@@ -86,6 +86,8 @@ def write_once(path: str, data: str | bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         os.write(fd, data.encode() if isinstance(data, str) else data)
+    except OSError as e:  # (write(2)'s error names no file: a message built from it must)
+        raise OSError(e.errno, e.strerror, path) from None
     finally:
         os.close(fd)
 

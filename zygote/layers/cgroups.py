@@ -26,6 +26,7 @@ migration at all.
 
 from __future__ import annotations
 
+import contextlib
 import errno as E
 import fcntl
 import os
@@ -419,7 +420,8 @@ class ChildCgroup:
                     _write(f"{cpud}/cpu.cfs_period_us", str(CPU_PERIOD_US))
                     _write(f"{cpud}/cpu.cfs_quota_us", str(max(1000, round(cpu * CPU_PERIOD_US))))
         except OSError as e:
-            raise _err(f"writing {e.filename or 'limit'} in {self.child_id}: {e.strerror}", e.errno or 0) from None
+            hint = HINT_DELEGATE if e.errno != E.EINVAL else "the kernel refused the value for that file (out of its range)"
+            raise _err(f"writing {e.filename or 'limit'} in {self.child_id}: {e.strerror}", e.errno or 0, hint) from None
         self.limits = limits(memory, pids, cpu)
 
     def attach(self, pid: int) -> None:
@@ -770,6 +772,8 @@ def remove_dead_instances(host: CgroupHost) -> list[str]:
                 os.close(fd)
                 continue
             try:
+                for other in host._hiers:  # (a frozen task dies only once thawed: v1's freezer
+                    _thaw_tree(os.path.join(os.path.dirname(other.base), e.name))  # is its own hierarchy)
                 for root, dirs, _files in os.walk(e.path, topdown=False):
                     for _ in range(50):
                         try:
@@ -782,8 +786,18 @@ def remove_dead_instances(host: CgroupHost) -> list[str]:
                         time.sleep(0.01)
                     _rmdir(root)
                 removed.append(e.path)
-            except OSError:
-                pass
+            except (OSError, SetupError):
+                pass  # (still busy: a task in D state. Left for the next start; this one goes on)
             finally:
                 os.close(fd)
     return removed
+
+
+def _thaw_tree(path: str) -> None:
+    """Thaw every cgroup under ``path``, top down (a v1 child stays frozen under a frozen parent):
+    a dead daemon may have left one frozen (between the freeze and the thaw of ChildCgroup.kill)."""
+    for root, _dirs, _files in os.walk(path):
+        for name, value in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
+            if os.path.exists(f"{root}/{name}"):
+                with contextlib.suppress(OSError):
+                    _write(f"{root}/{name}", value)

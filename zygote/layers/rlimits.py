@@ -25,6 +25,13 @@ NAMES = {
 DEFAULT_PROCESSES = 1024  # processes and threads of a child without a pids limit
 
 
+def cpu_seconds(cpu_time: float) -> tuple[int, int]:
+    """RLIMIT_CPU's (soft, hard) for ``cpu_time``: soft at the limit rounded up (SIGXCPU), hard one
+    second later (SIGKILL). Whole seconds: the kernel's unit for it."""
+    soft = max(1, int(-(-cpu_time // 1)))
+    return soft, soft + 1
+
+
 def plan(*, cpu_time: float | None = None, file_size: int | None = None, open_files: int | None = None,
          address_space: int | None = None, pids: int | None = None) -> list[tuple[int, int, int]]:
     """Daemon side: the rlimit triples for a request (``pids``: its cgroup's limit, if any)."""
@@ -32,9 +39,7 @@ def plan(*, cpu_time: float | None = None, file_size: int | None = None, open_fi
     if pids is None:  # (with one, the cgroup refuses first and reports pids_exceeded)
         out.append((resource.RLIMIT_NPROC, DEFAULT_PROCESSES, DEFAULT_PROCESSES))
     if cpu_time is not None:
-        # soft at the limit (SIGXCPU), hard one second later (SIGKILL): both mean cpu_time_exceeded
-        secs = max(1, int(-(-cpu_time // 1)))
-        out.append((resource.RLIMIT_CPU, secs, secs + 1))
+        out.append((resource.RLIMIT_CPU, *cpu_seconds(cpu_time)))
     if file_size is not None:
         out.append((resource.RLIMIT_FSIZE, file_size, file_size))
     if open_files is not None:
