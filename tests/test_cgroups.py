@@ -333,9 +333,10 @@ if mode == "foreign":
     except SetupError as e:
         print("refused", e.errno, flush=True)
     sys.exit(0)
-h = cgroups.detect("zygote")
+name = sys.argv[3].replace("%d", str(os.getpid()))
+h = cgroups.detect(name)
 assert h.available()["daemon_moved"], h.available()
-assert mine() == before + "/zygote/daemon", mine()
+assert mine() == before + "/" + name + "/daemon", mine()
 assert set(open(outer + "/cgroup.subtree_control").read().split()) >= {"memory", "pids", "cpu"}
 cg = h.create("d1e2f3-1", memory=32 << 20, pids=8)
 fd = cg.fd()
@@ -355,8 +356,13 @@ print("ok", flush=True)
 
 
 @pytest.mark.cgroupv2
-@pytest.mark.parametrize("mode", ["alone", "foreign"])
-def test_v2_moves_daemon_into_leaf(host, mode):
+@pytest.mark.parametrize("mode,name", [("alone", "zygote"), ("alone", "zygote/d%d"), ("foreign", "zygote")])
+def test_v2_moves_daemon_into_leaf(host, mode, name):
+    """A daemon started in a cgroup with processes (a systemd unit with Delegate=yes, a
+    container) moves itself into a leaf and, at close(), goes back with the cgroup as it was.
+    With the daemon's own name (zygote/d<pid>, a middle directory shared by daemon instances)
+    the close failed: the middle directory's controllers kept those of the cgroup from going
+    (EBUSY), so the daemon stayed in its leaf and its directories were left."""
     if host.version != 2:
         pytest.skip("cgroup v2 only (the no-internal-processes rule)")
     outer = os.path.join(os.path.dirname(host.base), f"zygote-deleg-{os.getpid()}-{mode}")
@@ -367,7 +373,7 @@ def test_v2_moves_daemon_into_leaf(host, mode):
             other = subprocess.Popen(["sleep", "600"])
             with open(outer + "/cgroup.procs", "w") as f:
                 f.write(str(other.pid))
-        r = subprocess.run([PY, "-c", V2_DELEGATION, outer, mode], capture_output=True, text=True, timeout=300)
+        r = subprocess.run([PY, "-c", V2_DELEGATION, outer, mode, name], capture_output=True, text=True, timeout=300)
         expected = "ok" if mode == "alone" else "refused 16"  # EBUSY
         assert r.stdout.strip() == expected, (r.stdout, r.stderr)
         if other is not None:

@@ -598,6 +598,9 @@ class AsyncClient:
         child cloudpickles it and this process unpickles it, so only set that when you trust
         the code that ran there as much as your own (a pickle can run anything when loaded).
 
+        ``stdin``: PIPE (a writable ``child.stdin``), DEVNULL, or None, which is DEVNULL too: a
+        sandboxed child never inherits this process's stdin. stdout and stderr are always pipes.
+
         ``detached=True``: the child outlives this connection (otherwise closing the client kills
         it). The daemon keeps its stdout/stderr in a bounded ring buffer; ``attach(child.id)``
         from any connection of the same user follows it again. Cancelling ``wait()`` leaves a

@@ -73,6 +73,10 @@ class ChildProcess:
 
     ``stdin`` is a writable binary file, ``stdout``/``stderr`` readable binary files: the pipes
     themselves, so output streams while the child runs.
+
+    As a context manager it closes the pipes and waits for the child, as Popen; a block left by
+    an exception (Ctrl-C included) kills a child that is not detached first, rather than waiting
+    for it to end by itself. ``wait()`` returns an ExitStatus (its ``returncode`` is Popen's).
     """
 
     def __init__(self, client: "Client", achild: AsyncChild) -> None:

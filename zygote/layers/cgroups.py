@@ -163,12 +163,10 @@ class _Hier:
 class CgroupHost:
     """The daemon's view of the host's cgroups. Built by ``detect()``; no public constructor."""
 
-    def __init__(self, version: int, hiers: list[_Hier], *, moved_from: str | None = None,
-                 enabled: tuple[list[str], list[str]] = ([], [])) -> None:
+    def __init__(self, version: int, hiers: list[_Hier], *, moved_from: str | None = None) -> None:
         self.version = version
         self._hiers = hiers
         self._moved_from = moved_from   # v2: the cgroup the daemon was moved out of (to go back at close)
-        self._enabled = enabled         # v2: controllers we enabled in (own, base) subtree_control
         self._children: dict[str, ChildCgroup] = {}
         self._pool: list[str] = []
         self._seq = 0
@@ -297,8 +295,9 @@ class CgroupHost:
     def close(self) -> None:
         """Remove every child cgroup (killing what is left in them) and the ``zygote`` tree.
 
-        On v2 the daemon first goes back to the cgroup it was moved out of, with the controllers
-        we enabled there disabled again, so the host looks as before.
+        On v2 a daemon that was moved out of its cgroup first goes back there, with the controllers
+        we enabled there disabled again, so the host looks as before (a daemon that was not moved
+        leaves them: see the comment below).
         """
         if self._closed:
             return
@@ -322,7 +321,15 @@ class CgroupHost:
                 osub = os.path.join(h.own, "cgroup.subtree_control")
                 if self._moved_from is not None:
                     # We moved because `own` had processes, so it had no controllers enabled then;
-                    # it must have none again before a process may re-enter it.
+                    # it must have none again before a process may re-enter it. The middle
+                    # directory's (zygote/, between own and base) keep own's from going (EBUSY):
+                    # they go first, unless another daemon instance is under it.
+                    mid = os.path.dirname(h.base)
+                    if mid != h.own.rstrip("/") and not [d for d in os.scandir(mid)
+                                                         if d.is_dir(follow_symlinks=False) and d.path != h.base]:
+                        msub = os.path.join(mid, "cgroup.subtree_control")
+                        if _read(msub).split():
+                            _write(msub, " ".join("-" + c for c in _read(msub).split()))
                     if _read(osub).split():
                         _write(osub, " ".join("-" + c for c in _read(osub).split()))
                     # every process in the leaf is ours: the daemon and whatever it forked since the move
@@ -337,11 +344,9 @@ class CgroupHost:
                             except ProcessLookupError:
                                 pass
                     _rmdir(leaf)
-                elif self._enabled[0]:
-                    try:  # best effort: a sibling may have started using them meanwhile (EBUSY)
-                        _write(osub, " ".join("-" + c for c in self._enabled[0]))
-                    except OSError:
-                        pass
+                # Not moved: the controllers we enabled in own stay. Disabling them would take
+                # them from every cgroup under own, ours or not (the kernel refuses only while
+                # a child enables them further down), and others may use them by now.
             except OSError as e:
                 raise _err(f"restoring {h.own}: {e.strerror}", e.errno or 0) from None
         for h in self._hiers:
@@ -691,7 +696,7 @@ def _detect_v2(name: str, own: str, ctrls: set[str], already: bool) -> CgroupHos
     except OSError as e:
         raise _err(f"enabling {CONTROLLERS} in {e.filename or subtree}: {e.strerror}", e.errno or 0) from None
     h = _Hier(frozenset(CONTROLLERS), own, base)
-    host = CgroupHost(2, [h], moved_from=moved_from, enabled=(need, bneed))
+    host = CgroupHost(2, [h], moved_from=moved_from)
     _lock(h)
     return host
 
