@@ -203,6 +203,20 @@ def test_a_cpu_share_the_kernel_cannot_enforce_is_refused_and_a_refused_limit_na
     assert not any(cid in p for p in _leftovers(host))
 
 
+@pytest.mark.skipif(not os.path.isdir("/sys/fs/cgroup/freezer"), reason="needs cgroup v1's freezer hierarchy")
+def test_a_daemon_s_own_name_gets_the_freezer_too():
+    """On v1 the freezer (an exact kill: nothing forks or exits while its tasks are listed) was
+    made with a bare mkdir, which fails for the daemon's own name (zygote/d<pid>: the middle
+    directory did not exist there), and was dropped without a word: real daemons killed by
+    repeated kill(2)."""
+    h = cgroups.detect(f"zygote/d{os.getpid()}")
+    try:
+        assert h.kill_method == "freezer", h.available()
+    finally:
+        h.close()
+    assert not any(os.path.exists(b) for b in set(h.available()["controllers"].values()))
+
+
 def test_kill_reaches_grandchildren_ignoring_sigterm(host, ids):
     cg = host.create(ids())
     p = gated("""
@@ -401,14 +415,23 @@ hiers = {c: "/sys/fs/cgroup/%s%s/%s" % (c, own[c].rstrip("/"), sys.argv[1])
 def put(path, text):
     with open(path, "w") as f:
         f.write(text)
-frozen, busy = "zygote/d99999", "zygote/d99998"  # (pid_max is 32768 here: no such process)
+frozen, busy, live = "zygote/d99999", "zygote/d99998", "zygote/d99997"  # (pid_max is 32768 here)
 for d in hiers.values():
-    for sub in ("", "/zygote", "/" + frozen, "/" + frozen + "/c1", "/" + busy, "/" + busy + "/c1"):
+    for sub in ("", "/zygote", "/" + frozen, "/" + frozen + "/c1", "/" + busy, "/" + busy + "/c1",
+                "/" + live, "/" + live + "/c1"):
         os.mkdir(d + sub)
-sleeper = subprocess.Popen(["sleep", "600"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+sleepers = [subprocess.Popen(["sleep", "600"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for _ in range(2)]
 for d in hiers.values():
-    put(d + "/" + frozen + "/c1/cgroup.procs", str(sleeper.pid))
-put(hiers["freezer"] + "/" + frozen + "/c1/freezer.state", "FROZEN")
+    put(d + "/" + frozen + "/c1/cgroup.procs", str(sleepers[0].pid))
+    put(d + "/" + live + "/c1/cgroup.procs", str(sleepers[1].pid))
+for tree in (frozen, live):
+    put(hiers["freezer"] + "/" + tree + "/c1/freezer.state", "FROZEN")
+# A live daemon (of another pid namespace: its number means nothing here) holds one copy's lock:
+# its tree is not ours to thaw, kill or remove, in any hierarchy.
+import fcntl
+held = os.open(hiers["freezer"] + "/" + live, os.O_RDONLY | os.O_DIRECTORY)
+fcntl.flock(held, fcntl.LOCK_EX)
 # A cgroup that cannot go: a mount on it (rmdir: EBUSY for good).
 subprocess.run(["mount", "-t", "tmpfs", "zygote-test", hiers["memory"] + "/" + busy + "/c1"], check=True)
 for d in hiers.values():
@@ -420,8 +443,10 @@ try:
 except Exception as e:
     out["raised"] = "%s: %s" % (type(e).__name__, e)
 host.close()
-sleeper.wait(timeout=5) if "raised" not in out else None
-out["sleeper_alive"] = sleeper.poll() is None
+sleepers[0].wait(timeout=5) if "raised" not in out else None
+out["sleeper_alive"] = sleepers[0].poll() is None
+out["live"] = [sleepers[1].poll() is None, open(hiers["freezer"] + "/" + live + "/c1/freezer.state").read().strip()]
+os.close(held)
 for c in hiers:
     put("/sys/fs/cgroup/%s%s/cgroup.procs" % (c, own[c].rstrip("/")), str(os.getpid()))
 print(json.dumps(out))
@@ -430,7 +455,7 @@ print(json.dumps(out))
 
 def _remove_stale_test_tree(name: str) -> list[str]:
     """Undo _STALE_SCRIPT's ``name`` trees whatever became of the script: unmount, thaw, kill
-    what is inside (our sleeper), remove bottom up. Returns what is still there."""
+    what is inside (our sleepers), remove bottom up. Returns what is still there."""
     own = cgroups._own_cgroups()
     tops = [f"/sys/fs/cgroup/{c}{own[c].rstrip('/')}/{name}" for c in ("memory", "pids", "cpu", "cpuacct", "freezer")]
     walks = [sorted(os.walk(top), key=lambda t: -len(t[0])) for top in tops]
@@ -444,7 +469,7 @@ def _remove_stale_test_tree(name: str) -> list[str]:
         for root, _dirs, _files in walk:
             try:
                 for pid in cgroups._procs(root):
-                    os.kill(pid, signal.SIGKILL)  # (the sleeper the script started: ours)
+                    os.kill(pid, signal.SIGKILL)  # (the sleepers the script started: ours)
             except OSError:
                 pass  # (gone already)
             for _ in range(200):
@@ -465,7 +490,9 @@ def test_a_new_daemon_clears_a_dead_one_s_frozen_cgroups_and_starts_despite_one_
     thawed, so they could not die, the removal timed out with a SetupError, which is no OSError:
     it escaped and the new daemon did not start at all (and left its own directory). Now frozen
     trees are thawed first, and a tree that cannot go (here: a mount on it) is left for a later
-    start while this one goes on."""
+    start while this one goes on. A tree whose copy in any hierarchy a live daemon holds is left
+    alone in all of them (v1 paths differ per hierarchy: its copy in another looked dead, and
+    the first thaw went there too)."""
     import json
     name = f"zygote-test-stale-{os.getpid()}"
     try:
@@ -476,6 +503,8 @@ def test_a_new_daemon_clears_a_dead_one_s_frozen_cgroups_and_starts_despite_one_
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert "raised" not in out, out
-    # all of the frozen tree, in the five hierarchies; the mounted-on one everywhere but memory
+    # all of the frozen tree, in the five hierarchies; the mounted-on one everywhere but memory;
+    # none of the live one's (its memory copy looked dead: thawing it elsewhere was the bug)
     assert out["removed"] == ["zygote/d99998"] * 4 + ["zygote/d99999"] * 5 and not out["sleeper_alive"], out
+    assert out["live"] == [True, "FROZEN"], out
     assert left == []

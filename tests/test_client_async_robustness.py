@@ -163,6 +163,26 @@ def test_fresh_copy_keeps_type_message_and_attributes():
     assert copy.__traceback__ is None and copy.__cause__ is None
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_after_the_client_closed_its_children_take_no_signal_and_their_blocks_say_nothing(backend):
+    """As the blocking face (and Popen on a process that ended): closing the client ends its
+    children that are not detached, their exits are never reported, and kill()/terminate() then
+    raised ClosedError, as did leaving an ``async with`` block on one."""
+    async def main():
+        async with await open_embedded() as c:
+            child = await c.spawn_child(time.sleep, (60,), stdin=DEVNULL)
+        for how in ("kill", "terminate"):
+            await getattr(child, how)()
+        await child.send_signal(signal.SIGUSR1)
+        async with child:
+            pass
+        with pytest.raises(ClosedError):
+            await child.wait()  # (its exit is unknown: still said)
+        await _until(lambda: not os.path.exists(f"/proc/{child.pid}"), "the child to end with its client")
+
+    anyio.run(main, backend=backend)
+
+
 # ---- C: signalling a child that has just ended ---------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)

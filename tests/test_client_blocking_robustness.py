@@ -15,7 +15,7 @@ import traceback
 
 import pytest
 
-from zygote_client import BrokenError, Client, ClosedError, RemoteError
+from zygote_client import BrokenError, Client, ClosedError, ProtocolError, RemoteError
 from zygote_client import _blocking
 
 from conftest import daemon_pid, wait_for
@@ -125,6 +125,24 @@ def test_a_close_that_leaves_an_exit_unreported_ends_poll_loops_and_signals_do_n
     wait_for(lambda: not os.path.exists(f"/proc/{ch.pid}"), 10, "the child to be gone with its client")
 
 
+def test_a_reader_that_fails_on_its_own_side_ends_the_connection_and_its_children():
+    """A frame this client cannot decode ends its reader, and nothing more can be read: the
+    connection stayed open, so the daemon kept its children running while kill() (which takes
+    the daemon for gone) returned quietly. Now the connection closes and they end with it."""
+    with Client.embedded() as c:
+        a = c.spawn_child(time.sleep, (60,), stdin=None)
+        b = c.spawn_child(time.sleep, (0.2,), stdin=None)
+
+        def undecodable(data, fds):
+            raise ProtocolError("a frame this client cannot decode (the test's)")
+
+        c._aclient._decoder.feed = undecodable
+        with pytest.raises(ProtocolError):
+            b.wait(30)  # (its Exited is the frame)
+        a.kill()
+        wait_for(lambda: not os.path.exists(f"/proc/{a.pid}"), 10, "the child to end with its connection")
+
+
 def test_communicate_s_timeout_carries_what_was_read(client):
     """As Popen's: TimeoutExpired.output and .stderr hold what was read before the timeout, None
     for a stream that gave nothing (both were None), and a later call still returns all of it."""
@@ -163,13 +181,14 @@ def test_a_keyword_this_api_does_not_take_is_refused_at_the_call(client):
     """run(check=True) or spawn_child(stderr=STDOUT) failed inside the event loop with a
     TypeError naming AsyncClient.spawn_child; now the call itself refuses, saying what to do
     instead of subprocess's keywords."""
+    before = {ch.id for ch in client.status().children}
     with pytest.raises(TypeError, match=r"run\(\) got an unexpected keyword argument 'check': .*check_returncode"):
         client.run(print, check=True)
     with pytest.raises(TypeError, match=r"spawn_child\(\) got an unexpected keyword argument 'stderr'"):
         client.spawn_child(print, stderr=subprocess.STDOUT)
     with pytest.raises(TypeError, match=r"spawn_child\(\) got an unexpected keyword argument 'nope'$"):
         client.spawn_child(print, nope=1)
-    assert not client.status().children
+    assert {ch.id for ch in client.status().children} == before  # (nothing was started)
 
 
 def test_a_broken_connection_raises_a_fresh_error_each_time():

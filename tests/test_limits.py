@@ -62,6 +62,35 @@ def test_cpu_time_exceeded(client):
     assert r.returncode in (-signal.SIGXCPU, -signal.SIGKILL)
 
 
+def test_a_child_that_ended_before_its_deadline_is_not_reported_timed_out(client):
+    """After a child's exit the daemon gives its status and result pipes 2 s (EOF_GRACE) to
+    reach EOF; the deadline went on running meanwhile, so a child that exited at once but had
+    handed a pipe's write end outside (here its result pipe, over the socket it got as stdin)
+    came back timed_out with returncode 0."""
+    def hands_out_its_result_pipe():
+        import array, socket
+        s = socket.socket(fileno=0)
+        s.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [5]))])
+        s.detach()
+
+    ours, theirs = socket.socketpair()
+    r, w = os.pipe()
+    held = []
+    try:
+        child = client.spawn_child(hands_out_its_result_pipe, stdin=None, timeout=1.5,
+                                   _stdio_fds=(theirs.fileno(), w, w))
+        _, anc, _, _ = ours.recvmsg(1, socket.CMSG_SPACE(4))
+        held = [fd for level, kind, blob in anc for fd in array.array("i", blob)]
+        st = child.wait(timeout=30)
+        assert held and st.returncode == 0 and not st.timed_out, st
+        assert st.wall_time >= 1.5  # (the grace outlasted the deadline: the case at hand)
+    finally:
+        for fd in held + [r, w]:
+            os.close(fd)
+        ours.close()
+        theirs.close()
+
+
 def test_cpu_time_exceeded_is_not_claimed_for_a_signal_the_budget_did_not_send(client):
     """A SIGXCPU the payload raised itself, with 30 s of budget left, was reported as
     cpu_time_exceeded (so was any SIGKILL past 95% of the budget: an OOM kill's, a client's)."""

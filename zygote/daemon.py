@@ -1215,6 +1215,12 @@ class Daemon:
         if msg.detached and msg.stdio != "pipe":
             return P.SpawnFailed(msg.req, "a detached child needs stdio='pipe' (the daemon keeps its output)",
                                  code="bad-request"), []
+        # Refused before anything is done or made for the child (a reserve child taken, the
+        # plan's path checks, a cgroup v2 child's cgroup: its fd stayed, the cgroup too).
+        if msg.stdio == "fds" and len(client_fds) != 3:
+            return P.SpawnFailed(msg.req, "stdio='fds' needs exactly 3 fds", code="bad-request"), []
+        if msg.stdio != "fds" and client_fds:
+            return P.SpawnFailed(msg.req, "unexpected fds with stdio='pipe'", code="bad-request"), []
         try:
             cfg = (pool.reserve.built if msg.sandbox is None  # (the pool's default: made once, _new_pool)
                    else policy.effective(pool.config.sandbox, msg.sandbox, inherit=conn.sandbox_inherits))
@@ -1269,11 +1275,6 @@ class Daemon:
             _close([r for r, _ in relays] + [r for r, _ in detached])
             drop([w for _, w in relays] + [w for _, w in detached])
 
-        # Refused before anything is made for the child (a cgroup v2 child's cgroup comes next).
-        if msg.stdio == "fds" and len(client_fds) != 3:
-            return P.SpawnFailed(msg.req, "stdio='fds' needs exactly 3 fds", code="bad-request"), []
-        if msg.stdio != "fds" and client_fds:
-            return P.SpawnFailed(msg.req, "unexpected fds with stdio='pipe'", code="bad-request"), []
         if msg.stdio == "fds":
             try:
                 mounted = any(policy.on_a_mount(fd) for fd in client_fds)
@@ -2634,6 +2635,8 @@ class Daemon:
             return
         # child.started is time.monotonic(); trio's clock has its own origin
         await trio.sleep(max(0.0, child.started + child.timeout - time.monotonic()))
+        if child.ended:  # (it exited first; its pipes' EOF grace is not its run time)
+            return
         child.timed_out = True
         if child.timeout_grace:
             await self._signal(child, signal.SIGTERM)

@@ -139,7 +139,17 @@ class AsyncChild:
                     await self._exited.wait()  # set on the exit, or when the connection breaks
             return
         await self.aclose()
-        await self.wait()
+        try:
+            await self.wait()
+        except ClosedError:
+            if self.detached:
+                raise  # (closing the client ended a child that is not detached: nothing to say)
+
+    def _ended_with_connection(self) -> bool:
+        """Its exit unreported and the connection gone: the daemon ends such a child (not
+        detached) with its connection, so there is nothing left to signal."""
+        return (self.status is None and not self.detached
+                and (self._client._closed or self._client._broken is not None))
 
     @property
     def returncode(self) -> int | None:
@@ -261,7 +271,7 @@ class AsyncChild:
     async def send_signal(self, signum: int) -> None:
         """Send ``signum`` to the child (the daemon delivers it); nothing once it has ended, and
         nothing for 0, as ``Popen.send_signal`` (whose 0 checks a process that cannot be gone)."""
-        if self.status is not None or signum == 0:
+        if self.status is not None or signum == 0 or self._ended_with_connection():
             return
         try:
             await self._client._signal(self.id, signum)
@@ -431,6 +441,12 @@ class AsyncClient:
                 self._broken = ClosedError("the client was closed")
             else:
                 self._broken = BrokenError(str(e) or type(e).__name__)
+            if not self._closed and not isinstance(e, anyio.get_cancelled_exc_class()):
+                # Nothing more can be read here (a frame this client cannot decode, the daemon
+                # gone): the connection closes, so the daemon ends its children, which nobody
+                # here could follow or signal any more, instead of keeping them running.
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await self._stream.aclose()
             for p in self._pending.values():
                 p.error = self._broken
                 p.event.set()

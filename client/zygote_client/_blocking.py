@@ -157,7 +157,7 @@ class ChildProcess:
         the daemon ends such a child with its connection, so a signal has nothing to do (as
         Popen's on an ended process). A detached child outlives the client: signalling it then
         needs a new client (ClosedError from this one)."""
-        return self._achild.status is None and (self.detached or not self._ended.is_set())
+        return self._achild.status is None and not self._achild._ended_with_connection()
 
     @property
     def export_result(self) -> ExportResult | None:

@@ -725,9 +725,11 @@ def _detect_v1(name: str, mounts: list, own: dict[str, str]) -> CgroupHost:
         base = os.path.join(d, name)
         if c == "freezer":  # optional: only makes kill() exact
             try:
-                os.mkdir(base)
-            except FileExistsError:
-                pass
+                for part in ([os.path.dirname(base)] if "/" in name else []) + [base]:
+                    try:  # (the daemon's name has a middle directory: zygote/d<pid>)
+                        os.mkdir(part)
+                    except FileExistsError:
+                        pass
             except OSError:
                 continue
         else:
@@ -750,10 +752,13 @@ def _detect_v1(name: str, mounts: list, own: dict[str, str]) -> CgroupHost:
 def remove_dead_instances(host: CgroupHost) -> list[str]:
     """Remove ``zygote/d<pid>`` trees left by daemons that died without cleaning up.
 
-    A live daemon holds an flock on its directory; a dead one's directory is taken over only when
-    its pid no longer exists and the lock can be had. Processes still inside are SIGKILLed.
+    A live daemon holds an flock on its directory in each hierarchy; a dead one's tree is taken
+    over only when its pid no longer exists and the locks of all its copies (v1: one per
+    hierarchy, whose paths may differ) can be had. It is thawed, what is still inside is
+    SIGKILLed, and it is removed; a tree that will not go is left for a later start.
     """
     removed = []
+    copies: dict[str, list[str]] = {}  # d<pid> -> its directories, one per hierarchy
     for h in host._hiers:
         parent = os.path.dirname(h.base)
         if os.path.basename(parent) != "zygote":
@@ -763,37 +768,41 @@ def remove_dead_instances(host: CgroupHost) -> list[str]:
         except OSError:
             continue
         for e in entries:
-            if e.path == h.base or not e.name.startswith("d") or not e.name[1:].isdigit():
-                continue
-            if os.path.exists(f"/proc/{e.name[1:]}"):
-                continue
-            try:
-                fd = os.open(e.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            if e.path != h.base and e.name.startswith("d") and e.name[1:].isdigit():
+                copies.setdefault(e.name, []).append(e.path)
+    for name, paths in sorted(copies.items()):
+        if os.path.exists(f"/proc/{name[1:]}"):
+            continue
+        fds: list[int] = []
+        try:
+            for path in paths:  # all locked, or none touched (a live instance holds one)
+                fds.append(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+                fcntl.flock(fds[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            for fd in fds:
                 os.close(fd)
-                continue
-            try:
-                for other in host._hiers:  # (a frozen task dies only once thawed: v1's freezer
-                    _thaw_tree(os.path.join(os.path.dirname(other.base), e.name))  # is its own hierarchy)
-                for root, dirs, _files in os.walk(e.path, topdown=False):
-                    for _ in range(50):
-                        try:
-                            pids = _procs(root)
-                        except OSError:
-                            break
-                        if not pids:
-                            break
-                        ChildCgroup._signal(pids)
-                        time.sleep(0.01)
-                    _rmdir(root)
-                removed.append(e.path)
-            except (OSError, SetupError):
-                pass  # (still busy: a task in D state. Left for the next start; this one goes on)
-            finally:
+            continue
+        try:
+            for path in paths:  # (a frozen task dies only once thawed: v1's freezer is a
+                _thaw_tree(path)  # hierarchy of its own)
+            for path in paths:
+                try:
+                    for root, _dirs, _files in os.walk(path, topdown=False):
+                        for _ in range(50):
+                            try:
+                                pids = _procs(root)
+                            except OSError:
+                                break
+                            if not pids:
+                                break
+                            ChildCgroup._signal(pids)
+                            time.sleep(0.01)
+                        _rmdir(root)
+                    removed.append(path)
+                except (OSError, SetupError):
+                    pass  # (still busy: a task in D state. Left for the next start; this one goes on)
+        finally:
+            for fd in fds:
                 os.close(fd)
     return removed
 
