@@ -1456,3 +1456,35 @@ def test_a_zygote_whose_daemon_went_away_ends_quietly():
             p.kill()
             p.wait()
         p.stderr.close()
+
+
+def test_a_detached_child_whose_spawn_was_cut_short_does_not_run_on_unseen(tmp_path, monkeypatch):
+    """A spawn cancelled after its child was registered and told to go (its connection closed
+    while the child confined itself) left the child to the connection's cleanup, which kills
+    only children that are not detached: a detached one ran its payload, its id never told to
+    anyone, with no ring for its output (nothing could attach), holding a place of its uid's
+    max_detached_per_client until the daemon stopped (a helper's review, by reading). A test
+    hook holds the child before its mounts until the test has closed the connection."""
+    import pickle
+    from conftest import sandbox_children
+
+    path, go_on = str(tmp_path / "zygote.sock"), str(tmp_path / "go-on")
+    monkeypatch.setenv("ZYGOTE_TEST_PAUSE_BEFORE_SOURCES", go_on)
+    proc = start_daemon("--socket", path, "--preload", "json", "--test-hooks")
+    try:
+        wait_socket(path, proc)
+        conn = RawConn(path)
+        conn.send(P.Hello(P.VERSION))
+        assert isinstance(conn.reply(), P.Welcome)
+        conn.send(P.Spawn(req=1, kind="target", target="time:sleep", payload=pickle.dumps(((60,), {})),
+                          detached=True, stdin=False))
+        new: list[int] = []
+        wait_for(lambda: new.extend(sandbox_children(proc.pid)) or new, 10, "the clone")
+        time.sleep(0.3)  # (the daemon has said go: the child waits for the hook's path)
+        conn.sock.close()
+        time.sleep(0.3)  # (the connection's cleanup has run)
+        with open(go_on, "w"):
+            pass
+        wait_for(lambda: not os.path.exists(f"/proc/{new[0]}"), 10, "the unseen detached child to be killed")
+    finally:
+        stop_daemon(proc)

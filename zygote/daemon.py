@@ -1320,6 +1320,7 @@ class Daemon:
         slot = None  # its host id range (userns.IdSlots), until a Child holds it
         trees: list[int] = []  # idmapped copies of the client's bind sources, until the clone has them
         own_id = None  # the client's own host id for the child's sandbox ids (with trees: _idmapped)
+        registered: Child | None = None  # a child in self.children whose Spawned has not gone out
         try:
             limit = cfg.max_output
             if msg.stdio == "fds":
@@ -1440,6 +1441,7 @@ class Daemon:
             mine.remove(res_r)
             self.children[child.id] = child
             conn.children[child.id] = child
+            registered = child
             flight.land()  # (counted as this child from here)
             if child.detached and child.peer_uid != 0:  # (until _watch ends: max_detached_per_client)
                 self._count(self.detached_by_uid, child.peer_uid, 1)
@@ -1465,7 +1467,11 @@ class Daemon:
         except BaseException:
             # Cancelled (the connection closed), out of fds half-way through making the pipes, or
             # a bug: nothing handed our pipe ends on yet. A child already registered is killed by
-            # the connection's own cleanup.
+            # the connection's own cleanup, unless detached: that one outlives its connection, and
+            # nobody was told its id (no Spawned), its output has no ring to attach to, and it
+            # held a place of its uid's max_detached_per_client until the daemon stopped.
+            if registered is not None and registered.detached:
+                self._kill(registered, signal.SIGKILL)
             _close([fd for fd in theirs if fd not in client_fds] + trees)
             drop(targets)
             _close(mine)
