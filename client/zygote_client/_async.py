@@ -142,8 +142,10 @@ class AsyncChild:
         try:
             await self.wait()
         except ClosedError:
+            # The client closed first. That ended a child that is not detached: nothing to say;
+            # a detached one runs on, its exit unknown here.
             if self.detached:
-                raise  # (closing the client ended a child that is not detached: nothing to say)
+                raise
 
     def _ended_with_connection(self) -> bool:
         """Its exit unreported and the connection gone: the daemon ends such a child (not

@@ -11,6 +11,7 @@ import atexit
 import concurrent.futures
 import contextlib
 import dataclasses
+import inspect
 import os
 import selectors
 import subprocess
@@ -541,7 +542,7 @@ class Client:
             ExportError: the export was refused or could not be written (``err.completed`` holds
                 the CompletedChild; ``export_to`` is untouched).
         """
-        _known_only("run", {k: v for k, v in private.items() if k not in ("process_name", "pool", "stdin", "detached")})
+        _known_only("run", {k: v for k, v in private.items() if k not in _SPAWN_PARAMS})  # (passed on to it)
         if export_to is not None and (sandbox_config is None or sandbox_config.export is None):
             import msgspec
             from ._workspace import Export
@@ -615,6 +616,10 @@ async def _session(factory: Callable[[], Any]):
     client = await factory()
     async with client:
         yield client
+
+
+# What run() passes on to spawn_child besides its own parameters (process_name, pool, ...).
+_SPAWN_PARAMS = frozenset(inspect.signature(Client.spawn_child).parameters)
 
 
 class _Communication:
