@@ -291,6 +291,27 @@ def test_SECURITY_a_child_killed_during_its_v1_attach_keeps_its_pid_until_the_wr
         assert c.run(print, ("still serving",)).stdout == b"still serving\n"
 
 
+def test_an_attach_failing_half_way_reports_its_own_error_and_leaves_nothing():
+    """On cgroup v1 a child is moved into its cgroup one hierarchy at a time. A write that
+    failed after the first left the child, alive and waiting for its plan, in the first
+    hierarchy's directory: the removal then waited 2 s on it and its "still busy" error
+    replaced the attach's (and the directory stayed until the daemon stopped). Now the child is
+    killed first: the client gets the attach error, and no directory is left."""
+    if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        pytest.skip("cgroup v2: one hierarchy, and children are born in their cgroup (no attach)")
+    with Client.embedded(test_hooks=True) as c:
+        daemon = daemon_pid(c)
+        with pytest.raises(SandboxUnavailable) as e:
+            c.spawn_child(print, sandbox_config=SandboxConfig(memory="64M", pids=16),
+                          _test_fail_step="cgroup-attach-half")
+        assert "attaching pid" in str(e.value) and "still busy" not in str(e.value), e.value
+        deadline = time.monotonic() + 5
+        while _zygote_dirs(daemon) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _zygote_dirs(daemon) == []
+        assert c.run(print, ("still serving",), sandbox_config=SandboxConfig(memory="64M")).stdout == b"still serving\n"
+
+
 @pytest.mark.cgroupv2
 def test_a_request_refused_for_its_fds_leaves_no_cgroup(socket_daemon):
     """On cgroup v2 a child's cgroup (and an fd of it, for CLONE_INTO_CGROUP) is made before

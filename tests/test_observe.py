@@ -8,6 +8,8 @@ import subprocess
 import sys
 import urllib.request
 
+import pytest
+
 from zygote_client import Client, DaemonError, SandboxError
 
 from conftest import _log, start_daemon, stop_daemon, wait_for, wait_socket, write_text
@@ -85,15 +87,10 @@ def test_reserve_children_are_not_counted_as_running_or_exited(tmp_path):
     write_text(path, f'[daemon]\nsocket = "{sock}"\n[pools.default]\nreserve = 2\n')
     proc = start_daemon("--config", str(path), "--metrics-port", "0")
     try:
-        wait_socket(sock, proc)
-        def url_in_log() -> list[str]:
-            return [w for w in _log(proc).decode().split() if w.startswith("http://127.0.0.1:")]
-        wait_for(url_in_log, what="the metrics address in the log")
-        url = url_in_log()[0]
+        url = _metrics_url(proc, sock)
 
         def gauge() -> str:
-            text = urllib.request.urlopen(url, timeout=10).read().decode()
-            return [line for line in text.splitlines() if line.startswith("zygote_children_running ")][0]
+            return _metric(url, "zygote_children_running")
         with Client.connect(sock) as c:
             wait_for(lambda: c.status().pools[0].reserve_waiting == 2, 30, "the reserve")
             st = c.status()
@@ -124,6 +121,29 @@ def test_reserve_children_are_not_counted_as_running_or_exited(tmp_path):
     exits = [json.loads(line) for line in _log(proc).decode().splitlines()
              if line.startswith("{") and json.loads(line)["event"] == "exit"]
     assert len(exits) == 2 and all(e["peer_uid"] == os.getuid() for e in exits), exits
+
+
+def test_kept_detached_records_expire_on_time_by_themselves(tmp_path):
+    """An ended detached child nobody attached to is kept detached_keep_seconds for a later
+    attach. Its expiry was looked at only on the next attach or keep: with neither, its result,
+    output rings and archive stayed in memory until the daemon stopped. The gauge
+    zygote_detached_kept counts the records kept."""
+    sock = str(tmp_path / "z.sock")
+    path = write_text(tmp_path / "z.toml", f'[daemon]\nsocket = "{sock}"\ndetached_keep_seconds = 1\n')
+    proc = start_daemon("--config", str(path), "--metrics-port", "0")
+    try:
+        url = _metrics_url(proc, sock)
+        with Client.connect(sock) as c:
+            assert _metric(url, "zygote_detached_kept") == "zygote_detached_kept 0.0"
+            ch = c.spawn_child(print, ("x" * 1000,), stdin=None, detached=True)
+            ch.wait(timeout=30)
+            wait_for(lambda: _metric(url, "zygote_detached_kept") == "zygote_detached_kept 1.0", 10, "the record kept")
+            wait_for(lambda: _metric(url, "zygote_detached_kept") == "zygote_detached_kept 0.0", 10, "the record's expiry")
+            with pytest.raises(DaemonError) as e:
+                c.attach(ch.id)
+            assert e.value.code == "unknown-child"
+    finally:
+        stop_daemon(proc)
 
 
 def test_a_daemon_whose_log_reader_went_away_keeps_serving(tmp_path):
@@ -304,6 +324,22 @@ def test_a_burst_of_log_lines_reaches_the_stream_in_a_few_writes():
     t0 = time.monotonic()
     stream.drain(5.0)
     assert time.monotonic() - t0 < 4.0 and failing.text() == "after\n", "the writer died with its stream"
+
+
+def _metrics_url(proc, sock: str) -> str:
+    """The metrics URL a daemon started with --metrics-port 0 logged, once it serves ``sock``."""
+    wait_socket(sock, proc)
+
+    def url_in_log() -> list[str]:
+        return [w for w in _log(proc).decode().split() if w.startswith("http://127.0.0.1:")]
+    wait_for(url_in_log, what="the metrics address in the log")
+    return url_in_log()[0]
+
+
+def _metric(url: str, name: str) -> str:
+    """The line of the unlabelled metric ``name`` in a scrape of ``url``."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return [line for line in text.splitlines() if line.startswith(name + " ")][0]
 
 
 def _metrics_daemon(tmp_path) -> tuple[subprocess.Popen, str, int]:

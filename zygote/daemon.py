@@ -520,6 +520,7 @@ class Daemon:
         self.observer = observe.Observer()
         self.observer.watch_pools(lambda: self.pools)
         self.observer.watch_running(self._running_for_clients)
+        self.observer.watch_kept(lambda: len(self.kept))
         self.network: network.NetworkHost | None = None
         self.network_error: SetupError | None = None
         self._idmaps: IdmapMaker | None = None  # user namespaces for idmapped binds (_idmapped)
@@ -1915,7 +1916,7 @@ class Daemon:
         the child's rings, from ``starts``; ``uid``'s count in ``attached`` (taken by the caller)
         is given back when both end. Once the child has ended they get RELAY_LINGER more to
         deliver: a reader that keeps its pipes and never reads must not hold the rings (and two
-        fds) for ever; it may attach again from where it was while the record is kept."""
+        fds) for ever (attaching again works while the child runs or its record is kept)."""
         try:
             async with trio.open_nursery() as n:
                 async def linger() -> None:
@@ -2016,6 +2017,9 @@ class Daemon:
         record.size = _kept_bytes(record)
         self.kept[child.id] = record
         self._expire_kept()
+        # Its expiry comes on time even if no attach or other keep follows (before, an expired
+        # record's result, rings and archive stayed in memory until one did).
+        self._nursery.start_soon(self._expire_later, self.config.detached_keep_seconds)
         # Per peer uid, oldest first out, by count and by the bytes held (results, output rings,
         # export archives): a user leaving many large detached results behind pins no more than
         # its own share, and never pushes out another user's records.
@@ -2024,6 +2028,10 @@ class Daemon:
         while len(mine) > self.config.detached_keep_max or (
                 len(mine) > 1 and sum(self.kept[cid].size for cid in mine) > self.config.detached_keep_bytes):
             _close(self.kept.pop(mine.pop(0)).fds)
+
+    async def _expire_later(self, delay: float) -> None:
+        await trio.sleep(delay + 0.01)  # (trio's clock and time.monotonic: both CLOCK_MONOTONIC)
+        self._expire_kept()
 
     def _expire_kept(self) -> None:
         now = time.monotonic()
@@ -2060,8 +2068,7 @@ class Daemon:
                 # number could be another process's by the time the thread writes it.
                 child.attaching = trio.Event()
                 try:
-                    cg = await trio.to_thread.run_sync(self._cgroup_for, child, cfg,
-                                                       1.0 if msg.test_fail_step == "cgroup-attach-delay" else 0.0)
+                    cg = await trio.to_thread.run_sync(self._cgroup_for, child, cfg, msg.test_fail_step)
                 except SetupError as e:
                     return P.SpawnFailed(msg.req, e.message, "cgroup", e.errno, e.hint, code="unavailable")
                 finally:
@@ -2429,15 +2436,25 @@ class Daemon:
                              e.errno or 0) from None
         return cg
 
-    def _cgroup_for(self, child: Child, cfg: SandboxConfig, test_delay: float = 0.0):
+    def _cgroup_for(self, child: Child, cfg: SandboxConfig, test_step: str | None = None):
         assert self.cgroups is not None
         cg = self.cgroups.create(child.id, memory=cfg.memory_bytes, pids=cfg.pids, cpu=cfg.cpu)
         try:
-            if test_delay:  # test hook (test_fail_step="cgroup-attach-delay"): a slow attach
-                time.sleep(test_delay)
-            cg.attach(child.pid)
+            if test_step == "cgroup-attach-delay":  # test hook: a slow attach
+                time.sleep(1.0)
+            cg.attach(child.pid, fail_after_first=test_step == "cgroup-attach-half")
         except BaseException:
-            cg.remove()
+            # Attached in some hierarchies, maybe: a live task there keeps the cgroup busy (its
+            # removal would wait, fail and hide this error). The child cannot run on half
+            # placed; it was not reaped meanwhile (child.attaching), so its pidfd is its own.
+            try:
+                signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
+            except OSError:
+                pass  # (gone already)
+            try:
+                cg.remove()
+            except SetupError as e:  # (the attach's error is the one the client gets)
+                self.observer.log.warning("cgroup", child=child.id, message=f"left for the daemon's stop: {e.message}")
             raise
         return cg
 

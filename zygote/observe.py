@@ -303,6 +303,8 @@ class Observer:
         self._running = Gauge("zygote_children_running", "Children running for clients now (held leased ones "
                               "included, waiting reserve children not)", registry=self.registry)
         self._connections = Gauge("zygote_connections", "Client connections open now", registry=self.registry)
+        self._kept = Gauge("zygote_detached_kept", "Ended detached children kept for a later attach now",
+                           registry=self.registry)
         self._server = None
 
     def watch_pools(self, pools) -> None:
@@ -313,6 +315,10 @@ class Observer:
         """zygote_children_running is ``running()`` at each scrape (read from the metrics thread: a
         length or two, never stale as a value set at the last spawn or exit was)."""
         self._running.set_function(running)
+
+    def watch_kept(self, kept) -> None:
+        """zygote_detached_kept is ``kept()`` at each scrape (a length, read from the metrics thread)."""
+        self._kept.set_function(kept)
 
     def serve_metrics(self, port: int, addr: str = "127.0.0.1") -> int:
         """Expose /metrics on addr:port (a thread serving at most METRICS_CONNECTIONS at once, in

@@ -429,10 +429,15 @@ class ChildCgroup:
             raise _err(f"writing {e.filename or 'limit'} in {self.child_id}: {e.strerror}", e.errno or 0, hint) from None
         self.limits = limits(memory, pids, cpu)
 
-    def attach(self, pid: int) -> None:
-        """Move process `pid` (all its threads) into this cgroup in every hierarchy."""
-        for d in self.paths:
+    def attach(self, pid: int, fail_after_first: bool = False) -> None:
+        """Move process `pid` (all its threads) into this cgroup in every hierarchy.
+
+        A failure may leave it moved in the hierarchies before (``fail_after_first``, for
+        tests: as if the second write failed)."""
+        for i, d in enumerate(self.paths):
             try:
+                if fail_after_first and i == 1:
+                    raise OSError(E.EINVAL, os.strerror(E.EINVAL))
                 _write(os.path.join(d, "cgroup.procs"), str(pid))
             except OSError as e:
                 raise _err(f"attaching pid {pid} to {d}: {e.strerror}", e.errno or 0) from None
