@@ -781,3 +781,76 @@ def test_SECURITY_mptcp_does_not_get_past_landlocks_tcp_rules(client):
     assert got["tcp"] != "bound", got  # (Landlock: the layer MPTCP would get past)
     assert got["mptcp"] != "bound", got
 
+
+
+_KEYED_DAEMON = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.syscall(250, 1, None) > 0  # keyctl(JOIN_SESSION_KEYRING, NULL): a session of the test's own
+key = libc.syscall(248, b"user", b"zg-test-secret", b"hunter2", 7, -3)  # add_key(..., session keyring)
+assert key > 0, ctypes.get_errno()
+with open(sys.argv[1], "w") as f:
+    f.write(str(key))
+os.execv(sys.executable, [sys.executable, "-m", "zygote", "serve", *sys.argv[2:]])
+"""
+
+
+@pytest.fixture(scope="module")
+def unconfined_probe(tmp_path_factory):
+    """The probe's answers in a child of an unconfined pool (no seccomp) of a daemon started in
+    a session keyring holding a key of its starter's."""
+    import sys
+    import tempfile
+    from conftest import stop_daemon, wait_socket, write_text
+
+    def probe(key_id: int) -> dict:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+
+        def call(*args):
+            ret = libc.syscall(*args)
+            return ret if ret >= 0 else -ctypes.get_errno()
+        buf = ctypes.create_string_buffer(64)
+        return {
+            "search": call(250, 10, -3, b"user", b"zg-test-secret", 0),  # keyctl(SEARCH, session keyring)
+            "read": call(250, 11, key_id, buf, 64),                     # keyctl(READ) of the daemon's key
+            "add": call(248, b"user", b"zg-from-a-child", b"x", 1, -3),  # add_key into the session keyring
+            "unshare_user": call(272, 0x10000000),                      # unshare(CLONE_NEWUSER)
+        }
+
+    d = tmp_path_factory.mktemp("keyed")
+    sock = str(d / "z.sock")
+    cfg = write_text(d / "z.toml", f'[daemon]\nsocket = "{sock}"\n[pools.default.sandbox]\nseccomp_profile = "unconfined"\n')
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "-c", _KEYED_DAEMON, str(d / "key"), "--config", cfg], stderr=log)
+    proc.log = log
+    try:
+        wait_socket(sock, proc)
+        key_id = int((d / "key").read_text())
+        with Client.connect(sock) as c:
+            yield c.call(probe, key_id)
+    finally:
+        stop_daemon(proc)
+
+
+def test_SECURITY_children_cannot_reach_the_keys_of_the_daemons_session(unconfined_probe):
+    """Every process possesses its session keyring, and possession grants access to its keys:
+    a child whose profile allows keyctl (unconfined) read and changed the keys of the session
+    that started the daemon (a login's, a service's: a helper's review), and could leave keys
+    for other clients' children in it. The zygote now leaves it for an empty keyring its
+    possessors may only see. Fails with the zygote keeping its inherited keyring: the search
+    finds the key and the read returns its 7 bytes."""
+    got = unconfined_probe
+    assert got["search"] < 0 and got["read"] < 0, got
+    assert got["add"] < 0, got
+
+
+def test_SECURITY_children_cannot_make_nested_user_namespaces(unconfined_probe):
+    """A user namespace made inside the child gives every capability in it, and with them
+    kernel interfaces meant for the host's root (nf_tables: most container escapes go through
+    one). The seccomp profiles refuse it; without them (unconfined) a child made one (a helper's
+    review). Each child now sets its user namespace's max_user_namespaces to 0 while it holds
+    CAP_SYS_RESOURCE there. Fails without that write: unshare returns 0."""
+    import errno
+    assert unconfined_probe["unshare_user"] == -errno.ENOSPC, unconfined_probe

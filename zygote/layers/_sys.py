@@ -17,12 +17,12 @@ NR = {
                    landlock_create_ruleset=444, landlock_add_rule=445, landlock_restrict_self=446,
                    close_range=436, mount_setattr=442, capset=126, prctl=157, openat2=437,
                    setfsuid=122, setfsgid=123, faccessat2=439, name_to_handle_at=303, open_tree=428,
-                   move_mount=429),
+                   move_mount=429, keyctl=250),
     "aarch64": dict(setresuid=147, setresgid=149, setgroups=159, pivot_root=41, seccomp=277,
                     landlock_create_ruleset=444, landlock_add_rule=445, landlock_restrict_self=446,
                     close_range=436, mount_setattr=442, capset=91, prctl=167, openat2=437,
                     setfsuid=151, setfsgid=152, faccessat2=439, name_to_handle_at=264, open_tree=428,
-                    move_mount=429),
+                    move_mount=429, keyctl=219),
 }[_ARCH]
 
 libc = ctypes.CDLL(None, use_errno=True)

@@ -36,6 +36,29 @@ SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED = 1 << 7
 SECUREBITS = (SECBIT_NOROOT | SECBIT_NOROOT_LOCKED | SECBIT_NO_SETUID_FIXUP | SECBIT_NO_SETUID_FIXUP_LOCKED
               | SECBIT_KEEP_CAPS_LOCKED | SECBIT_NO_CAP_AMBIENT_RAISE | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED)
 
+# keyctl(2): include/uapi/linux/keyctl.h
+KEYCTL_JOIN_SESSION_KEYRING, KEYCTL_SETPERM, KEY_SPEC_SESSION_KEYRING, KEY_POS_VIEW = 1, 5, -3, 0x01000000
+
+
+def leave_session_keyring() -> None:
+    """Zygote side, once at its start: give up the session keyring inherited from whoever
+    started the daemon (a login session's, a service's) for a new, empty one whose possessors
+    may only see that it exists.
+
+    Every process possesses its session keyring, and possession is what grants access to the
+    keys in it: a child whose profile allows keyctl (``unconfined``) could otherwise read and
+    change the keys of the daemon's session, and, through a keyring every child shares, leave
+    keys for the children of other clients. Raises OSError; ENOSYS (a kernel without keys) and
+    EPERM (a container's seccomp policy refusing keyctl to everything in it, children included)
+    leave nothing to protect."""
+    try:
+        _sys.syscall("keyctl", KEYCTL_JOIN_SESSION_KEYRING, None)
+        _sys.syscall("keyctl", KEYCTL_SETPERM, KEY_SPEC_SESSION_KEYRING, KEY_POS_VIEW)
+    except OSError as e:
+        if e.errno not in (_errno.ENOSYS, _errno.EPERM):
+            raise
+
+
 PR_CAPBSET_READ = 23
 PR_CAPBSET_DROP = 24
 PR_GET_SECUREBITS = 27

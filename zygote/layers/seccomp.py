@@ -43,6 +43,7 @@ import json
 import os
 import platform
 import re
+import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,11 @@ _NEW_SYSCALLS = {
 }
 if _ARCH == "x86_64":
     _NEW_SYSCALLS["uretprobe"] = 335  # x86_64 only, Linux 6.11
+
+NEWEST_REVIEWED = max(_NEW_SYSCALLS.values())
+"""The highest syscall number the profiles were reviewed against. Under a profile whose
+``defaultAction`` allows (a deny-list, as ``default``), a higher number gets ENOSYS from the
+filter (see ``compile_profile``): a syscall added by a later kernel is not let through unread."""
 
 _NR_SCMP_ERROR = -1  # libseccomp's answer for a name it does not know on any architecture
 
@@ -350,10 +356,13 @@ def normalize(profile: Any) -> dict:
 
 # ---- compiling ----------------------------------------------------------------------------------
 
-def compile_profile(profile: dict) -> bytes:
+def compile_profile(profile: dict, newest: int = NEWEST_REVIEWED) -> bytes:
     """Compile a profile (raw or normalised) to a classic-BPF program: ``struct sock_filter[]``.
 
-    Only the native architecture is in the filter; other ABIs get KILL_PROCESS.
+    Only the native architecture is in the filter; other ABIs get KILL_PROCESS. When the
+    default action allows, syscall numbers above ``newest`` get ENOSYS (what runc does too: a
+    caller falls back as on an older kernel), from a few instructions put before libseccomp's
+    program (``_ceiling``).
 
     Raises:
         ProfileError: the profile is invalid or libseccomp refused a rule.
@@ -393,10 +402,36 @@ def compile_profile(profile: dict) -> bytes:
                            errno=e.errno or 0) from None
     finally:
         os.close(fd)
+    if default in (_RET_ALLOW, _RET_LOG):
+        bpf = _ceiling(newest) + bpf
     if not bpf or len(bpf) % _SOCK_FILTER_SIZE or len(bpf) // _SOCK_FILTER_SIZE > _BPF_MAXINSNS:
         raise ProfileError(f"the compiled filter has {len(bpf)} bytes, not 1..{_BPF_MAXINSNS} "
                            f"instructions", "make the profile smaller")
     return bpf
+
+
+# Classic BPF (include/uapi/linux/filter.h, bpf_common.h) and struct seccomp_data's offsets.
+_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_JGT_K, _BPF_RET_K = 0x20, 0x15, 0x35, 0x25, 0x06
+_DATA_NR, _DATA_ARCH = 0, 4
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+_X32_SYSCALL_BIT = 0x40000000
+
+
+def _ceiling(newest: int) -> bytes:
+    """Instructions to run before libseccomp's program: a native call numbered above
+    ``newest`` returns ENOSYS; anything else goes on to that program (which kills other ABIs,
+    x32 numbers included: they carry a bit above any native number). Jumps in classic BPF are
+    relative, so the program after needs no change."""
+    def ins(code: int, jt: int, jf: int, k: int) -> bytes:
+        return struct.pack("=HBBI", code, jt, jf, k)
+    return b"".join((
+        ins(_BPF_LD_W_ABS, 0, 0, _DATA_ARCH),
+        ins(_BPF_JEQ_K, 0, 4, _AUDIT_ARCH[_ARCH]),           # another ABI: to libseccomp's program
+        ins(_BPF_LD_W_ABS, 0, 0, _DATA_NR),
+        ins(_BPF_JGE_K, 2, 0, _X32_SYSCALL_BIT),             # x32: likewise (it kills)
+        ins(_BPF_JGT_K, 0, 1, newest),
+        ins(_BPF_RET_K, 0, 0, _RET_ERRNO | _errno.ENOSYS),
+    ))
 
 
 _cache: dict[tuple, bytes] = {}

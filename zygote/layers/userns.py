@@ -304,3 +304,28 @@ def apply() -> None:
             raise SetupError("userns", str(e), e.errno) from None
     if os.getuid() == 65534 and lines[0] == b"0":
         raise SetupError("userns", "still the overflow uid after setresuid", _errno.EPERM)
+    no_nested_namespaces()
+
+
+MAX_USER_NAMESPACES = "/proc/sys/user/max_user_namespaces"
+
+
+def no_nested_namespaces() -> None:
+    """Child side, while it holds its capabilities in its own user namespace: no user namespace
+    can be made below it. The kernel keeps this limit per user namespace (the file names the
+    writer's own) and checks every level's on creation, and only a holder of CAP_SYS_RESOURCE in
+    the namespace may set it, so the payload can never raise it again. A nested user namespace
+    gives every capability inside it, which is how a payload reaches kernel interfaces meant for
+    the host's root (nf_tables, mounting file systems), the origin of most container escapes.
+    The seccomp profiles refuse unshare/clone with namespace flags too; this holds without them
+    (a pool with seccomp_profile = "unconfined", a custom profile)."""
+    try:
+        fd = os.open(MAX_USER_NAMESPACES, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise SetupError("userns", f"limiting nested user namespaces ({MAX_USER_NAMESPACES}): {e.strerror}",
+                         e.errno or 0, "the host's /proc/sys must be writable for a process's own user "
+                         "namespace (in Docker: --security-opt systempaths=unconfined)") from None
