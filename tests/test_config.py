@@ -17,7 +17,7 @@ from zygote.config import ConfigError, load
 from zygote_client import _protocol as P
 from zygote_client import Client, DaemonError, SandboxConfig
 
-from conftest import (_log, wait_for, ACL_GROUP_OBJ, ACL_MASK, ACL_NO_ID, ACL_OTHER, ACL_USER, ACL_USER_OBJ, RawConn, config_daemon,
+from conftest import (_log, children_of, cmdline, wait_for, ACL_GROUP_OBJ, ACL_MASK, ACL_NO_ID, ACL_OTHER, ACL_USER, ACL_USER_OBJ, RawConn, config_daemon,
                       run_as, set_acl, start_daemon, stop_daemon, wait_socket, write_text)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -1173,3 +1173,159 @@ def test_SECURITY_a_nested_bind_target_deleted_after_the_check_is_not_made_on_th
                                          ro_binds={os.path.join(sec, "s"): "/w/sub/h"}, rw_binds={mine: "/w"})
     assert out.startswith("SpawnFailed:mount point /w/sub/h") and "must exist on the host" in out, out
     assert os.listdir(mine) == []
+
+
+def _zygotes_of(pid: int) -> list[int]:
+    return [p for p, _ in children_of(pid) if b"zygote._zygote" in cmdline(p)]
+
+
+def _pool_with_preload(tmp_path, sock: str, module: str, body: str, version: int, extra: str = "") -> str:
+    """A config file whose default pool preloads ``module`` (written with ``body`` in
+    ``tmp_path``); ``version`` goes into the pool's environment, so a new one is a changed pool."""
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(body))
+    return write_text(tmp_path / "z.toml", f'[daemon]\nsocket = "{sock}"\n{extra}[pools.default]\npreload = ["{module}"]\n'
+                      f'reserve = 0\nenv = {{PATH = "/usr/bin:/bin", PYTHONPATH = "{tmp_path}", V = "{version}"}}\n')
+
+
+def test_a_pool_retired_while_its_zygote_restarts_leaves_no_zygote_running(tmp_path):
+    """A reload retires a pool whose zygote is being restarted (it died; its replacement still
+    preloads). The restart checked for a stopping pool only before it started the new zygote,
+    which then joined the stopped pool's list, unseen by its stop: an interpreter with all its
+    preloads held for as long as the daemon ran (a helper's review). Here the replacement's
+    preload takes 3 s, and the reload comes 0.5 s into it."""
+    sock = str(tmp_path / "z.sock")
+    mark = tmp_path / "slow"
+    body = f"""
+        import os, time
+        if os.path.exists({str(mark)!r}):  # once: the next zygote preloads at once
+            os.unlink({str(mark)!r})
+            time.sleep(3)
+        """
+    cfg = _pool_with_preload(tmp_path, sock, "zg_once_slow", body, 1)
+    proc = start_daemon("--config", cfg)
+    try:
+        wait_socket(sock, proc)
+        Client.connect(sock).close()  # (its Welcome: the pool is up)
+        [first] = _zygotes_of(proc.pid)
+        mark.touch()
+        os.kill(first, signal.SIGKILL)  # (the test's own daemon's zygote)
+        time.sleep(0.5)
+        _pool_with_preload(tmp_path, sock, "zg_once_slow", body, 2)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: b"reloaded" in _log(proc), what="the reload")
+        wait_for(lambda: not mark.exists(), what="the restart's preload")
+        time.sleep(3.5)  # (the restart's preload ends)
+        assert len(_zygotes_of(proc.pid)) == 1, _zygotes_of(proc.pid)
+        with Client.connect(sock) as c:
+            assert c.run(print, ("ok",)).stdout == b"ok\n"
+    finally:
+        stop_daemon(proc)
+
+
+def test_a_zygote_still_preloading_when_the_daemon_stops_does_not_outlive_it(tmp_path):
+    """SIGTERM while a reload's new pool still preloads: the zygote's start was cancelled, and
+    only a start that timed out killed its interpreter; this one ran on after the daemon had
+    exited (a helper's review, with a preload that never returns)."""
+    sock = str(tmp_path / "z.sock")
+    mark = tmp_path / "hang"
+    body = f"""
+        import os, time
+        if os.path.exists({str(mark)!r}):
+            time.sleep(120)
+        """
+    cfg = _pool_with_preload(tmp_path, sock, "zg_hangs_when_marked", body, 1)
+    proc = start_daemon("--config", cfg)
+    leftover: list[int] = []
+    try:
+        wait_socket(sock, proc)
+        Client.connect(sock).close()  # (its Welcome: the pool is up)
+        mark.touch()
+        _pool_with_preload(tmp_path, sock, "zg_hangs_when_marked", body, 2)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: len(_zygotes_of(proc.pid)) == 2, what="the new pool's zygote")
+        time.sleep(0.5)
+        stop_daemon(proc)
+        time.sleep(0.5)
+        leftover = [int(d) for d in os.listdir("/proc") if d.isdigit()
+                    and b"zg_hangs_when_marked" in cmdline(int(d)) and b"zygote._zygote" in cmdline(int(d))]
+        assert leftover == [], "a zygote outlived its daemon"
+    finally:
+        for pid in leftover:  # (ours: the preload names a module of this test's)
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            stop_daemon(proc)
+
+
+def test_requests_during_reloads_are_answered(tmp_path):
+    """A reload stops the old pool's zygotes while requests may be cloning from them: one got
+    "internal" (the zygote's socket closed under its clone), others "retry" (the pool they had
+    looked up was stopped). A clone in flight now gets its reply before the zygote stops, and a
+    request that found its pool replaced tries once more in the new one."""
+    import threading
+    sock = str(tmp_path / "z.sock")
+    cfg = _pool_with_preload(tmp_path, sock, "zg_plain", "x = 1\n", 0)
+    proc = start_daemon("--config", cfg)
+    errors: list[str] = []
+    done = threading.Event()
+    ran = [0]
+
+    def requester() -> None:
+        with Client.connect(sock) as c:
+            while not done.is_set():
+                try:
+                    assert c.run(print, ("x",)).stdout == b"x\n"
+                    ran[0] += 1
+                except Exception as e:  # noqa: BLE001 - every kind counts as a failure here
+                    errors.append(f"{type(e).__name__}: {e}")
+    try:
+        wait_socket(sock, proc)
+        threads = [threading.Thread(target=requester) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for v in range(1, 13):
+            time.sleep(0.3)
+            _pool_with_preload(tmp_path, sock, "zg_plain", "x = 1\n", v)
+            proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+    finally:
+        done.set()
+        for t in threads:
+            t.join(60)
+        err = stop_daemon(proc)
+    assert err.count(b"reloaded") >= 6, err[-2000:]
+    assert ran[0] > 20 and errors == [], (ran[0], errors[:5])
+
+
+def test_a_pool_naming_an_unknown_seccomp_profile_is_refused_with_the_file(tmp_path):
+    """A pool's seccomp_profile is checked when the file is read (at start and at each reload):
+    a name that does not exist was taken, and every default request of the pool then failed
+    with "unknown seccomp profile" (a helper's review)."""
+    cfg = write_text(tmp_path / "z.toml", '[pools.default.sandbox]\nseccomp_profile = "nonexistent"\n')
+    with pytest.raises(ConfigError, match=r"pools\.default: sandbox\.seccomp_profile: unknown seccomp profile"):
+        load(cfg, default_python=sys.executable)
+    write_text(cfg, '[pools.default.sandbox]\nseccomp_profile = "strict"\n')
+    assert load(cfg, default_python=sys.executable).pools["default"].sandbox.seccomp_profile == "strict"
+
+
+def test_a_reload_changing_always_cgroup_remakes_the_reserves_and_says_what_it_keeps(tmp_path):
+    """always_cgroup applies to the children made after it: reserve children made before a
+    reload that turned it on had no cgroup and were still handed out (no peak_memory), so the
+    pools restart. Settings a reload cannot change (the socket's mode, id_base) are named in
+    its log line, as the network ones were; they were kept silently."""
+    sock = str(tmp_path / "z.sock")
+    cfg = write_text(tmp_path / "z.toml", f'[daemon]\nsocket = "{sock}"\n[pools.default]\nreserve = 2\n')
+    proc = start_daemon("--config", cfg)
+    try:
+        wait_socket(sock, proc)
+        with Client.connect(sock) as c:
+            wait_for(lambda: c.status().pools[0].reserve_waiting == 2, 30, "the reserve")
+            write_text(cfg, f'[daemon]\nsocket = "{sock}"\nsocket_mode = "0660"\nalways_cgroup = true\n'
+                       '[pools.default]\nreserve = 2\n')
+            proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: b"reloaded" in _log(proc), 30, "the reload")
+            for _ in range(3):  # more than the reserve held
+                assert c.run(print, ("x",)).status.peak_memory is not None
+    finally:
+        err = stop_daemon(proc)
+    line = [ln for ln in err.decode().splitlines() if "reloaded" in ln][0]
+    assert "pool 'default' restarted" in line and "socket_mode changed: kept" in line, line

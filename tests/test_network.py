@@ -168,10 +168,10 @@ class World:
         self.inet_servers: Servers = Servers(i)
         self.host_servers: Servers = Servers(h, ports=(7,), v6=True)
 
-    def start(self, tmp_path, *args: str, test_hooks: bool = True, preexec=None) -> str:
+    def start(self, tmp_path, *args: str, test_hooks: bool = True, preexec=None, network: bool = True) -> str:
         self.sock_path = str(tmp_path / "zygote.sock")
         cmd = ["nsenter", f"--net=/run/netns/{self.host}", sys.executable, "-m", "zygote", "serve",
-               "--socket", self.sock_path, "--preload", "json", "--network", *args]
+               "--socket", self.sock_path, "--preload", "json", *(["--network"] if network else []), *args]
         if test_hooks:
             cmd.append("--test-hooks")
         self.daemon = subprocess.Popen(cmd, preexec_fn=preexec)
@@ -946,6 +946,34 @@ def test_reload_keeps_the_network_settings_the_firewall_was_built_with(world, tm
     assert b"10.99.0.10" in r.stdout and b"10.99.0.11" not in r.stdout, r.stdout
     ruleset = world.nft()
     assert "10.99.0.10" in ruleset and "10.99.0.11" not in ruleset
+
+
+def test_a_reload_that_first_allows_network_starts_networking(world, tmp_path):
+    """Networking (the egress ruleset, namespaces made ahead) was started only with the daemon,
+    and only if some pool allowed network then: a reload giving a pool network was taken, and
+    every networked spawn then failed with "networking was not started" (a helper's review)."""
+    cfg = tmp_path / "z.toml"
+    cfg.write_text("")
+    path = world.start(tmp_path, "--config", str(cfg), network=False)
+    assert "zygote" not in world.nft()
+    cfg.write_text("[pools.default.sandbox.network]\n")
+    world.daemon.send_signal(signal.SIGHUP)
+
+    def payload():
+        import socket
+        print(socket.create_connection(("198.51.100.10", 7), timeout=10).getsockname()[0])
+    deadline = time.monotonic() + 30
+    with Client.connect(path) as c:
+        while True:
+            try:
+                r = c.run(payload, sandbox_config=NET, timeout=60)
+                break
+            except DaemonError as e:  # (the reload goes on in the background)
+                assert "not allowed by the pool" in str(e), e
+                assert time.monotonic() < deadline, e
+                time.sleep(0.2)
+    assert r.returncode == 0, r.stderr.decode()
+    assert "zygote" in world.nft()
 
 
 def test_a_reload_that_lowers_network_ahead_lets_the_prepared_namespaces_go(world, tmp_path):

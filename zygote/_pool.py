@@ -27,6 +27,7 @@ from ._zygote import JOIN_FAILED, NFDS, REP, REQ
 THREAD_CAPS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "NUMEXPR_NUM_THREADS": "1", "VECLIB_MAXIMUM_THREADS": "1"}
 CLONE_REPLY_TIMEOUT = 30.0  # seconds a zygote may take to answer one clone request
+STOP_CLONE_WAIT = 2.0  # seconds a stopping zygote waits for a clone in flight to be answered
 
 DEFAULT_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
 
@@ -186,6 +187,10 @@ class Zygote:
         except trio.TooSlowError:
             await self.stop()
             raise PoolStartError(f"zygote of pool {self.pool.name!r} did not become ready in {timeout}s") from None
+        except BaseException:  # cancelled (the daemon stopping meanwhile): it must not outlive us
+            with trio.CancelScope(shield=True):
+                await self.stop()
+            raise
         if first[:1] == b"R":
             self.info = msgspec.msgpack.decode(first[1:], type=dict)
             return
@@ -197,7 +202,8 @@ class Zygote:
         """Clone one child holding ``fds`` whose user namespace ``owner`` owns (0: the zygote's
         uid); returns its pid. Raises ZygoteDied or OSError."""
         async with self._lock:
-            if self.sock is None or self.dead.is_set():
+            sock = self.sock  # (stop() may set it to None meanwhile: see there)
+            if sock is None or self.dead.is_set():
                 raise ZygoteDied("zygote is not running")
             req = next(self._req)
             # Shielded: once the request is sent the zygote clones, so the reply must be read even
@@ -208,10 +214,10 @@ class Zygote:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(CLONE_REPLY_TIMEOUT):
                     try:
-                        await self.sock.sendmsg([REQ.pack(req, flags, owner)],
-                                                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(fds))])
-                        rep = await self.sock.recv(64)
-                    except OSError as e:
+                        await sock.sendmsg([REQ.pack(req, flags, owner)],
+                                           [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(fds))])
+                        rep = await sock.recv(64)
+                    except (OSError, trio.ClosedResourceError) as e:
                         self.dead.set()
                         raise ZygoteDied(f"zygote connection failed: {e}") from None
             if len(rep) != REP.size:
@@ -230,7 +236,12 @@ class Zygote:
             return pid
 
     async def stop(self) -> None:
-        self.dead.set()
+        self.dead.set()  # no clone starts from here
+        # A clone already sent gets its reply first (bounded): closed under it, the child it
+        # made went untracked and its request failed "internal" (a reload under load).
+        with trio.CancelScope(shield=True), trio.move_on_after(STOP_CLONE_WAIT):
+            async with self._lock:
+                pass
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -307,9 +318,13 @@ class Pool:
                 nz = Zygote(self.config, i)
                 try:
                     await nz.start()
-                    break
                 except PoolStartError:
                     await trio.sleep(1.0)
+                    continue
+                if self.stopping:  # stopped while it started: stop() did not see it
+                    await nz.stop()
+                    return
+                break
             else:
                 return
             self.restarts += 1

@@ -115,6 +115,20 @@ def check_reserves(pool: PoolConfig, where: str) -> None:
     if pool.reserve_network and pool.sandbox.network is None:
         raise ConfigError(f"{where}: reserve_network needs a pool that allows network "
                           "(sandbox.network in its TOML table, or --network)")
+    check_profile(pool, where)
+
+
+def check_profile(pool: PoolConfig, where: str) -> None:
+    """The pool's seccomp profile exists and is valid: every default request of a pool naming
+    one that is not failed ("unknown seccomp profile") while the file (or a reload) was taken."""
+    profile = pool.sandbox.seccomp_profile
+    if profile in (None, "", "unconfined"):
+        return
+    from .layers import seccomp
+    try:
+        seccomp.load_profile(profile)
+    except seccomp.ProfileError as e:
+        raise ConfigError(f"{where}: sandbox.seccomp_profile: {e}") from None
 
 
 def check_network_room(pools, network_pool: str, where: str) -> None:

@@ -686,6 +686,7 @@ class Daemon:
         daemon's, not the zygote's, so they run on). Access rules and child limits apply to the next
         connection or spawn. The socket, id_base and test_hooks stay as they were at start, and a
         root daemon's max_children goes no higher than the host id ranges it claimed at start.
+        Networking starts here if the first pool that allows it came with this configuration.
         Returns a line per change.
         """
         # The network settings stay as the children's firewall was built at start (a new
@@ -693,6 +694,10 @@ class Daemon:
         # and the new one blocked): they take effect at the next start.
         net = {f: getattr(self.config, f) for f in ("network_pool", "network_dns", "network_masquerade")}
         net_changed = [f for f, v in net.items() if getattr(config, f) != v]
+        net_changed += [f for f in ("socket_path", "socket_mode", "socket_group", "id_base")
+                        if getattr(config, f) != getattr(self.config, f)]
+        # A reserve child was made with the daemon's always_cgroup of its day: all pools restart.
+        everything = config.always_cgroup != self.config.always_cgroup
         keep = dataclasses.replace(config, socket_path=self.config.socket_path, id_base=self.config.id_base,
                                    test_hooks=self.config.test_hooks, **net)
         kept_max = None
@@ -706,7 +711,7 @@ class Daemon:
         try:
             for name, pc in keep.pools.items():
                 old = self.pools.get(name)
-                if old is None or old.config != pc:
+                if old is None or old.config != pc or everything:
                     pool = self._new_pool(pc)
                     started[name] = pool
                     await pool.start()
@@ -724,6 +729,16 @@ class Daemon:
                            "ranges for its children are claimed at start)")
         self.pools = {n: started.get(n) or self.pools[n] for n in keep.pools}
         self.config = keep
+        if self.network is None and any(pc.sandbox.network is not None for pc in keep.pools.values()):
+            # The first pool with network: the egress rules are installed now (networked spawns
+            # failed with "networking was not started" until the next start).
+            self.network_error = None
+            await self.start_network()
+            if self.network is not None:
+                self._nursery.start_soon(self._keep_net_ahead, self.network)
+                changes.append("networking started")
+            else:
+                changes.append(f"networking could not start: {self.network_error}")
         self._net_wake.set()  # network_ahead may have changed
         for pool in started.values():
             self._nursery.start_soon(pool.supervise)
@@ -1130,6 +1145,11 @@ class Daemon:
         reply = None
         try:
             reply = await self._spawn(pool, conn, msg, client_fds, prewarm, flight)
+            if (pool.stopping and isinstance(reply[0], P.SpawnFailed) and reply[0].code == "retry"
+                    and (now := self.pools.get(msg.pool or "default")) not in (None, pool)):
+                # A reload replaced the pool while this request was in it (its zygote stopped
+                # under it): once more, in the new one, rather than a "retry" for the client.
+                reply = await self._spawn(now, conn, msg, client_fds, prewarm, flight)
             return reply
         finally:
             if not flight.landed:  # no child came of it: what it held back is free
