@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zygote_client import Client, ProtocolError, SandboxConfig
+from zygote_client import Client, DaemonError, ProtocolError, SandboxConfig
 from zygote_client import _protocol as P
 
 from conftest import start_daemon, stop_daemon, wait_socket
@@ -602,7 +602,8 @@ def test_SECURITY_oversized_collections_are_refused_before_they_are_built(socket
         first, msg = {"type": "hello", "version": P.VERSION, "client": "x" * 1025}, None
     else:
         first = {"type": "hello", "version": P.VERSION}
-        sandbox = {"ro_binds": {f"/h{i}": f"/s{i}" for i in range(4097)},
+        from zygote.policy import MAX_HOST_PATHS  # (one list longer than a request may name in all)
+        sandbox = {"ro_binds": {f"/h{i}": f"/s{i}" for i in range(MAX_HOST_PATHS + 1)},
                    "network": {"allow": ["8.8.8.8/32"] * 65},
                    "workspace": {"entries": [[f"f{i}", "file"] for i in range(100_001)]}}
         key = {"ro_binds": "ro_binds", "allow": "network", "entries": "workspace"}.get(field)
@@ -627,6 +628,46 @@ def test_SECURITY_oversized_collections_are_refused_before_they_are_built(socket
     assert isinstance(last, P.Error) and last.code == "protocol", got
     assert "length <=" in last.message, last
     _alive(socket_daemon)
+
+
+def test_a_request_with_more_binds_than_it_may_name_is_refused_before_they_are_merged(socket_daemon):
+    """Each list of binds may hold BINDS_MAX (256), and a request may name 256 host paths in
+    all: past that it is refused before the merge with the pool's binds and the check of how
+    they nest (work per bind, and per pair of binds, on the daemon's event loop or holding its
+    interpreter: 4096 binds of long paths in each list held it for tens of seconds; a helper's
+    review). Before, the count was checked only when the paths were walked."""
+    from zygote import policy
+    cfg = SandboxConfig(ro_binds={f"/nonexistent/r{i}": f"/r{i}" for i in range(200)},
+                        rw_binds={f"/nonexistent/w{i}": f"/w{i}" for i in range(200)})
+    with Client.connect(socket_daemon) as c:
+        with pytest.raises(DaemonError) as e:
+            c.run(print, sandbox_config=cfg)
+    assert e.value.code == "policy" and f"at most {policy.MAX_HOST_PATHS} binds, this one names 400" in str(e.value)
+
+
+def test_path_checks_match_their_definition():
+    """SandboxConfig's paths: absolute, no '..', '.' or empty component, one trailing '/' at
+    most. Checked by substring searches (a split per path was slow for long ones); the same
+    answer as splitting, for every path of up to six pieces among '/', '.', 'a' and '..'."""
+    import itertools
+    from zygote_client._config import _check_abs
+
+    def by_split(path: str) -> bool:
+        parts = path.split("/")[1:]
+        if parts[-1] == "":
+            parts.pop()
+        return not any(part in ("", ".", "..") for part in parts)
+
+    def checked(path: str) -> bool:
+        try:
+            _check_abs(path, "x")
+            return True
+        except ValueError:
+            return False
+    for n in range(7):
+        for pieces in itertools.product(("/", ".", "a", ".."), repeat=n):
+            path = "/" + "".join(pieces)
+            assert checked(path) == by_split(path), path
 
 
 def test_the_client_refuses_oversized_collections_itself():

@@ -1242,6 +1242,11 @@ class Daemon:
             return P.SpawnFailed(msg.req, "stdio='fds' needs exactly 3 fds", code="bad-request"), []
         if msg.stdio != "fds" and client_fds:
             return P.SpawnFailed(msg.req, "unexpected fds with stdio='pipe'", code="bad-request"), []
+        if msg.sandbox is not None and (
+                named := len(msg.sandbox.ro_binds) + len(msg.sandbox.rw_binds)) > policy.MAX_HOST_PATHS:
+            # (before the merge with the pool's and the nesting check, each work per bind)
+            return P.SpawnFailed(msg.req, f"a request may name at most {policy.MAX_HOST_PATHS} binds, "
+                                 f"this one names {named}", code="policy"), []
         try:
             cfg = (pool.reserve.built if msg.sandbox is None  # (the pool's default: made once, _new_pool)
                    else policy.effective(pool.config.sandbox, msg.sandbox, inherit=conn.sandbox_inherits))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import fnmatch
 import ipaddress
 import os
@@ -521,8 +522,23 @@ _sys.libc.getsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctype
 
 def on_a_mount(fd: int) -> bool:
     """Whether ``fd`` is a file on a mount at all: not a pipe, socket, anonymous inode or memfd
-    (the kernel's internal mounts, in no mount table). Raises OSError for a closed fd."""
-    return not os.readlink(f"/proc/self/fd/{fd}").startswith(("pipe:[", "socket:[", "anon_inode:", "/memfd:"))
+    (the kernel's internal mounts, in no mount table). Raises OSError for a closed fd.
+
+    A link's text tells the first three apart (a file's path always starts with '/'), but not a
+    memfd ("/memfd:NAME"): a file at "/memfd:x/f" of a mount namespace of the client's own reads
+    the same (a helper's review: with a FUSE file there, the check below was skipped and the
+    zygote was stuck in its close). A memfd is confirmed by F_GET_SEALS, which only shmem and
+    hugetlbfs files answer, from the inode, asking no file system server."""
+    link = os.readlink(f"/proc/self/fd/{fd}")
+    if link.startswith(("pipe:[", "socket:[", "anon_inode:")):
+        return False
+    if link.startswith("/memfd:"):
+        try:
+            fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            return False
+        except OSError:
+            pass  # (EINVAL: no memfd, whatever its name)
+    return True
 
 
 def stdio_problem(fds, peer_pid: int) -> str | None:
