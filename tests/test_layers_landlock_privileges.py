@@ -367,3 +367,37 @@ def test_privileges_after_landlock_without_proc(zg_dir):
     assert out["uid"] == NOBODY
     if ABI:
         assert out["proc"] == "EACCES" and out["secret"] == "EACCES"
+
+
+def test_a_key_quota_full_at_the_zygotes_keyring_change_says_so():
+    """The zygote leaves its session keyring for a new one, which counts against its user's key
+    quota (200 keys for a user other than root): a rootless daemon whose user is at its quota
+    cannot start a zygote, and the error names the quota to raise (a helper's review). Run as
+    uid 65534 in a forked child, after filling the quota (the keys go with its session)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        out = "no error"
+        try:
+            os.close(r)
+            libc = ctypes.CDLL(None, use_errno=True)
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            assert libc.syscall(250, 1, None) > 0  # a session keyring of its own, holding the keys
+            for i in range(100000):
+                if libc.syscall(248, b"user", f"zg-fill-{i}".encode(), b"x", 1, -3) < 0:
+                    break
+            privileges.leave_session_keyring()
+        except OSError as e:
+            out = f"{e.errno} {e}"
+        except BaseException:
+            out = traceback.format_exc()
+        finally:
+            os.write(w, out.encode())
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        got = f.read().decode()
+    os.waitpid(pid, 0)
+    assert got.startswith(f"{errno.EDQUOT} ") and "kernel.keys.maxkeys" in got, got

@@ -782,12 +782,16 @@ class _TinyFuse:
             except OSError:
                 return
 
-    def close(self) -> None:
-        for unique in self.unanswered:  # whoever waits gets EIO
+    def answer_unanswered(self) -> None:
+        """Whoever waits gets EIO."""
+        while self.unanswered:
             try:
-                os.write(self.dev, struct.pack("<IiQ", 16, -5, unique))
+                os.write(self.dev, struct.pack("<IiQ", 16, -5, self.unanswered.pop()))
             except OSError:
                 pass
+
+    def close(self) -> None:
+        self.answer_unanswered()
         self.closing.set()
         self._libc.umount2(self.mnt.encode(), 2)  # MNT_DETACH
         self.thread.join(5)  # (then the fd closes: the thread never reads another that took its number)
@@ -826,6 +830,69 @@ def test_SECURITY_a_file_on_fuse_is_refused_as_a_childs_stdio(socket_daemon, tmp
     finally:
         fs.close()
         where.rmdir()
+
+
+def test_a_zygote_held_in_the_kernel_at_its_death_is_replaced_anyway(tmp_path, monkeypatch):
+    """A zygote whose exit closes a file on a file system that stopped answering (a FUSE
+    server's FLUSH, an NFS server) stays in the kernel, SIGKILL or not, and the pool waited for
+    it before starting another: nobody's spawns were served until the file system came back (a
+    helper's review). Its replacement now starts after STUCK_ZYGOTE_WAIT, and the stuck one is
+    reaped when it goes. Here the first zygote's preload keeps a FUSE file open, the FUSE server stops
+    answering FLUSH, and the zygote is killed: neither its pidfd nor its socket says so (it has
+    not exited, and closes its fds in order), so the daemon finds out when a clone goes
+    unanswered (CLONE_REPLY_TIMEOUT; here 1 s instead of 30, and STUCK_ZYGOTE_WAIT 1 s instead of 5)."""
+    from zygote_client import DaemonError
+    from conftest import start_daemon, stop_daemon, wait_socket, write_text
+
+    where = tmp_path / "fuse"
+    where.mkdir()
+    fs = _TinyFuse(str(where))
+    try:
+        once = tmp_path / "opened"  # (only the first zygote holds it: a child closes what it inherits)
+        (tmp_path / "zg_holds_fuse.py").write_text(
+            f"import os\nif not os.path.exists({str(once)!r}):\n"
+            f"    held = open({str(where / 'f')!r})\n    open({str(once)!r}, 'w').close()\n")
+        sock = str(tmp_path / "z.sock")
+        cfg = write_text(tmp_path / "z.toml", f"""
+            [daemon]
+            socket = "{sock}"
+            [pools.default]
+            preload = ["zg_holds_fuse"]
+            reserve = 0
+            env = {{PATH = "/usr/bin:/bin", PYTHONPATH = "{tmp_path}"}}
+            """)
+        monkeypatch.setenv("ZYGOTE_TEST_CLONE_REPLY_TIMEOUT", "1")
+        monkeypatch.setenv("ZYGOTE_TEST_STUCK_ZYGOTE_WAIT", "1")
+        proc = start_daemon("--config", cfg, "--test-hooks")
+        try:
+            wait_socket(sock, proc)
+            with Client.connect(sock) as c:
+                zygotes = [p for p, _ in children_of(proc.pid) if b"zygote._zygote" in cmdline(p)]
+                assert len(zygotes) == 1, zygotes
+                fs.stall.set()
+                os.kill(zygotes[0], signal.SIGKILL)  # (the test's own daemon's zygote)
+                time.sleep(0.5)
+                with open(f"/proc/{zygotes[0]}/stat") as f:
+                    assert f.read().rsplit(")", 1)[1].split()[0] == "D"  # held in its FLUSH
+                deadline = time.monotonic() + 20
+                while True:
+                    try:
+                        assert c.run(print, ("served",)).stdout == b"served\n"
+                        break
+                    except DaemonError as e:
+                        assert e.code == "retry", e
+                        assert time.monotonic() < deadline, "the pool was not served while its zygote was stuck"
+                        time.sleep(0.2)
+                fs.stall.clear()
+                fs.answer_unanswered()
+                deadline = time.monotonic() + 10
+                while os.path.exists(f"/proc/{zygotes[0]}") and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert not os.path.exists(f"/proc/{zygotes[0]}"), "the stuck zygote was not reaped once it went"
+        finally:
+            stop_daemon(proc)
+    finally:
+        fs.close()
 
 
 def test_SECURITY_fds_one_uid_can_leave_in_the_daemon_are_bounded(socket_daemon):

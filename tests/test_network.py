@@ -951,17 +951,20 @@ def test_reload_keeps_the_network_settings_the_firewall_was_built_with(world, tm
 def test_a_reload_that_first_allows_network_starts_networking(world, tmp_path):
     """Networking (the egress ruleset, namespaces made ahead) was started only with the daemon,
     and only if some pool allowed network then: a reload giving a pool network was taken, and
-    every networked spawn then failed with "networking was not started" (a helper's review)."""
+    every networked spawn then failed with "networking was not started" (a helper's review).
+    It starts with the network settings of the file it came with (the first fix kept those of
+    the start, and the children had no name server: a helper's second review)."""
     cfg = tmp_path / "z.toml"
     cfg.write_text("")
     path = world.start(tmp_path, "--config", str(cfg), network=False)
     assert "zygote" not in world.nft()
-    cfg.write_text("[pools.default.sandbox.network]\n")
+    cfg.write_text('[daemon]\nnetwork_dns = ["10.99.0.10"]\n[pools.default.sandbox.network]\n')
     world.daemon.send_signal(signal.SIGHUP)
 
     def payload():
         import socket
         print(socket.create_connection(("198.51.100.10", 7), timeout=10).getsockname()[0])
+        print(open("/etc/resolv.conf").read())
     deadline = time.monotonic() + 30
     with Client.connect(path) as c:
         while True:
@@ -973,7 +976,8 @@ def test_a_reload_that_first_allows_network_starts_networking(world, tmp_path):
                 assert time.monotonic() < deadline, e
                 time.sleep(0.2)
     assert r.returncode == 0, r.stderr.decode()
-    assert "zygote" in world.nft()
+    assert b"nameserver 10.99.0.10" in r.stdout, r.stdout
+    assert "zygote" in world.nft() and "10.99.0.10" in world.nft()
 
 
 def test_a_reload_that_lowers_network_ahead_lets_the_prepared_namespaces_go(world, tmp_path):

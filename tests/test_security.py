@@ -854,3 +854,63 @@ def test_SECURITY_children_cannot_make_nested_user_namespaces(unconfined_probe):
     CAP_SYS_RESOURCE there. Fails without that write: unshare returns 0."""
     import errno
     assert unconfined_probe["unshare_user"] == -errno.ENOSPC, unconfined_probe
+
+
+def test_SECURITY_a_read_only_proc_sys_keeps_out_only_children_seccomp_also_walls_in(tmp_path):
+    """Containers (and systemd's ProtectKernelTunables=) mount /proc/sys read-only, where the
+    nested user namespace limit cannot be written. A child whose profile refuses new user
+    namespaces itself (default, strict) goes on without that second wall, as before it
+    existed (every spawn failed there: a helper's second review); one under "unconfined" fails
+    at step userns, naming the file: nothing else would keep it from making one."""
+    import sys
+    import tempfile
+    from conftest import stop_daemon, wait_socket, write_text
+    sock = str(tmp_path / "z.sock")
+    # (proc = false: a fresh /proc cannot be mounted over a /proc with a mount on it either)
+    cfg = write_text(tmp_path / "z.toml", f'[daemon]\nsocket = "{sock}"\n[pools.default]\nreserve = 0\n'
+                     '[pools.default.sandbox]\nproc = false\n[pools.open]\nreserve = 0\n'
+                     '[pools.open.sandbox]\nproc = false\nseccomp_profile = "unconfined"\n')
+    script = ("mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && "
+              f"exec {sys.executable} -m zygote serve --config {cfg}")
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script], stderr=log)
+    proc.log = log
+    try:
+        wait_socket(sock, proc)
+        with Client.connect(sock) as c:
+            assert c.run(print, ("walled",)).stdout == b"walled\n"
+            with pytest.raises(SandboxError) as e:
+                c.run(print, ("open",), pool="open")
+            assert e.value.step == "userns" and "max_user_namespaces" in str(e.value), e.value
+    finally:
+        stop_daemon(proc)
+
+
+def test_SECURITY_children_get_the_plain_linux_persona(tmp_path):
+    """A persona is inherited: a daemon started under `setarch -R` (or a debugger) handed
+    ADDR_NO_RANDOMIZE to every child, which survives exec (programs a child runs had no address
+    space randomisation), while the default profile answers personality's query with 0 (a
+    helper's second review). The zygote sets PER_LINUX at its start. Fails without it: the
+    child's is 00040000."""
+    import sys
+    import tempfile
+    from conftest import stop_daemon, wait_socket
+    sock = str(tmp_path / "z.sock")
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(["setarch", os.uname().machine, "-R", sys.executable, "-m", "zygote", "serve",
+                             "--socket", sock], stderr=log)
+    proc.log = log
+    try:
+        wait_socket(sock, proc)
+        with open(f"/proc/{proc.pid}/personality") as f:
+            assert f.read().strip() == "00040000"  # (the daemon's own: what the zygote was started with)
+        with Client.connect(sock) as c:
+            child = c.spawn_child(time.sleep, (30,), stdin=None)
+            try:
+                with open(f"/proc/{child.pid}/personality") as f:
+                    assert f.read().strip() == "00000000"
+            finally:
+                child.kill()
+                child.wait()
+    finally:
+        stop_daemon(proc)

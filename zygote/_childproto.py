@@ -91,6 +91,9 @@ class ChildPlan(Job, frozen=True, kw_only=True, forbid_unknown_fields=True):
     gid: int = 0
     drop_privileges: bool = False
     seccomp_bpf: bytes = b""
+    # userns.no_nested_namespaces must hold (an unconfined or custom seccomp profile); False: the
+    # profile refuses new user namespaces itself, and a read-only /proc/sys may keep the limit out
+    nested_limit_required: bool = True
     cgroupns: bool = False  # re-root the cgroup namespace at the child's own cgroup (attached by now)
     tmpfs: list[TmpfsSpec] = []  # extra tmpfs mounts in the generated root (workspace, export)
     workspace_path: str | None = None  # where workspace_entries are unpacked (a TmpfsSpec target)

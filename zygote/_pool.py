@@ -28,6 +28,7 @@ THREAD_CAPS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THR
                "NUMEXPR_NUM_THREADS": "1", "VECLIB_MAXIMUM_THREADS": "1"}
 CLONE_REPLY_TIMEOUT = 30.0  # seconds a zygote may take to answer one clone request
 STOP_CLONE_WAIT = 2.0  # seconds a stopping zygote waits for a clone in flight to be answered
+STUCK_ZYGOTE_WAIT = 5.0  # seconds a dead zygote may take to go before its replacement starts anyway
 
 DEFAULT_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
 
@@ -284,6 +285,7 @@ class Pool:
         self.zygotes: list[Zygote] = []
         self._rr = itertools.count()
         self.restarts = 0
+        self.stuck = 0  # zygotes killed but held in the kernel, replaced already (see _watch)
         self._changed = trio.Condition()
         self.stopping = False
         self.reserve = Reserve(config.reserve, network=False)  # the default SandboxConfig's (leases too)
@@ -302,16 +304,24 @@ class Pool:
         """Restart dead zygotes forever (run in the daemon's nursery)."""
         async with trio.open_nursery() as n:
             for i in range(len(self.zygotes)):
-                n.start_soon(self._watch, i)
+                n.start_soon(self._watch, i, n)
 
-    async def _watch(self, i: int) -> None:
+    async def _watch(self, i: int, nursery: trio.Nursery) -> None:
         while True:
             z = self.zygotes[i]
             async with trio.open_nursery() as n:
                 n.start_soon(self._wait_exit, z, n.cancel_scope)
                 await z.dead.wait()
                 n.cancel_scope.cancel()
-            await z.stop()
+            with trio.move_on_after(STUCK_ZYGOTE_WAIT):
+                await z.stop()
+            if z.proc is not None and z.proc.poll() is None:
+                # SIGKILLed and still there: held in the kernel (its exit closes a file whose
+                # file system stopped answering: a FUSE server's FLUSH, an NFS server). Its
+                # replacement starts now (the pool served nobody until it went); it is reaped
+                # whenever it goes.
+                self.stuck += 1
+                nursery.start_soon(self._reap_stuck, z)
             if self.on_zygote_death is not None:
                 self.on_zygote_death()
             while not self.stopping:
@@ -331,6 +341,11 @@ class Pool:
             self.zygotes[i] = nz
             async with self._changed:
                 self._changed.notify_all()
+
+    async def _reap_stuck(self, z: Zygote) -> None:
+        assert z.proc is not None
+        await _wait_proc(z.proc)
+        self.stuck -= 1
 
     @staticmethod
     async def _wait_exit(z: Zygote, scope: trio.CancelScope) -> None:

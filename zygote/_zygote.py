@@ -90,6 +90,7 @@ def main(argv: list[str]) -> None:
         from zygote._childproto import MAX_TREES
         from zygote.layers import netns, privileges
         privileges.leave_session_keyring()  # (before the preloads: nothing of ours runs with it)
+        privileges.plain_persona()
         from zygote._clone import ALL_NAMESPACES, CLONE_INTO_CGROUP, CLONE_NEWNET, CLONE_PARENT, Cloner, thread_count
     except BaseException as e:  # noqa: BLE001
         _fail(f"zygote startup failed: {type(e).__name__}: {e}")

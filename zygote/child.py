@@ -76,7 +76,7 @@ def confine(plan) -> int:
         _sys.wait_for_path(plan.test_pause_sources)
     sources = mounts.open_sources(plan)      # before userns: walk to bind sources as the daemon's uid
     _inject(plan, "userns")
-    userns.apply()                           # then take the mapped ids; nothing runs unmapped after
+    userns.apply(plan.nested_limit_required)  # then take the mapped ids; nothing runs unmapped after
     if plan.cgroupns:                        # the daemon attached us to our cgroup before "go":
         _cgroupns()                          # make it the root of what we can see
     mounts.apply(plan, sources)              # needs CAP_SYS_ADMIN in the userns (dropped below)

@@ -470,14 +470,17 @@ class Connection:
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        # (tests only: how long a stopped zygote may leave a clone unanswered, not 30 s)
+        # (tests only: how long a stopped zygote may leave a clone unanswered, not 30 s; how
+        # long a killed one may take to go before its replacement starts, not 5 s)
         _pool.CLONE_REPLY_TIMEOUT = self._test_knob("CLONE_REPLY_TIMEOUT", _pool.CLONE_REPLY_TIMEOUT, float)
+        _pool.STUCK_ZYGOTE_WAIT = self._test_knob("STUCK_ZYGOTE_WAIT", _pool.STUCK_ZYGOTE_WAIT, float)
         self.pools: dict[str, Pool] = {}
         self.children: dict[str, Child] = {}
         self.spawning = 0  # spawns in flight (reserve fills too; see _client_count)
         self.spawning_by_uid: dict[int, int] = {}  # the same per peer uid (max_children_per_client)
         self.detached_by_uid: dict[int, int] = {}  # uid -> detached children running or being spawned
         self.kept: dict[str, _Kept] = {}  # ended detached children not yet attached (oldest first)
+        self._kept_changed = trio.Event()  # set by _keep (see _expire_kept_on_time)
         self.watching = 0  # watcher tasks still running (shutdown waits for them)
         self._nursery: trio.Nursery | None = None
         self._ids = itertools.count(1)
@@ -624,6 +627,7 @@ class Daemon:
             warmed = trio.Event()
             nursery.start_soon(self._warm_seccomp, warmed)  # (in a thread, while the zygotes start)
             nursery.start_soon(self.held_archives.follow)
+            nursery.start_soon(self._expire_kept_on_time)
             try:
                 await self.start_cgroups()
                 await self.start_network()
@@ -692,14 +696,14 @@ class Daemon:
         # The network settings stay as the children's firewall was built at start (a new
         # network_dns in resolv.conf but not in the rules would leave the old server reachable
         # and the new one blocked): they take effect at the next start.
-        net = {f: getattr(self.config, f) for f in ("network_pool", "network_dns", "network_masquerade")}
-        net_changed = [f for f, v in net.items() if getattr(config, f) != v]
-        net_changed += [f for f in ("socket_path", "socket_mode", "socket_group", "id_base")
-                        if getattr(config, f) != getattr(self.config, f)]
+        # (Networking not started yet: the new ones are what it starts with, below.)
+        net = {f: getattr(self.config, f) for f in ("network_pool", "network_dns", "network_masquerade")
+               if self.network is not None}
+        fixed = {f: getattr(self.config, f) for f in ("socket_path", "socket_mode", "socket_group", "id_base")}
+        net_changed = [f for f, v in {**net, **fixed}.items() if getattr(config, f) != v]
         # A reserve child was made with the daemon's always_cgroup of its day: all pools restart.
         everything = config.always_cgroup != self.config.always_cgroup
-        keep = dataclasses.replace(config, socket_path=self.config.socket_path, id_base=self.config.id_base,
-                                   test_hooks=self.config.test_hooks, **net)
+        keep = dataclasses.replace(config, test_hooks=self.config.test_hooks, **fixed, **net)
         kept_max = None
         if self.id_slots is not None and keep.max_children > self.id_slots.count - ID_SLACK:
             # A root daemon claimed its children's host id ranges at start, for max_children then:
@@ -1098,7 +1102,8 @@ class Daemon:
                                  open_files=cfg.open_files, pids=cfg.pids),
             landlock=cfg.landlock, landlock_ro=ro, landlock_abi=max(1, msg.test_landlock_abi), landlock_rw=rw,
             landlock_net=cfg.network is None, uid=cfg.uid, gid=cfg.gid, drop_privileges=True,
-            seccomp_bpf=bpf, test_fail_step=msg.test_fail_step, deferred=deferred, prewarm=prewarm,
+            seccomp_bpf=bpf, nested_limit_required=cfg.seccomp_profile not in _NO_NEW_USERNS_PROFILES,
+            test_fail_step=msg.test_fail_step, deferred=deferred, prewarm=prewarm,
             test_pause_sources=self._pause_sources,
             data_args=not pool.config.allow_callables,
             reaper=_needs_reaper(cfg, kind), **files,
@@ -1146,6 +1151,7 @@ class Daemon:
         try:
             reply = await self._spawn(pool, conn, msg, client_fds, prewarm, flight)
             if (pool.stopping and isinstance(reply[0], P.SpawnFailed) and reply[0].code == "retry"
+                    and conn is not self._reserve_conn  # (the old pool's filler: its child would go)
                     and (now := self.pools.get(msg.pool or "default")) not in (None, pool)):
                 # A reload replaced the pool while this request was in it (its zygote stopped
                 # under it): once more, in the new one, rather than a "retry" for the client.
@@ -2042,9 +2048,7 @@ class Daemon:
         record.size = _kept_bytes(record)
         self.kept[child.id] = record
         self._expire_kept()
-        # Its expiry comes on time even if no attach or other keep follows (before, an expired
-        # record's result, rings and archive stayed in memory until one did).
-        self._nursery.start_soon(self._expire_later, self.config.detached_keep_seconds)
+        self._kept_changed.set()  # (_expire_kept_on_time: a new record, maybe the first)
         # Per peer uid, oldest first out, by count and by the bytes held (results, output rings,
         # export archives): a user leaving many large detached results behind pins no more than
         # its own share, and never pushes out another user's records.
@@ -2054,9 +2058,20 @@ class Daemon:
                 len(mine) > 1 and sum(self.kept[cid].size for cid in mine) > self.config.detached_keep_bytes):
             _close(self.kept.pop(mine.pop(0)).fds)
 
-    async def _expire_later(self, delay: float) -> None:
-        await trio.sleep(delay + 0.01)  # (trio's clock and time.monotonic: both CLOCK_MONOTONIC)
-        self._expire_kept()
+    async def _expire_kept_on_time(self) -> None:
+        """Expire kept records on time even if no attach or keep comes (before, an expired
+        record's result, rings and archive stayed in memory until one did). One task for all
+        (one per record was ≈ 3.4 KB each for detached_keep_seconds, whatever the caps)."""
+        while True:
+            self._kept_changed = trio.Event()
+            self._expire_kept()
+            if not self.kept:
+                await self._kept_changed.wait()
+                continue
+            first = min(k.expires for k in self.kept.values())
+            # (+10 ms: trio's clock and time.monotonic are both CLOCK_MONOTONIC, read apart)
+            with trio.move_on_after(max(0.0, first - time.monotonic()) + 0.01):
+                await self._kept_changed.wait()
 
     def _expire_kept(self) -> None:
         now = time.monotonic()
@@ -2890,6 +2905,12 @@ def _in_sigtimedwait(pid: int) -> bool:
             return f.read().split(b" ", 1)[0] == _NR_RT_SIGTIMEDWAIT
     except OSError:
         return False
+
+
+# The shipped profiles that refuse unshare/clone/clone3 with CLONE_NEWUSER themselves
+# (tests/test_layers_seccomp.py): for their children the nested user namespace limit is a
+# second wall, skipped where /proc/sys is read-only (containers), as before it existed.
+_NO_NEW_USERNS_PROFILES = frozenset({"default", "strict"})
 
 
 async def child_first_status(child: Child):

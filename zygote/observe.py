@@ -371,8 +371,12 @@ class _PoolCollector:
         restarts = GaugeMetricFamily("zygote_zygote_restarts", "Zygote restarts since the pool started",
                                      labels=["pool"])
         running = GaugeMetricFamily("zygote_zygotes_running", "Zygote processes alive", labels=["pool"])
+        stuck = GaugeMetricFamily("zygote_zygotes_stuck", "Zygotes killed and replaced but held in the kernel "
+                                  "(a file system that stopped answering)", labels=["pool"])
         for name, pool in list(self._pools().items()):
             restarts.add_metric([name], pool.restarts)
             running.add_metric([name], sum(1 for z in pool.zygotes if not z.dead.is_set()))
+            stuck.add_metric([name], pool.stuck)
         yield restarts
         yield running
+        yield stuck

@@ -38,6 +38,7 @@ libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
 libc.inotify_init1.argtypes = [ctypes.c_int]
 libc.unshare.argtypes = [ctypes.c_int]
 libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+libc.personality.argtypes = [ctypes.c_ulong]
 
 
 libc.sigaction.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]

@@ -55,8 +55,22 @@ def leave_session_keyring() -> None:
         _sys.syscall("keyctl", KEYCTL_JOIN_SESSION_KEYRING, None)
         _sys.syscall("keyctl", KEYCTL_SETPERM, KEY_SPEC_SESSION_KEYRING, KEY_POS_VIEW)
     except OSError as e:
+        if e.errno == _errno.EDQUOT:
+            raise OSError(e.errno, f"{e.strerror}: the daemon's user is at its key quota (a new keyring "
+                          "counts; raise kernel.keys.maxkeys / kernel.keys.maxbytes, or run the daemon "
+                          "as root)") from None
         if e.errno not in (_errno.ENOSYS, _errno.EPERM):
             raise
+
+
+def plain_persona() -> None:
+    """Zygote side, once at its start: PER_LINUX, whatever persona the daemon was started with
+    (``setarch -R``, a debugger: ADDR_NO_RANDOMIZE survives exec). Every child inherits it, the
+    default seccomp profile refuses to change it, and answers the query with 0 itself: that
+    answer is now true, and programs a child executes get address space randomisation back."""
+    if _sys.libc.personality(0) == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, f"personality(PER_LINUX): {os.strerror(err)}")
 
 
 PR_CAPBSET_READ = 23

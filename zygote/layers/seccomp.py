@@ -419,16 +419,17 @@ _X32_SYSCALL_BIT = 0x40000000
 
 def _ceiling(newest: int) -> bytes:
     """Instructions to run before libseccomp's program: a native call numbered above
-    ``newest`` returns ENOSYS; anything else goes on to that program (which kills other ABIs,
-    x32 numbers included: they carry a bit above any native number). Jumps in classic BPF are
-    relative, so the program after needs no change."""
+    ``newest`` returns ENOSYS; anything else goes on to that program (which kills other ABIs;
+    on x86_64 x32 numbers too, which carry a bit above any native number; aarch64 has no such
+    ABI, and a number that high gets the profile's answer there, then the kernel's ENOSYS).
+    Jumps in classic BPF are relative, so the program after needs no change."""
     def ins(code: int, jt: int, jf: int, k: int) -> bytes:
         return struct.pack("=HBBI", code, jt, jf, k)
     return b"".join((
         ins(_BPF_LD_W_ABS, 0, 0, _DATA_ARCH),
         ins(_BPF_JEQ_K, 0, 4, _AUDIT_ARCH[_ARCH]),           # another ABI: to libseccomp's program
         ins(_BPF_LD_W_ABS, 0, 0, _DATA_NR),
-        ins(_BPF_JGE_K, 2, 0, _X32_SYSCALL_BIT),             # x32: likewise (it kills)
+        ins(_BPF_JGE_K, 2, 0, _X32_SYSCALL_BIT),             # x32 (x86_64): likewise (it kills)
         ins(_BPF_JGT_K, 0, 1, newest),
         ins(_BPF_RET_K, 0, 0, _RET_ERRNO | _errno.ENOSYS),
     ))

@@ -285,7 +285,7 @@ def outside(pid: int, uid_map: bytes, gid_map: bytes) -> None:
         _sys.write_once(base + name, data)
 
 
-def apply() -> None:
+def apply(nested_limit_required: bool = True) -> None:
     """Child side: fail closed if the maps are missing; take sandbox root's ids when mapped.
 
     A root daemon's clone still carries host uid 0 as its *real* credential until it calls
@@ -304,7 +304,13 @@ def apply() -> None:
             raise SetupError("userns", str(e), e.errno) from None
     if os.getuid() == 65534 and lines[0] == b"0":
         raise SetupError("userns", "still the overflow uid after setresuid", _errno.EPERM)
-    no_nested_namespaces()
+    try:
+        no_nested_namespaces()
+    except SetupError as e:
+        # A read-only /proc/sys (a container's, systemd's ProtectKernelTunables=) where the
+        # seccomp profile refuses new user namespaces anyway: the second wall is left out.
+        if nested_limit_required or e.errno not in (_errno.EROFS, _errno.EACCES, _errno.EPERM):
+            raise
 
 
 MAX_USER_NAMESPACES = "/proc/sys/user/max_user_namespaces"
