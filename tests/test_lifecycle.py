@@ -1488,3 +1488,27 @@ def test_a_detached_child_whose_spawn_was_cut_short_does_not_run_on_unseen(tmp_p
         wait_for(lambda: not os.path.exists(f"/proc/{new[0]}"), 10, "the unseen detached child to be killed")
     finally:
         stop_daemon(proc)
+
+
+def test_a_child_held_in_its_setup_fails_its_spawn_in_time(tmp_path, monkeypatch):
+    """A child that never finishes its setup (a bind source on a file system that stopped
+    answering holds its open) kept its request waiting for ever, and its place under
+    max_children. The spawn now fails after SETUP_TIMEOUT (60 s; 1 s here) and the child is
+    killed. A test hook holds the child before it opens its bind sources."""
+    from conftest import sandbox_children
+    from zygote_client import SandboxError
+
+    path, never = str(tmp_path / "zygote.sock"), str(tmp_path / "never")
+    monkeypatch.setenv("ZYGOTE_TEST_PAUSE_BEFORE_SOURCES", never)
+    monkeypatch.setenv("ZYGOTE_TEST_SETUP_TIMEOUT", "1")
+    proc = start_daemon("--socket", path, "--preload", "json", "--test-hooks", "--reserve", "0")
+    try:
+        wait_socket(path, proc)
+        with Client.connect(path) as c:
+            with pytest.raises(SandboxError) as e:
+                c.run(print, ("never",))
+            assert e.value.step == "setup" and "did not finish its setup in 1 s" in str(e.value), e.value
+            wait_for(lambda: not sandbox_children(proc.pid), 10, "the held child to be killed")
+            assert c.status().running == 0
+    finally:
+        stop_daemon(proc)

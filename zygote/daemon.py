@@ -89,6 +89,7 @@ RESULTS_PER_UID = 256 << 20
 PROBE_TIMEOUT = 1.0  # seconds a signal's look at /proc may take (see Daemon._signal)
 PATHS_TIMEOUT = 10.0  # seconds looking at a request's own host paths may take
 EOF_GRACE = 2.0  # seconds the status and result pipes get to deliver after the child's exit
+SETUP_TIMEOUT = 60.0  # seconds a child may take from "go" to Ready (or its setup's failure)
 # Host id ranges a root daemon claims beyond max_children: reserve children hold up to half of
 # them (see _reserve_room); the rest keep a range given back from being handed out at once.
 ID_SLACK = 64
@@ -500,6 +501,7 @@ class Daemon:
         self.relay_grace = self._test_knob("RELAY_GRACE", RELAY_GRACE, float)
         self.relayed_per_uid = self._test_knob("RELAYED_PER_UID", RELAYED_PER_UID, int)
         self._pause_sources = self._test_knob("PAUSE_BEFORE_SOURCES", None, str)  # (see ChildPlan)
+        self.setup_timeout = self._test_knob("SETUP_TIMEOUT", SETUP_TIMEOUT, float)  # (see _setup_outside)
         self.reserve_quiet = self._test_knob("RESERVE_QUIET", RESERVE_QUIET, float)
         self.open_conns: dict[int, set[Connection]] = {}  # peer uid -> its open connections
         self.attached: dict[int, int] = {}  # peer uid -> its live attaches (max_attaches)
@@ -2146,13 +2148,21 @@ class Daemon:
                 child.ctl = ctl  # the Job goes here when a request takes this reserve child
             else:
                 await ctl.aclose()
-        first = await child_first_status(child)
+        # Bounded: a child held in its setup (a bind source on a file system that stopped
+        # answering) kept the request, and its place under max_children, for ever.
+        first = None
+        with trio.move_on_after(self.setup_timeout):
+            first = await child_first_status(child)
+            if not isinstance(first, (C.Ready, C.Failed)):
+                await child.exited.wait()
         if isinstance(first, C.Ready):
             return None
         if isinstance(first, C.Failed):
             code = "unavailable" if first.errno in (_errno.ENOSYS, _errno.EOPNOTSUPP, _errno.EPERM) else "sandbox"
             return P.SpawnFailed(msg.req, first.message, first.step, first.errno, first.hint, code=code)
-        await child.exited.wait()
+        if not child.exited.is_set():  # (the caller kills it)
+            return P.SpawnFailed(msg.req, f"the child did not finish its setup in {self.setup_timeout:g} s "
+                                 "(a file system it opens may have stopped answering)", "setup", code="sandbox")
         rc = child.status.returncode if child.status else None
         return P.SpawnFailed(msg.req, f"the child died during setup (returncode {rc})", "setup", code="sandbox")
 
