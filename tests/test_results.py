@@ -413,3 +413,17 @@ def test_a_leased_child_refuses_a_callable_pickled_by_another_python(monkeypatch
         with pytest.raises(RemoteError) as ei:
             c.call(lambda: 1)
         assert "pickled by Python 3.99" in str(ei.value), ei.value
+
+
+def test_a_result_record_nested_too_deep_is_undecodable_not_a_recursion_error():
+    """A payload may write its own record on the result pipe: JSON arrays nested 100000 deep made
+    json.loads raise RecursionError, which reached the caller of call(), .value or an executor's
+    future instead of the documented ResultError (a helper's review)."""
+    from zygote_client import ExitStatus
+    from zygote_client._results import decode
+    deep = b"[" * 100_000 + b"]" * 100_000
+    status = ExitStatus(returncode=0)
+    for kind in ("json", "error", "unencodable"):
+        with pytest.raises(ResultError) as e:
+            decode(kind, deep, status, trusted=False)
+        assert e.value.reason == "undecodable", (kind, e.value)

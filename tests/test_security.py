@@ -914,3 +914,36 @@ def test_SECURITY_children_get_the_plain_linux_persona(tmp_path):
                 child.wait()
     finally:
         stop_daemon(proc)
+
+
+@pytest.mark.parametrize("reaper", [False, True])
+def test_SECURITY_a_crashing_child_never_starts_the_hosts_crash_handler(client, tmp_path, reaper):
+    """Where kernel.core_pattern pipes cores to a handler (systemd-coredump, apport: the default
+    on many distributions) the kernel runs it as root, outside every namespace and cgroup of the
+    crashed process, with its memory on stdin, and it ignores RLIMIT_CORE = 0 for a pipe. A
+    payload that made itself dumpable (PR_SET_DUMPABLE 1) and crashed ran it, once per crash
+    (a helper's review). RLIMIT_CORE is 1 byte now, which the kernel refuses a pipe dump at.
+    Here a handler script of the test's, for the test's duration (the old pattern put back)."""
+    import stat
+    marker, handler = tmp_path / "ran", tmp_path / "zg-core-handler"
+    handler.write_text(f"#!/bin/sh\necho \"$1\" >> {marker}\ncat > /dev/null\n")
+    handler.chmod(stat.S_IRWXU)
+    path = "/proc/sys/kernel/core_pattern"
+    with open(path) as f:
+        old = f.read().rstrip("\n")
+
+    def crash():
+        import ctypes
+        ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: its own call, allowed
+        ctypes.string_at(0)  # SIGSEGV
+    try:
+        with open(path, "w") as f:
+            f.write(f"|{handler} %u")
+        r = client.run(crash, sandbox_config=SandboxConfig(reaper=reaper))
+        assert r.returncode == -11, r
+        time.sleep(0.5)  # (the handler runs while the process is being dumped: before its exit)
+    finally:
+        with open(path, "w") as f:
+            f.write(old)
+    ran = marker.read_text().split() if marker.exists() else []
+    assert not [uid for uid in ran if int(uid) >= 1_000_000], ran  # (a child's host uid)

@@ -51,7 +51,7 @@ def decode(kind: str, data: bytes, status: ExitStatus, trusted: bool) -> Any:
     if kind == "json":
         try:
             return json.loads(data)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # (arrays nested 100000 deep: a payload's own record)
             raise ResultError(f"the child's JSON result is undecodable: {e}", reason="undecodable",
                               status=status) from None
     if kind == "pickle":
@@ -94,7 +94,7 @@ def _no_result(kind: str, status: ExitStatus) -> ResultError:
 def _json_doc(data: bytes, status: ExitStatus) -> dict:
     try:
         doc = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         doc = None
     if not isinstance(doc, dict):
         raise ResultError("the child's error record is undecodable", reason="undecodable", status=status)

@@ -1,6 +1,9 @@
 """Resource limits, child side: setrlimit for each (resource, soft, hard) the daemon computed.
 
-Always includes RLIMIT_CORE = 0 (no core files with the sandbox's memory), and RLIMIT_NPROC =
+Always includes RLIMIT_CORE = 1 byte (no core files with the sandbox's memory: a file needs a
+page; and the kernel refuses a core_pattern pipe at exactly 1, while it ignores 0 for a pipe, so
+a payload that made itself dumpable and crashed ran the host's crash handler, as root, outside
+its cgroup, with its memory on stdin: a helper's review), and RLIMIT_NPROC =
 DEFAULT_PROCESSES when the child has no ``pids`` limit (a cgroup's): the kernel counts a task's
 processes and threads per user *in its user namespace*, which is the child's own, so this bounds
 one child's fork bomb without a cgroup (the host's pid_max is often 32768, shared by everything).
@@ -35,7 +38,7 @@ def cpu_seconds(cpu_time: float) -> tuple[int, int]:
 def plan(*, cpu_time: float | None = None, file_size: int | None = None, open_files: int | None = None,
          address_space: int | None = None, pids: int | None = None) -> list[tuple[int, int, int]]:
     """Daemon side: the rlimit triples for a request (``pids``: its cgroup's limit, if any)."""
-    out = [(resource.RLIMIT_CORE, 0, 0)]
+    out = [(resource.RLIMIT_CORE, 1, 1)]  # (1, not 0: see the module docstring)
     if pids is None:  # (with one, the cgroup refuses first and reports pids_exceeded)
         out.append((resource.RLIMIT_NPROC, DEFAULT_PROCESSES, DEFAULT_PROCESSES))
     if cpu_time is not None:
