@@ -1271,3 +1271,38 @@ def test_SECURITY_relays_of_single_byte_writes_are_paced(client, detached):
     assert child.wait(timeout=30).returncode == 0
     assert size > 20 * chunks, (size, chunks)  # many bytes per chunk: the child wrote them one by one
     assert small <= took / PACE * 1.2 + 20, (small, chunks, size, took)
+
+
+def test_output_past_the_limit_is_flagged_when_the_exit_comes_first(monkeypatch):
+    """max_output_bytes is counted by the daemon's relay as it reads. A relay held back (the
+    uid's unread output at RELAYED_PER_UID: another child of its client nobody reads) had not
+    read what the payload wrote past the limit into a pipe it had made large, when the exit was
+    reported: output_exceeded came back False, and the output was cut later, unflagged (a
+    helper's review). The exit report now waits (within EOF_GRACE) until each relay has counted
+    all, or judged from what its pipe still holds."""
+    from zygote_client import SandboxConfig
+    monkeypatch.setenv("ZYGOTE_TEST_RELAYED_PER_UID", str(1 << 20))
+
+    def burst(n, bigpipe):
+        import fcntl
+        import os
+        if bigpipe:
+            fcntl.fcntl(1, 1031, 1 << 20)  # F_SETPIPE_SZ
+        v = memoryview(b"A" * n)
+        while v:
+            v = v[os.write(1, v):]
+        return "done"
+    with Client.embedded(test_hooks=True) as c:
+        unread = c.spawn_child(burst, (4 << 20, False), sandbox_config=SandboxConfig(max_output_bytes=100 << 20),
+                               stdin=None)
+        try:
+            time.sleep(1)  # (its relay holds the uid's 1 MiB)
+            # Not read until its exit is reported: its relay stops at the uid's budget.
+            child = c.spawn_child(burst, (1 << 20, True), sandbox_config=SandboxConfig(max_output_bytes=300_000),
+                                  stdin=None)
+            status = child.wait(timeout=30)
+            out = child.stdout.read()
+            assert status.output_exceeded and len(out) == 300_000, (status, len(out))
+        finally:
+            unread.kill()
+            unread.wait()

@@ -660,16 +660,25 @@ def test_a_daemon_removes_its_id_lock_files_when_it_stops():
     with Client.embedded() as c:
         assert c.run(print, ("ok",)).stdout == b"ok\n"
         daemon = c._aclient._proc.pid
-        # Its own: the lock files it holds open (other daemons on the host share the directory)
-        mine = set()
+        # Its own: the lock files it holds open (other daemons on the host share the directory,
+        # and one starting meanwhile may claim a block it gave back: a new file, another inode)
+        mine = {}
         for fd in os.listdir(f"/proc/{daemon}/fd"):
             try:
                 target = os.readlink(f"/proc/{daemon}/fd/{fd}")
+                inode = os.stat(f"/proc/{daemon}/fd/{fd}").st_ino
             except OSError:
                 continue
             if os.path.dirname(target) == userns.LOCK_DIR:
-                mine.add(os.path.basename(target))
-    assert mine and not mine & set(os.listdir(userns.LOCK_DIR))
+                mine[os.path.basename(target)] = inode
+    assert mine
+
+    def same_file(name: str) -> bool:
+        try:
+            return os.stat(os.path.join(userns.LOCK_DIR, name)).st_ino == mine[name]
+        except FileNotFoundError:
+            return False
+    assert not [name for name in mine if same_file(name)]
 
 
 def test_SECURITY_a_child_binds_what_the_daemon_checked_after_the_zygote_started(client, tmp_path):

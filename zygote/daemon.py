@@ -200,6 +200,8 @@ class Child:
     first: object = None  # the first status message: Ready or Failed
     ready_seen: bool = False
     output_exceeded: bool = False
+    # one per max_output_bytes relay: set once all its output is counted, or judged (see _relay)
+    relays_counted: list = field(default_factory=list)
     cpu_time: float | None = None
     cpu_exceeded: bool = False  # the daemon killed it: its cgroup's CPU usage reached cpu_time
     cgroup: object = None
@@ -217,6 +219,7 @@ class Child:
     result_done: trio.Event = field(default_factory=trio.Event)
     result_held: tuple[int, int] | None = None  # (peer uid, bytes) of RESULTS_PER_UID it holds
     ended: bool = False  # its pidfd said so: what its pipes hold is all there will be
+    died: trio.Event = field(default_factory=trio.Event)  # set with ended
     ctl: trio.lowlevel.FdStream | None = None  # a reserve child's control pipe, until its Job
     reserved: bool = False  # waiting in its pool's reserve (not yet any client's)
     reserve_fds: list[int] = field(default_factory=list)  # its stdin writer, stdout/stderr readers meanwhile
@@ -2393,6 +2396,7 @@ class Daemon:
                 n.start_soon(self._deadline, child, n.cancel_scope)
                 await _wait_pidfd(child.pidfd)
                 child.ended = True  # (its result, if waiting for room, is read now: _hold_result)
+                child.died.set()  # (a relay held back counts what its pipe holds: _relay)
                 self._wake_results(child.peer_uid)
                 # Every writer in the pid namespace died with it, so what they wrote is in the
                 # pipes and EOF follows, unless the payload handed a write end to someone
@@ -2400,6 +2404,8 @@ class Daemon:
                 with trio.move_on_after(EOF_GRACE):
                     await child.status_done.wait()
                     await child.result_done.wait()
+                    for counted in child.relays_counted:  # (output_exceeded: see _relay)
+                        await counted.wait()
                 n.cancel_scope.cancel()
             if child.attaching is not None:  # (see _setup_outside: a zombie keeps its number)
                 await child.attaching.wait()
@@ -2529,6 +2535,8 @@ class Daemon:
         more = trio.Event()
         done = False
         uid = child.peer_uid  # whom the buffer is counted for (a reserve child's changes when taken)
+        counted = trio.Event()  # the exit report waits for it (bounded): output_exceeded is known
+        child.relays_counted.append(counted)
 
         def owner() -> int:
             nonlocal uid
@@ -2557,7 +2565,25 @@ class Daemon:
                         break
                     while buf and self.relayed.get(owner(), 0) + len(data) > self.relayed_per_uid:
                         # our own buffer drains first; any relay of this uid freeing bytes wakes us
-                        await self._relayed_freed.setdefault(uid, trio.Event()).wait()
+                        freed = self._relayed_freed.setdefault(uid, trio.Event())
+                        if child.died.is_set() and not counted.is_set():
+                            # Held back by the uid's unread output while the exit is reported:
+                            # what the pipe still holds decides output_exceeded (after the
+                            # report the flag could only be lost, and the output cut unflagged).
+                            try:
+                                held = await self.hands.run(owner(), _bytes_in_pipe, src)
+                            except OSError:
+                                held = 0
+                            if box[0] + len(data) + held > limit:
+                                child.output_exceeded = True
+                            counted.set()
+                        async with trio.open_nursery() as waits:
+                            async def until(event) -> None:
+                                await event.wait()
+                                waits.cancel_scope.cancel()
+                            waits.start_soon(until, freed)
+                            if not counted.is_set():
+                                waits.start_soon(until, child.died)
                     box[0] += len(data)
                     self._count(self.relayed, owner(), len(data))
                     buf.extend(data)
@@ -2567,6 +2593,7 @@ class Daemon:
                 pass
             finally:
                 done = True
+                counted.set()
                 more.set()
 
         async def writer() -> None:
@@ -2921,6 +2948,13 @@ def _in_sigtimedwait(pid: int) -> bool:
 # (tests/test_layers_seccomp.py): for their children the nested user namespace limit is a
 # second wall, skipped where /proc/sys is read-only (containers), as before it existed.
 _NO_NEW_USERNS_PROFILES = frozenset({"default", "strict"})
+
+
+def _bytes_in_pipe(fd: int) -> int:
+    """FIONREAD: what a pipe holds unread (in a worker thread: it takes the pipe's lock)."""
+    buf = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, buf)
+    return buf[0]
 
 
 async def child_first_status(child: Child):
