@@ -400,13 +400,13 @@ def test_ctrl_z_stops_the_child_and_fg_resumes_it(tmp_path):
         screen.wait_for(b"tick 3")
         os.write(master, b"\x1a")  # Ctrl-Z
         screen.wait_for(b"shell: stopped by", seconds=20)
-        screen.read_for(0.5)
+        screen.read_for(0.3)
         before = screen.out.count(b"tick")
-        screen.read_for(1.0)
+        screen.read_for(0.7)  # (a tick every 0.1 s if it ran)
         assert screen.out.count(b"tick") == before, (args, screen.out.decode(errors="replace"))  # stopped
         os.write(master, b"fg\n")
         screen.wait_for(b"shell: continued", seconds=20)
-        screen.read_for(1.0)
+        screen.read_for(0.8)
         assert screen.out.count(b"tick") > before + 3, screen.out.decode(errors="replace")  # running again
         os.write(master, b"\x03")
         screen.wait_for(b"shell: exit", seconds=30)

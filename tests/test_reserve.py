@@ -933,10 +933,13 @@ def test_a_client_leases_again_after_a_reload_brings_the_reserve_back(tmp_path):
         wait_socket(sock, proc)
         with Client.connect(sock, leases=1) as c:
             _held(c, 1)
-            for reserve in (0, 2):
+            for n, reserve in enumerate((0, 2), 1):
                 write_text(tmp_path / "z.toml", head + f"reserve = {reserve}\n")
                 proc.send_signal(signal.SIGHUP)
-                time.sleep(3)  # (the held child goes with the old pool; a lease is refused meanwhile)
+                wait_for(lambda: _log(proc).count(b"reloaded") == n, 15, f"reload {n}")
+                if not reserve:  # (the held child goes with the old pool; a lease is refused meanwhile)
+                    wait_for(lambda: not c._aclient._leases, 15, "the held child to go")
+                    time.sleep(0.3)
             _held(c, 1)
             assert c.call(lambda: 3) == 3
     finally:
