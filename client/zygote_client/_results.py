@@ -35,7 +35,7 @@ _FAILURES = (  # (flag on ExitStatus, reason, what to tell the caller), the firs
     ("pids_exceeded", "pids", "hit its pids limit"),
     ("timed_out", "timeout", "was killed at its wall-clock timeout"),
     ("cpu_time_exceeded", "cpu-time", "exceeded its CPU time limit"),
-    ("output_exceeded", "output", "was killed for exceeding max_output_bytes"),
+    ("output_exceeded", "output", "wrote more than max_output_bytes (cut there; killed if still running)"),
     ("pool_reloaded", "reload", "was killed by a reload that replaced its pool (a leased child; run it again)"),
 )
 
