@@ -91,11 +91,12 @@ def write_text(path, text: str) -> str:
     return str(path)
 
 
-def start_daemon(*args: str) -> subprocess.Popen:
-    """``zygote serve ARGS`` in its own process. Its log (stderr) goes to a temporary file, not a
+def start_daemon(*args: str, wrapper: tuple[str, ...] = ()) -> subprocess.Popen:
+    """``zygote serve ARGS`` in its own process (run by ``wrapper``, a command that ends by
+    executing its arguments, if given). Its log (stderr) goes to a temporary file, not a
     pipe: a pipe nobody drains would stall a daemon that logs every spawn."""
     log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", *args], stderr=log)
+    proc = subprocess.Popen([*wrapper, sys.executable, "-m", "zygote", "serve", *args], stderr=log)
     proc.log = log
     return proc
 

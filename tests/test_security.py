@@ -792,7 +792,7 @@ def test_SECURITY_mptcp_does_not_get_past_landlocks_tcp_rules(client):
 
 
 
-_KEYED_DAEMON = """
+_KEYED = """
 import ctypes, os, sys
 libc = ctypes.CDLL(None, use_errno=True)
 assert libc.syscall(250, 1, None) > 0  # keyctl(JOIN_SESSION_KEYRING, NULL): a session of the test's own
@@ -800,7 +800,7 @@ key = libc.syscall(248, b"user", b"zg-test-secret", b"hunter2", 7, -3)  # add_ke
 assert key > 0, ctypes.get_errno()
 with open(sys.argv[1], "w") as f:
     f.write(str(key))
-os.execv(sys.executable, [sys.executable, "-m", "zygote", "serve", *sys.argv[2:]])
+os.execv(sys.argv[2], sys.argv[2:])
 """
 
 
@@ -809,8 +809,7 @@ def unconfined_probe(tmp_path_factory):
     """The probe's answers in a child of an unconfined pool (no seccomp) of a daemon started in
     a session keyring holding a key of its starter's."""
     import sys
-    import tempfile
-    from conftest import stop_daemon, wait_socket, write_text
+    from conftest import start_daemon, stop_daemon, wait_socket, write_text
 
     def probe(key_id: int) -> dict:
         import ctypes
@@ -831,9 +830,7 @@ def unconfined_probe(tmp_path_factory):
     d = tmp_path_factory.mktemp("keyed")
     sock = str(d / "z.sock")
     cfg = write_text(d / "z.toml", f'[daemon]\nsocket = "{sock}"\n[pools.default.sandbox]\nseccomp_profile = "unconfined"\n')
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-c", _KEYED_DAEMON, str(d / "key"), "--config", cfg], stderr=log)
-    proc.log = log
+    proc = start_daemon("--config", cfg, wrapper=(sys.executable, "-c", _KEYED, str(d / "key")))
     try:
         wait_socket(sock, proc)
         key_id = int((d / "key").read_text())
@@ -871,19 +868,15 @@ def test_SECURITY_a_read_only_proc_sys_keeps_out_only_children_seccomp_also_wall
     namespaces itself (default, strict) goes on without that second wall, as before it
     existed (every spawn failed there: a helper's second review); one under "unconfined" fails
     at step userns, naming the file: nothing else would keep it from making one."""
-    import sys
-    import tempfile
-    from conftest import stop_daemon, wait_socket, write_text
+    from conftest import start_daemon, stop_daemon, wait_socket, write_text
     sock = str(tmp_path / "z.sock")
     # (proc = false: a fresh /proc cannot be mounted over a /proc with a mount on it either)
     cfg = write_text(tmp_path / "z.toml", f'[daemon]\nsocket = "{sock}"\n[pools.default]\nreserve = 0\n'
                      '[pools.default.sandbox]\nproc = false\n[pools.open]\nreserve = 0\n'
                      '[pools.open.sandbox]\nproc = false\nseccomp_profile = "unconfined"\n')
-    script = ("mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && "
-              f"exec {sys.executable} -m zygote serve --config {cfg}")
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script], stderr=log)
-    proc.log = log
+    read_only = ("unshare", "-m", "--propagation", "private", "sh", "-c",
+                 'mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec "$@"', "sh")
+    proc = start_daemon("--config", cfg, wrapper=read_only)
     try:
         wait_socket(sock, proc)
         with Client.connect(sock) as c:
@@ -901,14 +894,9 @@ def test_SECURITY_children_get_the_plain_linux_persona(tmp_path):
     space randomisation), while the default profile answers personality's query with 0 (a
     helper's second review). The zygote sets PER_LINUX at its start. Fails without it: the
     child's is 00040000."""
-    import sys
-    import tempfile
-    from conftest import stop_daemon, wait_socket
+    from conftest import start_daemon, stop_daemon, wait_socket
     sock = str(tmp_path / "z.sock")
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(["setarch", os.uname().machine, "-R", sys.executable, "-m", "zygote", "serve",
-                             "--socket", sock], stderr=log)
-    proc.log = log
+    proc = start_daemon("--socket", sock, wrapper=("setarch", os.uname().machine, "-R"))
     try:
         wait_socket(sock, proc)
         with open(f"/proc/{proc.pid}/personality") as f:

@@ -115,7 +115,6 @@ def check_reserves(pool: PoolConfig, where: str) -> None:
     if pool.reserve_network and pool.sandbox.network is None:
         raise ConfigError(f"{where}: reserve_network needs a pool that allows network "
                           "(sandbox.network in its TOML table, or --network)")
-    check_profile(pool, where)
 
 
 def check_profile(pool: PoolConfig, where: str) -> None:
@@ -198,6 +197,7 @@ def load(path: str, *, default_python: str):
                                  reserve_network=p.reserve_network, sandbox=p.sandbox,
                                  forbid_secret_env=p.forbid_secret_env, env_allow=tuple(p.env_allow))
         check_reserves(pools[name], where)
+        check_profile(pools[name], where)
     kw = {}
     if d.max_result_bytes is not None:
         from zygote_client._config import parse_size

@@ -799,6 +799,11 @@ class Daemon:
 
     # ---- connections -------------------------------------------------------------------------
 
+    def _wake_relays(self, uid: int) -> None:
+        """Relays of ``uid`` waiting for room in its RELAYED_PER_UID look again (see _relay)."""
+        if uid in self._relayed_freed:
+            self._relayed_freed.pop(uid).set()
+
     def _count(self, table: dict[int, int], uid: int, n: int) -> None:
         """Add ``n`` (negative: release) to ``uid``'s entry in ``table`` (a per-uid count or byte total)."""
         left = table.get(uid, 0) + n
@@ -806,8 +811,8 @@ class Daemon:
             table[uid] = left
         else:
             table.pop(uid, None)
-        if n < 0 and table is self.relayed and uid in self._relayed_freed:
-            self._relayed_freed.pop(uid).set()
+        if n < 0 and table is self.relayed:
+            self._wake_relays(uid)
         if n < 0 and table is self.results_held:
             self._wake_results(uid)
 
@@ -2397,6 +2402,7 @@ class Daemon:
                 await _wait_pidfd(child.pidfd)
                 child.ended = True  # (its result, if waiting for room, is read now: _hold_result)
                 child.died.set()  # (a relay held back counts what its pipe holds: _relay)
+                self._wake_relays(child.peer_uid)
                 self._wake_results(child.peer_uid)
                 # Every writer in the pid namespace died with it, so what they wrote is in the
                 # pipes and EOF follows, unless the payload handed a write end to someone
@@ -2564,7 +2570,9 @@ class Daemon:
                         buf.extend(data)
                         break
                     while buf and self.relayed.get(owner(), 0) + len(data) > self.relayed_per_uid:
-                        # our own buffer drains first; any relay of this uid freeing bytes wakes us
+                        # Our own buffer drains first; any relay of this uid freeing bytes wakes
+                        # us, and so does the child's death (_watch_and_reap). The event is taken
+                        # before the await below: a wake meanwhile must not be lost.
                         freed = self._relayed_freed.setdefault(uid, trio.Event())
                         if child.died.is_set() and not counted.is_set():
                             # Held back by the uid's unread output while the exit is reported:
@@ -2577,13 +2585,7 @@ class Daemon:
                             if box[0] + len(data) + held > limit:
                                 child.output_exceeded = True
                             counted.set()
-                        async with trio.open_nursery() as waits:
-                            async def until(event) -> None:
-                                await event.wait()
-                                waits.cancel_scope.cancel()
-                            waits.start_soon(until, freed)
-                            if not counted.is_set():
-                                waits.start_soon(until, child.died)
+                        await freed.wait()
                     box[0] += len(data)
                     self._count(self.relayed, owner(), len(data))
                     buf.extend(data)

@@ -325,8 +325,8 @@ class CgroupHost:
                     # directory's (zygote/, between own and base) keep own's from going (EBUSY):
                     # they go first, unless another daemon instance is under it.
                     mid = os.path.dirname(h.base)
-                    if mid != h.own.rstrip("/") and not [d for d in os.scandir(mid)
-                                                         if d.is_dir(follow_symlinks=False) and d.path != h.base]:
+                    if mid != h.own.rstrip("/") and not any(d.is_dir(follow_symlinks=False) and d.path != h.base
+                                                            for d in os.scandir(mid)):
                         msub = os.path.join(mid, "cgroup.subtree_control")
                         if _read(msub).split():
                             _write(msub, " ".join("-" + c for c in _read(msub).split()))
