@@ -31,7 +31,8 @@ def client():
 
 
 def daemon_pid(c: Client) -> int:
-    return c._aclient._proc.pid  # the embedded daemon's pid (tests only)
+    proc = c._aclient._proc  # an embedded daemon's process (tests only)
+    return proc.pid if proc is not None else c.status().daemon_pid
 
 
 def children_of(pid: int) -> list[tuple[int, str]]:

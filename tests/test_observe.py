@@ -342,11 +342,15 @@ def _metric(url: str, name: str) -> str:
     return [line for line in text.splitlines() if line.startswith(name + " ")][0]
 
 
-def _metrics_daemon(tmp_path) -> tuple[subprocess.Popen, str, int]:
-    """A daemon serving metrics on a free port: (its process, the metrics URL, the port)."""
+def _metrics_daemon(tmp_path, timeout: float | None = None) -> tuple[subprocess.Popen, str, int]:
+    """A daemon serving metrics on a free port: (its process, the metrics URL, the port); each
+    metrics connection gets ``timeout`` seconds when given (a test knob), else METRICS_TIMEOUT."""
     sock = str(tmp_path / "z.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--socket", sock, "--metrics-port", "0"],
-                            stderr=subprocess.PIPE, text=True)
+    hooks, env = [], None
+    if timeout is not None:
+        hooks, env = ["--test-hooks"], {**os.environ, "ZYGOTE_TEST_METRICS_TIMEOUT": str(timeout)}
+    proc = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--socket", sock, "--metrics-port", "0", *hooks],
+                            stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stderr.readline()
         assert "metrics on http://127.0.0.1:" in line, line
@@ -419,9 +423,10 @@ def test_SECURITY_idle_metrics_connections_are_bounded(tmp_path):
     import socket
     import time
 
-    from zygote.observe import METRICS_CONNECTIONS, METRICS_TIMEOUT
+    from zygote.observe import METRICS_CONNECTIONS
 
-    proc, url, port = _metrics_daemon(tmp_path)
+    METRICS_TIMEOUT = 2.0  # (a test knob; 5 s in a daemon)
+    proc, url, port = _metrics_daemon(tmp_path, METRICS_TIMEOUT)
     idle = []
     try:
 

@@ -39,11 +39,11 @@ def reserve_client():
         yield c
 
 
-def _wait_reserve(c: Client, n: int) -> list[int]:
+def _wait_reserve(c: Client, n: int, timeout: float = 30) -> list[int]:
     """Pids of the daemon's children waiting in the reserve (not running for any client), once
-    status says at least ``n`` wait and none is being made."""
+    status says at least ``n`` wait and none is being made (or after ``timeout`` seconds)."""
     dpid = daemon_pid(c)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout
     while True:
         st = c.status()
         waiting = sum(p.reserve_waiting for p in st.pools)
@@ -737,41 +737,35 @@ def test_a_reserve_child_with_counted_output_keeps_it_while_it_waits(tmp_path, m
         assert float(r.stdout) < asked - 2  # the reserve child, waiting since before the sleep
 
 
-def test_SECURITY_a_request_cancelled_while_its_reserve_child_is_fitted_leaves_no_child(tmp_path):
+def test_SECURITY_a_request_cancelled_while_its_reserve_child_is_fitted_leaves_no_child(tmp_path, monkeypatch):
     """Taking a reserve child for a request with its own limits writes them into the child's
     cgroup (a worker thread) first. A client that goes away meanwhile cancelled the request
     with the child out of the reserve and owned by nobody: it lived on until shutdown, counting
-    against max_children, so repeating it filled the daemon."""
+    against max_children, so repeating it filled the daemon. A test hook holds each fitting
+    for 0.5 s, so that the client's going lands there (without it the race was rarely hit)."""
     import socket
 
     from zygote_client import _protocol as P
 
+    monkeypatch.setenv("ZYGOTE_TEST_FIT_PAUSE", "0.5")
     with config_daemon(tmp_path, """
-            max_children = 6
+            max_children = 3
             [pools.default]
             reserve = 2
             [pools.default.sandbox]
             memory = "512M"
-            """) as sock:
-        time.sleep(1.0)
-        for _ in range(15):
+            """, "--test-hooks") as sock, Client.connect(sock) as c:
+        for _ in range(2):
+            _wait_reserve(c, 2, timeout=5)
             s = socket.socket(socket.AF_UNIX)
             s.connect(sock)
             s.sendall(P.encode(P.Hello(P.VERSION)) + P.encode(P.Spawn(
                 req=1, kind="callable", payload=b"x", sandbox=SandboxConfig(memory="256M"))))
-            s.shutdown(socket.SHUT_WR)  # gone at once: the request is cancelled mid-way
-            s.settimeout(10)
-            try:
-                while s.recv(1 << 16):
-                    pass
-            except OSError:
-                pass
-            s.close()
-            time.sleep(0.2)
-        time.sleep(1.0)
-        with Client.connect(sock) as c:
-            for _ in range(5):  # a full daemon would refuse: "runs 6 children, its maximum"
-                assert c.call(lambda: 5) == 5
+            time.sleep(0.2)  # (the daemon is fitting a reserve child to it)
+            s.close()  # gone: the request is cancelled mid-way
+        kids = _wait_reserve(c, 2, timeout=5)
+        assert len(kids) == 2, kids  # the reserve's two, and no child owned by nobody
+        assert c.call(lambda: 5) == 5
 
 
 def test_a_request_above_the_default_process_cap_skips_a_reserve_child_without_pids(tmp_path):

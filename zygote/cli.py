@@ -339,8 +339,10 @@ def serve(args) -> int:
             os.unlink(cfg.socket_path)
         return 2
     if args.metrics_port is not None:
+        from . import observe
         try:
-            port = daemon.observer.serve_metrics(args.metrics_port)
+            port = daemon.observer.serve_metrics(
+                args.metrics_port, timeout=daemon._test_knob("METRICS_TIMEOUT", observe.METRICS_TIMEOUT, float))
         except OSError as e:
             print(f"zygote serve: metrics port {args.metrics_port}: {e.strerror}", file=sys.stderr)
             if own_socket:

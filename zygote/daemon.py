@@ -506,6 +506,7 @@ class Daemon:
         self._pause_sources = self._test_knob("PAUSE_BEFORE_SOURCES", None, str)  # (see ChildPlan)
         self.setup_timeout = self._test_knob("SETUP_TIMEOUT", SETUP_TIMEOUT, float)  # (see _setup_outside)
         self.reserve_quiet = self._test_knob("RESERVE_QUIET", RESERVE_QUIET, float)
+        self._fit_pause = self._test_knob("FIT_PAUSE", 0.0, float)  # (see _take_reserved)
         self.open_conns: dict[int, set[Connection]] = {}  # peer uid -> its open connections
         self.attached: dict[int, int] = {}  # peer uid -> its live attaches (max_attaches)
         self.relayed: dict[int, int] = {}  # peer uid -> bytes of its children's output buffered
@@ -558,12 +559,13 @@ class Daemon:
         self._into_cgroup = self.cgroups.version == 2  # clone3(CLONE_INTO_CGROUP): Linux >= 5.7, v2 only
         await trio.to_thread.run_sync(cgroups.remove_dead_instances, self.cgroups)
 
-    async def start_network(self) -> None:
-        """Install the egress ruleset when some pool allows network; otherwise touch nothing."""
-        if all(pc.sandbox.network is None for pc in self.config.pools.values()):
+    async def start_network(self, config: DaemonConfig | None = None) -> None:
+        """Install the egress ruleset when some pool of ``config`` (the daemon's by default)
+        allows network; otherwise touch nothing."""
+        config = config or self.config
+        if all(pc.sandbox.network is None for pc in config.pools.values()):
             return
-        host = network.NetworkHost(self.config.network_pool, self.config.network_dns,
-                                   self.config.network_masquerade)
+        host = network.NetworkHost(config.network_pool, config.network_dns, config.network_masquerade)
         host.pause_before_rules = self._test_knob("PAUSE_BEFORE_RULES", None, str)
         try:
             await trio.to_thread.run_sync(host.start)
@@ -717,6 +719,7 @@ class Daemon:
             kept_max = (keep.max_children, self.id_slots.count - ID_SLACK)
             keep = dataclasses.replace(keep, max_children=kept_max[1])
         started: dict[str, Pool] = {}
+        net_started = None
         try:
             for name, pc in keep.pools.items():
                 old = self.pools.get(name)
@@ -724,6 +727,13 @@ class Daemon:
                     pool = self._new_pool(pc)
                     started[name] = pool
                     await pool.start()
+            if self.network is None and any(pc.sandbox.network is not None for pc in keep.pools.values()):
+                # The first pool with network: the egress rules are installed before the pools
+                # are swapped in (networked spawns failed with "networking was not started" until
+                # the next start, and then in the moment between the swap and the rules).
+                self.network_error = None
+                await self.start_network(keep)
+                net_started = self.network is not None
         except BaseException:
             with trio.CancelScope(shield=True):
                 for pool in started.values():
@@ -738,16 +748,11 @@ class Daemon:
                            "ranges for its children are claimed at start)")
         self.pools = {n: started.get(n) or self.pools[n] for n in keep.pools}
         self.config = keep
-        if self.network is None and any(pc.sandbox.network is not None for pc in keep.pools.values()):
-            # The first pool with network: the egress rules are installed now (networked spawns
-            # failed with "networking was not started" until the next start).
-            self.network_error = None
-            await self.start_network()
-            if self.network is not None:
-                self._nursery.start_soon(self._keep_net_ahead, self.network)
-                changes.append("networking started")
-            else:
-                changes.append(f"networking could not start: {self.network_error}")
+        if net_started:
+            self._nursery.start_soon(self._keep_net_ahead, self.network)
+            changes.append("networking started")
+        elif net_started is not None:
+            changes.append(f"networking could not start: {self.network_error}")
         self._net_wake.set()  # network_ahead may have changed
         for pool in started.values():
             self._nursery.start_soon(pool.supervise)
@@ -1678,6 +1683,8 @@ class Daemon:
             fit = "gone"
             if not child.exited.is_set() and child.ctl is not None:
                 try:
+                    if self._fit_pause:  # (a test hook: a client's going lands in the fitting)
+                        await trio.sleep(self._fit_pause)
                     fit = await self._limits_for(child, cfg)
                 except BaseException:  # cancelled (the client went): out of the reserve and
                     self._kill(child, signal.SIGKILL)  # nobody's, it must not linger (it counts)

@@ -119,7 +119,7 @@ class _MetricsServer(ThreadingWSGIServer):
     def process_request_thread(self, request, client_address) -> None:
         # A whole request gets METRICS_TIMEOUT: the per-read timeout alone let a client sending a
         # byte every few seconds hold its place for hours (8 such held every scrape off).
-        cut = threading.Timer(METRICS_TIMEOUT, _cut_off, (request,))
+        cut = threading.Timer(self.RequestHandlerClass.timeout, _cut_off, (request,))
         cut.start()
         try:
             super().process_request_thread(request, client_address)
@@ -320,13 +320,14 @@ class Observer:
         """zygote_detached_kept is ``kept()`` at each scrape (a length, read from the metrics thread)."""
         self._kept.set_function(kept)
 
-    def serve_metrics(self, port: int, addr: str = "127.0.0.1") -> int:
+    def serve_metrics(self, port: int, addr: str = "127.0.0.1", timeout: float = METRICS_TIMEOUT) -> int:
         """Expose /metrics on addr:port (a thread serving at most METRICS_CONNECTIONS at once, in
-        threads of their own); returns the bound port."""
+        threads of their own, each for at most ``timeout`` seconds); returns the bound port."""
         server_cls = type("_Server", (_MetricsServer,),
                           {"address_family": socket.AF_INET6 if ":" in addr else socket.AF_INET})
+        handler_cls = type("_Handler", (_MetricsHandler,), {"timeout": timeout})
         self._server = make_server(addr, port, make_wsgi_app(self.registry), server_cls,
-                                   handler_class=_MetricsHandler)
+                                   handler_class=handler_cls)
         threading.Thread(target=self._server.serve_forever, name="zygote-metrics", daemon=True).start()
         return self._server.server_address[1]
 

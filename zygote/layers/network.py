@@ -34,9 +34,6 @@ import socket
 import threading
 from dataclasses import dataclass
 
-from pyroute2 import Conntrack, IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
 from zygote_client._config import parse_allow as _parse_allow
 
@@ -192,6 +189,15 @@ def _in_a_thread(fn, name: str):
     return box[0]
 
 
+def _import_pyroute2() -> None:
+    """pyroute2's names for this module, imported when a NetworkHost starts (or closes): the
+    import takes ~0.1 s, which a daemon whose pools have no network does not pay at its start."""
+    global Conntrack, IPRoute, NetlinkError, NFCTAttrTuple
+    from pyroute2 import Conntrack, IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+
 class NetworkHost:
     """The daemon's side of networking: one address pool, one nft table, the veths."""
 
@@ -217,6 +223,7 @@ class NetworkHost:
         Raises:
             SetupError: naming CAP_NET_ADMIN, nft or the failing call; networked spawns then fail.
         """
+        _import_pyroute2()
         if not has_cap_net_admin():
             raise SetupError(STEP, "the daemon lacks CAP_NET_ADMIN", E.EPERM, HINT_CAP)
         if not _nft.available():
@@ -238,6 +245,7 @@ class NetworkHost:
 
     def close(self) -> None:
         """Remove every veth of our pool still there and the table (best effort, at shutdown)."""
+        _import_pyroute2()
         self.started = False
         self._maker.close()
         self._remove_links(self.pool.owns_link)
