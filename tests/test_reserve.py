@@ -188,6 +188,13 @@ def test_reserve_children_go_with_the_daemon():
 
 
 @pytest.mark.cgroupv2
+def _aged_reserve(c: Client, n: int = 2) -> None:
+    """Until ``n`` children wait in the reserve, the newest made 0.35 s ago or more (a payload
+    of _pid1_started then tells a reserve child, started 0.3 s before the request, from a clone)."""
+    _wait_reserve(c, n)
+    time.sleep(0.35)
+
+
 def test_SECURITY_reserve_with_pool_limits_and_tighter_requests(tmp_path):
     with config_daemon(tmp_path, """
             [pools.default]
@@ -196,7 +203,7 @@ def test_SECURITY_reserve_with_pool_limits_and_tighter_requests(tmp_path):
             memory = "256M"
             pids = 32
             """) as sock, Client.connect(sock) as c:
-        time.sleep(1.0)
+        _aged_reserve(c)
         asked = _boottime()
         r = c.run(_pid1_started())
         assert float(r.stdout) < asked - 0.3  # from the reserve
@@ -216,7 +223,7 @@ def test_SECURITY_reserve_with_pool_limits_and_tighter_requests(tmp_path):
                 print(int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK"), flush=True)
             b = bytearray(200 << 20)  # fits the pool's 256M, not the request's 128M
             print(len(b))
-        time.sleep(1.0)
+        _aged_reserve(c)
         asked = _boottime()
         r = c.run(tight, sandbox_config=SandboxConfig(memory="128M", pids=32))
         assert float(r.stdout.split()[0]) < asked - 0.3, "expected a reserve child"
@@ -240,7 +247,7 @@ def test_SECURITY_reserve_with_pool_limits_and_tighter_requests(tmp_path):
             print(len(kids), flush=True)
             for pid in kids:
                 os.kill(pid, 9)
-        time.sleep(1.0)
+        _aged_reserve(c)
         asked = _boottime()
         r = c.run(forks, sandbox_config=SandboxConfig(memory="256M", pids=4))
         started, n = r.stdout.split()
@@ -249,7 +256,7 @@ def test_SECURITY_reserve_with_pool_limits_and_tighter_requests(tmp_path):
         # A memory limit below what a waiting child already uses (v1 would refuse the write, v2
         # OOM-kill the child): the reserve is left alone and the request clones, which cannot
         # start in 256K either; the next request still finds the reserve.
-        time.sleep(1.0)
+        _aged_reserve(c)
         with pytest.raises(SandboxError):
             c.run(print, ("no",), sandbox_config=SandboxConfig(memory="256K", pids=32))
         asked = _boottime()
@@ -264,21 +271,21 @@ def test_pool_timeout_counts_from_the_request_not_the_reserve(tmp_path):
             [pools.default]
             reserve = 1
             [pools.default.sandbox]
-            timeout = 1.5
+            timeout = 1.2
             """) as sock, Client.connect(sock) as c:
-        time.sleep(2.5)  # the reserve child is now older than the pool's timeout
+        time.sleep(1.5)  # the reserve child is now older than the pool's timeout
         asked = _boottime()
-        r = c.run(_pid1_started(then_sleep=1.0))
+        r = c.run(_pid1_started(then_sleep=0.7))
         started, done = r.stdout.split()
-        assert float(started) < asked - 1.0  # it did come from the reserve
+        assert float(started) < asked - 1.2  # it did come from the reserve
         assert done == b"done" and not r.status.timed_out, r.status
-        assert 0.9 < r.status.wall_time < 1.5
+        assert 0.6 < r.status.wall_time < 1.2
 
         def spin():
             while True:
                 pass
         r = c.run(spin)  # and the pool's timeout still applies to a reserve child
-        assert r.status.timed_out and 1.4 < r.status.wall_time < 3, r.status
+        assert r.status.timed_out and 1.1 < r.status.wall_time < 2.7, r.status
 
 
 @contextlib.contextmanager
