@@ -265,6 +265,7 @@ def _priv_probe(mnt: str) -> dict:
         "resuid": list(os.getresuid()), "resgid": list(os.getresgid()),
         "caps": _status_caps(),
         "nnp": bool(prctl.get_no_new_privs()),
+        "securebits": _sys.libc.prctl(privileges.PR_GET_SECUREBITS, 0, 0, 0, 0),
         "securebits_clear": attempt(_set_securebits_raw, 0),
         "keep_caps": attempt(keep_caps),
         "mount": attempt(_sys.mount, "zg-tmpfs", mnt, "tmpfs", 0),
@@ -316,6 +317,12 @@ def test_SECURITY_privileges_securebits_locked(priv_results):
     control, confined = priv_results
     assert control["securebits_clear"] == "ok" and control["keep_caps"] == "ok"
     assert confined["securebits_clear"] == "EPERM" and confined["keep_caps"] == "EPERM"
+    # (Without capabilities, changing the bits takes CAP_SETPCAP, so the two EPERMs above come
+    # with or without the locks: the locks are read back, for a process that regains it.)
+    locks = (privileges.SECBIT_NOROOT_LOCKED | privileges.SECBIT_NO_SETUID_FIXUP_LOCKED
+             | privileges.SECBIT_KEEP_CAPS_LOCKED | privileges.SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED)
+    assert control["securebits"] & locks == 0, control
+    assert confined["securebits"] & locks == locks, confined
 
 
 def test_SECURITY_privileges_mount_denied(priv_results):

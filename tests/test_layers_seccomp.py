@@ -370,6 +370,19 @@ def test_SECURITY_seccomp_x32_and_int80():
     assert in_child(x32_getpid, "default") == ("signal", signal.SIGSYS)
     assert in_child(int80_getpid, "strict") == ("signal", signal.SIGSYS)
 
+    # ... the whole process, not only the thread that made the call (libseccomp's own bad-arch
+    # action kills the thread: a single-threaded probe cannot tell the two apart)
+    def from_a_thread(call):
+        def run():
+            t = threading.Thread(target=call, daemon=True)
+            t.start()
+            t.join(5)  # (a killed thread never ends for Python: the process lives on)
+            return "survived"
+        return run
+    assert in_child(from_a_thread(int80_getpid)) == ("ok", "survived")  # (control: no filter)
+    assert in_child(from_a_thread(int80_getpid), "default") == ("signal", signal.SIGSYS)
+    assert in_child(from_a_thread(x32_getpid), "default") == ("signal", signal.SIGSYS)
+
 
 # ---- ordinary programs still work ---------------------------------------------------------------
 

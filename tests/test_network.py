@@ -27,7 +27,7 @@ import time
 import pytest
 
 from zygote_client import BrokenError, Client, DaemonError, NetworkConfig, SandboxConfig, SandboxError
-from conftest import children_of, listen_for_host_device_events, owned_by_a_maker
+from conftest import children_of, cmdline, listen_for_host_device_events, owned_by_a_maker
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/sbin/nft"),
                                 reason="needs root and nftables")
@@ -720,10 +720,21 @@ def test_SECURITY_no_packet_leaves_a_child_before_its_rules_are_in(world, tmp_pa
             deadline = time.monotonic() + 30
             kids: list[int] = []
             while not kids and time.monotonic() < deadline:  # the clone, waiting for "go"
-                kids = [p for p, _ in children_of(daemon)  # (a clone has a user namespace of its own)
-                        if _readlink(f"/proc/{p}/ns/user") not in ("", _readlink(f"/proc/{daemon}/ns/user"))]
+                kids = [p for p, _ in children_of(daemon)  # (a clone has a user namespace of its own,
+                        if _readlink(f"/proc/{p}/ns/user") not in ("", _readlink(f"/proc/{daemon}/ns/user"))
+                        and b"_nsmaker" not in cmdline(p)]  # as the namespace maker has)
                 time.sleep(0.02)
             assert kids, "no clone appeared"
+            # The namespace probed is the child's: its eth0 is there (configured, when prepared).
+            # (The probe once found the namespace maker, whose namespace has only lo, which is
+            # down: nothing got out of it whatever the rules, and the test passed with the host
+            # end brought up before them.)
+            inside = subprocess.run(["nsenter", f"--net=/proc/{kids[0]}/ns/net", "ip", "-br", "-4", "addr"]
+                                    if ahead == "prepared" else
+                                    ["nsenter", f"--net=/proc/{kids[0]}/ns/net", "ip", "-br", "link"],
+                                    capture_output=True, text=True, check=True).stdout
+            assert re.search(r"^eth0\S*\s+\S+\s+\d+\.\d+" if ahead == "prepared" else r"^eth0",
+                             inside, re.M), inside
             _nothing_gets_out(world, f"/proc/{kids[0]}/ns/net")
             # (the probe left the gateway's neighbour entry failed: the child would get
             # EHOSTUNREACH for a few seconds)

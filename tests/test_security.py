@@ -338,8 +338,8 @@ def test_SECURITY_payload_cannot_reach_its_reaper_fds(client, suid_dumpable_1):
 
 
 _TERMINAL_PROBE = '''
-import os
-from zygote_client import Client
+import os, subprocess, sys, time
+from zygote_client import BrokenError, Client
 
 def probe():
     import errno, os
@@ -351,8 +351,21 @@ def probe():
 
 os.close(os.open("/dev/tty", os.O_RDONLY | os.O_NONBLOCK))  # control: this process has one
 print("client: has a terminal", flush=True)
-with Client.embedded() as c:
-    print(c.call(probe), flush=True)
+sock = sys.argv[1]
+daemon = subprocess.Popen([sys.executable, "-m", "zygote", "serve", "--socket", sock])  # (in our session)
+try:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with Client.connect(sock) as c:
+                print(c.call(probe), flush=True)
+            break
+        except (OSError, BrokenError):  # (not listening yet)
+            assert daemon.poll() is None and time.monotonic() < deadline, "the daemon did not start"
+            time.sleep(0.05)
+finally:
+    daemon.terminate()
+    daemon.wait()
 '''
 
 
@@ -360,7 +373,9 @@ def test_SECURITY_child_cannot_read_the_terminal_the_daemon_was_started_from(tmp
     """A daemon started at a terminal (``Client.embedded()`` in an interactive session, ``zygote
     serve`` in a shell): its children were in its session, so /dev/tty (bound read-only, as every
     Python expects it) opened that terminal and a payload could read what the user typed there.
-    Each child now starts a session of its own: it has no controlling terminal."""
+    Each child now starts a session of its own: it has no controlling terminal. (The probe runs
+    ``zygote serve`` in the terminal's session: an embedded daemon has had a session of its own
+    since, which hid the children's own setsid, and this test passed without it.)"""
     import fcntl
     import pty
     import sys
@@ -369,7 +384,8 @@ def test_SECURITY_child_cannot_read_the_terminal_the_daemon_was_started_from(tmp
     script.write_text(_TERMINAL_PROBE)
     master, slave = pty.openpty()
     try:
-        p = subprocess.run([sys.executable, str(script)], stdin=slave, capture_output=True, timeout=120,
+        p = subprocess.run([sys.executable, str(script), str(tmp_path / "z.sock")], stdin=slave,
+                           capture_output=True, timeout=120,
                            start_new_session=True,  # (then the pty becomes its controlling terminal)
                            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
     finally:
@@ -394,6 +410,10 @@ def test_SECURITY_kill_0_reaches_only_the_childs_own_processes(tmp_path):
             """) as sock:
         with Client.connect(sock) as one, Client.connect(sock) as two:
             victim = one.spawn_child(time.sleep, (60,), stdin=None)
+            # Its own session and group (each child's own host ids would stop this kill too,
+            # with EPERM: without these two lines the test passed with no setsid at all)
+            assert os.getsid(victim.pid) == victim.pid == os.getpgid(victim.pid)
+            assert os.getpgid(victim.pid) != os.getpgid(one.status().daemon_pid)
             attacker = two.spawn_child(os.kill, (0, signal.SIGKILL), stdin=None)
             assert attacker.wait(timeout=30).returncode == 0  # (a PID 1 ignores its own SIGKILL)
             time.sleep(0.3)

@@ -213,11 +213,14 @@ def test_SECURITY_tree_dies_with_child(client):
     child = client.spawn_child(payload)
     child.stdout.readline()
     outer = child.pid
+    with open(f"/proc/{outer}/task/{outer}/children") as f:
+        (inner,) = map(int, f.read().split())  # the grandchild's host pid
     child.terminate()
     st = child.wait(timeout=10)
     assert st.returncode == -signal.SIGTERM
     # PID 1 (outer) is reaped, so every process of its namespace is gone too
     assert not os.path.exists(f"/proc/{outer}")
+    assert not os.path.exists(f"/proc/{inner}"), "the grandchild outlived its child"
     for pid, state in children_of(daemon_pid(client)):
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             assert b"zygote._zygote" in f.read(), f"stray child {pid} ({state}) of the daemon"
