@@ -27,7 +27,7 @@ import time
 import pytest
 
 from zygote_client import BrokenError, Client, DaemonError, NetworkConfig, SandboxConfig, SandboxError
-from conftest import children_of, cmdline, listen_for_host_device_events, owned_by_a_maker
+from conftest import children_of, cmdline, listen_for_host_device_events, owned_by_a_maker, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/sbin/nft"),
                                 reason="needs root and nftables")
@@ -1136,3 +1136,121 @@ def test_a_request_gets_the_address_a_networked_reserve_child_holds(world, tmp_p
         finally:
             holder.kill()
             holder.wait()
+
+
+_FLOWS_OF = """
+import json, socket, sys
+from pyroute2 import Conntrack
+from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+with Conntrack() as ct:
+    print(json.dumps([[e.protoinfo.state if e.protoinfo else None, e.timeout]
+                      for e in ct.dump_entries(tuple_orig=NFCTAttrTuple(family=socket.AF_INET, saddr=sys.argv[1]))]))
+"""
+_TCP_TIME_WAIT = 7  # (the kernel's TCP_CONNTRACK_TIME_WAIT)
+
+
+def test_SECURITY_a_child_holds_a_bounded_share_of_the_connection_tracking_table(world, tmp_path, monkeypatch):
+    """Every flow through the daemon's namespace (the host's own, where the daemon runs there) is
+    tracked in one table of nf_conntrack_max entries; a full table drops every new flow in it. A
+    child opening and closing connections in a loop filled it (262144 entries) in under a minute,
+    and neither the host nor other children could start a flow until the entries expired (a
+    helper's red-team). A child may have FLOWS_PER_CHILD flows open (20 here, a test knob), and
+    its closed ones leave the table after CLOSED_FLOW_SECONDS, not 120 s. Fails without the
+    budget rule (30 connections open) or without the timeout policy (TIME_WAIT for 120 s)."""
+    from zygote import _nft
+    monkeypatch.setenv("ZYGOTE_TEST_FLOWS_PER_CHILD", "20")
+    path = world.start(tmp_path, "--network-ahead", "0")
+
+    def hold_then_close():
+        import socket
+        held, refused = [], 0
+        for _ in range(30):
+            try:
+                held.append(socket.create_connection(("198.51.100.10", 7), timeout=5))
+            except OSError:
+                refused += 1
+        print(held[0].getsockname()[0], len(held), refused, flush=True)
+        for s in held:  # we close first: our side's flows go to TIME_WAIT
+            s.close()
+        input()  # (until the test has looked at the table)
+
+    with Client.connect(path) as c:
+        child = c.spawn_child(hold_then_close, sandbox_config=NET)
+        me, held, refused = child.stdout.readline().split()
+        assert (int(held), int(refused)) in ((20, 10), (21, 9)), (held, refused)
+        with Client.connect(path) as other:  # another child is not held back by this one
+            assert "ok" in other.run(_probe([("tcp", ECHO, 7)]), sandbox_config=NET).stdout.decode()
+
+        def closed() -> list:
+            flows = json.loads(world.run(sys.executable, "-c", _FLOWS_OF, me.decode()))
+            return [t for state, t in flows if state == _TCP_TIME_WAIT]
+        wait_for(lambda: len(closed()) >= 20, timeout=10, what="the child's closed flows")
+        assert max(closed()) <= _nft.CLOSED_FLOW_SECONDS, closed()  # (the kernel's own: 120 s)
+        child.stdin.write(b"\n")
+        child.stdin.close()
+        assert child.wait(timeout=30).returncode == 0
+
+
+def test_SECURITY_a_child_starts_new_flows_at_a_bounded_rate(world, tmp_path):
+    """Past NEW_FLOWS_BURST, a child starts at most NEW_FLOWS_PER_SECOND new flows: with its
+    closed flows' timeout that bounds its entries in the shared conntrack table whatever it
+    does. A child sending one datagram from each of thousands of new sockets: at most the burst
+    and a second's rate are tracked. Fails without the rate rule."""
+    from zygote import _nft
+    path = world.start(tmp_path, "--network-ahead", "0")
+
+    def spray():
+        import socket
+        import time
+        n, end = 0, time.monotonic() + 1.0
+        while time.monotonic() < end:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(b"x", ("198.51.100.10", 7))
+            n += 1
+        print(n)
+
+    with Client.connect(path) as c:
+        r = c.run(spray, sandbox_config=NET, timeout=60)
+    assert r.returncode == 0, r.stderr.decode()
+    tried = int(r.stdout)
+    # (flows, not datagrams: ports come round again, and a datagram of a flow let in passes)
+    tracked = int(world.run("sysctl", "-n", "net.netfilter.nf_conntrack_count"))
+    assert tried > 3 * (_nft.NEW_FLOWS_BURST + 2 * _nft.NEW_FLOWS_PER_SECOND), tried  # (it tried)
+    assert 0 < tracked <= _nft.NEW_FLOWS_BURST + 2 * _nft.NEW_FLOWS_PER_SECOND, (tracked, tried)
+
+
+def test_SECURITY_a_networked_child_s_socket_buffers_count_against_its_memory_limit(world, tmp_path):
+    """Data queued on TCP sockets is kernel memory the child's memory cgroup pays for, but v1
+    charges it only once the cgroup's TCP limit is written (v2 always does): a networked child
+    limited to 64M queued 675 MiB on connections over its own loopback, out of the host's
+    tcp_mem every process shares (a helper's red-team). 24 such connections, never read: what
+    they hold stays near the limit. Fails without the TCP limit (~250 MiB queued)."""
+    path = world.start(tmp_path, "--network-ahead", "0")
+
+    def queue():
+        import socket
+        import time
+        server = socket.create_server(("127.0.0.1", 0), backlog=64)
+        held, queued = [], 0
+        for _ in range(24):
+            a = socket.socket()
+            a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 30)  # (capped by the host's wmem_max)
+            a.connect(server.getsockname())
+            b, _ = server.accept()
+            b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 30)
+            held += [a, b]
+            a.setblocking(False)
+            stalls = 0
+            while stalls < 2:  # (a short pause lets the receive side take more)
+                try:
+                    queued += a.send(b"x" * (1 << 16))
+                except OSError:
+                    stalls += 1
+                    time.sleep(0.01)
+        print(queued >> 20)
+
+    with Client.connect(path) as c:
+        r = c.run(queue, sandbox_config=SandboxConfig(network=NetworkConfig(), memory="64M", timeout=60))
+    assert r.returncode == 0 or r.status.memory_exceeded, r.stderr.decode()
+    if r.returncode == 0:
+        assert int(r.stdout) < 100, f"{int(r.stdout)} MiB queued by a child limited to 64M"

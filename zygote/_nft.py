@@ -13,9 +13,21 @@ added and removed in one small batch each, so the ruleset is never rewritten whi
     input:    iifname @links reject                 nothing of the host itself, any address/port
     forward:  iifname @links jump egress
               oifname @links ct state established,related accept; oifname @links drop
-    egress:   not IPv4 -> drop; (iifname . saddr) not in @peers4 -> drop; oifname @links -> reject
+    egress:   not IPv4 -> drop; (iifname . saddr) not in @peers4 -> drop; a new flow past the
+              child's flow or rate budget (sets flows4, rate4) -> reject; oifname @links -> reject
               (child to child); DNS -> accept; iifname vmap @allow; daddr @deny4 -> reject; accept
+              (a new flow first jumps to timeouts: the children's ct timeout policies)
     postrouting (with masquerade): iifname @links oifname <uplink> masquerade
+
+Flow budgets: the forward rules make the kernel track every flow of the daemon's namespace (the
+host's own, when the daemon runs there) in one table of nf_conntrack_max entries, and a full
+table drops every new flow in it. Each child may have FLOWS_PER_CHILD flows open (ct count: TCP
+not yet closed, UDP and the rest until they time out) and start NEW_FLOWS_PER_SECOND (burst
+NEW_FLOWS_BURST); its closed TCP flows and unanswered UDP go from the table after
+CLOSED_FLOW_SECONDS instead of the kernel's 120 s and 30 s. So a child keeps at most about
+FLOWS_PER_CHILD + NEW_FLOWS_PER_SECOND * CLOSED_FLOW_SECONDS entries (~3000): one child
+opening and closing connections in a loop filled the whole table in under a minute (a
+helper's red-team), and the host and every other child could start no flow.
 
 Traffic to any address of the host (its uplink, the veth's host end, link-local) is routed to the
 input hook, never to forward, which is why input drops everything our links send.
@@ -48,6 +60,15 @@ DENY4 = (
 
 _REJECT = {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}
 
+FLOWS_PER_CHILD = 2048
+NEW_FLOWS_PER_SECOND = 100
+NEW_FLOWS_BURST = 400
+CLOSED_FLOW_SECONDS = 10
+# The kernel's defaults for the rest (TCP established 5 days, UDP answered 120 s): ct count bounds them.
+_TCP_TIMEOUTS = {"syn_sent": 30, "syn_recv": 30, "fin_wait": 30, "close_wait": 30, "last_ack": 30,
+                 "time_wait": CLOSED_FLOW_SECONDS, "close": CLOSED_FLOW_SECONDS}
+_UDP_TIMEOUTS = {"unreplied": CLOSED_FLOW_SECONDS, "replied": 120}
+
 
 class NftError(Exception):
     """``nft`` refused a batch (or is missing); the message is nft's own."""
@@ -63,13 +84,14 @@ def available() -> bool:
     return _library() is not None or path() is not None
 
 
-def apply(cmds: list[dict]) -> None:
-    """Run one batch atomically (nft applies all of it or nothing).
+def apply(cmds: list[dict] | str) -> None:
+    """Run one batch atomically (nft applies all of it or nothing): JSON commands, or a text in
+    nft's own syntax (nft tries JSON first, then its syntax).
 
     Through libnftables (the library the ``nft`` tool is a front end of) when it loads: a
     networked spawn applies two batches, and starting ``nft`` for each cost ~2.5 ms of the
     spawn's path. The tool is the fallback."""
-    text = json.dumps({"nftables": cmds})
+    text = cmds if isinstance(cmds, str) else json.dumps({"nftables": cmds})
     lib = _library()
     if lib is not None:
         lib.run(text)
@@ -166,10 +188,27 @@ def _rule(table: str, chain: str, *expr: dict) -> dict:
     return {"add": {"rule": {**_t(table), "chain": chain, "expr": list(expr)}}}
 
 
-def ruleset(table: str, *, dns: tuple[str, ...] = (), masquerade: str | None = None) -> list[dict]:
+def _new_flow_past(budget: str, stmt: dict, op: str) -> dict:
+    """A rule of egress: a new flow of a child past its budget ``stmt`` in set ``budget`` (one
+    element per child address, put there by ``op``) is rejected."""
+    return {"add": {"rule": {"chain": "egress", "expr": [
+        _match({"ct": {"key": "state"}}, "new", "in"),
+        {"set": {"op": op, "elem": _ip("saddr"), "set": f"@{budget}", "stmt": [stmt]}},
+        _REJECT]}}}
+
+
+def ruleset(table: str, *, dns: tuple[str, ...] = (), masquerade: str | None = None,
+            flows_per_child: int = FLOWS_PER_CHILD) -> list[dict]:
     """The whole table as one batch; it first deletes a table of that name a crashed predecessor
     may have left ("add" then "delete" works whether or not it exists)."""
     t = _t(table)
+    # (ct count counts on an "add"; a limit is kept per element only by "update", which also
+    # renews the element's timeout: with "add" every new flow passed)
+    budgets = [_new_flow_past("flows4", {"ct count": {"val": flows_per_child, "inv": True}}, "add"),
+               _new_flow_past("rate4", {"limit": {"rate": NEW_FLOWS_PER_SECOND, "burst": NEW_FLOWS_BURST,
+                                                  "per": "second", "inv": True}}, "update")]
+    for rule in budgets:
+        rule["add"]["rule"].update(t)
     cmds: list[dict] = [
         {"add": {"table": {"family": "inet", "name": table}}},
         {"delete": {"table": {"family": "inet", "name": table}}},
@@ -180,6 +219,10 @@ def ruleset(table: str, *, dns: tuple[str, ...] = (), masquerade: str | None = N
                          "elem": [_prefix(c) for c in DENY4]}}},
         {"add": {"set": {**t, "name": "dns4", "type": "ipv4_addr"}}},
         {"add": {"map": {**t, "name": "allow", "type": "ifname", "map": "verdict"}}},
+        # (updated from the packet path: nft makes such sets dynamic itself; JSON has no flag for it)
+        {"add": {"set": {**t, "name": "flows4", "type": "ipv4_addr"}}},
+        {"add": {"set": {**t, "name": "rate4", "type": "ipv4_addr", "flags": ["timeout"], "timeout": 60}}},
+        {"add": {"chain": {**t, "name": "timeouts"}}},  # (its rules: timeouts())
         {"add": {"chain": {**t, "name": "input", "type": "filter", "hook": "input", "prio": 0,
                            "policy": "accept"}}},
         {"add": {"chain": {**t, "name": "forward", "type": "filter", "hook": "forward", "prio": 0,
@@ -194,6 +237,8 @@ def ruleset(table: str, *, dns: tuple[str, ...] = (), masquerade: str | None = N
         _rule(table, "egress", _match(_meta("nfproto"), "ipv4", "!="), {"drop": None}),
         _rule(table, "egress", _match({"concat": [_meta("iifname"), _ip("saddr")]}, "@peers4", "!="),
               {"drop": None}),
+        *budgets,
+        _rule(table, "egress", _match({"ct": {"key": "state"}}, "new", "in"), {"jump": {"target": "timeouts"}}),
         _rule(table, "egress", _match(_meta("oifname"), "@links"), _REJECT),
         _rule(table, "egress", _match(_ip("daddr"), "@dns4"),
               _match(_meta("l4proto"), {"set": ["tcp", "udp"]}),
@@ -212,6 +257,28 @@ def ruleset(table: str, *, dns: tuple[str, ...] = (), masquerade: str | None = N
                   _match(_meta("oifname"), masquerade), {"masquerade": None}),
         ]
     return cmds
+
+
+def timeouts(table: str) -> str:
+    """The children's conntrack timeout policies and the rules of chain ``timeouts`` that give
+    them to their new flows: a second batch after ``ruleset``, in nft's own syntax, since its
+    JSON parser (1.0.6, Debian 12) drops a ct timeout's policy without a word. (A policy is
+    given to a flow's entry once it exists, unconfirmed: in a chain after conntrack's hook, as
+    egress is; in a chain before it, the kernel ignores it.)"""
+    def policy(p: dict) -> str:
+        return ", ".join(f"{k}: {v}" for k, v in p.items())
+    # (a table block adds to the table ruleset() made; its name, "zygote-" and the pool's CIDR,
+    # is a plain word of nft's syntax)
+    return "\n".join([
+        f"table inet {table} {{",
+        f"  ct timeout closed-tcp {{ protocol tcp; l3proto ip; policy = {{ {policy(_TCP_TIMEOUTS)} }}; }}",
+        f"  ct timeout closed-udp {{ protocol udp; l3proto ip; policy = {{ {policy(_UDP_TIMEOUTS)} }}; }}",
+        "  chain timeouts {",
+        '    meta l4proto tcp ct timeout set "closed-tcp"',
+        '    meta l4proto udp ct timeout set "closed-udp"',
+        "  }",
+        "}",
+    ]) + "\n"
 
 
 def child_add(table: str, ifname: str, addr: str, allow: list[tuple[str, int | None]]) -> list[dict]:

@@ -567,6 +567,7 @@ class Daemon:
             return
         host = network.NetworkHost(config.network_pool, config.network_dns, config.network_masquerade)
         host.pause_before_rules = self._test_knob("PAUSE_BEFORE_RULES", None, str)
+        host.flows_per_child = self._test_knob("FLOWS_PER_CHILD", host.flows_per_child, int)
         try:
             await trio.to_thread.run_sync(host.start)
         except SetupError as e:

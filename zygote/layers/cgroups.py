@@ -419,6 +419,12 @@ class ChildCgroup:
                     _write(f"{mem}/memory.limit_in_bytes", str(memory))
                     if os.path.exists(f"{mem}/memory.memsw.limit_in_bytes"):  # swap accounting on
                         _write(f"{mem}/memory.memsw.limit_in_bytes", str(memory))
+                    # v1 charges socket buffers to a memcg only once its TCP limit is written,
+                    # and to a counter of their own: unwritten, a child's TCP buffers (over its own
+                    # loopback, or out) went unbounded by its memory limit, into the host's
+                    # tcp_mem (675 MiB queued by a child limited to 64M, a helper's red-team).
+                    if os.path.exists(f"{mem}/memory.kmem.tcp.limit_in_bytes"):
+                        _write(f"{mem}/memory.kmem.tcp.limit_in_bytes", str(memory))
                 if pids is not None:
                     _write(f"{pid}/pids.max", str(pids))
                 if cpu is not None:

@@ -216,6 +216,7 @@ class NetworkHost:
         self._maker = NetnsMaker()  # (its server starts with the first namespace prepared)
         # (tests only, --test-hooks: a path; each child's rules wait until it exists, 30 s at most)
         self.pause_before_rules: str | None = None
+        self.flows_per_child = _nft.FLOWS_PER_CHILD  # (tests set it lower, --test-hooks)
 
     def start(self) -> None:
         """Check what networking needs, clear a crashed predecessor's leftovers, install the rules.
@@ -230,10 +231,15 @@ class NetworkHost:
             raise SetupError(STEP, "nftables (the nft tool or libnftables) is missing", E.ENOENT, HINT_NFT)
         self._remove_links(self.pool.owns_link)
         try:
-            _nft.apply(_nft.ruleset(self.table, dns=self.dns, masquerade=self.masquerade))
+            _nft.apply(_nft.ruleset(self.table, dns=self.dns, masquerade=self.masquerade,
+                                    flows_per_child=self.flows_per_child))
+            _nft.apply(_nft.timeouts(self.table))
         except _nft.NftError as e:
+            with contextlib.suppress(_nft.NftError):
+                _nft.apply(_nft.delete_table(self.table))
             raise SetupError(STEP, f"installing the egress ruleset: {e}", E.EINVAL,
-                             "the kernel needs nf_tables (and nft_nat for masquerade)") from None
+                             "the kernel needs nf_tables, nft_connlimit, nft_limit and conntrack timeout "
+                             "policies (CONFIG_NF_CONNTRACK_TIMEOUT), and nft_nat for masquerade") from None
         try:
             # /proc/sys/net is the writer's own network namespace (the daemon's).
             with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
