@@ -717,3 +717,42 @@ def test_SECURITY_a_config_refusing_a_huge_value_quotes_it_cut(field):
     assert len(str(ei.value)) < 4000, str(ei.value)[:300]
     if field == "export_path":  # refused by its length before it is split (200 MiB of it: 39 s)
         assert "the limit is 4095" in str(ei.value), str(ei.value)[:300]
+
+
+def test_SECURITY_an_idle_connection_keeps_no_payload_it_sent(socket_daemon):
+    """A connection waiting for its next frame kept the last message it had decoded alive (a
+    local of the receive loop): once its spawn was answered, a payload of up to MAX_FRAME stayed
+    in the daemon, counted by no budget (4 idle connections of one user held 1 GiB, a helper's
+    review). Two connections each run a child with a 96 MiB payload and stay open: the daemon's
+    memory comes back. Fails without the fix (~+190 MiB)."""
+    from conftest import rss_bytes
+    with Client.connect(socket_daemon) as c:
+        pid = c.status().daemon_pid
+        c.run(len, (b"x",))  # (the first spawn's own growth, before the baseline)
+    base = rss_bytes(pid)
+    conns = [Client.connect(socket_daemon) for _ in range(2)]
+    try:
+        for c in conns:
+            assert c.run(len, (b"x" * (96 << 20),)).value == 96 << 20
+        grown = rss_bytes(pid) - base
+        assert grown < 64 << 20, f"the daemon holds {grown >> 20} MiB more for two idle connections"
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_a_large_payload_is_decoded_without_a_copy():
+    """The daemon decodes frames on its event loop: copying a large payload out of its frame held
+    every client ~0.3 s per 250 MiB (a helper's review). A Spawn's payload from a frame of
+    HANDOFF_MIN or more is a view of the frame's own buffer; smaller ones are views of a copy of
+    their frame, which the decoder's buffer may then change under neither."""
+    for size in (P.HANDOFF_MIN, 100):
+        d = P.daemon_decoder()
+        payload = os.urandom(size)
+        frame = P.encode(P.Spawn(req=1, kind="callable", payload=payload))
+        d.feed(frame + frame[:10], [])  # (and the start of the next one)
+        msg, _ = d.next()
+        assert isinstance(msg.payload, memoryview) and msg.payload == payload
+        d.feed(frame[10:], [])
+        again, _ = d.next()
+        assert msg.payload == payload and again.payload == payload  # (the first one unchanged)

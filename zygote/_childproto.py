@@ -189,6 +189,9 @@ def job_problem(kind: str, target: str | None, argv: list[str] | None, timeout: 
     return ""
 
 
-def frame(msg: msgspec.Struct) -> bytes:
-    body = _enc.encode(msg)
-    return LEN.pack(len(body)) + body
+def frame(msg: msgspec.Struct) -> bytearray:
+    """Length and body in one buffer: one copy of a large payload, not two."""
+    buf = bytearray(LEN.size)
+    _enc.encode_into(msg, buf, LEN.size)
+    LEN.pack_into(buf, 0, len(buf) - LEN.size)
+    return buf

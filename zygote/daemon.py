@@ -82,6 +82,8 @@ REQUESTS_PER_UID = 1024
 # Child output the daemon buffers (max_output_bytes relays) for one peer uid's readers. Past it
 # the relays stop reading and the children block on their full pipes, as with any slow reader.
 RELAYED_PER_UID = 256 << 20
+# A uid whose frame took d seconds to decode reads nothing more for DECODE_SHARE x d (see _serve_conn).
+DECODE_SHARE = 4.0
 # Result records the daemon holds for one peer uid's children that have not ended yet (a payload
 # may write its record and go on running). Room for a record is taken when its header arrives;
 # past the budget the next child's write waits, as on any full pipe (one record always fits).
@@ -496,6 +498,7 @@ class Daemon:
         self.cleaning = 0
         self.pending: dict[int, int] = {}  # peer uid -> bytes of requests held for it (PENDING_PER_UID)
         self.requests: dict[int, int] = {}  # peer uid -> spawn requests not yet answered (REQUESTS_PER_UID)
+        self._decode_until: dict[int, float] = {}  # per uid: no reading before (see _serve_conn)
         self._request_room: dict[int, trio.Event] = {}  # set when a uid's count drops below the cap
         self.queued_by_uid: dict[int, int] = {}  # peer uid -> bytes waiting to be sent to it
         self.exports_per_uid = self._test_knob("EXPORTS_PER_UID", EXPORTS_PER_UID, int)
@@ -846,6 +849,21 @@ class Daemon:
             self.hands.drop_received(uid, fds)
 
         decoder = P.daemon_decoder(close=drop)
+
+        def next_message():
+            # Decoding runs on the event loop and holds the GIL (a worker thread would not free
+            # the loop): a frame of large strings costs ~0.6 s per 250 MiB. A uid whose frame took
+            # d seconds reads nothing more, on any of its connections, for DECODE_SHARE x d: one
+            # user's frames take a bounded share of the loop, whatever they hold.
+            t = time.perf_counter()
+            try:
+                return decoder.next()
+            finally:
+                if (spent := time.perf_counter() - t) > 0.005:
+                    now = trio.current_time()
+                    self._decode_until[uid] = max(self._decode_until.get(uid, 0.0), now) + spent * DECODE_SHARE
+                    if len(self._decode_until) > 1024:  # (those past go)
+                        self._decode_until = {u: v for u, v in self._decode_until.items() if v > now}
         held = 0  # decoder.pending_bytes, as counted in self.pending
         self.observer.connection(+1)
         self.open_conns.setdefault(uid, set()).add(conn)
@@ -876,6 +894,8 @@ class Daemon:
                         await trio.lowlevel.wait_readable(sock.fileno())
                     except (OSError, trio.ClosedResourceError):
                         break
+                    if (until := self._decode_until.get(uid, 0.0)) > trio.current_time():
+                        await trio.sleep_until(until)  # (its last large frame's share: see below)
                     if self.hands.stuck(uid):
                         # (a connection that went, or was dropped, ends now: its held fds go
                         # with it, which may be what the others wait for)
@@ -904,7 +924,7 @@ class Daemon:
                         break
                     try:
                         decoder.feed(data, fds)
-                        while (item := decoder.next()) is not None:
+                        while (item := next_message()) is not None:
                             msg, mfds = item
                             if not hello:
                                 drop(mfds)
@@ -934,6 +954,11 @@ class Daemon:
                     except ProtocolError as e:
                         await conn.send(P.Error(0, "protocol", str(e)))
                         break
+                    finally:
+                        # The last message (a Spawn's payload: up to MAX_FRAME) must not stay
+                        # alive in this frame while the connection waits for its next one: once
+                        # answered it is counted by no budget (4 idle connections held 1 GiB).
+                        item = msg = mfds = None
                     now = decoder.pending_bytes
                     self._count(self.pending, uid, now - held)
                     held = now
@@ -1718,7 +1743,7 @@ class Daemon:
                 # The pipe is empty and a Job frame is small: one non-blocking write, no scheduling
                 # round on the request's path (send_all only for what a large payload leaves).
                 try:
-                    rest = job[os.write(ctl.fileno(), job):]
+                    rest = memoryview(job)[os.write(ctl.fileno(), job):]  # (a view: no copy of a large Job)
                 except BlockingIOError:
                     rest = job
                 if rest:

@@ -32,6 +32,7 @@ MAGIC = b"ZG"
 HEADER = struct.Struct("!2sBBI")
 MAX_FRAME = 256 << 20  # payloads (cloudpickled closures with data) can be large
 MAX_FDS = 4
+HANDOFF_MIN = 1 << 20  # frames from this size on are decoded from their own buffer (see FrameDecoder.next)
 
 
 class _Msg(msgspec.Struct, frozen=True, tag_field="type", forbid_unknown_fields=True, omit_defaults=True):
@@ -87,7 +88,9 @@ class Spawn(_Msg, tag="spawn"):
 
     req: int
     kind: Literal["callable", "target", "child_main", "exec", "script"]
-    payload: bytes = b""
+    # Decoded as a view of the received frame's buffer (no copy: see FrameDecoder); a client
+    # builds it from bytes, which encode alike.
+    payload: memoryview = b""
     target: str | None = None
     argv: Argv | None = None
     pool: str | None = None
@@ -421,16 +424,23 @@ class FrameDecoder:
             self._close(fds)
             self._broken = True
             raise ProtocolError(f"frame declares {nfds} fds but {len(fds)} arrived")
-        # Decoded in place: a copy of the body (two, with the slice) cost a large frame ~0.5 s
-        # more on the daemon's event loop (a helper's review). No message type holds a view of
-        # its input (msgspec copies bytes fields), so the buffer may change after.
+        # A message may hold views of its frame (memoryview fields: Spawn.payload), so it is
+        # decoded from a buffer nobody changes after: a large frame's own buffer, handed over
+        # whole (no copy: copying a 250 MiB payload out of it held the daemon's event loop, and
+        # every other client, ~0.3 s per frame; msgspec holds the GIL, so a worker thread does not
+        # help), a small frame's copy.
         failed: Exception | None = None
-        with memoryview(self._buf) as view, view[HEADER.size:end] as body:
+        if end >= HANDOFF_MIN:
+            frame, self._buf = self._buf, self._buf[end:]  # (the rest: at most one receive's worth)
+        else:
+            frame = bytes(memoryview(self._buf)[:end])
+            del self._buf[:end]
+        with memoryview(frame) as view:
             try:
-                msg = self._decoder.decode(body)
+                msg = self._decoder.decode(view[HEADER.size:end])
             except Exception as exc:  # noqa: BLE001 - a validator's OverflowError too: bytes from a peer
                 failed = exc  # must end as a protocol error, never as an exception nobody expects
-        del self._buf[:end]
+        del frame
         self._base = end_off
         if failed is not None:
             self._close(fds)
