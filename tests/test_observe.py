@@ -417,17 +417,19 @@ def test_SECURITY_one_local_user_cannot_hold_every_metrics_place(tmp_path):
 def test_SECURITY_idle_metrics_connections_are_bounded(tmp_path):
     """The metrics port takes any local user's TCP connection: prometheus-client's server gave
     each a thread and kept it, idle, for ever (3000 connections: 3000 threads and fds). At most
-    METRICS_CONNECTIONS are served at once (more are closed at once) and each read waits at most
-    METRICS_TIMEOUT; a scrape gets through once the idle ones time out. Fails on the old server
-    (a thread per idle connection)."""
+    METRICS_CONNECTIONS are served at once (more are closed at once) and each connection gets
+    METRICS_TIMEOUT in all; a scrape gets through once the idle ones time out. The idle ones
+    come from 20 uids, 2 each (a peer's own share, METRICS_PER_PEER, would otherwise hold them
+    and leave the overall bound untested: it did, a helper's mutation audit). Fails on the old
+    server (a thread per idle connection) and without the overall bound."""
     import socket
     import time
 
-    from zygote.observe import METRICS_CONNECTIONS
+    from zygote.observe import METRICS_CONNECTIONS, METRICS_PER_PEER
 
     METRICS_TIMEOUT = 2.0  # (a test knob; 5 s in a daemon)
     proc, url, port = _metrics_daemon(tmp_path, METRICS_TIMEOUT)
-    idle = []
+    holders = []
     try:
 
         def threads() -> int:
@@ -435,15 +437,31 @@ def test_SECURITY_idle_metrics_connections_are_bounded(tmp_path):
                 return int(next(ln for ln in f if ln.startswith("Threads:")).split()[1])
 
         base = threads()
-        for _ in range(40):
-            s = socket.create_connection(("127.0.0.1", port), timeout=5)
-            idle.append(s)
-        time.sleep(1.0)
-        for s in idle:  # a byte now and then (a per-read timeout alone let them stay for ever)
-            try:
-                s.send(b"G")
-            except OSError:
-                pass  # (one of those closed at once)
+        r, w = os.pipe()
+        for uid in range(5001, 5021):
+            pid = os.fork()
+            if pid == 0:  # a local user holding its share, a byte now and then (a per-read
+                try:      # timeout alone let such connections stay for ever)
+                    os.close(r)
+                    import encodings.idna  # noqa: F401  (the interpreter's files are root's only)
+                    os.setuid(uid)
+                    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(METRICS_PER_PEER)]
+                    os.write(w, b"x")
+                    while True:
+                        time.sleep(0.2)
+                        for s in held:
+                            try:
+                                s.send(b"G")
+                            except OSError:
+                                pass  # (closed at once, or timed out)
+                finally:
+                    os._exit(0)
+            holders.append(pid)
+        os.close(w)
+        for _ in holders:
+            assert os.read(r, 1) == b"x"
+        os.close(r)
+        time.sleep(0.5)
         # (a thread and a deadline timer per place, and the daemon's own workers)
         assert threads() <= base + 2 * METRICS_CONNECTIONS + 6, (base, threads())
         # A scrape while the idle ones hold every place is closed at once (as a scraper retries):
@@ -455,16 +473,11 @@ def test_SECURITY_idle_metrics_connections_are_bounded(tmp_path):
                 break
             except OSError:
                 assert time.monotonic() < deadline, "no scrape got through once the idle ones timed out"
-                for s in idle:
-                    try:
-                        s.send(b"E")
-                    except OSError:
-                        pass
                 time.sleep(0.2)
         assert "zygote_spawns_total" in metrics, metrics[:200]
     finally:
-        for s in idle:
-            s.close()
+        for pid in holders:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
         proc.terminate()
         proc.wait(30)
-

@@ -431,12 +431,19 @@ def _collect(msgs, **kw):
 
 @pytest.mark.parametrize("bad", ["../../x", "/etc/passwd", "a/../../x", "a//b", "./x", "x\0y"])
 def test_SECURITY_collector_refuses_escaping_names(bad):
-    """What PID 1 sends is untrusted: an escaping name is refused (or skipped) by the daemon."""
-    msgs = [Out("a", "dir", 0o755), Out(bad, "file", 0o644, b"pwned"), OutEnd()]
-    refused = _collect(msgs)
-    assert refused["error_path"] in (bad, repr(bad)), refused
-    kept = _collect(msgs, on_exceed="truncate")
-    assert kept["files"] == 0 and kept["truncated"]
+    """What PID 1 sends is untrusted: an escaping name is refused (or skipped) by the daemon.
+    Also when every directory above it was listed first: without that, the check that a file's
+    directory was exported refused these names as well, and the test passed with the name
+    check removed (a helper's mutation audit)."""
+    parts = bad.split("/")
+    parents = ["/".join(parts[:k]) for k in range(1, len(parts))]
+    for listed in ([Out("a", "dir", 0o755)], [Out(d, "dir", 0o755) for d in parents]):
+        msgs = [*listed, Out(bad, "file", 0o644, b"pwned"), OutEnd()]
+        refused = _collect(msgs)
+        assert refused["error_path"] in {bad, repr(bad), *parents, *map(repr, parents)}, refused
+        assert not refused.get("files"), refused
+        kept = _collect(msgs, on_exceed="truncate")
+        assert kept["files"] == 0 and kept["truncated"], kept
 
 
 def test_SECURITY_collector_limits_and_kinds():
