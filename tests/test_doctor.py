@@ -181,3 +181,17 @@ def test_overmounted_proc_names_systempaths():
     assert "EPERM" in layers["proc-mount"]["detail"]
     assert "systempaths=unconfined" in layers["proc-mount"]["fix"]
     assert [la["name"] for la in out["layers"] if la["status"] != "available"] == ["proc-mount"]
+
+
+def test_an_egress_table_the_kernel_refuses_makes_nft_partial(monkeypatch):
+    """nft working is not enough: the daemon's table needs nft_connlimit, nft_limit and
+    conntrack timeout policies (the children's flow budgets). The doctor loads the table in a
+    throwaway network namespace; one the kernel refuses (here, a second batch made invalid: the
+    probes are forked from this process) makes the layer partial, naming the kernel options."""
+    from zygote import _nft
+    if os.geteuid() != 0:
+        pytest.skip("needs root (nft in the host's network namespace)")
+    assert "egress table loads" in {la["name"]: la for la in doctor.probe()}["nft"]["detail"]
+    monkeypatch.setattr(_nft, "timeouts", lambda table: f"table inet {table} {{ ct timeout x {{ protocol nosuch; }} }}\n")
+    nft = {la["name"]: la for la in doctor.probe()}["nft"]
+    assert nft["status"] == "partial" and "CONFIG_NF_CONNTRACK_TIMEOUT" in nft["fix"], nft

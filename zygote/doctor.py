@@ -454,6 +454,23 @@ def _probe_veth(ifname: str, deadline: float) -> Callable[[], dict]:
     return fn
 
 
+def _probe_nft_ruleset() -> dict:
+    """The daemon's egress table (its flow budgets and conntrack timeout policies included) loads,
+    in a throwaway network namespace: nf_tables alone is not enough (nft_connlimit, nft_limit,
+    conntrack timeouts)."""
+    if os.geteuid() == 0:
+        _unshare(CLONE_NEWNET, "unshare(CLONE_NEWNET)")
+    else:
+        _own_userns(CLONE_NEWNET, "unshare(CLONE_NEWUSER|CLONE_NEWNET)")
+    from . import _nft
+    try:
+        _nft.apply(_nft.ruleset("zygote-doctor"))
+        _nft.apply(_nft.timeouts("zygote-doctor"))
+    except _nft.NftError as e:
+        raise OSError(0, str(e).strip().splitlines()[0] if str(e).strip() else "nft refused the table") from None
+    return {}
+
+
 # ---------------------------------------------------------------------------------------------
 # judging the answers
 
@@ -699,7 +716,19 @@ def _cap_net_admin() -> Layer:
     return Layer("cap-net-admin", "missing", f"CAP_NET_ADMIN is not effective (CapEff {cap})", fix)
 
 
-def _nft(deadline: float) -> Layer:
+def _nft(deadline: float, ruleset: dict) -> Layer:
+    layer = _nft_tool(deadline)
+    if layer.status == "available" and not ruleset.get("ok"):
+        return Layer("nft", "partial", f"{layer.detail}, but the daemon's egress table does not load: "
+                     f"{ruleset.get('error', 'failed')}",
+                     "a kernel with nft_connlimit, nft_limit and conntrack timeout policies "
+                     "(CONFIG_NFT_CONNLIMIT, CONFIG_NFT_LIMIT, CONFIG_NF_CONNTRACK_TIMEOUT)")
+    if layer.status == "available":
+        return Layer("nft", "available", f"{layer.detail}; the daemon's egress table loads (in a throwaway netns)")
+    return layer
+
+
+def _nft_tool(deadline: float) -> Layer:
     from . import _nft as nftlib
     nft = shutil.which("nft") or next((p for p in ("/usr/sbin/nft", "/sbin/nft") if os.path.exists(p)), None)
     if not nft:
@@ -761,6 +790,7 @@ def probe(timeout: float | None = None) -> list[dict]:
     spawn("seccomp", _probe_seccomp)
     spawn("no-new-privs", _probe_nnp)
     spawn("veth", _probe_veth(f"zgdoc{os.getpid()}", deadline))
+    spawn("nft-ruleset", _probe_nft_ruleset)
 
     def res(key: str) -> dict:
         if key in troubles:
@@ -793,7 +823,7 @@ def probe(timeout: float | None = None) -> list[dict]:
         "python-prctl": lambda: _import_layer(
             "python-prctl", res("python-prctl"), "apt-get install libcap-dev && pip install python-prctl"),
         "cap-net-admin": _cap_net_admin,
-        "nft": lambda: _nft(deadline),
+        "nft": lambda: _nft(deadline, res("nft-ruleset")),
         "veth": lambda: _veth_layer(res("veth")),
         "pyroute2": lambda: _import_layer("pyroute2", res("pyroute2"), "pip install pyroute2"),
     }
