@@ -753,6 +753,13 @@ def test_a_large_payload_is_decoded_without_a_copy():
         d.feed(frame + frame[:10], [])  # (and the start of the next one)
         msg, _ = d.next()
         assert isinstance(msg.payload, memoryview) and msg.payload == payload
+        # (a large frame's buffer is the decoder's own, handed over; a small one's a copy)
+        assert type(msg.payload.obj) is (bytearray if size >= P.HANDOFF_MIN else bytes), type(msg.payload.obj)
         d.feed(frame[10:], [])
         again, _ = d.next()
         assert msg.payload == payload and again.payload == payload  # (the first one unchanged)
+    # A small payload in a large frame is copied out: the frame's other 8 MiB do not stay with it.
+    d = P.daemon_decoder()
+    d.feed(P.encode(P.Spawn(req=1, kind="exec", payload=b"x", argv=["y" * (8 << 20)])), [])
+    msg, _ = d.next()
+    assert msg.payload == b"x" and len(msg.payload.obj) == 1

@@ -86,7 +86,8 @@ def available() -> bool:
 
 def apply(cmds: list[dict] | str) -> None:
     """Run one batch atomically (nft applies all of it or nothing): JSON commands, or a text in
-    nft's own syntax (nft tries JSON first, then its syntax).
+    nft's own syntax (the library tries JSON first, then its syntax; the tool is told which:
+    given -j, nft 1.0.6 read a text batch from stdin as JSON, then parsed nothing and exited 0).
 
     Through libnftables (the library the ``nft`` tool is a front end of) when it loads: a
     networked spawn applies two batches, and starting ``nft`` for each cost ~2.5 ms of the
@@ -99,7 +100,8 @@ def apply(cmds: list[dict] | str) -> None:
     exe = path()
     if exe is None:
         raise NftError("the nft tool is not installed")
-    p = subprocess.run([exe, "-j", "-f", "-"], input=text.encode(), capture_output=True)
+    p = subprocess.run([exe, *(() if isinstance(cmds, str) else ("-j",)), "-f", "-"], input=text.encode(),
+                       capture_output=True)
     if p.returncode != 0:
         raise NftError(p.stderr.decode(errors="replace").strip() or f"nft exited {p.returncode}")
 
@@ -317,6 +319,11 @@ def child_del(table: str, ifname: str, addr: str, has_allow: bool) -> list[dict]
                  {"delete": {"chain": {**t, "name": chain}}}]
     cmds += [{"delete": {"element": {**t, "name": "links", "elem": [ifname]}}},
              {"delete": {"element": {**t, "name": "peers4", "elem": [{"concat": [ifname, addr]}]}}}]
+    # The address's flow budgets go too (the next child with it started with what was left of
+    # them). Each is there only once the child started a flow: "add" then "delete" works either way.
+    for budget in ("flows4", "rate4"):
+        cmds += [{"add": {"element": {**t, "name": budget, "elem": [addr]}}},
+                 {"delete": {"element": {**t, "name": budget, "elem": [addr]}}}]
     return cmds
 
 

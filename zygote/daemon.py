@@ -82,8 +82,10 @@ REQUESTS_PER_UID = 1024
 # Child output the daemon buffers (max_output_bytes relays) for one peer uid's readers. Past it
 # the relays stop reading and the children block on their full pipes, as with any slow reader.
 RELAYED_PER_UID = 256 << 20
-# A uid whose frame took d seconds to decode reads nothing more for DECODE_SHARE x d (see _serve_conn).
+# A uid's frames that took d seconds to decode put its reading DECODE_SHARE x d off, once that is
+# more than DECODE_SLACK seconds ahead (see _serve_conn's next_message).
 DECODE_SHARE = 4.0
+DECODE_SLACK = 0.02
 # Result records the daemon holds for one peer uid's children that have not ended yet (a payload
 # may write its record and go on running). Room for a record is taken when its header arrives;
 # past the budget the next child's write waits, as on any full pipe (one record always fits).
@@ -571,6 +573,7 @@ class Daemon:
         host = network.NetworkHost(config.network_pool, config.network_dns, config.network_masquerade)
         host.pause_before_rules = self._test_knob("PAUSE_BEFORE_RULES", None, str)
         host.flows_per_child = self._test_knob("FLOWS_PER_CHILD", host.flows_per_child, int)
+        host.pause_before_start = self._test_knob("PAUSE_NETWORK_START", None, str)
         try:
             await trio.to_thread.run_sync(host.start)
         except SetupError as e:
@@ -852,18 +855,21 @@ class Daemon:
 
         def next_message():
             # Decoding runs on the event loop and holds the GIL (a worker thread would not free
-            # the loop): a frame of large strings costs ~0.6 s per 250 MiB. A uid whose frame took
-            # d seconds reads nothing more, on any of its connections, for DECODE_SHARE x d: one
-            # user's frames take a bounded share of the loop, whatever they hold.
+            # the loop): a frame of large strings costs ~0.6 s per 250 MiB. Each frame's decoding
+            # time d puts the uid's reading DECODE_SHARE x d further off (counted from now, or
+            # from where it already was), and its connections read nothing more while that is
+            # over DECODE_SLACK ahead: one user's frames take a bounded share of the loop,
+            # whatever they hold and however they are cut (frames under a threshold of their own
+            # once went uncounted: a second review), and ordinary requests never wait.
             t = time.perf_counter()
             try:
                 return decoder.next()
             finally:
-                if (spent := time.perf_counter() - t) > 0.005:
-                    now = trio.current_time()
-                    self._decode_until[uid] = max(self._decode_until.get(uid, 0.0), now) + spent * DECODE_SHARE
-                    if len(self._decode_until) > 1024:  # (those past go)
-                        self._decode_until = {u: v for u, v in self._decode_until.items() if v > now}
+                spent = time.perf_counter() - t
+                now = trio.current_time()
+                self._decode_until[uid] = max(self._decode_until.get(uid, 0.0), now) + spent * DECODE_SHARE
+                if len(self._decode_until) > 1024:  # (those past go)
+                    self._decode_until = {u: v for u, v in self._decode_until.items() if v > now}
         held = 0  # decoder.pending_bytes, as counted in self.pending
         self.observer.connection(+1)
         self.open_conns.setdefault(uid, set()).add(conn)
@@ -894,8 +900,8 @@ class Daemon:
                         await trio.lowlevel.wait_readable(sock.fileno())
                     except (OSError, trio.ClosedResourceError):
                         break
-                    if (until := self._decode_until.get(uid, 0.0)) > trio.current_time():
-                        await trio.sleep_until(until)  # (its last large frame's share: see below)
+                    if (until := self._decode_until.get(uid, 0.0)) > trio.current_time() + DECODE_SLACK:
+                        await trio.sleep_until(until)  # (its frames' share of the loop: next_message)
                     if self.hands.stuck(uid):
                         # (a connection that went, or was dropped, ends now: its held fds go
                         # with it, which may be what the others wait for)

@@ -217,6 +217,7 @@ class NetworkHost:
         # (tests only, --test-hooks: a path; each child's rules wait until it exists, 30 s at most)
         self.pause_before_rules: str | None = None
         self.flows_per_child = _nft.FLOWS_PER_CHILD  # (tests set it lower, --test-hooks)
+        self.pause_before_start: str | None = None  # (tests only: a path start() waits for)
 
     def start(self) -> None:
         """Check what networking needs, clear a crashed predecessor's leftovers, install the rules.
@@ -225,6 +226,8 @@ class NetworkHost:
             SetupError: naming CAP_NET_ADMIN, nft or the failing call; networked spawns then fail.
         """
         _import_pyroute2()
+        if self.pause_before_start:
+            _sys.wait_for_path(self.pause_before_start)
         if not has_cap_net_admin():
             raise SetupError(STEP, "the daemon lacks CAP_NET_ADMIN", E.EPERM, HINT_CAP)
         if not _nft.available():
