@@ -195,3 +195,17 @@ def test_an_egress_table_the_kernel_refuses_makes_nft_partial(monkeypatch):
     monkeypatch.setattr(_nft, "timeouts", lambda table: f"table inet {table} {{ ct timeout x {{ protocol nosuch; }} }}\n")
     nft = {la["name"]: la for la in doctor.probe()}["nft"]
     assert nft["status"] == "partial" and "CONFIG_NF_CONNTRACK_TIMEOUT" in nft["fix"], nft
+
+
+def test_the_egress_table_probe_leaves_nothing_in_the_callers_namespace(monkeypatch):
+    """The probe loads its table in a throwaway network namespace, also from a process that has
+    a libnftables context already (made in its own namespace, as the tests' process has): the
+    table was once left in the caller's namespace."""
+    from zygote import _nft
+    if os.geteuid() != 0 or _nft._library() is None:
+        pytest.skip("needs root and libnftables")
+    doctor.probe()
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    if "zygote-doctor" in tables:
+        subprocess.run(["nft", "delete", "table", "inet", "zygote-doctor"])
+    assert "zygote-doctor" not in tables, tables

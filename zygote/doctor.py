@@ -463,6 +463,9 @@ def _probe_nft_ruleset() -> dict:
     else:
         _own_userns(CLONE_NEWNET, "unshare(CLONE_NEWUSER|CLONE_NEWNET)")
     from . import _nft
+    # A libnftables context this process made before (the doctor run from a program that uses
+    # it: the tests) holds a netlink socket of the namespace it was made in: a new one here.
+    _nft._library.cache_clear()
     try:
         _nft.apply(_nft.ruleset("zygote-doctor"))
         _nft.apply(_nft.timeouts("zygote-doctor"))
