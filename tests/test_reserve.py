@@ -187,7 +187,6 @@ def test_reserve_children_go_with_the_daemon():
     assert not [p for p in kids if os.path.exists(f"/proc/{p}")]
 
 
-@pytest.mark.cgroupv2
 def _aged_reserve(c: Client, n: int = 2) -> None:
     """Until ``n`` children wait in the reserve, the newest made 0.35 s ago or more (a payload
     of _pid1_started then tells a reserve child, started 0.3 s before the request, from a clone)."""
@@ -195,6 +194,7 @@ def _aged_reserve(c: Client, n: int = 2) -> None:
     time.sleep(0.35)
 
 
+@pytest.mark.cgroupv2
 def test_SECURITY_reserve_with_pool_limits_and_tighter_requests(tmp_path):
     with config_daemon(tmp_path, """
             [pools.default]
