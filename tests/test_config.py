@@ -1332,3 +1332,41 @@ def test_a_reload_changing_always_cgroup_remakes_the_reserves_and_says_what_it_k
         err = stop_daemon(proc)
     line = [ln for ln in err.decode().splitlines() if "reloaded" in ln][0]
     assert "pool 'default' restarted" in line and "socket_mode changed: kept" in line, line
+
+
+def test_SECURITY_a_pool_bind_source_inside_a_pool_read_write_bind_is_refused(tmp_path):
+    """Pool bind sources are found again by their path at every spawn: one inside another pool
+    read-write bind could be swapped for a symlink by a child of that pool, and the next child
+    (another client's) got the host directory it named (a helper's red-team: the host's /tmp,
+    listed and written). Such a configuration is refused when the file is read (at start and at
+    each reload), for the same pool and across pools; sources side by side are fine."""
+    outer, inner, apart = tmp_path / "rw", tmp_path / "rw" / "models", tmp_path / "apart"
+    for d in (outer, inner, apart):
+        d.mkdir()
+    same = f'[pools.default.sandbox]\nrw_binds = {{ "{outer}" = "/w" }}\nro_binds = {{ "{inner}" = "/models" }}\n'
+    across = (f'[pools.a.sandbox]\nrw_binds = {{ "{outer}" = "/w" }}\n'
+              f'[pools.b.sandbox]\nrw_binds = {{ "{inner}" = "/scratch" }}\n')
+    chroot = f'[pools.a.sandbox]\nrw_binds = {{ "{outer}" = "/w" }}\n[pools.b.sandbox]\nchroot_dir = "{inner}"\n'
+    for toml in (same, across, chroot):
+        cfg = write_text(tmp_path / "z.toml", toml)
+        with pytest.raises(ConfigError, match="lies inside"):
+            load(cfg, default_python=sys.executable)
+    fine = f'[pools.default.sandbox]\nrw_binds = {{ "{outer}" = "/w" }}\nro_binds = {{ "{apart}" = "/models" }}\n'
+    load(write_text(tmp_path / "z.toml", fine), default_python=sys.executable)
+
+
+def test_a_daemon_serving_other_users_warns_of_its_pools_read_write_binds(tmp_path):
+    """Host id ranges go from one child to the next whatever its client: files in a pool's
+    read-write bind are every client's children's, whatever their mode. A daemon that serves
+    other users too says so for each such bind at its start; one serving only root does not."""
+    shared = tmp_path / "cache"
+    shared.mkdir()
+    pool = f'[pools.default.sandbox]\nrw_binds = {{ "{shared}" = "/cache" }}\n'
+    for extra, expect in (("allowed_uids = [1000]\n", True), ("", False)):
+        cfg = write_text(tmp_path / "w.toml", f'[daemon]\nsocket = "{tmp_path}/w.sock"\n{extra}{pool}')
+        proc = start_daemon("--config", cfg)
+        try:
+            wait_socket(f"{tmp_path}/w.sock", proc)
+        finally:
+            log = stop_daemon(proc)
+        assert (b"warning: pools.default: " in log and str(shared).encode() in log) == expect, log[-2000:]

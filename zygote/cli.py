@@ -338,6 +338,7 @@ def serve(args) -> int:
         if own_socket:
             os.unlink(cfg.socket_path)
         return 2
+    _warn_shared_rw_binds(cfg)
     if args.metrics_port is not None:
         from . import observe
         try:
@@ -426,6 +427,12 @@ def status(args) -> int:
     return 0
 
 
+def _warn_shared_rw_binds(cfg) -> None:
+    from .config import shared_rw_bind_warnings
+    for line in shared_rw_bind_warnings(cfg):
+        _say(f"zygote serve: warning: {line}")
+
+
 async def _reload_on_hup(daemon, args, sigs) -> None:
     from .config import ConfigError
     from ._pool import PoolStartError
@@ -435,6 +442,7 @@ async def _reload_on_hup(daemon, args, sigs) -> None:
         try:
             changes = await daemon.reload(_config_from_args(args))
             _say(f"zygote serve: reloaded {args.config}: {'; '.join(changes) or 'no pool changed'}")
+            _warn_shared_rw_binds(daemon.config)
         except (ConfigError, PoolStartError) as e:
             _say(f"zygote serve: reload refused, the old configuration stays: {e}")
         except Exception as e:  # noqa: BLE001 - a bug in reading the file must not end the daemon

@@ -130,6 +130,42 @@ def check_profile(pool: PoolConfig, where: str) -> None:
         raise ConfigError(f"{where}: sandbox.seccomp_profile: {e}") from None
 
 
+def check_nested_pool_binds(pools, where: str) -> None:
+    """No pool's bind source (or chroot_dir) lies below a pool's read-write bind source. Pool
+    sources are found again at every spawn, by their path: a child of the pool with the
+    read-write bind could put a symlink there, and the next child (any client's) would get
+    whatever host directory it names, read-write too for a read-write bind (a helper's
+    red-team: a child listed and wrote the host's /tmp)."""
+    def real(path: str) -> str:
+        return os.path.realpath(path)
+    writable = [(name, real(src)) for name, pc in pools.items() for src in pc.sandbox.rw_binds]
+    for name, pc in pools.items():
+        sources = [*pc.sandbox.ro_binds, *pc.sandbox.rw_binds, *filter(None, [pc.sandbox.chroot_dir])]
+        for src in sources:
+            r = real(src)
+            for other, w in writable:
+                if r != w and r.startswith(w.rstrip("/") + "/"):
+                    raise ConfigError(
+                        f"{where}: pools.{name}: {src!r} lies inside {w!r}, which pools.{other} binds "
+                        "read-write: its children could replace it with a symlink to any host path. "
+                        "Keep pool bind sources apart (or bind only the outer directory)")
+
+
+def shared_rw_bind_warnings(cfg) -> list[str]:
+    """A line for each pool read-write bind of a daemon that serves other users too: each child
+    has a host id range of its own while it runs, but ranges go from one child to the next
+    whoever its client is, so files one client's children leave there are another client's
+    children's later, whatever their mode (a helper's red-team). Not refused: a shared cache is
+    a common use; said at start and at each reload."""
+    if not (cfg.allowed_uids or cfg.allowed_gids or cfg.socket_group is not None):
+        return []
+    return [f"pools.{name}: {src!r} is bound read-write into every child of the pool, and children of "
+            "different clients take the same host ids over time: what one client's children leave there "
+            "is readable and writable by another's, whatever its mode (give each client a pool of its own, "
+            "or keep private data out of it)"
+            for name, pc in cfg.pools.items() for src in pc.sandbox.rw_binds]
+
+
 def check_network_room(pools, network_pool: str, where: str) -> None:
     """Every pool's networked reserve together must leave addresses for requests: each held
     child keeps a /30 of ``network_pool``. (A pool that is not a valid network is reported by
@@ -198,6 +234,7 @@ def load(path: str, *, default_python: str):
                                  forbid_secret_env=p.forbid_secret_env, env_allow=tuple(p.env_allow))
         check_reserves(pools[name], where)
         check_profile(pools[name], where)
+    check_nested_pool_binds(pools, path)
     kw = {}
     if d.max_result_bytes is not None:
         from zygote_client._config import parse_size
