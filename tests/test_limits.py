@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import os
+import platform
 import signal
 import socket
 import struct
@@ -1310,3 +1312,72 @@ def test_output_past_the_limit_is_flagged_when_the_exit_comes_first(monkeypatch)
         finally:
             unread.kill()
             unread.wait()
+
+
+def _threads_writing(pid: int) -> set[int]:
+    """Threads of process ``pid`` inside write(2)/writev(2) (x86_64 numbers) or asleep in a pipe's write."""
+    found = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                wchan = f.read()
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                nr = f.read().split()[0]
+        except (OSError, IndexError):
+            continue
+        if "pipe_write" in wchan or nr in ("1", "20"):
+            found.add(int(tid))
+    return found
+
+
+def test_SECURITY_no_daemon_thread_sleeps_writing_into_a_pipe_nobody_reads(socket_daemon):
+    """The relays into a client's own pipes (stdio="fds") write without blocking and wait for room
+    on the event loop: a thread asleep in such a write is a thread every other spawn may wait for.
+    Three relays whose pipes nobody reads: no thread of the daemon stays in write(2) for a second.
+    (test_SECURITY_a_client_that_never_reads_its_own_fds_stalls_only_its_output hangs instead
+    of failing when the writes block: a helper's mutation audit.) Fails with the relay's end
+    made blocking."""
+    if platform.machine() != "x86_64":
+        pytest.skip("x86_64 syscall numbers")
+
+    def chatty():
+        import sys
+        sys.stdout.write("z" * 300_000)
+        sys.stdout.flush()
+
+    null = os.open(os.devnull, os.O_RDWR)
+    err_r, err_w = os.pipe()
+    readers: list[int] = []
+    try:
+        with Client.connect(socket_daemon) as c:
+            pid = c.status().daemon_pid
+            kids = []
+            for _ in range(3):  # (fewer than a uid's worker threads: the spawns themselves go on)
+                r, w = os.pipe()
+                readers.append(r)
+                kids.append(c.spawn_child(chatty, stdin=None, _stdio_fds=(null, w, err_w),
+                                          sandbox_config=SandboxConfig(max_output_bytes="1M")))
+                os.close(w)
+            time.sleep(1.0)  # (each pipe is full by now)
+            asleep = _threads_writing(pid)
+            for _ in range(5):  # the same threads there for a second: asleep in the write
+                time.sleep(0.2)
+                asleep &= _threads_writing(pid)
+            if asleep:  # (their writes end with EPIPE once nobody can read: the teardown goes on)
+                for r in readers:
+                    os.close(r)
+                readers.clear()
+            assert not asleep, f"daemon threads {sorted(asleep)} sleep writing into a pipe nobody reads"
+            for r in readers:
+                os.set_blocking(r, False)
+            deadline = time.monotonic() + 30
+            while any(k.poll() is None for k in kids) and time.monotonic() < deadline:
+                for r in readers:
+                    with contextlib.suppress(BlockingIOError):
+                        while os.read(r, 1 << 16):
+                            pass
+                time.sleep(0.05)
+            assert [k.wait(timeout=10).returncode for k in kids] == [0, 0, 0]
+    finally:
+        for fd in readers + [null, err_r, err_w]:
+            os.close(fd)
