@@ -979,3 +979,30 @@ def test_SECURITY_a_crashing_child_never_starts_the_hosts_crash_handler(client, 
             f.write(old)
     ran = marker.read_text().split() if marker.exists() else []
     assert not [uid for uid in ran if int(uid) >= 1_000_000], ran  # (a child's host uid)
+
+
+def test_SECURITY_a_child_makes_no_device_node_in_a_read_write_bind(client, tmp_path):
+    """In its own user namespace a child may make a 0:0 character device (an overlayfs
+    "whiteout"), and one made in a read-write bind stays on the host (a helper's red-team). The
+    read-write paths' Landlock rules leave out device nodes; a fifo still works."""
+    import stat as _stat
+    rw = tmp_path / "rw"
+    rw.mkdir()
+    os.chmod(rw, 0o777)
+
+    def payload():
+        import errno
+        import os
+        import stat
+        out = {}
+        for name, mode in (("chr", stat.S_IFCHR), ("fifo", stat.S_IFIFO)):
+            try:
+                os.mknod(f"/rw/{name}", mode | 0o600, os.makedev(0, 0))
+                out[name] = "made"
+            except OSError as e:
+                out[name] = errno.errorcode[e.errno]
+        return out
+
+    out = client.run(payload, sandbox_config=SandboxConfig(rw_binds={str(rw): "/rw"})).value
+    assert out == {"chr": "EACCES", "fifo": "made"}, out
+    assert not (rw / "chr").exists() and _stat.S_ISFIFO(os.lstat(rw / "fifo").st_mode)

@@ -152,7 +152,9 @@ def apply(ro: list[str], rw: list[str], *, deny_tcp: bool, mode: str, scope: boo
         for path in ro:
             _add_path(ruleset, path, _FS_RO & all_fs)
         for path in rw:
-            _add_path(ruleset, path, all_fs)
+            # (no device nodes, not even the 0:0 "whiteout" a user namespace may make: one left
+            # in a read-write bind is the host's to trip over, and nothing a payload runs needs it)
+            _add_path(ruleset, path, all_fs & ~(FS_MAKE_CHAR | FS_MAKE_BLOCK))
         _ensure_no_new_privs()
         ret = _raw("landlock_restrict_self", ctypes.c_int(ruleset), ctypes.c_uint32(0))
         if ret < 0:
