@@ -1512,3 +1512,23 @@ def test_a_child_held_in_its_setup_fails_its_spawn_in_time(tmp_path, monkeypatch
             assert c.status().running == 0
     finally:
         stop_daemon(proc)
+
+
+def test_a_daemon_stopped_while_it_starts_leaves_nothing(tmp_path):
+    """A daemon listens before it is ready (its pools still starting): one stopped then (a
+    SIGTERM right after its socket accepted) exited 0 and left its cgroup directories and its
+    host id lock files behind (a helper noticed them after a test that does just that)."""
+    def held() -> set[str]:
+        try:
+            return set(os.listdir("/run/zygote-ids"))
+        except FileNotFoundError:
+            return set()
+    before = held()
+    sock = str(tmp_path / "z.sock")
+    proc = start_daemon("--socket", sock)
+    wait_socket(sock, proc)
+    stop_daemon(proc)
+    left = subprocess.run(["find", "/sys/fs/cgroup", "-maxdepth", "5", "-type", "d", "-name", f"d{proc.pid}"],
+                          capture_output=True, text=True).stdout.split()
+    assert left == [], left
+    assert held() <= before, held() - before

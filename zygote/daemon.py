@@ -655,14 +655,18 @@ class Daemon:
                     await conn.send(P.Error(0, "pool-failed", str(e)))
                     sock.close()
                 raise
-            for pool in self.pools.values():
-                nursery.start_soon(pool.supervise)
-                self._start_reserves(pool)
-            if self.network is not None:
-                nursery.start_soon(self._keep_net_ahead, self.network)
-            await warmed.wait()
-            task_status.started()
+            except BaseException:  # cancelled while starting (stopped right after its socket
+                with trio.CancelScope(shield=True):  # listened): what it made goes, as at a stop
+                    await self.shutdown()  # (its cgroups and id lock files outlived it)
+                raise
             try:
+                for pool in self.pools.values():
+                    nursery.start_soon(pool.supervise)
+                    self._start_reserves(pool)
+                if self.network is not None:
+                    nursery.start_soon(self._keep_net_ahead, self.network)
+                await warmed.wait()
+                task_status.started()
                 if inherit_fd is not None:
                     s = socket.socket(fileno=inherit_fd)
                     await self._serve_conn(trio.socket.from_stdlib_socket(s), embedded=True)
