@@ -190,13 +190,11 @@ def _rule(table: str, chain: str, *expr: dict) -> dict:
     return {"add": {"rule": {**_t(table), "chain": chain, "expr": list(expr)}}}
 
 
-def _new_flow_past(budget: str, stmt: dict, op: str) -> dict:
+def _new_flow_past(table: str, budget: str, stmt: dict, op: str) -> dict:
     """A rule of egress: a new flow of a child past its budget ``stmt`` in set ``budget`` (one
     element per child address, put there by ``op``) is rejected."""
-    return {"add": {"rule": {"chain": "egress", "expr": [
-        _match({"ct": {"key": "state"}}, "new", "in"),
-        {"set": {"op": op, "elem": _ip("saddr"), "set": f"@{budget}", "stmt": [stmt]}},
-        _REJECT]}}}
+    return _rule(table, "egress", _match({"ct": {"key": "state"}}, "new", "in"),
+                 {"set": {"op": op, "elem": _ip("saddr"), "set": f"@{budget}", "stmt": [stmt]}}, _REJECT)
 
 
 def ruleset(table: str, *, dns: tuple[str, ...] = (), masquerade: str | None = None,
@@ -206,11 +204,9 @@ def ruleset(table: str, *, dns: tuple[str, ...] = (), masquerade: str | None = N
     t = _t(table)
     # (ct count counts on an "add"; a limit is kept per element only by "update", which also
     # renews the element's timeout: with "add" every new flow passed)
-    budgets = [_new_flow_past("flows4", {"ct count": {"val": flows_per_child, "inv": True}}, "add"),
-               _new_flow_past("rate4", {"limit": {"rate": NEW_FLOWS_PER_SECOND, "burst": NEW_FLOWS_BURST,
-                                                  "per": "second", "inv": True}}, "update")]
-    for rule in budgets:
-        rule["add"]["rule"].update(t)
+    budgets = [_new_flow_past(table, "flows4", {"ct count": {"val": flows_per_child, "inv": True}}, "add"),
+               _new_flow_past(table, "rate4", {"limit": {"rate": NEW_FLOWS_PER_SECOND, "burst": NEW_FLOWS_BURST,
+                                                         "per": "second", "inv": True}}, "update")]
     cmds: list[dict] = [
         {"add": {"table": {"family": "inet", "name": table}}},
         {"delete": {"table": {"family": "inet", "name": table}}},

@@ -136,13 +136,11 @@ def check_nested_pool_binds(pools, where: str) -> None:
     read-write bind could put a symlink there, and the next child (any client's) would get
     whatever host directory it names, read-write too for a read-write bind (a helper's
     red-team: a child listed and wrote the host's /tmp)."""
-    def real(path: str) -> str:
-        return os.path.realpath(path)
-    writable = [(name, real(src)) for name, pc in pools.items() for src in pc.sandbox.rw_binds]
+    writable = [(name, os.path.realpath(src)) for name, pc in pools.items() for src in pc.sandbox.rw_binds]
     for name, pc in pools.items():
         sources = [*pc.sandbox.ro_binds, *pc.sandbox.rw_binds, *filter(None, [pc.sandbox.chroot_dir])]
         for src in sources:
-            r = real(src)
+            r = os.path.realpath(src)
             for other, w in writable:
                 if r != w and r.startswith(w.rstrip("/") + "/"):
                     raise ConfigError(

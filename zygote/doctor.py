@@ -430,13 +430,18 @@ def _probe_libseccomp() -> dict:
     return {"lib": lib}
 
 
+def _throwaway_netns() -> None:
+    """This (forked probe) process into a network namespace of its own (through a user namespace
+    of its own when not root): what it makes there goes with it."""
+    if os.geteuid() == 0:
+        _unshare(CLONE_NEWNET, "unshare(CLONE_NEWNET)")
+    else:
+        _own_userns(CLONE_NEWNET, "unshare(CLONE_NEWUSER|CLONE_NEWNET)")
+
+
 def _probe_veth(ifname: str, deadline: float) -> Callable[[], dict]:
     def fn() -> dict:
-        # A throwaway network namespace: the pair dies with this child even if deleting it fails.
-        if os.geteuid() == 0:
-            _unshare(CLONE_NEWNET, "unshare(CLONE_NEWNET)")
-        else:
-            _own_userns(CLONE_NEWNET, "unshare(CLONE_NEWUSER|CLONE_NEWNET)")
+        _throwaway_netns()  # (the pair dies with this child even if deleting it fails)
         a, b = ifname + "a", ifname + "b"
         ip = shutil.which("ip") or next((p for p in ("/usr/sbin/ip", "/sbin/ip") if os.path.exists(p)), None)
         if ip:
@@ -458,10 +463,7 @@ def _probe_nft_ruleset() -> dict:
     """The daemon's egress table (its flow budgets and conntrack timeout policies included) loads,
     in a throwaway network namespace: nf_tables alone is not enough (nft_connlimit, nft_limit,
     conntrack timeouts)."""
-    if os.geteuid() == 0:
-        _unshare(CLONE_NEWNET, "unshare(CLONE_NEWNET)")
-    else:
-        _own_userns(CLONE_NEWNET, "unshare(CLONE_NEWUSER|CLONE_NEWNET)")
+    _throwaway_netns()
     from . import _nft
     # A libnftables context this process made before (the doctor run from a program that uses
     # it: the tests) holds a netlink socket of the namespace it was made in: a new one here.

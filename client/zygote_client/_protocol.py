@@ -443,12 +443,12 @@ class FrameDecoder:
         del frame
         self._base = end_off
         if failed is None and end >= HANDOFF_MIN:
-            view = getattr(msg, "payload", None)
-            if isinstance(view, memoryview) and len(view) < end // 2:
+            payload = getattr(msg, "payload", None)
+            if isinstance(payload, memoryview) and len(payload) < end // 2:
                 # A small payload would keep its whole frame alive (an 8 MiB argv beside it, or
                 # anything else the frame held, already copied out): it is copied instead.
-                msg = msgspec.structs.replace(msg, payload=memoryview(bytes(view)))
-                view.release()
+                msg = msgspec.structs.replace(msg, payload=memoryview(bytes(payload)))
+                payload.release()
         if failed is not None:
             self._close(fds)
             self._broken = True
