@@ -18,7 +18,7 @@ from zygote_client import _protocol as P
 from zygote_client import Client, DaemonError, SandboxConfig
 
 from conftest import (_log, children_of, cmdline, wait_for, ACL_GROUP_OBJ, ACL_MASK, ACL_NO_ID, ACL_OTHER, ACL_USER, ACL_USER_OBJ, RawConn, config_daemon,
-                      run_as, set_acl, start_daemon, stop_daemon, wait_socket, write_text)
+                      run_as, sandbox_children, set_acl, start_daemon, stop_daemon, wait_socket, write_text)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -944,6 +944,31 @@ def test_SECURITY_a_child_without_seccomp_makes_no_set_id_file_of_a_sandbox_uid(
     assert {(st.st_uid, st.st_gid) for st in made.values()} == {(4001, 4242)}, made
 
 
+def _children_as(sock: str, uid: int, script: str, n: int, stop=None) -> list[str]:
+    """As ``uid`` (group 4242), on one connection: up to ``n`` plain `sh -c script` children, one
+    after another, each reaped before the next; their stdouts, up to the first one for which
+    ``stop(out)`` is true. A refused spawn ends the list with "<reply type>:<message>"."""
+    def cycle() -> str:
+        c = RawConn(sock)
+        c.send(c.P.Hello(c.P.VERSION))
+        c.reply()
+        seen = []
+        for i in range(1, n + 1):
+            c.send(c.P.Spawn(req=i, kind="exec", argv=["/bin/sh", "-c", script], stdin=False))
+            fds: list[int] = []
+            m = c.reply(keep=fds)
+            if type(m).__name__ != "Spawned":
+                seen.append(f"{type(m).__name__}:{getattr(m, 'message', '')}")
+                break
+            seen.append(_read_all(fds))
+            while type(m := c.reply()).__name__ != "Exited":
+                pass
+            if stop is not None and stop(seen[-1]):
+                break
+        return "\0".join(seen)
+    return run_as(uid, 4242, cycle).split("\0")
+
+
 def _host_id(maps: str, inside: int) -> tuple[int, int]:
     """From a child's /proc/self/uid_map text: (host id of sandbox id ``inside``, its range's first)."""
     got, first = -1, -1
@@ -954,6 +979,18 @@ def _host_id(maps: str, inside: int) -> tuple[int, int]:
         if a == 0:
             first = b
     return got, first
+
+
+_SHOW_IDS = "cat /proc/self/uid_map; echo -; cat /proc/self/gid_map; echo ready"
+
+
+def _ids_of(out: str) -> tuple[int, int, int]:
+    """(host uid, host gid, range's first id) of sandbox id 65534, from a child's output that
+    ends with _SHOW_IDS's (what the script printed before it is left out)."""
+    uid_map, gid_map = out.split("ready")[0].rsplit("-\n", 1)
+    uid_map = "\n".join(ln for ln in uid_map.splitlines() if len(ln.split()) == 3 and ln.split()[0].isdigit())
+    (uid, rng), (gid, _) = _host_id(uid_map, 65534), _host_id(gid_map, 65534)
+    return uid, gid, rng
 
 
 def test_SECURITY_an_idmapped_copy_maps_to_no_other_client_s_child(shared_dir):
@@ -968,7 +1005,7 @@ def test_SECURITY_an_idmapped_copy_maps_to_no_other_client_s_child(shared_dir):
     theirs = os.path.join(shared_dir, "theirs")
     os.mkdir(theirs, 0o700)
     os.chown(theirs, 4002, 4242)
-    show = "cat /proc/self/uid_map; echo -; cat /proc/self/gid_map; echo ready"
+    show = _SHOW_IDS
     with config_daemon(shared_dir, """
             socket_mode = "0660"
             socket_group = 4242
@@ -977,36 +1014,141 @@ def test_SECURITY_an_idmapped_copy_maps_to_no_other_client_s_child(shared_dir):
             """) as sock:
         first = [_spawn_exec_as_4001(sock, show, rw_binds={mine: "/w"}) for _ in range(2)]
         other = _spawn_exec_as_4001(sock, show, uid=4002, rw_binds={theirs: "/w"})
+        others = _children_as(sock, 4002, show, 130)  # (the daemon's 127 ranges, and some)
+    assert len(others) == 130, others[:2]
+    (u1, g1, r1), (u2, g2, _) = _ids_of(first[0]), _ids_of(first[1])
+    assert (u1, g1) == (u2, g2), first  # the client's own ids, every time
+    seen = [_ids_of(out) for out in others]
+    assert r1 in {r for _, _, r in seen}, "4002 never got the first child's range: the test proves nothing"
+    assert not {u1, g1} & {i for u, g, _ in seen for i in (u, g)}, (u1, g1, first[0])
+    u3, g3, _ = _ids_of(other)  # (4002 with a bind of its own: ids of its own, not its group's)
+    assert not {u1, g1} & {u3, g3} and u3 not in {u for u, _, _ in seen}, (first[0], other)
 
-        def cycle() -> str:  # as 4002: one plain child after another, each reaped before the next
+
+def _cache_pool(shared_dir: str) -> tuple[str, str]:
+    """A directory anyone may write (1777, as /tmp), and the configuration of a daemon that uids
+    4001 and 4002 may use (group 4242), one child at a time, whose default pool binds it
+    read-write at /cache."""
+    cache = os.path.join(shared_dir, "cache")
+    os.mkdir(cache)
+    os.chmod(cache, 0o1777)
+    return cache, f"""
+        socket_mode = "0660"
+        socket_group = 4242
+        allowed_uids = [4001, 4002]
+        max_children = 1
+
+        [pools.default.sandbox]
+        rw_binds = {{ "{cache}" = "/cache" }}
+        """
+
+
+def test_SECURITY_a_pool_s_read_write_bind_keeps_a_client_s_files_from_other_clients_children(shared_dir):
+    """Host id ranges go from one child to the next whoever its client is: a 0600 file a child of
+    uid 4001 left in its pool's read-write bind belonged to its range's uid, and uid 4002's
+    children, spawned one after another until one got that range (~130 cheap spawns), read it
+    (a helper's red-team). A non-root client's child in such a pool now runs as the client's own
+    host id (userns.client_id): 4001's next child reads its file, 4002's never does, not even
+    the one with the first child's range. Fails on the previous daemon (4002 read "s3cret", and
+    4001's second child, of another range, could not)."""
+    cache, toml = _cache_pool(shared_dir)
+    with config_daemon(shared_dir, toml) as sock:
+        first = _spawn_exec_as_4001(sock, "umask 077; echo s3cret > /cache/s; " + _SHOW_IDS)
+        again = _spawn_exec_as_4001(sock, "cat /cache/s; " + _SHOW_IDS)
+        uid, gid, rng = _ids_of(first)
+        others = _children_as(sock, 4002, "cat /cache/s 2>&1; " + _SHOW_IDS, 130,
+                              stop=lambda out: _ids_of(out)[2] == rng)
+    st = os.stat(os.path.join(cache, "s"))
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (uid, gid, 0o600), (st, first)
+    assert _ids_of(others[-1])[2] == rng, f"4002 never got the first child's range: the test proves nothing {others[-1]}"
+    assert not [out for out in others if "s3cret" in out], others
+    assert all("Permission denied" in out for out in others), others[:2]
+    assert again.startswith("s3cret\n") and _ids_of(again)[:2] == (uid, gid), again
+
+
+def test_SECURITY_a_restarted_daemon_s_children_do_not_read_what_the_last_one_s_left(shared_dir):
+    """A restarted daemon hands out its ranges from the first again: the first child of uid 4002
+    after a restart had the host ids of uid 4001's first child before it, and read the 0600
+    file that child left in the pool's read-write bind. Its children run as 4002's own id now.
+    Fails on the previous daemon (4002 read "s3cret")."""
+    cache, toml = _cache_pool(shared_dir)
+    with config_daemon(shared_dir, toml) as sock:
+        rng = _ids_of(_spawn_exec_as_4001(sock, "umask 077; echo s3cret > /cache/s; " + _SHOW_IDS))[2]
+    with config_daemon(shared_dir, toml) as sock:
+        others = _children_as(sock, 4002, "cat /cache/s 2>&1; " + _SHOW_IDS, 130,
+                              stop=lambda out: _ids_of(out)[2] == rng)
+    assert _ids_of(others[-1])[2] == rng, f"4002 never got the first child's range: the test proves nothing {others}"
+    assert not [out for out in others if "s3cret" in out], others
+
+
+def test_a_child_in_a_pool_with_read_write_binds_runs_as_its_client_or_not_at_all(shared_dir):
+    """Where its pool binds a host directory read-write, a non-root client's child runs as the
+    client's own host id or is refused (step "userns": a uid past userns.CLIENT_IDS has none;
+    the same client's spawn in a pool without such binds runs). Reserve children have their
+    maps before anyone asks for one: a non-root client's request does not take one (its child
+    has the client's id, with two waiting) and its Lease is refused ("bad-request": the client
+    library then spawns through the daemon); root's request still takes one, and root still
+    leases. Fails on the previous daemon (a range's ids for every child; the reserve served
+    4001)."""
+    from zygote.layers import userns
+    big = userns.CLIENT_IDS + 7
+    cache, toml = _cache_pool(shared_dir)
+    toml = toml.replace("allowed_uids = [4001, 4002]", f"allowed_uids = [4001, {big}]").replace(
+        "max_children = 1", "max_children = 8").replace(
+        "[pools.default.sandbox]", "[pools.default]\nreserve = 2\n\n[pools.default.sandbox]") + "\n[pools.plain]\n"
+    with config_daemon(shared_dir, toml) as sock, Client.connect(sock) as root:
+        def waiting() -> set[int]:
+            st = root.status()
+            running = {ch.pid for ch in st.children}
+            return {p for p in sandbox_children(st.daemon_pid) if p not in running}
+        wait_for(lambda: sum(p.reserve_waiting for p in root.status().pools if p.name == "default") == 2,
+                 what="two reserve children")
+        held = waiting()
+
+        def script() -> str:  # (a script, as a reserve child runs: a program has a reaper in front)
             c = RawConn(sock)
             c.send(c.P.Hello(c.P.VERSION))
             c.reply()
-            seen = []
-            for i in range(1, 131):  # (the daemon's 127 ranges, and some)
-                c.send(c.P.Spawn(req=i, kind="exec", argv=["/bin/sh", "-c", show], stdin=False))
-                fds: list[int] = []
-                m = c.reply(keep=fds)
-                if type(m).__name__ != "Spawned":
-                    return f"{type(m).__name__}:{getattr(m, 'message', '')}"
-                seen.append(_read_all(fds))
-                while type(m := c.reply()).__name__ != "Exited":
-                    pass
-            return "=".join(seen)
-        others = run_as(4002, 4242, cycle).split("=")
-    assert len(others) == 130, others[:2]
+            c.send(c.P.Spawn(req=1, kind="script", argv=["-"], stdin=False, payload=(
+                b"print(open('/proc/self/uid_map').read() + '-')\n"
+                b"print(open('/proc/self/gid_map').read() + 'ready')\n")))
+            fds: list[int] = []
+            m = c.reply(keep=fds)
+            if type(m).__name__ != "Spawned":
+                return f"{type(m).__name__}:{getattr(m, 'message', '')}"
+            return f"{m.pid}\n{_read_all(fds)}"
+        pid, out = run_as(4001, 4242, script).split("\n", 1)
+        assert int(pid) not in held and _ids_of(out)[:2] == (userns.client_id(userns.DEFAULT_ID_BASE, 4001),) * 2, \
+            (pid, held, out)
 
-    def ids(out: str) -> tuple[int, int, int]:  # (host uid, host gid, range) of sandbox 65534
-        uid_map, gid_map = out.split("ready")[0].split("-\n")
-        (uid, rng), (gid, _) = _host_id(uid_map, 65534), _host_id(gid_map, 65534)
-        return uid, gid, rng
-    (u1, g1, r1), (u2, g2, _) = ids(first[0]), ids(first[1])
-    assert (u1, g1) == (u2, g2), first  # the client's own ids, every time
-    seen = [ids(out) for out in others]
-    assert r1 in {r for _, _, r in seen}, "4002 never got the first child's range: the test proves nothing"
-    assert not {u1, g1} & {i for u, g, _ in seen for i in (u, g)}, (u1, g1, first[0])
-    u3, g3, _ = ids(other)  # (4002 with a bind of its own: ids of its own, not its group's)
-    assert not {u1, g1} & {u3, g3} and u3 not in {u for u, _, _ in seen}, (first[0], other)
+        def refused() -> str:
+            out = []
+            for pool in ("default", "plain"):
+                c = RawConn(sock)
+                c.send(c.P.Hello(c.P.VERSION))
+                c.reply()
+                c.send(c.P.Spawn(req=1, pool=pool, kind="exec", argv=["/bin/true"], stdin=False))
+                m = c.reply()
+                out.append(f"{type(m).__name__} {getattr(m, 'step', '')} {getattr(m, 'code', '')} "
+                           f"{getattr(m, 'message', '')}")
+            return "\n".join(out)
+        big_default, big_plain = run_as(big, 4242, refused).split("\n")
+        assert big_default.startswith("SpawnFailed userns sandbox ") and "own host id" in big_default, big_default
+        assert big_plain.startswith("Spawned"), big_plain
+
+        def lease() -> str:
+            c = RawConn(sock)
+            c.send(c.P.Hello(c.P.VERSION))
+            c.reply()
+            c.send(c.P.Lease(1))
+            m = c.reply()  # (its fds closed: a leased child ends then)
+            c.sock.close()
+            return f"{type(m).__name__} {getattr(m, 'code', '')} {getattr(m, 'message', '')}"
+        assert run_as(4001, 4242, lease).startswith("SpawnFailed bad-request pool 'default' leases children to root only")
+        ours = root.spawn_child(print, ("up",))
+        assert ours.pid in held and ours.stdout.read() == b"up\n", (ours.pid, held)
+        ours.wait()
+        assert lease().startswith("Leased"), lease()
 
 
 def test_SECURITY_a_client_may_not_name_more_binds_than_the_daemon_idmaps(shared_dir):
@@ -1355,18 +1497,37 @@ def test_SECURITY_a_pool_bind_source_inside_a_pool_read_write_bind_is_refused(tm
     load(write_text(tmp_path / "z.toml", fine), default_python=sys.executable)
 
 
-def test_a_daemon_serving_other_users_warns_of_its_pools_read_write_binds(tmp_path):
-    """Host id ranges go from one child to the next whatever its client: files in a pool's
-    read-write bind are every client's children's, whatever their mode. A daemon that serves
-    other users too says so for each such bind at its start; one serving only root does not."""
-    shared = tmp_path / "cache"
-    shared.mkdir()
+def test_a_daemon_serving_other_users_warns_where_its_pools_read_write_binds_are_shared(shared_dir):
+    """A root daemon runs a non-root client's child in a pool with read-write binds as the
+    client's own host id, so it does not warn of them (it did while children of any client took
+    the same host ids over time). Where host accounts hold client ids (here an id_base that puts
+    "nobody"'s 65534 among them), it warns that non-root clients' spawns there are refused, and they
+    are (step "userns"). A daemon not run as root (all children its own user) warns of each
+    such bind (the function: the venv lives under /root, so no other user can start this
+    daemon here)."""
+    from zygote.config import shared_rw_bind_warnings
+    from zygote.layers import userns
+    shared = os.path.join(shared_dir, "cache")
+    os.mkdir(shared)
     pool = f'[pools.default.sandbox]\nrw_binds = {{ "{shared}" = "/cache" }}\n'
-    for extra, expect in (("allowed_uids = [1000]\n", True), ("", False)):
-        cfg = write_text(tmp_path / "w.toml", f'[daemon]\nsocket = "{tmp_path}/w.sock"\n{extra}{pool}')
+    serve = 'socket_mode = "0660"\nsocket_group = 4242\nallowed_uids = [4001]\n'
+    taken = f"id_base = {userns.CLIENT_IDS + 60000}\n"
+    for extra, expect in ((serve, False), ("", False), (serve + taken, True)):
+        cfg = write_text(os.path.join(shared_dir, "w.toml"), f'[daemon]\nsocket = "{shared_dir}/w.sock"\n{extra}{pool}')
         proc = start_daemon("--config", cfg)
         try:
-            wait_socket(f"{tmp_path}/w.sock", proc)
+            wait_socket(f"{shared_dir}/w.sock", proc)
+            out = _spawn_exec_as_4001(f"{shared_dir}/w.sock", "id -u") if extra else ""
         finally:
             log = stop_daemon(proc)
-        assert (b"warning: pools.default: " in log and str(shared).encode() in log) == expect, log[-2000:]
+        assert (b"warning: pools.default: " in log and shared.encode() in log) == expect, log[-2000:]
+        if expect:
+            assert b"non-root clients' spawns in this pool are refused" in log, log[-2000:]
+            assert out.startswith("SpawnFailed:the pool binds a host directory read-write") and "65534" in out, out
+        elif extra:
+            assert out == "65534\n", out
+    loaded = load(write_text(os.path.join(shared_dir, "w.toml"), f'[daemon]\nsocket = "/x.sock"\n{serve}{pool}'),
+                  default_python=sys.executable)
+    [line] = shared_rw_bind_warnings(loaded, False, None)
+    assert line.startswith("pools.default: ") and "runs every client's children as its own user" in line, line
+    assert shared_rw_bind_warnings(loaded, True, None) == []

@@ -338,7 +338,7 @@ def serve(args) -> int:
         if own_socket:
             os.unlink(cfg.socket_path)
         return 2
-    _warn_shared_rw_binds(cfg)
+    _warn_shared_rw_binds(daemon)
     if args.metrics_port is not None:
         from . import observe
         try:
@@ -427,9 +427,10 @@ def status(args) -> int:
     return 0
 
 
-def _warn_shared_rw_binds(cfg) -> None:
+def _warn_shared_rw_binds(daemon) -> None:
     from .config import shared_rw_bind_warnings
-    for line in shared_rw_bind_warnings(cfg):
+    slots = daemon.id_slots
+    for line in shared_rw_bind_warnings(daemon.config, slots is not None, slots and slots.clients_taken):
         _say(f"zygote serve: warning: {line}")
 
 
@@ -442,7 +443,7 @@ async def _reload_on_hup(daemon, args, sigs) -> None:
         try:
             changes = await daemon.reload(_config_from_args(args))
             _say(f"zygote serve: reloaded {args.config}: {'; '.join(changes) or 'no pool changed'}")
-            _warn_shared_rw_binds(daemon.config)
+            _warn_shared_rw_binds(daemon)
         except (ConfigError, PoolStartError) as e:
             _say(f"zygote serve: reload refused, the old configuration stays: {e}")
         except Exception as e:  # noqa: BLE001 - a bug in reading the file must not end the daemon

@@ -149,19 +149,27 @@ def check_nested_pool_binds(pools, where: str) -> None:
                         "Keep pool bind sources apart (or bind only the outer directory)")
 
 
-def shared_rw_bind_warnings(cfg) -> list[str]:
-    """A line for each pool read-write bind of a daemon that serves other users too: each child
-    has a host id range of its own while it runs, but ranges go from one child to the next
-    whoever its client is, so files one client's children leave there are another client's
-    children's later, whatever their mode (a helper's red-team). Not refused: a shared cache is
-    a common use; said at start and at each reload."""
+def shared_rw_bind_warnings(cfg, root: bool, clients_taken: str | None) -> list[str]:
+    """A line for each pool read-write bind of a daemon that serves other users too, where
+    children of different clients may run as the same host ids there (said at start and at each
+    reload; not refused, a shared cache is a common use). A root daemon (``root``) runs a non-root
+    client's child in such a pool as the client's own host id (Daemon._own_id_for_pool_rw), so
+    modes keep clients apart there, unless the client ids are taken by host accounts
+    (``clients_taken``, userns.IdSlots): then such children are refused. A daemon not run as
+    root runs every child as its own user: what one client's children leave there is another's."""
     if not (cfg.allowed_uids or cfg.allowed_gids or cfg.socket_group is not None):
         return []
-    return [f"pools.{name}: {src!r} is bound read-write into every child of the pool, and children of "
-            "different clients take the same host ids over time: what one client's children leave there "
-            "is readable and writable by another's, whatever its mode (give each client a pool of its own, "
-            "or keep private data out of it)"
-            for name, pc in cfg.pools.items() for src in pc.sandbox.rw_binds]
+    binds = [(name, src) for name, pc in cfg.pools.items() for src in pc.sandbox.rw_binds]
+    if root and clients_taken is None:
+        return []
+    if root:
+        return [f"pools.{name}: {src!r} is bound read-write, where a non-root client's child runs as the "
+                f"client's own host id, and there are none ({clients_taken}): non-root clients' spawns in "
+                "this pool are refused" for name, src in binds]
+    return [f"pools.{name}: {src!r} is bound read-write into every child of the pool, and a daemon not run as "
+            "root runs every client's children as its own user: what one client's children leave there is "
+            "readable and writable by another's, whatever its mode (give each client a pool of its own, or "
+            "keep private data out of it)" for name, src in binds]
 
 
 def check_network_room(pools, network_pool: str, where: str) -> None:

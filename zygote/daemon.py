@@ -1324,7 +1324,7 @@ class Daemon:
                 return P.SpawnFailed(msg.req, "timeout must be a positive number of seconds below 1e9, "
                                      f"got {msg.timeout!r}", code="bad-request"), []
             timeout = msg.timeout if timeout is None else min(timeout, msg.timeout)
-        reserve = self._reserve_fits(pool, msg, cfg) if conn is not self._reserve_conn else None
+        reserve = self._reserve_fits(pool, msg, cfg, conn.peer_uid) if conn is not self._reserve_conn else None
         if reserve is not None:
             try:
                 taken = await self._take_reserved(pool, reserve, conn, msg, timeout, cfg, flight)
@@ -1450,6 +1450,8 @@ class Daemon:
                 if (slot is not None and uid != 0 and any(b.pin is not None for b in plan.binds)
                         and not self._test_knob("NO_IDMAP", False, bool)):  # (a test of the child's own walk)
                     plan, trees, own_id = await self._idmapped(plan, uid, conn.peer_gid)
+                if slot is not None and own_id is None and conn is not self._reserve_conn:
+                    own_id = self._own_id_for_pool_rw(uid, plan)  # (a reserve child's client is unknown yet)
                 zyg = pool.pick()
                 flags, extra = ALL_NAMESPACES | CLONE_PARENT | len(trees) << TREES_SHIFT, list(trees)
                 if born_in is not None:
@@ -1488,7 +1490,7 @@ class Daemon:
                         return P.SpawnFailed(msg.req, f"{e} (CLONE_INTO_CGROUP is now off; retry)", "clone",
                                              e.errno or 0, code="retry"), []
                 if isinstance(e, _BindRefused):
-                    return P.SpawnFailed(msg.req, e.message, "mounts" if e.code != "policy" else "",
+                    return P.SpawnFailed(msg.req, e.message, e.step if e.code != "policy" else "",
                                          e.errno or 0, e.hint, code=e.code), []
                 if isinstance(e, ZygoteDied):
                     return P.SpawnFailed(msg.req, str(e), "clone", code="retry"), []
@@ -1567,6 +1569,41 @@ class Daemon:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self._cgroup_remove, born_in)
             raise
+
+    @staticmethod
+    def _pool_rw(plan: C.ChildPlan) -> bool:
+        """Whether the plan binds one of its pool's sources read-write (a client's own binds carry
+        ``pin`` when the client is not root: they are idmapped instead, _idmapped)."""
+        return any(not b.readonly and b.pin is None for b in plan.binds)
+
+    def _own_id_for_pool_rw(self, uid: int, plan: C.ChildPlan) -> int | None:
+        """The host id a root daemon's child of non-root client ``uid`` runs as (its sandbox uid
+        and gid) when its pool binds a host directory read-write: the client's own
+        (userns.client_id), as for idmapped binds. None: the child keeps its range's ids (a root
+        client, or no pool read-write bind).
+
+        Why: host id ranges go from one child to the next whoever its client is (and a restarted
+        daemon hands out its first ranges again), so what a child left in such a bind, whatever
+        its mode, was a later child's of any client (a helper's red-team: another client's 0600
+        file read after ~130 cheap spawns). As the client's own id, a child reaches there what
+        the client's other children made and, as "other", what the rest made; files of range
+        ids are "other" to it too. Reserve and leased children of such pools have their maps
+        before their client is known: only root clients take them (_reserve_fits, _lease).
+
+        Raises:
+            _BindRefused: the client has no such id (uid past userns.CLIENT_IDS, or host accounts
+                among the client ids): the spawn fails, step "userns".
+        """
+        if uid == 0 or not self._pool_rw(plan):
+            return None
+        try:
+            return self.id_slots.own_id(uid)
+        except OSError as e:
+            raise _BindRefused(e.errno or _errno.ERANGE,
+                               f"the pool binds a host directory read-write, so a non-root client's child runs "
+                               f"as the client's own host id, and there is none: {e.strerror}",
+                               hint="give this client a pool without read-write binds",
+                               code="sandbox", step="userns") from None
 
     async def _idmapped(self, plan: C.ChildPlan, uid: int, gid: int
                         ) -> tuple[C.ChildPlan, list[int], int | None]:
@@ -1666,13 +1703,18 @@ class Daemon:
         networked reserve the pool's own SandboxConfig, network ceiling included."""
         return pool.config.sandbox if reserve.network else None
 
-    def _reserve_fits(self, pool: Pool, msg: P.Spawn, cfg: SandboxConfig) -> Reserve | None:
-        """The reserve a request can take a child from: one built with exactly the request's
-        effective SandboxConfig (the pool's default, or with ``reserve_network`` the default plus
-        the pool's network), daemon-made pipes, no test hooks. Its cgroup limits (memory, pids,
-        cpu) may differ when the reserve children have a cgroup: the daemon writes the request's
-        limits into it before the Job (policy already made them no looser than the pool's), so a
-        request with its own limits skips the clone and, on cgroup v1, the attach stall too."""
+    def _reserve_fits(self, pool: Pool, msg: P.Spawn, cfg: SandboxConfig, uid: int) -> Reserve | None:
+        """The reserve a request of client ``uid`` can take a child from: one built with exactly
+        the request's effective SandboxConfig (the pool's default, or with ``reserve_network``
+        the default plus the pool's network), daemon-made pipes, no test hooks. Its cgroup limits
+        (memory, pids, cpu) may differ when the reserve children have a cgroup: the daemon writes
+        the request's limits into it before the Job (policy already made them no looser than the
+        pool's), so a request with its own limits skips the clone and, on cgroup v1, the attach
+        stall too. None for a non-root client of a pool with read-write binds: its child runs as
+        the client's own id (_own_id_for_pool_rw), and a reserve child's maps are written
+        before anyone asks for it."""
+        if not self._reserve_serves(pool, uid):
+            return None
         if not (msg.stdio == "pipe" and not msg.detached
                 and msg.test_fail_step is None and not msg.test_relax_mounts and not msg.test_landlock_abi):
             return None
@@ -1689,6 +1731,12 @@ class Daemon:
             if _needs_reaper(cfg, msg.kind) == _needs_reaper(built, "deferred"):
                 return reserve
         return None
+
+    def _reserve_serves(self, pool: Pool, uid: int) -> bool:
+        """Whether client ``uid`` may take the pool's reserve children (by request or lease): all
+        may, but where a root daemon runs a non-root client's children as the client's own id
+        (_own_id_for_pool_rw) only root does."""
+        return uid == 0 or self.id_slots is None or not pool.config.sandbox.rw_binds
 
     @staticmethod
     async def _limits_for(child: Child, cfg: SandboxConfig) -> str:
@@ -1798,6 +1846,10 @@ class Daemon:
                          "environments: requests go through the daemon)"), "bad-request"
         elif not pool.reserve.size:
             why, code = f"pool {pool.config.name!r} keeps no reserve (--reserve N)", "bad-request"
+        elif not self._reserve_serves(pool, conn.peer_uid):
+            why, code = (f"pool {pool.config.name!r} leases children to root only (it binds host directories "
+                         "read-write, so another client's children run as the client's own host id, which a "
+                         "reserve child cannot have: requests go through the daemon)"), "bad-request"
         elif (cap := self._per_client_cap(conn)) is not None and self._client_load(conn)[0] >= cap:
             why, code = "the per-client maximum of children is reached", "limit"
         elif (full := self._at_max_children()) is not None:  # (a held child counts)
@@ -3232,12 +3284,13 @@ def _relay_target(fd: int) -> int:
 
 
 class _BindRefused(OSError):
-    """A bind of the client's own path that the daemon could not make safely (Daemon._idmapped):
-    the spawn fails with this message, step "mounts" (or code "policy")."""
+    """A bind that the daemon could not make safely (Daemon._idmapped, _own_id_for_pool_rw): the
+    spawn fails with this message, step ``step`` (none for code "policy")."""
 
-    def __init__(self, err: int, message: str, hint: str = "", code: str = "unavailable") -> None:
+    def __init__(self, err: int, message: str, hint: str = "", code: str = "unavailable",
+                 step: str = "mounts") -> None:
         super().__init__(err, message)
-        self.message, self.hint, self.code = message, hint, code
+        self.message, self.hint, self.code, self.step = message, hint, code, step
 
 
 _HINT_IDMAP = ("bind it read-only, or put it on a file system with idmapped mounts (ext4, xfs, btrfs; tmpfs "
