@@ -1033,6 +1033,22 @@ def test_a_reload_that_lowers_network_ahead_lets_the_prepared_namespaces_go(worl
     assert world.veths() == []  # none prepared again
 
 
+def test_a_reload_that_takes_network_from_every_pool_lets_the_prepared_namespaces_go(world, tmp_path):
+    """With no pool left that allows network, nothing is prepared for networked spawns: the
+    namespaces made ahead (veth and address each) go at the reload, not at the daemon's end."""
+    cfg = tmp_path / "z.toml"
+    cfg.write_text("[daemon]\nnetwork_ahead = 2\n[pools.default.sandbox.network]\n")
+    path = world.start(tmp_path, "--config", str(cfg), network=False)
+    wait_for(lambda: len(world.veths()) == 2, timeout=30, what="two namespaces prepared")
+    cfg.write_text("[daemon]\nnetwork_ahead = 2\n")
+    world.daemon.send_signal(signal.SIGHUP)
+    wait_for(lambda: world.veths() == [], timeout=20, what="the prepared namespaces to go")
+    with Client.connect(path) as c:
+        assert c.run(print, ("up",)).stdout == b"up\n"
+    time.sleep(0.5)  # (20 times NET_AHEAD_QUIET: none prepared again)
+    assert world.veths() == []
+
+
 def test_SECURITY_a_recycled_address_inherits_no_flows(world, tmp_path):
     """Replies reach a child on conntrack state alone, and a child's address goes to the next
     child: a peer that keeps sending on a flow the first child opened must not reach the second,

@@ -1848,7 +1848,7 @@ class Daemon:
             why, code = f"pool {pool.config.name!r} keeps no reserve (--reserve N)", "bad-request"
         elif not self._reserve_serves(pool, conn.peer_uid):
             why, code = (f"pool {pool.config.name!r} leases children to root only (it binds host directories "
-                         "read-write, so another client's children run as the client's own host id, which a "
+                         "read-write, so a non-root client's children run as the client's own host id, which a "
                          "reserve child cannot have: requests go through the daemon)"), "bad-request"
         elif (cap := self._per_client_cap(conn)) is not None and self._client_load(conn)[0] >= cap:
             why, code = "the per-client maximum of children is reached", "limit"
@@ -2384,14 +2384,18 @@ class Daemon:
     async def _keep_net_ahead_loop(self, net: network.NetworkHost) -> None:
         fails = 0
         while self.network is net:
-            while len(self._net_ready) > self.config.network_ahead:  # lowered by a reload
+            # None while no pool allows network (a reload took it from the last one): the table
+            # stays until the daemon restarts, for the networked children still running.
+            ahead = self.config.network_ahead if any(p.config.sandbox.network is not None
+                                                     for p in self.pools.values()) else 0
+            while len(self._net_ready) > ahead:  # lowered by a reload
                 lease, nsfd = self._net_ready.pop(0)
                 os.close(nsfd)
                 await self._net_discard(lease)
             if not any(z.info.get("given_netns") for p in self.pools.values() for z in p.zygotes):
                 await trio.sleep(1.0)  # no zygote can clone into one (no CAP_SYS_ADMIN): none made
                 continue
-            if len(self._net_ready) >= self.config.network_ahead:
+            if len(self._net_ready) >= ahead:
                 self._net_wake = trio.Event()
                 await self._net_wake.wait()
                 continue
