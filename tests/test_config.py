@@ -1088,8 +1088,8 @@ def test_a_child_in_a_pool_with_read_write_binds_runs_as_its_client_or_not_at_al
     maps before anyone asks for one: a non-root client's request does not take one (its child
     has the client's id, with two waiting) and its Lease is refused ("bad-request": the client
     library then spawns through the daemon); root's request still takes one, and root still
-    leases. Fails on the previous daemon (a range's ids for every child; the reserve served
-    4001)."""
+    leases. A request may not name the pool's read-write source among its read-only binds.
+    Fails on the previous daemon (a range's ids for every child; the reserve served 4001)."""
     from zygote.layers import userns
     big = userns.CLIENT_IDS + 7
     cache, toml = _cache_pool(shared_dir)
@@ -1145,6 +1145,10 @@ def test_a_child_in_a_pool_with_read_write_binds_runs_as_its_client_or_not_at_al
             c.sock.close()
             return f"{type(m).__name__} {getattr(m, 'code', '')} {getattr(m, 'message', '')}"
         assert run_as(4001, 4242, lease).startswith("SpawnFailed bad-request pool 'default' leases children to root only")
+        # Named read-only by the request, the pool's source was checked for reading only, and
+        # its read-write bind was idmapped as the client's too: refused (a helper's review).
+        out = _spawn_exec_as_4001(sock, "touch /cache/by-4001; echo ready", ro_binds={cache: "/ro"})
+        assert out.startswith("SpawnFailed:ro_binds: ") and "binds read-write" in out, out
         ours = root.spawn_child(print, ("up",))
         assert ours.pid in held and ours.stdout.read() == b"up\n", (ours.pid, held)
         ours.wait()
@@ -1504,7 +1508,7 @@ def test_a_daemon_serving_other_users_warns_where_its_pools_read_write_binds_are
     "nobody"'s 65534 among them), it warns that non-root clients' spawns there are refused, and they
     are (step "userns"). A daemon not run as root (all children its own user) warns of each
     such bind (the function: the venv lives under /root, so no other user can start this
-    daemon here)."""
+    daemon here), and any daemon serving others warns of a pool without seccomp that has one."""
     from zygote.config import shared_rw_bind_warnings
     from zygote.layers import userns
     shared = os.path.join(shared_dir, "cache")
@@ -1531,3 +1535,9 @@ def test_a_daemon_serving_other_users_warns_where_its_pools_read_write_binds_are
     [line] = shared_rw_bind_warnings(loaded, False, None)
     assert line.startswith("pools.default: ") and "runs every client's children as its own user" in line, line
     assert shared_rw_bind_warnings(loaded, True, None) == []
+    # Without seccomp nothing refuses set-ID modes: a program left there runs as the child's id
+    # (a non-root client's own) for any local user (a helper's review).
+    bare = load(write_text(os.path.join(shared_dir, "w.toml"), f'[daemon]\nsocket = "/x.sock"\n{serve}{pool}'
+                           'seccomp_profile = "unconfined"\n'), default_python=sys.executable)
+    [line] = shared_rw_bind_warnings(bare, True, None)
+    assert line.startswith("pools.default: ") and "set-user-ID" in line, line

@@ -150,26 +150,36 @@ def check_nested_pool_binds(pools, where: str) -> None:
 
 
 def shared_rw_bind_warnings(cfg, root: bool, clients_taken: str | None) -> list[str]:
-    """A line for each pool read-write bind of a daemon that serves other users too, where
-    children of different clients may run as the same host ids there (said at start and at each
-    reload; not refused, a shared cache is a common use). A root daemon (``root``) runs a non-root
-    client's child in such a pool as the client's own host id (Daemon._own_id_for_pool_rw), so
-    modes keep clients apart there, unless the client ids are taken by host accounts
-    (``clients_taken``, userns.IdSlots): then such children are refused. A daemon not run as
-    root runs every child as its own user: what one client's children leave there is another's."""
+    """Lines about the pools' read-write binds of a daemon that serves other users too (said at
+    start and at each reload; not refused, a shared cache is a common use):
+
+    - where children of different clients may run as the same host ids there. A root daemon
+      (``root``) runs a non-root client's child in such a pool as the client's own host id
+      (Daemon._own_id_for_pool_rw), so modes keep clients apart there, unless host accounts
+      hold the client ids (``clients_taken`` at the daemon's start, userns.IdSlots): then such
+      children are refused. A daemon not run as root runs every child as its own user: what one
+      client's children leave there is another's.
+    - a pool with ``seccomp_profile = "unconfined"``: nothing refuses set-ID modes, so a child
+      can leave a set-user-ID program there that any local user runs as the child's host id
+      (a non-root client's own: its files there, its running children's signals)."""
     if not (cfg.allowed_uids or cfg.allowed_gids or cfg.socket_group is not None):
         return []
     binds = [(name, src) for name, pc in cfg.pools.items() for src in pc.sandbox.rw_binds]
+    lines = [f"pools.{name}: {src!r} is bound read-write without seccomp (seccomp_profile \"unconfined\"): a "
+             "child can leave a set-user-ID program there that any local user runs as the child's host id "
+             "(for a non-root client's child, the client's own: its files there, its children's signals); keep "
+             "a seccomp profile, or keep such a pool to one client"
+             for name, src in binds if cfg.pools[name].sandbox.seccomp_profile == "unconfined"]
     if root and clients_taken is None:
-        return []
+        return lines
     if root:
-        return [f"pools.{name}: {src!r} is bound read-write, where a non-root client's child runs as the "
-                f"client's own host id, and there are none ({clients_taken}): non-root clients' spawns in "
-                "this pool are refused" for name, src in binds]
-    return [f"pools.{name}: {src!r} is bound read-write into every child of the pool, and a daemon not run as "
-            "root runs every client's children as its own user: what one client's children leave there is "
-            "readable and writable by another's, whatever its mode (give each client a pool of its own, or "
-            "keep private data out of it)" for name, src in binds]
+        return lines + [f"pools.{name}: {src!r} is bound read-write, where a non-root client's child runs as the "
+                        f"client's own host id, and there are none ({clients_taken}): non-root clients' spawns in "
+                        "this pool are refused" for name, src in binds]
+    return lines + [f"pools.{name}: {src!r} is bound read-write into every child of the pool, and a daemon not run "
+                    "as root runs every client's children as its own user: what one client's children leave there "
+                    "is readable and writable by another's, whatever its mode (give each client a pool of its own, "
+                    "or keep private data out of it)" for name, src in binds]
 
 
 def check_network_room(pools, network_pool: str, where: str) -> None:

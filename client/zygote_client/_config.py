@@ -154,11 +154,15 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             change these host files. A non-root client's are idmapped (see ro_binds): what the
             child makes there belongs to the client (uid and primary gid); one that cannot be
             (a file system without idmapped mounts, a client uid above 4194303) fails the spawn
-            (step "mounts"). A root client's and the pool's: the child writes as an
-            unprivileged host uid of a range of its own, which differs between children (a root
-            daemon's ``id_base + k * 65536 + uid``), and only where the modes let "others"
-            write; a child with idmapped binds writes there as its client's own host id
-            (``id_base - 4194304 + client uid``), the same for all that client's such children.
+            (step "mounts"). A root client's child writes in the pool's as an unprivileged
+            host uid of a range of its own, which differs between children (a root daemon's
+            ``id_base + k * 65536 + uid``), and only where the modes let "others" write; a
+            non-root client's child with idmapped binds, or in a pool with read-write binds,
+            writes there as its client's own host id (``id_base - 4194304 + client uid``), the
+            same for all that client's such children, so modes keep clients' files apart there
+            as in any shared directory (not from directories another client's child made
+            writable, nor from a default ACL it set on one); a client with no such id (uid
+            above 4194303) is refused in such a pool (step "userns").
         workdir: the child's working directory inside the sandbox. Default "/" (or the workspace).
         tmpfs_size: size cap of the generated root and of /tmp, bytes or "64M". Default "64M".
         seccomp_profile: a name in seccomp-profiles/ ("default", "strict") or a JSON file path.
