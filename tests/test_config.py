@@ -1088,7 +1088,8 @@ def test_a_child_in_a_pool_with_read_write_binds_runs_as_its_client_or_not_at_al
     maps before anyone asks for one: a non-root client's request does not take one (its child
     has the client's id, with two waiting) and its Lease is refused ("bad-request": the client
     library then spawns through the daemon); root's request still takes one, and root still
-    leases. A request may not name the pool's read-write source among its read-only binds.
+    leases. A request may not name the pool's read-write source among its read-only binds or
+    as its chroot_dir.
     Fails on the previous daemon (a range's ids for every child; the reserve served 4001)."""
     from zygote.layers import userns
     big = userns.CLIENT_IDS + 7
@@ -1149,6 +1150,9 @@ def test_a_child_in_a_pool_with_read_write_binds_runs_as_its_client_or_not_at_al
         # its read-write bind was idmapped as the client's too: refused (a helper's review).
         out = _spawn_exec_as_4001(sock, "touch /cache/by-4001; echo ready", ro_binds={cache: "/ro"})
         assert out.startswith("SpawnFailed:ro_binds: ") and "binds read-write" in out, out
+        os.mkdir(os.path.join(cache, "cache"))  # (the pool's target, inside such a root, must exist)
+        out = _spawn_exec_as_4001(sock, "touch /cache/by-4001; echo ready", chroot_dir=cache)
+        assert out.startswith("SpawnFailed:chroot_dir: ") and "binds read-write" in out, out
         ours = root.spawn_child(print, ("up",))
         assert ours.pid in held and ours.stdout.read() == b"up\n", (ours.pid, held)
         ours.wait()

@@ -2384,8 +2384,8 @@ class Daemon:
     async def _keep_net_ahead_loop(self, net: network.NetworkHost) -> None:
         fails = 0
         while self.network is net:
-            # None while no pool allows network (a reload took it from the last one): the table
-            # stays until the daemon restarts, for the networked children still running.
+            # Nothing is kept while no pool allows network (a reload took it from the last one);
+            # the egress table stays until the daemon ends, for networked children still running.
             ahead = self.config.network_ahead if any(p.config.sandbox.network is not None
                                                      for p in self.pools.values()) else 0
             while len(self._net_ready) > ahead:  # lowered by a reload

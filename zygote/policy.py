@@ -152,12 +152,12 @@ def effective(pool: SandboxConfig, req: SandboxConfig | None, inherit: bool = Tr
         changes["chroot_dir"] = pool.chroot_dir
     elif req.chroot_dir is not None and pool.chroot_dir is not None and req.chroot_dir != pool.chroot_dir:
         raise PolicyError("chroot_dir differs from the pool's")
-    for src in req.ro_binds:
+    for field, src in [("ro_binds", src) for src in req.ro_binds] + [("chroot_dir", req.chroot_dir)]:
         if src in pool.rw_binds:
             # (a non-root client's source is checked, and its bind idmapped, for what the request
-            # asks: a read check would have stood for the pool's read-write bind of it too)
-            raise PolicyError(f"ro_binds: {quoted(src)} is a source the pool binds read-write; name it in "
-                              "rw_binds to give it another target")
+            # asks, by path: a read check would have stood for the pool's read-write bind of it too)
+            raise PolicyError(f"{field}: {quoted(src)} is a source the pool binds read-write"
+                              + ("; name it in rw_binds to give it another target" if field == "ro_binds" else ""))
     ro = dict(pool.ro_binds)
     ro.update(req.ro_binds)
     rw = dict(pool.rw_binds)
