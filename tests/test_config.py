@@ -863,7 +863,8 @@ def _mine_and_secret(shared_dir: str, mode: int = 0o700) -> tuple[str, str]:
 def _spawn_exec_as_4001(sock: str, script: str, between=None, uid: int = 4001, **sandbox) -> str:
     """As uid 4001 (or ``uid``; group 4242): one `sh -c script` child; its stdout up to a line
     "ready", what ``between()`` returns then (while the child waits for its stdin to close), and
-    the rest."""
+    the rest. Returns once the daemon reported the child's exit (with ``max_children = 1`` the
+    next spawn could come before the daemon had reaped it, and be refused)."""
     def talk() -> str:
         c = RawConn(sock)
         c.send(c.P.Hello(c.P.VERSION, client="test sandbox-inherits"))  # (the pool's fields where unset)
@@ -880,7 +881,10 @@ def _spawn_exec_as_4001(sock: str, script: str, between=None, uid: int = 4001, *
             out += chunk
         seen = between() if between is not None else ""
         os.close(stdin)
-        return out.decode() + seen + _read_all(rest)
+        out = out.decode() + seen + _read_all(rest)
+        while (m := c.reply()) is not None and type(m).__name__ != "Exited":
+            pass
+        return out
     return run_as(uid, 4242, talk)
 
 
