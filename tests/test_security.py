@@ -130,6 +130,57 @@ def test_SECURITY_mounts_tmp_fills_at_cap(client):
     assert not os.path.exists("/tmp/fill")
 
 
+def test_SECURITY_mounts_tmp_holds_a_bounded_number_of_files(client):
+    """A tmpfs's size counts its files' bytes, not their inodes and dentries: under the kernel's
+    default inode cap a child made 1.5 M empty files in a "64M" /tmp, 1.2 GiB of kernel memory
+    no cap counted (a helper's red-team, a child without a memory cgroup). /tmp and /dev/shm
+    now hold one inode per KiB of their size (at least 1024): 2048 for "2M". Fails without the
+    cap (10000 files made in each)."""
+    def payload():
+        import os
+        for d in ("/tmp", "/dev/shm"):
+            n, err = 0, 0
+            try:
+                while n < 10000:
+                    os.close(os.open(f"{d}/f{n}", os.O_CREAT | os.O_WRONLY, 0o600))
+                    n += 1
+            except OSError as e:
+                err = e.errno
+            print(d, n, err)
+
+    r = client.run(payload, sandbox_config=SandboxConfig(tmpfs_size="2M"))
+    made = {d: (int(n), int(err)) for d, n, err in (line.split() for line in r.stdout.decode().splitlines())}
+    assert set(made) == {"/tmp", "/dev/shm"}, r
+    for d, (n, err) in made.items():
+        assert err == 28 and 1000 < n <= 2048, (d, n, err)
+
+
+def test_SECURITY_system_v_ipc_holds_what_dev_shm_holds(client):
+    """A child's IPC namespace had the kernel's System V defaults, all of memory: a child without
+    a memory cgroup filled shared memory segments and detached them, 832 MiB that no process's
+    memory showed (a helper's red-team). Its shared memory now holds at most its /dev/shm's size
+    (2M here: two 1 MiB segments) and it has at most userns.SYSV_QUEUES message queues. Fails
+    without the bound (64 segments, 100 queues)."""
+    def payload():
+        import ctypes
+        import errno
+        libc = ctypes.CDLL(None, use_errno=True)
+        for name, make, most in (("shm", lambda: libc.shmget(0, 1 << 20, 0o1600), 64),
+                                 ("msg", lambda: libc.msgget(0, 0o1600), 100)):
+            n = err = 0
+            while n < most:
+                if make() < 0:
+                    err = ctypes.get_errno()
+                    break
+                n += 1
+            print(name, n, errno.errorcode.get(err, err))
+
+    r = client.run(payload, sandbox_config=SandboxConfig(tmpfs_size="2M"))
+    made = {name: (int(n), err) for name, n, err in (line.split() for line in r.stdout.decode().splitlines())}
+    from zygote.layers.userns import SYSV_QUEUES
+    assert made == {"shm": (2, "ENOSPC"), "msg": (SYSV_QUEUES, "ENOSPC")}, (made, r.stderr)
+
+
 def test_chroot_dir_static_binary(client, tmp_path):
     root = tmp_path / "root"
     (root / "bin").mkdir(parents=True)

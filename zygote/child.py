@@ -77,6 +77,7 @@ def confine(plan) -> int:
     sources = mounts.open_sources(plan)      # before userns: walk to bind sources as the daemon's uid
     _inject(plan, "userns")
     userns.apply(plan.nested_limit_required)  # then take the mapped ids; nothing runs unmapped after
+    userns.bound_sysv_ipc(min(plan.tmpfs_bytes, mounts.SHM_MAX))  # (our IPC namespace, while we hold caps)
     if plan.cgroupns:                        # the daemon attached us to our cgroup before "go":
         _cgroupns()                          # make it the root of what we can see
     mounts.apply(plan, sources)              # needs CAP_SYS_ADMIN in the userns (dropped below)

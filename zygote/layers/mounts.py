@@ -393,7 +393,7 @@ _use_mount_setattr = True
 _DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 _DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
               ("stderr", "/proc/self/fd/2"))
-_SHM_MAX = 16 << 20
+SHM_MAX = 16 << 20
 _NS = _sys.MS_NOSUID | _sys.MS_NODEV
 _HINT_MOUNT = ("the child needs CAP_SYS_ADMIN over its own mount namespace (a user namespace made "
                "with it); in Docker, run with the zygote seccomp profile and "
@@ -551,12 +551,22 @@ def _close_trees(plan) -> None:
                 pass
 
 
+def _inodes(size: int) -> int:
+    """A tmpfs's inode cap for ``size`` bytes: one per KiB (64M: 65536 files), at least 1024.
+    Without one the kernel's default allowed ~3 M empty files in a "64M" /tmp, and their inodes
+    and dentries are kernel memory no size cap counts: a child without a memory cgroup held
+    1.2 GiB of it that way (a helper's red-team). An inode and its dentry take about 1 KiB, so
+    this keeps a tmpfs's kernel memory about its size."""
+    return max(1024, size // 1024)
+
+
 def _build(plan, srcs: dict[str, int]) -> None:
     R = plan.scratch
     made = {"/"}  # sandbox directories known to exist: one mkdir each, no stat storm
     try:
         if plan.root == "tmpfs":
-            _sys.mount("zygote", R, "tmpfs", _NS, f"size={plan.tmpfs_bytes},mode=0755")
+            _sys.mount("zygote", R, "tmpfs", _NS,
+                       f"size={plan.tmpfs_bytes},nr_inodes={_inodes(plan.tmpfs_bytes)},mode=0755")
         else:
             _bind(srcs[plan.chroot_dir], R)
             _setattr(R, _ATTR_RO)
@@ -583,7 +593,8 @@ def _build_on(plan, srcs: dict[str, int], R: str, rfd: int, made: set[str]) -> N
     if plan.tmp:
         where, fd = point("/tmp")
         try:
-            _sys.mount("tmpfs", where, "tmpfs", _NS, f"size={plan.tmpfs_bytes},mode=1777")
+            _sys.mount("tmpfs", where, "tmpfs", _NS,
+                       f"size={plan.tmpfs_bytes},nr_inodes={_inodes(plan.tmpfs_bytes)},mode=1777")
         except OSError as e:
             raise _err("mount /tmp", e) from None
         finally:
@@ -591,7 +602,7 @@ def _build_on(plan, srcs: dict[str, int], R: str, rfd: int, made: set[str]) -> N
     if plan.dev:
         where, fd = point("/dev")
         try:
-            _dev(R, where, plan.dev_pts, min(plan.tmpfs_bytes, _SHM_MAX))
+            _dev(R, where, plan.dev_pts, min(plan.tmpfs_bytes, SHM_MAX))
         finally:
             _close_fd(fd)
     if plan.proc:
@@ -840,7 +851,8 @@ def _dev(R: str, where: str, dev_pts: bool, shm_bytes: int) -> None:
         for name, text in _DEV_LINKS:
             os.symlink(text, f"{d}/{name}")
         os.mkdir(d + "/shm", 0o755)
-        _sys.mount("zygote-shm", d + "/shm", "tmpfs", _NS | _sys.MS_NOEXEC, f"size={shm_bytes},mode=1777")
+        _sys.mount("zygote-shm", d + "/shm", "tmpfs", _NS | _sys.MS_NOEXEC,
+                   f"size={shm_bytes},nr_inodes={_inodes(shm_bytes)},mode=1777")
         if dev_pts:
             os.mkdir(d + "/pts", 0o755)
             # newinstance: a private pty set, never the host's ptys (devpts(5)); ptmxmode so an

@@ -314,6 +314,29 @@ def apply(nested_limit_required: bool = True) -> None:
 
 
 MAX_USER_NAMESPACES = "/proc/sys/user/max_user_namespaces"
+SYSV_QUEUES = 16  # message queues of the child's IPC namespace (the kernel's default: 32000 of 16 KiB)
+
+
+def bound_sysv_ipc(shm_bytes: int) -> None:
+    """Child side, while it holds its capabilities in its own user namespace, which owns its IPC
+    namespace: System V shared memory there holds at most ``shm_bytes`` in all (its /dev/shm's
+    size), and message queues at most SYSV_QUEUES. The kernel's defaults are all of memory: a
+    child without a memory cgroup filled segments it then detached, 832 MiB of shared memory
+    charged to no process (a helper's red-team). A read-only /proc/sys (a container's) leaves
+    the defaults: a memory cgroup bounds them there."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    for name, value in (("shmmax", shm_bytes), ("shmall", max(1, shm_bytes // page)), ("msgmni", SYSV_QUEUES)):
+        path = f"/proc/sys/kernel/{name}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, str(value).encode())
+            finally:
+                os.close(fd)
+        except OSError as e:
+            if e.errno in (_errno.EROFS, _errno.EACCES, _errno.EPERM):
+                return
+            raise SetupError("userns", f"bounding System V IPC ({path}): {e.strerror}", e.errno or 0) from None
 
 
 def no_nested_namespaces() -> None:
