@@ -19,8 +19,8 @@ import time
 import pytest
 
 from zygote_client import Client, DaemonError, SandboxConfig, SandboxError
-from conftest import (NS_GET_PARENT, NS_GET_USERNS, children_of, cmdline, daemon_pid, fd_count, in_fork,
-                      owned_by_a_maker, rss_bytes, wait_for)
+from conftest import (NS_GET_PARENT, NS_GET_USERNS, children_of, cmdline, config_daemon, daemon_pid, fd_count,
+                      in_fork, owned_by_a_maker, rss_bytes, wait_for)
 
 
 def test_stdio_order_and_streams(client):
@@ -1160,3 +1160,92 @@ def test_the_raw_clone_works_with_a_small_tid():
     r = subprocess.run(["unshare", "--pid", "--fork", sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=60)
     assert (r.returncode, r.stdout) == (0, "7\n"), r.stderr
+
+
+# ---- CPython's fork hooks: the lean clone (zygote/_clone.py) ----------------------------------------
+
+_DRAWS = textwrap.dedent("""
+    import random, numpy
+    numpy.random.standard_normal()  # an odd number of normals: numpy caches the second
+    random.random()
+""")
+
+_CHILD_STATE = """
+    def child_state():
+        import concurrent.futures, logging, random, sys, threading, numpy
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # threads, locks, logging: as after os.fork
+            assert sorted(pool.map(abs, [-1, -2])) == [1, 2]
+        logging.getLogger("zg").warning("logged")
+        assert threading.current_thread() is threading.main_thread() and threading.active_count() == 1
+        preload = next(m for name, m in sys.modules.items() if name.startswith("zg_"))
+        return {"random": random.random(), "numpy": float(numpy.random.rand()),
+                "normal": float(numpy.random.standard_normal()),
+                "lean": sys.modules["__main__"]._cloner.lean is not None,
+                "hook_ran": getattr(preload, "forked", None)}
+"""
+
+
+def _pool_toml(tmp_path, name: str, module: str, body: str, reserve: int = 0) -> str:
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(body))
+    return (f'[pools.{name}]\npreload = ["{module}"]\nreserve = {reserve}\n'
+            f'env = {{PATH = "/usr/bin:/bin", PYTHONPATH = "{tmp_path}"}}\n')
+
+
+def _child_states(sock: str, pool: str, n: int) -> list[dict]:
+    ns: dict = {}
+    exec(textwrap.dedent(_CHILD_STATE), ns)
+    out = []
+    with Client.connect(sock) as c:
+        for _ in range(n):
+            r = c.run(ns["child_state"], pool=pool)
+            assert r.returncode == 0 and r.stderr == b"logged\n", r.stderr
+            out.append(r.value)
+    return out
+
+
+def test_SECURITY_each_child_draws_its_own_random_numbers(tmp_path):
+    """Every child is a copy of its zygote's memory, random generators included. random reseeds
+    itself through a fork hook, which the lean clone runs (it leaves the lock-only ones out);
+    numpy's global generator has no hook at all: every child of a numpy zygote drew the same
+    numbers (np.random.rand() was 0.9496... in each child), other clients' children included.
+    The clone now fills that generator's state with fresh entropy, and the zygote drops the
+    normal deviate numpy caches (a preload that drew one left it for every child to draw).
+    Both kinds of clone are checked: lean (the default pool) and with all of CPython's fork
+    work (a preload whose fork hook pairs the lean clone does not know), reserve children too."""
+    unknown_pair = _DRAWS + textwrap.dedent("""
+        import os
+        os.register_at_fork(before=lambda: None, after_in_parent=lambda: None)
+    """)
+    toml = (_pool_toml(tmp_path, "default", "zg_draws", _DRAWS)
+            + _pool_toml(tmp_path, "reserved", "zg_draws", _DRAWS, reserve=2)
+            + _pool_toml(tmp_path, "full", "zg_pair", unknown_pair))
+    with config_daemon(tmp_path, toml) as sock:
+        for pool, lean in (("default", True), ("reserved", True), ("full", False)):
+            states = _child_states(sock, pool, 4)
+            assert all(s["lean"] is lean for s in states), (pool, states)
+            for key in ("random", "numpy", "normal"):
+                assert len({s[key] for s in states}) == 4, (pool, key, states)
+
+
+def test_a_preload_s_fork_hooks_run_in_every_child_and_a_python_signal_handler_means_no_lean_clone(tmp_path):
+    """The lean clone runs the after-fork hooks it does not know to be lock-only (a preload's
+    own here), and is not taken where a Python-level signal handler exists in the zygote (a
+    signal caught just before the clone would be handled again in the child): there the child
+    gets all of CPython's fork work, the hooks included."""
+    hooks = _DRAWS + textwrap.dedent("""
+        import os
+        forked = False
+        def _mark():
+            global forked
+            forked = True
+        os.register_at_fork(after_in_child=_mark)
+    """)
+    handler = hooks + textwrap.dedent("""
+        import signal
+        signal.signal(signal.SIGUSR2, lambda *a: None)
+    """)
+    toml = _pool_toml(tmp_path, "default", "zg_hooks", hooks) + _pool_toml(tmp_path, "handler", "zg_hooks_h", handler)
+    with config_daemon(tmp_path, toml) as sock:
+        for pool, lean in (("default", True), ("handler", False)):
+            states = _child_states(sock, pool, 2)
+            assert [(s["lean"], s["hook_ran"]) for s in states] == [(lean, True)] * 2, (pool, states)

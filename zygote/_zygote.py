@@ -58,6 +58,8 @@ def _fail(text: str) -> None:
 
 def main(argv: list[str]) -> None:
     global _sock, _cloner, _netns
+    from zygote import _clone
+    _clone.watch_fork_hooks()  # first: every fork hook registered from here on is seen (see Cloner)
     fd = int(argv[0])
     preload = [m for m in argv[1:] if m]
     _sock = socket.socket(fileno=fd)
@@ -117,8 +119,9 @@ def main(argv: list[str]) -> None:
         _fail(f"the preloads left {n - 1} extra thread(s) running; a zygote must be single-threaded "
               "(set OMP_NUM_THREADS=1/OPENBLAS_NUM_THREADS=1 in the pool's environment, or stop the "
               "module from starting threads at import)")
+    lean, not_lean = _clone.lean_hooks()
     try:
-        _cloner = Cloner()
+        _cloner = Cloner(lean)
     except OSError as e:
         _fail(str(e))
     # What a preload printed goes out now, once: the loop below never writes to stdout/stderr,
@@ -132,7 +135,8 @@ def main(argv: list[str]) -> None:
     import msgspec
     info = {"pid": os.getpid(), "executable": sys.executable, "prefix": sys.prefix,
             "base_prefix": sys.base_prefix, "version": list(sys.version_info[:3]), "path": sys.path,
-            "preloaded": preload, "given_netns": _netns.can_join}
+            "preloaded": preload, "given_netns": _netns.can_join,
+            "fork_hooks": "lean" if lean is not None else f"all (not lean: {not_lean})"}
     try:
         _sock.send(b"R" + msgspec.msgpack.encode(info))
     except OSError:
