@@ -223,8 +223,8 @@ def _worker(iterations: int, preload: str) -> dict:
 
     try:
         took, faults = after_fork(max(10, iterations))
-        row("process", "CPython after-fork work in the child (at-fork hooks)", "child", took,
-            f"{statistics.median(faults):.0f} copy-on-write faults; off the path while the daemon answers")
+        row("process", "CPython after-fork work in the child (all of it)", "child", took,
+            f"{statistics.median(faults):.0f} copy-on-write faults; a lean clone (_clone.lean_hooks) runs random's reseed only")
     except Exception as e:  # noqa: BLE001 - a row, not the run
         row("process", "CPython after-fork work in the child", "child", None, f"{type(e).__name__}: {e}"[:100])
 
