@@ -15,7 +15,9 @@ from conftest import (children_of, cmdline, config_daemon, daemon_pid, fd_count,
 
 
 def _zygote_dirs(pid: int) -> list[str]:
-    return [d for d in glob.glob(f"/sys/fs/cgroup/**/zygote/d{pid}/*", recursive=True) if os.path.isdir(d)]
+    """Children's cgroups under the daemon's directory (not its own leaf for its zygotes)."""
+    return [d for d in glob.glob(f"/sys/fs/cgroup/**/zygote/d{pid}/*", recursive=True)
+            if os.path.isdir(d) and os.path.basename(d) != "zygotes"]
 
 
 @pytest.fixture(scope="module")
@@ -346,3 +348,57 @@ def test_a_request_refused_for_its_fds_leaves_no_cgroup(socket_daemon):
         conn.sock.close()
         os.close(r)
         os.close(w)
+
+
+@pytest.mark.cgroupv2
+def test_SECURITY_children_without_a_cgroup_share_one_bound_on_tasks(tmp_path):
+    """RLIMIT_NPROC (1024) bounds one child without a cgroup; their sum was bounded by nothing:
+    a client's 256 children could hold 262144 tasks, past the host's pid_max (32768 here; a
+    helper's red-team, session 32: +4093 host tasks from 4 children). Zygotes now run in one
+    cgroup (zygote/d<pid>/zygotes) with pids.max = daemon.max_tasks, and children born there stay
+    counted there. Here two children each try for 150 threads under max_tasks = 200: together
+    they get fewer than 200, the second hitting the bound; a child given a cgroup of its own
+    (pids) is counted apart, and the first child's tasks came back once it ended. Fails without
+    the bound (300 threads)."""
+    def threads(n):
+        import sys, threading
+        stop = threading.Event()
+        got = 0
+        try:
+            for _ in range(n):
+                threading.Thread(target=stop.wait, daemon=True).start()
+                got += 1
+        except RuntimeError:  # "can't start new thread" (the clone's EAGAIN)
+            pass
+        print(got, flush=True)
+        sys.stdin.read()  # hold them until the test lets go
+        stop.set()
+
+    with config_daemon(tmp_path, "max_tasks = 200\n") as sock, Client.connect(sock) as c:
+        zygotes = [p for p, _ in children_of(daemon_pid(c)) if b"zygote._zygote" in cmdline(p)]  # (no child yet)
+        # (cloned first: on v1 a child is born in its zygote's cgroup and moved after the clone,
+        # and a zygote whose cgroup is full clones nothing: that spawn fails, step "clone")
+        own = c.spawn_child(threads, (150,), sandbox_config=SandboxConfig(pids=400))
+        first = c.spawn_child(threads, (150,))
+        assert int(first.stdout.readline()) == 150
+        second = c.spawn_child(threads, (150,))
+        got = [150, int(second.stdout.readline()), int(own.stdout.readline())]
+        assert got[0] + got[1] < 200 and got[1] < 150, got
+        assert got[2] == 150, got  # (its own cgroup: not counted with the others)
+        leaf = [d for d in glob.glob(f"/sys/fs/cgroup/**/zygote/d{daemon_pid(c)}/zygotes", recursive=True)]
+        assert leaf, "no zygotes cgroup"
+        with open(os.path.join(leaf[0], "pids.max")) as f:
+            assert f.read().strip() == "200"
+        with open(os.path.join(leaf[0], "cgroup.procs")) as f:
+            assert set(zygotes) <= {int(x) for x in f.read().split()}, zygotes
+        with pytest.raises(SandboxUnavailable) as full:  # (the leaf is full: the zygote clones nothing)
+            c.spawn_child(threads, (1,))
+        assert full.value.step == "clone" and "max_tasks" in full.value.hint, full.value
+        for ch in (first, own):
+            ch.stdin.close()
+            assert ch.wait().returncode == 0
+        again = c.spawn_child(threads, (100,))
+        assert int(again.stdout.readline()) == 100  # (the first child's tasks were given back)
+        for ch in (second, again):
+            ch.stdin.close()
+            assert ch.wait().returncode == 0

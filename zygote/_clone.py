@@ -141,8 +141,12 @@ _HOOK_KINDS = ("before", "after_in_child", "after_in_parent")
 # Modules that register fork hooks when imported. Imported before watch_fork_hooks started, their
 # hooks were registered unseen: the clone cannot be lean then.
 _HOOKING_MODULES = ("threading", "random", "logging", "concurrent.futures.thread", "asyncio.events")
-# Loaded at every interpreter's start by site (a setuptools .pth, editable installs): no hooks.
-_STARTUP_EXTRAS = ("__main__", "_distutils_hack")
+# Loaded at every interpreter's start by site (a setuptools .pth, virtualenv's, editable
+# installs): no hooks. Also the .pth lines that import them (any other executable line may
+# register one without leaving a module behind).
+_STARTUP_EXTRAS = ("__main__", "_distutils_hack", "_virtualenv")
+_KNOWN_PTH_IMPORTS = ("import _distutils_hack", "import _virtualenv", "import __editable__",
+                      "import os; var = 'SETUPTOOLS_USE_DISTUTILS';")  # (setuptools' distutils-precedence.pth)
 _hooks: list[tuple[str, Callable]] | None = None  # (kind, hook) registered since watch_fork_hooks
 _unseen: list[str] = []  # why hooks may have been registered before we looked
 
@@ -161,6 +165,7 @@ def watch_fork_hooks() -> None:
         elif not (top in sys.stdlib_module_names or top == "zygote" or name in _STARTUP_EXTRAS
                   or name.startswith("__editable__")):
             _unseen.append(f"{name} was imported before the zygote watched for fork hooks")
+    _unseen.extend(_executable_pth_lines())
     real = os.register_at_fork
     record = _hooks
 
@@ -170,6 +175,35 @@ def watch_fork_hooks() -> None:
 
     register_at_fork.__doc__ = real.__doc__
     os.register_at_fork = register_at_fork
+    import posix  # (the same function under its own module's name: posix.register_at_fork)
+    posix.register_at_fork = register_at_fork
+
+
+def _executable_pth_lines() -> list[str]:
+    """The .pth lines site ran at this interpreter's start (those beginning with "import") that
+    are not known to register no fork hook: such a line may have registered one before we
+    looked, leaving no module behind to tell."""
+    out = []
+    try:
+        import site
+        dirs = [*site.getsitepackages(), site.getusersitepackages()] if hasattr(site, "getsitepackages") else []
+    except Exception:  # noqa: BLE001 - (a site without these) nothing ran from .pth files
+        return out
+    for d in dict.fromkeys(dirs):
+        try:
+            names = sorted(n for n in os.listdir(d) if n.endswith(".pth"))
+        except OSError:
+            continue
+        for name in names:
+            try:
+                with open(os.path.join(d, name), encoding="utf-8", errors="replace") as f:
+                    lines = f.read().splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                if line.startswith(("import ", "import\t")) and not line.startswith(_KNOWN_PTH_IMPORTS):
+                    out.append(f"{os.path.join(d, name)} runs code at every start ({line[:60]!r})")
+    return out
 
 
 def _only_fixes_locks(fn: Callable) -> bool:
@@ -196,8 +230,7 @@ def lean_hooks() -> tuple[list[Callable] | None, str]:
     work was read (with the GIL), every hook seen being registered, the before/after-in-parent
     hooks all lock-only ones (an unknown pair may hand state across the fork), no Python-level
     signal handler (a signal caught just before the clone would be handled again in the child:
-    PyOS_AfterFork_Child clears that). SIGINT's default handler is replaced by the default action
-    here: the zygote's daemon stops it, and a child sets its own before its payload runs."""
+    PyOS_AfterFork_Child clears that; the zygote sets SIGINT's to the default action first)."""
     if sys.implementation.name != "cpython" or sys.version_info[:2] not in _LEAN_PYTHONS:
         return None, f"{sys.implementation.name} {sys.version_info[0]}.{sys.version_info[1]}: not one the lean clone was checked against"
     import sysconfig
@@ -210,8 +243,6 @@ def lean_hooks() -> tuple[list[Callable] | None, str]:
     for kind, fn in _hooks:
         if kind != "after_in_child" and not _only_fixes_locks(fn):
             return None, f"a fork hook {kind} ({getattr(fn, '__qualname__', fn)!r}) the lean clone does not know"
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
     for sig in signal.valid_signals():
         handler = signal.getsignal(sig)
         if handler not in (signal.SIG_DFL, signal.SIG_IGN, None):
@@ -237,12 +268,13 @@ def _numpy_global_state() -> memoryview | None:
         return None
     try:
         legacy = nprandom.mtrand._rand
+        full = legacy.get_state(legacy=False)
+        if full.get("has_gauss"):  # (whatever the generator: a reseed keeps it otherwise)
+            legacy.set_state({**full, "has_gauss": 0, "gauss": 0.0})
         bitgen = legacy._bit_generator
         if type(bitgen).__name__ != "MT19937":
             return None
         state = legacy.get_state()
-        if state[3]:
-            legacy.set_state(state[:3] + (0, 0.0))
         raw = (ctypes.c_char * (_MT_KEY_BYTES + 4)).from_address(int(bitgen.ctypes.state_address))
         view = memoryview(raw).cast("B")
         if bytes(view[:_MT_KEY_BYTES]) != b"".join(int(k).to_bytes(4, sys.byteorder) for k in state[1]):
@@ -250,6 +282,18 @@ def _numpy_global_state() -> memoryview | None:
         return view
     except Exception:  # noqa: BLE001 - (a numpy without these) seed() in each clone
         return None
+
+
+def _fresh_secrets(state: memoryview | None) -> None:
+    """In each clone: what every process of the zygote would otherwise share with every other
+    child (other clients' included): numpy's global generator (see _numpy_global_state), and
+    multiprocessing's authkey (made once per process tree, at its import: a child's Manager or
+    Listener would take any sibling's connection)."""
+    _reseed_numpy(state)
+    mp = sys.modules.get("multiprocessing.process")
+    current = getattr(mp, "current_process", None)
+    if current is not None:
+        current().authkey = os.urandom(32)
 
 
 def _reseed_numpy(state: memoryview | None) -> None:
@@ -319,7 +363,7 @@ class Cloner:
                             except BaseException:  # noqa: BLE001
                                 pass
                 try:
-                    _reseed_numpy(self._numpy_state)
+                    _fresh_secrets(self._numpy_state)
                 except BaseException:  # noqa: BLE001 - never run on numbers other children drew too
                     os._exit(125)
                 return 0

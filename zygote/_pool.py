@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 import msgspec
 import trio
@@ -22,6 +23,7 @@ import trio
 from zygote_client import SandboxConfig
 
 from ._childproto import MAX_TREES
+from .layers import SetupError
 from ._zygote import JOIN_FAILED, NFDS, REP, REQ
 
 THREAD_CAPS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -146,9 +148,11 @@ def raise_open_files(ceiling: int = 1 << 16) -> None:
 
 
 class Zygote:
-    def __init__(self, pool: PoolConfig, index: int) -> None:
+    def __init__(self, pool: PoolConfig, index: int,
+                 place: Callable[[int], Awaitable[None]] | None = None) -> None:
         self.pool = pool
         self.index = index
+        self._place = place  # moves the new process into the zygotes' cgroup (Daemon._place_zygote)
         self.proc: subprocess.Popen | None = None
         self.sock: trio.socket.SocketType | None = None
         self.info: dict = {}
@@ -182,6 +186,17 @@ class Zygote:
         finally:
             child.close()
         self.sock = trio.socket.from_stdlib_socket(parent)
+        if self._place is not None:
+            # Before its first clone (it sends "R" only once ready): every child it makes is
+            # born in that cgroup. (The namespace maker it starts first may be forked before.)
+            try:
+                await self._place(self.proc.pid)
+            except BaseException as e:
+                with trio.CancelScope(shield=True):
+                    await self.stop()
+                if isinstance(e, SetupError):
+                    raise PoolStartError(f"pool {self.pool.name!r}: {e.message}" + (f" ({e.hint})" if e.hint else "")) from None
+                raise
         try:
             with trio.fail_after(timeout):
                 first = await self.sock.recv(1 << 20)
@@ -293,10 +308,11 @@ class Pool:
         # Called after a zygote died: a clone it made but never reported is the daemon's
         # (CLONE_PARENT) child that nobody tracks; the daemon reaps such strays.
         self.on_zygote_death = None
+        self.place_zygote: Callable[[int], Awaitable[None]] | None = None  # (Zygote's place)
 
     async def start(self) -> None:
         for i in range(self.config.zygotes):
-            z = Zygote(self.config, i)
+            z = Zygote(self.config, i, self.place_zygote)
             await z.start()
             self.zygotes.append(z)
 
@@ -325,7 +341,7 @@ class Pool:
             if self.on_zygote_death is not None:
                 self.on_zygote_death()
             while not self.stopping:
-                nz = Zygote(self.config, i)
+                nz = Zygote(self.config, i, self.place_zygote)
                 try:
                     await nz.start()
                 except PoolStartError:

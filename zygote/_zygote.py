@@ -60,6 +60,10 @@ def main(argv: list[str]) -> None:
     global _sock, _cloner, _netns
     from zygote import _clone
     _clone.watch_fork_hooks()  # first: every fork hook registered from here on is seen (see Cloner)
+    # No Python handler for SIGINT: one caught just before a clone would run again in the child
+    # (a KeyboardInterrupt unwinding the zygote's loop there). The daemon stops its zygotes; a
+    # child sets its own handler before its payload runs.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     fd = int(argv[0])
     preload = [m for m in argv[1:] if m]
     _sock = socket.socket(fileno=fd)

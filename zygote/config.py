@@ -12,6 +12,7 @@ same thing. Example::
     allowed_gids = [1001]         # any peer whose primary gid is listed
     max_children = 512
     max_children_per_client = 64  # per peer uid, over all its connections (root: per connection)
+    max_tasks = 16384             # zygotes + children without a cgroup, together (default: half the host's)
     max_result_bytes = "16M"      # largest return value relayed to a client
     network_pool = "10.213.0.0/16"  # networked children's /30s (only for pools allowing network)
     network_dns = ["192.0.2.53"]
@@ -72,6 +73,7 @@ class _DaemonSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_children_per_client: int | None = None
     id_base: int | None = None
     always_cgroup: bool = False
+    max_tasks: int | None = None
     max_result_bytes: str | int | None = None
     network_pool: str | None = None
     network_dns: list[str] = []
@@ -227,6 +229,8 @@ def load(path: str, *, default_python: str):
         raise ConfigError(f"{path}: daemon.socket_mode {d.socket_mode!r}: only owner and group bits "
                           "(others may never connect; list their uids instead)")
     group = _gid(path, d.socket_group)
+    if d.max_tasks is not None and d.max_tasks < 1:
+        raise ConfigError(f"{path}: daemon.max_tasks must be >= 1")
     if d.max_children < 1 or (d.max_children_per_client is not None and d.max_children_per_client < 1):
         raise ConfigError(f"{path}: daemon.max_children and max_children_per_client must be >= 1")
     pools = {}
@@ -304,7 +308,7 @@ def load(path: str, *, default_python: str):
     return DaemonConfig(socket_path=d.socket, pools=pools, allowed_uids=tuple(d.allowed_uids),
                         allowed_gids=tuple(d.allowed_gids), max_children=d.max_children,
                         max_children_per_client=d.max_children_per_client, socket_mode=mode,
-                        socket_group=group, always_cgroup=d.always_cgroup, **kw)
+                        socket_group=group, always_cgroup=d.always_cgroup, max_tasks=d.max_tasks, **kw)
 
 
 def _gid(path: str, group: str | int | None) -> int | None:

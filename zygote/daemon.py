@@ -172,6 +172,7 @@ class DaemonConfig:
     socket_mode: int = 0o600
     socket_group: int | None = None
     always_cgroup: bool = False  # a cgroup (accounting, peak_memory) even for children without limits
+    max_tasks: int | None = None  # zygotes + children without a cgroup of their own (None: half the host's)
     max_result_bytes: int = 16 << 20
     network_pool: str = network.DEFAULT_POOL
     network_dns: tuple[str, ...] = ()
@@ -528,6 +529,7 @@ class Daemon:
         self.hands = _pipes.PipeHands()  # threads for the syscalls that can wait on a client's pipe lock
         self.cgroups: cgroups.CgroupHost | None = None
         self.cgroup_error: SetupError | None = None
+        self.zygotes_cgroup_error: SetupError | None = None  # (make_zygotes_leaf failed: no zygote starts)
         self._into_cgroup = False  # clone children straight into their cgroup (set for v2 hosts)
         self._reserve_conn = Connection(self, None, (0, -1, -1))  # owns children waiting in reserves
         self._reserve_conn.closed = True  # nothing is ever sent to it
@@ -563,6 +565,14 @@ class Daemon:
             return
         self._into_cgroup = self.cgroups.version == 2  # clone3(CLONE_INTO_CGROUP): Linux >= 5.7, v2 only
         await trio.to_thread.run_sync(cgroups.remove_dead_instances, self.cgroups)
+        # Every zygote runs in one cgroup with a tasks bound, and so does every child born
+        # without a cgroup of its own (see CgroupHost.make_zygotes_leaf). Not made: no zygote
+        # starts (Pool.start raises), rather than children adding up to the host's pid_max.
+        tasks = self.config.max_tasks or cgroups.default_max_tasks()
+        try:
+            await trio.to_thread.run_sync(self.cgroups.make_zygotes_leaf, tasks)
+        except SetupError as e:
+            self.zygotes_cgroup_error = e
 
     async def start_network(self, config: DaemonConfig | None = None) -> None:
         """Install the egress ruleset when some pool of ``config`` (the daemon's by default)
@@ -585,14 +595,30 @@ class Daemon:
         for name, pc in self.config.pools.items():
             pool = self._new_pool(pc)
             await pool.start()
+            self._say_fork_hooks(pool)
             self.pools[name] = pool
 
     def _new_pool(self, pc: PoolConfig) -> Pool:
         pool = Pool(pc)
+        if self.cgroups is not None:
+            pool.place_zygote = self._place_zygote
         pool.on_zygote_death = lambda: self._nursery.start_soon(self._reap_strays)
         for reserve in pool.reserves:  # (what _reserve_fits compares each request with: once per pool)
             reserve.built = policy.effective(pc.sandbox, self._reserve_request(pool, reserve))
         return pool
+
+    def _say_fork_hooks(self, pool: Pool) -> None:
+        """Log why a pool's zygotes clone with all of CPython's fork work (not lean: _clone.lean_hooks)."""
+        how = next((z.info.get("fork_hooks") for z in pool.zygotes), None)
+        if how and how != "lean":
+            self.observer.log.info("pool", pool=pool.config.name, message=f"its zygotes clone with {how}")
+
+    async def _place_zygote(self, pid: int) -> None:
+        """Into the zygotes' cgroup, before it clones (Zygote.start calls it right after the exec)."""
+        if self.zygotes_cgroup_error is not None:
+            raise self.zygotes_cgroup_error
+        assert self.cgroups is not None
+        await trio.to_thread.run_sync(self.cgroups.place_zygote, pid)
 
     async def _warm_seccomp(self, done: trio.Event) -> None:
         """Load libseccomp and compile each pool's profile, and the named ones a request may
@@ -738,6 +764,7 @@ class Daemon:
                     pool = self._new_pool(pc)
                     started[name] = pool
                     await pool.start()
+                    self._say_fork_hooks(pool)
             if self.network is None and any(pc.sandbox.network is not None for pc in keep.pools.values()):
                 # The first pool with network: the egress rules are installed before the pools
                 # are swapped in (networked spawns failed with "networking was not started" until
@@ -758,6 +785,13 @@ class Daemon:
             changes.append(f"max_children {kept_max[0]}: {kept_max[1]} until the daemon restarts (the host id "
                            "ranges for its children are claimed at start)")
         self.pools = {n: started.get(n) or self.pools[n] for n in keep.pools}
+        if keep.max_tasks != self.config.max_tasks and self.cgroups is not None and self.zygotes_cgroup_error is None:
+            tasks = keep.max_tasks or cgroups.default_max_tasks()
+            try:  # (a bound below what runs now only stops new tasks: nothing is killed)
+                await trio.to_thread.run_sync(self.cgroups.make_zygotes_leaf, tasks)
+                changes.append(f"max_tasks {tasks}")
+            except SetupError as e:
+                changes.append(f"max_tasks unchanged: {e.message}")
         self.config = keep
         if net_started:
             self._nursery.start_soon(self._keep_net_ahead, self.network)
@@ -3258,6 +3292,10 @@ def _clone_hint(err: int | None) -> str:
                 "in Docker use --security-opt seccomp=docker/seccomp-zygote.json")
     if err == _errno.EINVAL:
         return "the kernel lacks one of the namespace kinds (user, pid, mount, ipc, uts, net, cgroup)"
+    if err == _errno.EAGAIN:
+        return ("the zygotes and the children without a cgroup of their own hold all the tasks the daemon "
+                "allows them (daemon.max_tasks), or the host is out of pids: retry once some end; children "
+                "given a pids limit are counted in cgroups of their own")
     return ""
 
 

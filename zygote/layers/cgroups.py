@@ -41,6 +41,7 @@ CONTROLLERS = ("memory", "pids", "cpu")  # what every child gets, limited or not
 V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")  # cpuacct: CPU time accounting on v1
 CPU_PERIOD_US = 100_000
 DAEMON_LEAF = "daemon"
+ZYGOTES_LEAF = "zygotes"  # the zygotes, and every child born without a cgroup of its own
 POOL_PREFIX = "zgpool-"
 USER_HZ = os.sysconf("SC_CLK_TCK")
 RESERVE_HEADROOM = 4 << 20  # bytes a reserve child keeps under a request's memory limit, at least
@@ -168,6 +169,7 @@ class CgroupHost:
         self._hiers = hiers
         self._moved_from = moved_from   # v2: the cgroup the daemon was moved out of (to go back at close)
         self._children: dict[str, ChildCgroup] = {}
+        self._zygotes: str | None = None  # the ZYGOTES_LEAF directory (pids hierarchy), once made
         self._pool: list[str] = []
         self._seq = 0
         self._closed = False
@@ -219,7 +221,8 @@ class CgroupHost:
         Raises:
             SetupError("cgroup", ...): the directory or a limit could not be written.
         """
-        if not child_id or "/" in child_id or child_id in (".", "..", DAEMON_LEAF) or child_id.startswith(POOL_PREFIX):
+        if (not child_id or "/" in child_id or child_id in (".", "..", DAEMON_LEAF, ZYGOTES_LEAF)
+                or child_id.startswith(POOL_PREFIX)):
             raise ValueError(f"bad cgroup child id {child_id!r}")
         if child_id in self._children:
             raise ValueError(f"cgroup child {child_id!r} exists")
@@ -249,6 +252,48 @@ class CgroupHost:
             cg.remove()
             raise
         return cg
+
+    def make_zygotes_leaf(self, max_tasks: int) -> str:
+        """The cgroup zygotes run in (``place_zygote``), with ``pids.max`` = ``max_tasks``.
+
+        Clones start in their zygote's cgroup, and a child without a cgroup of its own stays
+        there: RLIMIT_NPROC bounds each such child (rlimits.DEFAULT_PROCESSES), not their sum,
+        and a client's 256 of them could hold 262144 tasks, past the host's pid_max. Here they
+        count together (with the zygotes) against one bound below the host's; a child given a
+        cgroup of its own is counted there instead (v2: born in it; v1: moved, in each
+        hierarchy). v1: only the pids hierarchy's leaf (the others stay as they were). Returns
+        its directory.
+
+        Raises:
+            SetupError("cgroup", ...): the directory or its limit could not be written.
+        """
+        if max_tasks < 1:
+            raise ValueError("max_tasks must be >= 1")
+        d = os.path.join(self._by["pids"].base, ZYGOTES_LEAF)
+        try:
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                pass
+            _write(os.path.join(d, "pids.max"), str(max_tasks))
+        except OSError as e:
+            raise _err(f"the zygotes' cgroup {d}: {e.strerror}", e.errno or 0) from None
+        self._zygotes = d
+        return d
+
+    def place_zygote(self, pid: int) -> None:
+        """Move a zygote just started (before it clones anything) into the zygotes' cgroup.
+
+        Raises:
+            SetupError("cgroup", ...): it could not be moved (its children would then count
+            against no common bound: the caller stops it).
+        """
+        if self._zygotes is None:
+            raise _err("the zygotes' cgroup was not made", E.ENOENT)
+        try:
+            _write(os.path.join(self._zygotes, "cgroup.procs"), str(pid))
+        except OSError as e:
+            raise _err(f"moving zygote {pid} into {self._zygotes}: {e.strerror}", e.errno or 0) from None
 
     def prepare_pool(self, n: int) -> None:
         """Pre-create up to `n` empty child directories (v1 only: v2 cannot rename a cgroup).
@@ -284,7 +329,7 @@ class CgroupHost:
                 names.update(d.name for d in os.scandir(h.base) if d.is_dir(follow_symlinks=False))
             except FileNotFoundError:
                 pass
-        names -= set(self._children) | set(self._pool) | {DAEMON_LEAF}
+        names -= set(self._children) | set(self._pool) | {DAEMON_LEAF, ZYGOTES_LEAF}
         for name in sorted(names):
             dirs = {c: os.path.join(h.base, name) for h in self._hiers for c in h.controllers}
             stale = ChildCgroup(self, name, {c: d for c, d in dirs.items() if os.path.isdir(d)})
@@ -310,6 +355,9 @@ class CgroupHost:
                 _rmdir(os.path.join(h.base, name))
         self._pool.clear()
         self.cleanup_stale()
+        if self._zygotes is not None:  # (its zygotes were stopped: what is left is theirs)
+            d, self._zygotes = self._zygotes, None
+            _empty_and_remove(d)
         if self.version == 2:
             h = self._hiers[0]
             try:
@@ -595,6 +643,18 @@ class ChildCgroup:
             self.host._children.pop(self.child_id, None)
 
 
+def default_max_tasks() -> int:
+    """Half of what the host can run (the smaller of kernel.pid_max and kernel.threads-max): the
+    zygotes' cgroup's default bound, leaving the rest of the host its own half."""
+    most = []
+    for path in ("/proc/sys/kernel/pid_max", "/proc/sys/kernel/threads-max"):
+        try:
+            most.append(int(_read(path)))
+        except (OSError, ValueError):
+            pass
+    return max(1024, min(most or [32768]) // 2)
+
+
 def detect(name: str = "zygote") -> CgroupHost:
     """Find the host's cgroup hierarchy and set up the daemon's ``<own cgroup>/<name>`` directory.
 
@@ -799,16 +859,7 @@ def remove_dead_instances(host: CgroupHost) -> list[str]:
             for path in paths:
                 try:
                     for root, _dirs, _files in os.walk(path, topdown=False):
-                        for _ in range(50):
-                            try:
-                                pids = _procs(root)
-                            except OSError:
-                                break
-                            if not pids:
-                                break
-                            ChildCgroup._signal(pids)
-                            time.sleep(0.01)
-                        _rmdir(root)
+                        _empty_and_remove(root)
                     removed.append(path)
                 except (OSError, SetupError):
                     pass  # (still busy: a task in D state. Left for the next start; this one goes on)
@@ -816,6 +867,21 @@ def remove_dead_instances(host: CgroupHost) -> list[str]:
             for fd in fds:
                 os.close(fd)
     return removed
+
+
+def _empty_and_remove(d: str) -> None:
+    """SIGKILL what is left in the cgroup ``d`` (ours: a dead daemon's, or zygotes stopped
+    already), for up to ~0.5 s, then remove it (SetupError if it stays busy)."""
+    for _ in range(50):
+        try:
+            pids = _procs(d)
+        except OSError:
+            break
+        if not pids:
+            break
+        ChildCgroup._signal(pids)
+        time.sleep(0.01)
+    _rmdir(d)
 
 
 def _thaw_tree(path: str) -> None:
