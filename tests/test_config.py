@@ -1549,3 +1549,13 @@ def test_a_daemon_serving_other_users_warns_where_its_pools_read_write_binds_are
                            'seccomp_profile = "unconfined"\n'), default_python=sys.executable)
     [line] = shared_rw_bind_warnings(bare, True, None)
     assert line.startswith("pools.default: ") and "set-user-ID" in line, line
+
+
+def test_max_tasks_must_lie_in_the_kernel_s_range(tmp_path):
+    """(A helper's review: 5000000 reached the kernel, which refused it with a hint about cgroup
+    delegation; 1 started a daemon none of whose spawns could clone.)"""
+    for bad in (1, 5000000):
+        with pytest.raises(ConfigError, match="max_tasks must be 16 to 4194304"):
+            load(write_text(tmp_path / "z.toml", f'[daemon]\nmax_tasks = {bad}\n'), default_python=sys.executable)
+    assert load(write_text(tmp_path / "z.toml", '[daemon]\nmax_tasks = 4096\n'),
+                default_python=sys.executable).max_tasks == 4096

@@ -229,8 +229,9 @@ def load(path: str, *, default_python: str):
         raise ConfigError(f"{path}: daemon.socket_mode {d.socket_mode!r}: only owner and group bits "
                           "(others may never connect; list their uids instead)")
     group = _gid(path, d.socket_group)
-    if d.max_tasks is not None and d.max_tasks < 1:
-        raise ConfigError(f"{path}: daemon.max_tasks must be >= 1")
+    if d.max_tasks is not None and not 16 <= d.max_tasks <= 4194304:  # (the kernel's pid_max ceiling)
+        raise ConfigError(f"{path}: daemon.max_tasks must be 16 to 4194304 (tasks: the zygotes' and their "
+                          "children's without a cgroup of their own)")
     if d.max_children < 1 or (d.max_children_per_client is not None and d.max_children_per_client < 1):
         raise ConfigError(f"{path}: daemon.max_children and max_children_per_client must be >= 1")
     pools = {}

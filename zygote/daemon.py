@@ -792,6 +792,7 @@ class Daemon:
                 changes.append(f"max_tasks {tasks}")
             except SetupError as e:
                 changes.append(f"max_tasks unchanged: {e.message}")
+                keep = dataclasses.replace(keep, max_tasks=self.config.max_tasks)  # (tried again next reload)
         self.config = keep
         if net_started:
             self._nursery.start_soon(self._keep_net_ahead, self.network)
@@ -1479,7 +1480,7 @@ class Daemon:
                     try:
                         slot = self.id_slots.take()
                     except LookupError as e:
-                        raise OSError(_errno.EAGAIN, str(e)) from None
+                        raise _NoIdSlot(_errno.EAGAIN, str(e)) from None
                 owner = self.id_slots.first_id(slot) if slot is not None and self._give_ownership else 0
                 if (slot is not None and uid != 0 and any(b.pin is not None for b in plan.binds)
                         and not self._test_knob("NO_IDMAP", False, bool)):  # (a test of the child's own walk)
@@ -1531,8 +1532,8 @@ class Daemon:
                 if isinstance(e, NetnsJoinFailed):  # that zygote gets none from now on: make its own
                     zyg.info["given_netns"] = False
                     return P.SpawnFailed(msg.req, str(e), "network", e.errno or 0, code="retry"), []
-                return P.SpawnFailed(msg.req, str(e), "clone", e.errno or 0,
-                                     _clone_hint(e.errno), code="unavailable"), []
+                return P.SpawnFailed(msg.req, str(e), "clone", e.errno or 0,  # (the tasks hint is not a slot's)
+                                     "" if isinstance(e, _NoIdSlot) else _clone_hint(e.errno), code="unavailable"), []
             finally:
                 # the client's own fds are closed by our caller
                 _close([fd for fd in theirs if fd not in client_fds] + trees)
@@ -2295,6 +2296,9 @@ class Daemon:
         if isinstance(first, C.Ready):
             return None
         if isinstance(first, C.Failed):
+            if first.step == "fork" and first.errno == _errno.EAGAIN:  # (the reaper's fork: out of tasks,
+                return P.SpawnFailed(msg.req, first.message, first.step, first.errno,  # as a clone can be)
+                                     _clone_hint(_errno.EAGAIN), code="unavailable")
             code = "unavailable" if first.errno in (_errno.ENOSYS, _errno.EOPNOTSUPP, _errno.EPERM) else "sandbox"
             return P.SpawnFailed(msg.req, first.message, first.step, first.errno, first.hint, code=code)
         if not child.exited.is_set():  # (the caller kills it)
@@ -3283,6 +3287,10 @@ def _landlock_paths(fs: dict, cfg: SandboxConfig) -> tuple[list[str], list[str]]
     if cfg.dev_pts:
         rw += ["/dev/pts", "/dev/ptmx"]
     return ro, sorted(set(rw))
+
+
+class _NoIdSlot(OSError):
+    """No host id range is free for another child (userns.IdSlots)."""
 
 
 def _clone_hint(err: int | None) -> str:

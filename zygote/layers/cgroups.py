@@ -277,7 +277,8 @@ class CgroupHost:
                 pass
             _write(os.path.join(d, "pids.max"), str(max_tasks))
         except OSError as e:
-            raise _err(f"the zygotes' cgroup {d}: {e.strerror}", e.errno or 0) from None
+            raise _err(f"the zygotes' cgroup {d}: {e.strerror}", e.errno or 0,
+                       "daemon.max_tasks is out of the kernel's range" if e.errno == E.EINVAL else HINT_DELEGATE) from None
         self._zygotes = d
         return d
 
