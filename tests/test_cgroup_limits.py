@@ -402,3 +402,38 @@ def test_SECURITY_children_without_a_cgroup_share_one_bound_on_tasks(tmp_path):
         for ch in (second, again):
             ch.stdin.close()
             assert ch.wait().returncode == 0
+
+
+@pytest.mark.cgroupv2
+def test_a_reaper_s_fork_out_of_tasks_is_reported_as_the_bound(tmp_path):
+    """With one task left in the zygotes' cgroup the clone takes it and the reaper's fork of the
+    payload fails: that was reported as a confinement failure (SandboxError, step fork, no
+    hint; a helper's review). It is the same shortage as a clone's: "unavailable", the hint
+    naming max_tasks."""
+    def fill():
+        import sys, threading
+        stop = threading.Event()
+        ts = []
+        try:
+            while True:
+                t = threading.Thread(target=stop.wait, daemon=True)
+                t.start()
+                ts.append(t)
+        except RuntimeError:
+            pass
+        print(len(ts), flush=True)
+        sys.stdin.read()
+        stop.set()
+
+    with config_daemon(tmp_path, "max_tasks = 40\n") as sock, Client.connect(sock) as c:
+        small = c.spawn_child(input)  # one task, until it reads a line: then exactly that one is free
+        hog = c.spawn_child(fill)
+        assert int(hog.stdout.readline()) > 10
+        small.stdin.write(b"\n")
+        small.stdin.close()
+        assert small.wait().returncode == 0  # its one task free again
+        with pytest.raises(SandboxUnavailable) as short:
+            c.spawn_child(print, sandbox_config=SandboxConfig(reaper=True))
+        assert short.value.step == "fork" and "max_tasks" in short.value.hint, short.value
+        hog.stdin.close()
+        assert hog.wait().returncode == 0
