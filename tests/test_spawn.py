@@ -1277,6 +1277,7 @@ def test_a_pth_file_that_runs_code_makes_the_clone_not_lean(tmp_path, monkeypatc
     watches for fork hooks, and may register one leaving no module behind (a helper's review):
     such lines, other than the known ones of setuptools, virtualenv and editable installs, keep
     the clone from being lean."""
+    import posix
     import site
     from zygote import _clone
     (tmp_path / "known.pth").write_text("import _virtualenv\n/some/dir\n"
@@ -1284,5 +1285,34 @@ def test_a_pth_file_that_runs_code_makes_the_clone_not_lean(tmp_path, monkeypatc
     (tmp_path / "zz.pth").write_text("# a comment\nimport os; os.register_at_fork(after_in_child=print)\n")
     monkeypatch.setattr(site, "getsitepackages", lambda: [str(tmp_path)])
     monkeypatch.setattr(site, "getusersitepackages", lambda: str(tmp_path / "none"))
-    found = _clone._executable_pth_lines()
+    # the watch itself, as the zygote starts it (its state and wrappers put back afterwards)
+    monkeypatch.setattr(_clone, "_hooks", None)
+    monkeypatch.setattr(_clone, "_unseen", [])
+    monkeypatch.setattr(os, "register_at_fork", os.register_at_fork)
+    monkeypatch.setattr(posix, "register_at_fork", posix.register_at_fork)
+    _clone.watch_fork_hooks()
+    found = [why for why in _clone._unseen if ".pth" in why]
     assert len(found) == 1 and "zz.pth" in found[0] and "register_at_fork" in found[0], found
+    assert _clone.lean_hooks()[0] is None
+
+
+def test_a_fork_hook_registered_after_the_lean_decision_brings_back_all_of_cpython_s_fork_work():
+    """Cloner takes its lean hooks once; a hook registered after that (a late import in the
+    zygote) turns the lean clone off for good, so the hook runs in every later child."""
+    code = (
+        "import os, signal, sys\n"
+        "from zygote import _clone\n"
+        "_clone.watch_fork_hooks()\n"
+        "signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
+        "lean, why = _clone.lean_hooks()\n"
+        "assert lean is not None, why\n"
+        "c = _clone.Cloner(lean)\n"
+        "ran = []\n"
+        "os.register_at_fork(after_in_child=lambda: ran.append(1))\n"
+        "pid = c.clone(0)\n"
+        "if pid == 0:\n"
+        "    os._exit(7 if ran else 1)\n"
+        "print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), c.lean)\n"
+    )
+    r = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) == (0, "7 None\n"), r.stderr

@@ -160,10 +160,9 @@ def watch_fork_hooks() -> None:
     _hooks = []
     for name in sys.modules:
         top = name.partition(".")[0]
-        if name in _HOOKING_MODULES:
-            _unseen.append(f"{name} was imported before the zygote watched for fork hooks")
-        elif not (top in sys.stdlib_module_names or top == "zygote" or name in _STARTUP_EXTRAS
-                  or name.startswith("__editable__")):
+        known = (top in sys.stdlib_module_names or top == "zygote" or name in _STARTUP_EXTRAS
+                 or name.startswith("__editable__"))
+        if name in _HOOKING_MODULES or not known:
             _unseen.append(f"{name} was imported before the zygote watched for fork hooks")
     _unseen.extend(_executable_pth_lines())
     real = os.register_at_fork
@@ -271,13 +270,11 @@ def _numpy_global_state() -> memoryview | None:
         full = legacy.get_state(legacy=False)
         if full.get("has_gauss"):  # (whatever the generator: a reseed keeps it otherwise)
             legacy.set_state({**full, "has_gauss": 0, "gauss": 0.0})
-        bitgen = legacy._bit_generator
-        if type(bitgen).__name__ != "MT19937":
+        if full.get("bit_generator") != "MT19937":
             return None
-        state = legacy.get_state()
-        raw = (ctypes.c_char * (_MT_KEY_BYTES + 4)).from_address(int(bitgen.ctypes.state_address))
+        raw = (ctypes.c_char * (_MT_KEY_BYTES + 4)).from_address(int(legacy._bit_generator.ctypes.state_address))
         view = memoryview(raw).cast("B")
-        if bytes(view[:_MT_KEY_BYTES]) != b"".join(int(k).to_bytes(4, sys.byteorder) for k in state[1]):
+        if bytes(view[:_MT_KEY_BYTES]) != full["state"]["key"].tobytes():
             return None  # (not the layout we know)
         return view
     except Exception:  # noqa: BLE001 - (a numpy without these) seed() in each clone

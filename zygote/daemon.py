@@ -568,9 +568,8 @@ class Daemon:
         # Every zygote runs in one cgroup with a tasks bound, and so does every child born
         # without a cgroup of its own (see CgroupHost.make_zygotes_leaf). Not made: no zygote
         # starts (Pool.start raises), rather than children adding up to the host's pid_max.
-        tasks = self.config.max_tasks or cgroups.default_max_tasks()
         try:
-            await trio.to_thread.run_sync(self.cgroups.make_zygotes_leaf, tasks)
+            await self._bound_zygotes(self.config)
         except SetupError as e:
             self.zygotes_cgroup_error = e
 
@@ -612,6 +611,13 @@ class Daemon:
         how = next((z.info.get("fork_hooks") for z in pool.zygotes), None)
         if how and how != "lean":
             self.observer.log.info("pool", pool=pool.config.name, message=f"its zygotes clone with {how}")
+
+    async def _bound_zygotes(self, config: DaemonConfig) -> int:
+        """Make (or re-bound) the zygotes' cgroup with ``config``'s max_tasks; returns the bound."""
+        assert self.cgroups is not None
+        tasks = config.max_tasks or cgroups.default_max_tasks()
+        await trio.to_thread.run_sync(self.cgroups.make_zygotes_leaf, tasks)
+        return tasks
 
     async def _place_zygote(self, pid: int) -> None:
         """Into the zygotes' cgroup, before it clones (Zygote.start calls it right after the exec)."""
@@ -786,10 +792,8 @@ class Daemon:
                            "ranges for its children are claimed at start)")
         self.pools = {n: started.get(n) or self.pools[n] for n in keep.pools}
         if keep.max_tasks != self.config.max_tasks and self.cgroups is not None and self.zygotes_cgroup_error is None:
-            tasks = keep.max_tasks or cgroups.default_max_tasks()
             try:  # (a bound below what runs now only stops new tasks: nothing is killed)
-                await trio.to_thread.run_sync(self.cgroups.make_zygotes_leaf, tasks)
-                changes.append(f"max_tasks {tasks}")
+                changes.append(f"max_tasks {await self._bound_zygotes(keep)}")
             except SetupError as e:
                 changes.append(f"max_tasks unchanged: {e.message}")
                 keep = dataclasses.replace(keep, max_tasks=self.config.max_tasks)  # (tried again next reload)
@@ -2296,11 +2300,11 @@ class Daemon:
         if isinstance(first, C.Ready):
             return None
         if isinstance(first, C.Failed):
-            if first.step == "fork" and first.errno == _errno.EAGAIN:  # (the reaper's fork: out of tasks,
-                return P.SpawnFailed(msg.req, first.message, first.step, first.errno,  # as a clone can be)
-                                     _clone_hint(_errno.EAGAIN), code="unavailable")
-            code = "unavailable" if first.errno in (_errno.ENOSYS, _errno.EOPNOTSUPP, _errno.EPERM) else "sandbox"
-            return P.SpawnFailed(msg.req, first.message, first.step, first.errno, first.hint, code=code)
+            out_of_tasks = first.step == "fork" and first.errno == _errno.EAGAIN  # (the reaper's fork, as a clone)
+            code = ("unavailable" if out_of_tasks or first.errno in (_errno.ENOSYS, _errno.EOPNOTSUPP, _errno.EPERM)
+                    else "sandbox")
+            hint = _clone_hint(first.errno) if out_of_tasks else first.hint
+            return P.SpawnFailed(msg.req, first.message, first.step, first.errno, hint, code=code)
         if not child.exited.is_set():  # (the caller kills it)
             return P.SpawnFailed(msg.req, f"the child did not finish its setup in {self.setup_timeout:g} s "
                                  "(a file system it opens may have stopped answering)", "setup", code="sandbox")
