@@ -16,7 +16,7 @@ from conftest import (children_of, cmdline, config_daemon, daemon_pid, fd_count,
 
 def _zygote_dirs(pid: int) -> list[str]:
     """Children's cgroups under the daemon's directory (not its own leaf for its zygotes)."""
-    return [d for d in glob.glob(f"/sys/fs/cgroup/**/zygote/d{pid}/*", recursive=True)
+    return [d for d in glob.glob(f"/sys/fs/cgroup/**/zygote/d{pid}/children/*", recursive=True)
             if os.path.isdir(d) and os.path.basename(d) != "zygotes"]
 
 
@@ -327,8 +327,8 @@ def test_a_request_refused_for_its_fds_leaves_no_cgroup(socket_daemon):
     from zygote_client import _protocol as P
 
     def child_dirs() -> set[str]:
-        return {d for d in glob.glob("/sys/fs/cgroup/**/zygote/d*/*", recursive=True)
-                if os.path.isdir(d) and not d.endswith(("/daemon", "/zygotes"))}
+        return {d for d in glob.glob("/sys/fs/cgroup/**/zygote/d*/children/*", recursive=True)
+                if os.path.isdir(d) and not d.endswith("/zygotes")}
 
     before = child_dirs()
     conn = RawConn(socket_daemon)
@@ -351,15 +351,18 @@ def test_a_request_refused_for_its_fds_leaves_no_cgroup(socket_daemon):
 
 
 @pytest.mark.cgroupv2
-def test_SECURITY_children_without_a_cgroup_share_one_bound_on_tasks(tmp_path):
-    """RLIMIT_NPROC (1024) bounds one child without a cgroup; their sum was bounded by nothing:
-    a client's 256 children could hold 262144 tasks, past the host's pid_max (32768 here; a
-    helper's red-team, session 32: +4093 host tasks from 4 children). Zygotes now run in one
-    cgroup (zygote/d<pid>/zygotes) with pids.max = daemon.max_tasks, and children born there stay
-    counted there. Here two children each try for 150 threads under max_tasks = 200: together
-    they get fewer than 200, the second hitting the bound; a child given a cgroup of its own
-    (pids) is counted apart, and the first child's tasks came back once it ended. Fails without
-    the bound (300 threads)."""
+def test_SECURITY_all_children_share_one_bound_on_tasks(tmp_path):
+    """RLIMIT_NPROC (1024) bounds one child, a child's own ``pids`` limit bounds that child; their
+    sum was bounded by nothing: a client's 256 children could hold 262144 tasks, past the host's
+    pid_max (32768 here; a helper's red-team, session 32: +4093 host tasks from 4 children).
+    Everything the daemon starts now lives under zygote/d<pid>/children with pids.max =
+    daemon.max_tasks: the zygotes and the children without a cgroup in its ``zygotes`` leaf
+    (session 33), children with cgroups of their own beside it (until then counted apart).
+    Here, under max_tasks = 200, a child with its own cgroup (pids = 400) takes 150 threads and
+    one without a cgroup, then one with a memory limit, each try for 150: the sum stays below
+    200 and the later ones fall short; with the bound full, spawns of either kind fail, step
+    "clone", the hint naming max_tasks; the first child's tasks come back once it ends. Fails
+    without the bound, or with it on the zygotes' leaf only (450 threads either way)."""
     def threads(n):
         import sys, threading
         stop = threading.Event()
@@ -376,30 +379,28 @@ def test_SECURITY_children_without_a_cgroup_share_one_bound_on_tasks(tmp_path):
 
     with config_daemon(tmp_path, "max_tasks = 200\n") as sock, Client.connect(sock) as c:
         zygotes = [p for p, _ in children_of(daemon_pid(c)) if b"zygote._zygote" in cmdline(p)]  # (no child yet)
-        # (cloned first: on v1 a child is born in its zygote's cgroup and moved after the clone,
-        # and a zygote whose cgroup is full clones nothing: that spawn fails, step "clone")
         own = c.spawn_child(threads, (150,), sandbox_config=SandboxConfig(pids=400))
-        first = c.spawn_child(threads, (150,))
-        assert int(first.stdout.readline()) == 150
-        second = c.spawn_child(threads, (150,))
-        got = [150, int(second.stdout.readline()), int(own.stdout.readline())]
-        assert got[0] + got[1] < 200 and got[1] < 150, got
-        assert got[2] == 150, got  # (its own cgroup: not counted with the others)
-        leaf = [d for d in glob.glob(f"/sys/fs/cgroup/**/zygote/d{daemon_pid(c)}/zygotes", recursive=True)]
-        assert leaf, "no zygotes cgroup"
-        with open(os.path.join(leaf[0], "pids.max")) as f:
+        assert int(own.stdout.readline()) == 150
+        plain = c.spawn_child(threads, (150,))
+        limited = c.spawn_child(threads, (150,), sandbox_config=SandboxConfig(memory="256M"))
+        got = [150, int(plain.stdout.readline()), int(limited.stdout.readline())]
+        assert sum(got) < 200 and got[1] < 150 and got[2] < 150, got
+        [work] = glob.glob(f"/sys/fs/cgroup/pids/**/zygote/d{daemon_pid(c)}/children", recursive=True) or \
+            glob.glob(f"/sys/fs/cgroup/**/zygote/d{daemon_pid(c)}/children", recursive=True)
+        with open(os.path.join(work, "pids.max")) as f:
             assert f.read().strip() == "200"
-        with open(os.path.join(leaf[0], "cgroup.procs")) as f:
+        with open(os.path.join(work, "zygotes", "cgroup.procs")) as f:
             assert set(zygotes) <= {int(x) for x in f.read().split()}, zygotes
-        with pytest.raises(SandboxUnavailable) as full:  # (the leaf is full: the zygote clones nothing)
-            c.spawn_child(threads, (1,))
-        assert full.value.step == "clone" and "max_tasks" in full.value.hint, full.value
-        for ch in (first, own):
+        for cfg in (None, SandboxConfig(pids=10), SandboxConfig(memory="256M")):  # (the bound is full)
+            with pytest.raises(SandboxUnavailable) as full:
+                c.spawn_child(threads, (1,), sandbox_config=cfg)
+            assert full.value.step == "clone" and "max_tasks" in full.value.hint, (cfg, full.value)
+        for ch in (own, plain):
             ch.stdin.close()
             assert ch.wait().returncode == 0
-        again = c.spawn_child(threads, (100,))
+        again = c.spawn_child(threads, (100,), sandbox_config=SandboxConfig(memory="256M"))
         assert int(again.stdout.readline()) == 100  # (the first child's tasks were given back)
-        for ch in (second, again):
+        for ch in (limited, again):
             ch.stdin.close()
             assert ch.wait().returncode == 0
 

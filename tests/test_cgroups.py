@@ -25,8 +25,11 @@ NAME = f"zygote-test-{os.getpid()}"  # our own base: never touches a real daemon
 def _leftovers(host: cgroups.CgroupHost) -> list[str]:
     out = []
     for base in set(host.available()["controllers"].values()):
+        work = os.path.join(base, cgroups.WORK_DIR)
         out += [os.path.join(base, d.name) for d in os.scandir(base)
-                if d.is_dir() and d.name != cgroups.DAEMON_LEAF and not d.name.startswith(cgroups.POOL_PREFIX)]
+                if d.is_dir() and d.name not in (cgroups.DAEMON_LEAF, cgroups.WORK_DIR)]
+        out += [os.path.join(work, d.name) for d in os.scandir(work)
+                if d.is_dir() and d.name != cgroups.ZYGOTES_LEAF and not d.name.startswith(cgroups.POOL_PREFIX)]
     return out
 
 
@@ -256,7 +259,7 @@ def test_kill_reaches_grandchildren_ignoring_sigterm(host, ids):
 
 
 def test_cycles_leave_nothing(host):
-    base = set(host.available()["controllers"].values())
+    work = {os.path.join(b, cgroups.WORK_DIR) for b in host.available()["controllers"].values()}
     for i in range(100):
         cg = host.create(f"cyc{os.getpid():x}-{i}", memory=64 * MiB, pids=16, cpu=1.0)
         p = subprocess.Popen(["sleep", "600"])
@@ -268,7 +271,7 @@ def test_cycles_leave_nothing(host):
             p.kill()
             p.wait()
         cg.remove()
-    assert [d for b in base for d in os.listdir(b) if d.startswith("cyc")] == []
+    assert [d for w in work for d in os.listdir(w) if d.startswith("cyc")] == []
 
 
 def test_pool_create(host, ids):
@@ -283,7 +286,7 @@ def test_pool_create(host, ids):
 
 def test_cleanup_stale_kills_and_removes(host):
     stale = f"dead{os.getpid():x}-1"
-    dirs = [os.path.join(b, stale) for b in set(host.available()["controllers"].values())]
+    dirs = [os.path.join(b, cgroups.WORK_DIR, stale) for b in set(host.available()["controllers"].values())]
     p = subprocess.Popen(["sleep", "600"])
     try:
         for d in dirs:  # what a crashed predecessor leaves: directories with a live task in them

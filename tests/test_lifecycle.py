@@ -38,7 +38,7 @@ def _zygote_dirs(daemon_pid: int) -> list[str]:
 
 def _child_cgroups(daemon_pid: int, child_id: str) -> list[str]:
     """Children's cgroups (not the daemon's own leaf for its zygotes)."""
-    return [d for d in glob.glob(f"/sys/fs/cgroup/**/zygote/d{daemon_pid}/{child_id}", recursive=True)
+    return [d for d in glob.glob(f"/sys/fs/cgroup/**/zygote/d{daemon_pid}/children/{child_id}", recursive=True)
             if os.path.isdir(d) and os.path.basename(d) != "zygotes"]
 
 

@@ -12,7 +12,7 @@ same thing. Example::
     allowed_gids = [1001]         # any peer whose primary gid is listed
     max_children = 512
     max_children_per_client = 64  # per peer uid, over all its connections (root: per connection)
-    max_tasks = 16384             # zygotes + children without a cgroup, together (default: half the host's)
+    max_tasks = 16384             # zygotes + all their children's tasks, together (default: half the host's)
     max_result_bytes = "16M"      # largest return value relayed to a client
     network_pool = "10.213.0.0/16"  # networked children's /30s (only for pools allowing network)
     network_dns = ["192.0.2.53"]
@@ -230,8 +230,8 @@ def load(path: str, *, default_python: str):
                           "(others may never connect; list their uids instead)")
     group = _gid(path, d.socket_group)
     if d.max_tasks is not None and not 16 <= d.max_tasks <= 4194304:  # (the kernel's pid_max ceiling)
-        raise ConfigError(f"{path}: daemon.max_tasks must be 16 to 4194304 (tasks: the zygotes' and their "
-                          "children's without a cgroup of their own)")
+        raise ConfigError(f"{path}: daemon.max_tasks must be 16 to 4194304 (tasks: the zygotes' and all "
+                          "their children's together)")
     if d.max_children < 1 or (d.max_children_per_client is not None and d.max_children_per_client < 1):
         raise ConfigError(f"{path}: daemon.max_children and max_children_per_client must be >= 1")
     pools = {}

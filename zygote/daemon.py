@@ -172,7 +172,7 @@ class DaemonConfig:
     socket_mode: int = 0o600
     socket_group: int | None = None
     always_cgroup: bool = False  # a cgroup (accounting, peak_memory) even for children without limits
-    max_tasks: int | None = None  # zygotes + children without a cgroup of their own (None: half the host's)
+    max_tasks: int | None = None  # zygotes + all their children, together (None: half the host's)
     max_result_bytes: int = 16 << 20
     network_pool: str = network.DEFAULT_POOL
     network_dns: tuple[str, ...] = ()
@@ -3305,9 +3305,8 @@ def _clone_hint(err: int | None) -> str:
     if err == _errno.EINVAL:
         return "the kernel lacks one of the namespace kinds (user, pid, mount, ipc, uts, net, cgroup)"
     if err == _errno.EAGAIN:
-        return ("the zygotes and the children without a cgroup of their own hold all the tasks the daemon "
-                "allows them (daemon.max_tasks), or the host is out of pids: retry once some end; children "
-                "given a pids limit are counted in cgroups of their own")
+        return ("the zygotes and their children hold all the tasks the daemon allows them together "
+                "(daemon.max_tasks), or the host is out of pids: retry once some end")
     return ""
 
 

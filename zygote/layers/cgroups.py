@@ -3,12 +3,15 @@
 The daemon is the only user. Everything here is synchronous file I/O on cgroupfs; the trio daemon
 calls it from a worker thread. The child never touches its cgroup (it lives in a cgroup namespace).
 
-Layout::
+Layout (``<base>`` = ``<mount>/<daemon's cgroup>/zygote/d<pid>``)::
 
-    v2 (unified):  <mount>/<daemon's cgroup>/zygote/daemon      the daemon itself, if it had to move
-                   <mount>/<daemon's cgroup>/zygote/<child-id>  one per child
-    v1 (hybrid):   <memory mount>/<daemon's memory cgroup>/zygote/<child-id>, and the same under the
-                   pids, cpu, cpuacct (and freezer, if mounted) hierarchies
+    v2 (unified):  <base>/daemon                  the daemon itself, if it had to move
+                   <base>/children                pids.max = daemon.max_tasks: all it starts
+                   <base>/children/zygotes        the zygotes, and children without a cgroup
+                   <base>/children/<child-id>     one per child with a cgroup of its own
+    v1 (hybrid):   the same children/ tree (no daemon leaf: the daemon stays where it is) under
+                   each of the memory, pids, cpu, cpuacct (and freezer, if mounted) hierarchies;
+                   the zygotes' leaf is made in the pids hierarchy only
 
 Verbs: ``detect()`` (prepare, once at daemon start) → ``CgroupHost.create()`` per request →
 ``ChildCgroup.attach()`` / ``fd()`` (outside, before "go") → ``cpu_usage()`` (while it runs, for
@@ -41,7 +44,8 @@ CONTROLLERS = ("memory", "pids", "cpu")  # what every child gets, limited or not
 V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")  # cpuacct: CPU time accounting on v1
 CPU_PERIOD_US = 100_000
 DAEMON_LEAF = "daemon"
-ZYGOTES_LEAF = "zygotes"  # the zygotes, and every child born without a cgroup of its own
+WORK_DIR = "children"  # the bounded parent of everything the daemon starts (make_zygotes_leaf)
+ZYGOTES_LEAF = "zygotes"  # in WORK_DIR: the zygotes, and every child born without a cgroup of its own
 POOL_PREFIX = "zgpool-"
 USER_HZ = os.sysconf("SC_CLK_TCK")
 RESERVE_HEADROOM = 4 << 20  # bytes a reserve child keeps under a request's memory limit, at least
@@ -158,6 +162,7 @@ class _Hier:
         self.controllers = controllers
         self.own = own     # the daemon's own cgroup directory in this hierarchy
         self.base = base   # own/<name>
+        self.work = os.path.join(base, WORK_DIR)  # the children's (and zygotes') parent
         self.lock_fd = -1
 
 
@@ -232,10 +237,10 @@ class CgroupHost:
         dirs: dict[str, str] = {}
         try:
             for h in self._hiers:
-                d = os.path.join(h.base, child_id)
+                d = os.path.join(h.work, child_id)
                 if pooled:
                     # v1 only (cgroup1_rename; v2 refuses rename): a pre-made directory takes the child's name
-                    os.rename(os.path.join(h.base, pooled), d)
+                    os.rename(os.path.join(h.work, pooled), d)
                 else:
                     os.mkdir(d)
                 for c in h.controllers:
@@ -254,30 +259,34 @@ class CgroupHost:
         return cg
 
     def make_zygotes_leaf(self, max_tasks: int) -> str:
-        """The cgroup zygotes run in (``place_zygote``), with ``pids.max`` = ``max_tasks``.
+        """Bound everything the daemon starts to ``max_tasks`` tasks together (``pids.max`` of
+        ``<base>/children``), and make the cgroup zygotes run in (``place_zygote``) below it.
+        Called again (reload), it rewrites the bound.
 
         Clones start in their zygote's cgroup, and a child without a cgroup of its own stays
-        there: RLIMIT_NPROC bounds each such child (rlimits.DEFAULT_PROCESSES), not their sum,
-        and a client's 256 of them could hold 262144 tasks, past the host's pid_max. Here they
-        count together (with the zygotes) against one bound below the host's; a child given a
-        cgroup of its own is counted there instead (v2: born in it; v1: moved, in each
-        hierarchy). v1: only the pids hierarchy's leaf (the others stay as they were). Returns
-        its directory.
+        there; a child with one is born in it (v2) or moved into it (v1), beside the zygotes'
+        leaf. RLIMIT_NPROC bounds each child (rlimits.DEFAULT_PROCESSES), and a child's own
+        ``pids`` limit bounds it alone, not their sum: a client's 256 children could hold 262144
+        tasks, past the host's pid_max. Under one parent they count together, zygotes included,
+        below the host's bound; the daemon's own threads do not count (v2: its leaf is beside
+        the parent, so children cannot starve it). v1: only the pids hierarchy's leaf is made
+        (the others keep the zygotes where they were). Returns the leaf's directory.
 
         Raises:
-            SetupError("cgroup", ...): the directory or its limit could not be written.
+            SetupError("cgroup", ...): a directory or the bound could not be written.
         """
         if max_tasks < 1:
             raise ValueError("max_tasks must be >= 1")
-        d = os.path.join(self._by["pids"].base, ZYGOTES_LEAF)
+        work = self._by["pids"].work
+        d = os.path.join(work, ZYGOTES_LEAF)
         try:
             try:
                 os.mkdir(d)
             except FileExistsError:
                 pass
-            _write(os.path.join(d, "pids.max"), str(max_tasks))
+            _write(os.path.join(work, "pids.max"), str(max_tasks))
         except OSError as e:
-            raise _err(f"the zygotes' cgroup {d}: {e.strerror}", e.errno or 0,
+            raise _err(f"the children's cgroup {work}: {e.strerror}", e.errno or 0,
                        "daemon.max_tasks is out of the kernel's range" if e.errno == E.EINVAL else HINT_DELEGATE) from None
         self._zygotes = d
         return d
@@ -310,8 +319,8 @@ class CgroupHost:
             made = []
             try:
                 for h in self._hiers:
-                    os.mkdir(os.path.join(h.base, name))
-                    made.append(os.path.join(h.base, name))
+                    os.mkdir(os.path.join(h.work, name))
+                    made.append(os.path.join(h.work, name))
             except OSError as e:
                 for d in made:
                     _rmdir(d)
@@ -327,12 +336,12 @@ class CgroupHost:
         names: set[str] = set()
         for h in self._hiers:
             try:
-                names.update(d.name for d in os.scandir(h.base) if d.is_dir(follow_symlinks=False))
+                names.update(d.name for d in os.scandir(h.work) if d.is_dir(follow_symlinks=False))
             except FileNotFoundError:
                 pass
-        names -= set(self._children) | set(self._pool) | {DAEMON_LEAF, ZYGOTES_LEAF}
+        names -= set(self._children) | set(self._pool) | {ZYGOTES_LEAF}
         for name in sorted(names):
-            dirs = {c: os.path.join(h.base, name) for h in self._hiers for c in h.controllers}
+            dirs = {c: os.path.join(h.work, name) for h in self._hiers for c in h.controllers}
             stale = ChildCgroup(self, name, {c: d for c, d in dirs.items() if os.path.isdir(d)})
             stale.kill()
             stale.remove()
@@ -353,12 +362,14 @@ class CgroupHost:
         self._children.clear()
         for name in self._pool:
             for h in self._hiers:
-                _rmdir(os.path.join(h.base, name))
+                _rmdir(os.path.join(h.work, name))
         self._pool.clear()
         self.cleanup_stale()
         if self._zygotes is not None:  # (its zygotes were stopped: what is left is theirs)
             d, self._zygotes = self._zygotes, None
             _empty_and_remove(d)
+        for h in self._hiers:
+            _rmdir(h.work)
         if self.version == 2:
             h = self._hiers[0]
             try:
@@ -760,11 +771,12 @@ def _detect_v2(name: str, own: str, ctrls: set[str], already: bool) -> CgroupHos
             mneed = [c for c in CONTROLLERS if c not in _read(msub).split()]
             if mneed:
                 _write(msub, " ".join("+" + c for c in mneed))
-        _mkbase(base)
-        bsub = os.path.join(base, "cgroup.subtree_control")
-        bneed = [c for c in CONTROLLERS if c not in _read(bsub).split()]
-        if bneed:
-            _write(bsub, " ".join("+" + c for c in bneed))
+        for d in (base, os.path.join(base, WORK_DIR)):  # (children below <base>/children)
+            _mkbase(d)
+            dsub = os.path.join(d, "cgroup.subtree_control")
+            dneed = [c for c in CONTROLLERS if c not in _read(dsub).split()]
+            if dneed:
+                _write(dsub, " ".join("+" + c for c in dneed))
     except OSError as e:
         raise _err(f"enabling {CONTROLLERS} in {e.filename or subtree}: {e.strerror}", e.errno or 0) from None
     h = _Hier(frozenset(CONTROLLERS), own, base)
@@ -795,19 +807,19 @@ def _detect_v1(name: str, mounts: list, own: dict[str, str]) -> CgroupHost:
             continue
         d = _under(mnt, root, own[c])
         base = os.path.join(d, name)
+        parts = ([os.path.dirname(base)] if "/" in name else []) + [base, os.path.join(base, WORK_DIR)]
         if c == "freezer":  # optional: only makes kill() exact
             try:
-                for part in ([os.path.dirname(base)] if "/" in name else []) + [base]:
-                    try:  # (the daemon's name has a middle directory: zygote/d<pid>)
+                for part in parts:  # (the daemon's name has a middle directory: zygote/d<pid>)
+                    try:
                         os.mkdir(part)
                     except FileExistsError:
                         pass
             except OSError:
                 continue
         else:
-            if "/" in name:
-                _mkbase(os.path.dirname(base))
-            _mkbase(base)
+            for part in parts:
+                _mkbase(part)
         hiers[mnt] = _Hier(frozenset({c}), d, base)
     host = CgroupHost(1, list(hiers.values()))
     try:
