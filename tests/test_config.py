@@ -1559,3 +1559,16 @@ def test_max_tasks_must_lie_in_the_kernel_s_range(tmp_path):
             load(write_text(tmp_path / "z.toml", f'[daemon]\nmax_tasks = {bad}\n'), default_python=sys.executable)
     assert load(write_text(tmp_path / "z.toml", '[daemon]\nmax_tasks = 4096\n'),
                 default_python=sys.executable).max_tasks == 4096
+
+
+def test_output_rate_per_client_is_a_size_a_second(tmp_path):
+    """daemon.output_rate_per_client (detach.Budget): a size, at least 4K; 8 MiB when absent."""
+    assert load(write_text(tmp_path / "z.toml", '[daemon]\n'),
+                default_python=sys.executable).output_rate_per_client == 8 << 20
+    assert load(write_text(tmp_path / "z.toml", '[daemon]\noutput_rate_per_client = "2M"\n'),
+                default_python=sys.executable).output_rate_per_client == 2 << 20
+    for bad, says in (('"1K"', "at least 4K"), ("0", "must be positive"), ('"fast"', "expected a size"),
+                      ("-5", "must be positive")):
+        with pytest.raises(ConfigError, match=says):
+            load(write_text(tmp_path / "z.toml", f'[daemon]\noutput_rate_per_client = {bad}\n'),
+                 default_python=sys.executable)

@@ -68,3 +68,33 @@ def test_pump_and_tap_move_everything_in_order():
         assert bytes(got) == data and ring.eof
 
     trio.run(main)
+
+
+def test_budget_holds_each_uid_to_its_rate_apart():
+    """detach.Budget: a second's worth at once, then ``rate`` a second; each uid apart; a payer
+    that overdrew waits what it owes; concurrent payers of one uid share the rate; a changed
+    rate applies at the next payment. (Trio's virtual clock: the waits take no real time.)"""
+    from zygote.detach import Budget
+
+    rate = [1000]
+    budget = Budget(lambda: rate[0])
+
+    async def main():
+        t0 = trio.current_time()
+        await budget.pay(1, 1000)  # the burst: no wait
+        assert trio.current_time() == t0
+        await budget.pay(2, 1000)  # another uid's own burst
+        assert trio.current_time() == t0
+        await budget.pay(1, 500)  # overdrawn by 500: half a second
+        assert trio.current_time() - t0 == pytest.approx(0.5)
+        t1 = trio.current_time()
+        async with trio.open_nursery() as n:  # two payers of one uid, 1000 each: 2 s together
+            for _ in range(2):
+                n.start_soon(budget.pay, 3, 1000)
+        assert trio.current_time() - t1 == pytest.approx(1.0)  # (the first 1000 was its burst)
+        rate[0] = 100
+        t2 = trio.current_time()
+        await budget.pay(4, 300)  # at the new rate: 100 of burst, 200 owed at 100/s
+        assert trio.current_time() - t2 == pytest.approx(2.0)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -294,6 +294,42 @@ def test_SECURITY_a_relay_whose_reader_left_ends_and_the_child_sees_it(socket_da
         assert b"BrokenPipeError" in k.stderr.read()
 
 
+def test_SECURITY_one_client_s_output_is_read_at_its_rate(tmp_path):
+    """The daemon reads the output of detached children (into their rings) and of children with
+    max_output_bytes (to relay and count it), and read it as fast as children wrote: one
+    detached child writing 64 KiB blocks took 86% of the daemon's CPU and made every other
+    client's spawns 3x slower (a helper's red-team, session 32). Now one peer uid's reads share
+    ``output_rate_per_client`` bytes a second (a second's worth at once), and its children wait
+    on full pipes past it. Here a detached child and a relayed one of the same client, each
+    writing as fast as it can for 2 s under 256 KiB/s, together get the burst and 256 KiB a
+    second through (and what pipes and single reads hold): about 1 MiB; unbounded, 400 MiB. A child whose output goes straight to its client is not the daemon's work: unbounded."""
+    from conftest import config_daemon
+
+    def flood(secs):
+        import os, time
+        block, n = b"." * 65536, 0
+        start = time.monotonic()
+        while time.monotonic() < start + secs:
+            n += os.write(1, block)
+        return n, time.monotonic() - start  # (the last write may wait past secs for room)
+
+    with config_daemon(tmp_path, 'output_rate_per_client = "256K"\n') as sock, Client.connect(sock) as c:
+        detached = c.spawn_child(flood, (2.0,), stdin=None, detached=True)
+        relayed = c.spawn_child(flood, (2.0,), stdin=None, sandbox_config=SandboxConfig(max_output_bytes="1G"))
+        direct = c.spawn_child(flood, (2.0,), stdin=None)
+        got_direct = []
+        drain = threading.Thread(target=lambda: got_direct.append(len(direct.stdout.read())))
+        drain.start()
+        got_relayed = len(relayed.stdout.read())
+        drain.join(timeout=60)
+        (n0, t0), (n1, t1), (n2, _) = detached.result(timeout=60), relayed.result(), direct.result()
+        # the burst, then the rate while they wrote (a second more: they did not start together,
+        # and the reads are paid after they are made); per child a pipe and blocks in flight
+        assert n0 + n1 <= (256 << 10) * (2 + max(t0, t1)) + 2 * 4 * 65536, (n0, n1, t0, t1)
+        assert got_relayed == n1, (got_relayed, n1)
+        assert n2 > 8 * (256 << 10) and got_direct == [n2], (n2, got_direct)
+
+
 def _daemon_of(sock_path: str) -> int:
     with Client.connect(sock_path) as c:
         return c.status().daemon_pid

@@ -23,6 +23,7 @@ same thing. Example::
     max_attaches = 256            # attached readers one peer uid may have at once
     max_connections_per_client = 256  # open connections per peer uid (root: no cap)
     max_detached_per_client = 64  # running detached children per peer uid (root: no cap)
+    output_rate_per_client = "8M"   # bytes a second of output the daemon reads per peer uid
 
     [pools.default]
     python = "/opt/pandas-venv/bin/python"   # must have the zygote distribution installed
@@ -86,6 +87,7 @@ class _DaemonSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_attaches: int = 256
     max_connections_per_client: int = 256
     max_detached_per_client: int = 64
+    output_rate_per_client: str | int | None = None
 
 
 class _PoolSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -293,6 +295,14 @@ def load(path: str, *, default_python: str):
             kw["detached_keep_bytes"] = parse_size(d.detached_keep_bytes, "daemon.detached_keep_bytes")
         except ValueError as e:
             raise ConfigError(f"{path}: {e}") from None
+    if d.output_rate_per_client is not None:
+        from zygote_client._config import parse_size
+        try:
+            kw["output_rate_per_client"] = parse_size(d.output_rate_per_client, "daemon.output_rate_per_client")
+        except ValueError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        if kw["output_rate_per_client"] < 4096:  # (a pipe page a second, at least)
+            raise ConfigError(f"{path}: daemon.output_rate_per_client must be at least 4K (bytes a second)")
     if d.id_base is not None:
         kw["id_base"] = d.id_base
     if d.network_pool is not None:

@@ -159,6 +159,11 @@ class DaemonConfig:
         max_detached_per_client: running detached children one peer uid may have at once (root:
             no cap). Each holds up to twice detached_buffer_bytes of the daemon's memory and a
             reading task whoever attaches, so without it one user could pin max_children of them.
+        output_rate_per_client: bytes a second the daemon reads from one peer uid's children's
+            output where it reads it at all (detached children, and children with
+            max_output_bytes, whose output it relays), default 8 MiB; past it their pipes fill
+            and they wait (detach.Budget). Output that goes straight to a client's pipe is not
+            the daemon's work and is not held to it.
     """
 
     socket_path: str | None = None
@@ -185,6 +190,7 @@ class DaemonConfig:
     max_attaches: int = 256
     max_connections_per_client: int = 256
     max_detached_per_client: int = 64
+    output_rate_per_client: int = 8 << 20
 
 
 @dataclass(eq=False)
@@ -516,6 +522,7 @@ class Daemon:
         self.open_conns: dict[int, set[Connection]] = {}  # peer uid -> its open connections
         self.attached: dict[int, int] = {}  # peer uid -> its live attaches (max_attaches)
         self.relayed: dict[int, int] = {}  # peer uid -> bytes of its children's output buffered
+        self.output_budget = detach.Budget(lambda: self.config.output_rate_per_client)  # (what it reads)
         self._relayed_freed: dict[int, trio.Event] = {}  # uid -> set when its relays free some
         self.results_held: dict[int, int] = {}  # peer uid -> bytes of result records held (RESULTS_PER_UID)
         self._results_freed: dict[int, trio.Event] = {}  # uid -> set when its children's records go
@@ -2078,7 +2085,8 @@ class Daemon:
             return True
 
         for ring, (r, _) in zip(child.rings, pipes):
-            self._nursery.start_soon(detach.pump, self.hands.end(r, lambda: child.peer_uid), ring, count)
+            self._nursery.start_soon(detach.pump, self.hands.end(r, lambda: child.peer_uid), ring, count,
+                                     lambda n: self.output_budget.pay(child.peer_uid, n))
         uid = conn.peer_uid
         if conn.nursery is None or conn.closed:
             self.hands.close(uid, [w for _, w in pipes])
@@ -2732,6 +2740,7 @@ class Daemon:
                     buf.extend(data)
                     more.set()
                     await detach.pace(len(data))
+                    await self.output_budget.pay(owner(), len(data))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
             finally:

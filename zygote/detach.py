@@ -11,7 +11,7 @@ for an offset the ring has already dropped starts at ``Ring.start`` and learns h
 from __future__ import annotations
 
 import select
-from typing import Callable
+from typing import Awaitable, Callable
 
 import trio
 
@@ -97,11 +97,41 @@ async def pace(n: int) -> None:
         await trio.sleep(PACE)
 
 
-async def pump(stream, ring: Ring, count: Callable[[int], bool]) -> None:
+class Budget:
+    """The output the daemon reads for one peer uid's children (detached children's pumps,
+    counted relays), held to ``rate()`` bytes a second: a token bucket per uid, holding at
+    most one second's worth. Each read is paid after it is made; a uid past its budget waits
+    before its next read, so its children block on full pipes as they would with a slow reader.
+
+    PACE makes many small writes cheap; this is for large ones: unpaced, one detached child
+    writing 64 KiB blocks took 86% of the daemon's CPU, and every other client's spawns got 3x
+    slower (a helper's red-team, session 32). Per uid, not per child: a client may run
+    max_detached_per_client of them.
+    """
+
+    def __init__(self, rate: Callable[[], int]) -> None:
+        self.rate = rate  # (read at each payment: a reload may change it)
+        self._held: dict[int, tuple[float, float]] = {}  # uid -> (bytes left, when)
+
+    async def pay(self, uid: int, n: int) -> None:
+        rate = self.rate()
+        now = trio.current_time()
+        left, then = self._held.get(uid, (rate, now))
+        left = min(rate, left + (now - then) * rate) - n
+        self._held[uid] = (left, now)
+        if len(self._held) > 4096:  # (forget uids whose bucket is full again: nothing owed)
+            self._held = {u: (b, t) for u, (b, t) in self._held.items() if b + (now - t) * rate < rate}
+        if left < 0:
+            await trio.sleep(-left / rate)
+
+
+async def pump(stream, ring: Ring, count: Callable[[int], bool],
+               pay: Callable[[int], Awaitable[None]] | None = None) -> None:
     """Read a detached child's output pipe (an ``_pipes.PipeEnd``) into ``ring`` until EOF.
 
     ``count(n)`` is told every chunk's size and returns False to stop reading (the output cap
-    killed the child); the ring is closed either way.
+    killed the child); the ring is closed either way. ``pay(n)`` (``Budget.pay`` for the
+    child's uid) is awaited after each chunk.
     """
     try:
         while True:
@@ -112,6 +142,8 @@ async def pump(stream, ring: Ring, count: Callable[[int], bool]) -> None:
             if not count(len(data)):
                 break
             await pace(len(data))
+            if pay is not None:
+                await pay(len(data))
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
     finally:
