@@ -1316,3 +1316,45 @@ def test_a_fork_hook_registered_after_the_lean_decision_brings_back_all_of_cpyth
     )
     r = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=60)
     assert (r.returncode, r.stdout) == (0, "7 None\n"), r.stderr
+
+
+@pytest.mark.parametrize("cgroup", [False, True])
+def test_a_payload_ends_as_python_does_waiting_for_its_threads(client, cgroup):
+    """A callable that left a non-daemon thread and queued executor work was cut off when it
+    returned (os._exit): their output never came. Now the payload process ends as the
+    interpreter and a multiprocessing Process do: non-daemon threads joined, threading's exit
+    hooks run (concurrent.futures finishes its queue), atexit handlers not (a Process does not
+    run them either; a script does: below). The result still comes when the function returns."""
+    def leaves_work_behind():
+        import concurrent.futures, threading, time
+        threading.Thread(target=lambda: (time.sleep(0.3), print("thread done", flush=True))).start()
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        for i in range(3):  # queued behind each other: the last ends ~0.6 s after the return
+            pool.submit(lambda i=i: (time.sleep(0.2), print(f"job {i}", flush=True)))
+        import atexit
+        atexit.register(print, "atexit ran")  # (a callable ends as a multiprocessing Process: not run)
+        return "returned"
+
+    cfg = SandboxConfig(memory="256M") if cgroup else None
+    child = client.spawn_child(leaves_work_behind, stdin=None, sandbox_config=cfg)
+    assert child.result(timeout=30) == "returned"
+    out = child.stdout.read().decode()
+    assert child.wait(timeout=30).returncode == 0
+    assert sorted(out.split("\n")) == ["", "job 0", "job 1", "job 2", "thread done"], out
+
+
+def test_a_script_runs_its_atexit_handlers_after_its_threads(client):
+    """A script payload ends as ``python prog.py``: its non-daemon threads first, then its
+    atexit handlers; an exception there is printed, its exit code stays the script's."""
+    script = textwrap.dedent("""
+        import atexit, sys, threading, time
+        atexit.register(lambda: print("atexit", flush=True))
+        atexit.register(lambda: 1 / 0)
+        threading.Thread(target=lambda: (time.sleep(0.2), print("thread", flush=True))).start()
+        sys.exit(3)
+    """).encode()
+    child = client.spawn_child(None, _argv=["-"], _script=script, stdin=None)
+    out, err = child.stdout.read().decode(), child.stderr.read().decode()
+    assert child.wait(timeout=30).returncode == 3
+    assert out == "thread\natexit\n", (out, err)
+    assert "ZeroDivisionError" in err, err

@@ -476,8 +476,29 @@ def _payload(plan, prepared: bool = False) -> None:
         with contextlib.suppress(BaseException):
             traceback.print_exception(type(e), e, tb)
         code = 1
+    _end_as_python(plan.kind == "script")
     _flush()
     os._exit(code)
+
+
+def _end_as_python(script: bool) -> None:
+    """What the interpreter does at exit before the payload process leaves by os._exit: wait
+    for the threads that are not daemon threads, and run threading's exit hooks (which finish
+    concurrent.futures' queued work), as ``python prog.py`` and a multiprocessing Process
+    (its _bootstrap) do; for a script also its atexit handlers, as ``python prog.py``. Without
+    this a payload's executor or worker thread was cut off when it returned, its queued work
+    lost. Failures here are the payload's own to print; the exit code stays the payload's."""
+    threading = sys.modules.get("threading")  # (not imported: no thread to wait for)
+    if threading is not None:
+        try:
+            threading._shutdown()
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                traceback.print_exc()
+    if script:
+        import atexit
+        with contextlib.suppress(BaseException):
+            atexit._run_exitfuncs()  # (prints what a handler raised, as at a normal exit)
 
 
 def _payload_frames(e: BaseException):
