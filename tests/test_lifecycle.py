@@ -1446,6 +1446,7 @@ def test_a_zygote_whose_daemon_went_away_ends_quietly():
     p = subprocess.Popen([sys.executable, "-P", "-m", "zygote._zygote", str(child.fileno())],
                          pass_fds=[child.fileno()], stderr=subprocess.PIPE)
     child.close()
+    parent.send(b"P")  # (placed in its cgroup: it may start)
     try:
         assert select.select([parent], [], [], 60)[0], "the zygote never said it was ready"
         parent.close()  # its "ready" unread

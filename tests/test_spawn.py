@@ -443,6 +443,35 @@ def _netns_owner_and_inode(pid: int) -> tuple[int, int]:
         os.close(fd)
 
 
+def test_a_zygote_forks_nothing_before_the_daemon_placed_it():
+    """The daemon moves a new zygote into its cgroup (under daemon.max_tasks) after starting
+    it; a process the zygote forked before that (its namespace maker, a preload's helper)
+    stayed in the daemon's cgroup, outside the bound (a helper's review: a race the move
+    usually won). The zygote now waits for the daemon's b"P" before anything: until then it has
+    no child and says nothing; then it starts as before."""
+    import select
+    sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "zygote._zygote", str(theirs.fileno()), "json"],
+                            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+    theirs.close()
+    try:
+        time.sleep(1.5)  # (its imports take ~0.1 s here: long enough to start its maker)
+        assert children_of(proc.pid) == [] and not select.select([sock], [], [], 0)[0]
+        sock.send(b"P")
+        sock.settimeout(60)
+        assert sock.recv(65536)[:1] == b"R"
+        if os.geteuid() == 0:  # (only a root zygote has a namespace maker)
+            assert len(children_of(proc.pid)) == 1
+    finally:
+        left = children_of(proc.pid)
+        sock.close()
+        proc.kill()
+        proc.wait()
+        for pid, _ in left:  # (its maker: ends with it anyway, PDEATHSIG)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 class _DrivenZygote:
     """A zygote driven directly over its socket, as the daemon drives it: ``send`` one clone
     request (six fds: /dev/null as stdio, fresh control/status/result pipes, plus ``extra``,
@@ -455,6 +484,7 @@ class _DrivenZygote:
         self.proc = subprocess.Popen([sys.executable, "-P", "-m", "zygote._zygote", str(theirs.fileno()), "json"],
                                      pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         theirs.close()
+        self.sock.send(b"P")  # (placed: as the daemon says once the zygote is in its cgroup)
         self.keep: list[int] = []
         self.pids: dict[int, int] = {}
 

@@ -187,8 +187,8 @@ class Zygote:
             child.close()
         self.sock = trio.socket.from_stdlib_socket(parent)
         if self._place is not None:
-            # Before its first clone (it sends "R" only once ready): every child it makes is
-            # born in that cgroup. (The namespace maker it starts first may be forked before.)
+            # Before it forks or clones anything (it waits for the b"P" below): every process
+            # it makes is born in that cgroup, its namespace maker included.
             try:
                 await self._place(self.proc.pid)
             except BaseException as e:
@@ -198,6 +198,9 @@ class Zygote:
                     raise PoolStartError(f"pool {self.pool.name!r}: {e.message}" + (f" ({e.hint})" if e.hint else "")) from None
                 raise
         try:
+            # Placed (or no cgroups): only now may it fork anything (its namespace maker, a
+            # preload's helper), or that process would stay in the daemon's cgroup, unbounded.
+            await self.sock.send(b"P")
             with trio.fail_after(timeout):
                 first = await self.sock.recv(1 << 20)
         except trio.TooSlowError:

@@ -102,6 +102,14 @@ def main(argv: list[str]) -> None:
         _fail(f"zygote startup failed: {type(e).__name__}: {e}")
     # Namespaces made ahead come from a server of their own (its start overlaps the preloads),
     # only where the zygote can come back from one (root): see zygote/_nsmaker.py.
+    # Nothing forks before the daemon moved us into the zygotes' cgroup (b"P"): a process forked
+    # earlier stays where we started, outside daemon.max_tasks.
+    try:
+        placed = _sock.recv(1)
+    except OSError:
+        placed = b""
+    if placed != b"P":
+        os._exit(0)  # the daemon went away (or could not place us: it stops us)
     _netns = netns.Ahead()
     maker = None
     if _netns.can_join:

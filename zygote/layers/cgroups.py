@@ -584,8 +584,11 @@ class ChildCgroup:
             out["cpu_user"] = total * user / (user + system) if user + system else total
             out["cpu_system"] = total - out["cpu_user"]
         # pids.events exists on v2 and, since Linux 4.x, on v1 too: "max N" counts refused forks
+        # v1 (and v2 before Linux 6.13, or mounted pids_localevents) counts there every fork of
+        # this cgroup refused by any ancestor's limit too: daemon.max_tasks on zygote/d<pid>/children
+        # would read as this child's own. Only a child given a pids limit can have hit its own.
         if os.path.exists(f"{pid}/pids.events"):
-            out["pids_exceeded"] = _keyed(f"{pid}/pids.events").get("max", 0) > 0
+            out["pids_exceeded"] = "pids" in self.limits and _keyed(f"{pid}/pids.events").get("max", 0) > 0
         return out
 
     def kill(self, timeout: float = 5.0) -> None:
@@ -657,7 +660,7 @@ class ChildCgroup:
 
 def default_max_tasks() -> int:
     """Half of what the host can run (the smaller of kernel.pid_max and kernel.threads-max): the
-    zygotes' cgroup's default bound, leaving the rest of the host its own half."""
+    default bound of ``<base>/children`` (daemon.max_tasks), leaving the rest of the host its own half."""
     most = []
     for path in ("/proc/sys/kernel/pid_max", "/proc/sys/kernel/threads-max"):
         try:
