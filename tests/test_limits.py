@@ -330,6 +330,27 @@ def test_SECURITY_one_client_s_output_is_read_at_its_rate(tmp_path):
         assert n2 > 8 * (256 << 10) and got_direct == [n2], (n2, got_direct)
 
 
+def test_a_relay_held_back_by_the_rate_still_reports_output_exceeded(tmp_path):
+    """A child with max_output_bytes leaves more than its cap in its pipe and exits while its
+    relay waits out the client's output budget (4 s here): the exit report must not go out
+    after EOF_GRACE (2 s) without it (output_exceeded False, the output then cut at the cap):
+    what the pipe holds is judged as soon as the child died, as when the relay is held back by
+    the uid's unread output."""
+    from conftest import config_daemon
+
+    def writes():
+        import os, time
+        for n in (16 << 10, 64 << 10, 10 << 10):  # (read one by one: the second overdraws 64K)
+            os.write(1, b"w" * n)
+            time.sleep(0.3)
+
+    with config_daemon(tmp_path, 'output_rate_per_client = "16K"\n') as sock, Client.connect(sock) as c:
+        child = c.spawn_child(writes, stdin=None, sandbox_config=SandboxConfig(max_output_bytes=85 << 10))
+        st = child.wait(timeout=60)
+        assert st.output_exceeded, st
+        assert len(child.stdout.read()) == 85 << 10
+
+
 def _daemon_of(sock_path: str) -> int:
     with Client.connect(sock_path) as c:
         return c.status().daemon_pid

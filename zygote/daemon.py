@@ -2703,6 +2703,18 @@ class Daemon:
 
         outstream = self.hands.end(dst, owner)
 
+        async def judge(unread: int) -> None:
+            # Held back (by the uid's unread output, or its output budget) while the exit is
+            # reported: what the pipe still holds decides output_exceeded (after the report
+            # the flag could only be lost, and the output cut unflagged).
+            try:
+                held = await self.hands.run(owner(), _bytes_in_pipe, src)
+            except OSError:
+                held = 0
+            if box[0] + unread + held > limit:
+                child.output_exceeded = True
+            counted.set()
+
         async def reader() -> None:
             nonlocal done
             try:
@@ -2724,23 +2736,21 @@ class Daemon:
                         # before the await below: a wake meanwhile must not be lost.
                         freed = self._relayed_freed.setdefault(uid, trio.Event())
                         if child.died.is_set() and not counted.is_set():
-                            # Held back by the uid's unread output while the exit is reported:
-                            # what the pipe still holds decides output_exceeded (after the
-                            # report the flag could only be lost, and the output cut unflagged).
-                            try:
-                                held = await self.hands.run(owner(), _bytes_in_pipe, src)
-                            except OSError:
-                                held = 0
-                            if box[0] + len(data) + held > limit:
-                                child.output_exceeded = True
-                            counted.set()
+                            await judge(len(data))
                         await freed.wait()
                     box[0] += len(data)
                     self._count(self.relayed, owner(), len(data))
                     buf.extend(data)
                     more.set()
                     await detach.pace(len(data))
-                    await self.output_budget.pay(owner(), len(data))
+                    wait = self.output_budget.charge(owner(), len(data))
+                    if wait > 0:  # (the uid is past output_rate_per_client)
+                        until = trio.current_time() + wait
+                        with trio.move_on_at(until):
+                            await child.died.wait()
+                        if child.died.is_set() and not counted.is_set():
+                            await judge(0)
+                        await trio.sleep_until(until)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
             finally:

@@ -113,7 +113,8 @@ class Budget:
         self.rate = rate  # (read at each payment: a reload may change it)
         self._held: dict[int, tuple[float, float]] = {}  # uid -> (bytes left, when)
 
-    async def pay(self, uid: int, n: int) -> None:
+    def charge(self, uid: int, n: int) -> float:
+        """Take ``n`` bytes from ``uid``'s bucket; the seconds to wait before the next read."""
         rate = self.rate()
         now = trio.current_time()
         left, then = self._held.get(uid, (rate, now))
@@ -121,8 +122,13 @@ class Budget:
         self._held[uid] = (left, now)
         if len(self._held) > 4096:  # (forget uids whose bucket is full again: nothing owed)
             self._held = {u: (b, t) for u, (b, t) in self._held.items() if b + (now - t) * rate < rate}
-        if left < 0:
-            await trio.sleep(-left / rate)
+        return -left / rate if left < 0 else 0.0
+
+    async def pay(self, uid: int, n: int) -> None:
+        """``charge``, and wait what it says."""
+        wait = self.charge(uid, n)
+        if wait > 0:
+            await trio.sleep(wait)
 
 
 async def pump(stream, ring: Ring, count: Callable[[int], bool],
