@@ -77,7 +77,7 @@ def test_budget_holds_each_uid_to_its_rate_apart():
     from zygote.detach import Budget
 
     rate = [1000]
-    budget = Budget(lambda: rate[0])
+    budget = Budget(lambda: rate[0], least=1)
 
     async def main():
         t0 = trio.current_time()
@@ -96,5 +96,11 @@ def test_budget_holds_each_uid_to_its_rate_apart():
         t2 = trio.current_time()
         await budget.pay(4, 300)  # at the new rate: 100 of burst, 200 owed at 100/s
         assert trio.current_time() - t2 == pytest.approx(2.0)
+        least = Budget(lambda: 1000, least=100)  # (a read costs at least that: per-read work)
+        await least.pay(5, 1000)
+        t3 = trio.current_time()
+        for _ in range(10):
+            await least.pay(5, 1)
+        assert trio.current_time() - t3 == pytest.approx(1.0)
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

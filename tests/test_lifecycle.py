@@ -1534,3 +1534,28 @@ def test_a_daemon_stopped_while_it_starts_leaves_nothing(tmp_path):
                           capture_output=True, text=True).stdout.split()
     assert left == [], left
     assert held() <= before, held() - before
+
+
+def test_SECURITY_an_attach_s_replay_is_paid_from_the_output_budget(tmp_path):
+    """Every attach replays a detached child's rings (up to twice detached_buffer_bytes) into a
+    new pipe: the daemon writes it again. Unpaid, one client attaching in a loop to one child
+    had the daemon move ~300 MiB/s past its 8 MiB/s output_rate_per_client (82% of a core).
+    Here 4 replays of 128 KiB under 128 KiB/s take seconds, not a blink."""
+    from conftest import config_daemon
+
+    def fill():
+        import os, time
+        os.write(1, b"o" * (128 << 10))
+        time.sleep(30)
+
+    with config_daemon(tmp_path, 'output_rate_per_client = "128K"\n') as sock, Client.connect(sock) as c:
+        child = c.spawn_child(fill, stdin=None, detached=True, timeout=60)
+        assert len(child.stdout.read(128 << 10)) == 128 << 10
+        t = time.monotonic()
+        for _ in range(4):
+            a = c.attach(child.id)
+            assert len(a.stdout.read(128 << 10)) == 128 << 10
+            a.stdout.close()
+            a.stderr.close()
+        assert time.monotonic() - t > 2.0
+        child.kill()

@@ -1438,3 +1438,46 @@ def test_SECURITY_no_daemon_thread_sleeps_writing_into_a_pipe_nobody_reads(socke
     finally:
         for fd in readers + [null, err_r, err_w]:
             os.close(fd)
+
+
+def test_relays_held_back_by_the_rate_are_judged_together(tmp_path):
+    """stdout and stderr share max_output_bytes: a child that dies while both its relays wait out
+    the client's output budget, each pipe under the cap but both together over it, is flagged
+    (each relay judged its own pipe alone: False, and the output cut at the cap unflagged)."""
+    from conftest import config_daemon
+
+    def writes():
+        import os, time
+        os.write(1, b"a" * (20 << 10))  # past the 16K burst: the stdout relay waits
+        time.sleep(0.05)
+        os.write(2, b"b")  # the stderr relay reads it and waits too
+        time.sleep(0.05)
+        os.write(1, b"c" * (40 << 10))
+        os.write(2, b"d" * (40 << 10))  # 100K + 1 in all, cap 85K
+
+    with config_daemon(tmp_path, 'output_rate_per_client = "16K"\n') as sock, Client.connect(sock) as c:
+        child = c.spawn_child(writes, stdin=None, sandbox_config=SandboxConfig(max_output_bytes=85 << 10))
+        got = []
+        drain = threading.Thread(target=lambda: got.append(len(child.stderr.read())))
+        drain.start()
+        n = len(child.stdout.read())
+        drain.join(timeout=60)
+        assert child.wait(timeout=60).output_exceeded
+        assert n + got[0] == 85 << 10
+
+
+def test_a_detached_child_held_back_by_the_rate_still_reports_output_exceeded(tmp_path):
+    """As test_a_relay_held_back_by_the_rate_still_reports_output_exceeded, for a detached
+    child's pumps: the report must not go out before what its pipes hold is judged."""
+    from conftest import config_daemon
+
+    def writes():
+        import os, time
+        for n in (16 << 10, 64 << 10, 10 << 10):
+            os.write(1, b"w" * n)
+            time.sleep(0.3)
+
+    with config_daemon(tmp_path, 'output_rate_per_client = "16K"\n') as sock, Client.connect(sock) as c:
+        child = c.spawn_child(writes, stdin=None, detached=True,
+                              sandbox_config=SandboxConfig(max_output_bytes=85 << 10))
+        assert child.wait(timeout=60).output_exceeded

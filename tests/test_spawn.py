@@ -1373,6 +1373,21 @@ def test_a_payload_ends_as_python_does_waiting_for_its_threads(client, cgroup):
     assert sorted(out.split("\n")) == ["", "job 0", "job 1", "job 2", "thread done"], out
 
 
+def test_a_payload_ended_by_keyboardinterrupt_waits_for_its_threads_first(client):
+    """As CPython on Ctrl-C: the traceback, then the non-daemon threads, then the end by
+    SIGINT (a helper's review: the threads were cut off on this path)."""
+    def interrupted():
+        import threading, time
+        threading.Thread(target=lambda: (time.sleep(0.3), print("thread", flush=True))).start()
+        raise KeyboardInterrupt
+
+    # (with a reaper the payload is PID 2, which the SIGINT ends; PID 1 ignores its own)
+    child = client.spawn_child(interrupted, stdin=None, sandbox_config=SandboxConfig(reaper=True))
+    out, err = child.stdout.read().decode(), child.stderr.read().decode()
+    assert child.wait(timeout=30).returncode == -signal.SIGINT
+    assert out == "thread\n" and "KeyboardInterrupt" in err, (out, err)
+
+
 def test_a_script_runs_its_atexit_handlers_after_its_threads(client):
     """A script payload ends as ``python prog.py``: its non-daemon threads first, then its
     atexit handlers; an exception there is printed, its exit code stays the script's."""

@@ -460,8 +460,9 @@ def _payload(plan, prepared: bool = False) -> None:
     except SystemExit as e:
         code = _exit_code(e)
     except KeyboardInterrupt as e:
-        with contextlib.suppress(BaseException):  # (as CPython's own exit by Ctrl-C: the traceback first)
-            traceback.print_exception(type(e), e, _payload_frames(e))
+        with contextlib.suppress(BaseException):  # (as CPython's own exit by Ctrl-C: the traceback first,
+            traceback.print_exception(type(e), e, _payload_frames(e))  # then its threads, then the signal)
+        _end_as_python(plan.kind == "script")
         _flush()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)  # ends PID 2 "by SIGINT"; PID 1 ignores its own signal:

@@ -211,8 +211,11 @@ class Child:
     first: object = None  # the first status message: Ready or Failed
     ready_seen: bool = False
     output_exceeded: bool = False
-    # one per max_output_bytes relay: set once all its output is counted, or judged (see _relay)
+    # one per max_output_bytes relay or pump: set once all its output is counted, or judged (see _relay)
     relays_counted: list = field(default_factory=list)
+    # those held back (by RELAYED_PER_UID or the output budget): source fd -> bytes read, not yet
+    # counted; judged together (_judge_held: stdout and stderr share the cap)
+    relays_held: dict = field(default_factory=dict)
     cpu_time: float | None = None
     cpu_exceeded: bool = False  # the daemon killed it: its cgroup's CPU usage reached cpu_time
     cgroup: object = None
@@ -2084,9 +2087,19 @@ class Daemon:
                 return False
             return True
 
+        async def pump(r: int, ring: detach.Ring) -> None:
+            counted = None if limit is None else trio.Event()  # (the exit report waits for it)
+            if counted is not None:
+                child.relays_counted.append(counted)
+            try:
+                await detach.pump(self.hands.end(r, lambda: child.peer_uid), ring, count,
+                                  lambda n: self._pay_output(child, child.peer_uid, r, counted, total, limit, n))
+            finally:
+                if counted is not None:
+                    counted.set()
+
         for ring, (r, _) in zip(child.rings, pipes):
-            self._nursery.start_soon(detach.pump, self.hands.end(r, lambda: child.peer_uid), ring, count,
-                                     lambda n: self.output_budget.pay(child.peer_uid, n))
+            self._nursery.start_soon(pump, r, ring)
         uid = conn.peer_uid
         if conn.nursery is None or conn.closed:
             self.hands.close(uid, [w for _, w in pipes])
@@ -2094,7 +2107,47 @@ class Daemon:
             return
         conn.nursery.start_soon(self._taps, child, uid, [w for _, w in pipes], (0, 0))
 
-    async def _taps(self, child: Child, uid: int, fds: list[int], starts) -> None:
+    async def _pay_output(self, child: Child, uid: int, src: int, counted: trio.Event | None, used: list[int],
+                          limit: int | None, n: int) -> None:
+        """Pay ``n`` bytes of ``child``'s output (read from ``src``) from ``uid``'s budget, and
+        wait while it is overdrawn. If the child dies meanwhile, with max_output_bytes
+        (``limit``, of which ``used[0]`` is counted) and its exit not yet judged (``counted``),
+        what the held-back pipes still hold decides output_exceeded at once: the report waits
+        only EOF_GRACE for it, and later the flag could only be lost (the output cut unflagged)."""
+        wait = self.output_budget.charge(uid, n)
+        if wait <= 0:
+            return
+        until = trio.current_time() + wait
+        if counted is None or limit is None:
+            await trio.sleep_until(until)
+            return
+        child.relays_held[src] = 0
+        try:
+            with trio.move_on_at(until):
+                await child.died.wait()
+            if child.died.is_set() and not counted.is_set():
+                await self._judge_held(child, uid, used[0], limit, counted)
+            await trio.sleep_until(until)
+        finally:
+            child.relays_held.pop(src, None)
+
+    async def _judge_held(self, child: Child, uid: int, used: int, limit: int, counted: trio.Event) -> None:
+        """The child died while output of it was held back: whether what every held-back pipe
+        holds (and what was read from them, not yet counted) takes ``used`` past ``limit``.
+        All of them together: stdout and stderr share max_output_bytes, and each pipe alone
+        may be under it while both are over."""
+        held = 0
+        for fd, pending in list(child.relays_held.items()):
+            held += pending
+            try:
+                held += await self.hands.run(uid, _bytes_in_pipe, fd)
+            except OSError:
+                pass
+        if used + held > limit:
+            child.output_exceeded = True
+        counted.set()
+
+    async def _taps(self, child: Child, uid: int, fds: list[int], starts, pay=None) -> None:
         """Feed the pipes ``fds`` (their read ends are, or were about to be, the client's) from
         the child's rings, from ``starts``; ``uid``'s count in ``attached`` (taken by the caller)
         is given back when both end. Once the child has ended they get RELAY_LINGER more to
@@ -2108,7 +2161,7 @@ class Daemon:
                 n.start_soon(linger)
                 async with trio.open_nursery() as feeds:
                     for ring, fd, pos in zip(child.rings, fds, starts):
-                        feeds.start_soon(detach.tap, ring, self.hands.end(fd, lambda: uid), pos)
+                        feeds.start_soon(detach.tap, ring, self.hands.end(fd, lambda: uid), pos, pay)
                 n.cancel_scope.cancel()
         finally:
             self._count(self.attached, uid, -1)
@@ -2166,7 +2219,10 @@ class Daemon:
             if conn.closed:
                 return
 
-            conn.nursery.start_soon(self._taps, child, uid, [w for _, w in pipes], starts)
+            # (a replay: the daemon writes those bytes again, for the reader's budget; the
+            # spawner's own taps are not held: the pump paid for what they write)
+            conn.nursery.start_soon(self._taps, child, uid, [w for _, w in pipes], starts,
+                                    lambda n: self.output_budget.pay(uid, n))
             handed = True  # (the attach counts until both its taps end)
         finally:
             if not handed:  # (failed, cancelled, or the connection went): our ends go too
@@ -2703,18 +2759,6 @@ class Daemon:
 
         outstream = self.hands.end(dst, owner)
 
-        async def judge(unread: int) -> None:
-            # Held back (by the uid's unread output, or its output budget) while the exit is
-            # reported: what the pipe still holds decides output_exceeded (after the report
-            # the flag could only be lost, and the output cut unflagged).
-            try:
-                held = await self.hands.run(owner(), _bytes_in_pipe, src)
-            except OSError:
-                held = 0
-            if box[0] + unread + held > limit:
-                child.output_exceeded = True
-            counted.set()
-
         async def reader() -> None:
             nonlocal done
             try:
@@ -2735,25 +2779,21 @@ class Daemon:
                         # us, and so does the child's death (_watch_and_reap). The event is taken
                         # before the await below: a wake meanwhile must not be lost.
                         freed = self._relayed_freed.setdefault(uid, trio.Event())
+                        child.relays_held[src] = len(data)
                         if child.died.is_set() and not counted.is_set():
-                            await judge(len(data))
+                            await self._judge_held(child, owner(), box[0], limit, counted)
                         await freed.wait()
+                    child.relays_held.pop(src, None)
                     box[0] += len(data)
                     self._count(self.relayed, owner(), len(data))
                     buf.extend(data)
                     more.set()
                     await detach.pace(len(data))
-                    wait = self.output_budget.charge(owner(), len(data))
-                    if wait > 0:  # (the uid is past output_rate_per_client)
-                        until = trio.current_time() + wait
-                        with trio.move_on_at(until):
-                            await child.died.wait()
-                        if child.died.is_set() and not counted.is_set():
-                            await judge(0)
-                        await trio.sleep_until(until)
+                    await self._pay_output(child, owner(), src, counted, box, limit, len(data))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
             finally:
+                child.relays_held.pop(src, None)  # (before the end closes src)
                 done = True
                 counted.set()
                 more.set()

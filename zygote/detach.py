@@ -109,16 +109,22 @@ class Budget:
     max_detached_per_client of them.
     """
 
-    def __init__(self, rate: Callable[[], int]) -> None:
+    def __init__(self, rate: Callable[[], int], least: int = PACE_BELOW) -> None:
         self.rate = rate  # (read at each payment: a reload may change it)
+        # What a read costs at least: the daemon's work is mostly per read (a worker thread's
+        # syscall, a wakeup), and PACE holds each stream alone, so 128 streams of one client
+        # writing a byte at a time took 86% of a core for 13 KiB/s (a helper's review). At
+        # 4 KiB a read, the default rate allows one client 2048 reads a second.
+        self.least = least
         self._held: dict[int, tuple[float, float]] = {}  # uid -> (bytes left, when)
 
     def charge(self, uid: int, n: int) -> float:
-        """Take ``n`` bytes from ``uid``'s bucket; the seconds to wait before the next read."""
+        """Take ``n`` bytes (``least`` at least) from ``uid``'s bucket; the seconds to wait
+        before the next read."""
         rate = self.rate()
         now = trio.current_time()
         left, then = self._held.get(uid, (rate, now))
-        left = min(rate, left + (now - then) * rate) - n
+        left = min(rate, left + (now - then) * rate) - max(n, self.least)
         self._held[uid] = (left, now)
         if len(self._held) > 4096:  # (forget uids whose bucket is full again: nothing owed)
             self._held = {u: (b, t) for u, (b, t) in self._held.items() if b + (now - t) * rate < rate}
@@ -157,9 +163,9 @@ async def pump(stream, ring: Ring, count: Callable[[int], bool],
         stream.close()
 
 
-async def tap(ring: Ring, out, pos: int) -> None:
+async def tap(ring: Ring, out, pos: int, pay: Callable[[int], Awaitable[None]] | None = None) -> None:
     """Write ``ring`` from ``pos`` into ``out`` (an ``_pipes.PipeEnd`` on a reader's pipe), then
-    close it.
+    close it. ``pay(n)`` is awaited after each write (an attach's replay: the reader's budget).
 
     A reader slower than the ring (the child wrote more than ``capacity`` since) skips what was
     dropped meanwhile. A reader that closed its end just ends the tap: at the next write, or
@@ -172,6 +178,8 @@ async def tap(ring: Ring, out, pos: int) -> None:
             if data:
                 await out.send_all(data)
                 pos += len(data)
+                if pay is not None:
+                    await pay(len(data))
             elif ring.eof and pos >= ring.end:
                 return
             else:
