@@ -2,7 +2,8 @@
 
 A detached child writes its stdout/stderr into pipes only the daemon reads. ``pump`` reads each
 pipe eagerly into a ``Ring`` (so the child never blocks on a full pipe, whoever is or is not
-attached), dropping the oldest bytes past the ring's capacity and counting them. ``tap`` feeds one
+attached, unless its client is past its ``Budget``), dropping the oldest bytes past the ring's
+capacity and counting them. ``tap`` feeds one
 reader's pipe from a ring, from a stream offset on, until the child's end of the stream closed and
 everything kept was written. Readers see positions in the child's whole output: a reader that asks
 for an offset the ring has already dropped starts at ``Ring.start`` and learns how much it missed.
