@@ -1403,3 +1403,27 @@ def test_a_script_runs_its_atexit_handlers_after_its_threads(client):
     assert child.wait(timeout=30).returncode == 3
     assert out == "thread\natexit\n", (out, err)
     assert "ZeroDivisionError" in err, err
+
+
+def test_a_zygote_that_failed_before_it_was_placed_says_why(tmp_path):
+    """The daemon's b"P" can meet a zygote that already failed at its start (an import it
+    needs is broken) and exited: the send's EPIPE propagated as OSError out of Zygote.start,
+    where its "E" message (the reason) still waited unread: the pool failed without saying why.
+    Here the placement returns only once the zygote has exited, so the send meets a closed
+    socket every time."""
+    import dataclasses
+    import trio
+    from zygote._pool import PoolConfig, PoolStartError, Zygote
+
+    (tmp_path / "cloudpickle.py").write_text("raise ImportError('broken on purpose')\n")
+    base = PoolConfig()
+    pc = dataclasses.replace(base, python=sys.executable, env={**base.env, "PYTHONPATH": str(tmp_path)})
+
+    async def place(pid: int) -> None:  # (a zombie until Popen reaps it: 'Z' in its stat)
+        while open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            await trio.sleep(0.01)
+
+    z = Zygote(pc, 0, place)
+    with pytest.raises(PoolStartError, match="broken on purpose"):
+        trio.run(z.start)
+    trio.run(z.stop)

@@ -200,7 +200,10 @@ class Zygote:
         try:
             # Placed (or no cgroups): only now may it fork anything (its namespace maker, a
             # preload's helper), or that process would stay in the daemon's cgroup, unbounded.
-            await self.sock.send(b"P")
+            try:
+                await self.sock.send(b"P")
+            except OSError:
+                pass  # it failed before this (its "E" still waits below) or died: the recv says
             with trio.fail_after(timeout):
                 first = await self.sock.recv(1 << 20)
         except trio.TooSlowError:
