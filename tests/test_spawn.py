@@ -1373,6 +1373,23 @@ def test_a_payload_ends_as_python_does_waiting_for_its_threads(client, cgroup):
     assert sorted(out.split("\n")) == ["", "job 0", "job 1", "job 2", "thread done"], out
 
 
+def test_a_payload_ends_as_a_process_waiting_for_its_multiprocessing_children(client):
+    """A callable that started a multiprocessing Process and returned without joining it: the
+    Process was killed with the pid namespace when the payload ended. A multiprocessing
+    Process (and python at exit) joins its non-daemonic children first (multiprocessing's own
+    exit function); so does a payload now."""
+    def starts_a_process():
+        import multiprocessing, os, time
+        ctx = multiprocessing.get_context("fork")
+        ctx.Process(target=lambda: (time.sleep(0.3), os.write(1, b"process done\n"))).start()
+        return "returned"
+
+    child = client.spawn_child(starts_a_process, stdin=None)
+    assert child.result(timeout=30) == "returned"
+    assert child.stdout.read() == b"process done\n"
+    assert child.wait().returncode == 0
+
+
 def test_a_payload_ended_by_keyboardinterrupt_waits_for_its_threads_first(client):
     """As CPython on Ctrl-C: the traceback, then the non-daemon threads, then the end by
     SIGINT (a helper's review: the threads were cut off on this path)."""

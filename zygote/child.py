@@ -499,6 +499,19 @@ def _end_as_python(script: bool) -> None:
         except BaseException:
             with contextlib.suppress(BaseException):
                 traceback.print_exc()
+    # multiprocessing's own exit (its atexit hook at a normal exit, called by a Process when
+    # its target returns): terminate daemonic children, join the others, run its finalizers.
+    # Without it a Process the payload started and did not join was killed with the pid
+    # namespace when the payload ended. Only with children of its own to wait for (its
+    # finalizers would otherwise run in every child, the zygote's included).
+    process = sys.modules.get("multiprocessing.process")
+    util = sys.modules.get("multiprocessing.util")
+    if not script and process is not None and util is not None and getattr(process, "_children", None):
+        try:
+            util._exit_function()
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                traceback.print_exc()
     if script:
         import atexit
         with contextlib.suppress(BaseException):
