@@ -1444,3 +1444,74 @@ def test_a_zygote_that_failed_before_it_was_placed_says_why(tmp_path):
     with pytest.raises(PoolStartError, match="broken on purpose"):
         trio.run(z.start)
     trio.run(z.stop)
+
+
+def _broken_start_pool(tmp_path, body: str):
+    import dataclasses
+    from zygote._pool import PoolConfig
+    (tmp_path / "cloudpickle.py").write_text(body)
+    base = PoolConfig()
+    return dataclasses.replace(base, python=sys.executable, env={**base.env, "PYTHONPATH": str(tmp_path)})
+
+
+def test_a_zygote_killed_before_it_read_the_b_p_fails_its_start(tmp_path):
+    """A zygote that ends with the daemon's b"P" unread (killed at its start: the OOM killer)
+    leaves ECONNRESET on the daemon's socket: the recv raised it out of Zygote.start, past
+    Pool._watch's PoolStartError, and ended the daemon (its supervise task)."""
+    import trio
+    from zygote._pool import PoolStartError, Zygote
+    pc = _broken_start_pool(tmp_path, "import os, signal, time\ntime.sleep(0.3)\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    z = Zygote(pc, 0, None)
+    with pytest.raises(PoolStartError, match="exited during startup"):
+        trio.run(z.start)
+    trio.run(z.stop)
+
+
+def test_a_zygote_that_failed_with_the_b_p_unread_says_why(tmp_path):
+    """Its "E" queued behind that ECONNRESET (the daemon's loop busy while it failed and
+    exited): the reason is still read."""
+    import time
+    import trio
+    from zygote._pool import PoolStartError, Zygote
+    pc = _broken_start_pool(tmp_path, "raise ImportError('broken on purpose')\n")
+    z = Zygote(pc, 0, None)
+
+    async def main():
+        async def busy():
+            await trio.sleep(0.05)  # (the start sent its b"P" and waits)
+            time.sleep(3)           # the loop held while the zygote fails and exits
+        async with trio.open_nursery() as n:
+            n.start_soon(busy)
+            await z.start()
+    with pytest.raises(BaseException) as info:
+        trio.run(main)
+    e = info.value.exceptions[0] if isinstance(info.value, BaseExceptionGroup) else info.value
+    assert isinstance(e, PoolStartError) and "broken on purpose" in str(e), repr(e)
+    trio.run(z.stop)
+
+
+def test_a_preloads_multiprocessing_process_is_not_a_payloads(tmp_path):
+    """A preload that started a multiprocessing Process in the zygote: every payload inherited
+    it in multiprocessing's children, and its end joined it ("can only join a child process",
+    printed in every child) before its own, which were then killed with the namespace."""
+    (tmp_path / "mp_preload.py").write_text(
+        "import multiprocessing, time\n"
+        "_p = multiprocessing.get_context('fork').Process(target=time.sleep, args=(3600,), daemon=True)\n"
+        "_p.start()\n")
+    exe = tmp_path / "py"
+    exe.write_text(f"#!/bin/sh\nPYTHONPATH={tmp_path}:{os.environ.get('PYTHONPATH', '')} exec {sys.executable} \"$@\"\n")
+    exe.chmod(0o755)
+
+    def starts_a_process():
+        import multiprocessing, os, time
+        multiprocessing.get_context("fork").Process(target=lambda: (time.sleep(0.3), os.write(1, b"process done\n"))).start()
+        return "returned"
+    with Client.embedded(preload_imports=["mp_preload"], executable=str(exe)) as c:
+        child = c.spawn_child(starts_a_process, stdin=None)
+        assert child.result(timeout=30) == "returned"
+        assert child.wait(timeout=30).returncode == 0
+        assert child.stdout.read() == b"process done\n"
+        assert child.stderr.read() == b""
+        script = c.spawn_child(None, _argv=["-"], _script=b"print('ran')\n", stdin=None)
+        assert script.wait(timeout=30).returncode == 0
+        assert script.stderr.read() == b"", "the preload's Process joined by the script's atexit"

@@ -205,7 +205,7 @@ class Zygote:
             except OSError:
                 pass  # it failed before this (its "E" still waits below) or died: the recv says
             with trio.fail_after(timeout):
-                first = await self.sock.recv(1 << 20)
+                first = await self._first_message()
         except trio.TooSlowError:
             await self.stop()
             raise PoolStartError(f"zygote of pool {self.pool.name!r} did not become ready in {timeout}s") from None
@@ -219,6 +219,21 @@ class Zygote:
         await self.stop()
         text = first[1:].decode(errors="replace") if first else "the zygote exited during startup"
         raise PoolStartError(f"pool {self.pool.name!r}: {text}")
+
+    async def _first_message(self) -> bytes:
+        """The zygote's b"R"/b"E", or b"" if it ended without one. A zygote that ends with our
+        b"P" unread in its socket (it failed before its recv, or was killed) leaves ECONNRESET
+        on ours, reported by the next recv even ahead of an "E" it sent: the error is taken
+        once and the recv repeated (the "E", then EOF). Any other error: it is gone."""
+        assert self.sock is not None
+        for _ in range(2):
+            try:
+                return await self.sock.recv(1 << 20)
+            except ConnectionResetError:
+                continue
+            except OSError:
+                break
+        return b""
 
     async def clone(self, fds: list[int], flags: int, owner: int = 0) -> int:
         """Clone one child holding ``fds`` whose user namespace ``owner`` owns (0: the zygote's

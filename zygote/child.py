@@ -396,6 +396,7 @@ netns_ready = False
 # Set in the zygote by zygote_ready(), so every clone inherits them:
 _environ_is: dict[str, str] | None = None  # what os.environ holds, as we last made it (None: unknown)
 _zygote_signals_fresh = False  # its handlers of _FORWARDED are a fresh interpreter's
+_zygote_mp_children: frozenset = frozenset()  # multiprocessing Processes a preload started (not a payload's)
 
 
 def zygote_ready(unset: list[str]) -> None:
@@ -403,10 +404,12 @@ def zygote_ready(unset: list[str]) -> None:
     variables that only capped the preloads' thread pools (``unset``), then note what a clone
     inherits, so a payload process that already has the right environment and signal handlers
     does not set them again (each setting costs copy-on-write page faults in every child)."""
-    global _environ_is, _zygote_signals_fresh, _prewarm_payload
+    global _environ_is, _zygote_signals_fresh, _prewarm_payload, _zygote_mp_children
     for name in unset:
         os.environ.pop(name, None)
     _environ_is = dict(os.environ)
+    mp = sys.modules.get("multiprocessing.process")
+    _zygote_mp_children = frozenset(getattr(mp, "_children", None) or ())
     try:
         _prewarm_payload = _prewarm_callable()
     except Exception:  # noqa: BLE001 - (a preload that broke pickling) each reserve child tries again in its prewarm
@@ -493,25 +496,30 @@ def _end_as_python(script: bool) -> None:
     # Only with another thread alive: _shutdown's first run in a child costs ~40 copy-on-write
     # faults and ~0.15 ms (its hooks, only concurrent.futures' in the stdlib, stop threads; with
     # none there is nothing for them to do); counting costs ~5 faults.
-    if threading is not None and threading.active_count() > 1:
-        try:
+    try:  # (the gate too: a payload may have broken threading; the exit code stays its own)
+        if threading is not None and threading.active_count() > 1:
             threading._shutdown()
-        except BaseException:
-            with contextlib.suppress(BaseException):
-                traceback.print_exc()
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            traceback.print_exc()
     # multiprocessing's own exit (its atexit hook at a normal exit, called by a Process when
     # its target returns): terminate daemonic children, join the others, run its finalizers.
     # Without it a Process the payload started and did not join was killed with the pid
     # namespace when the payload ended. Only with children of its own to wait for (its
     # finalizers would otherwise run in every child, the zygote's included).
-    process = sys.modules.get("multiprocessing.process")
-    util = sys.modules.get("multiprocessing.util")
-    if not script and process is not None and util is not None and getattr(process, "_children", None):
-        try:
+    # Processes a preload started in the zygote are not this process's children (join asserts,
+    # terminate signals a pid of another namespace): dropped first, for a script's atexit too.
+    try:
+        process = sys.modules.get("multiprocessing.process")
+        util = sys.modules.get("multiprocessing.util")
+        children = getattr(process, "_children", None) if process is not None else None
+        if children and _zygote_mp_children:
+            children.difference_update(_zygote_mp_children)
+        if not script and util is not None and children:
             util._exit_function()
-        except BaseException:
-            with contextlib.suppress(BaseException):
-                traceback.print_exc()
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            traceback.print_exc()
     if script:
         import atexit
         with contextlib.suppress(BaseException):
