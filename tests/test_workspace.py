@@ -642,8 +642,8 @@ def test_SECURITY_a_client_that_does_not_read_pins_no_more_than_one_export(tmp_p
         P = raw.P
         deadline = time.monotonic() + 30
         with Client.connect(path) as other:
-            while (other.status().counters.get("spawns_ok", 0) < 3 or other.status().running) \
-                    and time.monotonic() < deadline:
+            while (st := other.status()).counters.get("spawns_ok", 0) < 3 or st.running:
+                assert time.monotonic() < deadline, f"the three children did not end in 30 s: {st.counters}"
                 time.sleep(0.1)
         time.sleep(0.5)
         assert memfds(proc.pid) == 3, "an export went into the socket of a client that reads nothing"
