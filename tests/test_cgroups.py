@@ -511,3 +511,29 @@ def test_a_new_daemon_clears_a_dead_one_s_frozen_cgroups_and_starts_despite_one_
     assert out["removed"] == ["zygote/d99998"] * 4 + ["zygote/d99999"] * 5 and not out["sleeper_alive"], out
     assert out["live"] == [True, "FROZEN"], out
     assert left == []
+
+
+def test_default_max_tasks_stays_below_a_pids_limit_over_the_daemon(host):
+    """daemon.max_tasks defaulted to half the host's pids, above a systemd unit's TasksMax
+    (DefaultTasksMax: 15%) or a container's pids limit over the daemon: children could fill that
+    limit first and the daemon's own thread starts failed. The default now stays an eighth of
+    the smallest pids.max above the daemon's cgroup (at least 64) below it."""
+    import types
+    outer = os.path.join(host._by["pids"].base, "lim")
+    inner = os.path.join(outer, "inner")
+    os.mkdir(outer)
+    try:
+        os.mkdir(inner)
+        with open(os.path.join(outer, "pids.max"), "w") as f:
+            f.write("1000")
+        assert cgroups._pids_limit_above(inner) == 1000  # ("max" in inner itself)
+        daemon_like = types.SimpleNamespace(_by={"pids": types.SimpleNamespace(own=inner)})
+        assert cgroups.default_max_tasks(daemon_like) == 1000 - 125
+        with open(os.path.join(inner, "pids.max"), "w") as f:
+            f.write("300")
+        assert cgroups.default_max_tasks(daemon_like) == 300 - 64
+        assert cgroups.default_max_tasks() == cgroups.default_max_tasks(
+            types.SimpleNamespace(_by={"pids": types.SimpleNamespace(own=host._by["pids"].own)}))  # (no limit here)
+    finally:
+        os.rmdir(inner) if os.path.isdir(inner) else None
+        os.rmdir(outer)

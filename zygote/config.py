@@ -12,7 +12,8 @@ same thing. Example::
     allowed_gids = [1001]         # any peer whose primary gid is listed
     max_children = 512
     max_children_per_client = 64  # per peer uid, over all its connections (root: per connection)
-    max_tasks = 16384             # zygotes + all their children's tasks, together (default: half the host's)
+    max_tasks = 16384             # zygotes + all their children's tasks, together (default: half the host's,
+                                  # and below a pids limit over the daemon: a unit's TasksMax)
     max_result_bytes = "16M"      # largest return value relayed to a client
     network_pool = "10.213.0.0/16"  # networked children's /30s (only for pools allowing network)
     network_dns = ["192.0.2.53"]

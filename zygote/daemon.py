@@ -177,7 +177,7 @@ class DaemonConfig:
     socket_mode: int = 0o600
     socket_group: int | None = None
     always_cgroup: bool = False  # a cgroup (accounting, peak_memory) even for children without limits
-    max_tasks: int | None = None  # zygotes + all their children, together (None: half the host's)
+    max_tasks: int | None = None  # zygotes + all their children, together (None: cgroups.default_max_tasks)
     max_result_bytes: int = 16 << 20
     network_pool: str = network.DEFAULT_POOL
     network_dns: tuple[str, ...] = ()
@@ -625,7 +625,7 @@ class Daemon:
     async def _bound_zygotes(self, config: DaemonConfig) -> int:
         """Make (or re-bound) the zygotes' cgroup with ``config``'s max_tasks; returns the bound."""
         assert self.cgroups is not None
-        tasks = config.max_tasks or cgroups.default_max_tasks()
+        tasks = config.max_tasks or cgroups.default_max_tasks(self.cgroups)
         await trio.to_thread.run_sync(self.cgroups.make_zygotes_leaf, tasks)
         return tasks
 

@@ -658,16 +658,44 @@ class ChildCgroup:
             self.host._children.pop(self.child_id, None)
 
 
-def default_max_tasks() -> int:
+def default_max_tasks(host: CgroupHost | None = None) -> int:
     """Half of what the host can run (the smaller of kernel.pid_max and kernel.threads-max): the
-    default bound of ``<base>/children`` (daemon.max_tasks), leaving the rest of the host its own half."""
+    default bound of ``<base>/children`` (daemon.max_tasks), leaving the rest of the host its own
+    half. With ``host``, also below any ``pids.max`` over the daemon's own cgroup (a systemd
+    unit's TasksMax, DefaultTasksMax=15% by default; a container's pids limit), less an eighth
+    of it (at least 64) for the daemon's own threads and helpers: children filling that
+    limit instead made the daemon's thread starts fail."""
     most = []
     for path in ("/proc/sys/kernel/pid_max", "/proc/sys/kernel/threads-max"):
         try:
             most.append(int(_read(path)))
         except (OSError, ValueError):
             pass
-    return max(1024, min(most or [32768]) // 2)
+    bound = max(1024, min(most or [32768]) // 2)
+    if host is not None:
+        above = _pids_limit_above(host._by["pids"].own)
+        if above is not None:
+            bound = min(bound, max(16, above - max(64, above // 8)))
+    return bound
+
+
+def _pids_limit_above(own: str) -> int | None:
+    """The smallest ``pids.max`` from ``own`` up to its hierarchy's root (None: "max" all the way,
+    or none readable)."""
+    least = None
+    d = own.rstrip("/")
+    while d and os.path.exists(os.path.join(d, "pids.max")):
+        try:
+            text = _read(os.path.join(d, "pids.max")).strip()
+        except OSError:
+            text = "max"
+        if text != "max":
+            try:
+                least = int(text) if least is None else min(least, int(text))
+            except ValueError:
+                pass
+        d = os.path.dirname(d)
+    return least
 
 
 def detect(name: str = "zygote") -> CgroupHost:
