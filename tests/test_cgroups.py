@@ -6,6 +6,7 @@ Runs on the host (cgroup v1 hybrid) and, for the tests marked ``cgroupv2``, in t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -537,3 +538,34 @@ def test_default_max_tasks_stays_below_a_pids_limit_over_the_daemon(host):
     finally:
         os.rmdir(inner) if os.path.isdir(inner) else None
         os.rmdir(outer)
+
+
+def test_a_daemon_under_a_pids_limit_bounds_its_children_below_it(host, tmp_path):
+    """The same through the daemon: started in a cgroup with pids.max = 1000 (as a unit's
+    TasksMax), it writes 1000 - 125 as its children's bound."""
+    import glob
+    from conftest import start_daemon, stop_daemon, wait_socket
+    if host.version != 1:
+        pytest.skip("v2 would need the controllers enabled down to the unit: the v1 host covers the wiring")
+    unit = os.path.join(host._by["pids"].own, f"zygote-unit-{os.getpid()}")
+    os.mkdir(unit)
+    proc = None
+    try:
+        with open(os.path.join(unit, "pids.max"), "w") as f:
+            f.write("1000")
+        sock = str(tmp_path / "z.sock")
+        proc = start_daemon("--socket", sock, "--preload", "json",
+                            wrapper=("sh", "-c", f'echo $$ > {unit}/cgroup.procs && exec "$@"', "sh"))
+        wait_socket(sock, proc)
+        from zygote_client import Client
+        with Client.connect(sock) as c:  # (answered once the daemon serves: its cgroups made)
+            c.status()
+        [bound] = glob.glob(f"{unit}/zygote/d{proc.pid}/children/pids.max")
+        with open(bound) as f:
+            assert f.read().strip() == str(1000 - 125)
+    finally:
+        if proc is not None:
+            stop_daemon(proc)
+        for d in sorted(glob.glob(f"{unit}/**/", recursive=True), key=len, reverse=True):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)

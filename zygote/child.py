@@ -512,7 +512,7 @@ def _end_as_python(script: bool) -> None:
     try:
         process = sys.modules.get("multiprocessing.process")
         util = sys.modules.get("multiprocessing.util")
-        children = getattr(process, "_children", None) if process is not None else None
+        children = getattr(process, "_children", None)
         if children and _zygote_mp_children:
             children.difference_update(_zygote_mp_children)
         if not script and util is not None and children:

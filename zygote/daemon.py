@@ -539,7 +539,7 @@ class Daemon:
         self.hands = _pipes.PipeHands()  # threads for the syscalls that can wait on a client's pipe lock
         self.cgroups: cgroups.CgroupHost | None = None
         self.cgroup_error: SetupError | None = None
-        self.zygotes_cgroup_error: SetupError | None = None  # (make_zygotes_leaf failed: no zygote starts)
+        self.zygotes_cgroup_error: SetupError | None = None  # (bound_children failed: no zygote starts)
         self._into_cgroup = False  # clone children straight into their cgroup (set for v2 hosts)
         self._reserve_conn = Connection(self, None, (0, -1, -1))  # owns children waiting in reserves
         self._reserve_conn.closed = True  # nothing is ever sent to it
@@ -576,10 +576,10 @@ class Daemon:
         self._into_cgroup = self.cgroups.version == 2  # clone3(CLONE_INTO_CGROUP): Linux >= 5.7, v2 only
         await trio.to_thread.run_sync(cgroups.remove_dead_instances, self.cgroups)
         # Every zygote runs in one cgroup with a tasks bound, and so does every child born
-        # without a cgroup of its own (see CgroupHost.make_zygotes_leaf). Not made: no zygote
+        # without a cgroup of its own (see CgroupHost.bound_children). Not made: no zygote
         # starts (Pool.start raises), rather than children adding up to the host's pid_max.
         try:
-            await self._bound_zygotes(self.config)
+            await self._bound_children(self.config)
         except SetupError as e:
             self.zygotes_cgroup_error = e
 
@@ -622,11 +622,12 @@ class Daemon:
         if how and how != "lean":
             self.observer.log.info("pool", pool=pool.config.name, message=f"its zygotes clone with {how}")
 
-    async def _bound_zygotes(self, config: DaemonConfig) -> int:
-        """Make (or re-bound) the zygotes' cgroup with ``config``'s max_tasks; returns the bound."""
+    async def _bound_children(self, config: DaemonConfig) -> int:
+        """Bound the children's cgroup (and make the zygotes' leaf) with ``config``'s max_tasks;
+        returns the bound."""
         assert self.cgroups is not None
         tasks = config.max_tasks or cgroups.default_max_tasks(self.cgroups)
-        await trio.to_thread.run_sync(self.cgroups.make_zygotes_leaf, tasks)
+        await trio.to_thread.run_sync(self.cgroups.bound_children, tasks)
         return tasks
 
     async def _place_zygote(self, pid: int) -> None:
@@ -803,7 +804,7 @@ class Daemon:
         self.pools = {n: started.get(n) or self.pools[n] for n in keep.pools}
         if keep.max_tasks != self.config.max_tasks and self.cgroups is not None and self.zygotes_cgroup_error is None:
             try:  # (a bound below what runs now only stops new tasks: nothing is killed)
-                changes.append(f"max_tasks {await self._bound_zygotes(keep)}")
+                changes.append(f"max_tasks {await self._bound_children(keep)}")
             except SetupError as e:
                 changes.append(f"max_tasks unchanged: {e.message}")
                 keep = dataclasses.replace(keep, max_tasks=self.config.max_tasks)  # (tried again next reload)

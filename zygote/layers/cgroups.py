@@ -44,7 +44,7 @@ CONTROLLERS = ("memory", "pids", "cpu")  # what every child gets, limited or not
 V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")  # cpuacct: CPU time accounting on v1
 CPU_PERIOD_US = 100_000
 DAEMON_LEAF = "daemon"
-WORK_DIR = "children"  # the bounded parent of everything the daemon starts (make_zygotes_leaf)
+WORK_DIR = "children"  # the bounded parent of everything the daemon starts (bound_children)
 ZYGOTES_LEAF = "zygotes"  # in WORK_DIR: the zygotes, and every child born without a cgroup of its own
 POOL_PREFIX = "zgpool-"
 USER_HZ = os.sysconf("SC_CLK_TCK")
@@ -258,7 +258,7 @@ class CgroupHost:
             raise
         return cg
 
-    def make_zygotes_leaf(self, max_tasks: int) -> str:
+    def bound_children(self, max_tasks: int) -> str:
         """Bound everything the daemon starts to ``max_tasks`` tasks together (``pids.max`` of
         ``<base>/children``), and make the cgroup zygotes run in (``place_zygote``) below it.
         Called again (reload), it rewrites the bound.
@@ -795,14 +795,8 @@ def _detect_v2(name: str, own: str, ctrls: set[str], already: bool) -> CgroupHos
     try:
         if need:
             _write(subtree, " ".join("+" + c for c in need))
-        if "/" in name:
-            mid = os.path.dirname(base)
-            _mkbase(mid)
-            msub = os.path.join(mid, "cgroup.subtree_control")
-            mneed = [c for c in CONTROLLERS if c not in _read(msub).split()]
-            if mneed:
-                _write(msub, " ".join("+" + c for c in mneed))
-        for d in (base, os.path.join(base, WORK_DIR)):  # (children below <base>/children)
+        # the shared middle directory (zygote/d<pid>: zygote/), <base>, and the children's parent
+        for d in ([os.path.dirname(base)] if "/" in name else []) + [base, os.path.join(base, WORK_DIR)]:
             _mkbase(d)
             dsub = os.path.join(d, "cgroup.subtree_control")
             dneed = [c for c in CONTROLLERS if c not in _read(dsub).split()]
@@ -839,18 +833,13 @@ def _detect_v1(name: str, mounts: list, own: dict[str, str]) -> CgroupHost:
         d = _under(mnt, root, own[c])
         base = os.path.join(d, name)
         parts = ([os.path.dirname(base)] if "/" in name else []) + [base, os.path.join(base, WORK_DIR)]
-        if c == "freezer":  # optional: only makes kill() exact
-            try:
-                for part in parts:  # (the daemon's name has a middle directory: zygote/d<pid>)
-                    try:
-                        os.mkdir(part)
-                    except FileExistsError:
-                        pass
-            except OSError:
-                continue
-        else:
+        try:  # (the daemon's name has a middle directory: zygote/d<pid>)
             for part in parts:
                 _mkbase(part)
+        except SetupError:
+            if c == "freezer":  # optional: only makes kill() exact
+                continue
+            raise
         hiers[mnt] = _Hier(frozenset({c}), d, base)
     host = CgroupHost(1, list(hiers.values()))
     try:
