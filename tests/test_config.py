@@ -1341,6 +1341,17 @@ def _pool_with_preload(tmp_path, sock: str, module: str, body: str, version: int
                       f'reserve = 0\nenv = {{PATH = "/usr/bin:/bin", PYTHONPATH = "{tmp_path}", V = "{version}"}}\n')
 
 
+def _mark_and_kill_the_zygote(proc, sock: str, mark) -> int:
+    """Once the daemon's pool is up, create ``mark`` (the preload behaves otherwise from then
+    on) and SIGKILL the daemon's zygote (the test's own); returns its pid."""
+    wait_socket(sock, proc)
+    Client.connect(sock).close()  # (its Welcome: the pool is up)
+    [first] = _zygotes_of(proc.pid)
+    mark.touch()
+    os.kill(first, signal.SIGKILL)
+    return first
+
+
 def test_a_pool_retired_while_its_zygote_restarts_leaves_no_zygote_running(tmp_path):
     """A reload retires a pool whose zygote is being restarted (it died; its replacement still
     preloads). The restart checked for a stopping pool only before it started the new zygote,
@@ -1358,11 +1369,7 @@ def test_a_pool_retired_while_its_zygote_restarts_leaves_no_zygote_running(tmp_p
     cfg = _pool_with_preload(tmp_path, sock, "zg_once_slow", body, 1)
     proc = start_daemon("--config", cfg)
     try:
-        wait_socket(sock, proc)
-        Client.connect(sock).close()  # (its Welcome: the pool is up)
-        [first] = _zygotes_of(proc.pid)
-        mark.touch()
-        os.kill(first, signal.SIGKILL)  # (the test's own daemon's zygote)
+        _mark_and_kill_the_zygote(proc, sock, mark)
         time.sleep(0.3)
         _pool_with_preload(tmp_path, sock, "zg_once_slow", body, 2)
         proc.send_signal(signal.SIGHUP)
@@ -1371,6 +1378,69 @@ def test_a_pool_retired_while_its_zygote_restarts_leaves_no_zygote_running(tmp_p
         time.sleep(1.8)  # (the restart's preload ends)
         assert len(_zygotes_of(proc.pid)) == 1, _zygotes_of(proc.pid)
         with Client.connect(sock) as c:
+            assert c.run(print, ("ok",)).stdout == b"ok\n"
+    finally:
+        stop_daemon(proc)
+
+
+def test_a_zygote_that_cannot_restart_says_why_and_is_retried_less_and_less(tmp_path):
+    """A zygote whose restart fails (its preload broke after the daemon started: a package
+    upgraded under it) was retried every second without a word in the log: the pool answered
+    "restarting" for ever, and each attempt cost the preloads' CPU. Now the death and each
+    failure are logged with the reason, and the attempts come 1, 2, 4... s apart."""
+    sock = str(tmp_path / "z.sock")
+    mark = tmp_path / "broken"
+    body = f"""
+        import os
+        if os.path.exists({str(mark)!r}):
+            raise ImportError("broken on purpose")
+        """
+    proc = start_daemon("--config", _pool_with_preload(tmp_path, sock, "zg_breakable", body, 1))
+    try:
+        first = _mark_and_kill_the_zygote(proc, sock, mark)
+        wait_for(lambda: b"zygote restart failed" in _log(proc), what="the failed restart's log line")
+        t0 = time.monotonic()
+        time.sleep(4.0)
+        log = _log(proc).decode(errors="replace")
+        died = [ln for ln in log.splitlines() if "zygote died" in ln]
+        assert len(died) == 1 and "killed by SIGKILL" in died[0] and str(first) in died[0], died
+        failed = [ln for ln in log.splitlines() if "zygote restart failed" in ln]
+        assert all("broken on purpose" in ln for ln in failed), failed
+        # 1 s apart, then 2: the first failure and two more within these 4 s (every second: 4-5)
+        assert 2 <= len(failed) <= 3, (time.monotonic() - t0, failed)
+        mark.unlink()
+        with Client.connect(sock) as c:  # (the next attempt, at most 4 s away, succeeds)
+            wait_for(lambda: c.status().pools[0].zygotes_running == 1, timeout=20, what="the restart")
+            assert c.run(print, ("ok",)).stdout == b"ok\n"
+    finally:
+        stop_daemon(proc)
+
+
+def test_a_zygote_that_keeps_dying_at_once_is_restarted_less_and_less(tmp_path):
+    """A zygote that dies soon after it is ready (here its preload leaves a timer that kills
+    it half a second later; in the field, a zygote of another version dying at its first
+    request) was restarted at once for ever. The first such death restarts it at once; the
+    next ones wait 1, 2, 4... s, and each is logged."""
+    sock = str(tmp_path / "z.sock")
+    mark = tmp_path / "dying"
+    mark.touch()
+    body = f"""
+        import os, signal
+        if os.path.exists({str(mark)!r}):
+            signal.setitimer(signal.ITIMER_REAL, 0.3)  # SIGALRM's default action ends the zygote
+        """
+    proc = start_daemon("--config", _pool_with_preload(tmp_path, sock, "zg_dying", body, 1))
+    try:
+        wait_socket(sock, proc)
+        wait_for(lambda: b"zygote died" in _log(proc), what="the first death")
+        time.sleep(4.0)
+        died = [ln for ln in _log(proc).decode(errors="replace").splitlines() if "zygote died" in ln]
+        assert all("killed by SIGALRM" in ln for ln in died), died
+        # restarted at once, then after 1 s, then 2 s: 3-4 deaths in these 4 s (at once: 8 or more)
+        assert 2 <= len(died) <= 4, died
+        mark.unlink()
+        with Client.connect(sock) as c:
+            wait_for(lambda: c.status().pools[0].zygotes_running == 1, timeout=20, what="the restart")
             assert c.run(print, ("ok",)).stdout == b"ok\n"
     finally:
         stop_daemon(proc)

@@ -1454,6 +1454,41 @@ def _broken_start_pool(tmp_path, body: str):
     return dataclasses.replace(base, python=sys.executable, env={**base.env, "PYTHONPATH": str(tmp_path)})
 
 
+def test_a_zygote_of_another_zygote_version_is_refused_with_the_fix(tmp_path):
+    """The pool's interpreter imports the zygote package installed for it: another version of
+    it (an old wheel in that virtualenv) started, then died with status 4 at its first clone
+    request (the protocol had changed), and the pool restarted it for ever, the log silent,
+    every spawn answered "restarting". A copy with one file changed is refused at its start,
+    the message naming both packages; an unchanged copy elsewhere starts."""
+    import dataclasses
+    import shutil
+    import trio
+    import zygote
+    from zygote._pool import PoolConfig, PoolStartError, Zygote
+
+    def pool_importing(copy):
+        shutil.copytree(os.path.dirname(zygote.__file__), copy / "zygote",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        base = PoolConfig()
+        return dataclasses.replace(base, python=sys.executable, env={**base.env, "PYTHONPATH": str(copy)})
+
+    same = pool_importing(tmp_path / "same")
+    z = Zygote(same, 0, None)
+    trio.run(z.start)
+    assert z.info["package"] == str(tmp_path / "same" / "zygote")
+    trio.run(z.stop)
+
+    other = pool_importing(tmp_path / "other")
+    with open(tmp_path / "other" / "zygote" / "layers" / "uts.py", "a") as f:
+        f.write("# another version\n")
+    z = Zygote(other, 0, None)
+    with pytest.raises(PoolStartError, match="imports another version of the zygote packages") as info:
+        trio.run(z.start)
+    assert str(tmp_path / "other" / "zygote") in str(info.value) and "install the daemon's version of zygote and zygote-client" in str(info.value)
+    trio.run(z.stop)
+    assert z.proc.poll() is not None
+
+
 def test_a_zygote_killed_before_it_read_the_b_p_fails_its_start(tmp_path):
     """A zygote that ends with the daemon's b"P" unread (killed at its start: the OOM killer)
     leaves ECONNRESET on the daemon's socket: the recv raised it out of Zygote.start, past

@@ -24,13 +24,15 @@ from zygote_client import SandboxConfig
 
 from ._childproto import MAX_TREES
 from .layers import SetupError
-from ._zygote import JOIN_FAILED, NFDS, REP, REQ
+from ._zygote import JOIN_FAILED, NFDS, REP, REQ, code_digest
 
 THREAD_CAPS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "NUMEXPR_NUM_THREADS": "1", "VECLIB_MAXIMUM_THREADS": "1"}
 CLONE_REPLY_TIMEOUT = 30.0  # seconds a zygote may take to answer one clone request
 STOP_CLONE_WAIT = 2.0  # seconds a stopping zygote waits for a clone in flight to be answered
 STUCK_ZYGOTE_WAIT = 5.0  # seconds a dead zygote may take to go before its replacement starts anyway
+QUICK_DEATH = 5.0  # a zygote that dies within this many seconds of being ready counts as a failed start
+RESTART_DELAY_MAX = 16.0  # seconds, at most, between attempts to start a zygote that keeps failing
 
 DEFAULT_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
 
@@ -159,6 +161,8 @@ class Zygote:
         self._lock = trio.Lock()
         self._req = itertools.count(1)
         self.dead = trio.Event()
+        self.ready_at = 0.0  # time.monotonic() when it reported ready
+        self.why = ""  # why the daemon took it for dead while it ran (clone), for the log
 
     async def start(self, timeout: float = 300.0) -> None:
         try:
@@ -214,7 +218,20 @@ class Zygote:
                 await self.stop()
             raise
         if first[:1] == b"R":
-            self.info = msgspec.msgpack.decode(first[1:], type=dict)
+            try:
+                info = msgspec.msgpack.decode(first[1:], type=dict)
+            except msgspec.DecodeError:
+                info = {}
+            if info.get("code") != code_digest():
+                await self.stop()
+                ours = os.path.dirname(os.path.abspath(__file__))
+                raise PoolStartError(
+                    f"pool {self.pool.name!r}: its interpreter {self.pool.python} imports another version of the "
+                    f"zygote packages ({info.get('package') or 'an older one, which does not say where from'}) "
+                    f"than this daemon's ({ours}): install the daemon's version of zygote and zygote-client into "
+                    "that interpreter's environment, or point the pool's python at one that has them")
+            self.info = info
+            self.ready_at = time.monotonic()
             return
         await self.stop()
         text = first[1:].decode(errors="replace") if first else "the zygote exited during startup"
@@ -255,15 +272,18 @@ class Zygote:
                                            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(fds))])
                         rep = await sock.recv(64)
                     except (OSError, trio.ClosedResourceError) as e:
+                        self.why = self.why or f"its connection failed: {e}"
                         self.dead.set()
                         raise ZygoteDied(f"zygote connection failed: {e}") from None
             if len(rep) != REP.size:
+                self.why = self.why or "it ended, or stopped answering, while cloning"
                 self.dead.set()
                 if self.proc is not None and self.proc.poll() is None:
                     self.proc.send_signal(signal.SIGKILL)  # silent for CLONE_REPLY_TIMEOUT: replace it
                 raise ZygoteDied("zygote died (or stopped answering) while cloning")
             rreq, pid, err = REP.unpack(rep)
             if rreq != req:
+                self.why = self.why or "it answered out of order"
                 self.dead.set()
                 raise ZygoteDied("zygote answered out of order")
             if pid == JOIN_FAILED:
@@ -271,6 +291,20 @@ class Zygote:
             if pid <= 0:
                 raise OSError(err, f"clone failed: {os.strerror(err)}")
             return pid
+
+    def ended(self) -> str:
+        """How its process ended, for the log ("exited with status 4", "killed by SIGKILL")."""
+        rc = self.proc.returncode if self.proc is not None else None
+        if rc is None:
+            how = "killed, and still held in the kernel"
+        elif rc < 0:
+            try:
+                how = f"killed by {signal.Signals(-rc).name}"
+            except ValueError:
+                how = f"killed by signal {-rc}"
+        else:
+            how = f"exited with status {rc}"
+        return f"{how} ({self.why})" if self.why else how
 
     async def stop(self) -> None:
         self.dead.set()  # no clone starts from here
@@ -330,6 +364,7 @@ class Pool:
         # (CLONE_PARENT) child that nobody tracks; the daemon reaps such strays.
         self.on_zygote_death = None
         self.place_zygote: Callable[[int], Awaitable[None]] | None = None  # (Zygote's place)
+        self.log = None  # the daemon's logger (structlog's), for zygote deaths and failed restarts
 
     async def start(self) -> None:
         for i in range(self.config.zygotes):
@@ -344,6 +379,12 @@ class Pool:
                 n.start_soon(self._watch, i, n)
 
     async def _watch(self, i: int, nursery: trio.Nursery) -> None:
+        """Restart zygote ``i`` whenever it dies, saying so in the log. One that cannot start,
+        or dies within QUICK_DEATH of being ready more than once in a row, is tried again after
+        a delay that doubles up to RESTART_DELAY_MAX (a broken preload, a wrong zygote version
+        in the pool's interpreter: each attempt costs the preloads' CPU, and before the log
+        said nothing, the pool answered "restarting" for ever)."""
+        failures = 0
         while True:
             z = self.zygotes[i]
             async with trio.open_nursery() as n:
@@ -352,6 +393,11 @@ class Pool:
                 n.cancel_scope.cancel()
             with trio.move_on_after(STUCK_ZYGOTE_WAIT):
                 await z.stop()
+            quick = time.monotonic() - z.ready_at < QUICK_DEATH
+            failures = failures + 1 if quick else 0
+            if not self.stopping:
+                self._say("warning", "zygote died", zygote=i, pid=z.proc.pid if z.proc else None, how=z.ended(),
+                          quick=quick)
             if z.proc is not None and z.proc.poll() is None:
                 # SIGKILLed and still there: held in the kernel (its exit closes a file whose
                 # file system stopped answering: a FUSE server's FLUSH, an NFS server). Its
@@ -362,11 +408,17 @@ class Pool:
             if self.on_zygote_death is not None:
                 self.on_zygote_death()
             while not self.stopping:
+                if failures > 1:
+                    await trio.sleep(min(RESTART_DELAY_MAX, 2.0 ** (failures - 2)))
+                    if self.stopping:
+                        return
                 nz = Zygote(self.config, i, self.place_zygote)
                 try:
                     await nz.start()
-                except PoolStartError:
-                    await trio.sleep(1.0)
+                except PoolStartError as e:
+                    failures = max(failures, 1) + 1
+                    self._say("error", "zygote restart failed", zygote=i, message=str(e),
+                              retry_in=min(RESTART_DELAY_MAX, 2.0 ** (failures - 2)))
                     continue
                 if self.stopping:  # stopped while it started: stop() did not see it
                     await nz.stop()
@@ -378,6 +430,10 @@ class Pool:
             self.zygotes[i] = nz
             async with self._changed:
                 self._changed.notify_all()
+
+    def _say(self, level: str, event: str, **fields) -> None:
+        if self.log is not None:
+            getattr(self.log, level)(event, pool=self.config.name, **fields)
 
     async def _reap_stuck(self, z: Zygote) -> None:
         assert z.proc is not None

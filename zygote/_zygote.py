@@ -3,7 +3,8 @@
 Started by the daemon with exec (``python -m zygote._zygote FD``), never forked from the trio
 process. Talks to the daemon over one SOCK_SEQPACKET socket (fd FD):
 
-    zygote -> daemon   b"R" + msgpack(info)          ready, after preloading
+    zygote -> daemon   b"R" + msgpack(info)          ready, after preloading (info["code"]: code_digest(),
+                                                      which the daemon compares with its own)
                        b"E" + text                    preload/startup failed; then exit 3
     daemon -> zygote   REQ(req_id, flags, owner) + 6 fds   clone one child with these stdio/ctl/status/result
                        fds (+ its cgroup when flags has CLONE_INTO_CGROUP: cgroup v2; then + a network
@@ -22,6 +23,7 @@ Globals, each with what it means for security (every child gets a copy of this m
              cloned. The server's socket is closed in every child with the rest. While
              a child is cloned into a namespace the daemon gave, it is held by an fd (Ahead._parked),
              which that clone closes with every other fd of ours before anything of its own runs.
+    _digest  code_digest()'s value, once computed (public: a digest of the package's sources).
 The zygote holds no secrets: no credentials, no client data beyond the request it is serving.
 """
 
@@ -46,7 +48,34 @@ JOIN_FAILED = -2  # REP's pid when entering that namespace failed (nothing was c
 
 _sock: socket.socket | None = None
 _cloner = None
+_digest: str | None = None
 _netns = None
+
+
+def code_digest() -> str:
+    """A digest of the Python sources (paths and contents) of this ``zygote`` package and of
+    the ``zygote_client`` it imports (children use its protocol and configuration). The daemon
+    runs a pool's zygote with the pool's interpreter, which imports the packages installed for
+    it: another version there (an old wheel in another virtualenv) confines children with other
+    code than the daemon's, or speaks another protocol to it. The daemon refuses a zygote whose
+    digest is not its own (Zygote.start)."""
+    global _digest
+    if _digest is None:
+        import hashlib
+        import zygote_client
+        h = hashlib.blake2b(digest_size=16)
+        for top in (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(zygote_client.__file__))):
+            h.update(os.path.basename(top).encode() + b"\0")
+            for d, dirs, files in sorted(os.walk(top)):
+                dirs[:] = sorted(x for x in dirs if x != "__pycache__")
+                for name in sorted(f for f in files if f.endswith(".py")):
+                    path = os.path.join(d, name)
+                    rel = os.path.relpath(path, top).encode()
+                    with open(path, "rb") as f:
+                        data = f.read()
+                    h.update(len(rel).to_bytes(4, "big") + rel + len(data).to_bytes(8, "big") + data)
+        _digest = h.hexdigest()
+    return _digest
 
 
 def _fail(text: str) -> None:
@@ -142,13 +171,15 @@ def main(argv: list[str]) -> None:
     sys.stderr.flush()
     unset = os.environ.pop("ZYGOTE_UNSET_AFTER_PRELOAD", "")
     child.zygote_ready([name for name in unset.split(",") if name])
+    digest = code_digest()
     gc.collect()
     gc.freeze()  # keep the preloaded heap out of the collector's reach: children stay copy-on-write
     import msgspec
     info = {"pid": os.getpid(), "executable": sys.executable, "prefix": sys.prefix,
             "base_prefix": sys.base_prefix, "version": list(sys.version_info[:3]), "path": sys.path,
             "preloaded": preload, "given_netns": _netns.can_join,
-            "fork_hooks": "lean" if lean is not None else f"all (not lean: {not_lean})"}
+            "fork_hooks": "lean" if lean is not None else f"all (not lean: {not_lean})",
+            "code": digest, "package": os.path.dirname(os.path.abspath(__file__))}
     try:
         _sock.send(b"R" + msgspec.msgpack.encode(info))
     except OSError:

@@ -612,6 +612,7 @@ class Daemon:
         if self.cgroups is not None:
             pool.place_zygote = self._place_zygote
         pool.on_zygote_death = lambda: self._nursery.start_soon(self._reap_strays)
+        pool.log = self.observer.log
         for reserve in pool.reserves:  # (what _reserve_fits compares each request with: once per pool)
             reserve.built = policy.effective(pc.sandbox, self._reserve_request(pool, reserve))
         return pool
