@@ -818,3 +818,21 @@ def test_SECURITY_seccomp_default_refuses_the_rest(name):
         ret = libc.syscall(*(ctypes.c_long(a) for a in _REST[name]))
         return [ret, ctypes.get_errno()]
     denied(call)
+
+
+def test_a_wheel_installs_the_named_profiles_where_the_daemon_looks():
+    """A daemon installed from its wheel (not from a checkout) had no profiles: the wheel did not
+    carry them, so every spawn failed "unknown seccomp profile 'default'" (the Docker image
+    copied them in by hand). pyproject.toml's data-files must put every profile of the source
+    tree where seccomp.py looks under sys.prefix. (Checked by hand: `pip wheel .`, installed
+    into Python 3.12 and 3.13 virtualenvs, children ran with the default profile.)"""
+    import glob
+    import tomllib
+    from conftest import REPO
+    from zygote.layers import seccomp
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        data_files = tomllib.load(f)["tool"]["setuptools"]["data-files"]
+    shipped = {os.path.relpath(p, REPO) for pattern in data_files.get(seccomp.INSTALLED_PROFILES, ())
+               for p in glob.glob(os.path.join(REPO, pattern))}
+    profiles = {os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "seccomp-profiles", "*"))}
+    assert profiles and shipped == profiles, (data_files, profiles)

@@ -72,11 +72,14 @@ class ProfileError(ValueError):
         self.hint = hint
 
 
+INSTALLED_PROFILES = "share/zygote/seccomp-profiles"  # under sys.prefix: the wheel's data-files (pyproject.toml)
+
+
 @functools.lru_cache(maxsize=1)
 def _profile_dirs() -> tuple[Path, ...]:
     # Looked up once per process: resolving them took ~0.3 ms, on every spawn (compile_cached).
     here = Path(__file__).resolve().parent.parent.parent / "seccomp-profiles"  # source tree
-    installed = Path(sys.prefix) / "share" / "zygote" / "seccomp-profiles"    # data_files install
+    installed = Path(sys.prefix) / INSTALLED_PROFILES                          # a wheel's install
     return tuple(d for d in (here, installed) if d.is_dir()) or (here,)
 
 
