@@ -1454,6 +1454,49 @@ def _broken_start_pool(tmp_path, body: str):
     return dataclasses.replace(base, python=sys.executable, env={**base.env, "PYTHONPATH": str(tmp_path)})
 
 
+def test_a_pool_whose_zygote_never_starts_again_backs_off_for_ever(monkeypatch):
+    """Pool._watch's restart loop on trio's MockClock (its sleeps take no time), with a zygote
+    whose every start fails: the attempts come 1, 2, 4, 8, 16 s apart and then every 16 s. Its
+    count of failures grew without bound and 2.0 ** 1024 overflowed after 1025 attempts (about
+    4.5 h of a broken preload): the OverflowError ended the daemon (a helper's review)."""
+    import subprocess as sp
+    import trio
+    import trio.testing
+    import zygote._pool as pool_mod
+
+    starts: list[float] = []
+    logged: list[dict] = []
+
+    class Failing(pool_mod.Zygote):
+        async def start(self, timeout: float = 300.0) -> None:
+            starts.append(trio.current_time())
+            if len(starts) >= 1100:
+                pool.stopping = True
+            raise pool_mod.PoolStartError("broken on purpose")
+
+    class Log:
+        def error(self, event, **kw):
+            logged.append(kw)
+        warning = error
+
+    pool = pool_mod.Pool(pool_mod.PoolConfig())
+    pool.log = Log()
+    dead = pool_mod.Zygote(pool.config, 0)
+    dead.proc = sp.Popen(["true"])
+    dead.proc.wait()
+    dead.dead.set()
+    pool.zygotes.append(dead)
+    monkeypatch.setattr(pool_mod, "Zygote", Failing)
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            await pool._watch(0, n)
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    gaps = [round(b - a, 3) for a, b in zip(starts, starts[1:])]
+    assert len(starts) == 1100 and gaps[:6] == [1, 2, 4, 8, 16, 16] and set(gaps[5:]) == {16}, gaps[:8]
+    assert logged[0]["how"] == "exited with status 0" and all(kw.get("retry_in", 0) <= 16 for kw in logged)
+
+
 def test_a_zygote_of_another_zygote_version_is_refused_with_the_fix(tmp_path):
     """The pool's interpreter imports the zygote package installed for it: another version of
     it (an old wheel in that virtualenv) started, then died with status 4 at its first clone
@@ -1484,9 +1527,37 @@ def test_a_zygote_of_another_zygote_version_is_refused_with_the_fix(tmp_path):
     z = Zygote(other, 0, None)
     with pytest.raises(PoolStartError, match="imports another version of the zygote packages") as info:
         trio.run(z.start)
-    assert str(tmp_path / "other" / "zygote") in str(info.value) and "install the daemon's version of zygote and zygote-client" in str(info.value)
+    import zygote_client
+    assert str(tmp_path / "other" / "zygote") in str(info.value) and os.path.dirname(zygote_client.__file__) in str(info.value)
+    assert "install the daemon's version of zygote and zygote-client" in str(info.value)
     trio.run(z.stop)
     assert z.proc.poll() is not None
+
+
+def test_a_zygote_after_an_upgrade_in_place_is_refused_saying_restart_the_daemon(monkeypatch):
+    """The daemon's own packages replaced on disk (pip install -U in its virtualenv) while it
+    runs: its digest is of the code it started with, so its next zygotes are refused, and the
+    fix is a restart, not an install (the same paths on both sides). Here the daemon's digest
+    is made to differ."""
+    import trio
+    import zygote._pool as pool_mod
+    monkeypatch.setattr(pool_mod, "code_digest", lambda: "the code this daemon started with")
+    z = pool_mod.Zygote(pool_mod.PoolConfig(), 0, None)
+    with pytest.raises(pool_mod.PoolStartError, match="changed on disk since this daemon started .*restart the daemon"):
+        trio.run(z.start)
+    trio.run(z.stop)
+
+
+def test_a_zygote_maps_nothing_a_child_does_not_need():
+    """Every clone copies the zygote's page tables and unmaps them at its exit, so the zygote
+    imports only what a child needs: its version digest used hashlib, which maps OpenSSL's
+    libcrypto (3 MiB) into every zygote (a helper's review); the client package's anyio and
+    asyncio load on first use only."""
+    def loaded():
+        import sys
+        return sorted(m for m in ("_hashlib", "anyio", "asyncio") if m in sys.modules)
+    with Client.embedded() as c:
+        assert c.spawn_child(loaded, stdin=None).result(timeout=30) == []
 
 
 def test_a_zygote_killed_before_it_read_the_b_p_fails_its_start(tmp_path):

@@ -33,6 +33,11 @@ STOP_CLONE_WAIT = 2.0  # seconds a stopping zygote waits for a clone in flight t
 STUCK_ZYGOTE_WAIT = 5.0  # seconds a dead zygote may take to go before its replacement starts anyway
 QUICK_DEATH = 5.0  # a zygote that dies within this many seconds of being ready counts as a failed start
 RESTART_DELAY_MAX = 16.0  # seconds, at most, between attempts to start a zygote that keeps failing
+RESTART_FAILURES_MAX = 8  # _watch's count of failures in a row stops here (its delay is at RESTART_DELAY_MAX)
+
+
+def _restart_delay(failures: int) -> float:
+    return 0.0 if failures < 2 else min(RESTART_DELAY_MAX, 2.0 ** (failures - 2))
 
 DEFAULT_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
 
@@ -225,10 +230,15 @@ class Zygote:
             if info.get("code") != code_digest():
                 await self.stop()
                 ours = os.path.dirname(os.path.abspath(__file__))
+                if info.get("package") == ours and info.get("client_package") == _client_dir():
+                    raise PoolStartError(
+                        f"pool {self.pool.name!r}: the zygote packages in {ours} changed on disk since this daemon "
+                        "started (an upgrade): restart the daemon")
                 raise PoolStartError(
                     f"pool {self.pool.name!r}: its interpreter {self.pool.python} imports another version of the "
-                    f"zygote packages ({info.get('package') or 'an older one, which does not say where from'}) "
-                    f"than this daemon's ({ours}): install the daemon's version of zygote and zygote-client into "
+                    f"zygote packages ({info.get('package') or 'an older one, which does not say where from'}, "
+                    f"{info.get('client_package') or '?'}) "
+                    f"than this daemon's ({ours}, {_client_dir()}): install the daemon's version of zygote and zygote-client into "
                     "that interpreter's environment, or point the pool's python at one that has them")
             self.info = info
             self.ready_at = time.monotonic()
@@ -266,7 +276,7 @@ class Zygote:
             # time limit only guards against a zygote that stopped answering.
             rep = b""
             with trio.CancelScope(shield=True):
-                with trio.move_on_after(CLONE_REPLY_TIMEOUT):
+                with trio.move_on_after(CLONE_REPLY_TIMEOUT) as scope:
                     try:
                         await sock.sendmsg([REQ.pack(req, flags, owner)],
                                            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(fds))])
@@ -276,7 +286,8 @@ class Zygote:
                         self.dead.set()
                         raise ZygoteDied(f"zygote connection failed: {e}") from None
             if len(rep) != REP.size:
-                self.why = self.why or "it ended, or stopped answering, while cloning"
+                self.why = self.why or (f"it did not answer a clone in {CLONE_REPLY_TIMEOUT:g} s: the daemon killed it"
+                                        if not rep and scope.cancelled_caught else "it ended while cloning")
                 self.dead.set()
                 if self.proc is not None and self.proc.poll() is None:
                     self.proc.send_signal(signal.SIGKILL)  # silent for CLONE_REPLY_TIMEOUT: replace it
@@ -339,6 +350,11 @@ async def _wait_proc(proc: subprocess.Popen) -> None:
         os.close(fd)
 
 
+def _client_dir() -> str:
+    import zygote_client
+    return os.path.dirname(os.path.abspath(zygote_client.__file__))
+
+
 def _fd_array(fds: list[int]) -> bytes:
     import array
     # + idmapped trees (TREES_SHIFT), + the cgroup fd for CLONE_INTO_CGROUP, + a prepared network
@@ -394,10 +410,10 @@ class Pool:
             with trio.move_on_after(STUCK_ZYGOTE_WAIT):
                 await z.stop()
             quick = time.monotonic() - z.ready_at < QUICK_DEATH
-            failures = failures + 1 if quick else 0
+            failures = min(failures + 1, RESTART_FAILURES_MAX) if quick else 0  # (capped: 2.0 ** 1024 overflows)
             if not self.stopping:
                 self._say("warning", "zygote died", zygote=i, pid=z.proc.pid if z.proc else None, how=z.ended(),
-                          quick=quick)
+                          quick=quick, retry_in=_restart_delay(failures))
             if z.proc is not None and z.proc.poll() is None:
                 # SIGKILLed and still there: held in the kernel (its exit closes a file whose
                 # file system stopped answering: a FUSE server's FLUSH, an NFS server). Its
@@ -409,16 +425,16 @@ class Pool:
                 self.on_zygote_death()
             while not self.stopping:
                 if failures > 1:
-                    await trio.sleep(min(RESTART_DELAY_MAX, 2.0 ** (failures - 2)))
+                    await trio.sleep(_restart_delay(failures))
                     if self.stopping:
                         return
                 nz = Zygote(self.config, i, self.place_zygote)
                 try:
                     await nz.start()
                 except PoolStartError as e:
-                    failures = max(failures, 1) + 1
+                    failures = min(max(failures, 1) + 1, RESTART_FAILURES_MAX)
                     self._say("error", "zygote restart failed", zygote=i, message=str(e),
-                              retry_in=min(RESTART_DELAY_MAX, 2.0 ** (failures - 2)))
+                              retry_in=_restart_delay(failures))
                     continue
                 if self.stopping:  # stopped while it started: stop() did not see it
                     await nz.stop()

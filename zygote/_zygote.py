@@ -61,12 +61,15 @@ def code_digest() -> str:
     digest is not its own (Zygote.start)."""
     global _digest
     if _digest is None:
-        import hashlib
+        try:
+            from _blake2 import blake2b  # (hashlib maps OpenSSL's libcrypto: +3 MiB in every zygote)
+        except ImportError:
+            from hashlib import blake2b
         import zygote_client
-        h = hashlib.blake2b(digest_size=16)
+        h = blake2b(digest_size=16)
         for top in (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(zygote_client.__file__))):
             h.update(os.path.basename(top).encode() + b"\0")
-            for d, dirs, files in sorted(os.walk(top)):
+            for d, dirs, files in os.walk(top):  # (not sorted(os.walk()): that walks all first, ignoring dirs[:])
                 dirs[:] = sorted(x for x in dirs if x != "__pycache__")
                 for name in sorted(f for f in files if f.endswith(".py")):
                     path = os.path.join(d, name)
@@ -179,7 +182,8 @@ def main(argv: list[str]) -> None:
             "base_prefix": sys.base_prefix, "version": list(sys.version_info[:3]), "path": sys.path,
             "preloaded": preload, "given_netns": _netns.can_join,
             "fork_hooks": "lean" if lean is not None else f"all (not lean: {not_lean})",
-            "code": digest, "package": os.path.dirname(os.path.abspath(__file__))}
+            "code": digest, "package": os.path.dirname(os.path.abspath(__file__)),
+            "client_package": os.path.dirname(os.path.abspath(sys.modules["zygote_client"].__file__))}
     try:
         _sock.send(b"R" + msgspec.msgpack.encode(info))
     except OSError:
