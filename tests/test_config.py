@@ -1418,12 +1418,11 @@ def test_a_zygote_that_cannot_restart_says_why_and_is_retried_less_and_less(tmp_
 
 def test_a_zygote_that_keeps_dying_at_once_is_restarted_less_and_less(tmp_path):
     """A zygote that dies soon after it is ready (here its preload leaves a timer that kills
-    it half a second later; in the field, a zygote of another version dying at its first
-    request) was restarted at once for ever. The first such death restarts it at once; the
-    next ones wait 1, 2, 4... s, and each is logged."""
+    it 0.3 s later; in the field, a zygote of another version dying at its first request) was
+    restarted at once for ever. The first such death restarts it at once; the next ones wait
+    1, 2, 4... s, and each is logged."""
     sock = str(tmp_path / "z.sock")
     mark = tmp_path / "dying"
-    mark.touch()
     body = f"""
         import os, signal
         if os.path.exists({str(mark)!r}):
@@ -1431,13 +1430,14 @@ def test_a_zygote_that_keeps_dying_at_once_is_restarted_less_and_less(tmp_path):
         """
     proc = start_daemon("--config", _pool_with_preload(tmp_path, sock, "zg_dying", body, 1))
     try:
-        wait_socket(sock, proc)
-        wait_for(lambda: b"zygote died" in _log(proc), what="the first death")
+        _mark_and_kill_the_zygote(proc, sock, mark)
+        wait_for(lambda: b"SIGALRM" in _log(proc), what="the first death by the timer")
         time.sleep(4.0)
-        died = [ln for ln in _log(proc).decode(errors="replace").splitlines() if "zygote died" in ln]
-        assert all("killed by SIGALRM" in ln for ln in died), died
-        # restarted at once, then after 1 s, then 2 s: 3-4 deaths in these 4 s (at once: 8 or more)
-        assert 2 <= len(died) <= 4, died
+        lines = _log(proc).decode(errors="replace").splitlines()
+        # (a timer that fires before the zygote said it was ready, under load, fails its start)
+        attempts = [ln for ln in lines if "zygote died" in ln and "SIGALRM" in ln or "zygote restart failed" in ln]
+        # then 1 s, then 2 s: 3 in these 4 s (restarted at once: 8 or more)
+        assert 2 <= len(attempts) <= 4, attempts
         mark.unlink()
         with Client.connect(sock) as c:
             wait_for(lambda: c.status().pools[0].zygotes_running == 1, timeout=20, what="the restart")
