@@ -292,6 +292,17 @@ def bench_throughput(clients: list[Client], duration: float) -> dict:
             "cpu_ms_per_spawn": cpu_split(before, after, n) if n else None}
 
 
+def bench_throughput_runs(clients: list[Client], duration: float, runs: int = 3) -> dict:
+    """``bench_throughput`` ``runs`` times back to back; the run with the median rate, with every
+    run's rate under "runs". On a shared 2-CPU VM one 5 s run of the same daemon moved between
+    143 and 173 per second from one run to the next (host noise, not the daemon's state: the
+    spread was the same within one daemon's life as between daemons), so one run decided the
+    target's PASS or FAIL by chance."""
+    results = [bench_throughput(clients, duration) for _ in range(runs)]
+    pick = sorted(results, key=lambda r: r["per_second"])[len(results) // 2]
+    return dict(pick, runs=[r["per_second"] for r in results])
+
+
 # ---- (c), (e): cold processes ----------------------------------------------------------------------
 
 COLD_CODE = "import pandas; print(1)"
@@ -508,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
             res["a_reserve_leased"] = {"error": f"{type(e).__name__}: {e}"[:200]}
         say("throughput with a reserve: 2 requesters sharing one daemon (the production shape)")
         time.sleep(1.0)
-        res["throughput_2_reserve_shared"] = bench_throughput([cr, cr], tp_secs)
+        res["throughput_2_reserve_shared"] = bench_throughput_runs([cr, cr], tp_secs)  # (the target's row)
         say("throughput with reserves: 2 requesters, each with its own Client.embedded")
         cr2 = Client.embedded(preload_imports=["pandas"], daemon_args=["--reserve", str(RESERVE)])
         clients.append(cr2)
@@ -628,6 +639,8 @@ def report(res: dict) -> None:
         if t:
             err = f"  errors: {t['errors']}" if t["errors"] else ""
             print(f"  {label:<58} {t['per_second']:>8.1f} /s  ({t['completed']} in {t['seconds']:.1f} s){err}")
+            if len(t.get("runs") or ()) > 1:
+                print(f"      (the median of {len(t['runs'])} runs: " + " / ".join(f"{x:.1f}" for x in t["runs"]) + " /s)")
     cpu = (res.get("throughput_2_reserve_shared") or {}).get("cpu_ms_per_spawn")
     if cpu:
         total = sum(cpu.values())
