@@ -1383,11 +1383,12 @@ def test_a_pool_retired_while_its_zygote_restarts_leaves_no_zygote_running(tmp_p
         stop_daemon(proc)
 
 
-def test_a_zygote_that_cannot_restart_says_why_and_is_retried_less_and_less(tmp_path):
+def test_a_zygote_that_cannot_restart_says_why_in_the_log(tmp_path):
     """A zygote whose restart fails (its preload broke after the daemon started: a package
     upgraded under it) was retried every second without a word in the log: the pool answered
-    "restarting" for ever, and each attempt cost the preloads' CPU. Now the death and each
-    failure are logged with the reason, and the attempts come 1, 2, 4... s apart."""
+    "restarting" for ever. Now the death and each failure are logged with the reason, and the
+    pool comes back once the cause is gone. (The delays between attempts: the MockClock tests
+    in test_spawn.py.)"""
     sock = str(tmp_path / "z.sock")
     mark = tmp_path / "broken"
     body = f"""
@@ -1399,47 +1400,13 @@ def test_a_zygote_that_cannot_restart_says_why_and_is_retried_less_and_less(tmp_
     try:
         first = _mark_and_kill_the_zygote(proc, sock, mark)
         wait_for(lambda: b"zygote restart failed" in _log(proc), what="the failed restart's log line")
-        t0 = time.monotonic()
-        time.sleep(4.0)
+        mark.unlink()
         log = _log(proc).decode(errors="replace")
         died = [ln for ln in log.splitlines() if "zygote died" in ln]
         assert len(died) == 1 and "killed by SIGKILL" in died[0] and str(first) in died[0], died
         failed = [ln for ln in log.splitlines() if "zygote restart failed" in ln]
-        assert all("broken on purpose" in ln for ln in failed), failed
-        # 1 s apart, then 2: the first failure and two more within these 4 s (every second: 4-5)
-        assert 2 <= len(failed) <= 3, (time.monotonic() - t0, failed)
-        mark.unlink()
-        with Client.connect(sock) as c:  # (the next attempt, at most 4 s away, succeeds)
-            wait_for(lambda: c.status().pools[0].zygotes_running == 1, timeout=20, what="the restart")
-            assert c.run(print, ("ok",)).stdout == b"ok\n"
-    finally:
-        stop_daemon(proc)
-
-
-def test_a_zygote_that_keeps_dying_at_once_is_restarted_less_and_less(tmp_path):
-    """A zygote that dies soon after it is ready (here its preload leaves a timer that kills
-    it 0.3 s later; in the field, a zygote of another version dying at its first request) was
-    restarted at once for ever. The first such death restarts it at once; the next ones wait
-    1, 2, 4... s, and each is logged."""
-    sock = str(tmp_path / "z.sock")
-    mark = tmp_path / "dying"
-    body = f"""
-        import os, signal
-        if os.path.exists({str(mark)!r}):
-            signal.setitimer(signal.ITIMER_REAL, 0.3)  # SIGALRM's default action ends the zygote
-        """
-    proc = start_daemon("--config", _pool_with_preload(tmp_path, sock, "zg_dying", body, 1))
-    try:
-        _mark_and_kill_the_zygote(proc, sock, mark)
-        wait_for(lambda: b"SIGALRM" in _log(proc), what="the first death by the timer")
-        time.sleep(4.0)
-        lines = _log(proc).decode(errors="replace").splitlines()
-        # (a timer that fires before the zygote said it was ready, under load, fails its start)
-        attempts = [ln for ln in lines if "zygote died" in ln and "SIGALRM" in ln or "zygote restart failed" in ln]
-        # then 1 s, then 2 s: 3 in these 4 s (restarted at once: 8 or more)
-        assert 2 <= len(attempts) <= 4, attempts
-        mark.unlink()
-        with Client.connect(sock) as c:
+        assert failed and all("broken on purpose" in ln and "zg_breakable" in ln for ln in failed), failed
+        with Client.connect(sock) as c:  # (the next attempt, a second later, succeeds)
             wait_for(lambda: c.status().pools[0].zygotes_running == 1, timeout=20, what="the restart")
             assert c.run(print, ("ok",)).stdout == b"ok\n"
     finally:

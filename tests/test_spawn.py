@@ -1454,29 +1454,28 @@ def _broken_start_pool(tmp_path, body: str):
     return dataclasses.replace(base, python=sys.executable, env={**base.env, "PYTHONPATH": str(tmp_path)})
 
 
-def test_a_pool_whose_zygote_never_starts_again_backs_off_for_ever(monkeypatch):
-    """Pool._watch's restart loop on trio's MockClock (its sleeps take no time), with a zygote
-    whose every start fails: the attempts come 1, 2, 4, 8, 16 s apart and then every 16 s. Its
-    count of failures grew without bound and 2.0 ** 1024 overflowed after 1025 attempts (about
-    4.5 h of a broken preload): the OverflowError ended the daemon (a helper's review)."""
+def _restart_loop(monkeypatch, start, n: int) -> tuple[list[float], list[tuple[str, dict]]]:
+    """Pool._watch's restart loop on trio's MockClock (its sleeps take no time) after a zygote
+    died, each new zygote's ``start(z, k)`` (k: its number) playing the part; stops the pool at
+    the n-th start. Returns the starts' times and what was logged."""
     import subprocess as sp
     import trio
     import trio.testing
     import zygote._pool as pool_mod
 
     starts: list[float] = []
-    logged: list[dict] = []
+    logged: list[tuple[str, dict]] = []
 
-    class Failing(pool_mod.Zygote):
+    class Played(pool_mod.Zygote):
         async def start(self, timeout: float = 300.0) -> None:
             starts.append(trio.current_time())
-            if len(starts) >= 1100:
+            if len(starts) >= n:
                 pool.stopping = True
-            raise pool_mod.PoolStartError("broken on purpose")
+            start(self, len(starts))
 
     class Log:
         def error(self, event, **kw):
-            logged.append(kw)
+            logged.append((event, kw))
         warning = error
 
     pool = pool_mod.Pool(pool_mod.PoolConfig())
@@ -1486,15 +1485,54 @@ def test_a_pool_whose_zygote_never_starts_again_backs_off_for_ever(monkeypatch):
     dead.proc.wait()
     dead.dead.set()
     pool.zygotes.append(dead)
-    monkeypatch.setattr(pool_mod, "Zygote", Failing)
+    monkeypatch.setattr(pool_mod, "Zygote", Played)
 
     async def main() -> None:
         async with trio.open_nursery() as n:
             await pool._watch(0, n)
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    return starts, logged
+
+
+def test_a_pool_whose_zygote_never_starts_again_backs_off_for_ever(monkeypatch):
+    """A zygote whose every start fails (a preload broken under a running daemon): the
+    attempts come 1, 2, 4, 8, 16 s apart, then every 16 s, each logged with its reason. The
+    count of failures grew without bound and 2.0 ** 1024 overflowed after 1025 attempts (about
+    4.5 h): the OverflowError ended the daemon (a helper's review). Before, a failed start was
+    retried every second, silently."""
+    import zygote._pool as pool_mod
+
+    def fail(z, k):
+        raise pool_mod.PoolStartError("broken on purpose")
+    starts, logged = _restart_loop(monkeypatch, fail, 1100)
     gaps = [round(b - a, 3) for a, b in zip(starts, starts[1:])]
     assert len(starts) == 1100 and gaps[:6] == [1, 2, 4, 8, 16, 16] and set(gaps[5:]) == {16}, gaps[:8]
-    assert logged[0]["how"] == "exited with status 0" and all(kw.get("retry_in", 0) <= 16 for kw in logged)
+    assert logged[0] == ("zygote died", {"pool": "default", "zygote": 0, "pid": logged[0][1]["pid"],
+                                         "how": "exited with status 0", "quick": False, "retry_in": 0.0}), logged[0]
+    failed = [kw for event, kw in logged[1:] if event == "zygote restart failed"]
+    assert len(failed) == 1100 and all("broken on purpose" in kw["message"] and kw["retry_in"] <= 16 for kw in failed)
+
+
+def test_a_zygote_that_keeps_dying_at_once_is_restarted_less_and_less(monkeypatch):
+    """A zygote that dies soon after it is ready (in the field: a zygote of another version,
+    dying at its first request) was restarted at once, for ever. The first such death restarts
+    it at once, the next ones after 1, 2, 4 ... 16 s; one that lived longer than QUICK_DEATH
+    resets the count. Each death is logged with how it ended."""
+    import subprocess as sp
+    import time
+    import zygote._pool as pool_mod
+
+    def ready_then_killed(z, k):
+        z.proc = sp.Popen(["sleep", "60"])
+        z.proc.kill()
+        z.proc.wait()
+        z.ready_at = time.monotonic() - (60 if k == 8 else 0)  # the 8th lived a minute
+    starts, logged = _restart_loop(monkeypatch, ready_then_killed, 12)
+    gaps = [round(b - a, 3) for a, b in zip(starts, starts[1:])]
+    assert gaps == [0, 1, 2, 4, 8, 16, 16, 0, 0, 1, 2], gaps
+    deaths = [kw for event, kw in logged if event == "zygote died"]
+    assert [kw["quick"] for kw in deaths] == [False] + [True] * 7 + [False] + [True] * 3, deaths
+    assert all(kw["how"] == "killed by SIGKILL" for kw in deaths[1:]), deaths
 
 
 def test_a_zygote_of_another_zygote_version_is_refused_with_the_fix(tmp_path):
