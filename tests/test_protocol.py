@@ -106,6 +106,11 @@ def _send_and_drain(path: str, data: bytes) -> None:
         s.close()
 
 
+def _status_kib(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(ln for ln in f if ln.startswith(key + ":")).split()[1])
+
+
 def _alive(path: str) -> None:
     with Client.connect(path) as c:
         assert c.run(print, ("alive",)).stdout == b"alive\n"
@@ -345,12 +350,16 @@ def _first_reply(s: socket.socket):
             seen_welcome = True
 
 
-@pytest.mark.parametrize("case", ["size-beyond-float", "huge-pool-name", "huge-undecodable-kind", "dotted-path"])
+@pytest.mark.parametrize("case", ["size-beyond-float", "huge-pool-name", "huge-undecodable-kind",
+                                  "huge-landlock-mode", "dotted-path"])
 def test_SECURITY_extreme_values_from_a_client_get_a_short_error_not_a_dead_daemon(socket_daemon, case):
     """Each of these once took the daemon (and every child) down: a memory size of 400 nines is
     float inf, whose int() raised OverflowError past the decoder; a 70 MiB pool name or kind came
     back quoted in an error too large to frame, and the send raised. A bind source of 600000
-    './' went to os.path.realpath on the event loop (quadratic: seconds per MB)."""
+    './' went to os.path.realpath on the event loop (quadratic: seconds per MB). Then (session
+    35) a 70 MiB kind or Landlock mode, both Literal types, was quoted whole by msgspec's own
+    error (escaped: 280 MB) before anything of ours could cut it: 1-2 s of the event loop, and
+    every other client, per frame; the daemon's peak memory shows it."""
     big = "\x01" * (70 << 20)
     spawn = {"type": "spawn", "req": 7, "kind": "exec", "argv": ["/bin/true"]}
     if case == "size-beyond-float":
@@ -359,10 +368,16 @@ def test_SECURITY_extreme_values_from_a_client_get_a_short_error_not_a_dead_daem
         spawn["pool"] = big
     elif case == "dotted-path":
         spawn["sandbox"] = {"ro_binds": {"/" + "./" * 600_000 + "tmp": "/x"}}
+    elif case == "huge-landlock-mode":
+        spawn["sandbox"] = {"landlock": big}
     else:
         spawn["kind"] = big
     s = _raw(socket_daemon)
     s.settimeout(60)
+    daemon = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+    with open(f"/proc/{daemon}/clear_refs", "w") as f:
+        f.write("5")  # its peak RSS (VmHWM) from now
+    before = _status_kib(daemon, "VmRSS")
     try:
         s.sendall(_frame(_packed({"type": "hello", "version": P.VERSION})) + _frame(_packed(spawn)))
         reply = _first_reply(s)
@@ -370,6 +385,8 @@ def test_SECURITY_extreme_values_from_a_client_get_a_short_error_not_a_dead_daem
         s.close()
     assert isinstance(reply, (P.Error, P.SpawnFailed)), reply
     assert len(reply.message) < 4000
+    grew = (_status_kib(daemon, "VmHWM") - before) >> 10
+    assert grew < 200, f"the daemon's peak memory grew {grew} MiB for a {len(big) >> 20} MiB value"
     if case == "size-beyond-float":
         assert "memory" in reply.message
     if case == "dotted-path":

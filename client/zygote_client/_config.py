@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import msgspec
 
@@ -127,6 +127,16 @@ DEFAULTS = {"tmpfs_size": "64M", "seccomp_profile": "default", "landlock": "auto
             "hostname": "zygote", "dev_pts": False, "reaper": False}
 
 
+LANDLOCK_MODES = ("auto", "required", "off")
+if TYPE_CHECKING:
+    LandlockMode = Literal["auto", "required", "off"]
+else:
+    # A plain str on the wire, checked in __post_init__: msgspec's own error for a Literal quotes
+    # the whole value a peer sent (escaped: 4 bytes per byte), and building it for a 70 MiB one
+    # held the daemon's event loop for 2 s.
+    LandlockMode = str
+
+
 class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """How one child is confined and limited. The built-in defaults are the strictest useful settings.
 
@@ -216,7 +226,7 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     workdir: str | None = None
     tmpfs_size: int | str | None = None
     seccomp_profile: str | None = None
-    landlock: Literal["auto", "required", "off"] | None = None
+    landlock: LandlockMode | None = None
     uid: int | None = None
     gid: int | None = None
     hostname: str | None = None
@@ -247,6 +257,8 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
                     raise ValueError(f"{field}: cannot bind over the sandbox root ({quoted(src)} -> '/')")
         if self.workdir is not None:
             _check_abs(self.workdir, "workdir")
+        if self.landlock is not None and self.landlock not in LANDLOCK_MODES:
+            raise ValueError(f"landlock: expected one of {', '.join(LANDLOCK_MODES)}, got {quoted(self.landlock)}")
         if self.workspace is not None and self.export is not None:
             a, b = self.workspace.path, self.export.path
             if a == b or a.startswith(b + "/") or b.startswith(a + "/"):

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Annotated, Callable, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Callable, Literal, Union
 
 import msgspec
 
 from ._config import ExitStatus, SandboxConfig
-from ._errors import ProtocolError
+from ._errors import ProtocolError, quoted
 from ._workspace import ENTRIES_MAX, ExportResult
 
 VERSION = 1
@@ -70,6 +70,13 @@ class Hello(_Msg, tag="hello"):
 CLIENT = "zygote_client sandbox-inherits"  # this client's Hello.client
 
 
+KINDS = ("callable", "target", "child_main", "exec", "script")
+if TYPE_CHECKING:
+    Kind = Literal["callable", "target", "child_main", "exec", "script"]
+else:
+    Kind = str  # (checked in Spawn.__post_init__: see _config.LandlockMode for why not a Literal)
+
+
 class Spawn(_Msg, tag="spawn"):
     """Ask for a child.
 
@@ -87,7 +94,7 @@ class Spawn(_Msg, tag="spawn"):
     """
 
     req: int
-    kind: Literal["callable", "target", "child_main", "exec", "script"]
+    kind: Kind
     # Decoded as a view of the received frame's buffer (no copy: see FrameDecoder); a client
     # builds it from bytes, which encode alike.
     payload: memoryview = b""
@@ -106,6 +113,10 @@ class Spawn(_Msg, tag="spawn"):
     test_landlock_abi: int = 0  # test-only: require this Landlock ABI (simulates an older kernel)
     test_relax_mounts: bool = False  # test-only: host mount tree (to test Landlock alone)
     test_fail_step: str | None = None  # honoured only by a daemon started with --test-hooks
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {quoted(self.kind)}")
 
 
 class Signal(_Msg, tag="signal"):
