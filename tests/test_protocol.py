@@ -351,7 +351,8 @@ def _first_reply(s: socket.socket):
 
 
 @pytest.mark.parametrize("case", ["size-beyond-float", "huge-pool-name", "huge-undecodable-kind",
-                                  "huge-landlock-mode", "dotted-path"])
+                                  "huge-landlock-mode", "dotted-path", "huge-entry-kind", "huge-export-mode",
+                                  "huge-target", "size-with-spaces"])
 def test_SECURITY_extreme_values_from_a_client_get_a_short_error_not_a_dead_daemon(socket_daemon, case):
     """Each of these once took the daemon (and every child) down: a memory size of 400 nines is
     float inf, whose int() raised OverflowError past the decoder; a 70 MiB pool name or kind came
@@ -370,6 +371,15 @@ def test_SECURITY_extreme_values_from_a_client_get_a_short_error_not_a_dead_daem
         spawn["sandbox"] = {"ro_binds": {"/" + "./" * 600_000 + "tmp": "/x"}}
     elif case == "huge-landlock-mode":
         spawn["sandbox"] = {"landlock": big}
+    elif case == "huge-entry-kind":  # (Entry is array_like: path, kind, mode, data)
+        spawn["sandbox"] = {"workspace": {"entries": [["a", big, 0o644, b""]]}}
+    elif case == "huge-export-mode":
+        spawn["sandbox"] = {"export": {"on_exceed": big}}
+    elif case == "huge-target":  # (job_problem's repr, on the event loop)
+        spawn.update(kind="target", target=big)
+        del spawn["argv"]
+    elif case == "size-with-spaces":  # (_SIZE_RE's two \s* backtracked: quadratic, minutes for 200 kB)
+        spawn["sandbox"] = {"memory": "1" + " " * 200_000 + "x"}
     else:
         spawn["kind"] = big
     s = _raw(socket_daemon)

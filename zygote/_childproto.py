@@ -19,6 +19,7 @@ import struct
 
 import msgspec
 
+from zygote_client._errors import quoted
 from zygote_client._protocol import JOB_LEN as LEN, Job  # one framing for every child pipe
 from zygote_client._workspace import Entry
 
@@ -179,9 +180,9 @@ def job_problem(kind: str, target: str | None, argv: list[str] | None, timeout: 
     """What is wrong with a Job's own fields ("" when nothing): checked by the daemon for a Spawn
     and by a reserve child for the Job it reads (a leased child's comes from the client)."""
     if kind not in JOB_KINDS:
-        return f"kind must be one of {', '.join(JOB_KINDS)}, got {kind!r}"
+        return f"kind must be one of {', '.join(JOB_KINDS)}, got {quoted(kind, 60)}"
     if kind in ("target", "child_main") and (not target or ":" not in target):
-        return f"target must be 'module:function', got {target!r}"
+        return f"target must be 'module:function', got {quoted(target, 200)}"
     if kind in ("exec", "script") and not argv:
         return f"{kind} needs a non-empty argv"
     if timeout is not None and not (timeout > 0 and timeout < 1e9):

@@ -25,7 +25,7 @@ import shutil
 import stat
 import struct
 import tempfile
-from typing import Annotated, Iterator, Literal
+from typing import TYPE_CHECKING, Annotated, Iterator, Literal
 
 import msgspec
 
@@ -64,14 +64,29 @@ class ExportError(WorkspaceError):
     """An export was refused or could not be written; the destination was left untouched."""
 
 
+ENTRY_KINDS = ("dir", "file", "symlink")
+ON_EXCEED = ("refuse", "truncate")
+if TYPE_CHECKING:
+    EntryKind = Literal["dir", "file", "symlink"]
+    OnExceed = Literal["refuse", "truncate"]
+else:
+    # Plain strings on the wire, checked in __post_init__ (see _config.LandlockMode): msgspec's
+    # error for a value outside a Literal quotes the whole value, escaped (4 bytes per byte).
+    EntryKind = OnExceed = str
+
+
 class Entry(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
     """One archive member: a relative path, its kind, permission bits and data (file) or link text
     (symlink)."""
 
     path: str
-    kind: Literal["dir", "file", "symlink"]
+    kind: EntryKind
     mode: int = 0o644
     data: bytes = b""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ENTRY_KINDS:
+            raise ValueError(f"kind: expected one of {', '.join(ENTRY_KINDS)}, got {quoted(self.kind, 60)}")
 
 
 ENTRIES_MAX = 100_000  # entries a Spawn frame may carry (the protocol's bound; the daemon's ceiling)
@@ -158,10 +173,13 @@ class Export(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     max_files: int = 1000
     max_file_bytes: int | None = None
     max_bytes: int = 64 << 20
-    on_exceed: Literal["refuse", "truncate"] = "refuse"
+    on_exceed: OnExceed = "refuse"
 
     def __post_init__(self) -> None:
         check_sandbox_path(self.path, "export path")
+        if self.on_exceed not in ON_EXCEED:  # (anything else would read as "truncate")
+            raise ValueError(f"export on_exceed: expected one of {', '.join(ON_EXCEED)}, "
+                             f"got {quoted(self.on_exceed, 60)}")
         for name in ("max_files", "max_bytes", "max_file_bytes"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
