@@ -401,6 +401,7 @@ class Pool:
         in the pool's interpreter: each attempt costs the preloads' CPU, and before the log
         said nothing, the pool answered "restarting" for ever)."""
         failures = 0
+        said = ""  # the last failed start's message, logged whole once (a preload's traceback)
         while True:
             z = self.zygotes[i]
             async with trio.open_nursery() as n:
@@ -433,12 +434,14 @@ class Pool:
                     await nz.start()
                 except PoolStartError as e:
                     failures = min(max(failures, 1) + 1, RESTART_FAILURES_MAX)
-                    self._say("error", "zygote restart failed", zygote=i, message=str(e),
+                    message, said = (str(e) if str(e) != said else "the same as the last attempt's"), str(e)
+                    self._say("error", "zygote restart failed", zygote=i, message=message,
                               retry_in=_restart_delay(failures))
                     continue
                 if self.stopping:  # stopped while it started: stop() did not see it
                     await nz.stop()
                     return
+                said = ""
                 break
             else:
                 return
