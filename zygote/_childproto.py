@@ -20,7 +20,7 @@ import struct
 import msgspec
 
 from zygote_client._errors import quoted
-from zygote_client._protocol import JOB_LEN as LEN, Job  # one framing for every child pipe
+from zygote_client._protocol import JOB_LEN as LEN, KINDS as JOB_KINDS, Job  # one framing for every child pipe
 from zygote_client._workspace import Entry
 
 MAX_STATUS_FRAME = 1 << 20
@@ -171,9 +171,6 @@ _enc = msgspec.msgpack.Encoder()
 plan_decoder = msgspec.msgpack.Decoder(ChildPlan)
 job_decoder = msgspec.msgpack.Decoder(Job)
 status_decoder = msgspec.msgpack.Decoder(StatusMessage)
-
-
-JOB_KINDS = ("callable", "target", "child_main", "exec", "script")
 
 
 def job_problem(kind: str, target: str | None, argv: list[str] | None, timeout: float | None) -> str:

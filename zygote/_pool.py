@@ -24,7 +24,7 @@ from zygote_client import SandboxConfig
 
 from ._childproto import MAX_TREES
 from .layers import SetupError
-from ._zygote import JOIN_FAILED, NFDS, REP, REQ, code_digest
+from ._zygote import JOIN_FAILED, NFDS, REP, REQ, code_digest, package_dirs
 
 THREAD_CAPS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "NUMEXPR_NUM_THREADS": "1", "VECLIB_MAXIMUM_THREADS": "1"}
@@ -229,8 +229,8 @@ class Zygote:
                 info = {}
             if info.get("code") != code_digest():
                 await self.stop()
-                ours = os.path.dirname(os.path.abspath(__file__))
-                if info.get("package") == ours and info.get("client_package") == _client_dir():
+                ours, our_client = package_dirs()
+                if (info.get("package"), info.get("client_package")) == (ours, our_client):
                     raise PoolStartError(
                         f"pool {self.pool.name!r}: the zygote packages in {ours} changed on disk since this daemon "
                         "started (an upgrade): restart the daemon")
@@ -238,7 +238,7 @@ class Zygote:
                     f"pool {self.pool.name!r}: its interpreter {self.pool.python} imports another version of the "
                     f"zygote packages ({info.get('package') or 'an older one, which does not say where from'}, "
                     f"{info.get('client_package') or '?'}) "
-                    f"than this daemon's ({ours}, {_client_dir()}): install the daemon's version of zygote and zygote-client into "
+                    f"than this daemon's ({ours}, {our_client}): install the daemon's version of zygote and zygote-client into "
                     "that interpreter's environment, or point the pool's python at one that has them")
             self.info = info
             self.ready_at = time.monotonic()
@@ -348,11 +348,6 @@ async def _wait_proc(proc: subprocess.Popen) -> None:
             await trio.lowlevel.wait_readable(fd)
     finally:
         os.close(fd)
-
-
-def _client_dir() -> str:
-    import zygote_client
-    return os.path.dirname(os.path.abspath(zygote_client.__file__))
 
 
 def _fd_array(fds: list[int]) -> bytes:

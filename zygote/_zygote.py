@@ -52,6 +52,12 @@ _digest: str | None = None
 _netns = None
 
 
+def package_dirs() -> tuple[str, str]:
+    """The directories of the ``zygote`` and ``zygote_client`` packages this interpreter imports."""
+    import zygote_client
+    return (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(zygote_client.__file__)))
+
+
 def code_digest() -> str:
     """A digest of the Python sources (paths and contents) of this ``zygote`` package and of
     the ``zygote_client`` it imports (children use its protocol and configuration). The daemon
@@ -65,9 +71,8 @@ def code_digest() -> str:
             from _blake2 import blake2b  # (hashlib maps OpenSSL's libcrypto: +3 MiB in every zygote)
         except ImportError:
             from hashlib import blake2b
-        import zygote_client
         h = blake2b(digest_size=16)
-        for top in (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(zygote_client.__file__))):
+        for top in package_dirs():
             h.update(os.path.basename(top).encode() + b"\0")
             for d, dirs, files in os.walk(top):  # (not sorted(os.walk()): that walks all first, ignoring dirs[:])
                 dirs[:] = sorted(x for x in dirs if x != "__pycache__")
@@ -182,8 +187,7 @@ def main(argv: list[str]) -> None:
             "base_prefix": sys.base_prefix, "version": list(sys.version_info[:3]), "path": sys.path,
             "preloaded": preload, "given_netns": _netns.can_join,
             "fork_hooks": "lean" if lean is not None else f"all (not lean: {not_lean})",
-            "code": digest, "package": os.path.dirname(os.path.abspath(__file__)),
-            "client_package": os.path.dirname(os.path.abspath(sys.modules["zygote_client"].__file__))}
+            "code": digest, **dict(zip(("package", "client_package"), package_dirs()))}
     try:
         _sock.send(b"R" + msgspec.msgpack.encode(info))
     except OSError:

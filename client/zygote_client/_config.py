@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import msgspec
 
-from ._errors import quoted
+from ._errors import one_of, quoted
 from ._workspace import PATH_MAX, Export, Workspace
 
 # Decoders refuse more before building them (see _protocol.ARGV_MAX): each bind is a mount,
@@ -135,10 +135,7 @@ LANDLOCK_MODES = ("auto", "required", "off")
 if TYPE_CHECKING:
     LandlockMode = Literal["auto", "required", "off"]
 else:
-    # A plain str on the wire, checked in __post_init__: msgspec's own error for a Literal quotes
-    # the whole value a peer sent (escaped: 4 bytes per byte), and building it for a 70 MiB one
-    # held the daemon's event loop for 2 s.
-    LandlockMode = str
+    LandlockMode = str  # (on the wire; checked in __post_init__: see _errors.one_of)
 
 
 class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -261,8 +258,8 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
                     raise ValueError(f"{field}: cannot bind over the sandbox root ({quoted(src)} -> '/')")
         if self.workdir is not None:
             _check_abs(self.workdir, "workdir")
-        if self.landlock is not None and self.landlock not in LANDLOCK_MODES:
-            raise ValueError(f"landlock: expected one of {', '.join(LANDLOCK_MODES)}, got {quoted(self.landlock)}")
+        if self.landlock is not None:
+            one_of(self.landlock, LANDLOCK_MODES, "landlock")
         if self.workspace is not None and self.export is not None:
             a, b = self.workspace.path, self.export.path
             if a == b or a.startswith(b + "/") or b.startswith(a + "/"):

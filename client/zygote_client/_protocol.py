@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Callable, Literal, Union
 import msgspec
 
 from ._config import ExitStatus, SandboxConfig
-from ._errors import ProtocolError, quoted
+from ._errors import ProtocolError, one_of
 from ._workspace import ENTRIES_MAX, ExportResult
 
 VERSION = 1
@@ -74,7 +74,7 @@ KINDS = ("callable", "target", "child_main", "exec", "script")
 if TYPE_CHECKING:
     Kind = Literal["callable", "target", "child_main", "exec", "script"]
 else:
-    Kind = str  # (checked in Spawn.__post_init__: see _config.LandlockMode for why not a Literal)
+    Kind = str  # (on the wire; checked in Spawn.__post_init__: see _errors.one_of)
 
 
 class Spawn(_Msg, tag="spawn"):
@@ -115,8 +115,7 @@ class Spawn(_Msg, tag="spawn"):
     test_fail_step: str | None = None  # honoured only by a daemon started with --test-hooks
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {quoted(self.kind)}")
+        one_of(self.kind, KINDS, "kind")
 
 
 class Signal(_Msg, tag="signal"):

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Annotated, Iterator, Literal
 
 import msgspec
 
-from ._errors import ZygoteError, quoted
+from ._errors import ZygoteError, one_of, quoted
 
 PATH_MAX = 4096  # a sandbox or host path is shorter (checked before anything splits it)
 DEFAULT_WORKSPACE = "/workspace"
@@ -70,9 +70,7 @@ if TYPE_CHECKING:
     EntryKind = Literal["dir", "file", "symlink"]
     OnExceed = Literal["refuse", "truncate"]
 else:
-    # Plain strings on the wire, checked in __post_init__ (see _config.LandlockMode): msgspec's
-    # error for a value outside a Literal quotes the whole value, escaped (4 bytes per byte).
-    EntryKind = OnExceed = str
+    EntryKind = OnExceed = str  # (on the wire; checked in __post_init__: see _errors.one_of)
 
 
 class Entry(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
@@ -85,8 +83,7 @@ class Entry(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=
     data: bytes = b""
 
     def __post_init__(self) -> None:
-        if self.kind not in ENTRY_KINDS:
-            raise ValueError(f"kind: expected one of {', '.join(ENTRY_KINDS)}, got {quoted(self.kind, 60)}")
+        one_of(self.kind, ENTRY_KINDS, "kind", 60)
 
 
 ENTRIES_MAX = 100_000  # entries a Spawn frame may carry (the protocol's bound; the daemon's ceiling)
@@ -177,9 +174,7 @@ class Export(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 
     def __post_init__(self) -> None:
         check_sandbox_path(self.path, "export path")
-        if self.on_exceed not in ON_EXCEED:  # (anything else would read as "truncate")
-            raise ValueError(f"export on_exceed: expected one of {', '.join(ON_EXCEED)}, "
-                             f"got {quoted(self.on_exceed, 60)}")
+        one_of(self.on_exceed, ON_EXCEED, "export on_exceed", 60)  # (anything else would read as "truncate")
         for name in ("max_files", "max_bytes", "max_file_bytes"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
@@ -303,7 +298,7 @@ def check_entries(entries: list[Entry] | tuple[Entry, ...], ws: Workspace, *,
             raise WorkspaceError(f"the entries' paths add up to more than {MAX_NAME_BYTES} bytes", path=e.path[:200])
         if e.path in kinds:
             raise WorkspaceError("listed twice", path=e.path)
-        if e.kind not in ("dir", "file", "symlink"):
+        if e.kind not in ENTRY_KINDS:
             raise WorkspaceError(f"unsupported kind {quoted(e.kind)}", path=e.path)
         if is_secret_name(parts) and e.path not in allow and parts[-1] not in allow:
             raise WorkspaceError("looks like a secret (keys, credentials, tokens); pass "
