@@ -223,12 +223,13 @@ def bench_memory(client: Client) -> dict:
 
 # ---- throughput -----------------------------------------------------------------------------------
 
-def cpu_times(pid: int) -> tuple[float, float, float, float]:
-    """(user, system, reaped children's user, reaped children's system) CPU seconds of ``pid``."""
+def cpu_times(pid: int) -> tuple[float, ...]:
+    """(user, system, reaped children's user, reaped children's system) CPU seconds of ``pid``,
+    then its minor page faults and its reaped children's (counts)."""
     with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+        fields = f.read().rsplit(")", 1)[1].split()  # fields[0] is stat(5)'s field 3
     hz = os.sysconf("SC_CLK_TCK")
-    return tuple(int(x) / hz for x in fields[11:15])  # type: ignore[return-value]
+    return tuple(int(x) / hz for x in fields[11:15]) + (int(fields[7]), int(fields[8]))
 
 
 def cpu_owners(clients: list[Client]) -> dict[str, list[int]]:
@@ -238,11 +239,57 @@ def cpu_owners(clients: list[Client]) -> dict[str, list[int]]:
     return {"daemon": daemons, "zygote": [z for z in (find_zygote(c) for c in clients) if z is not None]}
 
 
+def _per_spawn(before: dict, after: dict, n: int, kind: str, i: int) -> float:
+    return sum(after[kind][p][i] - before[kind][p][i] for p in after[kind] if p in before[kind]) / n
+
+
 def cpu_split(before: dict, after: dict, n: int) -> dict:
     """Milliseconds of CPU per completed spawn, by process kind, from two cpu_owners readings."""
-    ms = lambda kind, i: sum(after[kind][p][i] - before[kind][p][i] for p in after[kind] if p in before[kind]) / n * 1e3
+    ms = lambda kind, i: _per_spawn(before, after, n, kind, i) * 1e3
     return {"client": ms("client", 0) + ms("client", 1), "daemon": ms("daemon", 0) + ms("daemon", 1),
             "zygote": ms("zygote", 0) + ms("zygote", 1), "child_user": ms("daemon", 2), "child_system": ms("daemon", 3)}
+
+
+def fault_split(before: dict, after: dict, n: int) -> dict:
+    """Minor page faults per completed spawn: each child's (its whole life, counted at the
+    reap), the zygote's (its own pages, shared with each new clone, copied again when it next
+    writes them) and the daemon's."""
+    return {"child": _per_spawn(before, after, n, "daemon", 5), "zygote": _per_spawn(before, after, n, "zygote", 4),
+            "daemon": _per_spawn(before, after, n, "daemon", 4)}
+
+
+def cow_fault_us(pages: int = 4096) -> float | None:
+    """Microseconds one copy-on-write fault costs on this host: a forked child writes one byte
+    to each of ``pages`` pages its parent had written (the median of three runs)."""
+    import mmap
+    runs = []
+    for _ in range(3):
+        m = mmap.mmap(-1, pages * mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            for i in range(pages):
+                m[i * mmap.PAGESIZE] = 1
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    t0 = perf()
+                    for i in range(pages):
+                        m[i * mmap.PAGESIZE] = 2
+                    t1 = perf()
+                    for i in range(pages):  # the loop alone, its pages now our own
+                        m[i * mmap.PAGESIZE] = 3
+                    os.write(w, repr((t1 - t0) - (perf() - t1)).encode())
+                finally:
+                    os._exit(0)
+            os.close(w)
+            data = os.read(r, 100)
+            os.close(r)
+            os.waitpid(pid, 0)
+            if data:
+                runs.append(float(data) / pages * 1e6)
+        finally:
+            m.close()
+    return statistics.median(runs) if runs else None
 
 
 def bench_throughput(clients: list[Client], duration: float) -> dict:
@@ -289,7 +336,8 @@ def bench_throughput(clients: list[Client], duration: float) -> dict:
     n = sum(counts)
     return {"requesters": len(clients), "completed": n, "seconds": elapsed,
             "per_second": n / elapsed, "errors": errors[:3],
-            "cpu_ms_per_spawn": cpu_split(before, after, n) if n else None}
+            "cpu_ms_per_spawn": cpu_split(before, after, n) if n else None,
+            "faults_per_spawn": fault_split(before, after, n) if n else None}
 
 
 def bench_throughput_runs(clients: list[Client], duration: float, runs: int = 3) -> dict:
@@ -422,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
                                            "cold_samples": n_cold, "forkserver_samples": n_fs,
                                            "fork_samples": n_fork, "throughput_seconds": tp_secs},
                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    res["cow_fault_us"] = cow_fault_us()  # (forks: before any client's thread exists)
     if info["loadavg_start"][0] > 0.5 * (os.cpu_count() or 1):
         print(f"warning: load average {info['loadavg_start'][0]:.1f} on {os.cpu_count()} CPUs: "
               "other work on this host will inflate and spread the numbers", file=sys.stderr)
@@ -651,6 +700,14 @@ def report(res: dict) -> None:
               f"{cpu['child_system']:.2f} system = {total:.2f}\n"
               f"  ({cores} CPUs: at most ~{cores * 1000 / total:.0f} /s at that cost; "
               f"{rate * total / 10 / cores:.0f}% of the CPUs used)")
+        flt = res["throughput_2_reserve_shared"].get("faults_per_spawn")
+        cow = res.get("cow_fault_us")
+        if flt:
+            cost = (f"; one copy-on-write fault costs {cow:.1f} µs here, so the child's are up to "
+                    f"~{flt['child'] * cow / 1e3:.1f} ms of its CPU") if cow else ""
+            print(f"  page faults per spawn+exit: child {flt['child']:.0f}, zygote {flt['zygote']:.0f}, "
+                  f"daemon {flt['daemon']:.0f}{cost}\n"
+                  f"  (a child's writes to the zygote's pages, reference counts above all: see benchmarks/README.md)")
 
     mem = res.get("memory", {})
     print("\n  memory (smaps_rollup)                                          Rss        Pss    Private")
