@@ -1040,7 +1040,7 @@ def test_preloaded_modules_present(client):
     assert r.stdout == b"True True\n"
 
 
-@pytest.mark.parametrize("step", ["userns", "mounts", "netns", "rlimits", "uts", "payload"])
+@pytest.mark.parametrize("step", ["userns", "oom_score_adj", "mounts", "netns", "rlimits", "uts", "payload"])
 def test_injected_setup_failure_names_step(client, step, tmp_path):
     marker = tmp_path / "ran"
     with pytest.raises(SandboxError) as ei:

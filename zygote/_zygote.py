@@ -113,16 +113,9 @@ def main(argv: list[str]) -> None:
     if nofile.isdigit():
         import resource
         resource.setrlimit(resource.RLIMIT_NOFILE, (int(nofile), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-    # Children are the OOM killer's first choice, and none is out of its reach: a daemon started
-    # with a negative oom_score_adj (systemd's OOMScoreAdjust=) handed it down, and the OOM killer
-    # never picks a process at -1000: such a child over its memory limit could not be killed.
-    # Raising one's own score needs no privilege; a child cannot open the file to lower it.
-    try:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("1000")
-    except OSError as e:
-        _fail(f"cannot set the zygote's oom_score_adj (children must be the OOM killer's first choice): {e}; "
-              "the daemon needs /proc mounted and writable for its own processes")
+    # The zygote keeps the daemon's oom_score_adj: the daemon raises each child's to 1000 before
+    # its "go" (Daemon._setup_outside). Raised here instead, as it was, the zygote, whose
+    # resident set is larger than any idle child's, was the host OOM killer's first choice.
     try:
         # Supplementary groups survive setgroups=deny in the child: drop the host's here.
         if os.geteuid() == 0:

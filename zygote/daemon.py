@@ -2306,6 +2306,19 @@ class Daemon:
                 return P.SpawnFailed(msg.req, f"writing uid/gid maps: {e.strerror}", "userns", e.errno or 0,
                                      "the daemon needs CAP_SETUID/CAP_SETGID over the child's user namespace",
                                      code="unavailable")
+            # The OOM killer's first choice, whatever score the daemon was started with (systemd's
+            # OOMScoreAdjust= hands a negative one down, and at -1000 a child over its memory
+            # limit could not be killed), and before its zygote: the child's is raised, the
+            # zygote's stays the daemon's. Raising needs no privilege; the child cannot open the
+            # file to lower it (Landlock; once undumpable, its /proc files are not its own).
+            try:
+                if msg.test_fail_step == "oom_score_adj":  # (--test-hooks only: _plan refuses it otherwise)
+                    raise OSError(_errno.EACCES, os.strerror(_errno.EACCES))
+                _sys.write_once(f"/proc/{child.pid}/oom_score_adj", b"1000")
+            except OSError as e:
+                return P.SpawnFailed(msg.req, f"raising the child's oom_score_adj: {e.strerror}", "oom_score_adj",
+                                     e.errno or 0, "the daemon needs /proc mounted and its children's "
+                                     "/proc/PID/oom_score_adj writable", code="unavailable")
             asked = _cgroup_asks(cfg)
             wants_cg = bool(asked)
             # Only children with cgroup limits get a cgroup: on cgroup v1 each attach waits for an RCU
