@@ -1041,12 +1041,17 @@ def test_preloaded_modules_present(client):
 
 
 @pytest.mark.parametrize("step", ["userns", "oom_score_adj", "mounts", "netns", "rlimits", "uts", "payload"])
-def test_injected_setup_failure_names_step(client, step, tmp_path):
-    marker = tmp_path / "ran"
+def test_injected_setup_failure_names_step(client, step, shared_dir):
+    # (the host's tree, and a directory the child's uid may write: the marker would be made
+    # if the payload ran; tmp_path was neither, so the check below could not fail)
+    os.chmod(shared_dir, 0o777)
+    marker = os.path.join(shared_dir, "ran")
     with pytest.raises(SandboxError) as ei:
-        client.spawn_child(lambda: open(marker, "w").close(), _test_fail_step=step)
+        client.spawn_child(lambda: open(marker, "w").close(), _test_fail_step=step, _test_relax_mounts=True)
     assert ei.value.step == step
-    assert not marker.exists()
+    assert not os.path.exists(marker)
+    client.run(lambda: open(marker, "w").close(), _test_relax_mounts=True)  # (control)
+    assert os.path.exists(marker)
 
 
 def test_test_hooks_refused_without_flag(socket_daemon):

@@ -2309,8 +2309,9 @@ class Daemon:
             # The OOM killer's first choice, whatever score the daemon was started with (systemd's
             # OOMScoreAdjust= hands a negative one down, and at -1000 a child over its memory
             # limit could not be killed), and before its zygote: the child's is raised, the
-            # zygote's stays the daemon's. Raising needs no privilege; the child cannot open the
-            # file to lower it (Landlock; once undumpable, its /proc files are not its own).
+            # zygote's stays the daemon's. Raising needs no privilege (the open needs what the
+            # maps' did). Only Landlock keeps the child from lowering it back to the floor, which
+            # is 1000 only when we hold CAP_SYS_RESOURCE (see docs/architecture.md, Zygote).
             try:
                 if msg.test_fail_step == "oom_score_adj":  # (--test-hooks only: _plan refuses it otherwise)
                     raise OSError(_errno.EACCES, os.strerror(_errno.EACCES))
