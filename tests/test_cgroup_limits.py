@@ -82,6 +82,35 @@ def test_SECURITY_children_are_the_oom_killer_s_first_choice_and_stay_so(cg_clie
             assert int(f.read()) == own, z
 
 
+def test_SECURITY_a_child_without_landlock_cannot_lower_its_oom_score(tmp_path):
+    """Landlock made /proc read-only for default children; in a pool without it, a child that
+    made itself dumpable (prctl here; any exec does it) owned its /proc files and wrote its
+    oom_score_adj back down to the kernel's floor, the daemon's score (under systemd's
+    OOMScoreAdjust=-1000 that put it out of the OOM killer's reach: a helper's review). The
+    child's /proc is mounted read-only now. Fails without that (the writes succeed, 999)."""
+    def lower():
+        import ctypes
+        import os
+        ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+        tried = []
+        for value in ("0", "999"):
+            try:
+                with open("/proc/self/oom_score_adj", "w") as f:
+                    f.write(value)
+                tried.append("written")
+            except OSError as e:
+                tried.append(os.strerror(e.errno))
+        with open("/proc/self/oom_score_adj") as f:
+            return tried, f.read().strip(), len(os.listdir("/proc/self/fd")) > 0
+
+    with config_daemon(str(tmp_path), """
+            [pools.default.sandbox]
+            landlock = "off"
+            """) as sock:
+        with Client.connect(sock) as c:
+            assert c.call(lower) == [["Read-only file system"] * 2, "1000", True]
+
+
 @pytest.mark.cgroupv2
 def test_pids_limit_stops_fork_bomb(cg_client):
     def bomb():

@@ -2310,8 +2310,8 @@ class Daemon:
             # OOMScoreAdjust= hands a negative one down, and at -1000 a child over its memory
             # limit could not be killed), and before its zygote: the child's is raised, the
             # zygote's stays the daemon's. Raising needs no privilege (the open needs what the
-            # maps' did). Only Landlock keeps the child from lowering it back to the floor, which
-            # is 1000 only when we hold CAP_SYS_RESOURCE (see docs/architecture.md, Zygote).
+            # maps' did). Its read-only /proc keeps the child from lowering it back to the floor,
+            # which is 1000 only when we hold CAP_SYS_RESOURCE (docs/architecture.md, Zygote).
             try:
                 if msg.test_fail_step == "oom_score_adj":  # (--test-hooks only: _plan refuses it otherwise)
                     raise OSError(_errno.EACCES, os.strerror(_errno.EACCES))

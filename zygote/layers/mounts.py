@@ -521,7 +521,7 @@ def apply(plan, sources: dict[str, int] | None = None) -> None:  # plan: ChildPl
             _close_all(sources)
         if plan.proc:
             try:
-                _sys.mount("proc", "/proc", "proc", _sys.MS_NOSUID | _sys.MS_NODEV | _sys.MS_NOEXEC)
+                _sys.mount("proc", "/proc", "proc", _sys.MS_NOSUID | _sys.MS_NODEV | _sys.MS_NOEXEC | _sys.MS_RDONLY)
             except OSError as e:
                 raise SetupError("mounts", f"mount a fresh /proc: {e.strerror}", e.errno or 0,
                                  "the host's /proc must be fully visible (no masked paths); in Docker "
@@ -609,9 +609,14 @@ def _build_on(plan, srcs: dict[str, int], R: str, rfd: int, made: set[str]) -> N
         # No hidepid: every process in this pid namespace is the sandbox's own, ps/psutil keep
         # working, and PID 1's sensitive entries (environ, fd, root) need ptrace access, which the
         # privilege drop removes. No /sys at all: it has no per-namespace view of the host.
+        # Read-only, whatever Landlock does: a child that makes itself dumpable (prctl, or any
+        # exec) owns its /proc files, and could write its oom_score_adj back down to the
+        # kernel's floor (the daemon's score, -1000 under systemd's OOMScoreAdjust=-1000, unless
+        # the daemon holds CAP_SYS_RESOURCE). Nothing of ours writes the child's /proc after
+        # this; /proc/self/fd/N still opens the pipes and files it names for writing.
         where, fd = point("/proc")
         try:
-            _sys.mount("proc", where, "proc", _NS | _sys.MS_NOEXEC)
+            _sys.mount("proc", where, "proc", _NS | _sys.MS_NOEXEC | _sys.MS_RDONLY)
         except OSError as e:
             raise _err("mount a fresh /proc", e, _HINT_PROC if e.errno == _errno.EPERM else "") from None
         finally:
