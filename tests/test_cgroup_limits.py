@@ -82,12 +82,15 @@ def test_SECURITY_children_are_the_oom_killer_s_first_choice_and_stay_so(cg_clie
             assert int(f.read()) == own, z
 
 
-def test_SECURITY_a_child_without_landlock_cannot_lower_its_oom_score(tmp_path):
+@pytest.mark.parametrize("host_tree", [False, True])
+def test_SECURITY_a_child_without_landlock_cannot_lower_its_oom_score(tmp_path, host_tree):
     """Landlock made /proc read-only for default children; in a pool without it, a child that
     made itself dumpable (prctl here; any exec does it) owned its /proc files and wrote its
     oom_score_adj back down to the kernel's floor, the daemon's score (under systemd's
     OOMScoreAdjust=-1000 that put it out of the OOM killer's reach: a helper's review). The
-    child's /proc is mounted read-only now. Fails without that (the writes succeed, 999)."""
+    child's /proc is mounted read-only now, in the generated root and in the host's tree (the
+    test hook's mount mode, which replaces /proc alone). Fails without that (the writes
+    succeed, 999)."""
     def lower():
         import ctypes
         import os
@@ -106,9 +109,10 @@ def test_SECURITY_a_child_without_landlock_cannot_lower_its_oom_score(tmp_path):
     with config_daemon(str(tmp_path), """
             [pools.default.sandbox]
             landlock = "off"
-            """) as sock:
+            """, "--test-hooks") as sock:
         with Client.connect(sock) as c:
-            assert c.call(lower) == [["Read-only file system"] * 2, "1000", True]
+            child = c.spawn_child(lower, stdin=None, _test_relax_mounts=host_tree)
+            assert child.result(timeout=60) == [["Read-only file system"] * 2, "1000", True]
 
 
 @pytest.mark.cgroupv2

@@ -395,6 +395,12 @@ _DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", 
               ("stderr", "/proc/self/fd/2"))
 SHM_MAX = 16 << 20
 _NS = _sys.MS_NOSUID | _sys.MS_NODEV
+# A fresh /proc, read-only whatever Landlock does: a child that makes itself dumpable (prctl, or
+# any exec) owns its /proc files, and could write its oom_score_adj back down to the kernel's
+# floor (the daemon's score, -1000 under systemd's OOMScoreAdjust=-1000, unless the daemon holds
+# CAP_SYS_RESOURCE). Nothing of ours writes the child's /proc after the mount. (Its magic links,
+# /proc/self/fd/N, still lead to the files they name: their own mounts and modes decide.)
+_PROC = _NS | _sys.MS_NOEXEC | _sys.MS_RDONLY
 _HINT_MOUNT = ("the child needs CAP_SYS_ADMIN over its own mount namespace (a user namespace made "
                "with it); in Docker, run with the zygote seccomp profile and "
                "--security-opt apparmor=unconfined")
@@ -521,7 +527,7 @@ def apply(plan, sources: dict[str, int] | None = None) -> None:  # plan: ChildPl
             _close_all(sources)
         if plan.proc:
             try:
-                _sys.mount("proc", "/proc", "proc", _sys.MS_NOSUID | _sys.MS_NODEV | _sys.MS_NOEXEC | _sys.MS_RDONLY)
+                _sys.mount("proc", "/proc", "proc", _PROC)
             except OSError as e:
                 raise SetupError("mounts", f"mount a fresh /proc: {e.strerror}", e.errno or 0,
                                  "the host's /proc must be fully visible (no masked paths); in Docker "
@@ -609,14 +615,9 @@ def _build_on(plan, srcs: dict[str, int], R: str, rfd: int, made: set[str]) -> N
         # No hidepid: every process in this pid namespace is the sandbox's own, ps/psutil keep
         # working, and PID 1's sensitive entries (environ, fd, root) need ptrace access, which the
         # privilege drop removes. No /sys at all: it has no per-namespace view of the host.
-        # Read-only, whatever Landlock does: a child that makes itself dumpable (prctl, or any
-        # exec) owns its /proc files, and could write its oom_score_adj back down to the
-        # kernel's floor (the daemon's score, -1000 under systemd's OOMScoreAdjust=-1000, unless
-        # the daemon holds CAP_SYS_RESOURCE). Nothing of ours writes the child's /proc after
-        # this; /proc/self/fd/N still opens the pipes and files it names for writing.
         where, fd = point("/proc")
         try:
-            _sys.mount("proc", where, "proc", _NS | _sys.MS_NOEXEC | _sys.MS_RDONLY)
+            _sys.mount("proc", where, "proc", _PROC)
         except OSError as e:
             raise _err("mount a fresh /proc", e, _HINT_PROC if e.errno == _errno.EPERM else "") from None
         finally:
