@@ -68,6 +68,24 @@ def test_request_takes_a_child_confined_before_it(reserve_client):
     assert len(_wait_reserve(c, 2)) == 2
 
 
+def test_a_reserve_child_that_dies_waiting_is_replaced():
+    """A waiting reserve child that dies (the OOM killer's pick: children are at 1000) leaves the
+    reserve, which refills without a request to notice it, and status counts only live ones."""
+    import signal
+    with Client.embedded(daemon_args=["--reserve", "2"]) as c:
+        first = _wait_reserve(c, 2)
+        assert len(first) == 2
+        os.kill(first[0], signal.SIGKILL)  # ours: the daemon's child, waiting in its reserve
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            kids = sandbox_children(daemon_pid(c))
+            if first[0] not in kids and len(kids) == 2 and sum(p.reserve_waiting for p in c.status().pools) == 2:
+                break
+            time.sleep(0.05)
+        assert first[0] not in kids and len(kids) == 2, (first, kids)
+        assert sum(p.reserve_waiting for p in c.status().pools) == 2
+
+
 def test_the_prewarm_callable_is_pickled_once_in_the_zygote(reserve_client):
     """A reserve child's prewarm runs a fake request whose closure the zygote pickled before its
     first clone: pickling it in every child cost ≈ 0.5 ms and 150 copy-on-write faults."""
@@ -486,11 +504,152 @@ def test_leased_child_deadline_counts_from_its_job():
         _held(c, 1)
         time.sleep(1.2)  # held for longer than the timeout below
 
-        def spin():
-            while True:
+        def spin():  # (for 15 s at most: a deadline never armed fails the test, not the suite)
+            import time
+            end = time.monotonic() + 15
+            while time.monotonic() < end:
                 pass
         r = c.run(spin, timeout=0.7)
         assert r.status.timed_out and 0.6 < r.status.wall_time < 3, r.status
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_async_leased_child_deadline_counts_from_its_job(backend):
+    """The async face starts a held child itself too, and says Begun for a Job with a timeout."""
+    import anyio
+
+    from zygote_client import open_embedded
+
+    def sleeper():
+        __import__("time").sleep(15)
+
+    async def main():
+        async with await open_embedded(daemon_args=["--reserve", "2"]) as c:
+            c.keep_leased(1)
+            with anyio.fail_after(30):
+                while not c._leases:
+                    await anyio.sleep(0.02)
+            held = c._leases[0][0].id
+            child = await c.spawn_child(sleeper, timeout=0.7)
+            assert child.id == held  # (started from the hand)
+            status = await child.wait()
+            assert status.timed_out and 0.6 < status.wall_time < 3, status
+
+    anyio.run(main, backend=backend)
+
+
+def _loop_switches(pid: int) -> int:
+    """Context switches of a process's main thread (the daemon's event loop): each wake-up is one."""
+    with open(f"/proc/{pid}/task/{pid}/status") as f:
+        return sum(int(line.split()[1]) for line in f
+                   if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")))
+
+
+def test_a_leased_child_starts_without_waking_the_daemon():
+    """A held child reports Started when its Job comes, but the daemon reads that report when it
+    needs it, not at once: its wake-up would compete with the child's start for the CPU
+    (daemon._park_status). With a timeout the client says Begun, and the daemon reads it at once."""
+    def started_then_sleep():
+        print("running", flush=True)
+        __import__("time").sleep(0.6)
+        return "done"
+
+    with Client.embedded(daemon_args=["--reserve", "2"], leases=2) as c:
+        dpid = daemon_pid(c)
+        woke = {}
+        for timeout in (None, 30.0, None):
+            _held(c, 2)
+            _wait_reserve(c, 2)  # (the refills behind the last spawn are done)
+            time.sleep(0.3)
+            before = _loop_switches(dpid)
+            child = c.spawn_child(started_then_sleep, stdin=None, timeout=timeout)
+            assert child.stdout.readline() == b"running\n"
+            time.sleep(0.2)
+            woke[timeout] = _loop_switches(dpid) - before
+            assert child.result() == "done" and child.returncode == 0
+        assert woke[None] == 0 and woke[30.0] > 0, woke
+
+
+def test_a_late_begun_does_not_move_a_leased_childs_deadline(monkeypatch):
+    """The deadline runs from when the child read its Job (Started.at), however late the daemon
+    reads the report: here the client's Begun comes 1.5 s after a Job with a 1 s timeout."""
+    import anyio
+    with Client.embedded(daemon_args=["--reserve", "2"], leases=1) as c:
+        _held(c, 1)
+        real = c._aclient._begun
+
+        async def late(child_id):
+            await anyio.sleep(1.5)
+            await real(child_id)
+        monkeypatch.setattr(c._aclient, "_begun", late)
+        t = time.monotonic()
+        r = c.run(lambda: __import__("time").sleep(20), timeout=1.0)
+        took = time.monotonic() - t
+        assert r.status.timed_out and r.returncode == -9, r.status
+        assert took < 2.3 and r.status.wall_time < 2.3, (took, r.status)
+
+
+def test_a_client_that_does_not_say_begun_has_its_leased_childs_report_read_at_once(tmp_path):
+    """A client whose Hello does not name "begun" (an older one, or one of its own) never sends
+    Begun: the daemon reads its held children's Started reports as they come, so a Job's own
+    timeout holds without it."""
+    from zygote_client import _protocol as P
+    with config_daemon(tmp_path, "[pools.default]\nreserve = 2\n") as sock, _greeted(sock) as (conn, held):
+        _lease(conn, 1, held)
+        job = P.Job(kind="callable", timeout=1.0, payload=__import__("cloudpickle").dumps(
+            (lambda: __import__("time").sleep(20), (), {})))
+        t = time.monotonic()
+        os.write(held[3], P.job_frame(job))
+        reply = conn.reply()
+        assert isinstance(reply, P.Exited) and reply.status.timed_out, reply
+        assert time.monotonic() - t < 5
+
+
+def test_a_leased_child_of_an_exporting_pool_sends_its_export(tmp_path):
+    """A pool whose default exports a directory: PID 1 sends the export on the status pipe at
+    the end, more than the pipe holds here, so a held child's pipe is read as it comes (not
+    parked until the exit, which would then never come)."""
+    with config_daemon(tmp_path, "[pools.default]\nreserve = 2\n[pools.default.sandbox.export]\n"
+                       "max_bytes = 8388608\n") as sock, Client.connect(sock, leases=1) as c:
+        _held(c, 1)
+        held = c._aclient._leases[0][0].id
+
+        def fill():
+            with open("/out/blob", "wb") as f:
+                f.write(__import__("os").urandom(1 << 20))
+        child = c.spawn_child(fill, stdin=None)
+        assert child.id == held
+        assert child.wait(timeout=30).returncode == 0
+        child.export(tmp_path / "got")
+        assert (tmp_path / "got" / "blob").stat().st_size == 1 << 20
+
+
+_POOL = "[pools.default]\nreserve = 2\n"
+_POOL_CHANGED = _POOL + '[pools.default.sandbox]\nhostname = "reloaded"\n'
+
+
+def test_a_leased_child_started_before_a_reload_runs_on(tmp_path):
+    """A reload retires the pool: its held children that have not read a Job are killed, but one
+    whose Job came before the reload runs to its end, though the daemon had not read its report
+    yet (a Job without a timeout: read when needed, here at the reload)."""
+    with _reloadable(tmp_path, _POOL) as (sock, _, reload), Client.connect(sock, leases=2) as c:
+        _held(c, 2)
+
+        def started_then_sleep():
+            print("running", flush=True)
+            __import__("time").sleep(1.5)
+            print("done")
+        child = c.spawn_child(started_then_sleep, stdin=None)
+        assert child.stdout.readline() == b"running\n"
+        (unstarted, _), = list(c._aclient._leases)
+        reload(_POOL_CHANGED)
+        assert child.stdout.read() == b"done\n"
+        st = child.wait()
+        assert st.returncode == 0 and not st.pool_reloaded, st
+        deadline = time.monotonic() + 30
+        while unstarted.status is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert unstarted.status is not None and unstarted.status.pool_reloaded, unstarted.status
 
 
 def test_SECURITY_leased_child_checks_its_job_and_the_pool_caps_its_timeout(tmp_path):
@@ -654,19 +813,11 @@ def test_SECURITY_held_children_of_a_reloaded_pool_are_revoked(tmp_path):
     """A reload that changes the pool kills the children clients hold unstarted (they were
     confined by the old configuration), their status saying so (pool_reloaded: a client that had
     just written its Job learns why); the clients lease new ones."""
-    import signal
-
-    sock = str(tmp_path / "z.sock")
-    cfg = write_text(tmp_path / "z.toml", f'[daemon]\nsocket = "{sock}"\n[pools.default]\nreserve = 2\n')
-    proc = start_daemon("--config", cfg)
-    try:
-        wait_socket(sock, proc)
+    with _reloadable(tmp_path, _POOL) as (sock, _, reload):
         with Client.connect(sock, leases=1) as c:
             _held(c, 1)
             (old, _), = list(c._aclient._leases)
-            write_text(tmp_path / "z.toml", f'[daemon]\nsocket = "{sock}"\n[pools.default]\nreserve = 2\n'
-                       '[pools.default.sandbox]\nhostname = "reloaded"\n')
-            proc.send_signal(signal.SIGHUP)
+            reload(_POOL_CHANGED)
             deadline = time.monotonic() + 30
             while old.status is None and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -675,8 +826,6 @@ def test_SECURITY_held_children_of_a_reloaded_pool_are_revoked(tmp_path):
             r = c.run(lambda: print(__import__("socket").gethostname()))
             assert not r.status.pool_reloaded
             assert r.stdout == b"reloaded\n", r
-    finally:
-        stop_daemon(proc)
 
 
 @pytest.mark.parametrize("pool", ["allow_callables = false", "forbid_secret_env = true"])

@@ -129,11 +129,15 @@ class Failed(msgspec.Struct, frozen=True, tag="failed"):
 
 class Started(msgspec.Struct, frozen=True, tag="started"):
     """A reserve child read its Job and runs it now (sent before any payload code runs, so it
-    cannot be forged by the payload): the kind and the Job's own timeout, which the daemon caps
-    at the pool's and arms from now."""
+    cannot be forged by the payload): the kind, the Job's own timeout, which the daemon caps at
+    the pool's, and ``at``, when the child read the Job (``time.monotonic()``: the host's
+    CLOCK_MONOTONIC, children have no time namespace), from which the daemon arms that
+    deadline: it reads a leased child's report when it needs it, not when it is written (see
+    daemon._park_status), and the deadline must not move with that."""
 
     kind: str
     timeout: float | None = None
+    at: float = 0.0
 
 
 class ExitReport(msgspec.Struct, frozen=True, tag="exit"):

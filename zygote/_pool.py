@@ -369,6 +369,7 @@ class Pool:
         self.stuck = 0  # zygotes killed but held in the kernel, replaced already (see _watch)
         self._changed = trio.Condition()
         self.stopping = False
+        self.retired_at: float | None = None  # (time.monotonic()) when a reload replaced or removed it
         self.reserve = Reserve(config.reserve, network=False)  # the default SandboxConfig's (leases too)
         self.reserves = (self.reserve, Reserve(config.reserve_network, network=True))
         # Called after a zygote died: a clone it made but never reported is the daemon's

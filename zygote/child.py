@@ -23,6 +23,7 @@ import os
 import pickle
 import signal
 import sys
+import time
 import traceback
 
 import msgspec
@@ -208,6 +209,7 @@ def _await_job(plan):
         body = _read_frame(CTL_FD, MAX_FRAME)
     except (EOFError, ValueError) as e:
         _refuse_job(f"the Job: {e}")
+    at = time.monotonic()  # (the Job's deadline runs from here: Started carries it)
     if body is None:  # nothing at all: discarded
         os._exit(0)
     os.close(CTL_FD)
@@ -222,7 +224,7 @@ def _await_job(plan):
         problem = "an exec'd program gets a reaper in front of it, and this child has none"
     if problem:
         _refuse_job(problem)
-    _report(Started(kind=job.kind, timeout=job.timeout))
+    _report(Started(kind=job.kind, timeout=job.timeout, at=at))
     os.close(STATUS_FD)  # before anything of the Job runs
     return _apply_job(plan, job)
 

@@ -16,6 +16,7 @@ import errno as _errno
 import fcntl
 import functools
 import itertools
+import math
 import os
 import platform
 import secrets
@@ -225,6 +226,9 @@ class Child:
     net_allow: bool = False  # it has a per-child allow chain
     first_event: trio.Event = field(default_factory=trio.Event)
     status_done: trio.Event = field(default_factory=trio.Event)
+    status_buf: bytearray = field(default_factory=bytearray)  # status bytes read, short of a whole frame
+    status_parked: trio.Event | None = None  # set to read a held child's status again (_park_status)
+    status_wait: trio.CancelScope | None = None  # the status reader's wait for bytes, while it waits
     pool: str = "default"
     peer_uid: int = -1
     collector: workspace.Collector | None = None  # the export being received from PID 1
@@ -313,6 +317,9 @@ class Connection:
         # Its Hello said "sandbox-inherits": a request's unset SandboxConfig fields are the pool's
         # (the reserve's own connection asks with resolved configs: the same either way).
         self.sandbox_inherits = False
+        # Its Hello said "begun": it sends Begun for a leased child whose Job has a timeout, so
+        # its held children's Started reports are read when needed (_park_status).
+        self.begun = False
         self.nursery: trio.Nursery | None = None  # the connection's tasks (taps die with it)
 
     def spawned(self) -> int:
@@ -802,6 +809,9 @@ class Daemon:
         if kept_max is not None:
             changes.append(f"max_children {kept_max[0]}: {kept_max[1]} until the daemon restarts (the host id "
                            "ranges for its children are claimed at start)")
+        now = time.monotonic()
+        for pool in retired:  # (a leased child of it that read its Job before now runs: _started)
+            pool.retired_at = now
         self.pools = {n: started.get(n) or self.pools[n] for n in keep.pools}
         if keep.max_tasks != self.config.max_tasks and self.cgroups is not None and self.zygotes_cgroup_error is None:
             try:  # (a bound below what runs now only stops new tasks: nothing is killed)
@@ -994,8 +1004,11 @@ class Daemon:
                                 if msg.version != P.VERSION:
                                     raise ProtocolError(f"protocol version {msg.version} not supported")
                                 hello = True
-                                conn.sandbox_inherits = "sandbox-inherits" in msg.client.split()[1:]
-                                await conn.send(P.Welcome(P.VERSION, os.getpid(), list(self.pools), leases=True))
+                                features = msg.client.split()[1:]
+                                conn.sandbox_inherits = "sandbox-inherits" in features
+                                conn.begun = "begun" in features
+                                await conn.send(P.Welcome(P.VERSION, os.getpid(), list(self.pools), leases=True,
+                                                          begun=conn.begun))
                                 continue
                             try:
                                 if isinstance(msg, P.Spawn):  # held until answered (its payload too)
@@ -1069,6 +1082,10 @@ class Daemon:
             await conn.send(self.status(msg.req, conn.peer_uid))
         elif isinstance(msg, P.Lease):
             await self._lease(conn, msg)
+        elif isinstance(msg, P.Begun):  # (no answer: an unknown or ended child is no error, a race)
+            child = conn.children.get(msg.child)
+            if child is not None and child.leased:
+                self._unpark_status(child)
         else:
             await conn.send(P.Error(getattr(msg, "req", 0), "bad-request", f"unexpected {type(msg).__name__}"))
 
@@ -1307,6 +1324,13 @@ class Daemon:
             return False
         return self.id_slots is None or (
             self._in_reserves() < self.id_slots.count - self.config.max_children - ID_SLACK // 2)
+
+    def _reserve_lost(self, child: Child) -> None:
+        pool = self.pools.get(child.pool)
+        for reserve in pool.reserves if pool is not None else ():
+            if child in reserve.children:
+                reserve.children.remove(child)
+                reserve.wake.set()
 
     def _room_freed(self) -> None:
         """A child left, or a spawn ended without one: a reserve that waited for room may refill."""
@@ -1931,6 +1955,11 @@ class Daemon:
             ctl.close()
             self._hand_to(child, conn, None)
             child.leased, child.leased_from = True, pool
+            # Its cpu_time counts from now (its cgroup's usage is cumulative, and held it uses
+            # none): the pool's limit then never waits for its Started report to be read.
+            self._cpu_start(child)
+            if conn.begun and child.collector is None:  # (an export comes on that pipe: read as it comes)
+                self._park_status(child)
             if pool.config.sandbox.timeout is not None:
                 # Held unstarted, it holds what a running child holds: no longer than the pool's
                 # timeout (then it goes, and the client leases another); Started starts its clock.
@@ -1943,27 +1972,76 @@ class Daemon:
         await conn.send(P.SpawnFailed(msg.req, "no reserve child is waiting now", code="empty"))
 
     async def _lease_expiry(self, child: Child, seconds: float) -> None:
+        with trio.move_on_after(seconds):
+            await child.exited.wait()
+            return
+        # A Started report in its pipe (a parked one) is read now: a Job read at any time until
+        # here has a deadline no earlier than now, so the pool's timeout is kept exactly.
+        self._unpark_status(child)
         # (LEASE_GRACE more: a Job written just before the expiry is not killed as it starts,
         # before its Started has arrived)
-        with trio.move_on_after(seconds + LEASE_GRACE):
+        with trio.move_on_after(LEASE_GRACE):
             await child.exited.wait()
             return
         if child.leased:  # still not started
             self._kill(child, signal.SIGKILL)
 
+    def _park_status(self, child: Child) -> None:
+        """Stop reading a held (leased) child's status pipe until its Started report is needed.
+        Its client writes the Job straight to it, and the child reports Started before the
+        payload runs; read at once, that write woke the daemon, which this guest then ran on
+        the child's own CPU, ahead of the child (≈ 0.25 ms of a leased spawn after an idle
+        second; benchmarks/README.md). Nothing else comes on that pipe until the child's exit
+        report (not so for a pool whose default exports a directory: the export comes on that
+        pipe, and PID 1 could wait on a full pipe forever; those are read as before), and
+        nothing waits for the report: its deadline is armed from the moment the
+        child read the Job (Started.at), its cpu_time is counted since the lease. So it is read
+        when the client says Begun (a Job with a timeout), when the pool's timeout would run
+        out (_lease_expiry), when a reload retires the pool (_drain_parked), or at the exit."""
+        child.status_parked = trio.Event()
+        if child.status_wait is not None:
+            child.status_wait.cancel()
+
+    def _unpark_status(self, child: Child) -> None:
+        parked, child.status_parked = child.status_parked, None
+        if parked is not None:
+            parked.set()
+
+    def _drain_parked(self, child: Child) -> None:
+        """Take in what a parked status pipe holds now (its reader waits for _unpark_status, not
+        in a read: this is the pipe's only reader meanwhile). A reload uses it to tell a child
+        that started before it from one that did not."""
+        if child.status_parked is None or child.pidfd < 0:
+            return
+        while True:
+            try:
+                data = os.read(child.status_stream.fileno(), 65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                data = b""
+            if not data:  # EOF: the reader, once unparked, sees it too
+                break
+            child.status_buf += data
+            if not self._status_frames(child):
+                break
+
     def _started(self, child: Child, started: C.Started) -> None:
         """A leased child read its Job from its client: count its time and arm its deadline from
-        now, with the Job's timeout capped at the pool's. (Sent before any payload code runs; a
+        then, with the Job's timeout capped at the pool's. (Sent before any payload code runs; a
         second one, or one from a child nobody leased, is ignored.)"""
         if not child.leased or child.conn is None:
             return
         child.leased = False
         pool = child.leased_from
-        if pool is None or pool is not self.pools.get(child.pool):  # its pool was reloaded meanwhile
-            child.reloaded = True
+        # When it read the Job (a parked report is read later: _park_status), taken no earlier
+        # than its lease and no later than now: its clock runs from there.
+        at = min(max(started.at, child.started), time.monotonic())
+        if pool is None or (pool.retired_at is not None and at >= pool.retired_at):
+            child.reloaded = True  # its Job came after a reload retired its pool: not run on the old one's
             self._kill(child, signal.SIGKILL)
             return
-        child.started = time.monotonic()
+        child.started = at
         child.has_result = started.kind not in ("exec", "script")
         t = started.timeout if started.timeout is not None and 0 < started.timeout < 1e9 else None
         cap = pool.config.sandbox.timeout  # the reserve's config has the pool's timeout
@@ -2001,7 +2079,10 @@ class Daemon:
             while not pool.stopping:
                 short = reserve.size - len(reserve.children) - filling[0]
                 if short <= 0 or filling[0] >= RESERVE_PARALLEL:
-                    await reserve.sleep(0.5 if reserve.children else 5)
+                    # Until something changes that: a take, a fill done, a waiting child's death,
+                    # a discard all wake it (an idle daemon sleeps: a timer here woke it twice a
+                    # second, and a wake-up that lands on a leased child's start costs it the CPU).
+                    await reserve.sleep(math.inf)
                     continue
                 if not self._reserve_room():
                     reserve.wants_room = True  # (woken when a child leaves: see _watch_and_reap)
@@ -2068,6 +2149,8 @@ class Daemon:
             for child in reserve.children:
                 self._kill(child, signal.SIGKILL)
         for child in list(self.children.values()):
+            if child.leased and child.leased_from is pool:
+                self._drain_parked(child)  # (a Started report waiting there says it started in time)
             if child.leased and child.leased_from is pool:
                 child.reloaded = True  # (its client may have written its Job: the status says why)
                 self._kill(child, signal.SIGKILL)
@@ -2623,6 +2706,7 @@ class Daemon:
                 await _wait_pidfd(child.pidfd)
                 child.ended = True  # (its result, if waiting for room, is read now: _hold_result)
                 child.died.set()  # (a relay held back counts what its pipe holds: _relay)
+                self._unpark_status(child)  # (a held child's reports: read to EOF now)
                 self._wake_relays(child.peer_uid)
                 self._wake_results(child.peer_uid)
                 # Every writer in the pid namespace died with it, so what they wrote is in the
@@ -2662,6 +2746,8 @@ class Daemon:
         # (the reserve's first: a metrics scrape between the two reads one too many, not too few)
         self._reserve_conn.children.pop(child.id, None)  # (with it: see _client_count)
         self.children.pop(child.id, None)
+        if child.reserved:  # died waiting (the OOM killer's pick, a reload): its reserve refills
+            self._reserve_lost(child)
         self._room_freed()
         if child.ready_seen and not unused:
             self.observer.exited(child=child.id, pool=child.pool, peer_uid=child.peer_uid, status=child.status)
@@ -3034,47 +3120,67 @@ class Daemon:
             self._count(self.results_held, uid, -size)
 
     async def _read_status(self, child: Child) -> None:
-        buf = bytearray()
         try:
             while True:
-                try:
-                    data = await child.status_stream.receive_some(65536)
-                except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
-                    data = b""
+                if child.status_parked is not None:  # a held child's (_park_status)
+                    # Out of the event loop's epoll set meanwhile: trio leaves an fd nobody waits
+                    # for there with no events asked, but a hang-up is always reported, and a
+                    # payload that is PID 1 closes the pipe's last write end as it starts. No task
+                    # waits for it now, so this wakes nobody; the next read registers it again.
+                    trio.lowlevel.notify_closing(child.status_stream.fileno())
+                    await child.status_parked.wait()
+                    continue
+                data = None
+                with trio.CancelScope() as child.status_wait:
+                    try:
+                        data = await child.status_stream.receive_some(65536)
+                    except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
+                        data = b""
+                child.status_wait = None
+                if data is None:  # parked while it waited (nothing was read)
+                    continue
                 if not data:
                     break
-                buf += data
-                while len(buf) >= C.LEN.size:
-                    (n,) = C.LEN.unpack_from(buf)
-                    if n > C.MAX_STATUS_FRAME:
-                        self._kill(child, signal.SIGKILL)  # a child speaking garbage is ended
-                        return
-                    if len(buf) < C.LEN.size + n:
-                        break
-                    body = bytes(buf[C.LEN.size:C.LEN.size + n])
-                    del buf[:C.LEN.size + n]
-                    try:
-                        m = C.status_decoder.decode(body)
-                    except (msgspec.DecodeError, msgspec.ValidationError):
-                        self._kill(child, signal.SIGKILL)
-                        return
-                    if isinstance(m, C.Started):
-                        self._cpu_start(child)  # (a leased child: its Job runs from now)
-                        self._started(child, m)
-                    elif isinstance(m, C.ExitReport):
-                        if not child.direct:  # a payload that is PID 1 has no reaper to report for it
-                            child.report = m
-                    elif isinstance(m, (C.Out, C.OutSkip, C.OutEnd)):
-                        if child.collector is not None and child.ready_seen:
-                            child.collector.feed(m)
-                    elif child.first is None:
-                        child.first = m
-                        if isinstance(m, C.Ready):
-                            child.ready_seen = True
-                        child.first_event.set()
+                child.status_buf += data
+                if not self._status_frames(child):
+                    return
         finally:
             child.first_event.set()
             child.status_done.set()
+
+    def _status_frames(self, child: Child) -> bool:
+        """Act on the whole frames in ``child.status_buf``; False once the child was killed for
+        speaking garbage (nothing more of it is read)."""
+        buf = child.status_buf
+        while len(buf) >= C.LEN.size:
+            (n,) = C.LEN.unpack_from(buf)
+            if n > C.MAX_STATUS_FRAME:
+                self._kill(child, signal.SIGKILL)  # a child speaking garbage is ended
+                return False
+            if len(buf) < C.LEN.size + n:
+                break
+            body = bytes(buf[C.LEN.size:C.LEN.size + n])
+            del buf[:C.LEN.size + n]
+            try:
+                m = C.status_decoder.decode(body)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                self._kill(child, signal.SIGKILL)
+                return False
+            if isinstance(m, C.Started):
+                self._cpu_start(child)  # (a leased child's counts from its lease: this is a no-op then)
+                self._started(child, m)
+            elif isinstance(m, C.ExitReport):
+                if not child.direct:  # a payload that is PID 1 has no reaper to report for it
+                    child.report = m
+            elif isinstance(m, (C.Out, C.OutSkip, C.OutEnd)):
+                if child.collector is not None and child.ready_seen:
+                    child.collector.feed(m)
+            elif child.first is None:
+                child.first = m
+                if isinstance(m, C.Ready):
+                    child.ready_seen = True
+                child.first_event.set()
+        return True
 
     def _exit_status(self, child: Child, wstatus: int, ru) -> ExitStatus:
         if os.WIFSIGNALED(wstatus):

@@ -537,31 +537,16 @@ class AsyncClient:
         data = P.encode(msg, len(fds))
         p = _Pending()
         self._pending[req] = p
-        sent = False
+        sent = [False]
         try:
-            async with self._send_lock:
-                # A frame goes out whole: cut short by a cancellation, the rest of the stream
-                # would be read as its continuation and the connection would hang for good.
-                # The cancellation takes effect once it is out (SEND_WHOLE at most; a daemon
-                # that reads nothing for that long costs the connection).
-                with anyio.CancelScope(shield=True):
-                    with anyio.move_on_after(SEND_WHOLE) as stuck:
-                        view = memoryview(data)  # a payload may be many MiB: no copies of it
-                        if fds:
-                            await self._stream.send_fds(bytes(view[:P.HEADER.size]), fds)
-                            view = view[P.HEADER.size:]
-                        await self._stream.send(view)
-                        sent = True
-                    if stuck.cancelled_caught:
-                        await self._stream.aclose()  # (the reader wakes every waiter with the reason)
-                        raise BrokenError(f"a request could not be sent in {SEND_WHOLE:g} s: the connection is closed")
+            await self._send_whole(data, fds, sent)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as e:
             self._pending.pop(req, None)
             if self._closed:
                 raise ClosedError("the client was closed") from None
             raise BrokenError(f"cannot send to the daemon: {e}") from None
         except BaseException:  # cancelled before the send (nothing will come) or right after it
-            if sent:
+            if sent[0]:
                 p.abandoned = True  # (an answer will come: the reader disposes of it)
             else:
                 self._pending.pop(req, None)
@@ -580,6 +565,35 @@ class AsyncClient:
         if isinstance(p.msg, P.Error):
             raise DaemonError(p.msg.message, code=p.msg.code)
         return p.msg, p.fds
+
+    async def _send_whole(self, data: bytes, fds: list[int] = (), sent: list[bool] | None = None) -> None:
+        """Send one encoded frame (``sent[0]`` is set once it is out)."""
+        async with self._send_lock:
+            # A frame goes out whole: cut short by a cancellation, the rest of the stream
+            # would be read as its continuation and the connection would hang for good.
+            # The cancellation takes effect once it is out (SEND_WHOLE at most; a daemon
+            # that reads nothing for that long costs the connection).
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(SEND_WHOLE) as stuck:
+                    view = memoryview(data)  # a payload may be many MiB: no copies of it
+                    if fds:
+                        await self._stream.send_fds(bytes(view[:P.HEADER.size]), fds)
+                        view = view[P.HEADER.size:]
+                    await self._stream.send(view)
+                    if sent is not None:
+                        sent[0] = True
+                if stuck.cancelled_caught:
+                    await self._stream.aclose()  # (the reader wakes every waiter with the reason)
+                    raise BrokenError(f"a request could not be sent in {SEND_WHOLE:g} s: the connection is closed")
+
+    async def _begun(self, child_id: str) -> None:
+        """Tell the daemon a held child's Job is written and has a timeout (P.Begun), so that it
+        reads the child's Started report and arms the deadline now. No answer comes; a
+        connection that is gone took the child with it."""
+        if self._closed or self._broken is not None or not self.welcome.begun:
+            return
+        with contextlib.suppress(ZygoteError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            await self._send_whole(P.encode(P.Begun(child_id), 0))
 
     def _exit(self, child: AsyncChild, msg: P.Exited, fds: list[int]) -> None:
         child._set_exit(msg, fds)
@@ -637,6 +651,8 @@ class AsyncClient:
             leased = self._start_leased(kind, payload, tgt, py, _argv, env, process_name, stdin, timeout,
                                         trusted_results, self._lease_wake.set)
             if leased is not None:
+                if timeout is not None:  # (its deadline: the daemon reads its Started report now)
+                    self._tg.start_soon(self._begun, leased.id)
                 return leased
 
         def make(req: int) -> P.Spawn:

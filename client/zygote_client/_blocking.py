@@ -508,8 +508,10 @@ class Client:
                 if leased is not None:
                     return self._adopt(leased)
             finally:
-                if took:
-                    with contextlib.suppress(RuntimeError):  # the loop is gone: the client is closing
+                with contextlib.suppress(RuntimeError):  # the loop is gone: the client is closing
+                    if leased is not None and timeout is not None:  # (its deadline: see P.Begun)
+                        self._portal.start_task_soon(ac._begun, leased.id)
+                    if took:
                         self._loop.call_soon_threadsafe(lambda: ac._lease_wake.set())
 
         async def go() -> AsyncChild:
