@@ -229,6 +229,7 @@ class Child:
     status_buf: bytearray = field(default_factory=bytearray)  # status bytes read, short of a whole frame
     status_parked: trio.Event | None = None  # set to read a held child's status again (_park_status)
     status_wait: trio.CancelScope | None = None  # the status reader's wait for bytes, while it waits
+    begun: bool = False  # its client said Begun (P.Begun): its report is read when its Job's time is up
     pool: str = "default"
     peer_uid: int = -1
     collector: workspace.Collector | None = None  # the export being received from PID 1
@@ -1084,8 +1085,9 @@ class Daemon:
             await self._lease(conn, msg)
         elif isinstance(msg, P.Begun):  # (no answer: an unknown or ended child is no error, a race)
             child = conn.children.get(msg.child)
-            if child is not None and child.leased:
-                self._unpark_status(child)
+            if child is not None and child.status_parked is not None and not child.begun:
+                child.begun = True  # (the first one counts: no task per message)
+                self._nursery.start_soon(self._read_parked_after, child, msg.timeout)
         else:
             await conn.send(P.Error(getattr(msg, "req", 0), "bad-request", f"unexpected {type(msg).__name__}"))
 
@@ -1996,11 +1998,21 @@ class Daemon:
         pipe, and PID 1 could wait on a full pipe forever; those are read as before), and
         nothing waits for the report: its deadline is armed from the moment the
         child read the Job (Started.at), its cpu_time is counted since the lease. So it is read
-        when the client says Begun (a Job with a timeout), when the pool's timeout would run
-        out (_lease_expiry), when a reload retires the pool (_drain_parked), or at the exit."""
+        when the Job's own timeout would run out (the client says Begun with it), when the
+        pool's would (_lease_expiry), when a reload retires the pool (_drain_parked), or at the
+        exit, whichever comes first."""
         child.status_parked = trio.Event()
         if child.status_wait is not None:
             child.status_wait.cancel()
+
+    async def _read_parked_after(self, child: Child, seconds: float) -> None:
+        """Read a parked child's Started report ``seconds`` from now (its client's Begun: the Job's
+        timeout, as the client says), unless it ended first. The deadline the report arms runs
+        from when the child read the Job, so a child whose time is up then is killed at once."""
+        with trio.move_on_after(min(seconds, 1e9) if seconds > 0 else 0.0):  # (nan: at once)
+            await child.exited.wait()
+            return
+        self._unpark_status(child)
 
     def _unpark_status(self, child: Child) -> None:
         parked, child.status_parked = child.status_parked, None

@@ -586,14 +586,14 @@ class AsyncClient:
                     await self._stream.aclose()  # (the reader wakes every waiter with the reason)
                     raise BrokenError(f"a request could not be sent in {SEND_WHOLE:g} s: the connection is closed")
 
-    async def _begun(self, child_id: str) -> None:
-        """Tell the daemon a held child's Job is written and has a timeout (P.Begun), so that it
-        reads the child's Started report and arms the deadline now. No answer comes; a
-        connection that is gone took the child with it."""
+    async def _begun(self, child_id: str, timeout: float) -> None:
+        """Tell the daemon a held child's Job is written and has ``timeout`` (P.Begun), so that
+        it reads the child's Started report by then. No answer comes; a connection that is gone
+        took the child with it."""
         if self._closed or self._broken is not None or not self.welcome.begun:
             return
         with contextlib.suppress(ZygoteError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            await self._send_whole(P.encode(P.Begun(child_id), 0))
+            await self._send_whole(P.encode(P.Begun(child_id, float(timeout)), 0))
 
     def _exit(self, child: AsyncChild, msg: P.Exited, fds: list[int]) -> None:
         child._set_exit(msg, fds)
@@ -652,7 +652,7 @@ class AsyncClient:
                                         trusted_results, self._lease_wake.set)
             if leased is not None:
                 if timeout is not None:  # (its deadline: the daemon reads its Started report now)
-                    self._tg.start_soon(self._begun, leased.id)
+                    self._tg.start_soon(self._begun, leased.id, timeout)
                 return leased
 
         def make(req: int) -> P.Spawn:

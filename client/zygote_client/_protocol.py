@@ -156,15 +156,18 @@ class Lease(_Msg, tag="lease"):
 
 
 class Begun(_Msg, tag="begun"):
-    """The client wrote the Job of ``child``, one it leased, and the Job has a timeout (sent only
-    on a connection whose Welcome said ``begun``; no answer). The daemon then reads the child's
-    Started report, which arms the deadline from the moment the child read the Job. Without it
-    the daemon reads that report when the child exits or when the pool's own timeout would run
-    out, whichever is first: not at once, since the child's write would wake the daemon just as
-    the child starts, on the CPU it runs on (≈ 0.25 ms of a leased spawn after an idle second).
-    A client that leaves Begun out only delays its own Job's timeout; the pool's holds."""
+    """The client wrote the Job of ``child``, one it leased, with this ``timeout`` (sent only on
+    a connection whose Welcome said ``begun``, only for a Job with a timeout; no answer). The
+    daemon reads the child's Started report that many seconds later (the report, not this
+    message, says what the Job's timeout is and when the child read it: the deadline runs from
+    then). Otherwise the daemon reads that report when the child exits or when the pool's own
+    timeout would run out, whichever is first: not at once, since the child's write would wake
+    the daemon just as the child starts, on the CPU it runs on (≈ 0.3-0.45 ms of a leased spawn
+    after an idle second). A client that leaves Begun out, or names a longer timeout here, only
+    delays its own Job's timeout; the pool's holds."""
 
     child: str
+    timeout: float
 
 
 # ---- daemon -> client -------------------------------------------------------------------------
