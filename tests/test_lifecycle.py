@@ -1559,3 +1559,44 @@ def test_SECURITY_an_attach_s_replay_is_paid_from_the_output_budget(tmp_path):
             a.stderr.close()
         assert time.monotonic() - t > 2.0
         child.kill()
+
+
+@pytest.mark.parametrize("how", ["fresh", "reserve", "leased", "counted"])
+def test_a_payload_opens_its_stdio_again_by_name(tmp_path, how):
+    """/dev/stdout, /dev/stderr, /dev/stdin and /proc/self/fd/N work as in any process: the
+    daemon gives the child's ends of the pipes it made to the ids the payload runs as (made as
+    root's, mode 0600, they could only be used as inherited: EACCES). A shell redirection too."""
+    from zygote_client import SandboxConfig
+
+    def _reopen_stdio():
+        # (by name, as scripts do: print(..., file=open("/dev/stderr", "w")))
+        import os
+        seen = {}
+        for path, mode in (("/dev/stdout", "w"), ("/dev/stderr", "w"), ("/proc/self/fd/1", "w"), ("/dev/stdin", "r")):
+            try:
+                with open(path, mode) as f:
+                    if mode == "w":
+                        f.write(f"via {path}\n")
+                    else:
+                        seen["stdin read"] = f.read()
+                seen[path] = "ok"
+            except OSError as e:
+                seen[path] = e.strerror
+        st = os.fstat(1)
+        seen["owner"] = [st.st_uid == os.getuid(), st.st_gid == os.getgid()]
+        return seen
+
+    args = ["--reserve", "1"] if how in ("reserve", "leased") else []
+    cfg = SandboxConfig(max_output_bytes=1 << 20) if how == "counted" else None  # (through the daemon's relays)
+    with Client.embedded(daemon_args=args, leases=1 if how == "leased" else 0) as c:
+        if args:
+            time.sleep(1.0)  # the reserve (and the lease) filled
+        r = c.run(_reopen_stdio, input=b"in", sandbox_config=cfg)
+        assert r.value == {"/dev/stdout": "ok", "/dev/stderr": "ok", "/proc/self/fd/1": "ok", "/dev/stdin": "ok",
+                           "stdin read": "in", "owner": [True, True]}, (r.value, r.stderr)
+        assert r.stdout == b"via /dev/stdout\nvia /proc/self/fd/1\n" and r.stderr == b"via /dev/stderr\n", r
+        if how == "fresh":
+            child = c.spawn_child(None, _argv=["/bin/sh", "-c", "echo out > /dev/stdout; echo err > /dev/stderr"],
+                                  stdin=None)
+            out, err = child.communicate()
+            assert (child.returncode, out, err) == (0, b"out\n", b"err\n"), (out, err)

@@ -68,22 +68,64 @@ def test_request_takes_a_child_confined_before_it(reserve_client):
     assert len(_wait_reserve(c, 2)) == 2
 
 
+def _replaced(c: Client, gone: int, n: int, timeout: float = 30) -> list[int]:
+    """The daemon's sandbox children once ``gone`` is not among them and ``n`` are, all waiting
+    in the reserve by its status (or as they are after ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        kids = sandbox_children(daemon_pid(c))
+        if (gone not in kids and len(kids) == n and sum(p.reserve_waiting for p in c.status().pools) == n) \
+                or time.monotonic() > deadline:
+            return kids
+        time.sleep(0.05)
+
+
 def test_a_reserve_child_that_dies_waiting_is_replaced():
     """A waiting reserve child that dies (the OOM killer's pick: children are at 1000) leaves the
-    reserve, which refills without a request to notice it, and status counts only live ones."""
+    reserve, which refills without a request to notice it, and status counts only live ones.
+    When it keeps happening the refills slow down (a pause that doubles), not a loop of clones."""
     import signal
     with Client.embedded(daemon_args=["--reserve", "2"]) as c:
         first = _wait_reserve(c, 2)
         assert len(first) == 2
         os.kill(first[0], signal.SIGKILL)  # ours: the daemon's child, waiting in its reserve
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            kids = sandbox_children(daemon_pid(c))
-            if first[0] not in kids and len(kids) == 2 and sum(p.reserve_waiting for p in c.status().pools) == 2:
-                break
-            time.sleep(0.05)
+        kids = _replaced(c, first[0], 2)
         assert first[0] not in kids and len(kids) == 2, (first, kids)
         assert sum(p.reserve_waiting for p in c.status().pools) == 2
+        t = time.monotonic()
+        os.kill(kids[0], signal.SIGKILL)  # the second within 10 s: refilled after 1 s
+        again = _replaced(c, kids[0], 2)
+        assert kids[0] not in again and len(again) == 2 and 0.9 < time.monotonic() - t < 10, (kids, again)
+
+
+def test_a_daemon_stops_without_refilling_its_reserve():
+    """Stopping kills the waiting reserve children: their deaths must not refill the reserve
+    (each refill killed in the next round, and so on: a stop took up to 6 s, not 0.1 s). Two
+    things prevent it: the daemon's shutting_down flag, and the slower refill after repeated
+    deaths (either alone keeps this test passing; without both it fails)."""
+    for _ in range(4):
+        c = Client.embedded(daemon_args=["--reserve", "2"])
+        _wait_reserve(c, 2)
+        t = time.monotonic()
+        c.close()
+        assert time.monotonic() - t < 1.5
+
+
+def test_status_counts_a_leased_childs_age_from_its_job():
+    """A held child's Started report is read when needed (daemon._park_status); status reads it
+    first, so a child held for a while and then started shows the age of its Job."""
+    with Client.embedded(daemon_args=["--reserve", "2"], leases=2) as c:
+        _held(c, 2)
+        time.sleep(2.0)
+
+        def started_then_sleep():
+            print("running", flush=True)
+            __import__("time").sleep(1.0)
+        child = c.spawn_child(started_then_sleep, stdin=None)
+        assert child.stdout.readline() == b"running\n"
+        age = next(ch.age for ch in c.status().children if ch.id == child.id)
+        assert age < 1.0, age
+        child.wait()
 
 
 def test_the_prewarm_callable_is_pickled_once_in_the_zygote(reserve_client):

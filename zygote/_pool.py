@@ -97,6 +97,8 @@ class Reserve:
         self.network = network  # built with the pool's network ceiling, as a networked request asks
         self.built: SandboxConfig | None = None  # its children's effective config (set by the daemon)
         self.children: list = []  # confined, waiting for a request (daemon.Child)
+        self.losses = 0  # waiting children that died one soon after another (daemon._reserve_lost) ...
+        self.lost_at = 0.0  # ... and time.monotonic() of the last: refills slow down after a few
         self.wake = trio.Event()
         self.last_take = 0.0  # time.monotonic() of the last request that took one ...
         self.gap = float("inf")  # ... and the seconds between it and the one before

@@ -105,6 +105,7 @@ RELAY_LINGER = 60.0  # ... and after its child exited (each holds two fds and it
 LEASE_GRACE = 1.0  # seconds past the pool's timeout before a held child nobody started goes
 RESERVE_QUIET = 0.025  # seconds without a take before a reserve that is not empty is refilled
 RESERVE_PARALLEL = 2  # reserve children being made at once, per pool
+RESERVE_LOSS_WINDOW = 10.0  # seconds: waiting reserve children dying within it of each other slow the refill
 NET_AHEAD_QUIET = 0.025  # seconds without a networked spawn taking a prepared namespace before another is made
 SPAWN_STEPS = ("userns", "mounts", "netns", "rlimits", "uts", "fds", "payload")
 
@@ -508,6 +509,7 @@ class Daemon:
         self.kept: dict[str, _Kept] = {}  # ended detached children not yet attached (oldest first)
         self._kept_changed = trio.Event()  # set by _keep (see _expire_kept_on_time)
         self.watching = 0  # watcher tasks still running (shutdown waits for them)
+        self.shutting_down = False  # shutdown() began: reserves no longer refill
         self._nursery: trio.Nursery | None = None
         self._ids = itertools.count(1)
         self._prefix = secrets.token_hex(3)
@@ -838,6 +840,12 @@ class Daemon:
     async def shutdown(self) -> None:
         """Kill every child, detached ones too, and wait until each is reaped and its cgroup gone
         (the watchers are shielded from the daemon's own cancellation for exactly this)."""
+        # First: the reserve children killed below leave their reserves (_reserve_lost), which
+        # would refill at once, and each refill is killed in the next round (a clone storm).
+        self.shutting_down = True
+        for pool in self.pools.values():
+            for reserve in pool.reserves:
+                reserve.wake.set()
         with trio.move_on_after(15):
             while True:
                 # Again each round: a reserve refill still under way registers children after
@@ -1092,6 +1100,8 @@ class Daemon:
             await conn.send(P.Error(getattr(msg, "req", 0), "bad-request", f"unexpected {type(msg).__name__}"))
 
     def status(self, req: int, peer_uid: int) -> P.StatusReply:
+        for child in list(self.children.values()):  # (a parked report: its age runs from its Job)
+            self._drain_parked(child)
         now = time.monotonic()
         pools = [P.PoolStatus(name=n, python=p.config.python, preload=list(p.config.preload),
                               zygotes=p.config.zygotes,
@@ -1328,10 +1338,15 @@ class Daemon:
             self._in_reserves() < self.id_slots.count - self.config.max_children - ID_SLACK // 2)
 
     def _reserve_lost(self, child: Child) -> None:
+        """A waiting reserve child died (the OOM killer's pick, or a signal from the host): it
+        leaves its reserve, which refills, more slowly when it keeps happening (_fill_reserve)."""
         pool = self.pools.get(child.pool)
         for reserve in pool.reserves if pool is not None else ():
             if child in reserve.children:
                 reserve.children.remove(child)
+                now = time.monotonic()
+                reserve.losses = reserve.losses + 1 if now - reserve.lost_at < RESERVE_LOSS_WINDOW else 1
+                reserve.lost_at = now
                 reserve.wake.set()
 
     def _room_freed(self) -> None:
@@ -1481,6 +1496,7 @@ class Daemon:
         trees: list[int] = []  # idmapped copies of the client's bind sources, until the clone has them
         own_id = None  # the client's own host id for the child's sandbox ids (with trees: _idmapped)
         registered: Child | None = None  # a child in self.children whose Spawned has not gone out
+        stdio: list[int] = []  # the child's ends of the stdio pipes made here (see _own_stdio)
         try:
             limit = cfg.max_output
             if msg.stdio == "fds":
@@ -1489,18 +1505,18 @@ class Daemon:
                     theirs += client_fds[1:]
                 while targets:  # the daemon counts what passes (max_output_bytes) and writes it on
                     r, w = os.pipe2(os.O_CLOEXEC)
-                    theirs.append(w)
+                    theirs.append(w); stdio.append(w)
                     relays.append((r, targets.pop(0)))  # (the relay's alone: not in `mine`)
                 out = []
             else:
                 if msg.stdin:
                     r, w = os.pipe2(os.O_CLOEXEC)
-                    theirs.append(r); mine.append(w)
+                    theirs.append(r); mine.append(w); stdio.append(r)
                 else:
                     theirs.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
                 for _ in range(2):
                     r, w = os.pipe2(os.O_CLOEXEC)
-                    theirs.append(w); mine.append(r)
+                    theirs.append(w); mine.append(r); stdio.append(w)
                     if msg.detached:  # the daemon reads the child's pipe; the spawner reads a tap
                         tr, tw = os.pipe2(os.O_CLOEXEC)
                         mine.remove(r)
@@ -1529,6 +1545,8 @@ class Daemon:
                     plan, trees, own_id = await self._idmapped(plan, uid, conn.peer_gid)
                 if slot is not None and own_id is None and conn is not self._reserve_conn:
                     own_id = self._own_id_for_pool_rw(uid, plan)  # (a reserve child's client is unknown yet)
+                if slot is not None:
+                    self._own_stdio(stdio, slot, own_id, plan)
                 zyg = pool.pick()
                 flags, extra = ALL_NAMESPACES | CLONE_PARENT | len(trees) << TREES_SHIFT, list(trees)
                 if born_in is not None:
@@ -1652,6 +1670,20 @@ class Daemon:
         """Whether the plan binds one of its pool's sources read-write (a client's own binds carry
         ``pin`` when the client is not root: they are idmapped instead, _idmapped)."""
         return any(not b.readonly and b.pin is None for b in plan.binds)
+
+    def _own_stdio(self, fds: list[int], slot: int, own_id: int | None, plan: C.ChildPlan) -> None:
+        """Give the child's ends of the stdio pipes the daemon made to the host ids its payload
+        runs as (a root daemon's). A pipe belongs to whoever made it, mode 0600: as root's, a
+        payload could use the fds it was given but not open them again by name, so
+        ``open("/dev/stdout", "w")``, ``echo x > /dev/stderr`` and ``/proc/self/fd/1`` failed
+        with EACCES. Only pipes made for this child (never a client's own fds), and nobody else
+        runs as those ids (a child's range is its own; a client's own id only reaches its own
+        children, each in a pid namespace that shows no other's fds)."""
+        first = self.id_slots.first_id(slot)
+        hu = own_id if own_id is not None else first + plan.uid
+        hg = own_id if own_id is not None else first + plan.gid
+        for fd in fds:
+            os.fchown(fd, hu, hg)
 
     def _own_id_for_pool_rw(self, uid: int, plan: C.ChildPlan) -> int | None:
         """The host id a root daemon's child of non-root client ``uid`` runs as (its sandbox uid
@@ -1939,8 +1971,8 @@ class Daemon:
             child = reserve.take()
             ctl, child.ctl = child.ctl, None
             fds, child.reserve_fds = child.reserve_fds, []
-            if child.exited.is_set() or ctl is None:
-                _close(fds)
+            if child.exited.is_set() or child.ended or ctl is None:  # (ended: its watcher already
+                _close(fds)                                             # unparked; it must not park)
                 if ctl is not None:
                     ctl.close()
                 continue
@@ -2022,7 +2054,7 @@ class Daemon:
     def _drain_parked(self, child: Child) -> None:
         """Take in what a parked status pipe holds now (its reader waits for _unpark_status, not
         in a read: this is the pipe's only reader meanwhile). A reload uses it to tell a child
-        that started before it from one that did not."""
+        that started before it from one that did not, status to count a child's age from its Job."""
         if child.status_parked is None or child.pidfd < 0:
             return
         while True:
@@ -2088,13 +2120,19 @@ class Daemon:
         failures = [0]
         filling = [0]
         async with trio.open_nursery() as n:
-            while not pool.stopping:
+            while not pool.stopping and not self.shutting_down:
                 short = reserve.size - len(reserve.children) - filling[0]
                 if short <= 0 or filling[0] >= RESERVE_PARALLEL:
                     # Until something changes that: a take, a fill done, a waiting child's death,
                     # a discard all wake it (an idle daemon sleeps: a timer here woke it twice a
                     # second, and a wake-up that lands on a leased child's start costs it the CPU).
                     await reserve.sleep(math.inf)
+                    continue
+                if reserve.losses > 1 and (wait := reserve.lost_at - time.monotonic() + min(
+                        30.0, 0.25 * 2 ** min(reserve.losses, 7))) > 0:
+                    # Its waiting children keep dying (something on the host kills them): refill
+                    # after a pause that doubles with each, not in a loop of clones.
+                    await reserve.sleep(wait)
                     continue
                 if not self._reserve_room():
                     reserve.wants_room = True  # (woken when a child leaves: see _watch_and_reap)
@@ -2136,7 +2174,7 @@ class Daemon:
                 reply, fds = P.SpawnFailed(0, f"internal error: {type(e).__name__}: {e}", "internal",
                                            code="internal"), []
             child = self.children.get(reply.child) if isinstance(reply, P.Spawned) else None
-            if child is None or pool.stopping:
+            if child is None or pool.stopping or self.shutting_down:
                 _close(fds)
                 if child is not None:
                     self._kill(child, signal.SIGKILL)
