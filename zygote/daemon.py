@@ -1933,7 +1933,8 @@ class Daemon:
 
     def _hand_to(self, child: Child, conn: Connection, timeout: float | None) -> None:
         """A reserve child is this connection's from now on: its exit is reported there, it
-        counts against the connection's limits, and its clock starts (again at Started if leased)."""
+        counts against the connection's limits, and its clock starts (again at its Job if leased:
+        Started.at)."""
         self._reserve_conn.children.pop(child.id, None)
         child.reserved = False
         child.conn, child.peer_uid, child.watchers = conn, conn.peer_uid, [conn]
@@ -1996,7 +1997,7 @@ class Daemon:
                 self._park_status(child)
             if pool.config.sandbox.timeout is not None:
                 # Held unstarted, it holds what a running child holds: no longer than the pool's
-                # timeout (then it goes, and the client leases another); Started starts its clock.
+                # timeout (then it goes, and the client leases another); its Job starts its clock.
                 self._nursery.start_soon(self._lease_expiry, child, pool.config.sandbox.timeout)
             try:
                 await conn.send(P.Leased(msg.req, child.id, child.pid), fds)
