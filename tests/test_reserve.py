@@ -804,6 +804,25 @@ def test_SECURITY_held_children_count_against_the_per_client_limit(tmp_path):
             assert "2 of them held unstarted for its leases" in reply.message, reply
 
 
+def test_a_limit_message_counts_a_started_leased_child_as_running(tmp_path):
+    """The per-client limit's message says how many of the client's children are held unstarted;
+    one started from a lease, whose report the daemon had not read yet, is not among them."""
+    with config_daemon(tmp_path, "max_children_per_client = 2\n[pools.default]\nreserve = 2\n") as sock, \
+            Client.connect(sock, leases=2) as c:
+        _held(c, 2)
+
+        def started_then_sleep():
+            print("running", flush=True)
+            __import__("time").sleep(30)
+        child = c.spawn_child(started_then_sleep, stdin=None)
+        assert child.stdout.readline() == b"running\n"
+        with pytest.raises(DaemonError) as ei:
+            c.run(print, sandbox_config=SandboxConfig(hostname="x"))  # (through the daemon)
+        assert "1 of them held unstarted" in str(ei.value), ei.value
+        child.kill()
+        child.wait()
+
+
 def test_a_held_child_that_dies_is_replaced():
     import signal
     with Client.embedded(daemon_args=["--reserve", "2"], leases=1) as c:

@@ -1365,10 +1365,13 @@ class Daemon:
         return max(1, self.config.max_children // 4)
 
     def _held_by(self, conn: Connection) -> int:
-        """Leased children not yet started among those _client_load counts."""
-        if conn.peer_uid == 0:
-            return sum(1 for c in conn.children.values() if c.leased)
-        return sum(1 for c in self.children.values() if c.peer_uid == conn.peer_uid and c.leased)
+        """Leased children not yet started among those _client_load counts (parked reports are
+        read first: a child started from a lease is not "held")."""
+        mine = list(conn.children.values() if conn.peer_uid == 0 else
+                    (c for c in self.children.values() if c.peer_uid == conn.peer_uid))
+        for c in mine:
+            self._drain_parked(c)
+        return sum(1 for c in mine if c.leased)
 
     def _client_load(self, conn: Connection) -> tuple[int, str]:
         """Children (and spawns in flight) counted against max_children_per_client: per peer uid,
