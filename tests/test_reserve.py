@@ -18,6 +18,19 @@ def _boottime() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
+def _start_running(c: Client, seconds: float, **spawn) -> "ChildProcess":
+    """Spawn (a held child, when the client holds one) a payload that prints "running", sleeps
+    ``seconds``, prints "done" and returns "done"; return the child once "running" was read."""
+    def payload():
+        print("running", flush=True)
+        __import__("time").sleep(seconds)
+        print("done")
+        return "done"
+    child = c.spawn_child(payload, stdin=None, **spawn)
+    assert child.stdout.readline() == b"running\n"
+    return child
+
+
 def _pid1_started(then_sleep: float = 0.0):
     """Payload: print when the child's PID 1 (the clone: the payload itself, or its reaper) started, in boot-time
     seconds; then sleep ``then_sleep`` seconds and print "done"."""
@@ -117,12 +130,7 @@ def test_status_counts_a_leased_childs_age_from_its_job():
     with Client.embedded(daemon_args=["--reserve", "2"], leases=2) as c:
         _held(c, 2)
         time.sleep(1.2)
-
-        def started_then_sleep():
-            print("running", flush=True)
-            __import__("time").sleep(0.5)
-        child = c.spawn_child(started_then_sleep, stdin=None)
-        assert child.stdout.readline() == b"running\n"
+        child = _start_running(c, 0.5)
         age = next(ch.age for ch in c.status().children if ch.id == child.id)
         assert age < 0.8, age  # (from the lease: 1.2 s and more)
         child.wait()
@@ -590,12 +598,7 @@ def _loop_switches(pid: int) -> int:
 def test_a_leased_child_starts_without_waking_the_daemon():
     """A held child reports Started when its Job comes, but the daemon reads that report when it
     needs it, not at once: its wake-up would compete with the child's start for the CPU
-    (daemon._park_status). With a timeout the client says Begun, and the daemon reads it at once."""
-    def started_then_sleep():
-        print("running", flush=True)
-        __import__("time").sleep(0.6)
-        return "done"
-
+    (daemon._park_status). With a timeout the client says Begun: that message wakes the daemon."""
     with Client.embedded(daemon_args=["--reserve", "2"], leases=2) as c:
         dpid = daemon_pid(c)
         woke = {}
@@ -604,8 +607,7 @@ def test_a_leased_child_starts_without_waking_the_daemon():
             _wait_reserve(c, 2)  # (the refills behind the last spawn are done)
             time.sleep(0.3)
             before = _loop_switches(dpid)
-            child = c.spawn_child(started_then_sleep, stdin=None, timeout=timeout)
-            assert child.stdout.readline() == b"running\n"
+            child = _start_running(c, 0.6, timeout=timeout)
             time.sleep(0.2)
             woke[timeout] = _loop_switches(dpid) - before
             assert child.result() == "done" and child.returncode == 0
@@ -677,13 +679,7 @@ def test_a_leased_child_started_before_a_reload_runs_on(tmp_path):
     yet (a Job without a timeout: read when needed, here at the reload)."""
     with _reloadable(tmp_path, _POOL) as (sock, _, reload), Client.connect(sock, leases=2) as c:
         _held(c, 2)
-
-        def started_then_sleep():
-            print("running", flush=True)
-            __import__("time").sleep(1.5)
-            print("done")
-        child = c.spawn_child(started_then_sleep, stdin=None)
-        assert child.stdout.readline() == b"running\n"
+        child = _start_running(c, 1.5)
         (unstarted, _), = list(c._aclient._leases)
         reload(_POOL_CHANGED)
         assert child.stdout.read() == b"done\n"
@@ -810,12 +806,7 @@ def test_a_limit_message_counts_a_started_leased_child_as_running(tmp_path):
     with config_daemon(tmp_path, "max_children_per_client = 2\n[pools.default]\nreserve = 2\n") as sock, \
             Client.connect(sock, leases=2) as c:
         _held(c, 2)
-
-        def started_then_sleep():
-            print("running", flush=True)
-            __import__("time").sleep(30)
-        child = c.spawn_child(started_then_sleep, stdin=None)
-        assert child.stdout.readline() == b"running\n"
+        child = _start_running(c, 30)
         with pytest.raises(DaemonError) as ei:
             c.run(print, sandbox_config=SandboxConfig(hostname="x"))  # (through the daemon)
         assert "1 of them held unstarted" in str(ei.value), ei.value

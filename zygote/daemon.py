@@ -2132,8 +2132,7 @@ class Daemon:
                     # second, and a wake-up that lands on a leased child's start costs it the CPU).
                     await reserve.sleep(math.inf)
                     continue
-                if reserve.losses > 1 and (wait := reserve.lost_at - time.monotonic() + min(
-                        30.0, 0.25 * 2 ** min(reserve.losses, 7))) > 0:
+                if reserve.losses > 1 and (wait := reserve.lost_at + _backoff(reserve.losses) - time.monotonic()) > 0:
                     # Its waiting children keep dying (something on the host kills them): refill
                     # after a pause that doubles with each, not in a loop of clones.
                     await reserve.sleep(wait)
@@ -2186,7 +2185,7 @@ class Daemon:
                     failures[0] += 1
                     self.observer.log.warning("reserve", pool=pool.config.name, network=reserve.network,
                                               step=reply.step, message=reply.message)
-                    await trio.sleep(min(30.0, 0.25 * 2 ** min(failures[0], 7)))
+                    await trio.sleep(_backoff(failures[0]))
                 return
             failures[0] = 0
             child.reserved, child.reserve_fds = True, fds
@@ -2203,9 +2202,10 @@ class Daemon:
             for child in reserve.children:
                 self._kill(child, signal.SIGKILL)
         for child in list(self.children.values()):
-            if child.leased and child.leased_from is pool:
-                self._drain_parked(child)  # (a Started report waiting there says it started in time)
-            if child.leased and child.leased_from is pool:
+            if not (child.leased and child.leased_from is pool):
+                continue
+            self._drain_parked(child)  # (a Started report waiting there says it started in time)
+            if child.leased:
                 child.reloaded = True  # (its client may have written its Job: the status says why)
                 self._kill(child, signal.SIGKILL)
 
@@ -3273,6 +3273,12 @@ class Daemon:
             cpu_time_exceeded=cpu_exceeded, pool_reloaded=child.reloaded, wall_time=time.monotonic() - child.started,
             cpu_user=ru.ru_utime, cpu_system=ru.ru_stime, enforcement=enforcement,
         )
+
+
+def _backoff(n: int) -> float:
+    """Seconds to wait after ``n`` failures in a row (a reserve's fills, its children's deaths):
+    0.25 s doubling, at most 30."""
+    return min(30.0, 0.25 * 2 ** min(n, 7))
 
 
 def _cgroup_asks(cfg: SandboxConfig) -> list[str]:
