@@ -588,9 +588,10 @@ def test_async_leased_child_deadline_counts_from_its_job(backend):
     anyio.run(main, backend=backend)
 
 
-def _loop_switches(pid: int) -> int:
-    """Context switches of a process's main thread (the daemon's event loop): each wake-up is one."""
-    with open(f"/proc/{pid}/task/{pid}/status") as f:
+def _loop_switches(pid: int, tid: int | None = None) -> int:
+    """Context switches of a thread (by default a process's main thread: the daemon's event
+    loop): each wake-up is one."""
+    with open(f"/proc/{pid}/task/{tid or pid}/status") as f:
         return sum(int(line.split()[1]) for line in f
                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")))
 
@@ -598,20 +599,58 @@ def _loop_switches(pid: int) -> int:
 def test_a_leased_child_starts_without_waking_the_daemon():
     """A held child reports Started when its Job comes, but the daemon reads that report when it
     needs it, not at once: its wake-up would compete with the child's start for the CPU
-    (daemon._park_status). With a timeout the client says Begun: that message wakes the daemon."""
+    (daemon._park_status). With a timeout the client says Begun: that message wakes the daemon.
+    The blocking client's own loop thread is not woken either way: Begun goes out from the
+    calling thread (AsyncClient._send_now)."""
+    import threading
     with Client.embedded(daemon_args=["--reserve", "2"], leases=2) as c:
         dpid = daemon_pid(c)
-        woke = {}
+        loop_tid = c._portal.call(threading.get_native_id)
+        woke, client_woke = {}, {}
         for timeout in (30.0, None):
             _held(c, 2)
             _wait_reserve(c, 2)  # (the refills behind the last spawn are done)
             time.sleep(0.3)
-            before = _loop_switches(dpid)
+            before = _loop_switches(dpid), _loop_switches(os.getpid(), loop_tid)
             child = _start_running(c, 0.6, timeout=timeout)
             time.sleep(0.2)
-            woke[timeout] = _loop_switches(dpid) - before
+            woke[timeout] = _loop_switches(dpid) - before[0]
+            client_woke[timeout] = _loop_switches(os.getpid(), loop_tid) - before[1]
             assert child.result() == "done" and child.returncode == 0
         assert woke[None] == 0 and woke[30.0] > 0, woke
+        assert client_woke == {30.0: 0, None: 0}, client_woke
+
+
+def test_a_begun_from_the_calling_thread_never_lands_inside_another_frame():
+    """Begun goes out from the calling thread only while the loop sends nothing (_send_now):
+    here the loop keeps sending large requests (too large for a held child: through the
+    daemon, many writes each) while this thread starts held children with a timeout. A Begun
+    written between two writes of a request would make the rest of the stream garbage to the
+    daemon, which would drop the connection."""
+    import threading
+    with Client.embedded(daemon_args=["--reserve", "2"], leases=2) as c:
+        _held(c, 2)
+        big = b"x" * (32 << 20)
+        sizes: list[int] = []
+        done = threading.Event()
+
+        def send_large() -> None:
+            try:
+                for _ in range(6):
+                    sizes.append(c.call(len, big))
+            finally:
+                done.set()
+        t = threading.Thread(target=send_large)
+        t.start()
+        started = 0
+        try:
+            while not done.is_set():
+                child = c.spawn_child(print, args=("x",), stdin=None, timeout=30)
+                assert child.stdout.read() == b"x\n" and child.wait().returncode == 0
+                started += 1
+        finally:
+            t.join()
+        assert sizes == [len(big)] * 6 and started > 5, (sizes, started)
 
 
 def test_a_report_read_late_arms_the_deadline_from_the_job(tmp_path):

@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import types
 import weakref
 from typing import Any, Callable
@@ -317,6 +318,12 @@ class AsyncClient:
         self._exported: weakref.WeakSet[AsyncChild] = weakref.WeakSet()
         self._req = itertools.count(1)
         self._send_lock = anyio.Lock()
+        # A small frame may go out from another thread without waking the loop's (_send_now):
+        # only while no frame of the loop's is going out and the stream is open. These say so;
+        # the lock is never held across an await, only around the flags and that thread's send.
+        self._wire = threading.Lock()
+        self._wire_busy = False    # a frame of the loop's is going out
+        self._wire_shut = False    # the stream is closing or closed
         self._broken: BaseException | None = None
         self._closed = False
         self._tg: Any = None
@@ -381,7 +388,7 @@ class AsyncClient:
         self._reader_scope.cancel()
         with anyio.CancelScope(shield=True):
             await self._reader_done.wait()
-        await self._stream.aclose()
+        await self._close_stream()
         if self._tg is not None:
             tg, self._tg = self._tg, None
             tg.cancel_scope.cancel()
@@ -393,7 +400,7 @@ class AsyncClient:
         if self._tg is not None:
             raise RuntimeError("use 'async with' to close a client that was entered with 'async with'")
         self._closed = True
-        await self._stream.aclose()
+        await self._close_stream()
         await self._finish()
 
     async def _finish(self) -> None:
@@ -448,7 +455,7 @@ class AsyncClient:
                 # gone): the connection closes, so the daemon ends its children, which nobody
                 # here could follow or signal any more, instead of keeping them running.
                 with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                    await self._stream.aclose()
+                    await self._close_stream()
             for p in self._pending.values():
                 p.error = self._broken
                 p.event.set()
@@ -574,17 +581,50 @@ class AsyncClient:
             # The cancellation takes effect once it is out (SEND_WHOLE at most; a daemon
             # that reads nothing for that long costs the connection).
             with anyio.CancelScope(shield=True):
-                with anyio.move_on_after(SEND_WHOLE) as stuck:
-                    view = memoryview(data)  # a payload may be many MiB: no copies of it
-                    if fds:
-                        await self._stream.send_fds(bytes(view[:P.HEADER.size]), fds)
-                        view = view[P.HEADER.size:]
-                    await self._stream.send(view)
-                    if sent is not None:
-                        sent[0] = True
+                with self._wire:
+                    self._wire_busy = True
+                try:
+                    with anyio.move_on_after(SEND_WHOLE) as stuck:
+                        view = memoryview(data)  # a payload may be many MiB: no copies of it
+                        if fds:
+                            await self._stream.send_fds(bytes(view[:P.HEADER.size]), fds)
+                            view = view[P.HEADER.size:]
+                        await self._stream.send(view)
+                        if sent is not None:
+                            sent[0] = True
+                finally:
+                    with self._wire:
+                        self._wire_busy = False
                 if stuck.cancelled_caught:
-                    await self._stream.aclose()  # (the reader wakes every waiter with the reason)
+                    await self._close_stream()  # (the reader wakes every waiter with the reason)
                     raise BrokenError(f"a request could not be sent in {SEND_WHOLE:g} s: the connection is closed")
+
+    async def _close_stream(self) -> None:
+        with self._wire:  # (no other thread's _send_now is then under way, nor starts)
+            self._wire_shut = True
+        await self._stream.aclose()
+
+    def _send_now(self, data: bytes) -> bool:
+        """Send one small frame from this thread (any thread) if the connection is free: no frame
+        of the loop's going out, the stream open. True once it is out (or the connection is gone:
+        the reader reports that); False to send it through the loop instead."""
+        if not self._wire.acquire(blocking=False):
+            return False
+        try:
+            if self._wire_busy or self._wire_shut:
+                return False
+            sock = self._stream.extra(anyio.abc.SocketAttribute.raw_socket)
+            try:
+                n = sock.send(data, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return False  # (the socket is full: the loop waits for room)
+            except OSError:
+                return True
+            if n != len(data):  # (a unix stream socket takes a small frame whole or not at all)
+                sock.shutdown(socket.SHUT_RDWR)  # half a frame: as a send that got stuck (_send_whole)
+            return True
+        finally:
+            self._wire.release()
 
     async def _begun(self, child_id: str, timeout: float) -> None:
         """Tell the daemon a held child's Job is written and has ``timeout`` (P.Begun), so that
@@ -594,6 +634,13 @@ class AsyncClient:
             return
         with contextlib.suppress(ZygoteError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             await self._send_whole(P.encode(P.Begun(child_id, float(timeout)), 0))
+
+    def _begun_now(self, child_id: str, timeout: float) -> bool:
+        """_begun from this thread, when the connection is free (see _send_now); False when
+        it must go through the loop."""
+        if self._closed or self._broken is not None or not self.welcome.begun:
+            return True
+        return self._send_now(P.encode(P.Begun(child_id, float(timeout)), 0))
 
     def _exit(self, child: AsyncChild, msg: P.Exited, fds: list[int]) -> None:
         child._set_exit(msg, fds)
@@ -651,8 +698,9 @@ class AsyncClient:
             leased = self._start_leased(kind, payload, tgt, py, _argv, env, process_name, stdin, timeout,
                                         trusted_results, self._lease_wake.set)
             if leased is not None:
-                if timeout is not None:  # (its deadline: the daemon reads its Started report now)
-                    self._tg.start_soon(self._begun, leased.id, timeout)
+                if timeout is not None:  # (its deadline: see P.Begun)
+                    if not self._begun_now(leased.id, timeout):
+                        self._tg.start_soon(self._begun, leased.id, timeout)
                 return leased
 
         def make(req: int) -> P.Spawn:

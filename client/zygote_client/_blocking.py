@@ -510,7 +510,8 @@ class Client:
             finally:
                 with contextlib.suppress(RuntimeError):  # the loop is gone: the client is closing
                     if leased is not None and timeout is not None:  # (its deadline: see P.Begun)
-                        self._portal.start_task_soon(ac._begun, leased.id, timeout)
+                        if not ac._begun_now(leased.id, timeout):  # (sent from this thread, as a rule)
+                            self._portal.start_task_soon(ac._begun, leased.id, timeout)
                     if took:
                         self._loop.call_soon_threadsafe(lambda: ac._lease_wake.set())
 
