@@ -257,3 +257,97 @@ def test_an_embedded_client_collected_without_close_leaves_no_zombie():
 
     wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=15,  # (a zombie keeps its /proc entry)
              what="the collected client's daemon to be reaped")
+
+
+class _Raised(Exception):
+    pass
+
+
+def test_an_exception_from_a_signal_handler_never_leaves_the_direct_send_s_lock_held():
+    """A thread's direct send of a small frame (AsyncClient._send_now, a held child's Begun) takes
+    a lock the event loop also takes. An exception raised by a signal handler (KeyboardInterrupt
+    at Ctrl-C) can land between any two steps of the thread's code: taken by acquire() outside
+    the try that releases it, the lock stayed held once in a few interrupts, and the loop's next
+    request hung on it for good (a helper's review). Here a handler raises into a loop of such
+    sends thousands of times a second; the lock is never left held."""
+    import threading
+    import types
+
+    from zygote_client._async import AsyncClient
+
+    def raise_(signum, frame):
+        if not stop.is_set():
+            raise _Raised()
+    fake = types.SimpleNamespace(_wire=threading.Lock(), _wire_busy=True, _wire_shut=False,
+                                 _stream=types.SimpleNamespace(extra=lambda attr: None))
+    main, go, stop = threading.main_thread().ident, threading.Event(), threading.Event()
+
+    def pester() -> None:
+        go.wait()
+        while not stop.is_set():
+            signal.pthread_kill(main, signal.SIGUSR1)
+            time.sleep(0.00005)
+    old = signal.signal(signal.SIGUSR1, raise_)
+    interrupts = leaks = 0
+    try:
+        t = threading.Thread(target=pester, daemon=True)
+        t.start()
+        end = time.monotonic() + 1.5
+        go.set()
+        while True:
+            try:  # (one may land anywhere in this loop's own bookkeeping too)
+                while time.monotonic() < end:
+                    try:
+                        assert AsyncClient._send_now(fake, b"x") is False  # (busy: it only looks)
+                    except _Raised:
+                        interrupts += 1
+                        if fake._wire.locked():
+                            leaks += 1
+                            fake._wire.release()
+                stop.set()  # (from here the handler raises nothing)
+                break
+            except _Raised:
+                pass
+        t.join()
+    finally:
+        stop.set()
+        signal.signal(signal.SIGUSR1, old)
+    assert interrupts > 50 and leaks == 0, (interrupts, leaks)
+
+
+def test_a_signal_handler_calling_the_client_during_a_direct_send_does_not_hang_it():
+    """A signal handler runs in the main thread between two steps of whatever it was doing: here
+    inside a held child's direct Begun send, which holds the lock the loop takes to send the
+    handler's own request. The loop waits for that lock at most a second (WIRE_WAIT), then gives
+    the connection up: the handler's call fails with BrokenError instead of both waiting on each
+    other for ever (a helper's review found that hang)."""
+    script = textwrap.dedent("""
+        import os, signal, time
+        from zygote_client import BrokenError, Client
+        c = Client.embedded(daemon_args=["--reserve", "2"], leases=2)
+        end = time.monotonic() + 30
+        while len(c._aclient._leases) < 2 and time.monotonic() < end:
+            time.sleep(0.02)
+        def handler(signum, frame):
+            try:
+                c.status()
+                print("handler: status answered", flush=True)
+            except BrokenError:
+                print("handler: BrokenError", flush=True)
+        signal.signal(signal.SIGUSR1, handler)
+        stream = c._aclient._stream
+        real_extra = stream.extra
+        class Sock:  # the signal comes while the send holds the lock
+            def __init__(self, sock):
+                self.sock = sock
+            def send(self, data, flags):
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return self.sock.send(data, flags)
+        stream.extra = lambda attr, *default: Sock(real_extra(attr, *default))
+        child = c.spawn_child(print, args=("x",), stdin=None, timeout=30)
+        print("spawn returned", flush=True)
+        c.close()
+        print("closed", flush=True)
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert p.stdout.splitlines() == ["handler: BrokenError", "spawn returned", "closed"], (p.stdout, p.stderr[-2000:])

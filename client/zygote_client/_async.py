@@ -43,6 +43,9 @@ LEASE_JOB_MAX = 1 << 16
 
 LEASE_RECHECK = 60.0  # seconds, at most, between leases asked of a pool that does not lease
 SEND_WHOLE = 30.0  # seconds a request's frame may take to go out (see AsyncClient._request)
+WIRE_WAIT = 1.0  # seconds the loop waits for a thread's direct send (AsyncClient._send_now) at most
+_WIRE_HELD = ("another thread held this client's socket for over a second (a signal handler that calls the "
+              "client, run while that thread was sending?): the connection is closed")
 
 
 def _fresh(exc: BaseException) -> BaseException:
@@ -581,8 +584,10 @@ class AsyncClient:
             # The cancellation takes effect once it is out (SEND_WHOLE at most; a daemon
             # that reads nothing for that long costs the connection).
             with anyio.CancelScope(shield=True):
-                with self._wire:
-                    self._wire_busy = True
+                if not self._wire_flags(busy=True):
+                    await self._close_stream()
+                    raise BrokenError(_WIRE_HELD)
+                whole = False
                 try:
                     with anyio.move_on_after(SEND_WHOLE) as stuck:
                         view = memoryview(data)  # a payload may be many MiB: no copies of it
@@ -590,41 +595,62 @@ class AsyncClient:
                             await self._stream.send_fds(bytes(view[:P.HEADER.size]), fds)
                             view = view[P.HEADER.size:]
                         await self._stream.send(view)
+                        whole = True
                         if sent is not None:
                             sent[0] = True
                 finally:
-                    with self._wire:
-                        self._wire_busy = False
+                    # (not whole: maybe part of a frame on the wire: nothing may follow it from
+                    # another thread before the close below)
+                    self._wire_flags(busy=False, **({} if whole else {"shut": True}))
                 if stuck.cancelled_caught:
                     await self._close_stream()  # (the reader wakes every waiter with the reason)
                     raise BrokenError(f"a request could not be sent in {SEND_WHOLE:g} s: the connection is closed")
 
     async def _close_stream(self) -> None:
-        with self._wire:  # (no other thread's _send_now is then under way, nor starts)
-            self._wire_shut = True
+        self._wire_flags(shut=True)  # (no other thread's _send_now is then under way, nor starts)
         await self._stream.aclose()
+
+    def _wire_flags(self, busy: bool | None = None, shut: bool | None = None) -> bool:
+        """Set the flags _send_now reads, under its lock (the loop's side). False if the lock
+        could not be had within WIRE_WAIT: the thread holding it is stuck in a signal handler
+        of its own that waits for this loop (a handler runs between any two steps of that
+        thread's code), and waiting on would hang both; the flags are set all the same (the
+        caller closes the connection: that thread's send, if it comes, fails on the closed socket)."""
+        got = self._wire.acquire(timeout=WIRE_WAIT)
+        try:
+            if busy is not None:
+                self._wire_busy = busy
+            if shut is not None:
+                self._wire_shut = shut
+        finally:
+            if got:
+                self._wire.release()
+        return got
 
     def _send_now(self, data: bytes) -> bool:
         """Send one small frame from this thread (any thread) if the connection is free: no frame
         of the loop's going out, the stream open. True once it is out (or the connection is gone:
         the reader reports that); False to send it through the loop instead."""
-        if not self._wire.acquire(blocking=False):
-            return False
-        try:
+        # A blocking acquire in a with statement: the loop holds the lock only for a flag flip, and
+        # `with` leaves no point between a successful acquire and the release on exit where an
+        # exception (KeyboardInterrupt) can land; acquire() followed by try/finally has one.
+        sock = self._stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        with self._wire:
             if self._wire_busy or self._wire_shut:
                 return False
-            sock = self._stream.extra(anyio.abc.SocketAttribute.raw_socket)
             try:
-                n = sock.send(data, socket.MSG_DONTWAIT)
+                n = sock.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
             except (BlockingIOError, InterruptedError):
                 return False  # (the socket is full: the loop waits for room)
+            except (BrokenPipeError, ConnectionResetError):
+                return True  # (the connection is gone: the reader reports that)
             except OSError:
-                return True
+                return False  # (e.g. ENOBUFS: the connection lives; the loop sends it, or learns why not)
             if n != len(data):  # (a unix stream socket takes a small frame whole or not at all)
-                sock.shutdown(socket.SHUT_RDWR)  # half a frame: as a send that got stuck (_send_whole)
+                self._wire_shut = True  # half a frame: as a send that got stuck (_send_whole)
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
             return True
-        finally:
-            self._wire.release()
 
     async def _begun(self, child_id: str, timeout: float) -> None:
         """Tell the daemon a held child's Job is written and has ``timeout`` (P.Begun), so that
