@@ -41,6 +41,7 @@ if __name__ != "__main__":
 MiB = 1 << 20
 RESERVE = 4  # pre-confined children per pool in the reserve rows
 LEASES = 2  # reserve children the client holds in the leased row (Client(..., leases=N))
+LEASED_TIMEOUT = 30.0  # seconds: the timeout of the leased rows' Jobs that have one
 # Where the (f) baseline is measured, in parts spread over the run (see pooled_fork)
 FORK_AT = ("before (a)", "after (a) and (b)", "before the reserve rows", "at the end")
 perf = time.perf_counter
@@ -82,10 +83,11 @@ def summary(samples: list[float]) -> dict:
 
 # ---- (a), (b): zygote ---------------------------------------------------------------------------
 
-def zygote_sample(client: Client, cfg: SandboxConfig | None = None) -> tuple[float, float, float]:
+def zygote_sample(client: Client, cfg: SandboxConfig | None = None,
+                  timeout: float | None = None) -> tuple[float, float, float]:
     """One spawn: (first byte, spawn_child returned, reaped), seconds from calling spawn_child."""
     t0 = perf()
-    child = client.spawn_child(byte_payload, sandbox_config=cfg, stdin=DEVNULL)
+    child = client.spawn_child(byte_payload, sandbox_config=cfg, stdin=DEVNULL, timeout=timeout)
     t_ready = perf()
     b = os.read(child.stdout.fileno(), 1)
     t_first = perf()
@@ -98,12 +100,12 @@ def zygote_sample(client: Client, cfg: SandboxConfig | None = None) -> tuple[flo
     return t_first - t0, t_ready - t0, t_reaped - t0
 
 
-def bench_zygote(client: Client, n: int, cfg: SandboxConfig | None = None) -> dict:
+def bench_zygote(client: Client, n: int, cfg: SandboxConfig | None = None, timeout: float | None = None) -> dict:
     for _ in range(10):
-        zygote_sample(client, cfg)  # warm: first spawns fault in the daemon's and client's paths
+        zygote_sample(client, cfg, timeout)  # warm: first spawns fault in the daemon's and client's paths
     first, ready, reaped = [], [], []
     for _ in range(n):
-        f, r, x = zygote_sample(client, cfg)
+        f, r, x = zygote_sample(client, cfg, timeout)
         first.append(f)
         ready.append(r)
         reaped.append(x)
@@ -139,11 +141,12 @@ def bench_async_reserve(n: int) -> dict:
     return {"first_byte": summary(anyio.run(main))}
 
 
-def bench_idle(client: Client, n: int, idle: float = 1.0, cfg: SandboxConfig | None = None) -> dict:
+def bench_idle(client: Client, n: int, idle: float = 1.0, cfg: SandboxConfig | None = None,
+               timeout: float | None = None) -> dict:
     first = []
     for _ in range(n):
         time.sleep(idle)
-        first.append(zygote_sample(client, cfg)[0])
+        first.append(zygote_sample(client, cfg, timeout)[0])
     return {"first_byte": summary(first), "idle_s": idle}
 
 
@@ -562,6 +565,10 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1.0)
             res["a_reserve_leased"] = bench_zygote(cl, n_warm)
             res["a_reserve_leased_idle"] = bench_idle(cl, n_idle)
+            # A Job with a timeout of its own: the client tells the daemon (Begun), which the
+            # untimed rows above do not pay (docs/architecture.md, "Leased reserve children").
+            res["a_reserve_leased_timed"] = bench_zygote(cl, n_warm // 2, timeout=LEASED_TIMEOUT)
+            res["a_reserve_leased_timed_idle"] = bench_idle(cl, n_idle, timeout=LEASED_TIMEOUT)
             cl.close()
             clients.remove(cl)
         except Exception as e:  # noqa: BLE001 - a row, not the run
@@ -665,6 +672,8 @@ def report(res: dict) -> None:
     print(fmt_row("    ... async client, 30 ms apart (no thread hop)", res.get("a_reserve_async")))
     print(fmt_row(f"    ... client holding {LEASES} leased children (Job written to one)", res.get("a_reserve_leased")))
     print(fmt_row("        ... first spawn after 1 s idle", res.get("a_reserve_leased_idle")))
+    print(fmt_row(f"        ... each with a timeout ({LEASED_TIMEOUT:g} s)", res.get("a_reserve_leased_timed")))
+    print(fmt_row("            ... first spawn after 1 s idle", res.get("a_reserve_leased_timed_idle")))
     print(fmt_row("(b) zygote + network (veth)", res["b_network"]))
     print(fmt_row(f"    ... with a networked reserve of {RESERVE} (veths made ahead)", res.get("b_network_reserve")))
     print(fmt_row("        ... first spawn after 1 s idle", res.get("b_network_reserve_idle")))
