@@ -402,11 +402,13 @@ def test_ctrl_z_stops_the_child_and_fg_resumes_it(tmp_path):
         screen.wait_for(b"shell: stopped by", seconds=20)
         screen.read_for(0.3)
         before = screen.out.count(b"tick")
-        screen.read_for(0.7)  # (a tick every 0.1 s if it ran)
+        screen.read_for(0.5)  # (a tick every 0.1 s if it ran: five)
         assert screen.out.count(b"tick") == before, (args, screen.out.decode(errors="replace"))  # stopped
         os.write(master, b"fg\n")
         screen.wait_for(b"shell: continued", seconds=20)
-        screen.read_for(0.8)
+        end = time.monotonic() + 10
+        while screen.out.count(b"tick") <= before + 3 and time.monotonic() < end:
+            screen.read_for(0.1)
         assert screen.out.count(b"tick") > before + 3, screen.out.decode(errors="replace")  # running again
         os.write(master, b"\x03")
         screen.wait_for(b"shell: exit", seconds=30)
