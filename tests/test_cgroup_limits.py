@@ -196,7 +196,10 @@ def test_SECURITY_cpu_time_bounds_reserve_and_leased_children(tmp_path):
             """) as sock:
         for leases in (0, 2):
             with Client.connect(sock, leases=leases) as c:
-                time.sleep(1.0)  # the reserve (and the leases) filled
+                deadline = time.monotonic() + 60  # the reserve (and the leases) filled
+                while ((len(c._aclient._leases) < leases or not sum(p.reserve_waiting for p in c.status().pools))
+                       and time.monotonic() < deadline):
+                    time.sleep(0.05)
                 assert len(c._aclient._leases) == leases  # (the run below takes a held child)
                 r = c.run(_burners())
                 used = r.status.cpu_user + r.status.cpu_system
