@@ -801,7 +801,8 @@ def test_SECURITY_a_bind_source_swapped_after_the_check_is_not_bound(shared_dir,
     sock, proc = _daemon_for_4001(shared_dir, "--test-hooks")
 
     def swap() -> None:
-        time.sleep(2)  # the request was checked, its child waits before opening its sources
+        # The request was checked (before the clone), its child waits before opening its sources.
+        wait_for(lambda: sandbox_children(proc.pid), 30, "the child held before its sources")
         os.rename(os.path.join(mine, "a"), os.path.join(mine, "old"))
         os.rename(os.path.join(mine, "private"), os.path.join(mine, "a"))
         go.write_text("")
@@ -1268,13 +1269,14 @@ def test_SECURITY_a_client_handed_its_child_s_idmapped_mount_makes_nothing_throu
 
 def _spawn_changed_after_the_check(shared_dir: str, go, monkeypatch, change, **sandbox) -> str:
     """As uid 4001: one spawn (see _spawn_exec_as_4001) whose child a test hook holds before it
-    opens its sources; meanwhile, 2 s after the request (checked by then), ``change()`` runs."""
+    opens its sources; meanwhile, once the child exists (the request was checked before the
+    clone), ``change()`` runs."""
     import threading
     monkeypatch.setenv("ZYGOTE_TEST_PAUSE_BEFORE_SOURCES", str(go))
     sock, proc = _daemon_for_4001(shared_dir, "--test-hooks")
 
     def later() -> None:
-        time.sleep(2)
+        wait_for(lambda: sandbox_children(proc.pid), 30, "the child held before its sources")
         change()
         go.write_text("")
 
