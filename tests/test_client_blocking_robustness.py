@@ -318,12 +318,13 @@ def test_an_exception_from_a_signal_handler_never_leaves_the_direct_send_s_lock_
 def test_a_signal_handler_calling_the_client_during_a_direct_send_does_not_hang_it():
     """A signal handler runs in the main thread between two steps of whatever it was doing: here
     inside a held child's direct Begun send, which holds the lock the loop takes to send the
-    handler's own request. The loop waits for that lock at most a second (WIRE_WAIT), then gives
-    the connection up: the handler's call fails with BrokenError instead of both waiting on each
-    other for ever (a helper's review found that hang)."""
+    handler's own request. The loop waits for that lock at most WIRE_WAIT (5 s; 0.5 here), then
+    gives the connection up: the handler's call fails with BrokenError instead of both waiting on
+    each other for ever (a helper's review found that hang)."""
     script = textwrap.dedent("""
         import os, signal, time
-        from zygote_client import BrokenError, Client
+        from zygote_client import BrokenError, Client, _async
+        _async.WIRE_WAIT = 0.5
         c = Client.embedded(daemon_args=["--reserve", "2"], leases=2)
         end = time.monotonic() + 30
         while len(c._aclient._leases) < 2 and time.monotonic() < end:

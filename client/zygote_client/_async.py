@@ -43,8 +43,11 @@ LEASE_JOB_MAX = 1 << 16
 
 LEASE_RECHECK = 60.0  # seconds, at most, between leases asked of a pool that does not lease
 SEND_WHOLE = 30.0  # seconds a request's frame may take to go out (see AsyncClient._request)
-WIRE_WAIT = 1.0  # seconds the loop waits for a thread's direct send (AsyncClient._send_now) at most
-_WIRE_HELD = ("another thread held this client's socket for over a second (a signal handler that calls the "
+# Seconds the loop waits, at most, for a thread's direct send (AsyncClient._send_now), which holds
+# the lock for microseconds: longer only if that thread's signal handler waits for the loop (a
+# hang, ended this way), or if the host stalled the thread (swapping): long enough for the latter.
+WIRE_WAIT = 5.0
+_WIRE_HELD = ("another thread held this client's socket for over {:g} s (a signal handler that calls the "
               "client, run while that thread was sending?): the connection is closed")
 
 
@@ -586,7 +589,7 @@ class AsyncClient:
             with anyio.CancelScope(shield=True):
                 if not self._wire_flags(busy=True):
                     await self._close_stream()
-                    raise BrokenError(_WIRE_HELD)
+                    raise BrokenError(_WIRE_HELD.format(WIRE_WAIT))
                 whole = False
                 try:
                     with anyio.move_on_after(SEND_WHOLE) as stuck:
