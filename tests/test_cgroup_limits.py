@@ -11,7 +11,7 @@ import pytest
 
 from zygote_client import Client, SandboxConfig, SandboxUnavailable
 from conftest import (children_of, cmdline, config_daemon, daemon_pid, fd_count, sandbox_children, stop_daemon,
-                      wait_socket)
+                      wait_for, wait_socket)
 
 
 def _zygote_dirs(pid: int) -> list[str]:
@@ -196,10 +196,8 @@ def test_SECURITY_cpu_time_bounds_reserve_and_leased_children(tmp_path):
             """) as sock:
         for leases in (0, 2):
             with Client.connect(sock, leases=leases) as c:
-                deadline = time.monotonic() + 60  # the reserve (and the leases) filled
-                while ((len(c._aclient._leases) < leases or not sum(p.reserve_waiting for p in c.status().pools))
-                       and time.monotonic() < deadline):
-                    time.sleep(0.05)
+                wait_for(lambda: len(c._aclient._leases) >= leases and sum(p.reserve_waiting for p in c.status().pools),
+                         60, "the reserve (and the leases) filled")
                 assert len(c._aclient._leases) == leases  # (the run below takes a held child)
                 r = c.run(_burners())
                 used = r.status.cpu_user + r.status.cpu_system

@@ -802,7 +802,7 @@ def test_SECURITY_a_bind_source_swapped_after_the_check_is_not_bound(shared_dir,
 
     def swap() -> None:
         # The request was checked (before the clone), its child waits before opening its sources.
-        wait_for(lambda: sandbox_children(proc.pid), 30, "the child held before its sources")
+        _until_held_before_sources(proc)
         os.rename(os.path.join(mine, "a"), os.path.join(mine, "old"))
         os.rename(os.path.join(mine, "private"), os.path.join(mine, "a"))
         go.write_text("")
@@ -1267,6 +1267,12 @@ def test_SECURITY_a_client_handed_its_child_s_idmapped_mount_makes_nothing_throu
         stop_daemon(proc)
 
 
+def _until_held_before_sources(proc) -> None:
+    """Until the daemon has a child (ZYGOTE_TEST_PAUSE_BEFORE_SOURCES holds it before it opens its
+    sources; the request was checked before the clone)."""
+    wait_for(lambda: sandbox_children(proc.pid), 30, "the child held before its sources")
+
+
 def _spawn_changed_after_the_check(shared_dir: str, go, monkeypatch, change, **sandbox) -> str:
     """As uid 4001: one spawn (see _spawn_exec_as_4001) whose child a test hook holds before it
     opens its sources; meanwhile, once the child exists (the request was checked before the
@@ -1276,7 +1282,7 @@ def _spawn_changed_after_the_check(shared_dir: str, go, monkeypatch, change, **s
     sock, proc = _daemon_for_4001(shared_dir, "--test-hooks")
 
     def later() -> None:
-        wait_for(lambda: sandbox_children(proc.pid), 30, "the child held before its sources")
+        _until_held_before_sources(proc)
         change()
         go.write_text("")
 

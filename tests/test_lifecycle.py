@@ -1589,9 +1589,8 @@ def test_a_payload_opens_its_stdio_again_by_name(tmp_path, how):
     args = ["--reserve", "1"] if how == "leased" else []
     cfg = SandboxConfig(max_output_bytes=1 << 20) if how == "counted" else None  # (through the daemon's relays)
     with Client.embedded(daemon_args=args, leases=1 if how == "leased" else 0) as c:
-        deadline = time.monotonic() + 30
-        while args and not c._aclient._leases and time.monotonic() < deadline:
-            time.sleep(0.02)  # (the run below takes the held child)
+        if args:  # (the run below takes the held child)
+            wait_for(lambda: c._aclient._leases, 30, "a held child")
         r = c.run(_reopen_stdio, input=b"in", sandbox_config=cfg)
         assert r.value == {"/dev/stdout": "ok", "/dev/stderr": "ok", "/proc/self/fd/1": "ok", "/dev/stdin": "ok",
                            "stdin read": "in", "owner": [True, True]}, (r.value, r.stderr)

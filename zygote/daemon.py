@@ -2010,16 +2010,14 @@ class Daemon:
         await conn.send(P.SpawnFailed(msg.req, "no reserve child is waiting now", code="empty"))
 
     async def _lease_expiry(self, child: Child, seconds: float) -> None:
-        with trio.move_on_after(seconds):
-            await child.exited.wait()
+        if await _exits_within(child, seconds):
             return
         # A Started report in its pipe (a parked one) is read now: a Job read at any time until
         # here has a deadline no earlier than now, so the pool's timeout is kept exactly.
         self._unpark_status(child)
         # (LEASE_GRACE more: a Job written just before the expiry is not killed as it starts,
         # before its Started has arrived)
-        with trio.move_on_after(LEASE_GRACE):
-            await child.exited.wait()
+        if await _exits_within(child, LEASE_GRACE):
             return
         if child.leased:  # still not started
             self._kill(child, signal.SIGKILL)
@@ -2045,10 +2043,8 @@ class Daemon:
         """Read a parked child's Started report ``seconds`` from now (its client's Begun: the Job's
         timeout, as the client says), unless it ended first. The deadline the report arms runs
         from when the child read the Job, so a child whose time is up then is killed at once."""
-        with trio.move_on_after(min(seconds, 1e9) if seconds > 0 else 0.0):  # (nan: at once)
-            await child.exited.wait()
-            return
-        self._unpark_status(child)
+        if not await _exits_within(child, min(seconds, 1e9) if seconds > 0 else 0.0):  # (nan: at once)
+            self._unpark_status(child)
 
     def _unpark_status(self, child: Child) -> None:
         parked, child.status_parked = child.status_parked, None
@@ -3273,6 +3269,14 @@ class Daemon:
             cpu_time_exceeded=cpu_exceeded, pool_reloaded=child.reloaded, wall_time=time.monotonic() - child.started,
             cpu_user=ru.ru_utime, cpu_system=ru.ru_stime, enforcement=enforcement,
         )
+
+
+async def _exits_within(child: Child, seconds: float) -> bool:
+    """Whether ``child`` exits within ``seconds`` (waiting no longer)."""
+    with trio.move_on_after(seconds):
+        await child.exited.wait()
+        return True
+    return False
 
 
 def _backoff(n: int) -> float:

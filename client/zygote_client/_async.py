@@ -659,17 +659,22 @@ class AsyncClient:
         """Tell the daemon a held child's Job is written and has ``timeout`` (P.Begun), so that
         it reads the child's Started report by then. No answer comes; a connection that is gone
         took the child with it."""
-        if self._closed or self._broken is not None or not self.welcome.begun:
-            return
-        with contextlib.suppress(ZygoteError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            await self._send_whole(P.encode(P.Begun(child_id, float(timeout)), 0))
+        if (frame := self._begun_frame(child_id, timeout)) is not None:
+            with contextlib.suppress(ZygoteError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                await self._send_whole(frame)
 
     def _begun_now(self, child_id: str, timeout: float) -> bool:
         """_begun from this thread, when the connection is free (see _send_now); False when
         it must go through the loop."""
+        frame = self._begun_frame(child_id, timeout)
+        return frame is None or self._send_now(frame)
+
+    def _begun_frame(self, child_id: str, timeout: float) -> bytes | None:
+        """P.Begun's frame; None when there is nobody to tell (closed, broken, or a daemon that
+        does not take Begun)."""
         if self._closed or self._broken is not None or not self.welcome.begun:
-            return True
-        return self._send_now(P.encode(P.Begun(child_id, float(timeout)), 0))
+            return None
+        return P.encode(P.Begun(child_id, float(timeout)), 0)
 
     def _exit(self, child: AsyncChild, msg: P.Exited, fds: list[int]) -> None:
         child._set_exit(msg, fds)
